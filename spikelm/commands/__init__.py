@@ -1,0 +1,1 @@
+"""Subcommands of the ``spikelm`` command line (see :mod:`spikelm.cli`)."""
