@@ -1,0 +1,1 @@
+"""Data: tokenized corpora, pretraining objectives, labelled tasks."""
