@@ -1,0 +1,535 @@
+"""Energy estimate of a spiking model from the spikes it actually emits (SPEC section 6).
+
+    E = E_AC x ACs + E_MAC x MACs          E_AC = 0.9 pJ, E_MAC = 4.6 pJ (45 nm; configurable)
+
+A forward pass is run with hooks on the model's modules (by type, not by path), so the same counting
+serves any model built from these pieces: the encoder family and the causal decoder alike.
+
+What is counted, per step t, over real (non-padding) tokens only:
+
+* ``W s_t`` of a :class:`~spikelm.layers.SpikeLinear` (the spike is the input): every nonzero spike of
+  either sign is added into each of the layer's outputs, so ACs = nonzero inputs x ``out_features``;
+  then one multiplication by alpha_t per output: MACs = real tokens x ``out_features`` (none when
+  ``use_amplitude=False``: the spikes are then +-1).
+* ``Q K^T`` with ternary K (``key_spike``; Q real): score[i, j] = sum_c Q[i, c] K[j, c], so a nonzero
+  K[j, c] adds +-Q[i, c] into the score of every query i that attends to key j. ACs = nonzero K
+  entries x fan-out, fan-out(j) = number of real queries attending to j (all real tokens for the
+  bidirectional encoder; those at or after j under a causal mask). MACs = one alpha per score.
+* ``P V`` with ternary V (``value_spike``; P real): context[i, c] = sum_j P[i, j] V[j, c], so a nonzero
+  V[j, c] adds +-P[i, j] into context[i, c] for every query i attending to j: the same fan-out as K.
+  MACs = one alpha per context output (real queries x width).
+* Every other matrix product is real-valued: MACs = rows x in x out for a linear layer, pairs x width
+  for Q K^T and P V.
+
+The headline total (the paper's convention) is the matrix products inside the Transformer blocks
+(all their linear layers, Q K^T and P V), per sequence, summed over the T steps. Embeddings (lookups)
+are excluded; linear layers outside the blocks (pooler, heads) are reported separately. Softmax,
+LayerNorm, activation functions and the 1/sqrt(d) score scaling are reported as element counts,
+outside the total; bias and residual additions are not counted. The ANN figure is the same products
+run once on real-valued inputs (independent of T).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import SpikeLinear
+from .neuron import ElasticBiSpikingNeuron
+
+E_AC_PJ = 0.9  # one 32-bit floating-point addition, 45 nm (Horowitz, ISSCC 2014)
+E_MAC_PJ = 4.6  # one 32-bit floating-point multiply-accumulate, 45 nm
+
+FORMULA = "E = E_AC x ACs + E_MAC x MACs"
+CONVENTION = (
+    "headline = the matrix products inside the Transformer blocks (every linear layer, Q K^T, P V), per sequence, "
+    "summed over the T time steps, real tokens only; ACs of a product with a spiking operand = nonzero spikes "
+    "(either sign) x fan-out, plus one MAC per output and step for the alpha scaling; embeddings excluded; "
+    "pooler and heads reported separately; softmax, LayerNorm, activations and the 1/sqrt(d) score scaling "
+    "reported as element counts outside the total; bias and residual additions not counted"
+)
+ELEMENTWISE_OPS = ("softmax", "score_scaling", "layernorm", "activation")
+_ACTIVATIONS = (nn.GELU, nn.ReLU, nn.Tanh, nn.SiLU, nn.Sigmoid, nn.Softmax)
+
+
+@dataclass(frozen=True)
+class EnergyConstants:
+    """Energy per operation in picojoules."""
+
+    ac_pJ: float = E_AC_PJ
+    mac_pJ: float = E_MAC_PJ
+
+    def __post_init__(self):
+        for name in ("ac_pJ", "mac_pJ"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"EnergyConstants.{name} must be a non-negative number of picojoules, got {value!r}")
+
+    def millijoules(self, acs: float, macs: float) -> float:
+        return (self.ac_pJ * acs + self.mac_pJ * macs) * 1e-9
+
+
+def is_attention(module: nn.Module) -> bool:
+    """A SpikeLM attention module: it has ``num_heads`` and the ``key_spike``/``value_spike`` slots
+    (neurons, or None in the real-valued model)."""
+    return all(hasattr(module, a) for a in ("num_heads", "key_spike", "value_spike"))
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The Transformer blocks: the first ``nn.ModuleList`` whose every item holds an attention module."""
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
+            any(is_attention(m) for m in block.modules()) for block in module
+        ):
+            return module
+    return None
+
+
+def attention_fan_out(token_mask: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    """(B, L) -> (B, L): for each key position, the number of real queries that attend to it.
+
+    Zero at padding. Bidirectional: every real query; causal: the real queries at or after the key.
+    """
+    real = token_mask.bool()
+    if causal:
+        at_or_after = real.flip(1).long().cumsum(1).flip(1)
+        return at_or_after * real
+    return real.long().sum(1, keepdim=True) * real
+
+
+@dataclass
+class ProductCount:
+    """One matrix product of the model, its operations summed over everything counted so far.
+
+    ``acs``/``macs`` are per time step (length T for products inside the time-major blocks, 1 for
+    those run once, like the heads); ``ann_macs`` is the same product in the real-valued model.
+    """
+
+    name: str
+    kind: str  # "linear", "attention_scores" (Q K^T) or "attention_context" (P V)
+    group: str  # the name inside its block (e.g. "attention.self.qkv"); outside the blocks, the name itself
+    block: str | None  # the block holding it (e.g. "bert.encoder.layer.0"); None outside the blocks
+    neuron: str | None = None  # the neuron whose spikes are the operand; None for a real-valued product
+    acs: torch.Tensor | None = None
+    macs: torch.Tensor | None = None
+    ann_macs: int = 0
+
+    def add(self, acs: torch.Tensor | None = None, macs: torch.Tensor | None = None, steps: int = 1) -> None:
+        for attr, value in (("acs", acs), ("macs", macs)):
+            if value is None:
+                continue
+            value = torch.as_tensor(value, dtype=torch.int64).reshape(-1).cpu()
+            value = value.expand(steps) if value.numel() == 1 else value
+            current = getattr(self, attr)
+            setattr(self, attr, value.clone() if current is None else current + value)
+
+
+@dataclass
+class NeuronCount:
+    """Spikes of one neuron over real tokens, per step and sign."""
+
+    name: str
+    positive: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    negative: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+
+    def add(self, positive: torch.Tensor, negative: torch.Tensor, slots: torch.Tensor) -> None:
+        if self.slots.numel() == 0:
+            self.positive, self.negative, self.slots = (torch.zeros_like(positive.cpu()) for _ in range(3))
+        self.positive += positive.cpu()
+        self.negative += negative.cpu()
+        self.slots += slots.cpu()
+
+
+@dataclass
+class _Consumer:
+    """What a neuron's spikes feed: a product, and how to weigh each row of spikes by its fan-out."""
+
+    product: str
+    out_features: int | None = None  # a linear layer
+    attention: nn.Module | None = None  # Q K^T or P V of this attention module
+
+
+class OperationCounter:
+    """Counts the operations of ``model`` while it runs, from the spikes its neurons emit.
+
+    ::
+
+        counter = OperationCounter(model)
+        with torch.no_grad(), counter:            # hooks on; neurons on the reference (per-step) path
+            for batch in batches:
+                with counter.tokens(batch["attention_mask"]):
+                    model(**batch)
+        summary = counter.summary()
+
+    Only positions where the (B, L) token mask is 1 are counted. Inputs are expected time-major
+    inside the blocks, (T, B, L, D); a tensor whose (B, L) dimensions do not match the mask (e.g. the
+    pooler's (B, D)) has all its rows counted.
+    """
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList | None = None):
+        self.model = model
+        blocks = find_blocks(model) if blocks is None else blocks
+        # module -> name; a lone layer counted on its own is named after its class
+        self._names = {m: n or type(m).__name__ for n, m in model.named_modules()}
+        # no blocks (e.g. a lone layer): everything is in the headline
+        self._block_prefixes = [self._names[b] + "." for b in blocks] if blocks is not None else [""]
+        self.products: dict[str, ProductCount] = {}
+        self.neurons: dict[str, NeuronCount] = {}
+        self.elementwise = {region: {op: 0 for op in ELEMENTWISE_OPS} for region in ("blocks", "outside_blocks")}
+        self.elementwise_ann = {region: {op: 0 for op in ELEMENTWISE_OPS} for region in ("blocks", "outside_blocks")}
+        self.num_sequences = 0
+        self.num_tokens = 0
+        self.alpha_was_initialized = all(
+            m.is_initialized() for m in model.modules() if isinstance(m, ElasticBiSpikingNeuron)
+        )
+        self._mask: torch.Tensor | None = None
+        self._handles = []
+        self._backends = {}
+        self._planned: dict[str, tuple[str, str | None]] = {}  # product name -> (kind, operand neuron)
+        self._consumers: dict[nn.Module, _Consumer] = {}
+        self._neuron_called: dict[nn.Module, bool] = {}
+
+    # -- where a module sits ------------------------------------------------------------------
+
+    def _place(self, name: str) -> tuple[str | None, str]:
+        """(the block holding module ``name`` or None, the name inside that block)."""
+        for prefix in self._block_prefixes:
+            if name.startswith(prefix):
+                return prefix.removesuffix("."), name[len(prefix):]
+        return None, name
+
+    def _region(self, name: str) -> str:
+        return "outside_blocks" if self._place(name)[0] is None else "blocks"
+
+    def _product(self, name: str) -> ProductCount:
+        """The count of product ``name``, created when first used, so products list in forward order."""
+        if name not in self.products:
+            kind, neuron = self._planned[name]
+            block, group = self._place(name)
+            self.products[name] = ProductCount(name, kind, group, block, neuron)
+        return self.products[name]
+
+    # -- hooks ----------------------------------------------------------------------------------
+
+    def __enter__(self):
+        for module, name in self._names.items():
+            if isinstance(module, ElasticBiSpikingNeuron):
+                self._backends[module] = module.backend
+                module.backend = "reference"  # the per-step path returns the spikes to the hook
+                self._hook(module, self._on_spikes, name)
+            if isinstance(module, nn.Linear):
+                self._plan_linear(name, module)
+            elif is_attention(module):
+                self._plan_attention(name, module)
+            elif isinstance(module, nn.LayerNorm):
+                self._hook(module, self._on_elementwise, name, "layernorm")
+            elif isinstance(module, _ACTIVATIONS) or type(module).__module__ == "transformers.activations":
+                self._hook(module, self._on_elementwise, name, "activation")
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, backend in self._backends.items():
+            module.backend = backend
+        self._backends.clear()
+        return False
+
+    def _hook(self, module, fn, *extra, with_kwargs=False):
+        def hook(mod, args, *rest):
+            return fn(mod, args, *rest, *extra)
+
+        self._handles.append(module.register_forward_hook(hook, with_kwargs=with_kwargs))
+
+    def _plan_linear(self, name: str, linear: nn.Linear) -> None:
+        if isinstance(linear, SpikeLinear):
+            self._planned[name] = ("linear", self._names[linear.neuron])
+            self._consumers[linear.neuron] = _Consumer(name, out_features=linear.out_features)
+
+            def before(mod, args):
+                self._neuron_called[mod.neuron] = False
+
+            self._handles.append(linear.register_forward_pre_hook(before))
+        else:
+            self._planned[name] = ("linear", None)
+        self._hook(linear, self._on_linear, name)
+
+    def _plan_attention(self, name: str, attention: nn.Module) -> None:
+        for product_name, kind, neuron_attr in (
+            (name + ".scores", "attention_scores", "key_spike"),
+            (name + ".context", "attention_context", "value_spike"),
+        ):
+            neuron = getattr(attention, neuron_attr)
+            self._planned[product_name] = (kind, self._names[neuron] if neuron is not None else None)
+            if neuron is not None:
+                self._consumers[neuron] = _Consumer(product_name, attention=attention)
+        self._hook(attention, self._on_attention, name, with_kwargs=True)
+
+    @contextmanager
+    def tokens(self, token_mask: torch.Tensor):
+        """Count the forward passes run inside this block over the real tokens of ``token_mask`` (B, L)."""
+        if token_mask.dim() != 2:
+            raise ValueError(f"token_mask must have shape (batch, length); got {tuple(token_mask.shape)}")
+        self._mask = token_mask.bool()
+        self.num_sequences += token_mask.shape[0]
+        self.num_tokens += int(self._mask.sum())
+        try:
+            yield
+        finally:
+            self._mask = None
+
+    def _row_mask(self, rows_shape) -> torch.Tensor | None:
+        """The token mask if a tensor's row dimensions end in (B, L), else None (every row counts)."""
+        mask = self._mask
+        if mask is not None and len(rows_shape) >= 2 and tuple(rows_shape[-2:]) == tuple(mask.shape):
+            return mask
+        return None
+
+    def _real_rows(self, rows_shape) -> int:
+        mask = self._row_mask(rows_shape)
+        if mask is None:
+            return math.prod(rows_shape)
+        return math.prod(rows_shape[:-2]) * int(mask.sum())
+
+    def _time_steps(self, shape) -> int:
+        """T for a time-major (T, B, L, D) tensor, 1 for anything else."""
+        return shape[0] if len(shape) == 4 and self._row_mask(shape[:-1]) is not None else 1
+
+    def _require_mask(self, what: str) -> torch.Tensor:
+        if self._mask is None:
+            raise RuntimeError(f"{what} ran outside OperationCounter.tokens(mask): wrap each forward pass in it")
+        return self._mask
+
+    def _on_spikes(self, neuron, args, spikes, name):
+        self._require_mask(name)
+        spikes = spikes.detach()
+        steps, rows_shape, width = spikes.shape[0], spikes.shape[1:-1], spikes.shape[-1]
+        mask = self._row_mask(rows_shape)
+        if mask is not None:
+            mask = mask.to(spikes.device)
+        weight = torch.ones(rows_shape, dtype=torch.int64, device=spikes.device) if mask is None else mask.long()
+        positive = (spikes > 0).sum(-1)  # (T, *rows)
+        negative = (spikes < 0).sum(-1)
+        per_step = lambda counts: (counts * weight).reshape(steps, -1).sum(1)  # noqa: E731
+        real_rows = int(weight.sum())
+        slots = torch.full((steps,), real_rows * width, dtype=torch.int64)
+        self.neurons.setdefault(name, NeuronCount(name)).add(per_step(positive), per_step(negative), slots)
+
+        consumer = self._consumers.get(neuron)
+        if consumer is None:
+            return
+        nonzero = positive + negative
+        if consumer.out_features is not None:  # W s_t: every nonzero input feeds every output
+            self._neuron_called[neuron] = True
+            acs = per_step(nonzero) * consumer.out_features
+            outputs = real_rows * consumer.out_features
+        else:
+            if mask is None:
+                raise ValueError(
+                    f"{name}: spikes of shape {tuple(spikes.shape)} do not match the token mask "
+                    f"{tuple(self._mask.shape)}; attention is counted on time-major (T, B, L, D) inputs"
+                )
+            fan_out = attention_fan_out(mask, getattr(consumer.attention, "is_causal", False))
+            acs = (nonzero * fan_out).reshape(steps, -1).sum(1)
+            if self._planned[consumer.product][0] == "attention_scores":
+                outputs = consumer.attention.num_heads * int(fan_out.sum())  # one alpha per score
+            else:
+                outputs = real_rows * width  # one alpha per context output
+        macs = outputs if neuron.use_amplitude else 0
+        self._product(consumer.product).add(acs=acs, macs=macs, steps=steps)
+
+    def _on_linear(self, linear, args, output, name):
+        self._require_mask(name)
+        x = args[0]
+        product = self._product(name)
+        rows = self._real_rows(x.shape[:-1])
+        if isinstance(linear, SpikeLinear):
+            if not self._neuron_called.get(linear.neuron, False):
+                raise RuntimeError(
+                    f"{name} did not call its neuron on the reference backend, so its spikes could not be counted"
+                )
+            steps = x.shape[0]
+            product.ann_macs += rows // steps * linear.in_features * linear.out_features
+        else:
+            steps = self._time_steps(x.shape)
+            macs = rows * linear.in_features * linear.out_features
+            product.add(macs=torch.full((steps,), macs // steps, dtype=torch.int64), steps=steps)
+            product.ann_macs += macs // steps
+
+    def _on_attention(self, attention, args, kwargs, output, name):
+        mask = self._require_mask(name)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        steps, batch, length = hidden.shape[:3]
+        if (batch, length) != tuple(mask.shape):
+            raise ValueError(
+                f"{name}: input of shape {tuple(hidden.shape)} does not match the token mask {tuple(mask.shape)}; "
+                "count full forward passes (no key/value cache)"
+            )
+        width = attention.num_heads * getattr(attention, "head_dim", hidden.shape[-1] // attention.num_heads)
+        pairs = int(attention_fan_out(mask, getattr(attention, "is_causal", False)).sum())
+        for suffix, spike in (("scores", attention.key_spike), ("context", attention.value_spike)):
+            product = self._product(f"{name}.{suffix}")
+            product.ann_macs += pairs * width
+            if spike is None:  # real-valued operands: a MAC per term
+                product.add(macs=pairs * width, steps=steps)
+        region = self._region(name)
+        scores = attention.num_heads * pairs
+        for op in ("softmax", "score_scaling"):
+            self.elementwise[region][op] += steps * scores
+            self.elementwise_ann[region][op] += scores
+
+    def _on_elementwise(self, module, args, output, name, op):
+        self._require_mask(name)
+        x = args[0]
+        elements = self._real_rows(x.shape[:-1]) * x.shape[-1]
+        region = self._region(name)
+        self.elementwise[region][op] += elements
+        self.elementwise_ann[region][op] += elements // self._time_steps(x.shape)
+
+    # -- results --------------------------------------------------------------------------------
+
+    def summary(self, constants: EnergyConstants = EnergyConstants()) -> dict:
+        """Per-sequence figures (means over the sequences counted), ready for JSON; see :func:`summarize`."""
+        return summarize(self, constants)
+
+
+def _rates(neuron: NeuronCount) -> dict:
+    slots = neuron.slots.clamp_min(1).double()
+    return {
+        "firing_rate": ((neuron.positive + neuron.negative) / slots).tolist(),
+        "positive_rate": (neuron.positive / slots).tolist(),
+        "negative_rate": (neuron.negative / slots).tolist(),
+    }
+
+
+def _total(values: torch.Tensor | None) -> int:
+    return 0 if values is None else int(values.sum())
+
+
+def summarize(counter: OperationCounter, constants: EnergyConstants = EnergyConstants()) -> dict:
+    """The energy summary of everything ``counter`` counted, per sequence (``num_sequences`` averaged).
+
+    Keys: ``spiking``, ``snn_mJ_per_sequence``, ``ann_mJ_per_sequence``, ``ratio`` (ANN / SNN), ``acs``
+    and ``macs`` (spiking model, headline products), ``ann_macs``, per-token energies,
+    ``mean_firing_rate`` (nonzero spikes / spike slots over every neuron), ``per_layer`` (headline
+    products), ``heads`` (products outside the blocks), ``elementwise`` (outside the total),
+    ``constants_pJ``, ``formula``, ``convention``. SNN fields are None for a model without neurons.
+    """
+    if counter.num_sequences == 0:
+        raise ValueError("nothing was counted: run the model inside OperationCounter.tokens(mask) first")
+    n = counter.num_sequences
+    modules = {name: m for m, name in counter._names.items()}
+    spiking = bool(counter.neurons)
+
+    def entry(product: ProductCount) -> dict:
+        acs, macs = _total(product.acs) / n, _total(product.macs) / n
+        out = {
+            "name": product.name,
+            "kind": product.kind,
+            "group": product.group,
+            "block": product.block,
+            "neuron": product.neuron,
+            "acs": acs,
+            "macs": macs,
+            "acs_per_step": [] if product.acs is None else (product.acs.double() / n).tolist(),
+            "macs_per_step": [] if product.macs is None else (product.macs.double() / n).tolist(),
+            "ann_macs": product.ann_macs / n,
+            "snn_mJ": constants.millijoules(acs, macs),
+            "ann_mJ": constants.millijoules(0, product.ann_macs / n),
+            "firing_rate": [],
+            "positive_rate": [],
+            "negative_rate": [],
+            "alpha": [],
+        }
+        if product.neuron in counter.neurons:
+            out.update(_rates(counter.neurons[product.neuron]))
+            out["alpha"] = modules[product.neuron].alpha.detach().float().cpu().tolist()
+        return out
+
+    counted = [p for p in counter.products.values() if p.acs is not None or p.macs is not None or p.ann_macs]
+    per_layer = [entry(p) for p in counted if p.block is not None]
+    heads = [entry(p) for p in counted if p.block is None]
+    acs = sum(e["acs"] for e in per_layer)
+    macs = sum(e["macs"] for e in per_layer)
+    ann_macs = sum(e["ann_macs"] for e in per_layer)
+    snn_mJ = constants.millijoules(acs, macs) if spiking else None
+    ann_mJ = constants.millijoules(0, ann_macs)
+    tokens = counter.num_tokens / n
+
+    neurons = list(counter.neurons.values())
+    spikes = sum(int((c.positive + c.negative).sum()) for c in neurons)
+    slots = sum(int(c.slots.sum()) for c in neurons)
+    steps = max((c.slots.numel() for c in neurons), default=0)
+
+    def step_rate(attr):  # over every neuron, per step
+        if not neurons or any(c.slots.numel() != steps for c in neurons):
+            return []
+        num = sum(getattr(c, attr) if attr != "nonzero" else c.positive + c.negative for c in neurons)
+        return (num.double() / sum(c.slots for c in neurons).clamp_min(1).double()).tolist()
+
+    def per_sequence(table):
+        return {region: {op: count / n for op, count in ops.items()} for region, ops in table.items()}
+
+    heads_macs = sum(e["macs"] for e in heads)
+    return {
+        "spiking": spiking,
+        "num_sequences": n,
+        "tokens_per_sequence": tokens,
+        "num_steps": steps if spiking else 1,
+        "constants_pJ": {"ac": constants.ac_pJ, "mac": constants.mac_pJ},
+        "formula": FORMULA,
+        "convention": CONVENTION,
+        "snn_mJ_per_sequence": snn_mJ,
+        "ann_mJ_per_sequence": ann_mJ,
+        "ratio": ann_mJ / snn_mJ if spiking and snn_mJ > 0 else None,
+        "snn_mJ_per_token": snn_mJ / tokens if spiking else None,
+        "ann_mJ_per_token": ann_mJ / tokens,
+        "acs": acs if spiking else None,
+        "macs": macs if spiking else None,
+        "ann_macs": ann_macs,
+        "mean_firing_rate": spikes / slots if slots else None,
+        "firing_rate_per_step": step_rate("nonzero"),
+        "positive_rate_per_step": step_rate("positive"),
+        "negative_rate_per_step": step_rate("negative"),
+        "alpha_was_initialized": counter.alpha_was_initialized,
+        "per_layer": per_layer,
+        "heads": {"macs": heads_macs, "mJ": constants.millijoules(0, heads_macs), "layers": heads},
+        "neurons": {c.name: _rates(c) for c in neurons},
+        "elementwise": {
+            "snn": per_sequence(counter.elementwise) if spiking else None,
+            "ann": per_sequence(counter.elementwise_ann),
+            "note": "elements processed per sequence (not in the headline total); each costs one or more "
+                    "operations (exp, divide, square root...), which this estimate leaves uncounted",
+        },
+    }
+
+
+def measure_energy(model: nn.Module, batches, constants: EnergyConstants = EnergyConstants(), progress=None) -> dict:
+    """Run ``model`` (in eval mode, no gradients) on ``batches`` and return :func:`summarize`'s dict.
+
+    Each batch is a dict of model input tensors with ``input_ids`` (B, L) and, for padded batches,
+    ``attention_mask`` (1 = real token): only real tokens are counted. Batches are moved to the
+    model's device. ``progress``, if given, wraps the batch iterable (e.g. ``tqdm``).
+    """
+    counter = OperationCounter(model)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), counter:
+            for batch in progress(batches) if progress else batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                mask = batch.get("attention_mask")
+                if mask is None:
+                    mask = torch.ones_like(batch["input_ids"])
+                with counter.tokens(mask):
+                    model(**batch)
+    finally:
+        model.train(was_training)
+    return counter.summary(constants)
