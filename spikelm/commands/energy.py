@@ -1,0 +1,185 @@
+"""``spikelm energy``: operation counts, firing rates and energy of a model on real text (SPEC section 6)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..cli import UserError, add_output_dir
+from ..energy import E_AC_PJ, E_MAC_PJ
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "energy",
+        help="count ACs/MACs from the spikes a model emits on real text and estimate its energy",
+        description=(
+            "Tokenize a text file, pack it into full windows of --max-length tokens, run the model on them and "
+            "count, per layer and time step, the operations of every matrix product from the spikes actually "
+            "emitted: E = E_AC x ACs + E_MAC x MACs, per sequence, summed over the T steps, averaged over the "
+            "windows, against the same shape run real-valued (ANN). Writes energy.json, report.md and PNG plots."
+        ),
+    )
+    p.add_argument("--model", required=True, help="a model directory written by save_pretrained (config.json + weights)")
+    p.add_argument("--text-file", required=True, help="UTF-8 text to tokenize (tokenizer of --model, else bert-base-uncased)")
+    p.add_argument("--max-length", type=int, default=128, help="tokens per window, special tokens included (default 128)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--max-sequences", type=int, help="count at most this many windows (default: every full window)")
+    p.add_argument("--ac-pj", type=float, default=E_AC_PJ, help=f"energy of one accumulate in pJ (default {E_AC_PJ})")
+    p.add_argument("--mac-pj", type=float, default=E_MAC_PJ,
+                   help=f"energy of one multiply-accumulate in pJ (default {E_MAC_PJ})")
+    p.add_argument("--device", help="where to run the model, e.g. cpu or cuda (default: cuda if available, else cpu)")
+    add_output_dir(p)
+    p.set_defaults(func=run)
+
+
+def load_config(path: str | Path):
+    """The :class:`~spikelm.SpikeLMConfig` of the model saved in ``path`` (no weights read)."""
+    import spikelm  # noqa: F401  (registers model_type "spikelm")
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model {path}: no config.json there; expected a directory written by save_pretrained")
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type != "spikelm":
+        raise UserError(f"--model {path} holds a {config.model_type!r} model; expected a spikelm model")
+    return config
+
+
+def load_model(path: str | Path, config):
+    """The model saved in ``path``, as the class its config names (heads included)."""
+    import spikelm
+
+    architecture = (config.architectures or ["SpikeLMModel"])[0]
+    return getattr(spikelm, architecture, spikelm.SpikeLMModel).from_pretrained(path, config=config)
+
+
+def load_tokenizer(model_dir: Path, vocab_size: int):
+    """The tokenizer saved with the model, else the packaged bert-base-uncased WordPiece."""
+    from transformers import AutoTokenizer
+
+    from ..tokenization import load_bert_tokenizer
+
+    if any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    else:
+        tokenizer = load_bert_tokenizer()
+    if len(tokenizer) > vocab_size:
+        raise UserError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
+            f"save the model's own tokenizer in {model_dir}"
+        )
+    return tokenizer
+
+
+def pack_windows(text: str, tokenizer, max_length: int) -> list[list[int]]:
+    """Token ids of ``text`` cut into full windows of ``max_length`` tokens, special tokens included.
+
+    Each window is wrapped in the tokenizer's own single-sequence template (``[CLS] ... [SEP]`` for BERT).
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    wrapped = tokenizer("a", add_special_tokens=True)["input_ids"]
+    start = next(i for i in range(len(wrapped)) if wrapped[i:i + len(plain)] == plain)
+    prefix, suffix = wrapped[:start], wrapped[start + len(plain):]
+    body = max_length - len(prefix) - len(suffix)
+    if body < 1:
+        raise UserError(f"--max-length {max_length} leaves no room for text after the special tokens")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return [prefix + ids[i:i + body] + suffix for i in range(0, len(ids) - body + 1, body)]
+
+
+def padded_batches(features: list[dict], tokenizer, batch_size: int):
+    """Batches of model inputs, each padded to its longest example, with an ``attention_mask``.
+
+    Batches of equal-length examples (the text windows) are not padded, so a tokenizer without a
+    padding token (GPT-2's) serves them too.
+    """
+    for start in range(0, len(features), batch_size):
+        chunk = features[start:start + batch_size]
+        ragged = len({len(f["input_ids"]) for f in chunk}) > 1
+        yield dict(tokenizer.pad(chunk, padding="longest" if ragged else False, return_tensors="pt"))
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from ..energy import EnergyConstants, measure_energy
+    from ..energy_report import write_energy_report
+    from ..outputs import prepare_output_dir, write_json_atomic
+
+    for flag, value in (("--max-length", args.max_length), ("--batch-size", args.batch_size),
+                        ("--max-sequences", args.max_sequences)):
+        if value is not None and value < 1:
+            raise UserError(f"{flag} must be a positive integer, got {value}")
+    for flag, value in (("--ac-pj", args.ac_pj), ("--mac-pj", args.mac_pj)):
+        if not value >= 0:
+            raise UserError(f"{flag} must be a non-negative energy in picojoules, got {value}")
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise UserError(f"--device {args.device!r} is not a torch device ({err})") from None
+    config = load_config(args.model)
+    if args.max_length > config.max_position_embeddings:
+        raise UserError(
+            f"--max-length {args.max_length} is longer than the model's positions (max_position_embeddings="
+            f"{config.max_position_embeddings}); use --max-length {config.max_position_embeddings} or less"
+        )
+    tokenizer = load_tokenizer(Path(args.model), config.vocab_size)
+    text_file = Path(args.text_file)
+    if not text_file.is_file():
+        raise UserError(f"--text-file {text_file} does not exist or is not a file")
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"--text-file {text_file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not text.strip():
+        raise UserError(f"--text-file {text_file} is empty: give a file with text to tokenize")
+    windows = pack_windows(text, tokenizer, args.max_length)
+    if not windows:
+        n_tokens = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        raise UserError(
+            f"--text-file {text_file} has {n_tokens} tokens, fewer than one full window of --max-length "
+            f"{args.max_length}; use a longer text or a smaller --max-length"
+        )
+    windows = windows[:args.max_sequences]
+    out = prepare_output_dir(args.output_dir, "energy", args.overwrite)
+    model = load_model(args.model, config).to(device)
+
+    batches = list(padded_batches([{"input_ids": w} for w in windows], tokenizer, args.batch_size))
+    summary = measure_energy(model, batches, EnergyConstants(args.ac_pj, args.mac_pj),
+                             progress=lambda b: tqdm(b, desc="energy", unit="batch"))
+    spiking = summary["spiking"]
+    summary.update(
+        model=str(args.model),
+        architecture=type(model).__name__,
+        text_file=str(text_file),
+        sequence_length=args.max_length,
+        description=(
+            f"{type(model).__name__}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            + (f"T={config.num_steps}, {config.spike_levels} spikes" if spiking else "real-valued (spiking=False)")
+            + f"; {len(windows)} windows of {args.max_length} tokens from {text_file.name}."
+        ),
+    )
+    write_json_atomic(out / "energy.json", summary)
+    write_energy_report(summary, out)
+
+    c = summary["constants_pJ"]
+    print(f"{summary['description']} E = {c['ac']} pJ x ACs + {c['mac']} pJ x MACs, per sequence, headline = "
+          "matrix products of the blocks (heads, softmax, LayerNorm, activations outside)")
+    if spiking:
+        print(f"SNN: {summary['snn_mJ_per_sequence']:.4f} mJ per sequence ({summary['acs'] / 1e9:.4g} G ACs + "
+              f"{summary['macs'] / 1e6:.4g} M MACs); ANN: {summary['ann_mJ_per_sequence']:.4f} mJ "
+              f"({summary['ann_macs'] / 1e9:.4g} G MACs); ratio ANN/SNN {summary['ratio']:.2f}; mean firing rate "
+              f"{summary['mean_firing_rate']:.4f} (per step {' '.join(f'{r:.3f}' for r in summary['firing_rate_per_step'])})")
+    else:
+        print(f"note: the model is not spiking (config.spiking=False): it runs real-valued, so only the ANN energy "
+              f"is reported: {summary['ann_mJ_per_sequence']:.4f} mJ per sequence "
+              f"({summary['ann_macs'] / 1e9:.4g} G MACs)")
+    print(f"wrote {out / 'energy.json'}, {out / 'report.md'} and plots")
+    return 0
