@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_spikelm import SpikeLMConfig
-from .modeling_spikelm import SpikeLMPreTrainedModel, make_linear, make_respike
+from .modeling_spikelm import SpikeLMPreTrainedModel, _check_inputs, make_linear, make_respike
 from .neuron import ALPHA_FLOOR
 
 # ----------------------------------------------------------------------------------------------
@@ -236,15 +236,8 @@ class SpikeLMCausalPreTrainedModel(SpikeLMPreTrainedModel):
 
 
 def _check_decoder_inputs(config, input_ids, inputs_embeds, attention_mask, past_length):
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("Pass exactly one of input_ids or inputs_embeds")
-    ref = input_ids if input_ids is not None else inputs_embeds
-    want = 2 if input_ids is not None else 3
-    if ref.dim() != want:
-        name = "input_ids" if input_ids is not None else "inputs_embeds"
-        shape = "(batch, length)" if want == 2 else "(batch, length, hidden_size)"
-        raise ValueError(f"{name} must have shape {shape}; got {tuple(ref.shape)}")
-    batch, length = ref.shape[:2]
+    _check_inputs(config, input_ids, inputs_embeds, None, None)  # one of ids/embeds, their shapes
+    batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
     if past_length + length > config.max_position_embeddings:
         raise ValueError(
             f"sequence length {past_length + length} ({past_length} cached + {length} new tokens) exceeds the "
