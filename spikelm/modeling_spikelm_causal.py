@@ -76,16 +76,18 @@ class SpikeKVCacheLayer(DynamicLayer):
     """One block's cached K and V spikes, stored as int8 codes q in {-1, 0, 1} of shape (B, T*H, L, d).
 
     ``update`` takes the new float spikes ``scale_t * q`` with the per-step magnitudes ``key_scale``
-    and ``value_scale`` (T,) (alpha_t, or 1 without amplitude) and returns the float spikes of every
-    cached token. The round trip is exact: decoding multiplies the same q and scale in the same
-    precision as the neuron did. Magnitudes are taken from the latest update (alphas are frozen
-    while decoding). Reordering, cropping and batch selection along dim 0 are DynamicLayer's.
+    and ``value_scale`` (T,) (alpha_t, or 1 without amplitude) and returns the spikes of the cached
+    tokens followed by the new ones (which keep their autograd graph). Decoding is exact: it
+    multiplies the same q and scale in the same precision as the neuron did. Magnitudes are taken
+    from the latest update (alphas are frozen while decoding). Reordering, cropping and batch
+    selection along dim 0 are DynamicLayer's.
     """
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)  # records the float dtype and device
-        self.keys = torch.empty(0, dtype=torch.int8, device=self.device)
-        self.values = torch.empty(0, dtype=torch.int8, device=self.device)
+        empty = (*key_states.shape[:2], 0, key_states.shape[3])
+        self.keys = torch.empty(empty, dtype=torch.int8, device=self.device)
+        self.values = torch.empty(empty, dtype=torch.int8, device=self.device)
 
     def update(self, key_states, value_states, *args, key_scale=None, value_scale=None, **kwargs):
         if key_scale is None or value_scale is None:
@@ -95,11 +97,12 @@ class SpikeKVCacheLayer(DynamicLayer):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        past_keys, past_values = self._decode(self.keys, key_scale), self._decode(self.values, value_scale)
         self.key_scale, self.value_scale = key_scale, value_scale
         # scale_t > 0, so the sign of a spike is its code
-        self.keys = torch.cat([self.keys, torch.sign(key_states).to(torch.int8)], dim=-2)
-        self.values = torch.cat([self.values, torch.sign(value_states).to(torch.int8)], dim=-2)
-        return self._decode(self.keys, key_scale), self._decode(self.values, value_scale)
+        self.keys = torch.cat([self.keys, torch.sign(key_states.detach()).to(torch.int8)], dim=-2)
+        self.values = torch.cat([self.values, torch.sign(value_states.detach()).to(torch.int8)], dim=-2)
+        return torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
 
     def _decode(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         batch, heads, length, head_dim = codes.shape

@@ -276,6 +276,18 @@ def test_loss_is_shifted_cross_entropy_and_gradients_reach_every_parameter():
     assert missing == []
 
 
+def test_training_with_use_cache_gives_the_same_gradients():
+    model = causal_model(num_steps=2).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    grads = []
+    for use_cache in (False, True):
+        model.zero_grad()
+        model(ids, labels=ids, use_cache=use_cache).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=0, rtol=0, msg=name)
+
+
 def test_fused_and_reference_neurons_agree_in_the_decoder():
     model = causal_model(num_steps=3, position_embedding_type="rotary")
     ids = torch.randint(0, 97, (2, 10))
