@@ -3,6 +3,7 @@
 from transformers import (
     AutoConfig,
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForPreTraining,
     AutoModelForSequenceClassification,
@@ -19,6 +20,13 @@ from .modeling_spikelm import (
     SpikeLMModelOutput,
     SpikeLMPreTrainedModel,
 )
+from .modeling_spikelm_causal import (
+    SpikeKVCacheLayer,
+    SpikeLMCache,
+    SpikeLMCausalPreTrainedModel,
+    SpikeLMDecoderModel,
+    SpikeLMForCausalLM,
+)
 from .neuron import ElasticBiSpikingNeuron, MultiStepSpike, SpikeStats, reference_multistep_spike
 from .stats import collect_spike_stats, record_spike_stats
 
@@ -29,11 +37,17 @@ AutoModel.register(SpikeLMConfig, SpikeLMModel, exist_ok=True)
 AutoModelForPreTraining.register(SpikeLMConfig, SpikeLMForPreTraining, exist_ok=True)
 AutoModelForMaskedLM.register(SpikeLMConfig, SpikeLMForMaskedLM, exist_ok=True)
 AutoModelForSequenceClassification.register(SpikeLMConfig, SpikeLMForSequenceClassification, exist_ok=True)
+AutoModelForCausalLM.register(SpikeLMConfig, SpikeLMForCausalLM, exist_ok=True)
 
 __all__ = [
     "ElasticBiSpikingNeuron",
     "MultiStepSpike",
+    "SpikeKVCacheLayer",
+    "SpikeLMCache",
+    "SpikeLMCausalPreTrainedModel",
     "SpikeLMConfig",
+    "SpikeLMDecoderModel",
+    "SpikeLMForCausalLM",
     "SpikeLMForMaskedLM",
     "SpikeLMForPreTraining",
     "SpikeLMForPreTrainingOutput",

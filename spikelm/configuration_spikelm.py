@@ -1,4 +1,4 @@
-"""SpikeLM configuration: the BERT fields plus every spiking knob of SPEC section 2."""
+"""SpikeLM configuration: the BERT fields, every spiking knob of SPEC section 2, and the decoder's fields."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from transformers import PretrainedConfig
 
 from .neuron import check_neuron_options
 
+POSITION_EMBEDDING_TYPES = ("absolute", "rotary")
+
 
 class SpikeLMConfig(PretrainedConfig):
-    r"""Configuration of a SpikeLM model (encoder, BERT-like).
+    r"""Configuration of a SpikeLM model: the BERT-like encoder or the causal decoder (``SpikeLMForCausalLM``).
 
     Shape (as BERT):
         vocab_size (int): number of tokens (30522 for bert-base-uncased WordPiece).
@@ -17,7 +19,7 @@ class SpikeLMConfig(PretrainedConfig):
         num_attention_heads (int): attention heads per block; must divide ``hidden_size``.
         intermediate_size (int): width of the feed-forward layer.
         max_position_embeddings (int): longest sequence the learned positions cover.
-        type_vocab_size (int): number of segment (token type) ids.
+        type_vocab_size (int): number of segment (token type) ids (encoder only).
 
     Activations and normalisation:
         hidden_act (str): the FFN activation. The released model always uses exact (erf) GELU here,
@@ -27,6 +29,17 @@ class SpikeLMConfig(PretrainedConfig):
         layer_norm_eps (float): epsilon of the embedding and head LayerNorms.
         block_layer_norm_eps (float): epsilon of the LayerNorms inside the blocks (1e-12 in the
             released code, hard-coded there).
+
+    Positions and block layout (what the causal decoder may change; the encoder models accept only
+    their defaults):
+        position_embedding_type (str): ``"absolute"`` (learned position embeddings, as BERT) or
+            ``"rotary"`` (rotary embeddings applied to Q and K before K is spiked; decoder only).
+            ``max_position_embeddings`` is the longest sequence either kind accepts.
+        rope_theta (float): base of the rotary frequencies (used with ``"rotary"`` only).
+        pre_layer_norm (bool | None): True: pre-LayerNorm blocks (GPT-style, with a final LayerNorm);
+            False: post-LayerNorm blocks (BERT-style); None: each model's own layout, post-LN for the
+            encoder models (as released) and pre-LN for ``SpikeLMForCausalLM``. The encoder models
+            support only post-LN.
 
     Regularisation and initialisation: ``hidden_dropout_prob``, ``attention_probs_dropout_prob``,
     ``classifier_dropout`` (None: ``hidden_dropout_prob``), ``initializer_range`` (std of the
@@ -76,6 +89,9 @@ class SpikeLMConfig(PretrainedConfig):
         alpha_init: str | float = "mean_abs",
         learn_alpha: bool = False,
         reset: str = "official",
+        position_embedding_type: str = "absolute",
+        rope_theta: float = 10000.0,
+        pre_layer_norm: bool | None = None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -101,6 +117,9 @@ class SpikeLMConfig(PretrainedConfig):
         self.alpha_init = alpha_init
         self.learn_alpha = learn_alpha
         self.reset = reset
+        self.position_embedding_type = position_embedding_type
+        self.rope_theta = rope_theta
+        self.pre_layer_norm = pre_layer_norm
         super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
         self._check()
 
@@ -125,6 +144,20 @@ class SpikeLMConfig(PretrainedConfig):
                     f"SpikeLMConfig.{name} must name an activation of transformers.activations.ACT2FN "
                     f"(e.g. 'gelu', 'relu'), got {getattr(self, name)!r}"
                 )
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"SpikeLMConfig.position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, "
+                f"got {self.position_embedding_type!r}"
+            )
+        if self.position_embedding_type == "rotary" and (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError(
+                f"rotary positions need an even head size; hidden_size / num_attention_heads = "
+                f"{self.hidden_size // self.num_attention_heads}"
+            )
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
+            raise ValueError(f"SpikeLMConfig.rope_theta must be a positive number, got {self.rope_theta!r}")
+        if not (self.pre_layer_norm is None or isinstance(self.pre_layer_norm, bool)):
+            raise ValueError(f"SpikeLMConfig.pre_layer_norm must be True, False or None, got {self.pre_layer_norm!r}")
         check_neuron_options(
             self.num_steps, self.spike_levels, self.use_amplitude, self.alpha_init, self.learn_alpha, self.reset
         )

@@ -365,6 +365,12 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
 
     def __init__(self, config: SpikeLMConfig, add_pooling_layer: bool = True):
         super().__init__(config)
+        if config.position_embedding_type != "absolute" or config.pre_layer_norm:
+            raise ValueError(
+                "the SpikeLM encoder models are post-LayerNorm with learned absolute positions (as released); "
+                f"got position_embedding_type={config.position_embedding_type!r}, pre_layer_norm="
+                f"{config.pre_layer_norm!r}. Rotary positions and pre-LayerNorm blocks are for SpikeLMForCausalLM"
+            )
         self.embeddings = SpikeLMEmbeddings(config)
         self.encoder = SpikeLMEncoder(config)
         self.pooler = SpikeLMPooler(config) if add_pooling_layer else None

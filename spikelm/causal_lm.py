@@ -1,0 +1,137 @@
+"""Using a trained causal LM: load a checkpoint with its tokenizer, read evaluation text, and compute
+sliding-window perplexity (any transformers causal LM works; SpikeLMForCausalLM is checked for)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def load_causal_lm(model_dir: str | Path):
+    """The :class:`SpikeLMForCausalLM` saved in ``model_dir`` (eval mode); a clear error for anything else."""
+    from transformers import AutoConfig
+
+    from .configuration_spikelm import SpikeLMConfig
+    from .modeling_spikelm_causal import SpikeLMForCausalLM
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {path}: no config.json there; expected a directory written by save_pretrained "
+            "(e.g. by `spikelm pretrain --objective clm`)"
+        )
+    config = AutoConfig.from_pretrained(path)
+    architectures = config.architectures or []
+    if not isinstance(config, SpikeLMConfig) or SpikeLMForCausalLM.__name__ not in architectures:
+        what = ", ".join(architectures) or f"model_type {config.model_type!r}"
+        raise ValueError(
+            f"--model {path} holds a {what} checkpoint, not a causal SpikeLM (SpikeLMForCausalLM); generation and "
+            "perplexity need a decoder trained with `spikelm pretrain --objective clm`"
+        )
+    return SpikeLMForCausalLM.from_pretrained(path).eval()
+
+
+def load_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None):
+    """The tokenizer saved beside the model, or the one at ``tokenizer`` (a directory or hub name)."""
+    from transformers import AutoTokenizer
+
+    source = tokenizer if tokenizer is not None else model_dir
+    if tokenizer is None and not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer files ({' or '.join(TOKENIZER_FILES)}) in --model {model_dir}; pass --tokenizer DIR"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not load a tokenizer from {source}: {err}") from err
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file, or every regular file under a directory (sorted by path) joined by blank lines."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise ValueError(f"--text-file {path} is a directory with no files in it")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"--text-file {path} does not exist (give a UTF-8 text file or a directory of them)")
+    texts = []
+    for file in files:
+        try:
+            texts.append(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    return "\n\n".join(texts)
+
+
+def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, first, end)`` per window: tokens ``[begin, end)`` are fed, tokens ``[first, end)`` scored.
+
+    The first window is full and scores tokens 1..window-1; each later one moves ``stride`` tokens on
+    and scores only those, with at least ``window - stride`` tokens of context. So every token but
+    the first (which has no context) is scored exactly once.
+    """
+    if window < 2:
+        raise ValueError(f"the window must hold at least 2 tokens, got {window}")
+    if not 1 <= stride < window:
+        raise ValueError(
+            f"--stride must be between 1 and the window length minus 1 ({window - 1}) so that every scored "
+            f"token has context; got {stride}"
+        )
+    spans, first = [], 1
+    while first < num_tokens:
+        end = min(num_tokens, window if first == 1 else first + stride)
+        spans.append((max(0, end - window), first, end))
+        first = end
+    return spans
+
+
+@torch.no_grad()
+def sliding_window_perplexity(model, token_ids: torch.Tensor, window: int, stride: int, batch_size: int = 8,
+                              progress: bool = False) -> dict:
+    """Perplexity of ``model`` on the 1-D ``token_ids`` with :func:`sliding_windows` (standard strided evaluation).
+
+    Returns ``perplexity``, ``nll_per_token`` (nats), ``nll_sum``, ``tokens_scored`` (= len - 1),
+    ``windows``, ``window`` and ``stride``. Windows go through the model ``batch_size`` at a time;
+    every window has the same length, min(window, len).
+    """
+    from tqdm.auto import tqdm
+
+    if token_ids.dim() != 1 or token_ids.numel() < 2:
+        raise ValueError(f"need a 1-D sequence of at least 2 tokens to score, got shape {tuple(token_ids.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    spans = sliding_windows(token_ids.numel(), window, stride)
+    device = next(model.parameters()).device
+    nll_sum, scored = 0.0, 0
+    batches = range(0, len(spans), batch_size)
+    # progress only on a terminal (tqdm's disable=None)
+    for start in tqdm(batches, desc="perplexity", unit="batch", disable=None if progress else True):
+        batch = spans[start:start + batch_size]
+        inputs = torch.stack([token_ids[begin:end] for begin, _, end in batch]).to(device)
+        length = inputs.shape[1]
+        # logits only for the positions that predict a scored token (the last one predicts past the window)
+        keep = max(end - first for _, first, end in batch) + 1
+        logits = model(input_ids=inputs, logits_to_keep=keep).logits
+        for row, (begin, first, end) in enumerate(batch):
+            offset = length - keep
+            predicting = logits[row, first - begin - 1 - offset:end - begin - 1 - offset].float()
+            nll_sum += F.cross_entropy(predicting, inputs[row, first - begin:], reduction="sum").item()
+            scored += end - first
+    nll = nll_sum / scored
+    return {
+        "perplexity": math.exp(nll),
+        "nll_per_token": nll,
+        "nll_sum": nll_sum,
+        "tokens_scored": scored,
+        "windows": len(spans),
+        "window": min(window, token_ids.numel()),
+        "stride": stride,
+    }

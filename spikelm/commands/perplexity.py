@@ -1,0 +1,61 @@
+"""``spikelm perplexity``: sliding-window perplexity of a causal SpikeLM on a text file or directory."""
+
+from __future__ import annotations
+
+from ..cli import add_output_dir
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "perplexity",
+        help="sliding-window perplexity of a causal SpikeLM on plain text",
+        description=(
+            "Tokenize a UTF-8 text file (or every file of a directory, in path order, joined by blank lines) and "
+            "score it with overlapping windows: the first window scores its tokens after the first; each next "
+            "window moves --stride tokens on and scores only those, so every token but the first is counted once."
+        ),
+    )
+    p.add_argument("--model", required=True, help="directory of a SpikeLMForCausalLM")
+    p.add_argument("--text-file", required=True, help="UTF-8 text file, or a directory of plain-text files")
+    p.add_argument("--tokenizer", help="tokenizer directory or hub name (default: the one saved in --model)")
+    p.add_argument("--max-length", type=int, help="window length in tokens (default: max_position_embeddings)")
+    p.add_argument("--stride", type=int, help="new tokens scored per window, below the window length "
+                                              "(default: half the window)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    add_output_dir(p, required=False)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import time
+
+    import torch
+
+    from ..causal_lm import load_causal_lm, load_tokenizer, read_text, sliding_window_perplexity
+    from ..cli import UserError
+    from ..outputs import prepare_output_dir, write_json_atomic
+
+    text = read_text(args.text_file)
+    model = load_causal_lm(args.model)
+    tokenizer = load_tokenizer(args.model, args.tokenizer)
+    limit = model.config.max_position_embeddings
+    window = limit if args.max_length is None else args.max_length
+    if not 2 <= window <= limit:
+        raise UserError(f"--max-length must be between 2 and the model's maximum length {limit}, got {window}")
+    stride = window // 2 if args.stride is None else args.stride
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
+    if ids.numel() < 2:
+        raise UserError(f"--text-file {args.text_file} holds {ids.numel()} token(s); perplexity needs at least 2")
+    out_dir = prepare_output_dir(args.output_dir, "perplexity", args.overwrite) if args.output_dir else None
+
+    start = time.perf_counter()
+    result = sliding_window_perplexity(model, ids, window, stride, args.batch_size, progress=True)
+    result["seconds"] = time.perf_counter() - start
+    result.update(model=str(args.model), text=str(args.text_file), text_tokens=int(ids.numel()))
+    print(f"perplexity {result['perplexity']:.3f} ({result['nll_per_token']:.4f} nats/token) over "
+          f"{result['tokens_scored']} tokens of {args.text_file}; window {result['window']}, stride "
+          f"{result['stride']}, {result['windows']} windows, {result['seconds']:.1f} s")
+    if out_dir is not None:
+        write_json_atomic(out_dir / "perplexity.json", result)
+        print(f"wrote {out_dir / 'perplexity.json'}")
+    return 0
