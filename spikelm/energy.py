@@ -309,6 +309,8 @@ class OperationCounter:
     def _on_spikes(self, neuron, args, spikes, name):
         self._require_mask(name)
         spikes = spikes.detach()
+        if spikes.dim() > 4:  # K/V spiked after the head split (the decoder): (T, B, L, H, d) -> (T, B, L, H*d)
+            spikes = spikes.flatten(3)
         steps, rows_shape, width = spikes.shape[0], spikes.shape[1:-1], spikes.shape[-1]
         mask = self._row_mask(rows_shape)
         if mask is not None:

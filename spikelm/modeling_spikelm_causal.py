@@ -137,6 +137,8 @@ class SpikeLMCausalSelfAttention(nn.Module):
     Q K^T keeps one spiking operand. Heads are laid out (B, T*H, L, d), the cache's layout.
     """
 
+    is_causal = True  # read by transformers' attention helpers and by the energy counter (causal fan-out)
+
     def __init__(self, config: SpikeLMConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx

@@ -274,3 +274,25 @@ def test_energy_command_missing_model(tmp_path, capsys):
     rc = main(["energy", "--model", str(tmp_path), "--text-file", str(sample_text_path()),
                "--output-dir", str(tmp_path / "out")])
     assert rc == 2 and "no config.json" in capsys.readouterr().err
+
+
+def test_causal_decoder_attention_counts_use_causal_fan_out():
+    from spikelm import SpikeLMConfig
+    from spikelm.modeling_spikelm_causal import SpikeLMForCausalLM
+
+    cfg = SpikeLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32, num_steps=2)
+    model = SpikeLMForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (2, 10))
+    seen = {}
+    attention = next(m for m in model.modules() if getattr(m, "key_spike", None) is not None)
+    hook = attention.key_spike.register_forward_hook(lambda mod, i, out: seen.__setitem__("k", out.detach()))
+    from spikelm.energy import measure_energy
+
+    result = measure_energy(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+    hook.remove()
+    k = seen["k"].flatten(3)  # (T, B, L, H*d), whatever the head layout
+    fan_out = torch.arange(10, 0, -1)  # key j is read by the queries j..L-1
+    expected = int(((k != 0).sum(-1) * fan_out).sum()) / 2  # per sequence
+    scores = next(p for p in result["per_layer"] if p["kind"] == "attention_scores")
+    assert scores["acs"] == expected
