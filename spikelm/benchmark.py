@@ -84,16 +84,22 @@ def _saved_bytes(model: torch.nn.Module, forward) -> int:
     """Bytes of the distinct storages autograd keeps for backward during ``forward()``, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
+    alive = []  # every saved tensor stays alive until the end, so no address is reused and counted twice
 
     def pack(t):
         storage = t.untyped_storage()
         if storage.data_ptr() not in params:
             saved[storage.data_ptr()] = storage.nbytes()
-        return t
+        alive.append(t)
+        # the graph keeps nothing: a packed tensor that is the node's own output would tie the graph
+        # into a cycle through C++ that the garbage collector cannot see (a leak of the whole graph)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def unpack(_):
+        raise RuntimeError("the graph of a saved-bytes measurement is not for backward")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         out = forward()
-    del out
+    del out, alive[:]
     return sum(saved.values())
 
 
