@@ -9,8 +9,8 @@ interleaved, in one process:
 * ``bert``: ``transformers.BertModel`` of the same shape, the real-valued floor. A spiking layer
   does T times its matrix work, so the ratios divide by ``T x`` its time.
 
-A training step is forward + backward of ``mean(last_hidden_state ** 2)`` (no optimizer step);
-inference is a forward under ``torch.inference_mode``. Memory is the bytes autograd saves for
+A training step is forward + backward of ``mean(last_hidden_state ** 2)`` in train mode (dropout
+0.1, no optimizer step); inference is a forward in eval mode under ``torch.inference_mode``. Memory is the bytes autograd saves for
 backward (parameters excluded), and on CUDA also each path's peak allocation during a step.
 Times are medians over interleaved repetitions.
 """
@@ -127,8 +127,10 @@ def measure_case(case: Case, device: str, dtype: torch.dtype, repeats: int) -> d
         forward(path).float().square().mean().backward()
 
     def infer(path):
+        model = use(path).eval()  # no dropout
         with torch.inference_mode():
             forward(path)
+        model.train()
 
     def timed(fn, path):
         sync()
