@@ -9,6 +9,8 @@ from torch import nn
 from .neuron import (
     ALPHA_FLOOR,
     ElasticBiSpikingNeuron,
+    choose_kernel,
+    count_spikes,
     decode_spikes,
     fused_spike_backward,
     fused_spike_forward,
@@ -19,22 +21,23 @@ class SpikeLinearFunction(torch.autograd.Function):
     """Neuron then ``F.linear`` in one autograd node.
 
     Only the int8 spike codes are kept for backward (the float spikes that ``F.linear`` would save
-    are rebuilt from them), so the layer's saved state is a quarter of a float32 copy of its input.
+    are rebuilt from them in the same pass that computes the input gradient), so the layer's saved
+    state is a quarter of a float32 copy of its input.
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, weight, bias, spike_levels, reset, use_amplitude, membrane, count):
-        keep_ratio = alpha.requires_grad
-        spikes, codes, ratio, counts = fused_spike_forward(
-            x, alpha, spike_levels, reset, use_amplitude, membrane, keep_ratio, count
+    def forward(ctx, x, alpha, weight, bias, spike_levels, reset, use_amplitude, membrane, count, backend="auto"):
+        kernel = choose_kernel(x, backend)
+        spikes, codes, ratio = fused_spike_forward(
+            x, alpha, spike_levels, reset, use_amplitude, membrane, True, alpha.requires_grad, kernel
         )
         y = F.linear(spikes, weight, bias)
         ctx.save_for_backward(codes, alpha, ratio, weight)
         ctx.options = (spike_levels, reset, use_amplitude, membrane)
+        ctx.kernel = kernel
+        ctx.x_dtype = x.dtype
         ctx.has_bias = bias is not None
-        ctx.spike_dtype = spikes.dtype
-        if counts is None:
-            counts = torch.zeros(0, 2, dtype=torch.int64, device=x.device)
+        counts = count_spikes(spikes) if count else torch.zeros(0, 2, dtype=torch.int64, device=x.device)
         ctx.mark_non_differentiable(counts)
         return y, counts
 
@@ -42,23 +45,24 @@ class SpikeLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y, _grad_counts):
         codes, alpha, ratio, weight = ctx.saved_tensors
         spike_levels, reset, use_amplitude, membrane = ctx.options
-        grad_x = grad_alpha = grad_weight = grad_bias = None
-        flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
-        if ctx.needs_input_grad[2]:
-            q = decode_spikes(codes).to(ctx.spike_dtype)
-            spikes = q * alpha.to(q.dtype).view(-1, *([1] * (q.dim() - 1))) if use_amplitude else q
-            grad_weight = flat_grad.t().mm(spikes.reshape(-1, spikes.shape[-1]))
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = flat_grad.sum(0)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        need_x, need_alpha, need_weight, need_bias = ctx.needs_input_grad[:4]
+        grad_x = grad_alpha = grad_weight = grad_bias = spikes = None
+        if need_x or need_alpha:
             grad_s = grad_y.matmul(weight.to(grad_y.dtype))
-            grad_x, grad_alpha = fused_spike_backward(
-                grad_s, codes, ratio, alpha, spike_levels, reset, use_amplitude, membrane,
-                alpha_grad=ctx.needs_input_grad[1],
+            grad_x, grad_alpha, spikes = fused_spike_backward(
+                grad_s, codes, ratio, alpha, spike_levels, reset, use_amplitude, membrane, alpha_grad=need_alpha,
+                grad_dtype=ctx.x_dtype, spike_dtype=grad_y.dtype if need_weight else None, kernel=ctx.kernel,
             )
             if grad_alpha is not None:
                 grad_alpha = grad_alpha.to(alpha.dtype)
-        return grad_x, grad_alpha, grad_weight, grad_bias, None, None, None, None, None
+        flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
+        if need_weight:
+            if spikes is None:
+                spikes = decode_spikes(codes, alpha, use_amplitude, grad_y.dtype)
+            grad_weight = flat_grad.t().mm(spikes.reshape(-1, spikes.shape[-1])).to(weight.dtype)
+        if ctx.has_bias and need_bias:
+            grad_bias = flat_grad.sum(0).to(weight.dtype)
+        return grad_x, grad_alpha, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 class SpikeLinear(nn.Linear):
@@ -92,10 +96,17 @@ class SpikeLinear(nn.Linear):
         if not neuron.is_initialized():
             neuron.initialize_alpha(x)
         alpha = neuron.alpha.clamp_min(ALPHA_FLOOR)
-        y, counts = SpikeLinearFunction.apply(
-            x, alpha, self.weight, self.bias, neuron.spike_levels, neuron.reset, neuron.use_amplitude,
-            neuron.membrane, neuron.record_stats,
-        )
+        options = (neuron.spike_levels, neuron.reset, neuron.use_amplitude, neuron.membrane)
+        needs_grad = x.requires_grad or alpha.requires_grad or self.weight.requires_grad or (
+            self.bias is not None and self.bias.requires_grad)
+        if torch.is_grad_enabled() and needs_grad:
+            y, counts = SpikeLinearFunction.apply(
+                x, alpha, self.weight, self.bias, *options, neuron.record_stats, neuron.backend
+            )
+        else:  # no backward: spike and multiply, nothing saved
+            spikes, _, _ = fused_spike_forward(x, alpha, *options, False, False, choose_kernel(x, neuron.backend))
+            y = F.linear(spikes, self.weight, self.bias)
+            counts = count_spikes(spikes) if neuron.record_stats else None
         if neuron.record_stats:
             neuron._record(counts, x)
         return y

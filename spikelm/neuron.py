@@ -8,7 +8,9 @@ Two implementations of the same maths live here:
 * :func:`reference_multistep_spike` -- a readable per-step loop recorded by autograd, one small
   straight-through function per step. It is the definition the fast paths are tested against.
 * :class:`MultiStepSpike` -- the whole time loop in one autograd function that keeps only int8
-  codes (spike sign plus the straight-through window) for backward.
+  codes (spike sign plus the straight-through window) for backward. Its loop runs as plain
+  PyTorch ops, through torch.compile (one vectorised pass on CPU) or as a Triton kernel on CUDA
+  (``neuron_triton.py``); every kernel gives the reference path's spikes bit for bit.
 
 Amplitudes are set from the first batch a neuron sees (``alpha_t = 2 * mean|u_t|``), sequentially
 over the steps, with the statistic summed across processes under data parallelism.
@@ -17,6 +19,7 @@ over the steps, with the statistic summed across processes under data parallelis
 from __future__ import annotations
 
 import math
+import warnings
 from numbers import Real
 
 import torch
@@ -25,7 +28,7 @@ from torch import nn
 
 SPIKE_LEVELS = ("ternary", "binary")
 RESETS = ("official", "symmetric")
-BACKENDS = ("auto", "fused", "reference")
+BACKENDS = ("auto", "fused", "compiled", "triton", "reference")
 
 ALPHA_FLOOR = 1e-5  # alpha is floored here where it divides or scales; the stored value is untouched
 LEAK = 0.25  # membrane decay of the released code
@@ -147,107 +150,217 @@ def reference_multistep_spike(
 
 
 # ----------------------------------------------------------------------------------------------
-# The fused path: the time loop inside one autograd function, int8 codes saved for backward.
+# The fused path: the whole time loop in one autograd function, int8 codes saved for backward.
+#
+# `spike_steps` and `spike_steps_backward` write the loop once, on whole tensors, in the reference
+# path's float32 arithmetic. Run as they are (kernel "fused") each step is a few PyTorch ops; through
+# torch.compile (kernel "compiled", the CPU default for large inputs) the loop becomes one
+# vectorised pass over the elements with the membrane in registers; on CUDA a Triton kernel
+# (spikelm/neuron_triton.py) does the same.
 # ----------------------------------------------------------------------------------------------
 
 
-def fused_spike_forward(x, alpha, spike_levels, reset, use_amplitude, membrane, keep_ratio, count):
-    """Run the neuron over all steps without autograd.
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Membrane arithmetic runs in float32 (float64 stays float64); half-precision inputs are upcast."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
-    Returns ``(spikes, codes, ratio, counts)``: ``codes`` int8 (q plus :data:`OUTSIDE` where the
-    straight-through window is left), ``ratio`` = u/alpha (only if ``keep_ratio``, for the LSQ
-    gradient), ``counts`` a (T, 2) int64 tensor of positive and negative spikes (only if ``count``).
+
+def spike_steps(x, alpha, spike_levels, reset, use_amplitude, membrane, keep_codes, keep_ratio):
+    """The neuron over all steps of ``x`` (T, ...) without autograd.
+
+    Returns ``(spikes, codes, ratio)``: spikes in ``x``'s dtype; ``codes`` int8 (q plus
+    :data:`OUTSIDE` where the straight-through window is left; None unless ``keep_codes``);
+    ``ratio`` = u/alpha (None unless ``keep_ratio``; the LSQ gradient needs it).
     """
     low = _levels_low(spike_levels)
-    steps = x.shape[0]
-    compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    alpha = alpha.to(compute_dtype)
-    spikes = torch.empty_like(x)
-    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    ratio_all = torch.empty(x.shape, dtype=compute_dtype, device=x.device) if keep_ratio else None
-    counts = torch.zeros(steps, 2, dtype=torch.int64, device=x.device) if count else None
+    dtype = _compute_dtype(x.dtype)
+    spikes, codes, ratios = [], [], []
     u = carry = None
-    for t in range(steps):
-        alpha_t = alpha[t]
-        xt = x[t].to(compute_dtype)
-        if t == 0 or not membrane:
-            u = xt
-        else:
-            u = (u * LEAK) * carry + xt
+    for t in range(x.shape[0]):
+        alpha_t = alpha[t].to(dtype)
+        xt = x[t].to(dtype)
+        u = xt if t == 0 or not membrane else (u * LEAK) * carry + xt
         ratio = u / alpha_t
-        q = torch.round(ratio).clamp_(low, 1)
-        spikes[t] = q * alpha_t if use_amplitude else q
-        code = codes[t]
-        code.copy_(q)
-        code.add_((ratio.abs() > 1).to(torch.int8), alpha=OUTSIDE)
+        q = torch.round(ratio).clamp(low, 1)
+        spikes.append((q * alpha_t if use_amplitude else q).to(x.dtype))
+        if keep_codes:
+            codes.append(torch.where(ratio.abs() > 1, q + OUTSIDE, q).to(torch.int8))
         if keep_ratio:
-            ratio_all[t] = ratio
-        if count:
-            counts[t, 0] = (q > 0).sum()
-            counts[t, 1] = (q < 0).sum()
-        if membrane and t + 1 < steps:
-            carry = _carry(alpha_t, q, spike_levels, reset)
-    return spikes, codes, ratio_all, counts
+            ratios.append(ratio)
+        carry = _carry(alpha_t, q, spike_levels, reset)
+    return torch.stack(spikes), torch.stack(codes) if codes else None, torch.stack(ratios) if ratios else None
 
 
-def decode_spikes(codes: torch.Tensor) -> torch.Tensor:
-    """The spike levels q in {-1, 0, 1} (int8) stored in ``codes``."""
-    return codes - OUTSIDE * (codes > 1).to(torch.int8)
-
-
-def fused_spike_backward(grad_s, codes, ratio, alpha, spike_levels, reset, use_amplitude, membrane, alpha_grad):
-    """Gradients w.r.t. the input current and (if ``alpha_grad``) alpha, from the saved codes."""
-    low = _levels_low(spike_levels)
-    steps = codes.shape[0]
-    compute_dtype = torch.float32 if grad_s.dtype in (torch.float16, torch.bfloat16) else grad_s.dtype
-    alpha = alpha.to(compute_dtype)
-    grad_x = torch.empty_like(grad_s)
-    grad_alpha = torch.zeros(steps, dtype=compute_dtype, device=grad_s.device) if alpha_grad else None
+def spike_steps_backward(grad_s, codes, alpha, spike_levels, reset, use_amplitude, membrane, grad_dtype, spike_dtype):
+    """The input gradient from the saved codes, backwards over the steps; see :func:`fused_spike_backward`."""
+    dtype = _compute_dtype(grad_s.dtype)
+    grads, spikes = [None] * codes.shape[0], [None] * codes.shape[0]
     g_next = None
-    for t in reversed(range(steps)):
-        code = codes[t]
-        gs = grad_s[t].to(compute_dtype)
-        g = gs * (code <= 1)
+    for t in reversed(range(codes.shape[0])):
+        alpha_t = alpha[t].to(dtype)
+        code = codes[t].to(dtype)
+        q = torch.where(code > 1, code - OUTSIDE, code)
+        g = torch.where(code <= 1, grad_s[t].to(dtype), 0.0)
         if g_next is not None:
-            q = decode_spikes(code).to(compute_dtype)
-            g = g + (g_next * LEAK) * _carry(alpha[t], q, spike_levels, reset)
-        grad_x[t] = g
+            g = g + (g_next * LEAK) * _carry(alpha_t, q, spike_levels, reset)
+        grads[t] = g.to(grad_dtype)
         if membrane:
             g_next = g
-        if alpha_grad:
-            grad_alpha[t] = (gs * _lsq_slope(ratio[t], low)).sum() / math.sqrt(ratio[t].numel())
-    return grad_x, grad_alpha
+        if spike_dtype is not None:
+            spikes[t] = (q * alpha_t if use_amplitude else q).to(spike_dtype)
+    return torch.stack(grads), torch.stack(spikes) if spike_dtype is not None else None
+
+
+# Below this many elements per call torch.compile's guards and first-call compilation cost more
+# than the plain loop; above it the compiled pass is several times faster.
+COMPILE_MIN_ELEMENTS = 1 << 16
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the PyTorch kernels
+_compiled: dict = {}
+_compile_failed = False
+
+
+def _triton_available() -> bool:
+    try:
+        from . import neuron_triton  # noqa: F401  (imports triton)
+    except ImportError:
+        return False
+    return True
+
+
+def choose_kernel(x: torch.Tensor, backend: str) -> str:
+    """The kernel a fused ``backend`` runs ``x`` on: "fused" (plain PyTorch loop), "compiled" or "triton"."""
+    if backend == "auto":
+        if x.is_cuda:
+            return "triton" if x.dtype in TRITON_DTYPES and _triton_available() else "fused"
+        if x.numel() >= COMPILE_MIN_ELEMENTS and not _compile_failed:
+            return "compiled"
+        return "fused"
+    if backend == "triton" and not (x.is_cuda and x.dtype in TRITON_DTYPES and _triton_available()):
+        raise RuntimeError(
+            f"backend='triton' needs a CUDA float32/bfloat16/float16 tensor and the triton package; got a "
+            f"{x.device.type} {x.dtype} tensor{'' if _triton_available() else ' and triton is not importable'}. "
+            "Use backend='auto'."
+        )
+    return backend
+
+
+def _run_compiled(fn, *args):
+    """``fn(*args)`` through torch.compile; the plain loop (with one warning) if compilation fails."""
+    global _compile_failed
+    if not _compile_failed:
+        if fn not in _compiled:
+            _compiled[fn] = torch.compile(fn)
+        try:
+            # each option set, dtype and layout is a separate specialisation: allow more than dynamo's default 8
+            with torch._dynamo.config.patch(recompile_limit=64):
+                return _compiled[fn](*args)
+        except Exception as err:  # a missing or broken C++ compiler, an unsupported platform, ...
+            _compile_failed = True
+            warnings.warn(f"spikelm: torch.compile of the neuron failed ({type(err).__name__}: {err}); "
+                          "using the uncompiled fused loop from now on", RuntimeWarning, stacklevel=3)
+    return fn(*args)
+
+
+def _as_steps_rows_cols(x: torch.Tensor) -> torch.Tensor:
+    """A (T, rows, cols) view of ``x`` (T, ..., D) without copying where its strides allow."""
+    if x.dim() == 2:
+        return x.unsqueeze(1)
+    try:
+        return x.view(x.shape[0], -1, x.shape[-1])
+    except RuntimeError:
+        return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+def fused_spike_forward(x, alpha, spike_levels, reset, use_amplitude, membrane, keep_codes=True, keep_ratio=False,
+                        kernel="fused"):
+    """:func:`spike_steps` on the chosen kernel; ``alpha`` already floored. Returns (spikes, codes, ratio)."""
+    shape = x.shape
+    x3 = _as_steps_rows_cols(x.detach())
+    args = (x3, alpha.detach(), spike_levels, reset, use_amplitude, membrane, keep_codes, keep_ratio)
+    if kernel == "triton":
+        from .neuron_triton import triton_spike_forward
+
+        out = triton_spike_forward(*args)
+    elif kernel == "compiled":
+        out = _run_compiled(spike_steps, *args)
+    else:
+        out = spike_steps(*args)
+    return tuple(t.view(shape) if t is not None else None for t in out)
+
+
+def fused_spike_backward(grad_s, codes, ratio, alpha, spike_levels, reset, use_amplitude, membrane, alpha_grad,
+                         grad_dtype=None, spike_dtype=None, kernel="fused"):
+    """Gradients from the saved codes: ``(grad_x, grad_alpha, spikes)``.
+
+    ``grad_alpha`` (the LSQ gradient, from ``ratio``) only if ``alpha_grad``; ``spikes`` rebuilt in
+    ``spike_dtype`` (for a weight gradient) only if that is given, in the same pass.
+    """
+    shape = codes.shape
+    grad_dtype = grad_s.dtype if grad_dtype is None else grad_dtype
+    g3 = _as_steps_rows_cols(grad_s.contiguous())
+    c3 = _as_steps_rows_cols(codes)
+    args = (g3, c3, alpha.detach(), spike_levels, reset, use_amplitude, membrane, grad_dtype, spike_dtype)
+    if kernel == "triton":
+        from .neuron_triton import triton_spike_backward
+
+        grad_x, spikes = triton_spike_backward(*args)
+    elif kernel == "compiled":
+        grad_x, spikes = _run_compiled(spike_steps_backward, *args)
+    else:
+        grad_x, spikes = spike_steps_backward(*args)
+    grad_alpha = None
+    if alpha_grad:
+        slope = _lsq_slope(ratio, _levels_low(spike_levels))
+        per_step = (grad_s.to(slope.dtype) * slope).reshape(shape[0], -1).sum(1)
+        grad_alpha = per_step / math.sqrt(ratio[0].numel())
+    return grad_x.view(shape), grad_alpha, spikes.view(shape) if spikes is not None else None
+
+
+def decode_spikes(codes: torch.Tensor, alpha: torch.Tensor, use_amplitude: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The spikes stored in ``codes``: ``alpha_t * q`` (or ``q``) in ``dtype``."""
+    q = codes - OUTSIDE * (codes > 1).to(torch.int8)
+    q = q.to(dtype)
+    return q * alpha.to(dtype).view(-1, *([1] * (q.dim() - 1))) if use_amplitude else q
+
+
+def count_spikes(spikes: torch.Tensor) -> torch.Tensor:
+    """(T, 2) int64: positive and negative spikes per step."""
+    flat = spikes.detach().reshape(spikes.shape[0], -1)
+    return torch.stack([(flat > 0).sum(1), (flat < 0).sum(1)], dim=1)
 
 
 class MultiStepSpike(torch.autograd.Function):
-    """``spikes = MultiStepSpike.apply(x, alpha, spike_levels, reset, use_amplitude, membrane, count)``.
+    """``spikes, counts = MultiStepSpike.apply(x, alpha, spike_levels, reset, use_amplitude, membrane, count[, backend])``.
 
-    Returns the spikes and a (T, 2) tensor of positive/negative spike counts (empty unless
-    ``count``). Saves int8 codes (and u/alpha only when alpha learns).
+    ``counts`` is a (T, 2) tensor of positive/negative spike counts (empty unless ``count``).
+    Saves int8 codes (and u/alpha only when alpha learns). ``backend`` is "auto" (default),
+    "fused", "compiled" or "triton" (see :func:`choose_kernel`).
     """
 
     @staticmethod
-    def forward(ctx, x, alpha, spike_levels, reset, use_amplitude, membrane, count):
-        keep_ratio = alpha.requires_grad
-        spikes, codes, ratio, counts = fused_spike_forward(
-            x, alpha, spike_levels, reset, use_amplitude, membrane, keep_ratio, count
+    def forward(ctx, x, alpha, spike_levels, reset, use_amplitude, membrane, count, backend="auto"):
+        kernel = choose_kernel(x, backend)
+        spikes, codes, ratio = fused_spike_forward(
+            x, alpha, spike_levels, reset, use_amplitude, membrane, True, alpha.requires_grad, kernel
         )
         ctx.save_for_backward(codes, alpha, ratio)
         ctx.options = (spike_levels, reset, use_amplitude, membrane)
-        if counts is None:
-            counts = torch.zeros(0, 2, dtype=torch.int64, device=x.device)
+        ctx.kernel = kernel
+        ctx.x_dtype = x.dtype
+        counts = count_spikes(spikes) if count else torch.zeros(0, 2, dtype=torch.int64, device=x.device)
         ctx.mark_non_differentiable(counts)
         return spikes, counts
 
     @staticmethod
     def backward(ctx, grad_s, _grad_counts):
         codes, alpha, ratio = ctx.saved_tensors
-        grad_x, grad_alpha = fused_spike_backward(
-            grad_s, codes, ratio, alpha, *ctx.options, alpha_grad=ctx.needs_input_grad[1]
+        grad_x, grad_alpha, _ = fused_spike_backward(
+            grad_s, codes, ratio, alpha, *ctx.options, alpha_grad=ctx.needs_input_grad[1],
+            grad_dtype=ctx.x_dtype, kernel=ctx.kernel,
         )
         if grad_alpha is not None:
             grad_alpha = grad_alpha.to(alpha.dtype)
-        return grad_x, grad_alpha, None, None, None, None, None
+        return (grad_x, grad_alpha) + (None,) * (len(ctx.needs_input_grad) - 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,8 +431,12 @@ class ElasticBiSpikingNeuron(nn.Module):
             (leaky hard reset on either sign). Binary neurons always use the leaky hard reset.
         membrane: carry the membrane potential across steps (False: each step is spiked on its
             own, as for the K/V re-spiking inside attention).
-        backend: ``"auto"``/``"fused"`` (one autograd function for the loop) or ``"reference"``
-            (the readable per-step path). Not saved with the model.
+        backend: how the loop runs (not saved with the model). ``"reference"``: the readable per-step
+            path, as autograd records it. The others run it in one autograd function that saves int8
+            codes: ``"fused"`` (a plain PyTorch loop), ``"compiled"`` (the same loop through
+            torch.compile: one vectorised pass), ``"triton"`` (a Triton kernel, CUDA only) and
+            ``"auto"`` (default: Triton on CUDA, compiled on CPU for inputs of at least
+            :data:`COMPILE_MIN_ELEMENTS` elements, else fused).
 
     ``alpha`` is an ``nn.Parameter`` of shape (T,) (``requires_grad=learn_alpha``);
     ``initialized`` a bool buffer saved with it. An alpha that has not been initialised is set
@@ -443,24 +560,18 @@ class ElasticBiSpikingNeuron(nn.Module):
         if not self.is_initialized():
             self.initialize_alpha(x)
         alpha = self.alpha.clamp_min(ALPHA_FLOOR)
+        options = (self.spike_levels, self.reset, self.use_amplitude, self.membrane)
         if self.backend == "reference":
-            spikes = reference_multistep_spike(
-                x, alpha, self.spike_levels, self.reset, self.use_amplitude, self.membrane
-            )
-            if self.record_stats:
-                self._record(self._count(spikes, alpha), x)
-            return spikes
-        spikes, counts = MultiStepSpike.apply(
-            x, alpha, self.spike_levels, self.reset, self.use_amplitude, self.membrane, self.record_stats
-        )
+            spikes = reference_multistep_spike(x, alpha, *options)
+            counts = count_spikes(spikes) if self.record_stats else None
+        elif torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
+            spikes, counts = MultiStepSpike.apply(x, alpha, *options, self.record_stats, self.backend)
+        else:  # no backward: nothing to save
+            spikes, _, _ = fused_spike_forward(x, alpha, *options, False, False, choose_kernel(x, self.backend))
+            counts = count_spikes(spikes) if self.record_stats else None
         if self.record_stats:
             self._record(counts, x)
         return spikes
-
-    def _count(self, spikes: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            flat = spikes.detach().reshape(spikes.shape[0], -1)
-            return torch.stack([(flat > 0).sum(1), (flat < 0).sum(1)], dim=1)
 
     def _record(self, counts: torch.Tensor, x: torch.Tensor) -> None:
         if self.stats is None:
