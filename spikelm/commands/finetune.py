@@ -34,6 +34,7 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-length", type=int, default=128, help="tokens per example, pair included (default 128)")
     g.add_argument("--seed", type=int, default=42, help="default 42")
     g.add_argument("--max-train-samples", type=int, help="train on a random subset of this size (quick runs)")
+    g.add_argument("--max-eval-samples", type=int, help="evaluate on a random subset of each dev split (quick runs)")
     g.add_argument("--padding", choices=("max_length", "longest"), default="max_length",
                    help="pad to --max-length as the paper (default) or to each batch's longest example (faster)")
     p.add_argument("--tokenizer", help="tokenizer directory or hub name, used when the model directory holds none "
@@ -52,7 +53,7 @@ def settings_from_args(args):
     from ..glue.finetune import Settings
 
     return Settings(args.learning_rate, args.batch_size, args.epochs, args.max_length, args.seed,
-                    args.max_train_samples, args.padding)
+                    args.max_train_samples, args.max_eval_samples, args.padding)
 
 
 def changes_from_args(args) -> dict:

@@ -35,6 +35,7 @@ class Settings:
     max_length: int = 128
     seed: int = 42
     max_train_samples: int | None = None
+    max_eval_samples: int | None = None  # evaluate on a random subset of each dev split (quick runs)
     padding: str = "max_length"  # or "longest" (pad each batch to its longest sequence)
 
     def check(self) -> None:
@@ -43,8 +44,9 @@ class Settings:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.epochs is not None and self.epochs < 1:
             raise UserError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise UserError(f"--max-train-samples must be at least 1, got {self.max_train_samples}")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.padding not in ("max_length", "longest"):
@@ -79,6 +81,13 @@ def load_task_data(task_name: str, data_dir: str | None, need_train: bool, custo
                            need_train)
     task = get_task(task_name)
     return load_glue_folder(task, data_dir, need_train) if data_dir is not None else load_glue_hub(task)
+
+
+def subsample(examples: Examples, size: int | None, seed: int) -> Examples:
+    """A random subset of ``size`` examples (in file order), drawn by ``seed``; all of them if ``size`` is None."""
+    if size is None or size >= len(examples):
+        return examples
+    return examples.subset(sorted(random.Random(seed).sample(range(len(examples)), size)))
 
 
 def encode(tokenizer, examples: Examples, max_length: int) -> list[dict]:
@@ -202,6 +211,8 @@ def finetune(model_name: str, task_name: str, output_dir: str, data_dir: str | N
     settings.check()
     data = load_task_data(task_name, data_dir, need_train=not eval_only, custom=custom, model_name=model_name)
     task = data.task
+    for split in task.dev_splits:
+        data.splits[split] = subsample(data.splits[split], settings.max_eval_samples, settings.seed)
     start = load_starting_point(model_name, task, changes, eval_only, tokenizer)
     out = prepare_output_dir(output_dir, "finetune", overwrite, identity={"task": task.name})
     accelerator = Accelerator()
@@ -220,8 +231,8 @@ def finetune(model_name: str, task_name: str, output_dir: str, data_dir: str | N
     }
     train = data.splits.get("train")
     epochs = 0 if eval_only else (settings.epochs or task.epochs)
-    if train is not None and settings.max_train_samples and settings.max_train_samples < len(train):
-        train = train.subset(sorted(random.Random(settings.seed).sample(range(len(train)), settings.max_train_samples)))
+    if train is not None:
+        train = subsample(train, settings.max_train_samples, settings.seed)
     optimizer = train_loader = None
     if epochs:
         train_loader = torch.utils.data.DataLoader(
@@ -294,6 +305,7 @@ def finetune(model_name: str, task_name: str, output_dir: str, data_dir: str | N
             "tokenizer": start.tokenizer_source,
             "data": data.splits[task.dev_splits[0]].source,
             "train_examples": None if train is None or not epochs else len(train),
+            "dev_examples": {s: len(data.splits[s]) for s in task.dev_splits},
             "optimizer": "AdamW, weight decay 0, constant learning rate",
             "selection_metric": task.metric,
             "spiking": config.spiking,
