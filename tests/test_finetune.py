@@ -204,6 +204,9 @@ def test_glue_command_compares_variants_and_evaluates_its_output(pretrained, tmp
 
 @pytest.mark.slow
 def test_training_loss_falls_on_sst2_fixture(pretrained, tmp_path):
-    assert run_finetune(pretrained, "sst2", tmp_path / "out", "--epochs", "8", "--spiking", "false") == 0
+    # the fixture's sentiment words decide its labels: the real-valued tiny model learns them
+    assert run_finetune(pretrained, "sst2", tmp_path / "out", "--epochs", "10", "--spiking", "false",
+                        "--learning-rate", "2e-3") == 0
     history = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
-    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["best"]["accuracy"] >= 0.8
