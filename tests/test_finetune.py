@@ -210,3 +210,35 @@ def test_training_loss_falls_on_sst2_fixture(pretrained, tmp_path):
     history = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
     assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["best"]["accuracy"] >= 0.8
+
+
+def test_custom_task_end_to_end(pretrained, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    words = {"sport": "match goal team", "tech": "phone chip software", "politics": "vote party minister"}
+    for split, n in (("train", 24), ("dev", 9), ("test", 6)):
+        with open(data / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                label = sorted(words)[i % 3]
+                record = {"text": f"{words[label]} story {i}"} | ({} if split == "test" else {"label": label})
+                f.write(json.dumps(record) + "\n")
+    common = ["--model", str(pretrained), "--task", "custom", "--data-dir", str(data), "--max-length", "16"]
+    assert main(["finetune", *common, "--epochs", "1", "--output-dir", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    _, predictions = read_tsv(tmp_path / "out" / "dev_predictions.tsv")
+    labels = ["politics", "sport", "tech"]  # sorted training labels are the class ids
+    assert [r[2] for r in predictions] == [labels[i % 3] for i in range(9)]
+    assert results["best"]["accuracy"] == pytest.approx(np.mean([r[1] == r[2] for r in predictions]), abs=1e-6)
+    assert results["best"]["f1"] == pytest.approx(f1_score([r[2] for r in predictions], [r[1] for r in predictions],
+                                                           average="macro", zero_division=0), abs=1e-6)
+    _, test = read_tsv(tmp_path / "out" / "predictions" / "test.tsv")
+    assert len(test) == 6 and {r[1] for r in test} <= set(labels)
+    common[1] = str(tmp_path / "out")
+    assert main(["finetune", *common, "--eval-only", "--output-dir", str(tmp_path / "eval")]) == 0
+    again = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert again["best"]["accuracy"] == pytest.approx(results["best"]["accuracy"])
+
+
+def test_prepare_glue_offline_rejects_unknown_tasks(tmp_path, capsys):
+    assert main(["data", "prepare-glue-offline", "--tasks", "imdb", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "unknown task(s) ['imdb']" in capsys.readouterr().err and not (tmp_path / "x").exists()
