@@ -216,6 +216,8 @@ def finetune(model_name: str, task_name: str, output_dir: str, data_dir: str | N
     start = load_starting_point(model_name, task, changes, eval_only, tokenizer)
     out = prepare_output_dir(output_dir, "finetune", overwrite, identity={"task": task.name})
     accelerator = Accelerator()
+    if not accelerator.is_main_process:  # one log, not one per process
+        log = lambda *args, **kwargs: None  # noqa: E731
     for warning in start.warnings:
         log(f"warning: {warning}")
     log(f"{task.name}: {start.description}; tokenizer {start.tokenizer_source}")
