@@ -242,3 +242,13 @@ def test_custom_task_end_to_end(pretrained, tmp_path):
 def test_prepare_glue_offline_rejects_unknown_tasks(tmp_path, capsys):
     assert main(["data", "prepare-glue-offline", "--tasks", "imdb", "--output-dir", str(tmp_path / "x")]) == 2
     assert "unknown task(s) ['imdb']" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_an_mlm_checkpoint_gets_a_new_pooler_and_head(tmp_path):
+    from spikelm import SpikeLMForMaskedLM
+
+    SpikeLMForMaskedLM(tiny_config(vocab_size=VOCAB, max_position_embeddings=64)).save_pretrained(tmp_path)
+    start = load_starting_point(str(tmp_path), get_task("qnli"))
+    assert any("SpikeLMForMaskedLM" in w and "does not fit task 'qnli'" in w for w in start.warnings)
+    assert any("pooler is newly initialised" in w for w in start.warnings)
+    assert start.model.config.id2label == {0: "entailment", 1: "not_entailment"}
