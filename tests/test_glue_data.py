@@ -208,3 +208,22 @@ def test_offline_tasks_read_back_through_their_glue_layout(tmp_path, monkeypatch
         assert all(t != ("review 0",) for s in ("train", "dev") for t in data.splits[s].texts)
     labels_file = folder / ("test_matched_labels.tsv" if name == "vitaminc" else "test_labels.tsv")
     assert labels_file.is_file()
+
+
+@pytest.mark.parametrize("name, header, rows_, labels", [
+    ("qqp", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+     [["7", "1", "2", "how old is he?", "what is his age?", "1"], ["8", "3", "4", "a?", "b?", "0"]], [1, 0]),
+    ("qnli", "index\tquestion\tsentence\tlabel",
+     [["0", "who won?", "the red team won .", "entailment"], ["1", "when?", "it rained .", "not_entailment"]], [0, 1]),
+    ("rte", "index\tsentence1\tsentence2\tlabel",
+     [["0", "a b c .", "a b .", "not_entailment"], ["1", "x y .", "x y .", "entailment"]], [1, 0]),
+    ("wnli", "index\tsentence1\tsentence2\tlabel", [["0", "he ran .", "it ran .", "0"], ["1", "s .", "s .", "1"]], [0, 1]),
+])
+def test_pair_task_layouts(tmp_path, name, header, rows_, labels):
+    task = get_task(name)
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}.tsv").write_text(header + "\n" + "".join("\t".join(r) + "\n" for r in rows_))
+    data = load_glue_folder(task, tmp_path)
+    columns = header.split("\t")
+    assert data.splits["dev"].labels == labels
+    assert data.splits["dev"].texts == [tuple(r[columns.index(c)] for c in task.text_columns) for r in rows_]
