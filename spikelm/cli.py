@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # modules under spikelm.commands, each adding one or more subcommands
-COMMANDS = ("benchmark", "convert", "demo", "energy", "generate", "perplexity")
+COMMANDS = ("benchmark", "convert", "data", "demo", "energy", "finetune", "generate", "glue", "perplexity")
 
 
 class UserError(Exception):
