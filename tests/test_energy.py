@@ -1,6 +1,7 @@
 """Energy estimate: operation counts against hand counts, the paper's BERT-base check, padding, the command."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -296,3 +297,31 @@ def test_causal_decoder_attention_counts_use_causal_fan_out():
     expected = int(((k != 0).sum(-1) * fan_out).sum()) / 2  # per sequence
     scores = next(p for p in result["per_layer"] if p["kind"] == "attention_scores")
     assert scores["acs"] == expected
+
+
+def test_energy_command_on_a_task_counts_real_tokens_only(model_dirs, tmp_path):
+    from spikelm.tokenization import load_bert_tokenizer
+
+    data_dir = Path(__file__).parent / "fixtures" / "glue" / "SST-2"
+    out = tmp_path / "task"
+    rc = main(["energy", "--model", str(model_dirs / "snn"), "--task", "sst2", "--data-dir", str(data_dir),
+               "--max-length", "32", "--batch-size", "4", "--output-dir", str(out)])
+    assert rc == 0
+    result = json.loads((out / "energy.json").read_text())
+    rows = (data_dir / "dev.tsv").read_text().splitlines()[1:]
+    sentences = [r.split("\t")[0] for r in rows if r.strip()]
+    lengths = [len(ids) for ids in load_bert_tokenizer()(sentences, truncation=True, max_length=32)["input_ids"]]
+    assert result["num_sequences"] == len(sentences)
+    assert result["tokens_per_sequence"] == pytest.approx(sum(lengths) / len(lengths))
+    assert "sst2/dev" in result["source"]
+
+
+def test_energy_task_errors(model_dirs, tmp_path, capsys):
+    rc = main(["energy", "--model", str(model_dirs / "snn"), "--task", "sst2", "--data-dir", str(tmp_path),
+               "--max-length", "32", "--output-dir", str(tmp_path / "o")])
+    assert rc == 2 and "no dev.tsv" in capsys.readouterr().err
+    data_dir = Path(__file__).parent / "fixtures" / "glue" / "SST-2"
+    rc = main(["energy", "--model", str(model_dirs / "snn"), "--task", "sst2", "--data-dir", str(data_dir),
+               "--split", "validation", "--max-length", "32", "--output-dir", str(tmp_path / "o2")])
+    assert rc == 2 and "not a split" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()

@@ -15,14 +15,22 @@ def register(sub) -> None:
         "energy",
         help="count ACs/MACs from the spikes a model emits on real text and estimate its energy",
         description=(
-            "Tokenize a text file, pack it into full windows of --max-length tokens, run the model on them and "
+            "Tokenize a text file and pack it into full windows of --max-length tokens (or take the examples of a "
+            "fine-tuning task's split, padded, counting real tokens only), run the model on them and "
             "count, per layer and time step, the operations of every matrix product from the spikes actually "
             "emitted: E = E_AC x ACs + E_MAC x MACs, per sequence, summed over the T steps, averaged over the "
-            "windows, against the same shape run real-valued (ANN). Writes energy.json, report.md and PNG plots."
+            "sequences, against the same shape run real-valued (ANN). Writes energy.json, report.md and PNG plots."
         ),
     )
     p.add_argument("--model", required=True, help="a model directory written by save_pretrained (config.json + weights)")
-    p.add_argument("--text-file", required=True, help="UTF-8 text to tokenize (tokenizer of --model, else bert-base-uncased)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text-file", help="UTF-8 text to tokenize (tokenizer of --model, else bert-base-uncased)")
+    source.add_argument("--task", help="a fine-tuning task (GLUE name, an offline analogue's layout, or custom): its "
+                                       "examples are padded per batch and only real tokens are counted")
+    p.add_argument("--data-dir", help="with --task: the task's folder in GLUE layout (default: the hub's nyu-mll/glue)")
+    p.add_argument("--split", help="with --task: the split to run (default: the task's first dev split)")
+    p.add_argument("--text-columns", default="text", help="with --task custom: one or two comma-separated columns")
+    p.add_argument("--label-column", default="label", help="with --task custom: the label column")
     p.add_argument("--max-length", type=int, default=128, help="tokens per window, special tokens included (default 128)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--max-sequences", type=int, help="count at most this many windows (default: every full window)")
@@ -102,6 +110,45 @@ def padded_batches(features: list[dict], tokenizer, batch_size: int):
         yield dict(tokenizer.pad(chunk, padding="longest" if ragged else False, return_tensors="pt"))
 
 
+def text_features(text_file: Path, tokenizer, max_length: int) -> tuple[list[dict], str]:
+    """Full windows of ``max_length`` tokens from a text file, and a description of them."""
+    if not text_file.is_file():
+        raise UserError(f"--text-file {text_file} does not exist or is not a file")
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"--text-file {text_file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if not text.strip():
+        raise UserError(f"--text-file {text_file} is empty: give a file with text to tokenize")
+    windows = pack_windows(text, tokenizer, max_length)
+    if not windows:
+        n_tokens = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        raise UserError(
+            f"--text-file {text_file} has {n_tokens} tokens, fewer than one full window of --max-length "
+            f"{max_length}; use a longer text or a smaller --max-length"
+        )
+    return [{"input_ids": w} for w in windows], f"windows of {max_length} tokens from {text_file.name}"
+
+
+def task_features(args, tokenizer) -> tuple[list[dict], str]:
+    """The examples of one split of a fine-tuning task, tokenized (truncated to --max-length, unpadded)."""
+    from ..glue.finetune import CustomColumns, encode, load_task_data
+
+    custom = None
+    if args.task == "custom":
+        custom = CustomColumns(tuple(c for c in args.text_columns.split(",") if c), args.label_column)
+    data = load_task_data(args.task, args.data_dir, need_train=args.split == "train", custom=custom,
+                          model_name=args.model)
+    split = args.split or data.task.dev_splits[0]
+    if split not in data.splits:
+        raise UserError(f"--split {split!r} is not a split of task {args.task}; choose one of {sorted(data.splits)}")
+    examples = data.splits[split]
+    if len(examples) == 0:
+        raise UserError(f"split {split} of task {args.task} has no examples")
+    features = [{k: v for k, v in f.items() if k != "labels"} for f in encode(tokenizer, examples, args.max_length)]
+    return features, f"examples of {args.task}/{split} (padded per batch, real tokens only)"
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
@@ -131,39 +178,29 @@ def run(args) -> int:
             f"{config.max_position_embeddings}); use --max-length {config.max_position_embeddings} or less"
         )
     tokenizer = load_tokenizer(Path(args.model), config.vocab_size)
-    text_file = Path(args.text_file)
-    if not text_file.is_file():
-        raise UserError(f"--text-file {text_file} does not exist or is not a file")
-    try:
-        text = text_file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"--text-file {text_file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if not text.strip():
-        raise UserError(f"--text-file {text_file} is empty: give a file with text to tokenize")
-    windows = pack_windows(text, tokenizer, args.max_length)
-    if not windows:
-        n_tokens = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
-        raise UserError(
-            f"--text-file {text_file} has {n_tokens} tokens, fewer than one full window of --max-length "
-            f"{args.max_length}; use a longer text or a smaller --max-length"
-        )
-    windows = windows[:args.max_sequences]
+    if args.task is not None:
+        features, source = task_features(args, tokenizer)
+    else:
+        if args.data_dir or args.split:
+            raise UserError("--data-dir and --split go with --task, not --text-file")
+        features, source = text_features(Path(args.text_file), tokenizer, args.max_length)
+    features = features[:args.max_sequences]
     out = prepare_output_dir(args.output_dir, "energy", args.overwrite)
     model = load_model(args.model, config).to(device)
 
-    batches = list(padded_batches([{"input_ids": w} for w in windows], tokenizer, args.batch_size))
+    batches = list(padded_batches(features, tokenizer, args.batch_size))
     summary = measure_energy(model, batches, EnergyConstants(args.ac_pj, args.mac_pj),
                              progress=lambda b: tqdm(b, desc="energy", unit="batch"))
     spiking = summary["spiking"]
     summary.update(
         model=str(args.model),
         architecture=type(model).__name__,
-        text_file=str(text_file),
+        source=source,
         sequence_length=args.max_length,
         description=(
             f"{type(model).__name__}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
             + (f"T={config.num_steps}, {config.spike_levels} spikes" if spiking else "real-valued (spiking=False)")
-            + f"; {len(windows)} windows of {args.max_length} tokens from {text_file.name}."
+            + f"; {len(features)} {source}."
         ),
     )
     write_json_atomic(out / "energy.json", summary)
