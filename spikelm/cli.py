@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # modules under spikelm.commands, each adding one or more subcommands
-COMMANDS = ("convert", "demo")
+COMMANDS = ("convert", "data", "demo", "pretrain")
 
 
 class UserError(Exception):

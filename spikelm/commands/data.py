@@ -1,0 +1,16 @@
+"""``spikelm data ...``: the data subcommands. Each module named in ``DATA_COMMANDS`` adds its own
+with ``register_data(subparsers)``."""
+
+from __future__ import annotations
+
+import importlib
+
+DATA_COMMANDS = ("data_corpus",)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="prepare corpora and data sets", description="Prepare corpora and data sets.")
+    data_subparsers = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    data_subparsers.required = True
+    for name in DATA_COMMANDS:
+        importlib.import_module(f"spikelm.commands.{name}").register_data(data_subparsers)
