@@ -355,12 +355,9 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=mixed)
+    # cpu=True on a machine without a GPU: accelerate then runs processes launched by torchrun as DDP over gloo
+    accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
     output_dir = Path(output_dir)
-    if accelerator.is_main_process:
-        _prepare_output(output_dir, config, overwrite, resume)
-    accelerator.wait_for_everyone()
-
     resume_path = None
     if resume:
         resume_path = latest_checkpoint(output_dir) if resume is True else Path(resume)
@@ -376,6 +373,10 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
     model = build_model(config, tokenizer)
     if resume_path is not None:
         check_checkpoint_shape(resume_path, model.config)
+    # every input is checked: only now is the output directory touched
+    if accelerator.is_main_process:
+        _prepare_output(output_dir, config, overwrite, resume)
+    accelerator.wait_for_everyone()
     model.to(accelerator.device).train()
     optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
                                   betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)

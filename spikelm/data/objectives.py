@@ -29,7 +29,7 @@ import torch
 OBJECTIVES = ("mlm-nsp", "mlm", "clm")
 IGNORE_INDEX = -100
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]*[A-Z0-9])")
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]*[A-Z0-9])")
 
 
 def split_sentences(line: str) -> list[str]:
