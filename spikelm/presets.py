@@ -135,16 +135,14 @@ def recipe_fields() -> list[str]:
 
 
 def parse_value(text: str):
-    """``--set`` values: JSON (numbers, true/false, null, lists), else YAML scalars, else the string."""
+    """``--set`` values are JSON (numbers such as 1e-3, true/false, null, lists), else the plain string.
+
+    Plain strings stay strings: ``mixed_precision=no`` is "no", not YAML's False.
+    """
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        pass
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
         return text
-    return text if isinstance(value, (dict, list)) else value
 
 
 def _coerce(name: str, value, default):
