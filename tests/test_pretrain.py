@@ -316,3 +316,33 @@ def test_output_dir_of_another_run_and_checkpoint_of_another_shape(tmp_path, cap
     assert pretrain("--max-steps", "2", "--output-dir", str(tmp_path / "mine")) == 2
     assert "not empty" in capsys.readouterr().err
     assert snapshot(first) == before and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_causal_lm_pipeline_with_a_stand_in_decoder(tmp_path, monkeypatch):
+    """The clm data, training and next-token evaluation path, run with transformers' GPT-2 as a stand-in
+    until the causal SpikeLM is registered."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import spikelm.pretrain as pretrain_module
+
+    def gpt2(config, tokenizer):
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2))
+
+    monkeypatch.setattr(pretrain_module, "build_model", gpt2)
+    out = tmp_path / "clm"
+    assert pretrain("--objective", "clm", "--tokenizer", "bert-base-uncased", "--max-steps", "4",
+                    "--output-dir", str(out)) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    start, end = metrics["initial_validation"], metrics["final_validation"]
+    assert "nsp_accuracy" not in end and end["loss"] < start["loss"]
+    # next-token targets: every position but the first of each block
+    assert start["tokens"] == 16 * 31 and metrics["objective"] == "clm"
+
+
+def test_train_tokenizer_command(tmp_path):
+    from transformers import AutoTokenizer
+
+    assert main(["data", "train-tokenizer", "--text-file", SONNETS, "--vocab-size", "500",
+                 "--output-dir", str(tmp_path / "wp")]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "wp")
+    assert len(tok) <= 500 and tok.mask_token == "[MASK]"
