@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from .configuration_spikelm import SpikeLMConfig
 from .data.corpora import load_corpus
 from .data.objectives import IGNORE_INDEX, Batcher, build_examples, tokenize_corpus
-from .outputs import prepare_output_dir, write_json_atomic
+from .outputs import prepare_output_dir, write_json_atomic, write_text_atomic
 from .presets import PretrainConfig
 
 COMMAND = "pretrain"
@@ -236,8 +236,6 @@ def save_checkpoint(output_dir: Path, accelerator, model, optimizer, scheduler, 
     """Write ``checkpoints/step-N`` atomically: a temporary directory renamed into place, then ``latest``."""
     from safetensors.torch import save_model
 
-    from .outputs import write_text_atomic
-
     root = checkpoint_root(output_dir)
     name = f"step-{state.step:08d}"
     tmp = root / f".tmp-{name}"
@@ -337,8 +335,6 @@ def _truncate_log(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    from .outputs import write_text_atomic
-
     write_text_atomic(path, "".join(ln + "\n" for ln in lines))
 
 
@@ -389,8 +385,8 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
 
     val_batches = data.validation_batches(max(1, data.micro_batch))
     unigram = data.unigram_log_probs()
-    first = data.micro_batches(state.epoch, state.batch_in_epoch)[0]
     if hasattr(model, "alphas_initialized") and not model.alphas_initialized:
+        first = data.micro_batches(state.epoch, state.batch_in_epoch)[0]
         # alpha is set from the first training batch (statistics summed over processes inside the neuron),
         # before DDP wraps the model; fork_rng: the first step then draws exactly the same dropout masks
         cuda_devices = [torch.cuda.current_device()] if accelerator.device.type == "cuda" else []

@@ -216,6 +216,7 @@ def _read_web(_root: Path) -> Iterator[Document]:
 
 
 def _installed() -> Path:
+    """The Bibles are read through programs installed with apt-get, not from a fetched package tree."""
     return Path("/")
 
 
