@@ -23,8 +23,8 @@ def register(sub) -> None:
                    help=f"model shape + recipe: {', '.join(PRESETS)} (default tiny, or the config file's)")
     p.add_argument("--objective", metavar="NAME", help=f"{' | '.join(OBJECTIVES)} (default mlm-nsp)")
     p.add_argument("--corpus", metavar="NAME|PATH",
-                   help="a named corpus (pypi, public-domain), a saved datasets dataset, a directory or a text file "
-                        "(default pypi)")
+                   help="a named corpus (pypi, public-domain; default pypi), a saved datasets dataset, a directory or "
+                        "a text file (a directory named like a corpus: ./NAME)")
     p.add_argument("--text-file", metavar="F", help="a plain-text file as the corpus (a blank line between documents)")
     p.add_argument("--tokenizer", help="bert-base-uncased (default), gpt2 (default for clm), a directory or a hub name")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
