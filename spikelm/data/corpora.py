@@ -362,7 +362,7 @@ def corpus_report(corpus, tokenizer=None) -> dict:
         docs, words, tokens = Counter(), Counter(), Counter()
         for start in range(0, len(ds), 256):
             batch = ds[start:start + 256]
-            ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+            ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
             for text, source, tok in zip(batch["text"], batch["source"], ids):
                 docs[source] += 1
                 words[source] += len(text.split())
