@@ -457,7 +457,12 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
         tokens_per_s = counts[1].item() / elapsed
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:.0f}")
-        if accelerator.is_main_process and state.step % config.log_every == 0:
+        # every process must agree to stop: process 0's clock decides
+        out_of_time = bool(accelerator.reduce(torch.tensor(
+            float(accelerator.is_main_process and time.perf_counter() - run_started >= time_limit),
+            device=accelerator.device), reduction="sum"))
+        last = state.step == config.max_steps or out_of_time
+        if accelerator.is_main_process and (state.step % config.log_every == 0 or last):
             entry = {"step": state.step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "epoch": state.epoch,
                      "tokens_per_s": tokens_per_s, "tokens": state.train_tokens}
             with open(log_path, "a") as f:
@@ -465,11 +470,6 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
             writer.add_scalar("train/loss", loss_value, state.step)
             writer.add_scalar("train/lr", entry["lr"], state.step)
             writer.add_scalar("train/tokens_per_s", tokens_per_s, state.step)
-        # every process must agree to stop: process 0's clock decides
-        out_of_time = bool(accelerator.reduce(torch.tensor(
-            float(accelerator.is_main_process and time.perf_counter() - run_started >= time_limit),
-            device=accelerator.device), reduction="sum"))
-        last = state.step == config.max_steps or out_of_time
         if state.step % config.eval_every == 0 or last:
             last_eval = validate(f"step {state.step}")
         if state.step % config.save_every == 0 or last:

@@ -346,3 +346,17 @@ def test_train_tokenizer_command(tmp_path):
                  "--output-dir", str(tmp_path / "wp")]) == 0
     tok = AutoTokenizer.from_pretrained(tmp_path / "wp")
     assert len(tok) <= 500 and tok.mask_token == "[MASK]"
+
+
+@pytest.mark.slow
+def test_the_documented_command_as_written(tmp_path):
+    from spikelm import SpikeLMForPreTraining
+
+    out = tmp_path / "tiny"
+    cmd = [sys.executable, "-m", "spikelm", "pretrain", "--preset", "tiny", "--text-file", SONNETS, "--max-steps", "2",
+           "--output-dir", str(out)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    model = SpikeLMForPreTraining.from_pretrained(out)
+    assert (model.config.num_hidden_layers, model.config.hidden_size, model.config.num_attention_heads) == (2, 128, 2)
+    assert (out / "tokenizer.json").is_file() and max(log_losses(out)) <= 2
