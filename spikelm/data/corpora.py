@@ -183,7 +183,10 @@ def _bible_chapters(name: str, verses: Iterable[tuple[str, int, int, str]]) -> I
 def _run_text(cmd: list[str], hint: str) -> str:
     if shutil.which(cmd[0]) is None:
         raise CorpusError(f"`{cmd[0]}` is needed to read this source; install it with `{hint}`")
-    return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise CorpusError(f"`{' '.join(cmd)}` failed ({res.stderr.strip()[-300:]}); reinstall it with `{hint}`")
+    return res.stdout
 
 
 def _read_kjv(_root: Path) -> Iterator[Document]:

@@ -19,8 +19,10 @@ import zipfile
 from pathlib import Path
 
 
-class FetchError(RuntimeError):
-    """A package could not be fetched or did not match its pinned checksum (the message says what to do)."""
+class FetchError(ValueError):
+    """A package could not be fetched or did not match its pinned checksum (the message says what to do).
+
+    A ValueError, like every input error here, so the command line prints it as one line."""
 
 
 def cache_dir() -> Path:
