@@ -13,6 +13,12 @@ A training step is forward + backward of ``mean(last_hidden_state ** 2)`` in tra
 0.1, no optimizer step); inference is a forward in eval mode under ``torch.inference_mode``. Memory is the bytes autograd saves for
 backward (parameters excluded), and on CUDA also each path's peak allocation during a step.
 Times are medians over interleaved repetitions.
+
+Generation (:func:`measure_generation`): a causal SpikeLM and the real-valued decoder of the same
+shape continue a prompt of L - n random tokens by n greedy tokens with ``generate()``, with and
+without the key/value cache. Decode speed is (n - 1) / (t(n new tokens) - t(1 new token)), so the
+prefill cancels out. Without the cache every new token re-runs the whole sequence; with it only the
+new token runs and its cost grows with L only through attention over the cached keys and values.
 """
 
 from __future__ import annotations
@@ -231,4 +237,93 @@ def format_table(results: list[dict]) -> str:
             f"{r['infer_tokens_per_s']['fused']:>11.0f} {mb['fused']:>9.1f}/{mb['reference']:>8.1f}  "
             f"{r['mem_ratio_vs_reference']:>5.3f}"
         )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation with and without the key/value cache
+# ----------------------------------------------------------------------------------------------
+
+GENERATION_SHAPE = dict(vocab_size=50257, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=1024, num_steps=4)
+
+
+def _causal_model(spiking: bool, max_length: int, device: str):
+    from .modeling_spikelm_causal import SpikeLMForCausalLM
+
+    config = SpikeLMConfig(**GENERATION_SHAPE, max_position_embeddings=max_length, position_embedding_type="rotary",
+                           spiking=spiking, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                           pad_token_id=None)
+    torch.manual_seed(0)
+    model = SpikeLMForCausalLM(config).to(device).eval()
+    with torch.no_grad():  # data-initialise the alphas, as a trained model has them
+        model(torch.randint(0, config.vocab_size, (2, min(64, max_length)), device=device))
+    return model
+
+
+def _cache_bytes_per_token(model, device: str) -> float:
+    """Bytes the model's own cache holds per token (all layers), from a real prefill."""
+    prompt = torch.randint(0, model.config.vocab_size, (1, 32), device=device)
+    with torch.no_grad():
+        cache = model(prompt, use_cache=True, logits_to_keep=1).past_key_values
+    total = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                for layer in cache.layers)
+    return total / prompt.numel()
+
+
+def _generation_speed(model, length: int, new_tokens: int, use_cache: bool, repeats: int, device: str) -> dict:
+    prompt = torch.randint(0, model.config.vocab_size, (1, length - new_tokens), device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def seconds(n):
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            with torch.no_grad():
+                model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=use_cache,
+                               pad_token_id=0)
+            sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    full, first = seconds(new_tokens), seconds(1)
+    decode = max(full - first, 1e-9) / (new_tokens - 1)
+    return {"length": length, "use_cache": use_cache, "seconds_total": full, "seconds_prefill_and_first": first,
+            "ms_per_decoded_token": 1e3 * decode, "decode_tokens_per_s": 1 / decode}
+
+
+def measure_generation(lengths: list[int], device: str, repeats: int = 3, new_tokens: int = 16) -> dict:
+    """Decode tokens/s with and without the cache at each total length, spiking vs real-valued decoder."""
+    if min(lengths) <= new_tokens:
+        raise ValueError(f"generation lengths must exceed the {new_tokens} generated tokens, got {lengths}")
+    report = {"shape": GENERATION_SHAPE, "new_tokens": new_tokens, "repeats": repeats, "models": {},
+              # a real-valued fp16 cache: K and V of hidden_size each, 2 bytes, per layer
+              "fp16_real_valued_cache_bytes_per_token": 2 * 2 * GENERATION_SHAPE["hidden_size"]
+              * GENERATION_SHAPE["num_hidden_layers"]}
+    for name, spiking in (("spiking", True), ("real_valued", False)):
+        model = _causal_model(spiking, max(lengths), device)
+        for use_cache in (True, False):  # warm up both paths (allocator, compilation, caches)
+            _generation_speed(model, min(lengths), new_tokens, use_cache, 1, device)
+        runs = [_generation_speed(model, length, new_tokens, use_cache, repeats, device)
+                for length in lengths for use_cache in (True, False)]
+        report["models"][name] = {"num_steps": model.config.effective_num_steps,
+                                  "cache_bytes_per_token": _cache_bytes_per_token(model, device), "runs": runs}
+        del model
+    return report
+
+
+def format_generation_table(report: dict) -> str:
+    lines = [f"{'decoder':<12} {'length':>6} {'cache tok/s':>12} {'no-cache tok/s':>15} {'speed-up':>9} "
+             f"{'cache ms/tok':>13} {'cache B/token':>14}"]
+    lines.append("-" * len(lines[0]))
+    for name, model in report["models"].items():
+        for length in sorted({r["length"] for r in model["runs"]}):
+            cached, uncached = (next(r for r in model["runs"] if r["length"] == length and r["use_cache"] == c)
+                                for c in (True, False))
+            lines.append(f"{name:<12} {length:>6} {cached['decode_tokens_per_s']:>12.1f} "
+                         f"{uncached['decode_tokens_per_s']:>15.1f} "
+                         f"{cached['decode_tokens_per_s'] / uncached['decode_tokens_per_s']:>8.1f}x "
+                         f"{cached['ms_per_decoded_token']:>13.2f} {model['cache_bytes_per_token']:>14.0f}")
+    lines.append(f"(a real-valued fp16 cache holds {report['fp16_real_valued_cache_bytes_per_token']} bytes/token)")
     return "\n".join(lines)

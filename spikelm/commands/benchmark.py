@@ -24,6 +24,10 @@ def register(sub) -> None:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per path (default 7 quick, 5 full)")
+    p.add_argument("--generation-lengths", type=int, nargs="*", default=None, metavar="L",
+                   help="total lengths for the generation benchmark, with and without the KV cache "
+                        "(default 64 256 1024; none with --quick; give no value to skip it)")
+    p.add_argument("--skip-training", action="store_true", help="only the generation benchmark")
     add_output_dir(p, required=False)
     p.set_defaults(func=run, output_dir="runs/benchmark")
 
@@ -41,10 +45,25 @@ def run(args) -> int:
     repeats = args.repeats if args.repeats is not None else (7 if args.quick else 5)
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
+    lengths = args.generation_lengths if args.generation_lengths is not None else ([] if args.quick else [64, 256, 1024])
+    if any(length <= 16 for length in lengths):
+        raise UserError(f"--generation-lengths must all exceed the 16 generated tokens, got {lengths}")
+    if args.skip_training and not lengths:
+        raise UserError("--skip-training leaves nothing to measure: give --generation-lengths")
     out = prepare_output_dir(args.output_dir, "benchmark", args.overwrite)
     results = []
     report = {"machine": machine_info(device), "device": device, "dtype": dtype_name, "quick": args.quick,
               "cases": results}
+    if lengths:
+        from ..benchmark import format_generation_table, measure_generation
+
+        print(f"measuring generation at lengths {lengths} ({device}, float32)...", flush=True)
+        report["generation"] = measure_generation(lengths, device, repeats=min(repeats, 3))
+        write_json_atomic(out / "benchmark.json", report)
+        print(format_generation_table(report["generation"]))
+    if args.skip_training:
+        print(f"wrote {out / 'benchmark.json'}")
+        return 0
     for case in cases_for(device, args.quick):
         print(f"measuring {case.name} ({device}, {dtype_name}, {repeats} repetitions)...", flush=True)
         results.append(measure_case(case, device, getattr(torch, dtype_name), repeats))
