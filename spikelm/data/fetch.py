@@ -47,8 +47,8 @@ def _run(cmd: list[str], cwd: Path, what: str) -> None:
     except FileNotFoundError as err:
         raise FetchError(f"cannot fetch {what}: `{cmd[0]}` is not installed") from err
     if res.returncode != 0:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-3:]
-        raise FetchError(f"`{' '.join(cmd)}` failed while fetching {what}: {' / '.join(tail)}")
+        tail = " / ".join(line.strip() for line in (res.stderr or res.stdout).strip().splitlines())[-600:]
+        raise FetchError(f"`{' '.join(cmd)}` failed while fetching {what}: {tail}")
 
 
 def _fetch(kind: str, spec: str, filename: str, sha256: str | None, command: list[str]) -> Path:
@@ -72,11 +72,23 @@ def _fetch(kind: str, spec: str, filename: str, sha256: str | None, command: lis
     return dest
 
 
+# pip >= 25 refuses to download an sdist whose metadata names a direct-URL dependency (bigbench's does);
+# this release, run from its own wheel, still downloads it.
+FALLBACK_PIP = ("pip==24.3.1", "pip-24.3.1-py3-none-any.whl",
+                "3790624780082365f47549d032f3770eeb2b1e8bd1f7b2e02dace1afa361b4ed")
+
+
 def fetch_pypi(requirement: str, filename: str, sha256: str) -> Path:
     """``pip download --no-deps requirement`` (a wheel or sdist named ``filename``), checksum-verified."""
     binary = ["--only-binary", ":all:"] if filename.endswith(".whl") else ["--no-binary", ":all:"]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", *binary, "--dest", ".", requirement]
-    return _fetch("pypi", requirement, filename, sha256, cmd)
+    args = ["download", "--no-deps", "--quiet", *binary, "--dest", ".", requirement]
+    try:
+        return _fetch("pypi", requirement, filename, sha256, [sys.executable, "-m", "pip", *args])
+    except FetchError as err:
+        if "direct URL" not in str(err) or requirement == FALLBACK_PIP[0]:
+            raise
+    old_pip = fetch_pypi(*FALLBACK_PIP)  # a wheel is importable: run pip from it
+    return _fetch("pypi", requirement, filename, sha256, [sys.executable, str(old_pip / "pip"), *args])
 
 
 def fetch_npm(spec: str, filename: str, sha256: str) -> Path:

@@ -332,7 +332,7 @@ def finetune(model_name: str, task_name: str, output_dir: str, data_dir: str | N
         log(f"{task.name} {which}: {_describe({k: v for k, v in best.items() if k != 'epoch'})}")
         if epochs and best["epoch"] != epochs:
             log(f"{task.name} last epoch {epochs}: {_describe({k: v for k, v in last.items() if k != 'epoch'})}")
-        log(f"wrote {out / 'eval_results.json'}" + (f", the best epoch's model" if epochs else "")
+        log(f"wrote {out / 'eval_results.json'}" + (", the best epoch's model" if epochs else "")
             + (f" and {len(written)} test prediction file(s)" if written else ""))
     accelerator.wait_for_everyone()
     return results

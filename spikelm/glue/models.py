@@ -67,7 +67,7 @@ def quiet_transformers():
 def _model_type(name: str) -> tuple[str, str]:
     """``(model_type, path_or_name)`` of ``--model``."""
     if name == MINILM_NAME:
-        from .sources import minilm_dir
+        from ..data.sources import minilm_dir
 
         return "bert", str(minilm_dir())
     path = Path(name)

@@ -38,7 +38,7 @@ from typing import Callable
 from ..cli import UserError
 from ..data.splits import BBC_TOPICS, BIBLE_MRPC, SplitRule
 from ..outputs import write_json_atomic, write_text_atomic
-from . import sources
+from ..data import sources
 
 VITAMINC_PAGES = SplitRule(salt="vitaminc-page", dev=0.05, test=0.05)
 VITAMINC_CLAIMS = SplitRule(salt="vitaminc-claim", dev=0.05, test=0.05)
@@ -97,10 +97,10 @@ def _bigbench_label(example: dict) -> str:
     return winners[0]
 
 
-def build_vitaminc(cache: Path) -> dict[str, list[Row]]:
+def build_vitaminc() -> dict[str, list[Row]]:
     labels = {"True": "entailment", "False": "contradiction", "Neither": "neutral"}
     splits = collections.defaultdict(list)
-    for n, ex in enumerate(sources.bigbench_task(cache, "vitaminc_fact_verification")["examples"]):
+    for n, ex in enumerate(sources.bigbench_task("vitaminc_fact_verification")["examples"]):
         evidence, claim = ex["input"].split("\nClaim: ", 1)
         page = evidence.split(": ", 1)[0] if ": " in evidence else evidence
         held_page = VITAMINC_PAGES.split_of(page)
@@ -116,10 +116,10 @@ def build_vitaminc(cache: Path) -> dict[str, list[Row]]:
     return splits
 
 
-def build_multiemo_sst2(cache: Path) -> dict[str, list[Row]]:
+def build_multiemo_sst2() -> dict[str, list[Row]]:
     labels = {"negative": "0", "positive": "1"}
     seen: dict[str, set] = collections.defaultdict(set)
-    for ex in sources.bigbench_task(cache, "multiemo/all_sentence_en")["examples"]:
+    for ex in sources.bigbench_task("multiemo/all_sentence_en")["examples"]:
         label = _bigbench_label(ex)
         if label in labels:
             seen[_clean(ex["input"])].add(labels[label])
@@ -131,10 +131,10 @@ def build_multiemo_sst2(cache: Path) -> dict[str, list[Row]]:
     return splits
 
 
-def build_epistemic_rte(cache: Path) -> dict[str, list[Row]]:
+def build_epistemic_rte() -> dict[str, list[Row]]:
     labels = {"entailment": "entailment", "non-entailment": "not_entailment"}
     splits = collections.defaultdict(list)
-    for ex in sources.bigbench_task(cache, "epistemic_reasoning")["examples"]:
+    for ex in sources.bigbench_task("epistemic_reasoning")["examples"]:
         text = ex["input"]
         if not text.startswith("Premise: ") or " Hypothesis: " not in text:
             raise UserError(f"unexpected epistemic_reasoning input: {text[:80]!r}")
@@ -178,14 +178,14 @@ def bible_mrpc_pairs(kjv: sources.Verses, web: sources.Verses) -> dict[str, list
     return splits
 
 
-def build_bible_mrpc(cache: Path) -> dict[str, list[Row]]:
+def build_bible_mrpc() -> dict[str, list[Row]]:
     kjv, books = sources.kjv_verses()
     return bible_mrpc_pairs(kjv, sources.web_verses(books))
 
 
-def build_bbc_topics(cache: Path) -> dict[str, list[Row]]:
+def build_bbc_topics() -> dict[str, list[Row]]:
     splits = collections.defaultdict(list)
-    for key, topic, text in sources.bbc_articles(cache):
+    for key, topic, text in sources.bbc_articles():
         splits[BBC_TOPICS.split_of(key)].append(Row({"text": text, "label": topic, "id": key}, topic))
     return splits
 
@@ -194,7 +194,7 @@ def build_bbc_topics(cache: Path) -> dict[str, list[Row]]:
 class OfflineTask:
     name: str
     analogue: str  # the GLUE task whose layout it uses, or "custom"
-    build: Callable[[Path], dict[str, list[Row]]]
+    build: Callable[[], dict[str, list[Row]]]
     columns: list[str]  # labelled splits
     test_columns: list[str]
     label_column: str
@@ -235,11 +235,11 @@ def write_task(task: OfflineTask, splits: dict[str, list[Row]], folder: Path) ->
     return summary
 
 
-def prepare_offline_suite(names: list[str], output_dir: Path, cache: Path) -> dict:
+def prepare_offline_suite(names: list[str], output_dir: Path) -> dict:
     summary = {}
     for name in names:
         task = OFFLINE_TASKS[name]
-        summary[name] = {"analogue": task.analogue, "splits": write_task(task, task.build(cache), output_dir / name)}
+        summary[name] = {"analogue": task.analogue, "splits": write_task(task, task.build(), output_dir / name)}
         write_json_atomic(output_dir / "summary.json", summary)
     return summary
 
