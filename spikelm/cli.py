@@ -8,7 +8,7 @@ import sys
 
 # modules under spikelm.commands, each adding one or more subcommands
 COMMANDS = ("benchmark", "convert", "data", "demo", "energy", "finetune", "generate", "glue", "perplexity",
-            "pretrain")
+            "pretrain", "reproduce")
 
 
 class UserError(Exception):
