@@ -5,7 +5,9 @@
 it. Reading order: the model, the data, evaluation, checkpoints, the training loop.
 
 Output directory: ``config.json`` + ``model.safetensors`` (``SpikeLMForPreTraining.from_pretrained``
-loads it) and the tokenizer beside them; ``pretrain_config.json``; ``train_log.jsonl`` (one JSON
+loads it; ``SpikeLMForCausalLM`` for clm) and the tokenizer beside them; ``token_counts.safetensors``
+(the training stream's token frequencies: the unigram baseline, which ``spikelm perplexity`` also
+reports); ``pretrain_config.json``; ``train_log.jsonl`` (one JSON
 object per logged step); ``metrics.json`` (validation at the start and the end, unigram baseline,
 tokens/s, peak memory); ``tensorboard/``; ``checkpoints/step-N/`` (model, optimizer, scheduler,
 per-process RNG state, data position), each written to a temporary directory and renamed into place.
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .causal_lm import TOKEN_COUNTS_FILE, unigram_log_probs
 from .configuration_spikelm import SpikeLMConfig
 from .data.corpora import load_corpus
 from .data.objectives import IGNORE_INDEX, Batcher, build_examples, document_separator, tokenize_corpus
@@ -163,15 +166,16 @@ class PretrainingData:
         indices = np.arange(min(len(examples), self.config.eval_examples))[self.rank::self.world_size]
         return [batcher(examples, indices[i:i + batch_size], 0) for i in range(0, len(indices), batch_size)]
 
-    def unigram_log_probs(self) -> torch.Tensor:
-        """log p(token) from training-token frequencies (add-one smoothed): the unigram baseline's model.
-
-        For clm the frequencies are those of the training stream, which holds one separator per document.
-        """
-        counts = np.bincount(self.train.tokens, minlength=len(self.tokenizer)).astype(np.float64) + 1.0
+    def token_counts(self) -> torch.Tensor:
+        """How often each token occurs in the training stream (for clm, one separator per document)."""
+        counts = np.bincount(self.train.tokens, minlength=len(self.tokenizer)).astype(np.int64)
         if self.config.objective == "clm":
             counts[document_separator(self.tokenizer)] += self.train.num_documents
-        return torch.from_numpy(np.log(counts / counts.sum()))
+        return torch.from_numpy(counts)
+
+    def unigram_log_probs(self) -> torch.Tensor:
+        """log p(token) from training-token frequencies (add-one smoothed): the unigram baseline's model."""
+        return unigram_log_probs(self.token_counts())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,7 +343,7 @@ def _prepare_output(output_dir: Path, config: PretrainConfig, overwrite: bool, r
     if overwrite and not resume:
         for name in ("checkpoints", "tensorboard"):
             shutil.rmtree(output_dir / name, ignore_errors=True)
-        for name in ("train_log.jsonl", "metrics.json", "model.safetensors"):
+        for name in ("train_log.jsonl", "metrics.json", "model.safetensors", TOKEN_COUNTS_FILE):
             (output_dir / name).unlink(missing_ok=True)
 
 
@@ -360,6 +364,7 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
     """Pretrain as ``config`` says, writing into ``output_dir``. ``resume``: True (the latest checkpoint
     in ``output_dir``) or a checkpoint directory. Returns the trained model and the metrics."""
     from accelerate import Accelerator
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from .tokenization import load_tokenizer
@@ -520,6 +525,7 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
+        save_file({"counts": data.token_counts()}, str(output_dir / TOKEN_COUNTS_FILE))  # the unigram baseline
         write_json_atomic(output_dir / "metrics.json", metrics)
         writer.close()
     accelerator.wait_for_everyone()
