@@ -268,6 +268,7 @@ def save_checkpoint(output_dir: Path, accelerator, model, optimizer, scheduler, 
     torch.save(_rng_state(accelerator.device), tmp / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        unwrapped.config.architectures = [type(unwrapped).__name__]  # as save_pretrained: loads with Auto classes
         unwrapped.config.to_json_file(tmp / "config.json")
         save_model(unwrapped, str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
