@@ -9,8 +9,8 @@ The Brown corpus is evaluation text: no pretraining corpus reads it (``spikelm.d
 tests check the packages every source fetches).
 
 Plain text: tags stripped (``w.rsplit('/', 1)[0]``) and the tokenized punctuation put back as in
-ordinary prose (``said ,`` -> ``said,``, ``( a )`` -> ``(a)``, the quote marks `````` and ``''`` -> ``"``,
-``Jr. .`` -> ``Jr.``), the way the pretraining text is written; one paragraph per line, a blank line
+ordinary prose ("said ," -> "said,", "( a )" -> "(a)", the quote marks `` and '' -> a double quote,
+"Jr. ." -> "Jr."), the way the pretraining text is written; one paragraph per line, a blank line
 between documents.
 """
 
