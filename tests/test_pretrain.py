@@ -183,17 +183,21 @@ def test_killed_run_resumes_exactly(tmp_path):
 
     assert pretrain(*args, "--output-dir", str(killed)) == 2  # a started run is not restarted by accident
     assert pretrain(*args, "--output-dir", str(killed), "--resume") == 0
-    full_losses, resumed = log_losses(full), log_losses(killed)
-    assert sorted(resumed) == list(range(1, 11))
-    for step in range(1, 11):
-        assert abs(full_losses[step] - resumed[step]) <= 1e-6, step
+    assert_same_run(full, killed, 10)
+
+
+def assert_same_run(full, resumed, steps):
+    """An interrupted-and-resumed run reproduces the uninterrupted one: losses, weights, validation."""
     from safetensors.torch import load_file
 
-    a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    full_losses, resumed_losses = log_losses(full), log_losses(resumed)
+    assert sorted(resumed_losses) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert abs(full_losses[step] - resumed_losses[step]) <= 1e-6, step
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
-    m_full = json.loads((full / "metrics.json").read_text())
-    m_resumed = json.loads((killed / "metrics.json").read_text())
+    m_full, m_resumed = (json.loads((d / "metrics.json").read_text()) for d in (full, resumed))
     assert m_full["final_validation"] == m_resumed["final_validation"]
     assert m_full["initial_validation"] == m_resumed["initial_validation"]
 
@@ -366,23 +370,13 @@ def test_causal_pretraining_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("spiking", ["true", "false"])
 def test_causal_run_resumed_equals_uninterrupted(tmp_path, spiking):
     """Stopped after 3 of 6 steps (the schedule fixed at 6), then resumed: the same losses and weights."""
-    from safetensors.torch import load_file
-
     args = ["--objective", "clm", "--tokenizer", "bert-base-uncased", "--set", f"spiking={spiking}",
             "--set", "schedule_steps=6", "--set", "save_every=3"]
     full, parts = tmp_path / "full", tmp_path / "parts"
     assert pretrain(*args, "--max-steps", "6", "--output-dir", str(full)) == 0
     assert pretrain(*args, "--max-steps", "3", "--output-dir", str(parts)) == 0
     assert pretrain(*args, "--max-steps", "6", "--output-dir", str(parts), "--resume") == 0
-    full_losses, resumed = log_losses(full), log_losses(parts)
-    assert sorted(resumed) == list(range(1, 7))
-    for step in range(1, 7):
-        assert abs(full_losses[step] - resumed[step]) <= 1e-6, step
-    a, b = load_file(full / "model.safetensors"), load_file(parts / "model.safetensors")
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
-    m_full, m_parts = (json.loads((d / "metrics.json").read_text()) for d in (full, parts))
-    assert m_full["final_validation"] == m_parts["final_validation"]
+    assert_same_run(full, parts, 6)
 
 
 def test_train_tokenizer_command(tmp_path):
