@@ -288,9 +288,9 @@ def save_checkpoint(output_dir: Path, accelerator, model, optimizer, scheduler, 
 
 
 def check_checkpoint_shape(path: Path, model_config: SpikeLMConfig) -> None:
-    saved = json.loads((path / "config.json").read_text())
-    diffs = [f"{k} {saved.get(k)!r} (this run: {getattr(model_config, k)!r})" for k in SHAPE_FIELDS
-             if saved.get(k) != getattr(model_config, k)]
+    saved = SpikeLMConfig.from_json_file(path / "config.json")  # fields it predates take their defaults
+    diffs = [f"{k} {getattr(saved, k)!r} (this run: {getattr(model_config, k)!r})" for k in SHAPE_FIELDS
+             if getattr(saved, k) != getattr(model_config, k)]
     if diffs:
         raise PretrainError(f"checkpoint {path} was saved from a model of another shape: {'; '.join(diffs)}")
 
