@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# written by `spikelm pretrain` beside the model: how often each token occurs in the training data
+TOKEN_COUNTS_FILE = "token_counts.safetensors"
 
 
 def load_causal_lm(model_dir: str | Path):
@@ -135,3 +137,30 @@ def sliding_window_perplexity(model, token_ids: torch.Tensor, window: int, strid
         "window": min(window, token_ids.numel()),
         "stride": stride,
     }
+
+
+def unigram_log_probs(counts: torch.Tensor) -> torch.Tensor:
+    """log p(token) of the unigram model with add-one-smoothed ``counts``: the baseline a language model
+    must beat (predicting every token from corpus frequencies alone, without context)."""
+    counts = counts.double() + 1.0
+    return (counts / counts.sum()).log()
+
+
+def load_unigram_log_probs(model_dir: str | Path, vocab_size: int) -> torch.Tensor | None:
+    """The unigram baseline of the training data saved beside a model by ``spikelm pretrain``, if any."""
+    from safetensors.torch import load_file
+
+    path = Path(model_dir) / TOKEN_COUNTS_FILE
+    if not path.is_file():
+        return None
+    counts = load_file(str(path))["counts"]
+    if counts.numel() != vocab_size:
+        raise ValueError(f"{path} counts {counts.numel()} tokens, but the model has {vocab_size}; it belongs to "
+                         "another run: delete it")
+    return unigram_log_probs(counts)
+
+
+def unigram_perplexity(log_probs: torch.Tensor, token_ids: torch.Tensor) -> dict:
+    """The unigram baseline on the tokens :func:`sliding_window_perplexity` scores (all but the first)."""
+    nll = -float(log_probs[token_ids[1:]].mean())
+    return {"unigram_perplexity": math.exp(nll), "unigram_nll_per_token": nll}

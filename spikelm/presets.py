@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class PretrainConfig:
     # what to train
     preset: str = "tiny"
-    objective: str = "mlm-nsp"  # "mlm-nsp" (BERT), "mlm", "clm" (causal, needs the decoder model)
+    objective: str = "mlm-nsp"  # "mlm-nsp" (BERT), "mlm", "clm" (causal: SpikeLMForCausalLM)
     model: dict = field(default_factory=dict)  # SpikeLMConfig fields
     # data
     corpus: str | None = None  # a named corpus, a saved datasets dataset, a text file or a directory (None: pypi)

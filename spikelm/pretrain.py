@@ -5,7 +5,9 @@
 it. Reading order: the model, the data, evaluation, checkpoints, the training loop.
 
 Output directory: ``config.json`` + ``model.safetensors`` (``SpikeLMForPreTraining.from_pretrained``
-loads it) and the tokenizer beside them; ``pretrain_config.json``; ``train_log.jsonl`` (one JSON
+loads it; ``SpikeLMForCausalLM`` for clm) and the tokenizer beside them; ``token_counts.safetensors``
+(the training stream's token frequencies: the unigram baseline, which ``spikelm perplexity`` also
+reports); ``pretrain_config.json``; ``train_log.jsonl`` (one JSON
 object per logged step); ``metrics.json`` (validation at the start and the end, unigram baseline,
 tokens/s, peak memory); ``tensorboard/``; ``checkpoints/step-N/`` (model, optimizer, scheduler,
 per-process RNG state, data position), each written to a temporary directory and renamed into place.
@@ -31,15 +33,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .causal_lm import TOKEN_COUNTS_FILE, unigram_log_probs
 from .configuration_spikelm import SpikeLMConfig
 from .data.corpora import load_corpus
-from .data.objectives import IGNORE_INDEX, Batcher, build_examples, tokenize_corpus
+from .data.objectives import IGNORE_INDEX, Batcher, build_examples, document_separator, tokenize_corpus
 from .outputs import prepare_output_dir, write_json_atomic, write_text_atomic
 from .presets import PretrainConfig
 
 COMMAND = "pretrain"
 SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size", "num_steps", "spiking", "spike_levels")
+                "max_position_embeddings", "type_vocab_size", "position_embedding_type", "num_steps", "spiking",
+                "spike_levels")
 
 
 class PretrainError(ValueError):
@@ -63,23 +67,29 @@ class TrainState:
 # ----------------------------------------------------------------------------------------------
 
 
-def build_model(config: PretrainConfig, tokenizer):
-    model_config = SpikeLMConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, **config.model)
+def model_config(config: PretrainConfig, tokenizer) -> SpikeLMConfig:
+    """The SpikeLMConfig of a run: the preset's shape and ``config.model``, sized to the tokenizer.
+
+    A causal model's positions default to the training block length (learned positions beyond it would
+    never be trained, and generation and perplexity windows stop there), and its end-of-text token is
+    the document separator of the training blocks, so ``generate()`` stops where documents end.
+    """
+    fields = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
     if config.objective == "clm":
-        from transformers import AutoModelForCausalLM
+        separator = document_separator(tokenizer)
+        fields.update(max_position_embeddings=config.max_length, eos_token_id=separator,
+                      bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else separator)
+    return SpikeLMConfig(**{**fields, **config.model})
 
-        try:
-            return AutoModelForCausalLM.from_config(model_config)
-        except ValueError as err:
-            raise PretrainError(
-                "--objective clm needs the causal (decoder) SpikeLM, which is not available in this installation "
-                "(no causal model is registered for model_type 'spikelm'); the causal-LM data side is ready: "
-                "use --objective mlm-nsp or mlm meanwhile"
-            ) from err
+
+def build_model(config: PretrainConfig, tokenizer):
+    """A randomly initialised ``SpikeLMForCausalLM`` (clm), ``SpikeLMForPreTraining`` (mlm-nsp) or
+    ``SpikeLMForMaskedLM`` (mlm)."""
     from .modeling_spikelm import SpikeLMForMaskedLM, SpikeLMForPreTraining
+    from .modeling_spikelm_causal import SpikeLMForCausalLM
 
-    cls = SpikeLMForPreTraining if config.objective == "mlm-nsp" else SpikeLMForMaskedLM
-    return cls(model_config)
+    classes = {"clm": SpikeLMForCausalLM, "mlm-nsp": SpikeLMForPreTraining, "mlm": SpikeLMForMaskedLM}
+    return classes[config.objective](model_config(config, tokenizer))
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
@@ -156,10 +166,16 @@ class PretrainingData:
         indices = np.arange(min(len(examples), self.config.eval_examples))[self.rank::self.world_size]
         return [batcher(examples, indices[i:i + batch_size], 0) for i in range(0, len(indices), batch_size)]
 
+    def token_counts(self) -> torch.Tensor:
+        """How often each token occurs in the training stream (for clm, one separator per document)."""
+        counts = np.bincount(self.train.tokens, minlength=len(self.tokenizer)).astype(np.int64)
+        if self.config.objective == "clm":
+            counts[document_separator(self.tokenizer)] += self.train.num_documents
+        return torch.from_numpy(counts)
+
     def unigram_log_probs(self) -> torch.Tensor:
         """log p(token) from training-token frequencies (add-one smoothed): the unigram baseline's model."""
-        counts = np.bincount(self.train.tokens, minlength=len(self.tokenizer)).astype(np.float64) + 1.0
-        return torch.from_numpy(np.log(counts / counts.sum()))
+        return unigram_log_probs(self.token_counts())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,7 +187,8 @@ class PretrainingData:
 def evaluate(model, batches: list[dict], accelerator, causal: bool = False,
              unigram_log_probs: torch.Tensor | None = None) -> dict:
     """Token-weighted MLM (or, ``causal``, next-token) loss and accuracy, NSP accuracy, and the loss of the
-    unigram model ``unigram_log_probs`` on the same targets, over every process's share."""
+    unigram model ``unigram_log_probs`` on the same targets, over every process's share; ``causal`` adds
+    the perplexities of both."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=accelerator.device)
@@ -204,6 +221,10 @@ def evaluate(model, batches: list[dict], accelerator, causal: bool = False,
         result["nsp_accuracy"] = float(sums[3] / sums[4])
     if unigram_log_probs is not None:
         result["unigram_loss"] = float(sums[5] / sums[2])
+    if causal:  # perplexity = exp(mean next-token cross-entropy), for the model and the unigram baseline
+        for key in ("loss", "unigram_loss"):
+            if key in result:
+                result[key.replace("loss", "perplexity")] = math.exp(result[key])
     return result
 
 
@@ -247,6 +268,7 @@ def save_checkpoint(output_dir: Path, accelerator, model, optimizer, scheduler, 
     torch.save(_rng_state(accelerator.device), tmp / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
+        unwrapped.config.architectures = [type(unwrapped).__name__]  # as save_pretrained: loads with Auto classes
         unwrapped.config.to_json_file(tmp / "config.json")
         save_model(unwrapped, str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
@@ -266,9 +288,9 @@ def save_checkpoint(output_dir: Path, accelerator, model, optimizer, scheduler, 
 
 
 def check_checkpoint_shape(path: Path, model_config: SpikeLMConfig) -> None:
-    saved = json.loads((path / "config.json").read_text())
-    diffs = [f"{k} {saved.get(k)!r} (this run: {getattr(model_config, k)!r})" for k in SHAPE_FIELDS
-             if saved.get(k) != getattr(model_config, k)]
+    saved = SpikeLMConfig.from_json_file(path / "config.json")  # fields it predates take their defaults
+    diffs = [f"{k} {getattr(saved, k)!r} (this run: {getattr(model_config, k)!r})" for k in SHAPE_FIELDS
+             if getattr(saved, k) != getattr(model_config, k)]
     if diffs:
         raise PretrainError(f"checkpoint {path} was saved from a model of another shape: {'; '.join(diffs)}")
 
@@ -322,7 +344,7 @@ def _prepare_output(output_dir: Path, config: PretrainConfig, overwrite: bool, r
     if overwrite and not resume:
         for name in ("checkpoints", "tensorboard"):
             shutil.rmtree(output_dir / name, ignore_errors=True)
-        for name in ("train_log.jsonl", "metrics.json", "model.safetensors"):
+        for name in ("train_log.jsonl", "metrics.json", "model.safetensors", TOKEN_COUNTS_FILE):
             (output_dir / name).unlink(missing_ok=True)
 
 
@@ -343,6 +365,7 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
     """Pretrain as ``config`` says, writing into ``output_dir``. ``resume``: True (the latest checkpoint
     in ``output_dir``) or a checkpoint directory. Returns the trained model and the metrics."""
     from accelerate import Accelerator
+    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     from .tokenization import load_tokenizer
@@ -498,9 +521,12 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
         "tokens_per_second": state.train_tokens / max(state.train_seconds, 1e-9),
         "peak_rss_mb": _peak_rss_mb(),
     }
+    if "unigram_perplexity" in state.initial_eval:
+        metrics["unigram_baseline_perplexity"] = state.initial_eval["unigram_perplexity"]
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
+        save_file({"counts": data.token_counts()}, str(output_dir / TOKEN_COUNTS_FILE))  # the unigram baseline
         write_json_atomic(output_dir / "metrics.json", metrics)
         writer.close()
     accelerator.wait_for_everyone()

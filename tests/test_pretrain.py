@@ -81,24 +81,21 @@ def test_bad_configs_are_clear_errors(kwargs, message):
         SpikeLMConfig(**config.model)  # a bad model field is caught when the model config is built
 
 
-def test_clm_needs_the_causal_model():
-    from transformers import AutoModelForCausalLM
-
-    from spikelm import SpikeLMConfig
-    from spikelm.pretrain import PretrainError, build_model
+def test_clm_builds_the_causal_spikelm():
+    from spikelm import SpikeLMForCausalLM
+    from spikelm.pretrain import build_model
     from spikelm.tokenization import load_bert_tokenizer
 
-    config = resolve_config("tiny", sets=["objective=clm", "hidden_size=32", "intermediate_size=64"])
-    try:
-        AutoModelForCausalLM.from_config(SpikeLMConfig(hidden_size=32, num_attention_heads=2, intermediate_size=64))
-        registered = True
-    except ValueError:
-        registered = False
-    if registered:  # the decoder has landed: the run builds it
-        assert build_model(config, load_bert_tokenizer()).config.model_type == "spikelm"
-    else:
-        with pytest.raises(PretrainError, match="causal .*not available"):
-            build_model(config, load_bert_tokenizer())
+    tok = load_bert_tokenizer()
+    config = resolve_config("mini", sets=["objective=clm", "max_length=64"])
+    model = build_model(config, tok)
+    assert type(model) is SpikeLMForCausalLM and model.neurons()
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_steps) == (4, 256, 4, 4)
+    # positions cover the training blocks; generate() stops at the separator between documents
+    assert c.max_position_embeddings == 64 and c.eos_token_id == tok.sep_token_id and c.vocab_size == len(tok)
+    real = build_model(resolve_config("tiny", sets=["objective=clm", "spiking=false"]), tok)
+    assert not real.config.spiking and not real.neurons()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,17 +183,21 @@ def test_killed_run_resumes_exactly(tmp_path):
 
     assert pretrain(*args, "--output-dir", str(killed)) == 2  # a started run is not restarted by accident
     assert pretrain(*args, "--output-dir", str(killed), "--resume") == 0
-    full_losses, resumed = log_losses(full), log_losses(killed)
-    assert sorted(resumed) == list(range(1, 11))
-    for step in range(1, 11):
-        assert abs(full_losses[step] - resumed[step]) <= 1e-6, step
+    assert_same_run(full, killed, 10)
+
+
+def assert_same_run(full, resumed, steps):
+    """An interrupted-and-resumed run reproduces the uninterrupted one: losses, weights, validation."""
     from safetensors.torch import load_file
 
-    a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    full_losses, resumed_losses = log_losses(full), log_losses(resumed)
+    assert sorted(resumed_losses) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert abs(full_losses[step] - resumed_losses[step]) <= 1e-6, step
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
-    m_full = json.loads((full / "metrics.json").read_text())
-    m_resumed = json.loads((killed / "metrics.json").read_text())
+    m_full, m_resumed = (json.loads((d / "metrics.json").read_text()) for d in (full, resumed))
     assert m_full["final_validation"] == m_resumed["final_validation"]
     assert m_full["initial_validation"] == m_resumed["initial_validation"]
 
@@ -318,25 +319,64 @@ def test_output_dir_of_another_run_and_checkpoint_of_another_shape(tmp_path, cap
     assert snapshot(first) == before and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
-def test_causal_lm_pipeline_with_a_stand_in_decoder(tmp_path, monkeypatch):
-    """The clm data, training and next-token evaluation path, run with transformers' GPT-2 as a stand-in
-    until the causal SpikeLM is registered."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_causal_pretraining_end_to_end(tmp_path, capsys):
+    """A tiny causal SpikeLM trained a few steps; the saved directory works with generate and perplexity."""
+    import math
 
-    import spikelm.pretrain as pretrain_module
+    import numpy as np
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
 
-    def gpt2(config, tokenizer):
-        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2))
-
-    monkeypatch.setattr(pretrain_module, "build_model", gpt2)
     out = tmp_path / "clm"
-    assert pretrain("--objective", "clm", "--tokenizer", "bert-base-uncased", "--max-steps", "4",
+    assert pretrain("--objective", "clm", "--tokenizer", "bert-base-uncased", "--max-steps", "15",
                     "--output-dir", str(out)) == 0
+    assert "validation perplexity" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     start, end = metrics["initial_validation"], metrics["final_validation"]
-    assert "nsp_accuracy" not in end and end["loss"] < start["loss"]
-    # next-token targets: every position but the first of each block
-    assert start["tokens"] == 16 * 31 and metrics["objective"] == "clm"
+    assert metrics["objective"] == "clm" and "nsp_accuracy" not in end
+    assert end["loss"] < start["loss"] and log_losses(out)[15] < log_losses(out)[1]
+    assert end["perplexity"] == pytest.approx(math.exp(end["loss"]))
+    # next-token targets: every position but the first of each of the 16 validation blocks of 32 tokens
+    assert start["tokens"] == 16 * 31
+    assert metrics["unigram_baseline_perplexity"] == pytest.approx(math.exp(metrics["unigram_baseline_loss"]))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "SpikeLMForCausalLM" and model.alphas_initialized
+
+    # the unigram baseline: the training stream's token counts (documents' tokens + one separator each)
+    from spikelm.data.corpora import load_corpus
+    from spikelm.pretrain import PretrainingData
+    from spikelm.tokenization import load_bert_tokenizer
+
+    tok = load_bert_tokenizer()
+    data = PretrainingData(resolve_config("tiny", sets=["objective=clm"]), tok, load_corpus(text_file=SONNETS), 1, 0)
+    counts = load_file(out / "token_counts.safetensors")["counts"]
+    expected = np.bincount(data.train.tokens, minlength=len(tok))
+    expected[tok.sep_token_id] += data.train.num_documents
+    assert np.array_equal(counts.numpy(), expected)
+
+    assert main(["generate", "--model", str(out), "--prompt", "Shall I compare thee", "--max-new-tokens", "8"]) == 0
+    assert "generated" in capsys.readouterr().out
+    text = tmp_path / "eval.txt"
+    text.write_text("From fairest creatures we desire increase,\nThat thereby beauty's rose might never die.\n")
+    assert main(["perplexity", "--model", str(out), "--text-file", str(text), "--output-dir", str(tmp_path / "ppl")]) == 0
+    result = json.loads((tmp_path / "ppl" / "perplexity.json").read_text())
+    ids = tok(text.read_text(), add_special_tokens=False).input_ids
+    log_p = np.log((expected + 1) / (expected + 1).sum())
+    assert result["unigram_perplexity"] == pytest.approx(math.exp(-log_p[ids[1:]].mean()))
+    assert result["tokens_scored"] == len(ids) - 1 and result["perplexity"] > 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spiking", ["true", "false"])
+def test_causal_run_resumed_equals_uninterrupted(tmp_path, spiking):
+    """Stopped after 3 of 6 steps (the schedule fixed at 6), then resumed: the same losses and weights."""
+    args = ["--objective", "clm", "--tokenizer", "bert-base-uncased", "--set", f"spiking={spiking}",
+            "--set", "schedule_steps=6", "--set", "save_every=3"]
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    assert pretrain(*args, "--max-steps", "6", "--output-dir", str(full)) == 0
+    assert pretrain(*args, "--max-steps", "3", "--output-dir", str(parts)) == 0
+    assert pretrain(*args, "--max-steps", "6", "--output-dir", str(parts), "--resume") == 0
+    assert_same_run(full, parts, 6)
 
 
 def test_train_tokenizer_command(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 
 # modules under spikelm.commands adding `spikelm data` subcommands
-DATA_COMMANDS = ("data_corpus", "data_glue")
+DATA_COMMANDS = ("data_corpus", "data_brown", "data_glue")
 
 
 def register(sub) -> None:

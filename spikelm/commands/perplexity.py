@@ -12,7 +12,9 @@ def register(sub) -> None:
         description=(
             "Tokenize a UTF-8 text file (or every file of a directory, in path order, joined by blank lines) and "
             "score it with overlapping windows: the first window scores its tokens after the first; each next "
-            "window moves --stride tokens on and scores only those, so every token but the first is counted once."
+            "window moves --stride tokens on and scores only those, so every token but the first is counted once. "
+            "A model trained with `spikelm pretrain` also gets the unigram baseline of its training data on the "
+            "same tokens."
         ),
     )
     p.add_argument("--model", required=True, help="directory of a SpikeLMForCausalLM")
@@ -31,13 +33,15 @@ def run(args) -> int:
 
     import torch
 
-    from ..causal_lm import load_causal_lm, load_tokenizer, read_text, sliding_window_perplexity
+    from ..causal_lm import (load_causal_lm, load_tokenizer, load_unigram_log_probs, read_text,
+                             sliding_window_perplexity, unigram_perplexity)
     from ..cli import UserError
     from ..outputs import prepare_output_dir, write_json_atomic
 
     text = read_text(args.text_file)
     model = load_causal_lm(args.model)
     tokenizer = load_tokenizer(args.model, args.tokenizer)
+    unigram = load_unigram_log_probs(args.model, model.config.vocab_size)
     limit = model.config.max_position_embeddings
     window = limit if args.max_length is None else args.max_length
     if not 2 <= window <= limit:
@@ -55,6 +59,10 @@ def run(args) -> int:
     print(f"perplexity {result['perplexity']:.3f} ({result['nll_per_token']:.4f} nats/token) over "
           f"{result['tokens_scored']} tokens of {args.text_file}; window {result['window']}, stride "
           f"{result['stride']}, {result['windows']} windows, {result['seconds']:.1f} s")
+    if unigram is not None:
+        result.update(unigram_perplexity(unigram, ids))
+        print(f"unigram baseline (training-data token frequencies) on the same tokens: perplexity "
+              f"{result['unigram_perplexity']:.3f} ({result['unigram_nll_per_token']:.4f} nats/token)")
     if out_dir is not None:
         write_json_atomic(out_dir / "perplexity.json", result)
         print(f"wrote {out_dir / 'perplexity.json'}")

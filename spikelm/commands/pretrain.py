@@ -52,4 +52,7 @@ def run(args) -> int:
     print(f"wrote {result.output_dir}: {m['steps']} steps, validation loss {start['loss']:.3f} -> {end['loss']:.3f}, "
           f"accuracy {start['accuracy']:.3f} -> {end['accuracy']:.3f} (unigram baseline loss "
           f"{m['unigram_baseline_loss']:.3f}), {m['tokens_per_second']:.0f} tokens/s")
+    if "perplexity" in end:
+        print(f"validation perplexity {start['perplexity']:.1f} -> {end['perplexity']:.1f} (unigram baseline "
+              f"{m['unigram_baseline_perplexity']:.1f})")
     return 0

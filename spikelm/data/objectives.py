@@ -182,10 +182,14 @@ def mlm_examples(corpus: TokenizedCorpus, tokenizer, max_length: int, rng: np.ra
     return Examples(ids, np.zeros_like(ids), np.ones_like(ids), None)
 
 
+def document_separator(tokenizer) -> int:
+    """The token between documents in causal-LM blocks: end-of-text, else (a BERT vocabulary) ``[SEP]``."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
 def clm_examples(corpus: TokenizedCorpus, tokenizer, max_length: int, rng: np.random.Generator) -> Examples:
     """Blocks of ``max_length`` tokens from the documents (shuffled order, end-of-text between them)."""
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    stream = _document_stream(corpus, eos, rng)
+    stream = _document_stream(corpus, document_separator(tokenizer), rng)
     ids = stream[: len(stream) // max_length * max_length].reshape(-1, max_length)
     return Examples(ids, np.zeros_like(ids), np.ones_like(ids), None)
 
