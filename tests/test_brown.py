@@ -59,3 +59,13 @@ def test_prepare_brown_command(brown_tree, tmp_path, monkeypatch, capsys):
 def test_a_directory_without_documents_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no Brown corpus documents"):
         brown.brown_text(tmp_path)
+
+
+def test_every_nth_document(brown_tree, tmp_path, monkeypatch, capsys):
+    (brown_tree / "cb01").write_text("\n\n\tMiddle/nn ./.\n\n")
+    text, report = brown.brown_text(brown_tree, every=2)  # ca01, cb01, cr09 -> ca01, cr09
+    assert text == EXPECTED and report["documents"] == 2 and report["every"] == 2
+    assert "Middle" in brown.brown_text(brown_tree)[0]
+    monkeypatch.setattr(brown, "fetch_brown", lambda: brown_tree)
+    assert main(["data", "prepare-brown", "--every", "0", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--every must be at least 1" in capsys.readouterr().err

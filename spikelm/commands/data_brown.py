@@ -18,15 +18,21 @@ def register_data(sub) -> None:
             "It is evaluation text: no pretraining corpus contains it."
         ),
     )
+    p.add_argument("--every", type=int, default=1, metavar="N",
+                   help="keep every N-th document in name order, from the first (a sample over all genres; "
+                        "default 1: all 500)")
     add_output_dir(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from ..cli import UserError
     from ..data.brown import TEXT_FILE, brown_text, fetch_brown
     from ..outputs import prepare_output_dir, write_json_atomic, write_text_atomic
 
-    text, report = brown_text(fetch_brown())
+    if args.every < 1:
+        raise UserError(f"--every must be at least 1, got {args.every}")
+    text, report = brown_text(fetch_brown(), args.every)
     out = prepare_output_dir(args.output_dir, "data prepare-brown", args.overwrite)
     write_text_atomic(out / TEXT_FILE, text)
     write_json_atomic(out / "brown_report.json", report)

@@ -78,13 +78,16 @@ def read_document(path: Path) -> tuple[list[str], int]:
     return paragraphs, tokens
 
 
-def brown_text(root: Path) -> tuple[str, dict]:
-    """All documents under ``root`` as one plain text (a blank line between documents), and a report:
+def brown_text(root: Path, every: int = 1) -> tuple[str, dict]:
+    """All documents under ``root`` (or every ``every``-th in name order, starting with the first: a
+    sample spread over all genres) as one plain text (a blank line between documents), and a report:
     documents, paragraphs, Brown tokens (punctuation included) and whitespace-separated words, in all
     and per genre."""
+    if every < 1:
+        raise ValueError(f"every must be at least 1, got {every}")
     texts = []
     genres: dict[str, Counter] = {}
-    for path in brown_documents(root):
+    for path in brown_documents(root)[::every]:
         paragraphs, tokens = read_document(path)
         text = "\n".join(paragraphs)
         texts.append(text)
@@ -92,5 +95,5 @@ def brown_text(root: Path) -> tuple[str, dict]:
         genres.setdefault(genre, Counter()).update(documents=1, paragraphs=len(paragraphs), tokens=tokens,
                                                    words=len(text.split()))
     total = sum(genres.values(), Counter())
-    report = {"source": f"npm {BROWN_PACKAGE[0]}", **dict(total), "genres": {g: dict(c) for g, c in genres.items()}}
+    report = {"source": f"npm {BROWN_PACKAGE[0]}", "every": every, **dict(total), "genres": {g: dict(c) for g, c in genres.items()}}
     return "\n\n".join(texts) + "\n", report
