@@ -183,7 +183,7 @@ def measure_case(case: Case, device: str, dtype: torch.dtype, repeats: int) -> d
             peak[path] = torch.cuda.max_memory_allocated() - before
         result["peak_bytes"] = peak
         result["peak_mem_ratio_vs_reference"] = peak["fused"] / peak["reference"]
-    del ours, bert
+    ours = bert = None  # free the models (the closures above hold their cells)
     if cuda:
         torch.cuda.empty_cache()
     return result

@@ -330,7 +330,8 @@ def _main_decides(state, value: bool) -> bool:
 
 def run_experiment(budget: Budget, suite: str | Path, output_dir: str | Path, variants: list[str],
                    seeds: list[int], ablation_seeds: list[int], max_minutes: float | None = None,
-                   overwrite: bool = False, doc: str | Path | None = None, log=print) -> list[Path]:
+                   overwrite: bool = False, doc: str | Path | None = None, log=print,
+                   doc_block: str | None = None) -> list[Path]:
     """Run every planned row not finished yet (until ``max_minutes`` have passed), writing the report
     after each; returns the row files of the output directory."""
     from accelerate import PartialState
@@ -379,10 +380,10 @@ def run_experiment(budget: Budget, suite: str | Path, output_dir: str | Path, va
         record = run_row(budget, VARIANTS[variant], seed, out, data_dir, state, log)
         if state.is_main_process:
             write_json_atomic(path, record)
-            write_report(out, doc)
+            write_report(out, doc, doc_block)
             log(f"{row_name(variant, seed)}: done in {record['row_seconds'] / 60:.1f} min, wrote {path}")
         state.wait_for_everyone()
     if state.is_main_process:
-        write_report(out, doc)
+        write_report(out, doc, doc_block)
     state.wait_for_everyone()
     return sorted((out / "rows").glob("*.json"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -382,19 +383,30 @@ def plot_pretraining(rows: list[dict], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def update_doc(doc: Path, text: str) -> None:
-    """Replace the generated block of ``doc`` (between the markers) and copy the plots beside it."""
+def doc_markers(block: str | None = None) -> tuple[str, str]:
+    """The markers of a generated block: ``<!-- reproduce:begin -->``, or ``<!-- reproduce-NAME:begin -->``
+    for the block named NAME (several runs in one document)."""
+    if block is None:
+        return DOC_BEGIN, DOC_END
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", block):
+        raise ValueError(f"--doc-block expects letters, digits, '-' or '_', got {block!r}")
+    return f"<!-- reproduce-{block}:begin -->", f"<!-- reproduce-{block}:end -->"
+
+
+def update_doc(doc: Path, text: str, block: str | None = None) -> None:
+    """Replace the generated block of ``doc`` (between the markers) with ``text``."""
+    begin, end = doc_markers(block)
     content = doc.read_text()
-    if DOC_BEGIN not in content or DOC_END not in content:
-        raise ValueError(f"--doc {doc} has no '{DOC_BEGIN}' ... '{DOC_END}' block to fill in")
-    head, rest = content.split(DOC_BEGIN, 1)
-    _, tail = rest.split(DOC_END, 1)
-    write_text_atomic(doc, head + DOC_BEGIN + "\n" + text + "\n" + DOC_END + tail)
+    if begin not in content or end not in content:
+        raise ValueError(f"--doc {doc} has no '{begin}' ... '{end}' block to fill in")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    write_text_atomic(doc, head + begin + "\n" + text + "\n" + end + tail)
 
 
-def write_report(out: Path, doc: str | Path | None = None) -> dict:
-    """``report/summary.json``, ``report/results.md`` and the plots; with ``doc``, its generated block and
-    the plots under ``<doc dir>/reproduction/``."""
+def write_report(out: Path, doc: str | Path | None = None, block: str | None = None) -> dict:
+    """``report/summary.json``, ``report/results.md`` and the plots; with ``doc``, its generated block
+    (``block``: a named one) and the plots under ``<doc dir>/reproduction/`` (``reproduction/<block>/``)."""
     report = out / REPORT_DIR
     report.mkdir(exist_ok=True)
     summary = summarize(out)
@@ -407,10 +419,12 @@ def write_report(out: Path, doc: str | Path | None = None) -> dict:
         plot_pretraining(rows, report / PLOTS[2])
     if doc is not None:
         doc = Path(doc)
-        images = doc.parent / "reproduction"
-        images.mkdir(exist_ok=True)
+        doc_markers(block)  # a bad name fails before anything is copied
+        prefix = "reproduction/" if block is None else f"reproduction/{block}/"
+        images = doc.parent / prefix
+        images.mkdir(parents=True, exist_ok=True)
         for name in PLOTS:
             if (report / name).is_file():
                 shutil.copyfile(report / name, images / name)
-        update_doc(doc, markdown(summary, image_prefix="reproduction/"))
+        update_doc(doc, markdown(summary, image_prefix=prefix), block)
     return summary

@@ -133,6 +133,17 @@ def test_interrupted_row_reuses_finished_stages(tmp_path, capsys):
     assert "bbc-topics: done before" not in log
     assert figures(json.loads(row.read_text())) == figures(first)
 
+    # the report of this run into a named block of a document that holds another run's block too
+    doc = tmp_path / "REPRODUCTION.md"
+    doc.write_text(f"{DOC_BEGIN}\nkept\n{DOC_END}\n<!-- reproduce-small:begin -->\nold\n<!-- reproduce-small:end -->\n")
+    assert main(["reproduce", "--report-only", "--output-dir", str(out), "--doc", str(doc),
+                 "--doc-block", "small"]) == 0
+    text = doc.read_text()
+    assert "kept" in text and "old" not in text and "| spikelm-t1 | 1 |" in text
+    assert "(reproduction/small/finetune_curves.png)" in text
+    assert (tmp_path / "reproduction" / "small" / "finetune_curves.png").is_file()
+    assert not (tmp_path / "reproduction" / "finetune_curves.png").exists()
+
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
     suite = make_suite(tmp_path / "suite")
@@ -142,6 +153,8 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
         (["--set", "num_steps=2"], "--set num_steps: set by the experiment itself"),
         (["--set", "no_such_field=1"], "unknown config key 'no_such_field'"),
         (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--doc-block", "small"], "--doc-block names a block of the --doc file"),
+        (["--doc", str(tmp_path / "d.md"), "--doc-block", "a b"], "--doc-block expects letters, digits"),
     ]
     for extra, message in cases:
         assert reproduce(suite, tmp_path / "out", *extra) == 2

@@ -54,6 +54,9 @@ def register(sub) -> None:
                    help="start no new row after this many minutes (a rerun continues with the rest)")
     p.add_argument("--doc", help="also fill the generated block of this markdown file (e.g. docs/REPRODUCTION.md) "
                                  "and copy the plots beside it")
+    p.add_argument("--doc-block", metavar="NAME",
+                   help="with --doc: fill the block marked <!-- reproduce-NAME:begin/end --> instead (several runs "
+                        "in one document; plots under reproduction/NAME/)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the finished rows")
     add_output_dir(p)
     p.set_defaults(func=run)
@@ -66,10 +69,19 @@ def run(args) -> int:
     from ..reproduce import VARIANTS, Budget, run_experiment
     from ..reproduce_report import markdown, write_report
 
+    if args.doc_block is not None:
+        from ..reproduce_report import doc_markers
+
+        if args.doc is None:
+            raise UserError("--doc-block names a block of the --doc file; give --doc too")
+        try:
+            doc_markers(args.doc_block)
+        except ValueError as error:
+            raise UserError(str(error)) from None
     if args.report_only:
         if not (Path(args.output_dir) / "data" / "summary.json").is_file():
             raise UserError(f"--report-only: {args.output_dir} holds no `spikelm reproduce` run")
-        print(markdown(write_report(Path(args.output_dir), args.doc)))
+        print(markdown(write_report(Path(args.output_dir), args.doc, args.doc_block)))
         return 0
     if args.suite is None:
         raise UserError("--suite is required: the offline suite built by `spikelm data prepare-glue-offline`")
@@ -95,6 +107,7 @@ def run(args) -> int:
                     learning_rate=args.learning_rate, batch_size=args.batch_size, max_length=args.max_length,
                     energy_sequences=args.energy_sequences)
     rows = run_experiment(budget, args.suite, args.output_dir, variants, _ints(args.seeds, "--seeds"),
-                          _ints(args.ablation_seeds, "--ablation-seeds"), args.max_minutes, args.overwrite, args.doc)
+                          _ints(args.ablation_seeds, "--ablation-seeds"), args.max_minutes, args.overwrite, args.doc,
+                          doc_block=args.doc_block)
     print(f"{len(rows)} row(s) in {args.output_dir}/rows; report: {args.output_dir}/report/results.md")
     return 0
