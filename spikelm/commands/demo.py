@@ -27,8 +27,8 @@ def register(sub) -> None:
     p.add_argument("--text-file", help="a plain-text file as the corpus instead (no download)")
     p.add_argument("--minutes", type=float, default=5.0, help="pretraining time budget (default 5)")
     p.add_argument("--max-steps", type=int, default=300, help="pretraining steps if time allows (default 300)")
-    p.add_argument("--finetune-samples", type=int, default=800,
-                   help="training articles for the fine-tuning step (default 800)")
+    p.add_argument("--finetune-samples", type=int, default=1500,
+                   help="training articles for the fine-tuning step (default 1500)")
     p.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
     p.add_argument("--finetune-lr", type=float, default=3e-4, help="fine-tuning learning rate (default 3e-4)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
@@ -92,7 +92,8 @@ def step_finetune(args, context: dict) -> None:
     from ..glue.finetune import CustomColumns, Settings, finetune
     from ..glue.offline import prepare_offline_suite
 
-    max_length = min(128, AutoConfig.from_pretrained(context["model_dir"]).max_position_embeddings)
+    # the first 64 tokens of an article name its topic well enough, at half the cost of 128
+    max_length = min(64, AutoConfig.from_pretrained(context["model_dir"]).max_position_embeddings)
     suite = context["output_dir"] / "glue-offline"
     summary = prepare_offline_suite(["bbc-topics"], suite)["bbc-topics"]["splits"]
     settings = Settings(learning_rate=args.finetune_lr, epochs=args.finetune_epochs, batch_size=32,
