@@ -74,7 +74,7 @@ class Budget:
 
     preset: str = "tiny"
     corpus: str = "pypi"  # a named corpus or a path, as `spikelm pretrain --corpus`
-    pretrain_steps: int = 600
+    pretrain_steps: int = 200
     pretrain_overrides: dict = field(default_factory=dict)  # recipe / SpikeLMConfig fields (`--set`)
     tasks: tuple[str, ...] = DEFAULT_TASKS
     train_samples: int = 1500  # per task: a fixed random subset of the training split
