@@ -294,7 +294,7 @@ def run_row(budget: Budget, variant: Variant, seed: int, out: Path, data_dir: Pa
         return {}
     with quiet_transformers():
         model = SpikeLMForPreTraining.from_pretrained(pretrain_dir).to(state.device)
-    energy = energy_of(model, corpus_windows(budget.corpus, load_tokenizer("bert-base-uncased"),
+    energy = energy_of(model, corpus_windows(budget.corpus, load_tokenizer(str(pretrain_dir)),
                                              budget.energy_sequences, budget.max_length))
     for task in budget.tasks:
         tasks[task]["dev_energy"] = dev_energy(row_dir / task, task_splits(task)[0], data_dir / task, budget,

@@ -393,12 +393,21 @@ def doc_markers(block: str | None = None) -> tuple[str, str]:
     return f"<!-- reproduce-{block}:begin -->", f"<!-- reproduce-{block}:end -->"
 
 
+def check_doc(doc: str | Path, block: str | None = None) -> str:
+    """The text of ``doc``, which must hold the generated block's markers (checked before any run starts)."""
+    begin, end = doc_markers(block)
+    if not Path(doc).is_file():
+        raise ValueError(f"--doc {doc}: no such file (create it with a '{begin}' ... '{end}' block)")
+    content = Path(doc).read_text()
+    if begin not in content or end not in content:
+        raise ValueError(f"--doc {doc} has no '{begin}' ... '{end}' block to fill in")
+    return content
+
+
 def update_doc(doc: Path, text: str, block: str | None = None) -> None:
     """Replace the generated block of ``doc`` (between the markers) with ``text``."""
     begin, end = doc_markers(block)
-    content = doc.read_text()
-    if begin not in content or end not in content:
-        raise ValueError(f"--doc {doc} has no '{begin}' ... '{end}' block to fill in")
+    content = check_doc(doc, block)
     head, rest = content.split(begin, 1)
     _, tail = rest.split(end, 1)
     write_text_atomic(doc, head + begin + "\n" + text + "\n" + end + tail)
@@ -419,7 +428,7 @@ def write_report(out: Path, doc: str | Path | None = None, block: str | None = N
         plot_pretraining(rows, report / PLOTS[2])
     if doc is not None:
         doc = Path(doc)
-        doc_markers(block)  # a bad name fails before anything is copied
+        check_doc(doc, block)  # a bad file or block fails before anything is copied
         prefix = "reproduction/" if block is None else f"reproduction/{block}/"
         images = doc.parent / prefix
         images.mkdir(parents=True, exist_ok=True)

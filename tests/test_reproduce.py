@@ -155,6 +155,8 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
         (["--epochs", "0"], "--epochs must be at least 1"),
         (["--doc-block", "small"], "--doc-block names a block of the --doc file"),
         (["--doc", str(tmp_path / "d.md"), "--doc-block", "a b"], "--doc-block expects letters, digits"),
+        (["--doc", str(tmp_path / "d.md")], "no such file"),
+        (["--doc", str(suite / "multiemo-sst2" / "train.tsv")], "has no '<!-- reproduce:begin -->'"),
     ]
     for extra, message in cases:
         assert reproduce(suite, tmp_path / "out", *extra) == 2

@@ -69,13 +69,13 @@ def run(args) -> int:
     from ..reproduce import VARIANTS, Budget, run_experiment
     from ..reproduce_report import markdown, write_report
 
-    if args.doc_block is not None:
-        from ..reproduce_report import doc_markers
+    if args.doc_block is not None and args.doc is None:
+        raise UserError("--doc-block names a block of the --doc file; give --doc too")
+    if args.doc is not None:  # before any row runs, not after the first one
+        from ..reproduce_report import check_doc
 
-        if args.doc is None:
-            raise UserError("--doc-block names a block of the --doc file; give --doc too")
         try:
-            doc_markers(args.doc_block)
+            check_doc(args.doc, args.doc_block)
         except ValueError as error:
             raise UserError(str(error)) from None
     if args.report_only:
