@@ -1,0 +1,43 @@
+"""Model directories and pretraining checkpoints saved by earlier versions load and resume unchanged."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import FIXTURES
+
+LEGACY = FIXTURES / "legacy"
+
+
+def test_saved_causal_model_loads_with_the_same_logits():
+    from transformers import AutoModelForCausalLM
+
+    import spikelm  # noqa: F401  (registers model_type "spikelm")
+
+    model = AutoModelForCausalLM.from_pretrained(LEGACY / "causal_model").eval()
+    assert type(model).__name__ == "SpikeLMForCausalLM"
+    assert model.alphas_initialized
+    saved = torch.load(LEGACY / "causal_model_logits.pt", weights_only=True)
+    with torch.no_grad():
+        logits = model(input_ids=saved["input_ids"]).logits
+    torch.testing.assert_close(logits, saved["logits"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_saved_pretraining_checkpoint_resumes_as_before(tmp_path):
+    from spikelm.presets import resolve_config
+    from spikelm.pretrain import run_pretraining
+    from spikelm.tokenization import sample_text_path
+
+    expected = json.loads((LEGACY / "pretrain_resumed.json").read_text())
+    sets = [*expected["sets"], f"tokenizer={LEGACY / 'tokenizer'}", f"text_file={sample_text_path()}"]
+    out = tmp_path / "resumed"
+    run_pretraining(resolve_config("tiny", sets=sets), out, resume=str(LEGACY / "pretrain_checkpoint"), progress=False)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    losses = {str(e["step"]): e["loss"] for e in log}
+    assert sorted(losses) == sorted(expected["losses"])
+    for step, loss in expected["losses"].items():
+        assert abs(losses[step] - loss) <= 1e-6, step
+    final = json.loads((out / "metrics.json").read_text())["final_validation"]
+    assert final == pytest.approx(expected["final_validation"], abs=1e-6)
