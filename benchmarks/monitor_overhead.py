@@ -27,8 +27,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from spikelm import SpikeLMConfig, SpikeLMForMaskedLM
-from spikelm.monitor import FiringRateMonitor
-from spikelm.tokenization import load_bert_tokenizer, sample_text_path
+from spikelm.training.monitor import FiringRateMonitor
+from spikelm.data.tokenization import load_bert_tokenizer, sample_text_path
 
 SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
 

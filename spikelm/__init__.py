@@ -9,9 +9,9 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .configuration_spikelm import SpikeLMConfig
-from .layers import SpikeLinear, SpikeLinearFunction
-from .modeling_spikelm import (
+from spikelm.models.configuration_spikelm import SpikeLMConfig
+from spikelm.nn.layers import SpikeLinear, SpikeLinearFunction
+from spikelm.models.modeling_spikelm import (
     SpikeLMForMaskedLM,
     SpikeLMForPreTraining,
     SpikeLMForPreTrainingOutput,
@@ -20,15 +20,15 @@ from .modeling_spikelm import (
     SpikeLMModelOutput,
     SpikeLMPreTrainedModel,
 )
-from .modeling_spikelm_causal import (
+from spikelm.models.modeling_spikelm_causal import (
     SpikeKVCacheLayer,
     SpikeLMCache,
     SpikeLMCausalPreTrainedModel,
     SpikeLMDecoderModel,
     SpikeLMForCausalLM,
 )
-from .neuron import ElasticBiSpikingNeuron, MultiStepSpike, SpikeStats, reference_multistep_spike
-from .stats import collect_spike_stats, record_spike_stats
+from spikelm.nn.neuron import ElasticBiSpikingNeuron, MultiStepSpike, SpikeStats, reference_multistep_spike
+from spikelm.nn.stats import collect_spike_stats, record_spike_stats
 
 __version__ = "0.1.0"
 

@@ -1,10 +1,10 @@
 import json
 
-from spikelm.cli import main
+from spikelm.commands.main import main
 
 
 def test_generation_benchmark_section(tmp_path, capsys, monkeypatch):
-    import spikelm.benchmark as bench
+    import spikelm.experiments.benchmark as bench
 
     monkeypatch.setattr(bench, "GENERATION_SHAPE", dict(vocab_size=101, hidden_size=16, num_hidden_layers=1,
                                                         num_attention_heads=2, intermediate_size=32, num_steps=2))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from spikelm.cli import main
+from spikelm.commands.main import main
 from spikelm.data import brown
 
 CA01 = (

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM, SpikeLMForMaskedLM
-from spikelm.causal_lm import load_causal_lm, load_tokenizer, read_text, sliding_window_perplexity, sliding_windows
-from spikelm.cli import main
-from spikelm.tokenization import load_bert_tokenizer, sample_text_path
+from spikelm.evaluation.perplexity import load_causal_lm, load_tokenizer, read_text, sliding_window_perplexity, sliding_windows
+from spikelm.commands.main import main
+from spikelm.data.tokenization import load_bert_tokenizer, sample_text_path
 
 
 def tiny_causal(**overrides):
@@ -151,7 +151,7 @@ def test_perplexity_command(model_dir, capsys, tmp_path):
 def test_unigram_baseline_file(tmp_path):
     from safetensors.torch import save_file
 
-    from spikelm.causal_lm import TOKEN_COUNTS_FILE, load_unigram_log_probs
+    from spikelm.evaluation.perplexity import TOKEN_COUNTS_FILE, load_unigram_log_probs
 
     assert load_unigram_log_probs(tmp_path, 5) is None  # a model not trained by `spikelm pretrain`
     save_file({"counts": torch.tensor([3, 0, 1, 0, 6])}, str(tmp_path / TOKEN_COUNTS_FILE))

@@ -1,12 +1,12 @@
 import subprocess
 import sys
 
-from spikelm.cli import main
+from spikelm.commands.main import main
 
 
 def test_demo_runs_its_steps_on_a_text_file(tmp_path, capsys, monkeypatch):
     from spikelm.data import sources
-    from spikelm.tokenization import sample_text_path
+    from spikelm.data.tokenization import sample_text_path
 
     # the fine-tuning step's BBC articles, without the download: three topics with their own words
     words = {"sports": "match goal team season", "tech": "software phone computer chip", "business": "shares bank profit"}
@@ -36,7 +36,7 @@ def test_entry_point_help():
 
 
 def test_tokenizer_is_exact_bert_base_uncased():
-    from spikelm.tokenization import load_bert_tokenizer
+    from spikelm.data.tokenization import load_bert_tokenizer
 
     tok = load_bert_tokenizer()
     assert tok("the quick brown fox", add_special_tokens=False).input_ids == [1996, 4248, 2829, 4419]

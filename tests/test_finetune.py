@@ -11,9 +11,9 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score
 
 from spikelm import SpikeLMForPreTraining
-from spikelm.cli import UserError, main
-from spikelm.glue.models import load_starting_point
-from spikelm.glue.tasks import get_task
+from spikelm.commands.main import UserError, main
+from spikelm.evaluation.glue.models import load_starting_point
+from spikelm.evaluation.glue.tasks import get_task
 
 from conftest import tiny_config
 

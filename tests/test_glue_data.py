@@ -9,12 +9,12 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-from spikelm.cli import UserError
+from spikelm.commands.main import UserError
 from spikelm.data.splits import BBC_TOPICS, BIBLE_MRPC
-from spikelm.glue import offline
-from spikelm.glue.metrics import compute_metrics
-from spikelm.glue.report import average, markdown_table, resolve_tasks
-from spikelm.glue.tasks import TASKS, get_task, load_custom, load_glue_folder
+from spikelm.evaluation.glue import offline
+from spikelm.evaluation.glue.metrics import compute_metrics
+from spikelm.evaluation.glue.report import average, markdown_table, resolve_tasks
+from spikelm.evaluation.glue.tasks import TASKS, get_task, load_custom, load_glue_folder
 
 GLUE = Path(__file__).parent / "fixtures" / "glue"
 
@@ -78,7 +78,7 @@ def test_hub_split_maps_to_the_same_examples(monkeypatch):
         return {"train": split(tsv.splits["train"]), "validation": split(tsv.splits["dev"]), "test": split(tsv.splits["test"])}
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    from spikelm.glue.tasks import load_glue_hub
+    from spikelm.evaluation.glue.tasks import load_glue_hub
 
     hub = load_glue_hub(get_task("mrpc"))
     assert hub.splits["dev"].texts == tsv.splits["dev"].texts and hub.splits["dev"].labels == tsv.splits["dev"].labels

@@ -7,9 +7,9 @@ import torch
 from conftest import random_batch, tiny_config
 
 from spikelm import ElasticBiSpikingNeuron, SpikeLinear, SpikeLMModel
-from spikelm import neuron as neuron_module
-from spikelm.benchmark import Case, _saved_bytes, measure_case
-from spikelm.neuron import COMPILE_MIN_ELEMENTS, choose_kernel
+from spikelm.nn import neuron as neuron_module
+from spikelm.experiments.benchmark import Case, _saved_bytes, measure_case
+from spikelm.nn.neuron import COMPILE_MIN_ELEMENTS, choose_kernel
 
 
 def _triton_importable() -> bool:

@@ -27,11 +27,11 @@ from spikelm import (
     collect_spike_stats,
     record_spike_stats,
 )
-from spikelm.convert import bert_to_spikelm_state_dict
+from spikelm.conversion.official import bert_to_spikelm_state_dict
 
 
 def official_model():
-    from spikelm.convert import load_official_checkpoint
+    from spikelm.conversion.official import load_official_checkpoint
     from conftest import FIXTURES
 
     return load_official_checkpoint(FIXTURES / "tiny_spikelm_bert_official_state_dict.safetensors")

@@ -6,7 +6,7 @@ from conftest import random_batch, tiny_config
 from torch.utils.tensorboard import SummaryWriter
 
 from spikelm import SpikeLMForPreTraining, collect_spike_stats
-from spikelm.monitor import FiringRateMonitor
+from spikelm.training.monitor import FiringRateMonitor
 
 
 def train_with_monitor(log_dir, device):

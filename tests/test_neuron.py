@@ -9,7 +9,7 @@ import torch
 from conftest import load_fixture
 
 from spikelm import ElasticBiSpikingNeuron, SpikeLinear
-from spikelm.neuron import ALPHA_FLOOR, MultiStepSpike, reference_multistep_spike
+from spikelm.nn.neuron import ALPHA_FLOOR, MultiStepSpike, reference_multistep_spike
 
 
 @pytest.mark.parametrize("name", ["gauss", "laplace"])

@@ -6,7 +6,7 @@ import pytest
 from spikelm.data.corpora import load_corpus
 from spikelm.data.objectives import (IGNORE_INDEX, Batcher, build_examples, mask_tokens, split_sentences,
                                      tokenize_corpus)
-from spikelm.tokenization import load_bert_tokenizer, sample_text_path
+from spikelm.data.tokenization import load_bert_tokenizer, sample_text_path
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spikelm.cli import main
-from spikelm.presets import PRESETS, resolve_config
-from spikelm.tokenization import sample_text_path
+from spikelm.commands.main import main
+from spikelm.training.presets import PRESETS, resolve_config
+from spikelm.data.tokenization import sample_text_path
 
 SONNETS = str(sample_text_path())
 # a micro model and recipe so that a run takes seconds on a CPU
@@ -83,8 +83,8 @@ def test_bad_configs_are_clear_errors(kwargs, message):
 
 def test_clm_builds_the_causal_spikelm():
     from spikelm import SpikeLMForCausalLM
-    from spikelm.pretrain import build_model
-    from spikelm.tokenization import load_bert_tokenizer
+    from spikelm.training.pretrain import build_model
+    from spikelm.data.tokenization import load_bert_tokenizer
 
     tok = load_bert_tokenizer()
     config = resolve_config("mini", sets=["objective=clm", "max_length=64"])
@@ -141,8 +141,8 @@ def test_unigram_baseline_is_the_loss_of_corpus_frequencies():
     import numpy as np
 
     from spikelm.data.corpora import load_corpus
-    from spikelm.pretrain import PretrainingData
-    from spikelm.tokenization import load_bert_tokenizer
+    from spikelm.training.pretrain import PretrainingData
+    from spikelm.data.tokenization import load_bert_tokenizer
 
     tok = load_bert_tokenizer()
     config = resolve_config("tiny")
@@ -171,7 +171,7 @@ def test_killed_run_resumes_exactly(tmp_path):
         "    if self.last_epoch == 6:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "LambdaLR.step = step_then_die\n"
-        "from spikelm.cli import main\n"
+        "from spikelm.commands.main import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     cmd = [sys.executable, "-c", script, "pretrain", "--text-file", SONNETS, "--no-progress", *MICRO, *args,
@@ -205,8 +205,8 @@ def assert_same_run(full, resumed, steps):
 DDP_SCRIPT = """
 import sys, torch
 from safetensors.torch import save_file
-from spikelm.presets import resolve_config
-from spikelm.pretrain import run_pretraining
+from spikelm.training.presets import resolve_config
+from spikelm.training.pretrain import run_pretraining
 out, sets = sys.argv[1], sys.argv[2:]
 torch.set_num_threads(1)
 result = run_pretraining(resolve_config("tiny", sets=sets), out, progress=False)
@@ -239,8 +239,8 @@ def test_two_processes_end_with_identical_parameters_and_alphas(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["processes"] == 2
     # alpha was set from the statistics of the global first batch, summed over both processes
     from spikelm.data.corpora import load_corpus
-    from spikelm.pretrain import PretrainingData, build_model
-    from spikelm.tokenization import load_bert_tokenizer
+    from spikelm.training.pretrain import PretrainingData, build_model
+    from spikelm.data.tokenization import load_bert_tokenizer
 
     config, tok = resolve_config("tiny", sets=sets), load_bert_tokenizer()
     global_batch = PretrainingData(config, tok, load_corpus(text_file=SONNETS), 1, 0).micro_batches(0, 0)[0]
@@ -254,8 +254,8 @@ def test_two_processes_end_with_identical_parameters_and_alphas(tmp_path):
 
 def test_processes_take_different_slices_of_the_global_batch():
     from spikelm.data.corpora import load_corpus
-    from spikelm.pretrain import PretrainingData
-    from spikelm.tokenization import load_bert_tokenizer
+    from spikelm.training.pretrain import PretrainingData
+    from spikelm.data.tokenization import load_bert_tokenizer
 
     tok = load_bert_tokenizer()
     config = resolve_config("tiny", sets=["batch_size=8", "grad_accum=2", "max_length=32"])
@@ -344,8 +344,8 @@ def test_causal_pretraining_end_to_end(tmp_path, capsys):
 
     # the unigram baseline: the training stream's token counts (documents' tokens + one separator each)
     from spikelm.data.corpora import load_corpus
-    from spikelm.pretrain import PretrainingData
-    from spikelm.tokenization import load_bert_tokenizer
+    from spikelm.training.pretrain import PretrainingData
+    from spikelm.data.tokenization import load_bert_tokenizer
 
     tok = load_bert_tokenizer()
     data = PretrainingData(resolve_config("tiny", sets=["objective=clm"]), tok, load_corpus(text_file=SONNETS), 1, 0)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from spikelm.cli import main
-from spikelm.glue.finetune import load_task_data
-from spikelm.reproduce import VARIANTS, pretrain_config, Budget
-from spikelm.reproduce_report import DOC_BEGIN, DOC_END, PLOTS
-from spikelm.tokenization import sample_text_path
+from spikelm.commands.main import main
+from spikelm.training.finetune import load_task_data
+from spikelm.experiments.reproduce import VARIANTS, pretrain_config, Budget
+from spikelm.experiments.reproduce_report import DOC_BEGIN, DOC_END, PLOTS
+from spikelm.data.tokenization import sample_text_path
 
 GLUE = Path(__file__).parent / "fixtures" / "glue"
 TINY = ["--set", "hidden_size=32", "--set", "num_hidden_layers=1", "--set", "num_attention_heads=2",

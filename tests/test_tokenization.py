@@ -6,7 +6,7 @@ import zipfile
 import pytest
 
 from spikelm.data import fetch
-from spikelm.tokenization import load_bert_tokenizer, load_tokenizer, sample_text_path, train_wordpiece
+from spikelm.data.tokenization import load_bert_tokenizer, load_tokenizer, sample_text_path, train_wordpiece
 
 
 def test_bert_base_uncased_ids():
@@ -31,7 +31,7 @@ def _fake_gpt2_wheel(tmp_path):
 
 
 def test_gpt2_loader_reads_the_verified_cached_wheel(tmp_path, monkeypatch):
-    import spikelm.tokenization as tokenization
+    import spikelm.data.tokenization as tokenization
 
     wheel, bpe = _fake_gpt2_wheel(tmp_path)
     monkeypatch.setenv("SPIKELM_CACHE", str(tmp_path / "cache"))

@@ -1,1 +1,1 @@
-"""Subcommands of the ``spikelm`` command line (see :mod:`spikelm.cli`)."""
+"""Subcommands of the ``spikelm`` command line (see :mod:`spikelm.commands.main`)."""

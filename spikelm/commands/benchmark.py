@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..cli import UserError, add_output_dir
+from .main import UserError, add_output_dir
 
 
 def register(sub) -> None:
@@ -35,8 +35,8 @@ def register(sub) -> None:
 def run(args) -> int:
     import torch
 
-    from ..benchmark import HEADLINE, cases_for, format_table, machine_info, measure_case
-    from ..outputs import prepare_output_dir, write_json_atomic
+    from spikelm.experiments.benchmark import HEADLINE, cases_for, format_table, machine_info, measure_case
+    from spikelm.outputs import prepare_output_dir, write_json_atomic
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -55,7 +55,7 @@ def run(args) -> int:
     report = {"machine": machine_info(device), "device": device, "dtype": dtype_name, "quick": args.quick,
               "cases": results}
     if lengths:
-        from ..benchmark import format_generation_table, measure_generation
+        from spikelm.experiments.benchmark import format_generation_table, measure_generation
 
         print(f"measuring generation at lengths {lengths} ({device}, float32)...", flush=True)
         report["generation"] = measure_generation(lengths, device, repeats=min(repeats, 3))

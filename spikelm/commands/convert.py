@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import add_output_dir
+from .main import add_output_dir
 
 
 def register(sub) -> None:
@@ -21,8 +21,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..convert import load_official_checkpoint
-    from ..outputs import prepare_output_dir
+    from spikelm.conversion.official import load_official_checkpoint
+    from spikelm.outputs import prepare_output_dir
 
     model = load_official_checkpoint(args.checkpoint, args.config)  # validate before touching the output
     out = prepare_output_dir(args.output_dir, "convert-official", args.overwrite)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..cli import add_output_dir
+from .main import add_output_dir
 
 
 def register_data(sub) -> None:
@@ -26,9 +26,9 @@ def register_data(sub) -> None:
 
 
 def run(args) -> int:
-    from ..cli import UserError
-    from ..data.brown import TEXT_FILE, brown_text, fetch_brown
-    from ..outputs import prepare_output_dir, write_json_atomic, write_text_atomic
+    from .main import UserError
+    from spikelm.data.brown import TEXT_FILE, brown_text, fetch_brown
+    from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
 
     if args.every < 1:
         raise UserError(f"--every must be at least 1, got {args.every}")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from ..cli import add_output_dir
+from .main import add_output_dir
 
 
 def register_data(sub) -> None:
-    from ..data.corpora import CORPORA, DEFAULT_CORPUS
+    from spikelm.data.corpora import CORPORA, DEFAULT_CORPUS
 
     named = "; ".join(f"{name} ({' + '.join(sources)})" for name, sources in CORPORA.items())
     p = sub.add_parser(
@@ -42,8 +42,8 @@ def register_data(sub) -> None:
 
 
 def run_prepare(args) -> int:
-    from ..cli import UserError
-    from ..data.corpora import CORPORA, build_corpus, corpus_report, load_corpus, prepare_named_corpus, \
+    from .main import UserError
+    from spikelm.data.corpora import CORPORA, build_corpus, corpus_report, load_corpus, prepare_named_corpus, \
         read_text_file, save_corpus
 
     if args.name is not None and args.text_file is not None:
@@ -63,9 +63,9 @@ def run_prepare(args) -> int:
 
 
 def run_train_tokenizer(args) -> int:
-    from ..data.corpora import load_corpus
-    from ..outputs import prepare_output_dir
-    from ..tokenization import train_wordpiece
+    from spikelm.data.corpora import load_corpus
+    from spikelm.outputs import prepare_output_dir
+    from spikelm.data.tokenization import train_wordpiece
 
     corpus = load_corpus(args.name, args.text_file)
     tokenizer = train_wordpiece(corpus["train"]["text"], args.vocab_size)

@@ -1,12 +1,12 @@
-"""``spikelm data prepare-glue-offline``: the offline GLUE-style suite (see :mod:`spikelm.glue.offline`)."""
+"""``spikelm data prepare-glue-offline``: the offline GLUE-style suite (see :mod:`spikelm.evaluation.glue.offline`)."""
 
 from __future__ import annotations
 
-from ..cli import UserError, add_output_dir
+from .main import UserError, add_output_dir
 
 
 def register_data(sub) -> None:
-    from ..glue.offline import OFFLINE_TASKS
+    from spikelm.evaluation.glue.offline import OFFLINE_TASKS
 
     p = sub.add_parser(
         "prepare-glue-offline",
@@ -25,8 +25,8 @@ def register_data(sub) -> None:
 
 
 def run(args) -> int:
-    from ..glue.offline import OFFLINE_TASKS, format_summary, prepare_offline_suite
-    from ..outputs import prepare_output_dir
+    from spikelm.evaluation.glue.offline import OFFLINE_TASKS, format_summary, prepare_offline_suite
+    from spikelm.outputs import prepare_output_dir
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in names if t not in OFFLINE_TASKS]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import add_output_dir
+from .main import add_output_dir
 
 
 def register(sub) -> None:
@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 
 def step_corpus(args, context: dict) -> None:
-    from ..data.corpora import corpus_report, load_corpus
+    from spikelm.data.corpora import corpus_report, load_corpus
 
     corpus = load_corpus(args.corpus, args.text_file)
     report = corpus_report(corpus)
@@ -49,8 +49,8 @@ def step_corpus(args, context: dict) -> None:
 
 
 def step_pretrain(args, context: dict) -> None:
-    from ..presets import resolve_config
-    from ..pretrain import run_pretraining
+    from spikelm.training.presets import resolve_config
+    from spikelm.training.pretrain import run_pretraining
 
     config = resolve_config("tiny", sets=[*args.sets, f"max_minutes={args.minutes}"], corpus=args.corpus,
                             text_file=args.text_file, max_steps=args.max_steps, eval_every=10**9,
@@ -69,8 +69,8 @@ def step_pretrain(args, context: dict) -> None:
 def step_spikes(args, context: dict) -> None:
     import torch
 
-    from .. import SpikeLMForPreTraining, collect_spike_stats, record_spike_stats
-    from ..tokenization import load_tokenizer, sample_text_path
+    from spikelm import SpikeLMForPreTraining, collect_spike_stats, record_spike_stats
+    from spikelm.data.tokenization import load_tokenizer, sample_text_path
 
     model = SpikeLMForPreTraining.from_pretrained(context["model_dir"]).eval()
     tokenizer = load_tokenizer(str(context["model_dir"]))
@@ -89,8 +89,8 @@ def step_spikes(args, context: dict) -> None:
 def step_finetune(args, context: dict) -> None:
     from transformers import AutoConfig
 
-    from ..glue.finetune import CustomColumns, Settings, finetune
-    from ..glue.offline import prepare_offline_suite
+    from spikelm.training.finetune import CustomColumns, Settings, finetune
+    from spikelm.evaluation.glue.offline import prepare_offline_suite
 
     # the first 64 tokens of an article name its topic well enough, at half the cost of 128
     max_length = min(64, AutoConfig.from_pretrained(context["model_dir"]).max_position_embeddings)
@@ -111,11 +111,11 @@ def step_finetune(args, context: dict) -> None:
 
 
 def step_energy(args, context: dict) -> None:
-    from .. import SpikeLMForSequenceClassification
-    from ..energy import measure_energy
-    from ..energy_report import write_energy_report
-    from ..outputs import write_json_atomic
-    from ..tokenization import load_tokenizer, sample_text_path
+    from spikelm import SpikeLMForSequenceClassification
+    from spikelm.evaluation.energy import measure_energy
+    from spikelm.evaluation.energy_report import write_energy_report
+    from spikelm.outputs import write_json_atomic
+    from spikelm.data.tokenization import load_tokenizer, sample_text_path
     from .energy import pack_windows, padded_batches
 
     model_dir = context.get("finetuned_dir", context["model_dir"])
@@ -139,7 +139,7 @@ STEPS = [("corpus", step_corpus), ("pretrain", step_pretrain), ("spikes", step_s
 
 
 def run(args) -> int:
-    from ..outputs import prepare_output_dir
+    from spikelm.outputs import prepare_output_dir
 
     out = prepare_output_dir(Path(args.output_dir), "demo", args.overwrite)
     context = {"output_dir": out}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import UserError, add_output_dir
-from ..energy import E_AC_PJ, E_MAC_PJ
+from .main import UserError, add_output_dir
+from spikelm.evaluation.energy import E_AC_PJ, E_MAC_PJ
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
@@ -68,7 +68,7 @@ def load_tokenizer(model_dir: Path, vocab_size: int):
     """The tokenizer saved with the model, else the packaged bert-base-uncased WordPiece."""
     from transformers import AutoTokenizer
 
-    from ..tokenization import load_bert_tokenizer
+    from spikelm.data.tokenization import load_bert_tokenizer
 
     if any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -132,7 +132,7 @@ def text_features(text_file: Path, tokenizer, max_length: int) -> tuple[list[dic
 
 def task_features(args, tokenizer) -> tuple[list[dict], str]:
     """The examples of one split of a fine-tuning task, tokenized (truncated to --max-length, unpadded)."""
-    from ..glue.finetune import CustomColumns, encode, load_task_data
+    from spikelm.training.finetune import CustomColumns, encode, load_task_data
 
     custom = None
     if args.task == "custom":
@@ -152,9 +152,9 @@ def task_features(args, tokenizer) -> tuple[list[dict], str]:
 def run(args) -> int:
     from tqdm import tqdm
 
-    from ..energy import EnergyConstants, measure_energy
-    from ..energy_report import write_energy_report
-    from ..outputs import prepare_output_dir, write_json_atomic
+    from spikelm.evaluation.energy import EnergyConstants, measure_energy
+    from spikelm.evaluation.energy_report import write_energy_report
+    from spikelm.outputs import prepare_output_dir, write_json_atomic
 
     for flag, value in (("--max-length", args.max_length), ("--batch-size", args.batch_size),
                         ("--max-sequences", args.max_sequences)):

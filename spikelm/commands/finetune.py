@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import UserError, add_output_dir
+from .main import UserError, add_output_dir
 
 TASK_HELP = (
     "GLUE layouts read from --data-dir (train.tsv, dev.tsv, optional test.tsv, headers as in the GLUE "
@@ -50,7 +50,7 @@ def add_baseline_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args):
-    from ..glue.finetune import Settings
+    from spikelm.training.finetune import Settings
 
     return Settings(args.learning_rate, args.batch_size, args.epochs, args.max_length, args.seed,
                     args.max_train_samples, args.max_eval_samples, args.padding)
@@ -95,7 +95,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..glue.finetune import CustomColumns, finetune
+    from spikelm.training.finetune import CustomColumns, finetune
 
     custom = CustomColumns(tuple(c.strip() for c in args.text_columns.split(",") if c.strip()), args.label_column,
                            args.regression)

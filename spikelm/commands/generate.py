@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import UserError, add_output_dir
+from .main import UserError, add_output_dir
 
 
 def register(sub) -> None:
@@ -54,8 +54,8 @@ def run(args) -> int:
 
     import torch
 
-    from ..causal_lm import load_causal_lm, load_tokenizer
-    from ..outputs import prepare_output_dir, write_json_atomic
+    from spikelm.evaluation.perplexity import load_causal_lm, load_tokenizer
+    from spikelm.outputs import prepare_output_dir, write_json_atomic
 
     _check_args(args)
     model = load_causal_lm(args.model)

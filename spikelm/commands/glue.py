@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..cli import UserError, add_output_dir
+from .main import UserError, add_output_dir
 from .finetune import add_recipe_arguments, settings_from_args
 
 
 def register(sub) -> None:
-    from ..glue.models import VARIANTS
+    from spikelm.evaluation.glue.models import VARIANTS
 
     p = sub.add_parser(
         "glue",
@@ -46,10 +46,10 @@ def _model_for(args, variant: str, task: str) -> str:
 
 
 def run(args) -> int:
-    from ..glue.finetune import CustomColumns, finetune
-    from ..glue.models import VARIANTS
-    from ..glue.report import markdown_table, resolve_tasks
-    from ..outputs import prepare_output_dir, write_json_atomic, write_text_atomic
+    from spikelm.training.finetune import CustomColumns, finetune
+    from spikelm.evaluation.glue.models import VARIANTS
+    from spikelm.evaluation.glue.report import markdown_table, resolve_tasks
+    from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
 
     tasks = resolve_tasks(args.tasks)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]

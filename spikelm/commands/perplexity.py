@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import add_output_dir
+from .main import add_output_dir
 
 
 def register(sub) -> None:
@@ -33,10 +33,10 @@ def run(args) -> int:
 
     import torch
 
-    from ..causal_lm import (load_causal_lm, load_tokenizer, load_unigram_log_probs, read_text,
+    from spikelm.evaluation.perplexity import (load_causal_lm, load_tokenizer, load_unigram_log_probs, read_text,
                              sliding_window_perplexity, unigram_perplexity)
-    from ..cli import UserError
-    from ..outputs import prepare_output_dir, write_json_atomic
+    from .main import UserError
+    from spikelm.outputs import prepare_output_dir, write_json_atomic
 
     text = read_text(args.text_file)
     model = load_causal_lm(args.model)

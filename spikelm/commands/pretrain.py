@@ -1,13 +1,13 @@
-"""``spikelm pretrain``: pretrain SpikeLM from scratch (see :mod:`spikelm.pretrain`)."""
+"""``spikelm pretrain``: pretrain SpikeLM from scratch (see :mod:`spikelm.training.pretrain`)."""
 
 from __future__ import annotations
 
-from ..cli import add_output_dir
+from .main import add_output_dir
 
 
 def register(sub) -> None:
-    from ..data.objectives import OBJECTIVES
-    from ..presets import PRESETS
+    from spikelm.data.objectives import OBJECTIVES
+    from spikelm.training.presets import PRESETS
 
     p = sub.add_parser(
         "pretrain",
@@ -40,8 +40,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..presets import resolve_config
-    from ..pretrain import run_pretraining
+    from spikelm.training.presets import resolve_config
+    from spikelm.training.pretrain import run_pretraining
 
     config = resolve_config(args.preset, args.config, args.sets, objective=args.objective, corpus=args.corpus,
                             text_file=args.text_file, tokenizer=args.tokenizer, max_steps=args.max_steps)

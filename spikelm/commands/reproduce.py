@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..cli import UserError, add_output_dir
+from .main import UserError, add_output_dir
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -13,7 +13,7 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def register(sub) -> None:
-    from ..reproduce import DEFAULT_TASKS, VARIANTS, Budget
+    from spikelm.experiments.reproduce import DEFAULT_TASKS, VARIANTS, Budget
 
     d = Budget()
     p = sub.add_parser(
@@ -65,14 +65,14 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from ..presets import parse_value
-    from ..reproduce import VARIANTS, Budget, run_experiment
-    from ..reproduce_report import markdown, write_report
+    from spikelm.training.presets import parse_value
+    from spikelm.experiments.reproduce import VARIANTS, Budget, run_experiment
+    from spikelm.experiments.reproduce_report import markdown, write_report
 
     if args.doc_block is not None and args.doc is None:
         raise UserError("--doc-block names a block of the --doc file; give --doc too")
     if args.doc is not None:  # before any row runs, not after the first one
-        from ..reproduce_report import check_doc
+        from spikelm.experiments.reproduce_report import check_doc
 
         try:
             check_doc(args.doc, args.doc_block)

@@ -323,7 +323,7 @@ def named_corpus_documents(name: str) -> Iterator[Document]:
 
 def corpus_report(corpus, tokenizer=None) -> dict:
     """Documents, words and tokens (bert-base-uncased WordPiece unless ``tokenizer``) per split and source."""
-    from ..tokenization import load_bert_tokenizer
+    from .tokenization import load_bert_tokenizer
 
     tokenizer = tokenizer or load_bert_tokenizer()
     report = {"tokenizer": tokenizer.name_or_path, "splits": {}, "sources": {}}
@@ -353,7 +353,7 @@ def named_corpus_dir(name: str) -> Path:
 
 def save_corpus(corpus, path: Path, report: dict, overwrite: bool = False) -> Path:
     """Save into ``path`` (refusing a directory that holds something else unless ``overwrite``)."""
-    from ..outputs import prepare_output_dir, write_json_atomic
+    from spikelm.outputs import prepare_output_dir, write_json_atomic
 
     path = prepare_output_dir(path, "data prepare-corpus", overwrite, identity={"corpus": report["corpus"]})
     corpus.save_to_disk(str(path))

@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli import UserError
+from spikelm.commands.main import UserError
 
 
 @dataclass(frozen=True)

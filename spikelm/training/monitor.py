@@ -7,8 +7,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .neuron import ElasticBiSpikingNeuron
-from .stats import record_spike_stats
+from spikelm.nn.neuron import ElasticBiSpikingNeuron
+from spikelm.nn.stats import record_spike_stats
 
 
 class FiringRateMonitor:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from ..cli import UserError
-from ..configuration_spikelm import SpikeLMConfig
-from ..convert import bert_to_spikelm_state_dict
-from ..modeling_spikelm import SpikeLMForSequenceClassification
+from spikelm.commands.main import UserError
+from spikelm.models.configuration_spikelm import SpikeLMConfig
+from spikelm.conversion.official import bert_to_spikelm_state_dict
+from spikelm.models.modeling_spikelm import SpikeLMForSequenceClassification
 from .tasks import GlueTask
 
 # fields whose change makes a checkpoint's alphas meaningless
@@ -67,7 +67,7 @@ def quiet_transformers():
 def _model_type(name: str) -> tuple[str, str]:
     """``(model_type, path_or_name)`` of ``--model``."""
     if name == MINILM_NAME:
-        from ..data.sources import minilm_dir
+        from spikelm.data.sources import minilm_dir
 
         return "bert", str(minilm_dir())
     path = Path(name)
@@ -204,7 +204,7 @@ def load_tokenizer(model_path: str, tokenizer: str | None, warnings: list[str]):
     """The model directory's tokenizer, else ``--tokenizer``, else the shipped bert-base-uncased one."""
     from transformers import AutoTokenizer
 
-    from ..tokenization import load_bert_tokenizer
+    from spikelm.data.tokenization import load_bert_tokenizer
 
     local = Path(model_path)
     if local.is_dir() and any((local / f).is_file() for f in TOKENIZER_FILES):

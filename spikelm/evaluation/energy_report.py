@@ -1,6 +1,6 @@
 """The energy report: a markdown page stating the formula and constants with every figure, and plots.
 
-Input is the dict of :func:`spikelm.energy.summarize` (plus the ``model``/``input`` descriptions the
+Input is the dict of :func:`spikelm.evaluation.energy.summarize` (plus the ``model``/``input`` descriptions the
 command adds); matplotlib draws without a display (no pyplot state).
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from .outputs import write_text_atomic
+from spikelm.outputs import write_text_atomic
 
 HEATMAP = "firing_rate_heatmap.png"
 SIGNS = "spike_signs.png"

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..cli import UserError
-from ..data.splits import BBC_TOPICS, BIBLE_MRPC, SplitRule
-from ..outputs import write_json_atomic, write_text_atomic
-from ..data import sources
+from spikelm.commands.main import UserError
+from spikelm.data.splits import BBC_TOPICS, BIBLE_MRPC, SplitRule
+from spikelm.outputs import write_json_atomic, write_text_atomic
+from spikelm.data import sources
 
 VITAMINC_PAGES = SplitRule(salt="vitaminc-page", dev=0.05, test=0.05)
 VITAMINC_CLAIMS = SplitRule(salt="vitaminc-claim", dev=0.05, test=0.05)

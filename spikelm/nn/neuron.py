@@ -221,7 +221,7 @@ _compile_failed = False
 
 def _triton_available() -> bool:
     try:
-        from . import neuron_triton  # noqa: F401  (imports triton)
+        from . import kernels_triton  # noqa: F401  (imports triton)
     except ImportError:
         return False
     return True
@@ -278,7 +278,7 @@ def fused_spike_forward(x, alpha, spike_levels, reset, use_amplitude, membrane, 
     x3 = _as_steps_rows_cols(x.detach())
     args = (x3, alpha.detach(), spike_levels, reset, use_amplitude, membrane, keep_codes, keep_ratio)
     if kernel == "triton":
-        from .neuron_triton import triton_spike_forward
+        from .kernels_triton import triton_spike_forward
 
         out = triton_spike_forward(*args)
     elif kernel == "compiled":
@@ -301,7 +301,7 @@ def fused_spike_backward(grad_s, codes, ratio, alpha, spike_levels, reset, use_a
     c3 = _as_steps_rows_cols(codes)
     args = (g3, c3, alpha.detach(), spike_levels, reset, use_amplitude, membrane, grad_dtype, spike_dtype)
     if kernel == "triton":
-        from .neuron_triton import triton_spike_backward
+        from .kernels_triton import triton_spike_backward
 
         grad_x, spikes = triton_spike_backward(*args)
     elif kernel == "compiled":

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from .configuration_spikelm import SpikeLMConfig
-from .data.objectives import OBJECTIVES
+from spikelm.models.configuration_spikelm import SpikeLMConfig
+from spikelm.data.objectives import OBJECTIVES
 
 
 class ConfigError(ValueError):

@@ -7,7 +7,7 @@ serves any model built from these pieces: the encoder family and the causal deco
 
 What is counted, per step t, over real (non-padding) tokens only:
 
-* ``W s_t`` of a :class:`~spikelm.layers.SpikeLinear` (the spike is the input): every nonzero spike of
+* ``W s_t`` of a :class:`~spikelm.nn.layers.SpikeLinear` (the spike is the input): every nonzero spike of
   either sign is added into each of the layer's outputs, so ACs = nonzero inputs x ``out_features``;
   then one multiplication by alpha_t per output: MACs = real tokens x ``out_features`` (none when
   ``use_amplitude=False``: the spikes are then +-1).
@@ -38,8 +38,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import SpikeLinear
-from .neuron import ElasticBiSpikingNeuron
+from spikelm.nn.layers import SpikeLinear
+from spikelm.nn.neuron import ElasticBiSpikingNeuron
 
 E_AC_PJ = 0.9  # one 32-bit floating-point addition, 45 nm (Horowitz, ISSCC 2014)
 E_MAC_PJ = 4.6  # one 32-bit floating-point multiply-accumulate, 45 nm

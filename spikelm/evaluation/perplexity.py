@@ -18,8 +18,8 @@ def load_causal_lm(model_dir: str | Path):
     """The :class:`SpikeLMForCausalLM` saved in ``model_dir`` (eval mode); a clear error for anything else."""
     from transformers import AutoConfig
 
-    from .configuration_spikelm import SpikeLMConfig
-    from .modeling_spikelm_causal import SpikeLMForCausalLM
+    from spikelm.models.configuration_spikelm import SpikeLMConfig
+    from spikelm.models.modeling_spikelm_causal import SpikeLMForCausalLM
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():

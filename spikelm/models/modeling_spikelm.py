@@ -24,8 +24,8 @@ from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutp
 from transformers.utils import ModelOutput
 
 from .configuration_spikelm import SpikeLMConfig
-from .layers import SpikeLinear
-from .neuron import ElasticBiSpikingNeuron
+from spikelm.nn.layers import SpikeLinear
+from spikelm.nn.neuron import ElasticBiSpikingNeuron
 
 try:  # transformers >= 5: init functions that leave loaded tensors alone
     from transformers import initialization as init

@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .configuration_spikelm import SpikeLMConfig
 from .modeling_spikelm import SpikeLMPreTrainedModel, _check_inputs, make_linear, make_respike
-from .neuron import ALPHA_FLOOR
+from spikelm.nn.neuron import ALPHA_FLOOR
 
 # ----------------------------------------------------------------------------------------------
 # Positions and masks

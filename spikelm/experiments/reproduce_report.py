@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .outputs import write_json_atomic, write_text_atomic
+from spikelm.outputs import write_json_atomic, write_text_atomic
 
 REPORT_DIR = "report"
 DOC_BEGIN, DOC_END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
@@ -50,8 +50,8 @@ def load_rows(out: Path) -> list[dict]:
 
 def columns(tasks: list[str]) -> list[tuple[str, str, str]]:
     """``(task, metric key, header)`` per table column: two for an MNLI-like task (matched, mismatched)."""
-    from .glue.report import METRIC_NAMES, resolve_tasks
-    from .glue.tasks import TASKS
+    from spikelm.evaluation.glue.report import METRIC_NAMES, resolve_tasks
+    from spikelm.evaluation.glue.tasks import TASKS
 
     out = []
     for t in resolve_tasks(",".join(tasks)):

@@ -130,7 +130,7 @@ def _spike_backward_kernel(
 
 
 def triton_spike_forward(x, alpha, spike_levels, reset, use_amplitude, membrane, keep_codes, keep_ratio):
-    """Like :func:`spikelm.neuron.spike_steps` for ``x`` of shape (T, rows, cols), any strides."""
+    """Like :func:`spikelm.nn.neuron.spike_steps` for ``x`` of shape (T, rows, cols), any strides."""
     steps, rows, cols = x.shape
     n = rows * cols
     spikes = torch.empty((steps, rows, cols), dtype=x.dtype, device=x.device)
@@ -147,7 +147,7 @@ def triton_spike_forward(x, alpha, spike_levels, reset, use_amplitude, membrane,
 
 
 def triton_spike_backward(grad_s, codes, alpha, spike_levels, reset, use_amplitude, membrane, grad_dtype, spike_dtype):
-    """Like :func:`spikelm.neuron.spike_steps_backward`; ``grad_s`` and ``codes`` contiguous (T, rows, cols)."""
+    """Like :func:`spikelm.nn.neuron.spike_steps_backward`; ``grad_s`` and ``codes`` contiguous (T, rows, cols)."""
     n = codes[0].numel()
     grad_x = torch.empty(codes.shape, dtype=grad_dtype, device=codes.device)
     spikes = torch.empty(codes.shape, dtype=spike_dtype, device=codes.device) if spike_dtype is not None else None

@@ -33,11 +33,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .causal_lm import TOKEN_COUNTS_FILE, unigram_log_probs
-from .configuration_spikelm import SpikeLMConfig
-from .data.corpora import load_corpus
-from .data.objectives import IGNORE_INDEX, Batcher, build_examples, document_separator, tokenize_corpus
-from .outputs import prepare_output_dir, write_json_atomic, write_text_atomic
+from spikelm.evaluation.perplexity import TOKEN_COUNTS_FILE, unigram_log_probs
+from spikelm.models.configuration_spikelm import SpikeLMConfig
+from spikelm.data.corpora import load_corpus
+from spikelm.data.objectives import IGNORE_INDEX, Batcher, build_examples, document_separator, tokenize_corpus
+from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
 from .presets import PretrainConfig
 
 COMMAND = "pretrain"
@@ -85,8 +85,8 @@ def model_config(config: PretrainConfig, tokenizer) -> SpikeLMConfig:
 def build_model(config: PretrainConfig, tokenizer):
     """A randomly initialised ``SpikeLMForCausalLM`` (clm), ``SpikeLMForPreTraining`` (mlm-nsp) or
     ``SpikeLMForMaskedLM`` (mlm)."""
-    from .modeling_spikelm import SpikeLMForMaskedLM, SpikeLMForPreTraining
-    from .modeling_spikelm_causal import SpikeLMForCausalLM
+    from spikelm.models.modeling_spikelm import SpikeLMForMaskedLM, SpikeLMForPreTraining
+    from spikelm.models.modeling_spikelm_causal import SpikeLMForCausalLM
 
     classes = {"clm": SpikeLMForCausalLM, "mlm-nsp": SpikeLMForPreTraining, "mlm": SpikeLMForMaskedLM}
     return classes[config.objective](model_config(config, tokenizer))
@@ -368,7 +368,7 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from .tokenization import load_tokenizer
+    from spikelm.data.tokenization import load_tokenizer
 
     config.check()
     mixed = config.mixed_precision

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cli import UserError
-from ..outputs import prepare_output_dir, write_json_atomic, write_text_atomic
-from .metrics import compute_metrics, selection_value
-from .models import load_starting_point, quiet_transformers
-from .tasks import Examples, GlueTask, TaskData, get_task, load_custom, load_glue_folder, load_glue_hub
+from spikelm.commands.main import UserError
+from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
+from spikelm.evaluation.glue.metrics import compute_metrics, selection_value
+from spikelm.evaluation.glue.models import load_starting_point, quiet_transformers
+from spikelm.evaluation.glue.tasks import Examples, GlueTask, TaskData, get_task, load_custom, load_glue_folder, load_glue_hub
 
 
 @dataclass

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .configuration_spikelm import SpikeLMConfig
-from .modeling_spikelm import SpikeLMModel
+from spikelm.models.configuration_spikelm import SpikeLMConfig
+from spikelm.models.modeling_spikelm import SpikeLMModel
 
 PATHS = ("fused", "reference", "bert")
 
@@ -249,7 +249,7 @@ GENERATION_SHAPE = dict(vocab_size=50257, hidden_size=256, num_hidden_layers=4, 
 
 
 def _causal_model(spiking: bool, max_length: int, device: str):
-    from .modeling_spikelm_causal import SpikeLMForCausalLM
+    from spikelm.models.modeling_spikelm_causal import SpikeLMForCausalLM
 
     config = SpikeLMConfig(**GENERATION_SHAPE, max_position_embeddings=max_length, position_embedding_type="rotary",
                            spiking=spiking, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,

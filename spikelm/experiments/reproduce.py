@@ -11,12 +11,12 @@ seeds. Only the spiking settings differ:
     spikelm-t4   ternary elastic spikes, T=4
     ablations of spikelm-t4: the symmetric reset, and alpha learned (LSQ gradient) instead of frozen
 
-A row is one (variant, seed): pretrain (``spikelm.pretrain.run_pretraining``), fine-tune on each task
-(``spikelm.glue.finetune.finetune``), then measure energy and firing rates
-(``spikelm.energy.measure_energy``) on 128-token windows of the corpus's validation split. Its
+A row is one (variant, seed): pretrain (``spikelm.training.pretrain.run_pretraining``), fine-tune on each task
+(``spikelm.training.finetune.finetune``), then measure energy and firing rates
+(``spikelm.evaluation.energy.measure_energy``) on 128-token windows of the corpus's validation split. Its
 figures go to ``OUTPUT_DIR/rows/<variant>-seed<S>.json``, written atomically when the row is done;
 a rerun skips finished rows, resumes a row's pretraining from its latest checkpoint and reuses its
-finished fine-tuning runs. After every row the report (``spikelm.reproduce_report``) is rewritten.
+finished fine-tuning runs. After every row the report (``spikelm.experiments.reproduce_report``) is rewritten.
 
 The same code runs one process on a CPU or GPU, or several under ``accelerate launch``: pretraining
 and fine-tuning are data-parallel, the bookkeeping, energy counts and report are done by the main
@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import UserError
-from .outputs import prepare_output_dir, write_json_atomic, write_text_atomic
+from spikelm.commands.main import UserError
+from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
 
 COMMAND = "reproduce"
 DEFAULT_TASKS = ("multiemo-sst2", "vitaminc", "bbc-topics")
@@ -108,8 +108,8 @@ def planned_rows(variants: list[str], seeds: list[int], ablation_seeds: list[int
 
 def task_splits(task: str) -> tuple[str, tuple[str, ...]]:
     """``(layout, dev splits)`` of an offline task (the layout is the ``finetune`` task it runs as)."""
-    from .glue.offline import OFFLINE_TASKS
-    from .glue.tasks import get_task
+    from spikelm.evaluation.glue.offline import OFFLINE_TASKS
+    from spikelm.evaluation.glue.tasks import get_task
 
     if task not in OFFLINE_TASKS:
         raise UserError(f"--tasks: {task!r} is not a task of the offline suite ({', '.join(OFFLINE_TASKS)})")
@@ -146,8 +146,8 @@ def majority_baselines(data_dir: Path, tasks: tuple[str, ...]) -> dict:
     """Each task's dev metrics when every example gets the training subset's most frequent label."""
     from collections import Counter
 
-    from .glue.finetune import CustomColumns, load_task_data
-    from .glue.metrics import compute_metrics
+    from spikelm.training.finetune import CustomColumns, load_task_data
+    from spikelm.evaluation.glue.metrics import compute_metrics
 
     baselines = {}
     for task in tasks:
@@ -172,7 +172,7 @@ def majority_baselines(data_dir: Path, tasks: tuple[str, ...]) -> dict:
 
 
 def pretrain_config(budget: Budget, variant: Variant, seed: int):
-    from .presets import apply_overrides, resolve_config
+    from spikelm.training.presets import apply_overrides, resolve_config
 
     fixed = sorted(set(budget.pretrain_overrides) & set(FIXED_FIELDS))
     if fixed:
@@ -190,7 +190,7 @@ def pretrain_config(budget: Budget, variant: Variant, seed: int):
 
 def run_pretraining_stage(budget: Budget, variant: Variant, seed: int, out: Path, log) -> dict:
     """Pretrain (or resume, or reuse a finished pretraining); returns its metrics."""
-    from .pretrain import latest_checkpoint, run_pretraining
+    from spikelm.training.pretrain import latest_checkpoint, run_pretraining
 
     if (out / "metrics.json").is_file() and (out / "model.safetensors").is_file():
         log(f"  pretraining: done before, reusing {out}")
@@ -209,7 +209,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def run_finetuning_stage(budget: Budget, task: str, seed: int, model_dir: Path, data_dir: Path, out: Path,
                          log) -> dict:
     """Fine-tune on one task (or reuse a finished run); returns eval_results plus the per-epoch curve."""
-    from .glue.finetune import CustomColumns, Settings, finetune
+    from spikelm.training.finetune import CustomColumns, Settings, finetune
 
     if (out / "eval_results.json").is_file():
         log(f"  {task}: done before, reusing {out}")
@@ -230,8 +230,8 @@ def run_finetuning_stage(budget: Budget, task: str, seed: int, model_dir: Path, 
 
 def corpus_windows(corpus: str, tokenizer, count: int, max_length: int) -> list[dict]:
     """The first ``count`` full windows of ``max_length`` tokens of the corpus's validation split."""
-    from .commands.energy import pack_windows
-    from .data.corpora import load_corpus
+    from spikelm.commands.energy import pack_windows
+    from spikelm.data.corpora import load_corpus
 
     text = "\n\n".join(load_corpus(corpus)["validation"]["text"])
     windows = pack_windows(text, tokenizer, max_length)[:count]
@@ -242,7 +242,7 @@ def corpus_windows(corpus: str, tokenizer, count: int, max_length: int) -> list[
 
 def energy_of(model, batches) -> dict:
     """The energy summary's headline figures and per-neuron firing rates (per step)."""
-    from .energy import measure_energy
+    from spikelm.evaluation.energy import measure_energy
 
     summary = measure_energy(model, batches)
     keys = ("spiking", "num_sequences", "tokens_per_sequence", "num_steps", "snn_mJ_per_sequence",
@@ -255,10 +255,10 @@ def dev_energy(model_dir: Path, layout: str, data_dir: Path, budget: Budget, dev
     """Energy and firing rate of a fine-tuned model on its task's dev examples (padding not counted)."""
     from transformers import AutoTokenizer
 
-    from .commands.energy import padded_batches
-    from .glue.finetune import CustomColumns, encode, load_task_data
-    from .glue.models import quiet_transformers
-    from .modeling_spikelm import SpikeLMForSequenceClassification
+    from spikelm.commands.energy import padded_batches
+    from spikelm.training.finetune import CustomColumns, encode, load_task_data
+    from spikelm.evaluation.glue.models import quiet_transformers
+    from spikelm.models.modeling_spikelm import SpikeLMForSequenceClassification
 
     with quiet_transformers():
         model = SpikeLMForSequenceClassification.from_pretrained(model_dir)
@@ -275,9 +275,9 @@ def dev_energy(model_dir: Path, layout: str, data_dir: Path, budget: Budget, dev
 
 def run_row(budget: Budget, variant: Variant, seed: int, out: Path, data_dir: Path, state, log) -> dict:
     """Pretrain, fine-tune on every task, count energy; returns the row's record (main process)."""
-    from .glue.models import quiet_transformers
-    from .modeling_spikelm import SpikeLMForPreTraining
-    from .tokenization import load_tokenizer
+    from spikelm.evaluation.glue.models import quiet_transformers
+    from spikelm.models.modeling_spikelm import SpikeLMForPreTraining
+    from spikelm.data.tokenization import load_tokenizer
 
     started = time.perf_counter()
     row_dir = out / "runs" / row_name(variant.name, seed)

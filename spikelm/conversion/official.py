@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .configuration_spikelm import SpikeLMConfig
+from spikelm.models.configuration_spikelm import SpikeLMConfig
 
 # the authors' BertConfig fields that carry over unchanged
 _BERT_FIELDS = (
@@ -187,7 +187,7 @@ def load_official_checkpoint(path: str | Path, config_path: str | Path | None = 
     The shape comes from ``config_path`` (their BertConfig JSON with ``T``) or else from the
     safetensors metadata key ``config``.
     """
-    from .modeling_spikelm import SpikeLMForPreTraining
+    from spikelm.models.modeling_spikelm import SpikeLMForPreTraining
 
     state_dict, metadata = read_state_dict(path)
     if config_path is not None:

@@ -1,0 +1,1 @@
+"""Checkpoints from elsewhere turned into SpikeLM models: the authors' released checkpoints (``official``)."""

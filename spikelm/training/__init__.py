@@ -1,0 +1,1 @@
+"""Training recipes: pretraining (with its presets and firing-rate monitor) and task fine-tuning."""
