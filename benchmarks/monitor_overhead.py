@@ -27,8 +27,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from spikelm import SpikeLMConfig, SpikeLMForMaskedLM
-from spikelm.training.monitor import FiringRateMonitor
 from spikelm.data.tokenization import load_bert_tokenizer, sample_text_path
+from spikelm.training.monitor import FiringRateMonitor
 
 SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
 
@@ -38,8 +38,11 @@ def masked_lm_batch(tokenizer, batch_size: int, length: int) -> dict:
     ids = torch.tensor(ids[: batch_size * length]).view(batch_size, length)
     masked = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.15
     labels = ids.masked_fill(~masked, -100)
-    return {"input_ids": ids.masked_fill(masked, tokenizer.mask_token_id), "attention_mask": torch.ones_like(ids),
-            "labels": labels}
+    return {
+        "input_ids": ids.masked_fill(masked, tokenizer.mask_token_id),
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+    }
 
 
 def main() -> None:
@@ -60,8 +63,9 @@ def main() -> None:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tokenizer = load_bert_tokenizer()
-    config = SpikeLMConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=128, num_steps=args.num_steps,
-                           **SHAPE)
+    config = SpikeLMConfig(
+        vocab_size=tokenizer.vocab_size, max_position_embeddings=128, num_steps=args.num_steps, **SHAPE
+    )
     model = SpikeLMForMaskedLM(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = {k: v.to(device) for k, v in masked_lm_batch(tokenizer, args.batch_size, args.length).items()}
@@ -82,12 +86,15 @@ def main() -> None:
         train_step(None, step)
 
     # 1. one step at a time
-    single = {"plain": (None, 1), "monitor, step not recorded": (FiringRateMonitor(model, writer, every=10**9), 1),
-              "monitor, step recorded": (FiringRateMonitor(model, writer, every=1), 0)}
+    single = {
+        "plain": (None, 1),
+        "monitor, step not recorded": (FiringRateMonitor(model, writer, every=10**9), 1),
+        "monitor, step recorded": (FiringRateMonitor(model, writer, every=1), 0),
+    }
     single_times = {name: [] for name in single}
     names = list(single)
     for i in range(args.single_steps):
-        for name in names[i % 3:] + names[: i % 3]:
+        for name in names[i % 3 :] + names[: i % 3]:
             monitor, step = single[name]
             sync()
             start = time.perf_counter()
@@ -101,12 +108,15 @@ def main() -> None:
     projected = {f"every={n}": ((recorded - plain) / n + (idle - plain) * (n - 1) / n) / plain for n in (1, 10, 100)}
 
     # 2. blocks of steps, no synchronisation inside a block
-    blocks = {"none": None, "every=100": FiringRateMonitor(model, writer, every=100),
-              "every=10": FiringRateMonitor(model, writer, every=10)}
+    blocks = {
+        "none": None,
+        "every=100": FiringRateMonitor(model, writer, every=100),
+        "every=10": FiringRateMonitor(model, writer, every=10),
+    }
     block_times = {name: [] for name in blocks}
     names = list(blocks)
     for r in range(args.rounds):
-        for name in names[r % 3:] + names[: r % 3]:
+        for name in names[r % 3 :] + names[: r % 3]:
             sync()
             start = time.perf_counter()
             for step in range(args.block):

@@ -10,7 +10,6 @@ from transformers import (
 )
 
 from spikelm.models.configuration_spikelm import SpikeLMConfig
-from spikelm.nn.layers import SpikeLinear, SpikeLinearFunction
 from spikelm.models.modeling_spikelm import (
     SpikeLMForMaskedLM,
     SpikeLMForPreTraining,
@@ -27,6 +26,7 @@ from spikelm.models.modeling_spikelm_causal import (
     SpikeLMDecoderModel,
     SpikeLMForCausalLM,
 )
+from spikelm.nn.layers import SpikeLinear, SpikeLinearFunction
 from spikelm.nn.neuron import ElasticBiSpikingNeuron, MultiStepSpike, SpikeStats, reference_multistep_spike
 from spikelm.nn.stats import collect_spike_stats, record_spike_stats
 

@@ -33,7 +33,11 @@ def prepare_output_dir(path: str | Path, command: str, overwrite: bool = False, 
             except json.JSONDecodeError:
                 previous = None
         if previous is None or previous.get("command") != command:
-            what = f"the output of `spikelm {previous['command']}`" if previous and "command" in previous else "other files"
+            what = (
+                f"the output of `spikelm {previous['command']}`"
+                if previous and "command" in previous
+                else "other files"
+            )
             raise OutputDirError(
                 f"--output-dir {path} is not empty and holds {what}; choose another directory or pass --overwrite"
             )

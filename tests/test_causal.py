@@ -36,7 +36,7 @@ def decode_step_by_step(model, ids, prefill=0):
         if prefill:
             logits.append(model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits)
         for i in range(prefill, ids.shape[1]):
-            logits.append(model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits)
+            logits.append(model(ids[:, i : i + 1], past_key_values=cache, use_cache=True).logits)
     return torch.cat(logits, dim=1), cache
 
 
@@ -67,15 +67,25 @@ def test_step_by_step_decoding_equals_full_forward(overrides, seed):
         stepped, cache = decode_step_by_step(model, ids, prefill)
         if model.config.spiking:
             # the one legitimate source of a difference: a last-bit change flipping a K/V spike at the threshold
-            flips = sum(int((a.keys != b.keys).sum() + (a.values != b.values).sum())
-                        for a, b in zip(cache.layers, full.past_key_values.layers))
+            flips = sum(
+                int((a.keys != b.keys).sum() + (a.values != b.values).sum())
+                for a, b in zip(cache.layers, full.past_key_values.layers)
+            )
             assert flips == 0, f"{flips} K/V spike codes differ between cached and full decoding"
         torch.testing.assert_close(stepped, full.logits, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("overrides", [dict(num_steps=1), dict(num_steps=4), dict(num_steps=4, reset="symmetric"),
-                                       dict(num_steps=2, position_embedding_type="rotary"), dict(spiking=False)],
-                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(num_steps=1),
+        dict(num_steps=4),
+        dict(num_steps=4, reset="symmetric"),
+        dict(num_steps=2, position_embedding_type="rotary"),
+        dict(spiking=False),
+    ],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
 def test_greedy_generation_is_identical_with_and_without_cache(overrides):
     model = causal_model(**overrides)
     prompt = torch.randint(0, model.config.vocab_size, (2, 6))
@@ -115,8 +125,10 @@ def test_cached_spikes_decode_exactly_to_the_neurons_output():
     model = causal_model(num_steps=4)
     attention = model.model.layers[1].attention
     seen = {}
-    hooks = [attention.key_spike.register_forward_hook(lambda m, i, o: seen.__setitem__("key", o)),
-             attention.value_spike.register_forward_hook(lambda m, i, o: seen.__setitem__("value", o))]
+    hooks = [
+        attention.key_spike.register_forward_hook(lambda m, i, o: seen.__setitem__("key", o)),
+        attention.value_spike.register_forward_hook(lambda m, i, o: seen.__setitem__("value", o)),
+    ]
     ids = torch.randint(0, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         cache = model(ids, use_cache=True).past_key_values
@@ -146,8 +158,11 @@ def test_spike_cache_refuses_a_real_valued_model():
         model(torch.randint(0, 97, (1, 4)), past_key_values=SpikeLMCache(model.config), use_cache=True)
 
 
-@pytest.mark.parametrize("overrides", [dict(num_steps=4), dict(num_steps=2, position_embedding_type="rotary"),
-                                       dict(spiking=False)], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(num_steps=4), dict(num_steps=2, position_embedding_type="rotary"), dict(spiking=False)],
+    ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()),
+)
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(overrides):
     model = causal_model(**overrides)
     lengths = (7, 4, 2)
@@ -156,18 +171,18 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(overrides)
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = p
-        mask[row, width - len(p):] = 1
+        ids[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
     batched = model.generate(ids, attention_mask=mask, **kwargs)
     for row, p in enumerate(prompts):
         alone = model.generate(p[None], **kwargs)
-        assert torch.equal(batched[row, width:], alone[0, len(p):]), f"prompt {row} (length {len(p)})"
+        assert torch.equal(batched[row, width:], alone[0, len(p) :]), f"prompt {row} (length {len(p)})"
     # the real tokens' logits do not see the padding either
     with torch.no_grad():
         padded = model(ids, attention_mask=mask).logits
         alone = model(prompts[1][None]).logits
-    torch.testing.assert_close(padded[1, width - lengths[1]:], alone[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(padded[1, width - lengths[1] :], alone[0], atol=1e-5, rtol=0)
 
 
 def test_beam_search_runs_and_matches_without_cache():
@@ -329,9 +344,12 @@ def test_bad_inputs_and_config():
         model(torch.zeros(2, 5, dtype=torch.long), attention_mask=torch.ones(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="output_attentions"):
         model(torch.zeros(1, 3, dtype=torch.long), output_attentions=True)
-    for kwargs, match in ((dict(position_embedding_type="alibi"), "position_embedding_type"),
-                          (dict(position_embedding_type="rotary", hidden_size=30, num_attention_heads=2), "even"),
-                          (dict(rope_theta=0.0), "rope_theta"), (dict(pre_layer_norm="yes"), "pre_layer_norm")):
+    for kwargs, match in (
+        (dict(position_embedding_type="alibi"), "position_embedding_type"),
+        (dict(position_embedding_type="rotary", hidden_size=30, num_attention_heads=2), "even"),
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(pre_layer_norm="yes"), "pre_layer_norm"),
+    ):
         with pytest.raises(ValueError, match=match):
             SpikeLMConfig(**kwargs)
     for kwargs in (dict(position_embedding_type="rotary"), dict(pre_layer_norm=True)):

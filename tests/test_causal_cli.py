@@ -7,14 +7,29 @@ import torch
 import torch.nn.functional as F
 
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM, SpikeLMForMaskedLM
-from spikelm.evaluation.perplexity import load_causal_lm, load_tokenizer, read_text, sliding_window_perplexity, sliding_windows
 from spikelm.commands.main import main
 from spikelm.data.tokenization import load_bert_tokenizer, sample_text_path
+from spikelm.evaluation.perplexity import (
+    load_causal_lm,
+    load_tokenizer,
+    read_text,
+    sliding_window_perplexity,
+    sliding_windows,
+)
 
 
 def tiny_causal(**overrides):
-    kwargs = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  max_position_embeddings=40, num_steps=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    kwargs = dict(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        num_steps=2,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     kwargs.update(overrides)
     model = SpikeLMForCausalLM(SpikeLMConfig(**kwargs)).eval()
     with torch.no_grad():
@@ -64,7 +79,9 @@ def test_sliding_window_perplexity_matches_a_direct_computation():
     assert result["tokens_scored"] == count == 39
     assert result["nll_sum"] == pytest.approx(nll, rel=1e-5)
     assert result["perplexity"] == pytest.approx(torch.tensor(nll / count).exp().item(), rel=1e-5)
-    assert sliding_window_perplexity(model, ids, window, stride, batch_size=1)["nll_sum"] == pytest.approx(nll, rel=1e-5)
+    assert sliding_window_perplexity(model, ids, window, stride, batch_size=1)["nll_sum"] == pytest.approx(
+        nll, rel=1e-5
+    )
 
 
 def test_read_text_file_and_directory(tmp_path):
@@ -82,26 +99,46 @@ def test_read_text_file_and_directory(tmp_path):
 
 def test_generate_command_prints_what_generate_returns(model_dir, capsys, tmp_path):
     prompts = ["shall i compare thee to a summer's day", "thou art more lovely"]
-    code, out, _ = run_cli(capsys, "generate", "--model", str(model_dir), "--max-new-tokens", "6",
-                           "--prompt", prompts[0], "--prompt", prompts[1], "--output-dir", str(tmp_path / "gen"))
+    code, out, _ = run_cli(
+        capsys,
+        "generate",
+        "--model",
+        str(model_dir),
+        "--max-new-tokens",
+        "6",
+        "--prompt",
+        prompts[0],
+        "--prompt",
+        prompts[1],
+        "--output-dir",
+        str(tmp_path / "gen"),
+    )
     assert code == 0
     written = json.loads((tmp_path / "gen" / "generations.json").read_text())["generations"]
     model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
     for prompt, record in zip(prompts, written):
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
-        expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1]:]
+        expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
         assert record["continuation"] == tokenizer.decode(expected, skip_special_tokens=True)
         assert record["continuation"] in out
-    for extra in (["--do-sample", "--top-k", "5", "--top-p", "0.9", "--temperature", "0.7"], ["--num-beams", "2"],
-                  ["--no-cache"]):
-        assert run_cli(capsys, "generate", "--model", str(model_dir), "--prompt", "hello", "--max-new-tokens", "3",
-                       *extra)[0] == 0
+    for extra in (
+        ["--do-sample", "--top-k", "5", "--top-p", "0.9", "--temperature", "0.7"],
+        ["--num-beams", "2"],
+        ["--no-cache"],
+    ):
+        assert (
+            run_cli(
+                capsys, "generate", "--model", str(model_dir), "--prompt", "hello", "--max-new-tokens", "3", *extra
+            )[0]
+            == 0
+        )
 
 
 def test_generate_command_errors(model_dir, capsys, tmp_path):
     mlm = tmp_path / "mlm"
-    SpikeLMForMaskedLM(SpikeLMConfig(vocab_size=97, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=16)).save_pretrained(mlm)
+    SpikeLMForMaskedLM(
+        SpikeLMConfig(vocab_size=97, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    ).save_pretrained(mlm)
     cases = [
         (["--prompt", "   "], "is empty"),
         (["--prompt", "word " * 45], "longer than the model's maximum length 40"),
@@ -121,8 +158,21 @@ def test_generate_command_errors(model_dir, capsys, tmp_path):
         (bare / name).write_bytes((model_dir / name).read_bytes())
     code, _, err = run_cli(capsys, "generate", "--model", str(bare), "--prompt", "hi")
     assert code == 2 and "pass --tokenizer" in err
-    assert run_cli(capsys, "generate", "--model", str(bare), "--tokenizer", str(model_dir), "--prompt", "hi",
-                   "--max-new-tokens", "2")[0] == 0
+    assert (
+        run_cli(
+            capsys,
+            "generate",
+            "--model",
+            str(bare),
+            "--tokenizer",
+            str(model_dir),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "2",
+        )[0]
+        == 0
+    )
 
 
 def test_perplexity_command(model_dir, capsys, tmp_path):
@@ -131,8 +181,18 @@ def test_perplexity_command(model_dir, capsys, tmp_path):
     lines = sample_text_path().read_text().splitlines()[:60]
     (text / "part1").write_text("\n".join(lines[:30]))
     (text / "part2.txt").write_text("\n".join(lines[30:]))
-    code, out, _ = run_cli(capsys, "perplexity", "--model", str(model_dir), "--text-file", str(text), "--stride", "7",
-                           "--output-dir", str(tmp_path / "ppl"))
+    code, out, _ = run_cli(
+        capsys,
+        "perplexity",
+        "--model",
+        str(model_dir),
+        "--text-file",
+        str(text),
+        "--stride",
+        "7",
+        "--output-dir",
+        str(tmp_path / "ppl"),
+    )
     assert code == 0 and "perplexity" in out
     result = json.loads((tmp_path / "ppl" / "perplexity.json").read_text())
     tokenizer = load_tokenizer(model_dir)

@@ -9,15 +9,41 @@ def test_demo_runs_its_steps_on_a_text_file(tmp_path, capsys, monkeypatch):
     from spikelm.data.tokenization import sample_text_path
 
     # the fine-tuning step's BBC articles, without the download: three topics with their own words
-    words = {"sports": "match goal team season", "tech": "software phone computer chip", "business": "shares bank profit"}
-    articles = [(f"bbcnews/data/{topic}/{i:03d}.txt", topic, f"{w} story {i}. " * 5) for topic, w in words.items()
-                for i in range(40)]
+    words = {
+        "sports": "match goal team season",
+        "tech": "software phone computer chip",
+        "business": "shares bank profit",
+    }
+    articles = [
+        (f"bbcnews/data/{topic}/{i:03d}.txt", topic, f"{w} story {i}. " * 5)
+        for topic, w in words.items()
+        for i in range(40)
+    ]
     monkeypatch.setattr(sources, "bbc_articles", lambda root=None: articles)
 
-    micro = ["hidden_size=32", "num_hidden_layers=2", "num_attention_heads=2", "intermediate_size=64", "num_steps=2",
-             "max_length=32", "batch_size=8", "eval_examples=16"]
-    args = ["demo", "--text-file", str(sample_text_path()), "--max-steps", "3", "--finetune-samples", "48",
-            "--finetune-epochs", "1", "--output-dir", str(tmp_path / "demo")]
+    micro = [
+        "hidden_size=32",
+        "num_hidden_layers=2",
+        "num_attention_heads=2",
+        "intermediate_size=64",
+        "num_steps=2",
+        "max_length=32",
+        "batch_size=8",
+        "eval_examples=16",
+    ]
+    args = [
+        "demo",
+        "--text-file",
+        str(sample_text_path()),
+        "--max-steps",
+        "3",
+        "--finetune-samples",
+        "48",
+        "--finetune-epochs",
+        "1",
+        "--output-dir",
+        str(tmp_path / "demo"),
+    ]
     for item in micro:
         args += ["--set", item]
     assert main(args) == 0

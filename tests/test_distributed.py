@@ -37,5 +37,6 @@ def test_two_process_alpha_init_is_identical_and_global(tmp_path):
     torch.manual_seed(0)
     single = SpikeLMForPreTraining(tiny_config())
     single(input_ids=torch.cat([r0["ids"], r1["ids"]]))
-    torch.testing.assert_close(torch.cat([n.alpha.detach() for _, n in single.neurons()]), r0["alphas"],
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.cat([n.alpha.detach() for _, n in single.neurons()]), r0["alphas"], atol=1e-5, rtol=1e-5
+    )

@@ -7,11 +7,18 @@ import pytest
 import torch
 from conftest import random_batch, tiny_config
 
-from spikelm import SpikeLinear, SpikeLMConfig, SpikeLMForPreTraining, SpikeLMModel, collect_spike_stats, record_spike_stats
+from spikelm import (
+    SpikeLinear,
+    SpikeLMConfig,
+    SpikeLMForPreTraining,
+    SpikeLMModel,
+    collect_spike_stats,
+    record_spike_stats,
+)
 from spikelm.commands.main import main
+from spikelm.data.tokenization import load_bert_tokenizer, sample_text_path
 from spikelm.evaluation.energy import EnergyConstants, OperationCounter, attention_fan_out, measure_energy
 from spikelm.models.modeling_spikelm import SpikeLMSelfAttention, additive_attention_mask
-from spikelm.data.tokenization import load_bert_tokenizer, sample_text_path
 
 
 def ternary_input(shape, mask):
@@ -77,8 +84,9 @@ def test_attention_hand_count(causal):
     real = mask.bool()
     nonzero = [int((x[t][real] != 0).sum()) for t in range(T)]
     # a nonzero entry at key j of sequence b feeds every real query i of b that attends to j
-    attends = [[[real[b, i] and real[b, j] and (i >= j or not causal) for j in range(L)] for i in range(L)]
-               for b in range(B)]
+    attends = [
+        [[real[b, i] and real[b, j] and (i >= j or not causal) for j in range(L)] for i in range(L)] for b in range(B)
+    ]
     fan_out = [[sum(attends[b][i][j] for i in range(L)) for j in range(L)] for b in range(B)]
     pairs = sum(map(sum, fan_out))
     fanned = [sum(int((x[t, b, j] != 0).sum()) * fan_out[b][j] for b in range(B) for j in range(L)) for t in range(T)]
@@ -141,7 +149,9 @@ def test_counts_agree_with_the_neurons_own_counters():
         model(**batch)
     assert set(counter.neurons) == set(fused) == {name for name, _ in model.neurons()}
     for name, stats in fused.items():
-        assert counter.neurons[name].positive.tolist() == [round(r * s) for r, s in zip(stats["positive_rate"], stats["slots"])]
+        assert counter.neurons[name].positive.tolist() == [
+            round(r * s) for r, s in zip(stats["positive_rate"], stats["slots"])
+        ]
         assert counter.neurons[name].slots.tolist() == stats["slots"]
     for name, product in counter.products.items():
         if product.kind == "linear" and product.neuron is not None:
@@ -206,8 +216,9 @@ def test_summary_energy_formula():
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 max_position_embeddings=48)
+    shape = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=48
+    )
     torch.manual_seed(0)
     SpikeLMForPreTraining(SpikeLMConfig(num_steps=2, **shape)).save_pretrained(root / "snn")
     SpikeLMForPreTraining(SpikeLMConfig(spiking=False, **shape)).save_pretrained(root / "ann")
@@ -216,8 +227,23 @@ def model_dirs(tmp_path_factory):
 
 def test_energy_command(model_dirs, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["energy", "--model", str(model_dirs / "snn"), "--text-file", str(sample_text_path()),
-               "--max-length", "32", "--max-sequences", "6", "--batch-size", "4", "--output-dir", str(out)])
+    rc = main(
+        [
+            "energy",
+            "--model",
+            str(model_dirs / "snn"),
+            "--text-file",
+            str(sample_text_path()),
+            "--max-length",
+            "32",
+            "--max-sequences",
+            "6",
+            "--batch-size",
+            "4",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads((out / "energy.json").read_text())
     assert result["num_sequences"] == 6 and result["sequence_length"] == 32 and result["tokens_per_sequence"] == 32
@@ -237,8 +263,21 @@ def test_energy_command(model_dirs, tmp_path, capsys):
 
 def test_energy_command_non_spiking_model(model_dirs, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["energy", "--model", str(model_dirs / "ann"), "--text-file", str(sample_text_path()),
-               "--max-length", "32", "--max-sequences", "2", "--output-dir", str(out)])
+    rc = main(
+        [
+            "energy",
+            "--model",
+            str(model_dirs / "ann"),
+            "--text-file",
+            str(sample_text_path()),
+            "--max-length",
+            "32",
+            "--max-sequences",
+            "2",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert rc == 0
     assert "not spiking" in capsys.readouterr().out
     result = json.loads((out / "energy.json").read_text())
@@ -263,8 +302,20 @@ def test_energy_command_bad_input(model_dirs, tmp_path, capsys, text, extra, mes
     if text is not None:
         text_file.write_text(text)
     out = tmp_path / "out"
-    rc = main(["energy", "--model", str(model_dirs / "snn"), "--text-file", str(text_file), "--max-length", "32",
-               *extra, "--output-dir", str(out)])
+    rc = main(
+        [
+            "energy",
+            "--model",
+            str(model_dirs / "snn"),
+            "--text-file",
+            str(text_file),
+            "--max-length",
+            "32",
+            *extra,
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert message in err.splitlines()[-1] and "Traceback" not in err
@@ -272,8 +323,17 @@ def test_energy_command_bad_input(model_dirs, tmp_path, capsys, text, extra, mes
 
 
 def test_energy_command_missing_model(tmp_path, capsys):
-    rc = main(["energy", "--model", str(tmp_path), "--text-file", str(sample_text_path()),
-               "--output-dir", str(tmp_path / "out")])
+    rc = main(
+        [
+            "energy",
+            "--model",
+            str(tmp_path),
+            "--text-file",
+            str(sample_text_path()),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 2 and "no config.json" in capsys.readouterr().err
 
 
@@ -281,8 +341,15 @@ def test_causal_decoder_attention_counts_use_causal_fan_out():
     from spikelm import SpikeLMConfig
     from spikelm.models.modeling_spikelm_causal import SpikeLMForCausalLM
 
-    cfg = SpikeLMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32, num_steps=2)
+    cfg = SpikeLMConfig(
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+        num_steps=2,
+    )
     model = SpikeLMForCausalLM(cfg).eval()
     ids = torch.randint(0, 50, (2, 10))
     seen = {}
@@ -304,8 +371,23 @@ def test_energy_command_on_a_task_counts_real_tokens_only(model_dirs, tmp_path):
 
     data_dir = Path(__file__).parent / "fixtures" / "glue" / "SST-2"
     out = tmp_path / "task"
-    rc = main(["energy", "--model", str(model_dirs / "snn"), "--task", "sst2", "--data-dir", str(data_dir),
-               "--max-length", "32", "--batch-size", "4", "--output-dir", str(out)])
+    rc = main(
+        [
+            "energy",
+            "--model",
+            str(model_dirs / "snn"),
+            "--task",
+            "sst2",
+            "--data-dir",
+            str(data_dir),
+            "--max-length",
+            "32",
+            "--batch-size",
+            "4",
+            "--output-dir",
+            str(out),
+        ]
+    )
     assert rc == 0
     result = json.loads((out / "energy.json").read_text())
     rows = (data_dir / "dev.tsv").read_text().splitlines()[1:]
@@ -317,11 +399,39 @@ def test_energy_command_on_a_task_counts_real_tokens_only(model_dirs, tmp_path):
 
 
 def test_energy_task_errors(model_dirs, tmp_path, capsys):
-    rc = main(["energy", "--model", str(model_dirs / "snn"), "--task", "sst2", "--data-dir", str(tmp_path),
-               "--max-length", "32", "--output-dir", str(tmp_path / "o")])
+    rc = main(
+        [
+            "energy",
+            "--model",
+            str(model_dirs / "snn"),
+            "--task",
+            "sst2",
+            "--data-dir",
+            str(tmp_path),
+            "--max-length",
+            "32",
+            "--output-dir",
+            str(tmp_path / "o"),
+        ]
+    )
     assert rc == 2 and "no dev.tsv" in capsys.readouterr().err
     data_dir = Path(__file__).parent / "fixtures" / "glue" / "SST-2"
-    rc = main(["energy", "--model", str(model_dirs / "snn"), "--task", "sst2", "--data-dir", str(data_dir),
-               "--split", "validation", "--max-length", "32", "--output-dir", str(tmp_path / "o2")])
+    rc = main(
+        [
+            "energy",
+            "--model",
+            str(model_dirs / "snn"),
+            "--task",
+            "sst2",
+            "--data-dir",
+            str(data_dir),
+            "--split",
+            "validation",
+            "--max-length",
+            "32",
+            "--output-dir",
+            str(tmp_path / "o2"),
+        ]
+    )
     assert rc == 2 and "not a split" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()

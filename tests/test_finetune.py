@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_config
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -14,8 +15,6 @@ from spikelm import SpikeLMForPreTraining
 from spikelm.commands.main import UserError, main
 from spikelm.evaluation.glue.models import load_starting_point
 from spikelm.evaluation.glue.tasks import get_task
-
-from conftest import tiny_config
 
 GLUE = Path(__file__).parent / "fixtures" / "glue"
 VOCAB = 30522  # the shipped bert-base-uncased tokenizer
@@ -38,8 +37,16 @@ def tiny_bert(tmp_path_factory):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                intermediate_size=64, max_position_embeddings=64))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=64,
+        )
+    )
     path = tmp_path_factory.mktemp("bert")
     bert.save_pretrained(path)
     return path
@@ -52,8 +59,24 @@ def read_tsv(path):
 
 
 def run_finetune(model, task, out, *extra):
-    args = ["finetune", "--model", str(model), "--task", task, "--data-dir", str(GLUE / task_folder(task)),
-            "--max-length", "32", "--batch-size", "8", "--learning-rate", "1e-3", "--output-dir", str(out), *extra]
+    args = [
+        "finetune",
+        "--model",
+        str(model),
+        "--task",
+        task,
+        "--data-dir",
+        str(GLUE / task_folder(task)),
+        "--max-length",
+        "32",
+        "--batch-size",
+        "8",
+        "--learning-rate",
+        "1e-3",
+        "--output-dir",
+        str(out),
+        *extra,
+    ]
     return main(args)
 
 
@@ -77,8 +100,9 @@ def test_bert_checkpoint_gives_the_same_ann_and_a_spiking_model_with_fresh_alpha
         torch.testing.assert_close(ann.bert(input_ids=ids).last_hidden_state, bert(input_ids=ids).last_hidden_state)
     snn = load_starting_point(str(tiny_bert), task).model
     assert snn.config.spiking and snn.config.num_steps == 4 and not snn.alphas_initialized
-    torch.testing.assert_close(snn.bert.encoder.layer[0].attention.self.qkv.weight,
-                               ann.bert.encoder.layer[0].attention.self.qkv.weight)
+    torch.testing.assert_close(
+        snn.bert.encoder.layer[0].attention.self.qkv.weight, ann.bert.encoder.layer[0].attention.self.qkv.weight
+    )
     with torch.no_grad():
         snn(input_ids=ids)
     assert snn.alphas_initialized
@@ -95,8 +119,10 @@ def test_changing_spiking_settings_reinitialises_or_drops_alphas(pretrained):
     assert saved.model.alphas_initialized
     assert any("does not fit task 'rte'" in w for w in saved.warnings)
     reference = SpikeLMForPreTraining.from_pretrained(pretrained)
-    torch.testing.assert_close(dict(saved.model.neurons())["bert.encoder.layer.0.output.dense.neuron"].alpha,
-                               dict(reference.neurons())["bert.encoder.layer.0.output.dense.neuron"].alpha)
+    torch.testing.assert_close(
+        dict(saved.model.neurons())["bert.encoder.layer.0.output.dense.neuron"].alpha,
+        dict(reference.neurons())["bert.encoder.layer.0.output.dense.neuron"].alpha,
+    )
     for changes in ({"num_steps": 1}, {"spike_levels": "binary"}):
         start = load_starting_point(str(pretrained), task, changes)
         assert not start.model.alphas_initialized and start.model.neurons()
@@ -104,8 +130,9 @@ def test_changing_spiking_settings_reinitialises_or_drops_alphas(pretrained):
         assert start.model.neurons()[0][1].num_steps == changes.get("num_steps", 2)
     ann = load_starting_point(str(pretrained), task, {"spiking": False})
     assert not ann.model.neurons() and any("alphas dropped" in w for w in ann.warnings)
-    torch.testing.assert_close(ann.model.bert.encoder.layer[1].output.dense.weight,
-                               reference.bert.encoder.layer[1].output.dense.weight)
+    torch.testing.assert_close(
+        ann.model.bert.encoder.layer[1].output.dense.weight, reference.bert.encoder.layer[1].output.dense.weight
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,12 +186,40 @@ def test_finetune_end_to_end(pretrained, tmp_path, task_name, capsys):
 
 
 def test_finetune_bad_input(pretrained, tmp_path, capsys):
-    assert main(["finetune", "--model", str(pretrained), "--task", "sst5", "--data-dir", str(GLUE / "SST-2"),
-                 "--output-dir", str(tmp_path / "a")]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(pretrained),
+                "--task",
+                "sst5",
+                "--data-dir",
+                str(GLUE / "SST-2"),
+                "--output-dir",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 2
+    )
     assert "not a GLUE task" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert main(["finetune", "--model", str(pretrained), "--task", "sst2", "--data-dir", str(tmp_path / "empty"),
-                 "--output-dir", str(tmp_path / "b")]) == 2
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                str(pretrained),
+                "--task",
+                "sst2",
+                "--data-dir",
+                str(tmp_path / "empty"),
+                "--output-dir",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 2
+    )
     assert "has no train.tsv" in capsys.readouterr().err
     assert run_finetune(pretrained, "sst2", tmp_path / "c", "--eval-only") == 2
     err = capsys.readouterr().err
@@ -183,9 +238,32 @@ def test_eval_only_rejects_a_head_for_another_task(pretrained, tmp_path, capsys)
 @pytest.mark.slow
 def test_glue_command_compares_variants_and_evaluates_its_output(pretrained, tmp_path, capsys):
     out = tmp_path / "glue"
-    assert main(["glue", "--model", str(pretrained), "--tasks", "sst2,mnli", "--data-dir", str(GLUE),
-                 "--variants", "ann,lif,spikelm-t1", "--epochs", "1", "--max-length", "32", "--batch-size", "8",
-                 "--padding", "longest", "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "glue",
+                "--model",
+                str(pretrained),
+                "--tasks",
+                "sst2,mnli",
+                "--data-dir",
+                str(GLUE),
+                "--variants",
+                "ann,lif,spikelm-t1",
+                "--epochs",
+                "1",
+                "--max-length",
+                "32",
+                "--batch-size",
+                "8",
+                "--padding",
+                "longest",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = (out / "glue_results.md").read_text()
     assert "| ann | - |" in table and "| lif | 4 |" in table and "| spikelm-t1 | 1 |" in table
     results = json.loads((out / "glue_results.json").read_text())["results"]
@@ -193,20 +271,45 @@ def test_glue_command_compares_variants_and_evaluates_its_output(pretrained, tmp
     assert results["ann"]["mnli"]["settings"]["spiking"] is False
     assert (out / "lif" / "mnli" / "predictions" / "MNLI-mm.tsv").is_file()
     capsys.readouterr()
-    assert main(["glue", "--model", str(out), "--tasks", "sst2,mnli", "--data-dir", str(GLUE), "--variants",
-                 "ann,lif,spikelm-t1", "--eval-only", "--max-length", "32", "--padding", "longest",
-                 "--output-dir", str(tmp_path / "eval")]) == 0
+    assert (
+        main(
+            [
+                "glue",
+                "--model",
+                str(out),
+                "--tasks",
+                "sst2,mnli",
+                "--data-dir",
+                str(GLUE),
+                "--variants",
+                "ann,lif,spikelm-t1",
+                "--eval-only",
+                "--max-length",
+                "32",
+                "--padding",
+                "longest",
+                "--output-dir",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "eval" / "glue_results.json").read_text())["results"]
     for variant in ("ann", "lif", "spikelm-t1"):
         assert again[variant]["mnli"]["best"]["accuracy_mismatched"] == pytest.approx(
-            results[variant]["mnli"]["best"]["accuracy_mismatched"], abs=1e-6)
+            results[variant]["mnli"]["best"]["accuracy_mismatched"], abs=1e-6
+        )
 
 
 @pytest.mark.slow
 def test_training_loss_falls_on_sst2_fixture(pretrained, tmp_path):
     # the fixture's sentiment words decide its labels: the real-valued tiny model learns them
-    assert run_finetune(pretrained, "sst2", tmp_path / "out", "--epochs", "10", "--spiking", "false",
-                        "--learning-rate", "2e-3") == 0
+    assert (
+        run_finetune(
+            pretrained, "sst2", tmp_path / "out", "--epochs", "10", "--spiking", "false", "--learning-rate", "2e-3"
+        )
+        == 0
+    )
     history = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert history[-1]["train_loss"] < 0.7 * history[0]["train_loss"]
     assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["best"]["accuracy"] >= 0.8
@@ -229,8 +332,9 @@ def test_custom_task_end_to_end(pretrained, tmp_path):
     labels = ["politics", "sport", "tech"]  # sorted training labels are the class ids
     assert [r[2] for r in predictions] == [labels[i % 3] for i in range(9)]
     assert results["best"]["accuracy"] == pytest.approx(np.mean([r[1] == r[2] for r in predictions]), abs=1e-6)
-    assert results["best"]["f1"] == pytest.approx(f1_score([r[2] for r in predictions], [r[1] for r in predictions],
-                                                           average="macro", zero_division=0), abs=1e-6)
+    assert results["best"]["f1"] == pytest.approx(
+        f1_score([r[2] for r in predictions], [r[1] for r in predictions], average="macro", zero_division=0), abs=1e-6
+    )
     _, test = read_tsv(tmp_path / "out" / "predictions" / "test.tsv")
     assert len(test) == 6 and {r[1] for r in test} <= set(labels)
     common[1] = str(tmp_path / "out")

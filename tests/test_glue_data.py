@@ -71,11 +71,23 @@ def test_hub_split_maps_to_the_same_examples(monkeypatch):
 
     def fake_load_dataset(name, config):
         assert (name, config) == ("nyu-mll/glue", "mrpc")
+
         def split(ex):
             labels = ex.labels if ex.labels is not None else [-1] * len(ex)
-            return datasets.Dataset.from_dict({"sentence1": [t[0] for t in ex.texts], "sentence2": [t[1] for t in ex.texts],
-                                               "label": labels, "idx": list(range(len(ex)))})
-        return {"train": split(tsv.splits["train"]), "validation": split(tsv.splits["dev"]), "test": split(tsv.splits["test"])}
+            return datasets.Dataset.from_dict(
+                {
+                    "sentence1": [t[0] for t in ex.texts],
+                    "sentence2": [t[1] for t in ex.texts],
+                    "label": labels,
+                    "idx": list(range(len(ex))),
+                }
+            )
+
+        return {
+            "train": split(tsv.splits["train"]),
+            "validation": split(tsv.splits["dev"]),
+            "test": split(tsv.splits["test"]),
+        }
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     from spikelm.evaluation.glue.tasks import load_glue_hub
@@ -85,16 +97,22 @@ def test_hub_split_maps_to_the_same_examples(monkeypatch):
     assert hub.splits["test"].labels is None
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("missing_train", "has no train.tsv"),
-    ("wrong_header", "no label column 'label'"),
-    ("label_outside", "label '2' is not one of task sst2's labels"),
-    ("short_row", "tab-separated fields, expected 2"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("missing_train", "has no train.tsv"),
+        ("wrong_header", "no label column 'label'"),
+        ("label_outside", "label '2' is not one of task sst2's labels"),
+        ("short_row", "tab-separated fields, expected 2"),
+    ],
+)
 def test_bad_glue_folders(tmp_path, problem, message):
     (tmp_path / "dev.tsv").write_text("sentence\tlabel\ngood film\t1\n")
-    train = {"wrong_header": "sentence\tsentiment\ngood film\t1\n", "label_outside": "sentence\tlabel\ngood film\t2\n",
-             "short_row": "sentence\tlabel\ngood film\n"}.get(problem)
+    train = {
+        "wrong_header": "sentence\tsentiment\ngood film\t1\n",
+        "label_outside": "sentence\tlabel\ngood film\t2\n",
+        "short_row": "sentence\tlabel\ngood film\n",
+    }.get(problem)
     if train is not None:
         (tmp_path / "train.tsv").write_text(train)
     with pytest.raises(UserError, match=message):
@@ -107,8 +125,9 @@ def test_unknown_task():
 
 
 def test_custom_jsonl_and_csv(tmp_path):
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"q": f"q{i}", "a": f"a{i}", "y": "xyz"[i % 3]}) + "\n"
-                                                  for i in range(6)))
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({"q": f"q{i}", "a": f"a{i}", "y": "xyz"[i % 3]}) + "\n" for i in range(6))
+    )
     (tmp_path / "dev.csv").write_text('q,a,y\n"hello, there",a,z\nq,a,x\n')
     data = load_custom(tmp_path, ("q", "a"), "y", regression=False)
     assert data.task.label_names == ("x", "y", "z") and data.task.num_labels == 3
@@ -136,8 +155,11 @@ def test_metrics_match_scikit_learn_and_scipy():
 
 def test_table_average_counts_mnli_twice_and_skips_wnli():
     tasks = resolve_tasks("mnli,sst2,wnli")
-    results = {"mnli": {"best": {"accuracy": 0.8, "accuracy_mismatched": 0.7}},
-               "sst2": {"best": {"accuracy": 0.9}}, "wnli": {"best": {"accuracy": 0.1}}}
+    results = {
+        "mnli": {"best": {"accuracy": 0.8, "accuracy_mismatched": 0.7}},
+        "sst2": {"best": {"accuracy": 0.9}},
+        "wnli": {"best": {"accuracy": 0.1}},
+    }
     assert average(tasks, results) == pytest.approx((0.8 + 0.7 + 0.9) / 3)
     table = markdown_table(tasks, {"x": results})
     assert "80.0/70.0" in table and "| 80.0 |" in table
@@ -166,25 +188,48 @@ def test_bible_mrpc_pairs_respect_the_shared_split():
 
 def _fake_bigbench(task):
     if task == "vitaminc_fact_verification":
-        examples = [{"input": f"Page {i % 40}: evidence {i} .\nClaim: claim {i // 2} .",
-                     "target_scores": {"True": int(i % 3 == 0), "False": int(i % 3 == 1), "Neither": int(i % 3 == 2)}}
-                    for i in range(600)]
+        examples = [
+            {
+                "input": f"Page {i % 40}: evidence {i} .\nClaim: claim {i // 2} .",
+                "target_scores": {"True": int(i % 3 == 0), "False": int(i % 3 == 1), "Neither": int(i % 3 == 2)},
+            }
+            for i in range(600)
+        ]
     elif task == "multiemo/all_sentence_en":
-        examples = [{"input": f"review {i}", "target_scores": {"positive": int(i % 4 == 0), "negative": int(i % 4 == 1),
-                                                                "neutral": int(i % 4 == 2), "ambivalent": int(i % 4 == 3)}}
-                    for i in range(400)]
-        examples.append({"input": "review 0", "target_scores": {"positive": 0, "negative": 1, "neutral": 0, "ambivalent": 0}})
+        examples = [
+            {
+                "input": f"review {i}",
+                "target_scores": {
+                    "positive": int(i % 4 == 0),
+                    "negative": int(i % 4 == 1),
+                    "neutral": int(i % 4 == 2),
+                    "ambivalent": int(i % 4 == 3),
+                },
+            }
+            for i in range(400)
+        ]
+        examples.append(
+            {"input": "review 0", "target_scores": {"positive": 0, "negative": 1, "neutral": 0, "ambivalent": 0}}
+        )
     else:
-        examples = [{"input": f"Premise: p{i} knows q. Hypothesis: q{i}.",
-                     "target_scores": {"entailment": i % 2, "non-entailment": 1 - i % 2}} for i in range(200)]
+        examples = [
+            {
+                "input": f"Premise: p{i} knows q. Hypothesis: q{i}.",
+                "target_scores": {"entailment": i % 2, "non-entailment": 1 - i % 2},
+            }
+            for i in range(200)
+        ]
     return {"examples": examples}
 
 
 @pytest.mark.parametrize("name", ["vitaminc", "multiemo-sst2", "epistemic-rte", "bbc-topics"])
 def test_offline_tasks_read_back_through_their_glue_layout(tmp_path, monkeypatch, name):
     monkeypatch.setattr(offline.sources, "bigbench_task", lambda task: _fake_bigbench(task))
-    articles = [(f"bbcnews/data/{t}/{i:03d}.txt", t, f"{t} story {i}\n\nbody\ttext") for t in
-                ("business", "sports", "tech") for i in range(60)]
+    articles = [
+        (f"bbcnews/data/{t}/{i:03d}.txt", t, f"{t} story {i}\n\nbody\ttext")
+        for t in ("business", "sports", "tech")
+        for i in range(60)
+    ]
     monkeypatch.setattr(offline.sources, "bbc_articles", lambda: articles)
     summary = offline.prepare_offline_suite([name], tmp_path)
     task = offline.OFFLINE_TASKS[name]
@@ -210,15 +255,35 @@ def test_offline_tasks_read_back_through_their_glue_layout(tmp_path, monkeypatch
     assert labels_file.is_file()
 
 
-@pytest.mark.parametrize("name, header, rows_, labels", [
-    ("qqp", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
-     [["7", "1", "2", "how old is he?", "what is his age?", "1"], ["8", "3", "4", "a?", "b?", "0"]], [1, 0]),
-    ("qnli", "index\tquestion\tsentence\tlabel",
-     [["0", "who won?", "the red team won .", "entailment"], ["1", "when?", "it rained .", "not_entailment"]], [0, 1]),
-    ("rte", "index\tsentence1\tsentence2\tlabel",
-     [["0", "a b c .", "a b .", "not_entailment"], ["1", "x y .", "x y .", "entailment"]], [1, 0]),
-    ("wnli", "index\tsentence1\tsentence2\tlabel", [["0", "he ran .", "it ran .", "0"], ["1", "s .", "s .", "1"]], [0, 1]),
-])
+@pytest.mark.parametrize(
+    "name, header, rows_, labels",
+    [
+        (
+            "qqp",
+            "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate",
+            [["7", "1", "2", "how old is he?", "what is his age?", "1"], ["8", "3", "4", "a?", "b?", "0"]],
+            [1, 0],
+        ),
+        (
+            "qnli",
+            "index\tquestion\tsentence\tlabel",
+            [["0", "who won?", "the red team won .", "entailment"], ["1", "when?", "it rained .", "not_entailment"]],
+            [0, 1],
+        ),
+        (
+            "rte",
+            "index\tsentence1\tsentence2\tlabel",
+            [["0", "a b c .", "a b .", "not_entailment"], ["1", "x y .", "x y .", "entailment"]],
+            [1, 0],
+        ),
+        (
+            "wnli",
+            "index\tsentence1\tsentence2\tlabel",
+            [["0", "he ran .", "it ran .", "0"], ["1", "s .", "s .", "1"]],
+            [0, 1],
+        ),
+    ],
+)
 def test_pair_task_layouts(tmp_path, name, header, rows_, labels):
     task = get_task(name)
     for split in ("train", "dev"):

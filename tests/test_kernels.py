@@ -7,8 +7,8 @@ import torch
 from conftest import random_batch, tiny_config
 
 from spikelm import ElasticBiSpikingNeuron, SpikeLinear, SpikeLMModel
-from spikelm.nn import neuron as neuron_module
 from spikelm.experiments.benchmark import Case, _saved_bytes, measure_case
+from spikelm.nn import neuron as neuron_module
 from spikelm.nn.neuron import COMPILE_MIN_ELEMENTS, choose_kernel
 
 
@@ -149,6 +149,7 @@ def test_compile_failure_falls_back_to_the_plain_loop(monkeypatch):
     def broken_compile(fn, *args, **kwargs):
         def run(*a, **k):
             raise RuntimeError("no C++ compiler")
+
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
@@ -202,12 +203,19 @@ def test_bfloat16_kernel_matches_plain_loop_and_trains(kernel):
 
 
 def test_benchmark_case_reports_ratios_and_memory():
-    case = Case(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, batch_size=2,
-                seq_len=16, num_steps=2)
+    case = Case(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        batch_size=2,
+        seq_len=16,
+        num_steps=2,
+    )
     result = measure_case(case, "cpu", torch.float32, repeats=1)
     assert set(result["train_s"]) == {"fused", "reference", "bert"}
-    assert result["train_ratio_vs_ann"] == pytest.approx(
-        result["train_s"]["fused"] / (2 * result["train_s"]["bert"]))
+    assert result["train_ratio_vs_ann"] == pytest.approx(result["train_s"]["fused"] / (2 * result["train_s"]["bert"]))
     assert result["mem_ratio_vs_reference"] == pytest.approx(
-        result["saved_bytes"]["fused"] / result["saved_bytes"]["reference"])
+        result["saved_bytes"]["fused"] / result["saved_bytes"]["reference"]
+    )
     assert result["mem_ratio_vs_reference"] < 0.5

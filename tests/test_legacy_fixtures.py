@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import FIXTURES
 
 LEGACY = FIXTURES / "legacy"
@@ -26,9 +25,9 @@ def test_saved_causal_model_loads_with_the_same_logits():
 
 @pytest.mark.slow
 def test_saved_pretraining_checkpoint_resumes_as_before(tmp_path):
+    from spikelm.data.tokenization import sample_text_path
     from spikelm.training.presets import resolve_config
     from spikelm.training.pretrain import run_pretraining
-    from spikelm.data.tokenization import sample_text_path
 
     expected = json.loads((LEGACY / "pretrain_resumed.json").read_text())
     sets = [*expected["sets"], f"tokenizer={LEGACY / 'tokenizer'}", f"text_file={sample_text_path()}"]

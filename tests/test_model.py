@@ -31,8 +31,9 @@ from spikelm.conversion.official import bert_to_spikelm_state_dict
 
 
 def official_model():
-    from spikelm.conversion.official import load_official_checkpoint
     from conftest import FIXTURES
+
+    from spikelm.conversion.official import load_official_checkpoint
 
     return load_official_checkpoint(FIXTURES / "tiny_spikelm_bert_official_state_dict.safetensors")
 
@@ -44,15 +45,27 @@ def test_official_tiny_bert_logits(backend, output_attentions):
     model = official_model()
     model.set_neuron_backend(backend)
     with torch.no_grad():
-        out = model(input_ids=io["input_ids"], attention_mask=io["attention_mask"],
-                    token_type_ids=io["token_type_ids"], output_attentions=output_attentions)
+        out = model(
+            input_ids=io["input_ids"],
+            attention_mask=io["attention_mask"],
+            token_type_ids=io["token_type_ids"],
+            output_attentions=output_attentions,
+        )
     torch.testing.assert_close(out.prediction_logits, io["prediction_logits"], atol=1e-4, rtol=0)
     torch.testing.assert_close(out.seq_relationship_logits, io["seq_relationship_logits"], atol=1e-4, rtol=0)
 
 
 def _bert_pair(**overrides):
-    shape = dict(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
-                 max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    shape = dict(
+        vocab_size=97,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     shape.update(overrides)
     bert = BertForPreTraining(BertConfig(**shape)).eval()
     ours = SpikeLMForPreTraining(SpikeLMConfig(spiking=False, num_steps=4, **shape)).eval()
@@ -91,8 +104,14 @@ def test_every_linear_of_every_block_spikes_and_heads_do_not():
     config = tiny_config()
     model = SpikeLMForPreTraining(config)
     names = [n for n, _ in model.neurons()]
-    per_layer = {"attention.self.qkv.neuron", "attention.self.key_spike", "attention.self.value_spike",
-                 "attention.output.dense.neuron", "intermediate.dense.neuron", "output.dense.neuron"}
+    per_layer = {
+        "attention.self.qkv.neuron",
+        "attention.self.key_spike",
+        "attention.self.value_spike",
+        "attention.output.dense.neuron",
+        "intermediate.dense.neuron",
+        "output.dense.neuron",
+    }
     expected = {f"bert.encoder.layer.{i}.{n}" for i in range(config.num_hidden_layers) for n in per_layer}
     assert set(names) == expected
     for name, module in model.named_modules():
@@ -103,8 +122,10 @@ def test_every_linear_of_every_block_spikes_and_heads_do_not():
 def test_spike_levels_binary_emits_only_zero_and_alpha():
     model = SpikeLMModel(tiny_config(spike_levels="binary")).eval()
     spikes = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: spikes.__setitem__(n, (out, mod.alpha.detach())))
-             for n, m in model.neurons()]
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, n=n: spikes.__setitem__(n, (out, mod.alpha.detach())))
+        for n, m in model.neurons()
+    ]
     model(**random_batch(model.config))
     for h in hooks:
         h.remove()
@@ -282,8 +303,9 @@ def test_masked_lm_and_classification_heads():
     assert mlm(**batch).logits.shape == (3, 12, 97)
     reg = SpikeLMForSequenceClassification(tiny_config(num_labels=1)).eval()
     out = reg(**batch, labels=torch.tensor([0.5, 1.0, -2.0]))
-    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1),
-                                                                      torch.tensor([0.5, 1.0, -2.0])))
+    torch.testing.assert_close(
+        out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), torch.tensor([0.5, 1.0, -2.0]))
+    )
     clf = SpikeLMForSequenceClassification(tiny_config(num_labels=3)).eval()
     out = clf(**batch, labels=torch.tensor([2, 0, 1]))
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([2, 0, 1])))
@@ -296,9 +318,15 @@ def test_decoder_tied_by_default():
     assert untied.cls.predictions.decoder.weight is not untied.bert.embeddings.word_embeddings.weight
 
 
-@pytest.mark.parametrize("cls,auto", [(SpikeLMModel, AutoModel), (SpikeLMForPreTraining, AutoModelForPreTraining),
-                                      (SpikeLMForMaskedLM, AutoModelForMaskedLM),
-                                      (SpikeLMForSequenceClassification, AutoModelForSequenceClassification)])
+@pytest.mark.parametrize(
+    "cls,auto",
+    [
+        (SpikeLMModel, AutoModel),
+        (SpikeLMForPreTraining, AutoModelForPreTraining),
+        (SpikeLMForMaskedLM, AutoModelForMaskedLM),
+        (SpikeLMForSequenceClassification, AutoModelForSequenceClassification),
+    ],
+)
 def test_save_load_roundtrip_with_auto_classes(tmp_path, cls, auto):
     model = cls(tiny_config(learn_alpha=True)).eval()
     batch = random_batch(model.config)
@@ -333,28 +361,50 @@ def test_deepcopy_works_and_is_independent():
     torch.testing.assert_close(clone(**batch).prediction_logits, model(**batch).prediction_logits)
     with torch.no_grad():
         clone.bert.encoder.layer[0].attention.self.qkv.neuron.alpha.mul_(2)
-    assert not torch.equal(clone.bert.encoder.layer[0].attention.self.qkv.neuron.alpha,
-                           model.bert.encoder.layer[0].attention.self.qkv.neuron.alpha)
+    assert not torch.equal(
+        clone.bert.encoder.layer[0].attention.self.qkv.neuron.alpha,
+        model.bert.encoder.layer[0].attention.self.qkv.neuron.alpha,
+    )
 
 
 def test_config_roundtrip_keeps_every_spiking_field(tmp_path):
-    config = tiny_config(num_steps=2, spike_levels="binary", use_amplitude=False, alpha_init=0.25,
-                         reset="symmetric", spiking=True, head_hidden_act="relu")
+    config = tiny_config(
+        num_steps=2,
+        spike_levels="binary",
+        use_amplitude=False,
+        alpha_init=0.25,
+        reset="symmetric",
+        spiking=True,
+        head_hidden_act="relu",
+    )
     config.save_pretrained(tmp_path)
     loaded = SpikeLMConfig.from_pretrained(tmp_path)
-    for field in ("num_steps", "spike_levels", "use_amplitude", "alpha_init", "learn_alpha", "reset", "spiking",
-                  "hidden_act", "head_hidden_act", "block_layer_norm_eps"):
+    for field in (
+        "num_steps",
+        "spike_levels",
+        "use_amplitude",
+        "alpha_init",
+        "learn_alpha",
+        "reset",
+        "spiking",
+        "hidden_act",
+        "head_hidden_act",
+        "block_layer_norm_eps",
+    ):
         assert getattr(loaded, field) == getattr(config, field), field
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"spike_levels": "ternery"}, "spike_levels"),
-    ({"reset": "hard"}, "reset"),
-    ({"num_steps": 0}, "num_steps"),
-    ({"hidden_size": 30, "num_attention_heads": 4}, "multiple"),
-    ({"hidden_act": "swishy"}, "hidden_act"),
-    ({"spiking": "yes"}, "spiking"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"spike_levels": "ternery"}, "spike_levels"),
+        ({"reset": "hard"}, "reset"),
+        ({"num_steps": 0}, "num_steps"),
+        ({"hidden_size": 30, "num_attention_heads": 4}, "multiple"),
+        ({"hidden_act": "swishy"}, "hidden_act"),
+        ({"spiking": "yes"}, "spiking"),
+    ],
+)
 def test_bad_config_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_config(**kwargs)

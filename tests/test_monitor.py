@@ -22,8 +22,10 @@ def train_with_monitor(log_dir, device):
             loss = model(**batch, labels=batch["input_ids"]).loss
         if recording[-1]:  # what the neurons counted on this step, read directly
             stats = collect_spike_stats(model)
-            expected[step] = (sum(sum(s["spikes"]) for s in stats.values())
-                              / sum(sum(s["slots"]) for s in stats.values()), stats.keys())
+            expected[step] = (
+                sum(sum(s["spikes"]) for s in stats.values()) / sum(sum(s["slots"]) for s in stats.values()),
+                stats.keys(),
+            )
         assert not any(n.record_stats for _, n in model.neurons())
         loss.backward()
         optimizer.step()

@@ -25,9 +25,14 @@ def test_spike_linear_matches_authors_reference(name, backend):
     y = layer(x)
     y.backward(ref["grad_y"])
     spikes = layer.neuron(ref["x"])
-    for ours, theirs in [(layer.neuron.alpha.detach(), ref["alpha"]), (spikes, ref["spikes"]), (y.detach(), ref["y"]),
-                         (x.grad, ref["grad_x"]), (layer.weight.grad, ref["grad_weight"]),
-                         (layer.bias.grad, ref["grad_bias"])]:
+    for ours, theirs in [
+        (layer.neuron.alpha.detach(), ref["alpha"]),
+        (spikes, ref["spikes"]),
+        (y.detach(), ref["y"]),
+        (x.grad, ref["grad_x"]),
+        (layer.weight.grad, ref["grad_weight"]),
+        (layer.bias.grad, ref["grad_bias"]),
+    ]:
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 

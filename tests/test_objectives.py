@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 
 from spikelm.data.corpora import load_corpus
-from spikelm.data.objectives import (IGNORE_INDEX, Batcher, build_examples, mask_tokens, split_sentences,
-                                     tokenize_corpus)
+from spikelm.data.objectives import IGNORE_INDEX, Batcher, build_examples, mask_tokens, split_sentences, tokenize_corpus
 from spikelm.data.tokenization import load_bert_tokenizer, sample_text_path
 
 
@@ -20,8 +19,12 @@ def sonnets(tokenizer):
 
 
 def test_split_sentences():
-    assert split_sentences('He said "Go." Then he left! Did he? yes. 3 more.') == \
-        ['He said "Go."', "Then he left!", "Did he? yes.", "3 more."]
+    assert split_sentences('He said "Go." Then he left! Did he? yes. 3 more.') == [
+        'He said "Go."',
+        "Then he left!",
+        "Did he? yes.",
+        "3 more.",
+    ]
 
 
 def test_tokenize_corpus_keeps_documents_and_segments(tokenizer):
@@ -42,15 +45,15 @@ def test_nsp_pairs_come_from_consecutive_segments_or_another_document(tokenizer,
 
     def contiguous_in(tokens, doc):
         n = len(tokens)
-        return any(doc[i:i + n] == tokens for i in range(len(doc) - n + 1))
+        return any(doc[i : i + n] == tokens for i in range(len(doc) - n + 1))
 
     for row in range(30):
         ids = examples.input_ids[row][examples.attention_mask[row] == 1].tolist()
         types = examples.token_type_ids[row][examples.attention_mask[row] == 1]
         first_sep = ids.index(tokenizer.sep_token_id)
         assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
-        assert (types[:first_sep + 1] == 0).all() and (types[first_sep + 1:] == 1).all()
-        a, b = ids[1:first_sep], ids[first_sep + 1:-1]
+        assert (types[: first_sep + 1] == 0).all() and (types[first_sep + 1 :] == 1).all()
+        a, b = ids[1:first_sep], ids[first_sep + 1 : -1]
         home = [d for d, doc in enumerate(streams) if contiguous_in(a, doc)]
         if labels[row] == 0:  # B continues A in the same document (no truncation at length 512)
             assert any(contiguous_in(a + b, streams[d]) for d in home)
@@ -63,13 +66,15 @@ def test_examples_are_a_function_of_seed_and_epoch(tokenizer, sonnets):
     b = build_examples("mlm-nsp", sonnets, tokenizer, 128, seed=3, epoch=1)
     c = build_examples("mlm-nsp", sonnets, tokenizer, 128, seed=3, epoch=2)
     assert np.array_equal(a.input_ids, b.input_ids)
-    assert not np.array_equal(a.input_ids[:len(c)], c.input_ids[:len(a)])
+    assert not np.array_equal(a.input_ids[: len(c)], c.input_ids[: len(a)])
     assert a.input_ids.shape[1] == 128 and (a.attention_mask.sum(1) <= 128).all()
 
 
 def test_mlm_and_clm_blocks_are_packed(tokenizer, sonnets):
     mlm = build_examples("mlm", sonnets, tokenizer, 64, seed=0, epoch=0)
-    assert (mlm.input_ids[:, 0] == tokenizer.cls_token_id).all() and (mlm.input_ids[:, -1] == tokenizer.sep_token_id).all()
+    assert (mlm.input_ids[:, 0] == tokenizer.cls_token_id).all() and (
+        mlm.input_ids[:, -1] == tokenizer.sep_token_id
+    ).all()
     assert mlm.attention_mask.all() and mlm.next_sentence_label is None
     assert len(mlm) == (sonnets.num_tokens + sonnets.num_documents) // 62
     clm = build_examples("clm", sonnets, tokenizer, 64, seed=0, epoch=0)

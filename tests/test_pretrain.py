@@ -11,14 +11,31 @@ import pytest
 import torch
 
 from spikelm.commands.main import main
-from spikelm.training.presets import PRESETS, resolve_config
 from spikelm.data.tokenization import sample_text_path
+from spikelm.training.presets import PRESETS, resolve_config
 
 SONNETS = str(sample_text_path())
 # a micro model and recipe so that a run takes seconds on a CPU
-MICRO = ["--set", "hidden_size=32", "--set", "num_hidden_layers=1", "--set", "num_attention_heads=2",
-         "--set", "intermediate_size=64", "--set", "max_length=32", "--set", "batch_size=8",
-         "--set", "eval_examples=16", "--set", "log_every=1", "--set", "eval_every=5"]
+MICRO = [
+    "--set",
+    "hidden_size=32",
+    "--set",
+    "num_hidden_layers=1",
+    "--set",
+    "num_attention_heads=2",
+    "--set",
+    "intermediate_size=64",
+    "--set",
+    "max_length=32",
+    "--set",
+    "batch_size=8",
+    "--set",
+    "eval_examples=16",
+    "--set",
+    "log_every=1",
+    "--set",
+    "eval_every=5",
+]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -41,16 +58,31 @@ def snapshot(directory):
 
 def test_presets_carry_shape_and_recipe():
     tiny = resolve_config("tiny")
-    assert (tiny.model["num_hidden_layers"], tiny.model["hidden_size"], tiny.model["num_attention_heads"]) == (2, 128, 2)
-    assert tiny.batch_size == 32 and tiny.learning_rate == 1e-3 and tiny.num_warmup_steps == round(0.06 * tiny.max_steps)
+    assert (tiny.model["num_hidden_layers"], tiny.model["hidden_size"], tiny.model["num_attention_heads"]) == (
+        2,
+        128,
+        2,
+    )
+    assert (
+        tiny.batch_size == 32 and tiny.learning_rate == 1e-3 and tiny.num_warmup_steps == round(0.06 * tiny.max_steps)
+    )
     for name, shape in {"mini": (4, 256, 4), "small": (4, 512, 8), "medium": (8, 512, 8)}.items():
         m = resolve_config(name).model
         assert (m["num_hidden_layers"], m["hidden_size"], m["num_attention_heads"]) == shape
     base = resolve_config("base")  # SPEC section 4
-    assert (base.model["num_hidden_layers"], base.model["hidden_size"], base.model["intermediate_size"]) == (12, 768, 3072)
+    assert (base.model["num_hidden_layers"], base.model["hidden_size"], base.model["intermediate_size"]) == (
+        12,
+        768,
+        3072,
+    )
     assert base.model["head_hidden_act"] == "relu" and base.model["num_steps"] == 4
     assert (base.learning_rate, base.weight_decay, base.num_warmup_steps, base.batch_size) == (2e-4, 0.0, 5000, 512)
-    assert (base.max_steps, base.total_schedule_steps, base.max_length, base.objective) == (100_000, 500_000, 128, "mlm-nsp")
+    assert (base.max_steps, base.total_schedule_steps, base.max_length, base.objective) == (
+        100_000,
+        500_000,
+        128,
+        "mlm-nsp",
+    )
 
 
 def test_overrides_from_file_then_set(tmp_path):
@@ -65,14 +97,17 @@ def test_overrides_from_file_then_set(tmp_path):
     assert resolve_config("tiny", json_path).batch_size == 16
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"preset": "huge"}, "unknown preset 'huge'"),
-    ({"sets": ["no_such_field=1"]}, "unknown config key 'no_such_field'"),
-    ({"sets": ["learning_rate"]}, "FIELD=VALUE"),
-    ({"sets": ["batch_size=many"]}, "batch_size expects a int"),
-    ({"sets": ["objective=gpt"]}, "objective must be one of"),
-    ({"sets": ["num_steps=0"]}, None),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"preset": "huge"}, "unknown preset 'huge'"),
+        ({"sets": ["no_such_field=1"]}, "unknown config key 'no_such_field'"),
+        ({"sets": ["learning_rate"]}, "FIELD=VALUE"),
+        ({"sets": ["batch_size=many"]}, "batch_size expects a int"),
+        ({"sets": ["objective=gpt"]}, "objective must be one of"),
+        ({"sets": ["num_steps=0"]}, None),
+    ],
+)
 def test_bad_configs_are_clear_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         config = resolve_config(**kwargs)
@@ -83,8 +118,8 @@ def test_bad_configs_are_clear_errors(kwargs, message):
 
 def test_clm_builds_the_causal_spikelm():
     from spikelm import SpikeLMForCausalLM
-    from spikelm.training.pretrain import build_model
     from spikelm.data.tokenization import load_bert_tokenizer
+    from spikelm.training.pretrain import build_model
 
     tok = load_bert_tokenizer()
     config = resolve_config("mini", sets=["objective=clm", "max_length=64"])
@@ -141,8 +176,8 @@ def test_unigram_baseline_is_the_loss_of_corpus_frequencies():
     import numpy as np
 
     from spikelm.data.corpora import load_corpus
-    from spikelm.training.pretrain import PretrainingData
     from spikelm.data.tokenization import load_bert_tokenizer
+    from spikelm.training.pretrain import PretrainingData
 
     tok = load_bert_tokenizer()
     config = resolve_config("tiny")
@@ -174,8 +209,19 @@ def test_killed_run_resumes_exactly(tmp_path):
         "from spikelm.commands.main import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
-    cmd = [sys.executable, "-c", script, "pretrain", "--text-file", SONNETS, "--no-progress", *MICRO, *args,
-           "--output-dir", str(killed)]
+    cmd = [
+        sys.executable,
+        "-c",
+        script,
+        "pretrain",
+        "--text-file",
+        SONNETS,
+        "--no-progress",
+        *MICRO,
+        *args,
+        "--output-dir",
+        str(killed),
+    ]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert res.returncode == -9, res.stderr[-2000:]
     assert (killed / "checkpoints" / "latest").read_text().strip() == "step-00000004"
@@ -220,14 +266,30 @@ def test_two_processes_end_with_identical_parameters_and_alphas(tmp_path):
     from safetensors.torch import load_file
 
     # no dropout, so that one process on the whole global batch sets the same alphas
-    sets = [s for s in MICRO if s != "--set"] + [f"text_file={SONNETS}", "hidden_dropout_prob=0.0",
-                                                 "attention_probs_dropout_prob=0.0", "max_steps=4"]
+    sets = [s for s in MICRO if s != "--set"] + [
+        f"text_file={SONNETS}",
+        "hidden_dropout_prob=0.0",
+        "attention_probs_dropout_prob=0.0",
+        "max_steps=4",
+    ]
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(out), *sets]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script),
+        str(out),
+        *sets,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
@@ -239,8 +301,8 @@ def test_two_processes_end_with_identical_parameters_and_alphas(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["processes"] == 2
     # alpha was set from the statistics of the global first batch, summed over both processes
     from spikelm.data.corpora import load_corpus
-    from spikelm.training.pretrain import PretrainingData, build_model
     from spikelm.data.tokenization import load_bert_tokenizer
+    from spikelm.training.pretrain import PretrainingData, build_model
 
     config, tok = resolve_config("tiny", sets=sets), load_bert_tokenizer()
     global_batch = PretrainingData(config, tok, load_corpus(text_file=SONNETS), 1, 0).micro_batches(0, 0)[0]
@@ -254,8 +316,8 @@ def test_two_processes_end_with_identical_parameters_and_alphas(tmp_path):
 
 def test_processes_take_different_slices_of_the_global_batch():
     from spikelm.data.corpora import load_corpus
-    from spikelm.training.pretrain import PretrainingData
     from spikelm.data.tokenization import load_bert_tokenizer
+    from spikelm.training.pretrain import PretrainingData
 
     tok = load_bert_tokenizer()
     config = resolve_config("tiny", sets=["batch_size=8", "grad_accum=2", "max_length=32"])
@@ -264,8 +326,9 @@ def test_processes_take_different_slices_of_the_global_batch():
     single = PretrainingData(config, tok, corpus, 1, 0)
     whole = torch.cat([b["input_ids"] for b in single.micro_batches(0, 1)])
     # global batch = [micro 0: rank 0, rank 1 | micro 1: rank 0, rank 1], 2 sequences each
-    parts = torch.cat([ranks[0][0]["input_ids"], ranks[1][0]["input_ids"], ranks[0][1]["input_ids"],
-                       ranks[1][1]["input_ids"]])
+    parts = torch.cat(
+        [ranks[0][0]["input_ids"], ranks[1][0]["input_ids"], ranks[0][1]["input_ids"], ranks[1][1]["input_ids"]]
+    )
     assert torch.equal(parts, whole)
 
 
@@ -274,11 +337,14 @@ def test_processes_take_different_slices_of_the_global_batch():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("corpus_bytes, message", [
-    (None, "does not exist"),
-    (b"", "0 document"),
-    (bytes(range(256)) * 64, "binary data"),
-])
+@pytest.mark.parametrize(
+    "corpus_bytes, message",
+    [
+        (None, "does not exist"),
+        (b"", "0 document"),
+        (bytes(range(256)) * 64, "binary data"),
+    ],
+)
 def test_bad_corpus_is_a_clear_error(tmp_path, capsys, corpus_bytes, message):
     path = tmp_path / "corpus.txt"
     if corpus_bytes is not None:
@@ -307,8 +373,19 @@ def test_output_dir_of_another_run_and_checkpoint_of_another_shape(tmp_path, cap
     assert "holds a different `spikelm pretrain` run" in capsys.readouterr().err
     # resuming another shape's checkpoint into a new directory
     checkpoint = first / "checkpoints" / (first / "checkpoints" / "latest").read_text().strip()
-    assert pretrain("--max-steps", "4", "--set", "hidden_size=64", "--output-dir", str(tmp_path / "second"),
-                    "--resume", str(checkpoint)) == 2
+    assert (
+        pretrain(
+            "--max-steps",
+            "4",
+            "--set",
+            "hidden_size=64",
+            "--output-dir",
+            str(tmp_path / "second"),
+            "--resume",
+            str(checkpoint),
+        )
+        == 2
+    )
     assert "another shape: hidden_size 32 (this run: 64)" in capsys.readouterr().err
     assert not (tmp_path / "second").exists()
     # a directory holding other files
@@ -328,8 +405,12 @@ def test_causal_pretraining_end_to_end(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "clm"
-    assert pretrain("--objective", "clm", "--tokenizer", "bert-base-uncased", "--max-steps", "15",
-                    "--output-dir", str(out)) == 0
+    assert (
+        pretrain(
+            "--objective", "clm", "--tokenizer", "bert-base-uncased", "--max-steps", "15", "--output-dir", str(out)
+        )
+        == 0
+    )
     assert "validation perplexity" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     start, end = metrics["initial_validation"], metrics["final_validation"]
@@ -344,8 +425,8 @@ def test_causal_pretraining_end_to_end(tmp_path, capsys):
 
     # the unigram baseline: the training stream's token counts (documents' tokens + one separator each)
     from spikelm.data.corpora import load_corpus
-    from spikelm.training.pretrain import PretrainingData
     from spikelm.data.tokenization import load_bert_tokenizer
+    from spikelm.training.pretrain import PretrainingData
 
     tok = load_bert_tokenizer()
     data = PretrainingData(resolve_config("tiny", sets=["objective=clm"]), tok, load_corpus(text_file=SONNETS), 1, 0)
@@ -358,7 +439,9 @@ def test_causal_pretraining_end_to_end(tmp_path, capsys):
     assert "generated" in capsys.readouterr().out
     text = tmp_path / "eval.txt"
     text.write_text("From fairest creatures we desire increase,\nThat thereby beauty's rose might never die.\n")
-    assert main(["perplexity", "--model", str(out), "--text-file", str(text), "--output-dir", str(tmp_path / "ppl")]) == 0
+    assert (
+        main(["perplexity", "--model", str(out), "--text-file", str(text), "--output-dir", str(tmp_path / "ppl")]) == 0
+    )
     result = json.loads((tmp_path / "ppl" / "perplexity.json").read_text())
     ids = tok(text.read_text(), add_special_tokens=False).input_ids
     log_p = np.log((expected + 1) / (expected + 1).sum())
@@ -370,8 +453,18 @@ def test_causal_pretraining_end_to_end(tmp_path, capsys):
 @pytest.mark.parametrize("spiking", ["true", "false"])
 def test_causal_run_resumed_equals_uninterrupted(tmp_path, spiking):
     """Stopped after 3 of 6 steps (the schedule fixed at 6), then resumed: the same losses and weights."""
-    args = ["--objective", "clm", "--tokenizer", "bert-base-uncased", "--set", f"spiking={spiking}",
-            "--set", "schedule_steps=6", "--set", "save_every=3"]
+    args = [
+        "--objective",
+        "clm",
+        "--tokenizer",
+        "bert-base-uncased",
+        "--set",
+        f"spiking={spiking}",
+        "--set",
+        "schedule_steps=6",
+        "--set",
+        "save_every=3",
+    ]
     full, parts = tmp_path / "full", tmp_path / "parts"
     assert pretrain(*args, "--max-steps", "6", "--output-dir", str(full)) == 0
     assert pretrain(*args, "--max-steps", "3", "--output-dir", str(parts)) == 0
@@ -382,8 +475,21 @@ def test_causal_run_resumed_equals_uninterrupted(tmp_path, spiking):
 def test_train_tokenizer_command(tmp_path):
     from transformers import AutoTokenizer
 
-    assert main(["data", "train-tokenizer", "--text-file", SONNETS, "--vocab-size", "500",
-                 "--output-dir", str(tmp_path / "wp")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "train-tokenizer",
+                "--text-file",
+                SONNETS,
+                "--vocab-size",
+                "500",
+                "--output-dir",
+                str(tmp_path / "wp"),
+            ]
+        )
+        == 0
+    )
     tok = AutoTokenizer.from_pretrained(tmp_path / "wp")
     assert len(tok) <= 500 and tok.mask_token == "[MASK]"
 
@@ -393,8 +499,20 @@ def test_the_documented_command_as_written(tmp_path):
     from spikelm import SpikeLMForPreTraining
 
     out = tmp_path / "tiny"
-    cmd = [sys.executable, "-m", "spikelm", "pretrain", "--preset", "tiny", "--text-file", SONNETS, "--max-steps", "2",
-           "--output-dir", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "spikelm",
+        "pretrain",
+        "--preset",
+        "tiny",
+        "--text-file",
+        SONNETS,
+        "--max-steps",
+        "2",
+        "--output-dir",
+        str(out),
+    ]
     res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     model = SpikeLMForPreTraining.from_pretrained(out)

@@ -7,16 +7,42 @@ from pathlib import Path
 import pytest
 
 from spikelm.commands.main import main
-from spikelm.training.finetune import load_task_data
-from spikelm.experiments.reproduce import VARIANTS, pretrain_config, Budget
-from spikelm.experiments.reproduce_report import DOC_BEGIN, DOC_END, PLOTS
 from spikelm.data.tokenization import sample_text_path
+from spikelm.experiments.reproduce import VARIANTS, Budget, pretrain_config
+from spikelm.experiments.reproduce_report import DOC_BEGIN, DOC_END, PLOTS
+from spikelm.training.finetune import load_task_data
 
 GLUE = Path(__file__).parent / "fixtures" / "glue"
-TINY = ["--set", "hidden_size=32", "--set", "num_hidden_layers=1", "--set", "num_attention_heads=2",
-        "--set", "intermediate_size=64", "--set", "batch_size=8", "--set", "eval_examples=16",
-        "--pretrain-steps", "3", "--train-samples", "30", "--dev-samples", "12", "--epochs", "2",
-        "--batch-size", "8", "--max-length", "32", "--energy-sequences", "2", "--corpus", str(sample_text_path())]
+TINY = [
+    "--set",
+    "hidden_size=32",
+    "--set",
+    "num_hidden_layers=1",
+    "--set",
+    "num_attention_heads=2",
+    "--set",
+    "intermediate_size=64",
+    "--set",
+    "batch_size=8",
+    "--set",
+    "eval_examples=16",
+    "--pretrain-steps",
+    "3",
+    "--train-samples",
+    "30",
+    "--dev-samples",
+    "12",
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--max-length",
+    "32",
+    "--energy-sequences",
+    "2",
+    "--corpus",
+    str(sample_text_path()),
+]
 
 
 def make_suite(root: Path) -> Path:
@@ -37,12 +63,15 @@ def reproduce(suite, out, *extra):
 
 def figures(row: dict) -> dict:
     """A row's results without its timings."""
-    return {"pretraining": {k: row["pretraining"][k] for k in ("initial_validation", "final_validation",
-                                                                 "train_tokens")},
-            "losses": [e["loss"] for e in row["pretrain_log"]],
-            "tasks": {t: (r["best"], r["last"], [{k: v for k, v in e.items() if not k.endswith("seconds")}
-                                                 for e in r["curve"]]) for t, r in row["tasks"].items()},
-            "energy": row["energy"]}
+    return {
+        "pretraining": {k: row["pretraining"][k] for k in ("initial_validation", "final_validation", "train_tokens")},
+        "losses": [e["loss"] for e in row["pretrain_log"]],
+        "tasks": {
+            t: (r["best"], r["last"], [{k: v for k, v in e.items() if not k.endswith("seconds")} for e in r["curve"]])
+            for t, r in row["tasks"].items()
+        },
+        "energy": row["energy"],
+    }
 
 
 @pytest.mark.slow
@@ -68,8 +97,11 @@ def test_reproduce_end_to_end_skips_finished_rows_and_reruns_exactly(tmp_path, c
             result = row["tasks"][task]
             assert [e["epoch"] for e in result["curve"]] == [1, 2]
             sizes = json.loads((out / "data" / "summary.json").read_text())["sizes"][task]
-            assert result["settings"]["train_examples"] == sizes["train"] == min(30, len(
-                (suite / task / "train.tsv").read_text().splitlines()) - 1)
+            assert (
+                result["settings"]["train_examples"]
+                == sizes["train"]
+                == min(30, len((suite / task / "train.tsv").read_text().splitlines()) - 1)
+            )
             assert result["settings"]["learning_rate"] == 3e-4
         # energy: the ANN has no spikes; every spiking model is cheaper than its ANN and fires
         energy = row["energy"]
@@ -113,7 +145,9 @@ def test_reproduce_end_to_end_skips_finished_rows_and_reruns_exactly(tmp_path, c
     # rerunning one row from scratch elsewhere reproduces it exactly
     again = tmp_path / "again"
     assert reproduce(suite, again, "--variants", "spikelm-t4", "--seeds", "0") == 0
-    assert figures(json.loads((again / "rows" / "spikelm-t4-seed0.json").read_text())) == figures(rows["spikelm-t4-seed0"])
+    assert figures(json.loads((again / "rows" / "spikelm-t4-seed0.json").read_text())) == figures(
+        rows["spikelm-t4-seed0"]
+    )
 
 
 def test_interrupted_row_reuses_finished_stages(tmp_path, capsys):
@@ -122,7 +156,7 @@ def test_interrupted_row_reuses_finished_stages(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--variants", "spikelm-t1", "--seeds", "0", "--tasks", "multiemo-sst2,bbc-topics"]
     assert reproduce(suite, out, *args) == 0
-    row = (out / "rows" / "spikelm-t1-seed0.json")
+    row = out / "rows" / "spikelm-t1-seed0.json"
     first = json.loads(row.read_text())
     row.unlink()
     (out / "runs" / "spikelm-t1-seed0" / "bbc-topics" / "eval_results.json").unlink()
@@ -136,8 +170,9 @@ def test_interrupted_row_reuses_finished_stages(tmp_path, capsys):
     # the report of this run into a named block of a document that holds another run's block too
     doc = tmp_path / "REPRODUCTION.md"
     doc.write_text(f"{DOC_BEGIN}\nkept\n{DOC_END}\n<!-- reproduce-small:begin -->\nold\n<!-- reproduce-small:end -->\n")
-    assert main(["reproduce", "--report-only", "--output-dir", str(out), "--doc", str(doc),
-                 "--doc-block", "small"]) == 0
+    assert (
+        main(["reproduce", "--report-only", "--output-dir", str(out), "--doc", str(doc), "--doc-block", "small"]) == 0
+    )
     text = doc.read_text()
     assert "kept" in text and "old" not in text and "| spikelm-t1 | 1 |" in text
     assert "(reproduction/small/finetune_curves.png)" in text
@@ -167,8 +202,9 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
 
 
 def test_budget_fields_that_define_a_row_are_not_overridable():
-    config = pretrain_config(Budget(pretrain_steps=7, pretrain_overrides={"learning_rate": 5e-4}),
-                             VARIANTS["lif-bert"], seed=3)
+    config = pretrain_config(
+        Budget(pretrain_steps=7, pretrain_overrides={"learning_rate": 5e-4}), VARIANTS["lif-bert"], seed=3
+    )
     assert (config.max_steps, config.seed, config.learning_rate) == (7, 3, 5e-4)
     assert config.model["spike_levels"] == "binary" and config.model["num_steps"] == 4
     assert config.save_every == 2  # a few checkpoints per run, for resuming an interrupted row

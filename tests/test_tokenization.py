@@ -20,8 +20,9 @@ def _fake_gpt2_wheel(tmp_path):
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(sample_text_path().read_text().splitlines(), vocab_size=400,
-                            special_tokens=["<|endoftext|>"])
+    bpe.train_from_iterator(
+        sample_text_path().read_text().splitlines(), vocab_size=400, special_tokens=["<|endoftext|>"]
+    )
     bpe.save_model(str(tmp_path))
     wheel = tmp_path / "fake.whl"
     with zipfile.ZipFile(wheel, "w") as z:

@@ -18,15 +18,28 @@ def register(sub) -> None:
             "prints the headline figures as one JSON object on the last line."
         ),
     )
-    p.add_argument("--quick", action="store_true",
-                   help="only the headline case (hidden 256, 4 layers, batch 8x128, T=4; on CUDA also BERT-base)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="only the headline case (hidden 256, 4 layers, batch 8x128, T=4; on CUDA also BERT-base)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
-                   help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed repetitions per path (default 7 quick, 5 full)")
-    p.add_argument("--generation-lengths", type=int, nargs="*", default=None, metavar="L",
-                   help="total lengths for the generation benchmark, with and without the KV cache "
-                        "(default 64 256 1024; none with --quick; give no value to skip it)")
+    p.add_argument(
+        "--generation-lengths",
+        type=int,
+        nargs="*",
+        default=None,
+        metavar="L",
+        help="total lengths for the generation benchmark, with and without the KV cache "
+        "(default 64 256 1024; none with --quick; give no value to skip it)",
+    )
     p.add_argument("--skip-training", action="store_true", help="only the generation benchmark")
     add_output_dir(p, required=False)
     p.set_defaults(func=run, output_dir="runs/benchmark")
@@ -45,15 +58,22 @@ def run(args) -> int:
     repeats = args.repeats if args.repeats is not None else (7 if args.quick else 5)
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
-    lengths = args.generation_lengths if args.generation_lengths is not None else ([] if args.quick else [64, 256, 1024])
+    lengths = (
+        args.generation_lengths if args.generation_lengths is not None else ([] if args.quick else [64, 256, 1024])
+    )
     if any(length <= 16 for length in lengths):
         raise UserError(f"--generation-lengths must all exceed the 16 generated tokens, got {lengths}")
     if args.skip_training and not lengths:
         raise UserError("--skip-training leaves nothing to measure: give --generation-lengths")
     out = prepare_output_dir(args.output_dir, "benchmark", args.overwrite)
     results = []
-    report = {"machine": machine_info(device), "device": device, "dtype": dtype_name, "quick": args.quick,
-              "cases": results}
+    report = {
+        "machine": machine_info(device),
+        "device": device,
+        "dtype": dtype_name,
+        "quick": args.quick,
+        "cases": results,
+    }
     if lengths:
         from spikelm.experiments.benchmark import format_generation_table, measure_generation
 
@@ -71,10 +91,27 @@ def run(args) -> int:
     print(format_table(results))
     print(f"wrote {out / 'benchmark.json'}")
     headline = next(r for r in results if r["case"] == HEADLINE.name)
-    summary = {key: headline[key] for key in ("case", "train_ratio_vs_ann", "infer_ratio_vs_ann",
-                                              "mem_ratio_vs_reference", "train_s", "infer_s", "saved_bytes")}
-    summary.update(device=device, dtype=dtype_name, repeats=repeats, others={
-        r["case"]: {k: r[k] for k in ("train_ratio_vs_ann", "infer_ratio_vs_ann", "mem_ratio_vs_reference")}
-        for r in results if r is not headline})
+    summary = {
+        key: headline[key]
+        for key in (
+            "case",
+            "train_ratio_vs_ann",
+            "infer_ratio_vs_ann",
+            "mem_ratio_vs_reference",
+            "train_s",
+            "infer_s",
+            "saved_bytes",
+        )
+    }
+    summary.update(
+        device=device,
+        dtype=dtype_name,
+        repeats=repeats,
+        others={
+            r["case"]: {k: r[k] for k in ("train_ratio_vs_ann", "infer_ratio_vs_ann", "mem_ratio_vs_reference")}
+            for r in results
+            if r is not headline
+        },
+    )
     print(json.dumps(summary))
     return 0

@@ -18,17 +18,22 @@ def register_data(sub) -> None:
             "It is evaluation text: no pretraining corpus contains it."
         ),
     )
-    p.add_argument("--every", type=int, default=1, metavar="N",
-                   help="keep every N-th document in name order, from the first (a sample over all genres; "
-                        "default 1: all 500)")
+    p.add_argument(
+        "--every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="keep every N-th document in name order, from the first (a sample over all genres; default 1: all 500)",
+    )
     add_output_dir(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from .main import UserError
     from spikelm.data.brown import TEXT_FILE, brown_text, fetch_brown
     from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
+
+    from .main import UserError
 
     if args.every < 1:
         raise UserError(f"--every must be at least 1, got {args.every}")
@@ -36,7 +41,9 @@ def run(args) -> int:
     out = prepare_output_dir(args.output_dir, "data prepare-brown", args.overwrite)
     write_text_atomic(out / TEXT_FILE, text)
     write_json_atomic(out / "brown_report.json", report)
-    print(f"wrote {out / TEXT_FILE}: " + json.dumps({k: report[k] for k in ("documents", "paragraphs", "tokens",
-                                                                             "words")}))
+    print(
+        f"wrote {out / TEXT_FILE}: "
+        + json.dumps({k: report[k] for k in ("documents", "paragraphs", "tokens", "words")})
+    )
     print(f"score a causal model on it: spikelm perplexity --model DIR --text-file {out / TEXT_FILE}")
     return 0

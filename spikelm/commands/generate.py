@@ -81,16 +81,25 @@ def run(args) -> int:
     width = max(len(ids) for ids in prompts)
     input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompts])
     attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts])
-    options = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p))
-               if v is not None}
+    options = {
+        k: v
+        for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p))
+        if v is not None
+    }
     if tokenizer.eos_token_id is not None:
         options["eos_token_id"] = tokenizer.eos_token_id
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     with torch.no_grad():
         output = model.generate(
-            input_ids, attention_mask=attention_mask, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-            num_beams=args.num_beams, use_cache=not args.no_cache, pad_token_id=pad_id, **options,
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            num_beams=args.num_beams,
+            use_cache=not args.no_cache,
+            pad_token_id=pad_id,
+            **options,
         )
     seconds = time.perf_counter() - start
 
@@ -98,19 +107,23 @@ def run(args) -> int:
     for prompt, row in zip(args.prompt, output[:, width:]):
         new = row.tolist()
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new:
-            new = new[:new.index(tokenizer.eos_token_id) + 1]
-        results.append({"prompt": prompt, "continuation": tokenizer.decode(new, skip_special_tokens=True),
-                        "new_tokens": len(new)})
+            new = new[: new.index(tokenizer.eos_token_id) + 1]
+        results.append(
+            {"prompt": prompt, "continuation": tokenizer.decode(new, skip_special_tokens=True), "new_tokens": len(new)}
+        )
     for i, r in enumerate(results, 1):
         print(f"[{i}] {r['prompt']}")
         print(f"    -> {r['continuation']}")
     total = sum(r["new_tokens"] for r in results)
-    print(f"generated {total} tokens in {seconds:.2f} s ({total / seconds:.1f} tokens/s, "
-          f"{'no cache' if args.no_cache else 'KV cache'}, {model.config.num_steps if model.config.spiking else 0} "
-          "time steps)")
+    print(
+        f"generated {total} tokens in {seconds:.2f} s ({total / seconds:.1f} tokens/s, "
+        f"{'no cache' if args.no_cache else 'KV cache'}, {model.config.num_steps if model.config.spiking else 0} "
+        "time steps)"
+    )
     if out_dir is not None:
         settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "output_dir", "overwrite")}
-        write_json_atomic(out_dir / "generations.json", {"settings": settings, "seconds": seconds,
-                                                          "generations": results})
+        write_json_atomic(
+            out_dir / "generations.json", {"settings": settings, "seconds": seconds, "generations": results}
+        )
         print(f"wrote {out_dir / 'generations.json'}")
     return 0

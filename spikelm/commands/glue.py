@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .main import UserError, add_output_dir
 from .finetune import add_recipe_arguments, settings_from_args
+from .main import UserError, add_output_dir
 
 
 def register(sub) -> None:
@@ -15,20 +15,29 @@ def register(sub) -> None:
         "glue",
         help="run a list of GLUE(-style) tasks for one model and print the paper's table",
         description="Fine-tune MODEL on each task (as `spikelm finetune`, into OUTPUT_DIR/<variant>/<task>), then "
-                    "write glue_results.md (the paper's layout: per-task metric at the best dev epoch, average "
-                    "counting MNLI-m and -mm separately) and glue_results.json (best and last epochs). --variants "
-                    "runs the paper's baselines from the same checkpoint on equal terms: "
-                    + "; ".join(f"{k}: {v or 'as saved'}" for k, v in VARIANTS.items()) + ".",
+        "write glue_results.md (the paper's layout: per-task metric at the best dev epoch, average "
+        "counting MNLI-m and -mm separately) and glue_results.json (best and last epochs). --variants "
+        "runs the paper's baselines from the same checkpoint on equal terms: "
+        + "; ".join(f"{k}: {v or 'as saved'}" for k, v in VARIANTS.items())
+        + ".",
     )
-    p.add_argument("--model", required=True,
-                   help="as for `spikelm finetune`; with --eval-only, a `spikelm glue` output directory (or a model "
-                        "fine-tuned for the task)")
-    p.add_argument("--tasks", default="glue",
-                   help="'glue' (MNLI, QQP, QNLI, SST-2, CoLA, STS-B, MRPC, RTE; default), 'offline' (the offline "
-                        "suite) or a comma-separated list of task names")
-    p.add_argument("--data-dir",
-                   help="GLUE tasks: the GLUE distribution's root (DIR/SST-2/train.tsv ...; default: the hub); "
-                        "offline tasks: the output of `spikelm data prepare-glue-offline`")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="as for `spikelm finetune`; with --eval-only, a `spikelm glue` output directory (or a model "
+        "fine-tuned for the task)",
+    )
+    p.add_argument(
+        "--tasks",
+        default="glue",
+        help="'glue' (MNLI, QQP, QNLI, SST-2, CoLA, STS-B, MRPC, RTE; default), 'offline' (the offline "
+        "suite) or a comma-separated list of task names",
+    )
+    p.add_argument(
+        "--data-dir",
+        help="GLUE tasks: the GLUE distribution's root (DIR/SST-2/train.tsv ...; default: the hub); "
+        "offline tasks: the output of `spikelm data prepare-glue-offline`",
+    )
     p.add_argument("--variants", default="model", help=f"comma-separated, from {', '.join(VARIANTS)} (default: model)")
     add_recipe_arguments(p)
     p.add_argument("--eval-only", action="store_true", help="evaluate already fine-tuned models, no training")
@@ -46,10 +55,10 @@ def _model_for(args, variant: str, task: str) -> str:
 
 
 def run(args) -> int:
-    from spikelm.training.finetune import CustomColumns, finetune
     from spikelm.evaluation.glue.models import VARIANTS
     from spikelm.evaluation.glue.report import markdown_table, resolve_tasks
     from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
+    from spikelm.training.finetune import CustomColumns, finetune
 
     tasks = resolve_tasks(args.tasks)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -70,15 +79,25 @@ def run(args) -> int:
             print(f"== {variant} / {task.name}")
             data_dir = None if args.data_dir is None else str(Path(args.data_dir) / (task.folder or ""))
             results[variant][task.name] = finetune(
-                _model_for(args, variant, task.name), task.layout, str(out / variant / task.name), data_dir, settings,
-                {} if args.eval_only else VARIANTS[variant], args.tokenizer, CustomColumns(), args.eval_only,
+                _model_for(args, variant, task.name),
+                task.layout,
+                str(out / variant / task.name),
+                data_dir,
+                settings,
+                {} if args.eval_only else VARIANTS[variant],
+                args.tokenizer,
+                CustomColumns(),
+                args.eval_only,
                 args.overwrite,
             )
-            write_json_atomic(out / "glue_results.json", {"model": args.model, "tasks": [t.name for t in tasks],
-                                                           "results": results})
+            write_json_atomic(
+                out / "glue_results.json", {"model": args.model, "tasks": [t.name for t in tasks], "results": results}
+            )
     table = markdown_table(tasks, results)
-    note = ("Dev-set scores x 100 at the best epoch (the paper's choice; glue_results.json also holds the last "
-            "epoch). avg counts MNLI-m and -mm separately; WNLI is not averaged.")
+    note = (
+        "Dev-set scores x 100 at the best epoch (the paper's choice; glue_results.json also holds the last "
+        "epoch). avg counts MNLI-m and -mm separately; WNLI is not averaged."
+    )
     write_text_atomic(out / "glue_results.md", table + "\n\n" + note + "\n")
     print(table)
     print(note)

@@ -7,8 +7,19 @@ import importlib
 import sys
 
 # modules under spikelm.commands, each adding one or more subcommands
-COMMANDS = ("benchmark", "convert", "data", "demo", "energy", "finetune", "generate", "glue", "perplexity",
-            "pretrain", "reproduce")
+COMMANDS = (
+    "benchmark",
+    "convert",
+    "data",
+    "demo",
+    "energy",
+    "finetune",
+    "generate",
+    "glue",
+    "perplexity",
+    "pretrain",
+    "reproduce",
+)
 
 
 class UserError(Exception):
@@ -17,8 +28,7 @@ class UserError(Exception):
 
 def add_output_dir(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--output-dir", required=required, help="directory to write into (created if missing)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="write into --output-dir even if it holds other files")
+    parser.add_argument("--overwrite", action="store_true", help="write into --output-dir even if it holds other files")
 
 
 def build_parser() -> argparse.ArgumentParser:

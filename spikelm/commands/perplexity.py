@@ -21,8 +21,9 @@ def register(sub) -> None:
     p.add_argument("--text-file", required=True, help="UTF-8 text file, or a directory of plain-text files")
     p.add_argument("--tokenizer", help="tokenizer directory or hub name (default: the one saved in --model)")
     p.add_argument("--max-length", type=int, help="window length in tokens (default: max_position_embeddings)")
-    p.add_argument("--stride", type=int, help="new tokens scored per window, below the window length "
-                                              "(default: half the window)")
+    p.add_argument(
+        "--stride", type=int, help="new tokens scored per window, below the window length (default: half the window)"
+    )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     add_output_dir(p, required=False)
     p.set_defaults(func=run)
@@ -33,10 +34,17 @@ def run(args) -> int:
 
     import torch
 
-    from spikelm.evaluation.perplexity import (load_causal_lm, load_tokenizer, load_unigram_log_probs, read_text,
-                             sliding_window_perplexity, unigram_perplexity)
-    from .main import UserError
+    from spikelm.evaluation.perplexity import (
+        load_causal_lm,
+        load_tokenizer,
+        load_unigram_log_probs,
+        read_text,
+        sliding_window_perplexity,
+        unigram_perplexity,
+    )
     from spikelm.outputs import prepare_output_dir, write_json_atomic
+
+    from .main import UserError
 
     text = read_text(args.text_file)
     model = load_causal_lm(args.model)
@@ -56,13 +64,17 @@ def run(args) -> int:
     result = sliding_window_perplexity(model, ids, window, stride, args.batch_size, progress=True)
     result["seconds"] = time.perf_counter() - start
     result.update(model=str(args.model), text=str(args.text_file), text_tokens=int(ids.numel()))
-    print(f"perplexity {result['perplexity']:.3f} ({result['nll_per_token']:.4f} nats/token) over "
-          f"{result['tokens_scored']} tokens of {args.text_file}; window {result['window']}, stride "
-          f"{result['stride']}, {result['windows']} windows, {result['seconds']:.1f} s")
+    print(
+        f"perplexity {result['perplexity']:.3f} ({result['nll_per_token']:.4f} nats/token) over "
+        f"{result['tokens_scored']} tokens of {args.text_file}; window {result['window']}, stride "
+        f"{result['stride']}, {result['windows']} windows, {result['seconds']:.1f} s"
+    )
     if unigram is not None:
         result.update(unigram_perplexity(unigram, ids))
-        print(f"unigram baseline (training-data token frequencies) on the same tokens: perplexity "
-              f"{result['unigram_perplexity']:.3f} ({result['unigram_nll_per_token']:.4f} nats/token)")
+        print(
+            f"unigram baseline (training-data token frequencies) on the same tokens: perplexity "
+            f"{result['unigram_perplexity']:.3f} ({result['unigram_nll_per_token']:.4f} nats/token)"
+        )
     if out_dir is not None:
         write_json_atomic(out_dir / "perplexity.json", result)
         print(f"wrote {out_dir / 'perplexity.json'}")

@@ -31,32 +31,67 @@ def register(sub) -> None:
     p.add_argument("--suite", help="the offline suite (`spikelm data prepare-glue-offline --output-dir DIR`)")
     p.add_argument("--corpus", default=d.corpus, help=f"pretraining corpus, a name or a path (default {d.corpus})")
     p.add_argument("--preset", default=d.preset, help=f"pretraining preset: shape and recipe (default {d.preset})")
-    p.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps,
-                   help=f"optimizer steps of pretraining, every model (default {d.pretrain_steps})")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a pretraining recipe or SpikeLMConfig field for every model (repeatable)")
-    p.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"offline tasks (default {','.join(DEFAULT_TASKS)})")
-    p.add_argument("--train-samples", type=int, default=d.train_samples,
-                   help=f"training examples per task, a fixed random subset (default {d.train_samples})")
-    p.add_argument("--dev-samples", type=int, default=d.dev_samples,
-                   help=f"examples per dev split, a fixed random subset (default {d.dev_samples})")
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=d.pretrain_steps,
+        help=f"optimizer steps of pretraining, every model (default {d.pretrain_steps})",
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a pretraining recipe or SpikeLMConfig field for every model (repeatable)",
+    )
+    p.add_argument(
+        "--tasks", default=",".join(DEFAULT_TASKS), help=f"offline tasks (default {','.join(DEFAULT_TASKS)})"
+    )
+    p.add_argument(
+        "--train-samples",
+        type=int,
+        default=d.train_samples,
+        help=f"training examples per task, a fixed random subset (default {d.train_samples})",
+    )
+    p.add_argument(
+        "--dev-samples",
+        type=int,
+        default=d.dev_samples,
+        help=f"examples per dev split, a fixed random subset (default {d.dev_samples})",
+    )
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"fine-tuning epochs (default {d.epochs})")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate,
-                   help=f"fine-tuning AdamW learning rate, constant (default {d.learning_rate})")
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        default=d.learning_rate,
+        help=f"fine-tuning AdamW learning rate, constant (default {d.learning_rate})",
+    )
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"fine-tuning batch (default {d.batch_size})")
     p.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per example (default {d.max_length})")
-    p.add_argument("--energy-sequences", type=int, default=d.energy_sequences,
-                   help=f"windows of --max-length tokens of the corpus for the energy count (default {d.energy_sequences})")
+    p.add_argument(
+        "--energy-sequences",
+        type=int,
+        default=d.energy_sequences,
+        help=f"windows of --max-length tokens of the corpus for the energy count (default {d.energy_sequences})",
+    )
     p.add_argument("--variants", default=",".join(VARIANTS), help="which variants (default: all; main rows run first)")
     p.add_argument("--seeds", default="0,1", help="seeds of the main rows (default 0,1)")
     p.add_argument("--ablation-seeds", default="0", help="seeds of the ablation rows (default 0)")
-    p.add_argument("--max-minutes", type=float,
-                   help="start no new row after this many minutes (a rerun continues with the rest)")
-    p.add_argument("--doc", help="also fill the generated block of this markdown file (e.g. docs/REPRODUCTION.md) "
-                                 "and copy the plots beside it")
-    p.add_argument("--doc-block", metavar="NAME",
-                   help="with --doc: fill the block marked <!-- reproduce-NAME:begin/end --> instead (several runs "
-                        "in one document; plots under reproduction/NAME/)")
+    p.add_argument(
+        "--max-minutes", type=float, help="start no new row after this many minutes (a rerun continues with the rest)"
+    )
+    p.add_argument(
+        "--doc",
+        help="also fill the generated block of this markdown file (e.g. docs/REPRODUCTION.md) "
+        "and copy the plots beside it",
+    )
+    p.add_argument(
+        "--doc-block",
+        metavar="NAME",
+        help="with --doc: fill the block marked <!-- reproduce-NAME:begin/end --> instead (several runs "
+        "in one document; plots under reproduction/NAME/)",
+    )
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the finished rows")
     add_output_dir(p)
     p.set_defaults(func=run)
@@ -65,9 +100,9 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from spikelm.training.presets import parse_value
     from spikelm.experiments.reproduce import VARIANTS, Budget, run_experiment
     from spikelm.experiments.reproduce_report import markdown, write_report
+    from spikelm.training.presets import parse_value
 
     if args.doc_block is not None and args.doc is None:
         raise UserError("--doc-block names a block of the --doc file; give --doc too")
@@ -89,8 +124,15 @@ def run(args) -> int:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise UserError(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-    for flag in ("pretrain_steps", "train_samples", "dev_samples", "epochs", "batch_size", "max_length",
-                 "energy_sequences"):
+    for flag in (
+        "pretrain_steps",
+        "train_samples",
+        "dev_samples",
+        "epochs",
+        "batch_size",
+        "max_length",
+        "energy_sequences",
+    ):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if not args.learning_rate > 0:
@@ -101,13 +143,31 @@ def run(args) -> int:
         if not sep or not name:
             raise UserError(f"--set expects FIELD=VALUE, got {item!r}")
         overrides[name.strip()] = parse_value(value)
-    budget = Budget(preset=args.preset, corpus=args.corpus, pretrain_steps=args.pretrain_steps,
-                    pretrain_overrides=overrides, tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
-                    train_samples=args.train_samples, dev_samples=args.dev_samples, epochs=args.epochs,
-                    learning_rate=args.learning_rate, batch_size=args.batch_size, max_length=args.max_length,
-                    energy_sequences=args.energy_sequences)
-    rows = run_experiment(budget, args.suite, args.output_dir, variants, _ints(args.seeds, "--seeds"),
-                          _ints(args.ablation_seeds, "--ablation-seeds"), args.max_minutes, args.overwrite, args.doc,
-                          doc_block=args.doc_block)
+    budget = Budget(
+        preset=args.preset,
+        corpus=args.corpus,
+        pretrain_steps=args.pretrain_steps,
+        pretrain_overrides=overrides,
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        train_samples=args.train_samples,
+        dev_samples=args.dev_samples,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        energy_sequences=args.energy_sequences,
+    )
+    rows = run_experiment(
+        budget,
+        args.suite,
+        args.output_dir,
+        variants,
+        _ints(args.seeds, "--seeds"),
+        _ints(args.ablation_seeds, "--ablation-seeds"),
+        args.max_minutes,
+        args.overwrite,
+        args.doc,
+        doc_block=args.doc_block,
+    )
     print(f"{len(rows)} row(s) in {args.output_dir}/rows; report: {args.output_dir}/report/results.md")
     return 0

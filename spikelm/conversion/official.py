@@ -17,9 +17,18 @@ from spikelm.models.configuration_spikelm import SpikeLMConfig
 
 # the authors' BertConfig fields that carry over unchanged
 _BERT_FIELDS = (
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-    "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
-    "initializer_range", "layer_norm_eps", "pad_token_id",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "initializer_range",
+    "layer_norm_eps",
+    "pad_token_id",
 )
 # their spiking linear layers inside block N, by our name of the layer
 _OFFICIAL_LINEARS = ("attention.output.dense", "intermediate.dense", "output.dense")
@@ -41,7 +50,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
     if path.suffix not in (".bin", ".pt", ".pth"):
-        raise CheckpointError(f"unknown checkpoint format {path.suffix!r} for {path}: expected .safetensors, .bin or .pt")
+        raise CheckpointError(
+            f"unknown checkpoint format {path.suffix!r} for {path}: expected .safetensors, .bin or .pt"
+        )
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:
@@ -66,7 +77,9 @@ def official_config(config: dict, **overrides) -> SpikeLMConfig:
         raise CheckpointError("the checkpoint's config has no 'T' (number of time steps)")
     weight_bits = config.get("weight_bits", 32)
     if weight_bits != 32:
-        raise CheckpointError(f"weight_bits={weight_bits} is not supported: SpikeLM keeps full-precision (32-bit) weights")
+        raise CheckpointError(
+            f"weight_bits={weight_bits} is not supported: SpikeLM keeps full-precision (32-bit) weights"
+        )
     input_bits = config.get("input_bits", 2)
     if input_bits != 2:
         raise CheckpointError(f"input_bits={input_bits} is not supported: SpikeLM spikes are ternary (input_bits=2)")
@@ -80,7 +93,7 @@ def official_config(config: dict, **overrides) -> SpikeLMConfig:
 
 def _strip_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from a DDP wrapper
-        return {k[len("module."):]: v for k, v in state_dict.items()}
+        return {k[len("module.") :]: v for k, v in state_dict.items()}
     return state_dict
 
 
@@ -129,7 +142,11 @@ def convert_official_state_dict(state_dict: dict[str, torch.Tensor], config: Spi
         dst = f"bert.encoder.layer.{i}.attention.self"
         alphas = {p: _gather_alphas(sd, f"{src}.{p}.act_clip_val", steps) for p in ("query", "key", "value")}
         for part in ("key", "value"):
-            if alphas[part] is not None and alphas["query"] is not None and not torch.equal(alphas[part], alphas["query"]):
+            if (
+                alphas[part] is not None
+                and alphas["query"] is not None
+                and not torch.equal(alphas[part], alphas["query"])
+            ):
                 raise CheckpointError(
                     f"layer {i}: the input alphas of {part} ({alphas[part].tolist()}) differ from those of query "
                     f"({alphas['query'].tolist()}); SpikeLM shares one neuron for the Q/K/V input and cannot load "
@@ -163,12 +180,17 @@ def check_state_dict_fits(model: torch.nn.Module, state_dict: dict[str, torch.Te
     """Raise :class:`CheckpointError` listing missing, unexpected and mis-shaped keys."""
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in state_dict)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {}) if getattr(model.config, "tie_word_embeddings", False) else set()
+    tied = (
+        set(getattr(model, "_tied_weights_keys", None) or {})
+        if getattr(model.config, "tie_word_embeddings", False)
+        else set()
+    )
     missing = [k for k in missing if k not in tied]
     unexpected = sorted(k for k in state_dict if k not in expected)
     shapes = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in state_dict if k in expected and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+        for k in state_dict
+        if k in expected and tuple(state_dict[k].shape) != tuple(expected[k].shape)
     ]
     problems = []
     if missing:
@@ -178,7 +200,9 @@ def check_state_dict_fits(model: torch.nn.Module, state_dict: dict[str, torch.Te
     if shapes:
         problems.append(f"shape mismatches ({len(shapes)}): {shapes[:8]}{' ...' if len(shapes) > 8 else ''}")
     if problems:
-        raise CheckpointError(f"{source} does not match a {type(model).__name__} of this config: " + "; ".join(problems))
+        raise CheckpointError(
+            f"{source} does not match a {type(model).__name__} of this config: " + "; ".join(problems)
+        )
 
 
 def load_official_checkpoint(path: str | Path, config_path: str | Path | None = None):

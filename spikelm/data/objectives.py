@@ -56,11 +56,11 @@ class TokenizedCorpus:
 
     def segments(self, doc: int) -> list[np.ndarray]:
         s0, s1 = self.doc_bounds[doc], self.doc_bounds[doc + 1]
-        return [self.tokens[self.seg_bounds[s]:self.seg_bounds[s + 1]] for s in range(s0, s1)]
+        return [self.tokens[self.seg_bounds[s] : self.seg_bounds[s + 1]] for s in range(s0, s1)]
 
     def document(self, doc: int) -> np.ndarray:
         s0, s1 = self.doc_bounds[doc], self.doc_bounds[doc + 1]
-        return self.tokens[self.seg_bounds[s0]:self.seg_bounds[s1]]
+        return self.tokens[self.seg_bounds[s0] : self.seg_bounds[s1]]
 
 
 def tokenize_corpus(texts: list[str], tokenizer, by_sentence: bool) -> TokenizedCorpus:
@@ -73,7 +73,7 @@ def tokenize_corpus(texts: list[str], tokenizer, by_sentence: bool) -> Tokenized
         doc_sizes.append(len(segs))
     ids = []
     for start in range(0, len(seg_texts), 2048):
-        ids.extend(tokenizer(seg_texts[start:start + 2048], add_special_tokens=False, verbose=False)["input_ids"])
+        ids.extend(tokenizer(seg_texts[start : start + 2048], add_special_tokens=False, verbose=False)["input_ids"])
     keep = [i for i, seg in enumerate(ids) if seg]  # a segment of only unknown whitespace tokenizes to nothing
     seg_lengths = np.zeros(len(ids), dtype=np.int64)
     seg_lengths[keep] = [len(ids[i]) for i in keep]
@@ -112,8 +112,9 @@ def _truncate_pair(a: list[int], b: list[int], max_tokens: int, rng: np.random.G
             longer.pop()
 
 
-def nsp_examples(corpus: TokenizedCorpus, tokenizer, max_length: int, rng: np.random.Generator,
-                 short_seq_prob: float = 0.1) -> Examples:
+def nsp_examples(
+    corpus: TokenizedCorpus, tokenizer, max_length: int, rng: np.random.Generator, short_seq_prob: float = 0.1
+) -> Examples:
     """BERT's sentence-pair instances (see the module docstring); shuffled."""
     max_tokens = max_length - 3
     pairs = []
@@ -134,7 +135,7 @@ def nsp_examples(corpus: TokenizedCorpus, tokenizer, max_length: int, rng: np.ra
                     other += other >= doc  # any document but this one
                     other_segs = corpus.segments(other)
                     b = []
-                    for seg in other_segs[int(rng.integers(0, len(other_segs))):]:
+                    for seg in other_segs[int(rng.integers(0, len(other_segs))) :]:
                         b.extend(seg.tolist())
                         if len(b) >= target - len(a):
                             break
@@ -156,9 +157,9 @@ def nsp_examples(corpus: TokenizedCorpus, tokenizer, max_length: int, rng: np.ra
     for row, k in enumerate(order):
         a, b, is_random = pairs[k]
         seq = [cls, *a, sep, *b, sep]
-        ids[row, :len(seq)] = seq
-        types[row, len(a) + 2:len(seq)] = 1
-        mask[row, :len(seq)] = 1
+        ids[row, : len(seq)] = seq
+        types[row, len(a) + 2 : len(seq)] = 1
+        mask[row, : len(seq)] = 1
         labels[row] = is_random
     return Examples(ids, types, mask, labels)
 
@@ -177,8 +178,9 @@ def mlm_examples(corpus: TokenizedCorpus, tokenizer, max_length: int, rng: np.ra
     width = max_length - 2
     blocks = stream[: len(stream) // width * width].reshape(-1, width)
     n = len(blocks)
-    ids = np.concatenate([np.full((n, 1), tokenizer.cls_token_id), blocks, np.full((n, 1), tokenizer.sep_token_id)],
-                         axis=1)
+    ids = np.concatenate(
+        [np.full((n, 1), tokenizer.cls_token_id), blocks, np.full((n, 1), tokenizer.sep_token_id)], axis=1
+    )
     return Examples(ids, np.zeros_like(ids), np.ones_like(ids), None)
 
 
@@ -194,8 +196,15 @@ def clm_examples(corpus: TokenizedCorpus, tokenizer, max_length: int, rng: np.ra
     return Examples(ids, np.zeros_like(ids), np.ones_like(ids), None)
 
 
-def build_examples(objective: str, corpus: TokenizedCorpus, tokenizer, max_length: int, seed: int, epoch: int,
-                   short_seq_prob: float = 0.1) -> Examples:
+def build_examples(
+    objective: str,
+    corpus: TokenizedCorpus,
+    tokenizer,
+    max_length: int,
+    seed: int,
+    epoch: int,
+    short_seq_prob: float = 0.1,
+) -> Examples:
     """The examples of ``epoch`` (a pure function of ``seed`` and ``epoch``)."""
     rng = np.random.default_rng([seed, epoch, 0])
     if objective == "mlm-nsp":
@@ -212,8 +221,14 @@ def build_examples(objective: str, corpus: TokenizedCorpus, tokenizer, max_lengt
 # ----------------------------------------------------------------------------------------------
 
 
-def mask_tokens(input_ids: np.ndarray, candidates: np.ndarray, rng: np.random.Generator, vocab_size: int,
-                mask_token_id: int, probability: float = 0.15) -> tuple[np.ndarray, np.ndarray]:
+def mask_tokens(
+    input_ids: np.ndarray,
+    candidates: np.ndarray,
+    rng: np.random.Generator,
+    vocab_size: int,
+    mask_token_id: int,
+    probability: float = 0.15,
+) -> tuple[np.ndarray, np.ndarray]:
     """BERT masking of one sequence: returns ``(masked input ids, labels)`` (labels -100 where not chosen)."""
     positions = np.flatnonzero(candidates)
     labels = np.full_like(input_ids, IGNORE_INDEX)
@@ -252,8 +267,9 @@ class Batcher:
         masked, labels = np.empty_like(ids), np.empty_like(ids)
         for row, index in enumerate(indices):
             rng = np.random.default_rng([self.seed, epoch, int(index), 1])
-            masked[row], labels[row] = mask_tokens(ids[row], candidates[row], rng, self.vocab_size,
-                                                   self.mask_token_id, self.mlm_probability)
+            masked[row], labels[row] = mask_tokens(
+                ids[row], candidates[row], rng, self.vocab_size, self.mask_token_id, self.mlm_probability
+            )
         batch["input_ids"], batch["labels"] = masked, labels
         if examples.next_sentence_label is not None:
             batch["next_sentence_label"] = examples.next_sentence_label[indices]

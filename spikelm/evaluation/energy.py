@@ -82,8 +82,10 @@ def is_attention(module: nn.Module) -> bool:
 def find_blocks(model: nn.Module) -> nn.ModuleList | None:
     """The Transformer blocks: the first ``nn.ModuleList`` whose every item holds an attention module."""
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
-            any(is_attention(m) for m in block.modules()) for block in module
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module) > 0
+            and all(any(is_attention(m) for m in block.modules()) for block in module)
         ):
             return module
     return None
@@ -200,7 +202,7 @@ class OperationCounter:
         """(the block holding module ``name`` or None, the name inside that block)."""
         for prefix in self._block_prefixes:
             if name.startswith(prefix):
-                return prefix.removesuffix("."), name[len(prefix):]
+                return prefix.removesuffix("."), name[len(prefix) :]
         return None, name
 
     def _region(self, name: str) -> str:
@@ -507,7 +509,7 @@ def summarize(counter: OperationCounter, constants: EnergyConstants = EnergyCons
             "snn": per_sequence(counter.elementwise) if spiking else None,
             "ann": per_sequence(counter.elementwise_ann),
             "note": "elements processed per sequence (not in the headline total); each costs one or more "
-                    "operations (exp, divide, square root...), which this estimate leaves uncounted",
+            "operations (exp, divide, square root...), which this estimate leaves uncounted",
         },
     }
 

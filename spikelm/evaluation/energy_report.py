@@ -41,8 +41,18 @@ def by_layer_type(summary: dict) -> list[dict]:
     groups: dict[str, dict] = {}
     rates = defaultdict(list)
     for e in summary["per_layer"]:
-        g = groups.setdefault(e["group"], {"group": e["group"], "kind": e["kind"], "acs": 0.0, "macs": 0.0,
-                                           "ann_macs": 0.0, "snn_mJ": 0.0, "ann_mJ": 0.0})
+        g = groups.setdefault(
+            e["group"],
+            {
+                "group": e["group"],
+                "kind": e["kind"],
+                "acs": 0.0,
+                "macs": 0.0,
+                "ann_macs": 0.0,
+                "snn_mJ": 0.0,
+                "ann_mJ": 0.0,
+            },
+        )
         for key in ("acs", "macs", "ann_macs", "snn_mJ", "ann_mJ"):
             g[key] += e[key]
         if e["firing_rate"]:
@@ -62,8 +72,9 @@ def plot_firing_heatmap(summary: dict, path: Path) -> None:
     steps = len(layers[0]["firing_rate"])
     fig = Figure(figsize=(2.2 + 1.1 * steps, 1.2 + 0.16 * len(layers)), layout="constrained")
     ax = fig.add_subplot()
-    image = ax.imshow([e["firing_rate"] for e in layers], aspect="auto", cmap="viridis", vmin=0,
-                      interpolation="nearest")
+    image = ax.imshow(
+        [e["firing_rate"] for e in layers], aspect="auto", cmap="viridis", vmin=0, interpolation="nearest"
+    )
     ax.set_xticks(range(steps), [f"t={t}" for t in range(steps)])
     ax.set_yticks(range(len(layers)), [_label(e) for e in layers], fontsize=6)
     ax.set_xlabel("time step")
@@ -106,8 +117,10 @@ def plot_energy_by_type(summary: dict, path: Path) -> None:
     ax.bar_label(bars, fmt="%.3g", fontsize=7)
     ax.set_xticks(list(x), [g["group"].replace(".", "\n", 1) for g in groups], fontsize=7)
     ax.set_ylabel("mJ per sequence (all blocks)")
-    ax.set_title(f"energy by layer type; E_AC = {summary['constants_pJ']['ac']} pJ, "
-                 f"E_MAC = {summary['constants_pJ']['mac']} pJ", fontsize=9)
+    ax.set_title(
+        f"energy by layer type; E_AC = {summary['constants_pJ']['ac']} pJ, E_MAC = {summary['constants_pJ']['mac']} pJ",
+        fontsize=9,
+    )
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
 
@@ -135,11 +148,16 @@ def markdown_report(summary: dict, plots: list[str]) -> str:
         "",
     ]
     if not spiking:
-        lines += ["**This model is not spiking** (`spiking=False`): it runs real-valued, so only the ANN energy "
-                  "is reported.", ""]
+        lines += [
+            "**This model is not spiking** (`spiking=False`): it runs real-valued, so only the ANN energy is reported.",
+            "",
+        ]
     if spiking and not summary["alpha_was_initialized"]:
-        lines += ["Note: the model's spike amplitudes (alpha) were not initialised; they were set from the first "
-                  "batch of this input (alpha_t = 2 mean|u_t|).", ""]
+        lines += [
+            "Note: the model's spike amplitudes (alpha) were not initialised; they were set from the first "
+            "batch of this input (alpha_t = 2 mean|u_t|).",
+            "",
+        ]
     snn = (lambda key, fmt: fmt(summary[key])) if spiking else (lambda key, fmt: "-")
     lines += [
         "| per sequence (headline) | SNN (this model) | ANN (same shape, real-valued) |",
@@ -168,8 +186,10 @@ def markdown_report(summary: dict, plots: list[str]) -> str:
     ]
     for g in by_layer_type(summary):
         rate = f"{g['mean_firing_rate']:.3f}" if g["mean_firing_rate"] is not None else "-"
-        lines.append(f"| {g['group']} | {g['kind']} | {_count(g['acs'])} | {_count(g['macs'])} | "
-                     f"{g['snn_mJ'] if spiking else 0:.4g} | {_count(g['ann_macs'])} | {g['ann_mJ']:.4g} | {rate} |")
+        lines.append(
+            f"| {g['group']} | {g['kind']} | {_count(g['acs'])} | {_count(g['macs'])} | "
+            f"{g['snn_mJ'] if spiking else 0:.4g} | {_count(g['ann_macs'])} | {g['ann_mJ']:.4g} | {rate} |"
+        )
     heads = summary["heads"]
     lines += [
         "",
@@ -181,8 +201,13 @@ def markdown_report(summary: dict, plots: list[str]) -> str:
     ]
     for e in heads["layers"]:
         lines.append(f"- `{e['name']}`: {_count(e['macs'])} MACs, {e['snn_mJ']:.4g} mJ")
-    lines += ["", f"Element-wise operations per sequence ({summary['elementwise']['note']}):", "",
-              "| operation | region | SNN elements | ANN elements |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Element-wise operations per sequence ({summary['elementwise']['note']}):",
+        "",
+        "| operation | region | SNN elements | ANN elements |",
+        "|---|---|---|---|",
+    ]
     ew_snn, ew_ann = summary["elementwise"]["snn"], summary["elementwise"]["ann"]
     for region, ops in ew_ann.items():
         for op, count in ops.items():
@@ -192,12 +217,18 @@ def markdown_report(summary: dict, plots: list[str]) -> str:
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     if spiking:
-        lines += ["", "## Per layer", "",
-                  "| product | kind | firing rate per step | alpha per step | ACs | MACs | SNN mJ |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Per layer",
+            "",
+            "| product | kind | firing rate per step | alpha per step | ACs | MACs | SNN mJ |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for e in summary["per_layer"]:
-            lines.append(f"| {e['name']} | {e['kind']} | {_steps(e['firing_rate'])} | {_steps(e['alpha'])} | "
-                         f"{_count(e['acs'])} | {_count(e['macs'])} | {e['snn_mJ']:.4g} |")
+            lines.append(
+                f"| {e['name']} | {e['kind']} | {_steps(e['firing_rate'])} | {_steps(e['alpha'])} | "
+                f"{_count(e['acs'])} | {_count(e['macs'])} | {e['snn_mJ']:.4g} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -96,8 +96,9 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int
 
 
 @torch.no_grad()
-def sliding_window_perplexity(model, token_ids: torch.Tensor, window: int, stride: int, batch_size: int = 8,
-                              progress: bool = False) -> dict:
+def sliding_window_perplexity(
+    model, token_ids: torch.Tensor, window: int, stride: int, batch_size: int = 8, progress: bool = False
+) -> dict:
     """Perplexity of ``model`` on the 1-D ``token_ids`` with :func:`sliding_windows` (standard strided evaluation).
 
     Returns ``perplexity``, ``nll_per_token`` (nats), ``nll_sum``, ``tokens_scored`` (= len - 1),
@@ -116,7 +117,7 @@ def sliding_window_perplexity(model, token_ids: torch.Tensor, window: int, strid
     batches = range(0, len(spans), batch_size)
     # progress only on a terminal (tqdm's disable=None)
     for start in tqdm(batches, desc="perplexity", unit="batch", disable=None if progress else True):
-        batch = spans[start:start + batch_size]
+        batch = spans[start : start + batch_size]
         inputs = torch.stack([token_ids[begin:end] for begin, _, end in batch]).to(device)
         length = inputs.shape[1]
         # logits only for the positions that predict a scored token (the last one predicts past the window)
@@ -124,8 +125,8 @@ def sliding_window_perplexity(model, token_ids: torch.Tensor, window: int, strid
         logits = model(input_ids=inputs, logits_to_keep=keep).logits
         for row, (begin, first, end) in enumerate(batch):
             offset = length - keep
-            predicting = logits[row, first - begin - 1 - offset:end - begin - 1 - offset].float()
-            nll_sum += F.cross_entropy(predicting, inputs[row, first - begin:], reduction="sum").item()
+            predicting = logits[row, first - begin - 1 - offset : end - begin - 1 - offset].float()
+            nll_sum += F.cross_entropy(predicting, inputs[row, first - begin :], reduction="sum").item()
             scored += end - first
     nll = nll_sum / scored
     return {
@@ -155,8 +156,10 @@ def load_unigram_log_probs(model_dir: str | Path, vocab_size: int) -> torch.Tens
         return None
     counts = load_file(str(path))["counts"]
     if counts.numel() != vocab_size:
-        raise ValueError(f"{path} counts {counts.numel()} tokens, but the model has {vocab_size}; it belongs to "
-                         "another run: delete it")
+        raise ValueError(
+            f"{path} counts {counts.numel()} tokens, but the model has {vocab_size}; it belongs to "
+            "another run: delete it"
+        )
     return unigram_log_probs(counts)
 
 

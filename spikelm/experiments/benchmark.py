@@ -49,8 +49,10 @@ class Case:
 
     @property
     def name(self) -> str:
-        return (f"h{self.hidden_size}-l{self.num_hidden_layers}-a{self.num_attention_heads}-f{self.intermediate_size}"
-                f"-b{self.batch_size}x{self.seq_len}-T{self.num_steps}")
+        return (
+            f"h{self.hidden_size}-l{self.num_hidden_layers}-a{self.num_attention_heads}-f{self.intermediate_size}"
+            f"-b{self.batch_size}x{self.seq_len}-T{self.num_steps}"
+        )
 
 
 # the configuration of the performance issue's headline figures
@@ -65,22 +67,35 @@ def cases_for(device: str, quick: bool) -> list[Case]:
         if quick:
             return base
         # the per-step reference path at T=8 needs more than 80 GB at batch 32: batch 16 there
-        return base + [Case(**BERT_BASE, batch_size=32, num_steps=t) for t in (1, 2)] + [
-            Case(**BERT_BASE, batch_size=16, num_steps=8), Case(**BERT_BASE, batch_size=8, seq_len=512, num_steps=4)]
+        return (
+            base
+            + [Case(**BERT_BASE, batch_size=32, num_steps=t) for t in (1, 2)]
+            + [Case(**BERT_BASE, batch_size=16, num_steps=8), Case(**BERT_BASE, batch_size=8, seq_len=512, num_steps=4)]
+        )
     if quick:
         return [HEADLINE]
-    return [HEADLINE] + [Case(num_steps=t) for t in (1, 2, 8)] + [
-        Case(seq_len=64), Case(seq_len=256),
-        Case(hidden_size=512, num_attention_heads=8, intermediate_size=2048),
-    ]
+    return (
+        [HEADLINE]
+        + [Case(num_steps=t) for t in (1, 2, 8)]
+        + [
+            Case(seq_len=64),
+            Case(seq_len=256),
+            Case(hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+        ]
+    )
 
 
 def _models(case: Case, device: str):
     from transformers import BertConfig, BertModel
 
-    shape = dict(vocab_size=30522, hidden_size=case.hidden_size, num_hidden_layers=case.num_hidden_layers,
-                 num_attention_heads=case.num_attention_heads, intermediate_size=case.intermediate_size,
-                 max_position_embeddings=max(512, case.seq_len))
+    shape = dict(
+        vocab_size=30522,
+        hidden_size=case.hidden_size,
+        num_hidden_layers=case.num_hidden_layers,
+        num_attention_heads=case.num_attention_heads,
+        intermediate_size=case.intermediate_size,
+        max_position_embeddings=max(512, case.seq_len),
+    )
     ours = SpikeLMModel(SpikeLMConfig(num_steps=case.num_steps, **shape)).to(device).train()
     bert = BertModel(BertConfig(**shape)).to(device).train()
     return ours, bert
@@ -225,8 +240,10 @@ def _cpu_name() -> str:
 
 
 def format_table(results: list[dict]) -> str:
-    head = (f"{'case':<40} {'train s fused/ref/bert':>26} {'xANN':>6} {'ref xANN':>8} "
-            f"{'infer s fused/bert':>19} {'xANN':>6} {'tok/s fused':>11} {'saved MB fused/ref':>19} {'mem':>5}")
+    head = (
+        f"{'case':<40} {'train s fused/ref/bert':>26} {'xANN':>6} {'ref xANN':>8} "
+        f"{'infer s fused/bert':>19} {'xANN':>6} {'tok/s fused':>11} {'saved MB fused/ref':>19} {'mem':>5}"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         tr, inf, mb = r["train_s"], r["infer_s"], {k: v / 2**20 for k, v in r["saved_bytes"].items()}
@@ -244,16 +261,23 @@ def format_table(results: list[dict]) -> str:
 # Generation with and without the key/value cache
 # ----------------------------------------------------------------------------------------------
 
-GENERATION_SHAPE = dict(vocab_size=50257, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=1024, num_steps=4)
+GENERATION_SHAPE = dict(
+    vocab_size=50257, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, num_steps=4
+)
 
 
 def _causal_model(spiking: bool, max_length: int, device: str):
     from spikelm.models.modeling_spikelm_causal import SpikeLMForCausalLM
 
-    config = SpikeLMConfig(**GENERATION_SHAPE, max_position_embeddings=max_length, position_embedding_type="rotary",
-                           spiking=spiking, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                           pad_token_id=None)
+    config = SpikeLMConfig(
+        **GENERATION_SHAPE,
+        max_position_embeddings=max_length,
+        position_embedding_type="rotary",
+        spiking=spiking,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=None,
+    )
     torch.manual_seed(0)
     model = SpikeLMForCausalLM(config).to(device).eval()
     with torch.no_grad():  # data-initialise the alphas, as a trained model has them
@@ -266,8 +290,10 @@ def _cache_bytes_per_token(model, device: str) -> float:
     prompt = torch.randint(0, model.config.vocab_size, (1, 32), device=device)
     with torch.no_grad():
         cache = model(prompt, use_cache=True, logits_to_keep=1).past_key_values
-    total = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-                for layer in cache.layers)
+    total = sum(
+        layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+        for layer in cache.layers
+    )
     return total / prompt.numel()
 
 
@@ -281,49 +307,74 @@ def _generation_speed(model, length: int, new_tokens: int, use_cache: bool, repe
             sync()
             start = time.perf_counter()
             with torch.no_grad():
-                model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=use_cache,
-                               pad_token_id=0)
+                model.generate(
+                    prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=use_cache, pad_token_id=0
+                )
             sync()
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
     full, first = seconds(new_tokens), seconds(1)
     decode = max(full - first, 1e-9) / (new_tokens - 1)
-    return {"length": length, "use_cache": use_cache, "seconds_total": full, "seconds_prefill_and_first": first,
-            "ms_per_decoded_token": 1e3 * decode, "decode_tokens_per_s": 1 / decode}
+    return {
+        "length": length,
+        "use_cache": use_cache,
+        "seconds_total": full,
+        "seconds_prefill_and_first": first,
+        "ms_per_decoded_token": 1e3 * decode,
+        "decode_tokens_per_s": 1 / decode,
+    }
 
 
 def measure_generation(lengths: list[int], device: str, repeats: int = 3, new_tokens: int = 16) -> dict:
     """Decode tokens/s with and without the cache at each total length, spiking vs real-valued decoder."""
     if min(lengths) <= new_tokens:
         raise ValueError(f"generation lengths must exceed the {new_tokens} generated tokens, got {lengths}")
-    report = {"shape": GENERATION_SHAPE, "new_tokens": new_tokens, "repeats": repeats, "models": {},
-              # a real-valued fp16 cache: K and V of hidden_size each, 2 bytes, per layer
-              "fp16_real_valued_cache_bytes_per_token": 2 * 2 * GENERATION_SHAPE["hidden_size"]
-              * GENERATION_SHAPE["num_hidden_layers"]}
+    report = {
+        "shape": GENERATION_SHAPE,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "models": {},
+        # a real-valued fp16 cache: K and V of hidden_size each, 2 bytes, per layer
+        "fp16_real_valued_cache_bytes_per_token": 2
+        * 2
+        * GENERATION_SHAPE["hidden_size"]
+        * GENERATION_SHAPE["num_hidden_layers"],
+    }
     for name, spiking in (("spiking", True), ("real_valued", False)):
         model = _causal_model(spiking, max(lengths), device)
         for use_cache in (True, False):  # warm up both paths (allocator, compilation, caches)
             _generation_speed(model, min(lengths), new_tokens, use_cache, 1, device)
-        runs = [_generation_speed(model, length, new_tokens, use_cache, repeats, device)
-                for length in lengths for use_cache in (True, False)]
-        report["models"][name] = {"num_steps": model.config.effective_num_steps,
-                                  "cache_bytes_per_token": _cache_bytes_per_token(model, device), "runs": runs}
+        runs = [
+            _generation_speed(model, length, new_tokens, use_cache, repeats, device)
+            for length in lengths
+            for use_cache in (True, False)
+        ]
+        report["models"][name] = {
+            "num_steps": model.config.effective_num_steps,
+            "cache_bytes_per_token": _cache_bytes_per_token(model, device),
+            "runs": runs,
+        }
         del model
     return report
 
 
 def format_generation_table(report: dict) -> str:
-    lines = [f"{'decoder':<12} {'length':>6} {'cache tok/s':>12} {'no-cache tok/s':>15} {'speed-up':>9} "
-             f"{'cache ms/tok':>13} {'cache B/token':>14}"]
+    lines = [
+        f"{'decoder':<12} {'length':>6} {'cache tok/s':>12} {'no-cache tok/s':>15} {'speed-up':>9} "
+        f"{'cache ms/tok':>13} {'cache B/token':>14}"
+    ]
     lines.append("-" * len(lines[0]))
     for name, model in report["models"].items():
         for length in sorted({r["length"] for r in model["runs"]}):
-            cached, uncached = (next(r for r in model["runs"] if r["length"] == length and r["use_cache"] == c)
-                                for c in (True, False))
-            lines.append(f"{name:<12} {length:>6} {cached['decode_tokens_per_s']:>12.1f} "
-                         f"{uncached['decode_tokens_per_s']:>15.1f} "
-                         f"{cached['decode_tokens_per_s'] / uncached['decode_tokens_per_s']:>8.1f}x "
-                         f"{cached['ms_per_decoded_token']:>13.2f} {model['cache_bytes_per_token']:>14.0f}")
+            cached, uncached = (
+                next(r for r in model["runs"] if r["length"] == length and r["use_cache"] == c) for c in (True, False)
+            )
+            lines.append(
+                f"{name:<12} {length:>6} {cached['decode_tokens_per_s']:>12.1f} "
+                f"{uncached['decode_tokens_per_s']:>15.1f} "
+                f"{cached['decode_tokens_per_s'] / uncached['decode_tokens_per_s']:>8.1f}x "
+                f"{cached['ms_per_decoded_token']:>13.2f} {model['cache_bytes_per_token']:>14.0f}"
+            )
     lines.append(f"(a real-valued fp16 cache holds {report['fp16_real_valued_cache_bytes_per_token']} bytes/token)")
     return "\n".join(lines)

@@ -51,21 +51,42 @@ class Variant:
 
 
 def _spikelm(num_steps: int, **extra) -> dict:
-    return {"spiking": True, "spike_levels": "ternary", "num_steps": num_steps, "reset": "official",
-            "learn_alpha": False, **extra}
+    return {
+        "spiking": True,
+        "spike_levels": "ternary",
+        "num_steps": num_steps,
+        "reset": "official",
+        "learn_alpha": False,
+        **extra,
+    }
 
 
-VARIANTS = {v.name: v for v in (
-    Variant("ann", "real-valued (ANN)", {"spiking": False}),
-    Variant("lif-bert", "LIF-BERT ({0,1} spikes)", {"spiking": True, "spike_levels": "binary", "num_steps": 4}),
-    Variant("spikelm-t1", "SpikeLM", _spikelm(1)),
-    Variant("spikelm-t4", "SpikeLM", _spikelm(4)),
-    Variant("spikelm-t4-symmetric-reset", "SpikeLM, symmetric reset", _spikelm(4, reset="symmetric"), ablation=True),
-    Variant("spikelm-t4-learn-alpha", "SpikeLM, alpha learned", _spikelm(4, learn_alpha=True), ablation=True),
-)}
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("ann", "real-valued (ANN)", {"spiking": False}),
+        Variant("lif-bert", "LIF-BERT ({0,1} spikes)", {"spiking": True, "spike_levels": "binary", "num_steps": 4}),
+        Variant("spikelm-t1", "SpikeLM", _spikelm(1)),
+        Variant("spikelm-t4", "SpikeLM", _spikelm(4)),
+        Variant(
+            "spikelm-t4-symmetric-reset", "SpikeLM, symmetric reset", _spikelm(4, reset="symmetric"), ablation=True
+        ),
+        Variant("spikelm-t4-learn-alpha", "SpikeLM, alpha learned", _spikelm(4, learn_alpha=True), ablation=True),
+    )
+}
 # what makes the rows differ, or the budget the same: not open to --set
-FIXED_FIELDS = ("spiking", "spike_levels", "num_steps", "reset", "learn_alpha", "seed", "max_steps", "max_minutes",
-                "corpus", "text_file")
+FIXED_FIELDS = (
+    "spiking",
+    "spike_levels",
+    "num_steps",
+    "reset",
+    "learn_alpha",
+    "seed",
+    "max_steps",
+    "max_minutes",
+    "corpus",
+    "text_file",
+)
 
 
 @dataclass
@@ -120,8 +141,9 @@ def task_splits(task: str) -> tuple[str, tuple[str, ...]]:
 def _subsample_tsv(source: Path, target: Path, size: int, seed: int) -> int:
     """A random subset of ``size`` lines of a header + one-example-per-line TSV, in file order."""
     if not source.is_file():
-        raise UserError(f"--suite: {source} is missing; build the suite with "
-                        "`spikelm data prepare-glue-offline --output-dir DIR`")
+        raise UserError(
+            f"--suite: {source} is missing; build the suite with `spikelm data prepare-glue-offline --output-dir DIR`"
+        )
     header, *rows = source.read_text(encoding="utf-8").splitlines()
     keep = sorted(random.Random(seed).sample(range(len(rows)), min(size, len(rows))))
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -134,11 +156,15 @@ def prepare_task_data(suite: Path, out: Path, budget: Budget) -> dict:
     sizes = {}
     for task in budget.tasks:
         _, dev_splits = task_splits(task)
-        sizes[task] = {"train": _subsample_tsv(suite / task / "train.tsv", out / task / "train.tsv",
-                                               budget.train_samples, budget.data_seed)}
+        sizes[task] = {
+            "train": _subsample_tsv(
+                suite / task / "train.tsv", out / task / "train.tsv", budget.train_samples, budget.data_seed
+            )
+        }
         for split in dev_splits:
-            sizes[task][split] = _subsample_tsv(suite / task / f"{split}.tsv", out / task / f"{split}.tsv",
-                                                budget.dev_samples, budget.data_seed + 1)
+            sizes[task][split] = _subsample_tsv(
+                suite / task / f"{split}.tsv", out / task / f"{split}.tsv", budget.dev_samples, budget.data_seed + 1
+            )
     return sizes
 
 
@@ -146,8 +172,8 @@ def majority_baselines(data_dir: Path, tasks: tuple[str, ...]) -> dict:
     """Each task's dev metrics when every example gets the training subset's most frequent label."""
     from collections import Counter
 
-    from spikelm.training.finetune import CustomColumns, load_task_data
     from spikelm.evaluation.glue.metrics import compute_metrics
+    from spikelm.training.finetune import CustomColumns, load_task_data
 
     baselines = {}
     for task in tasks:
@@ -176,8 +202,10 @@ def pretrain_config(budget: Budget, variant: Variant, seed: int):
 
     fixed = sorted(set(budget.pretrain_overrides) & set(FIXED_FIELDS))
     if fixed:
-        raise UserError(f"--set {', '.join(fixed)}: set by the experiment itself (the variant, the row's seed, "
-                        "--pretrain-steps, --corpus), not overridable")
+        raise UserError(
+            f"--set {', '.join(fixed)}: set by the experiment itself (the variant, the row's seed, "
+            "--pretrain-steps, --corpus), not overridable"
+        )
     config = resolve_config(budget.preset)
     # checkpoints a few times per run, so an interrupted row resumes its pretraining
     config.save_every = max(1, min(config.save_every, math.ceil(budget.pretrain_steps / 4)))
@@ -197,8 +225,9 @@ def run_pretraining_stage(budget: Budget, variant: Variant, seed: int, out: Path
         return json.loads((out / "metrics.json").read_text())
     resume = latest_checkpoint(out) is not None
     log(f"  pretraining: {'resuming' if resume else 'starting'} ({budget.pretrain_steps} steps)")
-    result = run_pretraining(pretrain_config(budget, variant, seed), out, overwrite=not resume, resume=resume or None,
-                             progress=False)
+    result = run_pretraining(
+        pretrain_config(budget, variant, seed), out, overwrite=not resume, resume=resume or None, progress=False
+    )
     return result.metrics
 
 
@@ -206,8 +235,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_finetuning_stage(budget: Budget, task: str, seed: int, model_dir: Path, data_dir: Path, out: Path,
-                         log) -> dict:
+def run_finetuning_stage(budget: Budget, task: str, seed: int, model_dir: Path, data_dir: Path, out: Path, log) -> dict:
     """Fine-tune on one task (or reuse a finished run); returns eval_results plus the per-epoch curve."""
     from spikelm.training.finetune import CustomColumns, Settings, finetune
 
@@ -216,15 +244,32 @@ def run_finetuning_stage(budget: Budget, task: str, seed: int, model_dir: Path, 
         results = json.loads((out / "eval_results.json").read_text())
     else:
         layout, _ = task_splits(task)
-        settings = Settings(learning_rate=budget.learning_rate, batch_size=budget.batch_size, epochs=budget.epochs,
-                            max_length=budget.max_length, seed=seed, padding="longest")
+        settings = Settings(
+            learning_rate=budget.learning_rate,
+            batch_size=budget.batch_size,
+            epochs=budget.epochs,
+            max_length=budget.max_length,
+            seed=seed,
+            padding="longest",
+        )
         torch.manual_seed(seed)  # the new head's initial weights: the same whatever ran before in this process
-        results = finetune(str(model_dir), layout, str(out), str(data_dir / task), settings, {},
-                           custom=CustomColumns(), overwrite=True, log=lambda *a, **k: None)
+        results = finetune(
+            str(model_dir),
+            layout,
+            str(out),
+            str(data_dir / task),
+            settings,
+            {},
+            custom=CustomColumns(),
+            overwrite=True,
+            log=lambda *a, **k: None,
+        )
     results["curve"] = read_jsonl(out / "train_log.jsonl")
     best = {k: v for k, v in results["best"].items() if k != "epoch"}
-    log(f"  {task}: best epoch {results['best']['epoch']}: " + ", ".join(f"{k} {v:.4f}" for k, v in best.items()
-                                                                          if v is not None))
+    log(
+        f"  {task}: best epoch {results['best']['epoch']}: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in best.items() if v is not None)
+    )
     return results
 
 
@@ -237,7 +282,7 @@ def corpus_windows(corpus: str, tokenizer, count: int, max_length: int) -> list[
     windows = pack_windows(text, tokenizer, max_length)[:count]
     if not windows:
         raise UserError(f"the validation split of corpus {corpus} holds less than one window of {max_length} tokens")
-    return [{"input_ids": torch.tensor(windows[i:i + 8])} for i in range(0, len(windows), 8)]
+    return [{"input_ids": torch.tensor(windows[i : i + 8])} for i in range(0, len(windows), 8)]
 
 
 def energy_of(model, batches) -> dict:
@@ -245,9 +290,24 @@ def energy_of(model, batches) -> dict:
     from spikelm.evaluation.energy import measure_energy
 
     summary = measure_energy(model, batches)
-    keys = ("spiking", "num_sequences", "tokens_per_sequence", "num_steps", "snn_mJ_per_sequence",
-            "ann_mJ_per_sequence", "ratio", "acs", "macs", "ann_macs", "mean_firing_rate", "firing_rate_per_step",
-            "positive_rate_per_step", "negative_rate_per_step", "constants_pJ", "convention")
+    keys = (
+        "spiking",
+        "num_sequences",
+        "tokens_per_sequence",
+        "num_steps",
+        "snn_mJ_per_sequence",
+        "ann_mJ_per_sequence",
+        "ratio",
+        "acs",
+        "macs",
+        "ann_macs",
+        "mean_firing_rate",
+        "firing_rate_per_step",
+        "positive_rate_per_step",
+        "negative_rate_per_step",
+        "constants_pJ",
+        "convention",
+    )
     return {**{k: summary[k] for k in keys}, "neurons": summary["neurons"]}
 
 
@@ -256,9 +316,9 @@ def dev_energy(model_dir: Path, layout: str, data_dir: Path, budget: Budget, dev
     from transformers import AutoTokenizer
 
     from spikelm.commands.energy import padded_batches
-    from spikelm.training.finetune import CustomColumns, encode, load_task_data
     from spikelm.evaluation.glue.models import quiet_transformers
     from spikelm.models.modeling_spikelm import SpikeLMForSequenceClassification
+    from spikelm.training.finetune import CustomColumns, encode, load_task_data
 
     with quiet_transformers():
         model = SpikeLMForSequenceClassification.from_pretrained(model_dir)
@@ -269,15 +329,24 @@ def dev_energy(model_dir: Path, layout: str, data_dir: Path, budget: Budget, dev
     model.to(device)
     features = [{k: v for k, v in f.items() if k != "labels"} for f in encode(tokenizer, examples, budget.max_length)]
     summary = energy_of(model, list(padded_batches(features, tokenizer, 32)))
-    return {k: summary[k] for k in ("snn_mJ_per_sequence", "ann_mJ_per_sequence", "ratio", "mean_firing_rate",
-                                    "tokens_per_sequence", "num_sequences")}
+    return {
+        k: summary[k]
+        for k in (
+            "snn_mJ_per_sequence",
+            "ann_mJ_per_sequence",
+            "ratio",
+            "mean_firing_rate",
+            "tokens_per_sequence",
+            "num_sequences",
+        )
+    }
 
 
 def run_row(budget: Budget, variant: Variant, seed: int, out: Path, data_dir: Path, state, log) -> dict:
     """Pretrain, fine-tune on every task, count energy; returns the row's record (main process)."""
+    from spikelm.data.tokenization import load_tokenizer
     from spikelm.evaluation.glue.models import quiet_transformers
     from spikelm.models.modeling_spikelm import SpikeLMForPreTraining
-    from spikelm.data.tokenization import load_tokenizer
 
     started = time.perf_counter()
     row_dir = out / "runs" / row_name(variant.name, seed)
@@ -294,11 +363,14 @@ def run_row(budget: Budget, variant: Variant, seed: int, out: Path, data_dir: Pa
         return {}
     with quiet_transformers():
         model = SpikeLMForPreTraining.from_pretrained(pretrain_dir).to(state.device)
-    energy = energy_of(model, corpus_windows(budget.corpus, load_tokenizer(str(pretrain_dir)),
-                                             budget.energy_sequences, budget.max_length))
+    energy = energy_of(
+        model,
+        corpus_windows(budget.corpus, load_tokenizer(str(pretrain_dir)), budget.energy_sequences, budget.max_length),
+    )
     for task in budget.tasks:
-        tasks[task]["dev_energy"] = dev_energy(row_dir / task, task_splits(task)[0], data_dir / task, budget,
-                                             state.device)
+        tasks[task]["dev_energy"] = dev_energy(
+            row_dir / task, task_splits(task)[0], data_dir / task, budget, state.device
+        )
     return {
         "variant": variant.name,
         "label": variant.label,
@@ -328,10 +400,19 @@ def _main_decides(state, value: bool) -> bool:
     return broadcast_object_list([value], from_process=0)[0]
 
 
-def run_experiment(budget: Budget, suite: str | Path, output_dir: str | Path, variants: list[str],
-                   seeds: list[int], ablation_seeds: list[int], max_minutes: float | None = None,
-                   overwrite: bool = False, doc: str | Path | None = None, log=print,
-                   doc_block: str | None = None) -> list[Path]:
+def run_experiment(
+    budget: Budget,
+    suite: str | Path,
+    output_dir: str | Path,
+    variants: list[str],
+    seeds: list[int],
+    ablation_seeds: list[int],
+    max_minutes: float | None = None,
+    overwrite: bool = False,
+    doc: str | Path | None = None,
+    log=print,
+    doc_block: str | None = None,
+) -> list[Path]:
     """Run every planned row not finished yet (until ``max_minutes`` have passed), writing the report
     after each; returns the row files of the output directory."""
     from accelerate import PartialState
@@ -341,8 +422,10 @@ def run_experiment(budget: Budget, suite: str | Path, output_dir: str | Path, va
     for task in budget.tasks:
         task_splits(task)
         if not (Path(suite) / task / "train.tsv").is_file():
-            raise UserError(f"--suite {suite}: no {task}/train.tsv; build the suite with "
-                            "`spikelm data prepare-glue-offline --output-dir DIR`")
+            raise UserError(
+                f"--suite {suite}: no {task}/train.tsv; build the suite with "
+                "`spikelm data prepare-glue-offline --output-dir DIR`"
+            )
     for variant in variants:  # a bad preset or override fails here, before anything is written
         pretrain_config(budget, VARIANTS[variant], 0)
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -360,8 +443,10 @@ def run_experiment(budget: Budget, suite: str | Path, output_dir: str | Path, va
             previous = None
         if previous is None:
             sizes = prepare_task_data(Path(suite), data_dir, budget)
-            write_json_atomic(summary, {"budget": budget.identity(), "sizes": sizes,
-                                        "majority": majority_baselines(data_dir, budget.tasks)})
+            write_json_atomic(
+                summary,
+                {"budget": budget.identity(), "sizes": sizes, "majority": majority_baselines(data_dir, budget.tasks)},
+            )
     state.wait_for_everyone()
     started = time.perf_counter()
     (out / "rows").mkdir(exist_ok=True)
@@ -369,8 +454,10 @@ def run_experiment(budget: Budget, suite: str | Path, output_dir: str | Path, va
         path = out / "rows" / f"{row_name(variant, seed)}.json"
         if _main_decides(state, path.is_file()):
             if json.loads(path.read_text())["budget"] != budget.identity():
-                raise UserError(f"{path} was run with another budget; use another --output-dir (rows of "
-                                "different budgets are not comparable)")
+                raise UserError(
+                    f"{path} was run with another budget; use another --output-dir (rows of "
+                    "different budgets are not comparable)"
+                )
             log(f"{row_name(variant, seed)}: done before, skipped ({path})")
             continue
         if _main_decides(state, max_minutes is not None and time.perf_counter() - started > 60 * max_minutes):

@@ -29,10 +29,20 @@ PLOTS = ("finetune_curves.png", "firing_rate_per_layer.png", "pretrain_loss.png"
 # SPEC section 5: GLUE dev, energy per 128-token sequence
 PAPER_COLUMNS = ("MNLI m/mm", "QQP", "QNLI", "SST-2", "CoLA", "STS-B", "MRPC", "RTE")
 PAPER_ROWS = {
-    "ann": ("BERT-base (real-valued)", "-", 51.41, ("83.8/83.4", "90.5", "90.7", "92.3", "60.0", "89.4", "89.8", "69.3"),
-            83.2),
-    "lif-bert": ("LIF-BERT ({0,1} spikes)", "4", 7.98,
-                 ("56.8/55.2", "70.0", "60.6", "80.6", "14.6", "20.0", "82.3", "53.8"), 54.9),
+    "ann": (
+        "BERT-base (real-valued)",
+        "-",
+        51.41,
+        ("83.8/83.4", "90.5", "90.7", "92.3", "60.0", "89.4", "89.8", "69.3"),
+        83.2,
+    ),
+    "lif-bert": (
+        "LIF-BERT ({0,1} spikes)",
+        "4",
+        7.98,
+        ("56.8/55.2", "70.0", "60.6", "80.6", "14.6", "20.0", "82.3", "53.8"),
+        54.9,
+    ),
     "spikebert": ("SpikeBERT", "4", 14.30, ("71.4/71.0", "68.2", "66.4", "85.4", "16.9", "18.7", "82.0", "57.5"), 59.7),
     "spikelm-t1": ("SpikeLM", "1", 3.98, ("76.0/76.9", "84.0", "84.9", "86.5", "37.9", "84.3", "85.6", "65.3"), 75.7),
     "spikelm-t4": ("SpikeLM", "4", 13.9, ("77.1/77.2", "83.9", "85.3", "87.0", "38.8", "84.9", "85.7", "69.0"), 76.5),
@@ -163,16 +173,24 @@ def summarize(out: Path) -> dict:
             "tokens": [r["pretraining"]["train_tokens"] for r in group],
             "tokens_per_second": [r["pretraining"]["tokens_per_second"] for r in group],
             "pretrain_minutes": [r["pretraining"]["train_seconds"] / 60 for r in group],
-            "finetune_minutes": [sum(e["train_seconds"] + e["eval_seconds"] for t in r["tasks"].values()
-                                     for e in t["curve"]) / 60 for r in group],
+            "finetune_minutes": [
+                sum(e["train_seconds"] + e["eval_seconds"] for t in r["tasks"].values() for e in t["curve"]) / 60
+                for r in group
+            ],
             "row_minutes": [r["row_seconds"] / 60 for r in group],
         }
-    return {"rows": len(rows), "budget": budget, "columns": [h for _, _, h in cols],
-            "majority": {h: data["majority"][t]["metrics"][m] for t, m, h in cols},
-            "majority_labels": {t: data["majority"][t]["label"] for t in budget["tasks"]},
-            "data_sizes": data["sizes"], "learned": dict(zip([h for _, _, h in cols], learned)),
-            "tasks_at_chance": [t for t, ok in keep.items() if not ok], "variants": variants,
-            "claims": claims(variants)}
+    return {
+        "rows": len(rows),
+        "budget": budget,
+        "columns": [h for _, _, h in cols],
+        "majority": {h: data["majority"][t]["metrics"][m] for t, m, h in cols},
+        "majority_labels": {t: data["majority"][t]["label"] for t in budget["tasks"]},
+        "data_sizes": data["sizes"],
+        "learned": dict(zip([h for _, _, h in cols], learned)),
+        "tasks_at_chance": [t for t, ok in keep.items() if not ok],
+        "variants": variants,
+        "claims": claims(variants),
+    }
 
 
 def _mean(values) -> float | None:
@@ -210,71 +228,114 @@ def markdown(summary: dict, image_prefix: str = "") -> str:
     s, b = summary, summary["budget"]
     cols = s["columns"]
     marked = [h + (" †" if not s["learned"][h] else "") for h in cols]
-    lines = [f"Rows finished: {s['rows']}. Scores: best dev epoch x 100, mean ± standard deviation over seeds "
-             "(no ± where one seed ran). † = no model beat the majority-class baseline by more than 2 standard "
-             "errors on this column.", ""]
-    lines += ["| model | T | seeds | energy mJ | ratio vs ANN | " + " | ".join(marked) +
-              " | avg | avg (learned) | firing rate |", "|---" * (len(cols) + 8) + "|"]
+    lines = [
+        f"Rows finished: {s['rows']}. Scores: best dev epoch x 100, mean ± standard deviation over seeds "
+        "(no ± where one seed ran). † = no model beat the majority-class baseline by more than 2 standard "
+        "errors on this column.",
+        "",
+    ]
+    lines += [
+        "| model | T | seeds | energy mJ | ratio vs ANN | "
+        + " | ".join(marked)
+        + " | avg | avg (learned) | firing rate |",
+        "|---" * (len(cols) + 8) + "|",
+    ]
     for name, v in s["variants"].items():
         mJ = v["snn_mJ"] or v["ann_mJ"]
         ratio = fmt(v["ratio"], 1.0, 2) if v["ratio"] else "1"
-        lines.append(f"| {name} | {_t(v['model'])} | {len(v['seeds'])} | {fmt_energy(mJ)} | {ratio} | "
-                     + " | ".join(fmt(v["scores"][h]) for h in cols)
-                     + f" | {fmt(v['avg'])} | {fmt(v['avg_learned'])} | "
-                     + (fmt(v["firing_rate"], 1.0, 3) if v["firing_rate"] else "-") + " |")
+        lines.append(
+            f"| {name} | {_t(v['model'])} | {len(v['seeds'])} | {fmt_energy(mJ)} | {ratio} | "
+            + " | ".join(fmt(v["scores"][h]) for h in cols)
+            + f" | {fmt(v['avg'])} | {fmt(v['avg_learned'])} | "
+            + (fmt(v["firing_rate"], 1.0, 3) if v["firing_rate"] else "-")
+            + " |"
+        )
     base = [s["majority"][h] for h in cols]
-    lines.append("| majority class | | | | | " + " | ".join(f"{100 * x:.1f}" for x in base) + " | "
-                 + f"{100 * sum(base) / len(base):.1f} | | |")
+    lines.append(
+        "| majority class | | | | | "
+        + " | ".join(f"{100 * x:.1f}" for x in base)
+        + " | "
+        + f"{100 * sum(base) / len(base):.1f} | | |"
+    )
     c = s["claims"]
     order = " > ".join(f"{n} ({100 * c['averages'][n]:.1f})" for n in c["ordering"])
     lines += ["", f"**Ordering** by {c['average_used'].replace('_', ' ')} (mean over seeds): {order}."]
     if "gap_closed_t4" in c:
-        lines.append(f"**Gap closed** between LIF-BERT and the ANN: SpikeLM T=4 {100 * c['gap_closed_t4']:.0f} %, "
-                     f"T=1 {100 * c.get('gap_closed_t1', math.nan):.0f} % (paper, T=4: "
-                     f"{100 * c['paper_gap_closed_t4']:.0f} %).")
+        lines.append(
+            f"**Gap closed** between LIF-BERT and the ANN: SpikeLM T=4 {100 * c['gap_closed_t4']:.0f} %, "
+            f"T=1 {100 * c.get('gap_closed_t1', math.nan):.0f} % (paper, T=4: "
+            f"{100 * c['paper_gap_closed_t4']:.0f} %)."
+        )
     ratios = ", ".join(f"{n} {r:.2f}x" for n, r in c["energy_ratio"].items())
-    lines.append(f"**Energy ratio** ANN / SNN per {b['max_length']}-token sequence: {ratios} (paper: LIF-BERT 6.44x, "
-                 "SpikeLM T=1 12.9x, T=4 3.7x).")
+    lines.append(
+        f"**Energy ratio** ANN / SNN per {b['max_length']}-token sequence: {ratios} (paper: LIF-BERT 6.44x, "
+        "SpikeLM T=1 12.9x, T=4 3.7x)."
+    )
     if s["tasks_at_chance"]:
         lines.append(f"**At chance for every model:** {', '.join(s['tasks_at_chance'])} (left out of avg (learned)).")
 
-    lines += ["", "The paper (SPEC section 5, GLUE dev; energy per 128-token sequence, BERT-base):", "",
-              "| model | T | energy mJ | ratio vs ANN | " + " | ".join(PAPER_COLUMNS) + " | avg |",
-              "|---" * (len(PAPER_COLUMNS) + 5) + "|"]
+    lines += [
+        "",
+        "The paper (SPEC section 5, GLUE dev; energy per 128-token sequence, BERT-base):",
+        "",
+        "| model | T | energy mJ | ratio vs ANN | " + " | ".join(PAPER_COLUMNS) + " | avg |",
+        "|---" * (len(PAPER_COLUMNS) + 5) + "|",
+    ]
     for label, steps, mJ, scores, avg in PAPER_ROWS.values():
         lines.append(f"| {label} | {steps} | {mJ} | {51.41 / mJ:.1f} | " + " | ".join(scores) + f" | {avg} |")
 
-    lines += ["", "Side by side (ours: this budget; the paper: BERT-base, GLUE):", "",
-              "| model | paper avg | ours avg (learned) | paper energy ratio | ours energy ratio | ours firing rate |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Side by side (ours: this budget; the paper: BERT-base, GLUE):",
+        "",
+        "| model | paper avg | ours avg (learned) | paper energy ratio | ours energy ratio | ours firing rate |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, v in s["variants"].items():
         if v["ablation"]:
             continue
         paper = PAPER_ROWS.get(name)
         ratio = fmt(v["ratio"], 1.0, 2) if v["ratio"] else "1"
-        lines.append(f"| {name} | {paper[4] if paper else ''} | {fmt(v['avg_learned'])} | "
-                     f"{51.41 / paper[2]:.1f} | {ratio} | "
-                     + (fmt(v["firing_rate"], 1.0, 3) if v["firing_rate"] else "-") + " |")
+        lines.append(
+            f"| {name} | {paper[4] if paper else ''} | {fmt(v['avg_learned'])} | "
+            f"{51.41 / paper[2]:.1f} | {ratio} | " + (fmt(v["firing_rate"], 1.0, 3) if v["firing_rate"] else "-") + " |"
+        )
 
-    lines += ["", "Pretraining (validation at the end; the unigram baseline is the loss of predicting the masked "
-              "tokens from corpus frequencies) and time on this machine:", "",
-              "| model | MLM loss | MLM acc | NSP acc | unigram loss | tokens | tokens/s | pretrain min | "
-              "fine-tune min | row min |", "|---" * 10 + "|"]
+    lines += [
+        "",
+        "Pretraining (validation at the end; the unigram baseline is the loss of predicting the masked "
+        "tokens from corpus frequencies) and time on this machine:",
+        "",
+        "| model | MLM loss | MLM acc | NSP acc | unigram loss | tokens | tokens/s | pretrain min | "
+        "fine-tune min | row min |",
+        "|---" * 10 + "|",
+    ]
     for name, v in s["variants"].items():
-        lines.append(f"| {name} | {fmt(v['pretrain_loss'], 1, 3)} | {fmt(v['pretrain_accuracy'])} | "
-                     f"{fmt(v['nsp_accuracy'])} | {fmt(v['unigram_loss'], 1, 3)} | {fmt(v['tokens'], 1, 0)} | "
-                     f"{fmt(v['tokens_per_second'], 1, 0)} | {fmt(v['pretrain_minutes'], 1, 1)} | "
-                     f"{fmt(v['finetune_minutes'], 1, 1)} | {fmt(v['row_minutes'], 1, 1)} |")
+        lines.append(
+            f"| {name} | {fmt(v['pretrain_loss'], 1, 3)} | {fmt(v['pretrain_accuracy'])} | "
+            f"{fmt(v['nsp_accuracy'])} | {fmt(v['unigram_loss'], 1, 3)} | {fmt(v['tokens'], 1, 0)} | "
+            f"{fmt(v['tokens_per_second'], 1, 0)} | {fmt(v['pretrain_minutes'], 1, 1)} | "
+            f"{fmt(v['finetune_minutes'], 1, 1)} | {fmt(v['row_minutes'], 1, 1)} |"
+        )
     sizes = "; ".join(f"{t}: " + ", ".join(f"{k} {n}" for k, n in d.items()) for t, d in s["data_sizes"].items())
     labels = ", ".join(f"{t}: {lab}" for t, lab in s["majority_labels"].items())
-    lines += ["", f"Budget: preset `{b['preset']}` {b['pretrain_overrides'] or ''}, {b['pretrain_steps']} pretraining "
-              f"steps on corpus `{b['corpus']}`; fine-tuning {b['epochs']} epochs, lr {b['learning_rate']} (AdamW, "
-              f"constant), batch {b['batch_size']}, max length {b['max_length']}; examples: {sizes}. Majority "
-              f"labels: {labels}. Energy: {b['energy_sequences']} windows of {b['max_length']} tokens of the "
-              "corpus's validation split through the pretrained encoder (0.9 pJ per AC, 4.6 pJ per MAC).", ""]
-    lines += [f"![fine-tuning curves]({image_prefix}finetune_curves.png)", "",
-              f"![firing rate per layer]({image_prefix}firing_rate_per_layer.png)", "",
-              f"![pretraining loss]({image_prefix}pretrain_loss.png)", ""]
+    lines += [
+        "",
+        f"Budget: preset `{b['preset']}` {b['pretrain_overrides'] or ''}, {b['pretrain_steps']} pretraining "
+        f"steps on corpus `{b['corpus']}`; fine-tuning {b['epochs']} epochs, lr {b['learning_rate']} (AdamW, "
+        f"constant), batch {b['batch_size']}, max length {b['max_length']}; examples: {sizes}. Majority "
+        f"labels: {labels}. Energy: {b['energy_sequences']} windows of {b['max_length']} tokens of the "
+        "corpus's validation split through the pretrained encoder (0.9 pJ per AC, 4.6 pJ per MAC).",
+        "",
+    ]
+    lines += [
+        f"![fine-tuning curves]({image_prefix}finetune_curves.png)",
+        "",
+        f"![firing rate per layer]({image_prefix}firing_rate_per_layer.png)",
+        "",
+        f"![pretraining loss]({image_prefix}pretrain_loss.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -284,8 +345,12 @@ def markdown(summary: dict, image_prefix: str = "") -> str:
 
 
 def _style(name: str) -> dict:
-    return {"ann": {"color": "black"}, "lif-bert": {"color": "tab:red"}, "spikelm-t1": {"color": "tab:green"},
-            "spikelm-t4": {"color": "tab:blue"}}.get(name, {"linestyle": "--"})
+    return {
+        "ann": {"color": "black"},
+        "lif-bert": {"color": "tab:red"},
+        "spikelm-t1": {"color": "tab:green"},
+        "spikelm-t4": {"color": "tab:blue"},
+    }.get(name, {"linestyle": "--"})
 
 
 def plot_curves(rows: list[dict], summary: dict, path: Path) -> None:
@@ -350,8 +415,7 @@ def plot_firing_rates(rows: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(names)), [_short(n) for n in names], rotation=70, fontsize=7)
         ax.legend(fontsize=7)
     ax.set_ylabel("firing rate (nonzero spikes / slots)")
-    ax.set_title("Firing rate per neuron (input of each spiking layer), pretrained encoder, corpus windows",
-                 fontsize=9)
+    ax.set_title("Firing rate per neuron (input of each spiking layer), pretrained encoder, corpus windows", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -368,8 +432,7 @@ def plot_pretraining(rows: list[dict], path: Path) -> None:
         steps = [e["step"] for e in group[0]["pretrain_log"]]
         losses = np.array([[e["loss"] for e in r["pretrain_log"]] for r in group]).mean(0)
         ax.plot(steps, losses, label=name, **_style(name))
-    ax.axhline(rows[0]["pretraining"]["unigram_baseline_loss"], color="grey", linestyle=":",
-               label="unigram (MLM part)")
+    ax.axhline(rows[0]["pretraining"]["unigram_baseline_loss"], color="grey", linestyle=":", label="unigram (MLM part)")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (MLM + NSP)")
     ax.legend(fontsize=7)

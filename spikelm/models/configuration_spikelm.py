@@ -124,8 +124,15 @@ class SpikeLMConfig(PretrainedConfig):
         self._check()
 
     def _check(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "type_vocab_size",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SpikeLMConfig.{name} must be a positive integer, got {value!r}")
@@ -154,7 +161,11 @@ class SpikeLMConfig(PretrainedConfig):
                 f"rotary positions need an even head size; hidden_size / num_attention_heads = "
                 f"{self.hidden_size // self.num_attention_heads}"
             )
-        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) or not self.rope_theta > 0:
+        if (
+            isinstance(self.rope_theta, bool)
+            or not isinstance(self.rope_theta, (int, float))
+            or not self.rope_theta > 0
+        ):
             raise ValueError(f"SpikeLMConfig.rope_theta must be a positive number, got {self.rope_theta!r}")
         if not (self.pre_layer_norm is None or isinstance(self.pre_layer_norm, bool)):
             raise ValueError(f"SpikeLMConfig.pre_layer_norm must be True, False or None, got {self.pre_layer_norm!r}")

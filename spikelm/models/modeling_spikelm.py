@@ -23,9 +23,10 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
-from .configuration_spikelm import SpikeLMConfig
 from spikelm.nn.layers import SpikeLinear
 from spikelm.nn.neuron import ElasticBiSpikingNeuron
+
+from .configuration_spikelm import SpikeLMConfig
 
 try:  # transformers >= 5: init functions that leave loaded tensors alone
     from transformers import initialization as init
@@ -369,9 +370,7 @@ def _check_inputs(config: SpikeLMConfig, input_ids, inputs_embeds, attention_mas
         raise ValueError(f"{name} must have shape {shape}; got {tuple(ref.shape)}")
     batch, length = ref.shape[:2]
     if length > config.max_position_embeddings:
-        raise ValueError(
-            f"sequence length {length} exceeds max_position_embeddings={config.max_position_embeddings}"
-        )
+        raise ValueError(f"sequence length {length} exceeds max_position_embeddings={config.max_position_embeddings}")
     for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
         if tensor is not None and tuple(tensor.shape) != (batch, length):
             raise ValueError(f"{name} must have shape {(batch, length)} like the input; got {tuple(tensor.shape)}")
@@ -474,8 +473,14 @@ class SpikeLMForPreTraining(SpikeLMPreTrainedModel):
     ):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.bert(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         seq_logits = self.cls.seq_relationship(outputs.pooler_output)
         prediction_logits, loss = masked_lm_logits_and_loss(self.cls.predictions, outputs.last_hidden_state, labels)
@@ -521,12 +526,19 @@ class SpikeLMForMaskedLM(SpikeLMPreTrainedModel):
     ):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.bert(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits, loss = masked_lm_logits_and_loss(self.cls.predictions, outputs.last_hidden_state, labels)
-        out = MaskedLMOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                             attentions=outputs.attentions)
+        out = MaskedLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
         return out if return_dict else out.to_tuple()
 
 
@@ -557,8 +569,14 @@ class SpikeLMForSequenceClassification(SpikeLMPreTrainedModel):
     ):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.bert(
-            input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            input_ids,
+            attention_mask,
+            token_type_ids,
+            position_ids,
+            inputs_embeds,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = self.classifier(self.dropout(outputs.pooler_output))
         loss = None
@@ -577,6 +595,7 @@ class SpikeLMForSequenceClassification(SpikeLMPreTrainedModel):
                 loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1))
             else:
                 loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-        out = SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
-                                       attentions=outputs.attentions)
+        out = SequenceClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
         return out if return_dict else out.to_tuple()

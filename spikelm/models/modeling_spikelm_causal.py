@@ -27,9 +27,10 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from spikelm.nn.neuron import ALPHA_FLOOR
+
 from .configuration_spikelm import SpikeLMConfig
 from .modeling_spikelm import SpikeLMPreTrainedModel, _check_inputs, make_linear, make_respike
-from spikelm.nn.neuron import ALPHA_FLOOR
 
 # ----------------------------------------------------------------------------------------------
 # Positions and masks
@@ -39,7 +40,7 @@ from spikelm.nn.neuron import ALPHA_FLOOR
 def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos and sin of the rotary angles for integer ``position_ids`` (B, L): two (B, L, head_dim) tensors."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim
-    angles = position_ids[..., None].float() * theta ** -exponents
+    angles = position_ids[..., None].float() * theta**-exponents
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -161,7 +162,8 @@ class SpikeLMCausalSelfAttention(nn.Module):
         if self.key_spike is None:
             return {}
         return {
-            f"{name}_scale": neuron.alpha.detach().clamp_min(ALPHA_FLOOR) if neuron.use_amplitude
+            f"{name}_scale": neuron.alpha.detach().clamp_min(ALPHA_FLOOR)
+            if neuron.use_amplitude
             else torch.ones_like(neuron.alpha.detach())
             for name, neuron in (("key", self.key_spike), ("value", self.value_spike))
         }
@@ -377,8 +379,15 @@ class SpikeLMForCausalLM(SpikeLMCausalPreTrainedModel, GenerationMixin):
     ):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.model(
-            input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache=use_cache,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+            input_ids,
+            attention_mask,
+            position_ids,
+            past_key_values,
+            inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         hidden = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):

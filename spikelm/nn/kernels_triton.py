@@ -67,10 +67,24 @@ def _carry(alpha, q, OFFICIAL: tl.constexpr):
 
 @triton.jit
 def _spike_forward_kernel(
-    x_ptr, alpha_ptr, spikes_ptr, codes_ptr, ratio_ptr,
-    n, cols, stride_t, stride_row, stride_col,
-    STEPS: tl.constexpr, TERNARY: tl.constexpr, OFFICIAL: tl.constexpr, AMPLITUDE: tl.constexpr,
-    MEMBRANE: tl.constexpr, KEEP_CODES: tl.constexpr, KEEP_RATIO: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    alpha_ptr,
+    spikes_ptr,
+    codes_ptr,
+    ratio_ptr,
+    n,
+    cols,
+    stride_t,
+    stride_row,
+    stride_col,
+    STEPS: tl.constexpr,
+    TERNARY: tl.constexpr,
+    OFFICIAL: tl.constexpr,
+    AMPLITUDE: tl.constexpr,
+    MEMBRANE: tl.constexpr,
+    KEEP_CODES: tl.constexpr,
+    KEEP_RATIO: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -103,9 +117,18 @@ def _spike_forward_kernel(
 
 @triton.jit
 def _spike_backward_kernel(
-    grad_s_ptr, codes_ptr, alpha_ptr, grad_x_ptr, spikes_ptr, n,
-    STEPS: tl.constexpr, OFFICIAL: tl.constexpr, AMPLITUDE: tl.constexpr, MEMBRANE: tl.constexpr,
-    EMIT_SPIKES: tl.constexpr, BLOCK: tl.constexpr,
+    grad_s_ptr,
+    codes_ptr,
+    alpha_ptr,
+    grad_x_ptr,
+    spikes_ptr,
+    n,
+    STEPS: tl.constexpr,
+    OFFICIAL: tl.constexpr,
+    AMPLITUDE: tl.constexpr,
+    MEMBRANE: tl.constexpr,
+    EMIT_SPIKES: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -138,10 +161,22 @@ def triton_spike_forward(x, alpha, spike_levels, reset, use_amplitude, membrane,
     ratio = torch.empty((steps, rows, cols), dtype=torch.float32, device=x.device) if keep_ratio else None
     if n:
         _spike_forward_kernel[(triton.cdiv(n, BLOCK),)](
-            x, alpha.float().contiguous(), spikes, codes if keep_codes else spikes, ratio if keep_ratio else spikes,
-            n, cols, *x.stride(),
-            STEPS=steps, TERNARY=spike_levels == "ternary", AMPLITUDE=use_amplitude, MEMBRANE=membrane,
-            KEEP_CODES=keep_codes, KEEP_RATIO=keep_ratio, BLOCK=BLOCK, OFFICIAL=spike_levels == "ternary" and reset == "official",
+            x,
+            alpha.float().contiguous(),
+            spikes,
+            codes if keep_codes else spikes,
+            ratio if keep_ratio else spikes,
+            n,
+            cols,
+            *x.stride(),
+            STEPS=steps,
+            TERNARY=spike_levels == "ternary",
+            AMPLITUDE=use_amplitude,
+            MEMBRANE=membrane,
+            KEEP_CODES=keep_codes,
+            KEEP_RATIO=keep_ratio,
+            BLOCK=BLOCK,
+            OFFICIAL=spike_levels == "ternary" and reset == "official",
         )
     return spikes, codes, ratio
 
@@ -153,8 +188,17 @@ def triton_spike_backward(grad_s, codes, alpha, spike_levels, reset, use_amplitu
     spikes = torch.empty(codes.shape, dtype=spike_dtype, device=codes.device) if spike_dtype is not None else None
     if n:
         _spike_backward_kernel[(triton.cdiv(n, BLOCK),)](
-            grad_s, codes, alpha.float().contiguous(), grad_x, spikes if spikes is not None else grad_x, n,
-            STEPS=codes.shape[0], AMPLITUDE=use_amplitude, MEMBRANE=membrane, EMIT_SPIKES=spikes is not None,
-            BLOCK=BLOCK, OFFICIAL=spike_levels == "ternary" and reset == "official",
+            grad_s,
+            codes,
+            alpha.float().contiguous(),
+            grad_x,
+            spikes if spikes is not None else grad_x,
+            n,
+            STEPS=codes.shape[0],
+            AMPLITUDE=use_amplitude,
+            MEMBRANE=membrane,
+            EMIT_SPIKES=spikes is not None,
+            BLOCK=BLOCK,
+            OFFICIAL=spike_levels == "ternary" and reset == "official",
         )
     return grad_x, spikes

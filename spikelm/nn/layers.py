@@ -50,8 +50,18 @@ class SpikeLinearFunction(torch.autograd.Function):
         if need_x or need_alpha:
             grad_s = grad_y.matmul(weight.to(grad_y.dtype))
             grad_x, grad_alpha, spikes = fused_spike_backward(
-                grad_s, codes, ratio, alpha, spike_levels, reset, use_amplitude, membrane, alpha_grad=need_alpha,
-                grad_dtype=ctx.x_dtype, spike_dtype=grad_y.dtype if need_weight else None, kernel=ctx.kernel,
+                grad_s,
+                codes,
+                ratio,
+                alpha,
+                spike_levels,
+                reset,
+                use_amplitude,
+                membrane,
+                alpha_grad=need_alpha,
+                grad_dtype=ctx.x_dtype,
+                spike_dtype=grad_y.dtype if need_weight else None,
+                kernel=ctx.kernel,
             )
             if grad_alpha is not None:
                 grad_alpha = grad_alpha.to(alpha.dtype)
@@ -74,8 +84,16 @@ class SpikeLinear(nn.Linear):
     additions, plus one multiplication by alpha per output.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, num_steps: int = 4,
-                 device=None, dtype=None, **neuron_options):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        num_steps: int = 4,
+        device=None,
+        dtype=None,
+        **neuron_options,
+    ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.neuron = ElasticBiSpikingNeuron(num_steps, **neuron_options)
 
@@ -97,8 +115,12 @@ class SpikeLinear(nn.Linear):
             neuron.initialize_alpha(x)
         alpha = neuron.alpha.clamp_min(ALPHA_FLOOR)
         options = (neuron.spike_levels, neuron.reset, neuron.use_amplitude, neuron.membrane)
-        needs_grad = x.requires_grad or alpha.requires_grad or self.weight.requires_grad or (
-            self.bias is not None and self.bias.requires_grad)
+        needs_grad = (
+            x.requires_grad
+            or alpha.requires_grad
+            or self.weight.requires_grad
+            or (self.bias is not None and self.bias.requires_grad)
+        )
         if torch.is_grad_enabled() and needs_grad:
             y, counts = SpikeLinearFunction.apply(
                 x, alpha, self.weight, self.bias, *options, neuron.record_stats, neuron.backend

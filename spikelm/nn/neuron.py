@@ -256,8 +256,12 @@ def _run_compiled(fn, *args):
                 return _compiled[fn](*args)
         except Exception as err:  # a missing or broken C++ compiler, an unsupported platform, ...
             _compile_failed = True
-            warnings.warn(f"spikelm: torch.compile of the neuron failed ({type(err).__name__}: {err}); "
-                          "using the uncompiled fused loop from now on", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"spikelm: torch.compile of the neuron failed ({type(err).__name__}: {err}); "
+                "using the uncompiled fused loop from now on",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return fn(*args)
 
 
@@ -271,8 +275,9 @@ def _as_steps_rows_cols(x: torch.Tensor) -> torch.Tensor:
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def fused_spike_forward(x, alpha, spike_levels, reset, use_amplitude, membrane, keep_codes=True, keep_ratio=False,
-                        kernel="fused"):
+def fused_spike_forward(
+    x, alpha, spike_levels, reset, use_amplitude, membrane, keep_codes=True, keep_ratio=False, kernel="fused"
+):
     """:func:`spike_steps` on the chosen kernel; ``alpha`` already floored. Returns (spikes, codes, ratio)."""
     shape = x.shape
     x3 = _as_steps_rows_cols(x.detach())
@@ -288,8 +293,20 @@ def fused_spike_forward(x, alpha, spike_levels, reset, use_amplitude, membrane, 
     return tuple(t.view(shape) if t is not None else None for t in out)
 
 
-def fused_spike_backward(grad_s, codes, ratio, alpha, spike_levels, reset, use_amplitude, membrane, alpha_grad,
-                         grad_dtype=None, spike_dtype=None, kernel="fused"):
+def fused_spike_backward(
+    grad_s,
+    codes,
+    ratio,
+    alpha,
+    spike_levels,
+    reset,
+    use_amplitude,
+    membrane,
+    alpha_grad,
+    grad_dtype=None,
+    spike_dtype=None,
+    kernel="fused",
+):
     """Gradients from the saved codes: ``(grad_x, grad_alpha, spikes)``.
 
     ``grad_alpha`` (the LSQ gradient, from ``ratio``) only if ``alpha_grad``; ``spikes`` rebuilt in
@@ -355,8 +372,14 @@ class MultiStepSpike(torch.autograd.Function):
     def backward(ctx, grad_s, _grad_counts):
         codes, alpha, ratio = ctx.saved_tensors
         grad_x, grad_alpha, _ = fused_spike_backward(
-            grad_s, codes, ratio, alpha, *ctx.options, alpha_grad=ctx.needs_input_grad[1],
-            grad_dtype=ctx.x_dtype, kernel=ctx.kernel,
+            grad_s,
+            codes,
+            ratio,
+            alpha,
+            *ctx.options,
+            alpha_grad=ctx.needs_input_grad[1],
+            grad_dtype=ctx.x_dtype,
+            kernel=ctx.kernel,
         )
         if grad_alpha is not None:
             grad_alpha = grad_alpha.to(alpha.dtype)
@@ -542,7 +565,12 @@ class ElasticBiSpikingNeuron(nn.Module):
             xt = x[t].float()
             u = xt if t == 0 or not self.membrane else (u * LEAK) * carry + xt
             if _data_parallel():
-                local = torch.stack([u.abs().sum(dtype=torch.float64), torch.tensor(float(u.numel()), dtype=torch.float64, device=u.device)])
+                local = torch.stack(
+                    [
+                        u.abs().sum(dtype=torch.float64),
+                        torch.tensor(float(u.numel()), dtype=torch.float64, device=u.device),
+                    ]
+                )
                 total = _all_reduce_sum(local)
                 alpha[t] = (2 * total[0] / total[1]).to(alpha.dtype)
             else:

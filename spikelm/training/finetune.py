@@ -21,10 +21,18 @@ import numpy as np
 import torch
 
 from spikelm.commands.main import UserError
-from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
 from spikelm.evaluation.glue.metrics import compute_metrics, selection_value
 from spikelm.evaluation.glue.models import load_starting_point, quiet_transformers
-from spikelm.evaluation.glue.tasks import Examples, GlueTask, TaskData, get_task, load_custom, load_glue_folder, load_glue_hub
+from spikelm.evaluation.glue.tasks import (
+    Examples,
+    GlueTask,
+    TaskData,
+    get_task,
+    load_custom,
+    load_glue_folder,
+    load_glue_hub,
+)
+from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
 
 
 @dataclass
@@ -65,8 +73,13 @@ class CustomColumns:
 # ----------------------------------------------------------------------------------------------
 
 
-def load_task_data(task_name: str, data_dir: str | None, need_train: bool, custom: CustomColumns | None = None,
-                   model_name: str | None = None) -> TaskData:
+def load_task_data(
+    task_name: str,
+    data_dir: str | None,
+    need_train: bool,
+    custom: CustomColumns | None = None,
+    model_name: str | None = None,
+) -> TaskData:
     if task_name == "custom":
         custom = custom or CustomColumns()
         if data_dir is None:
@@ -77,8 +90,9 @@ def load_task_data(task_name: str, data_dir: str | None, need_train: bool, custo
             if config_path.is_file():
                 id2label = json.loads(config_path.read_text()).get("id2label", {})
                 label_names = tuple(id2label[str(i)] for i in range(len(id2label))) or None
-        return load_custom(data_dir, custom.text_columns, custom.label_column, custom.regression, label_names,
-                           need_train)
+        return load_custom(
+            data_dir, custom.text_columns, custom.label_column, custom.regression, label_names, need_train
+        )
     task = get_task(task_name)
     return load_glue_folder(task, data_dir, need_train) if data_dir is not None else load_glue_hub(task)
 
@@ -179,7 +193,9 @@ def write_test_predictions(out: Path, data: TaskData, predictions: dict) -> list
             rows = [f"{i}\t{min(max(float(p), 0.0), 5.0):.3f}" for i, p in zip(data.splits[split].ids, preds)]
         else:
             names = task.submission_labels or task.name == "custom"
-            rows = [f"{i}\t{task.label_names[int(p)] if names else int(p)}" for i, p in zip(data.splits[split].ids, preds)]
+            rows = [
+                f"{i}\t{task.label_names[int(p)] if names else int(p)}" for i, p in zip(data.splits[split].ids, preds)
+            ]
         path = out / "predictions" / submission_name(task, split)
         write_text_atomic(path, "\n".join(["index\tprediction"] + rows) + "\n")
         written.append(str(path))
@@ -199,10 +215,19 @@ def _describe(metrics: dict) -> str:
     return ", ".join(f"{k} {'n/a' if v is None else f'{v:.4f}'}" for k, v in metrics.items())
 
 
-def finetune(model_name: str, task_name: str, output_dir: str, data_dir: str | None = None,
-             settings: Settings | None = None, changes: dict | None = None, tokenizer: str | None = None,
-             custom: CustomColumns | None = None, eval_only: bool = False, overwrite: bool = False,
-             log=print) -> dict:
+def finetune(
+    model_name: str,
+    task_name: str,
+    output_dir: str,
+    data_dir: str | None = None,
+    settings: Settings | None = None,
+    changes: dict | None = None,
+    tokenizer: str | None = None,
+    custom: CustomColumns | None = None,
+    eval_only: bool = False,
+    overwrite: bool = False,
+    log=print,
+) -> dict:
     """Fine-tune (or, with ``eval_only``, evaluate) ``model_name`` on a task; returns ``eval_results``."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -227,8 +252,11 @@ def finetune(model_name: str, task_name: str, output_dir: str, data_dir: str | N
     collate = Collator(tokenizer_obj, settings.padding, settings.max_length, task.is_regression)
     eval_splits = task.dev_splits + tuple(s for s in task.test_splits if s in data.splits)
     loaders = {
-        s: torch.utils.data.DataLoader(encode(tokenizer_obj, data.splits[s], settings.max_length),
-                                       batch_size=settings.batch_size, collate_fn=collate)
+        s: torch.utils.data.DataLoader(
+            encode(tokenizer_obj, data.splits[s], settings.max_length),
+            batch_size=settings.batch_size,
+            collate_fn=collate,
+        )
         for s in eval_splits
     }
     train = data.splits.get("train")
@@ -238,11 +266,15 @@ def finetune(model_name: str, task_name: str, output_dir: str, data_dir: str | N
     optimizer = train_loader = None
     if epochs:
         train_loader = torch.utils.data.DataLoader(
-            encode(tokenizer_obj, train, settings.max_length), batch_size=settings.batch_size, shuffle=True,
-            collate_fn=collate, generator=torch.Generator().manual_seed(settings.seed),
+            encode(tokenizer_obj, train, settings.max_length),
+            batch_size=settings.batch_size,
+            shuffle=True,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(settings.seed),
         )
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                      lr=settings.learning_rate, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate, weight_decay=0.0
+        )
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     else:
         model = accelerator.prepare(model)
@@ -253,8 +285,10 @@ def finetune(model_name: str, task_name: str, output_dir: str, data_dir: str | N
     if epochs:
         if accelerator.is_main_process:
             log_path.write_text("")
-        log(f"training on {len(train)} examples for {epochs} epochs, batch {settings.batch_size}, "
-            f"lr {settings.learning_rate}, {accelerator.device}")
+        log(
+            f"training on {len(train)} examples for {epochs} epochs, batch {settings.batch_size}, "
+            f"lr {settings.learning_rate}, {accelerator.device}"
+        )
     for epoch in range(1, epochs + 1):
         model.train()
         started, total, steps = time.perf_counter(), 0.0, 0
@@ -271,17 +305,26 @@ def finetune(model_name: str, task_name: str, output_dir: str, data_dir: str | N
         started = time.perf_counter()
         metrics, predictions = evaluate_dev(model, loaders, accelerator, data)
         eval_seconds = time.perf_counter() - started
-        record = {"epoch": epoch, "train_loss": total / max(steps, 1), "train_seconds": round(train_seconds, 2),
-                  "eval_seconds": round(eval_seconds, 2), **_round(metrics)}
+        record = {
+            "epoch": epoch,
+            "train_loss": total / max(steps, 1),
+            "train_seconds": round(train_seconds, 2),
+            "eval_seconds": round(eval_seconds, 2),
+            **_round(metrics),
+        }
         history.append(record)
         if accelerator.is_main_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        log(f"epoch {epoch}/{epochs}: train loss {record['train_loss']:.4f} ({train_seconds:.0f} s); dev "
-            f"{_describe(metrics)} ({eval_seconds:.0f} s)")
+        log(
+            f"epoch {epoch}/{epochs}: train loss {record['train_loss']:.4f} ({train_seconds:.0f} s); dev "
+            f"{_describe(metrics)} ({eval_seconds:.0f} s)"
+        )
         if best is None or selection_value(task, metrics) > selection_value(task, best):
             best = {"epoch": epoch, **metrics}
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in accelerator.unwrap_model(model).state_dict().items()}
+            best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in accelerator.unwrap_model(model).state_dict().items()
+            }
             best_predictions = predictions
 
     if epochs:
@@ -290,7 +333,9 @@ def finetune(model_name: str, task_name: str, output_dir: str, data_dir: str | N
     else:
         metrics, best_predictions = evaluate_dev(model, loaders, accelerator, data)
         best = last = {"epoch": None, **metrics}
-    test_predictions = {s: predict(model, loaders[s], accelerator, task) for s in eval_splits if s not in task.dev_splits}
+    test_predictions = {
+        s: predict(model, loaders[s], accelerator, task) for s in eval_splits if s not in task.dev_splits
+    }
 
     unwrapped = accelerator.unwrap_model(model)
     config = unwrapped.config
@@ -316,8 +361,9 @@ def finetune(model_name: str, task_name: str, output_dir: str, data_dir: str | N
             "warnings": start.warnings,
             "device": str(accelerator.device),
             "num_processes": accelerator.num_processes,
-            "seconds_per_epoch": (round(sum(h["train_seconds"] for h in history) / len(history), 2)
-                                  if history else None),
+            "seconds_per_epoch": (
+                round(sum(h["train_seconds"] for h in history) / len(history), 2) if history else None
+            ),
         },
     }
     if accelerator.is_main_process:
@@ -332,8 +378,11 @@ def finetune(model_name: str, task_name: str, output_dir: str, data_dir: str | N
         log(f"{task.name} {which}: {_describe({k: v for k, v in best.items() if k != 'epoch'})}")
         if epochs and best["epoch"] != epochs:
             log(f"{task.name} last epoch {epochs}: {_describe({k: v for k, v in last.items() if k != 'epoch'})}")
-        log(f"wrote {out / 'eval_results.json'}" + (", the best epoch's model" if epochs else "")
-            + (f" and {len(written)} test prediction file(s)" if written else ""))
+        log(
+            f"wrote {out / 'eval_results.json'}"
+            + (", the best epoch's model" if epochs else "")
+            + (f" and {len(written)} test prediction file(s)" if written else "")
+        )
     accelerator.wait_for_everyone()
     return results
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from spikelm.models.configuration_spikelm import SpikeLMConfig
 from spikelm.data.objectives import OBJECTIVES
+from spikelm.models.configuration_spikelm import SpikeLMConfig
 
 
 class ConfigError(ValueError):
@@ -75,8 +75,17 @@ class PretrainConfig:
             raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.corpus is not None and self.text_file is not None:
             raise ConfigError("pass either a corpus (--corpus) or a text file (--text-file), not both")
-        for name in ("batch_size", "grad_accum", "max_steps", "max_length", "log_every", "eval_every", "save_every",
-                     "keep_checkpoints", "eval_examples"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "max_length",
+            "log_every",
+            "eval_every",
+            "save_every",
+            "keep_checkpoints",
+            "eval_examples",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -92,8 +101,9 @@ class PretrainConfig:
             raise ConfigError(f"schedule_steps ({self.schedule_steps}) must be >= max_steps ({self.max_steps})")
         unknown = sorted(set(self.model) - set(model_fields()))
         if unknown:
-            raise ConfigError(f"unknown model field(s) {', '.join(unknown)}; SpikeLMConfig fields: "
-                              f"{', '.join(model_fields())}")
+            raise ConfigError(
+                f"unknown model field(s) {', '.join(unknown)}; SpikeLMConfig fields: {', '.join(model_fields())}"
+            )
         if self.model.get("max_position_embeddings", 512) < self.max_length:
             raise ConfigError(f"max_length {self.max_length} exceeds the model's max_position_embeddings")
 
@@ -103,8 +113,12 @@ class PretrainConfig:
 
 # shapes: (layers, hidden, heads); FFN = 4 x hidden as BERT
 def _shape(layers: int, hidden: int, heads: int) -> dict:
-    return {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
-            "intermediate_size": 4 * hidden}
+    return {
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "intermediate_size": 4 * hidden,
+    }
 
 
 # CPU recipes: they learn within minutes on a laptop (batch 32, lr ~1e-3, 6 % warm-up)
@@ -118,10 +132,18 @@ PRESETS: dict[str, dict] = {
     # The paper's run (SPEC section 4): BERT-base, T=4, ReLU in the MLM head transform as the authors did;
     # AdamW lr 2e-4, no weight decay, 5,000 warm-up steps, linear decay configured for 500k steps and
     # stopped at 100k, global batch 512 (8 GPUs x 64), MLM + NSP at length 128.
-    "base": {"model": {**_shape(12, 768, 12), "num_steps": 4, "head_hidden_act": "relu"},
-             "batch_size": 512, "learning_rate": 2e-4, "weight_decay": 0.0, "warmup_steps": 5000,
-             "schedule_steps": 500_000, "max_steps": 100_000, "eval_every": 5000, "save_every": 5000,
-             "log_every": 100},
+    "base": {
+        "model": {**_shape(12, 768, 12), "num_steps": 4, "head_hidden_act": "relu"},
+        "batch_size": 512,
+        "learning_rate": 2e-4,
+        "weight_decay": 0.0,
+        "warmup_steps": 5000,
+        "schedule_steps": 500_000,
+        "max_steps": 100_000,
+        "eval_every": 5000,
+        "save_every": 5000,
+        "log_every": 100,
+    },
 }
 
 
@@ -185,8 +207,9 @@ def load_config_file(path: str | Path) -> dict:
     return data
 
 
-def resolve_config(preset: str | None = None, config_file: str | Path | None = None,
-                   sets: list[str] = (), **fields) -> PretrainConfig:
+def resolve_config(
+    preset: str | None = None, config_file: str | Path | None = None, sets: list[str] = (), **fields
+) -> PretrainConfig:
     """Preset, then the config file, then ``--set FIELD=VALUE`` strings, then keyword ``fields``."""
     file_data = load_config_file(config_file) if config_file else {}
     preset = preset or file_data.get("preset") or "tiny"

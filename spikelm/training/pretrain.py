@@ -33,17 +33,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from spikelm.evaluation.perplexity import TOKEN_COUNTS_FILE, unigram_log_probs
-from spikelm.models.configuration_spikelm import SpikeLMConfig
 from spikelm.data.corpora import load_corpus
 from spikelm.data.objectives import IGNORE_INDEX, Batcher, build_examples, document_separator, tokenize_corpus
+from spikelm.evaluation.perplexity import TOKEN_COUNTS_FILE, unigram_log_probs
+from spikelm.models.configuration_spikelm import SpikeLMConfig
 from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
+
 from .presets import PretrainConfig
 
 COMMAND = "pretrain"
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "max_position_embeddings", "type_vocab_size", "position_embedding_type", "num_steps", "spiking",
-                "spike_levels")
+SHAPE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "position_embedding_type",
+    "num_steps",
+    "spiking",
+    "spike_levels",
+)
 
 
 class PretrainError(ValueError):
@@ -77,8 +88,11 @@ def model_config(config: PretrainConfig, tokenizer) -> SpikeLMConfig:
     fields = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
     if config.objective == "clm":
         separator = document_separator(tokenizer)
-        fields.update(max_position_embeddings=config.max_length, eos_token_id=separator,
-                      bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else separator)
+        fields.update(
+            max_position_embeddings=config.max_length,
+            eos_token_id=separator,
+            bos_token_id=tokenizer.bos_token_id if tokenizer.bos_token_id is not None else separator,
+        )
     return SpikeLMConfig(**{**fields, **config.model})
 
 
@@ -129,19 +143,30 @@ class PretrainingData:
         self.batcher = Batcher(config.objective, tokenizer, config.seed, config.mlm_probability)
         per_step = world_size * config.grad_accum
         if config.batch_size % per_step:
-            raise PretrainError(f"batch_size {config.batch_size} must be a multiple of processes x grad_accum "
-                                f"({world_size} x {config.grad_accum})")
+            raise PretrainError(
+                f"batch_size {config.batch_size} must be a multiple of processes x grad_accum "
+                f"({world_size} x {config.grad_accum})"
+            )
         self.micro_batch = config.batch_size // per_step
         self._epoch, self._examples = None, None
 
     def examples(self, epoch: int):
         if self._epoch != epoch:
-            self._examples = build_examples(self.config.objective, self.train, self.tokenizer, self.config.max_length,
-                                            self.config.seed, epoch, self.config.short_seq_prob)
+            self._examples = build_examples(
+                self.config.objective,
+                self.train,
+                self.tokenizer,
+                self.config.max_length,
+                self.config.seed,
+                epoch,
+                self.config.short_seq_prob,
+            )
             self._epoch = epoch
             if len(self._examples) < self.config.batch_size:
-                raise PretrainError(f"the corpus yields {len(self._examples)} training sequences, fewer than one batch "
-                                    f"({self.config.batch_size}); use a larger corpus or a smaller batch_size")
+                raise PretrainError(
+                    f"the corpus yields {len(self._examples)} training sequences, fewer than one batch "
+                    f"({self.config.batch_size}); use a larger corpus or a smaller batch_size"
+                )
         return self._examples
 
     def steps_in_epoch(self, epoch: int) -> int:
@@ -160,11 +185,18 @@ class PretrainingData:
     def validation_batches(self, batch_size: int) -> list[dict]:
         """The fixed validation set (seeded apart from training), this process's share."""
         seed = self.config.seed + 1_000_003
-        examples = build_examples(self.config.objective, self.validation, self.tokenizer, self.config.max_length,
-                                  seed, 0, self.config.short_seq_prob)
+        examples = build_examples(
+            self.config.objective,
+            self.validation,
+            self.tokenizer,
+            self.config.max_length,
+            seed,
+            0,
+            self.config.short_seq_prob,
+        )
         batcher = Batcher(self.config.objective, self.tokenizer, seed, self.config.mlm_probability)
-        indices = np.arange(min(len(examples), self.config.eval_examples))[self.rank::self.world_size]
-        return [batcher(examples, indices[i:i + batch_size], 0) for i in range(0, len(indices), batch_size)]
+        indices = np.arange(min(len(examples), self.config.eval_examples))[self.rank :: self.world_size]
+        return [batcher(examples, indices[i : i + batch_size], 0) for i in range(0, len(indices), batch_size)]
 
     def token_counts(self) -> torch.Tensor:
         """How often each token occurs in the training stream (for clm, one separator per document)."""
@@ -184,8 +216,9 @@ class PretrainingData:
 
 
 @torch.no_grad()
-def evaluate(model, batches: list[dict], accelerator, causal: bool = False,
-             unigram_log_probs: torch.Tensor | None = None) -> dict:
+def evaluate(
+    model, batches: list[dict], accelerator, causal: bool = False, unigram_log_probs: torch.Tensor | None = None
+) -> dict:
     """Token-weighted MLM (or, ``causal``, next-token) loss and accuracy, NSP accuracy, and the loss of the
     unigram model ``unigram_log_probs`` on the same targets, over every process's share; ``causal`` adds
     the perplexities of both."""
@@ -252,8 +285,9 @@ def _rng_state(device: torch.device) -> dict:
     return state
 
 
-def save_checkpoint(output_dir: Path, accelerator, model, optimizer, scheduler, state: TrainState,
-                    config: PretrainConfig, keep: int) -> Path:
+def save_checkpoint(
+    output_dir: Path, accelerator, model, optimizer, scheduler, state: TrainState, config: PretrainConfig, keep: int
+) -> Path:
     """Write ``checkpoints/step-N`` atomically: a temporary directory renamed into place, then ``latest``."""
     from safetensors.torch import save_model
 
@@ -289,8 +323,11 @@ def save_checkpoint(output_dir: Path, accelerator, model, optimizer, scheduler, 
 
 def check_checkpoint_shape(path: Path, model_config: SpikeLMConfig) -> None:
     saved = SpikeLMConfig.from_json_file(path / "config.json")  # fields it predates take their defaults
-    diffs = [f"{k} {getattr(saved, k)!r} (this run: {getattr(model_config, k)!r})" for k in SHAPE_FIELDS
-             if getattr(saved, k) != getattr(model_config, k)]
+    diffs = [
+        f"{k} {getattr(saved, k)!r} (this run: {getattr(model_config, k)!r})"
+        for k in SHAPE_FIELDS
+        if getattr(saved, k) != getattr(model_config, k)
+    ]
     if diffs:
         raise PretrainError(f"checkpoint {path} was saved from a model of another shape: {'; '.join(diffs)}")
 
@@ -330,8 +367,13 @@ class PretrainResult:
 
 def run_identity(config: PretrainConfig) -> dict:
     """What makes two runs the same run (an output directory holding another is refused)."""
-    return {"objective": config.objective, "preset": config.preset, "model": config.model,
-            "tokenizer": config.tokenizer, "seed": config.seed}
+    return {
+        "objective": config.objective,
+        "preset": config.preset,
+        "model": config.model,
+        "tokenizer": config.tokenizer,
+        "seed": config.seed,
+    }
 
 
 def _prepare_output(output_dir: Path, config: PretrainConfig, overwrite: bool, resume: bool | str | None) -> None:
@@ -339,8 +381,10 @@ def _prepare_output(output_dir: Path, config: PretrainConfig, overwrite: bool, r
     prepare_output_dir(output_dir, COMMAND, overwrite, identity=json.loads(json.dumps(run_identity(config))))
     has_run = (checkpoint_root(output_dir) / "latest").is_file() or (output_dir / "model.safetensors").is_file()
     if has_run and not resume and not overwrite:
-        raise PretrainError(f"--output-dir {output_dir} already holds this run's checkpoints or model; pass --resume "
-                            "to continue it, or --overwrite to start again")
+        raise PretrainError(
+            f"--output-dir {output_dir} already holds this run's checkpoints or model; pass --resume "
+            "to continue it, or --overwrite to start again"
+        )
     if overwrite and not resume:
         for name in ("checkpoints", "tensorboard"):
             shutil.rmtree(output_dir / name, ignore_errors=True)
@@ -360,8 +404,13 @@ def _truncate_log(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(ln + "\n" for ln in lines))
 
 
-def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: bool = False,
-                    resume: bool | str | None = None, progress: bool = True) -> PretrainResult:
+def run_pretraining(
+    config: PretrainConfig,
+    output_dir: str | Path,
+    overwrite: bool = False,
+    resume: bool | str | None = None,
+    progress: bool = True,
+) -> PretrainResult:
     """Pretrain as ``config`` says, writing into ``output_dir``. ``resume``: True (the latest checkpoint
     in ``output_dir``) or a checkpoint directory. Returns the trained model and the metrics."""
     from accelerate import Accelerator
@@ -397,8 +446,12 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
         _prepare_output(output_dir, config, overwrite, resume)
     accelerator.wait_for_everyone()
     model.to(accelerator.device).train()
-    optimizer = torch.optim.AdamW(parameter_groups(model, config.weight_decay), lr=config.learning_rate,
-                                  betas=(config.adam_beta1, config.adam_beta2), eps=config.adam_epsilon)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+    )
     scheduler = linear_schedule(optimizer, config.num_warmup_steps, config.total_schedule_steps)
     torch.manual_seed(config.seed * 1000 + 1 + accelerator.process_index)  # dropout: differs per process
     state = TrainState()
@@ -434,15 +487,22 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
         if writer is not None:
             for key, value in result.items():
                 writer.add_scalar(f"validation/{key}", value, state.step)
-        accelerator.print(f"step {state.step} validation ({tag}): " + ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()))
+        accelerator.print(
+            f"step {state.step} validation ({tag}): "
+            + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
+        )
         return result
 
     if state.initial_eval is None:
         state.initial_eval = validate("start")
 
-    bar = tqdm(total=config.max_steps, initial=state.step, disable=not (progress and accelerator.is_main_process),
-               desc="pretrain", dynamic_ncols=True)
+    bar = tqdm(
+        total=config.max_steps,
+        initial=state.step,
+        disable=not (progress and accelerator.is_main_process),
+        desc="pretrain",
+        dynamic_ncols=True,
+    )
     last_eval = None
     time_limit = config.max_minutes * 60 if config.max_minutes is not None else math.inf
     run_started = time.perf_counter()
@@ -467,8 +527,10 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        counts = accelerator.reduce(torch.tensor([float(step_loss), float(tokens)], device=accelerator.device,
-                                                 dtype=torch.float64), reduction="sum")
+        counts = accelerator.reduce(
+            torch.tensor([float(step_loss), float(tokens)], device=accelerator.device, dtype=torch.float64),
+            reduction="sum",
+        )
         state.step += 1
         state.batch_in_epoch += 1
         elapsed = time.perf_counter() - started
@@ -481,13 +543,25 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:.0f}")
         # every process must agree to stop: process 0's clock decides
-        out_of_time = bool(accelerator.reduce(torch.tensor(
-            float(accelerator.is_main_process and time.perf_counter() - run_started >= time_limit),
-            device=accelerator.device), reduction="sum"))
+        out_of_time = bool(
+            accelerator.reduce(
+                torch.tensor(
+                    float(accelerator.is_main_process and time.perf_counter() - run_started >= time_limit),
+                    device=accelerator.device,
+                ),
+                reduction="sum",
+            )
+        )
         last = state.step == config.max_steps or out_of_time
         if accelerator.is_main_process and (state.step % config.log_every == 0 or last):
-            entry = {"step": state.step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "epoch": state.epoch,
-                     "tokens_per_s": tokens_per_s, "tokens": state.train_tokens}
+            entry = {
+                "step": state.step,
+                "loss": loss_value,
+                "lr": scheduler.get_last_lr()[0],
+                "epoch": state.epoch,
+                "tokens_per_s": tokens_per_s,
+                "tokens": state.train_tokens,
+            }
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
             writer.add_scalar("train/loss", loss_value, state.step)
@@ -496,8 +570,9 @@ def run_pretraining(config: PretrainConfig, output_dir: str | Path, overwrite: b
         if state.step % config.eval_every == 0 or last:
             last_eval = validate(f"step {state.step}")
         if state.step % config.save_every == 0 or last:
-            save_checkpoint(output_dir, accelerator, model, optimizer, scheduler, state, config,
-                            config.keep_checkpoints)
+            save_checkpoint(
+                output_dir, accelerator, model, optimizer, scheduler, state, config, config.keep_checkpoints
+            )
         if out_of_time:
             accelerator.print(f"stopping after {config.max_minutes} minutes at step {state.step}")
             break

@@ -23,8 +23,10 @@ def compute_metrics(task: GlueTask, predictions, labels) -> dict[str, float | No
     if task.is_regression:
         if len(labels) < 2 or np.ptp(predictions) == 0 or np.ptp(labels) == 0:
             return {"pearson": None, "spearmanr": None}
-        return {"pearson": _number(pearsonr(predictions, labels)[0]),
-                "spearmanr": _number(spearmanr(predictions, labels)[0])}
+        return {
+            "pearson": _number(pearsonr(predictions, labels)[0]),
+            "spearmanr": _number(spearmanr(predictions, labels)[0]),
+        }
     if task.name == "cola":
         return {"matthews_correlation": _number(matthews_corrcoef(labels, predictions))}
     metrics = {"accuracy": _number(accuracy_score(labels, predictions))}

@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from spikelm.commands.main import UserError
-from spikelm.models.configuration_spikelm import SpikeLMConfig
 from spikelm.conversion.official import bert_to_spikelm_state_dict
+from spikelm.models.configuration_spikelm import SpikeLMConfig
 from spikelm.models.modeling_spikelm import SpikeLMForSequenceClassification
+
 from .tasks import GlueTask
 
 # fields whose change makes a checkpoint's alphas meaningless
@@ -91,9 +92,21 @@ def spikelm_config_from_bert(bert_config, **changes) -> SpikeLMConfig:
     """The SpikeLM of a BERT checkpoint's shape (with ``spiking=False``, the same function as BERT)."""
     if getattr(bert_config, "position_embedding_type", "absolute") != "absolute":
         raise UserError(f"only absolute position embeddings are supported, not {bert_config.position_embedding_type!r}")
-    fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-              "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings", "type_vocab_size",
-              "initializer_range", "layer_norm_eps", "pad_token_id", "hidden_act")
+    fields = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "max_position_embeddings",
+        "type_vocab_size",
+        "initializer_range",
+        "layer_norm_eps",
+        "pad_token_id",
+        "hidden_act",
+    )
     kwargs = {f: getattr(bert_config, f) for f in fields}
     kwargs.update(head_hidden_act=bert_config.hidden_act, block_layer_norm_eps=bert_config.layer_norm_eps)
     kwargs.update(changes)
@@ -124,7 +137,9 @@ def describe_head(config: SpikeLMConfig) -> str:
     arch = (config.architectures or ["a model without a recorded head"])[0]
     if arch != "SpikeLMForSequenceClassification":
         return arch
-    labels = "regression" if config.num_labels == 1 else f"labels {[config.id2label[i] for i in range(config.num_labels)]}"
+    labels = (
+        "regression" if config.num_labels == 1 else f"labels {[config.id2label[i] for i in range(config.num_labels)]}"
+    )
     return f"{arch} for task {config.finetuning_task!r} ({labels})"
 
 
@@ -145,12 +160,19 @@ def _from_bert(path: str, task: GlueTask, changes: dict) -> tuple[SpikeLMForSequ
     neuron_keys = {n + suffix for n, _ in model.neurons() for suffix in (".alpha", ".initialized")}
     stray = [k for k in missing if k not in neuron_keys and not k.startswith("classifier.")]
     if unexpected or stray:
-        raise UserError(f"--model {path}: BERT weights do not fit a SpikeLM of its shape (missing {stray[:5]}, "
-                        f"unexpected {unexpected[:5]})")
-    kind = "the real-valued model (spiking=False)" if not config.spiking else (
-        f"a SpikeLM (T={config.num_steps}, {config.spike_levels} spikes; alphas initialise from the first batch)")
-    what = (f"real-valued BERT-family checkpoint {path} ({config.num_hidden_layers} layers, hidden "
-            f"{config.hidden_size}) loaded into {kind}; new classification head")
+        raise UserError(
+            f"--model {path}: BERT weights do not fit a SpikeLM of its shape (missing {stray[:5]}, "
+            f"unexpected {unexpected[:5]})"
+        )
+    kind = (
+        "the real-valued model (spiking=False)"
+        if not config.spiking
+        else (f"a SpikeLM (T={config.num_steps}, {config.spike_levels} spikes; alphas initialise from the first batch)")
+    )
+    what = (
+        f"real-valued BERT-family checkpoint {path} ({config.num_hidden_layers} layers, hidden "
+        f"{config.hidden_size}) loaded into {kind}; new classification head"
+    )
     return model, what, []
 
 
@@ -180,8 +202,10 @@ def _from_spikelm(name: str, task: GlueTask, changes: dict, eval_only: bool):
         with torch.no_grad():  # a head of the right shape but for another task is not kept either
             model.classifier.weight.normal_(0.0, config.initializer_range)
             model.classifier.bias.zero_()
-        warnings.append(f"the checkpoint's head ({saved_head}) does not fit {_task_head(task)}: "
-                        "it is replaced by a new classification head")
+        warnings.append(
+            f"the checkpoint's head ({saved_head}) does not fit {_task_head(task)}: "
+            "it is replaced by a new classification head"
+        )
         if any(k.startswith("bert.pooler.") for k in info["missing_keys"]):
             warnings.append("the checkpoint has no pooler (an MLM-only model): the pooler is newly initialised")
     if changed:
@@ -192,9 +216,11 @@ def _from_spikelm(name: str, task: GlueTask, changes: dict, eval_only: bool):
             for _, neuron in model.neurons():
                 neuron.reset_alpha()
             warnings.append(f"{what}: weights kept, every alpha re-initialises from the first training batch")
-    encoder_problems = [k for k in [*info["missing_keys"], *info["unexpected_keys"]]
-                        if k.startswith("bert.") and not k.startswith("bert.pooler.")
-                        and not k.endswith((".alpha", ".initialized"))]
+    encoder_problems = [
+        k
+        for k in [*info["missing_keys"], *info["unexpected_keys"]]
+        if k.startswith("bert.") and not k.startswith("bert.pooler.") and not k.endswith((".alpha", ".initialized"))
+    ]
     if encoder_problems:
         raise UserError(f"--model {name}: encoder weights missing or unexpected: {encoder_problems[:5]}")
     return model, f"SpikeLM checkpoint {name} ({saved_head})", warnings
@@ -224,23 +250,30 @@ def load_tokenizer(model_path: str, tokenizer: str | None, warnings: list[str]):
     return load_bert_tokenizer(), "bert-base-uncased (shipped with spikelm)"
 
 
-def load_starting_point(name: str, task: GlueTask, changes: dict | None = None, eval_only: bool = False,
-                        tokenizer: str | None = None) -> StartingPoint:
+def load_starting_point(
+    name: str, task: GlueTask, changes: dict | None = None, eval_only: bool = False, tokenizer: str | None = None
+) -> StartingPoint:
     """The model (with a head for ``task``) and tokenizer a run starts from; ``changes`` are config fields."""
     changes = dict(changes or {})
     model_type, path = _model_type(name)
     if model_type == "bert":
         if eval_only:
-            raise UserError(f"--eval-only needs a fine-tuned SpikeLM; --model {name} is a real-valued BERT "
-                            "checkpoint without a head for this task")
+            raise UserError(
+                f"--eval-only needs a fine-tuned SpikeLM; --model {name} is a real-valued BERT "
+                "checkpoint without a head for this task"
+            )
         model, description, warnings = _from_bert(path, task, changes)
     elif model_type == "spikelm":
         model, description, warnings = _from_spikelm(path, task, changes, eval_only)
     else:
-        raise UserError(f"--model {name}: model_type {model_type!r}; expected a SpikeLM ('spikelm') or a "
-                        f"BERT-family checkpoint ('bert'), or {MINILM_NAME!r}")
+        raise UserError(
+            f"--model {name}: model_type {model_type!r}; expected a SpikeLM ('spikelm') or a "
+            f"BERT-family checkpoint ('bert'), or {MINILM_NAME!r}"
+        )
     tok, tokenizer_source = load_tokenizer(path, tokenizer, warnings)
     if len(tok) > model.config.vocab_size:
-        raise UserError(f"the tokenizer ({tokenizer_source}) has {len(tok)} tokens but the model's vocabulary has "
-                        f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)")
+        raise UserError(
+            f"the tokenizer ({tokenizer_source}) has {len(tok)} tokens but the model's vocabulary has "
+            f"{model.config.vocab_size}; pass the tokenizer the model was trained with (--tokenizer)"
+        )
     return StartingPoint(model, tok, description, tokenizer_source, warnings)

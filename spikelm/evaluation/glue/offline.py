@@ -31,22 +31,32 @@ from __future__ import annotations
 
 import collections
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from spikelm.commands.main import UserError
+from spikelm.data import sources
 from spikelm.data.splits import BBC_TOPICS, BIBLE_MRPC, SplitRule
 from spikelm.outputs import write_json_atomic, write_text_atomic
-from spikelm.data import sources
 
 VITAMINC_PAGES = SplitRule(salt="vitaminc-page", dev=0.05, test=0.05)
 VITAMINC_CLAIMS = SplitRule(salt="vitaminc-claim", dev=0.05, test=0.05)
 MULTIEMO = SplitRule(salt="multiemo-sst2")
 EPISTEMIC = SplitRule(salt="epistemic-rte")
 
-MNLI_COLUMNS = ["index", "promptID", "pairID", "genre", "sentence1_binary_parse", "sentence2_binary_parse",
-                "sentence1_parse", "sentence2_parse", "sentence1", "sentence2"]
+MNLI_COLUMNS = [
+    "index",
+    "promptID",
+    "pairID",
+    "genre",
+    "sentence1_binary_parse",
+    "sentence2_binary_parse",
+    "sentence1_parse",
+    "sentence2_parse",
+    "sentence1",
+    "sentence2",
+]
 
 
 def _unit(text: str) -> float:
@@ -70,8 +80,14 @@ def _write_tsv(path: Path, columns: list[str], rows: list[dict]) -> None:
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
-def _write_split(folder: Path, split: str, rows: list[Row], columns: list[str], label_column: str,
-                 test_columns: list[str] | None = None) -> None:
+def _write_split(
+    folder: Path,
+    split: str,
+    rows: list[Row],
+    columns: list[str],
+    label_column: str,
+    test_columns: list[str] | None = None,
+) -> None:
     """Write a labelled split, or (``test_columns`` given) an unlabelled one plus ``<split>_labels.tsv``."""
     order = sorted(range(len(rows)), key=lambda i: _unit(f"{split}:{i}:{rows[i].label}"))  # no label-sorted files
     rows = [rows[i] for i in order]
@@ -81,8 +97,11 @@ def _write_split(folder: Path, split: str, rows: list[Row], columns: list[str], 
         _write_tsv(folder / f"{split}.tsv", columns, [r.fields for r in rows])
     else:
         _write_tsv(folder / f"{split}.tsv", test_columns, [r.fields for r in rows])
-        _write_tsv(folder / f"{split}_labels.tsv", ["index", "label"],
-                   [{"index": r.fields["index"], "label": r.label} for r in rows])
+        _write_tsv(
+            folder / f"{split}_labels.tsv",
+            ["index", "label"],
+            [{"index": r.fields["index"], "label": r.label} for r in rows],
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,8 +129,15 @@ def build_vitaminc() -> dict[str, list[Row]]:
             held_claim = VITAMINC_CLAIMS.split_of(claim)
             split = "train" if held_claim == "train" else f"{held_claim}_matched"
         label = labels[_bigbench_label(ex)]
-        fields = {"promptID": str(n), "pairID": str(n), "genre": page, "sentence1": evidence, "sentence2": claim,
-                  "label1": label, "gold_label": label}
+        fields = {
+            "promptID": str(n),
+            "pairID": str(n),
+            "genre": page,
+            "sentence1": evidence,
+            "sentence2": claim,
+            "label1": label,
+            "gold_label": label,
+        }
         splits[split].append(Row(fields, label))
     return splits
 
@@ -138,10 +164,11 @@ def build_epistemic_rte() -> dict[str, list[Row]]:
         text = ex["input"]
         if not text.startswith("Premise: ") or " Hypothesis: " not in text:
             raise UserError(f"unexpected epistemic_reasoning input: {text[:80]!r}")
-        premise, hypothesis = text[len("Premise: "):].split(" Hypothesis: ", 1)
+        premise, hypothesis = text[len("Premise: ") :].split(" Hypothesis: ", 1)
         label = labels[_bigbench_label(ex)]
         splits[EPISTEMIC.split_of(text)].append(
-            Row({"sentence1": premise, "sentence2": hypothesis, "label": label}, label))
+            Row({"sentence1": premise, "sentence2": hypothesis, "label": label}, label)
+        )
     return splits
 
 
@@ -172,8 +199,13 @@ def bible_mrpc_pairs(kjv: sources.Verses, web: sources.Verses) -> dict[str, list
                         partner = other
                         break
             label = "1" if partner == key else "0"
-            fields = {"Quality": label, "#1 ID": ref, "#2 ID": reference(partner),
-                      "#1 String": kjv[key], "#2 String": web[partner]}
+            fields = {
+                "Quality": label,
+                "#1 ID": ref,
+                "#2 ID": reference(partner),
+                "#1 String": kjv[key],
+                "#2 String": web[partner],
+            }
             splits[split_of[key]].append(Row(fields, label))
     return splits
 
@@ -205,17 +237,51 @@ _GLUE_SPLITS = {"train": "train", "dev": "dev", "test": "test"}
 OFFLINE_TASKS: dict[str, OfflineTask] = {
     t.name: t
     for t in (
-        OfflineTask("vitaminc", "mnli", build_vitaminc, MNLI_COLUMNS + ["label1", "gold_label"], MNLI_COLUMNS,
-                    "gold_label", {s: s for s in ("train", "dev_matched", "dev_mismatched", "test_matched",
-                                                  "test_mismatched")}),
-        OfflineTask("multiemo-sst2", "sst2", build_multiemo_sst2, ["sentence", "label"], ["index", "sentence"],
-                    "label", _GLUE_SPLITS),
-        OfflineTask("epistemic-rte", "rte", build_epistemic_rte, ["index", "sentence1", "sentence2", "label"],
-                    ["index", "sentence1", "sentence2"], "label", _GLUE_SPLITS),
-        OfflineTask("bible-mrpc", "mrpc", build_bible_mrpc, ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
-                    ["index", "#1 ID", "#2 ID", "#1 String", "#2 String"], "Quality", _GLUE_SPLITS),
-        OfflineTask("bbc-topics", "custom", build_bbc_topics, ["index", "id", "text", "label"],
-                    ["index", "id", "text"], "label", _GLUE_SPLITS),
+        OfflineTask(
+            "vitaminc",
+            "mnli",
+            build_vitaminc,
+            MNLI_COLUMNS + ["label1", "gold_label"],
+            MNLI_COLUMNS,
+            "gold_label",
+            {s: s for s in ("train", "dev_matched", "dev_mismatched", "test_matched", "test_mismatched")},
+        ),
+        OfflineTask(
+            "multiemo-sst2",
+            "sst2",
+            build_multiemo_sst2,
+            ["sentence", "label"],
+            ["index", "sentence"],
+            "label",
+            _GLUE_SPLITS,
+        ),
+        OfflineTask(
+            "epistemic-rte",
+            "rte",
+            build_epistemic_rte,
+            ["index", "sentence1", "sentence2", "label"],
+            ["index", "sentence1", "sentence2"],
+            "label",
+            _GLUE_SPLITS,
+        ),
+        OfflineTask(
+            "bible-mrpc",
+            "mrpc",
+            build_bible_mrpc,
+            ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+            ["index", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+            "Quality",
+            _GLUE_SPLITS,
+        ),
+        OfflineTask(
+            "bbc-topics",
+            "custom",
+            build_bbc_topics,
+            ["index", "id", "text", "label"],
+            ["index", "id", "text"],
+            "label",
+            _GLUE_SPLITS,
+        ),
     )
 }
 
@@ -252,4 +318,3 @@ def format_summary(summary: dict) -> str:
             balance = ", ".join(f"{k} {v} ({100 * v / total:.1f}%)" for k, v in s["labels"].items())
             lines.append(f"{name:<15} {info['analogue']:<7} {split:<16} {total:>8}  {balance}")
     return "\n".join(lines)
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spikelm.commands.main import UserError
+
 from .offline import OFFLINE_TASKS
 from .tasks import TASKS
 
@@ -37,8 +38,10 @@ def resolve_tasks(spec: str) -> list[SuiteTask]:
         elif name in OFFLINE_TASKS:
             tasks.append(SuiteTask(name, OFFLINE_TASKS[name].analogue, name))
         else:
-            raise UserError(f"--tasks: unknown task {name!r}; choose GLUE tasks ({', '.join(TASKS)}), offline tasks "
-                            f"({', '.join(OFFLINE_TASKS)}), 'glue' or 'offline'")
+            raise UserError(
+                f"--tasks: unknown task {name!r}; choose GLUE tasks ({', '.join(TASKS)}), offline tasks "
+                f"({', '.join(OFFLINE_TASKS)}), 'glue' or 'offline'"
+            )
     if not tasks:
         raise UserError("--tasks is empty")
     return tasks
@@ -57,8 +60,12 @@ def task_scores(task: SuiteTask, results: dict | None, which: str = "best") -> l
 
 
 def average(tasks: list[SuiteTask], results: dict, which: str = "best") -> float | None:
-    values = [v for t in tasks if t.layout not in NOT_AVERAGED and t.name not in NOT_AVERAGED
-              for v in task_scores(t, results.get(t.name), which)]
+    values = [
+        v
+        for t in tasks
+        if t.layout not in NOT_AVERAGED and t.name not in NOT_AVERAGED
+        for v in task_scores(t, results.get(t.name), which)
+    ]
     if not values or any(v is None for v in values):
         return None
     return sum(values) / len(values)
@@ -70,8 +77,9 @@ def _cell(values: list[float | None]) -> str:
 
 def markdown_table(tasks: list[SuiteTask], results: dict[str, dict], which: str = "best") -> str:
     """Rows: variants; columns: tasks (x 100, one decimal, as the paper prints), then the average."""
-    header = [f"{t.name} m/mm" if t.layout == "mnli" else f"{t.name} ({METRIC_NAMES[_metric(t.layout)]})"
-              for t in tasks]
+    header = [
+        f"{t.name} m/mm" if t.layout == "mnli" else f"{t.name} ({METRIC_NAMES[_metric(t.layout)]})" for t in tasks
+    ]
     lines = ["| model | T | " + " | ".join(header) + " | avg |", "|---" * (len(tasks) + 3) + "|"]
     for variant, by_task in results.items():
         first = next((r for r in by_task.values() if r), {})

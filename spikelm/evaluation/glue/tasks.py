@@ -54,27 +54,97 @@ TASKS: dict[str, GlueTask] = {
     t.name: t
     for t in (
         # CoLA train/dev: no header; source, label, original label, sentence. test.tsv: "index sentence".
-        GlueTask("cola", "CoLA", (3,), 1, ("0", "1"), ("unacceptable", "acceptable"), "matthews_correlation", 50,
-                 ("sentence",), header=False),
-        GlueTask("sst2", "SST-2", ("sentence",), "label", ("0", "1"), ("negative", "positive"), "accuracy", 10,
-                 ("sentence",)),
-        GlueTask("mrpc", "MRPC", ("#1 String", "#2 String"), "Quality", ("0", "1"),
-                 ("not_equivalent", "equivalent"), "f1", 20, ("sentence1", "sentence2")),
-        GlueTask("qqp", "QQP", ("question1", "question2"), "is_duplicate", ("0", "1"),
-                 ("not_duplicate", "duplicate"), "f1", 5, ("question1", "question2"), id_column="id"),
-        GlueTask("stsb", "STS-B", ("sentence1", "sentence2"), "score", None, None, "pearson", 20,
-                 ("sentence1", "sentence2")),
-        GlueTask("mnli", "MNLI", ("sentence1", "sentence2"), "gold_label", ("entailment", "neutral", "contradiction"),
-                 ("entailment", "neutral", "contradiction"), "accuracy", 5, ("premise", "hypothesis"),
-                 dev_splits=("dev_matched", "dev_mismatched"), test_splits=("test_matched", "test_mismatched"),
-                 submission_labels=True),
-        GlueTask("qnli", "QNLI", ("question", "sentence"), "label", ("entailment", "not_entailment"),
-                 ("entailment", "not_entailment"), "accuracy", 10, ("question", "sentence"), submission_labels=True),
-        GlueTask("rte", "RTE", ("sentence1", "sentence2"), "label", ("entailment", "not_entailment"),
-                 ("entailment", "not_entailment"), "accuracy", 20, ("sentence1", "sentence2"), submission_labels=True),
+        GlueTask(
+            "cola",
+            "CoLA",
+            (3,),
+            1,
+            ("0", "1"),
+            ("unacceptable", "acceptable"),
+            "matthews_correlation",
+            50,
+            ("sentence",),
+            header=False,
+        ),
+        GlueTask(
+            "sst2", "SST-2", ("sentence",), "label", ("0", "1"), ("negative", "positive"), "accuracy", 10, ("sentence",)
+        ),
+        GlueTask(
+            "mrpc",
+            "MRPC",
+            ("#1 String", "#2 String"),
+            "Quality",
+            ("0", "1"),
+            ("not_equivalent", "equivalent"),
+            "f1",
+            20,
+            ("sentence1", "sentence2"),
+        ),
+        GlueTask(
+            "qqp",
+            "QQP",
+            ("question1", "question2"),
+            "is_duplicate",
+            ("0", "1"),
+            ("not_duplicate", "duplicate"),
+            "f1",
+            5,
+            ("question1", "question2"),
+            id_column="id",
+        ),
+        GlueTask(
+            "stsb", "STS-B", ("sentence1", "sentence2"), "score", None, None, "pearson", 20, ("sentence1", "sentence2")
+        ),
+        GlueTask(
+            "mnli",
+            "MNLI",
+            ("sentence1", "sentence2"),
+            "gold_label",
+            ("entailment", "neutral", "contradiction"),
+            ("entailment", "neutral", "contradiction"),
+            "accuracy",
+            5,
+            ("premise", "hypothesis"),
+            dev_splits=("dev_matched", "dev_mismatched"),
+            test_splits=("test_matched", "test_mismatched"),
+            submission_labels=True,
+        ),
+        GlueTask(
+            "qnli",
+            "QNLI",
+            ("question", "sentence"),
+            "label",
+            ("entailment", "not_entailment"),
+            ("entailment", "not_entailment"),
+            "accuracy",
+            10,
+            ("question", "sentence"),
+            submission_labels=True,
+        ),
+        GlueTask(
+            "rte",
+            "RTE",
+            ("sentence1", "sentence2"),
+            "label",
+            ("entailment", "not_entailment"),
+            ("entailment", "not_entailment"),
+            "accuracy",
+            20,
+            ("sentence1", "sentence2"),
+            submission_labels=True,
+        ),
         # WNLI is not in the paper's recipe: 5 epochs is our choice (it has 635 training pairs).
-        GlueTask("wnli", "WNLI", ("sentence1", "sentence2"), "label", ("0", "1"), ("not_entailment", "entailment"),
-                 "accuracy", 5, ("sentence1", "sentence2")),
+        GlueTask(
+            "wnli",
+            "WNLI",
+            ("sentence1", "sentence2"),
+            "label",
+            ("0", "1"),
+            ("not_entailment", "entailment"),
+            "accuracy",
+            5,
+            ("sentence1", "sentence2"),
+        ),
     )
 }
 CUSTOM_EPOCHS = 5  # our choice for a user's own task
@@ -82,9 +152,18 @@ CUSTOM_EPOCHS = 5  # our choice for a user's own task
 
 def custom_task(text_columns: tuple[str, ...], label_column: str, label_names: tuple[str, ...] | None) -> GlueTask:
     """The spec of ``--task custom``: classification over ``label_names``, or regression if None."""
-    return GlueTask("custom", "custom", tuple(text_columns), label_column, label_names, label_names,
-                    "pearson" if label_names is None else "accuracy", CUSTOM_EPOCHS, tuple(text_columns),
-                    id_column=None)
+    return GlueTask(
+        "custom",
+        "custom",
+        tuple(text_columns),
+        label_column,
+        label_names,
+        label_names,
+        "pearson" if label_names is None else "accuracy",
+        CUSTOM_EPOCHS,
+        tuple(text_columns),
+        id_column=None,
+    )
 
 
 def get_task(name: str) -> GlueTask:
@@ -144,7 +223,9 @@ def _parse_label(task: GlueTask, value: str, path: Path, line: int):
         try:
             return float(value)
         except ValueError:
-            raise UserError(f"{path}, line {line}: label {value!r} is not a number (task {task.name} is a regression)") from None
+            raise UserError(
+                f"{path}, line {line}: label {value!r} is not a number (task {task.name} is a regression)"
+            ) from None
     if value not in task.tsv_labels:
         raise UserError(
             f"{path}, line {line}: label {value!r} is not one of task {task.name}'s labels {list(task.tsv_labels)}"
@@ -220,9 +301,15 @@ def load_glue_folder(task: GlueTask, data_dir: str | Path, need_train: bool = Tr
 # ----------------------------------------------------------------------------------------------
 
 HUB_DATASET = "nyu-mll/glue"
-_HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test", "dev_matched": "validation_matched",
-               "dev_mismatched": "validation_mismatched", "test_matched": "test_matched",
-               "test_mismatched": "test_mismatched"}
+_HUB_SPLITS = {
+    "train": "train",
+    "dev": "validation",
+    "test": "test",
+    "dev_matched": "validation_matched",
+    "dev_mismatched": "validation_mismatched",
+    "test_matched": "test_matched",
+    "test_mismatched": "test_mismatched",
+}
 
 
 def examples_from_hub_split(task: GlueTask, split) -> Examples:
@@ -307,8 +394,14 @@ def _custom_examples(path: Path, text_columns, label_column, labelled: bool) -> 
     return Examples(ids, texts, None, str(path)), raw
 
 
-def load_custom(data_dir: str | Path, text_columns: tuple[str, ...], label_column: str, regression: bool,
-                label_names: tuple[str, ...] | None = None, need_train: bool = True) -> TaskData:
+def load_custom(
+    data_dir: str | Path,
+    text_columns: tuple[str, ...],
+    label_column: str,
+    regression: bool,
+    label_names: tuple[str, ...] | None = None,
+    need_train: bool = True,
+) -> TaskData:
     """A user's train/dev(/test) files (TSV, CSV or JSON lines) with named columns.
 
     Classes are the sorted distinct training labels, unless ``label_names`` (a fine-tuned model's)
