@@ -24,7 +24,7 @@ from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutp
 from transformers.utils import ModelOutput
 
 from spikelm.nn.layers import SpikeLinear
-from spikelm.nn.neuron import ElasticBiSpikingNeuron
+from spikelm.nn.neuron import ElasticBiSpikingNeuron, named_neurons
 
 from .configuration_spikelm import SpikeLMConfig
 
@@ -347,7 +347,7 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
 
     def neurons(self):
         """``(name, neuron)`` for every spiking neuron of the model, in forward order."""
-        return [(n, m) for n, m in self.named_modules() if isinstance(m, ElasticBiSpikingNeuron)]
+        return named_neurons(self)
 
     def set_neuron_backend(self, backend: str) -> None:
         """Run every neuron on ``"fused"``/``"auto"`` (default) or ``"reference"`` (per-step) code."""
@@ -359,7 +359,9 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
         return all(neuron.is_initialized() for _, neuron in self.neurons())
 
 
-def _check_inputs(config: SpikeLMConfig, input_ids, inputs_embeds, attention_mask, token_type_ids):
+def check_input_shape(config: SpikeLMConfig, input_ids, inputs_embeds) -> tuple[int, int]:
+    """``(batch, length)`` of exactly one of ``input_ids`` (batch, length) or ``inputs_embeds`` (batch, length,
+    hidden), no longer than ``max_position_embeddings``; ``ValueError`` otherwise (encoder and decoder alike)."""
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("Pass exactly one of input_ids or inputs_embeds")
     ref = input_ids if input_ids is not None else inputs_embeds
@@ -371,6 +373,11 @@ def _check_inputs(config: SpikeLMConfig, input_ids, inputs_embeds, attention_mas
     batch, length = ref.shape[:2]
     if length > config.max_position_embeddings:
         raise ValueError(f"sequence length {length} exceeds max_position_embeddings={config.max_position_embeddings}")
+    return batch, length
+
+
+def _check_inputs(config: SpikeLMConfig, input_ids, inputs_embeds, attention_mask, token_type_ids):
+    batch, length = check_input_shape(config, input_ids, inputs_embeds)
     for name, tensor in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
         if tensor is not None and tuple(tensor.shape) != (batch, length):
             raise ValueError(f"{name} must have shape {(batch, length)} like the input; got {tuple(tensor.shape)}")

@@ -30,7 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from spikelm.nn.neuron import ALPHA_FLOOR
 
 from .configuration_spikelm import SpikeLMConfig
-from .modeling_spikelm import SpikeLMPreTrainedModel, _check_inputs, make_linear, make_respike
+from .modeling_spikelm import SpikeLMPreTrainedModel, check_input_shape, make_linear, make_respike
 
 # ----------------------------------------------------------------------------------------------
 # Positions and masks
@@ -243,8 +243,7 @@ class SpikeLMCausalPreTrainedModel(SpikeLMPreTrainedModel):
 
 
 def _check_decoder_inputs(config, input_ids, inputs_embeds, attention_mask, past_length):
-    _check_inputs(config, input_ids, inputs_embeds, None, None)  # one of ids/embeds, their shapes
-    batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+    batch, length = check_input_shape(config, input_ids, inputs_embeds)
     if past_length + length > config.max_position_embeddings:
         raise ValueError(
             f"sequence length {past_length + length} ({past_length} cached + {length} new tokens) exceeds the "

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .neuron import LEAK, OUTSIDE
+from ._constants import LEAK, OUTSIDE
 
 if os.environ.get("TRITON_INTERPRET") == "1":
 

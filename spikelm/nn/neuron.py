@@ -10,7 +10,7 @@ Two implementations of the same maths live here:
 * :class:`MultiStepSpike` -- the whole time loop in one autograd function that keeps only int8
   codes (spike sign plus the straight-through window) for backward. Its loop runs as plain
   PyTorch ops, through torch.compile (one vectorised pass on CPU) or as a Triton kernel on CUDA
-  (``neuron_triton.py``); every kernel gives the reference path's spikes bit for bit.
+  (``kernels_triton.py``); every kernel gives the reference path's spikes bit for bit.
 
 Amplitudes are set from the first batch a neuron sees (``alpha_t = 2 * mean|u_t|``), sequentially
 over the steps, with the statistic summed across processes under data parallelism.
@@ -24,18 +24,14 @@ from numbers import Real
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
+
+from ._constants import ALPHA_FLOOR, LEAK, OUTSIDE
 
 SPIKE_LEVELS = ("ternary", "binary")
 RESETS = ("official", "symmetric")
 BACKENDS = ("auto", "fused", "compiled", "triton", "reference")
-
-ALPHA_FLOOR = 1e-5  # alpha is floored here where it divides or scales; the stored value is untouched
-LEAK = 0.25  # membrane decay of the released code
-
-# int8 codes saved for backward: the spike q in {-1, 0, 1}, plus OUTSIDE when the straight-through
-# window |u / alpha| <= 1 is left (no gradient passes there).
-OUTSIDE = 4
 
 
 def check_neuron_options(
@@ -119,6 +115,29 @@ class _SpikeStep(torch.autograd.Function):
         return grad_u, grad_alpha, None, None
 
 
+def membrane_update(u: torch.Tensor | None, carry: torch.Tensor | None, x_t: torch.Tensor) -> torch.Tensor:
+    """The membrane potential u_t: ``x_t`` at the first step (``u`` None), else ``(LEAK * u_{t-1}) * carry + x_t``.
+
+    ``carry`` is what the previous step's spike left (:func:`_carry`). Every PyTorch path (the reference
+    loop, alpha initialisation, the fused loop) updates the membrane here; the Triton kernels are tested
+    against it.
+    """
+    return x_t if u is None else (u * LEAK) * carry + x_t
+
+
+def reference_step(u: torch.Tensor, alpha_t: torch.Tensor, spike_levels: str, reset: str, use_amplitude: bool):
+    """One step of the readable path on the membrane potential ``u``: ``(spike, carry for the next step)``.
+
+    The spike is recorded by autograd (straight-through and LSQ gradients); the carry is a constant.
+    """
+    low = _levels_low(spike_levels)
+    s = _SpikeStep.apply(u, alpha_t, low, use_amplitude)
+    with torch.no_grad():
+        q = torch.round(u / alpha_t).clamp_(low, 1)
+        carry = _carry(alpha_t.detach(), q, spike_levels, reset)
+    return s, carry
+
+
 def reference_multistep_spike(
     x: torch.Tensor,
     alpha: torch.Tensor,
@@ -132,19 +151,11 @@ def reference_multistep_spike(
     ``alpha`` must already be floored (see :data:`ALPHA_FLOOR`). With ``membrane=False`` every
     step is spiked on its own (the K/V re-spiking of SPEC section 3).
     """
-    low = _levels_low(spike_levels)
     spikes = []
     u = carry = None
     for t in range(x.shape[0]):
-        alpha_t = alpha[t]
-        if t == 0 or not membrane:
-            u = x[t]
-        else:
-            u = (u * LEAK) * carry + x[t]
-        s = _SpikeStep.apply(u, alpha_t, low, use_amplitude)
-        with torch.no_grad():
-            q = s / alpha_t if use_amplitude else s
-            carry = _carry(alpha_t.detach(), q, spike_levels, reset)
+        u = membrane_update(u if membrane else None, carry, x[t])
+        s, carry = reference_step(u, alpha[t], spike_levels, reset, use_amplitude)
         spikes.append(s)
     return torch.stack(spikes)
 
@@ -156,7 +167,7 @@ def reference_multistep_spike(
 # path's float32 arithmetic. Run as they are (kernel "fused") each step is a few PyTorch ops; through
 # torch.compile (kernel "compiled", the CPU default for large inputs) the loop becomes one
 # vectorised pass over the elements with the membrane in registers; on CUDA a Triton kernel
-# (spikelm/neuron_triton.py) does the same.
+# (kernels_triton.py) does the same.
 # ----------------------------------------------------------------------------------------------
 
 
@@ -179,7 +190,7 @@ def spike_steps(x, alpha, spike_levels, reset, use_amplitude, membrane, keep_cod
     for t in range(x.shape[0]):
         alpha_t = alpha[t].to(dtype)
         xt = x[t].to(dtype)
-        u = xt if t == 0 or not membrane else (u * LEAK) * carry + xt
+        u = membrane_update(u if membrane else None, carry, xt)
         ratio = u / alpha_t
         q = torch.round(ratio).clamp(low, 1)
         spikes.append((q * alpha_t if use_amplitude else q).to(x.dtype))
@@ -347,7 +358,9 @@ def count_spikes(spikes: torch.Tensor) -> torch.Tensor:
 
 
 class MultiStepSpike(torch.autograd.Function):
-    """``spikes, counts = MultiStepSpike.apply(x, alpha, spike_levels, reset, use_amplitude, membrane, count[, backend])``.
+    """The fused neuron as one autograd function.
+
+    ``spikes, counts = MultiStepSpike.apply(x, alpha, spike_levels, reset, use_amplitude, membrane, count[, backend])``
 
     ``counts`` is a (T, 2) tensor of positive/negative spike counts (empty unless ``count``).
     Saves int8 codes (and u/alpha only when alpha learns). ``backend`` is "auto" (default),
@@ -384,6 +397,64 @@ class MultiStepSpike(torch.autograd.Function):
         if grad_alpha is not None:
             grad_alpha = grad_alpha.to(alpha.dtype)
         return (grad_x, grad_alpha) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+class SpikeLinearFunction(torch.autograd.Function):
+    """Neuron then ``F.linear`` in one autograd node.
+
+    Only the int8 spike codes are kept for backward (the float spikes that ``F.linear`` would save
+    are rebuilt from them in the same pass that computes the input gradient), so the layer's saved
+    state is a quarter of a float32 copy of its input.
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, weight, bias, spike_levels, reset, use_amplitude, membrane, count, backend="auto"):
+        kernel = choose_kernel(x, backend)
+        spikes, codes, ratio = fused_spike_forward(
+            x, alpha, spike_levels, reset, use_amplitude, membrane, True, alpha.requires_grad, kernel
+        )
+        y = F.linear(spikes, weight, bias)
+        ctx.save_for_backward(codes, alpha, ratio, weight)
+        ctx.options = (spike_levels, reset, use_amplitude, membrane)
+        ctx.kernel = kernel
+        ctx.x_dtype = x.dtype
+        ctx.has_bias = bias is not None
+        counts = count_spikes(spikes) if count else torch.zeros(0, 2, dtype=torch.int64, device=x.device)
+        ctx.mark_non_differentiable(counts)
+        return y, counts
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_counts):
+        codes, alpha, ratio, weight = ctx.saved_tensors
+        spike_levels, reset, use_amplitude, membrane = ctx.options
+        need_x, need_alpha, need_weight, need_bias = ctx.needs_input_grad[:4]
+        grad_x = grad_alpha = grad_weight = grad_bias = spikes = None
+        if need_x or need_alpha:
+            grad_s = grad_y.matmul(weight.to(grad_y.dtype))
+            grad_x, grad_alpha, spikes = fused_spike_backward(
+                grad_s,
+                codes,
+                ratio,
+                alpha,
+                spike_levels,
+                reset,
+                use_amplitude,
+                membrane,
+                alpha_grad=need_alpha,
+                grad_dtype=ctx.x_dtype,
+                spike_dtype=grad_y.dtype if need_weight else None,
+                kernel=ctx.kernel,
+            )
+            if grad_alpha is not None:
+                grad_alpha = grad_alpha.to(alpha.dtype)
+        flat_grad = grad_y.reshape(-1, grad_y.shape[-1])
+        if need_weight:
+            if spikes is None:
+                spikes = decode_spikes(codes, alpha, use_amplitude, grad_y.dtype)
+            grad_weight = flat_grad.t().mm(spikes.reshape(-1, spikes.shape[-1])).to(weight.dtype)
+        if ctx.has_bias and need_bias:
+            grad_bias = flat_grad.sum(0).to(weight.dtype)
+        return grad_x, grad_alpha, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,12 +629,10 @@ class ElasticBiSpikingNeuron(nn.Module):
         every step, so every process ends with the same alpha (that of the global batch).
         """
         self._check_input(x)
-        low = _levels_low(self.spike_levels)
         alpha = self.alpha.detach().clone()
         u = carry = None
         for t in range(self.num_steps):
-            xt = x[t].float()
-            u = xt if t == 0 or not self.membrane else (u * LEAK) * carry + xt
+            u = membrane_update(u if self.membrane else None, carry, x[t].float())
             if _data_parallel():
                 local = torch.stack(
                     [
@@ -576,32 +645,62 @@ class ElasticBiSpikingNeuron(nn.Module):
             else:
                 # the authors' float32 statistic, bit for bit
                 alpha[t] = 2 * u.abs().mean()
-            alpha_t = alpha[t].clamp_min(ALPHA_FLOOR)
-            q = torch.round(u / alpha_t).clamp_(low, 1)
-            carry = _carry(alpha_t, q, self.spike_levels, self.reset)
+            _, carry = reference_step(u, alpha[t].clamp_min(ALPHA_FLOOR), self.spike_levels, self.reset, True)
         self.alpha.copy_(alpha)
         self.initialized.fill_(True)
         self._known_initialized = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``F.linear(self(x), weight, bias)``; on the fused backends in one autograd node that saves int8 codes
+        (not the spikes). On ``"reference"`` it is exactly that: the module is called, so its hooks see the spikes."""
+        if self.backend == "reference":
+            return F.linear(self(x), weight, bias)
+        return self._run(x, weight, bias)
+
+    def _run(self, x, weight=None, bias=None):
+        """The one dispatch: spikes of ``x`` (then ``F.linear`` if ``weight`` is given) on ``self.backend``."""
         self._check_input(x)
         if not self.is_initialized():
             self.initialize_alpha(x)
         alpha = self.alpha.clamp_min(ALPHA_FLOOR)
         options = (self.spike_levels, self.reset, self.use_amplitude, self.membrane)
-        if self.backend == "reference":
-            spikes = reference_multistep_spike(x, alpha, *options)
-            counts = count_spikes(spikes) if self.record_stats else None
-        elif torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad):
-            spikes, counts = MultiStepSpike.apply(x, alpha, *options, self.record_stats, self.backend)
+        linear = weight is not None
+        params = (alpha, weight, bias) if linear else (alpha,)
+        counts = None
+        if self.backend == "reference":  # (linear() never gets here: it calls the module)
+            out = reference_multistep_spike(x, alpha, *options)
+            if self.record_stats:
+                counts = count_spikes(out)
+        elif torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+            if linear:
+                out, counts = SpikeLinearFunction.apply(
+                    x, alpha, weight, bias, *options, self.record_stats, self.backend
+                )
+            else:
+                out, counts = MultiStepSpike.apply(x, alpha, *options, self.record_stats, self.backend)
         else:  # no backward: nothing to save
-            spikes, _, _ = fused_spike_forward(x, alpha, *options, False, False, choose_kernel(x, self.backend))
-            counts = count_spikes(spikes) if self.record_stats else None
+            out, _, _ = fused_spike_forward(x, alpha, *options, False, False, choose_kernel(x, self.backend))
+            if self.record_stats:
+                counts = count_spikes(out)
+            if linear:
+                out = F.linear(out, weight, bias)
         if self.record_stats:
             self._record(counts, x)
-        return spikes
+        return out
 
     def _record(self, counts: torch.Tensor, x: torch.Tensor) -> None:
         if self.stats is None:
             self.stats = SpikeStats(self.num_steps, device=x.device)
         self.stats.add(counts, x[0].numel())
+
+
+def named_neurons(model: nn.Module) -> list[tuple[str, ElasticBiSpikingNeuron]]:
+    """``(name, neuron)`` for every spiking neuron of ``model``, in module (forward) order.
+
+    The one way to list neurons: a SpikeLM model's ``neurons()``, the spike statistics, the firing-rate
+    monitor and the energy counter use it.
+    """
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, ElasticBiSpikingNeuron)]

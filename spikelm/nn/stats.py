@@ -6,11 +6,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .neuron import ElasticBiSpikingNeuron
-
-
-def _neurons(model: nn.Module):
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, ElasticBiSpikingNeuron)]
+from .neuron import named_neurons
 
 
 @contextmanager
@@ -19,7 +15,7 @@ def record_spike_stats(model: nn.Module):
 
     Counts start from zero on entry and stay readable after exit via :func:`collect_spike_stats`.
     """
-    neurons = _neurons(model)
+    neurons = named_neurons(model)
     previous = [n.record_stats for _, n in neurons]
     for _, neuron in neurons:
         neuron.reset_stats()
@@ -27,7 +23,7 @@ def record_spike_stats(model: nn.Module):
     try:
         yield model
     finally:
-        for (_, neuron), flag in zip(neurons, previous):
+        for (_, neuron), flag in zip(neurons, previous, strict=True):
             neuron.record_stats = flag
 
 
@@ -38,7 +34,7 @@ def collect_spike_stats(model: nn.Module) -> dict[str, dict]:
     K/V re-spiking neurons are ``...attention.self.key_spike`` / ``value_spike``.
     """
     out = {}
-    for name, neuron in _neurons(model):
+    for name, neuron in named_neurons(model):
         if neuron.stats is None:
             continue
         entry = neuron.stats.as_dict()

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from spikelm.nn.neuron import ElasticBiSpikingNeuron
+from spikelm.nn.neuron import named_neurons
 from spikelm.nn.stats import record_spike_stats
 
 
@@ -45,7 +45,7 @@ class FiringRateMonitor:
         self.model = model
         self.writer = writer
         self.every = every
-        self.neurons = [(n, m) for n, m in model.named_modules() if isinstance(m, ElasticBiSpikingNeuron)]
+        self.neurons = named_neurons(model)
         self.latest: dict | None = None
         self._pending = []  # (step, neuron names, (neurons, 3, T) counts on the host, CUDA event or None)
 
@@ -96,7 +96,7 @@ class FiringRateMonitor:
             "positive": (positive.sum() / slots.sum()).item(),
             "negative": (negative.sum() / slots.sum()).item(),
             "per_step": (spikes.sum(0) / slots.sum(0)).tolist(),
-            "per_neuron": dict(zip(names, per_neuron.tolist())),
+            "per_neuron": dict(zip(names, per_neuron.tolist(), strict=True)),
         }
         if self.writer is not None:
             for key in ("mean", "positive", "negative"):
