@@ -129,7 +129,8 @@ def main() -> None:
     writer.close()
 
     results = {
-        "benchmark": "FiringRateMonitor overhead on a tiny SpikeLM masked-LM training step (forward + backward + AdamW)",
+        "benchmark": "FiringRateMonitor overhead on a tiny SpikeLM masked-LM training step "
+        "(forward + backward + AdamW)",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

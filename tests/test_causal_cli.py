@@ -116,7 +116,7 @@ def test_generate_command_prints_what_generate_returns(model_dir, capsys, tmp_pa
     assert code == 0
     written = json.loads((tmp_path / "gen" / "generations.json").read_text())["generations"]
     model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
-    for prompt, record in zip(prompts, written):
+    for prompt, record in zip(prompts, written, strict=True):
         ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
         expected = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, ids.shape[1] :]
         assert record["continuation"] == tokenizer.decode(expected, skip_special_tokens=True)

@@ -150,7 +150,7 @@ def test_counts_agree_with_the_neurons_own_counters():
     assert set(counter.neurons) == set(fused) == {name for name, _ in model.neurons()}
     for name, stats in fused.items():
         assert counter.neurons[name].positive.tolist() == [
-            round(r * s) for r, s in zip(stats["positive_rate"], stats["slots"])
+            round(r * s) for r, s in zip(stats["positive_rate"], stats["slots"], strict=True)
         ]
         assert counter.neurons[name].slots.tolist() == stats["slots"]
     for name, product in counter.products.items():
@@ -166,7 +166,7 @@ def test_counts_agree_with_the_neurons_own_counters():
 
 def test_padded_batch_counts_only_real_tokens():
     """A padded batch counts exactly what its examples count one by one without padding."""
-    from spikelm.commands.energy import padded_batches
+    from spikelm.evaluation.energy_report import padded_batches
 
     tokenizer = load_bert_tokenizer()
     model = SpikeLMModel(tiny_config(vocab_size=tokenizer.vocab_size, num_steps=2)).eval()

@@ -12,7 +12,8 @@ from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score
 
 from spikelm import SpikeLMForPreTraining
-from spikelm.commands.main import UserError, main
+from spikelm.commands.main import main
+from spikelm.errors import UserError
 from spikelm.evaluation.glue.models import load_starting_point
 from spikelm.evaluation.glue.tasks import get_task
 

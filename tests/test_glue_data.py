@@ -9,8 +9,8 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-from spikelm.commands.main import UserError
 from spikelm.data.splits import BBC_TOPICS, BIBLE_MRPC
+from spikelm.errors import UserError
 from spikelm.evaluation.glue import offline
 from spikelm.evaluation.glue.metrics import compute_metrics
 from spikelm.evaluation.glue.report import average, markdown_table, resolve_tasks

@@ -12,7 +12,7 @@ LEGACY = FIXTURES / "legacy"
 def test_saved_causal_model_loads_with_the_same_logits():
     from transformers import AutoModelForCausalLM
 
-    import spikelm  # noqa: F401  (registers model_type "spikelm")
+    import spikelm.models  # noqa: F401  (registers model_type "spikelm")
 
     model = AutoModelForCausalLM.from_pretrained(LEGACY / "causal_model").eval()
     assert type(model).__name__ == "SpikeLMForCausalLM"

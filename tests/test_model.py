@@ -80,13 +80,13 @@ def test_spiking_false_matches_transformers_bert():
         b = bert(**batch, output_hidden_states=True)
         o = ours(**batch, output_hidden_states=True)
         bm = BertModel(bert.config).eval()
-        bm.load_state_dict(bert.bert.state_dict(), strict=False)
+        bm.load_state_dict(bert.bert.state_dict(), strict=True)
         om = SpikeLMModel(ours.config).eval()
         om.load_state_dict(bert_to_spikelm_state_dict(bm.state_dict(), prefix=""), strict=True)
         bo, oo = bm(**batch), om(**batch)
     torch.testing.assert_close(o.prediction_logits, b.prediction_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(o.seq_relationship_logits, b.seq_relationship_logits, atol=1e-5, rtol=1e-5)
-    for x, y in zip(o.hidden_states, b.hidden_states):
+    for x, y in zip(o.hidden_states, b.hidden_states, strict=True):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(oo.last_hidden_state, bo.last_hidden_state, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(oo.pooler_output, bo.pooler_output, atol=1e-5, rtol=1e-5)
@@ -246,7 +246,7 @@ def test_fused_and_reference_model_agree_with_gradients():
     torch.testing.assert_close(lf, lr, atol=1e-5, rtol=1e-5)
     lf.backward()
     lr.backward()
-    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+    for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
         if p.grad is not None:
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=n)
 
@@ -338,7 +338,7 @@ def test_save_load_roundtrip_with_auto_classes(tmp_path, cls, auto):
     loaded = auto.from_pretrained(tmp_path).eval()
     assert type(loaded) is cls
     assert loaded.alphas_initialized
-    for (_, a), (_, b) in zip(model.neurons(), loaded.neurons()):
+    for (_, a), (_, b) in zip(model.neurons(), loaded.neurons(), strict=True):
         assert torch.equal(a.alpha, b.alpha) and b.alpha.requires_grad
     with torch.no_grad():
         out = loaded(**batch)

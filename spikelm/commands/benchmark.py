@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from .main import UserError, add_output_dir
+from spikelm.errors import UserError
+
+from .main import add_output_dir
 
 
 def register(sub) -> None:

@@ -31,9 +31,8 @@ def register_data(sub) -> None:
 
 def run(args) -> int:
     from spikelm.data.brown import TEXT_FILE, brown_text, fetch_brown
+    from spikelm.errors import UserError
     from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
-
-    from .main import UserError
 
     if args.every < 1:
         raise UserError(f"--every must be at least 1, got {args.every}")

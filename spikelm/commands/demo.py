@@ -70,7 +70,7 @@ def step_pretrain(args, context: dict) -> None:
         eval_every=10**9,
         save_every=10**9,
     )
-    result = run_pretraining(config, context["output_dir"] / "pretrain", overwrite=True)
+    result = run_pretraining(config, context["output_dir"] / "pretrain", overwrite=True, log=print)
     m = result.metrics
     start, end = m["initial_validation"], m["final_validation"]
     print(
@@ -101,7 +101,7 @@ def step_spikes(args, context: dict) -> None:
     print(f"{'neuron':<52} {'alpha per step':<30} firing rate per step (+/-)")
     for name, s in collect_spike_stats(model).items():
         alpha = " ".join(f"{a:.3f}" for a in s["alpha"])
-        rates = " ".join(f"{p:.2f}/{n:.2f}" for p, n in zip(s["positive_rate"], s["negative_rate"]))
+        rates = " ".join(f"{p:.2f}/{n:.2f}" for p, n in zip(s["positive_rate"], s["negative_rate"], strict=True))
         print(f"{name.removeprefix('bert.encoder.'):<52} {alpha:<30} {rates}")
 
 
@@ -131,6 +131,7 @@ def step_finetune(args, context: dict) -> None:
         settings=settings,
         custom=CustomColumns(("text",), "label"),
         overwrite=True,
+        log=print,
     )
     majority = max(summary["dev"]["labels"].values()) / summary["dev"]["examples"]
     best, last = result["best"], result["last"]
@@ -147,10 +148,8 @@ def step_energy(args, context: dict) -> None:
     from spikelm import SpikeLMForSequenceClassification
     from spikelm.data.tokenization import load_tokenizer, sample_text_path
     from spikelm.evaluation.energy import measure_energy
-    from spikelm.evaluation.energy_report import write_energy_report
+    from spikelm.evaluation.energy_report import pack_windows, padded_batches, write_energy_report
     from spikelm.outputs import write_json_atomic
-
-    from .energy import pack_windows, padded_batches
 
     model_dir = context.get("finetuned_dir", context["model_dir"])
     model = SpikeLMForSequenceClassification.from_pretrained(model_dir).eval()

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spikelm.evaluation.energy import E_AC_PJ, E_MAC_PJ
+from spikelm.errors import UserError
 
-from .main import UserError, add_output_dir
+from .main import add_output_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
 def register(sub) -> None:
+    from spikelm.evaluation.energy_constants import E_AC_PJ, E_MAC_PJ
+
     p = sub.add_parser(
         "energy",
         help="count ACs/MACs from the spikes a model emits on real text and estimate its energy",
@@ -55,7 +57,7 @@ def load_config(path: str | Path):
     """The :class:`~spikelm.SpikeLMConfig` of the model saved in ``path`` (no weights read)."""
     from transformers import AutoConfig
 
-    import spikelm  # noqa: F401  (registers model_type "spikelm")
+    import spikelm.models  # noqa: F401  (registers model_type "spikelm")
 
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -92,34 +94,6 @@ def load_tokenizer(model_dir: Path, vocab_size: int):
     return tokenizer
 
 
-def pack_windows(text: str, tokenizer, max_length: int) -> list[list[int]]:
-    """Token ids of ``text`` cut into full windows of ``max_length`` tokens, special tokens included.
-
-    Each window is wrapped in the tokenizer's own single-sequence template (``[CLS] ... [SEP]`` for BERT).
-    """
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    wrapped = tokenizer("a", add_special_tokens=True)["input_ids"]
-    start = next(i for i in range(len(wrapped)) if wrapped[i : i + len(plain)] == plain)
-    prefix, suffix = wrapped[:start], wrapped[start + len(plain) :]
-    body = max_length - len(prefix) - len(suffix)
-    if body < 1:
-        raise UserError(f"--max-length {max_length} leaves no room for text after the special tokens")
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return [prefix + ids[i : i + body] + suffix for i in range(0, len(ids) - body + 1, body)]
-
-
-def padded_batches(features: list[dict], tokenizer, batch_size: int):
-    """Batches of model inputs, each padded to its longest example, with an ``attention_mask``.
-
-    Batches of equal-length examples (the text windows) are not padded, so a tokenizer without a
-    padding token (GPT-2's) serves them too.
-    """
-    for start in range(0, len(features), batch_size):
-        chunk = features[start : start + batch_size]
-        ragged = len({len(f["input_ids"]) for f in chunk}) > 1
-        yield dict(tokenizer.pad(chunk, padding="longest" if ragged else False, return_tensors="pt"))
-
-
 def text_features(text_file: Path, tokenizer, max_length: int) -> tuple[list[dict], str]:
     """Full windows of ``max_length`` tokens from a text file, and a description of them."""
     if not text_file.is_file():
@@ -130,6 +104,8 @@ def text_features(text_file: Path, tokenizer, max_length: int) -> tuple[list[dic
         raise UserError(f"--text-file {text_file} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not text.strip():
         raise UserError(f"--text-file {text_file} is empty: give a file with text to tokenize")
+    from spikelm.evaluation.energy_report import pack_windows
+
     windows = pack_windows(text, tokenizer, max_length)
     if not windows:
         n_tokens = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
@@ -164,7 +140,7 @@ def run(args) -> int:
     from tqdm import tqdm
 
     from spikelm.evaluation.energy import EnergyConstants, measure_energy
-    from spikelm.evaluation.energy_report import write_energy_report
+    from spikelm.evaluation.energy_report import padded_batches, write_energy_report
     from spikelm.outputs import prepare_output_dir, write_json_atomic
 
     for flag, value in (
@@ -234,7 +210,8 @@ def run(args) -> int:
             f"SNN: {summary['snn_mJ_per_sequence']:.4f} mJ per sequence ({summary['acs'] / 1e9:.4g} G ACs + "
             f"{summary['macs'] / 1e6:.4g} M MACs); ANN: {summary['ann_mJ_per_sequence']:.4f} mJ "
             f"({summary['ann_macs'] / 1e9:.4g} G MACs); ratio ANN/SNN {summary['ratio']:.2f}; mean firing rate "
-            f"{summary['mean_firing_rate']:.4f} (per step {' '.join(f'{r:.3f}' for r in summary['firing_rate_per_step'])})"
+            f"{summary['mean_firing_rate']:.4f} (per step "
+            f"{' '.join(f'{r:.3f}' for r in summary['firing_rate_per_step'])})"
         )
     else:
         print(

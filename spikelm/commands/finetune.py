@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from .main import UserError, add_output_dir
+from spikelm.errors import UserError
+
+from .main import add_output_dir
 
 TASK_HELP = (
     "GLUE layouts read from --data-dir (train.tsv, dev.tsv, optional test.tsv, headers as in the GLUE "
@@ -139,5 +141,6 @@ def run(args) -> int:
         custom,
         args.eval_only,
         args.overwrite,
+        log=print,
     )
     return 0

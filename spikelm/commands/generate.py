@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .main import UserError, add_output_dir
+from spikelm.errors import UserError
+
+from .main import add_output_dir
 
 
 def register(sub) -> None:
@@ -104,7 +106,7 @@ def run(args) -> int:
     seconds = time.perf_counter() - start
 
     results = []
-    for prompt, row in zip(args.prompt, output[:, width:]):
+    for prompt, row in zip(args.prompt, output[:, width:], strict=True):
         new = row.tolist()
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new:
             new = new[: new.index(tokenizer.eos_token_id) + 1]

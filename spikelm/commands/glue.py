@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from spikelm.errors import UserError
+
 from .finetune import add_recipe_arguments, settings_from_args
-from .main import UserError, add_output_dir
+from .main import add_output_dir
 
 
 def register(sub) -> None:
@@ -89,6 +91,7 @@ def run(args) -> int:
                 CustomColumns(),
                 args.eval_only,
                 args.overwrite,
+                log=print,
             )
             write_json_atomic(
                 out / "glue_results.json", {"model": args.model, "tasks": [t.name for t in tasks], "results": results}

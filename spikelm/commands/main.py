@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from spikelm.errors import UserError
+
 # modules under spikelm.commands, each adding one or more subcommands
 COMMANDS = (
     "benchmark",
@@ -20,10 +22,6 @@ COMMANDS = (
     "pretrain",
     "reproduce",
 )
-
-
-class UserError(Exception):
-    """An error caused by the command's input: printed as one line, exit status 2."""
 
 
 def add_output_dir(parser: argparse.ArgumentParser, required: bool = True) -> None:

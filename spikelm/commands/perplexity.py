@@ -34,6 +34,7 @@ def run(args) -> int:
 
     import torch
 
+    from spikelm.errors import UserError
     from spikelm.evaluation.perplexity import (
         load_causal_lm,
         load_tokenizer,
@@ -43,8 +44,6 @@ def run(args) -> int:
         unigram_perplexity,
     )
     from spikelm.outputs import prepare_output_dir, write_json_atomic
-
-    from .main import UserError
 
     text = read_text(args.text_file)
     model = load_causal_lm(args.model)

@@ -71,7 +71,7 @@ def run(args) -> int:
         max_steps=args.max_steps,
     )
     result = run_pretraining(
-        config, args.output_dir, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress
+        config, args.output_dir, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress, log=print
     )
     m = result.metrics
     start, end = m["initial_validation"], m["final_validation"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .main import UserError, add_output_dir
+from spikelm.errors import UserError
+
+from .main import add_output_dir
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -116,7 +118,7 @@ def run(args) -> int:
     if args.report_only:
         if not (Path(args.output_dir) / "data" / "summary.json").is_file():
             raise UserError(f"--report-only: {args.output_dir} holds no `spikelm reproduce` run")
-        print(markdown(write_report(Path(args.output_dir), args.doc, args.doc_block)))
+        print(markdown(write_report(Path(args.output_dir), list(VARIANTS), args.doc, args.doc_block)))
         return 0
     if args.suite is None:
         raise UserError("--suite is required: the offline suite built by `spikelm data prepare-glue-offline`")
@@ -168,6 +170,7 @@ def run(args) -> int:
         args.overwrite,
         args.doc,
         doc_block=args.doc_block,
+        log=print,
     )
     print(f"{len(rows)} row(s) in {args.output_dir}/rows; report: {args.output_dir}/report/results.md")
     return 0

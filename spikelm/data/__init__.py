@@ -1,1 +1,1 @@
-"""Data: tokenized corpora, pretraining objectives, labelled tasks."""
+"""Data: fetched sources, pretraining corpora and their splits, pretraining objectives, tokenizers."""

@@ -400,7 +400,7 @@ def corpus_report(corpus, tokenizer=None) -> dict:
         for start in range(0, len(ds), 256):
             batch = ds[start : start + 256]
             ids = tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
-            for text, source, tok in zip(batch["text"], batch["source"], ids):
+            for text, source, tok in zip(batch["text"], batch["source"], ids, strict=True):
                 docs[source] += 1
                 words[source] += len(text.split())
                 tokens[source] += len(tok)

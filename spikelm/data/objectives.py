@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 OBJECTIVES = ("mlm-nsp", "mlm", "clm")
 IGNORE_INDEX = -100
@@ -257,6 +260,8 @@ class Batcher:
         self.special_ids = np.array(sorted(tokenizer.all_special_ids), dtype=np.int64)
 
     def __call__(self, examples: Examples, indices: np.ndarray, epoch: int) -> dict[str, torch.Tensor]:
+        import torch
+
         ids = examples.input_ids[indices]
         batch = {"input_ids": ids, "attention_mask": examples.attention_mask[indices]}
         if self.objective == "clm":

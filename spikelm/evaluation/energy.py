@@ -39,10 +39,9 @@ import torch
 from torch import nn
 
 from spikelm.nn.layers import SpikeLinear
-from spikelm.nn.neuron import ElasticBiSpikingNeuron
+from spikelm.nn.neuron import ElasticBiSpikingNeuron, named_neurons
 
-E_AC_PJ = 0.9  # one 32-bit floating-point addition, 45 nm (Horowitz, ISSCC 2014)
-E_MAC_PJ = 4.6  # one 32-bit floating-point multiply-accumulate, 45 nm
+from .energy_constants import DEFAULT_CONSTANTS, EnergyConstants
 
 FORMULA = "E = E_AC x ACs + E_MAC x MACs"
 CONVENTION = (
@@ -54,23 +53,6 @@ CONVENTION = (
 )
 ELEMENTWISE_OPS = ("softmax", "score_scaling", "layernorm", "activation")
 _ACTIVATIONS = (nn.GELU, nn.ReLU, nn.Tanh, nn.SiLU, nn.Sigmoid, nn.Softmax)
-
-
-@dataclass(frozen=True)
-class EnergyConstants:
-    """Energy per operation in picojoules."""
-
-    ac_pJ: float = E_AC_PJ
-    mac_pJ: float = E_MAC_PJ
-
-    def __post_init__(self):
-        for name in ("ac_pJ", "mac_pJ"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"EnergyConstants.{name} must be a non-negative number of picojoules, got {value!r}")
-
-    def millijoules(self, acs: float, macs: float) -> float:
-        return (self.ac_pJ * acs + self.mac_pJ * macs) * 1e-9
 
 
 def is_attention(module: nn.Module) -> bool:
@@ -186,9 +168,7 @@ class OperationCounter:
         self.elementwise_ann = {region: {op: 0 for op in ELEMENTWISE_OPS} for region in ("blocks", "outside_blocks")}
         self.num_sequences = 0
         self.num_tokens = 0
-        self.alpha_was_initialized = all(
-            m.is_initialized() for m in model.modules() if isinstance(m, ElasticBiSpikingNeuron)
-        )
+        self.alpha_was_initialized = all(m.is_initialized() for _, m in named_neurons(model))
         self._mask: torch.Tensor | None = None
         self._handles = []
         self._backends = {}
@@ -398,7 +378,7 @@ class OperationCounter:
 
     # -- results --------------------------------------------------------------------------------
 
-    def summary(self, constants: EnergyConstants = EnergyConstants()) -> dict:
+    def summary(self, constants: EnergyConstants = DEFAULT_CONSTANTS) -> dict:
         """Per-sequence figures (means over the sequences counted), ready for JSON; see :func:`summarize`."""
         return summarize(self, constants)
 
@@ -416,7 +396,7 @@ def _total(values: torch.Tensor | None) -> int:
     return 0 if values is None else int(values.sum())
 
 
-def summarize(counter: OperationCounter, constants: EnergyConstants = EnergyConstants()) -> dict:
+def summarize(counter: OperationCounter, constants: EnergyConstants = DEFAULT_CONSTANTS) -> dict:
     """The energy summary of everything ``counter`` counted, per sequence (``num_sequences`` averaged).
 
     Keys: ``spiking``, ``snn_mJ_per_sequence``, ``ann_mJ_per_sequence``, ``ratio`` (ANN / SNN), ``acs``
@@ -514,7 +494,7 @@ def summarize(counter: OperationCounter, constants: EnergyConstants = EnergyCons
     }
 
 
-def measure_energy(model: nn.Module, batches, constants: EnergyConstants = EnergyConstants(), progress=None) -> dict:
+def measure_energy(model: nn.Module, batches, constants: EnergyConstants = DEFAULT_CONSTANTS, progress=None) -> dict:
     """Run ``model`` (in eval mode, no gradients) on ``batches`` and return :func:`summarize`'s dict.
 
     Each batch is a dict of model input tensors with ``input_ids`` (B, L) and, for padded batches,

@@ -11,11 +11,45 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from spikelm.errors import UserError
 from spikelm.outputs import write_text_atomic
 
 HEATMAP = "firing_rate_heatmap.png"
 SIGNS = "spike_signs.png"
 BY_TYPE = "energy_by_layer_type.png"
+
+
+# ----------------------------------------------------------------------------------------------
+# What is measured: text cut into full windows, batched
+# ----------------------------------------------------------------------------------------------
+
+
+def pack_windows(text: str, tokenizer, max_length: int) -> list[list[int]]:
+    """Token ids of ``text`` cut into full windows of ``max_length`` tokens, special tokens included.
+
+    Each window is wrapped in the tokenizer's own single-sequence template (``[CLS] ... [SEP]`` for BERT).
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    wrapped = tokenizer("a", add_special_tokens=True)["input_ids"]
+    start = next(i for i in range(len(wrapped)) if wrapped[i : i + len(plain)] == plain)
+    prefix, suffix = wrapped[:start], wrapped[start + len(plain) :]
+    body = max_length - len(prefix) - len(suffix)
+    if body < 1:
+        raise UserError(f"--max-length {max_length} leaves no room for text after the special tokens")
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return [prefix + ids[i : i + body] + suffix for i in range(0, len(ids) - body + 1, body)]
+
+
+def padded_batches(features: list[dict], tokenizer, batch_size: int):
+    """Batches of model inputs, each padded to its longest example, with an ``attention_mask``.
+
+    Batches of equal-length examples (the text windows) are not padded, so a tokenizer without a
+    padding token (GPT-2's) serves them too.
+    """
+    for start in range(0, len(features), batch_size):
+        chunk = features[start : start + batch_size]
+        ragged = len({len(f["input_ids"]) for f in chunk}) > 1
+        yield dict(tokenizer.pad(chunk, padding="longest" if ragged else False, return_tensors="pt"))
 
 
 def _count(x: float) -> str:
@@ -91,7 +125,7 @@ def plot_spike_signs(summary: dict, path: Path) -> None:
     ax = fig.add_subplot()
     for offset, values, label, color in (
         (-width, neg, "-1", "tab:blue"),
-        (0.0, [1 - p - n for p, n in zip(pos, neg)], "0", "tab:gray"),
+        (0.0, [1 - p - n for p, n in zip(pos, neg, strict=True)], "0", "tab:gray"),
         (width, pos, "+1", "tab:red"),
     ):
         bars = ax.bar([t + offset for t in steps], values, width, label=label, color=color)

@@ -10,8 +10,9 @@ interleaved, in one process:
   does T times its matrix work, so the ratios divide by ``T x`` its time.
 
 A training step is forward + backward of ``mean(last_hidden_state ** 2)`` in train mode (dropout
-0.1, no optimizer step); inference is a forward in eval mode under ``torch.inference_mode``. Memory is the bytes autograd saves for
-backward (parameters excluded), and on CUDA also each path's peak allocation during a step.
+0.1, no optimizer step); inference is a forward in eval mode under ``torch.inference_mode``. Memory is
+the bytes autograd saves for backward (parameters excluded), and on CUDA also each path's peak
+allocation during a step.
 Times are medians over interleaved repetitions.
 
 Generation (:func:`measure_generation`): a causal SpikeLM and the real-valued decoder of the same

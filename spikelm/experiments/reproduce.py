@@ -26,6 +26,7 @@ process.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import shutil
@@ -33,10 +34,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
-from spikelm.commands.main import UserError
+from spikelm.errors import UserError
 from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 COMMAND = "reproduce"
 DEFAULT_TASKS = ("multiemo-sst2", "vitaminc", "bbc-topics")
@@ -226,7 +227,12 @@ def run_pretraining_stage(budget: Budget, variant: Variant, seed: int, out: Path
     resume = latest_checkpoint(out) is not None
     log(f"  pretraining: {'resuming' if resume else 'starting'} ({budget.pretrain_steps} steps)")
     result = run_pretraining(
-        pretrain_config(budget, variant, seed), out, overwrite=not resume, resume=resume or None, progress=False
+        pretrain_config(budget, variant, seed),
+        out,
+        overwrite=not resume,
+        resume=resume or None,
+        progress=False,
+        log=log,
     )
     return result.metrics
 
@@ -237,6 +243,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def run_finetuning_stage(budget: Budget, task: str, seed: int, model_dir: Path, data_dir: Path, out: Path, log) -> dict:
     """Fine-tune on one task (or reuse a finished run); returns eval_results plus the per-epoch curve."""
+    import torch
+
     from spikelm.training.finetune import CustomColumns, Settings, finetune
 
     if (out / "eval_results.json").is_file():
@@ -275,8 +283,10 @@ def run_finetuning_stage(budget: Budget, task: str, seed: int, model_dir: Path, 
 
 def corpus_windows(corpus: str, tokenizer, count: int, max_length: int) -> list[dict]:
     """The first ``count`` full windows of ``max_length`` tokens of the corpus's validation split."""
-    from spikelm.commands.energy import pack_windows
+    import torch
+
     from spikelm.data.corpora import load_corpus
+    from spikelm.evaluation.energy_report import pack_windows
 
     text = "\n\n".join(load_corpus(corpus)["validation"]["text"])
     windows = pack_windows(text, tokenizer, max_length)[:count]
@@ -315,7 +325,7 @@ def dev_energy(model_dir: Path, layout: str, data_dir: Path, budget: Budget, dev
     """Energy and firing rate of a fine-tuned model on its task's dev examples (padding not counted)."""
     from transformers import AutoTokenizer
 
-    from spikelm.commands.energy import padded_batches
+    from spikelm.evaluation.energy_report import padded_batches
     from spikelm.evaluation.glue.models import quiet_transformers
     from spikelm.models.modeling_spikelm import SpikeLMForSequenceClassification
     from spikelm.training.finetune import CustomColumns, encode, load_task_data
@@ -410,11 +420,13 @@ def run_experiment(
     max_minutes: float | None = None,
     overwrite: bool = False,
     doc: str | Path | None = None,
-    log=print,
+    log=None,
     doc_block: str | None = None,
 ) -> list[Path]:
     """Run every planned row not finished yet (until ``max_minutes`` have passed), writing the report
-    after each; returns the row files of the output directory."""
+    after each; returns the row files of the output directory. Progress lines go to ``log`` (default: this
+    module's logger)."""
+    import torch
     from accelerate import PartialState
 
     from .reproduce_report import write_report
@@ -429,6 +441,8 @@ def run_experiment(
     for variant in variants:  # a bad preset or override fails here, before anything is written
         pretrain_config(budget, VARIANTS[variant], 0)
     state = PartialState(cpu=not torch.cuda.is_available())
+    if log is None:
+        log = logger.info
     if not state.is_main_process:
         log = lambda *args, **kwargs: None  # noqa: E731
     out = Path(output_dir)
@@ -467,10 +481,10 @@ def run_experiment(
         record = run_row(budget, VARIANTS[variant], seed, out, data_dir, state, log)
         if state.is_main_process:
             write_json_atomic(path, record)
-            write_report(out, doc, doc_block)
+            write_report(out, list(VARIANTS), doc, doc_block)
             log(f"{row_name(variant, seed)}: done in {record['row_seconds'] / 60:.1f} min, wrote {path}")
         state.wait_for_everyone()
     if state.is_main_process:
-        write_report(out, doc, doc_block)
+        write_report(out, list(VARIANTS), doc, doc_block)
     state.wait_for_everyone()
     return sorted((out / "rows").glob("*.json"))

@@ -99,7 +99,7 @@ def row_scores(row: dict, cols) -> list[float | None]:
     return [row["tasks"].get(task, {}).get("best", {}).get(metric) for task, metric, _ in cols]
 
 
-def learned_columns(rows: list[dict], cols, majority: dict) -> list[bool]:
+def learned_columns(rows: list[dict], cols, majority: dict, order: list[str]) -> list[bool]:
     """Per column: did any model's mean score beat the majority baseline by more than 2 standard errors?"""
     learned = []
     for i, (task, metric, _) in enumerate(cols):
@@ -107,30 +107,29 @@ def learned_columns(rows: list[dict], cols, majority: dict) -> list[bool]:
         split = "dev_mismatched" if metric.endswith("_mismatched") else next(iter(majority[task]["dev_examples"]))
         n = majority[task]["dev_examples"][split]
         margin = 2 * math.sqrt(base * (1 - base) / n)
-        means = [mean_std([row_scores(r, cols)[i] for r in group])[0] for group in by_variant(rows).values()]
+        means = [mean_std([row_scores(r, cols)[i] for r in group])[0] for group in by_variant(rows, order).values()]
         learned.append(any(m > base + margin for m in means if not math.isnan(m)))
     return learned
 
 
 def task_learned(cols, learned: list[bool]) -> dict[str, bool]:
     out: dict[str, bool] = {}
-    for (task, _, _), ok in zip(cols, learned):
+    for (task, _, _), ok in zip(cols, learned, strict=True):
         out[task] = out.get(task, False) or ok
     return out
 
 
 def average(row: dict, cols, keep: dict[str, bool] | None = None) -> float | None:
-    values = [v for (task, _, _), v in zip(cols, row_scores(row, cols)) if keep is None or keep[task]]
+    values = [v for (task, _, _), v in zip(cols, row_scores(row, cols), strict=True) if keep is None or keep[task]]
     if not values or any(v is None for v in values):
         return None
     return sum(values) / len(values)
 
 
-def by_variant(rows: list[dict]) -> dict[str, list[dict]]:
-    from .reproduce import VARIANTS
-
+def by_variant(rows: list[dict], order: list[str]) -> dict[str, list[dict]]:
+    """The rows of each variant, variants in ``order`` (names of ``reproduce.VARIANTS``)."""
     groups: dict[str, list[dict]] = {}
-    for name in VARIANTS:
+    for name in order:
         for row in rows:
             if row["variant"] == name:
                 groups.setdefault(name, []).append(row)
@@ -141,18 +140,18 @@ def energy_values(group: list[dict], key: str) -> list[float]:
     return [r["energy"][key] for r in group if r["energy"].get(key) is not None]
 
 
-def summarize(out: Path) -> dict:
-    """The numbers behind the report (also written as ``report/summary.json``)."""
+def summarize(out: Path, order: list[str]) -> dict:
+    """The numbers behind the report (also written as ``report/summary.json``), variants in ``order``."""
     rows = load_rows(out)
     data = json.loads((out / "data" / "summary.json").read_text())
     if not rows:
         return {"rows": 0}
     budget = rows[0]["budget"]
     cols = columns(budget["tasks"])
-    learned = learned_columns(rows, cols, data["majority"])
+    learned = learned_columns(rows, cols, data["majority"], order)
     keep = task_learned(cols, learned)
     variants = {}
-    for name, group in by_variant(rows).items():
+    for name, group in by_variant(rows, order).items():
         first = group[0]
         variants[name] = {
             "label": first["label"],
@@ -186,7 +185,7 @@ def summarize(out: Path) -> dict:
         "majority": {h: data["majority"][t]["metrics"][m] for t, m, h in cols},
         "majority_labels": {t: data["majority"][t]["label"] for t in budget["tasks"]},
         "data_sizes": data["sizes"],
-        "learned": dict(zip([h for _, _, h in cols], learned)),
+        "learned": dict(zip([h for _, _, h in cols], learned, strict=True)),
         "tasks_at_chance": [t for t, ok in keep.items() if not ok],
         "variants": variants,
         "claims": claims(variants),
@@ -362,8 +361,8 @@ def plot_curves(rows: list[dict], summary: dict, path: Path) -> None:
 
     cols = columns(summary["budget"]["tasks"])
     fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 3.4), squeeze=False)
-    for ax, (task, metric, header) in zip(axes[0], cols):
-        for name, group in by_variant(rows).items():
+    for ax, (task, metric, header) in zip(axes[0], cols, strict=True):
+        for name, group in by_variant(rows, list(summary["variants"])).items():
             curves = np.array([[e[metric] for e in r["tasks"][task]["curve"]] for r in group], dtype=float) * 100
             epochs = np.arange(1, curves.shape[1] + 1)
             ax.plot(epochs, curves.mean(0), label=name, **_style(name))
@@ -396,7 +395,7 @@ def _short(name: str) -> str:
     return name.replace("attention.self.", "").replace("attention.output.", "attn_out.").replace(".neuron", "")
 
 
-def plot_firing_rates(rows: list[dict], path: Path) -> None:
+def plot_firing_rates(rows: list[dict], order: list[str], path: Path) -> None:
     """Firing rate of every neuron (mean over steps and seeds) of the pretrained encoders, per variant."""
     import matplotlib
 
@@ -405,7 +404,7 @@ def plot_firing_rates(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(10, 3.8))
     names = None
-    for name, group in by_variant(rows).items():
+    for name, group in by_variant(rows, order).items():
         if not group[0]["energy"]["neurons"]:
             continue
         names = sorted(group[0]["energy"]["neurons"], key=_forward_order)
@@ -421,14 +420,14 @@ def plot_firing_rates(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_pretraining(rows: list[dict], path: Path) -> None:
+def plot_pretraining(rows: list[dict], order: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, group in by_variant(rows).items():
+    for name, group in by_variant(rows, order).items():
         steps = [e["step"] for e in group[0]["pretrain_log"]]
         losses = np.array([[e["loss"] for e in r["pretrain_log"]] for r in group]).mean(0)
         ax.plot(steps, losses, label=name, **_style(name))
@@ -476,19 +475,20 @@ def update_doc(doc: Path, text: str, block: str | None = None) -> None:
     write_text_atomic(doc, head + begin + "\n" + text + "\n" + end + tail)
 
 
-def write_report(out: Path, doc: str | Path | None = None, block: str | None = None) -> dict:
-    """``report/summary.json``, ``report/results.md`` and the plots; with ``doc``, its generated block
+def write_report(out: Path, order: list[str], doc: str | Path | None = None, block: str | None = None) -> dict:
+    """``report/summary.json``, ``report/results.md`` and the plots (``order``: the variant names to report, in
+    that order); with ``doc``, its generated block
     (``block``: a named one) and the plots under ``<doc dir>/reproduction/`` (``reproduction/<block>/``)."""
     report = out / REPORT_DIR
     report.mkdir(exist_ok=True)
-    summary = summarize(out)
+    summary = summarize(out, order)
     write_json_atomic(report / "summary.json", summary)
     write_text_atomic(report / "results.md", markdown(summary))
     if summary.get("variants"):
         rows = load_rows(out)
         plot_curves(rows, summary, report / PLOTS[0])
-        plot_firing_rates(rows, report / PLOTS[1])
-        plot_pretraining(rows, report / PLOTS[2])
+        plot_firing_rates(rows, order, report / PLOTS[1])
+        plot_pretraining(rows, order, report / PLOTS[2])
     if doc is not None:
         doc = Path(doc)
         check_doc(doc, block)  # a bad file or block fails before anything is copied

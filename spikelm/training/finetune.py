@@ -12,6 +12,7 @@ changes the statistics slightly.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spikelm.commands.main import UserError
+from spikelm.errors import UserError
 from spikelm.evaluation.glue.metrics import compute_metrics, selection_value
 from spikelm.evaluation.glue.models import load_starting_point, quiet_transformers
 from spikelm.evaluation.glue.tasks import (
@@ -33,6 +34,8 @@ from spikelm.evaluation.glue.tasks import (
     load_glue_hub,
 )
 from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -110,7 +113,7 @@ def encode(tokenizer, examples: Examples, max_length: int) -> list[dict]:
     enc = tokenizer(first, second, truncation=True, max_length=max_length)
     features = [{key: enc[key][i] for key in enc.keys()} for i in range(len(examples))]
     if examples.labels is not None:
-        for feature, label in zip(features, examples.labels):
+        for feature, label in zip(features, examples.labels, strict=True):
             feature["labels"] = label
     return features
 
@@ -171,7 +174,7 @@ def write_dev_predictions(out: Path, data: TaskData, predictions: dict) -> None:
         ex = data.splits[split]
         lines = ["index\tprediction\tlabel"] + [
             f"{i}\t{_label_text(task, p, False)}\t{_label_text(task, y, False)}"
-            for i, p, y in zip(ex.ids, preds, ex.labels)
+            for i, p, y in zip(ex.ids, preds, ex.labels, strict=True)
         ]
         write_text_atomic(out / f"{split}_predictions.tsv", "\n".join(lines) + "\n")
 
@@ -190,11 +193,14 @@ def write_test_predictions(out: Path, data: TaskData, predictions: dict) -> list
     (out / "predictions").mkdir(exist_ok=True)
     for split, preds in predictions.items():
         if task.is_regression:  # STS-B scores lie in [0, 5]
-            rows = [f"{i}\t{min(max(float(p), 0.0), 5.0):.3f}" for i, p in zip(data.splits[split].ids, preds)]
+            rows = [
+                f"{i}\t{min(max(float(p), 0.0), 5.0):.3f}" for i, p in zip(data.splits[split].ids, preds, strict=True)
+            ]
         else:
             names = task.submission_labels or task.name == "custom"
             rows = [
-                f"{i}\t{task.label_names[int(p)] if names else int(p)}" for i, p in zip(data.splits[split].ids, preds)
+                f"{i}\t{task.label_names[int(p)] if names else int(p)}"
+                for i, p in zip(data.splits[split].ids, preds, strict=True)
             ]
         path = out / "predictions" / submission_name(task, split)
         write_text_atomic(path, "\n".join(["index\tprediction"] + rows) + "\n")
@@ -226,9 +232,11 @@ def finetune(
     custom: CustomColumns | None = None,
     eval_only: bool = False,
     overwrite: bool = False,
-    log=print,
+    log=None,
 ) -> dict:
-    """Fine-tune (or, with ``eval_only``, evaluate) ``model_name`` on a task; returns ``eval_results``."""
+    """Fine-tune (or, with ``eval_only``, evaluate) ``model_name`` on a task; returns ``eval_results``.
+
+    Progress lines go to ``log`` (default: this module's logger; the command passes ``print``)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -241,6 +249,8 @@ def finetune(
     start = load_starting_point(model_name, task, changes, eval_only, tokenizer)
     out = prepare_output_dir(output_dir, "finetune", overwrite, identity={"task": task.name})
     accelerator = Accelerator()
+    if log is None:
+        log = logger.info
     if not accelerator.is_main_process:  # one log, not one per process
         log = lambda *args, **kwargs: None  # noqa: E731
     for warning in start.warnings:

@@ -14,10 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from spikelm.data.objectives import OBJECTIVES
-from spikelm.models.configuration_spikelm import SpikeLMConfig
 
 
 class ConfigError(ValueError):
@@ -148,6 +145,8 @@ PRESETS: dict[str, dict] = {
 
 
 def model_fields() -> list[str]:
+    from spikelm.models.configuration_spikelm import SpikeLMConfig
+
     params = inspect.signature(SpikeLMConfig.__init__).parameters
     return [n for n, p in params.items() if n not in ("self", "kwargs") and p.kind is p.POSITIONAL_OR_KEYWORD]
 
@@ -195,6 +194,8 @@ def apply_overrides(config: PretrainConfig, overrides: dict, origin: str) -> Non
 
 
 def load_config_file(path: str | Path) -> dict:
+    import yaml
+
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")

@@ -20,11 +20,13 @@ dropout draws from the torch RNG, whose state every process saves and restores.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import resource
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,8 @@ from spikelm.models.configuration_spikelm import SpikeLMConfig
 from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
 
 from .presets import PretrainConfig
+
+logger = logging.getLogger(__name__)
 
 COMMAND = "pretrain"
 SHAPE_FIELDS = (
@@ -347,7 +351,7 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> Tra
         if "cuda" in rng and accelerator.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], accelerator.device)
     else:
-        accelerator.print(f"warning: {path} was saved by another number of processes; dropout RNG reseeded")
+        warnings.warn(f"{path} was saved by another number of processes; dropout RNG reseeded", stacklevel=2)
         torch.manual_seed(1 + trainer["step"] * 1000 + accelerator.process_index)
     trainer.pop("world_size", None)
     return TrainState(**trainer)
@@ -410,9 +414,11 @@ def run_pretraining(
     overwrite: bool = False,
     resume: bool | str | None = None,
     progress: bool = True,
+    log=None,
 ) -> PretrainResult:
     """Pretrain as ``config`` says, writing into ``output_dir``. ``resume``: True (the latest checkpoint
-    in ``output_dir``) or a checkpoint directory. Returns the trained model and the metrics."""
+    in ``output_dir``) or a checkpoint directory. Returns the trained model and the metrics. Progress: a tqdm
+    bar (``progress``) and lines to ``log`` (default: this module's logger), on the main process only."""
     from accelerate import Accelerator
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -425,6 +431,10 @@ def run_pretraining(
         mixed = "bf16" if torch.cuda.is_available() else "no"
     # cpu=True on a machine without a GPU: accelerate then runs processes launched by torchrun as DDP over gloo
     accelerator = Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+    if not accelerator.is_main_process:
+        log = lambda *args, **kwargs: None  # noqa: E731
+    elif log is None:
+        log = logger.info
     output_dir = Path(output_dir)
     resume_path = None
     if resume:
@@ -457,7 +467,7 @@ def run_pretraining(
     state = TrainState()
     if resume_path is not None:
         state = load_checkpoint(resume_path, accelerator, model, optimizer, scheduler)
-        accelerator.print(f"resumed from {resume_path} at step {state.step}")
+        log(f"resumed from {resume_path} at step {state.step}")
 
     val_batches = data.validation_batches(max(1, data.micro_batch))
     unigram = data.unigram_log_probs()
@@ -487,7 +497,7 @@ def run_pretraining(
         if writer is not None:
             for key, value in result.items():
                 writer.add_scalar(f"validation/{key}", value, state.step)
-        accelerator.print(
+        log(
             f"step {state.step} validation ({tag}): "
             + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items())
         )
@@ -574,7 +584,7 @@ def run_pretraining(
                 output_dir, accelerator, model, optimizer, scheduler, state, config, config.keep_checkpoints
             )
         if out_of_time:
-            accelerator.print(f"stopping after {config.max_minutes} minutes at step {state.step}")
+            log(f"stopping after {config.max_minutes} minutes at step {state.step}")
             break
     bar.close()
     if last_eval is None:

@@ -17,15 +17,15 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from spikelm.commands.main import UserError
-from spikelm.conversion.official import bert_to_spikelm_state_dict
-from spikelm.models.configuration_spikelm import SpikeLMConfig
-from spikelm.models.modeling_spikelm import SpikeLMForSequenceClassification
+from spikelm.errors import UserError
 
 from .tasks import GlueTask
+
+if TYPE_CHECKING:  # imported where used: `spikelm glue --help` reads VARIANTS without loading torch
+    from spikelm.models.configuration_spikelm import SpikeLMConfig
+    from spikelm.models.modeling_spikelm import SpikeLMForSequenceClassification
 
 # fields whose change makes a checkpoint's alphas meaningless
 NEURON_FIELDS = ("spiking", "num_steps", "spike_levels", "reset", "use_amplitude", "alpha_init")
@@ -90,6 +90,8 @@ def _model_type(name: str) -> tuple[str, str]:
 
 def spikelm_config_from_bert(bert_config, **changes) -> SpikeLMConfig:
     """The SpikeLM of a BERT checkpoint's shape (with ``spiking=False``, the same function as BERT)."""
+    from spikelm.models.configuration_spikelm import SpikeLMConfig
+
     if getattr(bert_config, "position_embedding_type", "absolute") != "absolute":
         raise UserError(f"only absolute position embeddings are supported, not {bert_config.position_embedding_type!r}")
     fields = (
@@ -150,13 +152,16 @@ def _task_head(task: GlueTask) -> str:
 def _from_bert(path: str, task: GlueTask, changes: dict) -> tuple[SpikeLMForSequenceClassification, str, list[str]]:
     from transformers import BertModel
 
+    from spikelm.conversion.official import bert_to_spikelm_state_dict
+    from spikelm.models.modeling_spikelm import SpikeLMForSequenceClassification
+
     with quiet_transformers():
         bert = BertModel.from_pretrained(path)
     config = spikelm_config_from_bert(bert.config, **changes)
     _set_task(config, task)
     model = SpikeLMForSequenceClassification(config)
     state = {k: v for k, v in bert_to_spikelm_state_dict(bert.state_dict()).items() if k.startswith("bert.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=True)
     neuron_keys = {n + suffix for n, _ in model.neurons() for suffix in (".alpha", ".initialized")}
     stray = [k for k in missing if k not in neuron_keys and not k.startswith("classifier.")]
     if unexpected or stray:
@@ -177,6 +182,11 @@ def _from_bert(path: str, task: GlueTask, changes: dict) -> tuple[SpikeLMForSequ
 
 
 def _from_spikelm(name: str, task: GlueTask, changes: dict, eval_only: bool):
+    import torch
+
+    from spikelm.models.configuration_spikelm import SpikeLMConfig
+    from spikelm.models.modeling_spikelm import SpikeLMForSequenceClassification
+
     config = SpikeLMConfig.from_pretrained(name)
     saved = {f: getattr(config, f) for f in NEURON_FIELDS}
     fits = _head_fits(config, task)

@@ -35,9 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from spikelm.commands.main import UserError
 from spikelm.data import sources
 from spikelm.data.splits import BBC_TOPICS, BIBLE_MRPC, SplitRule
+from spikelm.errors import UserError
 from spikelm.outputs import write_json_atomic, write_text_atomic
 
 VITAMINC_PAGES = SplitRule(salt="vitaminc-page", dev=0.05, test=0.05)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from spikelm.commands.main import UserError
+from spikelm.errors import UserError
 
 from .offline import OFFLINE_TASKS
 from .tasks import TASKS

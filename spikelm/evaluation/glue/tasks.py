@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spikelm.commands.main import UserError
+from spikelm.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -315,7 +315,7 @@ _HUB_SPLITS = {
 def examples_from_hub_split(task: GlueTask, split) -> Examples:
     """Our :class:`Examples` from a ``datasets`` split of ``nyu-mll/glue`` (labels -1 mean unlabelled)."""
     columns = [split[c] for c in task.hub_columns]
-    texts = list(zip(*columns))
+    texts = list(zip(*columns, strict=True))
     raw = split["label"]
     labels = None if all(v == -1 for v in raw) else [float(v) if task.is_regression else int(v) for v in raw]
     ids = [str(i) for i in split["idx"]] if "idx" in split.column_names else [str(i) for i in range(len(texts))]
@@ -375,7 +375,7 @@ def _read_records(path: Path) -> list[dict]:
     for n, row in enumerate(rows[1:], 2):
         if len(row) != len(header):
             raise UserError(f"{path}, line {n}: {len(row)} fields, expected {len(header)} (columns {header})")
-    return [dict(zip(header, row)) for row in rows[1:]]
+    return [dict(zip(header, row, strict=False)) for row in rows[1:]]
 
 
 def _custom_examples(path: Path, text_columns, label_column, labelled: bool) -> tuple[Examples, list]:
