@@ -256,7 +256,7 @@ def test_rotary_positions_are_relative_in_the_real_valued_model():
         at_zero = model(ids).logits
         shifted = model(ids, position_ids=torch.arange(5, 15)[None]).logits
         absolute = causal_model(spiking=False)
-        absolute.load_state_dict(model.state_dict(), strict=True)
+        absolute.load_state_dict(model.state_dict(), strict=False)
         shifted_absolute = absolute(ids, position_ids=torch.arange(5, 15)[None]).logits
     torch.testing.assert_close(shifted, at_zero, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(shifted_absolute, absolute(ids).logits, atol=1e-3)
@@ -267,7 +267,7 @@ def test_pre_and_post_layer_norm_layouts():
     post = causal_model(warm_up=False, num_steps=2, pre_layer_norm=False)
     assert pre.model.layers[0].pre_layer_norm and pre.model.final_norm is not None
     assert not post.model.layers[0].pre_layer_norm and post.model.final_norm is None
-    post.load_state_dict(pre.state_dict(), strict=True)
+    post.load_state_dict(pre.state_dict(), strict=False)
     ids = torch.randint(0, 97, (2, 6))
     with torch.no_grad():
         assert not torch.allclose(pre(ids).logits, post(ids).logits, atol=1e-3)

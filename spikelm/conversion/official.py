@@ -236,7 +236,7 @@ def load_official_checkpoint(path: str | Path, config_path: str | Path | None = 
     model = SpikeLMForPreTraining(config)
     check_state_dict_fits(model, converted, str(path))
     # check_state_dict_fits has vetted every key; a tied decoder may be absent from the file
-    model.load_state_dict(converted, strict=True)
+    model.load_state_dict(converted, strict=False)
     if tied:
         model.tie_weights()
     model.eval()
