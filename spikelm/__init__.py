@@ -10,6 +10,7 @@ from transformers import (
 )
 
 from .configuration_spikelm import SpikeLMConfig
+from .conversion import SpikeLMConversionConfig, spikify
 from .layers import SpikeLinear, SpikeLinearFunction
 from .modeling_spikelm import (
     SpikeLMForMaskedLM,
@@ -46,6 +47,7 @@ __all__ = [
     "SpikeLMCache",
     "SpikeLMCausalPreTrainedModel",
     "SpikeLMConfig",
+    "SpikeLMConversionConfig",
     "SpikeLMDecoderModel",
     "SpikeLMForCausalLM",
     "SpikeLMForMaskedLM",
@@ -61,4 +63,5 @@ __all__ = [
     "collect_spike_stats",
     "record_spike_stats",
     "reference_multistep_spike",
+    "spikify",
 ]

@@ -1,0 +1,29 @@
+"""Spiking conversion of pretrained transformers models (issue 13): ``spikify`` and what a converted model needs.
+
+Importing this package registers the ``"spikelm"`` quantization method with transformers, so that
+``from_pretrained`` restores a saved conversion.
+"""
+
+from .cache import SpikeCodeCache, SpikeCodeLayer, TransientSpikeKV
+from .config import FORMAT_VERSION, SpikeLMConversionConfig
+from .model_card import write_model_card
+from .quantizer import SpikeLMQuantizer
+from .spikify import FAMILIES, SITE_KINDS, attach, calibrate, is_spiking, make_neuron, neurons, spikify
+
+__all__ = [
+    "FAMILIES",
+    "FORMAT_VERSION",
+    "SITE_KINDS",
+    "SpikeCodeCache",
+    "SpikeCodeLayer",
+    "SpikeLMConversionConfig",
+    "SpikeLMQuantizer",
+    "TransientSpikeKV",
+    "attach",
+    "calibrate",
+    "is_spiking",
+    "make_neuron",
+    "neurons",
+    "spikify",
+    "write_model_card",
+]

@@ -1,0 +1,152 @@
+"""The conversion recipe: every setting of ``spikify`` as a field of one quantization config.
+
+``SpikeLMConversionConfig`` is registered with transformers as the quantization method ``"spikelm"``. A converted
+model carries it as ``model.config.quantization_config``; ``save_pretrained`` writes it into ``config.json`` next to
+the original architecture's fields, and ``from_pretrained`` (after ``import spikelm``) rebuilds the spiking model
+from it before the weights and alphas load.
+"""
+
+from __future__ import annotations
+
+import copy
+from numbers import Real
+
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..neuron import check_neuron_options
+
+QUANT_METHOD = "spikelm"
+FORMAT_VERSION = 1  # bump when a saved model of the previous version would load differently
+NEURONS = ("elastic", "gif")
+ROTATIONS = ("none", "hadamard", "random")
+
+
+class SpikeLMConversionConfig(QuantizationConfigMixin):
+    r"""How a pretrained model is made to spike (SPEC sections 2, 3 and 8).
+
+    Neuron:
+        neuron (str): ``"elastic"``: SpikeLM's elastic bi-spiking neuron, the network runs as T copies (T folded into
+            the batch axis); ``"gif"``: SpikeLLM's GIF neuron, whose steps are internal to the neuron (the network
+            runs once; ``num_steps`` is then not used).
+        num_steps (int): T for ``"elastic"``: the time steps every neuron runs over.
+        spike_levels, use_amplitude, alpha_init, learn_alpha, reset: the elastic neuron's options, as in
+            :class:`~spikelm.SpikeLMConfig`.
+
+    GIF neuron (``neuron="gif"``):
+        gif_bits (int): n, the base bit-width: one multi-level spike carries at most 2^n - 1.
+        gif_extra_bits (int): a, the extra bits of the salient channels: they run over T = 2^a steps.
+        saliency_fraction (float): the fraction of input channels (by calibration saliency) that get the extra
+            steps; 0 gives every channel n bits in one step.
+
+    Outlier handling (equivalence transforms folded into the weights before spiking):
+        rotation (str): ``"none"``, ``"hadamard"`` or ``"random"``: an orthogonal rotation of the residual stream.
+        online_down_proj_rotation (bool): also rotate down_proj's input at run time.
+        untied_embeddings (bool): the LM head was untied from the input embeddings (a transform needed it).
+
+    Placement:
+        modules_to_not_convert (list[str]): module names whose input is not spiked (matched as a full name, a
+            prefix ``name.`` or a suffix ``.name``); default ``["lm_head"]``.
+
+    Bookkeeping: ``quant_method`` is always ``"spikelm"``; ``format_version`` is the version of this layout that
+    wrote the config (a newer one than this library knows is refused on load).
+    """
+
+    def __init__(
+        self,
+        neuron: str = "elastic",
+        num_steps: int = 4,
+        spike_levels: str = "ternary",
+        use_amplitude: bool = True,
+        alpha_init: str | float = "mean_abs",
+        learn_alpha: bool = False,
+        reset: str = "official",
+        gif_bits: int = 4,
+        gif_extra_bits: int = 1,
+        saliency_fraction: float = 0.1,
+        rotation: str = "none",
+        online_down_proj_rotation: bool = False,
+        untied_embeddings: bool = False,
+        modules_to_not_convert: list[str] | None = None,
+        format_version: int = FORMAT_VERSION,
+        quant_method: str = QUANT_METHOD,
+        **unknown,
+    ):
+        if unknown:
+            raise ValueError(
+                f"unknown spikelm conversion field(s) {sorted(unknown)}; the fields are {sorted(self.field_names())}"
+            )
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.neuron = neuron
+        self.num_steps = num_steps
+        self.spike_levels = spike_levels
+        self.use_amplitude = use_amplitude
+        self.alpha_init = alpha_init
+        self.learn_alpha = learn_alpha
+        self.reset = reset
+        self.gif_bits = gif_bits
+        self.gif_extra_bits = gif_extra_bits
+        self.saliency_fraction = saliency_fraction
+        self.rotation = rotation
+        self.online_down_proj_rotation = online_down_proj_rotation
+        self.untied_embeddings = untied_embeddings
+        self.modules_to_not_convert = ["lm_head"] if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.check()
+
+    @staticmethod
+    def field_names() -> tuple[str, ...]:
+        return (
+            "neuron", "num_steps", "spike_levels", "use_amplitude", "alpha_init", "learn_alpha", "reset", "gif_bits",
+            "gif_extra_bits", "saliency_fraction", "rotation", "online_down_proj_rotation", "untied_embeddings",
+            "modules_to_not_convert", "format_version",
+        )
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the first field out of range."""
+        if self.quant_method != QUANT_METHOD:
+            raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}")
+        if not isinstance(self.format_version, int) or not 1 <= self.format_version <= FORMAT_VERSION:
+            raise ValueError(
+                f"format_version {self.format_version!r}: this spikelm reads spiking conversions of format versions "
+                f"1..{FORMAT_VERSION}; a newer spikelm wrote this model, upgrade spikelm to load it"
+            )
+        if self.neuron not in NEURONS:
+            raise ValueError(f"neuron must be one of {NEURONS}, got {self.neuron!r}")
+        check_neuron_options(
+            self.num_steps, self.spike_levels, self.use_amplitude, self.alpha_init, self.learn_alpha, self.reset
+        )
+        for name in ("gif_bits", "gif_extra_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "gif_bits" else 0):
+                raise ValueError(f"{name} must be an integer >= {1 if name == 'gif_bits' else 0}, got {value!r}")
+        fraction = self.saliency_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, Real) or not 0 <= fraction <= 1:
+            raise ValueError(f"saliency_fraction must be a number in [0, 1], got {fraction!r}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
+        for name in ("online_down_proj_rotation", "untied_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not all(isinstance(m, str) and m for m in self.modules_to_not_convert):
+            raise ValueError(f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}")
+
+    @property
+    def model_steps(self) -> int:
+        """How many copies of the network run: T for the elastic neuron, 1 for GIF (its steps are internal)."""
+        return self.num_steps if self.neuron == "elastic" else 1
+
+    def neuron_options(self) -> dict:
+        """The elastic neuron's keyword arguments."""
+        return {
+            "spike_levels": self.spike_levels, "use_amplitude": self.use_amplitude, "alpha_init": self.alpha_init,
+            "learn_alpha": self.learn_alpha, "reset": self.reset,
+        }
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy({name: getattr(self, name) for name in ("quant_method", *self.field_names())})
+
+
+# `import spikelm` twice (or a reload) must not fail on the registry's "already registered" check
+if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+    register_quantization_config(QUANT_METHOD)(SpikeLMConversionConfig)
