@@ -28,7 +28,12 @@ from .modeling_spikelm_causal import (
     SpikeLMDecoderModel,
     SpikeLMForCausalLM,
 )
-from .neuron import ElasticBiSpikingNeuron, MultiStepSpike, SpikeStats, reference_multistep_spike
+from .neuron import (
+    ElasticBiSpikingNeuron,
+    MultiStepSpike,
+    SpikeStats,
+    reference_multistep_spike,
+)
 from .stats import collect_spike_stats, record_spike_stats
 
 __version__ = "0.1.0"

@@ -8,7 +8,16 @@ from .cache import SpikeCodeCache, SpikeCodeLayer, TransientSpikeKV
 from .config import FORMAT_VERSION, SpikeLMConversionConfig
 from .model_card import write_model_card
 from .quantizer import SpikeLMQuantizer
-from .spikify import FAMILIES, SITE_KINDS, attach, calibrate, is_spiking, make_neuron, neurons, spikify
+from .spikify import (
+    FAMILIES,
+    SITE_KINDS,
+    attach,
+    calibrate,
+    is_spiking,
+    make_neuron,
+    neurons,
+    spikify,
+)
 
 __all__ = [
     "FAMILIES",

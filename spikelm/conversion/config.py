@@ -11,7 +11,10 @@ from __future__ import annotations
 import copy
 from numbers import Real
 
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, register_quantization_config
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    register_quantization_config,
+)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..neuron import check_neuron_options
@@ -127,7 +130,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         for name in ("online_down_proj_rotation", "untied_embeddings"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")  # noqa: TRY004  (a field out of range)
         if not all(isinstance(m, str) and m for m in self.modules_to_not_convert):
             raise ValueError(f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}")
 

@@ -43,10 +43,10 @@ def write_model_card(directory, config: SpikeLMConversionConfig, source: str, ca
         f"# Spiking conversion of {source}",
         "",
         f"Converted from **{source}** with [spikelm](https://pypi.org/project/spikelm/)'s `spikify`: {_recipe(config)}.",
-        "Every linear layer's input is spiked (one neuron where several layers share an input) except "
-        f"{', '.join(f'`{m}`' for m in config.modules_to_not_convert) or 'none'}; K (after the rotary embedding) and V "
-        "are spiked per step; norms, softmax, activations and residual adds stay real-valued; the T copies are averaged "
-        "after the final norm.",
+        ("Every linear layer's input is spiked (one neuron where several layers share an input) except "
+         f"{', '.join(f'`{m}`' for m in config.modules_to_not_convert) or 'none'}; K (after the rotary embedding) and "
+         "V are spiked per step; norms, softmax, activations and residual adds stay real-valued; the T copies are "
+         "averaged after the final norm."),
         "",
         "Load it with `import spikelm` followed by the usual `AutoModelForCausalLM.from_pretrained(...)` (or `AutoModel...`):",
         "the `quantization_config` section of `config.json` (`quant_method: spikelm`) rebuilds the spiking model.",
@@ -64,12 +64,12 @@ def write_model_card(directory, config: SpikeLMConversionConfig, source: str, ca
     ]
     if config.rotation != "none" or config.online_down_proj_rotation:
         lines += ["## Transforms", "",
-                  f"Residual-stream rotation: {config.rotation}; online rotation of down_proj's input: "
-                  f"{'yes' if config.online_down_proj_rotation else 'no'}. The real-valued model's function is unchanged "
-                  "by them (they are folded into the weights).", ""]
+                  (f"Residual-stream rotation: {config.rotation}; online rotation of down_proj's input: "
+                   f"{'yes' if config.online_down_proj_rotation else 'no'}. The real-valued model's function is "
+                   "unchanged by them (they are folded into the weights)."), ""]
     if config.untied_embeddings:
-        lines += ["**The LM head was untied from the input embeddings** (a weight transform needed it): this checkpoint "
-                  "stores both matrices.", ""]
+        lines += [("**The LM head was untied from the input embeddings** (a weight transform needed it): this "
+                   "checkpoint stores both matrices."), ""]
     if perplexity:
         lines += ["## Measured perplexity", ""]
         if evaluation:

@@ -119,8 +119,8 @@ def is_spiking(model: nn.Module) -> bool:
 
 def family_of(model: nn.Module) -> Family:
     """The placement family of ``model``; ``ValueError`` naming the problem if it has none."""
-    if not isinstance(model, PreTrainedModel):
-        raise ValueError(
+    if not isinstance(model, PreTrainedModel):  # an unsupported architecture like any other: ValueError
+        raise ValueError(  # noqa: TRY004
             f"spikify expects a loaded transformers model (a PreTrainedModel); got a {type(model).__name__}"
         )
     config = model.config
