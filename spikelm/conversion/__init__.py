@@ -1,0 +1,1 @@
+"""Conversion of pretrained Hugging Face models into spiking ones: exact weight transforms, calibration."""
