@@ -212,3 +212,9 @@ def test_bad_options_raise():
         GIFNeuron(8, backend="triton")
     with pytest.raises(ValueError, match="shape"):
         GIFNeuron(8).set_salient(torch.zeros(7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="channels"):
+        GIFNeuron(8)(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="channels"):
+        GIFNeuron((3, 1, 4))(torch.randn(2, 2, 5, 4))
+    with pytest.raises(TypeError, match="floating"):
+        GIFNeuron(8)(torch.ones(2, 8, dtype=torch.long))

@@ -203,3 +203,26 @@ def test_fold_needs_untied_embeddings_and_a_supported_model():
         rotate_residual_stream(torch.nn.Linear(3, 3))
     with pytest.raises(ValueError, match="kind"):
         rotation_matrix(8, "learned")
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_smoothing_keeps_the_logits_and_flattens_outlier_channels(rotate):
+    from spikelm.conversion.smoothing import input_absmax, smooth_model
+
+    model = tiny("qwen2", tie=True)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[5] = 30.0  # an outlier channel in q/k/v's input
+    ids = torch.randint(0, 71, (2, 9))
+    before = logits(model, ids)
+    if rotate:
+        rotate_residual_stream(model, online_down_proj=True)
+    absmax = input_absmax(model, [ids[:1], ids[1:]])
+    assert set(absmax) == {f"layers.{i}.{n}" for i in range(2) for n in ("qkv", "gate_up")}
+    summary = smooth_model(model, absmax, alpha=0.5)
+    assert summary["smoothed"] == 4
+    assert relative_error(logits(model, ids), before) <= 1e-4
+    after = input_absmax(model, ids)["layers.0.qkv"]
+    before_qkv = absmax["layers.0.qkv"]
+    assert after.max() / after.median() < before_qkv.max() / before_qkv.median()
+    with pytest.raises(ValueError, match="alpha"):
+        smooth_model(model, absmax, alpha=2)

@@ -409,6 +409,17 @@ class GIFNeuron(nn.Module):
         self.set_salient(top_fraction_mask(scores, fraction).to(self.salient.device))
         return scores
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
+        trailing = tuple(x.shape[x.dim() - len(self.channel_shape):]) if x.dim() >= len(self.channel_shape) else ()
+        if len(trailing) != len(self.channel_shape) or any(
+                c not in (1, t) for c, t in zip(self.channel_shape, trailing)) or x.shape[-1] != self.channel_shape[-1]:
+            raise ValueError(f"{type(self).__name__} was built for channels {self.channel_shape}; got an input of "
+                             f"shape {tuple(x.shape)}")
+
     def _mask(self, x: torch.Tensor) -> torch.Tensor | None:
         if not self.has_saliency():
             return None
@@ -416,6 +427,7 @@ class GIFNeuron(nn.Module):
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The one-shot quantiser: ``(code, scale, zero)``, see :func:`quantize_per_token`."""
+        self._check_input(x)
         return quantize_per_token(x, self.bits, self.extra_bits, self._mask(x))
 
     def gain(self, device=None) -> torch.Tensor:
