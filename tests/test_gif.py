@@ -115,6 +115,7 @@ def test_linear_on_spikes_equals_linear_on_the_reconstruction(bits, extra_bits, 
     assert fast.shape == hooked.shape == per_step.shape == (4, 6, 10)
     torch.testing.assert_close(fast, hooked, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(per_step, fast, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(neuron.spike(x).linear(linear.weight, linear.bias, per_step=True), per_step)
 
 
 def test_reference_and_fused_backends_agree_exactly():
@@ -165,6 +166,13 @@ def test_saliency_score_matches_a_hand_computation():
     torch.testing.assert_close(saliency_scores(x, [w_q, w_k]), expected)
     # batches of a list count every token once, as one tensor would
     torch.testing.assert_close(saliency_scores([x[:1], x[1:]], w), expected)
+    # nn.Linear modules stand for their weights
+    linears = [torch.nn.Linear(6, 4).double(), torch.nn.Linear(6, 2).double()]
+    with torch.no_grad():
+        linears[0].weight.copy_(w_q)
+        linears[1].weight.copy_(w_k)
+    torch.testing.assert_close(saliency_scores(x, linears), expected)
+    torch.testing.assert_close(saliency_scores(x, linears[0]), saliency_scores(x, w_q))
     # without weights: mean x_c^2
     torch.testing.assert_close(saliency_scores(x), tokens.pow(2).mean(0))
 

@@ -204,20 +204,25 @@ def reference_gif_linear(
 
 
 def _as_list(x) -> list[torch.Tensor]:
-    return [x] if isinstance(x, torch.Tensor) else list(x)
+    return [x] if isinstance(x, (torch.Tensor, nn.Module)) else list(x)
+
+
+def _weight_of(item) -> torch.Tensor:
+    return item.weight if isinstance(item, nn.Module) else item
 
 
 def saliency_scores(
     x: torch.Tensor | Sequence[torch.Tensor],
-    weights: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    weights: torch.Tensor | nn.Module | Sequence[torch.Tensor | nn.Module] | None = None,
     channel_shape: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """Per-channel saliency of a neuron's input, float64, of shape ``channel_shape`` (default ``(C,)``).
 
     ``x``: the calibration inputs (..., C), one tensor or a list of batches (all tokens count equally).
-    ``weights``: every weight (O_i, C) reading this input (e.g. q/k/v), stacked vertically into ``W``; the score is
-    SpikeLLM's ``mean over tokens of x_c * (x W^T W)_c`` (signed: channels are ranked by it as it is). It is computed
-    as ``sum_d (X^T X)_{cd} (W^T W)_{dc} / N``, accumulating the C x C matrix ``X^T X`` over the batches.
+    ``weights``: every weight (O_i, C) reading this input (e.g. q/k/v; tensors or ``nn.Linear`` modules), stacked
+    vertically into ``W``; the score is SpikeLLM's ``mean over tokens of x_c * (x W^T W)_c`` (signed: channels are
+    ranked by it as it is). It is computed as ``sum_d (X^T X)_{cd} (W^T W)_{dc} / N``, accumulating the C x C
+    matrix ``X^T X`` over the batches.
     ``weights=None`` (K and V after projection: nothing but attention reads them) scores ``mean x_c^2``; then
     ``channel_shape`` may span several trailing dimensions, broadcast against ``x`` (e.g. ``(H, 1, d)`` for
     (B, H, L, d) keys: one score per head-channel), every other dimension averaged.
@@ -237,7 +242,7 @@ def saliency_scores(
     if channel_shape is not None and len(tuple(channel_shape)) != 1:
         raise ValueError(f"saliency_scores with weights needs one channel dimension, got channel_shape="
                          f"{tuple(channel_shape)}")
-    w = torch.cat([wi.detach() for wi in _as_list(weights)], dim=0).double()
+    w = torch.cat([_weight_of(wi).detach() for wi in _as_list(weights)], dim=0).double()
     channels = w.shape[1]
     gram_x = torch.zeros(channels, channels, dtype=torch.float64, device=w.device)
     count = 0
@@ -272,6 +277,11 @@ class GIFSpikes(NamedTuple):
     scale: torch.Tensor
     zero: torch.Tensor
     gain: torch.Tensor
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, per_step: bool = False) -> torch.Tensor:
+        """A linear layer on these spikes: :func:`gif_linear` (or, ``per_step``, :func:`reference_gif_linear`)."""
+        fn = reference_gif_linear if per_step else gif_linear
+        return fn(self.spikes, self.scale, self.zero, weight, bias, self.gain)
 
 
 class GIFStats:
@@ -397,7 +407,8 @@ class GIFNeuron(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor | Sequence[torch.Tensor],
-                  weights: torch.Tensor | Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                  weights: torch.Tensor | nn.Module | Sequence[torch.Tensor | nn.Module] | None = None,
+                  ) -> torch.Tensor:
         """Set the salient mask from calibration inputs: the top ``saliency_fraction`` of :func:`saliency_scores`.
 
         ``weights``: every weight reading this input (None for K/V: ``mean x_c^2``). Returns the scores.
