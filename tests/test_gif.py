@@ -49,6 +49,14 @@ def test_spike_sum_equals_one_shot_code(bits, extra_bits):
     assert torch.equal(scale, scale1) and torch.equal(zero, zero1)
     top = max_code(bits, extra_bits)
     assert int(code.min()) == 0 and int(code.max()) == top  # both ends of the grid are hit
+    # the textbook one-shot quantiser, written out independently
+    if extra_bits:
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        step = (hi - lo) / top
+        zp = torch.round(-lo / step)
+        fine = (torch.round(x / step) + zp).clamp(0, top)
+        coarse = (torch.round((x / step + zp) / 2 ** extra_bits).clamp(0, 2 ** bits - 1)) * 2 ** extra_bits
+        assert torch.equal(code.float(), torch.where(neuron.salient, fine, coarse))
     # every token's minimum maps to code 0 exactly; its maximum to the top (up to a tie in the zero point)
     assert torch.equal(code.gather(-1, x.argmin(-1, keepdim=True)), torch.zeros_like(code[..., :1]))
     assert (code.gather(-1, x.argmax(-1, keepdim=True)) >= top - 1).all()
@@ -134,6 +142,22 @@ def test_dequantisation_error_is_within_half_a_step():
     err = (neuron(x) - x).abs()
     assert (err[:, neuron.salient] <= scale / 2 + 1e-6).all()
     assert (err[:, ~neuron.salient] <= scale + 1e-6).all()  # half a coarse step (2 fine steps)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_neuron_on_a_device_matches_cpu(device):
+    neuron = calibrated_neuron(16, 4, 2, fraction=0.1)
+    neuron.record_stats = True
+    x = heavy_tailed(6, 16)
+    moved = GIFNeuron(16, bits=4, extra_bits=2, saliency_fraction=0.1).to(device)
+    moved.load_state_dict(neuron.state_dict())
+    moved.record_stats = True
+    torch.testing.assert_close(moved(x.to(device)).cpu(), neuron(x), rtol=0, atol=1e-6)
+    linear = torch.nn.Linear(16, 5)
+    out = moved.spike(x.to(device)).linear(linear.weight.to(device), linear.bias.to(device), per_step=True)
+    torch.testing.assert_close(out.cpu(), neuron.spike(x).linear(linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+    assert moved.stats.as_dict()["levels"] == neuron.stats.as_dict()["levels"]
 
 
 def test_half_precision_input_keeps_its_dtype():

@@ -71,6 +71,17 @@ def test_rotation_matrix_is_orthogonal(n, kind, expected):
         assert torch.allclose(q.abs(), torch.full_like(q, n ** -0.5))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_rotation_on_a_device(device):
+    model = tiny("llama", tie=True)
+    ids = torch.randint(0, 71, (2, 9))
+    before = logits(model, ids)
+    model.to(device)
+    rotate_residual_stream(model, online_down_proj=True)
+    assert relative_error(logits(model, ids.to(device)).cpu(), before) <= 1e-4
+
+
 def test_random_orthogonal_matrix():
     q = random_orthogonal_matrix(10, seed=0)
     torch.testing.assert_close(q.t() @ q, torch.eye(10, dtype=torch.float64))
