@@ -1,4 +1,4 @@
-"""Spiking conversion of pretrained transformers models (issue 13): ``spikify`` and what a converted model needs.
+"""Spiking conversion of pretrained transformers models (issue 13): ``spikify``, exact weight transforms, calibration.
 
 Importing this package registers the ``"spikelm"`` quantization method with transformers, so that
 ``from_pretrained`` restores a saved conversion.

@@ -1,0 +1,486 @@
+"""SpikeLLM's generalized integrate-and-fire (GIF) neuron with saliency-based extra steps (SPEC section 8).
+
+The neuron spikes the real-valued input ``x`` (..., C) of a linear layer (or the projected K/V) in three moves:
+
+1. **Per-token asymmetric quantisation.** For every token (every vector along the last dimension) a scale and an
+   integer zero point come from its min and max::
+
+       max_code = 2^a * (2^n - 1)                      # the fine grid; (2^n - 1) without saliency
+       scale    = max((x_max - x_min) / max_code, SCALE_FLOOR)
+       zero     = round(-x_min / scale)                # an integer, NOT clamped to [0, max_code] (as OmniQuant)
+       code     = clamp(round(x / scale) + zero, 0, max_code)
+       x_hat    = (code - zero) * scale
+
+   ``n`` = ``bits``, ``a`` = ``extra_bits``. The range is ``[0, 2^a * (2^n - 1)]``, exactly the sum that
+   ``T = 2^a`` spikes of at most ``2^n - 1`` can reach; SpikeLLM's ``[0, 2^(n+a) - 1]`` is one code too wide per
+   extra step (with n=4, a=1 its code 31 spikes 15 + 15 = 30). Rounding is half to even (``torch.round``).
+   Because ``round`` is odd-symmetric, ``x = x_min`` always gets code 0.
+
+2. **Two channel groups on one grid.** Salient channels (a calibrated mask) use every code of the fine grid.
+   The other channels use every ``2^a``-th code: ``code = 2^a * c`` with ``c = clamp(round((x / scale + zero) /
+   2^a), 0, 2^n - 1)``. As ``max_code = 2^a * (2^n - 1)``, the coarse grid spans exactly the same per-token
+   range with a step ``2^a`` times larger, and both groups share one scale and one zero point. A neuron without
+   salient channels ("without saliency") uses the plain n-bit grid (``max_code = 2^n - 1``), i.e. the textbook
+   per-token n-bit quantiser, every channel in one step.
+
+3. **Multi-level spikes with soft reset.** The membrane starts at the channel's spike code (``code`` for salient
+   channels, ``c`` for the others); at each of ``T = 2^a`` steps the neuron emits ``s_t = min(mem, 2^n - 1)`` and
+   soft-resets ``mem -= s_t``. A coarse channel's code is at most ``2^n - 1`` so it fires at step 0 only. Spikes
+   are integers (uint8 for n <= 8). A spike of a coarse channel weighs ``gain = 2^a`` (a shift), so
+   ``sum_t gain * s_t == code`` exactly, and a linear layer reading the spikes computes::
+
+       y = (sum_t W (gain * s_t) - zero * W.sum(1)) * scale + bias
+
+   :func:`reference_gif_linear` runs those T per-step matrix products, :func:`gif_linear` the summed one.
+
+The zero point is a per-token integer on the fine grid. Real zero is exactly representable for salient
+channels (and for every channel without saliency); for coarse channels only when ``zero`` is a multiple of
+``2^a``, otherwise within half a coarse step like any other value. Choosing it on the fine grid keeps the
+salient group identical to the one-shot (n+a)-bit quantiser, which the outlier channels need.
+
+Saliency (:func:`saliency_scores`): channel c scores ``mean over tokens of x_c * (x W^T W)_c``, with ``W`` the
+vertical stack of every weight reading this input (q/k/v, gate/up); the top ``saliency_fraction`` of channels get
+the extra steps. Without weights (the K/V neurons) the score is ``mean x_c^2``.
+
+Training: the forward pass returns the dequantised input with a straight-through gradient (identity on x):
+no element lies outside its own token's [min, max], so nothing is clipped and the STE of round and clamp is the
+identity. Scales are dynamic (per token), so there is no step size to learn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+SCALE_FLOOR = 1e-5  # a constant token (x_max == x_min) would divide by zero; OmniQuant's floor
+GIF_BACKENDS = ("fused", "reference")
+
+
+def check_gif_options(bits: int, extra_bits: int, saliency_fraction: float) -> None:
+    """Raise ``ValueError`` naming the bad argument if a GIF option is out of range."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 15:
+        raise ValueError(f"bits must be an integer in [1, 15] (n, the bits of one spike level), got {bits!r}")
+    if isinstance(extra_bits, bool) or not isinstance(extra_bits, int) or not 0 <= extra_bits <= 8:
+        raise ValueError(f"extra_bits must be an integer in [0, 8] (a; salient channels spike T = 2^a steps), "
+                         f"got {extra_bits!r}")
+    if bits + extra_bits > 24:
+        raise ValueError(f"bits + extra_bits must be at most 24 (codes must be exact in float32), got "
+                         f"{bits} + {extra_bits}")
+    if isinstance(saliency_fraction, bool) or not isinstance(saliency_fraction, (int, float)) \
+            or not 0 <= saliency_fraction <= 1:
+        raise ValueError(f"saliency_fraction must be a number in [0, 1], got {saliency_fraction!r}")
+
+
+def max_code(bits: int, extra_bits: int) -> int:
+    """The top of the fine grid, ``2^a * (2^n - 1)``: what ``2^a`` spikes of at most ``2^n - 1`` sum to."""
+    return (1 << extra_bits) * ((1 << bits) - 1)
+
+
+def spike_dtype(bits: int) -> torch.dtype:
+    return torch.uint8 if bits <= 8 else torch.int16
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Quantiser arithmetic runs in float32 (float64 stays float64); half-precision inputs are upcast."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def channel_gain(salient: torch.Tensor | None, extra_bits: int) -> torch.Tensor:
+    """int32 weight of one spike level per channel: 1 for salient channels, ``2^a`` for the others.
+
+    ``salient=None`` (no saliency: every channel on the n-bit grid) gives 1 everywhere (a scalar tensor).
+    """
+    if salient is None:
+        return torch.ones((), dtype=torch.int32)
+    return torch.where(salient, 1, 1 << extra_bits).to(torch.int32)
+
+
+def per_token_grid(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)``, each (..., 1) in the compute dtype, for codes 0..``top`` over ``x``'s last dimension."""
+    xc = x.detach().to(_compute_dtype(x.dtype))
+    x_min = xc.amin(dim=-1, keepdim=True)
+    x_max = xc.amax(dim=-1, keepdim=True)
+    scale = ((x_max - x_min) / top).clamp_min(SCALE_FLOOR)
+    zero = torch.round(-x_min / scale)
+    return scale, zero
+
+
+def quantize_per_token(
+    x: torch.Tensor, bits: int, extra_bits: int, salient: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one-shot quantiser: ``(code, scale, zero)`` with ``code`` int32 on the fine grid.
+
+    ``salient`` is a bool mask broadcastable to ``x`` (over its channels), or None for no saliency: then the grid
+    is the plain n-bit one (``[0, 2^n - 1]``). With a mask the grid is ``[0, 2^a (2^n - 1)]``; salient channels
+    take any code, the others a multiple of ``2^a``. ``(code - zero) * scale`` is the dequantised input.
+    """
+    top = max_code(bits, extra_bits if salient is not None else 0)
+    scale, zero = per_token_grid(x, top)
+    ratio = x.detach().to(scale.dtype) / scale
+    fine = (torch.round(ratio) + zero).clamp_(0, top)
+    if salient is None:
+        return fine.to(torch.int32), scale, zero
+    step = 1 << extra_bits
+    coarse = (torch.round((ratio + zero) / step).clamp_(0, (1 << bits) - 1)) * step
+    return torch.where(salient, fine, coarse).to(torch.int32), scale, zero
+
+
+def reference_gif_spikes(membrane: torch.Tensor, bits: int, num_steps: int) -> torch.Tensor:
+    """Spikes (T, ...) from integer start potentials, step by step: ``s = min(mem, 2^n - 1); mem -= s``."""
+    level = (1 << bits) - 1
+    mem = membrane.to(torch.int32).clone()
+    spikes = []
+    for _ in range(num_steps):
+        s = torch.clamp(mem, max=level)
+        mem -= s  # soft reset: the part not yet emitted stays
+        spikes.append(s)
+    return torch.stack(spikes).to(spike_dtype(bits))
+
+
+def gif_spikes(membrane: torch.Tensor, bits: int, num_steps: int) -> torch.Tensor:
+    """The same spikes in closed form: step t emits ``clamp(mem_0 - t (2^n - 1), 0, 2^n - 1)``."""
+    level = (1 << bits) - 1
+    offsets = torch.arange(num_steps, device=membrane.device, dtype=torch.int32) * level
+    offsets = offsets.view(-1, *([1] * membrane.dim()))
+    return (membrane.to(torch.int32).unsqueeze(0) - offsets).clamp_(0, level).to(spike_dtype(bits))
+
+
+def _summed_codes(spikes: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+    total = spikes.to(torch.int32).sum(0)
+    return total if gain is None else total * gain.to(total.device)
+
+
+def _linear_out(acc, scale, zero, weight, bias, dtype):
+    y = (acc - zero.to(dtype) * weight.to(dtype).sum(1)) * scale.to(dtype)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(weight.dtype)
+
+
+def gif_linear(
+    spikes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gain: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A linear layer on GIF spikes, summed path: ``((sum_t gain * s_t) W^T - zero * W.sum(1)) * scale + bias``.
+
+    ``spikes`` (T, ..., C) integers, ``scale`` / ``zero`` (..., 1), ``weight`` (O, C), ``gain`` (C,) from
+    :func:`channel_gain` (None: 1). The integer sum is exact, so this equals :func:`reference_gif_linear` up to
+    float summation order. Computes in float32 (float64 stays float64); returns ``weight``'s dtype.
+    """
+    dtype = _compute_dtype(weight.dtype)
+    acc = _summed_codes(spikes, gain).to(dtype) @ weight.to(dtype).t()
+    return _linear_out(acc, scale, zero, weight, bias, dtype)
+
+
+def reference_gif_linear(
+    spikes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gain: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`gif_linear` as the spiking hardware runs it: one matrix product per step, accumulated over T."""
+    dtype = _compute_dtype(weight.dtype)
+    w = weight.to(dtype).t()
+    acc = None
+    for s_t in spikes:
+        levels = s_t.to(torch.int32) if gain is None else s_t.to(torch.int32) * gain.to(s_t.device)
+        step = levels.to(dtype) @ w  # integer levels: additions only (a coarse spike's 2^a is a shift)
+        acc = step if acc is None else acc + step
+    return _linear_out(acc, scale, zero, weight, bias, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saliency from calibration.
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_list(x) -> list[torch.Tensor]:
+    return [x] if isinstance(x, (torch.Tensor, nn.Module)) else list(x)
+
+
+def _weight_of(item) -> torch.Tensor:
+    return item.weight if isinstance(item, nn.Module) else item
+
+
+def saliency_scores(
+    x: torch.Tensor | Sequence[torch.Tensor],
+    weights: torch.Tensor | nn.Module | Sequence[torch.Tensor | nn.Module] | None = None,
+    channel_shape: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Per-channel saliency of a neuron's input, float64, of shape ``channel_shape`` (default ``(C,)``).
+
+    ``x``: the calibration inputs (..., C), one tensor or a list of batches (all tokens count equally).
+    ``weights``: every weight (O_i, C) reading this input (e.g. q/k/v; tensors or ``nn.Linear`` modules), stacked
+    vertically into ``W``; the score is SpikeLLM's ``mean over tokens of x_c * (x W^T W)_c`` (signed: channels are
+    ranked by it as it is). It is computed as ``sum_d (X^T X)_{cd} (W^T W)_{dc} / N``, accumulating the C x C
+    matrix ``X^T X`` over the batches.
+    ``weights=None`` (K and V after projection: nothing but attention reads them) scores ``mean x_c^2``; then
+    ``channel_shape`` may span several trailing dimensions, broadcast against ``x`` (e.g. ``(H, 1, d)`` for
+    (B, H, L, d) keys: one score per head-channel), every other dimension averaged.
+    """
+    xs = _as_list(x)
+    if weights is None:
+        shape = tuple(channel_shape) if channel_shape is not None else (xs[0].shape[-1],)
+        total = torch.zeros(shape, dtype=torch.float64, device=xs[0].device)
+        count = 0
+        for xb in xs:
+            sq = xb.detach().double().pow(2)
+            lead = sq.dim() - len(shape)
+            dims = tuple(range(lead)) + tuple(lead + i for i, size in enumerate(shape) if size == 1)
+            total += sq.sum(dim=dims, keepdim=True).reshape(shape)
+            count += sq.numel() // total.numel()
+        return total / max(count, 1)
+    if channel_shape is not None and len(tuple(channel_shape)) != 1:
+        raise ValueError(f"saliency_scores with weights needs one channel dimension, got channel_shape="
+                         f"{tuple(channel_shape)}")
+    w = torch.cat([_weight_of(wi).detach() for wi in _as_list(weights)], dim=0).double()
+    channels = w.shape[1]
+    gram_x = torch.zeros(channels, channels, dtype=torch.float64, device=w.device)
+    count = 0
+    for xb in xs:
+        if xb.shape[-1] != channels:
+            raise ValueError(f"calibration input has {xb.shape[-1]} channels, the weights read {channels}")
+        rows = xb.detach().reshape(-1, channels).double().to(w.device)
+        gram_x += rows.t() @ rows
+        count += rows.shape[0]
+    return (gram_x * (w.t() @ w)).sum(0) / max(count, 1)
+
+
+def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Bool mask of ``scores``' shape: True on the ``round(fraction * numel)`` highest scores."""
+    k = round(fraction * scores.numel())
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.topk(scores.flatten(), k).indices] = True
+    return mask.view(scores.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# The module.
+# ----------------------------------------------------------------------------------------------
+
+
+class GIFSpikes(NamedTuple):
+    """What :meth:`GIFNeuron.spike` emits: integer ``spikes`` (T, ..., C), per-token ``scale`` and ``zero``
+    (..., 1), and the per-channel ``gain`` (1 or 2^a, int32) a spike level weighs."""
+
+    spikes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    gain: torch.Tensor
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, per_step: bool = False) -> torch.Tensor:
+        """A linear layer on these spikes: :func:`gif_linear` (or, ``per_step``, :func:`reference_gif_linear`)."""
+        fn = reference_gif_linear if per_step else gif_linear
+        return fn(self.spikes, self.scale, self.zero, weight, bias, self.gain)
+
+
+class GIFStats:
+    """Spike counts a GIF neuron accumulates while ``record_stats`` is on.
+
+    Per step t: ``events[t]`` nonzero spikes, ``levels[t]`` the sum of their levels (integers >= 0; a spike of
+    level k costs k accumulates per fan-out), ``slots[t]`` the channel-steps that could fire (every channel at
+    t = 0, salient ones after). ``tokens`` counts quantised vectors: each costs one zero-point and one scale
+    multiply-accumulate per output (two scale terms when the two channel groups are summed apart, ``groups``).
+    """
+
+    def __init__(self, num_steps: int, device=None):
+        self.events = torch.zeros(num_steps, dtype=torch.int64, device=device)
+        self.levels = torch.zeros(num_steps, dtype=torch.int64, device=device)
+        self.slots = torch.zeros(num_steps, dtype=torch.int64, device=device)
+        self.tokens = 0
+        self.groups = 1
+        self.calls = 0
+
+    def add(self, spikes: torch.Tensor, slots: torch.Tensor, tokens: int, groups: int) -> None:
+        flat = spikes.reshape(spikes.shape[0], -1)
+        steps = flat.shape[0]
+        self.events[:steps] += (flat > 0).sum(1).to(self.events.device)
+        self.levels[:steps] += flat.to(torch.int64).sum(1).to(self.levels.device)
+        self.slots[:steps] += slots.to(self.slots.device)
+        self.tokens += tokens
+        self.groups = groups
+        self.calls += 1
+
+    def firing_rate(self) -> torch.Tensor:
+        return self.events.double() / self.slots.clamp_min(1).double()
+
+    def as_dict(self) -> dict:
+        return {
+            "firing_rate": self.firing_rate().tolist(),
+            "spikes": self.events.tolist(),
+            "levels": self.levels.tolist(),
+            "slots": self.slots.tolist(),
+            "tokens": self.tokens,
+            "groups": self.groups,
+        }
+
+
+class GIFNeuron(nn.Module):
+    """SpikeLLM's GIF neuron on a real-valued input (..., C); see the module docstring for the maths.
+
+    Args:
+        channels: C, or a channel shape broadcast against the input's trailing dimensions (e.g. ``(H, 1, d)`` for
+            (B, H, L, d) keys: one salient flag per head-channel). The per-token range is always taken over the
+            last dimension.
+        bits: n, the bits of one spike level (levels 0..2^n - 1).
+        extra_bits: a; salient channels spike over ``T = 2^a`` steps (the fine grid), the others in one step.
+        saliency_fraction: the share of channels :meth:`calibrate` marks salient (SpikeLLM: 0.1 with a=1, 0.05
+            with a=2). 0, or never calibrating, means no saliency: every channel n bits in one step.
+        backend: ``"fused"`` (the one-shot quantiser, default) or ``"reference"`` (runs the spikes step by step
+            and sums them); not saved with the model.
+
+    ``salient`` is a bool buffer of shape ``channels`` saved in the state dict.
+    """
+
+    def __init__(
+        self,
+        channels: int | Sequence[int],
+        bits: int = 4,
+        extra_bits: int = 1,
+        saliency_fraction: float = 0.1,
+        backend: str = "fused",
+    ):
+        super().__init__()
+        check_gif_options(bits, extra_bits, saliency_fraction)
+        self.channel_shape = (channels,) if isinstance(channels, int) else tuple(channels)
+        self.bits = bits
+        self.extra_bits = extra_bits
+        self.saliency_fraction = float(saliency_fraction)
+        self.backend = backend
+        self.register_buffer("salient", torch.zeros(self.channel_shape, dtype=torch.bool))
+        self.record_stats = False
+        self.stats: GIFStats | None = None
+        self._has_salient: bool | None = None  # cache of salient.any(): no host sync per call
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in GIF_BACKENDS:
+            raise ValueError(f"backend must be one of {GIF_BACKENDS}, got {value!r}")
+        self._backend = value
+
+    @property
+    def num_steps(self) -> int:
+        """T: 2^a with salient channels, 1 without."""
+        return 1 << self.extra_bits if self.has_saliency() else 1
+
+    @property
+    def max_level(self) -> int:
+        return (1 << self.bits) - 1
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channel_shape}, bits={self.bits}, extra_bits={self.extra_bits}, "
+                f"saliency_fraction={self.saliency_fraction}")
+
+    def has_saliency(self) -> bool:
+        if self._has_salient is None:
+            self._has_salient = bool(self.salient.any()) and self.extra_bits > 0
+        return self._has_salient
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._has_salient = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def reset_stats(self) -> None:
+        self.stats = None
+
+    @torch.no_grad()
+    def set_salient(self, mask: torch.Tensor) -> None:
+        """Mark channels salient (bool, shape ``channels``)."""
+        if tuple(mask.shape) != self.channel_shape:
+            raise ValueError(f"salient mask must have shape {self.channel_shape}, got {tuple(mask.shape)}")
+        self.salient.copy_(mask.to(torch.bool))
+        self._has_salient = None
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor | Sequence[torch.Tensor],
+                  weights: torch.Tensor | nn.Module | Sequence[torch.Tensor | nn.Module] | None = None,
+                  ) -> torch.Tensor:
+        """Set the salient mask from calibration inputs: the top ``saliency_fraction`` of :func:`saliency_scores`.
+
+        ``weights``: every weight reading this input (None for K/V: ``mean x_c^2``). Returns the scores.
+        """
+        scores = saliency_scores(x, weights, None if weights is not None else self.channel_shape)
+        if tuple(scores.shape) != self.channel_shape:
+            raise ValueError(f"scores of shape {tuple(scores.shape)} do not match channels {self.channel_shape}")
+        fraction = self.saliency_fraction if self.extra_bits > 0 else 0.0
+        self.set_salient(top_fraction_mask(scores, fraction).to(self.salient.device))
+        return scores
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
+        trailing = tuple(x.shape[x.dim() - len(self.channel_shape):]) if x.dim() >= len(self.channel_shape) else ()
+        if len(trailing) != len(self.channel_shape) or any(
+                c not in (1, t) for c, t in zip(self.channel_shape, trailing)) or x.shape[-1] != self.channel_shape[-1]:
+            raise ValueError(f"{type(self).__name__} was built for channels {self.channel_shape}; got an input of "
+                             f"shape {tuple(x.shape)}")
+
+    def _mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.has_saliency():
+            return None
+        return self.salient.to(x.device)
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The one-shot quantiser: ``(code, scale, zero)``, see :func:`quantize_per_token`."""
+        self._check_input(x)
+        return quantize_per_token(x, self.bits, self.extra_bits, self._mask(x))
+
+    def gain(self, device=None) -> torch.Tensor:
+        """The int32 weight of one spike level per channel (1, or 2^a for one-step channels)."""
+        gain = channel_gain(self.salient if self.has_saliency() else None, self.extra_bits)
+        return gain.to(device if device is not None else self.salient.device)
+
+    def spike(self, x: torch.Tensor) -> GIFSpikes:
+        """Run the neuron: integer spikes (T, ..., C), the per-token scale and zero point, the channel gain."""
+        code, scale, zero = self.quantize(x)
+        gain = self.gain(x.device)
+        membrane = torch.div(code, gain, rounding_mode="floor")  # a coarse code is gain * c: start from c
+        make = reference_gif_spikes if self.backend == "reference" else gif_spikes
+        spikes = make(membrane, self.bits, self.num_steps)
+        if self.record_stats:
+            self._record(spikes, x)
+        return GIFSpikes(spikes, scale, zero, gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The dequantised input (x's shape and dtype): hooking this onto a linear layer's input is
+        :func:`gif_linear` on :meth:`spike`. Straight-through gradient (identity) to ``x``."""
+        with torch.no_grad():
+            if self.backend == "reference":
+                spikes, scale, zero, gain = self.spike(x)
+                code = _summed_codes(spikes, gain)
+            else:
+                code, scale, zero = self.quantize(x)
+                if self.record_stats:
+                    membrane = torch.div(code, self.gain(x.device), rounding_mode="floor")
+                    self._record(gif_spikes(membrane, self.bits, self.num_steps), x)
+            out = ((code.to(scale.dtype) - zero) * scale).to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            out = out + (x - x.detach())  # value exactly `out`, gradient the identity
+        return out
+
+    def _record(self, spikes: torch.Tensor, x: torch.Tensor) -> None:
+        steps = spikes.shape[0]
+        if self.stats is None:
+            self.stats = GIFStats(1 << self.extra_bits, device=x.device)
+        per_token = spikes[0].numel() // max(x.shape[-1], 1)
+        mask = self._mask(x)
+        channel_slots = spikes[0].numel()
+        salient_slots = int(torch.broadcast_to(mask, x.shape).sum()) if mask is not None else 0
+        slots = torch.tensor([channel_slots] + [salient_slots] * (steps - 1), dtype=torch.int64)
+        self.stats.add(spikes, slots, per_token, 2 if mask is not None else 1)

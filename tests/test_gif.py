@@ -1,0 +1,252 @@
+"""SpikeLLM's GIF neuron: the spiking path equals its one-shot quantiser, saliency, linear outputs, statistics."""
+
+import pytest
+import torch
+
+from spikelm.nn.gif import (
+    GIFNeuron,
+    gif_linear,
+    gif_spikes,
+    max_code,
+    quantize_per_token,
+    reference_gif_linear,
+    reference_gif_spikes,
+    saliency_scores,
+    top_fraction_mask,
+)
+
+SETTINGS = [(4, 1), (4, 2), (2, 3), (8, 0)]  # (n, a): SpikeLLM's two settings and edge cases
+
+
+def heavy_tailed(*shape):
+    x = torch.randn(*shape)
+    x[..., 3] *= 20  # an outlier channel, as in LLM activations
+    return x
+
+
+def calibrated_neuron(channels, bits, extra_bits, fraction=0.25, backend="fused"):
+    neuron = GIFNeuron(channels, bits=bits, extra_bits=extra_bits, saliency_fraction=fraction, backend=backend)
+    neuron.calibrate(heavy_tailed(64, channels))
+    return neuron
+
+
+def test_max_code_is_what_the_spikes_can_sum_to():
+    assert max_code(4, 1) == 30  # SpikeLLM: 31, which its spikes cannot reach
+    assert max_code(4, 2) == 60
+    assert max_code(4, 0) == 15
+
+
+@pytest.mark.parametrize("bits,extra_bits", SETTINGS)
+def test_spike_sum_equals_one_shot_code(bits, extra_bits):
+    neuron = calibrated_neuron(16, bits, extra_bits)
+    x = heavy_tailed(5, 7, 16)
+    spikes, scale, zero, gain = neuron.spike(x)
+    code, scale1, zero1 = quantize_per_token(x, bits, extra_bits, neuron.salient if extra_bits else None)
+    assert spikes.dtype == (torch.uint8 if bits <= 8 else torch.int16)
+    assert spikes.shape == (neuron.num_steps, 5, 7, 16)
+    assert int(spikes.max()) <= (1 << bits) - 1
+    assert torch.equal((spikes.to(torch.int32) * gain).sum(0), code)
+    assert torch.equal(scale, scale1) and torch.equal(zero, zero1)
+    top = max_code(bits, extra_bits)
+    assert int(code.min()) == 0 and int(code.max()) == top  # both ends of the grid are hit
+    # the textbook one-shot quantiser, written out independently
+    if extra_bits:
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        step = (hi - lo) / top
+        zp = torch.round(-lo / step)
+        fine = (torch.round(x / step) + zp).clamp(0, top)
+        coarse = (torch.round((x / step + zp) / 2 ** extra_bits).clamp(0, 2 ** bits - 1)) * 2 ** extra_bits
+        assert torch.equal(code.float(), torch.where(neuron.salient, fine, coarse))
+    # every token's minimum maps to code 0 exactly; its maximum to the top (up to a tie in the zero point)
+    assert torch.equal(code.gather(-1, x.argmin(-1, keepdim=True)), torch.zeros_like(code[..., :1]))
+    assert (code.gather(-1, x.argmax(-1, keepdim=True)) >= top - 1).all()
+
+
+@pytest.mark.parametrize("bits,extra_bits", SETTINGS)
+def test_reference_spike_loop_equals_closed_form(bits, extra_bits):
+    membrane = torch.arange(0, max_code(bits, extra_bits) + 1).view(1, -1)
+    steps = 1 << extra_bits
+    ref = reference_gif_spikes(membrane, bits, steps)
+    assert torch.equal(ref, gif_spikes(membrane, bits, steps))
+    assert torch.equal(ref.to(torch.int64).sum(0), membrane)  # the top of the range drains fully: no off-by-one
+    assert ref[:, 0, -1].tolist() == [(1 << bits) - 1] * steps
+
+
+def test_salient_channels_get_the_fine_grid_the_others_the_coarse():
+    neuron = calibrated_neuron(16, 4, 1)
+    assert neuron.salient.sum() == 4 and bool(neuron.salient[3])  # the outlier channel is salient
+    code, _, _ = neuron.quantize(heavy_tailed(200, 16))
+    assert (code[:, ~neuron.salient] % 2 == 0).all()  # multiples of 2^a
+    assert (code[:, neuron.salient] % 2 == 1).any()
+    spikes = neuron.spike(heavy_tailed(200, 16)).spikes
+    assert (spikes[1:, :, ~neuron.salient] == 0).all()  # one step for the coarse channels
+    assert (spikes[1:, :, neuron.salient] > 0).any()
+
+
+def test_without_saliency_is_the_plain_n_bit_quantiser_in_one_step():
+    x = heavy_tailed(9, 16)
+    for neuron in (GIFNeuron(16, bits=4, extra_bits=1), calibrated_neuron(16, 4, 1, fraction=0.0)):
+        assert not neuron.has_saliency() and neuron.num_steps == 1
+        spikes, scale, zero, gain = neuron.spike(x)
+        assert spikes.shape[0] == 1
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        assert torch.allclose(scale, (hi - lo) / 15)
+        assert torch.equal(zero, torch.round(-lo / scale)) and bool((gain == 1).all())
+        expected = (torch.round(x / scale) + zero).clamp(0, 15)
+        assert torch.equal(spikes[0].to(torch.float32), expected)
+
+
+def test_salient_mask_changes_the_output_and_is_saved():
+    x = heavy_tailed(32, 16)
+    plain = GIFNeuron(16, bits=4, extra_bits=1)
+    neuron = calibrated_neuron(16, 4, 1)
+    err_plain = (plain(x) - x).pow(2).mean()
+    err_salient = (neuron(x) - x).pow(2).mean()
+    assert err_salient < err_plain
+    assert "salient" in neuron.state_dict()
+    fresh = GIFNeuron(16, bits=4, extra_bits=1)
+    fresh.load_state_dict(neuron.state_dict())
+    assert fresh.has_saliency() and torch.equal(fresh(x), neuron(x))
+
+
+@pytest.mark.parametrize("bits,extra_bits", SETTINGS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_on_spikes_equals_linear_on_the_reconstruction(bits, extra_bits, with_bias):
+    torch.manual_seed(1)
+    neuron = calibrated_neuron(16, bits, extra_bits)
+    linear = torch.nn.Linear(16, 10, bias=with_bias)
+    x = heavy_tailed(4, 6, 16)
+    spikes, scale, zero, gain = neuron.spike(x)
+    hooked = linear(neuron(x))
+    fast = gif_linear(spikes, scale, zero, linear.weight, linear.bias, gain)
+    per_step = reference_gif_linear(spikes, scale, zero, linear.weight, linear.bias, gain)
+    assert fast.shape == hooked.shape == per_step.shape == (4, 6, 10)
+    torch.testing.assert_close(fast, hooked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(per_step, fast, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(neuron.spike(x).linear(linear.weight, linear.bias, per_step=True), per_step)
+
+
+def test_reference_and_fused_backends_agree_exactly():
+    ref = calibrated_neuron(24, 4, 2, fraction=0.05, backend="reference")
+    fused = GIFNeuron(24, bits=4, extra_bits=2, saliency_fraction=0.05)
+    fused.load_state_dict(ref.state_dict())
+    x = heavy_tailed(3, 11, 24)
+    assert torch.equal(ref(x), fused(x))
+    assert torch.equal(ref.spike(x).spikes, fused.spike(x).spikes)
+
+
+def test_dequantisation_error_is_within_half_a_step():
+    neuron = calibrated_neuron(16, 4, 1)
+    x = heavy_tailed(50, 16)
+    _, scale, _ = neuron.quantize(x)
+    err = (neuron(x) - x).abs()
+    assert (err[:, neuron.salient] <= scale / 2 + 1e-6).all()
+    assert (err[:, ~neuron.salient] <= scale + 1e-6).all()  # half a coarse step (2 fine steps)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_neuron_on_a_device_matches_cpu(device):
+    neuron = calibrated_neuron(16, 4, 2, fraction=0.1)
+    neuron.record_stats = True
+    x = heavy_tailed(6, 16)
+    moved = GIFNeuron(16, bits=4, extra_bits=2, saliency_fraction=0.1).to(device)
+    moved.load_state_dict(neuron.state_dict())
+    moved.record_stats = True
+    torch.testing.assert_close(moved(x.to(device)).cpu(), neuron(x), rtol=0, atol=1e-6)
+    linear = torch.nn.Linear(16, 5)
+    out = moved.spike(x.to(device)).linear(linear.weight.to(device), linear.bias.to(device), per_step=True)
+    torch.testing.assert_close(out.cpu(), neuron.spike(x).linear(linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+    assert moved.stats.as_dict()["levels"] == neuron.stats.as_dict()["levels"]
+
+
+def test_half_precision_input_keeps_its_dtype():
+    neuron = calibrated_neuron(16, 4, 1)
+    x = heavy_tailed(5, 16)
+    out = neuron(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.shape == x.shape
+
+
+def test_straight_through_gradient():
+    neuron = calibrated_neuron(16, 4, 1)
+    x = heavy_tailed(5, 16).requires_grad_()
+    out = neuron(x)
+    with torch.no_grad():
+        assert torch.equal(out, neuron(x))  # the STE does not change the value
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    assert torch.equal(x.grad, weights)
+
+
+def test_saliency_score_matches_a_hand_computation():
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    w_q, w_k = torch.randn(4, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
+    w = torch.cat([w_q, w_k])
+    tokens = x.reshape(-1, 6)
+    expected = torch.zeros(6, dtype=torch.float64)
+    for row in tokens:
+        expected += row * (row @ w.t() @ w)
+    expected /= tokens.shape[0]
+    torch.testing.assert_close(saliency_scores(x, [w_q, w_k]), expected)
+    # batches of a list count every token once, as one tensor would
+    torch.testing.assert_close(saliency_scores([x[:1], x[1:]], w), expected)
+    # nn.Linear modules stand for their weights
+    linears = [torch.nn.Linear(6, 4).double(), torch.nn.Linear(6, 2).double()]
+    with torch.no_grad():
+        linears[0].weight.copy_(w_q)
+        linears[1].weight.copy_(w_k)
+    torch.testing.assert_close(saliency_scores(x, linears), expected)
+    torch.testing.assert_close(saliency_scores(x, linears[0]), saliency_scores(x, w_q))
+    # without weights: mean x_c^2
+    torch.testing.assert_close(saliency_scores(x), tokens.pow(2).mean(0))
+
+
+def test_per_head_channel_saliency_for_keys():
+    keys = torch.randn(2, 3, 7, 4)  # (B, H, L, d)
+    keys[:, 1, :, 2] *= 10
+    neuron = GIFNeuron((3, 1, 4), bits=4, extra_bits=1, saliency_fraction=1 / 12)
+    scores = neuron.calibrate(keys)
+    assert scores.shape == (3, 1, 4)
+    torch.testing.assert_close(scores, keys.double().pow(2).mean(dim=(0, 2), keepdim=True)[0])
+    assert neuron.salient.sum() == 1 and bool(neuron.salient[1, 0, 2])
+    spikes = neuron.spike(keys).spikes
+    assert spikes.shape == (2, 2, 3, 7, 4)
+    assert (spikes[1, :, 1, :, 2] > 0).any() and (spikes[1][:, :, :, [0, 1, 3]] == 0).all()
+
+
+def test_top_fraction_mask():
+    mask = top_fraction_mask(torch.tensor([0.5, -3.0, 9.0, 1.0, 2.0, 0.0, 0.1, 7.0, -1.0, 4.0]), 0.2)
+    assert mask.nonzero().flatten().tolist() == [2, 7]
+
+
+def test_firing_statistics_count_events_and_levels():
+    neuron = calibrated_neuron(16, 4, 1)
+    neuron.record_stats = True
+    x = heavy_tailed(8, 16)
+    spikes = neuron.spike(x).spikes
+    neuron(x)  # the fused path records the same counts
+    stats = neuron.stats.as_dict()
+    assert stats["spikes"] == [2 * int((spikes[t] > 0).sum()) for t in range(2)]
+    assert stats["levels"] == [2 * int(spikes[t].to(torch.int64).sum()) for t in range(2)]
+    assert stats["slots"] == [2 * 8 * 16, 2 * 8 * 4]
+    assert stats["tokens"] == 16 and stats["groups"] == 2
+    assert 0 < stats["firing_rate"][1] <= 1
+
+
+def test_bad_options_raise():
+    with pytest.raises(ValueError, match="bits"):
+        GIFNeuron(8, bits=0)
+    with pytest.raises(ValueError, match="extra_bits"):
+        GIFNeuron(8, extra_bits=-1)
+    with pytest.raises(ValueError, match="saliency_fraction"):
+        GIFNeuron(8, saliency_fraction=1.5)
+    with pytest.raises(ValueError, match="backend"):
+        GIFNeuron(8, backend="triton")
+    with pytest.raises(ValueError, match="shape"):
+        GIFNeuron(8).set_salient(torch.zeros(7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="channels"):
+        GIFNeuron(8)(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="channels"):
+        GIFNeuron((3, 1, 4))(torch.randn(2, 2, 5, 4))
+    with pytest.raises(TypeError, match="floating"):
+        GIFNeuron(8)(torch.ones(2, 8, dtype=torch.long))
