@@ -10,6 +10,9 @@ attention module's ``key_neuron`` and ``value_neuron`` (no membrane, SPEC sectio
   token decoded with the per-step alphas;
 * without one, :class:`TransientSpikeKV` spikes them and keeps nothing.
 
+With GIF neurons (no T copies) the cache layer is :class:`GIFCodeLayer`: it keeps each token's integer code (the
+sum of its spikes) with the token's scale and zero point, and decodes them as the neuron does.
+
 Both call the same neurons on the same tensors, so cached decoding equals a full forward pass.
 """
 
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..modeling_spikelm_causal import SpikeKVCacheLayer
 from ..neuron import ALPHA_FLOOR, ElasticBiSpikingNeuron
@@ -74,6 +77,77 @@ class SpikeCodeLayer(SpikeKVCacheLayer):
         return unfold_steps_from_heads(keys, steps), unfold_steps_from_heads(values, steps)
 
 
+def _code_dtype(top: int) -> torch.dtype:
+    return torch.uint8 if top <= 255 else torch.int16 if top <= 32767 else torch.int32
+
+
+class GIFCodeLayer(DynamicLayer):
+    """One attention layer's cache for GIF K/V neurons: integer codes (B, H, L, d) plus a per-token grid.
+
+    ``keys`` / ``values`` hold the codes (uint8 for n + a <= 8); ``key_grid`` / ``value_grid`` (B, H, L, 2) the
+    float32 scale and zero point of each token. Decoding is the neuron's own ``(code - zero) * scale``, so cached
+    tokens equal what a full forward pass computes.
+    """
+
+    def __init__(self, key_neuron: nn.Module, value_neuron: nn.Module):
+        super().__init__()
+        self.key_neuron, self.value_neuron = key_neuron, value_neuron
+        self.key_grid = self.value_grid = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        from ..nn.gif import max_code
+
+        self.dtype, self.device = key_states.dtype, key_states.device
+        neuron = self.key_neuron
+        code_dtype = _code_dtype(max_code(neuron.bits, neuron.extra_bits))
+        for name, states in (("keys", key_states), ("values", value_states)):
+            setattr(self, name, torch.empty((*states.shape[:2], 0, states.shape[3]), dtype=code_dtype,
+                                            device=self.device))
+        self.key_grid = torch.empty((*key_states.shape[:2], 0, 2), dtype=torch.float32, device=self.device)
+        self.value_grid = torch.empty((*value_states.shape[:2], 0, 2), dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    def _decode(self, codes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        return ((codes.to(grid.dtype) - grid[..., 1:]) * grid[..., :1]).to(self.dtype)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        out = []
+        for name, neuron, states in (("key", self.key_neuron, key_states), ("value", self.value_neuron, value_states)):
+            codes_name = f"{name}s"
+            past = self._decode(getattr(self, codes_name), getattr(self, f"{name}_grid"))
+            spiked = neuron(states)  # the dequantised spike sum, straight-through gradient
+            with torch.no_grad():
+                code, scale, zero = neuron.quantize(states)
+            setattr(self, codes_name, torch.cat([getattr(self, codes_name), code.to(getattr(self, codes_name).dtype)],
+                                                dim=-2))
+            grid = torch.cat([scale, zero], dim=-1).to(torch.float32)
+            setattr(self, f"{name}_grid", torch.cat([getattr(self, f"{name}_grid"), grid], dim=-2))
+            out.append(torch.cat([past, spiked], dim=-2))
+        return out[0], out[1]
+
+    def _apply(self, fn) -> None:
+        if self.is_initialized:
+            self.keys, self.values, self.key_grid, self.value_grid = (
+                fn(t) for t in (self.keys, self.values, self.key_grid, self.value_grid))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        if tokens_to_remove:
+            self._apply(lambda t: t[..., : -abs(tokens_to_remove), :])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices, ...])
+
+
 class TransientSpikeKV:
     """Stands in for the cache when there is none (``use_cache=False``): spikes K and V, stores nothing."""
 
@@ -90,12 +164,16 @@ class TransientSpikeKV:
 
 def is_spike_cache(cache) -> bool:
     return isinstance(cache, DynamicCache) and len(cache.layers) > 0 and all(
-        isinstance(layer, SpikeCodeLayer) for layer in cache.layers)
+        isinstance(layer, (SpikeCodeLayer, GIFCodeLayer)) for layer in cache.layers)
 
 
-def make_spike_layers(attentions: list[nn.Module], steps: int) -> list[SpikeCodeLayer]:
-    """One :class:`SpikeCodeLayer` per attention module, in layer order."""
-    return [SpikeCodeLayer(attn.key_neuron, attn.value_neuron, steps) for attn in attentions]
+def make_spike_layers(attentions: list[nn.Module], steps: int) -> list[DynamicLayer]:
+    """One spike-code layer per attention module, in layer order (elastic or GIF, after its K neuron)."""
+    return [
+        SpikeCodeLayer(attn.key_neuron, attn.value_neuron, steps)
+        if isinstance(attn.key_neuron, ElasticBiSpikingNeuron) else GIFCodeLayer(attn.key_neuron, attn.value_neuron)
+        for attn in attentions
+    ]
 
 
 def into_spike_cache(cache: DynamicCache, attentions: list[nn.Module], steps: int) -> DynamicCache:

@@ -9,7 +9,6 @@ from it before the weights and alphas load.
 from __future__ import annotations
 
 import copy
-from numbers import Real
 
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -18,6 +17,7 @@ from transformers.quantizers.auto import (
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..neuron import check_neuron_options
+from ..nn.gif import check_gif_options
 
 QUANT_METHOD = "spikelm"
 FORMAT_VERSION = 1  # bump when a saved model of the previous version would load differently
@@ -43,8 +43,11 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
             steps; 0 gives every channel n bits in one step.
 
     Outlier handling (equivalence transforms folded into the weights before spiking):
-        rotation (str): ``"none"``, ``"hadamard"`` or ``"random"``: an orthogonal rotation of the residual stream.
-        online_down_proj_rotation (bool): also rotate down_proj's input at run time.
+        rotation (str): ``"none"``, ``"hadamard"`` or ``"random"``: an orthogonal rotation of the residual stream
+            (LLaMA family; RMSNorm gains folded in first, see :mod:`spikelm.conversion.rotation`).
+        rotation_seed (int): seed of the rotation's random signs (or matrix); the online rotation uses seed + 1.
+        online_down_proj_rotation (bool): also rotate down_proj's input at run time (a Hadamard rebuilt from its
+            size and seed on load, so nothing extra is saved).
         untied_embeddings (bool): the LM head was untied from the input embeddings (a transform needed it).
 
     Placement:
@@ -68,6 +71,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         gif_extra_bits: int = 1,
         saliency_fraction: float = 0.1,
         rotation: str = "none",
+        rotation_seed: int = 0,
         online_down_proj_rotation: bool = False,
         untied_embeddings: bool = False,
         modules_to_not_convert: list[str] | None = None,
@@ -92,6 +96,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         self.gif_extra_bits = gif_extra_bits
         self.saliency_fraction = saliency_fraction
         self.rotation = rotation
+        self.rotation_seed = rotation_seed
         self.online_down_proj_rotation = online_down_proj_rotation
         self.untied_embeddings = untied_embeddings
         self.modules_to_not_convert = ["lm_head"] if modules_to_not_convert is None else list(modules_to_not_convert)
@@ -101,7 +106,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
     def field_names() -> tuple[str, ...]:
         return (
             "neuron", "num_steps", "spike_levels", "use_amplitude", "alpha_init", "learn_alpha", "reset", "gif_bits",
-            "gif_extra_bits", "saliency_fraction", "rotation", "online_down_proj_rotation", "untied_embeddings",
+            "gif_extra_bits", "saliency_fraction", "rotation", "rotation_seed", "online_down_proj_rotation", "untied_embeddings",
             "modules_to_not_convert", "format_version",
         )
 
@@ -119,13 +124,9 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         check_neuron_options(
             self.num_steps, self.spike_levels, self.use_amplitude, self.alpha_init, self.learn_alpha, self.reset
         )
-        for name in ("gif_bits", "gif_extra_bits"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "gif_bits" else 0):
-                raise ValueError(f"{name} must be an integer >= {1 if name == 'gif_bits' else 0}, got {value!r}")
-        fraction = self.saliency_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, Real) or not 0 <= fraction <= 1:
-            raise ValueError(f"saliency_fraction must be a number in [0, 1], got {fraction!r}")
+        check_gif_options(self.gif_bits, self.gif_extra_bits, self.saliency_fraction)
+        if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int):
+            raise ValueError(f"rotation_seed must be an integer, got {self.rotation_seed!r}")  # noqa: TRY004
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         for name in ("online_down_proj_rotation", "untied_embeddings"):

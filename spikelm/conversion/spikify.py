@@ -153,30 +153,31 @@ def _get(module: nn.Module, path: str) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_neuron(kind: str, config: SpikeLMConversionConfig, num_channels: int,
+def make_neuron(kind: str, config: SpikeLMConversionConfig, channels: int | tuple[int, ...],
                 reader_weights: list[torch.Tensor]) -> nn.Module:
     """The neuron for one placement site.
 
     Args:
         kind: one of :data:`SITE_KINDS`: the shared input of q/k/v (``"qkv_input"``), o_proj's input, the shared
             input of the FFN's first linear(s) (gate/up, GPT-2's c_fc, BERT's intermediate), the FFN's last linear's
-            input (``"down_input"``), or K / V per step (``"k"``, ``"v"``: (…, d) per head).
+            input (``"down_input"``), or K / V per step (``"k"``, ``"v"``).
         config: the conversion recipe.
-        num_channels: the width C of the input the neuron sees (``(…, C)``; for K/V the head dimension).
+        channels: the width C of the input (…, C); for K/V the channel shape ``(H_kv, 1, d)`` of their
+            (B, H_kv, L, d) layout.
         reader_weights: the (out, in) weights of the linear layers that read this input (stacked, they give
             SpikeLLM's saliency); empty for K/V. They may be on the meta device while a saved model loads: compute
-            anything from them at calibration, not here.
+            anything from them at calibration (:func:`calibrate`), not here.
 
-    An elastic neuron sees time-major input (T, …, C). Any other neuron (GIF) sees the (…, C) input of the single
-    copy of the network and returns a tensor of the same shape (its dequantised spike sum).
+    An elastic neuron sees time-major input (T, …, C). A GIF neuron sees the (…, C) input of the single copy of the
+    network and returns its dequantised spike sum, same shape.
     """
     if kind not in SITE_KINDS:
         raise ValueError(f"unknown placement site {kind!r}; expected one of {SITE_KINDS}")
     if config.neuron == "gif":
-        raise NotImplementedError(
-            "neuron='gif' (SpikeLLM's GIF neuron) is not available yet: spikelm.nn.gif is being written on the gif "
-            "branch and plugs in here once merged; use neuron='elastic'"
-        )
+        from ..nn.gif import GIFNeuron
+
+        return GIFNeuron(channels, bits=config.gif_bits, extra_bits=config.gif_extra_bits,
+                         saliency_fraction=config.saliency_fraction)
     return ElasticBiSpikingNeuron(config.num_steps, membrane=kind not in ("k", "v"), **config.neuron_options())
 
 
@@ -296,6 +297,7 @@ class SpikingState:
         self._attentions = [
             _get(layer, family.attention) for layer in _get(model.base_model, family.layers)
         ]
+        self.readers: dict[int, list[nn.Module]] = {}  # id(neuron) -> the linear layers reading its output
 
     def attentions(self) -> list[nn.Module]:
         return self._attentions
@@ -309,7 +311,12 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
     prefix = f"{model.base_model_prefix}." if base is not model else ""
     layers_path = f"{prefix}{family.layers}"
     skip = config.modules_to_not_convert
-    handles = []
+    if config.online_down_proj_rotation:  # rebuilt from its size and seed; the weights already hold the fold
+        from .rotation import attach_online_down_proj_rotation
+
+        kind = config.rotation if config.rotation != "none" else "hadamard"
+        attach_online_down_proj_rotation(model, seed=config.rotation_seed + 1, kind=kind, fold=False)
+    handles, readers_of = [], {}
     for index, layer in enumerate(_get(base, family.layers)):
         for site in family.sites:
             names = [f"{layers_path}.{index}.{r}" for r in site.readers]
@@ -319,6 +326,7 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
             readers = [_get(layer, r) for r in site.readers]
             width = _reader_weight(readers[0]).shape[1]
             host.input_neuron = make_neuron(site.kind, config, width, [_reader_weight(r) for r in readers])
+            readers_of[id(host.input_neuron)] = readers
             handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
         attention = _get(layer, family.attention)
         if _skipped(f"{layers_path}.{index}.{family.attention}", skip):
@@ -326,17 +334,22 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
                 f"modules_to_not_convert names the attention module {family.attention!r}: K and V of a converted "
                 "model are always spiked (the spike-code cache depends on it); skip its linear layers instead"
             )
-        head_dim = _head_dim(model.config)
-        attention.key_neuron = make_neuron("k", config, head_dim, [])
-        attention.value_neuron = make_neuron("v", config, head_dim, [])
+        kv_channels = (_kv_heads(model.config), 1, _head_dim(model.config))
+        attention.key_neuron = make_neuron("k", config, kv_channels, [])
+        attention.value_neuron = make_neuron("v", config, kv_channels, [])
         handles.append(attention.register_forward_pre_hook(partial(_spike_kv_on_update, steps=steps),
                                                            with_kwargs=True))
     state = SpikingState(model, family, config, handles)
+    state.readers = readers_of
     handles.append(base.register_forward_pre_hook(partial(_enter_copies, state=state), with_kwargs=True))
     handles.append(_get(base, family.average_after).register_forward_hook(partial(_average_output, steps=steps)))
     handles.append(base.register_forward_hook(partial(_leave_copies, steps=steps)))
     model._spikelm = state
     return model
+
+
+def _kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
 def _head_dim(config) -> int:
@@ -356,13 +369,37 @@ def neurons(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _needs_data(model: nn.Module) -> bool:
-    for _, neuron in neurons(model):
-        if isinstance(neuron, ElasticBiSpikingNeuron):
-            if not neuron.is_initialized():
-                return True
-        elif getattr(neuron, "calibrating", False):
-            return True
-    return False
+    return any(isinstance(n, ElasticBiSpikingNeuron) and not n.is_initialized() for _, n in neurons(model))
+
+
+class _SaliencyRecorder:
+    """While calibrating, a GIF neuron passes its input through unchanged and its saliency statistic is summed
+    (SpikeLLM's score, :func:`spikelm.nn.gif.saliency_scores`, a per-token mean: batches combine by token count)."""
+
+    def __init__(self, neuron: nn.Module, readers: list[nn.Module] | None):
+        self.neuron, self.total, self.count = neuron, None, 0
+        self.weights = [_reader_weight(r) for r in readers] if readers else None
+        self.handles = [neuron.register_forward_pre_hook(self._record),
+                        neuron.register_forward_hook(lambda module, args, output: args[0])]
+
+    def _record(self, module, args):
+        from ..nn.gif import saliency_scores
+
+        x = args[0]
+        shape = module.channel_shape
+        scores = saliency_scores(x, self.weights, None if self.weights else shape)
+        tokens = x.numel() // (shape[-1] if self.weights else max(1, torch.Size(shape).numel()))
+        self.total = scores * tokens if self.total is None else self.total + scores * tokens
+        self.count += tokens
+
+    def finish(self) -> None:
+        from ..nn.gif import top_fraction_mask
+
+        for handle in self.handles:
+            handle.remove()
+        if self.total is not None:
+            fraction = self.neuron.saliency_fraction if self.neuron.extra_bits > 0 else 0.0
+            self.neuron.set_salient(top_fraction_mask(self.total / self.count, fraction).to(self.neuron.salient.device))
 
 
 @torch.no_grad()
@@ -370,30 +407,35 @@ def calibrate(model: PreTrainedModel, calibration) -> None:
     """Run calibration token ids through the model (eval mode, no grad) to initialise the neurons.
 
     ``calibration``: a LongTensor (N, L) (one batch) or a list of them. Elastic neurons set their alphas from the
-    first batch (alpha_t = 2 mean|u_t|, SPEC section 2); later batches run only while some neuron still wants data
-    (a neuron with a true ``calibrating`` attribute, e.g. GIF's saliency statistics).
+    first batch (alpha_t = 2 mean|u_t|, SPEC section 2; later batches change nothing and are skipped). GIF neurons
+    mark their salient channels from every batch (the top ``saliency_fraction`` by SpikeLLM's score, on the
+    real-valued activations: each GIF neuron passes its input through while calibrating).
     """
     batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
     if not batches:
         raise ValueError("calibration is empty: pass a LongTensor of token ids (N, L) or a list of them")
+    for ids in batches:
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.dim() != 2:
+            raise ValueError(
+                "calibration must be a LongTensor of token ids of shape (N, L), or a list of them; got "
+                f"{type(ids).__name__}{tuple(ids.shape) if isinstance(ids, torch.Tensor) else ''}"
+            )
+    state = getattr(model, "_spikelm", None)
+    readers = state.readers if state is not None else {}
+    recorders = [_SaliencyRecorder(n, readers.get(id(n))) for _, n in neurons(model)
+                 if not isinstance(n, ElasticBiSpikingNeuron)]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         for ids in batches:
-            if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.dim() != 2:
-                raise ValueError(
-                    "calibration must be a LongTensor of token ids of shape (N, L), or a list of them; got "
-                    f"{type(ids).__name__}{tuple(ids.shape) if isinstance(ids, torch.Tensor) else ''}"
-                )
-            if not _needs_data(model):
+            if not recorders and not _needs_data(model):
                 break
             model.base_model(input_ids=ids.to(device), use_cache=False)
     finally:
         model.train(was_training)
-    for _, neuron in neurons(model):
-        if hasattr(neuron, "finish_calibration"):
-            neuron.finish_calibration()
+        for recorder in recorders:
+            recorder.finish()
 
 
 def spikify(model: PreTrainedModel, config: SpikeLMConversionConfig | dict | None = None, calibration=None,
@@ -421,12 +463,19 @@ def spikify(model: PreTrainedModel, config: SpikeLMConversionConfig | dict | Non
     family_of(model)  # unsupported architectures first: the clearest message
     if is_spiking(model):
         raise ValueError(f"this {type(model).__name__} is already spiking; spikify the real-valued source model")
-    if config.rotation != "none" or config.online_down_proj_rotation:
-        raise NotImplementedError(
-            "rotation is not available yet: spikelm.conversion.rotation is being written on the gif branch"
-        )
     from .quantizer import SpikeLMQuantizer
 
+    if config.rotation != "none":  # exact: the real-valued model computes the same function afterwards
+        from .rotation import rotate_residual_stream
+
+        summary = rotate_residual_stream(model, kind=config.rotation, seed=config.rotation_seed,
+                                         online_down_proj=config.online_down_proj_rotation,
+                                         online_seed=config.rotation_seed + 1)
+        config.untied_embeddings = config.untied_embeddings or summary["untied_embeddings"]
+    elif config.online_down_proj_rotation:
+        from .rotation import attach_online_down_proj_rotation
+
+        attach_online_down_proj_rotation(model, seed=config.rotation_seed + 1, kind="hadamard")
     attach(model, config)
     model.config.quantization_config = config
     model.hf_quantizer = SpikeLMQuantizer(config, pre_quantized=True)
