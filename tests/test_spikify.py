@@ -94,7 +94,8 @@ def test_causal_round_trip_identical(family, tmp_path):
     section = saved["quantization_config"]  # ... plus the spiking section
     assert section["quant_method"] == "spikelm" and section["format_version"] == 1 and section["num_steps"] == 2
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
-        alphas = [k for k in f.keys() if k.endswith("neuron.alpha")]
+        names = list(f.keys())
+    alphas = [k for k in names if k.endswith("neuron.alpha")]
     assert len(alphas) == 2 * 6  # per block: qkv, o, gate/up, down inputs, K, V
 
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -346,6 +347,23 @@ def test_hidden_states_are_averaged_over_the_copies():
     out = model(token_ids(3, 5), output_hidden_states=True)
     assert out.logits.shape[0] == 3
     assert all(h.shape[0] == 3 for h in out.hidden_states)
+
+
+def test_dequantize_gives_the_real_valued_model_back():
+    ids = token_ids()
+    real = tiny_llama()(ids).logits
+    model = spikify(tiny_llama(), num_steps=2, calibration=token_ids(4, 16))
+    assert not torch.equal(model(ids).logits, real)
+    model.dequantize()
+    assert not neurons(model) and getattr(model.config, "quantization_config", None) is None
+    assert torch.equal(model(ids).logits, real)
+    spikify(model, num_steps=1)  # and it can be converted again
+
+
+def test_trainer_accepts_a_converted_model():
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    validate_quantization_for_training(spikify(tiny_llama(), num_steps=2))  # raises for untrainable quantizers
 
 
 def test_there_is_no_spiking_switch():

@@ -38,6 +38,12 @@ class SpikeLMQuantizer(HfQuantizer):
                 neuron._known_initialized = False
         return model
 
+    def _dequantize(self, model, dtype=None):
+        """``model.dequantize()``: the real-valued model again (neurons and hooks removed, weights kept)."""
+        from .spikify import detach
+
+        return detach(model)
+
     def is_serializable(self, *args, **kwargs) -> bool:
         return True
 

@@ -348,6 +348,24 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
     return model
 
 
+def detach(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo :func:`attach`: remove the hooks and the neurons; the weights stay as they are.
+
+    A rotation folded into the weights (and its online part on down_proj's input) stays: it is exact, so the model
+    computes its real-valued function again. ``model.dequantize()`` calls this and drops the quantization config.
+    """
+    state = getattr(model, "_spikelm", None)
+    if state is None:
+        raise ValueError(f"this {type(model).__name__} was not converted by spikify")
+    for handle in state.handles:
+        handle.remove()
+    for name, _ in neurons(model):
+        parent, _, attr = name.rpartition(".")
+        delattr(model.get_submodule(parent) if parent else model, attr)
+    del model._spikelm
+    return model
+
+
 def _kv_heads(config) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
