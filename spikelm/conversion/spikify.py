@@ -178,7 +178,8 @@ def make_neuron(kind: str, config: SpikeLMConversionConfig, channels: int | tupl
 
         return GIFNeuron(channels, bits=config.gif_bits, extra_bits=config.gif_extra_bits,
                          saliency_fraction=config.saliency_fraction)
-    return ElasticBiSpikingNeuron(config.num_steps, membrane=kind not in ("k", "v"), **config.neuron_options())
+    neuron = ElasticBiSpikingNeuron(config.num_steps, membrane=kind not in ("k", "v"), **config.neuron_options())
+    return neuron.float()  # alphas stay float32 in a bfloat16 model (and load as such): the membrane is float32
 
 
 def _reader_weight(linear: nn.Module) -> torch.Tensor:
