@@ -294,8 +294,12 @@ def saliency_scores(
 
 
 def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Bool mask of ``scores``' shape: True on the ``round(fraction * numel)`` highest scores."""
-    k = round(fraction * scores.numel())
+    """Bool mask of ``scores``' shape: True on the highest ``numel - int((1 - fraction) * numel)`` scores.
+
+    That count is SpikeLLM's (it keeps the lowest ``int(low_p * C)`` channels at n bits, ``low_p = 1 - fraction``):
+    58 of 576 channels at 10 %, 29 at 5 %.
+    """
+    k = scores.numel() - int((1 - fraction) * scores.numel())
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
         mask[torch.topk(scores.flatten(), k).indices] = True
@@ -328,8 +332,9 @@ class GIFStats:
 
     Per step t: ``events[t]`` nonzero spikes, ``levels[t]`` the sum of their levels (integers >= 0; a spike of
     level k costs k accumulates per fan-out), ``slots[t]`` the channel-steps that could fire (every channel at
-    t = 0, salient ones after). ``tokens`` counts quantised vectors: each costs one zero-point and one scale
-    multiply-accumulate per output (two scale terms when the two channel groups are summed apart, ``groups``).
+    t = 0, salient ones after). ``tokens`` counts quantised vectors: each costs, per output, one multiply by the
+    scale and one zero-point multiply-accumulate per channel group (``groups``: 2 with saliency, 1 without; W's row
+    sums are constants). A coarse spike's weight 2^a is a shift.
     """
 
     def __init__(self, num_steps: int, device=None):
