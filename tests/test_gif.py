@@ -45,21 +45,27 @@ def test_spike_sum_equals_one_shot_code(bits, extra_bits):
     assert spikes.dtype == (torch.uint8 if bits <= 8 else torch.int16)
     assert spikes.shape == (neuron.num_steps, 5, 7, 16)
     assert int(spikes.max()) <= (1 << bits) - 1
-    assert torch.equal((spikes.to(torch.int32) * gain).sum(0), code)
+    assert torch.equal(spikes.to(torch.int32).sum(0), code)  # the spikes sum to the one-shot code
     assert torch.equal(scale, scale1) and torch.equal(zero, zero1)
-    top = max_code(bits, extra_bits)
-    assert int(code.min()) == 0 and int(code.max()) == top  # both ends of the grid are hit
-    # the textbook one-shot quantiser, written out independently
-    if extra_bits:
-        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-        step = (hi - lo) / top
-        zp = torch.round(-lo / step)
-        fine = (torch.round(x / step) + zp).clamp(0, top)
-        coarse = (torch.round((x / step + zp) / 2 ** extra_bits).clamp(0, 2 ** bits - 1)) * 2 ** extra_bits
-        assert torch.equal(code.float(), torch.where(neuron.salient, fine, coarse))
-    # every token's minimum maps to code 0 exactly; its maximum to the top (up to a tie in the zero point)
+    level, top = (1 << bits) - 1, max_code(bits, extra_bits)
+    group_top = torch.where(neuron.salient, top, level) if extra_bits else torch.tensor(level)
+    assert int(code.min()) == 0 and int(code.max()) == (top if extra_bits else level)  # both ends are hit
+    assert bool((code <= group_top).all())
+    # every token's minimum gets code 0 exactly; its maximum the top of its group (up to a tie in the zero point)
     assert torch.equal(code.gather(-1, x.argmin(-1, keepdim=True)), torch.zeros_like(code[..., :1]))
-    assert (code.gather(-1, x.argmax(-1, keepdim=True)) >= top - 1).all()
+    at_max = code.gather(-1, x.argmax(-1, keepdim=True))
+    assert (at_max >= torch.broadcast_to(group_top, code.shape).gather(-1, x.argmax(-1, keepdim=True)) - 1).all()
+    # the textbook one-shot quantisers, written out independently: (n+a) bits for salient channels, n for the rest
+    lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    step_c = (hi - lo) / level
+    coarse = (torch.round(x / step_c) + torch.round(-lo / step_c)).clamp(0, level)
+    if extra_bits:
+        step_f = (hi - lo) / top
+        fine = (torch.round(x / step_f) + torch.round(-lo / step_f)).clamp(0, top)
+        assert torch.equal(code.float(), torch.where(neuron.salient, fine, coarse))
+        assert zero.shape == (5, 7, 2) and gain.tolist() == torch.where(neuron.salient, 1, 2 ** extra_bits).tolist()
+    else:
+        assert torch.equal(code.float(), coarse) and zero.shape == (5, 7, 1)
 
 
 @pytest.mark.parametrize("bits,extra_bits", SETTINGS)
@@ -75,12 +81,20 @@ def test_reference_spike_loop_equals_closed_form(bits, extra_bits):
 def test_salient_channels_get_the_fine_grid_the_others_the_coarse():
     neuron = calibrated_neuron(16, 4, 1)
     assert neuron.salient.sum() == 4 and bool(neuron.salient[3])  # the outlier channel is salient
-    code, _, _ = neuron.quantize(heavy_tailed(200, 16))
-    assert (code[:, ~neuron.salient] % 2 == 0).all()  # multiples of 2^a
-    assert (code[:, neuron.salient] % 2 == 1).any()
-    spikes = neuron.spike(heavy_tailed(200, 16)).spikes
+    x = heavy_tailed(200, 16)
+    code, _, _ = neuron.quantize(x)
+    assert (code[:, ~neuron.salient] <= 15).all() and (code[:, neuron.salient] > 15).any()
+    spikes = neuron.spike(x).spikes
     assert (spikes[1:, :, ~neuron.salient] == 0).all()  # one step for the coarse channels
     assert (spikes[1:, :, neuron.salient] > 0).any()
+    # the other channels are exactly the saliency-free n-bit quantiser (own zero point: real zero stays exact)
+    plain = GIFNeuron(16, bits=4, extra_bits=1)
+    assert torch.equal(neuron(x)[:, ~neuron.salient], plain(x)[:, ~neuron.salient])
+    assert (neuron(torch.zeros(3, 16)) == 0).all()
+    x[:5, 0] = 0  # a coarse channel
+    x[5:10, 3] = 0  # the salient one
+    out = neuron(x)
+    assert (out[:5, 0] == 0).all() and (out[5:10, 3] == 0).all()
 
 
 def test_without_saliency_is_the_plain_n_bit_quantiser_in_one_step():

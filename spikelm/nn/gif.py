@@ -3,40 +3,41 @@
 The neuron spikes the real-valued input ``x`` (..., C) of a linear layer (or the projected K/V) in three moves:
 
 1. **Per-token asymmetric quantisation.** For every token (every vector along the last dimension) a scale and an
-   integer zero point come from its min and max::
+   integer zero point come from its min and max, as in SpikeLLM/OmniQuant::
 
-       max_code = 2^a * (2^n - 1)                      # the fine grid; (2^n - 1) without saliency
-       scale    = max((x_max - x_min) / max_code, SCALE_FLOOR)
-       zero     = round(-x_min / scale)                # an integer, NOT clamped to [0, max_code] (as OmniQuant)
-       code     = clamp(round(x / scale) + zero, 0, max_code)
-       x_hat    = (code - zero) * scale
+       top   = 2^a * (2^n - 1)                         # the fine grid of the salient channels
+       scale = max((x_max - x_min) / top, SCALE_FLOOR)
+       zero  = round(-x_min / scale)                   # an integer, not clamped to [0, top] (as OmniQuant)
+       code  = clamp(round(x / scale) + zero, 0, top)
+       x_hat = (code - zero) * scale
 
    ``n`` = ``bits``, ``a`` = ``extra_bits``. The range is ``[0, 2^a * (2^n - 1)]``, exactly the sum that
    ``T = 2^a`` spikes of at most ``2^n - 1`` can reach; SpikeLLM's ``[0, 2^(n+a) - 1]`` is one code too wide per
-   extra step (with n=4, a=1 its code 31 spikes 15 + 15 = 30). Rounding is half to even (``torch.round``).
-   Because ``round`` is odd-symmetric, ``x = x_min`` always gets code 0.
+   extra step (with n=4, a=1 its code 31 spikes 15 + 15 = 30). Rounding is half to even (``torch.round``), and
+   as ``round`` is odd-symmetric ``x = x_min`` always gets code 0.
 
-2. **Two channel groups on one grid.** Salient channels (a calibrated mask) use every code of the fine grid.
-   The other channels use every ``2^a``-th code: ``code = 2^a * c`` with ``c = clamp(round((x / scale + zero) /
-   2^a), 0, 2^n - 1)``. As ``max_code = 2^a * (2^n - 1)``, the coarse grid spans exactly the same per-token
-   range with a step ``2^a`` times larger, and both groups share one scale and one zero point. A neuron without
-   salient channels ("without saliency") uses the plain n-bit grid (``max_code = 2^n - 1``), i.e. the textbook
-   per-token n-bit quantiser, every channel in one step.
+2. **Two channel groups over one range.** Salient channels (a calibrated mask) are quantised on that fine grid.
+   The others use the textbook n-bit quantiser of the same token range: step ``2^a * scale`` (exactly
+   ``(x_max - x_min) / (2^n - 1)``, as ``2^a * (2^n - 1) = top``) and their own integer zero point
+   ``zero_c = round(-x_min / (2^a * scale))``, codes in ``[0, 2^n - 1]``. This is SpikeLLM's pair of per-token
+   quantisers over the whole token (n bits, n + a bits), with the off-by-one fixed and the two steps exactly
+   ``2^a`` apart. Each group keeps its own zero point so that real zero is exact on both grids: one zero point
+   shared on the fine grid leaves zero off the coarse grid whenever it is odd, and on outlier-stretched ranges
+   (most channels near 0, a step of several units) that multiplied the coarse channels' error about 8-fold in a
+   check. ``zero`` is returned as (..., 2) = (fine zero, coarse zero) with saliency, (..., 1) without. A neuron
+   without salient channels ("without saliency") has every channel on the coarse grid: the per-token n-bit
+   quantiser, one step.
 
-3. **Multi-level spikes with soft reset.** The membrane starts at the channel's spike code (``code`` for salient
-   channels, ``c`` for the others); at each of ``T = 2^a`` steps the neuron emits ``s_t = min(mem, 2^n - 1)`` and
-   soft-resets ``mem -= s_t``. A coarse channel's code is at most ``2^n - 1`` so it fires at step 0 only. Spikes
-   are integers (uint8 for n <= 8). A spike of a coarse channel weighs ``gain = 2^a`` (a shift), so
-   ``sum_t gain * s_t == code`` exactly, and a linear layer reading the spikes computes::
+3. **Multi-level spikes with soft reset.** The membrane starts at the channel's code; at each of ``T = 2^a``
+   steps the neuron emits ``s_t = min(mem, 2^n - 1)`` and soft-resets ``mem -= s_t``, so ``sum_t s_t == code``
+   exactly (the top code drains in exactly T steps). A coarse code is at most ``2^n - 1``: it fires at step 0
+   only. Spikes are integers (uint8 for n <= 8). A coarse spike weighs ``gain = 2^a`` fine steps (a shift), and
+   a linear layer reading the spikes computes, with one zero-point term per group::
 
-       y = (sum_t W (gain * s_t) - zero * W.sum(1)) * scale + bias
+       y = (sum_t W (gain * s_t) - zero_f * W_f.sum(1) - zero_c * (2^a W_c).sum(1)) * scale + bias
 
-   :func:`reference_gif_linear` runs those T per-step matrix products, :func:`gif_linear` the summed one.
-
-The zero point is a per-token integer on the fine grid. Real zero is exactly representable for salient
-channels (and for every channel without saliency); for coarse channels only when ``zero`` is a multiple of
-``2^a``, otherwise within half a coarse step like any other value. Choosing it on the fine grid keeps the
-salient group identical to the one-shot (n+a)-bit quantiser, which the outlier channels need.
+   (``W_f`` / ``W_c`` the columns of salient / other channels). :func:`reference_gif_linear` runs the T per-step
+   matrix products, :func:`gif_linear` the summed one.
 
 Saliency (:func:`saliency_scores`): channel c scores ``mean over tokens of x_c * (x W^T W)_c``, with ``W`` the
 vertical stack of every weight reading this input (q/k/v, gate/up); the top ``saliency_fraction`` of channels get
@@ -89,9 +90,9 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def channel_gain(salient: torch.Tensor | None, extra_bits: int) -> torch.Tensor:
-    """int32 weight of one spike level per channel: 1 for salient channels, ``2^a`` for the others.
+    """int32 weight of one spike level per channel, in fine steps: 1 for salient channels, ``2^a`` for the others.
 
-    ``salient=None`` (no saliency: every channel on the n-bit grid) gives 1 everywhere (a scalar tensor).
+    ``salient=None`` (no saliency: every channel on the n-bit grid, whose step is then the scale) gives a scalar 1.
     """
     if salient is None:
         return torch.ones((), dtype=torch.int32)
@@ -111,21 +112,43 @@ def per_token_grid(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tenso
 def quantize_per_token(
     x: torch.Tensor, bits: int, extra_bits: int, salient: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The one-shot quantiser: ``(code, scale, zero)`` with ``code`` int32 on the fine grid.
+    """The one-shot quantiser: ``(code, scale, zero)``, ``code`` int32 on each channel's own grid.
 
-    ``salient`` is a bool mask broadcastable to ``x`` (over its channels), or None for no saliency: then the grid
-    is the plain n-bit one (``[0, 2^n - 1]``). With a mask the grid is ``[0, 2^a (2^n - 1)]``; salient channels
-    take any code, the others a multiple of ``2^a``. ``(code - zero) * scale`` is the dequantised input.
+    ``salient``: a bool mask broadcastable to ``x`` (over its channels), or None for no saliency. Without it every
+    channel is on the n-bit grid: ``scale`` is its step, ``zero`` (..., 1). With it salient codes lie in
+    ``[0, 2^a (2^n - 1)]`` (step ``scale``), the others in ``[0, 2^n - 1]`` (step ``2^a * scale``), and ``zero``
+    is (..., 2): the fine group's and the coarse group's zero points. See :func:`dequantize`.
     """
-    top = max_code(bits, extra_bits if salient is not None else 0)
-    scale, zero = per_token_grid(x, top)
-    ratio = x.detach().to(scale.dtype) / scale
-    fine = (torch.round(ratio) + zero).clamp_(0, top)
+    level = (1 << bits) - 1
+    xc = x.detach().to(_compute_dtype(x.dtype))
     if salient is None:
-        return fine.to(torch.int32), scale, zero
+        scale, zero = per_token_grid(xc, level)
+        code = (torch.round(xc / scale) + zero).clamp_(0, level)
+        return code.to(torch.int32), scale, zero
+    top = max_code(bits, extra_bits)
+    scale, zero_f = per_token_grid(xc, top)
+    ratio = xc / scale
+    fine = (torch.round(ratio) + zero_f).clamp_(0, top)
+    # dividing by 2^a is exact: the coarse group is bit for bit the saliency-free n-bit quantiser of this token
     step = 1 << extra_bits
-    coarse = (torch.round((ratio + zero) / step).clamp_(0, (1 << bits) - 1)) * step
-    return torch.where(salient, fine, coarse).to(torch.int32), scale, zero
+    zero_c = torch.round(-xc.amin(dim=-1, keepdim=True) / scale / step)
+    coarse = (torch.round(ratio / step) + zero_c).clamp_(0, level)
+    return torch.where(salient, fine, coarse).to(torch.int32), scale, torch.cat([zero_f, zero_c], dim=-1)
+
+
+def _zero_per_channel(zero: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """Each channel's zero point in fine steps: the fine zero, or ``2^a`` times the coarse one."""
+    if zero.shape[-1] == 1:
+        return zero
+    return torch.where(gain == 1, zero[..., :1], zero[..., 1:] * gain)
+
+
+def dequantize(code: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               gain: torch.Tensor | None = None) -> torch.Tensor:
+    """``x_hat = (gain * code - gain * zero_of_the_group) * scale`` from :func:`quantize_per_token`'s output (or
+    summed spikes) and :func:`channel_gain`; in ``scale``'s dtype."""
+    gain = (torch.ones((), dtype=torch.int32) if gain is None else gain).to(code.device)
+    return (code * gain - _zero_per_channel(zero, gain)) * scale
 
 
 def reference_gif_spikes(membrane: torch.Tensor, bits: int, num_steps: int) -> torch.Tensor:
@@ -153,8 +176,21 @@ def _summed_codes(spikes: torch.Tensor, gain: torch.Tensor | None) -> torch.Tens
     return total if gain is None else total * gain.to(total.device)
 
 
-def _linear_out(acc, scale, zero, weight, bias, dtype):
-    y = (acc - zero.to(dtype) * weight.to(dtype).sum(1)) * scale.to(dtype)
+def _zero_term(zero: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+    """``W Z`` for the per-channel zero points Z (in fine steps): one row-sum per channel group, (..., O)."""
+    if zero.shape[-1] == 1:
+        return zero * weight.sum(1)
+    if gain is None:
+        raise ValueError("two zero points (fine, coarse) need the channel gain to tell the groups apart")
+    gain = gain.to(weight.device)
+    fine = (gain == 1).to(weight.dtype)
+    rows_fine = weight @ fine
+    rows_coarse = weight @ (gain.to(weight.dtype) * (1 - fine))
+    return zero[..., :1] * rows_fine + zero[..., 1:] * rows_coarse
+
+
+def _linear_out(acc, scale, zero, weight, bias, gain, dtype):
+    y = (acc - _zero_term(zero.to(dtype), weight.to(dtype), gain)) * scale.to(dtype)
     if bias is not None:
         y = y + bias.to(dtype)
     return y.to(weight.dtype)
@@ -168,15 +204,17 @@ def gif_linear(
     bias: torch.Tensor | None = None,
     gain: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A linear layer on GIF spikes, summed path: ``((sum_t gain * s_t) W^T - zero * W.sum(1)) * scale + bias``.
+    """A linear layer on GIF spikes, summed path: ``((sum_t gain * s_t) W^T - W Z) * scale + bias``.
 
-    ``spikes`` (T, ..., C) integers, ``scale`` / ``zero`` (..., 1), ``weight`` (O, C), ``gain`` (C,) from
-    :func:`channel_gain` (None: 1). The integer sum is exact, so this equals :func:`reference_gif_linear` up to
-    float summation order. Computes in float32 (float64 stays float64); returns ``weight``'s dtype.
+    ``spikes`` (T, ..., C) integers, ``scale`` (..., 1), ``zero`` (..., 1) or (..., 2) (fine, coarse), ``weight``
+    (O, C), ``gain`` (C,) from :func:`channel_gain` (None: 1). ``W Z`` is one zero-point term per channel group:
+    ``zero_f * W_f.sum(1) + zero_c * (2^a W_c).sum(1)``. The integer sum is exact, so this equals
+    :func:`reference_gif_linear` up to float summation order. Computes in float32 (float64 stays float64);
+    returns ``weight``'s dtype.
     """
     dtype = _compute_dtype(weight.dtype)
     acc = _summed_codes(spikes, gain).to(dtype) @ weight.to(dtype).t()
-    return _linear_out(acc, scale, zero, weight, bias, dtype)
+    return _linear_out(acc, scale, zero, weight, bias, gain, dtype)
 
 
 def reference_gif_linear(
@@ -195,7 +233,7 @@ def reference_gif_linear(
         levels = s_t.to(torch.int32) if gain is None else s_t.to(torch.int32) * gain.to(s_t.device)
         step = levels.to(dtype) @ w  # integer levels: additions only (a coarse spike's 2^a is a shift)
         acc = step if acc is None else acc + step
-    return _linear_out(acc, scale, zero, weight, bias, dtype)
+    return _linear_out(acc, scale, zero, weight, bias, gain, dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,8 +294,12 @@ def saliency_scores(
 
 
 def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Bool mask of ``scores``' shape: True on the ``round(fraction * numel)`` highest scores."""
-    k = round(fraction * scores.numel())
+    """Bool mask of ``scores``' shape: True on the highest ``numel - int((1 - fraction) * numel)`` scores.
+
+    That count is SpikeLLM's (it keeps the lowest ``int(low_p * C)`` channels at n bits, ``low_p = 1 - fraction``):
+    58 of 576 channels at 10 %, 29 at 5 %.
+    """
+    k = scores.numel() - int((1 - fraction) * scores.numel())
     mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
         mask[torch.topk(scores.flatten(), k).indices] = True
@@ -270,8 +312,9 @@ def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 class GIFSpikes(NamedTuple):
-    """What :meth:`GIFNeuron.spike` emits: integer ``spikes`` (T, ..., C), per-token ``scale`` and ``zero``
-    (..., 1), and the per-channel ``gain`` (1 or 2^a, int32) a spike level weighs."""
+    """What :meth:`GIFNeuron.spike` emits: integer ``spikes`` (T, ..., C), the per-token fine step ``scale``
+    (..., 1), the integer zero points ``zero`` ((..., 2): salient group, other group; (..., 1) without saliency)
+    and the per-channel ``gain`` (int32: 1, or 2^a fine steps per level of a one-step channel)."""
 
     spikes: torch.Tensor
     scale: torch.Tensor
@@ -289,8 +332,9 @@ class GIFStats:
 
     Per step t: ``events[t]`` nonzero spikes, ``levels[t]`` the sum of their levels (integers >= 0; a spike of
     level k costs k accumulates per fan-out), ``slots[t]`` the channel-steps that could fire (every channel at
-    t = 0, salient ones after). ``tokens`` counts quantised vectors: each costs one zero-point and one scale
-    multiply-accumulate per output (two scale terms when the two channel groups are summed apart, ``groups``).
+    t = 0, salient ones after). ``tokens`` counts quantised vectors: each costs, per output, one multiply by the
+    scale and one zero-point multiply-accumulate per channel group (``groups``: 2 with saliency, 1 without; W's row
+    sums are constants). A coarse spike's weight 2^a is a shift.
     """
 
     def __init__(self, num_steps: int, device=None):
@@ -447,15 +491,13 @@ class GIFNeuron(nn.Module):
         return gain.to(device if device is not None else self.salient.device)
 
     def spike(self, x: torch.Tensor) -> GIFSpikes:
-        """Run the neuron: integer spikes (T, ..., C), the per-token scale and zero point, the channel gain."""
+        """Run the neuron: integer spikes (T, ..., C), the per-token scale and zero points, the channel gain."""
         code, scale, zero = self.quantize(x)
-        gain = self.gain(x.device)
-        membrane = torch.div(code, gain, rounding_mode="floor")  # a coarse code is gain * c: start from c
         make = reference_gif_spikes if self.backend == "reference" else gif_spikes
-        spikes = make(membrane, self.bits, self.num_steps)
+        spikes = make(code, self.bits, self.num_steps)  # the membrane starts at the code
         if self.record_stats:
             self._record(spikes, x)
-        return GIFSpikes(spikes, scale, zero, gain)
+        return GIFSpikes(spikes, scale, zero, self.gain(x.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The dequantised input (x's shape and dtype): hooking this onto a linear layer's input is
@@ -463,13 +505,13 @@ class GIFNeuron(nn.Module):
         with torch.no_grad():
             if self.backend == "reference":
                 spikes, scale, zero, gain = self.spike(x)
-                code = _summed_codes(spikes, gain)
+                code = spikes.to(torch.int32).sum(0)
             else:
                 code, scale, zero = self.quantize(x)
+                gain = self.gain(x.device)
                 if self.record_stats:
-                    membrane = torch.div(code, self.gain(x.device), rounding_mode="floor")
-                    self._record(gif_spikes(membrane, self.bits, self.num_steps), x)
-            out = ((code.to(scale.dtype) - zero) * scale).to(x.dtype)
+                    self._record(gif_spikes(code, self.bits, self.num_steps), x)
+            out = dequantize(code, scale, zero, gain).to(x.dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             out = out + (x - x.detach())  # value exactly `out`, gradient the identity
         return out
