@@ -84,9 +84,9 @@ def _code_dtype(top: int) -> torch.dtype:
 class GIFCodeLayer(DynamicLayer):
     """One attention layer's cache for GIF K/V neurons: integer codes (B, H, L, d) plus a per-token grid.
 
-    ``keys`` / ``values`` hold the codes (uint8 for n + a <= 8); ``key_grid`` / ``value_grid`` (B, H, L, 2) the
-    float32 scale and zero point of each token. Decoding is the neuron's own ``(code - zero) * scale``, so cached
-    tokens equal what a full forward pass computes.
+    ``keys`` / ``values`` hold the codes (uint8 for n + a <= 8); ``key_grid`` / ``value_grid`` (B, H, L, 1 + z)
+    each token's float32 scale and its z zero points (one, or one per channel group with saliency). Decoding is
+    the neuron's own :func:`~spikelm.nn.gif.dequantize`, so cached tokens equal what a full forward pass computes.
     """
 
     def __init__(self, key_neuron: nn.Module, value_neuron: nn.Module):
@@ -98,37 +98,38 @@ class GIFCodeLayer(DynamicLayer):
         from ..nn.gif import max_code
 
         self.dtype, self.device = key_states.dtype, key_states.device
-        neuron = self.key_neuron
-        code_dtype = _code_dtype(max_code(neuron.bits, neuron.extra_bits))
+        code_dtype = _code_dtype(max_code(self.key_neuron.bits, self.key_neuron.extra_bits))
         for name, states in (("keys", key_states), ("values", value_states)):
             setattr(self, name, torch.empty((*states.shape[:2], 0, states.shape[3]), dtype=code_dtype,
                                             device=self.device))
-        self.key_grid = torch.empty((*key_states.shape[:2], 0, 2), dtype=torch.float32, device=self.device)
-        self.value_grid = torch.empty((*value_states.shape[:2], 0, 2), dtype=torch.float32, device=self.device)
         self.is_initialized = True
 
-    def _decode(self, codes: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        return ((codes.to(grid.dtype) - grid[..., 1:]) * grid[..., :1]).to(self.dtype)
+    def _decode(self, neuron: nn.Module, codes: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
+        from ..nn.gif import dequantize
+
+        if grid is None:
+            return codes.to(self.dtype)  # nothing cached yet: (B, H, 0, d)
+        return dequantize(codes, grid[..., :1], grid[..., 1:], neuron.gain(codes.device)).to(self.dtype)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         out = []
         for name, neuron, states in (("key", self.key_neuron, key_states), ("value", self.value_neuron, value_states)):
-            codes_name = f"{name}s"
-            past = self._decode(getattr(self, codes_name), getattr(self, f"{name}_grid"))
+            codes_name, grid_name = f"{name}s", f"{name}_grid"
+            codes, grid = getattr(self, codes_name), getattr(self, grid_name)
+            past = self._decode(neuron, codes, grid)
             spiked = neuron(states)  # the dequantised spike sum, straight-through gradient
             with torch.no_grad():
                 code, scale, zero = neuron.quantize(states)
-            setattr(self, codes_name, torch.cat([getattr(self, codes_name), code.to(getattr(self, codes_name).dtype)],
-                                                dim=-2))
-            grid = torch.cat([scale, zero], dim=-1).to(torch.float32)
-            setattr(self, f"{name}_grid", torch.cat([getattr(self, f"{name}_grid"), grid], dim=-2))
+            new_grid = torch.cat([scale, zero], dim=-1).to(torch.float32)
+            setattr(self, codes_name, torch.cat([codes, code.to(codes.dtype)], dim=-2))
+            setattr(self, grid_name, new_grid if grid is None else torch.cat([grid, new_grid], dim=-2))
             out.append(torch.cat([past, spiked], dim=-2))
         return out[0], out[1]
 
     def _apply(self, fn) -> None:
-        if self.is_initialized:
+        if self.is_initialized and self.key_grid is not None:
             self.keys, self.values, self.key_grid, self.value_grid = (
                 fn(t) for t in (self.keys, self.values, self.key_grid, self.value_grid))
 
