@@ -1,4 +1,4 @@
-"""spikify: placement, the spike-code cache, save/load through the quantizer, errors (tiny random models, no download)."""
+"""spikify: placement, the spike-code cache, save/load through the quantizer, errors (tiny random models, offline)."""
 
 from __future__ import annotations
 
@@ -35,22 +35,47 @@ VOCAB = 64
 
 def tiny_llama(cls=LlamaForCausalLM, config_cls=LlamaConfig, seed=0, **extra):
     torch.manual_seed(seed)
-    config = config_cls(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                        pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    config = config_cls(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **extra,
+    )
     return cls(config).eval()
 
 
 def tiny_gpt2(seed=0):
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1,
-                        eos_token_id=2, pad_token_id=0)
+    config = GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=128,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
 def tiny_bert_config():
-    return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=64, max_position_embeddings=128, num_labels=3)
+    return BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=3,
+    )
 
 
 def tiny_bert(cls=BertForSequenceClassification, seed=0):
@@ -72,8 +97,9 @@ def token_ids(batch=2, length=12, seed=1):
 
 
 def greedy(model, ids, new_tokens=8, **kwargs):
-    return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                          pad_token_id=0, **kwargs)
+    return model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **kwargs
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -107,8 +133,9 @@ def test_causal_round_trip_identical(family, tmp_path):
     assert torch.equal(greedy(loaded, ids), generated)
 
 
-@pytest.mark.parametrize("cls,auto", [(BertForSequenceClassification, AutoModelForSequenceClassification),
-                                      (BertModel, AutoModel)])
+@pytest.mark.parametrize(
+    "cls,auto", [(BertForSequenceClassification, AutoModelForSequenceClassification), (BertModel, AutoModel)]
+)
 def test_bert_round_trip_identical(cls, auto, tmp_path):
     model = spikify(tiny_bert(cls), num_steps=2, calibration=token_ids(4, 16, seed=5))
     ids = token_ids()
@@ -126,8 +153,13 @@ def test_bert_round_trip_identical(cls, auto, tmp_path):
 def test_model_card(tmp_path):
     config = SpikeLMConversionConfig(num_steps=4, untied_embeddings=True)
     path = spikelm.conversion.write_model_card(
-        tmp_path, config, source="smollm2-135m", calibration="32 sequences of 512 tokens of the pypi corpus",
-        perplexity={"source": 15.1, "this model": 70.2}, evaluation="Brown, 32,768 tokens, windows of 512")
+        tmp_path,
+        config,
+        source="smollm2-135m",
+        calibration="32 sequences of 512 tokens of the pypi corpus",
+        perplexity={"source": 15.1, "this model": 70.2},
+        evaluation="Brown, 32,768 tokens, windows of 512",
+    )
     text = path.read_text()
     for expected in ("smollm2-135m", "T = 4", "32 sequences", "| this model | 70.2 |", "untied", '"quant_method"'):
         assert expected in text
@@ -155,13 +187,14 @@ def uncached_greedy(model, ids, new_tokens=8, eos=2, pad=0):
 def test_cached_decoding_equals_full_forward(family, steps, reset):
     flips = 0
     for seed in range(2):
-        model = spikify(CAUSAL[family](seed=seed), num_steps=steps, reset=reset,
-                        calibration=token_ids(4, 16, seed=10 + seed))
+        model = spikify(
+            CAUSAL[family](seed=seed), num_steps=steps, reset=reset, calibration=token_ids(4, 16, seed=10 + seed)
+        )
         ids = token_ids(2, 6, seed=seed)
         out = greedy(model, ids, return_dict_in_generate=True, output_logits=True)
         flips += int((out.sequences != uncached_greedy(model, ids)).sum())
         # the logits of every cached decoding step equal the full forward pass over the generated sequence
-        full = model(out.sequences, use_cache=False).logits[:, ids.shape[1] - 1:-1]
+        full = model(out.sequences, use_cache=False).logits[:, ids.shape[1] - 1 : -1]
         torch.testing.assert_close(torch.stack(out.logits, 1), full, rtol=0, atol=1e-5)
     assert flips == 0
 
@@ -186,8 +219,14 @@ def test_cache_stores_int8_codes_with_steps_on_the_head_axis():
 
 def test_generate_makes_the_spike_cache_itself():
     model = spikify(tiny_llama(), num_steps=2, calibration=token_ids(4, 16))
-    out = model.generate(token_ids(), attention_mask=torch.ones_like(token_ids()), max_new_tokens=3,
-                         do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    out = model.generate(
+        token_ids(),
+        attention_mask=torch.ones_like(token_ids()),
+        max_new_tokens=3,
+        do_sample=False,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
     assert is_spike_cache(out.past_key_values)  # generate's DynamicCache, its layers made spike-code layers
     assert out.past_key_values.layers[0].keys.dtype == torch.int8
     # an empty DynamicCache passed by hand becomes a spike-code cache in place
@@ -212,23 +251,31 @@ def test_batched_left_padded_generation_equals_per_prompt(family):
     ids = torch.zeros(len(prompts), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     for i, p in enumerate(prompts):
         alone = greedy(model, p[None], new_tokens=6)
-        assert torch.equal(batched[i, width:], alone[0, len(p):]), f"prompt {i}"
+        assert torch.equal(batched[i, width:], alone[0, len(p) :]), f"prompt {i}"
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_beam_search_and_sampling_run(family):
     model = spikify(CAUSAL[family](), num_steps=2, calibration=token_ids(4, 16))
     ids = token_ids()
-    beams = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, num_beams=3,
-                           num_return_sequences=2, do_sample=False, pad_token_id=0)
+    beams = model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=5,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+        pad_token_id=0,
+    )
     assert beams.shape == (4, ids.shape[1] + 5)
     torch.manual_seed(0)
-    sampled = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=True, top_k=10,
-                             pad_token_id=0)
+    sampled = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=True, top_k=10, pad_token_id=0
+    )
     assert sampled.shape == (2, ids.shape[1] + 5)
 
 
@@ -276,13 +323,14 @@ def reference_llama_logits(model, ids, steps):
         context = []
         for t in range(steps):
             k, v = repeat_kv(keys[t], heads // kv_heads), repeat_kv(values[t], heads // kv_heads)
-            scores = torch.softmax(queries[t] @ k.transpose(2, 3) * head_dim ** -0.5 + mask, dim=-1)
+            scores = torch.softmax(queries[t] @ k.transpose(2, 3) * head_dim**-0.5 + mask, dim=-1)
             context.append((scores @ v).transpose(1, 2).reshape(batch, length, -1))
         context = spike(attn.o_proj.input_neuron, context)
         hidden = [hidden[t] + plain(attn.o_proj, context[t]) for t in range(steps)]
         x = spike(mlp.input_neuron, [layer.post_attention_layernorm(h) for h in hidden])  # shared gate/up input
-        inner = spike(mlp.down_proj.input_neuron, [mlp.act_fn(mlp.gate_proj(x[t])) * mlp.up_proj(x[t])
-                                                   for t in range(steps)])
+        inner = spike(
+            mlp.down_proj.input_neuron, [mlp.act_fn(mlp.gate_proj(x[t])) * mlp.up_proj(x[t]) for t in range(steps)]
+        )
         hidden = [hidden[t] + plain(mlp.down_proj, inner[t]) for t in range(steps)]
     final = torch.stack([plain(base.norm, h) for h in hidden]).mean(0)  # T copies averaged after the final norm
     return model.lm_head(final)  # real-valued head
@@ -380,8 +428,7 @@ def test_there_is_no_spiking_switch():
 def test_unsupported_architectures_are_refused():
     from transformers import T5Config, T5ForConditionalGeneration
 
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_heads=2,
-                                             d_kv=8))
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))
     with pytest.raises(ValueError, match="model_type 't5'"):
         spikify(t5)
     with pytest.raises(ValueError, match="PreTrainedModel"):
@@ -392,15 +439,25 @@ def test_already_spiking_models_are_refused():
     model = spikify(tiny_llama(), num_steps=2)
     with pytest.raises(ValueError, match="already spiking"):
         spikify(model)
-    native = spikelm.SpikeLMForCausalLM(spikelm.SpikeLMConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64))
+    native = spikelm.SpikeLMForCausalLM(
+        spikelm.SpikeLMConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64
+        )
+    )
     with pytest.raises(ValueError, match="model_type 'spikelm'"):
         spikify(native)
 
 
-@pytest.mark.parametrize("bad,match", [({"num_steps": 0}, "num_steps"), ({"num_steps": -2}, "num_steps"),
-                                       ({"reset": "soft"}, "reset"), ({"neuron": "lif"}, "neuron"),
-                                       ({"format_version": 99}, "newer spikelm")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"num_steps": 0}, "num_steps"),
+        ({"num_steps": -2}, "num_steps"),
+        ({"reset": "soft"}, "reset"),
+        ({"neuron": "lif"}, "neuron"),
+        ({"format_version": 99}, "newer spikelm"),
+    ],
+)
 def test_bad_settings_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         spikify(tiny_llama(), **bad)
@@ -418,19 +475,22 @@ def test_bert_spikify_equals_native_spikelm_bert():
     steps = 2
     bert = tiny_bert()
     native = spikelm.SpikeLMForSequenceClassification(
-        spikelm_config_from_bert(bert.config, num_steps=steps, num_labels=3)).eval()
+        spikelm_config_from_bert(bert.config, num_steps=steps, num_labels=3)
+    ).eval()
     missing, unexpected = native.load_state_dict(bert_to_spikelm_state_dict(bert.state_dict()), strict=False)
     assert not unexpected and all(k.endswith((".alpha", ".initialized")) for k in missing)
     spikify(bert, num_steps=steps, calibration=token_ids(4, 16))
     with torch.no_grad():  # the same alphas, neuron by neuron
         for i, layer in enumerate(bert.bert.encoder.layer):
             mine = native.bert.encoder.layer[i]
-            pairs = [(mine.attention.self.qkv.neuron, layer.attention.self.input_neuron),
-                     (mine.attention.self.key_spike, layer.attention.self.key_neuron),
-                     (mine.attention.self.value_spike, layer.attention.self.value_neuron),
-                     (mine.attention.output.dense.neuron, layer.attention.output.dense.input_neuron),
-                     (mine.intermediate.dense.neuron, layer.intermediate.dense.input_neuron),
-                     (mine.output.dense.neuron, layer.output.dense.input_neuron)]
+            pairs = [
+                (mine.attention.self.qkv.neuron, layer.attention.self.input_neuron),
+                (mine.attention.self.key_spike, layer.attention.self.key_neuron),
+                (mine.attention.self.value_spike, layer.attention.self.value_neuron),
+                (mine.attention.output.dense.neuron, layer.attention.output.dense.input_neuron),
+                (mine.intermediate.dense.neuron, layer.intermediate.dense.input_neuron),
+                (mine.output.dense.neuron, layer.output.dense.input_neuron),
+            ]
             for theirs, ours in pairs:
                 theirs.alpha.copy_(ours.alpha)
                 theirs.initialized.fill_(True)

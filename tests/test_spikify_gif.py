@@ -16,8 +16,9 @@ from spikelm.nn.gif import GIFNeuron
 
 def gif_model(family="llama", seed=0, **overrides):
     make = CAUSAL[family] if family != "bert" else tiny_bert
-    return spikify(make(seed=seed), neuron="gif", calibration=[token_ids(4, 16, seed=3), token_ids(4, 16, seed=4)],
-                   **overrides)
+    return spikify(
+        make(seed=seed), neuron="gif", calibration=[token_ids(4, 16, seed=3), token_ids(4, 16, seed=4)], **overrides
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
@@ -26,7 +27,7 @@ def test_gif_round_trip_and_cached_decoding(family, tmp_path):
     ids = token_ids(2, 6)
     out = greedy(model, ids, return_dict_in_generate=True, output_logits=True)
     assert torch.equal(out.sequences, uncached_greedy(model, ids))
-    full = model(out.sequences, use_cache=False).logits[:, ids.shape[1] - 1:-1]
+    full = model(out.sequences, use_cache=False).logits[:, ids.shape[1] - 1 : -1]
     torch.testing.assert_close(torch.stack(out.logits, 1), full, rtol=0, atol=1e-5)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["neuron"] == "gif"
@@ -86,8 +87,9 @@ def test_gif_at_many_bits_is_close_to_the_real_valued_model():
 def test_rotation_round_trip_untied_and_said_so(tmp_path):
     source = tiny_llama(tie_word_embeddings=True)
     assert source.lm_head.weight is source.model.embed_tokens.weight
-    model = spikify(source, num_steps=2, rotation="hadamard", online_down_proj_rotation=True,
-                    calibration=token_ids(4, 16))
+    model = spikify(
+        source, num_steps=2, rotation="hadamard", online_down_proj_rotation=True, calibration=token_ids(4, 16)
+    )
     config = model.config.quantization_config
     assert config.untied_embeddings and not model.config.tie_word_embeddings
     ids = token_ids()

@@ -8,16 +8,8 @@ from .cache import SpikeCodeCache, SpikeCodeLayer, TransientSpikeKV
 from .config import FORMAT_VERSION, SpikeLMConversionConfig
 from .model_card import write_model_card
 from .quantizer import SpikeLMQuantizer
-from .spikify import (
-    FAMILIES,
-    SITE_KINDS,
-    attach,
-    calibrate,
-    is_spiking,
-    make_neuron,
-    neurons,
-    spikify,
-)
+from .placement import FAMILIES, SITE_KINDS, attach, detach, is_spiking, make_neuron, neurons
+from .spikify import calibrate, spikify
 
 __all__ = [
     "FAMILIES",
@@ -30,6 +22,7 @@ __all__ = [
     "TransientSpikeKV",
     "attach",
     "calibrate",
+    "detach",
     "is_spiking",
     "make_neuron",
     "neurons",

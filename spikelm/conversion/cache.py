@@ -37,16 +37,22 @@ def fold_steps_into_heads(states: torch.Tensor, steps: int) -> torch.Tensor:
     """(T*B, H, L, d) -> (B, T*H, L, d), step-major inside the head axis."""
     batch_steps, heads, length, head_dim = states.shape
     batch = batch_steps // steps
-    return states.view(steps, batch, heads, length, head_dim).transpose(0, 1).reshape(batch, steps * heads, length,
-                                                                                      head_dim)
+    return (
+        states.view(steps, batch, heads, length, head_dim)
+        .transpose(0, 1)
+        .reshape(batch, steps * heads, length, head_dim)
+    )
 
 
 def unfold_steps_from_heads(states: torch.Tensor, steps: int) -> torch.Tensor:
     """(B, T*H, L, d) -> (T*B, H, L, d), the inverse of :func:`fold_steps_into_heads`."""
     batch, steps_heads, length, head_dim = states.shape
     heads = steps_heads // steps
-    return states.view(batch, steps, heads, length, head_dim).transpose(0, 1).reshape(steps * batch, heads, length,
-                                                                                      head_dim)
+    return (
+        states.view(batch, steps, heads, length, head_dim)
+        .transpose(0, 1)
+        .reshape(steps * batch, heads, length, head_dim)
+    )
 
 
 def spike_scale(neuron: ElasticBiSpikingNeuron) -> torch.Tensor:
@@ -71,8 +77,10 @@ class SpikeCodeLayer(SpikeKVCacheLayer):
         keys = spike_per_step(self.key_neuron, key_states, steps)
         values = spike_per_step(self.value_neuron, value_states, steps)
         keys, values = super().update(
-            fold_steps_into_heads(keys, steps), fold_steps_into_heads(values, steps),
-            key_scale=spike_scale(self.key_neuron), value_scale=spike_scale(self.value_neuron),
+            fold_steps_into_heads(keys, steps),
+            fold_steps_into_heads(values, steps),
+            key_scale=spike_scale(self.key_neuron),
+            value_scale=spike_scale(self.value_neuron),
         )
         return unfold_steps_from_heads(keys, steps), unfold_steps_from_heads(values, steps)
 
@@ -100,8 +108,9 @@ class GIFCodeLayer(DynamicLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         code_dtype = _code_dtype(max_code(self.key_neuron.bits, self.key_neuron.extra_bits))
         for name, states in (("keys", key_states), ("values", value_states)):
-            setattr(self, name, torch.empty((*states.shape[:2], 0, states.shape[3]), dtype=code_dtype,
-                                            device=self.device))
+            setattr(
+                self, name, torch.empty((*states.shape[:2], 0, states.shape[3]), dtype=code_dtype, device=self.device)
+            )
         self.is_initialized = True
 
     def _decode(self, neuron: nn.Module, codes: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
@@ -131,7 +140,8 @@ class GIFCodeLayer(DynamicLayer):
     def _apply(self, fn) -> None:
         if self.is_initialized and self.key_grid is not None:
             self.keys, self.values, self.key_grid, self.value_grid = (
-                fn(t) for t in (self.keys, self.values, self.key_grid, self.value_grid))
+                fn(t) for t in (self.keys, self.values, self.key_grid, self.value_grid)
+            )
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -156,23 +166,29 @@ class TransientSpikeKV:
         self.key_neuron, self.value_neuron, self.steps = key_neuron, value_neuron, steps
 
     def update(self, key_states, value_states, *args, **kwargs):
-        return (spike_per_step(self.key_neuron, key_states, self.steps),
-                spike_per_step(self.value_neuron, value_states, self.steps))
+        return (
+            spike_per_step(self.key_neuron, key_states, self.steps),
+            spike_per_step(self.value_neuron, value_states, self.steps),
+        )
 
     def get_seq_length(self, *args, **kwargs) -> int:
         return 0
 
 
 def is_spike_cache(cache) -> bool:
-    return isinstance(cache, DynamicCache) and len(cache.layers) > 0 and all(
-        isinstance(layer, (SpikeCodeLayer, GIFCodeLayer)) for layer in cache.layers)
+    return (
+        isinstance(cache, DynamicCache)
+        and len(cache.layers) > 0
+        and all(isinstance(layer, (SpikeCodeLayer, GIFCodeLayer)) for layer in cache.layers)
+    )
 
 
 def make_spike_layers(attentions: list[nn.Module], steps: int) -> list[DynamicLayer]:
     """One spike-code layer per attention module, in layer order (elastic or GIF, after its K neuron)."""
     return [
         SpikeCodeLayer(attn.key_neuron, attn.value_neuron, steps)
-        if isinstance(attn.key_neuron, ElasticBiSpikingNeuron) else GIFCodeLayer(attn.key_neuron, attn.value_neuron)
+        if isinstance(attn.key_neuron, ElasticBiSpikingNeuron)
+        else GIFCodeLayer(attn.key_neuron, attn.value_neuron)
         for attn in attentions
     ]
 

@@ -105,9 +105,22 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
     @staticmethod
     def field_names() -> tuple[str, ...]:
         return (
-            "neuron", "num_steps", "spike_levels", "use_amplitude", "alpha_init", "learn_alpha", "reset", "gif_bits",
-            "gif_extra_bits", "saliency_fraction", "rotation", "rotation_seed", "online_down_proj_rotation", "untied_embeddings",
-            "modules_to_not_convert", "format_version",
+            "neuron",
+            "num_steps",
+            "spike_levels",
+            "use_amplitude",
+            "alpha_init",
+            "learn_alpha",
+            "reset",
+            "gif_bits",
+            "gif_extra_bits",
+            "saliency_fraction",
+            "rotation",
+            "rotation_seed",
+            "online_down_proj_rotation",
+            "untied_embeddings",
+            "modules_to_not_convert",
+            "format_version",
         )
 
     def check(self) -> None:
@@ -133,7 +146,9 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")  # noqa: TRY004  (a field out of range)
         if not all(isinstance(m, str) and m for m in self.modules_to_not_convert):
-            raise ValueError(f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}")
+            raise ValueError(
+                f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}"
+            )
 
     @property
     def model_steps(self) -> int:
@@ -143,8 +158,11 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
     def neuron_options(self) -> dict:
         """The elastic neuron's keyword arguments."""
         return {
-            "spike_levels": self.spike_levels, "use_amplitude": self.use_amplitude, "alpha_init": self.alpha_init,
-            "learn_alpha": self.learn_alpha, "reset": self.reset,
+            "spike_levels": self.spike_levels,
+            "use_amplitude": self.use_amplitude,
+            "alpha_init": self.alpha_init,
+            "learn_alpha": self.learn_alpha,
+            "reset": self.reset,
         }
 
     def to_dict(self) -> dict:

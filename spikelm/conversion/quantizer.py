@@ -12,6 +12,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, register_quanti
 from transformers.quantizers.base import HfQuantizer
 
 from .config import QUANT_METHOD, SpikeLMConversionConfig
+from .placement import attach, detach, neurons
 
 
 class SpikeLMQuantizer(HfQuantizer):
@@ -25,14 +26,10 @@ class SpikeLMQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        from .spikify import attach
-
         attach(model, self.quantization_config)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from .spikify import neurons
-
         for _, neuron in neurons(model):
             if hasattr(neuron, "_known_initialized"):  # re-read the loaded `initialized` flag on first use
                 neuron._known_initialized = False
@@ -40,8 +37,6 @@ class SpikeLMQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         """``model.dequantize()``: the real-valued model again (neurons and hooks removed, weights kept)."""
-        from .spikify import detach
-
         return detach(model)
 
     def is_serializable(self, *args, **kwargs) -> bool:
