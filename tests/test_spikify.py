@@ -27,7 +27,7 @@ from transformers import (
 )
 
 import spikelm
-from spikelm.conversion import SpikeCodeCache, SpikeLMConversionConfig, neurons, spikify
+from spikelm.conversion import SpikeCodeCache, SpikeLMConversionConfig, neurons, placement, spikify
 from spikelm.conversion.cache import is_spike_cache
 
 VOCAB = 64
@@ -359,6 +359,14 @@ def test_placement_differs_from_the_real_valued_model_and_between_steps():
 # ----------------------------------------------------------------------------------------------
 # Options with observable consequences
 # ----------------------------------------------------------------------------------------------
+
+
+def test_placement_lists_every_neuron_with_its_readers():
+    model = spikify(tiny_llama(), num_steps=2)
+    placed = placement(model)
+    assert {p.name for p in placed} == {name for name, _ in neurons(model)}
+    assert [p.kind for p in placed[:6]] == ["qkv_input", "o_input", "gate_up_input", "down_input", "k", "v"]
+    assert placed[0].readers == tuple(f"model.layers.0.self_attn.{x}_proj" for x in "qkv")
 
 
 def test_modules_to_not_convert_skips_those_inputs():

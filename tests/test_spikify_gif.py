@@ -9,6 +9,7 @@ import torch
 from test_spikify import CAUSAL, greedy, tiny_bert, tiny_llama, token_ids, uncached_greedy
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from spikelm.conversion import calibrate as spikelm_calibrate
 from spikelm.conversion import neurons, spikify, write_model_card
 from spikelm.conversion.cache import GIFCodeLayer, is_spike_cache
 from spikelm.nn.gif import GIFNeuron
@@ -54,6 +55,18 @@ def test_gif_calibration_marks_the_salient_fraction():
         assert int(neuron.salient.sum()) == channels - int(0.75 * channels), name  # SpikeLLM's count
     uncalibrated = spikify(tiny_llama(), neuron="gif")
     assert not any(bool(n.salient.any()) for _, n in neurons(uncalibrated))  # no saliency: n bits, one step
+
+
+def test_gif_saliency_uses_the_stacked_reader_weights_even_on_a_copy():
+    import copy
+
+    source = spikify(tiny_llama(), neuron="gif")
+    copied = copy.deepcopy(source)
+    calibration = [token_ids(4, 16, seed=3)]
+    spikelm_calibrate(source, calibration)
+    spikelm_calibrate(copied, calibration)
+    for (name, a), (_, b) in zip(neurons(source), neurons(copied), strict=True):
+        assert torch.equal(a.salient, b.salient), name
 
 
 def test_gif_cache_stores_integer_codes_and_a_grid_per_token():

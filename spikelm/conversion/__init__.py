@@ -7,13 +7,14 @@ Importing this package registers the ``"spikelm"`` quantization method with tran
 from .cache import SpikeCodeCache, SpikeCodeLayer, TransientSpikeKV
 from .config import FORMAT_VERSION, SpikeLMConversionConfig
 from .model_card import write_model_card
+from .placement import FAMILIES, SITE_KINDS, PlacedNeuron, attach, detach, is_spiking, make_neuron, neurons, placement
 from .quantizer import SpikeLMQuantizer
-from .placement import FAMILIES, SITE_KINDS, attach, detach, is_spiking, make_neuron, neurons
 from .spikify import calibrate, spikify
 
 __all__ = [
     "FAMILIES",
     "FORMAT_VERSION",
+    "PlacedNeuron",
     "SITE_KINDS",
     "SpikeCodeCache",
     "SpikeCodeLayer",
@@ -26,6 +27,7 @@ __all__ = [
     "is_spiking",
     "make_neuron",
     "neurons",
+    "placement",
     "spikify",
     "write_model_card",
 ]

@@ -305,14 +305,29 @@ def _leave_copies(base, args, output, steps):
     return output
 
 
+@dataclass(frozen=True)
+class PlacedNeuron:
+    """One neuron in a converted model: its module name, its site kind, the linear layers reading its output."""
+
+    name: str
+    kind: str
+    readers: tuple[str, ...]
+
+
 class SpikingState:
     """What the hooks of one converted model share (kept on the model as ``model._spikelm``; not saved)."""
 
-    def __init__(self, model: PreTrainedModel, family: Family, config: SpikeLMConversionConfig, handles: list):
-        self.family, self.config, self.handles = family, config, handles
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        family: Family,
+        config: SpikeLMConversionConfig,
+        handles: list,
+        sites: list[PlacedNeuron],
+    ):
+        self.family, self.config, self.handles, self.sites = family, config, handles, sites
         self.steps = config.model_steps
         self._attentions = [_get(layer, family.attention) for layer in _get(model.base_model, family.layers)]
-        self.readers: dict[int, list[nn.Module]] = {}  # id(neuron) -> the linear layers reading its output
 
     def attentions(self) -> list[nn.Module]:
         return self._attentions
@@ -331,17 +346,18 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
 
         kind = config.rotation if config.rotation != "none" else "hadamard"
         attach_online_down_proj_rotation(model, seed=config.rotation_seed + 1, kind=kind, fold=False)
-    handles, readers_of = [], {}
+    handles, sites = [], []
     for index, layer in enumerate(_get(base, family.layers)):
+        block = f"{layers_path}.{index}"
         for site in family.sites:
-            names = [f"{layers_path}.{index}.{r}" for r in site.readers]
+            names = [f"{block}.{r}" for r in site.readers]
             if any(_skipped(n, skip) for n in names):
                 continue
             host = _get(layer, site.host)
             readers = [_get(layer, r) for r in site.readers]
             width = reader_weight(readers[0]).shape[1]
             host.input_neuron = make_neuron(site.kind, config, width, [reader_weight(r) for r in readers])
-            readers_of[id(host.input_neuron)] = readers
+            sites.append(PlacedNeuron(f"{block}.{site.host}.input_neuron", site.kind, tuple(names)))
             handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
         attention = _get(layer, family.attention)
         if _skipped(f"{layers_path}.{index}.{family.attention}", skip):
@@ -352,14 +368,23 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
         kv_channels = (_kv_heads(model.config), 1, _head_dim(model.config))
         attention.key_neuron = make_neuron("k", config, kv_channels, [])
         attention.value_neuron = make_neuron("v", config, kv_channels, [])
+        sites += [PlacedNeuron(f"{block}.{family.attention}.{kind}_neuron", kind[0], ()) for kind in ("key", "value")]
         handles.append(attention.register_forward_pre_hook(partial(_spike_kv_on_update, steps=steps), with_kwargs=True))
-    state = SpikingState(model, family, config, handles)
-    state.readers = readers_of
+    state = SpikingState(model, family, config, handles, sites)
     handles.append(base.register_forward_pre_hook(partial(_enter_copies, state=state), with_kwargs=True))
     handles.append(_get(base, family.average_after).register_forward_hook(partial(_average_output, steps=steps)))
     handles.append(base.register_forward_hook(partial(_leave_copies, steps=steps)))
     model._spikelm = state
     return model
+
+
+def placement(model: PreTrainedModel) -> list[PlacedNeuron]:
+    """Every neuron ``spikify`` placed in ``model``, in forward order, with its kind and the layers it feeds
+    (names as in ``model.named_modules()``; for energy counting and reports)."""
+    state = getattr(model, "_spikelm", None)
+    if state is None:
+        raise ValueError(f"this {type(model).__name__} was not converted by spikify")
+    return list(state.sites)
 
 
 def detach(model: PreTrainedModel) -> PreTrainedModel:

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from ..neuron import ElasticBiSpikingNeuron
 from .config import QUANT_METHOD, SpikeLMConversionConfig
-from .placement import attach, family_of, is_spiking, neurons, reader_weight
+from .placement import attach, family_of, is_spiking, neurons, placement, reader_weight
 from .quantizer import SpikeLMQuantizer
 
 
@@ -70,10 +70,11 @@ def calibrate(model: PreTrainedModel, calibration) -> None:
                 "calibration must be a LongTensor of token ids of shape (N, L), or a list of them; got "
                 f"{type(ids).__name__}{tuple(ids.shape) if isinstance(ids, torch.Tensor) else ''}"
             )
-    state = getattr(model, "_spikelm", None)
-    readers = state.readers if state is not None else {}
+    readers = {site.name: [model.get_submodule(r) for r in site.readers] for site in placement(model)}
     recorders = [
-        _SaliencyRecorder(n, readers.get(id(n))) for _, n in neurons(model) if not isinstance(n, ElasticBiSpikingNeuron)
+        _SaliencyRecorder(n, readers.get(name))
+        for name, n in neurons(model)
+        if not isinstance(n, ElasticBiSpikingNeuron)
     ]
     device = next(model.parameters()).device
     was_training = model.training
