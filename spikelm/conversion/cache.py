@@ -24,6 +24,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..modeling_spikelm_causal import SpikeKVCacheLayer
 from ..neuron import ALPHA_FLOOR, ElasticBiSpikingNeuron
+from ..nn.gif import pack_grid
 
 
 def spike_per_step(neuron: nn.Module, states: torch.Tensor, steps: int) -> torch.Tensor:
@@ -114,11 +115,12 @@ class GIFCodeLayer(DynamicLayer):
         self.is_initialized = True
 
     def _decode(self, neuron: nn.Module, codes: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
-        from ..nn.gif import dequantize
+        from ..nn.gif import dequantize, unpack_grid
 
         if grid is None:
             return codes.to(self.dtype)  # nothing cached yet: (B, H, 0, d)
-        return dequantize(codes, grid[..., :1], grid[..., 1:], neuron.gain(codes.device)).to(self.dtype)
+        scale, zero = unpack_grid(grid)
+        return dequantize(codes, scale, zero, neuron.gain(codes.device)).to(self.dtype)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -131,7 +133,7 @@ class GIFCodeLayer(DynamicLayer):
             spiked = neuron(states)  # the dequantised spike sum, straight-through gradient
             with torch.no_grad():
                 code, scale, zero = neuron.quantize(states)
-            new_grid = torch.cat([scale, zero], dim=-1).to(torch.float32)
+            new_grid = pack_grid(scale, zero)
             setattr(self, codes_name, torch.cat([codes, code.to(codes.dtype)], dim=-2))
             setattr(self, grid_name, new_grid if grid is None else torch.cat([grid, new_grid], dim=-2))
             out.append(torch.cat([past, spiked], dim=-2))
