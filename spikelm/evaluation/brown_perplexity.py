@@ -69,16 +69,18 @@ def perplexity(model, token_ids: torch.Tensor, window: int = WINDOW, stride: int
     its first (which only conditions), so ``tokens_scored`` is ``len - len // window`` (32,704 of 32,768 at
     window 512); ``stride < window``: overlapping windows, every token but the first scored once
     (:func:`spikelm.causal_lm.sliding_windows`). Returns the fields of
-    :func:`spikelm.causal_lm.sliding_window_perplexity` plus ``tokens`` and ``seconds``.
+    :func:`spikelm.causal_lm.sliding_window_perplexity` plus ``tokens``, ``seconds`` (wall clock) and
+    ``cpu_seconds`` (this process, all threads).
     """
     was_training = model.training
     model.eval()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         result = sliding_window_perplexity(model, token_ids, window, stride, batch_size, progress=progress)
     finally:
         model.train(was_training)
-    return {**result, "tokens": int(token_ids.numel()), "seconds": time.perf_counter() - start}
+    return {**result, "tokens": int(token_ids.numel()), "seconds": time.perf_counter() - start,
+            "cpu_seconds": time.process_time() - cpu_start}
 
 
 def brown_perplexity(model, tokenizer, num_tokens: int = BROWN_EVAL_TOKENS, window: int = WINDOW,

@@ -52,12 +52,13 @@ class SpikeLMEvalModel(HFLM):
         super().__init__(pretrained=_local(pretrained), tokenizer=_local(tokenizer), **kwargs)
 
 
-def task_manager(include_path: str | Path | list | None = None):
-    """An lm-eval ``TaskManager`` that knows lm-eval's own tasks, spikelm's (:data:`TASKS_DIR`) and ``include_path``."""
+def task_manager(include_path: str | Path | list | None = None, include_defaults: bool = True):
+    """An lm-eval ``TaskManager`` that knows spikelm's tasks (:data:`TASKS_DIR`), those under ``include_path`` and,
+    with ``include_defaults``, lm-eval's own (indexing those takes a while: leave them out to run only spikelm's)."""
     from lm_eval.tasks import TaskManager
 
     extra = [] if include_path is None else list(include_path) if isinstance(include_path, list) else [include_path]
-    return TaskManager(include_path=[str(TASKS_DIR), *map(str, extra)])
+    return TaskManager(include_path=[str(TASKS_DIR), *map(str, extra)], include_defaults=include_defaults)
 
 
 def harness_argv(argv: list[str]) -> list[str]:
