@@ -73,7 +73,7 @@ def harness_argv(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``lm-eval`` (its ``run``, ``ls`` and ``validate`` subcommands) with spikelm's model type as the default and
-    spikelm's tasks (:data:`TASKS_DIR`) searched before any ``--include_path``."""
+    spikelm's tasks (:data:`TASKS_DIR`) known beside lm-eval's and any ``--include_path`` (which wins a name clash)."""
     from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 
