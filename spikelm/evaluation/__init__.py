@@ -1,0 +1,1 @@
+"""Evaluating language models: perplexity on the Brown evaluation text and zero-shot tasks through lm-eval."""
