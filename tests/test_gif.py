@@ -37,7 +37,7 @@ def calibrated_neuron(channels, bits, extra_bits, fraction=0.25, backend="fused"
     return neuron
 
 
-def textbook_per_group(x, salient, bits, extra_bits):
+def textbook_per_group(x, salient, bits, extra_bits, clip=1.0):
     """Plain per-group asymmetric min/max quantisation, token by token and group by group: (codes, scales, zeros)."""
     level = 2**bits - 1
     top = 2**extra_bits * level
@@ -50,7 +50,7 @@ def textbook_per_group(x, salient, bits, extra_bits):
             if values.numel() == 0:
                 scales[i, g], zeros[i, g] = SCALE_FLOOR, 0.0
                 continue
-            lo, hi = values.min(), values.max()
+            lo, hi = values.min() * clip, values.max() * clip
             step = torch.clamp((hi - lo) / steps, min=SCALE_FLOOR)
             zero = torch.round(-lo / step)
             codes[i, members] = torch.clamp(torch.round(values / step) + zero, 0, steps)
@@ -436,3 +436,24 @@ def test_grid_packs_and_unpacks_for_a_cache():
         assert grid.shape == (3, width)
         got_scale, got_zero = unpack_grid(grid)
         assert torch.equal(got_scale, scale) and torch.equal(got_zero, zero)
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.9, 0.5])
+def test_clip_ratio_matches_the_textbook_quantiser_and_clamps_the_extremes(clip):
+    neuron = calibrated_neuron(16, 4, 1)
+    x = heavy_tailed(6, 16)
+    code, scale, zero = quantize_per_token(x, 4, 1, neuron.salient, group_range="group", clip_ratio=clip)
+    codes, scales, zeros = textbook_per_group(x, neuron.salient, 4, 1, clip=clip)
+    assert torch.equal(code.float(), codes)
+    assert torch.allclose(scale, scales) and torch.equal(zero, zeros)
+    top = torch.where(neuron.salient, 30, 15)
+    at_ends = ((code == 0) | (code == top)).sum()
+    if clip < 1:  # the extremes of both groups now sit beyond the range: more codes at the ends than without
+        plain, _, _ = quantize_per_token(x, 4, 1, neuron.salient, group_range="group")
+        assert at_ends > ((plain == 0) | (plain == top)).sum()
+
+
+def test_clip_ratio_out_of_range_is_refused():
+    for bad in (0, 1.5, -0.2, True):
+        with pytest.raises(ValueError, match="clip_ratio"):
+            GIFNeuron(8, clip_ratio=bad)

@@ -44,6 +44,8 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         gif_group_range (str): ``"group"``: each channel group (salient, other) takes its per-token scale and zero
             point from its own channels' min/max, so outlier channels do not stretch the others' grid (the default:
             far better on real LLMs); ``"token"``: both groups over the whole token's range, as SpikeLLM's code.
+        gif_clip_ratio (float): each per-token range is this fraction of the min/max (1: no clipping; 0.9 is
+            QuaRot's activation clip ratio); values beyond it take the end codes.
 
     Outlier handling (equivalence transforms folded into the weights before spiking):
         rotation (str): ``"none"``, ``"hadamard"`` or ``"random"``: an orthogonal rotation of the residual stream
@@ -74,6 +76,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         gif_extra_bits: int = 1,
         saliency_fraction: float = 0.1,
         gif_group_range: str = "group",
+        gif_clip_ratio: float = 1.0,
         rotation: str = "none",
         rotation_seed: int = 0,
         online_down_proj_rotation: bool = False,
@@ -100,6 +103,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         self.gif_extra_bits = gif_extra_bits
         self.saliency_fraction = saliency_fraction
         self.gif_group_range = gif_group_range
+        self.gif_clip_ratio = gif_clip_ratio
         self.rotation = rotation
         self.rotation_seed = rotation_seed
         self.online_down_proj_rotation = online_down_proj_rotation
@@ -121,6 +125,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
             "gif_extra_bits",
             "saliency_fraction",
             "gif_group_range",
+            "gif_clip_ratio",
             "rotation",
             "rotation_seed",
             "online_down_proj_rotation",
@@ -143,7 +148,9 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         check_neuron_options(
             self.num_steps, self.spike_levels, self.use_amplitude, self.alpha_init, self.learn_alpha, self.reset
         )
-        check_gif_options(self.gif_bits, self.gif_extra_bits, self.saliency_fraction, self.gif_group_range)
+        check_gif_options(
+            self.gif_bits, self.gif_extra_bits, self.saliency_fraction, self.gif_group_range, self.gif_clip_ratio
+        )
         if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int):
             raise ValueError(f"rotation_seed must be an integer, got {self.rotation_seed!r}")  # noqa: TRY004
         if self.rotation not in ROTATIONS:

@@ -43,7 +43,7 @@ SYLVESTER_CHUNK = 256  # the largest power-of-two factor applied as one dense ma
 def _is_prime(q: int) -> bool:
     if q < 2:
         return False
-    return all(q % d for d in range(2, int(q ** 0.5) + 1))
+    return all(q % d for d in range(2, int(q**0.5) + 1))
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -155,7 +155,7 @@ def rotation_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> tuple[torc
     if kind not in ROTATION_KINDS:
         raise ValueError(f"kind must be one of {ROTATION_KINDS}, got {kind!r}")
     if kind == "hadamard" and hadamard_factors(n) is not None:
-        return _random_signs(n, seed).view(-1, 1) * hadamard_matrix(n) / n ** 0.5, "hadamard"
+        return _random_signs(n, seed).view(-1, 1) * hadamard_matrix(n) / n**0.5, "hadamard"
     return random_orthogonal_matrix(n, seed), "random"
 
 
@@ -172,7 +172,7 @@ def _online_operands(kind: str, size: int, seed: int, device, dtype):
     if key not in _ONLINE_CACHE:
         if kind == "hadamard" and hadamard_factors(size) is not None:
             signs = _random_signs(size, seed).to(device=device, dtype=dtype)
-            mats = [(_base_matrix(f) / f ** 0.5).to(device=device, dtype=dtype) for f in hadamard_factors(size)]
+            mats = [(_base_matrix(f) / f**0.5).to(device=device, dtype=dtype) for f in hadamard_factors(size)]
             _ONLINE_CACHE[key] = (signs, mats)
         else:
             _ONLINE_CACHE[key] = (None, [random_orthogonal_matrix(size, seed).to(device=device, dtype=dtype)])
@@ -223,11 +223,14 @@ class OnlineHadamard(nn.Module):
 def _check_supported(model: nn.Module) -> None:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"rotation supports the LLaMA family {SUPPORTED_MODEL_TYPES} (a CausalLM with "
-                         f"model.layers and lm_head); got model_type={model_type!r}")
+        raise ValueError(
+            f"rotation supports the LLaMA family {SUPPORTED_MODEL_TYPES} (a CausalLM with "
+            f"model.layers and lm_head); got model_type={model_type!r}"
+        )
     if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "layers"):
-        raise ValueError(f"expected a {model_type} causal LM (model.model.layers and model.lm_head), got "
-                         f"{type(model).__name__}")
+        raise ValueError(
+            f"expected a {model_type} causal LM (model.model.layers and model.lm_head), got {type(model).__name__}"
+        )
 
 
 @torch.no_grad()
@@ -237,8 +240,10 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
 
 def _readers(layer) -> list[tuple[nn.Module, list[nn.Linear]]]:
     attn, mlp = layer.self_attn, layer.mlp
-    return [(layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
-            (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])]
+    return [
+        (layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
+        (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
+    ]
 
 
 @torch.no_grad()
@@ -259,8 +264,10 @@ def fold_rmsnorm_gains(model: nn.Module) -> int:
 
 
 def lm_head_is_tied(model: nn.Module) -> bool:
-    return model.lm_head.weight is model.model.embed_tokens.weight or \
-        model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    return (
+        model.lm_head.weight is model.model.embed_tokens.weight
+        or model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    )
 
 
 @torch.no_grad()
@@ -269,8 +276,9 @@ def untie_word_embeddings(model: nn.Module) -> bool:
     (saved with the model, so it reloads untied). Returns True if the weights were tied."""
     if not lm_head_is_tied(model):
         return False
-    model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone(),
-                                        requires_grad=model.lm_head.weight.requires_grad)
+    model.lm_head.weight = nn.Parameter(
+        model.model.embed_tokens.weight.detach().clone(), requires_grad=model.lm_head.weight.requires_grad
+    )
     model.config.tie_word_embeddings = False
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     text_config.tie_word_embeddings = False
@@ -333,7 +341,8 @@ def rotate_residual_stream(
     }
     if online_down_proj:
         summary["online_down_proj"] = attach_online_down_proj_rotation(
-            model, seed=seed + 1 if online_seed is None else online_seed, kind=kind)
+            model, seed=seed + 1 if online_seed is None else online_seed, kind=kind
+        )
     return summary
 
 
@@ -342,8 +351,9 @@ def _rotate_input_pre_hook(module: nn.Module, args: tuple) -> tuple:
 
 
 @torch.no_grad()
-def attach_online_down_proj_rotation(model: nn.Module, seed: int = 1, kind: str = "hadamard",
-                                     fold: bool = True) -> dict:
+def attach_online_down_proj_rotation(
+    model: nn.Module, seed: int = 1, kind: str = "hadamard", fold: bool = True
+) -> dict:
     """Rotate every ``mlp.down_proj`` input online: ``x <- x H`` by an :class:`OnlineHadamard` submodule
     (``down_proj.online_rotation``) run as a forward pre-hook placed before any other pre-hook (so a spiking
     neuron hooked on the same input sees the rotated ``x``), and, with ``fold``, ``W_down <- W_down H``.
@@ -363,10 +373,14 @@ def attach_online_down_proj_rotation(model: nn.Module, seed: int = 1, kind: str 
         existing = getattr(linear, "online_rotation", None)
         if existing is not None:
             same = isinstance(existing, OnlineHadamard) and (existing.size, existing.seed, existing.kind) == (
-                rotation.size, rotation.seed, rotation.kind)
+                rotation.size,
+                rotation.seed,
+                rotation.kind,
+            )
             if not same:
-                raise ValueError(f"{type(linear).__name__} already carries {existing!r}; refusing to stack "
-                                 f"{rotation!r} on it")
+                raise ValueError(
+                    f"{type(linear).__name__} already carries {existing!r}; refusing to stack {rotation!r} on it"
+                )
         else:
             if fold:
                 if dense is None:

@@ -25,8 +25,10 @@ SCALE_MIN = 1e-5  # a channel that never fires (max|X_c| = 0) must not get a zer
 
 def _norm_readers(layer) -> dict[str, tuple[nn.Module, list[nn.Linear]]]:
     attn, mlp = layer.self_attn, layer.mlp
-    return {"qkv": (layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
-            "gate_up": (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj])}
+    return {
+        "qkv": (layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
+        "gate_up": (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
+    }
 
 
 @torch.no_grad()
@@ -43,6 +45,7 @@ def input_absmax(model: nn.Module, batches: torch.Tensor | Iterable[torch.Tensor
         def hook(module, args):
             x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
             stats[key] = x if key not in stats else torch.maximum(stats[key], x)
+
         return hook
 
     for i, layer in enumerate(model.model.layers):

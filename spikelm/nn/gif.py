@@ -59,8 +59,9 @@ vertical stack of every weight reading this input (q/k/v, gate/up); the top ``sa
 the extra steps. Without weights (the K/V neurons) the score is ``mean x_c^2``.
 
 Training: the forward pass returns the dequantised input with a straight-through gradient (identity on x):
-no element lies outside its own group's (or token's) [min, max], so nothing is clipped and the STE of round and
-clamp is the identity. Scales are dynamic (per token), so there is no step size to learn.
+with ``clip_ratio=1`` no element lies outside its own group's (or token's) [min, max], so nothing is clipped and
+the STE of round and clamp is the identity; with ``clip_ratio < 1`` the gradient still passes unchanged through
+the clipped extremes (kept simple: the extremes are few). Scales are dynamic (per token): no step size to learn.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ GIF_BACKENDS = ("fused", "reference")
 GROUP_RANGES = ("group", "token")  # where each channel group's per-token min/max comes from (module docstring)
 
 
-def check_gif_options(bits: int, extra_bits: int, saliency_fraction: float, group_range: str = "group") -> None:
+def check_gif_options(
+    bits: int, extra_bits: int, saliency_fraction: float, group_range: str = "group", clip_ratio: float = 1.0
+) -> None:
     """Raise ``ValueError`` naming the bad argument if a GIF option is out of range."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 15:
         raise ValueError(f"bits must be an integer in [1, 15] (n, the bits of one spike level), got {bits!r}")
@@ -95,6 +98,7 @@ def check_gif_options(bits: int, extra_bits: int, saliency_fraction: float, grou
     ):
         raise ValueError(f"saliency_fraction must be a number in [0, 1], got {saliency_fraction!r}")
     _check_group_range(group_range)
+    _check_clip_ratio(clip_ratio)
 
 
 def max_code(bits: int, extra_bits: int) -> int:
@@ -121,17 +125,23 @@ def channel_gain(salient: torch.Tensor | None, extra_bits: int) -> torch.Tensor:
     return torch.where(salient, 1, 1 << extra_bits).to(torch.int32)
 
 
-def per_token_grid(x: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, zero)``, each (..., 1) in the compute dtype, for codes 0..``top`` over ``x``'s last dimension."""
+def per_token_grid(x: torch.Tensor, top: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)``, each (..., 1) in the compute dtype, for codes 0..``top`` over ``x``'s last dimension.
+
+    ``clip_ratio`` < 1 shrinks the range to ``[clip_ratio * min, clip_ratio * max]``: values beyond it clamp to the
+    end codes (a finer grid for the bulk of the channels at the cost of the extremes).
+    """
     xc = x.detach().to(_compute_dtype(x.dtype))
-    x_min = xc.amin(dim=-1, keepdim=True)
-    x_max = xc.amax(dim=-1, keepdim=True)
+    x_min = xc.amin(dim=-1, keepdim=True) * clip_ratio
+    x_max = xc.amax(dim=-1, keepdim=True) * clip_ratio
     scale = ((x_max - x_min) / top).clamp_min(SCALE_FLOOR)
     zero = torch.round(-x_min / scale)
     return scale, zero
 
 
-def per_group_grid(x: torch.Tensor, member: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
+def per_group_grid(
+    x: torch.Tensor, member: torch.Tensor, top: int, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`per_token_grid` over the channels where ``member`` (a bool mask broadcastable to ``x``) is True.
 
     A token with no member channel gets ``min = max = 0``: scale ``SCALE_FLOOR``, zero 0 (finite, and unused).
@@ -141,11 +151,16 @@ def per_group_grid(x: torch.Tensor, member: torch.Tensor, top: int) -> tuple[tor
     present = member.any(dim=-1, keepdim=True)
     x_min = torch.where(member, xc, float("inf")).amin(dim=-1, keepdim=True)
     x_max = torch.where(member, xc, float("-inf")).amax(dim=-1, keepdim=True)
-    x_min = torch.where(present, x_min, 0.0)
-    x_max = torch.where(present, x_max, 0.0)
+    x_min = torch.where(present, x_min, 0.0) * clip_ratio
+    x_max = torch.where(present, x_max, 0.0) * clip_ratio
     scale = ((x_max - x_min) / top).clamp_min(SCALE_FLOOR)
     zero = torch.round(-x_min / scale)
     return scale, zero
+
+
+def _check_clip_ratio(clip_ratio: float) -> None:
+    if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, (int, float)) or not 0 < clip_ratio <= 1:
+        raise ValueError(f"clip_ratio must be a number in (0, 1], got {clip_ratio!r}")
 
 
 def _check_group_range(group_range: str) -> None:
@@ -159,6 +174,7 @@ def quantize_per_token(
     extra_bits: int,
     salient: torch.Tensor | None = None,
     group_range: str = "group",
+    clip_ratio: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The one-shot quantiser: ``(code, scale, zero)``, ``code`` int32 on each channel's own grid.
 
@@ -168,13 +184,15 @@ def quantize_per_token(
     ``zero`` is (..., 2): the fine group's and the coarse group's zero points. ``group_range="group"``: each group's
     range is the min/max over its own channels, ``scale`` (..., 2) = (fine step, coarse step); ``"token"``: both
     over the whole token (SpikeLLM's code), ``scale`` (..., 1) the fine step, the coarse step ``2^a * scale``.
-    See :func:`dequantize`.
+    ``clip_ratio``: every range is ``clip_ratio`` times the min/max (see :func:`per_token_grid`). See
+    :func:`dequantize`.
     """
     _check_group_range(group_range)
+    _check_clip_ratio(clip_ratio)
     level = (1 << bits) - 1
     xc = x.detach().to(_compute_dtype(x.dtype))
     if salient is None:
-        scale, zero = per_token_grid(xc, level)
+        scale, zero = per_token_grid(xc, level, clip_ratio)
         code = (torch.round(xc / scale) + zero).clamp_(0, level)
         return code.to(torch.int32), scale, zero
     top = max_code(bits, extra_bits)
@@ -185,18 +203,18 @@ def quantize_per_token(
                 "group_range='group' with salient channels needs extra_bits > 0 (the channel gain "
                 "tells the groups apart); pass salient=None for the plain n-bit quantiser"
             )
-        scale_f, zero_f = per_group_grid(xc, salient, top)
-        scale_c, zero_c = per_group_grid(xc, ~salient, level)
+        scale_f, zero_f = per_group_grid(xc, salient, top, clip_ratio)
+        scale_c, zero_c = per_group_grid(xc, ~salient, level, clip_ratio)
         fine = (torch.round(xc / scale_f) + zero_f).clamp_(0, top)
         coarse = (torch.round(xc / scale_c) + zero_c).clamp_(0, level)
         code = torch.where(salient, fine, coarse).to(torch.int32)
         return code, torch.cat([scale_f, scale_c], dim=-1), torch.cat([zero_f, zero_c], dim=-1)
-    scale, zero_f = per_token_grid(xc, top)
+    scale, zero_f = per_token_grid(xc, top, clip_ratio)
     ratio = xc / scale
     fine = (torch.round(ratio) + zero_f).clamp_(0, top)
     # dividing by 2^a is exact: the coarse group is bit for bit the saliency-free n-bit quantiser of this token
     step = 1 << extra_bits
-    zero_c = torch.round(-xc.amin(dim=-1, keepdim=True) / scale / step)
+    zero_c = torch.round(-xc.amin(dim=-1, keepdim=True) * clip_ratio / scale / step)
     coarse = (torch.round(ratio / step) + zero_c).clamp_(0, level)
     return torch.where(salient, fine, coarse).to(torch.int32), scale, torch.cat([zero_f, zero_c], dim=-1)
 
@@ -517,6 +535,8 @@ class GIFNeuron(nn.Module):
         group_range: ``"group"`` (default): each channel group's per-token scale and zero point from the min/max
             over its own channels; ``"token"``: over the whole token, as SpikeLLM's released code (see the module
             docstring). No difference without saliency. Not in the state dict: the conversion config carries it.
+        clip_ratio: each per-token range is ``clip_ratio`` times the min/max (1: no clipping); values beyond it
+            take the end codes. Not in the state dict either.
 
     ``salient`` is a bool buffer of shape ``channels`` saved in the state dict.
     """
@@ -529,15 +549,17 @@ class GIFNeuron(nn.Module):
         saliency_fraction: float = 0.1,
         backend: str = "fused",
         group_range: str = "group",
+        clip_ratio: float = 1.0,
     ):
         super().__init__()
-        check_gif_options(bits, extra_bits, saliency_fraction, group_range)
+        check_gif_options(bits, extra_bits, saliency_fraction, group_range, clip_ratio)
         self.channel_shape = (channels,) if isinstance(channels, int) else tuple(channels)
         self.bits = bits
         self.extra_bits = extra_bits
         self.saliency_fraction = float(saliency_fraction)
         self.backend = backend
         self.group_range = group_range
+        self.clip_ratio = clip_ratio
         self.register_buffer("salient", torch.zeros(self.channel_shape, dtype=torch.bool))
         self.record_stats = False
         self.stats: GIFStats | None = None
@@ -565,7 +587,8 @@ class GIFNeuron(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"channels={self.channel_shape}, bits={self.bits}, extra_bits={self.extra_bits}, "
-            f"saliency_fraction={self.saliency_fraction}, group_range={self.group_range!r}"
+            f"saliency_fraction={self.saliency_fraction}, group_range={self.group_range!r}, "
+            f"clip_ratio={self.clip_ratio}"
         )
 
     def has_saliency(self) -> bool:
@@ -629,7 +652,7 @@ class GIFNeuron(nn.Module):
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The one-shot quantiser: ``(code, scale, zero)``, see :func:`quantize_per_token`."""
         self._check_input(x)
-        return quantize_per_token(x, self.bits, self.extra_bits, self._mask(x), self.group_range)
+        return quantize_per_token(x, self.bits, self.extra_bits, self._mask(x), self.group_range, self.clip_ratio)
 
     def gain(self, device=None) -> torch.Tensor:
         """The int32 channel gain (1 salient, 2^a one-step channels; scalar 1 without saliency), see
