@@ -119,10 +119,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     import spikelm
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.evaluation.brown_perplexity import brown_eval_tokens, perplexity
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model_source("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(source)
