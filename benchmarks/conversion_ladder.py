@@ -18,61 +18,24 @@ from pathlib import Path
 
 import torch
 
+TRANSFORM = dict(rotation="hadamard", online_down_proj_rotation=True)  # the default outlier transform
+GIF_T2 = dict(neuron="gif", gif_bits=4, gif_extra_bits=1, saliency_fraction=0.1)  # SpikeLLM's T=2 setting
+GIF_T4 = dict(neuron="gif", gif_bits=4, gif_extra_bits=2, saliency_fraction=0.05)  # SpikeLLM's T=4 setting
 ROWS = {
     "real": None,
+    "gif-t2": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9},  # the default training-free recipe
+    "gif-t2-nosal": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "saliency_fraction": 0.0},
+    "gif-t4": {**GIF_T4, **TRANSFORM, "gif_clip_ratio": 0.9},
+    "gif-t4-nosal": {**GIF_T4, **TRANSFORM, "gif_clip_ratio": 0.9, "saliency_fraction": 0.0},
+    "gif-t2-noclip": {**GIF_T2, **TRANSFORM},
+    "gif-t2-notransform": {**GIF_T2},
+    "gif-t2-spikellm": {**GIF_T2, "gif_group_range": "token"},  # as SpikeLLM's released code: whole-token ranges
+    "gif-t2-spikellm-nosal": {**GIF_T2, "gif_group_range": "token", "saliency_fraction": 0.0},
     "ternary-t1": dict(neuron="elastic", num_steps=1),
     "ternary-t2": dict(neuron="elastic", num_steps=2),
     "ternary-t4": dict(neuron="elastic", num_steps=4),
-    "ternary-t4-rot": dict(neuron="elastic", num_steps=4, rotation="hadamard", online_down_proj_rotation=True),
-    "ternary-t4-rot-sym": dict(
-        neuron="elastic", num_steps=4, reset="symmetric", rotation="hadamard", online_down_proj_rotation=True
-    ),
-    "gif-t2-spikellm": dict(neuron="gif", gif_bits=4, gif_extra_bits=1, saliency_fraction=0.1, gif_group_range="token"),
-    "gif-t2-nosal-rot": dict(
-        neuron="gif",
-        gif_bits=4,
-        gif_extra_bits=1,
-        saliency_fraction=0.0,
-        rotation="hadamard",
-        online_down_proj_rotation=True,
-    ),
-    "gif-t2-group": dict(neuron="gif", gif_bits=4, gif_extra_bits=1, saliency_fraction=0.1),
-    "gif-t2": dict(
-        neuron="gif",
-        gif_bits=4,
-        gif_extra_bits=1,
-        saliency_fraction=0.1,
-        rotation="hadamard",
-        online_down_proj_rotation=True,
-    ),
-    "gif-t2-clip": dict(
-        neuron="gif",
-        gif_bits=4,
-        gif_extra_bits=1,
-        saliency_fraction=0.1,
-        rotation="hadamard",
-        online_down_proj_rotation=True,
-        gif_clip_ratio=0.9,
-    ),
-    "gif-t4-spikellm": dict(
-        neuron="gif", gif_bits=4, gif_extra_bits=2, saliency_fraction=0.05, gif_group_range="token"
-    ),
-    "gif-t4": dict(
-        neuron="gif",
-        gif_bits=4,
-        gif_extra_bits=2,
-        saliency_fraction=0.05,
-        rotation="hadamard",
-        online_down_proj_rotation=True,
-    ),
-    "gif-t4-nosal-rot": dict(
-        neuron="gif",
-        gif_bits=4,
-        gif_extra_bits=2,
-        saliency_fraction=0.0,
-        rotation="hadamard",
-        online_down_proj_rotation=True,
-    ),
+    "ternary-t4-rot": dict(neuron="elastic", num_steps=4, **TRANSFORM),
+    "ternary-t4-rot-sym": dict(neuron="elastic", num_steps=4, reset="symmetric", **TRANSFORM),
 }
 PROMPTS = ("The capital of France is", "Once upon a time, there was a", "The most important thing about science is")
 
