@@ -4,18 +4,23 @@ import pytest
 import torch
 
 from spikelm.nn.gif import (
+    SCALE_FLOOR,
     GIFNeuron,
+    dequantize,
     gif_linear,
     gif_spikes,
     max_code,
+    pack_grid,
     quantize_per_token,
     reference_gif_linear,
     reference_gif_spikes,
     saliency_scores,
     top_fraction_mask,
+    unpack_grid,
 )
 
 SETTINGS = [(4, 1), (4, 2), (2, 3), (8, 0)]  # (n, a): SpikeLLM's two settings and edge cases
+RANGES = ["group", "token"]
 
 
 def heavy_tailed(*shape):
@@ -24,10 +29,34 @@ def heavy_tailed(*shape):
     return x
 
 
-def calibrated_neuron(channels, bits, extra_bits, fraction=0.25, backend="fused"):
-    neuron = GIFNeuron(channels, bits=bits, extra_bits=extra_bits, saliency_fraction=fraction, backend=backend)
+def calibrated_neuron(channels, bits, extra_bits, fraction=0.25, backend="fused", group_range="group"):
+    neuron = GIFNeuron(
+        channels, bits=bits, extra_bits=extra_bits, saliency_fraction=fraction, backend=backend, group_range=group_range
+    )
     neuron.calibrate(heavy_tailed(64, channels))
     return neuron
+
+
+def textbook_per_group(x, salient, bits, extra_bits):
+    """Plain per-group asymmetric min/max quantisation, token by token and group by group: (codes, scales, zeros)."""
+    level = 2**bits - 1
+    top = 2**extra_bits * level
+    rows = x.reshape(-1, x.shape[-1])
+    codes = torch.zeros(rows.shape)
+    scales, zeros = torch.zeros(rows.shape[0], 2), torch.zeros(rows.shape[0], 2)
+    for i, row in enumerate(rows):
+        for g, (members, steps) in enumerate(((salient, top), (~salient, level))):
+            values = row[members]
+            if values.numel() == 0:
+                scales[i, g], zeros[i, g] = SCALE_FLOOR, 0.0
+                continue
+            lo, hi = values.min(), values.max()
+            step = torch.clamp((hi - lo) / steps, min=SCALE_FLOOR)
+            zero = torch.round(-lo / step)
+            codes[i, members] = torch.clamp(torch.round(values / step) + zero, 0, steps)
+            scales[i, g], zeros[i, g] = step, zero
+    lead = x.shape[:-1]
+    return codes.view(x.shape), scales.view(*lead, 2), zeros.view(*lead, 2)
 
 
 def test_max_code_is_what_the_spikes_can_sum_to():
@@ -36,12 +65,15 @@ def test_max_code_is_what_the_spikes_can_sum_to():
     assert max_code(4, 0) == 15
 
 
+@pytest.mark.parametrize("group_range", RANGES)
 @pytest.mark.parametrize("bits,extra_bits", SETTINGS)
-def test_spike_sum_equals_one_shot_code(bits, extra_bits):
-    neuron = calibrated_neuron(16, bits, extra_bits)
+def test_spike_sum_equals_one_shot_code(bits, extra_bits, group_range):
+    neuron = calibrated_neuron(16, bits, extra_bits, group_range=group_range)
     x = heavy_tailed(5, 7, 16)
     spikes, scale, zero, gain = neuron.spike(x)
-    code, scale1, zero1 = quantize_per_token(x, bits, extra_bits, neuron.salient if extra_bits else None)
+    code, scale1, zero1 = quantize_per_token(
+        x, bits, extra_bits, neuron.salient if extra_bits else None, group_range=group_range
+    )
     assert spikes.dtype == (torch.uint8 if bits <= 8 else torch.int16)
     assert spikes.shape == (neuron.num_steps, 5, 7, 16)
     assert int(spikes.max()) <= (1 << bits) - 1
@@ -55,7 +87,14 @@ def test_spike_sum_equals_one_shot_code(bits, extra_bits):
     assert torch.equal(code.gather(-1, x.argmin(-1, keepdim=True)), torch.zeros_like(code[..., :1]))
     at_max = code.gather(-1, x.argmax(-1, keepdim=True))
     assert (at_max >= torch.broadcast_to(group_top, code.shape).gather(-1, x.argmax(-1, keepdim=True)) - 1).all()
-    # the textbook one-shot quantisers, written out independently: (n+a) bits for salient channels, n for the rest
+    if extra_bits and group_range == "group":
+        # each group over its own channels: the textbook per-group quantiser, written out independently
+        codes, scales, zeros = textbook_per_group(x, neuron.salient, bits, extra_bits)
+        assert torch.equal(code.float(), codes) and torch.equal(scale, scales) and torch.equal(zero, zeros)
+        assert gain.tolist() == torch.where(neuron.salient, 1, 2**extra_bits).tolist()
+        return
+    # the textbook one-shot quantisers over the whole token, written out independently: (n+a) bits for salient
+    # channels, n for the rest
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     step_c = (hi - lo) / level
     coarse = (torch.round(x / step_c) + torch.round(-lo / step_c)).clamp(0, level)
@@ -63,7 +102,7 @@ def test_spike_sum_equals_one_shot_code(bits, extra_bits):
         step_f = (hi - lo) / top
         fine = (torch.round(x / step_f) + torch.round(-lo / step_f)).clamp(0, top)
         assert torch.equal(code.float(), torch.where(neuron.salient, fine, coarse))
-        assert zero.shape == (5, 7, 2) and gain.tolist() == torch.where(neuron.salient, 1, 2 ** extra_bits).tolist()
+        assert zero.shape == (5, 7, 2) and gain.tolist() == torch.where(neuron.salient, 1, 2**extra_bits).tolist()
     else:
         assert torch.equal(code.float(), coarse) and zero.shape == (5, 7, 1)
 
@@ -78,8 +117,9 @@ def test_reference_spike_loop_equals_closed_form(bits, extra_bits):
     assert ref[:, 0, -1].tolist() == [(1 << bits) - 1] * steps
 
 
-def test_salient_channels_get_the_fine_grid_the_others_the_coarse():
-    neuron = calibrated_neuron(16, 4, 1)
+@pytest.mark.parametrize("group_range", RANGES)
+def test_salient_channels_get_the_fine_grid_the_others_the_coarse(group_range):
+    neuron = calibrated_neuron(16, 4, 1, group_range=group_range)
     assert neuron.salient.sum() == 4 and bool(neuron.salient[3])  # the outlier channel is salient
     x = heavy_tailed(200, 16)
     code, _, _ = neuron.quantize(x)
@@ -87,9 +127,14 @@ def test_salient_channels_get_the_fine_grid_the_others_the_coarse():
     spikes = neuron.spike(x).spikes
     assert (spikes[1:, :, ~neuron.salient] == 0).all()  # one step for the coarse channels
     assert (spikes[1:, :, neuron.salient] > 0).any()
-    # the other channels are exactly the saliency-free n-bit quantiser (own zero point: real zero stays exact)
-    plain = GIFNeuron(16, bits=4, extra_bits=1)
-    assert torch.equal(neuron(x)[:, ~neuron.salient], plain(x)[:, ~neuron.salient])
+    # the other channels are exactly the saliency-free n-bit quantiser (own zero point: real zero stays exact) of
+    # the whole token ("token") or of the other channels alone ("group")
+    if group_range == "token":
+        plain = GIFNeuron(16, bits=4, extra_bits=1)
+        assert torch.equal(neuron(x)[:, ~neuron.salient], plain(x)[:, ~neuron.salient])
+    else:
+        plain = GIFNeuron(12, bits=4, extra_bits=1)
+        assert torch.equal(neuron(x)[:, ~neuron.salient], plain(x[:, ~neuron.salient]))
     assert (neuron(torch.zeros(3, 16)) == 0).all()
     x[:5, 0] = 0  # a coarse channel
     x[5:10, 3] = 0  # the salient one
@@ -123,11 +168,12 @@ def test_salient_mask_changes_the_output_and_is_saved():
     assert fresh.has_saliency() and torch.equal(fresh(x), neuron(x))
 
 
+@pytest.mark.parametrize("group_range", RANGES)
 @pytest.mark.parametrize("bits,extra_bits", SETTINGS)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_on_spikes_equals_linear_on_the_reconstruction(bits, extra_bits, with_bias):
+def test_linear_on_spikes_equals_linear_on_the_reconstruction(bits, extra_bits, with_bias, group_range):
     torch.manual_seed(1)
-    neuron = calibrated_neuron(16, bits, extra_bits)
+    neuron = calibrated_neuron(16, bits, extra_bits, group_range=group_range)
     linear = torch.nn.Linear(16, 10, bias=with_bias)
     x = heavy_tailed(4, 6, 16)
     spikes, scale, zero, gain = neuron.spike(x)
@@ -135,31 +181,43 @@ def test_linear_on_spikes_equals_linear_on_the_reconstruction(bits, extra_bits, 
     fast = gif_linear(spikes, scale, zero, linear.weight, linear.bias, gain)
     per_step = reference_gif_linear(spikes, scale, zero, linear.weight, linear.bias, gain)
     assert fast.shape == hooked.shape == per_step.shape == (4, 6, 10)
+    assert scale.shape[-1] == (2 if extra_bits and group_range == "group" else 1)
     torch.testing.assert_close(fast, hooked, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(per_step, fast, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(neuron.spike(x).linear(linear.weight, linear.bias, per_step=True), per_step)
 
 
-def test_reference_and_fused_backends_agree_exactly():
-    ref = calibrated_neuron(24, 4, 2, fraction=0.05, backend="reference")
-    fused = GIFNeuron(24, bits=4, extra_bits=2, saliency_fraction=0.05)
+@pytest.mark.parametrize("group_range", RANGES)
+def test_reference_and_fused_backends_agree_exactly(group_range):
+    ref = calibrated_neuron(24, 4, 2, fraction=0.05, backend="reference", group_range=group_range)
+    fused = GIFNeuron(24, bits=4, extra_bits=2, saliency_fraction=0.05, group_range=group_range)
     fused.load_state_dict(ref.state_dict())
     x = heavy_tailed(3, 11, 24)
     assert torch.equal(ref(x), fused(x))
     assert torch.equal(ref.spike(x).spikes, fused.spike(x).spikes)
 
 
-def test_dequantisation_error_is_within_half_a_step():
-    neuron = calibrated_neuron(16, 4, 1)
+@pytest.mark.parametrize("group_range", RANGES)
+def test_dequantisation_error_is_within_half_a_step(group_range):
+    neuron = calibrated_neuron(16, 4, 1, group_range=group_range)
     x = heavy_tailed(50, 16)
     _, scale, _ = neuron.quantize(x)
     err = (neuron(x) - x).abs()
-    assert (err[:, neuron.salient] <= scale / 2 + 1e-6).all()
-    assert (err[:, ~neuron.salient] <= scale + 1e-6).all()  # half a coarse step (2 fine steps)
+    step_f, step_c = (scale[:, :1], scale[:, 1:]) if group_range == "group" else (scale, 2 * scale)
+    assert (err[:, neuron.salient] <= step_f / 2 + 1e-6).all()
+    assert (err[:, ~neuron.salient] <= step_c / 2 + 1e-6).all()
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
-    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+        ),
+    ],
+)
 def test_neuron_on_a_device_matches_cpu(device):
     neuron = calibrated_neuron(16, 4, 2, fraction=0.1)
     neuron.record_stats = True
@@ -223,9 +281,16 @@ def test_per_head_channel_saliency_for_keys():
     assert scores.shape == (3, 1, 4)
     torch.testing.assert_close(scores, keys.double().pow(2).mean(dim=(0, 2), keepdim=True)[0])
     assert neuron.salient.sum() == 1 and bool(neuron.salient[1, 0, 2])
-    spikes = neuron.spike(keys).spikes
+    token = GIFNeuron((3, 1, 4), bits=4, extra_bits=1, saliency_fraction=1 / 12, group_range="token")
+    token.load_state_dict(neuron.state_dict())
+    spikes = token.spike(keys).spikes
     assert spikes.shape == (2, 2, 3, 7, 4)
     assert (spikes[1, :, 1, :, 2] > 0).any() and (spikes[1][:, :, :, [0, 1, 3]] == 0).all()
+    # per-group ranges: one salient channel per (token, head) is a group of one, carried exactly by its zero point
+    spikes, scale, _, _ = neuron.spike(keys)
+    assert spikes.shape == (2, 2, 3, 7, 4) and scale.shape == (2, 3, 7, 2)
+    assert (spikes[:, :, 1, :, 2] == 0).all() and (scale[:, 1, :, 0] == SCALE_FLOOR).all()
+    assert (neuron(keys)[:, 1, :, 2] - keys[:, 1, :, 2]).abs().max() <= SCALE_FLOOR
 
 
 def test_top_fraction_mask():
@@ -243,7 +308,11 @@ def test_firing_statistics_count_events_and_levels():
     assert stats["spikes"] == [2 * int((spikes[t] > 0).sum()) for t in range(2)]
     assert stats["levels"] == [2 * int(spikes[t].to(torch.int64).sum()) for t in range(2)]
     assert stats["slots"] == [2 * 8 * 16, 2 * 8 * 4]
-    assert stats["tokens"] == 16 and stats["groups"] == 2
+    assert stats["tokens"] == 16 and stats["groups"] == 2 and stats["scales"] == 2
+    token = calibrated_neuron(16, 4, 1, group_range="token")
+    token.record_stats = True
+    token(x)
+    assert token.stats.as_dict()["scales"] == 1 and token.stats.as_dict()["groups"] == 2
     assert 0 < stats["firing_rate"][1] <= 1
 
 
@@ -256,6 +325,14 @@ def test_bad_options_raise():
         GIFNeuron(8, saliency_fraction=1.5)
     with pytest.raises(ValueError, match="backend"):
         GIFNeuron(8, backend="triton")
+    with pytest.raises(ValueError, match="group_range"):
+        GIFNeuron(8, group_range="channel")
+    with pytest.raises(ValueError, match="group_range"):
+        quantize_per_token(torch.randn(2, 8), 4, 1, group_range="tokens")
+    with pytest.raises(ValueError, match="extra_bits"):
+        quantize_per_token(torch.randn(2, 8), 4, 0, torch.ones(8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="gain"):
+        dequantize(torch.zeros(2, 8), torch.ones(2, 2), torch.zeros(2, 2))
     with pytest.raises(ValueError, match="shape"):
         GIFNeuron(8).set_salient(torch.zeros(7, dtype=torch.bool))
     with pytest.raises(ValueError, match="channels"):
@@ -264,3 +341,98 @@ def test_bad_options_raise():
         GIFNeuron((3, 1, 4))(torch.randn(2, 2, 5, 4))
     with pytest.raises(TypeError, match="floating"):
         GIFNeuron(8)(torch.ones(2, 8, dtype=torch.long))
+
+
+def test_group_range_is_in_the_repr_and_defaults_to_group():
+    assert GIFNeuron(8).group_range == "group"
+    assert "group_range='token'" in repr(GIFNeuron(8, group_range="token"))
+
+
+def test_without_saliency_group_and_token_ranges_are_the_same_bit_for_bit():
+    x = heavy_tailed(6, 9, 16)
+    for bits, extra_bits in SETTINGS:
+        by_group = quantize_per_token(x, bits, extra_bits, None, group_range="group")
+        by_token = quantize_per_token(x, bits, extra_bits, None, group_range="token")
+        assert all(torch.equal(a, b) for a, b in zip(by_group, by_token, strict=True))
+        assert by_group[1].shape == by_group[2].shape == (6, 9, 1)
+    group = calibrated_neuron(16, 4, 1, fraction=0.0, group_range="group")
+    token = calibrated_neuron(16, 4, 1, fraction=0.0, group_range="token")
+    assert torch.equal(group(x), token(x))
+    assert all(torch.equal(a, b) for a, b in zip(group.spike(x), token.spike(x), strict=True))
+
+
+def test_group_ranges_cut_the_error_when_outlier_channels_are_salient():
+    torch.manual_seed(3)
+    x = torch.randn(256, 64)
+    x[:, :6] *= 50  # a few outlier channels, made salient
+    salient = torch.zeros(64, dtype=torch.bool)
+    salient[:6] = True
+    errors = {}
+    for group_range in RANGES:
+        neuron = GIFNeuron(64, bits=4, extra_bits=1, group_range=group_range)
+        neuron.set_salient(salient)
+        errors[group_range] = (neuron(x) - x).pow(2)
+    # the coarse channels no longer share a grid stretched by the outliers: far finer steps for ~90 % of channels
+    assert errors["group"][:, ~salient].mean() < 0.05 * errors["token"][:, ~salient].mean()
+    assert errors["group"].mean() < errors["token"].mean()
+    linear = torch.nn.Linear(64, 8)
+    outs = {}
+    for group_range in RANGES:
+        neuron = GIFNeuron(64, bits=4, extra_bits=1, group_range=group_range)
+        neuron.set_salient(salient)
+        outs[group_range] = neuron.spike(x).linear(linear.weight, linear.bias)
+    exact = linear(x)
+    assert (outs["group"] - exact).pow(2).mean() < (outs["token"] - exact).pow(2).mean()
+
+
+def test_an_empty_channel_group_stays_well_defined():
+    x = heavy_tailed(7, 16)
+    x[0] = 0.5  # a constant token as well
+    # every channel salient: the coarse group is empty in every token
+    neuron = GIFNeuron(16, bits=4, extra_bits=1, saliency_fraction=1.0)
+    neuron.calibrate(heavy_tailed(32, 16))
+    assert bool(neuron.salient.all())
+    code, scale, zero = neuron.quantize(x)
+    assert scale.shape == zero.shape == (7, 2)
+    assert (scale[:, 1] == SCALE_FLOOR).all() and (zero[:, 1] == 0).all()
+    # the fine group is then the whole token: the same codes and fine grid as the whole-token range
+    code_t, scale_t, zero_t = quantize_per_token(x, 4, 1, neuron.salient, group_range="token")
+    assert torch.equal(code, code_t) and torch.equal(scale[:, :1], scale_t) and torch.equal(zero[:, :1], zero_t[:, :1])
+    out = neuron(x)
+    assert torch.isfinite(out).all() and (out - x).abs().max() <= scale[:, :1].max() / 2 + 1e-6
+    linear = torch.nn.Linear(16, 5)
+    spikes = neuron.spike(x)
+    torch.testing.assert_close(spikes.linear(linear.weight, linear.bias), linear(out), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(spikes.linear(linear.weight, linear.bias, per_step=True), linear(out))
+    # no salient channel given to the functional API in "group" mode: the fine group is empty, the coarse group is
+    # the plain n-bit quantiser of the whole token
+    none = torch.zeros(16, dtype=torch.bool)
+    code, scale, zero = quantize_per_token(x, 4, 1, none)
+    plain_code, plain_scale, plain_zero = quantize_per_token(x, 4, 1, None)
+    assert torch.equal(code, plain_code) and torch.equal(scale[:, 1:], plain_scale)
+    assert torch.equal(zero[:, 1:], plain_zero) and (scale[:, 0] == SCALE_FLOOR).all() and (zero[:, 0] == 0).all()
+    # per-head masks (keys): heads without a salient channel have an empty fine group in every token
+    keys = torch.randn(2, 3, 5, 4)
+    mask = torch.zeros(3, 1, 4, dtype=torch.bool)
+    mask[1, 0, 2] = True
+    code, scale, zero = quantize_per_token(keys, 4, 1, mask)
+    assert (scale[:, [0, 2], :, 0] == SCALE_FLOOR).all() and torch.isfinite(scale).all()
+    gain = torch.where(mask, 1, 2).to(torch.int32)
+    codes, scales, zeros = textbook_per_group(keys[:, 1], mask[1, 0], 4, 1)
+    assert (
+        torch.equal(code[:, 1].float(), codes) and torch.equal(scale[:, 1], scales) and torch.equal(zero[:, 1], zeros)
+    )
+    recon = dequantize(code, scale, zero, gain)
+    assert torch.isfinite(recon).all() and (recon - keys).abs().max() < 0.5
+
+
+def test_grid_packs_and_unpacks_for_a_cache():
+    x = heavy_tailed(3, 16)
+    salient = torch.zeros(16, dtype=torch.bool)
+    salient[3] = True
+    for mask, group_range, width in ((None, "group", 2), (salient, "token", 3), (salient, "group", 4)):
+        _, scale, zero = quantize_per_token(x, 4, 1, mask, group_range=group_range)
+        grid = pack_grid(scale, zero)
+        assert grid.shape == (3, width)
+        got_scale, got_zero = unpack_grid(grid)
+        assert torch.equal(got_scale, scale) and torch.equal(got_zero, zero)
