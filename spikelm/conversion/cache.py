@@ -92,8 +92,9 @@ def _code_dtype(top: int) -> torch.dtype:
 class GIFCodeLayer(DynamicLayer):
     """One attention layer's cache for GIF K/V neurons: integer codes (B, H, L, d) plus a per-token grid.
 
-    ``keys`` / ``values`` hold the codes (uint8 for n + a <= 8); ``key_grid`` / ``value_grid`` (B, H, L, 1 + z)
-    each token's float32 scale and its z zero points (one, or one per channel group with saliency). Decoding is
+    ``keys`` / ``values`` hold the codes (uint8 for n + a <= 8); ``key_grid`` / ``value_grid`` (B, H, L, w)
+    each token's float32 scale(s) and zero point(s) (:func:`~spikelm.nn.gif.pack_grid`: one of each, or one per
+    channel group with saliency). Decoding is
     the neuron's own :func:`~spikelm.nn.gif.dequantize`, so cached tokens equal what a full forward pass computes.
     """
 
@@ -114,24 +115,26 @@ class GIFCodeLayer(DynamicLayer):
         self.is_initialized = True
 
     def _decode(self, neuron: nn.Module, codes: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
-        from ..nn.gif import dequantize
+        from ..nn.gif import dequantize, unpack_grid
 
         if grid is None:
             return codes.to(self.dtype)  # nothing cached yet: (B, H, 0, d)
-        return dequantize(codes, grid[..., :1], grid[..., 1:], neuron.gain(codes.device)).to(self.dtype)
+        return dequantize(codes, *unpack_grid(grid), neuron.gain(codes.device)).to(self.dtype)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         out = []
         for name, neuron, states in (("key", self.key_neuron, key_states), ("value", self.value_neuron, value_states)):
+            from ..nn.gif import pack_grid
+
             codes_name, grid_name = f"{name}s", f"{name}_grid"
             codes, grid = getattr(self, codes_name), getattr(self, grid_name)
             past = self._decode(neuron, codes, grid)
             spiked = neuron(states)  # the dequantised spike sum, straight-through gradient
             with torch.no_grad():
                 code, scale, zero = neuron.quantize(states)
-            new_grid = torch.cat([scale, zero], dim=-1).to(torch.float32)
+            new_grid = pack_grid(scale, zero)
             setattr(self, codes_name, torch.cat([codes, code.to(codes.dtype)], dim=-2))
             setattr(self, grid_name, new_grid if grid is None else torch.cat([grid, new_grid], dim=-2))
             out.append(torch.cat([past, spiked], dim=-2))

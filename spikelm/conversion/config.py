@@ -41,6 +41,8 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         gif_extra_bits (int): a, the extra bits of the salient channels: they run over T = 2^a steps.
         saliency_fraction (float): the fraction of input channels (by calibration saliency) that get the extra
             steps; 0 gives every channel n bits in one step.
+        gif_group_range (str): where each channel group's per-token range comes from: ``"group"`` (its own
+            channels' min/max) or ``"token"`` (the whole token's, as SpikeLLM).
 
     Outlier handling (equivalence transforms folded into the weights before spiking):
         rotation (str): ``"none"``, ``"hadamard"`` or ``"random"``: an orthogonal rotation of the residual stream
@@ -70,6 +72,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         gif_bits: int = 4,
         gif_extra_bits: int = 1,
         saliency_fraction: float = 0.1,
+        gif_group_range: str = "group",
         rotation: str = "none",
         rotation_seed: int = 0,
         online_down_proj_rotation: bool = False,
@@ -95,6 +98,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         self.gif_bits = gif_bits
         self.gif_extra_bits = gif_extra_bits
         self.saliency_fraction = saliency_fraction
+        self.gif_group_range = gif_group_range
         self.rotation = rotation
         self.rotation_seed = rotation_seed
         self.online_down_proj_rotation = online_down_proj_rotation
@@ -115,6 +119,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
             "gif_bits",
             "gif_extra_bits",
             "saliency_fraction",
+            "gif_group_range",
             "rotation",
             "rotation_seed",
             "online_down_proj_rotation",
@@ -137,7 +142,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         check_neuron_options(
             self.num_steps, self.spike_levels, self.use_amplitude, self.alpha_init, self.learn_alpha, self.reset
         )
-        check_gif_options(self.gif_bits, self.gif_extra_bits, self.saliency_fraction)
+        check_gif_options(self.gif_bits, self.gif_extra_bits, self.saliency_fraction, self.gif_group_range)
         if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int):
             raise ValueError(f"rotation_seed must be an integer, got {self.rotation_seed!r}")  # noqa: TRY004
         if self.rotation not in ROTATIONS:

@@ -189,7 +189,11 @@ def make_neuron(
         from ..nn.gif import GIFNeuron
 
         return GIFNeuron(
-            channels, bits=config.gif_bits, extra_bits=config.gif_extra_bits, saliency_fraction=config.saliency_fraction
+            channels,
+            bits=config.gif_bits,
+            extra_bits=config.gif_extra_bits,
+            saliency_fraction=config.saliency_fraction,
+            group_range=config.gif_group_range,
         )
     neuron = ElasticBiSpikingNeuron(config.num_steps, membrane=kind not in ("k", "v"), **config.neuron_options())
     return neuron.float()  # alphas stay float32 in a bfloat16 model (and load as such): the membrane is float32
