@@ -150,6 +150,18 @@ def test_bert_round_trip_identical(cls, auto, tmp_path):
     assert out[key].shape[0] == 2
 
 
+@pytest.mark.parametrize("neuron", ["elastic", "gif"])
+def test_from_pretrained_with_a_conversion_config_converts_on_load(neuron, tmp_path):
+    tiny_llama().save_pretrained(tmp_path)  # a real-valued checkpoint
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, quantization_config=SpikeLMConversionConfig(neuron=neuron, num_steps=2)
+    ).eval()
+    assert not any(n.is_initialized() for _, n in neurons(loaded) if hasattr(n, "alpha"))
+    assert not any(bool(n.salient.any()) for _, n in neurons(loaded) if hasattr(n, "salient"))
+    ids = token_ids()
+    assert torch.equal(loaded(ids).logits, spikify(tiny_llama(), neuron=neuron, num_steps=2)(ids).logits)
+
+
 def test_model_card(tmp_path):
     config = SpikeLMConversionConfig(num_steps=4, untied_embeddings=True)
     path = spikelm.conversion.write_model_card(

@@ -69,8 +69,9 @@ def test_gif_saliency_uses_the_stacked_reader_weights_even_on_a_copy():
         assert torch.equal(a.salient, b.salient), name
 
 
-def test_gif_cache_stores_integer_codes_and_a_grid_per_token():
-    model = gif_model()
+@pytest.mark.parametrize("group_range,width", [("group", 4), ("token", 3)])
+def test_gif_cache_stores_integer_codes_and_a_grid_per_token(group_range, width):
+    model = gif_model(gif_group_range=group_range)
     batch, length = 3, 5
     cache = model(token_ids(batch, length), use_cache=True).past_key_values
     assert is_spike_cache(cache)
@@ -79,7 +80,11 @@ def test_gif_cache_stores_integer_codes_and_a_grid_per_token():
         assert isinstance(layer, GIFCodeLayer)
         assert layer.keys.dtype == torch.uint8 and tuple(layer.keys.shape) == (batch, heads, length, head_dim)
         assert int(layer.keys.max()) <= (1 << 1) * 15  # codes on [0, 2^a (2^n - 1)]
-        assert tuple(layer.key_grid.shape) == (batch, heads, length, 3)  # scale, the two groups' zero points
+        assert tuple(layer.key_grid.shape) == (batch, heads, length, width)  # scale(s) and zero points
+    ids = token_ids(2, 6)
+    out = greedy(model, ids, return_dict_in_generate=True, output_logits=True)
+    full = model(out.sequences, use_cache=False).logits[:, ids.shape[1] - 1 : -1]
+    torch.testing.assert_close(torch.stack(out.logits, 1), full, rtol=0, atol=1e-5)
 
 
 def test_gif_ignores_num_steps():

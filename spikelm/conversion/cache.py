@@ -93,8 +93,9 @@ def _code_dtype(top: int) -> torch.dtype:
 class GIFCodeLayer(DynamicLayer):
     """One attention layer's cache for GIF K/V neurons: integer codes (B, H, L, d) plus a per-token grid.
 
-    ``keys`` / ``values`` hold the codes (uint8 for n + a <= 8); ``key_grid`` / ``value_grid`` (B, H, L, 1 + z)
-    each token's float32 scale and its z zero points (one, or one per channel group with saliency). Decoding is
+    ``keys`` / ``values`` hold the codes (uint8 for n + a <= 8); ``key_grid`` / ``value_grid`` (B, H, L, w)
+    each token's float32 scale(s) and zero point(s) (:func:`~spikelm.nn.gif.pack_grid`: one of each, or one per
+    channel group with saliency). Decoding is
     the neuron's own :func:`~spikelm.nn.gif.dequantize`, so cached tokens equal what a full forward pass computes.
     """
 
@@ -127,6 +128,8 @@ class GIFCodeLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         out = []
         for name, neuron, states in (("key", self.key_neuron, key_states), ("value", self.value_neuron, value_states)):
+            from ..nn.gif import pack_grid
+
             codes_name, grid_name = f"{name}s", f"{name}_grid"
             codes, grid = getattr(self, codes_name), getattr(self, grid_name)
             past = self._decode(neuron, codes, grid)
