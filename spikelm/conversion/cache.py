@@ -24,7 +24,6 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..modeling_spikelm_causal import SpikeKVCacheLayer
 from ..neuron import ALPHA_FLOOR, ElasticBiSpikingNeuron
-from ..nn.gif import pack_grid
 
 
 def spike_per_step(neuron: nn.Module, states: torch.Tensor, steps: int) -> torch.Tensor:
