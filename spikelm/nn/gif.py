@@ -1,0 +1,699 @@
+"""SpikeLLM's generalized integrate-and-fire (GIF) neuron with saliency-based extra steps (SPEC section 8).
+
+The neuron spikes the real-valued input ``x`` (..., C) of a linear layer (or the projected K/V) in three moves:
+
+1. **Per-token asymmetric quantisation.** For every token (every vector along the last dimension) a scale and an
+   integer zero point come from a min and max, as in SpikeLLM/OmniQuant (over the whole token, or over one channel
+   group's channels of it: see 2)::
+
+       top   = 2^a * (2^n - 1)                         # the fine grid of the salient channels
+       scale = max((x_max - x_min) / top, SCALE_FLOOR)
+       zero  = round(-x_min / scale)                   # an integer, not clamped to [0, top] (as OmniQuant)
+       code  = clamp(round(x / scale) + zero, 0, top)
+       x_hat = (code - zero) * scale
+
+   ``n`` = ``bits``, ``a`` = ``extra_bits``. The range is ``[0, 2^a * (2^n - 1)]``, exactly the sum that
+   ``T = 2^a`` spikes of at most ``2^n - 1`` can reach; SpikeLLM's ``[0, 2^(n+a) - 1]`` is one code too wide per
+   extra step (with n=4, a=1 its code 31 spikes 15 + 15 = 30). Rounding is half to even (``torch.round``), and
+   as ``round`` is odd-symmetric ``x = x_min`` always gets code 0.
+
+2. **Two channel groups.** Salient channels (a calibrated mask) are quantised on the fine grid (codes
+   ``[0, 2^a (2^n - 1)]``), the others on the textbook n-bit grid (codes ``[0, 2^n - 1]``). Each group has its own
+   integer zero point, so real zero is exact on both grids (one zero point shared on the fine grid leaves zero
+   off the coarse grid whenever it is odd; on outlier-stretched ranges that multiplied the coarse channels' error
+   about 8-fold in a check). Where each group's per-token range comes from is the option ``group_range``:
+
+   * ``"group"`` (default): each group takes its min and max over its OWN channels of the token, and has its own
+     scale: ``scale_f = (max_f - min_f) / (2^a (2^n - 1))``, ``scale_c = (max_c - min_c) / (2^n - 1)`` (both
+     floored at ``SCALE_FLOOR``), ``zero_g = round(-min_g / scale_g)``. The salient outlier channels then no
+     longer stretch the coarse grid of the other ~90 %. ``scale`` and ``zero`` are (..., 2) = (fine, coarse).
+     A group with no channel in a token (e.g. every channel salient) gets min = max = 0: scale ``SCALE_FLOOR``,
+     zero 0, and no code uses them. A group of one channel in a token (min = max) codes it 0 and its zero point
+     carries the value (exact up to ``SCALE_FLOOR``), as for a constant token.
+   * ``"token"``: both groups take the min and max over the WHOLE token, as SpikeLLM's released code does (its
+     pair of per-token quantisers, n bits and n + a bits, with the off-by-one fixed): one fine ``scale`` (..., 1)
+     as in step 1, the coarse step exactly ``2^a * scale`` (``= (x_max - x_min) / (2^n - 1)``), coarse zero
+     ``round(-x_min / (2^a * scale))``; ``zero`` (..., 2).
+
+   Perplexity 57.6 with per-group ranges, 467 with whole-token ones, 35.5 real-valued (n=4, a=1, top 10 %, every
+   linear input but lm_head), measured on SmolLM2-135M by the lead.
+   A neuron without salient channels ("without saliency") has every channel on the coarse grid: the per-token
+   n-bit quantiser over the whole token, one step, ``scale`` and ``zero`` (..., 1); both options are then the same.
+
+3. **Multi-level spikes with soft reset.** The membrane starts at the channel's code; at each of ``T = 2^a``
+   steps the neuron emits ``s_t = min(mem, 2^n - 1)`` and soft-resets ``mem -= s_t``, so ``sum_t s_t == code``
+   exactly (the top code drains in exactly T steps). A coarse code is at most ``2^n - 1``: it fires at step 0
+   only. Spikes are integers (uint8 for n <= 8). A linear layer reading the spikes computes, with one zero-point
+   term per group (``W_f`` / ``W_c`` the columns of salient / other channels)::
+
+       "group":  y = (sum_t W_f s_t^f - zero_f * W_f.sum(1)) * scale_f + (W_c s^c - zero_c * W_c.sum(1)) * scale_c + b
+       "token":  y = (sum_t W (gain * s_t) - zero_f * W_f.sum(1) - zero_c * (2^a W_c).sum(1)) * scale + b
+
+   With ``"token"`` a coarse spike weighs ``gain = 2^a`` fine steps (a shift) and one scale multiplies the whole
+   accumulator; with ``"group"`` each group accumulates apart and has its own scale multiply. The per-channel
+   ``gain`` (:func:`channel_gain`: 1 salient, 2^a other) also tells the two groups apart.
+   :func:`reference_gif_linear` runs the T per-step matrix products, :func:`gif_linear` the summed one.
+
+Saliency (:func:`saliency_scores`): channel c scores ``mean over tokens of x_c * (x W^T W)_c``, with ``W`` the
+vertical stack of every weight reading this input (q/k/v, gate/up); the top ``saliency_fraction`` of channels get
+the extra steps. Without weights (the K/V neurons) the score is ``mean x_c^2``.
+
+Training: the forward pass returns the dequantised input with a straight-through gradient (identity on x):
+with ``clip_ratio=1`` no element lies outside its own group's (or token's) [min, max], so nothing is clipped and
+the STE of round and clamp is the identity; with ``clip_ratio < 1`` the gradient still passes unchanged through
+the clipped extremes (kept simple: the extremes are few). Scales are dynamic (per token): no step size to learn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+SCALE_FLOOR = 1e-5  # a constant token (x_max == x_min) would divide by zero; OmniQuant's floor
+GIF_BACKENDS = ("fused", "reference")
+GROUP_RANGES = ("group", "token")  # where each channel group's per-token min/max comes from (module docstring)
+
+
+def check_gif_options(
+    bits: int, extra_bits: int, saliency_fraction: float, group_range: str = "group", clip_ratio: float = 1.0
+) -> None:
+    """Raise ``ValueError`` naming the bad argument if a GIF option is out of range."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 15:
+        raise ValueError(f"bits must be an integer in [1, 15] (n, the bits of one spike level), got {bits!r}")
+    if isinstance(extra_bits, bool) or not isinstance(extra_bits, int) or not 0 <= extra_bits <= 8:
+        raise ValueError(
+            f"extra_bits must be an integer in [0, 8] (a; salient channels spike T = 2^a steps), got {extra_bits!r}"
+        )
+    if bits + extra_bits > 24:
+        raise ValueError(
+            f"bits + extra_bits must be at most 24 (codes must be exact in float32), got {bits} + {extra_bits}"
+        )
+    if (
+        isinstance(saliency_fraction, bool)
+        or not isinstance(saliency_fraction, (int, float))
+        or not 0 <= saliency_fraction <= 1
+    ):
+        raise ValueError(f"saliency_fraction must be a number in [0, 1], got {saliency_fraction!r}")
+    _check_group_range(group_range)
+    _check_clip_ratio(clip_ratio)
+
+
+def max_code(bits: int, extra_bits: int) -> int:
+    """The top of the fine grid, ``2^a * (2^n - 1)``: what ``2^a`` spikes of at most ``2^n - 1`` sum to."""
+    return (1 << extra_bits) * ((1 << bits) - 1)
+
+
+def spike_dtype(bits: int) -> torch.dtype:
+    return torch.uint8 if bits <= 8 else torch.int16
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Quantiser arithmetic runs in float32 (float64 stays float64); half-precision inputs are upcast."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def channel_gain(salient: torch.Tensor | None, extra_bits: int) -> torch.Tensor:
+    """int32 weight of one spike level per channel, in fine steps: 1 for salient channels, ``2^a`` for the others.
+
+    ``salient=None`` (no saliency: every channel on the n-bit grid, whose step is then the scale) gives a scalar 1.
+    """
+    if salient is None:
+        return torch.ones((), dtype=torch.int32)
+    return torch.where(salient, 1, 1 << extra_bits).to(torch.int32)
+
+
+def per_token_grid(x: torch.Tensor, top: int, clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)``, each (..., 1) in the compute dtype, for codes 0..``top`` over ``x``'s last dimension.
+
+    ``clip_ratio`` < 1 shrinks the range to ``[clip_ratio * min, clip_ratio * max]``: values beyond it clamp to the
+    end codes (a finer grid for the bulk of the channels at the cost of the extremes).
+    """
+    xc = x.detach().to(_compute_dtype(x.dtype))
+    x_min = xc.amin(dim=-1, keepdim=True) * clip_ratio
+    x_max = xc.amax(dim=-1, keepdim=True) * clip_ratio
+    scale = ((x_max - x_min) / top).clamp_min(SCALE_FLOOR)
+    zero = torch.round(-x_min / scale)
+    return scale, zero
+
+
+def per_group_grid(
+    x: torch.Tensor, member: torch.Tensor, top: int, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`per_token_grid` over the channels where ``member`` (a bool mask broadcastable to ``x``) is True.
+
+    A token with no member channel gets ``min = max = 0``: scale ``SCALE_FLOOR``, zero 0 (finite, and unused).
+    """
+    xc = x.detach().to(_compute_dtype(x.dtype))
+    member = torch.broadcast_to(member.to(device=xc.device, dtype=torch.bool), xc.shape)
+    present = member.any(dim=-1, keepdim=True)
+    x_min = torch.where(member, xc, float("inf")).amin(dim=-1, keepdim=True)
+    x_max = torch.where(member, xc, float("-inf")).amax(dim=-1, keepdim=True)
+    x_min = torch.where(present, x_min, 0.0) * clip_ratio
+    x_max = torch.where(present, x_max, 0.0) * clip_ratio
+    scale = ((x_max - x_min) / top).clamp_min(SCALE_FLOOR)
+    zero = torch.round(-x_min / scale)
+    return scale, zero
+
+
+def _check_clip_ratio(clip_ratio: float) -> None:
+    if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, (int, float)) or not 0 < clip_ratio <= 1:
+        raise ValueError(f"clip_ratio must be a number in (0, 1], got {clip_ratio!r}")
+
+
+def _check_group_range(group_range: str) -> None:
+    if group_range not in GROUP_RANGES:
+        raise ValueError(f"group_range must be one of {GROUP_RANGES}, got {group_range!r}")
+
+
+def quantize_per_token(
+    x: torch.Tensor,
+    bits: int,
+    extra_bits: int,
+    salient: torch.Tensor | None = None,
+    group_range: str = "group",
+    clip_ratio: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one-shot quantiser: ``(code, scale, zero)``, ``code`` int32 on each channel's own grid.
+
+    ``salient``: a bool mask broadcastable to ``x`` (over its channels), or None for no saliency. Without it every
+    channel is on the n-bit grid of the whole token: ``scale`` is its step, ``zero`` (..., 1) (``group_range`` makes
+    no difference). With it salient codes lie in ``[0, 2^a (2^n - 1)]``, the others in ``[0, 2^n - 1]``, and
+    ``zero`` is (..., 2): the fine group's and the coarse group's zero points. ``group_range="group"``: each group's
+    range is the min/max over its own channels, ``scale`` (..., 2) = (fine step, coarse step); ``"token"``: both
+    over the whole token (SpikeLLM's code), ``scale`` (..., 1) the fine step, the coarse step ``2^a * scale``.
+    ``clip_ratio``: every range is ``clip_ratio`` times the min/max (see :func:`per_token_grid`). See
+    :func:`dequantize`.
+    """
+    _check_group_range(group_range)
+    _check_clip_ratio(clip_ratio)
+    level = (1 << bits) - 1
+    xc = x.detach().to(_compute_dtype(x.dtype))
+    if salient is None:
+        scale, zero = per_token_grid(xc, level, clip_ratio)
+        code = (torch.round(xc / scale) + zero).clamp_(0, level)
+        return code.to(torch.int32), scale, zero
+    top = max_code(bits, extra_bits)
+    salient = salient.to(device=xc.device, dtype=torch.bool)
+    if group_range == "group":
+        if extra_bits == 0:
+            raise ValueError(
+                "group_range='group' with salient channels needs extra_bits > 0 (the channel gain "
+                "tells the groups apart); pass salient=None for the plain n-bit quantiser"
+            )
+        scale_f, zero_f = per_group_grid(xc, salient, top, clip_ratio)
+        scale_c, zero_c = per_group_grid(xc, ~salient, level, clip_ratio)
+        fine = (torch.round(xc / scale_f) + zero_f).clamp_(0, top)
+        coarse = (torch.round(xc / scale_c) + zero_c).clamp_(0, level)
+        code = torch.where(salient, fine, coarse).to(torch.int32)
+        return code, torch.cat([scale_f, scale_c], dim=-1), torch.cat([zero_f, zero_c], dim=-1)
+    scale, zero_f = per_token_grid(xc, top, clip_ratio)
+    ratio = xc / scale
+    fine = (torch.round(ratio) + zero_f).clamp_(0, top)
+    # dividing by 2^a is exact: the coarse group is bit for bit the saliency-free n-bit quantiser of this token
+    step = 1 << extra_bits
+    zero_c = torch.round(-xc.amin(dim=-1, keepdim=True) * clip_ratio / scale / step)
+    coarse = (torch.round(ratio / step) + zero_c).clamp_(0, level)
+    return torch.where(salient, fine, coarse).to(torch.int32), scale, torch.cat([zero_f, zero_c], dim=-1)
+
+
+def _zero_per_channel(zero: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
+    """Each channel's zero point in fine steps: the fine zero, or ``2^a`` times the coarse one."""
+    if zero.shape[-1] == 1:
+        return zero
+    return torch.where(gain == 1, zero[..., :1], zero[..., 1:] * gain)
+
+
+def _fine_channels(gain: torch.Tensor | None) -> torch.Tensor:
+    """Bool per channel: in the salient (fine) group. Per-group scales need the gain to tell the groups apart."""
+    if gain is None:
+        raise ValueError("per-group scales (fine, coarse) need the channel gain to tell the groups apart")
+    return gain == 1
+
+
+def dequantize(
+    code: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gain: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The real values of :func:`quantize_per_token`'s output (or summed spikes), in ``scale``'s dtype.
+
+    ``gain`` from :func:`channel_gain` (None: 1). ``scale`` (..., 2) (``group_range="group"``):
+    ``x_hat = (code - zero_g) * scale_g`` with g the channel's group (gain 1: fine); ``scale`` (..., 1):
+    ``x_hat = (gain * code - gain * zero_g) * scale``.
+    """
+    if scale.shape[-1] == 2:
+        fine = _fine_channels(gain).to(code.device)
+        step = torch.where(fine, scale[..., :1], scale[..., 1:])
+        return (code - torch.where(fine, zero[..., :1], zero[..., 1:])) * step
+    gain = (torch.ones((), dtype=torch.int32) if gain is None else gain).to(code.device)
+    return (code * gain - _zero_per_channel(zero, gain)) * scale
+
+
+def pack_grid(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """One float32 tensor (..., 2), (..., 3) or (..., 4) holding a token's scale(s) and zero point(s) (a cache)."""
+    return torch.cat([scale, zero], dim=-1).to(torch.float32)
+
+
+def unpack_grid(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)`` from :func:`pack_grid`: widths 2, 3, 4 are (1 + 1), (1 + 2), (2 + 2) entries."""
+    width = grid.shape[-1] // 2
+    return grid[..., :width], grid[..., width:]
+
+
+def reference_gif_spikes(membrane: torch.Tensor, bits: int, num_steps: int) -> torch.Tensor:
+    """Spikes (T, ...) from integer start potentials, step by step: ``s = min(mem, 2^n - 1); mem -= s``."""
+    level = (1 << bits) - 1
+    mem = membrane.to(torch.int32).clone()
+    spikes = []
+    for _ in range(num_steps):
+        s = torch.clamp(mem, max=level)
+        mem -= s  # soft reset: the part not yet emitted stays
+        spikes.append(s)
+    return torch.stack(spikes).to(spike_dtype(bits))
+
+
+def gif_spikes(membrane: torch.Tensor, bits: int, num_steps: int) -> torch.Tensor:
+    """The same spikes in closed form: step t emits ``clamp(mem_0 - t (2^n - 1), 0, 2^n - 1)``."""
+    level = (1 << bits) - 1
+    offsets = torch.arange(num_steps, device=membrane.device, dtype=torch.int32) * level
+    offsets = offsets.view(-1, *([1] * membrane.dim()))
+    return (membrane.to(torch.int32).unsqueeze(0) - offsets).clamp_(0, level).to(spike_dtype(bits))
+
+
+def _summed_codes(spikes: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+    total = spikes.to(torch.int32).sum(0)
+    return total if gain is None else total * gain.to(total.device)
+
+
+def _zero_term(zero: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+    """``W Z`` for the per-channel zero points Z (in fine steps): one row-sum per channel group, (..., O)."""
+    if zero.shape[-1] == 1:
+        return zero * weight.sum(1)
+    if gain is None:
+        raise ValueError("two zero points (fine, coarse) need the channel gain to tell the groups apart")
+    gain = gain.to(weight.device)
+    fine = (gain == 1).to(weight.dtype)
+    rows_fine = weight @ fine
+    rows_coarse = weight @ (gain.to(weight.dtype) * (1 - fine))
+    return zero[..., :1] * rows_fine + zero[..., 1:] * rows_coarse
+
+
+def _linear_out(acc, scale, zero, weight, bias, gain, dtype):
+    y = (acc - _zero_term(zero.to(dtype), weight.to(dtype), gain)) * scale.to(dtype)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(weight.dtype)
+
+
+def _group_weights(weight: torch.Tensor, gain: torch.Tensor | None, dtype: torch.dtype):
+    """``(W_f, W_c)``: ``weight`` (O, C) in ``dtype`` with the other group's columns zeroed."""
+    fine = _fine_channels(gain).to(weight.device)
+    w = weight.to(dtype)
+    return w * fine.to(dtype), w * (~fine).to(dtype)
+
+
+def _group_linear_out(acc_f, acc_c, scale, zero, w_f, w_c, weight, bias, dtype):
+    """``(acc_f - zero_f W_f.sum(1)) * scale_f + (acc_c - zero_c W_c.sum(1)) * scale_c + bias``."""
+    scale, zero = scale.to(dtype), zero.to(dtype)
+    y = (acc_f - zero[..., :1] * w_f.sum(1)) * scale[..., :1] + (acc_c - zero[..., 1:] * w_c.sum(1)) * scale[..., 1:]
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(weight.dtype)
+
+
+def gif_linear(
+    spikes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gain: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A linear layer on GIF spikes, summed path.
+
+    ``spikes`` (T, ..., C) integers, ``scale`` (..., 1) or (..., 2), ``zero`` (..., 1) or (..., 2) (fine, coarse),
+    ``weight`` (O, C), ``gain`` (C,) from :func:`channel_gain` (None: 1; needed with two groups). With one scale
+    (``group_range="token"``, or no saliency): ``((sum_t gain * s_t) W^T - W Z) * scale + bias``, ``W Z`` one
+    zero-point term per group, ``zero_f * W_f.sum(1) + zero_c * (2^a W_c).sum(1)``. With two scales
+    (``"group"``): ``(sum_t s_t W_f^T - zero_f W_f.sum(1)) * scale_f + (sum_t s_t W_c^T - zero_c W_c.sum(1)) *
+    scale_c + bias`` (``W_f`` / ``W_c``: the salient / other columns). The integer sums are exact, so this equals
+    :func:`reference_gif_linear` up to float summation order. Computes in float32 (float64 stays float64);
+    returns ``weight``'s dtype.
+    """
+    dtype = _compute_dtype(weight.dtype)
+    if scale.shape[-1] == 2:
+        w_f, w_c = _group_weights(weight, gain, dtype)
+        total = spikes.to(torch.int32).sum(0).to(dtype)
+        return _group_linear_out(total @ w_f.t(), total @ w_c.t(), scale, zero, w_f, w_c, weight, bias, dtype)
+    acc = _summed_codes(spikes, gain).to(dtype) @ weight.to(dtype).t()
+    return _linear_out(acc, scale, zero, weight, bias, gain, dtype)
+
+
+def reference_gif_linear(
+    spikes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    gain: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`gif_linear` as the spiking hardware runs it: one matrix product per step (per channel group with two
+    scales), accumulated over T."""
+    dtype = _compute_dtype(weight.dtype)
+    if scale.shape[-1] == 2:
+        w_f, w_c = _group_weights(weight, gain, dtype)
+        acc_f = acc_c = None
+        for s_t in spikes:
+            levels = s_t.to(torch.int32).to(dtype)  # integer levels: additions only
+            step_f, step_c = levels @ w_f.t(), levels @ w_c.t()
+            acc_f = step_f if acc_f is None else acc_f + step_f
+            acc_c = step_c if acc_c is None else acc_c + step_c
+        return _group_linear_out(acc_f, acc_c, scale, zero, w_f, w_c, weight, bias, dtype)
+    w = weight.to(dtype).t()
+    acc = None
+    for s_t in spikes:
+        levels = s_t.to(torch.int32) if gain is None else s_t.to(torch.int32) * gain.to(s_t.device)
+        step = levels.to(dtype) @ w  # integer levels: additions only (a coarse spike's 2^a is a shift)
+        acc = step if acc is None else acc + step
+    return _linear_out(acc, scale, zero, weight, bias, gain, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saliency from calibration.
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_list(x) -> list[torch.Tensor]:
+    return [x] if isinstance(x, (torch.Tensor, nn.Module)) else list(x)
+
+
+def _weight_of(item) -> torch.Tensor:
+    return item.weight if isinstance(item, nn.Module) else item
+
+
+def saliency_scores(
+    x: torch.Tensor | Sequence[torch.Tensor],
+    weights: torch.Tensor | nn.Module | Sequence[torch.Tensor | nn.Module] | None = None,
+    channel_shape: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Per-channel saliency of a neuron's input, float64, of shape ``channel_shape`` (default ``(C,)``).
+
+    ``x``: the calibration inputs (..., C), one tensor or a list of batches (all tokens count equally).
+    ``weights``: every weight (O_i, C) reading this input (e.g. q/k/v; tensors or ``nn.Linear`` modules), stacked
+    vertically into ``W``; the score is SpikeLLM's ``mean over tokens of x_c * (x W^T W)_c`` (signed: channels are
+    ranked by it as it is). It is computed as ``sum_d (X^T X)_{cd} (W^T W)_{dc} / N``, accumulating the C x C
+    matrix ``X^T X`` over the batches.
+    ``weights=None`` (K and V after projection: nothing but attention reads them) scores ``mean x_c^2``; then
+    ``channel_shape`` may span several trailing dimensions, broadcast against ``x`` (e.g. ``(H, 1, d)`` for
+    (B, H, L, d) keys: one score per head-channel), every other dimension averaged.
+    """
+    xs = _as_list(x)
+    if weights is None:
+        shape = tuple(channel_shape) if channel_shape is not None else (xs[0].shape[-1],)
+        total = torch.zeros(shape, dtype=torch.float64, device=xs[0].device)
+        count = 0
+        for xb in xs:
+            sq = xb.detach().double().pow(2)
+            lead = sq.dim() - len(shape)
+            dims = tuple(range(lead)) + tuple(lead + i for i, size in enumerate(shape) if size == 1)
+            total += sq.sum(dim=dims, keepdim=True).reshape(shape)
+            count += sq.numel() // total.numel()
+        return total / max(count, 1)
+    if channel_shape is not None and len(tuple(channel_shape)) != 1:
+        raise ValueError(
+            f"saliency_scores with weights needs one channel dimension, got channel_shape={tuple(channel_shape)}"
+        )
+    w = torch.cat([_weight_of(wi).detach() for wi in _as_list(weights)], dim=0).double()
+    channels = w.shape[1]
+    gram_x = torch.zeros(channels, channels, dtype=torch.float64, device=w.device)
+    count = 0
+    for xb in xs:
+        if xb.shape[-1] != channels:
+            raise ValueError(f"calibration input has {xb.shape[-1]} channels, the weights read {channels}")
+        rows = xb.detach().reshape(-1, channels).double().to(w.device)
+        gram_x += rows.t() @ rows
+        count += rows.shape[0]
+    return (gram_x * (w.t() @ w)).sum(0) / max(count, 1)
+
+
+def top_fraction_mask(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Bool mask of ``scores``' shape: True on the highest ``numel - int((1 - fraction) * numel)`` scores.
+
+    That count is SpikeLLM's (it keeps the lowest ``int(low_p * C)`` channels at n bits, ``low_p = 1 - fraction``):
+    58 of 576 channels at 10 %, 29 at 5 %.
+    """
+    k = scores.numel() - int((1 - fraction) * scores.numel())
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.topk(scores.flatten(), k).indices] = True
+    return mask.view(scores.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# The module.
+# ----------------------------------------------------------------------------------------------
+
+
+class GIFSpikes(NamedTuple):
+    """What :meth:`GIFNeuron.spike` emits: integer ``spikes`` (T, ..., C), the per-token ``scale`` ((..., 2) with
+    saliency and ``group_range="group"``: fine step, coarse step; else (..., 1): the fine step), the integer zero
+    points ``zero`` ((..., 2): salient group, other group; (..., 1) without saliency) and the per-channel ``gain``
+    (int32: 1 on salient channels, 2^a on the one-step ones; it tells the groups apart, and with one scale it is
+    the fine steps per level of a one-step channel)."""
+
+    spikes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    gain: torch.Tensor
+
+    def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, per_step: bool = False) -> torch.Tensor:
+        """A linear layer on these spikes: :func:`gif_linear` (or, ``per_step``, :func:`reference_gif_linear`)."""
+        fn = reference_gif_linear if per_step else gif_linear
+        return fn(self.spikes, self.scale, self.zero, weight, bias, self.gain)
+
+
+class GIFStats:
+    """Spike counts a GIF neuron accumulates while ``record_stats`` is on.
+
+    Per step t: ``events[t]`` nonzero spikes, ``levels[t]`` the sum of their levels (integers >= 0; a spike of
+    level k costs k accumulates per fan-out), ``slots[t]`` the channel-steps that could fire (every channel at
+    t = 0, salient ones after). ``tokens`` counts quantised vectors: each costs, per output, ``scales`` multiplies
+    by a scale (2 with saliency and per-group ranges, else 1) and one zero-point multiply-accumulate per channel
+    group (``groups``: 2 with saliency, 1 without; W's row sums are constants), plus ``scales - 1`` additions of the
+    groups' partial outputs. With one scale a coarse spike's weight 2^a is a shift.
+    """
+
+    def __init__(self, num_steps: int, device=None):
+        self.events = torch.zeros(num_steps, dtype=torch.int64, device=device)
+        self.levels = torch.zeros(num_steps, dtype=torch.int64, device=device)
+        self.slots = torch.zeros(num_steps, dtype=torch.int64, device=device)
+        self.tokens = 0
+        self.groups = 1
+        self.scales = 1
+        self.calls = 0
+
+    def add(self, spikes: torch.Tensor, slots: torch.Tensor, tokens: int, groups: int, scales: int = 1) -> None:
+        flat = spikes.reshape(spikes.shape[0], -1)
+        steps = flat.shape[0]
+        self.events[:steps] += (flat > 0).sum(1).to(self.events.device)
+        self.levels[:steps] += flat.to(torch.int64).sum(1).to(self.levels.device)
+        self.slots[:steps] += slots.to(self.slots.device)
+        self.tokens += tokens
+        self.groups = groups
+        self.scales = scales
+        self.calls += 1
+
+    def firing_rate(self) -> torch.Tensor:
+        return self.events.double() / self.slots.clamp_min(1).double()
+
+    def as_dict(self) -> dict:
+        return {
+            "firing_rate": self.firing_rate().tolist(),
+            "spikes": self.events.tolist(),
+            "levels": self.levels.tolist(),
+            "slots": self.slots.tolist(),
+            "tokens": self.tokens,
+            "groups": self.groups,
+            "scales": self.scales,
+        }
+
+
+class GIFNeuron(nn.Module):
+    """SpikeLLM's GIF neuron on a real-valued input (..., C); see the module docstring for the maths.
+
+    Args:
+        channels: C, or a channel shape broadcast against the input's trailing dimensions (e.g. ``(H, 1, d)`` for
+            (B, H, L, d) keys: one salient flag per head-channel). The per-token range is always taken over the
+            last dimension.
+        bits: n, the bits of one spike level (levels 0..2^n - 1).
+        extra_bits: a; salient channels spike over ``T = 2^a`` steps (the fine grid), the others in one step.
+        saliency_fraction: the share of channels :meth:`calibrate` marks salient (SpikeLLM: 0.1 with a=1, 0.05
+            with a=2). 0, or never calibrating, means no saliency: every channel n bits in one step.
+        backend: ``"fused"`` (the one-shot quantiser, default) or ``"reference"`` (runs the spikes step by step
+            and sums them); not saved with the model.
+        group_range: ``"group"`` (default): each channel group's per-token scale and zero point from the min/max
+            over its own channels; ``"token"``: over the whole token, as SpikeLLM's released code (see the module
+            docstring). No difference without saliency. Not in the state dict: the conversion config carries it.
+        clip_ratio: each per-token range is ``clip_ratio`` times the min/max (1: no clipping); values beyond it
+            take the end codes. Not in the state dict either.
+
+    ``salient`` is a bool buffer of shape ``channels`` saved in the state dict.
+    """
+
+    def __init__(
+        self,
+        channels: int | Sequence[int],
+        bits: int = 4,
+        extra_bits: int = 1,
+        saliency_fraction: float = 0.1,
+        backend: str = "fused",
+        group_range: str = "group",
+        clip_ratio: float = 1.0,
+    ):
+        super().__init__()
+        check_gif_options(bits, extra_bits, saliency_fraction, group_range, clip_ratio)
+        self.channel_shape = (channels,) if isinstance(channels, int) else tuple(channels)
+        self.bits = bits
+        self.extra_bits = extra_bits
+        self.saliency_fraction = float(saliency_fraction)
+        self.backend = backend
+        self.group_range = group_range
+        self.clip_ratio = clip_ratio
+        self.register_buffer("salient", torch.zeros(self.channel_shape, dtype=torch.bool))
+        self.record_stats = False
+        self.stats: GIFStats | None = None
+        self._has_salient: bool | None = None  # cache of salient.any(): no host sync per call
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in GIF_BACKENDS:
+            raise ValueError(f"backend must be one of {GIF_BACKENDS}, got {value!r}")
+        self._backend = value
+
+    @property
+    def num_steps(self) -> int:
+        """T: 2^a with salient channels, 1 without."""
+        return 1 << self.extra_bits if self.has_saliency() else 1
+
+    @property
+    def max_level(self) -> int:
+        return (1 << self.bits) - 1
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channel_shape}, bits={self.bits}, extra_bits={self.extra_bits}, "
+            f"saliency_fraction={self.saliency_fraction}, group_range={self.group_range!r}, "
+            f"clip_ratio={self.clip_ratio}"
+        )
+
+    def has_saliency(self) -> bool:
+        if self._has_salient is None:
+            self._has_salient = bool(self.salient.any()) and self.extra_bits > 0
+        return self._has_salient
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._has_salient = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def reset_stats(self) -> None:
+        self.stats = None
+
+    @torch.no_grad()
+    def set_salient(self, mask: torch.Tensor) -> None:
+        """Mark channels salient (bool, shape ``channels``)."""
+        if tuple(mask.shape) != self.channel_shape:
+            raise ValueError(f"salient mask must have shape {self.channel_shape}, got {tuple(mask.shape)}")
+        self.salient.copy_(mask.to(torch.bool))
+        self._has_salient = None
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        x: torch.Tensor | Sequence[torch.Tensor],
+        weights: torch.Tensor | nn.Module | Sequence[torch.Tensor | nn.Module] | None = None,
+    ) -> torch.Tensor:
+        """Set the salient mask from calibration inputs: the top ``saliency_fraction`` of :func:`saliency_scores`.
+
+        ``weights``: every weight reading this input (None for K/V: ``mean x_c^2``). Returns the scores.
+        """
+        scores = saliency_scores(x, weights, None if weights is not None else self.channel_shape)
+        if tuple(scores.shape) != self.channel_shape:
+            raise ValueError(f"scores of shape {tuple(scores.shape)} do not match channels {self.channel_shape}")
+        fraction = self.saliency_fraction if self.extra_bits > 0 else 0.0
+        self.set_salient(top_fraction_mask(scores, fraction).to(self.salient.device))
+        return scores
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}")
+        trailing = tuple(x.shape[x.dim() - len(self.channel_shape) :]) if x.dim() >= len(self.channel_shape) else ()
+        if (
+            len(trailing) != len(self.channel_shape)
+            or any(c not in (1, t) for c, t in zip(self.channel_shape, trailing, strict=True))
+            or x.shape[-1] != self.channel_shape[-1]
+        ):
+            raise ValueError(
+                f"{type(self).__name__} was built for channels {self.channel_shape}; got an input of "
+                f"shape {tuple(x.shape)}"
+            )
+
+    def _mask(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.has_saliency():
+            return None
+        return self.salient.to(x.device)
+
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The one-shot quantiser: ``(code, scale, zero)``, see :func:`quantize_per_token`."""
+        self._check_input(x)
+        return quantize_per_token(x, self.bits, self.extra_bits, self._mask(x), self.group_range, self.clip_ratio)
+
+    def gain(self, device=None) -> torch.Tensor:
+        """The int32 channel gain (1 salient, 2^a one-step channels; scalar 1 without saliency), see
+        :class:`GIFSpikes`."""
+        gain = channel_gain(self.salient if self.has_saliency() else None, self.extra_bits)
+        return gain.to(device if device is not None else self.salient.device)
+
+    def spike(self, x: torch.Tensor) -> GIFSpikes:
+        """Run the neuron: integer spikes (T, ..., C), the per-token scale and zero points, the channel gain."""
+        code, scale, zero = self.quantize(x)
+        make = reference_gif_spikes if self.backend == "reference" else gif_spikes
+        spikes = make(code, self.bits, self.num_steps)  # the membrane starts at the code
+        if self.record_stats:
+            self._record(spikes, x)
+        return GIFSpikes(spikes, scale, zero, self.gain(x.device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The dequantised input (x's shape and dtype): hooking this onto a linear layer's input is
+        :func:`gif_linear` on :meth:`spike`. Straight-through gradient (identity) to ``x``."""
+        with torch.no_grad():
+            if self.backend == "reference":
+                spikes, scale, zero, gain = self.spike(x)
+                code = spikes.to(torch.int32).sum(0)
+            else:
+                code, scale, zero = self.quantize(x)
+                gain = self.gain(x.device)
+                if self.record_stats:
+                    self._record(gif_spikes(code, self.bits, self.num_steps), x)
+            out = dequantize(code, scale, zero, gain).to(x.dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            out = out + (x - x.detach())  # value exactly `out`, gradient the identity
+        return out
+
+    def _record(self, spikes: torch.Tensor, x: torch.Tensor) -> None:
+        steps = spikes.shape[0]
+        if self.stats is None:
+            self.stats = GIFStats(1 << self.extra_bits, device=x.device)
+        per_token = spikes[0].numel() // max(x.shape[-1], 1)
+        mask = self._mask(x)
+        channel_slots = spikes[0].numel()
+        salient_slots = int(torch.broadcast_to(mask, x.shape).sum()) if mask is not None else 0
+        slots = torch.tensor([channel_slots] + [salient_slots] * (steps - 1), dtype=torch.int64)
+        groups = 2 if mask is not None else 1
+        self.stats.add(spikes, slots, per_token, groups, groups if self.group_range == "group" else 1)
