@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,6 +136,39 @@ def test_causal_round_trip_identical(family, tmp_path):
         assert torch.equal(a.alpha, b.alpha), name
     assert torch.equal(loaded(ids).logits, logits)
     assert torch.equal(greedy(loaded, ids), generated)
+
+
+@pytest.mark.parametrize("first", ["spikelm", "transformers"])
+def test_import_spikelm_alone_lets_from_pretrained_restore_a_conversion(first, tmp_path):
+    """A fresh interpreter: ``import spikelm`` (lazy: no model name used) then from_pretrained gives a spiking model,
+    whether transformers' quantizer registry is imported after spikelm or was already imported before it."""
+    model = spikify(tiny_llama(), num_steps=2, calibration=token_ids(4, 16, seed=5))
+    ids = token_ids()
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path / "converted")
+    torch.save(ids, tmp_path / "ids.pt")
+    imports = {
+        "spikelm": "import spikelm\nfrom transformers import AutoModelForCausalLM\n",
+        "transformers": "import transformers.quantizers.auto\nfrom transformers import AutoModelForCausalLM\n"
+        "import spikelm\n",
+    }[first]
+    script = imports + textwrap.dedent(
+        f"""
+        import sys
+        import torch
+        assert "spikelm.conversion" not in sys.modules  # nothing but `import spikelm` so far
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "converted")!r}).eval()
+        from spikelm.conversion import neurons
+        assert len(neurons(model)) == 12 and all(n.is_initialized() for _, n in neurons(model))
+        with torch.no_grad():
+            torch.save(model(torch.load({str(tmp_path / "ids.pt")!r})).logits, {str(tmp_path / "logits.pt")!r})
+        """
+    )
+    root = str(Path(spikelm.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
 
 
 @pytest.mark.parametrize(
