@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # modules under spikelm.commands, each adding one or more subcommands
-COMMANDS = ("benchmark", "convert", "data", "demo", "energy", "finetune", "generate", "glue", "perplexity",
+COMMANDS = ("benchmark", "convert", "data", "demo", "distill", "energy", "finetune", "generate", "glue", "perplexity",
             "pretrain", "reproduce")
 
 

@@ -1,0 +1,1 @@
+"""Training recipes: pretraining, task fine-tuning and distillation of a (spiking) student from a teacher."""
