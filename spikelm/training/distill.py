@@ -48,10 +48,11 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -59,8 +60,19 @@ import torch.nn.functional as F
 
 from ..outputs import write_json_atomic
 from ..presets import ConfigError, _coerce, load_config_file, parse_value
-from ..pretrain import (PretrainingData, TrainState, _peak_rss_mb, _prepare_output, _truncate_log, checkpoint_root,
-                        latest_checkpoint, linear_schedule, load_checkpoint, parameter_groups, save_checkpoint)
+from ..pretrain import (
+    PretrainingData,
+    TrainState,
+    _peak_rss_mb,
+    _prepare_output,
+    _truncate_log,
+    checkpoint_root,
+    latest_checkpoint,
+    linear_schedule,
+    load_checkpoint,
+    parameter_groups,
+    save_checkpoint,
+)
 
 COMMAND = "distill"
 CONFIG_FILE = "distill_config.json"
@@ -129,7 +141,7 @@ class DistillConfig:
     def num_warmup_steps(self) -> int:
         if self.warmup_steps is not None:
             return self.warmup_steps
-        return int(round(self.warmup_ratio * self.total_schedule_steps))
+        return round(self.warmup_ratio * self.total_schedule_steps)
 
     def check(self) -> None:
         for name in ("teacher", "student"):
@@ -227,8 +239,6 @@ def causal_lm_config(path: Path, role: str):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from .. import configuration_spikelm  # noqa: F401  (spikelm's classes are registered with the Auto classes)
-
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as err:
@@ -267,13 +277,20 @@ def check_shared_vocabulary(teacher_config, student_config, tokenizer, student_d
 
 def set_trainable(student, config: DistillConfig) -> None:
     """All parameters train except the frozen embeddings / LM head and, unless ``learn_alpha``, spike amplitudes."""
-    for module in student.modules():
-        if hasattr(module, "set_learn_alpha"):
-            module.set_learn_alpha(config.learn_alpha)
-        elif isinstance(getattr(module, "learn_alpha", None), bool):
-            module.learn_alpha = config.learn_alpha
     for name, param in student.named_parameters():
         param.requires_grad_(config.learn_alpha if "alpha" in name.rsplit(".", 1)[-1] else True)
+    for module in student.modules():
+        # a neuron's own switch; a SpikeLM neuron without amplitude has no alpha gradient (alpha is a threshold)
+        learn = config.learn_alpha and getattr(module, "use_amplitude", True) is not False
+        if hasattr(module, "set_learn_alpha"):
+            module.set_learn_alpha(learn)
+        elif isinstance(getattr(module, "learn_alpha", None), bool):
+            module.learn_alpha = learn
+            for name, param in module.named_parameters(recurse=False):
+                if "alpha" in name:
+                    param.requires_grad_(learn)
+    if isinstance(getattr(student.config, "learn_alpha", None), bool):  # saved with the student
+        student.config.learn_alpha = config.learn_alpha and getattr(student.config, "use_amplitude", True) is not False
     frozen = []
     if config.freeze_embeddings and student.get_input_embeddings() is not None:
         frozen.append(student.get_input_embeddings().weight)

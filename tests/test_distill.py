@@ -1,0 +1,289 @@
+"""``spikelm distill`` (and ``spikelm finetune --teacher``): a tiny random LLaMA teacher, a perturbed copy (or a
+causal SpikeLM) as the student; held-out KL falls, a killed run resumes exactly, bad input is one clear error
+before any output directory exists."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from spikelm.cli import main
+from spikelm.tokenization import sample_text_path
+
+SONNETS = str(sample_text_path())
+REPO = Path(__file__).resolve().parents[1]
+# text that is in no training batch: the perplexity-vs-tokens curve's eval_text
+OTHER_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want "
+    "of a wife. However little known the feelings or views of such a man may be on his first entering a "
+    "neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is considered "
+    "the rightful property of some one or other of their daughters. My dear Mr. Bennet, said his lady to him one "
+    "day, have you heard that Netherfield Park is let at last? Mr. Bennet replied that he had not. But it is, "
+    "returned she; for Mrs. Long has just been here, and she told me all about it. Mr. Bennet made no answer. "
+) * 3
+MICRO = ["--set", "max_length=32", "--set", "batch_size=8", "--set", "eval_examples=16", "--set", "log_every=1",
+         "--set", "learning_rate=3e-3", "--set", "warmup_ratio=0.1"]
+
+
+def llama_config(vocab_size, **overrides):
+    from transformers import LlamaConfig
+
+    kwargs = {"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64,
+              "initializer_range": 0.2, "tie_word_embeddings": False}
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """``teacher`` (tiny random LLaMA + a WordPiece tokenizer), ``student`` (its weights perturbed), ``spiking``
+    (a causal SpikeLM over the same vocabulary, alphas not yet set), ``small_vocab`` and ``encoder`` (bad students)."""
+    from transformers import BertConfig, BertForMaskedLM, LlamaForCausalLM
+
+    from spikelm import SpikeLMConfig, SpikeLMForCausalLM
+    from spikelm.tokenization import train_wordpiece
+
+    root = tmp_path_factory.mktemp("models")
+    tok = train_wordpiece(Path(SONNETS).read_text().split("\n"), 400)
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(llama_config(len(tok), pad_token_id=tok.pad_token_id))
+    teacher.save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    teacher.save_pretrained(root / "student")
+    SpikeLMForCausalLM(SpikeLMConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, num_steps=2)).save_pretrained(root / "spiking")
+    LlamaForCausalLM(llama_config(len(tok) + 8)).save_pretrained(root / "small_vocab")
+    BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(root / "encoder")
+    (root / "eval.txt").write_text(OTHER_TEXT)
+    return {name: root / name for name in ("teacher", "student", "spiking", "small_vocab", "encoder", "eval.txt")}
+
+
+def distill(models, out, *args, student="student"):
+    return main(["distill", "--teacher", str(models["teacher"]), "--student", str(models[student]), "--text-file",
+                 SONNETS, "--no-progress", *MICRO, *args, "--output-dir", str(out)])
+
+
+def log_entries(run_dir, event):
+    lines = (Path(run_dir) / "train_log.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == event]
+
+
+# ----------------------------------------------------------------------------------------------
+# a run
+# ----------------------------------------------------------------------------------------------
+
+
+def test_distillation_lowers_heldout_kl_and_writes_a_loadable_student(models, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    assert distill(models, out, "--max-steps", "30", "--set", "eval_every=10", "--set", "save_every=10",
+                   "--set", f"eval_text={models['eval.txt']}") == 0
+    assert "held-out KL" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    start, end = metrics["initial_validation"], metrics["final_validation"]
+    # held-out corpus blocks and a text in no training batch: the student moved toward the teacher on both
+    assert end["validation"]["kl"] < 0.8 * start["validation"]["kl"]
+    assert end["eval_text"]["kl"] < 0.8 * start["eval_text"]["kl"]
+    assert end["validation"]["teacher_perplexity"] == start["validation"]["teacher_perplexity"]
+    assert metrics["steps"] == 30 and metrics["train_tokens"] == 30 * 8 * 32 and metrics["tokens_per_second"] > 0
+    # the curve: (tokens seen, held-out KL, perplexity) at the start, every 10 steps and the end
+    evals = log_entries(out, "eval")
+    assert [(e["step"], e["tokens"]) for e in evals] == [(s, s * 8 * 32) for s in (0, 10, 20, 30)]
+    assert {"heldout_kl", "val_perplexity", "eval_text_perplexity", "teacher_val_perplexity"} <= set(evals[0])
+    assert [e["step"] for e in log_entries(out, "train")] == list(range(1, 31))
+    assert (out / "distill_curve.png").stat().st_size > 0 and list((out / "tensorboard").iterdir())
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000030"
+    # the student loads with the Auto class, beside the teacher's tokenizer
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert type(student).__name__ == "LlamaForCausalLM"
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == AutoTokenizer.from_pretrained(models["teacher"]).get_vocab()
+    original = AutoModelForCausalLM.from_pretrained(models["student"])
+    assert not torch.equal(student.model.embed_tokens.weight, original.model.embed_tokens.weight)
+
+
+def test_validation_blocks_are_never_training_blocks(models):
+    from transformers import AutoTokenizer
+
+    from spikelm.data.corpora import load_corpus
+    from spikelm.pretrain import PretrainingData
+    from spikelm.training.distill import resolve_distill_config
+
+    config = resolve_distill_config(sets=["max_length=32", "batch_size=8", "eval_examples=16"],
+                                    teacher="t", student="s")
+    tok = AutoTokenizer.from_pretrained(models["teacher"])
+    data = PretrainingData(config, tok, load_corpus(text_file=SONNETS), 1, 0)
+    train = {tuple(row) for row in data.examples(0).input_ids.tolist()}
+    held_out = [tuple(row) for b in data.validation_batches(8) for row in b["input_ids"].tolist()]
+    assert len(held_out) == 16 and not train & set(held_out)
+    assert data.validation.num_documents > 0  # the corpus's held-out documents
+
+
+def test_spiking_student_trains_its_alphas(models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from spikelm import SpikeLMForCausalLM
+
+    out = tmp_path / "spiking"
+    assert distill(models, out, "--max-steps", "20", "--set", "eval_every=20", student="spiking") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["student_class"] == "SpikeLMForCausalLM"
+    assert metrics["final_validation"]["validation"]["kl"] < metrics["initial_validation"]["validation"]["kl"]
+    student = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(student, SpikeLMForCausalLM) and student.alphas_initialized
+    assert student.config.learn_alpha
+    # the alphas were set from the first training batch and then trained: not the data initialisation alone
+    from transformers import AutoTokenizer
+
+    from spikelm.data.corpora import load_corpus
+    from spikelm.pretrain import PretrainingData
+    from spikelm.training.distill import resolve_distill_config
+
+    config = resolve_distill_config(sets=["max_length=32", "batch_size=8"], teacher="t", student="s")
+    data = PretrainingData(config, AutoTokenizer.from_pretrained(models["teacher"]), load_corpus(text_file=SONNETS),
+                           1, 0)
+    initialised = AutoModelForCausalLM.from_pretrained(models["spiking"])
+    with torch.no_grad():
+        initialised(**{k: v for k, v in data.micro_batches(0, 0)[0].items() if k != "labels"})
+    trained = dict(student.named_parameters())
+    alphas = [n for n, _ in initialised.named_parameters() if n.endswith(".alpha")]
+    assert alphas and all(torch.isfinite(trained[n]).all() for n in alphas)
+    assert any(not torch.allclose(trained[n], initialised.get_parameter(n)) for n in alphas)
+
+
+def test_trainable_parameters_follow_the_fields(models):
+    from transformers import AutoModelForCausalLM
+
+    from spikelm.training.distill import resolve_distill_config, set_trainable
+
+    student = AutoModelForCausalLM.from_pretrained(models["student"])
+    set_trainable(student, resolve_distill_config(sets=["freeze_embeddings=true", "freeze_lm_head=true"],
+                                                  teacher="t", student="s"))
+    frozen = {n for n, p in student.named_parameters() if not p.requires_grad}
+    assert frozen == {"model.embed_tokens.weight", "lm_head.weight"}
+
+    spiking = AutoModelForCausalLM.from_pretrained(models["spiking"])
+    set_trainable(spiking, resolve_distill_config(sets=["learn_alpha=false"], teacher="t", student="s"))
+    alphas = [(n, p) for n, p in spiking.named_parameters() if "alpha" in n]
+    assert alphas and not any(p.requires_grad for _, p in alphas)
+    assert all(p.requires_grad for n, p in spiking.named_parameters() if "alpha" not in n)
+    set_trainable(spiking, resolve_distill_config(teacher="t", student="s"))  # learn_alpha defaults to true
+    assert all(p.requires_grad for _, p in alphas) and all(m.learn_alpha for _, m in spiking.neurons())
+
+
+def test_hidden_state_loss(models):
+    from transformers import AutoModelForCausalLM
+
+    from spikelm.training.distill import DistillError, distillation_loss, resolve_distill_config
+
+    teacher = AutoModelForCausalLM.from_pretrained(models["teacher"]).eval()
+    student = AutoModelForCausalLM.from_pretrained(models["student"])
+    batch = {"input_ids": torch.randint(5, 400, (2, 16)), "attention_mask": torch.ones(2, 16, dtype=torch.long)}
+    kl_only, parts = distillation_loss(student, teacher, batch, resolve_distill_config(teacher="t", student="s"))
+    assert "hidden_mse" not in parts and kl_only > 0
+    for layers in ("last", "all"):
+        config = resolve_distill_config(sets=["hidden_weight=2", f"hidden_layers={layers}"], teacher="t", student="s")
+        loss, parts = distillation_loss(student, teacher, batch, config)
+        assert parts["hidden_mse"] > 0
+        torch.testing.assert_close(loss.detach(), parts["kl"] + 2 * parts["hidden_mse"])
+    # a teacher distilled into itself: zero KL, zero MSE
+    config = resolve_distill_config(sets=["hidden_weight=1", "hidden_layers=all"], teacher="t", student="s")
+    loss, _ = distillation_loss(teacher, teacher, batch, config)
+    assert abs(float(loss.detach())) < 1e-5
+    spiking = AutoModelForCausalLM.from_pretrained(models["spiking"])
+    with pytest.raises(DistillError, match="as many layers"):
+        distillation_loss(spiking, teacher, batch, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# exact resume
+# ----------------------------------------------------------------------------------------------
+
+
+def test_killed_run_resumes_exactly(models, tmp_path):
+    from safetensors.torch import load_file
+
+    args = ["--max-steps", "10", "--set", "save_every=4", "--set", "eval_every=5"]
+    full = tmp_path / "full"
+    assert distill(models, full, *args) == 0
+
+    # the same run, SIGKILLed right after its 6th optimizer step (its last checkpoint is step 4)
+    killed = tmp_path / "killed"
+    script = (
+        "import os, signal, sys\n"
+        "from torch.optim.lr_scheduler import LambdaLR\n"
+        "step = LambdaLR.step\n"
+        "def step_then_die(self, *args, **kwargs):\n"
+        "    step(self, *args, **kwargs)\n"
+        "    if self.last_epoch == 6:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "LambdaLR.step = step_then_die\n"
+        "from spikelm.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    cmd = [sys.executable, "-c", script, "distill", "--teacher", str(models["teacher"]), "--student",
+           str(models["student"]), "--text-file", SONNETS, "--no-progress", *MICRO, *args, "--output-dir", str(killed)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+    assert res.returncode == -9, res.stderr[-2000:]
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+    assert not (killed / "metrics.json").exists() and max(e["step"] for e in log_entries(killed, "train")) == 5
+
+    assert distill(models, killed, *args) == 2  # a started run is not restarted by accident
+    assert distill(models, killed, *args, "--resume") == 0
+
+    full_log, resumed_log = log_entries(full, "train"), log_entries(killed, "train")
+    assert [e["step"] for e in resumed_log] == list(range(1, 11))
+    for a, b in zip(full_log, resumed_log):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6 and a["tokens"] == b["tokens"], a["step"]
+    assert [(e["step"], e["heldout_kl"]) for e in log_entries(full, "eval")] == \
+        [(e["step"], e["heldout_kl"]) for e in log_entries(killed, "eval")]
+    a, b = load_file(full / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+    m_full, m_resumed = (json.loads((d / "metrics.json").read_text()) for d in (full, killed))
+    assert m_full["final_validation"] == m_resumed["final_validation"]
+    assert m_full["initial_validation"] == m_resumed["initial_validation"]
+    assert m_full["train_tokens"] == m_resumed["train_tokens"]
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: one clear error, no output directory
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"teacher": "missing"}, "--teacher .*missing: no such directory"),
+    ({"student": "small_vocab"}, "do not share a vocabulary: the teacher predicts over 400 tokens, the student over 408"),
+    ({"student": "encoder"}, "holds a BertForMaskedLM checkpoint, not a causal language model"),
+    ({"resume": True}, "--resume: no checkpoint found"),
+    ({"sets": ["temperature=0"]}, "temperature must be positive"),
+    ({"sets": ["eval_text=/no/such/file.txt"]}, "eval_text /no/such/file.txt does not exist"),
+    ({"sets": ["tempreature=2"]}, "unknown config key 'tempreature'"),
+])
+def test_bad_input_is_one_clear_error_before_any_output(models, tmp_path, capsys, change, message):
+    import re
+
+    teacher = str(tmp_path / "missing") if change.get("teacher") else str(models["teacher"])
+    student = str(models[change.get("student", "student")])
+    out = tmp_path / "out"
+    argv = ["distill", "--teacher", teacher, "--student", student, "--text-file", SONNETS, "--no-progress", *MICRO,
+            "--max-steps", "2", "--output-dir", str(out)]
+    for item in change.get("sets", []):
+        argv += ["--set", item]
+    if change.get("resume"):
+        argv.append("--resume")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert len([ln for ln in err.splitlines() if "error:" in ln]) == 1
+    assert not out.exists()
