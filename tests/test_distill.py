@@ -287,3 +287,25 @@ def test_bad_input_is_one_clear_error_before_any_output(models, tmp_path, capsys
     assert re.search(message, err), err
     assert len([ln for ln in err.splitlines() if "error:" in ln]) == 1
     assert not out.exists()
+
+
+def test_spikified_student(models, tmp_path):
+    """A student converted with ``spikelm.spikify`` (where the conversion has landed) loads spiking, learns its
+    alphas, and its distilled copy loads spiking again through the quantization config."""
+    conversion = pytest.importorskip("spikelm.conversion")
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(models["student"])
+    calibration = torch.randint(5, 400, (4, 32), generator=torch.Generator().manual_seed(0))
+    conversion.spikify(student, {"num_steps": 2}, calibration=calibration)
+    student.save_pretrained(tmp_path / "spikified")
+    models = {**models, "spikified": tmp_path / "spikified"}
+    out = tmp_path / "run"
+    assert distill(models, out, "--max-steps", "15", "--set", "eval_every=15", student="spikified") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final_validation"]["validation"]["kl"] < metrics["initial_validation"]["validation"]["kl"]
+    distilled = AutoModelForCausalLM.from_pretrained(out)
+    assert conversion.is_spiking(distilled) and distilled.config.quantization_config.learn_alpha
+    before = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "spikified").named_parameters())
+    alphas = [(n, p) for n, p in distilled.named_parameters() if n.endswith(".alpha")]
+    assert alphas and any(not torch.equal(p, before[n]) for n, p in alphas)

@@ -289,8 +289,12 @@ def set_trainable(student, config: DistillConfig) -> None:
             for name, param in module.named_parameters(recurse=False):
                 if "alpha" in name:
                     param.requires_grad_(learn)
-    if isinstance(getattr(student.config, "learn_alpha", None), bool):  # saved with the student
-        student.config.learn_alpha = config.learn_alpha and getattr(student.config, "use_amplitude", True) is not False
+    # saved with the student: a SpikeLM config's field, or a conversion's quantization_config (spikelm.spikify)
+    for section in (student.config, getattr(student.config, "quantization_config", None)):
+        if isinstance(section, dict) and isinstance(section.get("learn_alpha"), bool):
+            section["learn_alpha"] = config.learn_alpha and section.get("use_amplitude", True) is not False
+        elif isinstance(getattr(section, "learn_alpha", None), bool):
+            section.learn_alpha = config.learn_alpha and getattr(section, "use_amplitude", True) is not False
     frozen = []
     if config.freeze_embeddings and student.get_input_embeddings() is not None:
         frozen.append(student.get_input_embeddings().weight)
