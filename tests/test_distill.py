@@ -262,7 +262,7 @@ def test_killed_run_resumes_exactly(models, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"teacher": "missing"}, "--teacher .*missing: no such directory"),
+    ({"teacher": "missing"}, "--teacher.*missing.*(no such directory|neither a model directory)"),
     ({"student": "small_vocab"}, "do not share a vocabulary: the teacher predicts over 400 tokens, the student over 408"),
     ({"student": "encoder"}, "holds a BertForMaskedLM checkpoint, not a causal language model"),
     ({"resume": True}, "--resume: no checkpoint found"),
@@ -293,6 +293,8 @@ def test_spikified_student(models, tmp_path):
     """A student converted with ``spikelm.spikify`` (where the conversion has landed) loads spiking, learns its
     alphas, and its distilled copy loads spiking again through the quantization config."""
     conversion = pytest.importorskip("spikelm.conversion")
+    if not hasattr(conversion, "spikify"):
+        pytest.skip("spikelm.conversion.spikify has not landed in this tree")
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(models["student"])
