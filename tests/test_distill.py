@@ -311,3 +311,76 @@ def test_spikified_student(models, tmp_path):
     before = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "spikified").named_parameters())
     alphas = [(n, p) for n, p in distilled.named_parameters() if n.endswith(".alpha")]
     assert alphas and any(not torch.equal(p, before[n]) for n, p in alphas)
+
+
+# ----------------------------------------------------------------------------------------------
+# spikelm finetune --teacher: KD on the classifier logits
+# ----------------------------------------------------------------------------------------------
+
+GLUE_SST2 = Path(__file__).parent / "fixtures" / "glue" / "SST-2"
+BERT_VOCAB = 30522  # the shipped bert-base-uncased tokenizer
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    """A tiny SpikeLM encoder (the student, pretraining heads) and tiny BERT classifiers (teachers, 2 or 3 labels)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from spikelm import SpikeLMConfig, SpikeLMForPreTraining
+
+    root = tmp_path_factory.mktemp("encoders")
+    torch.manual_seed(0)
+    student = SpikeLMForPreTraining(SpikeLMConfig(vocab_size=BERT_VOCAB, hidden_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=2, intermediate_size=64,
+                                                  max_position_embeddings=64, num_steps=2))
+    with torch.no_grad():
+        student(input_ids=torch.randint(1000, 5000, (4, 16)))
+    student.save_pretrained(root / "student")
+    for labels in (2, 3):
+        BertForSequenceClassification(BertConfig(vocab_size=BERT_VOCAB, hidden_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=2, intermediate_size=64,
+                                                 max_position_embeddings=64, num_labels=labels,
+                                                 initializer_range=0.5)).save_pretrained(root / f"teacher{labels}")
+    return root
+
+
+def finetune_kd(encoders, out, teacher, *extra):
+    return main(["finetune", "--model", str(encoders / "student"), "--task", "sst2", "--data-dir", str(GLUE_SST2),
+                 "--max-length", "32", "--batch-size", "8", "--learning-rate", "1e-3", "--epochs", "1",
+                 "--teacher", str(encoders / teacher), "--output-dir", str(out), *extra])
+
+
+def test_finetune_with_a_teacher_adds_the_kd_term(encoders, tmp_path):
+    from spikelm.glue.finetune import Settings, kd_loss, training_loss
+
+    # distillation alone (kd_weight 1): the training loss is the KD term
+    assert finetune_kd(encoders, tmp_path / "kd", "teacher2", "--kd-weight", "1", "--kd-temperature", "2") == 0
+    record = json.loads((tmp_path / "kd" / "train_log.jsonl").read_text().splitlines()[0])
+    assert record["train_kd_loss"] > 0 and record["train_loss"] == pytest.approx(record["train_kd_loss"])
+    results = json.loads((tmp_path / "kd" / "eval_results.json").read_text())
+    assert results["settings"]["teacher"] == str(encoders / "teacher2") and results["settings"]["kd_weight"] == 1.0
+    # the mixed loss: (1 - w) * cross-entropy + w * T^2 * KL(teacher || student)
+    from transformers import AutoModelForSequenceClassification
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(encoders / "teacher2").eval()
+    student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "kd")
+    batch = {"input_ids": torch.randint(1000, 5000, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 1, 0])}
+    loss, kd = training_loss(student, batch, teacher, Settings(kd_weight=0.25, kd_temperature=2.0), False)
+    with torch.no_grad():
+        s_logits = student(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        t_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    ce = torch.nn.functional.cross_entropy(s_logits, batch["labels"])
+    p_t = torch.softmax(t_logits / 2, -1)
+    expected_kd = 4 * (p_t * (torch.log_softmax(t_logits / 2, -1) - torch.log_softmax(s_logits / 2, -1))).sum(-1).mean()
+    torch.testing.assert_close(kd.detach(), expected_kd, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss.detach(), 0.75 * ce + 0.25 * expected_kd, atol=1e-5, rtol=1e-4)
+    assert float(kd_loss(t_logits, t_logits, 1.0, False)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_finetune_teacher_with_other_labels_is_refused(encoders, tmp_path, capsys):
+    assert finetune_kd(encoders, tmp_path / "out", "teacher3") == 2
+    err = capsys.readouterr().err
+    assert "predicts 3 label(s), but task sst2 has 2 labels" in err and not (tmp_path / "out").exists()
+    assert finetune_kd(encoders, tmp_path / "out", "missing") == 2
+    assert "no config.json" in capsys.readouterr().err and not (tmp_path / "out").exists()
