@@ -38,8 +38,9 @@ GPUs (see ``docs/DISTILLATION.md``)::
 
 (``python -m spikelm`` and, after the layout change, ``-m spikelm.commands.main`` are the same entry point.)
 ``mixed_precision=auto`` is bf16 on a GPU; the teacher is then held in bf16 (``teacher_dtype``). For a model
-that does not fit one GPU, launch with an FSDP accelerate config: the student is sharded by ``prepare`` and the
-teacher is sharded too (forward only).
+that does not fit one GPU, launch with an FSDP accelerate config: the student is sharded by ``prepare``, the
+teacher too (forward only), and the whole state dict is gathered for the final ``save_pretrained``; periodic
+checkpoints and ``--resume`` are not available under FSDP yet (untested here: no multi-GPU machine).
 """
 
 from __future__ import annotations
@@ -539,7 +540,11 @@ def run_distillation(config: DistillConfig, output_dir: str | Path, overwrite: b
         state = load_checkpoint(resume_path, accelerator, student, optimizer, scheduler)
         accelerator.print(f"resumed from {resume_path} at step {state.step}")
 
-    if accelerator.distributed_type == DistributedType.FSDP:
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp:
+        if resume_path is not None:
+            raise DistillError("--resume is not available under FSDP yet (checkpoints hold whole, unsharded states)")
+        accelerator.print("warning: FSDP: no checkpoints are written (not supported yet); the final student is saved")
         teacher = accelerator.prepare_model(teacher)  # sharded too: forward only
     else:
         teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
@@ -648,7 +653,7 @@ def run_distillation(config: DistillConfig, output_dir: str | Path, overwrite: b
                     writer.add_scalar(f"train/{key}", entry[key], state.step)
         if state.step % config.eval_every == 0 or last:
             last_eval = validate(f"step {state.step}")
-        if state.step % config.save_every == 0 or last:
+        if (state.step % config.save_every == 0 or last) and not fsdp:
             save_checkpoint(output_dir, accelerator, model, optimizer, scheduler, state, config,
                             config.keep_checkpoints, config_file=CONFIG_FILE)
         if out_of_time:
@@ -676,7 +681,7 @@ def run_distillation(config: DistillConfig, output_dir: str | Path, overwrite: b
         "peak_rss_mb": _peak_rss_mb(),
     }
     # under FSDP the whole state dict is gathered onto the main process (a collective: every process calls it)
-    state_dict = accelerator.get_state_dict(model) if accelerator.distributed_type == DistributedType.FSDP else None
+    state_dict = accelerator.get_state_dict(model) if fsdp else None
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
