@@ -384,3 +384,30 @@ def test_finetune_teacher_with_other_labels_is_refused(encoders, tmp_path, capsy
     assert "predicts 3 label(s), but task sst2 has 2 labels" in err and not (tmp_path / "out").exists()
     assert finetune_kd(encoders, tmp_path / "out", "missing") == 2
     assert "no config.json" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_two_processes_run_the_same_distillation_as_one(models, tmp_path):
+    """Data parallel (2 CPU processes over gloo, torchrun): the global batch is split, gradients averaged; the
+    result equals the one-process run's up to float reduction order."""
+    import os
+
+    from safetensors.torch import load_file
+
+    args = ["--teacher", str(models["teacher"]), "--student", str(models["student"]), "--text-file", SONNETS,
+            "--no-progress", *MICRO, "--max-steps", "4", "--set", "eval_every=4"]
+    assert main(["distill", *args, "--output-dir", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "spikelm",
+           "distill", *args, "--output-dir", str(tmp_path / "two")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("wrote ") == 1  # one summary, from process 0
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert two["processes"] == 2 and two["train_tokens"] == one["train_tokens"]
+    for key in ("kl", "perplexity"):
+        assert two["final_validation"]["validation"][key] == pytest.approx(one["final_validation"]["validation"][key],
+                                                                           rel=1e-4)
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-4, rtol=1e-4, msg=name)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from ..cli import add_output_dir
 
 
@@ -49,6 +51,8 @@ def run(args) -> int:
                                     corpus=args.corpus, text_file=args.text_file, max_steps=args.max_steps)
     result = run_distillation(config, args.output_dir, overwrite=args.overwrite, resume=args.resume,
                               progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # one summary under `accelerate launch` / torchrun
+        return 0
     m = result.metrics
     start, end = m["initial_validation"]["validation"], m["final_validation"]["validation"]
     print(f"wrote {result.output_dir}: {m['steps']} steps, {m['train_tokens']} tokens, held-out KL {start['kl']:.4f} "
