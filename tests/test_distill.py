@@ -269,6 +269,7 @@ def test_killed_run_resumes_exactly(models, tmp_path):
     ({"sets": ["temperature=0"]}, "temperature must be positive"),
     ({"sets": ["eval_text=/no/such/file.txt"]}, "eval_text /no/such/file.txt does not exist"),
     ({"sets": ["tempreature=2"]}, "unknown config key 'tempreature'"),
+    ({"sets": ["max_length=33"], "student": "spiking"}, "max_length 33 exceeds the student's 32 positions"),
 ])
 def test_bad_input_is_one_clear_error_before_any_output(models, tmp_path, capsys, change, message):
     import re

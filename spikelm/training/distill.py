@@ -496,6 +496,11 @@ def run_distillation(config: DistillConfig, output_dir: str | Path, overwrite: b
     student_dir = resolve_source(config.student, "student", resolver)
     teacher_config = causal_lm_config(teacher_dir, "teacher")
     student_config = causal_lm_config(student_dir, "student")
+    for role, model_config in (("teacher", teacher_config), ("student", student_config)):
+        positions = getattr(model_config, "max_position_embeddings", None)
+        if isinstance(positions, int) and config.max_length > positions:
+            raise DistillError(f"max_length {config.max_length} exceeds the {role}'s {positions} positions "
+                               f"(max_position_embeddings); use --set max_length={positions} or less")
     resume_path = None
     if resume:
         resume_path = latest_checkpoint(output_dir) if resume is True else Path(resume)
