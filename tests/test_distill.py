@@ -312,6 +312,25 @@ def test_spikified_student(models, tmp_path):
     before = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "spikified").named_parameters())
     alphas = [(n, p) for n, p in distilled.named_parameters() if n.endswith(".alpha")]
     assert alphas and any(not torch.equal(p, before[n]) for n, p in alphas)
+    # every layer's hidden states line up with the teacher's (the T copies are averaged before they are recorded)
+    from spikelm.training.distill import distillation_loss, resolve_distill_config
+
+    teacher = AutoModelForCausalLM.from_pretrained(models["teacher"]).eval()
+    config = resolve_distill_config(sets=["hidden_weight=1", "hidden_layers=all"], teacher="t", student="s")
+    loss, parts = distillation_loss(distilled, teacher, {"input_ids": calibration[:2, :16],
+                                                         "attention_mask": torch.ones(2, 16)}, config)
+    assert torch.isfinite(loss) and parts["hidden_mse"] > 0
+
+
+def test_named_sources_go_through_the_resolver(models):
+    from spikelm.training.distill import DistillError, resolve_source
+
+    names = {"tiny-teacher": models["teacher"]}
+    assert resolve_source("tiny-teacher", "teacher", resolver=names.__getitem__) == models["teacher"]
+    with pytest.raises(DistillError, match="--teacher: 'other'"):
+        resolve_source("other", "teacher", resolver=names.__getitem__)
+    with pytest.raises(DistillError, match="no config.json"):
+        resolve_source("tiny-teacher", "teacher", resolver=lambda name: models["teacher"].parent)
 
 
 # ----------------------------------------------------------------------------------------------

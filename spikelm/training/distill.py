@@ -223,7 +223,7 @@ def resolve_source(name_or_path: str, role: str, resolver: Callable | None = Non
     if resolver is not None:
         try:
             path = Path(resolver(name_or_path))
-        except (ValueError, FileNotFoundError, OSError) as err:
+        except (ValueError, KeyError, OSError) as err:
             raise DistillError(f"--{role}: {err}") from err
     else:
         path = Path(name_or_path).expanduser()
