@@ -77,6 +77,8 @@ def settings_from_args(args):
         args.max_train_samples,
         args.max_eval_samples,
         args.padding,
+        kd_weight=getattr(args, "kd_weight", 0.5),
+        kd_temperature=getattr(args, "kd_temperature", 1.0),
     )
 
 
@@ -115,6 +117,26 @@ def register(sub) -> None:
     c.add_argument("--regression", action="store_true", help="the label is a number (metrics: Pearson, Spearman)")
     add_recipe_arguments(p)
     add_baseline_arguments(p)
+    d = p.add_argument_group("knowledge distillation from a fine-tuned teacher")
+    d.add_argument(
+        "--teacher",
+        metavar="DIR",
+        help="a classifier already fine-tuned for this task with the same tokenizer (e.g. the real-valued "
+        "model: `spikelm finetune --spiking false`); its logits are distilled into the model",
+    )
+    d.add_argument(
+        "--kd-weight",
+        type=float,
+        default=0.5,
+        help="loss = (1 - w) * task loss + w * KD (default 0.5; 1: distillation alone)",
+    )
+    d.add_argument(
+        "--kd-temperature",
+        type=float,
+        default=1.0,
+        help="KD = T^2 * KL(teacher || student) of the logits at temperature T (default 1); "
+        "regression: MSE of the predictions",
+    )
     p.add_argument(
         "--eval-only",
         action="store_true",
@@ -142,5 +164,6 @@ def run(args) -> int:
         args.eval_only,
         args.overwrite,
         log=print,
+        teacher=args.teacher,
     )
     return 0

@@ -14,6 +14,7 @@ COMMANDS = (
     "convert",
     "data",
     "demo",
+    "distill",
     "energy",
     "finetune",
     "generate",

@@ -1,5 +1,10 @@
 """Fine-tune and evaluate a SpikeLM (or the ANN baseline) on one GLUE-style task, on ``accelerate``.
 
+With a ``teacher`` (a classifier already fine-tuned for the task, e.g. the real-valued model), the loss adds
+knowledge distillation on the classifier logits: ``(1 - kd_weight) * task loss + kd_weight * KD`` with KD =
+``kd_temperature^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))`` (regression: the MSE of the two
+predictions). The teacher must use the student's vocabulary and have the task's number of labels.
+
 The default recipe is the paper's (SPEC section 4): AdamW (no weight decay), lr 2e-5, constant
 schedule, batch 32, max length 128, seed 42, the task's number of epochs, a dev evaluation after
 every epoch. The paper reports the best dev epoch: ``eval_results.json`` holds that epoch
@@ -48,6 +53,8 @@ class Settings:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None  # evaluate on a random subset of each dev split (quick runs)
     padding: str = "max_length"  # or "longest" (pad each batch to its longest sequence)
+    kd_weight: float = 0.5  # with a teacher: the weight of the distillation term (1: distillation alone)
+    kd_temperature: float = 1.0
 
     def check(self) -> None:
         for name in ("batch_size", "max_length"):
@@ -62,6 +69,10 @@ class Settings:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.padding not in ("max_length", "longest"):
             raise UserError(f"--padding must be 'max_length' or 'longest', got {self.padding!r}")
+        if not 0 <= self.kd_weight <= 1:
+            raise UserError(f"--kd-weight must be in [0, 1], got {self.kd_weight}")
+        if not self.kd_temperature > 0:
+            raise UserError(f"--kd-temperature must be positive, got {self.kd_temperature}")
 
 
 @dataclass
@@ -209,6 +220,70 @@ def write_test_predictions(out: Path, data: TaskData, predictions: dict) -> list
 
 
 # ----------------------------------------------------------------------------------------------
+# Knowledge distillation from a fine-tuned teacher
+# ----------------------------------------------------------------------------------------------
+
+
+def load_teacher(path: str, task: GlueTask, student_config):
+    """A sequence classifier fine-tuned for ``task`` (eval mode, frozen); refused unless its labels and
+    vocabulary match the student's."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(
+            f"--teacher {path}: no config.json there (expected a fine-tuned classifier written by "
+            "save_pretrained, e.g. by `spikelm finetune --spiking false`)"
+        )
+    config = AutoConfig.from_pretrained(path)
+    if config.num_labels != task.num_labels:
+        what = "a regression (1 output)" if task.is_regression else f"{task.num_labels} labels"
+        raise UserError(
+            f"--teacher {path} predicts {config.num_labels} label(s), but task {task.name} has {what}; "
+            "the teacher must be fine-tuned for the same task"
+        )
+    if config.vocab_size != student_config.vocab_size:
+        raise UserError(
+            f"--teacher {path} has a vocabulary of {config.vocab_size} tokens, the student "
+            f"{student_config.vocab_size}; teacher and student must share the tokenizer"
+        )
+    names = [config.id2label.get(i, config.id2label.get(str(i))) for i in range(config.num_labels)]
+    if (
+        not task.is_regression
+        and task.label_names
+        and all(isinstance(n, str) and not n.startswith("LABEL_") for n in names)
+        and names != list(task.label_names)
+    ):
+        raise UserError(f"--teacher {path} has labels {names}, task {task.name} {list(task.label_names)}")
+    teacher = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, regression: bool
+) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` over the batch (mean); regression: MSE."""
+    import torch.nn.functional as F
+
+    if regression:
+        return F.mse_loss(student_logits.float().squeeze(-1), teacher_logits.float().squeeze(-1))
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def training_loss(model, batch: dict, teacher, settings: Settings, regression: bool):
+    """The step's loss and its distillation term (None without a teacher)."""
+    outputs = model(**batch)
+    if teacher is None:
+        return outputs.loss, None
+    with torch.no_grad():
+        teacher_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    kd = kd_loss(outputs.logits, teacher_logits, settings.kd_temperature, regression)
+    return (1 - settings.kd_weight) * outputs.loss + settings.kd_weight * kd, kd
+
+
+# ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
 
@@ -233,9 +308,11 @@ def finetune(
     eval_only: bool = False,
     overwrite: bool = False,
     log=None,
+    teacher: str | None = None,
 ) -> dict:
     """Fine-tune (or, with ``eval_only``, evaluate) ``model_name`` on a task; returns ``eval_results``.
 
+    ``teacher``: a classifier fine-tuned for the task whose logits are distilled into the model (see above).
     Progress lines go to ``log`` (default: this module's logger; the command passes ``print``)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -247,6 +324,9 @@ def finetune(
     for split in task.dev_splits:
         data.splits[split] = subsample(data.splits[split], settings.max_eval_samples, settings.seed)
     start = load_starting_point(model_name, task, changes, eval_only, tokenizer)
+    if teacher is not None and eval_only:
+        raise UserError("--teacher has no use with --eval-only (it only adds a training loss)")
+    teacher_model = load_teacher(teacher, task, start.model.config) if teacher is not None else None
     out = prepare_output_dir(output_dir, "finetune", overwrite, identity={"task": task.name})
     accelerator = Accelerator()
     if log is None:
@@ -286,6 +366,8 @@ def finetune(
             [p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate, weight_decay=0.0
         )
         model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+        if teacher_model is not None:
+            teacher_model = accelerator.prepare_model(teacher_model, evaluation_mode=True)
     else:
         model = accelerator.prepare(model)
     loaders = {s: accelerator.prepare(loader) for s, loader in loaders.items()}
@@ -301,14 +383,15 @@ def finetune(
         )
     for epoch in range(1, epochs + 1):
         model.train()
-        started, total, steps = time.perf_counter(), 0.0, 0
+        started, total, kd_total, steps = time.perf_counter(), 0.0, 0.0, 0
         progress = _progress(train_loader, f"epoch {epoch}/{epochs}", accelerator)
         for batch in progress:
-            loss = model(**batch).loss
+            loss, kd = training_loss(model, batch, teacher_model, settings, task.is_regression)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()
             total, steps = total + loss.item(), steps + 1
+            kd_total += kd.item() if kd is not None else 0.0
             if hasattr(progress, "set_postfix"):
                 progress.set_postfix(loss=f"{total / steps:.4f}")
         train_seconds = time.perf_counter() - started
@@ -322,6 +405,8 @@ def finetune(
             "eval_seconds": round(eval_seconds, 2),
             **_round(metrics),
         }
+        if teacher_model is not None:
+            record["train_kd_loss"] = kd_total / max(steps, 1)
         history.append(record)
         if accelerator.is_main_process:
             with open(log_path, "a") as f:
@@ -358,6 +443,7 @@ def finetune(
             "epochs": epochs,
             "eval_only": eval_only,
             "model": model_name,
+            "teacher": teacher,
             "initialised_from": start.description,
             "tokenizer": start.tokenizer_source,
             "data": data.splits[task.dev_splits[0]].source,

@@ -290,9 +290,19 @@ def _rng_state(device: torch.device) -> dict:
 
 
 def save_checkpoint(
-    output_dir: Path, accelerator, model, optimizer, scheduler, state: TrainState, config: PretrainConfig, keep: int
+    output_dir: Path,
+    accelerator,
+    model,
+    optimizer,
+    scheduler,
+    state: TrainState,
+    config: PretrainConfig,
+    keep: int,
+    config_file: str = "pretrain_config.json",
 ) -> Path:
-    """Write ``checkpoints/step-N`` atomically: a temporary directory renamed into place, then ``latest``."""
+    """Write ``checkpoints/step-N`` atomically: a temporary directory renamed into place, then ``latest``.
+
+    ``config`` is any recipe with ``to_dict()``, saved as ``config_file`` (``spikelm distill`` shares this)."""
     from safetensors.torch import save_model
 
     root = checkpoint_root(output_dir)
@@ -311,7 +321,7 @@ def save_checkpoint(
         save_model(unwrapped, str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         write_json_atomic(tmp / "trainer_state.json", {**state.__dict__, "world_size": accelerator.num_processes})
-        write_json_atomic(tmp / "pretrain_config.json", config.to_dict())
+        write_json_atomic(tmp / config_file, config.to_dict())
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = root / name
@@ -380,9 +390,21 @@ def run_identity(config: PretrainConfig) -> dict:
     }
 
 
-def _prepare_output(output_dir: Path, config: PretrainConfig, overwrite: bool, resume: bool | str | None) -> None:
-    """Refuse to touch a directory that holds something else, or a finished/started run without --resume."""
-    prepare_output_dir(output_dir, COMMAND, overwrite, identity=json.loads(json.dumps(run_identity(config))))
+def _prepare_output(
+    output_dir: Path,
+    config: PretrainConfig,
+    overwrite: bool,
+    resume: bool | str | None,
+    command: str = COMMAND,
+    identity: dict | None = None,
+    outputs: tuple[str, ...] = (),
+) -> None:
+    """Refuse to touch a directory that holds something else, or a finished/started run without --resume.
+
+    ``command``/``identity`` name another command's run (default: this one's); ``outputs``: more files that
+    ``--overwrite`` removes."""
+    identity = run_identity(config) if identity is None else identity
+    prepare_output_dir(output_dir, command, overwrite, identity=json.loads(json.dumps(identity)))
     has_run = (checkpoint_root(output_dir) / "latest").is_file() or (output_dir / "model.safetensors").is_file()
     if has_run and not resume and not overwrite:
         raise PretrainError(
@@ -392,7 +414,7 @@ def _prepare_output(output_dir: Path, config: PretrainConfig, overwrite: bool, r
     if overwrite and not resume:
         for name in ("checkpoints", "tensorboard"):
             shutil.rmtree(output_dir / name, ignore_errors=True)
-        for name in ("train_log.jsonl", "metrics.json", "model.safetensors", TOKEN_COUNTS_FILE):
+        for name in ("train_log.jsonl", "metrics.json", "model.safetensors", TOKEN_COUNTS_FILE, *outputs):
             (output_dir / name).unlink(missing_ok=True)
 
 
