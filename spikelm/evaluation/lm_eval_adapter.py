@@ -29,7 +29,8 @@ from pathlib import Path
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-import spikelm  # noqa: F401  (registers spikelm's model types and checkpoint formats with transformers)
+# registers model_type "spikelm"; `import spikelm` (implied) makes converted checkpoints' quantization method known
+import spikelm.models  # noqa: F401
 
 from ..data.pretrained import resolve_model_source
 

@@ -256,6 +256,9 @@ def causal_lm_config(path: Path, role: str):
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    import spikelm.models  # noqa: F401  (registers model_type "spikelm"; the "spikelm" quantization method is known
+    # to transformers from `import spikelm` on)
+
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as err:
