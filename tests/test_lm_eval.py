@@ -94,7 +94,7 @@ def test_the_command_line_wrapper_defaults_to_the_spikelm_model(tiny_llama, tmp_
 
     monkeypatch.setattr(sources, "bigbench_task", lambda task: fake_hyperbaton())
     out = tmp_path / "out"
-    assert lm_eval_adapter.main(["--model_args", f"pretrained={tiny_llama},device=cpu", "--tasks",
+    assert lm_eval_adapter.main(["--model_args", f"pretrained={tiny_llama}", "--device", "cpu", "--tasks",
                                  "spikelm_hyperbaton", "--limit", "3", "--output_path", str(out)]) == 0
     (result_file,) = out.rglob("results_*.json")
     result = json.loads(result_file.read_text())
