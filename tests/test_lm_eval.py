@@ -115,7 +115,9 @@ def test_the_command_line_wrapper_defaults_to_the_spikelm_model(tiny_llama, tmp_
         lm_eval_adapter.main(
             [
                 "--model_args",
-                f"pretrained={tiny_llama},device=cpu",
+                f"pretrained={tiny_llama}",
+                "--device",
+                "cpu",
                 "--tasks",
                 "spikelm_hyperbaton",
                 "--limit",

@@ -18,6 +18,9 @@ Test subsets (n), chance (1 / number of choices) and majority-class rate:
   passage (the offline suite's ``vitaminc`` test pairs); n = 1,000, chance 1/3, majority 0.501.
 - ``spikelm_fever``: ``fact_checker/fever``, a Wikipedia claim true or false; n = 616, chance 0.5,
   majority 0.506.
+- ``spikelm_goal_inference``: ``goal_step_wikihow/goal_inference``, which of four wikiHow goals a step serves
+  (cloze: each goal scored as the continuation); n = 1,000, chance 0.25 (one example has five choices),
+  majority (the first position) 0.278.
 
 (:func:`task_summary` recomputes n and the majority-class rates.) BIG-bench files carry a canary asking
 that they never appear in training corpora: these tasks are for evaluation only.
@@ -103,6 +106,11 @@ TASKS = {
             _split_rule_test(SplitRule(salt="lm-eval-fever")),
             lambda text: f"{text}\nA:",
         ),
+        # cloze: "The most reasonable goal of 'Have the butcher make them' is" + " Buy Burger Patties"; no task uses it
+        # for fine-tuning, so every example is a candidate
+        ChoiceTask(
+            "spikelm_goal_inference", "goal_step_wikihow/goal_inference", lambda text: True, lambda text: text.rstrip()
+        ),
     )
 }
 
@@ -146,9 +154,11 @@ def task_dataset(spikelm_task: str, max_examples: int = MAX_EXAMPLES, **_metadat
 
 
 def task_summary(name: str, docs: list[dict] | None = None) -> dict:
-    """n, number of choices, chance (1 / choices) and the majority-class rate of a task's test subset."""
+    """n, number of choices, chance (1 / choices) and the majority-class rate of a task's test subset (by answer
+    position where the choices differ from one example to the next)."""
     docs = task_examples(name) if docs is None else docs
-    labels = Counter(doc["choices"][doc["label"]] for doc in docs)
+    fixed = all(doc["choices"] == docs[0]["choices"] for doc in docs)
+    labels = Counter(doc["choices"][doc["label"]] if fixed else doc["label"] for doc in docs)
     num_choices = len(docs[0]["choices"])
     return {
         "task": name,

@@ -8,8 +8,8 @@ Every other ``--model_args`` key is HFLM's (``dtype``, ``device``, ``batch_size`
 
 :data:`TASKS_DIR` holds local task files (lm-eval's ``include_path``) for BIG-bench multiple-choice tasks built
 from the packaged BIG-bench data (:mod:`spikelm.evaluation.bigbench_mc`, which lists each task's size and
-chance level): ``spikelm_hyperbaton``, ``spikelm_epistemic``, ``spikelm_vitaminc``, ``spikelm_fever``, and the
-group ``spikelm_bigbench`` of all four.
+chance level): ``spikelm_hyperbaton``, ``spikelm_epistemic``, ``spikelm_vitaminc``, ``spikelm_fever``,
+``spikelm_goal_inference``, and the group ``spikelm_bigbench`` of all five.
 
 From the command line, lm-eval's own options, with ``--model spikelm`` and these tasks as defaults::
 
