@@ -22,6 +22,7 @@ COMMANDS = (
     "perplexity",
     "pretrain",
     "reproduce",
+    "spikify",
 )
 
 

@@ -1,0 +1,214 @@
+"""``spikelm spikify``: convert a pretrained Hugging Face model (a LLaMA-family or GPT-2 causal LM, a BERT-family
+encoder, or a named source such as ``smollm2-135m``) into a spiking one, calibrate it, measure it and save it."""
+
+from __future__ import annotations
+
+from spikelm.errors import UserError
+
+from .main import add_output_dir
+
+DEFAULT_EVAL_TOKENS = 2048
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "spikify",
+        help="convert a pretrained Hugging Face model (LLaMA family, GPT-2, BERT) into a spiking one",
+        description=(
+            "Load a pretrained model (a directory written by save_pretrained, or a named source: smollm2-135m, "
+            "minilm), place spiking neurons by SpikeLM's rules (every linear input but the LM head, K and V), "
+            "calibrate them on text, and save the spiking model: config.json (the original architecture + a "
+            "'spikelm' quantization_config), model.safetensors (weights + alphas / saliency masks), the tokenizer and "
+            "a model card. After `import spikelm`, AutoModelForCausalLM.from_pretrained(DIR) loads it spiking. "
+            "Default recipe (the best training-free one measured on SmolLM2-135M): SpikeLLM's GIF neuron at its T=2 "
+            "setting (n=4 base bits, a=1: the top 10%% of channels by saliency spike over 2 steps), each channel "
+            "group on its own per-token range clipped to 0.9, after a Hadamard rotation of the residual stream and an "
+            "online Hadamard on down_proj's input. --neuron elastic: SpikeLM's ternary neuron, T=4, symmetric reset, "
+            "same rotations. Turn parts off with --set: rotation=none, online_down_proj_rotation=false, "
+            "saliency_fraction=0, gif_group_range=token, gif_clip_ratio=1."
+        ),
+    )
+    p.add_argument("--model", required=True, help="model directory or named source (smollm2-135m, minilm)")
+    p.add_argument("--neuron", choices=("gif", "elastic"), default="gif", help="neuron family (default gif)")
+    p.add_argument(
+        "--num-steps",
+        type=int,
+        help="time steps T (elastic: default 4; gif: T = 2^a, a power of two, default 2)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a conversion field (repeatable), e.g. --set rotation=none --set saliency_fraction=0",
+    )
+    p.add_argument(
+        "--calibration-text",
+        help="UTF-8 text file to calibrate on (default: the default 'pypi' corpus; never evaluation text)",
+    )
+    p.add_argument("--calibration-sequences", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--calibration-length", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument(
+        "--eval-tokens",
+        type=int,
+        default=DEFAULT_EVAL_TOKENS,
+        help=f"causal LMs: Brown tokens to measure perplexity on for the model card, source and spiking model "
+        f"(windows of 512; default {DEFAULT_EVAL_TOKENS}; 0 skips)",
+    )
+    add_output_dir(p)
+    p.set_defaults(func=run)
+
+
+def _overrides(items: list[str]) -> dict:
+    from spikelm.training.presets import parse_value
+
+    fields = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise UserError(f"--set expects FIELD=VALUE, got {item!r}")
+        fields[name.strip()] = parse_value(value)
+    return fields
+
+
+def _check_args(args) -> None:
+    from pathlib import Path
+
+    if args.calibration_text is not None:
+        path = Path(args.calibration_text)
+        if not path.is_file():
+            raise UserError(f"--calibration-text {path}: no such file")
+        try:
+            with path.open(encoding="utf-8") as f:
+                f.read(1 << 16)
+        except UnicodeDecodeError as err:
+            raise UserError(f"--calibration-text {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    if args.calibration_sequences < 1:
+        raise UserError(f"--calibration-sequences must be at least 1, got {args.calibration_sequences}")
+    if args.calibration_length < 2:
+        raise UserError(f"--calibration-length must be at least 2, got {args.calibration_length}")
+    if args.eval_tokens < 0 or 0 < args.eval_tokens < 1024:
+        raise UserError(f"--eval-tokens must be 0 (skip) or at least 1024, got {args.eval_tokens}")
+
+
+def _load(source):
+    import torch
+    import transformers
+    from transformers import AutoConfig
+
+    from spikelm.conversion.placement import FAMILIES
+
+    config = AutoConfig.from_pretrained(source)
+    quant = getattr(config, "quantization_config", None)
+    if (
+        quant is not None
+        and (quant.get("quant_method") if isinstance(quant, dict) else quant.quant_method) == "spikelm"
+    ):
+        raise UserError(f"--model {source} is already spiking; spikify its real-valued source model")
+    supported = sorted({t for family in FAMILIES for t in family.model_types})
+    if config.model_type not in supported:
+        raise UserError(
+            f"--model {source}: model_type {config.model_type!r} is not supported; supported: {', '.join(supported)} "
+            "(the LLaMA family, GPT-2, BERT-family encoders)"
+        )
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if cls is None:
+        cls = (
+            transformers.AutoModelForCausalLM
+            if config.is_decoder or "CausalLM" in str(names)
+            else transformers.AutoModel
+        )
+    return cls.from_pretrained(source, dtype=torch.float32).eval()
+
+
+def _fit_transform(config, model, user_fields: set):
+    """The recipe's rotations apply to the LLaMA family (RMSNorm); elsewhere they are dropped, saying so, unless the
+    user asked for them by --set (then spikify's own error says why they cannot apply)."""
+    from spikelm.conversion import SpikeLMConversionConfig
+    from spikelm.conversion.rotation import SUPPORTED_MODEL_TYPES
+
+    wanted = config.rotation != "none" or config.online_down_proj_rotation
+    asked = {"rotation", "online_down_proj_rotation"} & user_fields
+    if not wanted or asked or model.config.model_type in SUPPORTED_MODEL_TYPES:
+        return config
+    print(
+        f"spikelm spikify: no residual-stream rotation for model_type {model.config.model_type!r} (LLaMA family "
+        f"only: {', '.join(SUPPORTED_MODEL_TYPES)}); converting without it",
+        flush=True,
+    )
+    return SpikeLMConversionConfig(**{**config.to_dict(), "rotation": "none", "online_down_proj_rotation": False})
+
+
+def run(args) -> int:
+    import time
+
+    import spikelm.conversion as conversion
+    from spikelm.conversion.placement import family_of
+    from spikelm.conversion.recipes import calibration_batches, recipe
+    from spikelm.data.pretrained import resolve_model_source
+    from spikelm.outputs import prepare_output_dir, write_json_atomic
+
+    _check_args(args)
+    try:
+        fields = recipe(args.neuron, args.num_steps, _overrides(args.set))
+        config = conversion.SpikeLMConversionConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise UserError(str(err)) from None
+    source = resolve_model_source(args.model)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = _load(source)
+    try:
+        family_of(model)
+    except ValueError as err:
+        raise UserError(f"--model {args.model}: {err}") from None
+    config = _fit_transform(config, model, set(_overrides(args.set)))
+    out_dir = prepare_output_dir(args.output_dir, "spikify", args.overwrite)
+    batches, calibration = calibration_batches(
+        tokenizer, args.calibration_text, args.calibration_sequences, args.calibration_length
+    )
+    causal = (
+        hasattr(model, "generate") and model.config.is_encoder_decoder is False and "CausalLM" in type(model).__name__
+    )
+    perplexity, evaluation = {}, None
+    tokens = None
+    if causal and args.eval_tokens:
+        from spikelm.evaluation.brown_perplexity import brown_eval_tokens
+        from spikelm.evaluation.brown_perplexity import perplexity as score
+
+        tokens = brown_eval_tokens(tokenizer, args.eval_tokens)
+        print(f"spikelm spikify: scoring the source model on {tokens.numel()} Brown tokens", flush=True)
+        perplexity["source (real-valued)"] = score(model, tokens)["perplexity"]
+    started = time.perf_counter()
+    print(f"spikelm spikify: converting ({config.neuron}) and calibrating on {calibration}", flush=True)
+    conversion.spikify(model, config, calibration=batches)
+    seconds = time.perf_counter() - started
+    if tokens is not None:
+        perplexity["this model (spiking)"] = score(model, tokens)["perplexity"]
+        evaluation = (
+            f"First {tokens.numel()} tokens of the Brown evaluation text (spikelm.evaluation.brown_perplexity), "
+            "windows of 512, stride 512."
+        )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    conversion.write_model_card(
+        out_dir, config, source=str(args.model), calibration=calibration, perplexity=perplexity, evaluation=evaluation
+    )
+    summary = {
+        "model": str(args.model),
+        "config": config.to_dict(),
+        "calibration": calibration,
+        "convert_seconds": round(seconds, 1),
+        "perplexity": perplexity,
+        "evaluation": evaluation,
+    }
+    write_json_atomic(out_dir / "spikify_summary.json", summary)
+    for name, value in perplexity.items():
+        print(f"  perplexity {name}: {value:.2f}")
+    if len(perplexity) == 2:
+        ratio = perplexity["this model (spiking)"] / perplexity["source (real-valued)"]
+        print(f"  ratio spiking / real-valued: {ratio:.2f}x")
+    print(f"spikelm spikify: saved the spiking model to {out_dir}")
+    return 0

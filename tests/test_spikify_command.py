@@ -1,0 +1,231 @@
+"""``spikelm spikify`` end to end on models a user saves with the public transformers API (no download)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config
+
+from spikelm.commands.main import main
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 200
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    d = tmp_path_factory.mktemp("llama")
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *sorted(set(TEXT.replace(".", " .").split()))])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def calibration_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cal") / "cal.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def _spikify(args, capsys):
+    code = main(["spikify", *args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("neuron", ["gif", "elastic"])
+def test_spikify_saves_a_model_that_from_pretrained_loads_spiking(
+    llama_dir, calibration_file, tmp_path, neuron, capsys
+):
+    out = tmp_path / "out"
+    code, stdout, err = _spikify(
+        [
+            "--model",
+            str(llama_dir),
+            "--neuron",
+            neuron,
+            "--calibration-text",
+            str(calibration_file),
+            "--calibration-sequences",
+            "2",
+            "--calibration-length",
+            "16",
+            "--eval-tokens",
+            "0",
+            "--output-dir",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "llama"  # the original architecture, plus the spiking section
+    assert config["quantization_config"]["quant_method"] == "spikelm"
+    assert config["quantization_config"]["neuron"] == neuron
+    assert (out / "README.md").is_file() and "cal.txt" in (out / "README.md").read_text()
+    # a fresh process: `import spikelm` alone is enough for from_pretrained to restore the spiking model
+    script = (
+        "import sys, torch, spikelm\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from spikelm.conversion import is_spiking\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+        "print(is_spiking(m))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "True"
+
+
+def test_spikify_defaults_are_the_gif_recipe_and_set_turns_parts_off(llama_dir, calibration_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = _spikify(
+        [
+            "--model",
+            str(llama_dir),
+            "--calibration-text",
+            str(calibration_file),
+            "--calibration-sequences",
+            "1",
+            "--calibration-length",
+            "16",
+            "--eval-tokens",
+            "0",
+            "--set",
+            "rotation=none",
+            "--set",
+            "online_down_proj_rotation=false",
+            "--set",
+            "saliency_fraction=0",
+            "--output-dir",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (quant["neuron"], quant["gif_bits"], quant["gif_extra_bits"]) == ("gif", 4, 1)
+    assert quant["rotation"] == "none" and quant["online_down_proj_rotation"] is False
+    assert quant["saliency_fraction"] == 0
+    # without the rotation the weights are the source's, untouched
+    source = AutoModelForCausalLM.from_pretrained(llama_dir)
+    spiking = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(source.model.layers[0].mlp.down_proj.weight, spiking.model.layers[0].mlp.down_proj.weight)
+
+
+def _bad(args, capsys, tmp_path):
+    out = tmp_path / "never"
+    code, _, err = _spikify([*args, "--output-dir", str(out)], capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("spikelm spikify: error:"), err
+    assert "Traceback" not in err
+    assert not out.exists()
+    return lines[0]
+
+
+def test_bad_inputs_get_one_clear_line_before_any_output(llama_dir, calibration_file, tmp_path, capsys):
+    assert "--calibration-text" in _bad(
+        ["--model", str(llama_dir), "--calibration-text", str(tmp_path / "nope.txt")], capsys, tmp_path
+    )
+    assert "--num-steps" in _bad(
+        ["--model", str(llama_dir), "--neuron", "elastic", "--num-steps", "0"], capsys, tmp_path
+    )
+    assert "power of two" in _bad(["--model", str(llama_dir), "--num-steps", "3"], capsys, tmp_path)
+    assert "unknown_field" in _bad(["--model", str(llama_dir), "--set", "unknown_field=1"], capsys, tmp_path)
+    assert "nope" in _bad(["--model", str(tmp_path / "nope")], capsys, tmp_path)
+    t5 = tmp_path / "t5"
+    from transformers import T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=16, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(
+        t5
+    )
+    (t5 / "tokenizer.json").write_text((llama_dir / "tokenizer.json").read_text())
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (llama_dir / name).is_file():
+            (t5 / name).write_text((llama_dir / name).read_text())
+    capsys.readouterr()  # the save's progress bar
+    assert "t5" in _bad(["--model", str(t5), "--eval-tokens", "0"], capsys, tmp_path).lower()
+    bad_text = tmp_path / "latin1.txt"
+    bad_text.write_bytes("caf\xe9 ".encode("latin-1") * 10)
+    assert "UTF-8" in _bad(["--model", str(llama_dir), "--calibration-text", str(bad_text)], capsys, tmp_path)
+
+
+def test_an_already_spiking_model_is_refused(llama_dir, calibration_file, tmp_path, capsys):
+    out = tmp_path / "spiking"
+    assert (
+        _spikify(
+            [
+                "--model",
+                str(llama_dir),
+                "--calibration-text",
+                str(calibration_file),
+                "--calibration-sequences",
+                "1",
+                "--calibration-length",
+                "16",
+                "--eval-tokens",
+                "0",
+                "--set",
+                "rotation=none",
+                "--set",
+                "online_down_proj_rotation=false",
+                "--output-dir",
+                str(out),
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
+    capsys.readouterr()
+    assert "already spiking" in _bad(["--model", str(out)], capsys, tmp_path)
+
+
+def test_gpt2_converts_too(calibration_file, tmp_path, capsys, llama_dir):
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(d)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (llama_dir / name).is_file():
+            (d / name).write_text((llama_dir / name).read_text())
+    code, _, err = _spikify(
+        [
+            "--model",
+            str(d),
+            "--neuron",
+            "elastic",
+            "--calibration-text",
+            str(calibration_file),
+            "--calibration-sequences",
+            "1",
+            "--calibration-length",
+            "16",
+            "--eval-tokens",
+            "0",
+            "--set",
+            "rotation=none",
+            "--set",
+            "online_down_proj_rotation=false",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
