@@ -39,13 +39,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A :class:`UserError` (bad input: the argument types and the library's validation
+    points raise it) is one line ``spikelm CMD: error: ...`` and exit status 2; anything else is a bug and keeps
+    its traceback. Output directories the command prepared are released at the end, and removed if it failed
+    before writing anything into a directory it created."""
+    from spikelm.outputs import release_output_dirs
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    failed = True
     try:
-        return int(args.func(args) or 0)
-    except (UserError, ValueError, FileNotFoundError, NotADirectoryError) as err:
-        print(f"spikelm {args.command}: error: {err}", file=sys.stderr)
+        status = int(args.func(args) or 0)
+        failed = status != 0
+        return status
+    except UserError as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"spikelm {_command_name(args)}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        release_output_dirs(failed=failed)
+
+
+def _command_name(args) -> str:
+    sub = getattr(args, "data_command", None)
+    return f"{args.command} {sub}" if sub else args.command
 
 
 if __name__ == "__main__":

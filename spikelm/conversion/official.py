@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from spikelm.errors import MissingInputError, UserError
 from spikelm.models.configuration_spikelm import SpikeLMConfig
 
 # the authors' BertConfig fields that carry over unchanged
@@ -34,7 +35,7 @@ _BERT_FIELDS = (
 _OFFICIAL_LINEARS = ("attention.output.dense", "intermediate.dense", "output.dense")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that does not fit the model it is loaded into (the message says how)."""
 
 
@@ -42,7 +43,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """Tensors and metadata (safetensors only; else empty) of a checkpoint file, safely."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise MissingInputError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -218,7 +219,7 @@ def load_official_checkpoint(path: str | Path, config_path: str | Path | None = 
         try:
             raw = json.loads(Path(config_path).read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"--config file not found: {config_path}") from None
+            raise MissingInputError(f"--config file not found: {config_path}") from None
         except json.JSONDecodeError as err:
             raise CheckpointError(f"--config {config_path} is not valid JSON: {err}") from err
     elif "config" in metadata:

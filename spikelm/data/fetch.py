@@ -18,8 +18,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from spikelm.errors import UserError
 
-class FetchError(ValueError):
+
+class FetchError(UserError):
     """A package could not be fetched or did not match its pinned checksum (the message says what to do).
 
     A ValueError, like every input error here, so the command line prints it as one line."""

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spikelm.data.objectives import OBJECTIVES
+from spikelm.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A preset, config file or override that cannot be used (the message says what is expected)."""
 
 

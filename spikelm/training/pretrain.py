@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from spikelm.data.corpora import load_corpus
 from spikelm.data.objectives import IGNORE_INDEX, Batcher, build_examples, document_separator, tokenize_corpus
+from spikelm.errors import UserError
 from spikelm.evaluation.perplexity import TOKEN_COUNTS_FILE, unigram_log_probs
 from spikelm.models.configuration_spikelm import SpikeLMConfig
 from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
@@ -61,7 +62,7 @@ SHAPE_FIELDS = (
 )
 
 
-class PretrainError(ValueError):
+class PretrainError(UserError):
     """A pretraining run that cannot start as asked (the message says why and what to do)."""
 
 
