@@ -57,19 +57,27 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from spikelm.training.presets import resolve_config
-    from spikelm.training.pretrain import run_pretraining
+    from pathlib import Path
 
-    config = resolve_config(
-        args.preset,
-        args.config,
-        args.sets,
+    from spikelm.training.presets import resolve_config, resolve_resumed_config
+    from spikelm.training.pretrain import find_resume_checkpoint, recorded_config, run_pretraining
+
+    flags = dict(
         objective=args.objective,
         corpus=args.corpus,
         text_file=args.text_file,
         tokenizer=args.tokenizer,
         max_steps=args.max_steps,
     )
+    recorded = None
+    if args.resume:  # the same run: its recorded settings, not the defaults (run_pretraining refuses changes)
+        output_dir = Path(args.output_dir)
+        checkpoint = find_resume_checkpoint(output_dir, args.resume)
+        recorded = recorded_config(output_dir, checkpoint)
+    if recorded is not None:
+        config = resolve_resumed_config(recorded, "pretrain_config.json", args.preset, args.config, args.sets, **flags)
+    else:
+        config = resolve_config(args.preset, args.config, args.sets, **flags)
     result = run_pretraining(
         config, args.output_dir, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress, log=print
     )

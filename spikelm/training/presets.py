@@ -209,6 +209,42 @@ def load_config_file(path: str | Path) -> dict:
     return data
 
 
+def config_from_dict(recorded: dict, origin: str) -> PretrainConfig:
+    """A :class:`PretrainConfig` from its recorded ``to_dict()`` (``pretrain_config.json``)."""
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{origin} must hold a mapping of field: value")
+    config = PretrainConfig(preset=recorded.get("preset", "tiny"))
+    config.model = {}
+    apply_overrides(config, recorded, origin)
+    return config
+
+
+def resolve_resumed_config(
+    recorded: dict, origin: str, preset: str | None = None, config_file=None, sets: list[str] = (), **fields
+) -> PretrainConfig:
+    """The recorded run's settings, with the flags given on resume applied (the caller refuses any that change
+    the run: :func:`spikelm.training.checkpoints.check_resume_settings`)."""
+    config = config_from_dict(recorded, origin)
+    file_data = load_config_file(config_file) if config_file else {}
+    if preset is not None:
+        file_data = {**file_data, "preset": preset}
+    apply_overrides(config, file_data, f"--config {config_file}")
+    apply_overrides(config, parse_sets(sets), "--set")
+    apply_overrides(config, {k: v for k, v in fields.items() if v is not None}, "arguments")
+    config.check()
+    return config
+
+
+def parse_sets(sets: list[str]) -> dict:
+    parsed = {}
+    for item in sets:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+        parsed[name.strip()] = parse_value(value)
+    return parsed
+
+
 def resolve_config(
     preset: str | None = None, config_file: str | Path | None = None, sets: list[str] = (), **fields
 ) -> PretrainConfig:
@@ -222,13 +258,7 @@ def resolve_config(
     config.model = dict(recipe.pop("model"))
     apply_overrides(config, recipe, f"preset {preset}")
     apply_overrides(config, {k: v for k, v in file_data.items() if k != "preset"}, f"--config {config_file}")
-    parsed = {}
-    for item in sets:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
-        parsed[name.strip()] = parse_value(value)
-    apply_overrides(config, parsed, "--set")
+    apply_overrides(config, parse_sets(sets), "--set")
     apply_overrides(config, {k: v for k, v in fields.items() if v is not None}, "arguments")
     config.check()
     return config
