@@ -8,6 +8,8 @@ import sys
 
 from spikelm.errors import UserError
 
+from .argtypes import Parser
+
 # modules under spikelm.commands, each adding one or more subcommands
 COMMANDS = (
     "benchmark",
@@ -30,7 +32,7 @@ def add_output_dir(parser: argparse.ArgumentParser, required: bool = True) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spikelm", description="Spike-driven language models (SpikeLM).")
+    parser = Parser(prog="spikelm", description="Spike-driven language models (SpikeLM).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMANDS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .argtypes import positive_int, text_file
 from .main import add_output_dir
 
 
@@ -31,10 +32,15 @@ def register(sub) -> None:
         help="a named corpus (pypi, public-domain; default pypi), a saved datasets dataset, a directory or "
         "a text file (a directory named like a corpus: ./NAME)",
     )
-    p.add_argument("--text-file", metavar="F", help="a plain-text file as the corpus (a blank line between documents)")
+    p.add_argument(
+        "--text-file",
+        type=text_file,
+        metavar="F",
+        help="a plain-text file as the corpus (a blank line between documents)",
+    )
     p.add_argument("--tokenizer", help="bert-base-uncased (default), gpt2 (default for clm), a directory or a hub name")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
-    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of config fields")
+    p.add_argument("--max-steps", type=positive_int, help="optimizer steps (default: the preset's)")
+    p.add_argument("--config", type=text_file, metavar="FILE", help="YAML/JSON file of config fields")
     p.add_argument(
         "--set",
         dest="sets",
