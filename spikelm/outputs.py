@@ -52,8 +52,10 @@ def prepare_output_dir(path: str | Path, command: str, overwrite: bool = False, 
         _forget(path, created)
         raise OutputDirError(f"--output-dir {path} is not writable")
     try:
+        if not created:  # refuse someone else's directory before leaving so much as a lock file in it
+            _check_contents(path, command, overwrite, identity)
         _lock(path, command, created)
-        _check_contents(path, command, overwrite, identity)
+        _check_contents(path, command, overwrite, identity)  # again, under the lock
     except BaseException:
         _release(path, failed=True)
         raise

@@ -6,7 +6,7 @@ import json
 
 from spikelm.errors import UserError
 
-from .argtypes import device, positive_int
+from .argtypes import device, integer, positive_int
 from .main import add_output_dir
 
 
@@ -40,7 +40,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--generation-lengths",
-        type=int,
+        type=integer(2),
         nargs="*",
         default=None,
         metavar="L",

@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     from spikelm.outputs import release_output_dirs
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # refused by the subcommand's parser, so that the line names the subcommand
+        _subparser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     failed = True
     try:
         status = int(args.func(args) or 0)
@@ -60,6 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         release_output_dirs(failed=failed)
+
+
+def _subparser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
+    for name in ("command", "data_command"):
+        actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not actions or getattr(args, name, None) not in actions[0].choices:
+            break
+        parser = actions[0].choices[getattr(args, name)]
+    return parser
 
 
 def _command_name(args) -> str:

@@ -7,13 +7,14 @@ Nothing here unpickles arbitrary code: ``.safetensors`` files are read with safe
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from spikelm.errors import MissingInputError, UserError
+from spikelm.errors import MissingInputError, UserError, refused_pickle
 from spikelm.models.configuration_spikelm import SpikeLMConfig
 
 # the authors' BertConfig fields that carry over unchanged
@@ -56,6 +57,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         )
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # Python objects besides tensors: refused, never unpickled
+        raise refused_pickle(path, err) from None
     except Exception as err:
         raise CheckpointError(
             f"could not read {path} with torch.load(weights_only=True) (only plain tensors are accepted): {err}"

@@ -241,7 +241,7 @@ def evaluate(
     for batch in batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            out = model(**batch)
+            out = model(**batch) if causal else model(**batch, masked_logits_only=True)
         labels = batch["labels"]
         if causal:  # position t predicts token t + 1
             logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
@@ -567,6 +567,7 @@ def run_pretraining(
     last_eval = None
     time_limit = config.max_minutes * 60 if config.max_minutes is not None else math.inf
     run_started = time.perf_counter()
+    fast_mlm = {} if config.objective == "clm" else {"masked_logits_only": True}  # the MLM head on masked rows
     while state.step < config.max_steps:
         if state.batch_in_epoch >= data.steps_in_epoch(state.epoch):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -579,7 +580,7 @@ def run_pretraining(
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             sync = nullcontext() if micro == len(batches) - 1 else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                loss = model(**batch).loss / len(batches)
+                loss = model(**batch, **fast_mlm).loss / len(batches)
             accelerator.backward(loss)
             step_loss += loss.detach()
             tokens += int(batch["attention_mask"].sum())
