@@ -13,12 +13,12 @@ class RefusedPickleError(UserError):
     """A file that ``torch.load(weights_only=True)`` refuses: it holds Python objects, not only tensors."""
 
 
-def refused_pickle(path, err: Exception) -> RefusedPickleError:
-    """The one-line refusal for a pickle that holds more than tensors (never suggests ``weights_only=False``)."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def refused_pickle(path, err: Exception | None = None) -> RefusedPickleError:
+    """The one-line refusal for a pickle that holds more than tensors. torch's own message is not repeated:
+    it suggests loading the file anyway, which spikelm never does."""
     return RefusedPickleError(
-        f"refused to load {path}: it holds Python objects besides tensors, which spikelm does not unpickle "
-        f"({first[:160]})"
+        f"refused to load {path}: it holds Python objects besides tensors (a pickle that could run code); "
+        "spikelm reads only plain tensors from .bin/.pt files: re-save the weights as safetensors"
     )
 
 

@@ -48,9 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     from spikelm.outputs import release_output_dirs
 
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # refused by the subcommand's parser, so that the line names the subcommand
-        _subparser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    try:  # argparse's refusals (one line, see argtypes.Parser) are a status, as the command's own errors
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # refused by the subcommand's parser, so that the line names the subcommand
+            _subparser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else 2
     failed = True
     try:
         status = int(args.func(args) or 0)
