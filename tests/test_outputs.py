@@ -127,3 +127,17 @@ def test_lock_is_released_when_main_returns(tmp_path):
     prepare_output_dir(out, "energy")  # not blocked: timeout 0 would refuse at once
     release_output_dirs()
     assert time.time() - t < 5
+
+
+def test_only_the_main_process_locks(tmp_path, monkeypatch):
+    """Under torchrun/accelerate the main process (RANK 0) holds the lock for the job; the others do not take it."""
+    out = tmp_path / "out"
+    holder = _start_holder(out)  # plays the main process
+    try:
+        monkeypatch.setenv("RANK", "1")
+        prepare_output_dir(out, "data prepare-brown")  # not refused: a worker does not lock
+        assert (out / PID_FILE).read_text().strip() == str(holder.pid)
+    finally:
+        release_output_dirs()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
