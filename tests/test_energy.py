@@ -292,9 +292,9 @@ def test_energy_command_non_spiking_model(model_dirs, tmp_path, capsys):
         ("", [], "is empty"),
         ("  \n\n ", [], "is empty"),
         ("a few words only", [], "fewer than one full window"),
-        (None, [], "does not exist"),
+        (None, [], "no such file"),
         ("plenty of text " * 50, ["--max-length", "64"], "longer than the model's positions"),
-        ("plenty of text " * 50, ["--max-length", "0"], "--max-length must be a positive integer"),
+        ("plenty of text " * 50, ["--max-length", "0"], "argument --max-length: must be at least 2"),
     ],
 )
 def test_energy_command_bad_input(model_dirs, tmp_path, capsys, text, extra, message):

@@ -357,3 +357,21 @@ def test_an_mlm_checkpoint_gets_a_new_pooler_and_head(tmp_path):
     assert any("SpikeLMForMaskedLM" in w and "does not fit task 'qnli'" in w for w in start.warnings)
     assert any("pooler is newly initialised" in w for w in start.warnings)
     assert start.model.config.id2label == {0: "entailment", 1: "not_entailment"}
+
+
+def test_a_classifier_saved_with_the_public_api_is_a_starting_point(tmp_path):
+    """SpikeLMForSequenceClassification(SpikeLMConfig(...)).save_pretrained(d): transformers 5 does not set
+    config.finetuning_task, which must not be an AttributeError (issue 14)."""
+    from spikelm import SpikeLMForSequenceClassification
+    from spikelm.data.tokenization import load_bert_tokenizer
+    from spikelm.evaluation.glue.models import describe_head, load_starting_point
+    from spikelm.evaluation.glue.tasks import get_task
+
+    tok = load_bert_tokenizer()
+    SpikeLMForSequenceClassification(tiny_config(vocab_size=len(tok), num_labels=2)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    start = load_starting_point(str(tmp_path), get_task("sst2"))
+    assert start.model.config.finetuning_task == "sst2" and start.model.config.num_labels == 2
+    from spikelm import SpikeLMConfig
+
+    assert "for task None" in describe_head(SpikeLMConfig(architectures=["SpikeLMForSequenceClassification"]))

@@ -292,3 +292,16 @@ def test_pair_task_layouts(tmp_path, name, header, rows_, labels):
     columns = header.split("\t")
     assert data.splits["dev"].labels == labels
     assert data.splits["dev"].texts == [tuple(r[columns.index(c)] for c in task.text_columns) for r in rows_]
+
+
+def test_custom_task_bad_encoding_and_eval_only_without_labels_are_user_errors(tmp_path):
+    """An undecodable file is named; --eval-only of a model with no labels is a refusal, not KeyError('train')."""
+    from spikelm.errors import UserError
+    from spikelm.evaluation.glue.tasks import load_custom
+
+    (tmp_path / "train.tsv").write_bytes("text\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
+    (tmp_path / "dev.tsv").write_text("text\tlabel\nok\t1\nno\t0\n")
+    with pytest.raises(UserError, match=r"train.tsv is not UTF-8"):
+        load_custom(tmp_path, ("text",), "label", regression=False)
+    with pytest.raises(UserError, match="records no class labels"):
+        load_custom(tmp_path, ("text",), "label", regression=False, need_train=False)

@@ -265,10 +265,14 @@ def test_pretraining_loss_mlm_and_nsp():
     torch.testing.assert_close(out.loss, mlm + nsp_loss)
     only_mlm = model(**batch, labels=labels)
     torch.testing.assert_close(only_mlm.loss, mlm)
-    # with labels the head ran only at the masked positions: those rows of the full logits
+    # by default the logits keep transformers' shape (B, L, V), labels or not
+    assert out.prediction_logits.shape == (3, 12, 97) and out.seq_relationship_logits.shape == (3, 2)
+    # masked_logits_only=True (pretraining's fast path): the head ran only at the masked positions
+    fast = model(**batch, labels=labels, next_sentence_label=nsp, masked_logits_only=True)
     masked = labels != -100
-    assert out.prediction_logits.shape == (int(masked.sum()), 97) and out.seq_relationship_logits.shape == (3, 2)
-    torch.testing.assert_close(out.prediction_logits, full.prediction_logits[masked])
+    assert fast.prediction_logits.shape == (int(masked.sum()), 97)
+    torch.testing.assert_close(fast.prediction_logits, full.prediction_logits[masked])
+    torch.testing.assert_close(fast.loss, out.loss)
 
 
 def test_masked_positions_loss_and_gradients_equal_the_full_computation():
@@ -281,7 +285,7 @@ def test_masked_positions_loss_and_gradients_equal_the_full_computation():
     labels = torch.full_like(batch["input_ids"], -100)
     labels[0, 3], labels[1, 5], labels[2, 1] = 7, 11, 13
     model(**batch)  # initialise alpha
-    out = model(**batch, labels=labels)
+    out = model(**batch, labels=labels, masked_logits_only=True)
     out.loss.backward()
     fast = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
@@ -299,7 +303,8 @@ def test_masked_lm_and_classification_heads():
     mlm = SpikeLMForMaskedLM(config).eval()
     batch = random_batch(config)
     out = mlm(**batch, labels=batch["input_ids"])
-    assert out.logits.shape == (36, 97) and out.loss.ndim == 0  # every position labelled
+    assert out.logits.shape == (3, 12, 97) and out.loss.ndim == 0  # transformers' shape with labels too
+    assert mlm(**batch, labels=batch["input_ids"], masked_logits_only=True).logits.shape == (36, 97)
     assert mlm(**batch).logits.shape == (3, 12, 97)
     reg = SpikeLMForSequenceClassification(tiny_config(num_labels=1)).eval()
     out = reg(**batch, labels=torch.tensor([0.5, 1.0, -2.0]))
@@ -420,3 +425,24 @@ def test_bad_model_inputs():
         model(input_ids=torch.randint(0, 97, (2, 5)), attention_mask=torch.ones(2, 6))
     with pytest.raises(ValueError, match="exactly one"):
         model()
+
+
+def test_fill_mask_pipeline_and_trainer_shapes_on_a_saved_masked_lm(tmp_path):
+    """transformers' contracts: pipeline("fill-mask") on a saved SpikeLMForMaskedLM with its tokenizer."""
+    from transformers import pipeline
+
+    from spikelm.data.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer("bert-base-uncased")
+    config = tiny_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    model = SpikeLMForMaskedLM(config).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    fill = pipeline("fill-mask", model=str(tmp_path), tokenizer=str(tmp_path), top_k=3)
+    result = fill("the quick brown [MASK] jumps.")
+    assert len(result) == 3 and all("token_str" in r and "score" in r for r in result)
+    enc = tokenizer(["a [MASK] b"], return_tensors="pt")
+    labels = torch.full_like(enc["input_ids"], -100)
+    labels[0, 2] = 1996
+    out = SpikeLMForMaskedLM.from_pretrained(tmp_path)(**enc, labels=labels)
+    assert out.logits.shape == (*enc["input_ids"].shape, len(tokenizer))  # compute_metrics sees (B, L, V)

@@ -344,3 +344,33 @@ def test_reference_function_is_usable_alone():
     s2, counts = MultiStepSpike.apply(x, alpha, "ternary", "official", True, True, True)
     torch.testing.assert_close(s, s2)
     assert counts.sum().item() == int((s != 0).sum())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", [("ternary", "official"), ("binary", "symmetric"), ("ternary", "symmetric")])
+def test_reference_and_fused_agree_bit_for_bit_in_half_precision(dtype, options):
+    """The reference path upcasts to float32 like the fused paths: identical spikes and gradients."""
+    torch.manual_seed(3)
+    x = (torch.randn(4, 64, 48) * 2).to(dtype)
+    ref = ElasticBiSpikingNeuron(4, spike_levels=options[0], reset=options[1], backend="reference")
+    fused = copy.deepcopy(ref)
+    fused.backend = "fused"
+    xr, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
+    sr, sf = ref(xr), fused(xf)
+    assert sr.dtype == sf.dtype == dtype
+    assert torch.equal(sr, sf)
+    g = torch.randn_like(sr)
+    sr.backward(g)
+    sf.backward(g)
+    assert torch.equal(xr.grad, xf.grad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_straight_through_window_is_closed_at_alpha(backend):
+    """The gradient passes for |u| <= alpha exactly and not beyond (a `<` for `<=` must fail this)."""
+    alpha = 0.5
+    neuron = ElasticBiSpikingNeuron(1, alpha_init=alpha, backend=backend)
+    nxt = torch.nextafter(torch.tensor(alpha), torch.tensor(1.0)).item()
+    u = torch.tensor([[alpha, -alpha, nxt, -nxt, 0.0, 0.2]], requires_grad=True)
+    neuron(u).backward(torch.ones(1, 6))
+    assert u.grad.tolist() == [[1.0, 1.0, 0.0, 0.0, 1.0, 1.0]]

@@ -386,7 +386,7 @@ def test_output_dir_of_another_run_and_checkpoint_of_another_shape(tmp_path, cap
         )
         == 2
     )
-    assert "another shape: hidden_size 32 (this run: 64)" in capsys.readouterr().err
+    assert "model.hidden_size 64 differs from the recorded run's 32" in capsys.readouterr().err
     assert not (tmp_path / "second").exists()
     # a directory holding other files
     (tmp_path / "mine").mkdir()

@@ -1,7 +1,9 @@
 """Tokenizers: the exact bert-base-uncased vocabulary, GPT-2 BPE from a verified package file, user
 tokenizer directories and WordPiece training. Nothing here downloads."""
 
+import hashlib
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +80,21 @@ def test_train_wordpiece_on_a_corpus(tmp_path):
     assert tok.decode(ids) == "thy beauty" and tok.unk_token_id not in ids
     tok.save_pretrained(tmp_path / "wp")
     assert load_tokenizer(str(tmp_path / "wp"))("thy beauty").input_ids == tok("thy beauty").input_ids
+
+
+def test_pypi_fetch_has_pip_check_the_pinned_hash_itself(tmp_path, monkeypatch):
+    """pip's hash-checking mode (--require-hashes, the pin in a requirements file) verifies the archive before
+    pip unpacks it or prepares an sdist's metadata."""
+    monkeypatch.setenv("SPIKELM_CACHE", str(tmp_path))
+    seen = {}
+
+    def fake_pip(cmd, cwd, what):
+        seen["cmd"] = cmd
+        seen["requirements"] = Path(cmd[cmd.index("-r") + 1]).read_text()
+        (cwd / "pkg-1.0.tar.gz").write_bytes(b"x")
+
+    monkeypatch.setattr(fetch, "_run", fake_pip)
+    digest = hashlib.sha256(b"x").hexdigest()
+    fetch.fetch_pypi("pkg==1.0", "pkg-1.0.tar.gz", digest)
+    assert "--require-hashes" in seen["cmd"] and "--no-deps" in seen["cmd"]
+    assert seen["requirements"].strip() == f"pkg==1.0 --hash=sha256:{digest}"

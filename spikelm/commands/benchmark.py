@@ -6,6 +6,7 @@ import json
 
 from spikelm.errors import UserError
 
+from .argtypes import device, integer, positive_int
 from .main import add_output_dir
 
 
@@ -25,17 +26,21 @@ def register(sub) -> None:
         action="store_true",
         help="only the headline case (hidden 256, 4 layers, batch 8x128, T=4; on CUDA also BERT-base)",
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
+    p.add_argument(
+        "--device", type=device, choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available"
+    )
     p.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16"),
         default="auto",
         help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)",
     )
-    p.add_argument("--repeats", type=int, default=None, help="timed repetitions per path (default 7 quick, 5 full)")
+    p.add_argument(
+        "--repeats", type=positive_int, default=None, help="timed repetitions per path (default 7 quick, 5 full)"
+    )
     p.add_argument(
         "--generation-lengths",
-        type=int,
+        type=integer(2),
         nargs="*",
         default=None,
         metavar="L",

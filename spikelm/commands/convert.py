@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .argtypes import existing_file, text_file
 from .main import add_output_dir
 
 
@@ -14,8 +15,12 @@ def register(sub) -> None:
             "or .safetensors) and write a SpikeLMForPreTraining directory (config.json + model.safetensors)."
         ),
     )
-    p.add_argument("checkpoint", help="the authors' checkpoint file")
-    p.add_argument("--config", help="their BertConfig-style JSON with 'T' (default: the safetensors metadata 'config')")
+    p.add_argument("checkpoint", type=existing_file, help="the authors' checkpoint file")
+    p.add_argument(
+        "--config",
+        type=text_file,
+        help="their BertConfig-style JSON with 'T' (default: the safetensors metadata 'config')",
+    )
     add_output_dir(p)
     p.set_defaults(func=run)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from .argtypes import integer, text_file
 from .main import add_output_dir
 
 
@@ -28,7 +29,7 @@ def register_data(sub) -> None:
         help=f"a named corpus ({', '.join(CORPORA)}; default {DEFAULT_CORPUS}), a directory of text files, "
         "a text file, or a saved datasets dataset",
     )
-    p.add_argument("--text-file", help="a plain-text file instead (a blank line separates documents)")
+    p.add_argument("--text-file", type=text_file, help="a plain-text file instead (a blank line separates documents)")
     add_output_dir(p, required=False)
     p.set_defaults(func=run_prepare)
 
@@ -39,8 +40,8 @@ def register_data(sub) -> None:
         "as a tokenizer directory for `spikelm pretrain --tokenizer DIR`.",
     )
     t.add_argument("name", nargs="?", default=None, help="corpus, as for prepare-corpus")
-    t.add_argument("--text-file", help="a plain-text file instead")
-    t.add_argument("--vocab-size", type=int, default=8000)
+    t.add_argument("--text-file", type=text_file, help="a plain-text file instead")
+    t.add_argument("--vocab-size", type=integer(10, 1_000_000), default=8000)
     add_output_dir(t)
     t.set_defaults(func=run_train_tokenizer)
 

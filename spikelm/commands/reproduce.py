@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from spikelm.errors import UserError
 
+from .argtypes import existing_dir, integer, positive_int, positive_number
 from .main import add_output_dir
 
 
@@ -30,12 +31,14 @@ def register(sub) -> None:
             + ". Several GPUs: `accelerate launch -m spikelm reproduce ...`."
         ),
     )
-    p.add_argument("--suite", help="the offline suite (`spikelm data prepare-glue-offline --output-dir DIR`)")
+    p.add_argument(
+        "--suite", type=existing_dir, help="the offline suite (`spikelm data prepare-glue-offline --output-dir DIR`)"
+    )
     p.add_argument("--corpus", default=d.corpus, help=f"pretraining corpus, a name or a path (default {d.corpus})")
     p.add_argument("--preset", default=d.preset, help=f"pretraining preset: shape and recipe (default {d.preset})")
     p.add_argument(
         "--pretrain-steps",
-        type=int,
+        type=positive_int,
         default=d.pretrain_steps,
         help=f"optimizer steps of pretraining, every model (default {d.pretrain_steps})",
     )
@@ -52,28 +55,32 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--train-samples",
-        type=int,
+        type=positive_int,
         default=d.train_samples,
         help=f"training examples per task, a fixed random subset (default {d.train_samples})",
     )
     p.add_argument(
         "--dev-samples",
-        type=int,
+        type=positive_int,
         default=d.dev_samples,
         help=f"examples per dev split, a fixed random subset (default {d.dev_samples})",
     )
-    p.add_argument("--epochs", type=int, default=d.epochs, help=f"fine-tuning epochs (default {d.epochs})")
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"fine-tuning epochs (default {d.epochs})")
     p.add_argument(
         "--learning-rate",
-        type=float,
+        type=positive_number,
         default=d.learning_rate,
         help=f"fine-tuning AdamW learning rate, constant (default {d.learning_rate})",
     )
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"fine-tuning batch (default {d.batch_size})")
-    p.add_argument("--max-length", type=int, default=d.max_length, help=f"tokens per example (default {d.max_length})")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=d.batch_size, help=f"fine-tuning batch (default {d.batch_size})"
+    )
+    p.add_argument(
+        "--max-length", type=integer(2), default=d.max_length, help=f"tokens per example (default {d.max_length})"
+    )
     p.add_argument(
         "--energy-sequences",
-        type=int,
+        type=positive_int,
         default=d.energy_sequences,
         help=f"windows of --max-length tokens of the corpus for the energy count (default {d.energy_sequences})",
     )
@@ -81,7 +88,9 @@ def register(sub) -> None:
     p.add_argument("--seeds", default="0,1", help="seeds of the main rows (default 0,1)")
     p.add_argument("--ablation-seeds", default="0", help="seeds of the ablation rows (default 0)")
     p.add_argument(
-        "--max-minutes", type=float, help="start no new row after this many minutes (a rerun continues with the rest)"
+        "--max-minutes",
+        type=positive_number,
+        help="start no new row after this many minutes (a rerun continues with the rest)",
     )
     p.add_argument(
         "--doc",

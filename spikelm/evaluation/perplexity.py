@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from spikelm.errors import MissingInputError, UserError
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # written by `spikelm pretrain` beside the model: how often each token occurs in the training data
 TOKEN_COUNTS_FILE = "token_counts.safetensors"
@@ -23,7 +25,7 @@ def load_causal_lm(model_dir: str | Path):
 
     path = Path(model_dir)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"--model {path}: no config.json there; expected a directory written by save_pretrained "
             "(e.g. by `spikelm pretrain --objective clm`)"
         )
@@ -31,7 +33,7 @@ def load_causal_lm(model_dir: str | Path):
     architectures = config.architectures or []
     if not isinstance(config, SpikeLMConfig) or SpikeLMForCausalLM.__name__ not in architectures:
         what = ", ".join(architectures) or f"model_type {config.model_type!r}"
-        raise ValueError(
+        raise UserError(
             f"--model {path} holds a {what} checkpoint, not a causal SpikeLM (SpikeLMForCausalLM); generation and "
             "perplexity need a decoder trained with `spikelm pretrain --objective clm`"
         )
@@ -44,13 +46,13 @@ def load_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None):
 
     source = tokenizer if tokenizer is not None else model_dir
     if tokenizer is None and not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"no tokenizer files ({' or '.join(TOKENIZER_FILES)}) in --model {model_dir}; pass --tokenizer DIR"
         )
     try:
         return AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as err:
-        raise ValueError(f"could not load a tokenizer from {source}: {err}") from err
+        raise UserError(f"could not load a tokenizer from {source}: {err}") from err
 
 
 def read_text(path: str | Path) -> str:
@@ -59,17 +61,17 @@ def read_text(path: str | Path) -> str:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
-            raise ValueError(f"--text-file {path} is a directory with no files in it")
+            raise UserError(f"--text-file {path} is a directory with no files in it")
     elif path.is_file():
         files = [path]
     else:
-        raise FileNotFoundError(f"--text-file {path} does not exist (give a UTF-8 text file or a directory of them)")
+        raise MissingInputError(f"--text-file {path} does not exist (give a UTF-8 text file or a directory of them)")
     texts = []
     for file in files:
         try:
             texts.append(file.read_text(encoding="utf-8"))
         except UnicodeDecodeError as err:
-            raise ValueError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+            raise UserError(f"{file} is not UTF-8 text ({err.reason} at byte {err.start})") from err
     return "\n\n".join(texts)
 
 
@@ -85,9 +87,9 @@ def sliding_windows(num_tokens: int, window: int, stride: int) -> list[tuple[int
     partial chunk is scored in a full window ending at the last token.
     """
     if window < 2:
-        raise ValueError(f"the window must hold at least 2 tokens, got {window}")
+        raise UserError(f"the window must hold at least 2 tokens, got {window}")
     if not 1 <= stride <= window:
-        raise ValueError(f"--stride must be between 1 and the window length ({window}); got {stride}")
+        raise UserError(f"--stride must be between 1 and the window length ({window}); got {stride}")
     if stride == window and num_tokens > window:
         full = num_tokens // window
         spans = [(k * window, k * window + 1, (k + 1) * window) for k in range(full)]
@@ -116,9 +118,9 @@ def sliding_window_perplexity(
     from tqdm.auto import tqdm
 
     if token_ids.dim() != 1 or token_ids.numel() < 2:
-        raise ValueError(f"need a 1-D sequence of at least 2 tokens to score, got shape {tuple(token_ids.shape)}")
+        raise UserError(f"need a 1-D sequence of at least 2 tokens to score, got shape {tuple(token_ids.shape)}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     spans = sliding_windows(token_ids.numel(), window, stride)
     device = next(model.parameters()).device
     nll_sum, scored = 0.0, 0
@@ -164,7 +166,7 @@ def load_unigram_log_probs(model_dir: str | Path, vocab_size: int) -> torch.Tens
         return None
     counts = load_file(str(path))["counts"]
     if counts.numel() != vocab_size:
-        raise ValueError(
+        raise UserError(
             f"{path} counts {counts.numel()} tokens, but the model has {vocab_size}; it belongs to "
             "another run: delete it"
         )

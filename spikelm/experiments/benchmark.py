@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from spikelm.errors import UserError
 from spikelm.models.configuration_spikelm import SpikeLMConfig
 from spikelm.models.modeling_spikelm import SpikeLMModel
 
@@ -330,7 +331,7 @@ def _generation_speed(model, length: int, new_tokens: int, use_cache: bool, repe
 def measure_generation(lengths: list[int], device: str, repeats: int = 3, new_tokens: int = 16) -> dict:
     """Decode tokens/s with and without the cache at each total length, spiking vs real-valued decoder."""
     if min(lengths) <= new_tokens:
-        raise ValueError(f"generation lengths must exceed the {new_tokens} generated tokens, got {lengths}")
+        raise UserError(f"generation lengths must exceed the {new_tokens} generated tokens, got {lengths}")
     report = {
         "shape": GENERATION_SHAPE,
         "new_tokens": new_tokens,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spikelm.errors import UserError
 from spikelm.outputs import write_json_atomic, write_text_atomic
 
 REPORT_DIR = "report"
@@ -451,7 +452,7 @@ def doc_markers(block: str | None = None) -> tuple[str, str]:
     if block is None:
         return DOC_BEGIN, DOC_END
     if not re.fullmatch(r"[A-Za-z0-9_-]+", block):
-        raise ValueError(f"--doc-block expects letters, digits, '-' or '_', got {block!r}")
+        raise UserError(f"--doc-block expects letters, digits, '-' or '_', got {block!r}")
     return f"<!-- reproduce-{block}:begin -->", f"<!-- reproduce-{block}:end -->"
 
 
@@ -459,10 +460,10 @@ def check_doc(doc: str | Path, block: str | None = None) -> str:
     """The text of ``doc``, which must hold the generated block's markers (checked before any run starts)."""
     begin, end = doc_markers(block)
     if not Path(doc).is_file():
-        raise ValueError(f"--doc {doc}: no such file (create it with a '{begin}' ... '{end}' block)")
+        raise UserError(f"--doc {doc}: no such file (create it with a '{begin}' ... '{end}' block)")
     content = Path(doc).read_text()
     if begin not in content or end not in content:
-        raise ValueError(f"--doc {doc} has no '{begin}' ... '{end}' block to fill in")
+        raise UserError(f"--doc {doc} has no '{begin}' ... '{end}' block to fill in")
     return content
 
 

@@ -260,18 +260,23 @@ class SpikeLMOnlyMLMHead(nn.Module):
         return self.predictions(sequence_output)
 
 
-def masked_lm_logits_and_loss(head: SpikeLMLMPredictionHead, sequence_output, labels):
-    """MLM logits and loss. Without labels: logits at every position, (B, L, V), and no loss.
+def masked_lm_logits_and_loss(head: SpikeLMLMPredictionHead, sequence_output, labels, masked_logits_only=False):
+    """MLM logits and loss. By default, as transformers' ``BertForMaskedLM``: logits at every position,
+    (B, L, V), so that ``Trainer``, ``pipeline("fill-mask")`` and ``compute_metrics`` work, and with labels the
+    cross-entropy over the positions whose label is not -100.
 
-    With labels, the head runs only where ``labels != -100`` (15 % of tokens): the logits returned
-    are those rows, (number of masked tokens, V), in row-major order of the masked positions, and
-    the loss is exactly the full cross-entropy (ignored positions contribute nothing to it).
+    ``masked_logits_only=True`` (the fast path pretraining opts into): with labels, the head runs only where
+    ``labels != -100`` (15 % of tokens) and the logits returned are those rows, (number of masked tokens, V),
+    in row-major order of the masked positions; the loss is the same cross-entropy.
     """
     if labels is None:
         return head(sequence_output), None
-    masked = labels != -100
-    logits = head(sequence_output[masked])
-    return logits, F.cross_entropy(logits, labels[masked])
+    if masked_logits_only:
+        masked = labels != -100
+        logits = head(sequence_output[masked])
+        return logits, F.cross_entropy(logits, labels[masked])
+    logits = head(sequence_output)
+    return logits, F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
 class SpikeLMPreTrainingHeads(nn.Module):
@@ -476,8 +481,11 @@ class SpikeLMForPreTraining(SpikeLMPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        masked_logits_only=False,
         **kwargs,
     ):
+        """``masked_logits_only``: with ``labels``, prediction logits only at the masked positions (see
+        :func:`masked_lm_logits_and_loss`); default: (B, L, V) as transformers."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.bert(
             input_ids,
@@ -490,7 +498,9 @@ class SpikeLMForPreTraining(SpikeLMPreTrainedModel):
             return_dict=True,
         )
         seq_logits = self.cls.seq_relationship(outputs.pooler_output)
-        prediction_logits, loss = masked_lm_logits_and_loss(self.cls.predictions, outputs.last_hidden_state, labels)
+        prediction_logits, loss = masked_lm_logits_and_loss(
+            self.cls.predictions, outputs.last_hidden_state, labels, masked_logits_only
+        )
         if labels is not None and next_sentence_label is not None:
             loss = loss + F.cross_entropy(seq_logits.reshape(-1, 2), next_sentence_label.reshape(-1))
         out = SpikeLMForPreTrainingOutput(
@@ -529,8 +539,10 @@ class SpikeLMForMaskedLM(SpikeLMPreTrainedModel):
         output_attentions=None,
         output_hidden_states=None,
         return_dict=None,
+        masked_logits_only=False,
         **kwargs,
     ):
+        """``masked_logits_only``: as :class:`SpikeLMForPreTraining`."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.bert(
             input_ids,
@@ -542,7 +554,9 @@ class SpikeLMForMaskedLM(SpikeLMPreTrainedModel):
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        logits, loss = masked_lm_logits_and_loss(self.cls.predictions, outputs.last_hidden_state, labels)
+        logits, loss = masked_lm_logits_and_loss(
+            self.cls.predictions, outputs.last_hidden_state, labels, masked_logits_only
+        )
         out = MaskedLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )

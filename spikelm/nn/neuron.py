@@ -150,14 +150,21 @@ def reference_multistep_spike(
 
     ``alpha`` must already be floored (see :data:`ALPHA_FLOOR`). With ``membrane=False`` every
     step is spiked on its own (the K/V re-spiking of SPEC section 3).
+
+    Numerics: as the fused paths, the membrane arithmetic runs in float32 (float64 stays float64): a
+    bfloat16/float16 input is upcast, and the spikes are returned in the input's dtype. So every path gives
+    the same spikes bit for bit for half-precision inputs too.
     """
+    dtype = x.dtype
+    compute = _compute_dtype(dtype)
+    x, alpha = x.to(compute), alpha.to(compute)
     spikes = []
     u = carry = None
     for t in range(x.shape[0]):
         u = membrane_update(u if membrane else None, carry, x[t])
         s, carry = reference_step(u, alpha[t], spike_levels, reset, use_amplitude)
         spikes.append(s)
-    return torch.stack(spikes)
+    return torch.stack(spikes).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spikelm.data.objectives import OBJECTIVES
+from spikelm.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A preset, config file or override that cannot be used (the message says what is expected)."""
 
 
@@ -86,12 +87,27 @@ class PretrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0):
-            raise ConfigError(f"max_minutes must be a positive number of minutes, got {self.max_minutes!r}")
-        if not 0 < self.mlm_probability < 1:
-            raise ConfigError(f"mlm_probability must be in (0, 1), got {self.mlm_probability!r}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate!r}")
+        if self.max_minutes is not None:
+            _number("max_minutes", self.max_minutes, low=0.0, low_open=True)
+        _number("mlm_probability", self.mlm_probability, low=0.0, high=1.0, low_open=True, high_open=True)
+        _number("short_seq_prob", self.short_seq_prob, low=0.0, high=1.0)
+        _number("learning_rate", self.learning_rate, low=0.0, low_open=True)
+        _number("weight_decay", self.weight_decay, low=0.0)
+        _number("adam_beta1", self.adam_beta1, low=0.0, high=1.0, high_open=True)
+        _number("adam_beta2", self.adam_beta2, low=0.0, high=1.0, high_open=True)
+        _number("adam_epsilon", self.adam_epsilon, low=0.0, low_open=True)
+        _number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
+        _number("max_grad_norm", self.max_grad_norm, low=0.0)
+        if self.warmup_steps is not None and (
+            isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
+        ):
+            raise ConfigError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        for name in ("corpus", "text_file", "tokenizer"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string, got {value!r}")
         if self.mixed_precision not in ("auto", "no", "bf16"):
             raise ConfigError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.schedule_steps is not None and self.schedule_steps < self.max_steps:
@@ -103,9 +119,35 @@ class PretrainConfig:
             )
         if self.model.get("max_position_embeddings", 512) < self.max_length:
             raise ConfigError(f"max_length {self.max_length} exceeds the model's max_position_embeddings")
+        from spikelm.models.configuration_spikelm import SpikeLMConfig
+
+        try:  # the model fields: SpikeLMConfig's own checks (shapes, spiking knobs), before any work
+            SpikeLMConfig(**self.model)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"model field: {' '.join(str(err).split())}") from None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _number(name: str, value, low=None, high=None, low_open=False, high_open=False) -> None:
+    """A finite number (NaN and infinities refused: JSON cannot even record them) within the range."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+        hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+        where = (
+            f" in {lo}, {hi}"
+            if low is not None and high is not None
+            else (f" > {low:g}" if low_open else (f" >= {low:g}" if low is not None else ""))
+        )
+        raise ConfigError(f"{name} must be a finite number{where}, got {value!r}")
 
 
 # shapes: (layers, hidden, heads); FFN = 4 x hidden as BERT
@@ -208,6 +250,42 @@ def load_config_file(path: str | Path) -> dict:
     return data
 
 
+def config_from_dict(recorded: dict, origin: str) -> PretrainConfig:
+    """A :class:`PretrainConfig` from its recorded ``to_dict()`` (``pretrain_config.json``)."""
+    if not isinstance(recorded, dict):
+        raise ConfigError(f"{origin} must hold a mapping of field: value")
+    config = PretrainConfig(preset=recorded.get("preset", "tiny"))
+    config.model = {}
+    apply_overrides(config, recorded, origin)
+    return config
+
+
+def resolve_resumed_config(
+    recorded: dict, origin: str, preset: str | None = None, config_file=None, sets: list[str] = (), **fields
+) -> PretrainConfig:
+    """The recorded run's settings, with the flags given on resume applied (the caller refuses any that change
+    the run: :func:`spikelm.training.checkpoints.check_resume_settings`)."""
+    config = config_from_dict(recorded, origin)
+    file_data = load_config_file(config_file) if config_file else {}
+    if preset is not None:
+        file_data = {**file_data, "preset": preset}
+    apply_overrides(config, file_data, f"--config {config_file}")
+    apply_overrides(config, parse_sets(sets), "--set")
+    apply_overrides(config, {k: v for k, v in fields.items() if v is not None}, "arguments")
+    config.check()
+    return config
+
+
+def parse_sets(sets: list[str]) -> dict:
+    parsed = {}
+    for item in sets:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+        parsed[name.strip()] = parse_value(value)
+    return parsed
+
+
 def resolve_config(
     preset: str | None = None, config_file: str | Path | None = None, sets: list[str] = (), **fields
 ) -> PretrainConfig:
@@ -221,13 +299,7 @@ def resolve_config(
     config.model = dict(recipe.pop("model"))
     apply_overrides(config, recipe, f"preset {preset}")
     apply_overrides(config, {k: v for k, v in file_data.items() if k != "preset"}, f"--config {config_file}")
-    parsed = {}
-    for item in sets:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
-        parsed[name.strip()] = parse_value(value)
-    apply_overrides(config, parsed, "--set")
+    apply_overrides(config, parse_sets(sets), "--set")
     apply_overrides(config, {k: v for k, v in fields.items() if v is not None}, "arguments")
     config.check()
     return config

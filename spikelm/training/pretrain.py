@@ -37,10 +37,19 @@ import torch.nn.functional as F
 
 from spikelm.data.corpora import load_corpus
 from spikelm.data.objectives import IGNORE_INDEX, Batcher, build_examples, document_separator, tokenize_corpus
+from spikelm.errors import UserError
 from spikelm.evaluation.perplexity import TOKEN_COUNTS_FILE, unigram_log_probs
 from spikelm.models.configuration_spikelm import SpikeLMConfig
 from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
 
+from .checkpoints import (
+    check_resume_settings,
+    first_complete_checkpoint,
+    load_tensors,
+    read_jsonl,
+    resumable_checkpoints,
+    verify_checkpoint,
+)
 from .presets import PretrainConfig
 
 logger = logging.getLogger(__name__)
@@ -61,7 +70,7 @@ SHAPE_FIELDS = (
 )
 
 
-class PretrainError(ValueError):
+class PretrainError(UserError):
     """A pretraining run that cannot start as asked (the message says why and what to do)."""
 
 
@@ -232,7 +241,7 @@ def evaluate(
     for batch in batches:
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
-            out = model(**batch)
+            out = model(**batch) if causal else model(**batch, masked_logits_only=True)
         labels = batch["labels"]
         if causal:  # position t predicts token t + 1
             logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1])
@@ -350,13 +359,13 @@ def load_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> Tra
     from safetensors.torch import load_model
 
     load_model(model, str(path / "model.safetensors"), device=str(accelerator.device))
-    saved = torch.load(path / "optimizer.pt", weights_only=True, map_location=accelerator.device)
+    saved = load_tensors(path / "optimizer.pt", map_location=accelerator.device)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     trainer = json.loads((path / "trainer_state.json").read_text())
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     if rng_file.is_file() and trainer.pop("world_size") == accelerator.num_processes:
-        rng = torch.load(rng_file, weights_only=True)
+        rng = load_tensors(rng_file)
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and accelerator.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], accelerator.device)
@@ -423,11 +432,54 @@ def _peak_rss_mb() -> float:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Keep the log lines up to ``step`` (a resumed run rewrites what followed its checkpoint)."""
+    """Keep the log lines up to ``step`` (a resumed run rewrites what followed its checkpoint); a torn last
+    line (a kill mid-write) is dropped."""
     if not path.is_file():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    write_text_atomic(path, "".join(ln + "\n" for ln in lines))
+    records = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def find_resume_checkpoint(output_dir: Path, resume: bool | str) -> Path:
+    """The checkpoint ``resume`` names (True: the newest complete one in ``output_dir``, falling back past a
+    damaged latest one with a warning)."""
+    if resume is True:
+        root = checkpoint_root(output_dir)
+        pointer = root / "latest"
+        latest = root / pointer.read_text().strip() if pointer.is_file() else None
+        path = first_complete_checkpoint(resumable_checkpoints(root, latest))
+        if path is None:
+            raise PretrainError(f"--resume: no checkpoint found in {root}")
+        return path
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise PretrainError(f"--resume {path}: not a checkpoint directory (no trainer_state.json)")
+    try:
+        verify_checkpoint(path)
+    except Exception as err:
+        if isinstance(err, UserError):
+            raise
+        raise PretrainError(f"--resume {path}: the checkpoint is damaged ({err})") from None
+    return path
+
+
+def recorded_config(output_dir: Path, checkpoint: Path | None = None) -> dict | None:
+    """The settings the run was started with: the checkpoint's ``pretrain_config.json``, else the run's."""
+    for path in ([checkpoint / "pretrain_config.json"] if checkpoint else []) + [output_dir / "pretrain_config.json"]:
+        if path.is_file():
+            try:
+                return json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as err:
+                raise PretrainError(f"{path} is not readable JSON ({err}); the run's settings are lost") from None
+    return None
+
+
+def check_resumed_config(config: PretrainConfig, output_dir: Path, checkpoint: Path) -> None:
+    """Refuse a resume whose settings differ from the recorded run's (outside the fields a resume may change)."""
+    recorded = recorded_config(output_dir, checkpoint)
+    if recorded is not None:
+        source = f"{checkpoint / 'pretrain_config.json'}"
+        check_resume_settings(recorded, config.to_dict(), source, defaults=PretrainConfig().to_dict())
 
 
 def run_pretraining(
@@ -460,9 +512,8 @@ def run_pretraining(
     output_dir = Path(output_dir)
     resume_path = None
     if resume:
-        resume_path = latest_checkpoint(output_dir) if resume is True else Path(resume)
-        if resume_path is None or not (resume_path / "trainer_state.json").is_file():
-            raise PretrainError(f"--resume: no checkpoint found ({resume_path or checkpoint_root(output_dir)})")
+        resume_path = find_resume_checkpoint(output_dir, resume)
+        check_resumed_config(config, output_dir, resume_path)
 
     tokenizer = load_tokenizer(config.tokenizer or ("gpt2" if config.objective == "clm" else "bert-base-uncased"))
     with accelerator.main_process_first():  # a named corpus is built once, into the cache
@@ -538,6 +589,7 @@ def run_pretraining(
     last_eval = None
     time_limit = config.max_minutes * 60 if config.max_minutes is not None else math.inf
     run_started = time.perf_counter()
+    fast_mlm = {} if config.objective == "clm" else {"masked_logits_only": True}  # the MLM head on masked rows
     while state.step < config.max_steps:
         if state.batch_in_epoch >= data.steps_in_epoch(state.epoch):
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
@@ -550,7 +602,7 @@ def run_pretraining(
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             sync = nullcontext() if micro == len(batches) - 1 else accelerator.no_sync(model)
             with sync, accelerator.autocast():
-                loss = model(**batch).loss / len(batches)
+                loss = model(**batch, **fast_mlm).loss / len(batches)
             accelerator.backward(loss)
             step_loss += loss.detach()
             tokens += int(batch["attention_mask"].sum())

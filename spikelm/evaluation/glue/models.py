@@ -128,7 +128,7 @@ def _set_task(config: SpikeLMConfig, task: GlueTask) -> None:
 
 def _head_fits(config: SpikeLMConfig, task: GlueTask) -> bool:
     archs = config.architectures or []
-    if "SpikeLMForSequenceClassification" not in archs or config.finetuning_task != task.name:
+    if "SpikeLMForSequenceClassification" not in archs or getattr(config, "finetuning_task", None) != task.name:
         return False
     if task.is_regression:
         return config.num_labels == 1
@@ -142,7 +142,7 @@ def describe_head(config: SpikeLMConfig) -> str:
     labels = (
         "regression" if config.num_labels == 1 else f"labels {[config.id2label[i] for i in range(config.num_labels)]}"
     )
-    return f"{arch} for task {config.finetuning_task!r} ({labels})"
+    return f"{arch} for task {getattr(config, 'finetuning_task', None)!r} ({labels})"
 
 
 def _task_head(task: GlueTask) -> str:

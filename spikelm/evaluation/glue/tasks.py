@@ -203,8 +203,11 @@ class TaskData:
 def _read_rows(path: Path, delimiter: str = "\t", quoting: int = csv.QUOTE_NONE) -> list[list[str]]:
     # GLUE TSVs hold unescaped quotes: read them with QUOTE_NONE. MRPC's files start with a BOM.
     csv.field_size_limit(sys.maxsize)
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        return [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def _column(header: list[str], name, path: Path, what: str) -> int:
@@ -357,13 +360,16 @@ def _find_split_file(data_dir: Path, split: str) -> Path | None:
 def _read_records(path: Path) -> list[dict]:
     if path.suffix in (".jsonl", ".json"):
         records = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise UserError(f"{path}, line {n}: not a JSON object per line ({err})") from None
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as err:
+            raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        for n, line in enumerate(lines, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise UserError(f"{path}, line {n}: not a JSON object per line ({err})") from None
         return records
     if path.suffix == ".csv":
         rows = _read_rows(path, delimiter=",", quoting=csv.QUOTE_MINIMAL)
@@ -426,6 +432,11 @@ def load_custom(
     if regression:
         label_names = None
     elif label_names is None:
+        if "train" not in raw:  # --eval-only of a model that records no labels (e.g. a pretraining checkpoint)
+            raise UserError(
+                "--eval-only --task custom: the model records no class labels for this task (it was not "
+                "fine-tuned on it); fine-tune it first (drop --eval-only)"
+            )
         label_names = tuple(sorted({str(v) for v in raw["train"]}))
         if len(label_names) < 2:
             raise UserError(f"{found['train']}: the label column {label_column!r} has fewer than 2 distinct values")

@@ -1,0 +1,182 @@
+"""Argument types: every option is checked here, when the command line is parsed, before any output directory
+is created or any long step runs. An invalid value is one line naming the flag (argparse prefixes
+``argument --flag:``) and exit status 2; see :class:`Parser`.
+
+``--set FIELD=VALUE`` values are checked by the one config validator, :meth:`PretrainConfig.check`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import math
+from pathlib import Path
+
+SNIFF_BYTES = 1 << 16  # the first bytes of a text file decoded as UTF-8 up front
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line: ``spikelm CMD: error: MESSAGE`` (exit status 2)."""
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _fail(message: str):
+    raise argparse.ArgumentTypeError(message)
+
+
+def _path(text: str) -> Path:
+    if not text or "\x00" in text:
+        _fail(f"{text!r} is not a path")
+    return Path(text).expanduser()
+
+
+def check_utf8(path: Path) -> None:
+    """Decode the first bytes of ``path`` as UTF-8; a failure names the file and the byte."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as err:
+        _fail(f"{path}: cannot be read ({err.strerror or err})")
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError as err:
+        _fail(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})")
+
+
+def existing_file(text: str) -> Path:
+    """A file that exists (not a directory) and can be read."""
+    path = _path(text)
+    if path.is_dir():
+        _fail(f"{path} is a directory; expected a file")
+    if not path.exists():
+        _fail(f"{path}: no such file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        _fail(f"{path}: cannot be read ({err.strerror or err})")
+    return path
+
+
+def text_file(text: str) -> str:
+    """A UTF-8 text file (not a directory)."""
+    path = existing_file(text)
+    check_utf8(path)
+    return str(path)
+
+
+def text_path(text: str) -> str:
+    """A UTF-8 text file, or a directory of them (each file's start checked)."""
+    path = _path(text)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        if not files:
+            _fail(f"{path} is a directory with no files in it")
+        for file in files:
+            check_utf8(file)
+        return str(path)
+    return text_file(text)
+
+
+def existing_dir(text: str) -> str:
+    path = _path(text)
+    if path.exists() and not path.is_dir():
+        _fail(f"{path} is a file; expected a directory")
+    if not path.is_dir():
+        _fail(f"{path}: no such directory")
+    return str(path)
+
+
+def model_dir(text: str) -> str:
+    """A directory written by ``save_pretrained``: its ``config.json`` must be UTF-8 JSON."""
+    path = Path(existing_dir(text))
+    config = path / "config.json"
+    if not config.is_file():
+        _fail(f"{path} has no config.json; expected a directory written by save_pretrained")
+    check_utf8(config)
+    return str(path)
+
+
+def model_ref(text: str) -> str:
+    """A model directory, or a name (hub or built-in, e.g. ``minilm``): checked as a directory only if it is a
+    path that exists or looks like one."""
+    path = _path(text)
+    if path.exists() or text.startswith((".", "/", "~")):
+        return model_dir(text)
+    return text
+
+
+def dir_or_name(text: str) -> str:
+    """A directory, or a name (hub or built-in): checked as a directory only if it exists or looks like a path."""
+    path = _path(text)
+    if path.exists() or text.startswith((".", "/", "~")):
+        return existing_dir(text)
+    return text
+
+
+def integer(minimum: int | None = None, maximum: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            _fail(f"expected an integer, got {text!r}")
+        if minimum is not None and value < minimum:
+            _fail(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            _fail(f"must be at most {maximum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def number(minimum: float | None = None, maximum: float | None = None, exclusive_minimum: bool = False):
+    """A finite float (NaN and infinities refused) within the range."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            _fail(f"expected a number, got {text!r}")
+        if not math.isfinite(value):
+            _fail(f"must be a finite number, got {text!r}")
+        if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
+            _fail(f"must be {'greater than' if exclusive_minimum else 'at least'} {minimum:g}, got {text}")
+        if maximum is not None and value > maximum:
+            _fail(f"must be at most {maximum:g}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+positive_int = integer(1)
+nonnegative_int = integer(0)
+positive_number = number(0.0, exclusive_minimum=True)
+nonnegative_number = number(0.0)
+
+
+def device(text: str) -> str:
+    """``cpu``, ``cuda``, ``cuda:N`` (refused without CUDA, or beyond the devices present), ``mps`` or ``auto``."""
+    import torch
+
+    if text == "auto":
+        return text
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        _fail(f"{text!r} is not a device (e.g. cpu, cuda, cuda:0)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            _fail(f"{text}: CUDA is not available on this machine")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            _fail(f"{text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            _fail(f"{text}: MPS is not available on this machine")
+    elif dev.type != "cpu":
+        _fail(f"{text}: unsupported device type {dev.type!r} (use cpu or cuda)")
+    return text

@@ -1,0 +1,328 @@
+"""The sweep: every subcommand fed bad inputs. Each must fail with exit status 2 and exactly one stderr line
+``spikelm CMD: error: ...`` naming what is wrong, no traceback, and no new output directory left behind.
+Run in-process through ``spikelm.commands.main.main``: every case fails before any heavy work."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from spikelm.commands.main import build_parser, main
+
+# placeholders in argv, filled by the fixture
+MODEL = "{model}"  # a directory with a config.json: past the --model check
+DIR, FILE, BAD_UTF8, MISSING, NOCONFIG, BADCONFIG, PICKLE, OUT, OCCUPIED, BADYAML = (
+    "{dir}",
+    "{file}",
+    "{bad_utf8}",
+    "{missing}",
+    "{noconfig}",
+    "{badconfig}",
+    "{pickle}",
+    "{out}",
+    "{occupied}",
+    "{badyaml}",
+)
+NO_CUDA = not torch.cuda.is_available()
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+@pytest.fixture
+def paths(tmp_path):
+    d = tmp_path / "a_directory"
+    d.mkdir()
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox.\n\nJumps over the lazy dog.\n" * 20)
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 cr\xe8me\n".encode("latin-1") * 10)
+    noconfig = tmp_path / "empty_model"
+    noconfig.mkdir()
+    badconfig = tmp_path / "bad_model"
+    badconfig.mkdir()
+    (badconfig / "config.json").write_bytes(b'{"model_type": "spik\xff\xfe"}')
+    evil = tmp_path / "evil.bin"
+    with open(evil, "wb") as f:
+        pickle.dump({"w": Evil()}, f)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "mine.txt").write_text("keep me")
+    badyaml = tmp_path / "bad.yaml"
+    badyaml.write_text("learning_rate: [1, 2\n")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    return {
+        "model": str(model),
+        "dir": str(d),
+        "file": str(text),
+        "bad_utf8": str(bad),
+        "missing": str(tmp_path / "no_such_thing"),
+        "noconfig": str(noconfig),
+        "badconfig": str(badconfig),
+        "pickle": str(evil),
+        "out": str(tmp_path / "new_out"),
+        "occupied": str(occupied),
+        "badyaml": str(badyaml),
+    }
+
+
+def _o(*extra):
+    return ["--output-dir", OUT, *extra]
+
+
+COMMON_OUT = [  # output-dir cases, for commands whose other arguments are valid
+    ("--output-dir", "/proc/x", "--output-dir /proc/x"),
+    ("--output-dir", FILE, "exists and is not a directory"),
+    ("--output-dir", OCCUPIED, "not empty"),
+]
+
+CASES = {
+    "pretrain": [
+        (["--text-file", DIR, *_o()], "--text-file"),
+        (["--text-file", MISSING, *_o()], "no such file"),
+        (["--text-file", BAD_UTF8, *_o()], "not UTF-8"),
+        (["--config", DIR, *_o()], "--config"),
+        (["--config", BADYAML, *_o()], "not valid YAML"),
+        (["--set", "max_grad_norm=NaN", *_o()], "max_grad_norm"),
+        (["--set", "warmup_ratio=-5", *_o()], "warmup_ratio"),
+        (["--set", "learning_rate=inf", *_o()], "learning_rate"),
+        (["--set", "hidden_size=0", *_o()], "hidden_size"),
+        (["--set", "batch_size=-3", *_o()], "batch_size"),
+        (["--set", "no_such_field=1", *_o()], "unknown config key"),
+        (["--set", "novalue", *_o()], "FIELD=VALUE"),
+        (["--max-steps", "0", *_o()], "--max-steps"),
+        (["--max-steps", "ten", *_o()], "--max-steps"),
+        (["--preset", "huge", *_o()], "unknown preset"),
+        (["--objective", "gan", *_o()], "objective"),
+        (["--resume", *_o()], "no checkpoint"),
+        (["--text-file", FILE, "--corpus", "pypi", *_o()], "not both"),
+        ([], "--output-dir"),
+        (["--no-such-flag", *_o()], "unrecognized"),
+    ],
+    "data prepare-corpus": [
+        (["--text-file", DIR, *_o()], "--text-file"),
+        (["--text-file", MISSING, *_o()], "no such file"),
+        (["--text-file", BAD_UTF8, *_o()], "not UTF-8"),
+        (["no-such-corpus", *_o()], "no-such-corpus"),
+        (["--no-such-flag"], "unrecognized"),
+        (["a", "b", *_o()], "unrecognized"),
+        (["--text-file", "", *_o()], "--text-file"),
+        (["--text-file", FILE, "--output-dir", "/proc/x"], "--output-dir /proc/x"),
+        (["--text-file", FILE, "--output-dir", FILE], "exists and is not a directory"),
+        (["--text-file", FILE, "--output-dir", OCCUPIED], "not empty"),
+    ],
+    "data train-tokenizer": [
+        (["--text-file", DIR, *_o()], "--text-file"),
+        (["--text-file", MISSING, *_o()], "no such file"),
+        (["--text-file", BAD_UTF8, *_o()], "not UTF-8"),
+        (["--text-file", FILE, "--vocab-size", "10000000000000", *_o()], "--vocab-size"),
+        (["--text-file", FILE, "--vocab-size", "0", *_o()], "--vocab-size"),
+        (["--text-file", FILE, "--vocab-size", "x", *_o()], "--vocab-size"),
+        (["--text-file", FILE], "--output-dir"),
+        (["--text-file", FILE, "--output-dir", "/proc/x"], "--output-dir /proc/x"),
+        (["--text-file", FILE, "--output-dir", FILE], "exists and is not a directory"),
+        (["--text-file", FILE, "--output-dir", OCCUPIED], "not empty"),
+    ],
+    "data prepare-brown": [
+        (["--output-dir", "/proc/x"], "--output-dir /proc/x"),
+        (["--output-dir", FILE], "exists and is not a directory"),
+        (["--output-dir", OCCUPIED], "not empty"),
+        ([], "--output-dir"),
+        (["--no-such-flag", *_o()], "unrecognized"),
+        (["extra", *_o()], "unrecognized"),
+        (["--output-dir"], "--output-dir"),
+        (["--output-dir", ""], "--output-dir"),
+        (["--output-dir", "/proc/x/y"], "--output-dir"),
+        (["--output-dir", f"{FILE}/sub"], "--output-dir"),
+    ],
+    "data prepare-glue-offline": [
+        (["--output-dir", "/proc/x"], "--output-dir /proc/x"),
+        (["--output-dir", FILE], "exists and is not a directory"),
+        (["--output-dir", OCCUPIED], "not empty"),
+        ([], "--output-dir"),
+        (["--no-such-flag", *_o()], "unrecognized"),
+        (["extra", *_o()], "unrecognized"),
+        (["--output-dir"], "--output-dir"),
+        (["--output-dir", ""], "--output-dir"),
+        (["--output-dir", "/proc/x/y"], "--output-dir"),
+        (["--output-dir", f"{FILE}/sub"], "--output-dir"),
+    ],
+    "demo": [
+        (["--text-file", DIR, *_o()], "--text-file"),
+        (["--text-file", MISSING, *_o()], "no such file"),
+        (["--text-file", BAD_UTF8, *_o()], "not UTF-8"),
+        (["--minutes", "nan", *_o()], "--minutes"),
+        (["--minutes", "-1", *_o()], "--minutes"),
+        (["--max-steps", "0", *_o()], "--max-steps"),
+        (["--finetune-epochs", "-2", *_o()], "--finetune-epochs"),
+        (["--finetune-lr", "inf", *_o()], "--finetune-lr"),
+        (["--finetune-lr", "abc", *_o()], "--finetune-lr"),
+        (["--no-such-flag", *_o()], "unrecognized"),
+    ],
+    "energy": [
+        (["--model", MISSING, "--text-file", FILE, *_o()], "--model"),
+        (["--model", NOCONFIG, "--text-file", FILE, *_o()], "config.json"),
+        (["--model", BADCONFIG, "--text-file", FILE, *_o()], "not UTF-8"),
+        (["--model", FILE, "--text-file", FILE, *_o()], "--model"),
+        (["--model", MODEL, "--text-file", DIR, *_o()], "--text-file"),
+        (["--model", MODEL, "--text-file", FILE, "--batch-size", "0", *_o()], "--batch-size"),
+        (["--model", MODEL, "--text-file", FILE, "--ac-pj", "nan", *_o()], "--ac-pj"),
+        (["--model", MODEL, "--text-file", FILE, "--mac-pj", "-1", *_o()], "--mac-pj"),
+        (["--model", MODEL, "--text-file", FILE, "--max-length", "1", *_o()], "--max-length"),
+        (["--model", MODEL, "--text-file", FILE, "--task", "sst2", *_o()], "not allowed with"),
+        (["--model", MODEL, *_o()], "one of the arguments"),
+        (["--model", MODEL, "--text-file", FILE, "--device", "tpu9", *_o()], "--device"),
+    ]
+    + (
+        [(["--model", MODEL, "--text-file", FILE, "--device", "cuda", *_o()], "CUDA is not available")]
+        if NO_CUDA
+        else []
+    ),
+    "finetune": [
+        (["--model", MISSING + "/", "--task", "sst2", *_o()], "--model"),
+        (["--model", "./" + Path(MISSING).name, "--task", "sst2", *_o()], "--model"),
+        (["--model", NOCONFIG, "--task", "sst2", *_o()], "config.json"),
+        (["--model", BADCONFIG, "--task", "sst2", *_o()], "not UTF-8"),
+        (["--model", "minilm", "--task", "sst2", "--learning-rate", "nan", *_o()], "--learning-rate"),
+        (["--model", "minilm", "--task", "sst2", "--batch-size", "0", *_o()], "--batch-size"),
+        (["--model", "minilm", "--task", "sst2", "--epochs", "-1", *_o()], "--epochs"),
+        (["--model", "minilm", "--task", "sst2", "--max-length", "1", *_o()], "--max-length"),
+        (["--model", "minilm", "--task", "sst2", "--data-dir", FILE, *_o()], "--data-dir"),
+        (["--model", "minilm", "--task", "sst2", "--data-dir", MISSING, *_o()], "--data-dir"),
+        (["--model", "minilm", "--task", "sst2", "--num-steps", "0", *_o()], "--num-steps"),
+        (["--model", "minilm", *_o()], "--task"),
+    ],
+    "generate": [
+        (["--model", MISSING, "--prompt", "hi"], "--model"),
+        (["--model", NOCONFIG, "--prompt", "hi"], "config.json"),
+        (["--model", BADCONFIG, "--prompt", "hi"], "not UTF-8"),
+        (["--model", FILE, "--prompt", "hi"], "--model"),
+        (["--model", MODEL], "--prompt"),
+        (["--model", MODEL, "--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--model", MODEL, "--prompt", "hi", "--temperature", "nan"], "--temperature"),
+        (["--model", MODEL, "--prompt", "hi", "--top-p", "1.5"], "--top-p"),
+        (["--model", MODEL, "--prompt", "hi", "--top-k", "0"], "--top-k"),
+        (["--model", MODEL, "--prompt", "hi", "--num-beams", "-1"], "--num-beams"),
+        (["--model", MODEL, "--prompt", "hi", "--seed", "x"], "--seed"),
+    ],
+    "glue": [
+        (["--model", MISSING + "/", *_o()], "--model"),
+        (["--model", FILE, *_o()], "--model"),
+        (["--model", DIR, "--data-dir", FILE, *_o()], "--data-dir"),
+        (["--model", DIR, "--data-dir", MISSING, *_o()], "--data-dir"),
+        (["--model", DIR, "--learning-rate", "inf", *_o()], "--learning-rate"),
+        (["--model", DIR, "--batch-size", "0", *_o()], "--batch-size"),
+        (["--model", DIR, "--epochs", "0", *_o()], "--epochs"),
+        (["--model", DIR, "--max-length", "0", *_o()], "--max-length"),
+        (["--model", DIR, "--max-train-samples", "-5", *_o()], "--max-train-samples"),
+        (["--model", DIR, "--seed", "-1", *_o()], "--seed"),
+        ([*_o()], "--model"),
+    ],
+    "perplexity": [
+        (["--model", MISSING, "--text-file", FILE], "--model"),
+        (["--model", NOCONFIG, "--text-file", FILE], "config.json"),
+        (["--model", BADCONFIG, "--text-file", FILE], "not UTF-8"),
+        (["--model", FILE, "--text-file", FILE], "--model"),
+        (["--model", MODEL, "--text-file", MISSING], "--text-file"),
+        (["--model", MODEL, "--text-file", BAD_UTF8], "not UTF-8"),
+        (["--model", MODEL, "--text-file", DIR], "no files"),
+        (["--model", MODEL, "--text-file", FILE, "--max-length", "1"], "--max-length"),
+        (["--model", MODEL, "--text-file", FILE, "--stride", "0"], "--stride"),
+        (["--model", MODEL, "--text-file", FILE, "--batch-size", "zero"], "--batch-size"),
+        (["--model", MODEL], "--text-file"),
+    ],
+    "convert-official": [
+        ([MISSING, *_o()], "no such file"),
+        ([DIR, *_o()], "is a directory"),
+        ([PICKLE, *_o()], "refused to load"),
+        ([FILE, *_o()], "checkpoint"),
+        ([PICKLE, "--config", DIR, *_o()], "--config"),
+        ([PICKLE, "--config", MISSING, *_o()], "--config"),
+        ([PICKLE, "--config", BAD_UTF8, *_o()], "not UTF-8"),
+        ([PICKLE], "--output-dir"),
+        ([], "checkpoint"),
+        ([PICKLE, "--no-such-flag", *_o()], "unrecognized"),
+    ],
+    "benchmark": [
+        (["--repeats", "0", *_o()], "--repeats"),
+        (["--repeats", "x", *_o()], "--repeats"),
+        (["--device", "tpu", *_o()], "--device"),
+        (["--dtype", "float8", *_o()], "--dtype"),
+        (["--generation-lengths", "x", *_o()], "--generation-lengths"),
+        (["--no-such-flag", *_o()], "unrecognized"),
+        (["--generation-lengths", "0", *_o()], "--generation-lengths"),
+        (["--output-dir", FILE], "exists and is not a directory"),
+        (["--output-dir", OCCUPIED], "not empty"),
+        (["--output-dir", "/proc/x"], "--output-dir /proc/x"),
+    ]
+    + ([(["--device", "cuda", *_o()], "CUDA is not available")] if NO_CUDA else []),
+    "reproduce": [
+        (["--pretrain-steps", "0", *_o()], "--pretrain-steps"),
+        (["--train-samples", "-1", *_o()], "--train-samples"),
+        (["--dev-samples", "x", *_o()], "--dev-samples"),
+        (["--epochs", "0", *_o()], "--epochs"),
+        (["--learning-rate", "nan", *_o()], "--learning-rate"),
+        (["--batch-size", "0", *_o()], "--batch-size"),
+        (["--max-length", "1", *_o()], "--max-length"),
+        (["--energy-sequences", "0", *_o()], "--energy-sequences"),
+        (["--max-minutes", "-inf", *_o()], "--max-minutes"),
+        (["--suite", MISSING, *_o()], "--suite"),
+        (["--suite", FILE, *_o()], "--suite"),
+        ([], "--output-dir"),
+    ],
+}
+
+
+def test_every_subcommand_is_swept():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    names = set()
+    for name, p in sub.choices.items():
+        inner = [a for a in p._actions if getattr(a, "dest", None) == "data_command"]
+        names |= {f"{name} {n}" for n in inner[0].choices} if inner else {name}
+    assert names == set(CASES), sorted(names ^ set(CASES))
+    for name, cases in CASES.items():
+        assert len(cases) >= 10, name
+
+
+def _fill(argv, paths):
+    return [a.format(**paths) if "{" in a else a for a in argv]
+
+
+@pytest.mark.parametrize(
+    "command, argv, expected",
+    [(cmd, argv, expected) for cmd, cases in CASES.items() for argv, expected in cases],
+    ids=[f"{cmd}-{i}" for cmd, cases in CASES.items() for i in range(len(cases))],
+)
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(paths, capsys, tmp_path, command, argv, expected):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    occupied = sorted(p.name for p in Path(paths["occupied"]).iterdir())
+    try:
+        status = main([*command.split(), *_fill(argv, paths)])
+    except SystemExit as exit:  # argparse's refusals
+        status = exit.code
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert status == 2, captured.err
+    assert "Traceback" not in captured.err and "Traceback" not in captured.out
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"spikelm {command}: error: "), lines[0]
+    assert _fill([expected], paths)[0] in lines[0], lines[0]
+    assert "weights_only=False" not in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no new output directory
+    assert sorted(p.name for p in Path(paths["occupied"]).iterdir()) == occupied
+    assert not Path("/proc/x").exists()
+
+
+def test_set_nan_never_reaches_json(tmp_path, capsys):
+    assert main(["pretrain", "--set", "max_grad_norm=NaN", "--output-dir", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+    json.dumps({"ok": 1})
