@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
+
 TRANSFORM = {"rotation": "hadamard", "online_down_proj_rotation": True}
 RECIPES = {
     "gif": {
@@ -39,17 +41,17 @@ CALIBRATION_LENGTH = 512
 
 def recipe(neuron: str, num_steps: int | None = None, overrides: dict | None = None) -> dict:
     """The config fields of a recipe: the neuron's defaults, ``num_steps`` (for GIF: T = 2^a, a power of two),
-    then ``overrides``. Raises ``ValueError`` naming the bad value."""
+    then ``overrides``. Raises :class:`~spikelm.errors.UserError` naming the bad value."""
     if neuron not in RECIPES:
-        raise ValueError(f"--neuron must be one of {', '.join(RECIPES)}, got {neuron!r}")
+        raise UserError(f"--neuron must be one of {', '.join(RECIPES)}, got {neuron!r}")
     fields = dict(RECIPES[neuron])
     if num_steps is not None:
         if num_steps < 1:
-            raise ValueError(f"--num-steps must be at least 1, got {num_steps}")
+            raise UserError(f"--num-steps must be at least 1, got {num_steps}")
         if neuron == "gif":
             extra = int(math.log2(num_steps))
             if 2**extra != num_steps:
-                raise ValueError(f"--num-steps with --neuron gif must be a power of two (T = 2^a), got {num_steps}")
+                raise UserError(f"--num-steps with --neuron gif must be a power of two (T = 2^a), got {num_steps}")
             fields["gif_extra_bits"] = extra
         else:
             fields["num_steps"] = num_steps
@@ -71,7 +73,7 @@ def calibration_batches(
     too short for that gives fewer sequences (at least one full sequence is required).
     """
     if sequences < 1 or length < 2:
-        raise ValueError(f"calibration needs at least 1 sequence of 2 tokens, got {sequences} x {length}")
+        raise UserError(f"calibration needs at least 1 sequence of 2 tokens, got {sequences} x {length}")
     need = sequences * length
     ids: list[int] = []
     if text_file is not None:
@@ -91,7 +93,7 @@ def calibration_batches(
         source = f"the default '{DEFAULT_CORPUS}' corpus (training split, documents in order)"
     count = len(ids) // length
     if count < 1:
-        raise ValueError(
+        raise UserError(
             f"calibration text {text_file}: {len(ids)} tokens, fewer than one sequence of {length}; give a longer text"
         )
     tensor = torch.tensor(ids[: count * length], dtype=torch.long).view(count, length)

@@ -31,6 +31,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ..errors import UserError
 from .fetch import FetchError, cache_dir, sha256_of
 
 SMOLLM2 = (
@@ -47,7 +48,7 @@ SOURCE_FILE = "spikelm_source.json"
 CHECK_PROMPT = "The capital of France is"
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError):
     """``--model`` names neither a known pretrained model nor a model directory (one-line message)."""
 
 

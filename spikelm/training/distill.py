@@ -61,6 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..outputs import write_json_atomic
 from .presets import ConfigError, _coerce, load_config_file, parse_value
 from .pretrain import (
@@ -85,7 +86,7 @@ CURVE_FILE = "distill_curve.png"
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 
 
-class DistillError(ValueError):
+class DistillError(UserError):
     """A distillation run that cannot start as asked (the message says why and what to do)."""
 
 
