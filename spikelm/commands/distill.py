@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from .argtypes import integer, model_dir, model_ref, text_file, text_path
 from .main import add_output_dir
 
 
@@ -24,12 +25,14 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--teacher",
+        type=model_ref,
         required=True,
         metavar="SRC",
         help="the real-valued teacher: a causal LM directory (or a named source where available)",
     )
     p.add_argument(
         "--student",
+        type=model_dir,
         required=True,
         metavar="DIR",
         help="the student: a causal LM directory sharing the teacher's vocabulary (e.g. written by "
@@ -40,9 +43,14 @@ def register(sub) -> None:
         metavar="NAME|PATH",
         help="a named corpus (default pypi), a saved dataset, a directory or a text file",
     )
-    p.add_argument("--text-file", metavar="F", help="a plain-text file as the corpus (a blank line between documents)")
-    p.add_argument("--max-steps", type=int, help="optimizer steps (default 1000)")
-    p.add_argument("--config", metavar="FILE", help="YAML/JSON file of config fields")
+    p.add_argument(
+        "--text-file",
+        type=text_path,
+        metavar="F",
+        help="a plain-text file as the corpus (a blank line between documents)",
+    )
+    p.add_argument("--max-steps", type=integer(1), help="optimizer steps (default 1000)")
+    p.add_argument("--config", type=text_file, metavar="FILE", help="YAML/JSON file of config fields")
     p.add_argument(
         "--set",
         dest="sets",

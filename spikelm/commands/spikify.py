@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from spikelm.errors import UserError
 
+from .argtypes import integer, model_ref, text_file
 from .main import add_output_dir
 
 DEFAULT_EVAL_TOKENS = 2048
@@ -28,11 +29,13 @@ def register(sub) -> None:
             "saliency_fraction=0, gif_group_range=token, gif_clip_ratio=1."
         ),
     )
-    p.add_argument("--model", required=True, help="model directory or named source (smollm2-135m, minilm)")
+    p.add_argument(
+        "--model", type=model_ref, required=True, help="model directory or named source (smollm2-135m, minilm)"
+    )
     p.add_argument("--neuron", choices=("gif", "elastic"), default="gif", help="neuron family (default gif)")
     p.add_argument(
         "--num-steps",
-        type=int,
+        type=integer(1),
         help="time steps T (elastic: default 4; gif: T = 2^a, a power of two, default 2)",
     )
     p.add_argument(
@@ -44,13 +47,16 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--calibration-text",
+        type=text_file,
         help="UTF-8 text file to calibrate on (default: the default 'pypi' corpus; never evaluation text)",
     )
-    p.add_argument("--calibration-sequences", type=int, default=32, help="calibration sequences (default 32)")
-    p.add_argument("--calibration-length", type=int, default=512, help="tokens per calibration sequence (default 512)")
+    p.add_argument("--calibration-sequences", type=integer(1), default=32, help="calibration sequences (default 32)")
+    p.add_argument(
+        "--calibration-length", type=integer(2), default=512, help="tokens per calibration sequence (default 512)"
+    )
     p.add_argument(
         "--eval-tokens",
-        type=int,
+        type=integer(0),
         default=DEFAULT_EVAL_TOKENS,
         help=f"causal LMs: Brown tokens to measure perplexity on for the model card, source and spiking model "
         f"(windows of 512; default {DEFAULT_EVAL_TOKENS}; 0 skips)",
@@ -72,33 +78,24 @@ def _overrides(items: list[str]) -> dict:
 
 
 def _check_args(args) -> None:
-    from pathlib import Path
-
-    if args.calibration_text is not None:
-        path = Path(args.calibration_text)
-        if not path.is_file():
-            raise UserError(f"--calibration-text {path}: no such file")
-        try:
-            with path.open(encoding="utf-8") as f:
-                f.read(1 << 16)
-        except UnicodeDecodeError as err:
-            raise UserError(f"--calibration-text {path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    if args.calibration_sequences < 1:
-        raise UserError(f"--calibration-sequences must be at least 1, got {args.calibration_sequences}")
-    if args.calibration_length < 2:
-        raise UserError(f"--calibration-length must be at least 2, got {args.calibration_length}")
-    if args.eval_tokens < 0 or 0 < args.eval_tokens < 1024:
+    if 0 < args.eval_tokens < 1024:
         raise UserError(f"--eval-tokens must be 0 (skip) or at least 1024, got {args.eval_tokens}")
 
 
-def _load(source):
+def _load(source, output_dir, overwrite):
+    """The source model, float32, after its config is checked (the output directory is prepared in between, so a
+    bad one is refused before the weights load)."""
     import torch
     import transformers
     from transformers import AutoConfig
 
     from spikelm.conversion.placement import FAMILIES
 
-    config = AutoConfig.from_pretrained(source)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"--model {source}: cannot read its config.json ({first})") from None
     quant = getattr(config, "quantization_config", None)
     if (
         quant is not None
@@ -119,7 +116,10 @@ def _load(source):
             if config.is_decoder or "CausalLM" in str(names)
             else transformers.AutoModel
         )
-    return cls.from_pretrained(source, dtype=torch.float32).eval()
+    from spikelm.outputs import prepare_output_dir
+
+    out_dir = prepare_output_dir(output_dir, "spikify", overwrite)
+    return cls.from_pretrained(source, dtype=torch.float32).eval(), out_dir
 
 
 def _fit_transform(config, model, user_fields: set):
@@ -147,7 +147,7 @@ def run(args) -> int:
     from spikelm.conversion.placement import family_of
     from spikelm.conversion.recipes import calibration_batches, recipe
     from spikelm.data.pretrained import resolve_model_source
-    from spikelm.outputs import prepare_output_dir, write_json_atomic
+    from spikelm.outputs import write_json_atomic
 
     _check_args(args)
     try:
@@ -158,14 +158,16 @@ def run(args) -> int:
     source = resolve_model_source(args.model)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = _load(source)
+    model, out_dir = _load(source, args.output_dir, args.overwrite)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--model {args.model}: no usable tokenizer saved with the model ({err})") from None
     try:
         family_of(model)
     except ValueError as err:
         raise UserError(f"--model {args.model}: {err}") from None
     config = _fit_transform(config, model, set(_overrides(args.set)))
-    out_dir = prepare_output_dir(args.output_dir, "spikify", args.overwrite)
     batches, calibration = calibration_batches(
         tokenizer, args.calibration_text, args.calibration_sequences, args.calibration_length
     )
