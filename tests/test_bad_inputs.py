@@ -274,8 +274,8 @@ CASES = {
         (["--max-length", "1", *_o()], "--max-length"),
         (["--energy-sequences", "0", *_o()], "--energy-sequences"),
         (["--max-minutes", "-inf", *_o()], "--max-minutes"),
-        (["--suite", MISSING, *_o()], "--suite"),
-        (["--suite", FILE, *_o()], "--suite"),
+        (["--suite", MISSING, *_o()], "build the suite"),
+        (["--suite", FILE, *_o()], "build the suite"),
         ([], "--output-dir"),
     ],
 }
