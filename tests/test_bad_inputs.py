@@ -307,8 +307,8 @@ CASES = {
         (["--max-length", "1", *_o()], "--max-length"),
         (["--energy-sequences", "0", *_o()], "--energy-sequences"),
         (["--max-minutes", "-inf", *_o()], "--max-minutes"),
-        (["--suite", MISSING, *_o()], "--suite"),
-        (["--suite", FILE, *_o()], "--suite"),
+        (["--suite", MISSING, *_o()], "build the suite"),
+        (["--suite", FILE, *_o()], "build the suite"),
         ([], "--output-dir"),
     ],
 }
@@ -359,3 +359,25 @@ def test_set_nan_never_reaches_json(tmp_path, capsys):
     assert main(["pretrain", "--set", "max_grad_norm=NaN", "--output-dir", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
     json.dumps({"ok": 1})
+
+
+def test_an_internal_bug_keeps_its_traceback(monkeypatch):
+    """main() turns only UserError into a one-liner: a ValueError from a bug propagates with its traceback."""
+    import spikelm.commands.data_brown as brown
+
+    def bug(args):
+        raise ValueError("an internal bug")
+
+    parser_build = build_parser
+
+    def patched():
+        parser = parser_build()
+        sub = next(a for a in parser._actions if a.dest == "command").choices["data"]
+        inner = next(a for a in sub._actions if getattr(a, "dest", None) == "data_command")
+        inner.choices["prepare-brown"].set_defaults(func=bug)
+        return parser
+
+    monkeypatch.setattr("spikelm.commands.main.build_parser", patched)
+    assert brown  # the module whose command is replaced
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["data", "prepare-brown", "--output-dir", "/tmp/never-used-by-this-test"])

@@ -340,9 +340,9 @@ def test_processes_take_different_slices_of_the_global_batch():
 @pytest.mark.parametrize(
     "corpus_bytes, message",
     [
-        (None, "does not exist"),
+        (None, "argument --text-file: "),
         (b"", "0 document"),
-        (bytes(range(256)) * 64, "binary data"),
+        (bytes(range(256)) * 64, "is not UTF-8 text"),
     ],
 )
 def test_bad_corpus_is_a_clear_error(tmp_path, capsys, corpus_bytes, message):

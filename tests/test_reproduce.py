@@ -187,7 +187,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
         (["--tasks", "sst2"], "not a task of the offline suite"),
         (["--set", "num_steps=2"], "--set num_steps: set by the experiment itself"),
         (["--set", "no_such_field=1"], "unknown config key 'no_such_field'"),
-        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--epochs", "0"], "argument --epochs: must be at least 1"),
         (["--doc-block", "small"], "--doc-block names a block of the --doc file"),
         (["--doc", str(tmp_path / "d.md"), "--doc-block", "a b"], "--doc-block expects letters, digits"),
         (["--doc", str(tmp_path / "d.md")], "no such file"),

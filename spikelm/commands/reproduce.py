@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from spikelm.errors import UserError
 
-from .argtypes import existing_dir, integer, positive_int, positive_number
+from .argtypes import integer, positive_int, positive_number
 from .main import add_output_dir
 
 
@@ -31,9 +31,7 @@ def register(sub) -> None:
             + ". Several GPUs: `accelerate launch -m spikelm reproduce ...`."
         ),
     )
-    p.add_argument(
-        "--suite", type=existing_dir, help="the offline suite (`spikelm data prepare-glue-offline --output-dir DIR`)"
-    )
+    p.add_argument("--suite", help="the offline suite (`spikelm data prepare-glue-offline --output-dir DIR`)")
     p.add_argument("--corpus", default=d.corpus, help=f"pretraining corpus, a name or a path (default {d.corpus})")
     p.add_argument("--preset", default=d.preset, help=f"pretraining preset: shape and recipe (default {d.preset})")
     p.add_argument(
