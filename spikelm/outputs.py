@@ -63,6 +63,16 @@ def prepare_output_dir(path: str | Path, command: str, overwrite: bool = False, 
     return path
 
 
+def check_output_dir(path: str | Path, command: str, overwrite: bool = False, identity: dict | None = None) -> None:
+    """:func:`prepare_output_dir`'s refusals, read-only (nothing created or locked): a command calls it before a
+    long step so that a directory it will refuse is refused first."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"--output-dir {path} exists and is not a directory")
+    if path.is_dir():
+        _check_contents(path, command, overwrite, identity)
+
+
 def _check_contents(path: Path, command: str, overwrite: bool, identity: dict | None) -> None:
     if any(p.name not in _BOOKKEEPING for p in path.iterdir()) and not overwrite:
         marker = path / MARKER
