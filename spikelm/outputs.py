@@ -40,6 +40,8 @@ def prepare_output_dir(path: str | Path, command: str, overwrite: bool = False, 
     ``identity`` is given, the same run: e.g. the same model shape), or with ``overwrite=True``.
     Files already there are not deleted; the caller's writes replace its own files.
     """
+    if not str(path).strip():
+        raise OutputDirError("--output-dir is empty; give a directory")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputDirError(f"--output-dir {path} exists and is not a directory")
