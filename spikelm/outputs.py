@@ -40,6 +40,8 @@ def prepare_output_dir(path: str | Path, command: str, overwrite: bool = False, 
     ``identity`` is given, the same run: e.g. the same model shape), or with ``overwrite=True``.
     Files already there are not deleted; the caller's writes replace its own files.
     """
+    if not str(path).strip():
+        raise OutputDirError("--output-dir is empty; give a directory")
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputDirError(f"--output-dir {path} exists and is not a directory")
@@ -61,6 +63,16 @@ def prepare_output_dir(path: str | Path, command: str, overwrite: bool = False, 
         raise
     write_json_atomic(path / MARKER, {"command": command, "identity": identity})
     return path
+
+
+def check_output_dir(path: str | Path, command: str, overwrite: bool = False, identity: dict | None = None) -> None:
+    """:func:`prepare_output_dir`'s refusals, read-only (nothing created or locked): a command calls it before a
+    long step so that a directory it will refuse is refused first."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"--output-dir {path} exists and is not a directory")
+    if path.is_dir():
+        _check_contents(path, command, overwrite, identity)
 
 
 def _check_contents(path: Path, command: str, overwrite: bool, identity: dict | None) -> None:

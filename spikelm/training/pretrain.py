@@ -40,7 +40,7 @@ from spikelm.data.objectives import IGNORE_INDEX, Batcher, build_examples, docum
 from spikelm.errors import UserError
 from spikelm.evaluation.perplexity import TOKEN_COUNTS_FILE, unigram_log_probs
 from spikelm.models.configuration_spikelm import SpikeLMConfig
-from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
+from spikelm.outputs import check_output_dir, prepare_output_dir, write_json_atomic, write_text_atomic
 
 from .checkpoints import (
     check_resume_settings,
@@ -399,6 +399,21 @@ def run_identity(config: PretrainConfig) -> dict:
     }
 
 
+def _check_output(output_dir: Path, config: PretrainConfig, overwrite: bool, resume: bool | str | None) -> None:
+    """The refusals of :func:`_prepare_output`, read-only: run before the tokenizer and corpus are loaded."""
+    check_output_dir(output_dir, COMMAND, overwrite, identity=json.loads(json.dumps(run_identity(config))))
+    _refuse_started_run(output_dir, overwrite, resume)
+
+
+def _refuse_started_run(output_dir: Path, overwrite: bool, resume) -> None:
+    has_run = (checkpoint_root(output_dir) / "latest").is_file() or (output_dir / "model.safetensors").is_file()
+    if has_run and not resume and not overwrite:
+        raise PretrainError(
+            f"--output-dir {output_dir} already holds this run's checkpoints or model; pass --resume "
+            "to continue it, or --overwrite to start again"
+        )
+
+
 def _prepare_output(
     output_dir: Path,
     config: PretrainConfig,
@@ -414,12 +429,7 @@ def _prepare_output(
     ``--overwrite`` removes."""
     identity = run_identity(config) if identity is None else identity
     prepare_output_dir(output_dir, command, overwrite, identity=json.loads(json.dumps(identity)))
-    has_run = (checkpoint_root(output_dir) / "latest").is_file() or (output_dir / "model.safetensors").is_file()
-    if has_run and not resume and not overwrite:
-        raise PretrainError(
-            f"--output-dir {output_dir} already holds this run's checkpoints or model; pass --resume "
-            "to continue it, or --overwrite to start again"
-        )
+    _refuse_started_run(output_dir, overwrite, resume)
     if overwrite and not resume:
         for name in ("checkpoints", "tensorboard"):
             shutil.rmtree(output_dir / name, ignore_errors=True)
@@ -514,6 +524,8 @@ def run_pretraining(
     if resume:
         resume_path = find_resume_checkpoint(output_dir, resume)
         check_resumed_config(config, output_dir, resume_path)
+    if accelerator.is_main_process:  # a directory that will be refused is refused before any long step
+        _check_output(output_dir, config, overwrite, resume)
 
     tokenizer = load_tokenizer(config.tokenizer or ("gpt2" if config.objective == "clm" else "bert-base-uncased"))
     with accelerator.main_process_first():  # a named corpus is built once, into the cache
