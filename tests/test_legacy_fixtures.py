@@ -1,6 +1,7 @@
 """Model directories and pretraining checkpoints saved by earlier versions load and resume unchanged."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -31,8 +32,15 @@ def test_saved_pretraining_checkpoint_resumes_as_before(tmp_path):
 
     expected = json.loads((LEGACY / "pretrain_resumed.json").read_text())
     sets = [*expected["sets"], f"tokenizer={LEGACY / 'tokenizer'}", f"text_file={sample_text_path()}"]
+    # the checkpoint records the absolute paths of the checkout that wrote it; a resume (which must keep the
+    # recorded settings) runs from this checkout, so the copy points those two fields here, nothing else changes
+    checkpoint = tmp_path / "pretrain_checkpoint"
+    shutil.copytree(LEGACY / "pretrain_checkpoint", checkpoint)
+    recorded = json.loads((checkpoint / "pretrain_config.json").read_text())
+    recorded.update(tokenizer=str(LEGACY / "tokenizer"), text_file=str(sample_text_path()))
+    (checkpoint / "pretrain_config.json").write_text(json.dumps(recorded, indent=2))
     out = tmp_path / "resumed"
-    run_pretraining(resolve_config("tiny", sets=sets), out, resume=str(LEGACY / "pretrain_checkpoint"), progress=False)
+    run_pretraining(resolve_config("tiny", sets=sets), out, resume=str(checkpoint), progress=False)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     losses = {str(e["step"]): e["loss"] for e in log}
     assert sorted(losses) == sorted(expected["losses"])
