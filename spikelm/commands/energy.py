@@ -274,8 +274,8 @@ def run(args) -> int:
     whole = summary["whole_model"]
     print(
         "whole model (+ heads, norms, softmax, activations as MACs) per token: "
-        + (f"SNN {whole['snn_mJ_per_token'] * 1e6:.2f} nJ, " if spiking else "")
-        + f"ANN {whole['ann_mJ_per_token'] * 1e6:.2f} nJ"
+        + (f"SNN {whole['snn_mJ_per_token'] * 1e3:.2f} uJ, " if spiking else "")
+        + f"ANN {whole['ann_mJ_per_token'] * 1e3:.2f} uJ"
         + (f", ratio ANN/SNN {whole['ratio']:.2f}" if whole["ratio"] else "")
     )
     generated = summary.get("per_generated_token")
@@ -284,12 +284,12 @@ def run(args) -> int:
         print(
             f"per generated token (one decode step after {generated['context_tokens']:.0f} cached tokens), whole "
             "model: "
-            + (f"SNN {whole['snn_mJ_per_sequence'] * 1e6:.2f} nJ, " if spiking else "")
-            + f"ANN {whole['ann_mJ_per_sequence'] * 1e6:.2f} nJ"
+            + (f"SNN {whole['snn_mJ_per_sequence'] * 1e3:.2f} uJ, " if spiking else "")
+            + f"ANN {whole['ann_mJ_per_sequence'] * 1e3:.2f} uJ"
             + (f", ratio ANN/SNN {whole['ratio']:.2f}" if whole["ratio"] else "")
             + "; blocks only: "
-            + (f"SNN {generated['snn_mJ_per_sequence'] * 1e6:.2f} nJ, " if spiking else "")
-            + f"ANN {generated['ann_mJ_per_sequence'] * 1e6:.2f} nJ"
+            + (f"SNN {generated['snn_mJ_per_sequence'] * 1e3:.2f} uJ, " if spiking else "")
+            + f"ANN {generated['ann_mJ_per_sequence'] * 1e3:.2f} uJ"
         )
     print(f"wrote {out / 'energy.json'}, {out / 'report.md'} and plots")
     return 0
