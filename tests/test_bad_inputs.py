@@ -227,6 +227,7 @@ CASES = {
         (["--model", MODEL, "--prompt", "hi"], "cannot read its config.json"),
         (["--model", "{unsupported}", "--prompt", "hi"], "model_type 't5'"),
         (["--model", "{encoder}", "--prompt", "hi"], "not a causal language model"),
+        (["--model", "minilm", "--prompt", "hi"], "minilm is a BERT-family encoder"),
     ],
     "glue": [
         (["--model", MISSING + "/", *_o()], "--model"),
@@ -257,6 +258,7 @@ CASES = {
         (["--model", MODEL, "--text-file", FILE, *_o()], "cannot read its config.json"),
         (["--model", "{unsupported}", "--text-file", FILE, *_o()], "model_type 't5'"),
         (["--model", "{encoder}", "--text-file", FILE, *_o()], "not a causal language model"),
+        (["--model", "minilm", "--text-file", FILE, *_o()], "minilm is a BERT-family encoder"),
     ],
     "spikify": [
         (["--model", MISSING, *_o()], "--model"),

@@ -27,6 +27,7 @@ KIND_NAMES = {
     SOURCE: "real-valued transformers model",
 }
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+ENCODER_SOURCES = ("minilm",)  # named sources that are encoders
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,11 @@ def inspect_model(name_or_path: str | Path, need_causal: bool = False, flag: str
     from spikelm.data.pretrained import resolve_model_source
 
     name = str(name_or_path)
+    if need_causal and name in ENCODER_SOURCES:  # refused before anything is fetched
+        raise UserError(
+            f"{flag} {name} is a BERT-family encoder (a named source), not a causal language model; perplexity and "
+            "generation need a causal LM (e.g. smollm2-135m)"
+        )
     path = Path(resolve_model_source(name))
     if not (path / "config.json").is_file():
         raise MissingInputError(f"{flag} {name}: no config.json there; expected a directory written by save_pretrained")
