@@ -73,6 +73,12 @@ CONVENTION = (
     "reported as element counts outside the total; bias and residual additions not counted"
 )
 ELEMENTWISE_OPS = ("softmax", "score_scaling", "layernorm", "activation")
+CONVERTED_CONVENTION = (
+    "; a transformers model (converted or its real-valued source): the operands come from the placed neurons, a "
+    "spike of level k counts k ACs per fan-out (GIF; ternary: 1), a GIF reader adds per output one MAC per scale and "
+    "per zero point, K/V spikes are read by every query attending them (x the query heads per K/V head), the online "
+    "Hadamard counts as MACs (docs/CONVERSION.md, Energy)"
+)
 WHOLE_MODEL = (
     "whole model = headline + the products outside the blocks (LM head, pooler, classifier) + every element-wise "
     "operation (norms, softmax, score scaling, activations) counted as one MAC per element"
@@ -822,7 +828,7 @@ def summarize(counter: OperationCounter, constants: EnergyConstants = DEFAULT_CO
         "num_steps": steps if spiking else 1,
         "constants_pJ": {"ac": constants.ac_pJ, "mac": constants.mac_pJ},
         "formula": FORMULA,
-        "convention": CONVENTION,
+        "convention": CONVENTION + (CONVERTED_CONVENTION if counter.hf is not None else ""),
         "snn_mJ_per_sequence": snn_mJ,
         "ann_mJ_per_sequence": ann_mJ,
         "ratio": ann_mJ / snn_mJ if spiking and snn_mJ > 0 else None,
