@@ -311,3 +311,30 @@ def test_energy_command_on_converted_and_source_gives_both_figures(converted, tm
         assert generated["context_tokens"] == 23 and generated["ann_mJ_per_sequence"] > 0
     assert spiking["per_generated_token"]["snn_mJ_per_sequence"] > 0
     assert spiking["neurons"] and all(0 <= r <= 1 for n in spiking["neurons"].values() for r in n["firing_rate"])
+
+
+def test_elastic_decode_step_reads_every_cached_spike_once_per_query_head():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config()).eval()
+    ids = torch.randint(0, VOCAB, (1, 7))
+    spikelm.spikify(model, neuron="elastic", num_steps=2, calibration=ids, rotation="none")
+    for _, n in neurons(model):
+        n.backend = "reference"
+    outputs: dict[str, list[torch.Tensor]] = {}
+    handles = [
+        n.register_forward_hook(lambda m, a, o, name=name: outputs.setdefault(name, []).append(o.detach()))
+        for name, n in neurons(model)
+    ]
+    summary = measure_decode_energy(model, [{"input_ids": ids}])
+    for h in handles:
+        h.remove()
+    layer = {e["group"]: e for e in summary["per_layer"]}
+    for kind, product in (("key", "self_attn.scores"), ("value", "self_attn.context")):
+        prefill, step = outputs[f"model.layers.0.self_attn.{kind}_neuron"]  # (T, 1, HKV, 6 | 1, D)
+        assert prefill.shape[3] == 6 and step.shape[3] == 1
+        per_step = (prefill != 0).sum(dim=(1, 2, 3, 4)) + (step != 0).sum(dim=(1, 2, 3, 4))
+        assert layer[product]["acs_per_step"] == [float(v) * (H // HKV) for v in per_step]
+        alphas = H * 7 if kind == "key" else H * D  # one alpha per score (7 keys) or per context output, per step
+        assert layer[product]["macs_per_step"] == [float(alphas)] * 2
+    gate = outputs["model.layers.0.mlp.input_neuron"][-1]  # the decode step's spikes (T, 1, C)
+    assert layer["mlp.gate_proj"]["acs"] == int((gate != 0).sum()) * INTER
