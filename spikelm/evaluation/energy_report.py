@@ -212,6 +212,26 @@ def markdown_report(summary: dict, plots: list[str]) -> str:
             f"negative {_steps(summary['negative_rate_per_step'])}).",
             "",
         ]
+    whole = summary.get("whole_model")
+    if whole is not None:
+        uj = lambda v: "-" if v is None else f"{v * 1e3:.2f} uJ"  # noqa: E731
+        lines += [
+            f"**Whole model** ({whole['convention']}):",
+            "",
+            "| | SNN (this model) | ANN |",
+            "|---|---|---|",
+            f"| per token | {uj(whole['snn_mJ_per_token'])} | {uj(whole['ann_mJ_per_token'])} |",
+        ]
+        generated = summary.get("per_generated_token")
+        if generated is not None:
+            g_whole = generated["whole_model"]
+            lines += [
+                f"| per generated token, blocks (one decode step after {generated['context_tokens']:.0f} cached "
+                f"tokens) | {uj(generated['snn_mJ_per_sequence'])} | {uj(generated['ann_mJ_per_sequence'])} |",
+                f"| per generated token, whole model | {uj(g_whole['snn_mJ_per_sequence'])} | "
+                f"{uj(g_whole['ann_mJ_per_sequence'])} |",
+            ]
+        lines.append("")
     lines += [
         "## By layer type (summed over the blocks)",
         "",
