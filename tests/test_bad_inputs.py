@@ -27,6 +27,8 @@ DIR, FILE, BAD_UTF8, MISSING, NOCONFIG, BADCONFIG, PICKLE, OUT, OCCUPIED, BADYAM
     "{occupied}",
     "{badyaml}",
 )
+# a classifier built with the public API (64 positions), a GLUE-layout SST-2 folder, offline suites
+CLF, SST, SUITE, PARTIAL_SUITE = "{clf}", "{sst}", "{suite}", "{partial_suite}"
 NO_CUDA = not torch.cuda.is_available()
 
 
@@ -35,8 +37,42 @@ class Evil:
         return (print, ("this must never run",))
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """Inputs users make themselves, built once (outside each test's tmp_path)."""
+    from spikelm import SpikeLMConfig, SpikeLMForSequenceClassification
+    from spikelm.data.tokenization import load_tokenizer
+
+    root = tmp_path_factory.mktemp("shared")
+    tokenizer = load_tokenizer("bert-base-uncased")
+    config = SpikeLMConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_steps=2,
+    )
+    SpikeLMForSequenceClassification(config).save_pretrained(root / "clf")
+    tokenizer.save_pretrained(root / "clf")
+    sst = root / "sst"
+    sst.mkdir()
+    rows = "sentence\tlabel\n" + "".join(f"good film {i}\t1\nbad film {i}\t0\n" for i in range(4))
+    for split in ("train", "dev"):
+        (sst / f"{split}.tsv").write_text(rows)
+    from spikelm.evaluation.glue.offline import OFFLINE_TASKS
+
+    for suite, splits in (("suite", ("train", "dev", "dev_matched", "dev_mismatched")), ("partial_suite", ("train",))):
+        for task in OFFLINE_TASKS:
+            (root / suite / task).mkdir(parents=True)
+            for split in splits:
+                (root / suite / task / f"{split}.tsv").write_text("header\nrow\n")
+    return {name: str(root / name) for name in ("clf", "sst", "suite", "partial_suite")}
+
+
 @pytest.fixture
-def paths(tmp_path):
+def paths(tmp_path, shared):
     d = tmp_path / "a_directory"
     d.mkdir()
     text = tmp_path / "text.txt"
@@ -71,6 +107,7 @@ def paths(tmp_path):
         "out": str(tmp_path / "new_out"),
         "occupied": str(occupied),
         "badyaml": str(badyaml),
+        **shared,
     }
 
 
@@ -94,6 +131,11 @@ CASES = {
         (["--set", "max_grad_norm=NaN", *_o()], "max_grad_norm"),
         (["--set", "warmup_ratio=-5", *_o()], "warmup_ratio"),
         (["--set", "learning_rate=inf", *_o()], "learning_rate"),
+        (["--set", "hidden_dropout_prob=NaN", *_o()], "SpikeLMConfig.hidden_dropout_prob"),
+        (["--set", "layer_norm_eps=-1", *_o()], "SpikeLMConfig.layer_norm_eps"),
+        (["--set", "initializer_range=1e999", *_o()], "SpikeLMConfig.initializer_range"),
+        (["--set", "alpha_init=1e999", *_o()], "alpha_init"),
+        (["--set", "adam_beta2=1", *_o()], "adam_beta2"),
         (["--set", "hidden_size=0", *_o()], "hidden_size"),
         (["--set", "batch_size=-3", *_o()], "batch_size"),
         (["--set", "no_such_field=1", *_o()], "unknown config key"),
@@ -165,6 +207,9 @@ CASES = {
         (["--finetune-epochs", "-2", *_o()], "--finetune-epochs"),
         (["--finetune-lr", "inf", *_o()], "--finetune-lr"),
         (["--finetune-lr", "abc", *_o()], "--finetune-lr"),
+        (["--set", "layer_norm_eps=-1", *_o()], "SpikeLMConfig.layer_norm_eps"),
+        (["--set", "hidden_dropout_prob=5", *_o()], "SpikeLMConfig.hidden_dropout_prob"),
+        (["--set", "max_grad_norm=NaN", *_o()], "max_grad_norm"),
         (["--no-such-flag", *_o()], "unrecognized"),
     ],
     "energy": [
@@ -199,6 +244,12 @@ CASES = {
         (["--model", "minilm", "--task", "sst2", "--data-dir", MISSING, *_o()], "--data-dir"),
         (["--model", "minilm", "--task", "sst2", "--num-steps", "0", *_o()], "--num-steps"),
         (["--model", "minilm", *_o()], "--task"),
+        (["--model", CLF, "--task", "sst2", "--data-dir", SST, *_o()], "--max-length 128 exceeds"),
+        (
+            ["--model", CLF, "--task", "sst2", "--data-dir", SST, "--max-length", "64", "--kd-weight", "2", *_o()],
+            "--kd-weight",
+        ),
+        (["--model", CLF, "--task", "sst2", "--data-dir", SST, "--kd-temperature", "inf", *_o()], "--kd-temperature"),
     ],
     "generate": [
         (["--model", MISSING, "--prompt", "hi"], "--model"),
@@ -225,6 +276,7 @@ CASES = {
         (["--model", DIR, "--max-train-samples", "-5", *_o()], "--max-train-samples"),
         (["--model", DIR, "--seed", "-1", *_o()], "--seed"),
         ([*_o()], "--model"),
+        (["--model", CLF, "--tasks", "sst2", "--data-dir", SST, "--max-length", "100000", *_o()], "--max-length"),
     ],
     "perplexity": [
         (["--model", MISSING, "--text-file", FILE], "--model"),
@@ -270,6 +322,11 @@ CASES = {
         (["--teacher", MODEL, "--student", MODEL, "--max-steps", "0", *_o()], "--max-steps"),
         (["--teacher", MODEL, "--student", MODEL, "--config", MISSING, *_o()], "--config"),
         (["--teacher", MODEL, "--student", MODEL, "--no-such-flag", *_o()], "unrecognized"),
+        (["--teacher", MODEL, "--student", MODEL, "--set", "max_grad_norm=1e999", *_o()], "max_grad_norm"),
+        (["--teacher", MODEL, "--student", MODEL, "--set", "learning_rate=NaN", *_o()], "learning_rate"),
+        (["--teacher", MODEL, "--student", MODEL, "--set", "temperature=1e999", *_o()], "temperature"),
+        (["--teacher", MODEL, "--student", MODEL, "--set", "kl_weight=NaN", *_o()], "kl_weight"),
+        (["--teacher", MODEL, "--student", MODEL, "--set", "warmup_ratio=-5", *_o()], "warmup_ratio"),
         (["--teacher", MODEL, "--student", MODEL], "--output-dir"),
     ],
     "convert-official": [
@@ -309,6 +366,11 @@ CASES = {
         (["--max-minutes", "-inf", *_o()], "--max-minutes"),
         (["--suite", MISSING, *_o()], "build the suite"),
         (["--suite", FILE, *_o()], "build the suite"),
+        (["--suite", PARTIAL_SUITE, *_o()], "dev.tsv"),
+        (["--suite", SUITE, "--set", "hidden_dropout_prob=2", *_o()], "SpikeLMConfig.hidden_dropout_prob"),
+        (["--suite", SUITE, "--set", "max_grad_norm=NaN", *_o()], "max_grad_norm"),
+        (["--suite", SUITE, "--set", "warmup_ratio=-5", *_o()], "warmup_ratio"),
+        (["--suite", SUITE, "--seeds", "-1", *_o()], "--seeds"),
         ([], "--output-dir"),
     ],
 }

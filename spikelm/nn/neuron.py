@@ -56,8 +56,10 @@ def check_neuron_options(
     if isinstance(alpha_init, str):
         if alpha_init != "mean_abs":
             raise ValueError(f"alpha_init must be 'mean_abs' or a positive number, got {alpha_init!r}")
-    elif isinstance(alpha_init, bool) or not isinstance(alpha_init, Real) or not alpha_init > 0:
-        raise ValueError(f"alpha_init must be 'mean_abs' or a positive number, got {alpha_init!r}")
+    elif (
+        isinstance(alpha_init, bool) or not isinstance(alpha_init, Real) or not alpha_init > 0 or math.isinf(alpha_init)
+    ):
+        raise ValueError(f"alpha_init must be 'mean_abs' or a positive finite number, got {alpha_init!r}")
     if learn_alpha and not use_amplitude:
         raise ValueError(
             "learn_alpha=True needs use_amplitude=True: the LSQ gradient is defined for the spike alpha * q; "

@@ -324,6 +324,12 @@ def finetune(
     for split in task.dev_splits:
         data.splits[split] = subsample(data.splits[split], settings.max_eval_samples, settings.seed)
     start = load_starting_point(model_name, task, changes, eval_only, tokenizer)
+    positions = getattr(start.model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and settings.max_length > positions:
+        raise UserError(
+            f"--max-length {settings.max_length} exceeds the model's max_position_embeddings ({positions}); "
+            f"pass --max-length {positions} or less"
+        )
     if teacher is not None and eval_only:
         raise UserError("--teacher has no use with --eval-only (it only adds a training loss)")
     teacher_model = load_teacher(teacher, task, start.model.config) if teacher is not None else None
