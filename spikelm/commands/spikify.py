@@ -147,7 +147,7 @@ def run(args) -> int:
     from spikelm.conversion.placement import family_of
     from spikelm.conversion.recipes import calibration_batches, recipe
     from spikelm.data.pretrained import resolve_model_source
-    from spikelm.outputs import write_json_atomic
+    from spikelm.outputs import new_files_follow_umask, write_json_atomic
 
     _check_args(args)
     try:
@@ -193,7 +193,8 @@ def run(args) -> int:
             f"First {tokens.numel()} tokens of the Brown evaluation text (spikelm.evaluation.brown_perplexity), "
             "windows of 512, stride 512."
         )
-    model.save_pretrained(out_dir)
+    with new_files_follow_umask(out_dir):  # safetensors writes 0600
+        model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     conversion.write_model_card(
         out_dir, config, source=str(args.model), calibration=calibration, perplexity=perplexity, evaluation=evaluation

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
-from ..outputs import write_json_atomic
+from ..outputs import new_files_follow_umask, write_json_atomic
 from .presets import ConfigError, _coerce, _number, check_optimisation_fields, load_config_file, parse_value
 from .pretrain import (
     PretrainingData,
@@ -796,7 +796,8 @@ def run_distillation(
     # under FSDP the whole state dict is gathered onto the main process (a collective: every process calls it)
     state_dict = accelerator.get_state_dict(model) if fsdp else None
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
+        with new_files_follow_umask(output_dir):  # safetensors writes 0600
+            unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
         write_json_atomic(output_dir / "metrics.json", metrics)
         writer.close()

@@ -38,7 +38,7 @@ from spikelm.evaluation.glue.tasks import (
     load_glue_folder,
     load_glue_hub,
 )
-from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
+from spikelm.outputs import new_files_follow_umask, prepare_output_dir, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -472,7 +472,7 @@ def finetune(
         write_dev_predictions(out, data, best_predictions)
         written = write_test_predictions(out, data, test_predictions)
         if epochs:
-            with quiet_transformers():
+            with quiet_transformers(), new_files_follow_umask(out):  # safetensors writes 0600
                 unwrapped.save_pretrained(out)
             tokenizer_obj.save_pretrained(out)
         write_json_atomic(out / "eval_results.json", results)
