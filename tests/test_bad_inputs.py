@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,15 @@ DIR, FILE, BAD_UTF8, MISSING, NOCONFIG, BADCONFIG, PICKLE, OUT, OCCUPIED, BADYAM
 )
 # a classifier built with the public API (64 positions), a GLUE-layout SST-2 folder, offline suites
 CLF, SST, SUITE, PARTIAL_SUITE = "{clf}", "{sst}", "{suite}", "{partial_suite}"
+GPT2, EVIL_CLF, EVIL_GPT2, TRUNC_CLF, NOTJSON, BADFIELD, UNKNOWN_TYPE = (
+    "{gpt2}",
+    "{evil_clf}",
+    "{evil_gpt2}",
+    "{trunc_clf}",
+    "{notjson}",
+    "{badfield_clf}",
+    "{unknown_type}",
+)
 NO_CUDA = not torch.cuda.is_available()
 
 
@@ -68,7 +78,30 @@ def shared(tmp_path_factory):
             (root / suite / task).mkdir(parents=True)
             for split in splits:
                 (root / suite / task / f"{split}.tsv").write_text("header\nrow\n")
-    return {name: str(root / name) for name in ("clf", "sst", "suite", "partial_suite")}
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    gpt2.bos_token_id = gpt2.eos_token_id = tokenizer.sep_token_id
+    GPT2LMHeadModel(gpt2).save_pretrained(root / "gpt2")
+    tokenizer.save_pretrained(root / "gpt2")
+    # damaged model directories a user may hold: a pickle that runs code instead of weights, a truncated
+    # safetensors file, a config.json that is not JSON, one with a field of the wrong type, an unknown model_type
+    for name, source in (("evil_clf", "clf"), ("evil_gpt2", "gpt2"), ("trunc_clf", "clf"), ("notjson", "clf")):
+        shutil.copytree(root / source, root / name)
+    for name in ("evil_clf", "evil_gpt2"):
+        (root / name / "model.safetensors").unlink()
+        with open(root / name / "pytorch_model.bin", "wb") as f:
+            pickle.dump({"w": Evil()}, f)
+    data = (root / "trunc_clf" / "model.safetensors").read_bytes()
+    (root / "trunc_clf" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (root / "notjson" / "config.json").write_text("{not json")
+    for name, field, value in (("badfield_clf", "hidden_size", "big"), ("unknown_type", "model_type", "nosuch")):
+        shutil.copytree(root / "clf", root / name)
+        config = json.loads((root / name / "config.json").read_text())
+        config[field] = value
+        (root / name / "config.json").write_text(json.dumps(config))
+    names = ("clf", "sst", "suite", "partial_suite", "gpt2", "evil_clf", "evil_gpt2", "trunc_clf", "notjson")
+    return {name: str(root / name) for name in (*names, "badfield_clf", "unknown_type")}
 
 
 @pytest.fixture
@@ -224,6 +257,8 @@ CASES = {
         (["--model", MODEL, "--text-file", FILE, "--max-length", "1", *_o()], "--max-length"),
         (["--model", MODEL, "--text-file", FILE, "--task", "sst2", *_o()], "not allowed with"),
         (["--model", MODEL, *_o()], "one of the arguments"),
+        (["--model", BADFIELD, "--text-file", FILE, *_o()], "hidden_size"),
+        (["--model", NOTJSON, "--text-file", FILE, *_o()], "not valid JSON"),
         (["--model", MODEL, "--text-file", FILE, "--device", "tpu9", *_o()], "--device"),
     ]
     + (
@@ -244,6 +279,17 @@ CASES = {
         (["--model", "minilm", "--task", "sst2", "--data-dir", MISSING, *_o()], "--data-dir"),
         (["--model", "minilm", "--task", "sst2", "--num-steps", "0", *_o()], "--num-steps"),
         (["--model", "minilm", *_o()], "--task"),
+        (["--model", EVIL_CLF, "--task", "sst2", "--data-dir", SST, "--max-length", "32", *_o()], "refused to load"),
+        (
+            ["--model", TRUNC_CLF, "--task", "sst2", "--data-dir", SST, "--max-length", "32", *_o()],
+            "model.safetensors cannot be read",
+        ),
+        (["--model", NOTJSON, "--task", "sst2", "--data-dir", SST, "--max-length", "32", *_o()], "not valid JSON"),
+        (["--model", BADFIELD, "--task", "sst2", "--data-dir", SST, "--max-length", "32", *_o()], "hidden_size"),
+        (
+            ["--model", UNKNOWN_TYPE, "--task", "sst2", "--data-dir", SST, "--max-length", "32", *_o()],
+            "model_type 'nosuch'",
+        ),
         (["--model", CLF, "--task", "sst2", "--data-dir", SST, *_o()], "--max-length 128 exceeds"),
         (
             ["--model", CLF, "--task", "sst2", "--data-dir", SST, "--max-length", "64", "--kd-weight", "2", *_o()],
@@ -263,6 +309,9 @@ CASES = {
         (["--model", MODEL, "--prompt", "hi", "--top-k", "0"], "--top-k"),
         (["--model", MODEL, "--prompt", "hi", "--num-beams", "-1"], "--num-beams"),
         (["--model", MODEL, "--prompt", "hi", "--seed", "x"], "--seed"),
+        (["--model", NOTJSON, "--prompt", "hi"], "not valid JSON"),
+        (["--model", BADFIELD, "--prompt", "hi"], "hidden_size"),
+        (["--model", UNKNOWN_TYPE, "--prompt", "hi"], "nosuch"),
     ],
     "glue": [
         (["--model", MISSING + "/", *_o()], "--model"),
@@ -290,12 +339,16 @@ CASES = {
         (["--model", MODEL, "--text-file", FILE, "--stride", "0"], "--stride"),
         (["--model", MODEL, "--text-file", FILE, "--batch-size", "zero"], "--batch-size"),
         (["--model", MODEL], "--text-file"),
+        (["--model", NOTJSON, "--text-file", FILE], "not valid JSON"),
+        (["--model", BADFIELD, "--text-file", FILE], "hidden_size"),
     ],
     "spikify": [
         (["--model", MISSING, *_o()], "--model"),
         (["--model", FILE, *_o()], "--model"),
         (["--model", NOCONFIG, *_o()], "config.json"),
         (["--model", BADCONFIG, *_o()], "not UTF-8"),
+        (["--model", EVIL_GPT2, "--eval-tokens", "0", "--calibration-text", FILE, *_o()], "refused to load"),
+        (["--model", NOTJSON, *_o()], "not valid JSON"),
         (["--model", "no-such-source", *_o()], "no-such-source"),
         (["--model", MODEL, "--calibration-text", MISSING, *_o()], "--calibration-text"),
         (["--model", MODEL, "--calibration-text", BAD_UTF8, *_o()], "not UTF-8"),
@@ -322,6 +375,8 @@ CASES = {
         (["--teacher", MODEL, "--student", MODEL, "--max-steps", "0", *_o()], "--max-steps"),
         (["--teacher", MODEL, "--student", MODEL, "--config", MISSING, *_o()], "--config"),
         (["--teacher", MODEL, "--student", MODEL, "--no-such-flag", *_o()], "unrecognized"),
+        (["--teacher", EVIL_GPT2, "--student", GPT2, "--set", "max_length=32", *_o()], "--teacher refused to load"),
+        (["--teacher", GPT2, "--student", NOTJSON, *_o()], "not valid JSON"),
         (["--teacher", MODEL, "--student", MODEL, "--set", "max_grad_norm=1e999", *_o()], "max_grad_norm"),
         (["--teacher", MODEL, "--student", MODEL, "--set", "learning_rate=NaN", *_o()], "learning_rate"),
         (["--teacher", MODEL, "--student", MODEL, "--set", "temperature=1e999", *_o()], "temperature"),

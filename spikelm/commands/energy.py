@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from spikelm.errors import UserError
+from spikelm.errors import UserError, weights_refused_in_one_line
 
 from .argtypes import device, existing_dir, integer, model_dir, nonnegative_number, positive_int, text_file
 from .main import add_output_dir
@@ -81,7 +81,10 @@ def load_config(path: str | Path):
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UserError(f"--model {path}: no config.json there; expected a directory written by save_pretrained")
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:  # not JSON, an unknown model_type, a field out of range
+        raise UserError(f"--model {path}: cannot use its config.json ({' '.join(str(err).split())[:300]})") from None
     if config.model_type != "spikelm":
         raise UserError(f"--model {path} holds a {config.model_type!r} model; expected a spikelm model")
     return config
@@ -92,7 +95,8 @@ def load_model(path: str | Path, config):
     import spikelm
 
     architecture = (config.architectures or ["SpikeLMModel"])[0]
-    return getattr(spikelm, architecture, spikelm.SpikeLMModel).from_pretrained(path, config=config)
+    with weights_refused_in_one_line(path):
+        return getattr(spikelm, architecture, spikelm.SpikeLMModel).from_pretrained(path, config=config)
 
 
 def load_tokenizer(model_dir: Path, vocab_size: int):

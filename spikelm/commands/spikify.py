@@ -3,7 +3,7 @@ encoder, or a named source such as ``smollm2-135m``) into a spiking one, calibra
 
 from __future__ import annotations
 
-from spikelm.errors import UserError
+from spikelm.errors import UserError, weights_refused_in_one_line
 
 from .argtypes import integer, model_ref, text_file
 from .main import add_output_dir
@@ -119,7 +119,8 @@ def _load(source, output_dir, overwrite):
     from spikelm.outputs import prepare_output_dir
 
     out_dir = prepare_output_dir(output_dir, "spikify", overwrite)
-    return cls.from_pretrained(source, dtype=torch.float32).eval(), out_dir
+    with weights_refused_in_one_line(source):
+        return cls.from_pretrained(source, dtype=torch.float32).eval(), out_dir
 
 
 def _fit_transform(config, model, user_fields: set):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from spikelm.errors import MissingInputError, UserError
+from spikelm.errors import MissingInputError, UserError, weights_refused_in_one_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # written by `spikelm pretrain` beside the model: how often each token occurs in the training data
@@ -29,7 +29,10 @@ def load_causal_lm(model_dir: str | Path):
             f"--model {path}: no config.json there; expected a directory written by save_pretrained "
             "(e.g. by `spikelm pretrain --objective clm`)"
         )
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:  # not JSON, an unknown model_type, a field out of range
+        raise UserError(f"--model {path}: cannot use its config.json ({' '.join(str(err).split())[:300]})") from None
     architectures = config.architectures or []
     if not isinstance(config, SpikeLMConfig) or SpikeLMForCausalLM.__name__ not in architectures:
         what = ", ".join(architectures) or f"model_type {config.model_type!r}"
@@ -37,7 +40,8 @@ def load_causal_lm(model_dir: str | Path):
             f"--model {path} holds a {what} checkpoint, not a causal SpikeLM (SpikeLMForCausalLM); generation and "
             "perplexity need a decoder trained with `spikelm pretrain --objective clm`"
         )
-    return SpikeLMForCausalLM.from_pretrained(path).eval()
+    with weights_refused_in_one_line(path):
+        return SpikeLMForCausalLM.from_pretrained(path).eval()
 
 
 def load_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None):

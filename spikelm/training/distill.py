@@ -61,7 +61,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
+from ..errors import UserError, weights_refused_in_one_line
 from ..outputs import new_files_follow_umask, write_json_atomic
 from .presets import ConfigError, _coerce, _number, check_optimisation_fields, load_config_file, parse_value
 from .pretrain import (
@@ -338,10 +338,12 @@ def _load_models(teacher_dir: Path, student_dir: Path, config: DistillConfig, mi
         "bfloat16": torch.bfloat16,
         "auto": torch.bfloat16 if mixed == "bf16" else torch.float32,
     }[config.teacher_dtype]
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=teacher_dtype).eval()
+    with weights_refused_in_one_line(teacher_dir, "--teacher"):
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=teacher_dtype).eval()
     teacher.requires_grad_(False)
     torch.manual_seed(config.seed)  # weights the checkpoint lacks (if any) are the same on every process
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    with weights_refused_in_one_line(student_dir, "--student"):
+        student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     return teacher, student
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spikelm.errors import UserError
+from spikelm.errors import UserError, weights_refused_in_one_line
 from spikelm.evaluation.glue.metrics import compute_metrics, selection_value
 from spikelm.evaluation.glue.models import load_starting_point, quiet_transformers
 from spikelm.evaluation.glue.tasks import (
@@ -254,7 +254,8 @@ def load_teacher(path: str, task: GlueTask, student_config):
         and names != list(task.label_names)
     ):
         raise UserError(f"--teacher {path} has labels {names}, task {task.name} {list(task.label_names)}")
-    teacher = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with weights_refused_in_one_line(path, "--teacher"):
+        teacher = AutoModelForSequenceClassification.from_pretrained(path).eval()
     teacher.requires_grad_(False)
     return teacher
 
