@@ -358,6 +358,8 @@ CASES = {
         (["--model", MODEL, "--neuron", "lif", *_o()], "--neuron"),
         (["--model", MODEL, "--set", "no_such_field=1", *_o()], "no_such_field"),
         (["--model", MODEL, "--set", "gif_clip_ratio=2", *_o()], "clip_ratio"),
+        (["--model", MODEL, "--set", "modules_to_not_convert=5", *_o()], "modules_to_not_convert"),
+        (["--model", MODEL, "--set", "modules_to_not_convert=down_proj", *_o()], "modules_to_not_convert"),
         (["--model", MODEL, "--eval-tokens", "100", *_o()], "--eval-tokens"),
         (["--model", MODEL, "--calibration-sequences", "0", *_o()], "--calibration-sequences"),
         (["--model", MODEL, *_o()], "config.json"),
