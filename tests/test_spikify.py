@@ -427,6 +427,18 @@ def test_modules_to_not_convert_skips_those_inputs():
     assert not hasattr(model.lm_head, "input_neuron")
 
 
+def test_modules_to_not_convert_is_a_list_and_never_the_attention_module():
+    """Refused, naming the field: a bare string (once split into characters that silently matched nothing), a
+    number; and the attention module, whose K and V always spike, is a UserError (one line from `spikelm spikify`)."""
+    from spikelm.errors import UserError
+
+    for value in ("down_proj", 5, [""]):
+        with pytest.raises(ValueError, match="modules_to_not_convert must be a list of module names"):
+            SpikeLMConversionConfig(modules_to_not_convert=value)
+    with pytest.raises(UserError, match="names the attention module 'self_attn'"):
+        spikify(tiny_llama(), num_steps=2, modules_to_not_convert=["lm_head", "model.layers.0.self_attn"])
+
+
 def test_calibration_initialises_alphas_without_calibration_first_forward_does():
     ids = token_ids(4, 16)
     calibrated = spikify(tiny_llama(), num_steps=2, calibration=[ids, token_ids(4, 16, seed=9)])

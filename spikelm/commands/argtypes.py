@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import json
 import math
 from pathlib import Path
 
@@ -97,6 +98,12 @@ def model_dir(text: str) -> str:
     if not config.is_file():
         _fail(f"{path} has no config.json; expected a directory written by save_pretrained")
     check_utf8(config)
+    try:
+        parsed = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        _fail(f"{config} is not valid JSON ({err})")
+    if not isinstance(parsed, dict):
+        _fail(f"{config} must hold a JSON object (a model configuration)")
     return str(path)
 
 

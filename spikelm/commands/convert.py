@@ -27,11 +27,12 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from spikelm.conversion.official import load_official_checkpoint
-    from spikelm.outputs import prepare_output_dir
+    from spikelm.outputs import new_files_follow_umask, prepare_output_dir
 
     model = load_official_checkpoint(args.checkpoint, args.config)  # validate before touching the output
     out = prepare_output_dir(args.output_dir, "convert-official", args.overwrite)
-    model.save_pretrained(out)
+    with new_files_follow_umask(out):  # safetensors writes 0600
+        model.save_pretrained(out)
     n_init = sum(neuron.is_initialized() for _, neuron in model.neurons())
     print(
         f"wrote {out} ({type(model).__name__}: {model.config.num_hidden_layers} layers, hidden "

@@ -6,7 +6,7 @@ import argparse
 
 from spikelm.errors import UserError
 
-from .argtypes import existing_dir, integer, model_ref, nonnegative_int, positive_int, positive_number
+from .argtypes import existing_dir, integer, model_ref, nonnegative_int, number, positive_int, positive_number
 from .main import add_output_dir
 
 TASK_HELP = (
@@ -134,13 +134,13 @@ def register(sub) -> None:
     )
     d.add_argument(
         "--kd-weight",
-        type=float,
+        type=number(0.0, 1.0),
         default=0.5,
         help="loss = (1 - w) * task loss + w * KD (default 0.5; 1: distillation alone)",
     )
     d.add_argument(
         "--kd-temperature",
-        type=float,
+        type=positive_number,
         default=1.0,
         help="KD = T^2 * KL(teacher || student) of the logits at temperature T (default 1); "
         "regression: MSE of the predictions",

@@ -10,9 +10,12 @@ from .main import add_output_dir
 
 def _ints(text: str, flag: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"{flag} expects comma-separated integers, got {text!r}") from None
+        raise UserError(f"{flag} expects comma-separated non-negative integers, got {text!r}") from None
+    if any(v < 0 for v in values):
+        raise UserError(f"{flag} expects comma-separated non-negative integers, got {text!r}")
+    return values
 
 
 def register(sub) -> None:

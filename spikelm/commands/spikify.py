@@ -3,7 +3,7 @@ encoder, or a named source such as ``smollm2-135m``) into a spiking one, calibra
 
 from __future__ import annotations
 
-from spikelm.errors import UserError
+from spikelm.errors import UserError, weights_refused_in_one_line
 
 from .argtypes import integer, model_ref, text_file
 from .main import add_output_dir
@@ -119,7 +119,8 @@ def _load(source, output_dir, overwrite):
     from spikelm.outputs import prepare_output_dir
 
     out_dir = prepare_output_dir(output_dir, "spikify", overwrite)
-    return cls.from_pretrained(source, dtype=torch.float32).eval(), out_dir
+    with weights_refused_in_one_line(source):
+        return cls.from_pretrained(source, dtype=torch.float32).eval(), out_dir
 
 
 def _fit_transform(config, model, user_fields: set):
@@ -147,7 +148,7 @@ def run(args) -> int:
     from spikelm.conversion.placement import family_of
     from spikelm.conversion.recipes import calibration_batches, recipe
     from spikelm.data.pretrained import resolve_model_source
-    from spikelm.outputs import write_json_atomic
+    from spikelm.outputs import new_files_follow_umask, write_json_atomic
 
     _check_args(args)
     try:
@@ -193,7 +194,8 @@ def run(args) -> int:
             f"First {tokens.numel()} tokens of the Brown evaluation text (spikelm.evaluation.brown_perplexity), "
             "windows of 512, stride 512."
         )
-    model.save_pretrained(out_dir)
+    with new_files_follow_umask(out_dir):  # safetensors writes 0600
+        model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     conversion.write_model_card(
         out_dir, config, source=str(args.model), calibration=calibration, perplexity=perplexity, evaluation=evaluation

@@ -107,7 +107,13 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         self.rotation_seed = rotation_seed
         self.online_down_proj_rotation = online_down_proj_rotation
         self.untied_embeddings = untied_embeddings
-        self.modules_to_not_convert = ["lm_head"] if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.modules_to_not_convert = (
+            ["lm_head"]
+            if modules_to_not_convert is None
+            else list(modules_to_not_convert)
+            if isinstance(modules_to_not_convert, (list, tuple))
+            else modules_to_not_convert  # refused by check(), naming the field
+        )
         self.check()
 
     @staticmethod
@@ -157,7 +163,9 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         for name in ("online_down_proj_rotation", "untied_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")  # noqa: TRY004  (a field out of range)
-        if not all(isinstance(m, str) and m for m in self.modules_to_not_convert):
+        if not isinstance(self.modules_to_not_convert, list) or not all(
+            isinstance(m, str) and m for m in self.modules_to_not_convert
+        ):
             raise ValueError(
                 f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}"
             )

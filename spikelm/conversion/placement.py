@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..errors import UserError
 from ..nn.neuron import ElasticBiSpikingNeuron
 from .cache import SpikeCodeCache, TransientSpikeKV, into_spike_cache, is_spike_cache
 from .config import QUANT_METHOD, SpikeLMConversionConfig
@@ -366,7 +367,7 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
             handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
         attention = _get(layer, family.attention)
         if _skipped(f"{layers_path}.{index}.{family.attention}", skip):
-            raise ValueError(
+            raise UserError(  # a conversion setting the user chose (spikify --set modules_to_not_convert=...)
                 f"modules_to_not_convert names the attention module {family.attention!r}: K and V of a converted "
                 "model are always spiked (the spike-code cache depends on it); skip its linear layers instead"
             )

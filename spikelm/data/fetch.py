@@ -21,6 +21,7 @@ import zipfile
 from pathlib import Path
 
 from spikelm.errors import UserError
+from spikelm.outputs import follow_umask
 
 
 class FetchError(UserError):
@@ -154,6 +155,7 @@ def unpack(archive: Path) -> Path:
             with tarfile.open(archive) as t:
                 t.extractall(tmp, filter="data")
         Path(tmp, ".complete").write_text(archive.name + "\n")
+        follow_umask(tmp)  # TemporaryDirectory made it 0700
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UserError
+from ..outputs import follow_umask, new_files_follow_umask
 from .fetch import FetchError, cache_dir, sha256_of
 
 SMOLLM2 = (
@@ -109,6 +110,7 @@ def _extract(archive: Path, member: str, target: Path) -> Path:
             raise FetchError(f"{archive.name} has no file {member}")
         with z.open(member) as src, tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
             shutil.copyfileobj(src, tmp, 1 << 20)
+    follow_umask(tmp.name)  # NamedTemporaryFile made it 0600
     os.replace(tmp.name, target)
     return target
 
@@ -145,7 +147,8 @@ def gguf_to_safetensors(gguf_file: Path, output_dir: Path, source: dict) -> None
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(output_dir)
+    with new_files_follow_umask(output_dir):  # safetensors writes 0600
+        model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
 
     ids = tokenizer(CHECK_PROMPT, return_tensors="pt").input_ids

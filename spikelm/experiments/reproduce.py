@@ -431,13 +431,14 @@ def run_experiment(
 
     from .reproduce_report import write_report
 
-    for task in budget.tasks:
-        task_splits(task)
-        if not (Path(suite) / task / "train.tsv").is_file():
-            raise UserError(
-                f"--suite {suite}: no {task}/train.tsv; build the suite with "
-                "`spikelm data prepare-glue-offline --output-dir DIR`"
-            )
+    for task in budget.tasks:  # every file the rows read, before the output directory is created
+        _, dev_splits = task_splits(task)
+        for split in ("train", *dev_splits):
+            if not (Path(suite) / task / f"{split}.tsv").is_file():
+                raise UserError(
+                    f"--suite {suite}: no {task}/{split}.tsv; build the suite with "
+                    "`spikelm data prepare-glue-offline --output-dir DIR`"
+                )
     for variant in variants:  # a bad preset or override fails here, before anything is written
         pretrain_config(budget, VARIANTS[variant], 0)
     state = PartialState(cpu=not torch.cuda.is_available())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from transformers import PretrainedConfig
 
 from spikelm.nn.neuron import check_neuron_options
@@ -161,12 +163,25 @@ class SpikeLMConfig(PretrainedConfig):
                 f"rotary positions need an even head size; hidden_size / num_attention_heads = "
                 f"{self.hidden_size // self.num_attention_heads}"
             )
-        if (
-            isinstance(self.rope_theta, bool)
-            or not isinstance(self.rope_theta, (int, float))
-            or not self.rope_theta > 0
+        # finite numbers in range (NaN and infinities refused: a NaN dropout or epsilon trains nothing, and
+        # config.json cannot even record it as JSON)
+        for name, low, high, low_open in (
+            ("hidden_dropout_prob", 0.0, 1.0, False),
+            ("attention_probs_dropout_prob", 0.0, 1.0, False),
+            ("classifier_dropout", 0.0, 1.0, False),
+            ("initializer_range", 0.0, None, False),
+            ("layer_norm_eps", 0.0, None, True),
+            ("block_layer_norm_eps", 0.0, None, True),
+            ("rope_theta", 0.0, None, True),
         ):
-            raise ValueError(f"SpikeLMConfig.rope_theta must be a positive number, got {self.rope_theta!r}")
+            value = getattr(self, name)
+            if value is None and name == "classifier_dropout":
+                continue
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok and (value > low if low_open else value >= low) and (high is None or value <= high)
+            if not ok:
+                where = f"in [{low:g}, {high:g}]" if high is not None else ("> 0" if low_open else ">= 0")
+                raise ValueError(f"SpikeLMConfig.{name} must be a finite number {where}, got {value!r}")
         if not (self.pre_layer_norm is None or isinstance(self.pre_layer_norm, bool)):
             raise ValueError(f"SpikeLMConfig.pre_layer_norm must be True, False or None, got {self.pre_layer_norm!r}")
         check_neuron_options(

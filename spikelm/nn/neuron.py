@@ -56,8 +56,10 @@ def check_neuron_options(
     if isinstance(alpha_init, str):
         if alpha_init != "mean_abs":
             raise ValueError(f"alpha_init must be 'mean_abs' or a positive number, got {alpha_init!r}")
-    elif isinstance(alpha_init, bool) or not isinstance(alpha_init, Real) or not alpha_init > 0:
-        raise ValueError(f"alpha_init must be 'mean_abs' or a positive number, got {alpha_init!r}")
+    elif (
+        isinstance(alpha_init, bool) or not isinstance(alpha_init, Real) or not alpha_init > 0 or math.isinf(alpha_init)
+    ):
+        raise ValueError(f"alpha_init must be 'mean_abs' or a positive finite number, got {alpha_init!r}")
     if learn_alpha and not use_amplitude:
         raise ValueError(
             "learn_alpha=True needs use_amplitude=True: the LSQ gradient is defined for the spike alpha * q; "
@@ -235,21 +237,45 @@ COMPILE_MIN_ELEMENTS = 1 << 16
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the PyTorch kernels
 _compiled: dict = {}
 _compile_failed = False
+_triton_error: list = []  # [None] once triton imported, [the ImportError] once it failed
+_warned: set = set()  # the fallbacks already announced (each warns once per process)
 
 
 def _triton_available() -> bool:
-    try:
-        from . import kernels_triton  # noqa: F401  (imports triton)
-    except ImportError:
-        return False
-    return True
+    if not _triton_error:
+        try:
+            from . import kernels_triton  # noqa: F401  (imports triton)
+        except ImportError as err:
+            _triton_error.append(err)
+        else:
+            _triton_error.append(None)
+    return _triton_error[0] is None
+
+
+def _warn_once(key: str, message: str) -> None:
+    """A fast path that falls back says so, once per process (never silently, never on every call)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def choose_kernel(x: torch.Tensor, backend: str) -> str:
-    """The kernel a fused ``backend`` runs ``x`` on: "fused" (plain PyTorch loop), "compiled" or "triton"."""
+    """The kernel a fused ``backend`` runs ``x`` on: "fused" (plain PyTorch loop), "compiled" or "triton".
+
+    ``"auto"`` on CUDA without an importable triton falls back to "fused" with one warning."""
     if backend == "auto":
         if x.is_cuda:
-            return "triton" if x.dtype in TRITON_DTYPES and _triton_available() else "fused"
+            if x.dtype not in TRITON_DTYPES:  # float64: the PyTorch loop by design, not a fallback
+                return "fused"
+            if _triton_available():
+                return "triton"
+            _warn_once(
+                "triton",
+                f"spikelm: the Triton neuron kernel is unavailable ({type(_triton_error[0]).__name__}: "
+                f"{_triton_error[0]}); CUDA neurons run the plain PyTorch loop (slower). Install triton for the "
+                "fused kernel.",
+            )
+            return "fused"
         if x.numel() >= COMPILE_MIN_ELEMENTS and not _compile_failed:
             return "compiled"
         return "fused"
@@ -266,19 +292,18 @@ def _run_compiled(fn, *args):
     """``fn(*args)`` through torch.compile; the plain loop (with one warning) if compilation fails."""
     global _compile_failed
     if not _compile_failed:
-        if fn not in _compiled:
-            _compiled[fn] = torch.compile(fn)
         try:
+            if fn not in _compiled:
+                _compiled[fn] = torch.compile(fn)
             # each option set, dtype and layout is a separate specialisation: allow more than dynamo's default 8
             with torch._dynamo.config.patch(recompile_limit=64):
                 return _compiled[fn](*args)
-        except Exception as err:  # a missing or broken C++ compiler, an unsupported platform, ...
+        except Exception as err:  # no torch.compile here, a missing or broken C++ compiler, an unsupported platform
             _compile_failed = True
-            warnings.warn(
+            _warn_once(
+                "compile",
                 f"spikelm: torch.compile of the neuron failed ({type(err).__name__}: {err}); "
                 "using the uncompiled fused loop from now on",
-                RuntimeWarning,
-                stacklevel=3,
             )
     return fn(*args)
 

@@ -61,9 +61,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from ..outputs import write_json_atomic
-from .presets import ConfigError, _coerce, load_config_file, parse_value
+from ..errors import UserError, weights_refused_in_one_line
+from ..outputs import new_files_follow_umask, write_json_atomic
+from .presets import ConfigError, _coerce, _number, check_optimisation_fields, load_config_file, parse_value
 from .pretrain import (
     PretrainingData,
     TrainState,
@@ -172,22 +172,19 @@ class DistillConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be positive, got {self.temperature!r}")
-        if self.kl_weight < 0 or self.hidden_weight < 0 or self.kl_weight + self.hidden_weight == 0:
+        _number("temperature", self.temperature, low=0.0, low_open=True)
+        _number("kl_weight", self.kl_weight, low=0.0)
+        _number("hidden_weight", self.hidden_weight, low=0.0)
+        if self.kl_weight + self.hidden_weight == 0:
             raise ConfigError("kl_weight and hidden_weight must be >= 0, and one of them positive")
         if self.hidden_layers not in ("last", "all"):
             raise ConfigError(f"hidden_layers must be 'last' or 'all', got {self.hidden_layers!r}")
-        if self.learning_rate <= 0:
-            raise ConfigError(f"learning_rate must be positive, got {self.learning_rate!r}")
-        if self.mixed_precision not in ("auto", "no", "bf16"):
-            raise ConfigError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {self.mixed_precision!r}")
         if self.teacher_dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError(f"teacher_dtype must be 'auto', 'float32' or 'bfloat16', got {self.teacher_dtype!r}")
-        if self.schedule_steps is not None and self.schedule_steps < self.max_steps:
-            raise ConfigError(f"schedule_steps ({self.schedule_steps}) must be >= max_steps ({self.max_steps})")
-        if self.max_minutes is not None and not (isinstance(self.max_minutes, (int, float)) and self.max_minutes > 0):
-            raise ConfigError(f"max_minutes must be a positive number of minutes, got {self.max_minutes!r}")
+        for name in ("learn_alpha", "freeze_embeddings", "freeze_lm_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_optimisation_fields(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -341,10 +338,12 @@ def _load_models(teacher_dir: Path, student_dir: Path, config: DistillConfig, mi
         "bfloat16": torch.bfloat16,
         "auto": torch.bfloat16 if mixed == "bf16" else torch.float32,
     }[config.teacher_dtype]
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=teacher_dtype).eval()
+    with weights_refused_in_one_line(teacher_dir, "--teacher"):
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=teacher_dtype).eval()
     teacher.requires_grad_(False)
     torch.manual_seed(config.seed)  # weights the checkpoint lacks (if any) are the same on every process
-    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    with weights_refused_in_one_line(student_dir, "--student"):
+        student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
     return teacher, student
 
 
@@ -799,7 +798,8 @@ def run_distillation(
     # under FSDP the whole state dict is gathered onto the main process (a collective: every process calls it)
     state_dict = accelerator.get_state_dict(model) if fsdp else None
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
+        with new_files_follow_umask(output_dir):  # safetensors writes 0600
+            unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
         write_json_atomic(output_dir / "metrics.json", metrics)
         writer.close()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spikelm.errors import UserError
+from spikelm.errors import UserError, weights_refused_in_one_line
 from spikelm.evaluation.glue.metrics import compute_metrics, selection_value
 from spikelm.evaluation.glue.models import load_starting_point, quiet_transformers
 from spikelm.evaluation.glue.tasks import (
@@ -38,7 +38,7 @@ from spikelm.evaluation.glue.tasks import (
     load_glue_folder,
     load_glue_hub,
 )
-from spikelm.outputs import prepare_output_dir, write_json_atomic, write_text_atomic
+from spikelm.outputs import new_files_follow_umask, prepare_output_dir, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,8 @@ def load_teacher(path: str, task: GlueTask, student_config):
         and names != list(task.label_names)
     ):
         raise UserError(f"--teacher {path} has labels {names}, task {task.name} {list(task.label_names)}")
-    teacher = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with weights_refused_in_one_line(path, "--teacher"):
+        teacher = AutoModelForSequenceClassification.from_pretrained(path).eval()
     teacher.requires_grad_(False)
     return teacher
 
@@ -324,6 +325,12 @@ def finetune(
     for split in task.dev_splits:
         data.splits[split] = subsample(data.splits[split], settings.max_eval_samples, settings.seed)
     start = load_starting_point(model_name, task, changes, eval_only, tokenizer)
+    positions = getattr(start.model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and settings.max_length > positions:
+        raise UserError(
+            f"--max-length {settings.max_length} exceeds the model's max_position_embeddings ({positions}); "
+            f"pass --max-length {positions} or less"
+        )
     if teacher is not None and eval_only:
         raise UserError("--teacher has no use with --eval-only (it only adds a training loss)")
     teacher_model = load_teacher(teacher, task, start.model.config) if teacher is not None else None
@@ -466,7 +473,7 @@ def finetune(
         write_dev_predictions(out, data, best_predictions)
         written = write_test_predictions(out, data, test_predictions)
         if epochs:
-            with quiet_transformers():
+            with quiet_transformers(), new_files_follow_umask(out):  # safetensors writes 0600
                 unwrapped.save_pretrained(out)
             tokenizer_obj.save_pretrained(out)
         write_json_atomic(out / "eval_results.json", results)

@@ -87,31 +87,13 @@ class PretrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.max_minutes is not None:
-            _number("max_minutes", self.max_minutes, low=0.0, low_open=True)
         _number("mlm_probability", self.mlm_probability, low=0.0, high=1.0, low_open=True, high_open=True)
         _number("short_seq_prob", self.short_seq_prob, low=0.0, high=1.0)
-        _number("learning_rate", self.learning_rate, low=0.0, low_open=True)
-        _number("weight_decay", self.weight_decay, low=0.0)
-        _number("adam_beta1", self.adam_beta1, low=0.0, high=1.0, high_open=True)
-        _number("adam_beta2", self.adam_beta2, low=0.0, high=1.0, high_open=True)
-        _number("adam_epsilon", self.adam_epsilon, low=0.0, low_open=True)
-        _number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0)
-        _number("max_grad_norm", self.max_grad_norm, low=0.0)
-        if self.warmup_steps is not None and (
-            isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0
-        ):
-            raise ConfigError(f"warmup_steps must be a non-negative integer, got {self.warmup_steps!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        check_optimisation_fields(self)
         for name in ("corpus", "text_file", "tokenizer"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{name} must be a string, got {value!r}")
-        if self.mixed_precision not in ("auto", "no", "bf16"):
-            raise ConfigError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {self.mixed_precision!r}")
-        if self.schedule_steps is not None and self.schedule_steps < self.max_steps:
-            raise ConfigError(f"schedule_steps ({self.schedule_steps}) must be >= max_steps ({self.max_steps})")
         unknown = sorted(set(self.model) - set(model_fields()))
         if unknown:
             raise ConfigError(
@@ -128,6 +110,30 @@ class PretrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_optimisation_fields(config) -> None:
+    """The optimisation fields pretraining and distillation share (``--set`` of ``pretrain``, ``demo``,
+    ``reproduce`` and ``distill`` end here): finite numbers in range, integers where steps are counted."""
+    if config.max_minutes is not None:
+        _number("max_minutes", config.max_minutes, low=0.0, low_open=True)
+    _number("learning_rate", config.learning_rate, low=0.0, low_open=True)
+    _number("weight_decay", config.weight_decay, low=0.0)
+    _number("adam_beta1", config.adam_beta1, low=0.0, high=1.0, high_open=True)
+    _number("adam_beta2", config.adam_beta2, low=0.0, high=1.0, high_open=True)
+    _number("adam_epsilon", config.adam_epsilon, low=0.0, low_open=True)
+    _number("warmup_ratio", config.warmup_ratio, low=0.0, high=1.0)
+    _number("max_grad_norm", config.max_grad_norm, low=0.0)
+    for name in ("warmup_steps", "schedule_steps"):
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+    if config.schedule_steps is not None and config.schedule_steps < config.max_steps:
+        raise ConfigError(f"schedule_steps ({config.schedule_steps}) must be >= max_steps ({config.max_steps})")
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {config.seed!r}")
+    if config.mixed_precision not in ("auto", "no", "bf16"):
+        raise ConfigError(f"mixed_precision must be 'auto', 'no' or 'bf16', got {config.mixed_precision!r}")
 
 
 def _number(name: str, value, low=None, high=None, low_open=False, high_open=False) -> None:

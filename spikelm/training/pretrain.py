@@ -40,7 +40,13 @@ from spikelm.data.objectives import IGNORE_INDEX, Batcher, build_examples, docum
 from spikelm.errors import UserError
 from spikelm.evaluation.perplexity import TOKEN_COUNTS_FILE, unigram_log_probs
 from spikelm.models.configuration_spikelm import SpikeLMConfig
-from spikelm.outputs import check_output_dir, prepare_output_dir, write_json_atomic, write_text_atomic
+from spikelm.outputs import (
+    check_output_dir,
+    new_files_follow_umask,
+    prepare_output_dir,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 from .checkpoints import (
     check_resume_settings,
@@ -327,7 +333,8 @@ def save_checkpoint(
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.config.architectures = [type(unwrapped).__name__]  # as save_pretrained: loads with Auto classes
         unwrapped.config.to_json_file(tmp / "config.json")
-        save_model(unwrapped, str(tmp / "model.safetensors"))
+        with new_files_follow_umask(tmp):  # safetensors writes 0600
+            save_model(unwrapped, str(tmp / "model.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         write_json_atomic(tmp / "trainer_state.json", {**state.__dict__, "world_size": accelerator.num_processes})
         write_json_atomic(tmp / config_file, config.to_dict())
@@ -695,9 +702,10 @@ def run_pretraining(
     if "unigram_perplexity" in state.initial_eval:
         metrics["unigram_baseline_perplexity"] = state.initial_eval["unigram_perplexity"]
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir)
-        tokenizer.save_pretrained(output_dir)
-        save_file({"counts": data.token_counts()}, str(output_dir / TOKEN_COUNTS_FILE))  # the unigram baseline
+        with new_files_follow_umask(output_dir):  # safetensors writes 0600
+            unwrapped.save_pretrained(output_dir)
+            tokenizer.save_pretrained(output_dir)
+            save_file({"counts": data.token_counts()}, str(output_dir / TOKEN_COUNTS_FILE))  # the unigram baseline
         write_json_atomic(output_dir / "metrics.json", metrics)
         writer.close()
     accelerator.wait_for_everyone()

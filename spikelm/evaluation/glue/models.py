@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spikelm.errors import UserError
+from spikelm.errors import UserError, weights_refused_in_one_line
 
 from .tasks import GlueTask
 
@@ -82,7 +82,13 @@ def _model_type(name: str) -> tuple[str, str]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"--model {name}: the directory has no config.json (expected a saved model)")
-        return json.loads((path / "config.json").read_text()).get("model_type"), name
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise UserError(f"--model {name}: config.json is not valid JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise UserError(f"--model {name}: config.json must hold a JSON object")
+        return config.get("model_type"), name
     if path.exists():
         raise UserError(f"--model {name} is a file; expected a model directory, a hub name or {MINILM_NAME!r}")
     from transformers import AutoConfig
@@ -162,7 +168,7 @@ def _from_bert(path: str, task: GlueTask, changes: dict) -> tuple[SpikeLMForSequ
     from spikelm.conversion.official import bert_to_spikelm_state_dict
     from spikelm.models.modeling_spikelm import SpikeLMForSequenceClassification
 
-    with quiet_transformers():
+    with quiet_transformers(), weights_refused_in_one_line(path):
         bert = BertModel.from_pretrained(path)
     config = spikelm_config_from_bert(bert.config, **changes)
     _set_task(config, task)
@@ -194,7 +200,10 @@ def _from_spikelm(name: str, task: GlueTask, changes: dict, eval_only: bool):
     from spikelm.models.configuration_spikelm import SpikeLMConfig
     from spikelm.models.modeling_spikelm import SpikeLMForSequenceClassification
 
-    config = SpikeLMConfig.from_pretrained(name)
+    try:
+        config = SpikeLMConfig.from_pretrained(name)
+    except (OSError, ValueError, TypeError) as err:  # a field out of range or of the wrong type
+        raise UserError(f"--model {name}: cannot use its config.json ({' '.join(str(err).split())[:300]})") from None
     if "SpikeLMForCausalLM" in (config.architectures or []):
         raise UserError(
             f"--model {name} holds a SpikeLMForCausalLM (a causal decoder); fine-tuning needs an encoder: a SpikeLM "
@@ -215,7 +224,10 @@ def _from_spikelm(name: str, task: GlueTask, changes: dict, eval_only: bool):
             "fine-tune it for this task first (drop --eval-only)"
         )
     _set_task(config, task)
-    with quiet_transformers():  # its load report lists the head keys; the warnings below say what happened
+    with (
+        quiet_transformers(),
+        weights_refused_in_one_line(name),
+    ):  # its load report lists the head keys (see the warnings)
         model, info = SpikeLMForSequenceClassification.from_pretrained(
             name, config=config, ignore_mismatched_sizes=True, output_loading_info=True
         )
