@@ -27,7 +27,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from ..models.modeling_spikelm_causal import DEFAULT_PACKING, SpikeKVCacheLayer
 from ..nn._constants import ALPHA_FLOOR
 from ..nn.neuron import ElasticBiSpikingNeuron
-from ..nn.packing import pack_bits, unpack_bits
+from ..nn.packing import pack_bits, unpack_bits, unpack_ternary
 
 
 def spike_per_step(neuron: nn.Module, states: torch.Tensor, steps: int) -> torch.Tensor:
@@ -87,6 +87,20 @@ class SpikeCodeLayer(SpikeKVCacheLayer):
         steps = self.steps
         keys = spike_per_step(self.key_neuron, key_states, steps)
         values = spike_per_step(self.value_neuron, value_states, steps)
+        if self.is_initialized and self._decode_after_append(keys, values):
+            # inference: pack the new codes in the model's layout, fold the bytes, decode straight into it
+            key_scale, value_scale = spike_scale(self.key_neuron), spike_scale(self.value_neuron)
+            self.key_scale, self.value_scale = key_scale, value_scale
+            for name, spikes in (("keys", keys), ("values", values)):
+                setattr(
+                    self, name, torch.cat([getattr(self, name), fold_steps_into_heads(self._encode(spikes), steps)], -2)
+                )
+            return (
+                unpack_ternary(self.keys, self._table(key_scale, "key"), steps, self.width, steps_into_batch=True),
+                unpack_ternary(
+                    self.values, self._table(value_scale, "value"), steps, self.width, steps_into_batch=True
+                ),
+            )
         keys, values = super().update(
             fold_steps_into_heads(keys, steps),
             fold_steps_into_heads(values, steps),

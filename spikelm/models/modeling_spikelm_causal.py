@@ -115,6 +115,13 @@ class SpikeKVCacheLayer(DynamicLayer):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self._decode_after_append(key_states, value_states):
+            # inference with packed codes: append, then decode every cached token in one pass (bit-identical:
+            # the table holds the values the neuron computed; no copy of the past for a concatenation)
+            self.key_scale, self.value_scale = key_scale, value_scale
+            self.keys = torch.cat([self.keys, self._encode(key_states)], dim=-2)
+            self.values = torch.cat([self.values, self._encode(value_states)], dim=-2)
+            return self._decode(self.keys, key_scale, "key"), self._decode(self.values, value_scale, "value")
         past_keys = self._decode(self.keys, key_scale, "key")
         past_values = self._decode(self.values, value_scale, "value")
         self.key_scale, self.value_scale = key_scale, value_scale
@@ -124,6 +131,12 @@ class SpikeKVCacheLayer(DynamicLayer):
         if past_keys.shape[-2] == 0:
             return key_states, value_states
         return torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
+
+    def _decode_after_append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Whether ``update`` may return the decoded cache (packed codes, a past to read, no gradient to keep)."""
+        if self.packing is None or self.keys.shape[-2] == 0:
+            return False
+        return not (torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad))
 
     def _encode(self, spikes: torch.Tensor) -> torch.Tensor:
         codes = torch.sign(spikes.detach()).to(torch.int8)

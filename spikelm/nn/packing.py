@@ -55,18 +55,27 @@ def ternary_table(scale: torch.Tensor, per_byte: int, dtype: torch.dtype, comput
     return values.to(dtype).reshape(-1, per_byte)
 
 
-def unpack_ternary(packed: torch.Tensor, table: torch.Tensor, steps: int, width: int) -> torch.Tensor:
+def unpack_ternary(
+    packed: torch.Tensor, table: torch.Tensor, steps: int, width: int, steps_into_batch: bool = False
+) -> torch.Tensor:
     """Decode (B, T*H, L, w) packed bytes with :func:`ternary_table`'s ``table`` -> (B, T*H, L, width) values.
 
-    The step of head ``t*H + h`` is t (step-major heads, the caches' layout).
+    The step of head ``t*H + h`` is t (step-major heads, the caches' layout). With ``steps_into_batch`` the values
+    come out as (T*B, H, L, width) instead, time-major in the batch axis (a converted model's layout).
     """
     batch, heads, length, nbytes = packed.shape
     per_byte = table.shape[-1]
     rows = table.shape[0] // steps
     offsets = torch.arange(0, steps * rows, rows, device=packed.device, dtype=torch.int32)
-    index = packed.view(batch, steps, heads // steps, length, nbytes).to(torch.int32) + offsets.view(1, -1, 1, 1, 1)
-    values = F.embedding(index.view(batch, heads, length, nbytes), table)
-    values = values.view(batch, heads, length, nbytes * per_byte)
+    split = packed.view(batch, steps, heads // steps, length, nbytes)
+    if steps_into_batch:
+        index = split.transpose(0, 1).to(torch.int32, memory_format=torch.contiguous_format)
+        index += offsets.view(-1, 1, 1, 1, 1)
+        shape = (steps * batch, heads // steps, length)
+    else:
+        index = split.to(torch.int32) + offsets.view(1, -1, 1, 1, 1)
+        shape = (batch, heads, length)
+    values = F.embedding(index.view(*shape, nbytes), table).view(*shape, nbytes * per_byte)
     return values if nbytes * per_byte == width else values[..., :width]
 
 
