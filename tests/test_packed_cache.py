@@ -17,6 +17,7 @@ from spikelm.nn.packing import (
     unpack_bits,
     unpack_ternary,
     unpack_ternary_codes,
+    unpack_ternary_words,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -29,8 +30,10 @@ def test_ternary_bytes_are_base_3_digits_of_q_plus_1():
     # 5 per byte: digits 2,1,0,1,2 -> 2 + 3 + 0 + 27 + 2*81 = 194;
     # then 0,0 and three padding zeros (digit 1): 0 + 0 + 9 + 27 + 81 = 117
     assert pack_ternary(codes, 5).tolist() == [[194, 117]]
-    # 4 per byte: 2 + 3 + 0 + 27 = 32; then 2 + 0 + 0 + 27 (padding) = 29
-    assert pack_ternary(codes, 4).tolist() == [[32, 29]]
+    # 4 per byte, 2 bits each, groups of 16 values (padded with digit 1): byte i holds value 4k + i in bits 2k..2k+1
+    # byte 0: values 0, 4, 8, 12 -> digits 2, 2, 1, 1 -> 2 + 2*4 + 1*16 + 1*64 = 90; byte 1: values 1, 5, 9, 13 ->
+    # 1, 0, 1, 1 -> 81; byte 2: values 2, 6, 10, 14 -> 0, 0, 1, 1 -> 80; byte 3: values 3, 7, 11, 15 -> 85
+    assert pack_ternary(codes, 4).tolist() == [[90, 81, 80, 85]]
 
 
 @pytest.mark.parametrize("per_byte", [4, 5])
@@ -38,22 +41,32 @@ def test_ternary_bytes_are_base_3_digits_of_q_plus_1():
 def test_ternary_round_trip(per_byte, width):
     codes = torch.randint(-1, 2, (2, 3, 5, width), dtype=torch.int8)
     packed = pack_ternary(codes, per_byte)
-    assert packed.dtype == torch.uint8 and packed.shape[-1] == -(-width // per_byte)
+    expected_bytes = -(-width // 16) * 4 if per_byte == 4 else -(-width // per_byte)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == expected_bytes
     assert torch.equal(unpack_ternary_codes(packed, width, per_byte), codes)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("per_byte", [4, 5])
-def test_table_decoding_equals_decoding_int8_codes(dtype, per_byte):
+@pytest.mark.parametrize("steps_into_batch", [False, True])
+def test_decoding_packed_codes_equals_decoding_int8_codes(dtype, per_byte, steps_into_batch):
     steps, heads, width = 3, 2, 13
     codes = torch.randint(-1, 2, (2, steps * heads, 6, width), dtype=torch.int8)
     scale = torch.rand(steps) + 0.1
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    table = ternary_table(scale, per_byte, dtype, compute)
-    decoded = unpack_ternary(pack_ternary(codes, per_byte), table, steps, width)
+    packed = pack_ternary(codes, per_byte)
+    if per_byte == 4:
+        decoded = unpack_ternary_words(packed, scale, width, dtype, compute, steps_into_batch)
+    else:
+        table = ternary_table(scale, per_byte, dtype, compute)
+        decoded = unpack_ternary(packed, table, steps, width, steps_into_batch)
     expected = (codes.view(2, steps, heads, 6, width).to(compute) * scale.to(compute).view(1, steps, 1, 1, 1)).to(dtype)
+    if steps_into_batch:  # (T*B, H, L, d): time-major in the batch axis
+        expected = expected.transpose(0, 1).reshape(steps * 2, heads, 6, width)
+    else:
+        expected = expected.view(2, steps * heads, 6, width)
     assert decoded.dtype == dtype
-    assert torch.equal(decoded, expected.view(2, steps * heads, 6, width))
+    assert torch.equal(decoded, expected)
 
 
 @pytest.mark.parametrize("bits", [1, 3, 5, 8])

@@ -259,7 +259,8 @@ def test_cache_stores_ternary_codes_with_steps_on_the_head_axis(packing):
     model(token_ids(batch, length), past_key_values=cache, use_cache=True)
     assert isinstance(cache, SpikeCodeCache)
     kv_heads, head_dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
-    stored_width = head_dim if packing is None else -(-head_dim // packing)
+    # 4 per byte: words of 16 values (4 bytes); 5 per byte: ceil(d / 5) bytes
+    stored_width = {None: head_dim, 4: -(-head_dim // 16) * 4, 5: -(-head_dim // 5)}[packing]
     for layer in cache.layers:
         for stored, name in ((layer.keys, "keys"), (layer.values, "values")):
             assert stored.dtype == (torch.int8 if packing is None else torch.uint8)

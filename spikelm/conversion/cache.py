@@ -27,7 +27,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from ..models.modeling_spikelm_causal import DEFAULT_PACKING, SpikeKVCacheLayer
 from ..nn._constants import ALPHA_FLOOR
 from ..nn.neuron import ElasticBiSpikingNeuron
-from ..nn.packing import pack_bits, unpack_bits, unpack_ternary
+from ..nn.packing import pack_bits, unpack_bits
 
 
 def spike_per_step(neuron: nn.Module, states: torch.Tensor, steps: int) -> torch.Tensor:
@@ -96,10 +96,8 @@ class SpikeCodeLayer(SpikeKVCacheLayer):
                     self, name, torch.cat([getattr(self, name), fold_steps_into_heads(self._encode(spikes), steps)], -2)
                 )
             return (
-                unpack_ternary(self.keys, self._table(key_scale, "key"), steps, self.width, steps_into_batch=True),
-                unpack_ternary(
-                    self.values, self._table(value_scale, "value"), steps, self.width, steps_into_batch=True
-                ),
+                self._decode(self.keys, key_scale, "key", steps_into_batch=True),
+                self._decode(self.values, value_scale, "value", steps_into_batch=True),
             )
         keys, values = super().update(
             fold_steps_into_heads(keys, steps),

@@ -28,7 +28,15 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from spikelm.nn.neuron import ALPHA_FLOOR
-from spikelm.nn.packing import PER_BYTE, pack_ternary, packed_width, ternary_table, unpack_ternary, unpack_ternary_codes
+from spikelm.nn.packing import (
+    PER_BYTE,
+    pack_ternary,
+    packed_width,
+    ternary_table,
+    unpack_ternary,
+    unpack_ternary_codes,
+    unpack_ternary_words,
+)
 
 from .configuration_spikelm import SpikeLMConfig
 from .modeling_spikelm import SpikeLMPreTrainedModel, check_input_shape, make_linear, make_respike
@@ -145,10 +153,18 @@ class SpikeKVCacheLayer(DynamicLayer):
     def _compute_dtype(self) -> torch.dtype:
         return torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
 
-    def _decode(self, codes: torch.Tensor, scale: torch.Tensor, name: str = "key") -> torch.Tensor:
+    def _decode(
+        self, codes: torch.Tensor, scale: torch.Tensor, name: str = "key", steps_into_batch: bool = False
+    ) -> torch.Tensor:
+        """The spikes ``scale_t * q`` of stored ``codes``: (B, T*H, L, d), or (T*B, H, L, d) with
+        ``steps_into_batch`` (packed codes only)."""
         steps = scale.shape[0]
+        if self.packing == 4:
+            return unpack_ternary_words(
+                codes, scale, self.width, self.dtype, self._compute_dtype(), steps_into_batch=steps_into_batch
+            )
         if self.packing is not None:
-            return unpack_ternary(codes, self._table(scale, name), steps, self.width)
+            return unpack_ternary(codes, self._table(scale, name), steps, self.width, steps_into_batch)
         batch, heads, length, head_dim = codes.shape
         compute_dtype = self._compute_dtype()
         spikes = codes.reshape(batch, steps, heads // steps, length, head_dim).to(compute_dtype)
