@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from spikelm.commands.main import main
+from spikelm.models.modeling_spikelm_causal import DEFAULT_PACKING
 
 
 def test_generation_benchmark_section(tmp_path, capsys, monkeypatch):
@@ -47,13 +48,14 @@ def test_generation_benchmark_section(tmp_path, capsys, monkeypatch):
         (40, False),
     }
     assert all(r["decode_tokens_per_s"] > 0 for r in spiking["runs"])
-    # K and V codes for T=2 steps, 2 heads of 8 packed 5 per byte (2 bytes): 2 * T * heads * 2 bytes per token
-    assert spiking["cache_bytes_per_token"] == 2 * 2 * 2 * 2
+    # K and V codes for T=2 steps, 2 heads of 8 values packed (one 4-byte word at 4 per byte; ceil(8/5) = 2 at 5)
+    assert spiking["cache_bytes_per_token"] == 2 * 2 * 2 * {4: 4, 5: 2}[DEFAULT_PACKING]
     assert "cache tok/s" in capsys.readouterr().out
     assert main(["benchmark", "--skip-training", "--generation-lengths", "--output-dir", str(tmp_path / "x")]) == 2
 
 
 TEXT = "The quick brown fox jumps over the lazy dog. " * 100
+PACKED = {4: 4, 5: 3}[DEFAULT_PACKING]  # head_dim 12: one 16-value word (4 bytes) at 4 per byte, ceil(12/5) at 5
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +98,7 @@ def test_converted_generation_benchmark_prints_ratios_computed_from_its_timings(
     args += ["--prompt-lengths", "6", "--new-tokens", "4", "--repeats", "2", "--threads", "1"]
     args += ["--calibration-text", str(llama_dir / "cal.txt"), "--calibration-sequences", "2"]
     args += ["--calibration-length", "16", "--output-dir", str(out)]
+    args += ["--compare-unpacked"] if recipe == "elastic" else []
     assert main(args) == 0
     printed = capsys.readouterr().out
     report = json.loads((out / "benchmark.json").read_text())
@@ -106,7 +109,15 @@ def test_converted_generation_benchmark_prints_ratios_computed_from_its_timings(
     assert report["generation"]["num_steps"] == steps
     rows = [_row(line) for line in printed.splitlines() if line.split()[:1] in (["1"], ["2"])]
     ratio_lines = [line for line in printed.splitlines() if "ratios:" in line]
-    assert len(rows) == 4 and len(ratio_lines) == 2
+    assert len(ratio_lines) == 2
+    if recipe == "elastic":  # the unpacked cache's row, and its bytes: one int8 code per value (+ the magnitudes)
+        assert [r[2] for r in rows] == ["real", "spiking", "spiking_unpacked"] * 2
+        for case in cases:
+            tokens = case["batch_size"] * (6 + 4 - 1)
+            unpacked = case["spiking_unpacked"]["cache_bytes_per_token"]
+            assert unpacked == pytest.approx((2 * 2 * 4 * 2 * 12 * tokens + 2 * 2 * 4 * 4) / tokens)
+        rows = [r for r in rows if r[2] != "spiking_unpacked"]
+    assert len(rows) == 4
     pairs = zip(rows[::2], rows[1::2], strict=True)
     for case, ratio_line, (real, spiking) in zip(cases, ratio_lines, pairs, strict=True):
         assert real[2] == "real" and spiking[2] == "spiking"
@@ -127,8 +138,8 @@ def test_converted_generation_benchmark_prints_ratios_computed_from_its_timings(
         # cache bytes per token by hand: K and V, 2 layers, 2 KV heads of 12; the generated cache holds 6 + 3 tokens
         tokens = case["batch_size"] * (6 + 4 - 1)
         assert case["real_fp16_cache_bytes_per_token"] == 2 * 2 * 2 * 12 * 2
-        if recipe == "elastic":  # T=4 steps, ceil(12 / 5) = 3 bytes, plus one float32 magnitude per step, K and V
-            expected = (2 * 2 * 4 * 2 * 3 * tokens + 2 * 2 * 4 * 4) / tokens
+        if recipe == "elastic":  # T=4 steps, PACKED bytes per head row, plus one float32 magnitude per step, K and V
+            expected = (2 * 2 * 4 * 2 * PACKED * tokens + 2 * 2 * 4 * 4) / tokens
         else:  # 5 bit planes of ceil(12 / 8) = 2 bytes, and per token a grid of float32 scales and zero points
             grid = 2 * 2 * 2 * 4 * 4  # K and V, 2 layers, 2 heads, a scale and a zero point for each of 2 groups
             expected = 2 * 2 * 2 * 5 * 2 + grid

@@ -69,6 +69,11 @@ def register(sub) -> None:
     )
     g.add_argument("--calibration-length", type=integer(2), default=128, help="tokens per sequence (default 128)")
     g.add_argument("--calibration-text", type=text_file, default=None, help="UTF-8 text (default: the pypi corpus)")
+    g.add_argument(
+        "--compare-unpacked",
+        action="store_true",
+        help="also time the spiking model with an unpacked (one code per byte) cache, interleaved",
+    )
     add_output_dir(p, required=False)
     p.set_defaults(func=run, output_dir="runs/benchmark")
 
@@ -210,7 +215,13 @@ def run_converted(args) -> int:
         flush=True,
     )
     report["generation"] = measure_pair(
-        real, spiking, args.batch_sizes, args.prompt_lengths, args.new_tokens, args.repeats or 3
+        real,
+        spiking,
+        args.batch_sizes,
+        args.prompt_lengths,
+        args.new_tokens,
+        args.repeats or 3,
+        compare_unpacked=args.compare_unpacked,
     )
     write_json_atomic(out / "benchmark.json", report)
     print(format_pair_table(report["generation"]))

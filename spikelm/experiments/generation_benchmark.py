@@ -147,9 +147,10 @@ def cache_fp16_bytes(cache) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-def _generate_seconds(model, prompt, new_tokens: int, memory: PeakRSS | None = None):
-    """Seconds of one greedy ``generate()``, and the cache it returned."""
+def _generate_seconds(model, prompt, new_tokens: int, memory: PeakRSS | None = None, make_cache=None):
+    """Seconds of one greedy ``generate()``, and the cache it returned (``make_cache()``'s, if given)."""
     kwargs = dict(
+        past_key_values=None if make_cache is None else make_cache(),
         return_dict_in_generate=True,
         attention_mask=torch.ones_like(prompt),
         max_new_tokens=new_tokens,
@@ -180,11 +181,22 @@ def measure_pair(
     repeats: int = 3,
     seed: int = 0,
     log=print,
+    compare_unpacked: bool = False,
 ) -> dict:
-    """Prefill and decode speed, peak memory and cache bytes of both models at every (batch, prompt length)."""
+    """Prefill and decode speed, peak memory and cache bytes of both models at every (batch, prompt length).
+
+    ``compare_unpacked``: also time the spiking model with its cache unpacked (one code per byte), as
+    ``spiking_unpacked``, interleaved with the others."""
     if new_tokens < 2:
         raise UserError(f"--new-tokens must be at least 2 (decode speed needs a second token), got {new_tokens}")
     models = {"real": real, "spiking": spiking}
+    caches = {}
+    if compare_unpacked:
+        from spikelm.conversion import spike_code_cache
+
+        models["spiking_unpacked"] = spiking
+        caches["spiking_unpacked"] = lambda: spike_code_cache(spiking, packing=None)
+    names = list(models)
     steps = spiking._spikelm.steps
     vocab = real.config.vocab_size
     generator = torch.Generator().manual_seed(seed)
@@ -195,16 +207,17 @@ def measure_pair(
         for length in prompt_lengths:
             prompt = torch.randint(min(100, vocab - 1), vocab, (batch, length), generator=generator)
             log(f"  batch {batch}, prompt {length}, {new_tokens} new tokens: warming up...")
-            for model in models.values():  # allocator, caches, the neurons' compiled loop
-                _generate_seconds(model, prompt, 2)
-            times = {name: {"first": [], "full": []} for name in MODELS}
-            peak = {name: [] for name in MODELS}
+            for name, model in models.items():  # allocator, caches, the neurons' compiled loop
+                _generate_seconds(model, prompt, 2, make_cache=caches.get(name))
+            times = {name: {"first": [], "full": []} for name in names}
+            peak = {name: [] for name in names}
             cache_bytes, cache_fp16 = {}, {}
             for repeat in range(repeats):
                 for name, model in models.items():
-                    times[name]["first"].append(_generate_seconds(model, prompt, 1)[0])
+                    make = caches.get(name)
+                    times[name]["first"].append(_generate_seconds(model, prompt, 1, make_cache=make)[0])
                     memory = PeakRSS()
-                    seconds, cache = _generate_seconds(model, prompt, new_tokens, memory)
+                    seconds, cache = _generate_seconds(model, prompt, new_tokens, memory, make_cache=make)
                     times[name]["full"].append(seconds)
                     cached_tokens = batch * cache.get_seq_length()  # L + n - 1 per row
                     cache_bytes[name] = cache_tensor_bytes(cache) / cached_tokens
@@ -214,10 +227,10 @@ def measure_pair(
                         peak[name].append(memory.growth)
                 log(
                     f"    repeat {repeat + 1}/{repeats}: "
-                    + ", ".join(f"{n} {times[n]['first'][-1]:.2f} s + {times[n]['full'][-1]:.2f} s" for n in MODELS)
+                    + ", ".join(f"{n} {times[n]['first'][-1]:.2f} s + {times[n]['full'][-1]:.2f} s" for n in names)
                 )
             case = {"batch_size": batch, "prompt_length": length, "new_tokens": new_tokens, "repeats": repeats}
-            for name in MODELS:
+            for name in names:
                 first = statistics.median(times[name]["first"])
                 full = statistics.median(times[name]["full"])
                 case[name] = {
@@ -248,17 +261,17 @@ def ratios(case: dict, steps: int) -> dict:
 
 def format_pair_table(report: dict) -> str:
     head = (
-        f"{'batch':>5} {'prompt':>6} {'model':<8} {'prefill ms':>11} {'decode ms/step':>15} {'prefill tok/s':>14} "
+        f"{'batch':>5} {'prompt':>6} {'model':<16} {'prefill ms':>11} {'decode ms/step':>15} {'prefill tok/s':>14} "
         f"{'decode tok/s':>13} {'peak MB':>8} {'cache B/tok':>12}"
     )
     lines = [head, "-" * len(head)]
     steps = report["num_steps"]
     for case in report["cases"]:
-        for name in MODELS:
+        for name in [n for n in case if isinstance(case[n], dict) and "prefill_s" in case[n]]:
             r = case[name]
             peak = "-" if r["peak_rss_growth_bytes"] is None else f"{r['peak_rss_growth_bytes'] / 2**20:.0f}"
             lines.append(
-                f"{case['batch_size']:>5} {case['prompt_length']:>6} {name:<8} {1e3 * r['prefill_s']:>11.2f} "
+                f"{case['batch_size']:>5} {case['prompt_length']:>6} {name:<16} {1e3 * r['prefill_s']:>11.2f} "
                 f"{r['decode_ms_per_step']:>15.3f} {r['prefill_tokens_per_s']:>14.1f} "
                 f"{r['decode_tokens_per_s']:>13.2f} {peak:>8} {r['cache_bytes_per_token']:>12.1f}"
             )
