@@ -431,6 +431,16 @@ CASES = {
         (["--output-dir", FILE], "exists and is not a directory"),
         (["--output-dir", OCCUPIED], "not empty"),
         (["--output-dir", "/proc/x"], "--output-dir /proc/x"),
+        (["--model", MODEL, *_o()], "add --generation"),
+        (["--generation", "--model", MISSING, *_o()], "--model"),
+        (["--generation", "--model", NOCONFIG, *_o()], "config.json"),
+        (["--generation", "--model", MODEL, *_o()], "cannot read its config.json"),
+        (["--generation", "--model", MODEL, "--new-tokens", "1", *_o()], "--new-tokens"),
+        (["--generation", "--model", MODEL, "--batch-sizes", "0", *_o()], "--batch-sizes"),
+        (["--generation", "--model", MODEL, "--prompt-lengths", "x", *_o()], "--prompt-lengths"),
+        (["--generation", "--model", MODEL, "--recipe", "lif", *_o()], "--recipe"),
+        (["--generation", "--model", MODEL, "--threads", "0", *_o()], "--threads"),
+        (["--generation", "--model", MODEL, "--calibration-text", MISSING, *_o()], "--calibration-text"),
     ]
     + ([(["--device", "cuda", *_o()], "CUDA is not available")] if NO_CUDA else []),
     "reproduce": [

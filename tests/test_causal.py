@@ -108,7 +108,7 @@ def test_sampling_is_identical_with_and_without_cache_and_follows_the_seed():
     assert not torch.equal(runs[0], runs[2])
 
 
-def test_generate_uses_the_int8_spike_cache_with_steps_in_the_head_axis():
+def test_generate_uses_the_packed_spike_cache_with_steps_in_the_head_axis():
     model = causal_model(num_steps=3)
     prompt = torch.randint(0, model.config.vocab_size, (2, 5))
     out = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
@@ -116,9 +116,11 @@ def test_generate_uses_the_int8_spike_cache_with_steps_in_the_head_axis():
     assert isinstance(cache, SpikeLMCache)
     heads, head_dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
     for layer in cache.layers:
-        assert layer.keys.dtype == torch.int8 and layer.values.dtype == torch.int8
-        assert layer.keys.shape == (2, 3 * heads, 8, head_dim)  # (B, T*H, L, d): 5 prompt + 3 fed back
-        assert set(layer.keys.unique().tolist()) <= {-1, 0, 1}
+        assert layer.keys.dtype == torch.uint8 and layer.values.dtype == torch.uint8
+        # (B, T*H, L, ceil(d / 5)): 5 prompt + 3 fed back, 5 ternary codes per byte
+        assert layer.keys.shape == (2, 3 * heads, 8, -(-head_dim // 5))
+        assert layer.codes("keys").shape == (2, 3 * heads, 8, head_dim)
+        assert set(layer.codes("keys").unique().tolist()) <= {-1, 0, 1}
 
 
 def test_cached_spikes_decode_exactly_to_the_neurons_output():

@@ -374,3 +374,34 @@ def test_straight_through_window_is_closed_at_alpha(backend):
     u = torch.tensor([[alpha, -alpha, nxt, -nxt, 0.0, 0.2]], requires_grad=True)
     neuron(u).backward(torch.ones(1, 6))
     assert u.grad.tolist() == [[1.0, 1.0, 0.0, 0.0, 1.0, 1.0]]
+
+
+@pytest.mark.parametrize("membrane", [True, False])
+@pytest.mark.parametrize(
+    "spike_levels,reset", [("ternary", "official"), ("ternary", "symmetric"), ("binary", "official")]
+)
+@pytest.mark.parametrize("use_amplitude", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_inference_fast_path_equals_the_fused_loop_bit_for_bit(
+    membrane, spike_levels, reset, use_amplitude, dtype, steps
+):
+    from spikelm.nn.neuron import spike_steps, spike_steps_inference
+
+    torch.manual_seed(steps)
+    alpha = torch.rand(steps) + 0.2
+    x = torch.randn(steps, 3, 5, 17) * 2
+    x[:, 0, 0, :8] = alpha.view(-1, 1) * torch.tensor([-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, -0.0])  # thresholds
+    x = x.to(dtype)
+    expected, _, _ = spike_steps(x, alpha, spike_levels, reset, use_amplitude, membrane, False, False)
+    got = spike_steps_inference(x, alpha, spike_levels, reset, use_amplitude, membrane)
+    assert got.dtype == expected.dtype == dtype and torch.equal(got, expected)
+    # and the module's inference path (which takes it for small inputs) equals the readable reference path
+    neuron = ElasticBiSpikingNeuron(
+        steps, spike_levels=spike_levels, reset=reset, use_amplitude=use_amplitude, membrane=membrane, alpha_init=1.0
+    )
+    with torch.no_grad():
+        neuron.alpha.copy_(alpha)
+        fast = neuron(x)
+        neuron.backend = "reference"
+        assert torch.equal(fast, neuron(x))

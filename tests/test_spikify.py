@@ -32,7 +32,7 @@ from transformers import (
 )
 
 import spikelm
-from spikelm.conversion import SpikeCodeCache, SpikeLMConversionConfig, neurons, placement, spikify
+from spikelm.conversion import SpikeCodeCache, SpikeLMConversionConfig, neurons, placement, spike_code_cache, spikify
 from spikelm.conversion.cache import is_spike_cache
 
 VOCAB = 64
@@ -249,21 +249,29 @@ def test_cached_decoding_equals_full_forward(family, steps, reset):
     assert flips == 0
 
 
-def test_cache_stores_int8_codes_with_steps_on_the_head_axis():
+@pytest.mark.parametrize("packing", [None, 4, 5])
+def test_cache_stores_ternary_codes_with_steps_on_the_head_axis(packing):
     steps, batch, length = 4, 3, 7
     model = spikify(tiny_llama(), num_steps=steps, calibration=token_ids(4, 16))
-    out = model(token_ids(batch, length), use_cache=True)
-    cache = out.past_key_values
+    made = model(token_ids(batch, length), use_cache=True).past_key_values  # the model's own: the default packing
+    assert made.layers[0].packing == 5
+    cache = spike_code_cache(model, packing=packing)
+    model(token_ids(batch, length), past_key_values=cache, use_cache=True)
     assert isinstance(cache, SpikeCodeCache)
     kv_heads, head_dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
+    # 4 per byte: words of 16 values (4 bytes); 5 per byte: ceil(d / 5) bytes
+    stored_width = {None: head_dim, 4: -(-head_dim // 16) * 4, 5: -(-head_dim // 5)}[packing]
     for layer in cache.layers:
-        for codes in (layer.keys, layer.values):
-            assert codes.dtype == torch.int8
+        for stored, name in ((layer.keys, "keys"), (layer.values, "values")):
+            assert stored.dtype == (torch.int8 if packing is None else torch.uint8)
+            assert tuple(stored.shape) == (batch, steps * kv_heads, length, stored_width)
+            codes = layer.codes(name)
             assert tuple(codes.shape) == (batch, steps * kv_heads, length, head_dim)
             assert set(codes.unique().tolist()) <= {-1, 0, 1}
         # decoded, the codes are the K spikes the attention used: alpha_t * q per step
         alpha = layer.key_neuron.alpha
-        decoded = layer.keys.view(batch, steps, kv_heads, length, head_dim).float() * alpha.view(1, steps, 1, 1, 1)
+        decoded = layer.codes("keys").view(batch, steps, kv_heads, length, head_dim).float()
+        decoded = decoded * alpha.view(1, steps, 1, 1, 1)
         assert set(decoded[:, 1].abs().unique().tolist()) <= {0.0, float(alpha[1])}
 
 
@@ -278,11 +286,11 @@ def test_generate_makes_the_spike_cache_itself():
         pad_token_id=0,
     )
     assert is_spike_cache(out.past_key_values)  # generate's DynamicCache, its layers made spike-code layers
-    assert out.past_key_values.layers[0].keys.dtype == torch.int8
+    assert out.past_key_values.layers[0].keys.dtype == torch.uint8  # packed codes, the default
     # an empty DynamicCache passed by hand becomes a spike-code cache in place
     cache = DynamicCache()
     model(token_ids(), past_key_values=cache, use_cache=True)
-    assert cache.layers[0].keys.dtype == torch.int8
+    assert cache.layers[0].keys.dtype == torch.uint8 and cache.layers[0].packing == 5
 
 
 def test_float_cache_with_content_is_refused():

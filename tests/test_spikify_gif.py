@@ -78,8 +78,11 @@ def test_gif_cache_stores_integer_codes_and_a_grid_per_token(group_range, width)
     heads, head_dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
     for layer in cache.layers:
         assert isinstance(layer, GIFCodeLayer)
-        assert layer.keys.dtype == torch.uint8 and tuple(layer.keys.shape) == (batch, heads, length, head_dim)
-        assert int(layer.keys.max()) <= (1 << 1) * 15  # codes on [0, 2^a (2^n - 1)]
+        # packed to their bit width: 5 bit planes (codes up to 30) of ceil(d / 8) bytes
+        assert layer.keys.dtype == torch.uint8 and tuple(layer.keys.shape) == (batch, heads, length, 5 * head_dim // 8)
+        codes = layer.codes("keys")
+        assert codes.dtype == torch.uint8 and tuple(codes.shape) == (batch, heads, length, head_dim)
+        assert int(codes.max()) <= (1 << 1) * 15  # codes on [0, 2^a (2^n - 1)]
         assert tuple(layer.key_grid.shape) == (batch, heads, length, width)  # scale(s) and zero points
     ids = token_ids(2, 6)
     out = greedy(model, ids, return_dict_in_generate=True, output_logits=True)

@@ -6,7 +6,7 @@ import json
 
 from spikelm.errors import UserError
 
-from .argtypes import device, integer, positive_int
+from .argtypes import device, integer, model_ref, positive_int, text_file
 from .main import add_output_dir
 
 
@@ -48,11 +48,43 @@ def register(sub) -> None:
         "(default 64 256 1024; none with --quick; give no value to skip it)",
     )
     p.add_argument("--skip-training", action="store_true", help="only the generation benchmark")
+    g = p.add_argument_group(
+        "generation of a converted model (--generation --model SRC)",
+        "Convert SRC with a recipe and time greedy generate() of the spiking model and of SRC side by side, "
+        "interleaved, in one process: prefill and decode tokens/s, peak memory, cache bytes per token (CPU, float32).",
+    )
+    g.add_argument(
+        "--generation",
+        action="store_true",
+        help="only generation: of the converted --model and its source if given, else of the native causal SpikeLM",
+    )
+    g.add_argument("--model", type=model_ref, default=None, help="source model: a directory or a named source")
+    g.add_argument("--recipe", choices=("elastic", "gif"), default="elastic", help="conversion recipe (elastic)")
+    g.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16], help="default: 1 16")
+    g.add_argument("--prompt-lengths", type=positive_int, nargs="+", default=[128, 1024], help="default: 128 1024")
+    g.add_argument("--new-tokens", type=integer(2), default=128, help="greedy tokens generated (default 128)")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch threads for both (default: torch's)")
+    g.add_argument(
+        "--calibration-sequences", type=positive_int, default=4, help="calibration sequences (default 4; speed only)"
+    )
+    g.add_argument("--calibration-length", type=integer(2), default=128, help="tokens per sequence (default 128)")
+    g.add_argument("--calibration-text", type=text_file, default=None, help="UTF-8 text (default: the pypi corpus)")
+    g.add_argument(
+        "--compare-unpacked",
+        action="store_true",
+        help="also time the spiking model with an unpacked (one code per byte) cache, interleaved",
+    )
     add_output_dir(p, required=False)
     p.set_defaults(func=run, output_dir="runs/benchmark")
 
 
 def run(args) -> int:
+    if args.model is not None:
+        return run_converted(args)
+    if args.generation:
+        args.skip_training = True
+        if args.generation_lengths is None:
+            args.generation_lengths = [64, 256, 1024]
     import torch
 
     from spikelm.experiments.benchmark import HEADLINE, cases_for, format_table, machine_info, measure_case
@@ -122,3 +154,90 @@ def run(args) -> int:
     )
     print(json.dumps(summary))
     return 0
+
+
+def run_converted(args) -> int:
+    """``--generation --model SRC``: the converted model against its source (see generation_benchmark)."""
+    if not args.generation:
+        raise UserError("--model is for the generation benchmark of a converted model: add --generation")
+    if args.device == "cuda":
+        raise UserError("--device cuda: the converted-model generation benchmark runs on CPU only; use --device cpu")
+    max_length = max(args.prompt_lengths) + args.new_tokens
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from spikelm.conversion.recipes import calibration_batches, recipe
+    from spikelm.data.pretrained import resolve_model_source
+    from spikelm.experiments.benchmark import machine_info
+    from spikelm.experiments.generation_benchmark import format_pair_table, load_pair, measure_pair
+    from spikelm.outputs import prepare_output_dir, write_json_atomic
+
+    source = resolve_model_source(args.model)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as err:
+        raise UserError(f"--model {args.model}: cannot read its config.json ({err})") from None
+    if "CausalLM" not in str(getattr(config, "architectures", None) or []):
+        raise UserError(f"--model {args.model}: expected a causal LM (architectures {config.architectures})")
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and max_length > limit:
+        raise UserError(
+            f"--prompt-lengths/--new-tokens: {max(args.prompt_lengths)} + {args.new_tokens} tokens exceed the model's "
+            f"max_position_embeddings {limit}"
+        )
+    fields = recipe(args.recipe)
+    out = prepare_output_dir(args.output_dir, "benchmark", args.overwrite)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--model {args.model}: no usable tokenizer saved with the model ({err})") from None
+    batches, calibration = calibration_batches(
+        tokenizer, args.calibration_text, args.calibration_sequences, args.calibration_length
+    )
+    print(f"converting {args.model} ({args.recipe}), calibrating on {calibration}...", flush=True)
+    real, spiking = load_pair(source, fields, batches)
+    report = {
+        "machine": machine_info("cpu"),
+        "model": str(args.model),
+        "recipe": args.recipe,
+        "recipe_fields": fields,
+        "calibration": calibration,
+        "dtype": "float32",
+        "attn_implementation": real.config._attn_implementation,
+        "torch_compile_of_the_model": False,
+        "cache_packing": _packing_name(spiking),
+    }
+    print(
+        f"both models: float32, {torch.get_num_threads()} threads, attention {report['attn_implementation']}, "
+        f"no torch.compile of the model; spike cache: {report['cache_packing']}",
+        flush=True,
+    )
+    report["generation"] = measure_pair(
+        real,
+        spiking,
+        args.batch_sizes,
+        args.prompt_lengths,
+        args.new_tokens,
+        args.repeats or 3,
+        compare_unpacked=args.compare_unpacked,
+    )
+    write_json_atomic(out / "benchmark.json", report)
+    print(format_pair_table(report["generation"]))
+    print(f"wrote {out / 'benchmark.json'}")
+    first = report["generation"]["cases"][0]
+    summary = {k: first[k] for k in ("batch_size", "prompt_length", "decode_ratio", "prefill_ratio_vs_T")}
+    summary["cache_ratio_vs_fp16"] = first["cache_ratio_vs_fp16"]
+    print(json.dumps(summary))
+    return 0
+
+
+def _packing_name(model) -> str:
+    from spikelm.models.modeling_spikelm_causal import DEFAULT_PACKING
+
+    if DEFAULT_PACKING is None:
+        return "int8 codes"
+    if model._spikelm.config.neuron == "gif":
+        return "GIF codes packed to their bit width"
+    return f"ternary codes packed {DEFAULT_PACKING} per byte"

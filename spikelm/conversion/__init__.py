@@ -5,7 +5,7 @@ Importing this package registers the ``"spikelm"`` quantization method with tran
 ``from_pretrained`` restores a saved conversion.
 """
 
-from .cache import SpikeCodeCache, SpikeCodeLayer, TransientSpikeKV
+from .cache import GIFCodeLayer, SpikeCodeCache, SpikeCodeLayer, TransientSpikeKV, spike_code_cache
 from .config import FORMAT_VERSION, SpikeLMConversionConfig
 from .model_card import write_model_card
 from .placement import FAMILIES, SITE_KINDS, PlacedNeuron, attach, detach, is_spiking, make_neuron, neurons, placement
@@ -15,6 +15,7 @@ from .spikify import calibrate, spikify
 __all__ = [
     "FAMILIES",
     "FORMAT_VERSION",
+    "GIFCodeLayer",
     "PlacedNeuron",
     "SITE_KINDS",
     "SpikeCodeCache",
@@ -29,6 +30,7 @@ __all__ = [
     "make_neuron",
     "neurons",
     "placement",
+    "spike_code_cache",
     "spikify",
     "write_model_card",
 ]

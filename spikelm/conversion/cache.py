@@ -5,13 +5,15 @@ A converted model runs its T copies folded into the batch axis, time-major: K an
 attention module's ``key_neuron`` and ``value_neuron`` (no membrane, SPEC section 3), on every path:
 
 * with a cache (``use_cache=True``, ``generate()``): a ``DynamicCache`` whose layers are :class:`SpikeCodeLayer`
-  spikes the new K and V, appends their int8 codes to the stored ones, laid out (B, T*H, L, d) with T on the head
+  spikes the new K and V, appends their codes (packed 5 per byte by default, :mod:`spikelm.nn.packing`) to the
+  stored ones, laid out (B, T*H, L, d) with T on the head
   axis (``generate()`` reorders and selects caches along dim 0, the batch), and returns the spikes of every cached
   token decoded with the per-step alphas;
 * without one, :class:`TransientSpikeKV` spikes them and keeps nothing.
 
 With GIF neurons (no T copies) the cache layer is :class:`GIFCodeLayer`: it keeps each token's integer code (the
-sum of its spikes) with the token's scale and zero point, and decodes them as the neuron does.
+sum of its spikes; packed to its bit width by default) with the token's scale and zero point, and decodes them as
+the neuron does.
 
 Both call the same neurons on the same tensors, so cached decoding equals a full forward pass.
 """
@@ -22,9 +24,10 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from ..models.modeling_spikelm_causal import SpikeKVCacheLayer
+from ..models.modeling_spikelm_causal import DEFAULT_PACKING, SpikeKVCacheLayer
 from ..nn._constants import ALPHA_FLOOR
 from ..nn.neuron import ElasticBiSpikingNeuron
+from ..nn.packing import pack_bits, unpack_bits
 
 
 def spike_per_step(neuron: nn.Module, states: torch.Tensor, steps: int) -> torch.Tensor:
@@ -65,18 +68,37 @@ def spike_scale(neuron: ElasticBiSpikingNeuron) -> torch.Tensor:
 class SpikeCodeLayer(SpikeKVCacheLayer):
     """One attention layer's cache: spikes the new K and V with the layer's neurons and stores int8 codes.
 
-    Stored tensors are (B, T*H, L, d) int8 (the native decoder's :class:`SpikeKVCacheLayer` layout);
-    ``update`` takes and returns the model's (T*B, H, L, d) layout.
+    Stored tensors are the native decoder's :class:`SpikeKVCacheLayer` layout, (B, T*H, L, ·): packed codes
+    (``packing`` per byte, the default) or int8 (``packing=None``); ``update`` takes and returns the model's
+    (T*B, H, L, d) layout.
     """
 
-    def __init__(self, key_neuron: ElasticBiSpikingNeuron, value_neuron: ElasticBiSpikingNeuron, steps: int):
-        super().__init__()
+    def __init__(
+        self,
+        key_neuron: ElasticBiSpikingNeuron,
+        value_neuron: ElasticBiSpikingNeuron,
+        steps: int,
+        packing: int | None = DEFAULT_PACKING,
+    ):
+        super().__init__(packing)
         self.key_neuron, self.value_neuron, self.steps = key_neuron, value_neuron, steps
 
     def update(self, key_states, value_states, *args, **kwargs):
         steps = self.steps
         keys = spike_per_step(self.key_neuron, key_states, steps)
         values = spike_per_step(self.value_neuron, value_states, steps)
+        if self.is_initialized and self._decode_after_append(keys, values):
+            # inference: pack the new codes in the model's layout, fold the bytes, decode straight into it
+            key_scale, value_scale = spike_scale(self.key_neuron), spike_scale(self.value_neuron)
+            self.key_scale, self.value_scale = key_scale, value_scale
+            for name, spikes in (("keys", keys), ("values", values)):
+                setattr(
+                    self, name, torch.cat([getattr(self, name), fold_steps_into_heads(self._encode(spikes), steps)], -2)
+                )
+            return (
+                self._decode(self.keys, key_scale, "key", steps_into_batch=True),
+                self._decode(self.values, value_scale, "value", steps_into_batch=True),
+            )
         keys, values = super().update(
             fold_steps_into_heads(keys, steps),
             fold_steps_into_heads(values, steps),
@@ -93,33 +115,50 @@ def _code_dtype(top: int) -> torch.dtype:
 class GIFCodeLayer(DynamicLayer):
     """One attention layer's cache for GIF K/V neurons: integer codes (B, H, L, d) plus a per-token grid.
 
-    ``keys`` / ``values`` hold the codes (uint8 for n + a <= 8); ``key_grid`` / ``value_grid`` (B, H, L, w)
+    ``keys`` / ``values`` hold the codes: packed to their bit width b (``packed=True``, the default: b bit planes
+    of ceil(d / 8) bytes per token and head, :func:`~spikelm.nn.packing.pack_bits`, (B, H, L, b * ceil(d / 8))
+    uint8), or one integer per value (uint8 for n + a <= 8); ``key_grid`` / ``value_grid`` (B, H, L, w)
     each token's float32 scale(s) and zero point(s) (:func:`~spikelm.nn.gif.pack_grid`: one of each, or one per
     channel group with saliency). Decoding is
     the neuron's own :func:`~spikelm.nn.gif.dequantize`, so cached tokens equal what a full forward pass computes.
     """
 
-    def __init__(self, key_neuron: nn.Module, value_neuron: nn.Module):
+    def __init__(self, key_neuron: nn.Module, value_neuron: nn.Module, packed: bool = DEFAULT_PACKING is not None):
         super().__init__()
-        self.key_neuron, self.value_neuron = key_neuron, value_neuron
+        self.key_neuron, self.value_neuron, self.packed = key_neuron, value_neuron, packed
         self.key_grid = self.value_grid = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
         from ..nn.gif import max_code
 
         self.dtype, self.device = key_states.dtype, key_states.device
-        code_dtype = _code_dtype(max_code(self.key_neuron.bits, self.key_neuron.extra_bits))
+        top = max_code(self.key_neuron.bits, self.key_neuron.extra_bits)
+        self.code_dtype, self.bits, self.width = _code_dtype(top), top.bit_length(), key_states.shape[3]
+        stored = (torch.uint8, self.bits * -(-self.width // 8)) if self.packed else (self.code_dtype, self.width)
         for name, states in (("keys", key_states), ("values", value_states)):
-            setattr(
-                self, name, torch.empty((*states.shape[:2], 0, states.shape[3]), dtype=code_dtype, device=self.device)
-            )
+            setattr(self, name, torch.empty((*states.shape[:2], 0, stored[1]), dtype=stored[0], device=self.device))
         self.is_initialized = True
 
-    def _decode(self, neuron: nn.Module, codes: torch.Tensor, grid: torch.Tensor | None) -> torch.Tensor:
+    def _encode(self, code: torch.Tensor) -> torch.Tensor:
+        if not self.packed:
+            return code.to(self.code_dtype)
+        planes = pack_bits(code, self.bits)  # (B, H, L, bits, w)
+        return planes.flatten(-2)
+
+    def codes(self, name: str = "keys") -> torch.Tensor:
+        """The stored codes of ``"keys"`` or ``"values"``, one integer per value (B, H, L, d), whatever the layout."""
+        stored = getattr(self, name)
+        if not self.packed:
+            return stored
+        return unpack_bits(stored.unflatten(-1, (self.bits, -1)), self.width, self.code_dtype)
+
+    def _decode(self, name: str, neuron: nn.Module, grid: torch.Tensor | None) -> torch.Tensor:
         from ..nn.gif import dequantize, unpack_grid
 
-        if grid is None:
-            return codes.to(self.dtype)  # nothing cached yet: (B, H, 0, d)
+        if grid is None:  # nothing cached yet: (B, H, 0, d)
+            stored = getattr(self, name)
+            return torch.empty((*stored.shape[:3], self.width), dtype=self.dtype, device=stored.device)
+        codes = self.codes(name)
         scale, zero = unpack_grid(grid)
         return dequantize(codes, scale, zero, neuron.gain(codes.device)).to(self.dtype)
 
@@ -132,12 +171,12 @@ class GIFCodeLayer(DynamicLayer):
 
             codes_name, grid_name = f"{name}s", f"{name}_grid"
             codes, grid = getattr(self, codes_name), getattr(self, grid_name)
-            past = self._decode(neuron, codes, grid)
+            past = self._decode(codes_name, neuron, grid)
             spiked = neuron(states)  # the dequantised spike sum, straight-through gradient
             with torch.no_grad():
                 code, scale, zero = neuron.quantize(states)
             new_grid = pack_grid(scale, zero)
-            setattr(self, codes_name, torch.cat([codes, code.to(codes.dtype)], dim=-2))
+            setattr(self, codes_name, torch.cat([codes, self._encode(code)], dim=-2))
             setattr(self, grid_name, new_grid if grid is None else torch.cat([grid, new_grid], dim=-2))
             out.append(torch.cat([past, spiked], dim=-2))
         return out[0], out[1]
@@ -188,31 +227,50 @@ def is_spike_cache(cache) -> bool:
     )
 
 
-def make_spike_layers(attentions: list[nn.Module], steps: int) -> list[DynamicLayer]:
-    """One spike-code layer per attention module, in layer order (elastic or GIF, after its K neuron)."""
+def make_spike_layers(
+    attentions: list[nn.Module], steps: int, packing: int | None = DEFAULT_PACKING
+) -> list[DynamicLayer]:
+    """One spike-code layer per attention module, in layer order (elastic or GIF, after its K neuron).
+
+    ``packing``: ternary codes per byte (5 or 4; GIF codes then packed to their bit width), or None (one code per
+    byte)."""
     return [
-        SpikeCodeLayer(attn.key_neuron, attn.value_neuron, steps)
+        SpikeCodeLayer(attn.key_neuron, attn.value_neuron, steps, packing)
         if isinstance(attn.key_neuron, ElasticBiSpikingNeuron)
-        else GIFCodeLayer(attn.key_neuron, attn.value_neuron)
+        else GIFCodeLayer(attn.key_neuron, attn.value_neuron, packed=packing is not None)
         for attn in attentions
     ]
 
 
-def into_spike_cache(cache: DynamicCache, attentions: list[nn.Module], steps: int) -> DynamicCache:
+def into_spike_cache(
+    cache: DynamicCache, attentions: list[nn.Module], steps: int, packing: int | None = DEFAULT_PACKING
+) -> DynamicCache:
     """Turn an empty ``DynamicCache`` into a spike-code cache in place (the object ``generate()`` holds)."""
     if cache.get_seq_length() > 0:
         raise ValueError(
             "a spiking model caches spike codes, but the DynamicCache passed as past_key_values already holds "
             f"{cache.get_seq_length()} tokens of float keys and values; pass no cache (or an empty one)"
         )
-    cache.layers = make_spike_layers(attentions, steps)
+    cache.layers = make_spike_layers(attentions, steps, packing)
     cache.layer_class_to_replicate = None
     return cache
 
 
 class SpikeCodeCache(DynamicCache):
-    """The spike-code cache of a converted model (made for you by the model; see the module docstring)."""
+    """The spike-code cache of a converted model (made for you by the model; see the module docstring).
 
-    def __init__(self, attentions: list[nn.Module], steps: int):
+    Make one yourself with :func:`spike_code_cache` (e.g. ``packing=None`` for unpacked codes)."""
+
+    def __init__(self, attentions: list[nn.Module], steps: int, packing: int | None = DEFAULT_PACKING):
         super().__init__()
-        into_spike_cache(self, attentions, steps)
+        into_spike_cache(self, attentions, steps, packing)
+
+
+def spike_code_cache(model: nn.Module, packing: int | None = DEFAULT_PACKING) -> SpikeCodeCache:
+    """An empty spike-code cache for the converted ``model``, to pass as ``past_key_values`` (to ``generate()`` or
+    a forward call). ``packing``: ternary codes per byte (5, the default, or 4; GIF codes packed to their bit
+    width), or None for one code per byte."""
+    state = getattr(model, "_spikelm", None)
+    if state is None:
+        raise ValueError(f"this {type(model).__name__} was not converted by spikify")
+    return SpikeCodeCache(state.attentions(), state.steps, packing)

@@ -24,6 +24,7 @@ quantizer before the weights load) adds neurons and hooks from the config alone.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from functools import partial
@@ -243,12 +244,21 @@ def _spike_kv_on_update(module, args, kwargs, steps):
 def _positional_to_keywords(forward, args, kwargs) -> dict:
     if not args:
         return kwargs
-    names = [
-        p.name
-        for p in inspect.signature(forward).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    return {**dict(zip(names, args, strict=False)), **kwargs}
+    return {
+        **dict(
+            zip(_positional_names(forward.__func__ if hasattr(forward, "__func__") else forward), args, strict=False)
+        ),
+        **kwargs,
+    }
+
+
+@functools.lru_cache(maxsize=64)
+def _positional_names(forward) -> tuple[str, ...]:
+    """The names of ``forward``'s positional parameters (``inspect.signature`` is slow: once per function)."""
+    parameters = list(inspect.signature(forward).parameters.values())
+    if hasattr(forward, "__code__") and parameters and parameters[0].name == "self":
+        parameters = parameters[1:]  # the unbound function: drop self, as the bound method's signature does
+    return tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
 def _enter_copies(base, args, kwargs, state):

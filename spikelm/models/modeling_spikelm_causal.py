@@ -28,6 +28,15 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from spikelm.nn.neuron import ALPHA_FLOOR
+from spikelm.nn.packing import (
+    PER_BYTE,
+    pack_ternary,
+    packed_width,
+    ternary_table,
+    unpack_ternary,
+    unpack_ternary_codes,
+    unpack_ternary_words,
+)
 
 from .configuration_spikelm import SpikeLMConfig
 from .modeling_spikelm import SpikeLMPreTrainedModel, check_input_shape, make_linear, make_respike
@@ -69,26 +78,42 @@ def causal_attention_mask(attention_mask, query_length, past_length, dtype, devi
 
 
 # ----------------------------------------------------------------------------------------------
-# The key/value cache: int8 spike codes, T folded into the head axis
+# The key/value cache: packed spike codes, T folded into the head axis
 # ----------------------------------------------------------------------------------------------
+
+# How a spike cache stores its ternary codes unless told otherwise: 5 per byte (see spikelm.nn.packing)
+DEFAULT_PACKING = 5
 
 
 class SpikeKVCacheLayer(DynamicLayer):
-    """One block's cached K and V spikes, stored as int8 codes q in {-1, 0, 1} of shape (B, T*H, L, d).
+    """One block's cached K and V spikes as codes q in {-1, 0, 1}, T folded into the head axis (B, T*H, L, ·).
 
-    ``update`` takes the new float spikes ``scale_t * q`` with the per-step magnitudes ``key_scale``
-    and ``value_scale`` (T,) (alpha_t, or 1 without amplitude) and returns the spikes of the cached
-    tokens followed by the new ones (which keep their autograd graph). Decoding is exact: it
-    multiplies the same q and scale in the same precision as the neuron did. Magnitudes are taken
-    from the latest update (alphas are frozen while decoding). Reordering, cropping and batch
-    selection along dim 0 are DynamicLayer's.
+    ``packing`` is how the codes are stored: 5 or 4 codes per byte (:mod:`spikelm.nn.packing`: (B, T*H, L,
+    ceil(d / packing)) uint8; the default, :data:`DEFAULT_PACKING`) or ``None`` for one int8 code per byte
+    (B, T*H, L, d). ``update`` takes the new float spikes ``scale_t * q`` with the per-step magnitudes
+    ``key_scale`` and ``value_scale`` (T,) (alpha_t, or 1 without amplitude) and returns the spikes of the cached
+    tokens followed by the new ones (which keep their autograd graph). Decoding is exact on both layouts: it
+    multiplies the same q and scale in the same precision as the neuron did. Magnitudes are taken from the latest
+    update (alphas are frozen while decoding). Reordering, cropping and batch selection along dim 0 (and the
+    positions, dim -2) are DynamicLayer's, on the stored codes.
     """
+
+    def __init__(self, packing: int | None = DEFAULT_PACKING):
+        super().__init__()
+        if packing is not None and packing not in PER_BYTE:
+            raise ValueError(f"packing must be None or one of {PER_BYTE} codes per byte, got {packing!r}")
+        self.packing = packing
+        self._tables: dict = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)  # records the float dtype and device
-        empty = (*key_states.shape[:2], 0, key_states.shape[3])
-        self.keys = torch.empty(empty, dtype=torch.int8, device=self.device)
-        self.values = torch.empty(empty, dtype=torch.int8, device=self.device)
+        self.width = key_states.shape[3]
+        if self.packing is None:
+            empty, code_dtype = (*key_states.shape[:2], 0, self.width), torch.int8
+        else:
+            empty, code_dtype = (*key_states.shape[:2], 0, packed_width(self.width, self.packing)), torch.uint8
+        self.keys = torch.empty(empty, dtype=code_dtype, device=self.device)
+        self.values = torch.empty(empty, dtype=code_dtype, device=self.device)
 
     def update(self, key_states, value_states, *args, key_scale=None, value_scale=None, **kwargs):
         if key_scale is None or value_scale is None:
@@ -98,32 +123,80 @@ class SpikeKVCacheLayer(DynamicLayer):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        past_keys, past_values = self._decode(self.keys, key_scale), self._decode(self.values, value_scale)
+        if self._decode_after_append(key_states, value_states):
+            # inference with packed codes: append, then decode every cached token in one pass (bit-identical:
+            # the table holds the values the neuron computed; no copy of the past for a concatenation)
+            self.key_scale, self.value_scale = key_scale, value_scale
+            self.keys = torch.cat([self.keys, self._encode(key_states)], dim=-2)
+            self.values = torch.cat([self.values, self._encode(value_states)], dim=-2)
+            return self._decode(self.keys, key_scale, "key"), self._decode(self.values, value_scale, "value")
+        past_keys = self._decode(self.keys, key_scale, "key")
+        past_values = self._decode(self.values, value_scale, "value")
         self.key_scale, self.value_scale = key_scale, value_scale
         # scale_t > 0, so the sign of a spike is its code
-        self.keys = torch.cat([self.keys, torch.sign(key_states.detach()).to(torch.int8)], dim=-2)
-        self.values = torch.cat([self.values, torch.sign(value_states.detach()).to(torch.int8)], dim=-2)
+        self.keys = torch.cat([self.keys, self._encode(key_states)], dim=-2)
+        self.values = torch.cat([self.values, self._encode(value_states)], dim=-2)
+        if past_keys.shape[-2] == 0:
+            return key_states, value_states
         return torch.cat([past_keys, key_states], dim=-2), torch.cat([past_values, value_states], dim=-2)
 
-    def _decode(self, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        batch, heads, length, head_dim = codes.shape
+    def _decode_after_append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Whether ``update`` may return the decoded cache (packed codes, a past to read, no gradient to keep)."""
+        if self.packing is None or self.keys.shape[-2] == 0:
+            return False
+        return not (torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad))
+
+    def _encode(self, spikes: torch.Tensor) -> torch.Tensor:
+        codes = torch.sign(spikes.detach()).to(torch.int8)
+        return codes if self.packing is None else pack_ternary(codes, self.packing)
+
+    def _compute_dtype(self) -> torch.dtype:
+        return torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+
+    def _decode(
+        self, codes: torch.Tensor, scale: torch.Tensor, name: str = "key", steps_into_batch: bool = False
+    ) -> torch.Tensor:
+        """The spikes ``scale_t * q`` of stored ``codes``: (B, T*H, L, d), or (T*B, H, L, d) with
+        ``steps_into_batch`` (packed codes only)."""
         steps = scale.shape[0]
-        compute_dtype = torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
+        if self.packing == 4:
+            return unpack_ternary_words(
+                codes, scale, self.width, self.dtype, self._compute_dtype(), steps_into_batch=steps_into_batch
+            )
+        if self.packing is not None:
+            return unpack_ternary(codes, self._table(scale, name), steps, self.width, steps_into_batch)
+        batch, heads, length, head_dim = codes.shape
+        compute_dtype = self._compute_dtype()
         spikes = codes.reshape(batch, steps, heads // steps, length, head_dim).to(compute_dtype)
         spikes = spikes * scale.to(compute_dtype).view(1, steps, 1, 1, 1)
         return spikes.view(batch, heads, length, head_dim).to(self.dtype)
+
+    def _table(self, scale: torch.Tensor, name: str) -> torch.Tensor:
+        """The decoding table of ``scale`` (rebuilt only when the magnitudes change)."""
+        cached = self._tables.get(name)
+        if cached is not None and cached[0].shape == scale.shape and torch.equal(cached[0], scale):
+            return cached[1]
+        table = ternary_table(scale, self.packing, self.dtype, self._compute_dtype())
+        self._tables[name] = (scale.detach().clone(), table)
+        return table
+
+    def codes(self, name: str = "keys") -> torch.Tensor:
+        """The stored codes of ``"keys"`` or ``"values"`` as int8 (B, T*H, L, d), whatever the layout."""
+        stored = getattr(self, name)
+        return stored if self.packing is None else unpack_ternary_codes(stored, self.width, self.packing)
 
 
 class SpikeLMCache(Cache):
     """The key/value cache of a spiking SpikeLM decoder: one :class:`SpikeKVCacheLayer` per block.
 
     ``generate()`` uses it automatically for a spiking model; pass ``SpikeLMCache(config)`` as
-    ``past_key_values`` to decode step by step yourself. A transformers ``DynamicCache`` works too
-    but keeps the float spikes (4 bytes per element in float32 instead of 1).
+    ``past_key_values`` to decode step by step yourself. ``packing``: codes per byte (5, the default, or 4), or
+    None for int8 codes. A transformers ``DynamicCache`` works too but keeps the float spikes (4 bytes per
+    element in float32).
     """
 
-    def __init__(self, config: SpikeLMConfig):
-        super().__init__(layers=[SpikeKVCacheLayer() for _ in range(config.num_hidden_layers)])
+    def __init__(self, config: SpikeLMConfig, packing: int | None = DEFAULT_PACKING):
+        super().__init__(layers=[SpikeKVCacheLayer(packing) for _ in range(config.num_hidden_layers)])
 
 
 # ----------------------------------------------------------------------------------------------

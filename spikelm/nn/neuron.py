@@ -231,6 +231,37 @@ def spike_steps_backward(grad_s, codes, alpha, spike_levels, reset, use_amplitud
     return torch.stack(grads), torch.stack(spikes) if spike_dtype is not None else None
 
 
+def spike_steps_inference(x, alpha, spike_levels, reset, use_amplitude, membrane):
+    """The spikes of :func:`spike_steps` (no codes, no ratio) with fewer, in-place operations: the path of
+    inference on small inputs (a decoding step), where the cost is the number of operations, not their size.
+
+    Bit for bit the same arithmetic: ``u = (LEAK * u) * carry + x_t``, ``q = clamp(round(u / alpha_t))``,
+    ``s = q * alpha_t``; without a membrane every step at once (each element's operations are the same).
+    """
+    low = _levels_low(spike_levels)
+    dtype = _compute_dtype(x.dtype)
+    a = alpha.to(dtype)
+    xs = x if x.dtype == dtype else x.to(dtype)
+    if not membrane:
+        scale = a.view(-1, *([1] * (x.dim() - 1)))
+        q = torch.div(xs, scale).round_().clamp_(low, 1)
+        out = q.mul_(scale) if use_amplitude else q
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    official = spike_levels == "ternary" and reset == "official"
+    u = carry = None
+    for t, alpha_t in enumerate(a.unbind(0)):
+        u = xs[t] if u is None else torch.mul(u, LEAK).mul_(carry).add_(xs[t])
+        q = torch.div(u, alpha_t).round_().clamp_(low, 1)
+        s = torch.mul(q, alpha_t, out=out[t]) if use_amplitude else out[t].copy_(q)
+        if t + 1 < x.shape[0]:
+            if official:  # alpha_t - alpha_t * q, and alpha_t * q == q * alpha_t exactly
+                carry = torch.sub(alpha_t, s if use_amplitude else torch.mul(alpha_t, q))
+            else:
+                carry = q.abs_().neg_().add_(1.0)  # 1 - |q| (exact: q is -1, 0 or 1)
+    return out if dtype == x.dtype else out.to(x.dtype)
+
+
 # Below this many elements per call torch.compile's guards and first-call compilation cost more
 # than the plain loop; above it the compiled pass is several times faster.
 COMPILE_MIN_ELEMENTS = 1 << 16
@@ -714,7 +745,11 @@ class ElasticBiSpikingNeuron(nn.Module):
             else:
                 out, counts = MultiStepSpike.apply(x, alpha, *options, self.record_stats, self.backend)
         else:  # no backward: nothing to save
-            out, _, _ = fused_spike_forward(x, alpha, *options, False, False, choose_kernel(x, self.backend))
+            kernel = choose_kernel(x, self.backend)
+            if kernel == "fused":
+                out = spike_steps_inference(x.detach(), alpha.detach(), *options)
+            else:
+                out, _, _ = fused_spike_forward(x, alpha, *options, False, False, kernel)
             if self.record_stats:
                 counts = count_spikes(out)
             if linear:
