@@ -77,6 +77,12 @@ def register(sub) -> None:
     g.add_argument("--teacher-epochs", type=integer(1), default=2, help="epochs of the real-valued teacher (default 2)")
     g.add_argument("--finetune-lr", type=positive_number, default=5e-5, help="fine-tuning learning rate (default 5e-5)")
     g.add_argument(
+        "--student-from",
+        choices=("teacher", "source"),
+        default="teacher",
+        help="the spiking classifier starts from the fine-tuned teacher's weights (default) or from MiniLM's",
+    )
+    g.add_argument(
         "--dev-examples",
         type=integer(1),
         default=1000,
@@ -108,6 +114,7 @@ def settings_from_args(args):
         teacher_epochs=args.teacher_epochs,
         finetune_lr=args.finetune_lr,
         dev_examples=args.dev_examples,
+        student_from=args.student_from,
         eval_tokens=args.eval_tokens,
         calibration_sequences=args.calibration_sequences,
     )

@@ -92,7 +92,8 @@ def markdown(figures: dict, plot: str | None) -> str:
             f"| majority class of the training split (label {m['label']}) | - | - | {m['test_accuracy']:.4f} | - |",
             f"| real-valued MiniLM (teacher) | {t['epochs']} ({t['best_epoch']}) | {t['dev_accuracy']:.4f} | "
             f"**{t['test_accuracy']:.4f}** | {t['seconds'] / 60:.1f} |",
-            f"| SpikeLM from MiniLM, ternary spikes, T={st['num_steps']}, distilling the teacher "
+            f"| SpikeLM (ternary spikes, T={st['num_steps']}) from "
+            f"{'the teacher' if c.get('student_from') == 'teacher' else 'MiniLM'}'s weights, distilling the teacher "
             f"(kd weight {s['kd_weight']}) | {st['epochs']} ({st['best_epoch']}) | {st['dev_accuracy']:.4f} | "
             f"**{st['test_accuracy']:.4f}** | {st['seconds'] / 60:.1f} |",
             "",
