@@ -100,6 +100,19 @@ def model_dir(text: str) -> str:
     return str(path)
 
 
+def model_source(text: str) -> str:
+    """A model directory (``config.json`` UTF-8) or a named source of :mod:`spikelm.data.pretrained`
+    (``smollm2-135m``, ``minilm``; fetched later, when the command runs)."""
+    from spikelm.data.pretrained import NAMED_SOURCES
+
+    if text in NAMED_SOURCES:
+        return text
+    path = _path(text)
+    if not path.exists() and not text.startswith((".", "/", "~")) and "/" not in text:
+        _fail(f"{text!r} is neither a model directory nor a named source ({', '.join(NAMED_SOURCES)})")
+    return model_dir(text)
+
+
 def model_ref(text: str) -> str:
     """A model directory, or a name (hub or built-in, e.g. ``minilm``): checked as a directory only if it is a
     path that exists or looks like one."""

@@ -1,4 +1,5 @@
-"""``spikelm energy``: operation counts, firing rates and energy of a model on real text (SPEC section 6)."""
+"""``spikelm energy``: operation counts, firing rates and energy of a model on real text (SPEC section 6): a native
+SpikeLM, a converted model (``spikelm spikify``), its real-valued source (the ANN figure) or a named source."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from pathlib import Path
 
 from spikelm.errors import UserError
 
-from .argtypes import device, existing_dir, integer, model_dir, nonnegative_number, positive_int, text_file
+from .argtypes import device, existing_dir, integer, model_source, nonnegative_number, positive_int, text_file
 from .main import add_output_dir
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
@@ -23,14 +24,20 @@ def register(sub) -> None:
             "fine-tuning task's split, padded, counting real tokens only), run the model on them and "
             "count, per layer and time step, the operations of every matrix product from the spikes actually "
             "emitted: E = E_AC x ACs + E_MAC x MACs, per sequence, summed over the T steps, averaged over the "
-            "sequences, against the same shape run real-valued (ANN). Writes energy.json, report.md and PNG plots."
+            "sequences, against the same shape run real-valued (ANN). Writes energy.json, report.md and PNG plots. "
+            "--model: a SpikeLM directory, a converted model (spikelm spikify: a GIF spike of level k is k "
+            "accumulates per fan-out, zero-point and scale terms are MACs), a real-valued transformers model of a "
+            "family spikify converts (its ANN figure), or a named source (smollm2-135m, minilm). Causal converted "
+            "and source models also get the energy per generated token: one decode step (a new token attending a "
+            "filled cache of the window's other tokens)."
         ),
     )
     p.add_argument(
         "--model",
-        type=model_dir,
+        type=model_source,
         required=True,
-        help="a model directory written by save_pretrained (config.json + weights)",
+        help="a model directory written by save_pretrained (SpikeLM, converted, or real-valued), or smollm2-135m / "
+        "minilm",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -180,13 +187,17 @@ def run(args) -> int:
         device = torch.device(device)
     except RuntimeError as err:
         raise UserError(f"--device {args.device!r} is not a torch device ({err})") from None
-    config = load_config(args.model)
+    from spikelm.evaluation.loading import NATIVE, SOURCE, inspect_model
+    from spikelm.evaluation.loading import load_model as load_any
+
+    spec = inspect_model(args.model)
+    config = spec.config
     if args.max_length > config.max_position_embeddings:
         raise UserError(
             f"--max-length {args.max_length} is longer than the model's positions (max_position_embeddings="
             f"{config.max_position_embeddings}); use --max-length {config.max_position_embeddings} or less"
         )
-    tokenizer = load_tokenizer(Path(args.model), config.vocab_size)
+    tokenizer = load_tokenizer(spec.path, config.vocab_size)
     if args.task is not None:
         features, source = task_features(args, tokenizer)
     else:
@@ -195,27 +206,48 @@ def run(args) -> int:
         features, source = text_features(Path(args.text_file), tokenizer, args.max_length)
     features = features[: args.max_sequences]
     out = prepare_output_dir(args.output_dir, "energy", args.overwrite)
-    model = load_model(args.model, config).to(device)
+    model = load_any(spec, device)
 
     batches = list(padded_batches(features, tokenizer, args.batch_size))
+    constants = EnergyConstants(args.ac_pj, args.mac_pj)
     summary = measure_energy(
-        model,
-        batches,
-        EnergyConstants(args.ac_pj, args.mac_pj),
-        progress=lambda b: tqdm(b, desc="energy", unit="batch"),
+        model, batches, constants, progress=lambda b: tqdm(b, desc="energy", unit="batch", disable=None)
     )
     spiking = summary["spiking"]
     summary.update(
         model=str(args.model),
+        model_kind=spec.kind,
         architecture=type(model).__name__,
         source=source,
         sequence_length=args.max_length,
         description=(
-            f"{type(model).__name__}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-            + (f"T={config.num_steps}, {config.spike_levels} spikes" if spiking else "real-valued (spiking=False)")
-            + f"; {len(features)} {source}."
+            f"{type(model).__name__} ({spec.describe().split('(', 1)[1]}: {config.num_hidden_layers} layers, hidden "
+            f"{config.hidden_size}, {_spiking_words(spec)}; {len(features)} {source}."
         ),
     )
+    if spec.kind != NATIVE and spec.causal:
+        from spikelm.evaluation.energy import measure_decode_energy
+
+        decode = measure_decode_energy(
+            model, batches, constants, progress=lambda b: tqdm(b, desc="decode step", unit="batch", disable=None)
+        )
+        summary["per_generated_token"] = {
+            key: decode[key]
+            for key in (
+                "context_tokens",
+                "num_sequences",
+                "snn_mJ_per_sequence",
+                "ann_mJ_per_sequence",
+                "ratio",
+                "acs",
+                "macs",
+                "ann_macs",
+                "mean_firing_rate",
+                "whole_model",
+                "per_layer",
+                "heads",
+            )
+        }
     write_json_atomic(out / "energy.json", summary)
     write_energy_report(summary, out)
 
@@ -233,10 +265,49 @@ def run(args) -> int:
             f"{' '.join(f'{r:.3f}' for r in summary['firing_rate_per_step'])})"
         )
     else:
+        why = "a real-valued transformers model" if spec.kind == SOURCE else "not spiking (config.spiking=False)"
         print(
-            f"note: the model is not spiking (config.spiking=False): it runs real-valued, so only the ANN energy "
+            f"note: the model is {why}: it runs real-valued, so only the ANN energy "
             f"is reported: {summary['ann_mJ_per_sequence']:.4f} mJ per sequence "
             f"({summary['ann_macs'] / 1e9:.4g} G MACs)"
         )
+    whole = summary["whole_model"]
+    print(
+        "whole model (+ heads, norms, softmax, activations as MACs) per token: "
+        + (f"SNN {whole['snn_mJ_per_token'] * 1e6:.2f} nJ, " if spiking else "")
+        + f"ANN {whole['ann_mJ_per_token'] * 1e6:.2f} nJ"
+        + (f", ratio ANN/SNN {whole['ratio']:.2f}" if whole["ratio"] else "")
+    )
+    generated = summary.get("per_generated_token")
+    if generated is not None:
+        whole = generated["whole_model"]
+        print(
+            f"per generated token (one decode step after {generated['context_tokens']:.0f} cached tokens), whole "
+            "model: "
+            + (f"SNN {whole['snn_mJ_per_sequence'] * 1e6:.2f} nJ, " if spiking else "")
+            + f"ANN {whole['ann_mJ_per_sequence'] * 1e6:.2f} nJ"
+            + (f", ratio ANN/SNN {whole['ratio']:.2f}" if whole["ratio"] else "")
+            + "; blocks only: "
+            + (f"SNN {generated['snn_mJ_per_sequence'] * 1e6:.2f} nJ, " if spiking else "")
+            + f"ANN {generated['ann_mJ_per_sequence'] * 1e6:.2f} nJ"
+        )
     print(f"wrote {out / 'energy.json'}, {out / 'report.md'} and plots")
     return 0
+
+
+def _spiking_words(spec) -> str:
+    config = spec.config
+    if spec.kind == "native":
+        return (
+            f"T={config.num_steps}, {config.spike_levels} spikes" if config.spiking else "real-valued (spiking=False)"
+        )
+    if spec.kind == "source":
+        return "real-valued"
+    quant = config.quantization_config
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant.get("neuron") == "gif":
+        extra = quant.get("gif_extra_bits", 0)
+        return (
+            f"GIF neuron n={quant.get('gif_bits')}, a={extra} (T={2**extra}), saliency {quant.get('saliency_fraction')}"
+        )
+    return f"elastic neuron T={quant.get('num_steps')}, {quant.get('spike_levels')} spikes"

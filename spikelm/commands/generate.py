@@ -1,28 +1,31 @@
-"""``spikelm generate``: continue prompts with a causal SpikeLM (greedy, sampling or beam search)."""
+"""``spikelm generate``: continue prompts with a causal LM (a native SpikeLM, a converted model, its real-valued
+source or a named source): greedy, sampling or beam search."""
 
 from __future__ import annotations
 
 from spikelm.errors import UserError
 
-from .argtypes import model_dir, nonnegative_int, number, positive_int, positive_number
+from .argtypes import model_source, nonnegative_int, number, positive_int, positive_number
 from .main import add_output_dir
 
 
 def register(sub) -> None:
     p = sub.add_parser(
         "generate",
-        help="continue text prompts with a causal SpikeLM checkpoint",
+        help="continue text prompts with a causal LM (SpikeLM, converted, real-valued source)",
         description=(
-            "Load a SpikeLMForCausalLM directory and its tokenizer and continue each --prompt with transformers' "
-            "generate(): greedy by default, sampling with --do-sample, beam search with --num-beams. Several "
-            "prompts run as one left-padded batch."
+            "Load a causal LM and its tokenizer and continue each --prompt with transformers' generate(): greedy "
+            "by default, sampling with --do-sample, beam search with --num-beams. Several prompts run as one "
+            "left-padded batch. --model: a SpikeLMForCausalLM directory, a converted model (spikelm spikify; its "
+            "KV cache holds spike codes), a real-valued transformers causal LM of a family spikify converts, or "
+            "smollm2-135m."
         ),
     )
     p.add_argument(
         "--model",
-        type=model_dir,
+        type=model_source,
         required=True,
-        help="directory of a SpikeLMForCausalLM (config.json + model.safetensors)",
+        help="a causal LM directory (SpikeLMForCausalLM, converted, or real-valued) or smollm2-135m",
     )
     p.add_argument("--prompt", required=True, action="append", help="text to continue (repeat for a batch)")
     p.add_argument("--tokenizer", help="tokenizer directory or hub name (default: the one saved in --model)")
@@ -66,13 +69,14 @@ def run(args) -> int:
 
     import torch
 
-    from spikelm.evaluation.perplexity import load_causal_lm, load_tokenizer
+    from spikelm.evaluation.loading import inspect_model, load_model
+    from spikelm.evaluation.perplexity import load_tokenizer
     from spikelm.outputs import prepare_output_dir, write_json_atomic
 
     _check_args(args)
-    model = load_causal_lm(args.model)
-    tokenizer = load_tokenizer(args.model, args.tokenizer)
-    max_length = model.config.max_position_embeddings
+    spec = inspect_model(args.model, need_causal=True)
+    tokenizer = load_tokenizer(spec.path, args.tokenizer)
+    max_length = spec.config.max_position_embeddings
     prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in args.prompt]
     for i, ids in enumerate(prompts, 1):
         if not ids:
@@ -88,6 +92,7 @@ def run(args) -> int:
                 f"maximum length {max_length}; lower --max-new-tokens to at most {max_length - len(ids)}"
             )
     out_dir = prepare_output_dir(args.output_dir, "generate", args.overwrite) if args.output_dir else None
+    model = load_model(spec)
 
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     width = max(len(ids) for ids in prompts)
@@ -129,8 +134,7 @@ def run(args) -> int:
     total = sum(r["new_tokens"] for r in results)
     print(
         f"generated {total} tokens in {seconds:.2f} s ({total / seconds:.1f} tokens/s, "
-        f"{'no cache' if args.no_cache else 'KV cache'}, {model.config.num_steps if model.config.spiking else 0} "
-        "time steps)"
+        f"{'no cache' if args.no_cache else 'KV cache'}; {spec.describe()}, {_steps(spec)})"
     )
     if out_dir is not None:
         settings = {k: v for k, v in vars(args).items() if k not in ("func", "command", "output_dir", "overwrite")}
@@ -139,3 +143,17 @@ def run(args) -> int:
         )
         print(f"wrote {out_dir / 'generations.json'}")
     return 0
+
+
+def _steps(spec) -> str:
+    """The time steps of the model, in words."""
+    config = spec.config
+    if spec.kind == "native":
+        return f"{config.num_steps if config.spiking else 0} time steps"
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return "real-valued"
+    quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant.get("neuron") == "gif":
+        return f"GIF neuron, T = {2 ** quant.get('gif_extra_bits', 0)} steps, {quant.get('gif_bits')}-bit spike levels"
+    return f"{quant.get('num_steps')} time steps"

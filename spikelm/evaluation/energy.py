@@ -27,6 +27,27 @@ are excluded; linear layers outside the blocks (pooler, heads) are reported sepa
 LayerNorm, activation functions and the 1/sqrt(d) score scaling are reported as element counts,
 outside the total; bias and residual additions are not counted. The ANN figure is the same products
 run once on real-valued inputs (independent of T).
+
+Converted models (``spikelm.spikify``) and their real-valued sources (the LLaMA family, GPT-2, BERT) are counted by
+the same counter, from the placement (``spikelm.conversion.placement``) instead of SpikeLM's own layer types:
+
+* every linear layer fed by a placed neuron: ACs = sum over the steps of |spike level| x out_features (a ternary
+  spike is one AC, a GIF spike of level k is k ACs: the sum of a channel's levels over the steps is its integer
+  code); MACs: elastic, one alpha multiply per output and step; GIF, per token and output one multiply per scale
+  (2 with saliency and per-group ranges, else 1) and one zero-point multiply-accumulate per channel group (2 with
+  saliency, else 1; the weights' row sums are constants);
+* Q K^T and P V with spiking K / V: ACs = sum of the key's (value's) levels x fan-out (the real queries attending
+  that key, times the query heads sharing its key/value head); MACs: elastic, one alpha per score (Q K^T) or per
+  context output (P V) and step; GIF, per score (Q K^T) and per query-key pair and head (P V, where P is first
+  scaled by each key's scale) one multiply per scale and one per zero point, and the zero-point term of Q K^T needs
+  the row sums of Q (head_dim ACs per query and head);
+* everything real-valued as MACs: linear layers not fed by a neuron (the LM head, any skipped layer), the online
+  Hadamard on down_proj's input (size x sum of its factor sizes per row), norms, softmax and activations (one MAC
+  per element, in the whole-model total only).
+
+``whole_model`` adds the heads and the element-wise operations (as MACs) to the headline. A decode step (one new
+token attending a filled cache, :func:`measure_decode_energy`) counts the spikes of every cached key and value, as
+they are read again by the new query.
 """
 
 from __future__ import annotations
@@ -52,6 +73,10 @@ CONVENTION = (
     "reported as element counts outside the total; bias and residual additions not counted"
 )
 ELEMENTWISE_OPS = ("softmax", "score_scaling", "layernorm", "activation")
+WHOLE_MODEL = (
+    "whole model = headline + the products outside the blocks (LM head, pooler, classifier) + every element-wise "
+    "operation (norms, softmax, score scaling, activations) counted as one MAC per element"
+)
 _ACTIVATIONS = (nn.GELU, nn.ReLU, nn.Tanh, nn.SiLU, nn.Sigmoid, nn.Softmax)
 
 
@@ -83,6 +108,120 @@ def attention_fan_out(token_mask: torch.Tensor, causal: bool = False) -> torch.T
         at_or_after = real.flip(1).long().cumsum(1).flip(1)
         return at_or_after * real
     return real.long().sum(1, keepdim=True) * real
+
+
+def query_fan_out(query_mask: torch.Tensor, key_mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, Lq), (B, Lk) -> (B, Lk): for each key, the real queries of this pass that attend to it.
+
+    The queries are the last Lq of the Lk positions (a decode step: Lq new tokens after Lk - Lq cached ones; a
+    full pass: Lq = Lk). Causal: the queries at or after the key; else every real query. Zero at padded keys.
+    """
+    queries, keys = query_mask.long(), key_mask.long()
+    if not causal:
+        return queries.sum(1, keepdim=True) * keys
+    length_q, length_k = queries.shape[1], keys.shape[1]
+    positions = torch.arange(length_k - length_q, length_k, device=queries.device)
+    sees = positions[:, None] >= torch.arange(length_k, device=queries.device)[None, :]  # (Lq, Lk)
+    return (queries[:, :, None] * sees.long()[None]).sum(1) * keys
+
+
+@dataclass
+class _HFLayout:
+    """Where the counted parts of a transformers model of a converted family are (spiking or not)."""
+
+    layers: nn.ModuleList
+    attentions: list
+    sites: list  # PlacedNeuron, empty for the real-valued source
+    copies: int  # network copies folded into the batch (elastic T), else 1
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+
+
+def _hf_layout(model: nn.Module) -> _HFLayout | None:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type is None or model_type == "spikelm" or not hasattr(model, "base_model"):
+        return None
+    from spikelm.conversion.placement import FAMILIES, placement
+
+    family = next((f for f in FAMILIES if model_type in f.model_types), None)
+    if family is None:
+        return None
+    layers = model.base_model.get_submodule(family.layers)
+    state = getattr(model, "_spikelm", None)
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return _HFLayout(
+        layers=layers,
+        attentions=[layer.get_submodule(family.attention) for layer in layers],
+        sites=placement(model) if state is not None else [],
+        copies=state.steps if state is not None else 1,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        causal=family.causal,
+    )
+
+
+def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of an ``nn.Linear`` or GPT-2's ``Conv1D`` (weight stored (in, out)); None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+        return module.weight.shape[0], module.weight.shape[1]
+    return None
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
+def _spike_levels(neuron: nn.Module, x: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(|level|, fired)``, int64 (S, ...): the spikes a placed neuron emitted on input ``x``, per step.
+
+    Elastic (input and output time-major, on the reference backend): level 1 wherever the output is nonzero.
+    GIF: the spikes of the neuron's own quantiser (its output is their dequantised sum), levels 0..2^n - 1.
+    """
+    if isinstance(neuron, ElasticBiSpikingNeuron):
+        fired = (output.detach() != 0).long()
+        return fired, fired
+    from spikelm.nn.gif import gif_spikes
+
+    with torch.no_grad():
+        code = neuron.quantize(x)[0]
+        spikes = gif_spikes(code, neuron.bits, neuron.num_steps).long()
+    return spikes, (spikes > 0).long()
+
+
+def _gif_terms(neuron: nn.Module) -> tuple[int, int]:
+    """(scale multiplies, zero-point terms) per token and output of a GIF neuron's reader."""
+    salient = neuron.has_saliency()
+    return (2 if salient and neuron.group_range == "group" else 1), (2 if salient else 1)
+
+
+def _slots(neuron: nn.Module, steps: int, rows: int, width: int) -> torch.Tensor:
+    """Channel-steps that could fire: every channel at every step (elastic); GIF, every channel at step 0 and the
+    salient ones after (the others' codes fit one spike)."""
+    slots = torch.full((steps,), rows * width, dtype=torch.int64)
+    if not isinstance(neuron, ElasticBiSpikingNeuron) and steps > 1:
+        salient = int(neuron.salient.sum()) if neuron.has_saliency() else 0
+        slots[1:] = rows * salient
+    return slots
+
+
+def _output_macs(neuron: nn.Module, steps: int, outputs: int) -> torch.Tensor:
+    """MACs per step of a linear layer's ``outputs`` (rows x out) fed by ``neuron``: one alpha multiply per output
+    and step (elastic with amplitude); GIF, per output one multiply per scale and one per zero point, once."""
+    macs = torch.zeros(steps, dtype=torch.int64)
+    if isinstance(neuron, ElasticBiSpikingNeuron):
+        if neuron.use_amplitude:
+            macs[:] = outputs
+    else:
+        macs[0] = outputs * sum(_gif_terms(neuron))
+    return macs
 
 
 @dataclass
@@ -120,13 +259,17 @@ class NeuronCount:
     positive: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     negative: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     slots: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    levels: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # sum of |level|
 
-    def add(self, positive: torch.Tensor, negative: torch.Tensor, slots: torch.Tensor) -> None:
+    def add(
+        self, positive: torch.Tensor, negative: torch.Tensor, slots: torch.Tensor, levels: torch.Tensor | None = None
+    ) -> None:
         if self.slots.numel() == 0:
-            self.positive, self.negative, self.slots = (torch.zeros_like(positive.cpu()) for _ in range(3))
+            self.positive, self.negative, self.slots, self.levels = (torch.zeros_like(positive.cpu()) for _ in range(4))
         self.positive += positive.cpu()
         self.negative += negative.cpu()
         self.slots += slots.cpu()
+        self.levels += (positive + negative if levels is None else levels).cpu()
 
 
 @dataclass
@@ -157,6 +300,9 @@ class OperationCounter:
 
     def __init__(self, model: nn.Module, blocks: nn.ModuleList | None = None):
         self.model = model
+        self.hf = _hf_layout(model)  # a transformers model of a converted family (spiking or not); None: native
+        if blocks is None and self.hf is not None:
+            blocks = self.hf.layers
         blocks = find_blocks(model) if blocks is None else blocks
         # module -> name; a lone layer counted on its own is named after its class
         self._names = {m: n or type(m).__name__ for n, m in model.named_modules()}
@@ -175,6 +321,9 @@ class OperationCounter:
         self._planned: dict[str, tuple[str, str | None]] = {}  # product name -> (kind, operand neuron)
         self._consumers: dict[nn.Module, _Consumer] = {}
         self._neuron_called: dict[nn.Module, bool] = {}
+        self._key_mask: torch.Tensor | None = None
+        self._counting = True
+        self._kv_history: dict[nn.Module, list[torch.Tensor]] = {}
 
     # -- where a module sits ------------------------------------------------------------------
 
@@ -199,6 +348,9 @@ class OperationCounter:
     # -- hooks ----------------------------------------------------------------------------------
 
     def __enter__(self):
+        if self.hf is not None:
+            self._enter_hf()
+            return self
         for module, name in self._names.items():
             if isinstance(module, ElasticBiSpikingNeuron):
                 self._backends[module] = module.backend
@@ -254,17 +406,37 @@ class OperationCounter:
         self._hook(attention, self._on_attention, name, with_kwargs=True)
 
     @contextmanager
-    def tokens(self, token_mask: torch.Tensor):
-        """Count the forward passes run inside this block over the real tokens of ``token_mask`` (B, L)."""
+    def tokens(self, token_mask: torch.Tensor, key_mask: torch.Tensor | None = None, count: bool = True):
+        """Count the forward passes run inside this block over the real tokens of ``token_mask`` (B, L).
+
+        Converted models and their sources only: ``key_mask`` (B, L_past + L) is the attention mask of a decode
+        step over the cached tokens and the new ones (the new ones are its last L positions); ``count=False`` runs
+        a pass (the prefill of a decode step) that only records the spikes of the keys and values it caches.
+        """
         if token_mask.dim() != 2:
             raise ValueError(f"token_mask must have shape (batch, length); got {tuple(token_mask.shape)}")
+        if key_mask is not None:
+            if self.hf is None:
+                raise ValueError("a key_mask (a decode step over a cache) is counted for converted models only")
+            batch, length = token_mask.shape
+            if key_mask.dim() != 2 or key_mask.shape[0] != batch or key_mask.shape[1] < length:
+                raise ValueError(
+                    f"key_mask {tuple(key_mask.shape)} must be (batch, cached + new tokens) for token_mask "
+                    f"{tuple(token_mask.shape)}"
+                )
+        else:
+            self._kv_history.clear()  # a new sequence: no cached keys
         self._mask = token_mask.bool()
-        self.num_sequences += token_mask.shape[0]
-        self.num_tokens += int(self._mask.sum())
+        self._key_mask = None if key_mask is None else key_mask.bool()
+        self._counting = count
+        if count:
+            self.num_sequences += token_mask.shape[0]
+            self.num_tokens += int(self._mask.sum())
         try:
             yield
         finally:
-            self._mask = None
+            self._mask = self._key_mask = None
+            self._counting = True
 
     def _row_mask(self, rows_shape) -> torch.Tensor | None:
         """The token mask if a tensor's row dimensions end in (B, L), else None (every row counts)."""
@@ -376,6 +548,171 @@ class OperationCounter:
         self.elementwise[region][op] += elements
         self.elementwise_ann[region][op] += elements // self._time_steps(x.shape)
 
+    # -- converted models and their transformers sources -------------------------------------------
+
+    def _enter_hf(self) -> None:
+        hf = self.hf
+        readers: dict[nn.Module, str] = {}
+        for site in hf.sites:
+            if site.kind in ("k", "v"):
+                continue  # read by the attention products, counted there
+            neuron = self.model.get_submodule(site.name)
+            linears = [(r, self.model.get_submodule(r)) for r in site.readers]
+            for reader, linear in linears:
+                readers[linear] = site.name
+                self._planned[reader] = ("linear", site.name)
+            self._use_reference(neuron)
+            self._hook(neuron, self._on_input_spikes, site.name, linears)
+        for attention in hf.attentions:
+            name = self._names[attention]
+            key, value = getattr(attention, "key_neuron", None), getattr(attention, "value_neuron", None)
+            for suffix, kind, neuron in (("scores", "attention_scores", key), ("context", "attention_context", value)):
+                self._planned[f"{name}.{suffix}"] = (kind, None if neuron is None else self._names[neuron])
+                if neuron is not None:
+                    self._use_reference(neuron)
+                    self._hook(neuron, self._on_kv_spikes, self._names[neuron])
+            self._hook(attention, self._on_hf_attention, name, key, value)
+        from spikelm.conversion.rotation import OnlineHadamard
+
+        for module, name in self._names.items():
+            if _linear_dims(module) is not None:
+                self._planned.setdefault(name, ("linear", None))
+                self._hook(module, self._on_hf_linear, name, module in readers)
+            elif isinstance(module, OnlineHadamard):
+                self._planned[name] = ("rotation", None)
+                self._hook(module, self._on_rotation, name)
+            elif _is_norm(module):
+                self._hook(module, self._on_hf_elementwise, name, "layernorm")
+            elif isinstance(module, _ACTIVATIONS) or type(module).__module__ == "transformers.activations":
+                self._hook(module, self._on_hf_elementwise, name, "activation")
+
+    def _use_reference(self, neuron: nn.Module) -> None:
+        if isinstance(neuron, ElasticBiSpikingNeuron):
+            self._backends[neuron] = neuron.backend
+            neuron.backend = "reference"
+
+    def _hf_rows(self, rows_shape) -> tuple[int, int]:
+        """(real rows, copies of the network) of a tensor whose row dimensions end in (copies * B, L)."""
+        mask = self._mask
+        batch, length = mask.shape
+        if len(rows_shape) >= 2 and rows_shape[-1] == length and rows_shape[-2] % batch == 0:
+            copies = rows_shape[-2] // batch
+            return copies * int(mask.sum()) * math.prod(rows_shape[:-2]), copies
+        return math.prod(rows_shape), 1
+
+    def _on_input_spikes(self, neuron, args, output, name, readers):
+        if not self._counting:
+            return
+        mask = self._require_mask(name)
+        levels, events = _spike_levels(neuron, args[0], output)
+        steps, width = levels.shape[0], levels.shape[-1]
+        weight = mask.reshape(-1).to(levels.device).long()
+        per_row = levels.reshape(steps, -1, width).sum(-1)
+        if per_row.shape[1] != weight.numel():
+            raise ValueError(
+                f"{name}: {per_row.shape[1]} input rows per step do not match the {weight.numel()} tokens of the mask"
+            )
+        level_sum = (per_row * weight).sum(1).cpu()
+        event_sum = (events.reshape(steps, -1, width).sum(-1) * weight).sum(1).cpu()
+        real = int(weight.sum())
+        self.neurons.setdefault(name, NeuronCount(name)).add(
+            event_sum, torch.zeros_like(event_sum), _slots(neuron, steps, real, width), level_sum
+        )
+        for reader, linear in readers:
+            out_features = _linear_dims(linear)[1]
+            macs = _output_macs(neuron, steps, real * out_features)
+            self._product(reader).add(acs=level_sum * out_features, macs=macs, steps=steps)
+
+    def _on_kv_spikes(self, neuron, args, output, name):
+        levels, events = _spike_levels(neuron, args[0], output)  # (S, B, H_kv, L_new, d)
+        self._kv_history.setdefault(neuron, []).append(levels.sum(dim=(2, 4)).cpu())  # (S, B, L_new)
+        if not self._counting:
+            return
+        mask = self._require_mask(name)
+        steps, batch, heads, length, head_dim = levels.shape
+        if (batch, length) != tuple(mask.shape):
+            raise ValueError(f"{name}: keys/values of shape {tuple(levels.shape[1:])} do not match the token mask")
+        weight = mask.to(levels.device).long()
+        level_sum = (levels.sum(dim=(2, 4)) * weight).sum(dim=(1, 2)).cpu()
+        event_sum = (events.sum(dim=(2, 4)) * weight).sum(dim=(1, 2)).cpu()
+        real = int(weight.sum())
+        self.neurons.setdefault(name, NeuronCount(name)).add(
+            event_sum, torch.zeros_like(event_sum), _slots(neuron, steps, real, heads * head_dim), level_sum
+        )
+
+    def _on_hf_attention(self, attention, args, output, name, key_neuron, value_neuron):
+        rows = self._require_mask(name)
+        if not self._counting:
+            return
+        keys = rows if self._key_mask is None else self._key_mask
+        hf = self.hf
+        fan_out = query_fan_out(rows, keys, hf.causal)  # (B, L_keys)
+        pairs, queries = int(fan_out.sum()), int(rows.sum())
+        heads, head_dim, group = hf.heads, hf.head_dim, hf.heads // hf.kv_heads
+        for suffix, neuron in (("scores", key_neuron), ("context", value_neuron)):
+            product = self._product(f"{name}.{suffix}")
+            product.ann_macs += pairs * heads * head_dim
+            if neuron is None:  # real-valued K/V: a MAC per term
+                product.add(macs=pairs * heads * head_dim, steps=hf.copies)
+                continue
+            history = self._kv_history.get(neuron, [])
+            levels = torch.cat(history, dim=-1) if history else None
+            if levels is None or tuple(levels.shape[1:]) != tuple(keys.shape):
+                raise RuntimeError(
+                    f"{name}: the spikes of {tuple(keys.shape)} keys/values were not all seen; run the prefill "
+                    "inside OperationCounter.tokens(mask, count=False) before counting a decode step"
+                )
+            steps = levels.shape[0]
+            acs = (levels * fan_out.cpu().long()).sum(dim=(1, 2)) * group
+            if isinstance(neuron, ElasticBiSpikingNeuron):
+                per_step = heads * pairs if suffix == "scores" else heads * head_dim * queries
+                macs = torch.full((steps,), per_step if neuron.use_amplitude else 0, dtype=torch.int64)
+            else:
+                scales, groups = _gif_terms(neuron)
+                macs = torch.zeros(steps, dtype=torch.int64)
+                macs[0] = heads * pairs * (scales + groups)
+                if suffix == "scores":  # the zero-point term needs each query's row sums: head_dim adds per head
+                    acs[0] += queries * heads * head_dim
+            product.add(acs=acs, macs=macs, steps=steps)
+        region = self._region(name)
+        for op in ("softmax", "score_scaling"):
+            self.elementwise[region][op] += hf.copies * heads * pairs
+            self.elementwise_ann[region][op] += heads * pairs
+
+    def _on_hf_linear(self, linear, args, output, name, fed_by_neuron):
+        if not self._counting:
+            return
+        self._require_mask(name)
+        in_features, out_features = _linear_dims(linear)
+        rows, copies = self._hf_rows(args[0].shape[:-1])
+        product = self._product(name)
+        product.ann_macs += rows // copies * in_features * out_features
+        if not fed_by_neuron:  # the neuron's hook counted the spiking product
+            macs = rows // copies * in_features * out_features
+            product.add(macs=torch.full((copies,), macs, dtype=torch.int64), steps=copies)
+
+    def _on_rotation(self, module, args, output, name):
+        if not self._counting:
+            return
+        from spikelm.conversion.rotation import _online_operands
+
+        self._require_mask(name)
+        x = args[0]
+        rows, copies = self._hf_rows(x.shape[:-1])
+        signs, mats = _online_operands(module.kind, module.size, module.seed, x.device, torch.float32)
+        per_row = module.size * sum(m.shape[0] for m in mats) + (0 if signs is None else module.size)
+        self._product(name).add(macs=torch.full((copies,), rows // copies * per_row, dtype=torch.int64), steps=copies)
+
+    def _on_hf_elementwise(self, module, args, output, name, op):
+        if not self._counting:
+            return
+        self._require_mask(name)
+        x = args[0]
+        rows, copies = self._hf_rows(x.shape[:-1])
+        region = self._region(name)
+        self.elementwise[region][op] += rows * x.shape[-1]
+        self.elementwise_ann[region][op] += rows // copies * x.shape[-1]
+
     # -- results --------------------------------------------------------------------------------
 
     def summary(self, constants: EnergyConstants = DEFAULT_CONSTANTS) -> dict:
@@ -433,7 +770,8 @@ def summarize(counter: OperationCounter, constants: EnergyConstants = DEFAULT_CO
         }
         if product.neuron in counter.neurons:
             out.update(_rates(counter.neurons[product.neuron]))
-            out["alpha"] = modules[product.neuron].alpha.detach().float().cpu().tolist()
+            alpha = getattr(modules[product.neuron], "alpha", None)
+            out["alpha"] = [] if alpha is None else alpha.detach().float().cpu().tolist()
         return out
 
     counted = [p for p in counter.products.values() if p.acs is not None or p.macs is not None or p.ann_macs]
@@ -461,6 +799,22 @@ def summarize(counter: OperationCounter, constants: EnergyConstants = DEFAULT_CO
         return {region: {op: count / n for op, count in ops.items()} for region, ops in table.items()}
 
     heads_macs = sum(e["macs"] for e in heads)
+    heads_ann = sum(e["ann_macs"] for e in heads)
+    ew_snn = sum(sum(ops.values()) for ops in counter.elementwise.values()) / n
+    ew_ann = sum(sum(ops.values()) for ops in counter.elementwise_ann.values()) / n
+    whole_snn = constants.millijoules(acs, macs + heads_macs + ew_snn) if spiking else None
+    whole_ann = constants.millijoules(0, ann_macs + heads_ann + ew_ann)
+    whole_model = {
+        "convention": WHOLE_MODEL,
+        "snn_acs": acs if spiking else None,
+        "snn_macs": macs + heads_macs + ew_snn if spiking else None,
+        "ann_macs": ann_macs + heads_ann + ew_ann,
+        "snn_mJ_per_sequence": whole_snn,
+        "ann_mJ_per_sequence": whole_ann,
+        "snn_mJ_per_token": whole_snn / tokens if spiking else None,
+        "ann_mJ_per_token": whole_ann / tokens,
+        "ratio": whole_ann / whole_snn if spiking and whole_snn > 0 else None,
+    }
     return {
         "spiking": spiking,
         "num_sequences": n,
@@ -484,7 +838,8 @@ def summarize(counter: OperationCounter, constants: EnergyConstants = DEFAULT_CO
         "alpha_was_initialized": counter.alpha_was_initialized,
         "per_layer": per_layer,
         "heads": {"macs": heads_macs, "mJ": constants.millijoules(0, heads_macs), "layers": heads},
-        "neurons": {c.name: _rates(c) for c in neurons},
+        "whole_model": whole_model,
+        "neurons": {c.name: {**_rates(c), "levels_per_step": (c.levels.double() / n).tolist()} for c in neurons},
         "elementwise": {
             "snn": per_sequence(counter.elementwise) if spiking else None,
             "ann": per_sequence(counter.elementwise_ann),
@@ -503,12 +858,13 @@ def measure_energy(model: nn.Module, batches, constants: EnergyConstants = DEFAU
     """
     counter = OperationCounter(model)
     device = next(model.parameters()).device
+    accepted = _accepted_inputs(model)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), counter:
             for batch in progress(batches) if progress else batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = {k: v.to(device) for k, v in batch.items() if accepted is None or k in accepted}
                 mask = batch.get("attention_mask")
                 if mask is None:
                     mask = torch.ones_like(batch["input_ids"])
@@ -517,3 +873,55 @@ def measure_energy(model: nn.Module, batches, constants: EnergyConstants = DEFAU
     finally:
         model.train(was_training)
     return counter.summary(constants)
+
+
+def _accepted_inputs(model: nn.Module) -> set[str] | None:
+    """The input names ``model.forward`` takes (None: anything, e.g. ``**kwargs`` only)."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    names = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names or None
+
+
+def measure_decode_energy(
+    model: nn.Module, batches, constants: EnergyConstants = DEFAULT_CONSTANTS, progress=None
+) -> dict:
+    """The energy of one generated token: per sequence of each batch, the first L - 1 tokens fill the cache
+    (a prefill, not counted: it only records the spikes of the keys and values it caches), then the decode step
+    of token L (one new query attending L cached keys) is counted. :func:`summarize`'s dict, whose
+    ``*_per_sequence`` figures are per generated token; ``context_tokens`` the mean cache length.
+
+    For causal converted models (``spikelm.spikify``) and their real-valued transformers sources; batches with
+    padding are skipped (a decode step continues an unpadded prompt here).
+    """
+    counter = OperationCounter(model)
+    if counter.hf is None or not counter.hf.causal:
+        raise ValueError(
+            "energy per generated token is counted for causal converted models and their transformers sources; "
+            f"got a {type(model).__name__}"
+        )
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    contexts = []
+    try:
+        with torch.no_grad(), counter:
+            for batch in progress(batches) if progress else batches:
+                ids = batch["input_ids"].to(device)
+                mask = batch.get("attention_mask")
+                mask = torch.ones_like(ids) if mask is None else mask.to(device)
+                if ids.shape[1] < 2 or not bool(mask.bool().all()):
+                    continue
+                with counter.tokens(mask[:, :-1], count=False):
+                    cache = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True).past_key_values
+                with counter.tokens(mask[:, -1:], key_mask=mask):
+                    model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=True)
+                contexts += [ids.shape[1] - 1] * ids.shape[0]
+    finally:
+        model.train(was_training)
+    if not contexts:
+        raise ValueError("no unpadded sequence of at least 2 tokens to count a decode step on")
+    summary = counter.summary(constants)
+    summary["context_tokens"] = sum(contexts) / len(contexts)
+    return summary
