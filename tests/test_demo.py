@@ -174,11 +174,14 @@ def test_demo_end_to_end_figures_match_the_files_it_wrote(sources, tmp_path, mon
     assert 0 < e["mean_firing_rate"] < 1 and e["snn_mJ_per_sequence"] > 0
     for link in [*e["plots"], "summary.png"]:
         assert (out / link).is_file() and link in report
-    llm_energy = figures["energy"]["llm"]
-    if llm_energy["available"]:
-        assert (out / llm_energy["energy_json"]).is_file()
-    else:
-        assert "not available" in report
+    for name in ("classifier", "llm"):
+        e = figures["energy"][name]
+        energy = json.loads((out / e["energy_json"]).read_text())
+        for key in ("snn_mJ_per_sequence", "ann_mJ_per_sequence", "ratio", "mean_firing_rate"):
+            assert e[key] == energy[key]
+        assert 0 < e["mean_firing_rate"] < 1 and e["snn_mJ_per_sequence"] > 0
+        assert f"{e['ratio']:.2f}x" in report
+    assert figures["energy"]["llm"]["sequences"] == 2  # 1,024 perplexity tokens in windows of 512
     assert figures["peak_rss_mb"] > 0 and figures["seconds"]["total"] > 0
 
     # a second run reuses its own directory; a directory holding something else is refused

@@ -384,16 +384,14 @@ def llm_summary_lines(figures: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def llm_energy(model, tokens, window: int) -> dict | None:
-    """Energy of a (converted or real-valued) Hugging Face causal LM on disjoint windows of ``tokens``, if
-    :func:`~spikelm.evaluation.energy.measure_energy` counts such models in this version; None where it does not."""
-    from spikelm.evaluation import energy
+def llm_energy(model, tokens, window: int, progress=None) -> dict:
+    """:func:`~spikelm.evaluation.energy.measure_energy` of a causal LM (converted or not) on disjoint windows of
+    ``tokens``, one window a sequence."""
+    from spikelm.evaluation.energy import measure_energy
 
-    if not getattr(energy, "SUPPORTS_CONVERTED_MODELS", False):
-        return None
     count = tokens.numel() // window
-    batches = [{"input_ids": tokens[: count * window].view(count, window)[i : i + 1]} for i in range(count)]
-    return energy.measure_energy(model, batches)
+    windows = tokens[: count * window].view(count, window)
+    return measure_energy(model, [{"input_ids": windows[i : i + 1]} for i in range(count)], progress=progress)
 
 
 def run_energy(settings: DemoSettings, out: Path, log, context: dict, figures: dict) -> dict:
@@ -443,33 +441,31 @@ def run_energy(settings: DemoSettings, out: Path, log, context: dict, figures: d
             f"(ratio {summary['ratio']:.2f}x); mean firing rate {summary['mean_firing_rate']:.3f}"
         )
     if "llm" in figures:
-        spiking = llm_energy(context["llm_model"], context["llm_energy_tokens"], settings.window)
-        if spiking is None:
-            result["llm"] = {
-                "available": False,
-                "why": "this version's energy count covers native SpikeLM models only (converted models: not yet)",
-            }
-            log(f"LLM energy: not available ({result['llm']['why']})")
-        else:
-            folder = out / "energy" / "llm"
-            folder.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(folder / "energy.json", spiking)
-            plots = write_energy_report(spiking, folder)
-            result["llm"] = {
-                "available": True,
-                "tokens": int(context["llm_energy_tokens"].numel()),
-                "snn_mJ_per_sequence": spiking["snn_mJ_per_sequence"],
-                "ann_mJ_per_sequence": spiking["ann_mJ_per_sequence"],
-                "ratio": spiking["ratio"],
-                "mean_firing_rate": spiking["mean_firing_rate"],
-                "energy_json": str((folder / "energy.json").relative_to(out)),
-                "plots": [str(Path(p).relative_to(out)) for p in plots],
-            }
-            log(
-                f"LLM energy per {settings.window}-token window: spiking {spiking['snn_mJ_per_sequence']:.3f} mJ vs "
-                f"real-valued {spiking['ann_mJ_per_sequence']:.3f} mJ; "
-                f"mean firing rate {spiking['mean_firing_rate']:.3f}"
-            )
+        spiking = llm_energy(
+            context["llm_model"],
+            context["llm_energy_tokens"],
+            settings.window,
+            progress=lambda b: tqdm(b, desc="energy (LLM)", leave=False, disable=None),
+        )
+        folder = out / "energy" / "llm"
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / "energy.json", spiking)
+        plots = write_energy_report(spiking, folder)
+        result["llm"] = {
+            "sequences": spiking["num_sequences"],
+            "tokens": int(context["llm_energy_tokens"].numel()),
+            "snn_mJ_per_sequence": spiking["snn_mJ_per_sequence"],
+            "ann_mJ_per_sequence": spiking["ann_mJ_per_sequence"],
+            "ratio": spiking["ratio"],
+            "mean_firing_rate": spiking["mean_firing_rate"],
+            "energy_json": str((folder / "energy.json").relative_to(out)),
+            "plots": [str(Path(p).relative_to(out)) for p in plots],
+        }
+        log(
+            f"LLM energy per {settings.window}-token window: spiking {spiking['snn_mJ_per_sequence']:.3f} mJ vs "
+            f"real-valued {spiking['ann_mJ_per_sequence']:.3f} mJ (ratio {spiking['ratio']:.2f}x); "
+            f"mean firing rate {spiking['mean_firing_rate']:.3f}"
+        )
     return result
 
 

@@ -39,15 +39,14 @@ def plot_summary(figures: dict, path: Path) -> bool:
             )
         )
     for name, e in figures.get("energy", {}).items():
-        if e.get("available", True):
-            panels.append(
-                (
-                    f"{name}: mJ per sequence",
-                    ["real-valued", "spiking"],
-                    [e["ann_mJ_per_sequence"], e["snn_mJ_per_sequence"]],
-                    "{:.3g}",
-                )
+        panels.append(
+            (
+                f"{name}: mJ per sequence",
+                ["real-valued", "spiking"],
+                [e["ann_mJ_per_sequence"], e["snn_mJ_per_sequence"]],
+                "{:.3g}",
             )
+        )
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
@@ -143,13 +142,10 @@ def markdown(figures: dict, plot: str | None) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for name, e in figures["energy"].items():
-            if not e.get("available", True):
-                lines.append(f"| {name} | - | not available: {e['why']} | | | | |")
-                continue
             what = (
-                f"{e['sequences']} test sentences ({e['mean_tokens']} tokens)"
-                if "sequences" in e
-                else f"{e['tokens']} tokens in windows of {s['window']}"
+                f"{e['sequences']} test sentences ({e['mean_tokens']} tokens on average)"
+                if name == "classifier"
+                else f"{e['sequences']} windows of {s['window']} tokens of the perplexity text"
             )
             folder = str(Path(e["energy_json"]).parent)
             lines.append(
