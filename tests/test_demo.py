@@ -186,4 +186,7 @@ def test_demo_end_to_end_figures_match_the_files_it_wrote(sources, tmp_path, mon
 
     # a second run reuses its own directory; a directory holding something else is refused
     assert main([*args, "--parts", "llm"]) == 0
-    assert set(json.loads((out / "figures.json").read_text())) >= {"llm", "settings"}
+    again = json.loads((out / "figures.json").read_text())
+    assert again["settings"]["parts"] == ["llm"] and "classifier" not in again
+    assert again["earlier"]["classifier"] == figures["classifier"]  # kept from the first run, marked as earlier
+    assert again["earlier"]["energy"] == figures["energy"]

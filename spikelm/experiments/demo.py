@@ -474,6 +474,22 @@ def run_energy(settings: DemoSettings, out: Path, log, context: dict, figures: d
 # ----------------------------------------------------------------------------------------------
 
 
+def _earlier_parts(path: Path, ran: list[str]) -> dict:
+    """The figures of the parts this run skipped, kept from the directory's previous ``figures.json`` (a run of
+    ``--parts llm`` into a directory that holds a whole run keeps the classifier's figures), each marked there."""
+    import json
+
+    if not path.is_file():
+        return {}
+    try:
+        previous = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    kept = {p: previous[p] for p in PARTS if p not in ran and p in previous}
+    kept.update({p: f for p, f in previous.get("earlier", {}).items() if p not in ran and p not in kept})
+    return kept
+
+
 def run_demo(settings: DemoSettings, out: Path, log=print) -> dict:
     """Run the parts of ``settings`` into the prepared directory ``out``; write ``figures.json``, ``report.md`` and
     ``summary.png``; return the figures."""
@@ -503,6 +519,7 @@ def run_demo(settings: DemoSettings, out: Path, log=print) -> dict:
         log(f"({part}: {figures['seconds'][part] / 60:.1f} min)")
     figures["seconds"]["total"] = round(time.perf_counter() - started, 1)
     figures["peak_rss_mb"] = round(_peak_rss_mb())
+    figures["earlier"] = _earlier_parts(out / "figures.json", steps)
     write_json_atomic(out / "figures.json", figures)
     write_report(figures, out)
     log(

@@ -72,6 +72,12 @@ def markdown(figures: dict, plot: str | None) -> str:
         + f"); peak RSS {figures['peak_rss_mb'] / 1024:.2f} GB. Every figure is in `figures.json`.",
         "",
     ]
+    if figures.get("earlier"):
+        lines += [
+            f"Figures of {', '.join(figures['earlier'])} from an earlier run into this directory are kept in "
+            "`figures.json` under `earlier` (not shown here).",
+            "",
+        ]
     if plot:
         lines += [f"![summary]({plot})", ""]
     if "classifier" in figures:
@@ -107,7 +113,7 @@ def markdown(figures: dict, plot: str | None) -> str:
         lines += [
             "## A spiking LLM from a pretrained LLM",
             "",
-            f"{g['source']} ({g['parameters'] / 1e6:.0f} M parameters) converted without training by "
+            f"{g['source']} ({g['parameters'] / 1e6:.1f} M parameters) converted without training by "
             f"`spikelm.spikify` with the default recipe ({recipe}; T={g['time_steps']}), calibrated on "
             f"{g['calibration']} ({g['conversion_seconds']:.0f} s). Perplexity on {g['evaluation']}, disjoint "
             f"windows of {g['window']} ({p['tokens_scored']:,} tokens scored):",
