@@ -190,3 +190,16 @@ def test_demo_end_to_end_figures_match_the_files_it_wrote(sources, tmp_path, mon
     assert again["settings"]["parts"] == ["llm"] and "classifier" not in again
     assert again["earlier"]["classifier"] == figures["classifier"]  # kept from the first run, marked as earlier
     assert again["earlier"]["energy"] == figures["energy"]
+
+
+def test_test_accuracy_matches_predictions_to_labels_by_index(tmp_path):
+    from spikelm.experiments.demo import labelled_accuracy
+
+    labels = tmp_path / "test_labels.tsv"
+    labels.write_text("index\tlabel\n0\t1\n1\t0\n2\t0\n3\t1\n")
+    predictions = tmp_path / "SST-2.tsv"
+    predictions.write_text("index\tprediction\n3\t1\n2\t1\n1\t0\n0\t0\n")  # another order: 3 and 1 right
+    assert labelled_accuracy(predictions, labels) == 0.5
+    predictions.write_text("index\tprediction\n0\t1\n1\t0\n")
+    with pytest.raises(ValueError, match="no prediction for 2 of the 4"):
+        labelled_accuracy(predictions, labels)

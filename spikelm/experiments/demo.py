@@ -123,7 +123,7 @@ def read_labels(path: Path) -> dict[str, str]:
     return {r[0]: r[1] for r in rows[1:]}
 
 
-def test_accuracy(predictions: Path, labels: Path) -> float:
+def labelled_accuracy(predictions: Path, labels: Path) -> float:
     """Accuracy of a prediction file against the labels file, matched by index (every labelled example must have
     a prediction)."""
     truth, guess = read_labels(labels), read_labels(predictions)
@@ -199,7 +199,7 @@ def run_classifier(settings: DemoSettings, out: Path, log) -> dict:
             "best_epoch": result["best"]["epoch"],
             "dev_accuracy": result["best"]["accuracy"],
             "test_predictions": str(predictions.relative_to(out)),
-            "test_accuracy": test_accuracy(predictions, labels_path),
+            "test_accuracy": labelled_accuracy(predictions, labels_path),
             "seconds": round(time.perf_counter() - started, 1),
         }
 
