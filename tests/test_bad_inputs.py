@@ -59,7 +59,15 @@ def paths(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
+    unsupported = tmp_path / "t5_model"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5Model"]}))
+    encoder = tmp_path / "bert_model"
+    encoder.mkdir()
+    (encoder / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
     return {
+        "unsupported": str(unsupported),
+        "encoder": str(encoder),
         "model": str(model),
         "dir": str(d),
         "file": str(text),
@@ -188,6 +196,9 @@ CASES = {
         (["--model", MODEL, "--text-file", FILE, "--task", "sst2", *_o()], "not allowed with"),
         (["--model", MODEL, *_o()], "one of the arguments"),
         (["--model", MODEL, "--text-file", FILE, "--device", "tpu9", *_o()], "--device"),
+        (["--model", "no-such-model", "--text-file", FILE, *_o()], "neither a model directory nor a named source"),
+        (["--model", MODEL, "--text-file", FILE, *_o()], "cannot read its config.json"),
+        (["--model", "{unsupported}", "--text-file", FILE, *_o()], "model_type 't5'"),
     ]
     + (
         [(["--model", MODEL, "--text-file", FILE, "--device", "cuda", *_o()], "CUDA is not available")]
@@ -220,6 +231,10 @@ CASES = {
         (["--model", MODEL, "--prompt", "hi", "--top-k", "0"], "--top-k"),
         (["--model", MODEL, "--prompt", "hi", "--num-beams", "-1"], "--num-beams"),
         (["--model", MODEL, "--prompt", "hi", "--seed", "x"], "--seed"),
+        (["--model", "no-such-model", "--prompt", "hi"], "neither a model directory nor a named source"),
+        (["--model", MODEL, "--prompt", "hi"], "cannot read its config.json"),
+        (["--model", "{unsupported}", "--prompt", "hi"], "model_type 't5'"),
+        (["--model", "{encoder}", "--prompt", "hi"], "not a causal language model"),
     ],
     "glue": [
         (["--model", MISSING + "/", *_o()], "--model"),
@@ -246,6 +261,10 @@ CASES = {
         (["--model", MODEL, "--text-file", FILE, "--stride", "0"], "--stride"),
         (["--model", MODEL, "--text-file", FILE, "--batch-size", "zero"], "--batch-size"),
         (["--model", MODEL], "--text-file"),
+        (["--model", "no-such-model", "--text-file", FILE], "neither a model directory nor a named source"),
+        (["--model", MODEL, "--text-file", FILE, *_o()], "cannot read its config.json"),
+        (["--model", "{unsupported}", "--text-file", FILE, *_o()], "model_type 't5'"),
+        (["--model", "{encoder}", "--text-file", FILE, *_o()], "not a causal language model"),
     ],
     "spikify": [
         (["--model", MISSING, *_o()], "--model"),
@@ -279,6 +298,7 @@ CASES = {
         (["--teacher", MODEL, "--student", MODEL, "--config", MISSING, *_o()], "--config"),
         (["--teacher", MODEL, "--student", MODEL, "--no-such-flag", *_o()], "unrecognized"),
         (["--teacher", MODEL, "--student", MODEL], "--output-dir"),
+        (["--teacher", MODEL, "--student", "smollm2-135m", *_o()], "named (real-valued) source"),
     ],
     "convert-official": [
         ([MISSING, *_o()], "no such file"),

@@ -212,3 +212,102 @@ def test_elastic_converted_linear_counts_are_nonzero_spikes_times_fan_out():
     per_key = (keys != 0).sum(dim=(0, 2, 4))  # (B, L)
     hand = sum(int(per_key[b, j]) * (6 - j) * (H // HKV) for b in range(2) for j in range(6))
     assert layer["self_attn.scores"]["acs"] * 2 == hand
+
+
+# ---------------------------------------------------------------------------------------------
+# The commands on a converted tiny LLaMA and its source
+# ---------------------------------------------------------------------------------------------
+
+WORDS = "the quick brown fox jumps over a lazy dog and runs far away into woods".split()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("conv")
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    source, spiking = root / "source", root / "spiking"
+    LlamaForCausalLM(config).save_pretrained(source)
+    tok.save_pretrained(source)
+    model = LlamaForCausalLM.from_pretrained(source)
+    spikelm.spikify(model, neuron="gif", calibration=torch.randint(3, len(vocab), (2, 16)))
+    model.save_pretrained(spiking)
+    tok.save_pretrained(spiking)
+    text = root / "text.txt"
+    text.write_text(" ".join(WORDS[i % len(WORDS)] for i in range(400)))
+    return {"source": source, "spiking": spiking, "text": text, "tokenizer": tok}
+
+
+def test_generate_on_a_converted_model_uses_the_spike_cache_and_equals_full_forwards(
+    converted, tmp_path, capsys, monkeypatch
+):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from spikelm.commands.main import main
+    from spikelm.conversion.cache import GIFCodeLayer
+
+    updates = []
+    original = GIFCodeLayer.update
+    monkeypatch.setattr(GIFCodeLayer, "update", lambda self, *a, **k: updates.append(1) or original(self, *a, **k))
+    prompt, new = "the quick brown fox", 8
+    out = tmp_path / "gen"
+    code = main(
+        ["generate", "--model", str(converted["spiking"]), "--prompt", prompt, "--max-new-tokens", str(new),
+         "--output-dir", str(out)]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert updates, "generate() did not go through the spike-code cache"
+    continuation = json.loads((out / "generations.json").read_text())["generations"][0]["continuation"]
+    # the reference: greedy decoding with a full forward pass per token, no cache
+    tok = converted["tokenizer"]
+    model = AutoModelForCausalLM.from_pretrained(converted["spiking"]).eval()
+    ids = torch.tensor([tok(prompt, add_special_tokens=False).input_ids])
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(new):
+            nxt = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], dim=1)
+            if int(nxt) == tok.eos_token_id:
+                break
+    assert continuation == tok.decode(ids[0, start:], skip_special_tokens=True)
+    assert len(continuation.split()) >= 1
+
+
+def test_energy_command_on_converted_and_source_gives_both_figures(converted, tmp_path, capsys):
+    import json
+
+    from spikelm.commands.main import main
+
+    results = {}
+    for kind in ("source", "spiking"):
+        out = tmp_path / kind
+        args = ["energy", "--model", str(converted[kind]), "--text-file", str(converted["text"]), "--max-length", "24"]
+        assert main([*args, "--max-sequences", "3", "--output-dir", str(out)]) == 0, capsys.readouterr().err
+        results[kind] = json.loads((out / "energy.json").read_text())
+        assert (out / "report.md").is_file()
+    source, spiking = results["source"], results["spiking"]
+    assert source["model_kind"] == "source" and source["snn_mJ_per_sequence"] is None
+    assert spiking["model_kind"] == "converted" and spiking["snn_mJ_per_sequence"] > 0
+    assert spiking["ann_macs"] == source["ann_macs"]  # the converted model's ANN figure is its source's
+    for summary in (source, spiking):
+        generated = summary["per_generated_token"]
+        assert generated["context_tokens"] == 23 and generated["ann_mJ_per_sequence"] > 0
+    assert spiking["per_generated_token"]["snn_mJ_per_sequence"] > 0
+    assert spiking["neurons"] and all(0 <= r <= 1 for n in spiking["neurons"].values() for r in n["firing_rate"])

@@ -113,6 +113,19 @@ def model_source(text: str) -> str:
     return model_dir(text)
 
 
+def model_dir_not_named(text: str) -> str:
+    """A model directory, where a named source makes no sense (e.g. a distillation student): the name is refused
+    saying what to pass instead."""
+    from spikelm.data.pretrained import NAMED_SOURCES
+
+    if text in NAMED_SOURCES:
+        _fail(
+            f"{text} is a named (real-valued) source, not a model directory; convert it first "
+            f"(`spikelm spikify --model {text} --output-dir DIR`) and pass DIR"
+        )
+    return model_dir(text)
+
+
 def model_ref(text: str) -> str:
     """A model directory, or a name (hub or built-in, e.g. ``minilm``): checked as a directory only if it is a
     path that exists or looks like one."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from .argtypes import integer, model_dir, model_ref, text_file, text_path
+from .argtypes import integer, model_dir_not_named, model_ref, text_file, text_path
 from .main import add_output_dir
 
 
@@ -32,7 +32,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--student",
-        type=model_dir,
+        type=model_dir_not_named,
         required=True,
         metavar="DIR",
         help="the student: a causal LM directory sharing the teacher's vocabulary (e.g. written by "

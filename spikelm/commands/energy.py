@@ -79,29 +79,6 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def load_config(path: str | Path):
-    """The :class:`~spikelm.SpikeLMConfig` of the model saved in ``path`` (no weights read)."""
-    from transformers import AutoConfig
-
-    import spikelm.models  # noqa: F401  (registers model_type "spikelm")
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise UserError(f"--model {path}: no config.json there; expected a directory written by save_pretrained")
-    config = AutoConfig.from_pretrained(path)
-    if config.model_type != "spikelm":
-        raise UserError(f"--model {path} holds a {config.model_type!r} model; expected a spikelm model")
-    return config
-
-
-def load_model(path: str | Path, config):
-    """The model saved in ``path``, as the class its config names (heads included)."""
-    import spikelm
-
-    architecture = (config.architectures or ["SpikeLMModel"])[0]
-    return getattr(spikelm, architecture, spikelm.SpikeLMModel).from_pretrained(path, config=config)
-
-
 def load_tokenizer(model_dir: Path, vocab_size: int):
     """The tokenizer saved with the model, else the packaged bert-base-uncased WordPiece."""
     from transformers import AutoTokenizer
@@ -187,8 +164,7 @@ def run(args) -> int:
         device = torch.device(device)
     except RuntimeError as err:
         raise UserError(f"--device {args.device!r} is not a torch device ({err})") from None
-    from spikelm.evaluation.loading import NATIVE, SOURCE, inspect_model
-    from spikelm.evaluation.loading import load_model as load_any
+    from spikelm.evaluation.loading import NATIVE, SOURCE, inspect_model, load_model
 
     spec = inspect_model(args.model)
     config = spec.config
@@ -206,7 +182,7 @@ def run(args) -> int:
         features, source = text_features(Path(args.text_file), tokenizer, args.max_length)
     features = features[: args.max_sequences]
     out = prepare_output_dir(args.output_dir, "energy", args.overwrite)
-    model = load_any(spec, device)
+    model = load_model(spec, device)
 
     batches = list(padded_batches(features, tokenizer, args.batch_size))
     constants = EnergyConstants(args.ac_pj, args.mac_pj)
@@ -274,8 +250,8 @@ def run(args) -> int:
     whole = summary["whole_model"]
     print(
         "whole model (+ heads, norms, softmax, activations as MACs) per token: "
-        + (f"SNN {whole['snn_mJ_per_token'] * 1e6:.2f} nJ, " if spiking else "")
-        + f"ANN {whole['ann_mJ_per_token'] * 1e6:.2f} nJ"
+        + (f"SNN {whole['snn_mJ_per_token'] * 1e3:.2f} uJ, " if spiking else "")
+        + f"ANN {whole['ann_mJ_per_token'] * 1e3:.2f} uJ"
         + (f", ratio ANN/SNN {whole['ratio']:.2f}" if whole["ratio"] else "")
     )
     generated = summary.get("per_generated_token")
@@ -284,12 +260,12 @@ def run(args) -> int:
         print(
             f"per generated token (one decode step after {generated['context_tokens']:.0f} cached tokens), whole "
             "model: "
-            + (f"SNN {whole['snn_mJ_per_sequence'] * 1e6:.2f} nJ, " if spiking else "")
-            + f"ANN {whole['ann_mJ_per_sequence'] * 1e6:.2f} nJ"
+            + (f"SNN {whole['snn_mJ_per_sequence'] * 1e3:.2f} uJ, " if spiking else "")
+            + f"ANN {whole['ann_mJ_per_sequence'] * 1e3:.2f} uJ"
             + (f", ratio ANN/SNN {whole['ratio']:.2f}" if whole["ratio"] else "")
             + "; blocks only: "
-            + (f"SNN {generated['snn_mJ_per_sequence'] * 1e6:.2f} nJ, " if spiking else "")
-            + f"ANN {generated['ann_mJ_per_sequence'] * 1e6:.2f} nJ"
+            + (f"SNN {generated['snn_mJ_per_sequence'] * 1e3:.2f} uJ, " if spiking else "")
+            + f"ANN {generated['ann_mJ_per_sequence'] * 1e3:.2f} uJ"
         )
     print(f"wrote {out / 'energy.json'}, {out / 'report.md'} and plots")
     return 0

@@ -97,9 +97,13 @@ def inspect_model(name_or_path: str | Path, need_causal: bool = False, flag: str
     supported = _supported_model_types()
     converted = _quant_method(config) == "spikelm"
     if model_type not in supported:
-        what = ", ".join(architectures) or f"model_type {model_type!r}"
+        what = (
+            f"{', '.join(architectures)} model (model_type {model_type!r})"
+            if architectures
+            else f"model_type {model_type!r} model"
+        )
         raise UserError(
-            f"{flag} {name} holds a {what} model, which spikelm does not run: expected a SpikeLM, a converted "
+            f"{flag} {name} holds a {what}, which spikelm does not run: expected a SpikeLM, a converted "
             f"model or a real-valued transformers model of model_type {', '.join(supported)}"
         )
     if _quant_method(config) not in (None, "spikelm"):

@@ -17,27 +17,12 @@ TOKEN_COUNTS_FILE = "token_counts.safetensors"
 
 
 def load_causal_lm(model_dir: str | Path):
-    """The :class:`SpikeLMForCausalLM` saved in ``model_dir`` (eval mode); a clear error for anything else."""
-    from transformers import AutoConfig
+    """The causal LM saved in ``model_dir`` (eval mode): a SpikeLMForCausalLM, a converted model or a real-valued
+    transformers causal LM, or a named source (:mod:`spikelm.evaluation.loading`); one clear error for anything
+    else."""
+    from .loading import load_any_causal_lm
 
-    from spikelm.models.configuration_spikelm import SpikeLMConfig
-    from spikelm.models.modeling_spikelm_causal import SpikeLMForCausalLM
-
-    path = Path(model_dir)
-    if not (path / "config.json").is_file():
-        raise MissingInputError(
-            f"--model {path}: no config.json there; expected a directory written by save_pretrained "
-            "(e.g. by `spikelm pretrain --objective clm`)"
-        )
-    config = AutoConfig.from_pretrained(path)
-    architectures = config.architectures or []
-    if not isinstance(config, SpikeLMConfig) or SpikeLMForCausalLM.__name__ not in architectures:
-        what = ", ".join(architectures) or f"model_type {config.model_type!r}"
-        raise UserError(
-            f"--model {path} holds a {what} checkpoint, not a causal SpikeLM (SpikeLMForCausalLM); generation and "
-            "perplexity need a decoder trained with `spikelm pretrain --objective clm`"
-        )
-    return SpikeLMForCausalLM.from_pretrained(path).eval()
+    return load_any_causal_lm(model_dir)[0]
 
 
 def load_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None):

@@ -71,6 +71,13 @@ def _model_type(name: str) -> tuple[str, str]:
         from spikelm.data.sources import minilm_dir
 
         return "bert", str(minilm_dir())
+    from spikelm.data.pretrained import NAMED_SOURCES
+
+    if name in NAMED_SOURCES:  # the other named sources are causal LMs
+        raise UserError(
+            f"--model {name} is a causal language model (a named source); fine-tuning needs an encoder: a SpikeLM, "
+            f"a BERT-family checkpoint or {MINILM_NAME!r}"
+        )
     path = Path(name)
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -188,6 +195,11 @@ def _from_spikelm(name: str, task: GlueTask, changes: dict, eval_only: bool):
     from spikelm.models.modeling_spikelm import SpikeLMForSequenceClassification
 
     config = SpikeLMConfig.from_pretrained(name)
+    if "SpikeLMForCausalLM" in (config.architectures or []):
+        raise UserError(
+            f"--model {name} holds a SpikeLMForCausalLM (a causal decoder); fine-tuning needs an encoder: a SpikeLM "
+            f"encoder of any head, a BERT-family checkpoint or {MINILM_NAME!r}"
+        )
     saved = {f: getattr(config, f) for f in NEURON_FIELDS}
     fits = _head_fits(config, task)
     saved_head = describe_head(config)
