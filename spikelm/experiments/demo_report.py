@@ -159,6 +159,14 @@ def markdown(figures: dict, plot: str | None) -> str:
                 f"{e['ratio']:.2f}x | {e['mean_firing_rate']:.3f} | [{folder}/report.md]({folder}/report.md) |"
             )
         lines.append("")
+        if figures["energy"].get("llm", {}).get("ratio", 1) < 1:
+            lines += [
+                "The converted LLM costs more than its source under this accounting: a GIF spike of level k is k "
+                "accumulates, and the per-token code puts real zero mid-range, so an input channel fires several "
+                "levels on average (docs/CONVERSION.md, Energy). The native SpikeLM classifier's ternary spikes are "
+                "one accumulate each.",
+                "",
+            ]
         for name, e in figures["energy"].items():
             for p in e.get("plots", []):
                 lines.append(f"![{name}: {Path(p).stem}]({p})")
