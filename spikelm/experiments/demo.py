@@ -424,7 +424,7 @@ def run_energy(settings: DemoSettings, out: Path, log, context: dict, figures: d
         folder = out / "energy" / "classifier"
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(folder / "energy.json", summary)
-        plots = write_energy_report(summary, folder)
+        plots = [p for p in write_energy_report(summary, folder) if Path(p).suffix == ".png"]
         result["classifier"] = {
             "sequences": len(sentences),
             "mean_tokens": round(sum(len(f["input_ids"]) for f in features) / len(features), 1),
@@ -450,7 +450,7 @@ def run_energy(settings: DemoSettings, out: Path, log, context: dict, figures: d
         folder = out / "energy" / "llm"
         folder.mkdir(parents=True, exist_ok=True)
         write_json_atomic(folder / "energy.json", spiking)
-        plots = write_energy_report(spiking, folder)
+        plots = [p for p in write_energy_report(spiking, folder) if Path(p).suffix == ".png"]
         result["llm"] = {
             "sequences": spiking["num_sequences"],
             "tokens": int(context["llm_energy_tokens"].numel()),

@@ -39,9 +39,10 @@ def plot_summary(figures: dict, path: Path) -> bool:
             )
         )
     for name, e in figures.get("energy", {}).items():
+        unit = "sentence" if name == "classifier" else f"{figures['settings']['window']}-token window"
         panels.append(
             (
-                f"{name}: mJ per sequence",
+                f"{name}: mJ per {unit}",
                 ["real-valued", "spiking"],
                 [e["ann_mJ_per_sequence"], e["snn_mJ_per_sequence"]],
                 "{:.3g}",
