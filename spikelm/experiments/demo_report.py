@@ -169,7 +169,7 @@ def markdown(figures: dict, plot: str | None) -> str:
                 "",
             ]
         for name, e in figures["energy"].items():
-            for p in e.get("plots", []):
+            for p in (p for p in e.get("plots", []) if p.endswith(".png")):
                 lines.append(f"![{name}: {Path(p).stem}]({p})")
         lines.append("")
     lines += [
