@@ -148,10 +148,10 @@ class Collator:
 
 
 @torch.no_grad()
-def predict(model, loader, accelerator, task: GlueTask) -> np.ndarray:
+def predict(model, loader, accelerator, task: GlueTask, description: str = "predict") -> np.ndarray:
     model.eval()
     out = []
-    for batch in loader:
+    for batch in _progress(loader, description, accelerator):
         batch.pop("labels", None)
         logits = model(**batch).logits
         values = logits.squeeze(-1).float() if task.is_regression else logits.argmax(-1)
@@ -164,7 +164,7 @@ def evaluate_dev(model, loaders: dict, accelerator, data: TaskData) -> tuple[dic
     task = data.task
     metrics, predictions = {}, {}
     for split in task.dev_splits:
-        predictions[split] = predict(model, loaders[split], accelerator, task)
+        predictions[split] = predict(model, loaders[split], accelerator, task, f"evaluate {split}")
         values = compute_metrics(task, predictions[split], data.splits[split].labels)
         if split == "dev_mismatched":
             values = {f"{k}_mismatched": v for k, v in values.items()}
@@ -436,7 +436,9 @@ def finetune(
         metrics, best_predictions = evaluate_dev(model, loaders, accelerator, data)
         best = last = {"epoch": None, **metrics}
     test_predictions = {
-        s: predict(model, loaders[s], accelerator, task) for s in eval_splits if s not in task.dev_splits
+        s: predict(model, loaders[s], accelerator, task, f"predict {s}")
+        for s in eval_splits
+        if s not in task.dev_splits
     }
 
     unwrapped = accelerator.unwrap_model(model)
