@@ -45,3 +45,39 @@ def random_batch(config, batch=3, length=12, pad_from=8):
     types = torch.zeros(batch, length, dtype=torch.long)
     types[:, length // 2 :] = 1
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+
+def word_tokenizer(words, pad: bool = False):
+    """A word-level fast tokenizer over ``words`` (ids after ``<unk> <s> </s>`` and, with ``pad``, ``<pad>``)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", *(["<pad>"] if pad else [])]
+    vocab = {w: i for i, w in enumerate([*specials, *words])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    extra = {"pad_token": "<pad>"} if pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>", **extra)
+
+
+def save_tiny_llama(directory, words, seed: int = 0, **overrides):
+    """A tiny random ``LlamaForCausalLM`` and a word-level tokenizer over ``words``, saved in ``directory`` with the
+    public transformers API (as a user would). ``overrides``: LlamaConfig fields. Returns the tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = word_tokenizer(words)
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=len(tok.get_vocab()),
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    fields.update(overrides)
+    LlamaForCausalLM(LlamaConfig(**fields)).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return tok

@@ -2,7 +2,7 @@ import json
 import statistics
 
 import pytest
-import torch
+from conftest import save_tiny_llama
 
 from spikelm.commands.main import main
 from spikelm.models.modeling_spikelm_causal import DEFAULT_PACKING
@@ -61,28 +61,8 @@ PACKED = {4: 4, 5: 3}[DEFAULT_PACKING]  # head_dim 12: one 16-value word (4 byte
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
     """A tiny LLaMA with a word-level tokenizer, saved with the public transformers API."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
     d = tmp_path_factory.mktemp("llama")
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *sorted(set(TEXT.replace(".", " .").split()))])}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(d)
-    tok.save_pretrained(d)
+    save_tiny_llama(d, sorted(set(TEXT.replace(".", " .").split())), eos_token_id=2)
     (d / "cal.txt").write_text(TEXT)
     return d
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import word_tokenizer
 
 from spikelm.commands.main import main
 
@@ -96,16 +97,7 @@ SLOW = {("distill", k) for k in KINDS} | {("glue", k) for k in KINDS} | {("finet
 
 
 def _word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = sorted(set(TEXT.split()))
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "<pad>", *words])}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    return word_tokenizer(sorted(set(TEXT.split())), pad=True)
 
 
 def build_kinds(root: Path) -> dict[str, Path]:

@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from conftest import save_tiny_llama
 
 from spikelm.commands.main import main
 
@@ -34,8 +35,7 @@ def _sentiment_task() -> dict:
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import BertConfig, BertModel
 
     from spikelm.data.tokenization import load_bert_tokenizer
 
@@ -57,24 +57,8 @@ def sources(tmp_path_factory):
 
     words = sorted(set(POSITIVE + NEGATIVE + NEUTRAL + ["city", "history", "begins", "."]))
     text = " ".join(random.Random(1).choice(words) for _ in range(3000))
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words])}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     llama = root / "llama"
-    LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(vocab),
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            tie_word_embeddings=True,
-        )
-    ).save_pretrained(llama)
-    tok.save_pretrained(llama)
+    save_tiny_llama(llama, words, max_position_embeddings=1024)
     text_file = root / "text.txt"
     text_file.write_text(text)
     return {"bert": bert, "llama": llama, "text": text_file}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import save_tiny_llama
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import spikelm
@@ -223,27 +224,10 @@ WORDS = "the quick brown fox jumps over a lazy dog and runs far away into woods"
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     root = tmp_path_factory.mktemp("conv")
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *WORDS])}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
     source, spiking = root / "source", root / "spiking"
-    LlamaForCausalLM(config).save_pretrained(source)
-    tok.save_pretrained(source)
+    tok = save_tiny_llama(source, WORDS, hidden_size=32, intermediate_size=64, tie_word_embeddings=False)
+    vocab = tok.get_vocab()
     model = LlamaForCausalLM.from_pretrained(source)
     spikelm.spikify(model, neuron="gif", calibration=torch.randint(3, len(vocab), (2, 16)))
     model.save_pretrained(spiking)

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, T5Config
+from conftest import save_tiny_llama
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, T5Config
 
 from spikelm.commands.main import main
 
@@ -17,27 +18,8 @@ TEXT = "The quick brown fox jumps over the lazy dog. " * 200
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     d = tmp_path_factory.mktemp("llama")
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *sorted(set(TEXT.replace(".", " .").split()))])}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(d)
-    tok.save_pretrained(d)
+    save_tiny_llama(d, sorted(set(TEXT.replace(".", " .").split())), max_position_embeddings=128)
     return d
 
 
