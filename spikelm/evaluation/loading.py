@@ -101,7 +101,7 @@ def inspect_model(name_or_path: str | Path, need_causal: bool = False, flag: str
             )
         return spec
     supported = _supported_model_types()
-    converted = _quant_method(config) == "spikelm"
+    method = _quant_method(config)
     if model_type not in supported:
         what = (
             f"{', '.join(architectures)} model (model_type {model_type!r})"
@@ -112,10 +112,9 @@ def inspect_model(name_or_path: str | Path, need_causal: bool = False, flag: str
             f"{flag} {name} holds a {what}, which spikelm does not run: expected a SpikeLM, a converted "
             f"model or a real-valued transformers model of model_type {', '.join(supported)}"
         )
-    if _quant_method(config) not in (None, "spikelm"):
+    if method not in (None, "spikelm"):
         raise UserError(
-            f"{flag} {name} is quantized with {_quant_method(config)!r}; spikelm runs real-valued or spikelm-converted "
-            "models only"
+            f"{flag} {name} is quantized with {method!r}; spikelm runs real-valued or spikelm-converted models only"
         )
     is_bert = model_type == "bert"
     if architectures:
@@ -128,7 +127,7 @@ def inspect_model(name_or_path: str | Path, need_causal: bool = False, flag: str
             f"{flag} {name} holds a {architecture} ({'BERT-family encoder' if is_bert else 'not a causal LM head'}), "
             "not a causal language model; perplexity and generation need a causal LM"
         )
-    return ModelSpec(name, path, CONVERTED if converted else SOURCE, config, architecture, causal)
+    return ModelSpec(name, path, CONVERTED if method == "spikelm" else SOURCE, config, architecture, causal)
 
 
 def load_model(spec: ModelSpec, device=None):

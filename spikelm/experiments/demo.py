@@ -394,12 +394,27 @@ def llm_energy(model, tokens, window: int, progress=None) -> dict:
     return measure_energy(model, [{"input_ids": windows[i : i + 1]} for i in range(count)], progress=progress)
 
 
+def _save_energy(summary: dict, out: Path, part: str) -> dict:
+    """Write one part's energy.json and plots under ``out/energy/<part>``; the figures the report keeps."""
+    from spikelm.evaluation.energy_report import write_energy_report
+    from spikelm.outputs import write_json_atomic
+
+    folder = out / "energy" / part
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "energy.json", summary)
+    plots = [p for p in write_energy_report(summary, folder) if Path(p).suffix == ".png"]
+    return {
+        **{key: summary[key] for key in ("snn_mJ_per_sequence", "ann_mJ_per_sequence", "ratio", "mean_firing_rate")},
+        "energy_json": str((folder / "energy.json").relative_to(out)),
+        "plots": [str(Path(p).relative_to(out)) for p in plots],
+    }
+
+
 def run_energy(settings: DemoSettings, out: Path, log, context: dict, figures: dict) -> dict:
     from tqdm.auto import tqdm
 
     from spikelm.evaluation.energy import measure_energy
-    from spikelm.evaluation.energy_report import padded_batches, write_energy_report
-    from spikelm.outputs import write_json_atomic
+    from spikelm.evaluation.energy_report import padded_batches
 
     result = {}
     if "classifier" in figures:
@@ -421,19 +436,10 @@ def run_energy(settings: DemoSettings, out: Path, log, context: dict, figures: d
             list(padded_batches(features, tokenizer, 16)),
             progress=lambda b: tqdm(b, desc="energy (classifier)", leave=False, disable=None),
         )
-        folder = out / "energy" / "classifier"
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / "energy.json", summary)
-        plots = [p for p in write_energy_report(summary, folder) if Path(p).suffix == ".png"]
         result["classifier"] = {
             "sequences": len(sentences),
             "mean_tokens": round(sum(len(f["input_ids"]) for f in features) / len(features), 1),
-            "snn_mJ_per_sequence": summary["snn_mJ_per_sequence"],
-            "ann_mJ_per_sequence": summary["ann_mJ_per_sequence"],
-            "ratio": summary["ratio"],
-            "mean_firing_rate": summary["mean_firing_rate"],
-            "energy_json": str((folder / "energy.json").relative_to(out)),
-            "plots": [str(Path(p).relative_to(out)) for p in plots],
+            **_save_energy(summary, out, "classifier"),
         }
         log(
             f"classifier energy per test sentence ({result['classifier']['mean_tokens']} tokens on average): "
@@ -447,19 +453,10 @@ def run_energy(settings: DemoSettings, out: Path, log, context: dict, figures: d
             settings.window,
             progress=lambda b: tqdm(b, desc="energy (LLM)", leave=False, disable=None),
         )
-        folder = out / "energy" / "llm"
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(folder / "energy.json", spiking)
-        plots = [p for p in write_energy_report(spiking, folder) if Path(p).suffix == ".png"]
         result["llm"] = {
             "sequences": spiking["num_sequences"],
             "tokens": int(context["llm_energy_tokens"].numel()),
-            "snn_mJ_per_sequence": spiking["snn_mJ_per_sequence"],
-            "ann_mJ_per_sequence": spiking["ann_mJ_per_sequence"],
-            "ratio": spiking["ratio"],
-            "mean_firing_rate": spiking["mean_firing_rate"],
-            "energy_json": str((folder / "energy.json").relative_to(out)),
-            "plots": [str(Path(p).relative_to(out)) for p in plots],
+            **_save_energy(spiking, out, "llm"),
         }
         log(
             f"LLM energy per {settings.window}-token window: spiking {spiking['snn_mJ_per_sequence']:.3f} mJ vs "
