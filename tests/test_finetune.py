@@ -375,3 +375,45 @@ def test_a_classifier_saved_with_the_public_api_is_a_starting_point(tmp_path):
     from spikelm import SpikeLMConfig
 
     assert "for task None" in describe_head(SpikeLMConfig(architectures=["SpikeLMForSequenceClassification"]))
+
+
+def test_length_sorted_evaluation_predicts_in_file_order(pretrained, tmp_path):
+    # --padding longest serves dev in order of length; the written predictions must still be in file order, equal
+    # to each sentence classified alone (no padding at all)
+    from transformers import AutoTokenizer
+
+    from spikelm import SpikeLMForSequenceClassification
+
+    # trained until its predictions differ between sentences (else a shuffled file could not be told apart)
+    train = ("--epochs", "10", "--spiking", "false", "--learning-rate", "2e-3")
+    assert run_finetune(pretrained, "sst2", tmp_path / "model", *train) == 0
+    assert run_finetune(tmp_path / "model", "sst2", tmp_path / "sorted", "--eval-only", "--padding", "longest") == 0
+    _, rows = read_tsv(tmp_path / "sorted" / "dev_predictions.tsv")
+    _, dev = read_tsv(GLUE / "SST-2" / "dev.tsv")
+    assert [int(r[0]) for r in rows] == list(range(len(dev)))
+    model = SpikeLMForSequenceClassification.from_pretrained(tmp_path / "model").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    lengths = set()
+    with torch.no_grad():
+        for (index, prediction, label), (sentence, gold) in zip(rows, dev, strict=True):
+            ids = tokenizer(sentence, truncation=True, max_length=32, return_tensors="pt")
+            lengths.add(ids["input_ids"].shape[1])
+            alone = model(**ids).logits.argmax(-1).item()
+            assert int(prediction) == alone, index
+            assert label == gold
+    assert len(lengths) > 1  # the fixture's sentences differ in length, so sorting reorders them
+    assert len({r[1] for r in rows}) == 2
+
+
+def test_group_by_length_trains_and_needs_longest_padding(pretrained, tmp_path, capsys):
+    args = ("--epochs", "1", "--padding", "longest", "--group-by-length")
+    assert run_finetune(pretrained, "sst2", tmp_path / "grouped", *args) == 0
+    settings = json.loads((tmp_path / "grouped" / "eval_results.json").read_text())["settings"]
+    assert settings["group_by_length"] is True
+    history = [json.loads(line) for line in (tmp_path / "grouped" / "train_log.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and np.isfinite(history[0]["train_loss"])
+    capsys.readouterr()
+    assert run_finetune(pretrained, "sst2", tmp_path / "bad", "--epochs", "1", "--group-by-length") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--group-by-length needs --padding longest" in err[0]
+    assert not (tmp_path / "bad").exists()

@@ -50,7 +50,14 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
         "--padding",
         choices=("max_length", "longest"),
         default="max_length",
-        help="pad to --max-length as the paper (default) or to each batch's longest example (faster)",
+        help="pad to --max-length as the paper (default) or to each batch's longest example (faster; dev and test "
+        "are then evaluated in order of length)",
+    )
+    g.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="with --padding longest: training batches of similar lengths (transformers' length-grouped sampler; "
+        "fewer padding tokens, faster)",
     )
     p.add_argument(
         "--tokenizer",
@@ -84,6 +91,7 @@ def settings_from_args(args):
         args.padding,
         kd_weight=getattr(args, "kd_weight", 0.5),
         kd_temperature=getattr(args, "kd_temperature", 1.0),
+        group_by_length=getattr(args, "group_by_length", False),
     )
 
 

@@ -179,6 +179,7 @@ def run_classifier(settings: DemoSettings, out: Path, log) -> dict:
                 max_train_samples=settings.finetune_samples,
                 max_eval_samples=settings.dev_examples,
                 padding="longest",
+                group_by_length=True,
                 kd_weight=settings.kd_weight if teacher else 0.5,
             ),
             changes=changes,

@@ -89,7 +89,8 @@ def markdown(figures: dict, plot: str | None) -> str:
             "",
             f"MiniLM-L6 (`{c['source']}`) fine-tuned on `{c['task']}` (positive vs negative review sentences, the "
             f"offline suite's SST-2 analogue) on {c['train_examples']:,} training sentences, lr {s['finetune_lr']}, "
-            f"batch {s['batch_size']}, {s['max_length']} tokens. The epoch is picked on "
+            f"batch {s['batch_size']} (batches of similar lengths, each padded to its longest), up to "
+            f"{s['max_length']} tokens. The epoch is picked on "
             f"{c['dev_examples_for_selection']:,} dev sentences; accuracy is on the {c['test_examples']:,} held-out "
             f"test sentences (labels `{c['test_labels']}`).",
             "",

@@ -11,7 +11,10 @@ every epoch. The paper reports the best dev epoch: ``eval_results.json`` holds t
 (``best``, chosen by the task's metric) and the last one (``last``); the saved model is the best
 epoch's. Sequences are padded to ``max_length`` by default, as the authors did: alpha's
 data initialisation averages |u| over padding positions too, so ``--padding longest`` (faster)
-changes the statistics slightly.
+changes the statistics slightly. With ``--padding longest`` the dev and test splits are evaluated in order of
+length (each batch pads to fewer tokens; the predictions are put back in file order), and ``group_by_length``
+(``--group-by-length``) makes training batches of similar lengths too (``transformers``' length-grouped sampler:
+shuffled every epoch, sorted inside mega-batches of 50 batches or fewer).
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ class Settings:
     padding: str = "max_length"  # or "longest" (pad each batch to its longest sequence)
     kd_weight: float = 0.5  # with a teacher: the weight of the distillation term (1: distillation alone)
     kd_temperature: float = 1.0
+    group_by_length: bool = False  # training batches of similar lengths (with padding "longest")
 
     def check(self) -> None:
         for name in ("batch_size", "max_length"):
@@ -69,6 +73,10 @@ class Settings:
             raise UserError(f"--learning-rate must be positive, got {self.learning_rate}")
         if self.padding not in ("max_length", "longest"):
             raise UserError(f"--padding must be 'max_length' or 'longest', got {self.padding!r}")
+        if self.group_by_length and self.padding != "longest":
+            raise UserError(
+                "--group-by-length needs --padding longest (with padding to --max-length it changes nothing)"
+            )
         if not 0 <= self.kd_weight <= 1:
             raise UserError(f"--kd-weight must be in [0, 1], got {self.kd_weight}")
         if not self.kd_temperature > 0:
@@ -147,16 +155,34 @@ class Collator:
 # ----------------------------------------------------------------------------------------------
 
 
+class EvalLoader:
+    """A dev/test split's batches; with ``by_length`` in order of length (fewer padding tokens per batch when
+    each batch pads to its longest), ``order[j]`` being the file index of the j-th example served."""
+
+    def __init__(self, features: list[dict], batch_size: int, collate, by_length: bool):
+        self.order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"])) if by_length else None
+        served = [features[i] for i in self.order] if by_length else features
+        self.loader = torch.utils.data.DataLoader(served, batch_size=batch_size, collate_fn=collate)
+
+    def in_file_order(self, values: np.ndarray) -> np.ndarray:
+        if self.order is None:
+            return values
+        out = np.empty_like(values)
+        out[np.asarray(self.order, dtype=np.int64)] = values
+        return out
+
+
 @torch.no_grad()
-def predict(model, loader, accelerator, task: GlueTask, description: str = "predict") -> np.ndarray:
+def predict(model, loader: EvalLoader, accelerator, task: GlueTask, description: str = "predict") -> np.ndarray:
+    """The predictions of one split, in file order."""
     model.eval()
     out = []
-    for batch in _progress(loader, description, accelerator):
+    for batch in _progress(loader.loader, description, accelerator):
         batch.pop("labels", None)
         logits = model(**batch).logits
         values = logits.squeeze(-1).float() if task.is_regression else logits.argmax(-1)
         out.append(accelerator.gather_for_metrics(values).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0)
+    return loader.in_file_order(torch.cat(out).numpy() if out else np.zeros(0))
 
 
 def evaluate_dev(model, loaders: dict, accelerator, data: TaskData) -> tuple[dict, dict]:
@@ -349,10 +375,11 @@ def finetune(
     collate = Collator(tokenizer_obj, settings.padding, settings.max_length, task.is_regression)
     eval_splits = task.dev_splits + tuple(s for s in task.test_splits if s in data.splits)
     loaders = {
-        s: torch.utils.data.DataLoader(
+        s: EvalLoader(
             encode(tokenizer_obj, data.splits[s], settings.max_length),
-            batch_size=settings.batch_size,
-            collate_fn=collate,
+            settings.batch_size,
+            collate,
+            by_length=settings.padding == "longest",
         )
         for s in eval_splits
     }
@@ -362,12 +389,17 @@ def finetune(
         train = subsample(train, settings.max_train_samples, settings.seed)
     optimizer = train_loader = None
     if epochs:
+        features = encode(tokenizer_obj, train, settings.max_length)
+        generator = torch.Generator().manual_seed(settings.seed)
+        if settings.group_by_length:
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            lengths = [len(f["input_ids"]) for f in features]
+            order = {"sampler": LengthGroupedSampler(settings.batch_size, lengths=lengths, generator=generator)}
+        else:
+            order = {"shuffle": True, "generator": generator}
         train_loader = torch.utils.data.DataLoader(
-            encode(tokenizer_obj, train, settings.max_length),
-            batch_size=settings.batch_size,
-            shuffle=True,
-            collate_fn=collate,
-            generator=torch.Generator().manual_seed(settings.seed),
+            features, batch_size=settings.batch_size, collate_fn=collate, **order
         )
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=settings.learning_rate, weight_decay=0.0
@@ -377,7 +409,8 @@ def finetune(
             teacher_model = accelerator.prepare_model(teacher_model, evaluation_mode=True)
     else:
         model = accelerator.prepare(model)
-    loaders = {s: accelerator.prepare(loader) for s, loader in loaders.items()}
+    for loader in loaders.values():
+        loader.loader = accelerator.prepare(loader.loader)
 
     history, best, best_state, best_predictions = [], None, None, None
     log_path = out / "train_log.jsonl"
