@@ -1,5 +1,6 @@
 # Two commands on a fresh machine: `make demo` (the default job) and `make test` (the test suite).
-# Each creates the virtual environment $(VENV) and installs the pinned versions on first use.
+# Each creates the virtual environment $(VENV) and installs the pinned versions on first use (with the
+# `convert` extra: the demo's smollm2-135m source is read from a GGUF file).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,11 +8,11 @@ STAMP := $(VENV)/.spikelm-installed
 
 .PHONY: demo test test-fast lint install clean
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+$(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c requirements/constraints.txt torch
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test,convert]"
 	touch $(STAMP)
 
 install: $(STAMP)

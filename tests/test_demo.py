@@ -187,3 +187,11 @@ def test_test_accuracy_matches_predictions_to_labels_by_index(tmp_path):
     predictions.write_text("index\tprediction\n0\t1\n1\t0\n")
     with pytest.raises(ValueError, match="no prediction for 2 of the 4"):
         labelled_accuracy(predictions, labels)
+
+
+def test_the_installed_environment_reads_the_demos_llm_source():
+    # `make demo` and `make test` share one install: the demo's LLM, smollm2-135m, is converted from a GGUF file on
+    # first use, which needs the gguf package (the `convert` extra); without it a fresh machine's demo stops there
+    import importlib.util
+
+    assert importlib.util.find_spec("gguf") is not None, "gguf is missing: the Makefile must install '.[convert]'"
