@@ -32,6 +32,7 @@ back to the environment), turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -157,6 +158,20 @@ def set_enabled(flag: bool | None) -> None:
     if flag is not None and not isinstance(flag, bool):
         raise TypeError(f"set_enabled expects True, False or None, got {flag!r}")
     _enabled_override[0] = flag
+
+
+@contextlib.contextmanager
+def forced(flag: bool | None):
+    """The kernel switched on (True) or off (False) inside the block; None leaves the switch as it is."""
+    if flag is None:
+        yield
+        return
+    before = _enabled_override[0]
+    set_enabled(flag)
+    try:
+        yield
+    finally:
+        set_enabled(before)
 
 
 def enabled() -> bool:
