@@ -143,7 +143,8 @@ def test_other_dtypes_take_the_gemm_with_one_notice(monkeypatch):
 
 
 def record_spikes(model):
-    """Forward hooks on every elastic neuron: the spikes of each call, in order."""
+    """Forward hooks on every elastic neuron called as a module (all of a converted model's; a native SpikeLinear's
+    neuron runs inside the layer, without hooks): the spikes of each call, in order."""
     seen, handles = [], []
     for module in model.modules():
         if isinstance(module, ElasticBiSpikingNeuron):
@@ -226,6 +227,21 @@ def test_converted_decoding_with_the_kernel_is_close_to_the_gemm(monkeypatch, ca
 
 
 @needs_kernel
+def test_a_converted_checkpoint_loaded_with_from_pretrained_takes_the_kernel(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    calibration = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(5))
+    spikify(tiny_llama(), neuron="elastic", num_steps=4, calibration=calibration).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    calls = []
+    real = sparse_linear.sparse_input_linear
+    monkeypatch.setattr(sparse_linear, "sparse_input_linear", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(1))
+    loaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert len(calls) == 2 * 7 * 2  # two decoding steps after the prompt's forward pass
+
+
+@needs_kernel
 def test_gif_readers_keep_the_gemm():
     calibration = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(5))
     model = spikify(tiny_llama(), neuron="gif", calibration=calibration)
@@ -238,7 +254,14 @@ def test_native_decoding_with_the_kernel_is_close_to_the_gemm(monkeypatch, capsy
     real = sparse_linear.sparse_input_linear
     monkeypatch.setattr(sparse_linear, "sparse_input_linear", lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
-    config = tiny_config(num_steps=4, max_position_embeddings=48, position_embedding_type="rotary")
+    config = tiny_config(
+        num_steps=4,
+        hidden_size=256,
+        intermediate_size=704,
+        num_attention_heads=4,
+        max_position_embeddings=48,
+        position_embedding_type="rotary",
+    )
     model = SpikeLMForCausalLM(config).eval()
     with torch.no_grad():
         model(torch.randint(0, config.vocab_size, (4, 24)))  # alphas from a batch
