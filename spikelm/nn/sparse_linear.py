@@ -288,7 +288,11 @@ def sparse_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     if module is None:
         raise RuntimeError(f"the sparse-input linear kernel is unavailable: {_build_error[0]}")
     rows = x.reshape(-1, x.shape[-1])
-    out = module.sparse_input_linear(rows, transposed_weight(weight), bias)
+    if torch.autograd._profiler_enabled():  # named in torch.profiler's tables (an extension call is not an aten op)
+        with torch.profiler.record_function("spikelm::sparse_input_linear"):
+            out = module.sparse_input_linear(rows, transposed_weight(weight), bias)
+    else:
+        out = module.sparse_input_linear(rows, transposed_weight(weight), bias)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
