@@ -24,6 +24,7 @@ needs_kernel = pytest.mark.skipif(sparse_linear.kernel() is None, reason="the ex
 @pytest.fixture(autouse=True)
 def _switch_follows_environment(monkeypatch):
     monkeypatch.delenv(sparse_linear.ENV_VAR, raising=False)
+    monkeypatch.delenv(sparse_linear.ROWS_ENV_VAR, raising=False)
     sparse_linear.set_enabled(None)
     yield
     sparse_linear.set_enabled(None)
@@ -102,12 +103,19 @@ def test_dispatch_takes_the_kernel_for_few_rows_only_and_not_under_autograd_or_w
     monkeypatch.setenv(sparse_linear.ENV_VAR, "0")
     assert torch.equal(sparse_linear.spike_linear(few, weight, bias), F.linear(few, weight, bias))
     assert len(calls) == 2
+    monkeypatch.setenv(sparse_linear.ENV_VAR, "1")
+    monkeypatch.setenv(sparse_linear.ROWS_ENV_VAR, str(sparse_linear.MAX_ROWS + 1))  # the threshold moved
+    torch.testing.assert_close(sparse_linear.spike_linear(many, weight, bias), F.linear(many, weight, bias))
+    assert len(calls) == 3
 
 
 def test_a_bad_switch_value_is_one_clear_error(monkeypatch):
     monkeypatch.setenv(sparse_linear.ENV_VAR, "maybe")
     with pytest.raises(UserError, match="SPIKELM_SPARSE_LINEAR"):
         sparse_linear.enabled()
+    monkeypatch.setenv(sparse_linear.ROWS_ENV_VAR, "-3")
+    with pytest.raises(UserError, match="SPIKELM_SPARSE_LINEAR_MAX_ROWS='-3'"):
+        sparse_linear.max_rows()
     with pytest.raises(TypeError):
         sparse_linear.set_enabled("yes")
 

@@ -172,7 +172,8 @@ def run_converted(args) -> int:
 
     from spikelm.nn import sparse_linear
 
-    kernel_on = sparse_linear.enabled()  # a bad $SPIKELM_SPARSE_LINEAR: one line, before any work
+    kernel_on = sparse_linear.enabled()  # a bad $SPIKELM_SPARSE_LINEAR(_MAX_ROWS): one line, before any work
+    kernel_rows = sparse_linear.max_rows()
     from transformers import AutoConfig, AutoTokenizer
 
     from spikelm.conversion.recipes import calibration_batches, recipe
@@ -221,7 +222,7 @@ def run_converted(args) -> int:
     print(
         f"both models: float32, {torch.get_num_threads()} threads, attention {report['attn_implementation']}, "
         f"no torch.compile of the model; spike cache: {report['cache_packing']}; sparse-input linear kernel "
-        f"{'on' if kernel_on else 'off'} (at most {sparse_linear.MAX_ROWS} rows)",
+        f"{'on' if kernel_on else 'off'} (at most {kernel_rows} rows)",
         flush=True,
     )
     report["generation"] = measure_pair(
@@ -237,7 +238,7 @@ def run_converted(args) -> int:
     report["sparse_input_kernel"] = {
         "enabled": kernel_on,
         "built": kernel_on and sparse_linear.kernel() is not None,
-        "max_rows": sparse_linear.MAX_ROWS,
+        "max_rows": kernel_rows,
         "transposed_weight_bytes": sparse_linear.transposed_bytes(),
     }
     write_json_atomic(out / "benchmark.json", report)

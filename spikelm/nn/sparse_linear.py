@@ -27,7 +27,7 @@ state dict (:func:`transposed_bytes` says how much memory they take). The C++ ex
 CPU, spiking linears use the GEMM with a one-line notice (once per process).
 
 Switch: ``SPIKELM_SPARSE_LINEAR=0`` in the environment, or :func:`set_enabled` (``False``/``True``; ``None`` goes
-back to the environment), turns it off.
+back to the environment), turns it off; ``SPIKELM_SPARSE_LINEAR_MAX_ROWS=N`` moves the row threshold.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 
 ENV_VAR = "SPIKELM_SPARSE_LINEAR"
+ROWS_ENV_VAR = "SPIKELM_SPARSE_LINEAR_MAX_ROWS"  # overrides MAX_ROWS (for measuring the threshold)
 # At most this many rows take the kernel (benchmarks/sparse_linear.py: on this project's 2-core CPU the kernel beats
 # MKL's GEMM on SmolLM2-135M's shapes up to about this many rows of spikes at the converted model's firing rates).
 MAX_ROWS = 16
@@ -186,6 +187,20 @@ def enabled() -> bool:
     raise UserError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: expected 1 (on, the default) or 0 (off)")
 
 
+def max_rows() -> int:
+    """The most rows that take the kernel: :data:`MAX_ROWS`, or ``$SPIKELM_SPARSE_LINEAR_MAX_ROWS``."""
+    value = os.environ.get(ROWS_ENV_VAR)
+    if value is None:
+        return MAX_ROWS
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = -1
+    if rows < 0:
+        raise UserError(f"{ROWS_ENV_VAR}={value!r}: expected a whole number of rows (0 or more)")
+    return rows
+
+
 def _cache_root() -> Path:
     # the rule of spikelm.data.fetch.cache_dir (nn sits below data, so it is restated here)
     if os.environ.get("SPIKELM_CACHE"):
@@ -301,7 +316,7 @@ def takes_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if not enabled() or x.dim() < 1 or x.numel() == 0:
         return False
     rows = x.numel() // x.shape[-1]
-    if rows > MAX_ROWS:
+    if rows > max_rows():
         return False
     if torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
@@ -325,7 +340,7 @@ def takes_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def spike_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a spiking input: the sparse-input kernel where it pays (CPU, float32, no
-    autograd, at most :data:`MAX_ROWS` rows), else the GEMM."""
+    autograd, at most :func:`max_rows` rows), else the GEMM."""
     if takes_kernel(x, weight, bias):
         return sparse_input_linear(x, weight, bias)
     return F.linear(x, weight, bias)
