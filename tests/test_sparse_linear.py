@@ -58,6 +58,22 @@ def test_kernel_is_close_to_f_linear_on_sparse_inputs(rows, k, n, bias):
 
 
 @needs_kernel
+def test_kernel_splits_the_outputs_across_threads_with_the_same_result():
+    weight, bias = torch.randn(1531, 300), torch.randn(1531)
+    x = sparse_rows(4, 300, zero_cols=range(0, 300, 2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sparse_linear.sparse_input_linear(x, weight, bias)
+        torch.set_num_threads(3)
+        three = sparse_linear.sparse_input_linear(x, weight, bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)  # each output's sum runs in the same order whatever thread computes it
+    torch.testing.assert_close(three, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
 def test_kernel_equals_f_linear_where_float_sums_are_exact():
     # small integers: every partial sum is an integer below 2**24, so any order of the sums gives the same float
     g = torch.Generator().manual_seed(3)
