@@ -47,9 +47,10 @@ from ..errors import UserError
 
 ENV_VAR = "SPIKELM_SPARSE_LINEAR"
 ROWS_ENV_VAR = "SPIKELM_SPARSE_LINEAR_MAX_ROWS"  # overrides MAX_ROWS (for measuring the threshold)
-# At most this many rows take the kernel (benchmarks/sparse_linear.py: on this project's 2-core CPU the kernel beats
-# MKL's GEMM on SmolLM2-135M's shapes up to about this many rows of spikes at the converted model's firing rates).
-MAX_ROWS = 16
+# At most this many rows take the kernel: on this project's 2-core CPU it beats MKL's GEMM on all four of
+# SmolLM2-135M's linear shapes up to 8 rows of spikes (0.41-0.80 x its time at 4 rows, 0.65-1.17 x at 8), ties at 16
+# (0.97-1.37 x) and loses at 32 and 64 (benchmarks/sparse_linear.py; benchmarks/results/sparse_linear_cpu.json).
+MAX_ROWS = 8
 VERSION = 1  # bump when the C++ source changes (part of the build's name)
 
 _SOURCE = r"""
@@ -224,8 +225,14 @@ def _cpu_signature() -> str:
     return text
 
 
+def _flags() -> list[str]:
+    # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds; without it the loop runs on one thread
+    flags = ["-O3", "-fopenmp"]
+    return flags + (["-march=native"] if platform.machine() in ("x86_64", "AMD64") else [])
+
+
 def build_name() -> str:
-    key = f"{VERSION}|{_SOURCE}|{torch.__version__}|{sys.version_info[:2]}|{_cpu_signature()}"
+    key = f"{VERSION}|{_SOURCE}|{_flags()}|{torch.__version__}|{sys.version_info[:2]}|{_cpu_signature()}"
     return f"spikelm_sparse_linear_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -245,12 +252,12 @@ def _build():
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob(f"{name}*.so")):
         print(f"spikelm: building the sparse-input linear kernel once (about a minute) in {directory}", file=sys.stderr)
-    flags = ["-O3", "-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-O3"]
     return cpp_extension.load_inline(
         name=name,
         cpp_sources=[_SOURCE],
         functions=["sparse_input_linear"],
-        extra_cflags=flags,
+        extra_cflags=_flags(),
+        extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
         verbose=False,
     )
