@@ -47,9 +47,9 @@ from ..errors import UserError
 
 ENV_VAR = "SPIKELM_SPARSE_LINEAR"
 ROWS_ENV_VAR = "SPIKELM_SPARSE_LINEAR_MAX_ROWS"  # overrides MAX_ROWS (for measuring the threshold)
-# At most this many rows take the kernel: on this project's 2-core CPU it beats MKL's GEMM on all four of
-# SmolLM2-135M's linear shapes up to 8 rows of spikes (0.41-0.80 x its time at 4 rows, 0.65-1.17 x at 8), ties at 16
-# (0.97-1.37 x) and loses at 32 and 64 (benchmarks/sparse_linear.py; benchmarks/results/sparse_linear_cpu.json).
+# At most this many rows take the kernel: on this project's 2-core CPU (2 threads) it takes 0.43-0.95 x the time of
+# MKL's GEMM on SmolLM2-135M's four linear shapes at 4 rows of spikes, 0.52-1.11 x at 8, 0.69-1.36 x at 16 and
+# 0.95-1.65 x at 32 (benchmarks/sparse_linear.py; benchmarks/results/sparse_linear_cpu_omp.json).
 MAX_ROWS = 8
 VERSION = 1  # bump when the C++ source changes (part of the build's name)
 
