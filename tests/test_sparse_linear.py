@@ -296,3 +296,11 @@ def test_native_decoding_with_the_kernel_is_close_to_the_gemm(monkeypatch, capsy
     assert flips <= total // 1000
     if flips == 0:
         assert diff < 1e-4
+
+
+def test_tensors_off_the_cpu_take_the_gemm_with_one_notice(monkeypatch):
+    monkeypatch.setattr(sparse_linear, "_warned", set())
+    weight, x = torch.randn(5, 7, device="meta"), torch.randn(4, 7, device="meta")  # any non-CPU device
+    with pytest.warns(RuntimeWarning, match="CPU-only; spiking linears on meta use the GEMM"):
+        y = sparse_linear.spike_linear(x, weight)
+    assert y.device.type == "meta" and y.shape == (4, 5)
