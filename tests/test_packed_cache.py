@@ -10,6 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from spikelm import SpikeLMCache, SpikeLMForCausalLM
 from spikelm.conversion import spike_code_cache, spikify
+from spikelm.nn import sparse_linear
 from spikelm.nn.packing import (
     pack_bits,
     pack_ternary,
@@ -228,3 +229,23 @@ def test_converted_gif_packed_cache_gives_the_unpacked_cache_logits_and_stores_5
     assert u.keys.dtype == torch.uint8 and u.keys.shape[-1] == 10
     assert p.keys.shape[-1] == 5 * 2  # 5 bit planes of ceil(10 / 8) = 2 bytes
     assert torch.equal(p.codes("keys"), u.keys) and torch.equal(p.codes("values"), u.values)
+
+
+@pytest.mark.skipif(sparse_linear.kernel() is None, reason="the sparse-input kernel cannot be built here")
+def test_packed_cache_equals_unpacked_with_the_sparse_input_kernel_taken(monkeypatch):
+    monkeypatch.delenv(sparse_linear.ENV_VAR, raising=False)
+    calls = []
+    real = sparse_linear.sparse_input_linear
+    monkeypatch.setattr(sparse_linear, "sparse_input_linear", lambda *a: calls.append(1) or real(*a))
+    converted = spikify(tiny_llama(), neuron="elastic", num_steps=4, calibration=calibration())
+    ids, mask = prompts(), torch.ones(2, 9, dtype=torch.long)
+    unpacked = generate(converted, ids, spike_code_cache(converted, packing=None), attention_mask=mask)
+    assert calls  # decoding steps of 2 x 4 rows took the kernel
+    for packing in (4, 5):
+        assert_same_generation(generate(converted, ids, spike_code_cache(converted, packing=packing)), unpacked)
+    calls.clear()
+    model = native(4)
+    ids = torch.randint(1, 97, (2, 7))
+    unpacked = generate(model, ids, SpikeLMCache(model.config, packing=None))
+    assert calls
+    assert_same_generation(generate(model, ids, SpikeLMCache(model.config)), unpacked)

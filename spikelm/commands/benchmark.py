@@ -74,6 +74,11 @@ def register(sub) -> None:
         action="store_true",
         help="also time the spiking model with an unpacked (one code per byte) cache, interleaved",
     )
+    g.add_argument(
+        "--compare-gemm",
+        action="store_true",
+        help="also time the spiking model with the sparse-input linear kernel off (GEMM only), interleaved",
+    )
     add_output_dir(p, required=False)
     p.set_defaults(func=run, output_dir="runs/benchmark")
 
@@ -164,6 +169,11 @@ def run_converted(args) -> int:
         raise UserError("--device cuda: the converted-model generation benchmark runs on CPU only; use --device cpu")
     max_length = max(args.prompt_lengths) + args.new_tokens
     import torch
+
+    from spikelm.nn import sparse_linear
+
+    kernel_on = sparse_linear.enabled()  # a bad $SPIKELM_SPARSE_LINEAR(_MAX_ROWS): one line, before any work
+    kernel_rows = sparse_linear.max_rows()
     from transformers import AutoConfig, AutoTokenizer
 
     from spikelm.conversion.recipes import calibration_batches, recipe
@@ -211,7 +221,8 @@ def run_converted(args) -> int:
     }
     print(
         f"both models: float32, {torch.get_num_threads()} threads, attention {report['attn_implementation']}, "
-        f"no torch.compile of the model; spike cache: {report['cache_packing']}",
+        f"no torch.compile of the model; spike cache: {report['cache_packing']}; sparse-input linear kernel "
+        f"{'on' if kernel_on else 'off'} (at most {kernel_rows} rows)",
         flush=True,
     )
     report["generation"] = measure_pair(
@@ -222,9 +233,20 @@ def run_converted(args) -> int:
         args.new_tokens,
         args.repeats or 3,
         compare_unpacked=args.compare_unpacked,
+        compare_gemm=args.compare_gemm,
     )
+    report["sparse_input_kernel"] = {
+        "enabled": kernel_on,
+        "built": kernel_on and sparse_linear.kernel() is not None,
+        "max_rows": kernel_rows,
+        "transposed_weight_bytes": sparse_linear.transposed_bytes(),
+    }
     write_json_atomic(out / "benchmark.json", report)
     print(format_pair_table(report["generation"]))
+    print(
+        f"sparse-input linear kernel: {'on' if report['sparse_input_kernel']['built'] else 'off'}; its transposed "
+        f"weights hold {report['sparse_input_kernel']['transposed_weight_bytes'] / 2**20:.1f} MiB"
+    )
     print(f"wrote {out / 'benchmark.json'}")
     first = report["generation"]["cases"][0]
     summary = {k: first[k] for k in ("batch_size", "prompt_length", "decode_ratio", "prefill_ratio_vs_T")}

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._constants import ALPHA_FLOOR, LEAK, OUTSIDE
+from .sparse_linear import spike_linear
 
 SPIKE_LEVELS = ("ternary", "binary")
 RESETS = ("official", "symmetric")
@@ -752,8 +753,8 @@ class ElasticBiSpikingNeuron(nn.Module):
                 out, _, _ = fused_spike_forward(x, alpha, *options, False, False, kernel)
             if self.record_stats:
                 counts = count_spikes(out)
-            if linear:
-                out = F.linear(out, weight, bias)
+            if linear:  # the sparse-input kernel for a few rows of spikes on CPU (decoding), else the GEMM
+                out = spike_linear(out, weight, bias)
         if self.record_stats:
             self._record(counts, x)
         return out
