@@ -27,6 +27,9 @@ ROWS = {
     "gif-t2-nosal": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "saliency_fraction": 0.0},
     "gif-t4": {**GIF_T4, **TRANSFORM, "gif_clip_ratio": 0.9},
     "gif-t4-nosal": {**GIF_T4, **TRANSFORM, "gif_clip_ratio": 0.9, "saliency_fraction": 0.0},
+    "gif-t2-g32": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "gif_group_size": 32},  # ranges per 32 channels
+    "gif-t2-g64": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "gif_group_size": 64},
+    "gif-t2-g128": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "gif_group_size": 128},
     "gif-t2-noclip": {**GIF_T2, **TRANSFORM},
     "gif-t2-notransform": {**GIF_T2},
     "gif-t2-spikellm": {**GIF_T2, "gif_group_range": "token"},  # as SpikeLLM's released code: whole-token ranges
