@@ -211,3 +211,17 @@ def test_gpt2_converts_too(calibration_file, tmp_path, capsys, llama_dir):
         capsys,
     )
     assert code == 0, err
+
+
+def test_set_gif_group_size_reaches_the_saved_model_and_its_card(llama_dir, calibration_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--model", str(llama_dir), "--calibration-text", str(calibration_file), "--calibration-sequences", "1"]
+    args += ["--calibration-length", "16", "--eval-tokens", "0", "--set", "gif_group_size=4", "--output-dir", str(out)]
+    code, _, err = _spikify(args, capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["gif_group_size"] == 4
+    assert "per 4 consecutive channels" in (out / "README.md").read_text()
+    from spikelm.conversion import neurons
+
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert {n.group_size for _, n in neurons(loaded)} == {4}

@@ -126,3 +126,28 @@ def test_rotation_round_trip_untied_and_said_so(tmp_path):
 def test_rotation_needs_the_llama_family():
     with pytest.raises(ValueError, match="LLaMA family"):
         spikify(CAUSAL["gpt2"](), rotation="hadamard")
+
+
+def test_gif_range_groups_round_trip_and_cached_decoding(tmp_path):
+    model = gif_model(gif_group_size=4)
+    assert {n.group_size for _, n in neurons(model)} == {4}
+    ids = token_ids(2, 6)
+    out = greedy(model, ids, return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(out.sequences, uncached_greedy(model, ids))
+    full = model(out.sequences, use_cache=False).logits[:, ids.shape[1] - 1 : -1]
+    torch.testing.assert_close(torch.stack(out.logits, 1), full, rtol=0, atol=1e-5)
+    # the cache keeps one scale and one zero point per range group of each K/V head, per token
+    cache = model(ids, use_cache=True).past_key_values
+    key_neuron = next(n for name, n in neurons(model) if name.endswith("key_neuron"))
+    groups = key_neuron.range_groups()[1].numel()
+    assert cache.layers[0].key_grid.shape[-1] == 2 * groups
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["gif_group_size"] == 4
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert {n.group_size for _, n in neurons(loaded)} == {4}
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert torch.equal(greedy(loaded, ids), out.sequences)
+    # a group size as large as every channel set is the same model as one range per set
+    plain = gif_model()
+    wide = gif_model(gif_group_size=10_000)
+    assert torch.equal(plain(ids).logits, wide(ids).logits)
