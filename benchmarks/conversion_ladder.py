@@ -30,6 +30,9 @@ ROWS = {
     "gif-t2-g32": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "gif_group_size": 32},  # ranges per 32 channels
     "gif-t2-g64": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "gif_group_size": 64},
     "gif-t2-g128": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "gif_group_size": 128},
+    "gif-t2-smooth": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "smoothing_alpha": 0.5},  # + SmoothQuant
+    "gif-t2-g32-smooth": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "gif_group_size": 32, "smoothing_alpha": 0.5},
+    "gif-t2-g64-smooth": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "gif_group_size": 64, "smoothing_alpha": 0.5},
     "gif-t2-noclip": {**GIF_T2, **TRANSFORM},
     "gif-t2-notransform": {**GIF_T2},
     "gif-t2-spikellm": {**GIF_T2, "gif_group_range": "token"},  # as SpikeLLM's released code: whole-token ranges

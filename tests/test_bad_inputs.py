@@ -385,6 +385,7 @@ CASES = {
         (["--model", MODEL, "--set", "no_such_field=1", *_o()], "no_such_field"),
         (["--model", MODEL, "--set", "gif_clip_ratio=2", *_o()], "clip_ratio"),
         (["--model", MODEL, "--set", "gif_group_size=-1", *_o()], "gif_group_size"),
+        (["--model", MODEL, "--set", "smoothing_alpha=2", *_o()], "smoothing_alpha"),
         (["--model", MODEL, "--set", "gif_group_size=2.5", *_o()], "gif_group_size"),
         (["--model", MODEL, "--set", "gif_group_size=64", "--set", "gif_group_range=token", *_o()], "gif_group_size"),
         (["--model", MODEL, "--set", "modules_to_not_convert=5", *_o()], "modules_to_not_convert"),

@@ -151,3 +151,26 @@ def test_gif_range_groups_round_trip_and_cached_decoding(tmp_path):
     plain = gif_model()
     wide = gif_model(gif_group_size=10_000)
     assert torch.equal(plain(ids).logits, wide(ids).logits)
+
+
+def test_smoothing_after_the_rotation_keeps_the_real_valued_function_and_round_trips(tmp_path):
+    ids = token_ids(2, 7)
+    source = CAUSAL["llama"](seed=0)
+    real = source(ids).logits
+    calibration = [token_ids(4, 16, seed=3), token_ids(4, 16, seed=4)]
+    rotated = gif_model(rotation="hadamard", online_down_proj_rotation=True)
+    model = gif_model(rotation="hadamard", online_down_proj_rotation=True, smoothing_alpha=0.5)
+    gains = model.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(gains, torch.ones_like(gains))  # the rotation leaves gains of 1; smoothing moved them
+    assert not torch.equal(model(ids).logits, rotated(ids).logits)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["smoothing_alpha"] == 0.5
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    model.dequantize()  # the real-valued model, with both transforms folded in: the source's function
+    assert float((model(ids).logits - real).detach().norm() / real.detach().norm()) <= 1e-4
+    with pytest.raises(ValueError, match="smoothing_alpha needs calibration"):
+        spikify(CAUSAL["llama"](), neuron="gif", smoothing_alpha=0.5)
+    for bad in (1.5, -0.1, True, "half"):
+        with pytest.raises(ValueError, match="smoothing_alpha"):
+            spikify(CAUSAL["llama"](), neuron="gif", smoothing_alpha=bad, calibration=calibration)

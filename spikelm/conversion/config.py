@@ -56,6 +56,10 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         rotation_seed (int): seed of the rotation's random signs (or matrix); the online rotation uses seed + 1.
         online_down_proj_rotation (bool): also rotate down_proj's input at run time (a Hadamard rebuilt from its
             size and seed on load, so nothing extra is saved).
+        smoothing_alpha (float or None): None (default): off; a number in [0, 1]: SmoothQuant per-channel factors
+            ``max|X_c|^alpha / max|W_c|^(1 - alpha)`` from the calibration text, folded into every block's RMSNorm
+            gains and q/k/v, gate/up weights after the rotation (LLaMA family; needs calibration; exact for the
+            real-valued model, see :mod:`spikelm.conversion.smoothing`). The saved weights carry it.
         untied_embeddings (bool): the LM head was untied from the input embeddings (a transform needed it).
 
     Placement:
@@ -84,6 +88,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         rotation: str = "none",
         rotation_seed: int = 0,
         online_down_proj_rotation: bool = False,
+        smoothing_alpha: float | None = None,
         untied_embeddings: bool = False,
         modules_to_not_convert: list[str] | None = None,
         format_version: int = FORMAT_VERSION,
@@ -112,6 +117,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         self.rotation = rotation
         self.rotation_seed = rotation_seed
         self.online_down_proj_rotation = online_down_proj_rotation
+        self.smoothing_alpha = smoothing_alpha
         self.untied_embeddings = untied_embeddings
         self.modules_to_not_convert = (
             ["lm_head"]
@@ -141,6 +147,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
             "rotation",
             "rotation_seed",
             "online_down_proj_rotation",
+            "smoothing_alpha",
             "untied_embeddings",
             "modules_to_not_convert",
             "format_version",
@@ -179,6 +186,11 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         )
         if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int):
             raise ValueError(f"rotation_seed must be an integer, got {self.rotation_seed!r}")  # noqa: TRY004
+        alpha = self.smoothing_alpha
+        if alpha is not None and (
+            isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1
+        ):
+            raise ValueError(f"smoothing_alpha must be None (off) or a number in [0, 1], got {alpha!r}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         for name in ("online_down_proj_rotation", "untied_embeddings"):
