@@ -35,6 +35,11 @@ The neuron spikes the real-valued input ``x`` (..., C) of a linear layer (or the
      as in step 1, the coarse step exactly ``2^a * scale`` (``= (x_max - x_min) / (2^n - 1)``), coarse zero
      ``round(-x_min / (2^a * scale))``; ``zero`` (..., 2).
 
+   * ``group_size`` G > 0 (with ``"group"``): finer still, each set's channels (in channel order) are cut into
+     runs of G, the last run taking what is left, and each run has its own per-token scale and zero point
+     (:func:`range_groups`, :func:`quantize_per_group`); ``scale`` and ``zero`` are (..., F + K), F fine and K coarse
+     runs. A linear layer then has one integer accumulator, zero-point term and scale multiply per run.
+
    Perplexity 57.6 with per-group ranges, 467 with whole-token ones, 35.5 real-valued (n=4, a=1, top 10 %, every
    linear input but lm_head), measured on SmolLM2-135M by the lead.
    A neuron without salient channels ("without saliency") has every channel on the coarse grid: the per-token
