@@ -23,10 +23,16 @@ GIF_T2 = dict(neuron="gif", gif_bits=4, gif_extra_bits=1, saliency_fraction=0.1)
 GIF_T4 = dict(neuron="gif", gif_bits=4, gif_extra_bits=2, saliency_fraction=0.05)  # SpikeLLM's T=4 setting
 ROWS = {
     "real": None,
-    "gif-t2": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9},  # the default training-free recipe
+    "gif-t2": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9},  # the default before range groups (gif_group_size=0)
     "gif-t2-nosal": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "saliency_fraction": 0.0},
     "gif-t4": {**GIF_T4, **TRANSFORM, "gif_clip_ratio": 0.9},
     "gif-t4-nosal": {**GIF_T4, **TRANSFORM, "gif_clip_ratio": 0.9, "saliency_fraction": 0.0},
+    "gif-t2-g32": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "gif_group_size": 32},  # ranges per 32 channels
+    "gif-t2-g64": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "gif_group_size": 64},  # the default recipe
+    "gif-t2-g128": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "gif_group_size": 128},
+    "gif-t2-smooth": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "smoothing_alpha": 0.5},  # + SmoothQuant
+    "gif-t2-g32-smooth": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "gif_group_size": 32, "smoothing_alpha": 0.5},
+    "gif-t2-g64-smooth": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "gif_group_size": 64, "smoothing_alpha": 0.5},
     "gif-t2-noclip": {**GIF_T2, **TRANSFORM},
     "gif-t2-notransform": {**GIF_T2},
     "gif-t2-spikellm": {**GIF_T2, "gif_group_range": "token"},  # as SpikeLLM's released code: whole-token ranges

@@ -322,3 +322,37 @@ def test_elastic_decode_step_reads_every_cached_spike_once_per_query_head():
         assert layer[product]["macs_per_step"] == [float(alphas)] * 2
     gate = outputs["model.layers.0.mlp.input_neuron"][-1]  # the decode step's spikes (T, 1, C)
     assert layer["mlp.gate_proj"]["acs"] == int((gate != 0).sum()) * INTER
+
+
+def test_gif_range_groups_count_one_scale_and_one_zero_point_per_group():
+    import math
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config()).eval()
+    size = 3
+    spikelm.spikify(
+        model,
+        neuron="gif",
+        rotation="none",
+        online_down_proj_rotation=False,
+        gif_group_size=size,
+        calibration=torch.randint(0, VOCAB, (2, 12)),
+    )
+    ids = torch.randint(0, VOCAB, (1, 6))
+    summary = measure_energy(model, [{"input_ids": ids}])
+    layer = {e["group"]: e for e in summary["per_layer"]}
+
+    def groups(mask):  # range groups of one row of channels: the salient ones in runs of 3, then the others
+        salient = int(mask.sum())
+        return math.ceil(salient / size) + math.ceil((mask.numel() - salient) / size)
+
+    for reader, host in HOSTS.items():
+        neuron = model.get_submodule(f"model.layers.0.{host}.input_neuron")
+        per_output = 2 * groups(neuron.salient)  # a scale multiply and a zero-point term per range group
+        assert groups(neuron.salient) > 2, reader  # more ranges than the two channel sets
+        assert layer[reader]["macs"] == 6 * OUT[reader] * per_output, reader
+    pairs = 6 * 7 // 2
+    for product, kind in (("self_attn.scores", "key"), ("self_attn.context", "value")):
+        neuron = model.get_submodule(f"model.layers.0.self_attn.{kind}_neuron")
+        per_head = [2 * groups(neuron.salient[h, 0]) for h in range(HKV)]
+        assert layer[product]["macs"] == pairs * (H // HKV) * sum(per_head), product

@@ -11,6 +11,7 @@ from spikelm.nn.gif import (
     gif_spikes,
     max_code,
     pack_grid,
+    quantize_per_group,
     quantize_per_token,
     reference_gif_linear,
     reference_gif_spikes,
@@ -70,7 +71,7 @@ def test_max_code_is_what_the_spikes_can_sum_to():
 def test_spike_sum_equals_one_shot_code(bits, extra_bits, group_range):
     neuron = calibrated_neuron(16, bits, extra_bits, group_range=group_range)
     x = heavy_tailed(5, 7, 16)
-    spikes, scale, zero, gain = neuron.spike(x)
+    spikes, scale, zero, gain, _ = neuron.spike(x)
     code, scale1, zero1 = quantize_per_token(
         x, bits, extra_bits, neuron.salient if extra_bits else None, group_range=group_range
     )
@@ -146,7 +147,7 @@ def test_without_saliency_is_the_plain_n_bit_quantiser_in_one_step():
     x = heavy_tailed(9, 16)
     for neuron in (GIFNeuron(16, bits=4, extra_bits=1), calibrated_neuron(16, 4, 1, fraction=0.0)):
         assert not neuron.has_saliency() and neuron.num_steps == 1
-        spikes, scale, zero, gain = neuron.spike(x)
+        spikes, scale, zero, gain, _ = neuron.spike(x)
         assert spikes.shape[0] == 1
         lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
         assert torch.allclose(scale, (hi - lo) / 15)
@@ -176,7 +177,7 @@ def test_linear_on_spikes_equals_linear_on_the_reconstruction(bits, extra_bits, 
     neuron = calibrated_neuron(16, bits, extra_bits, group_range=group_range)
     linear = torch.nn.Linear(16, 10, bias=with_bias)
     x = heavy_tailed(4, 6, 16)
-    spikes, scale, zero, gain = neuron.spike(x)
+    spikes, scale, zero, gain, _ = neuron.spike(x)
     hooked = linear(neuron(x))
     fast = gif_linear(spikes, scale, zero, linear.weight, linear.bias, gain)
     per_step = reference_gif_linear(spikes, scale, zero, linear.weight, linear.bias, gain)
@@ -287,7 +288,7 @@ def test_per_head_channel_saliency_for_keys():
     assert spikes.shape == (2, 2, 3, 7, 4)
     assert (spikes[1, :, 1, :, 2] > 0).any() and (spikes[1][:, :, :, [0, 1, 3]] == 0).all()
     # per-group ranges: one salient channel per (token, head) is a group of one, carried exactly by its zero point
-    spikes, scale, _, _ = neuron.spike(keys)
+    spikes, scale, _, _, _ = neuron.spike(keys)
     assert spikes.shape == (2, 2, 3, 7, 4) and scale.shape == (2, 3, 7, 2)
     assert (spikes[:, :, 1, :, 2] == 0).all() and (scale[:, 1, :, 0] == SCALE_FLOOR).all()
     assert (neuron(keys)[:, 1, :, 2] - keys[:, 1, :, 2]).abs().max() <= SCALE_FLOOR
@@ -358,7 +359,7 @@ def test_without_saliency_group_and_token_ranges_are_the_same_bit_for_bit():
     group = calibrated_neuron(16, 4, 1, fraction=0.0, group_range="group")
     token = calibrated_neuron(16, 4, 1, fraction=0.0, group_range="token")
     assert torch.equal(group(x), token(x))
-    assert all(torch.equal(a, b) for a, b in zip(group.spike(x), token.spike(x), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(group.spike(x)[:4], token.spike(x)[:4], strict=True))
 
 
 def test_group_ranges_cut_the_error_when_outlier_channels_are_salient():
@@ -457,3 +458,169 @@ def test_clip_ratio_out_of_range_is_refused():
     for bad in (0, 1.5, -0.2, True):
         with pytest.raises(ValueError, match="clip_ratio"):
             GIFNeuron(8, clip_ratio=bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ranges per G consecutive channels of each set (group_size).
+# ----------------------------------------------------------------------------------------------
+
+
+def textbook_per_range_group(x, salient, bits, extra_bits, size, clip=1.0):
+    """Per token: the salient channels in channel order cut into runs of ``size``, then the others; each run its
+    own asymmetric min/max quantiser (fine top for salient runs, 2^n - 1 for the others). Returns the codes and,
+    per channel, the step and zero point its run used (written out with Python lists, no library code)."""
+    level = 2**bits - 1
+    top = 2**extra_bits * level
+    salient = [bool(s) for s in salient] if salient is not None else [False] * x.shape[-1]
+    sets = [[c for c, s in enumerate(salient) if s], [c for c, s in enumerate(salient) if not s]]
+    rows = x.reshape(-1, x.shape[-1])
+    codes, steps, zeros = torch.zeros(rows.shape), torch.zeros(rows.shape), torch.zeros(rows.shape)
+    for i, row in enumerate(rows):
+        for members, grid in zip(sets, (top, level), strict=True):
+            for start in range(0, len(members), size):
+                run = members[start : start + size]
+                values = row[run]
+                lo, hi = values.min() * clip, values.max() * clip
+                step = torch.clamp((hi - lo) / grid, min=SCALE_FLOOR)
+                zero = torch.round(-lo / step)
+                codes[i, run] = torch.clamp(torch.round(values / step) + zero, 0, grid)
+                steps[i, run], zeros[i, run] = step, zero
+    return codes.view(x.shape), steps.view(x.shape), zeros.view(x.shape)
+
+
+def grouped_neuron(channels, bits, extra_bits, size, fraction=0.25, backend="fused", clip=1.0):
+    neuron = GIFNeuron(
+        channels,
+        bits=bits,
+        extra_bits=extra_bits,
+        saliency_fraction=fraction,
+        backend=backend,
+        group_size=size,
+        clip_ratio=clip,
+    )
+    neuron.calibrate(heavy_tailed(64, channels))
+    return neuron
+
+
+@pytest.mark.parametrize("size", [1, 3, 4, 7])
+@pytest.mark.parametrize("bits,extra_bits", SETTINGS)
+def test_range_groups_are_the_textbook_quantiser_and_the_spikes_sum_to_it(bits, extra_bits, size):
+    # 24 channels, 25 % salient: sets of 6 and 18, not multiples of 4 or 7: the last run of a set is shorter
+    neuron = grouped_neuron(24, bits, extra_bits, size)
+    x = heavy_tailed(5, 7, 24)
+    spikes, scale, zero, gain, group = neuron.spike(x)
+    code, _, _ = neuron.quantize(x)
+    mask = neuron.salient if extra_bits else None
+    codes, steps, zeros = textbook_per_range_group(x, mask, bits, extra_bits, size)
+    assert torch.equal(code.float(), codes)
+    assert torch.equal(spikes.to(torch.int32).sum(0), code)  # the spiking path is the one-shot quantiser
+    assert spikes.shape[0] == neuron.num_steps and int(spikes.max()) <= 2**bits - 1
+    assert torch.equal(scale.gather(-1, group.expand(x.shape)), steps)
+    assert torch.equal(zero.gather(-1, group.expand(x.shape)), zeros)
+    salient = int(mask.sum()) if mask is not None else 0
+    expected = -(-salient // size) + -(-(24 - salient) // size)
+    assert scale.shape == zero.shape == (5, 7, expected)
+    assert neuron.range_group_counts().tolist() == [expected]
+    code2, scale2, zero2, group2 = quantize_per_group(x, bits, extra_bits, mask, size)
+    assert torch.equal(code2, code) and torch.equal(scale2, scale) and torch.equal(group2, group)
+    recon = neuron(x)
+    assert torch.equal(recon, ((codes - zeros) * steps).to(x.dtype))
+
+
+def test_a_group_size_as_large_as_each_set_is_one_range_per_set():
+    x = heavy_tailed(5, 7, 24)
+    plain = calibrated_neuron(24, 4, 1)
+    for size in (18, 24, 1000):
+        grouped = GIFNeuron(24, bits=4, extra_bits=1, group_size=size)
+        grouped.load_state_dict(plain.state_dict())
+        assert all(torch.equal(a, b) for a, b in zip(grouped.quantize(x), plain.quantize(x), strict=True))
+        assert torch.equal(grouped(x), plain(x))
+    for size in (0, None):
+        assert GIFNeuron(24, group_size=size).group_size == 0
+
+
+def test_smaller_range_groups_cut_the_error_on_heavy_tailed_tokens():
+    torch.manual_seed(0)
+    x = torch.randn(32, 64) * torch.linspace(0.1, 10, 64)  # channel scales spread over two decades
+    errors = {}
+    for size in (0, 32, 8):
+        neuron = GIFNeuron(64, bits=4, extra_bits=1, group_size=size)
+        neuron.calibrate(x)
+        errors[size] = float((neuron(x) - x).pow(2).mean())
+    assert errors[8] < errors[32] < errors[0]
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("fraction", [0.25, 0.0])
+def test_linear_on_range_group_spikes_equals_linear_on_the_reconstruction(with_bias, fraction):
+    torch.manual_seed(1)
+    neuron = grouped_neuron(16, 4, 2, 3, fraction=fraction)
+    linear = torch.nn.Linear(16, 10, bias=with_bias)
+    x = heavy_tailed(4, 6, 16)
+    spikes = neuron.spike(x)
+    hooked = linear(neuron(x))
+    # per range group g, per step: integer levels times W_g; then (acc_g - zero_g W_g.sum(1)) * scale_g, by hand
+    w, groups = linear.weight.detach(), spikes.group
+    hand = torch.zeros(4, 6, 10)
+    for g in range(spikes.scale.shape[-1]):
+        cols = groups == g
+        acc = sum(s_t[..., cols].float() @ w[:, cols].t() for s_t in spikes.spikes)
+        hand += (acc - spikes.zero[..., g : g + 1] * w[:, cols].sum(1)) * spikes.scale[..., g : g + 1]
+    if with_bias:
+        hand += linear.bias.detach()
+    fast = spikes.linear(linear.weight, linear.bias)
+    per_step = spikes.linear(linear.weight, linear.bias, per_step=True)
+    torch.testing.assert_close(fast, hooked, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(per_step, hand, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(per_step, fast, rtol=1e-5, atol=1e-5)
+
+
+def test_range_groups_reference_and_fused_backends_agree_exactly():
+    ref = grouped_neuron(24, 4, 2, 5, fraction=0.25, backend="reference")
+    fused = GIFNeuron(24, bits=4, extra_bits=2, saliency_fraction=0.25, group_size=5)
+    fused.load_state_dict(ref.state_dict())
+    x = heavy_tailed(3, 11, 24)
+    assert torch.equal(ref(x), fused(x))
+    assert torch.equal(ref.spike(x).spikes, fused.spike(x).spikes)
+
+
+def test_range_groups_follow_each_heads_own_salient_channels():
+    torch.manual_seed(2)
+    keys = torch.randn(2, 3, 5, 8)
+    neuron = GIFNeuron((3, 1, 8), bits=4, extra_bits=1, saliency_fraction=0.2, group_size=3)
+    neuron.calibrate(keys)
+    code, scale, zero = neuron.quantize(keys)
+    counts = []
+    for head in range(3):
+        mask = neuron.salient[head, 0]
+        codes, steps, zeros = textbook_per_range_group(keys[:, head], mask, 4, 1, 3)
+        assert torch.equal(code[:, head].float(), codes), head
+        assert torch.equal(neuron.dequantize(code, scale, zero)[:, head], (codes - zeros) * steps), head
+        salient = int(mask.sum())
+        counts.append(-(-salient // 3) + -(-(8 - salient) // 3))
+    assert neuron.range_group_counts().tolist() == counts
+    # the cache's layout: scale and zero points packed per token and unpacked again
+    assert all(torch.equal(a, b) for a, b in zip(unpack_grid(pack_grid(scale, zero)), (scale, zero), strict=True))
+
+
+def test_range_groups_with_clipping_and_stats():
+    neuron = grouped_neuron(24, 4, 1, 4, clip=0.8)
+    x = heavy_tailed(2, 8, 24)
+    codes, steps, zeros = textbook_per_range_group(x, neuron.salient, 4, 1, 4, clip=0.8)
+    code, _, _ = neuron.quantize(x)
+    assert torch.equal(code.float(), codes)
+    neuron.record_stats = True
+    neuron(x)
+    salient = int(neuron.salient.sum())
+    assert neuron.stats.as_dict()["scales"] == neuron.stats.as_dict()["groups"] == -(-salient // 4) + -(-18 // 4)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True, "64"])
+def test_bad_group_size_is_refused_by_name(bad):
+    with pytest.raises(ValueError, match="group_size"):
+        GIFNeuron(8, group_size=bad)
+
+
+def test_group_size_needs_per_group_ranges():
+    with pytest.raises(ValueError, match="group_size 4 needs group_range='group'"):
+        GIFNeuron(8, group_size=4, group_range="token")

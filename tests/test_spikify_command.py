@@ -98,6 +98,8 @@ def test_spikify_defaults_are_the_gif_recipe_and_set_turns_parts_off(llama_dir, 
             "online_down_proj_rotation=false",
             "--set",
             "saliency_fraction=0",
+            "--set",
+            "gif_group_size=0",
             "--output-dir",
             str(out),
         ],
@@ -107,7 +109,7 @@ def test_spikify_defaults_are_the_gif_recipe_and_set_turns_parts_off(llama_dir, 
     quant = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (quant["neuron"], quant["gif_bits"], quant["gif_extra_bits"]) == ("gif", 4, 1)
     assert quant["rotation"] == "none" and quant["online_down_proj_rotation"] is False
-    assert quant["saliency_fraction"] == 0
+    assert quant["saliency_fraction"] == 0 and quant["gif_group_size"] == 0
     # without the rotation the weights are the source's, untouched
     source = AutoModelForCausalLM.from_pretrained(llama_dir)
     spiking = AutoModelForCausalLM.from_pretrained(out)
@@ -211,3 +213,30 @@ def test_gpt2_converts_too(calibration_file, tmp_path, capsys, llama_dir):
         capsys,
     )
     assert code == 0, err
+
+
+def test_set_gif_group_size_reaches_the_saved_model_and_its_card(llama_dir, calibration_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["--model", str(llama_dir), "--calibration-text", str(calibration_file), "--calibration-sequences", "1"]
+    args += ["--calibration-length", "16", "--eval-tokens", "0", "--set", "gif_group_size=4", "--output-dir", str(out)]
+    code, _, err = _spikify(args, capsys)
+    assert code == 0, err
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["gif_group_size"] == 4
+    assert "per 4 consecutive channels" in (out / "README.md").read_text()
+    from spikelm.conversion import neurons
+
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert {n.group_size for _, n in neurons(loaded)} == {4}
+
+
+def test_the_gif_recipe_has_ranges_per_64_channels_and_set_turns_them_off():
+    from spikelm.conversion import SpikeLMConversionConfig
+    from spikelm.conversion.recipes import recipe
+
+    assert recipe("gif")["gif_group_size"] == 64
+    assert recipe("gif", overrides={"gif_group_size": 0})["gif_group_size"] == 0
+    whole_token = recipe("gif", overrides={"gif_group_range": "token"})  # SpikeLLM's ranges: no groups to cut
+    assert whole_token["gif_group_size"] == 0
+    SpikeLMConversionConfig(**whole_token)
+    with pytest.raises(ValueError, match="gif_group_size=64 needs gif_group_range='group'"):
+        SpikeLMConversionConfig(**recipe("gif", overrides={"gif_group_range": "token", "gif_group_size": 64}))

@@ -126,3 +126,51 @@ def test_rotation_round_trip_untied_and_said_so(tmp_path):
 def test_rotation_needs_the_llama_family():
     with pytest.raises(ValueError, match="LLaMA family"):
         spikify(CAUSAL["gpt2"](), rotation="hadamard")
+
+
+def test_gif_range_groups_round_trip_and_cached_decoding(tmp_path):
+    model = gif_model(gif_group_size=4)
+    assert {n.group_size for _, n in neurons(model)} == {4}
+    ids = token_ids(2, 6)
+    out = greedy(model, ids, return_dict_in_generate=True, output_logits=True)
+    assert torch.equal(out.sequences, uncached_greedy(model, ids))
+    full = model(out.sequences, use_cache=False).logits[:, ids.shape[1] - 1 : -1]
+    torch.testing.assert_close(torch.stack(out.logits, 1), full, rtol=0, atol=1e-5)
+    # the cache keeps one scale and one zero point per range group of each K/V head, per token
+    cache = model(ids, use_cache=True).past_key_values
+    key_neuron = next(n for name, n in neurons(model) if name.endswith("key_neuron"))
+    groups = key_neuron.range_groups()[1].numel()
+    assert cache.layers[0].key_grid.shape[-1] == 2 * groups
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["gif_group_size"] == 4
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert {n.group_size for _, n in neurons(loaded)} == {4}
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert torch.equal(greedy(loaded, ids), out.sequences)
+    # a group size as large as every channel set is the same model as one range per set
+    plain = gif_model()
+    wide = gif_model(gif_group_size=10_000)
+    assert torch.equal(plain(ids).logits, wide(ids).logits)
+
+
+def test_smoothing_after_the_rotation_keeps_the_real_valued_function_and_round_trips(tmp_path):
+    ids = token_ids(2, 7)
+    source = CAUSAL["llama"](seed=0)
+    real = source(ids).logits
+    calibration = [token_ids(4, 16, seed=3), token_ids(4, 16, seed=4)]
+    rotated = gif_model(rotation="hadamard", online_down_proj_rotation=True)
+    model = gif_model(rotation="hadamard", online_down_proj_rotation=True, smoothing_alpha=0.5)
+    gains = model.model.layers[0].input_layernorm.weight
+    assert not torch.allclose(gains, torch.ones_like(gains))  # the rotation leaves gains of 1; smoothing moved them
+    assert not torch.equal(model(ids).logits, rotated(ids).logits)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["smoothing_alpha"] == 0.5
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    model.dequantize()  # the real-valued model, with both transforms folded in: the source's function
+    assert float((model(ids).logits - real).detach().norm() / real.detach().norm()) <= 1e-4
+    with pytest.raises(ValueError, match="smoothing_alpha needs calibration"):
+        spikify(CAUSAL["llama"](), neuron="gif", smoothing_alpha=0.5)
+    for bad in (1.5, -0.1, True, "half"):
+        with pytest.raises(ValueError, match="smoothing_alpha"):
+            spikify(CAUSAL["llama"](), neuron="gif", smoothing_alpha=bad, calibration=calibration)

@@ -22,11 +22,12 @@ def register(sub) -> None:
             "'spikelm' quantization_config), model.safetensors (weights + alphas / saliency masks), the tokenizer and "
             "a model card. After `import spikelm`, AutoModelForCausalLM.from_pretrained(DIR) loads it spiking. "
             "Default recipe (the best training-free one measured on SmolLM2-135M): SpikeLLM's GIF neuron at its T=2 "
-            "setting (n=4 base bits, a=1: the top 10%% of channels by saliency spike over 2 steps), each channel "
-            "group on its own per-token range clipped to 0.9, after a Hadamard rotation of the residual stream and an "
-            "online Hadamard on down_proj's input. --neuron elastic: SpikeLM's ternary neuron, T=4, symmetric reset, "
-            "same rotations. Turn parts off with --set: rotation=none, online_down_proj_rotation=false, "
-            "saliency_fraction=0, gif_group_range=token, gif_clip_ratio=1."
+            "setting (n=4 base bits, a=1: the top 10%% of channels by saliency spike over 2 steps), per-token ranges "
+            "per 64 consecutive channels of each channel group (salient, other) clipped to 0.9, after a Hadamard "
+            "rotation of the residual stream and an online Hadamard on down_proj's input. --neuron elastic: "
+            "SpikeLM's ternary neuron, T=4, symmetric reset, same rotations. Turn parts off with --set: "
+            "rotation=none, online_down_proj_rotation=false, saliency_fraction=0, gif_group_size=0 (one range per "
+            "channel group), gif_group_range=token, gif_clip_ratio=1."
         ),
     )
     p.add_argument(

@@ -153,14 +153,14 @@ class GIFCodeLayer(DynamicLayer):
         return unpack_bits(stored.unflatten(-1, (self.bits, -1)), self.width, self.code_dtype)
 
     def _decode(self, name: str, neuron: nn.Module, grid: torch.Tensor | None) -> torch.Tensor:
-        from ..nn.gif import dequantize, unpack_grid
+        from ..nn.gif import unpack_grid
 
         if grid is None:  # nothing cached yet: (B, H, 0, d)
             stored = getattr(self, name)
             return torch.empty((*stored.shape[:3], self.width), dtype=self.dtype, device=stored.device)
         codes = self.codes(name)
         scale, zero = unpack_grid(grid)
-        return dequantize(codes, scale, zero, neuron.gain(codes.device)).to(self.dtype)
+        return neuron.dequantize(codes, scale, zero).to(self.dtype)
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:

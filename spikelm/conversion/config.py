@@ -45,6 +45,10 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
             far better on real LLMs); ``"token"``: both groups over the whole token's range, as SpikeLLM's code.
         gif_clip_ratio (float): each per-token range is this fraction of the min/max (1: no clipping; 0.9 is
             QuaRot's activation clip ratio); values beyond it take the end codes.
+        gif_group_size (int): 0 (default): one per-token range per channel group (salient, other); G > 0: one
+            range (scale and zero point) per G consecutive channels inside each group (group-wise activation
+            quantisation, as Atom/QuaRot's group variants; a group's last range may cover fewer than G channels).
+            Needs ``gif_group_range="group"``.
 
     Outlier handling (equivalence transforms folded into the weights before spiking):
         rotation (str): ``"none"``, ``"hadamard"`` or ``"random"``: an orthogonal rotation of the residual stream
@@ -52,6 +56,10 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         rotation_seed (int): seed of the rotation's random signs (or matrix); the online rotation uses seed + 1.
         online_down_proj_rotation (bool): also rotate down_proj's input at run time (a Hadamard rebuilt from its
             size and seed on load, so nothing extra is saved).
+        smoothing_alpha (float or None): None (default): off; a number in [0, 1]: SmoothQuant per-channel factors
+            ``max|X_c|^alpha / max|W_c|^(1 - alpha)`` from the calibration text, folded into every block's RMSNorm
+            gains and q/k/v, gate/up weights after the rotation (LLaMA family; needs calibration; exact for the
+            real-valued model, see :mod:`spikelm.conversion.smoothing`). The saved weights carry it.
         untied_embeddings (bool): the LM head was untied from the input embeddings (a transform needed it).
 
     Placement:
@@ -76,9 +84,11 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         saliency_fraction: float = 0.1,
         gif_group_range: str = "group",
         gif_clip_ratio: float = 1.0,
+        gif_group_size: int | None = 0,
         rotation: str = "none",
         rotation_seed: int = 0,
         online_down_proj_rotation: bool = False,
+        smoothing_alpha: float | None = None,
         untied_embeddings: bool = False,
         modules_to_not_convert: list[str] | None = None,
         format_version: int = FORMAT_VERSION,
@@ -103,9 +113,11 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         self.saliency_fraction = saliency_fraction
         self.gif_group_range = gif_group_range
         self.gif_clip_ratio = gif_clip_ratio
+        self.gif_group_size = 0 if gif_group_size is None else gif_group_size
         self.rotation = rotation
         self.rotation_seed = rotation_seed
         self.online_down_proj_rotation = online_down_proj_rotation
+        self.smoothing_alpha = smoothing_alpha
         self.untied_embeddings = untied_embeddings
         self.modules_to_not_convert = (
             ["lm_head"]
@@ -131,9 +143,11 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
             "saliency_fraction",
             "gif_group_range",
             "gif_clip_ratio",
+            "gif_group_size",
             "rotation",
             "rotation_seed",
             "online_down_proj_rotation",
+            "smoothing_alpha",
             "untied_embeddings",
             "modules_to_not_convert",
             "format_version",
@@ -153,11 +167,30 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         check_neuron_options(
             self.num_steps, self.spike_levels, self.use_amplitude, self.alpha_init, self.learn_alpha, self.reset
         )
+        if isinstance(self.gif_group_size, bool) or not isinstance(self.gif_group_size, int) or self.gif_group_size < 0:
+            raise ValueError(
+                "gif_group_size must be 0 (one range per channel group) or a positive integer (channels per range), "
+                f"got {self.gif_group_size!r}"
+            )
+        if self.gif_group_size and self.gif_group_range != "group":
+            raise ValueError(
+                f"gif_group_size={self.gif_group_size} needs gif_group_range='group', got {self.gif_group_range!r}"
+            )
         check_gif_options(
-            self.gif_bits, self.gif_extra_bits, self.saliency_fraction, self.gif_group_range, self.gif_clip_ratio
+            self.gif_bits,
+            self.gif_extra_bits,
+            self.saliency_fraction,
+            self.gif_group_range,
+            self.gif_clip_ratio,
+            self.gif_group_size,
         )
         if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int):
             raise ValueError(f"rotation_seed must be an integer, got {self.rotation_seed!r}")  # noqa: TRY004
+        alpha = self.smoothing_alpha
+        if alpha is not None and (
+            isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1
+        ):
+            raise ValueError(f"smoothing_alpha must be None (off) or a number in [0, 1], got {alpha!r}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
         for name in ("online_down_proj_rotation", "untied_embeddings"):

@@ -8,12 +8,21 @@ from pathlib import Path
 from .config import SpikeLMConversionConfig
 
 
+def _ranges(config: SpikeLMConversionConfig) -> str:
+    if config.gif_group_range == "token":
+        return "over the whole token (SpikeLLM's code)"
+    if config.gif_group_size:
+        return f"per {config.gif_group_size} consecutive channels of each channel group (salient, other)"
+    return "per channel group (salient, other)"
+
+
 def _recipe(config: SpikeLMConversionConfig) -> str:
     if config.neuron == "gif":
         return (
             f"SpikeLLM's GIF neuron: n = {config.gif_bits} base bits, a = {config.gif_extra_bits} extra bits "
             f"(T = {2**config.gif_extra_bits} steps) for the top {config.saliency_fraction:.0%} of channels by "
-            "calibration saliency"
+            f"calibration saliency; per-token ranges {_ranges(config)}, clipped to {config.gif_clip_ratio:g} of the "
+            "min/max"
         )
     return (
         f"SpikeLM's elastic bi-spiking neuron ({config.spike_levels} spikes, T = {config.num_steps}, "

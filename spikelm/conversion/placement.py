@@ -198,6 +198,7 @@ def make_neuron(
             saliency_fraction=config.saliency_fraction,
             group_range=config.gif_group_range,
             clip_ratio=config.gif_clip_ratio,
+            group_size=config.gif_group_size,
         )
     neuron = ElasticBiSpikingNeuron(config.num_steps, membrane=kind not in ("k", "v"), **config.neuron_options())
     return neuron.float()  # alphas stay float32 in a bfloat16 model (and load as such): the membrane is float32

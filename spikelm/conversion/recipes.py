@@ -3,14 +3,15 @@
 The defaults are the best training-free recipe measured on SmolLM2-135M (docs/CONVERSION.md, the ladder):
 
 * ``gif`` (the default): SpikeLLM's GIF neuron at its T=2 setting (n = 4 base bits, a = 1 extra bit: the top
-  10 % of channels by saliency spike over 2 steps), each channel group on its own per-token range, ranges clipped
-  to 0.9 of the min/max, after a Hadamard rotation of the residual stream and an online Hadamard on down_proj's
-  input (both exact: the real-valued model computes the same function).
+  10 % of channels by saliency spike over 2 steps), per-token ranges per 64 consecutive channels of each channel
+  group (salient, other), clipped to 0.9 of the min/max, after a Hadamard rotation of the residual stream and an
+  online Hadamard on down_proj's input (both exact: the real-valued model computes the same function).
 * ``elastic``: SpikeLM's ternary neuron, T = 4, symmetric reset (far better than the authors' official reset on a
   pretrained LLM), after the same rotations. Without distillation this stays far from the source model.
 
 Every field can be changed (``--set FIELD=VALUE``), so each part can be turned off: ``rotation=none``,
-``online_down_proj_rotation=false``, ``saliency_fraction=0``, ``gif_group_range=token``, ``gif_clip_ratio=1``.
+``online_down_proj_rotation=false``, ``saliency_fraction=0``, ``gif_group_size=0`` (one range per channel group),
+``gif_group_range=token`` (whole-token ranges; the recipe's group size is then dropped), ``gif_clip_ratio=1``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ RECIPES = {
         "saliency_fraction": 0.1,
         "gif_group_range": "group",
         "gif_clip_ratio": 0.9,
+        "gif_group_size": 64,
         **TRANSFORM,
     },
     "elastic": {"neuron": "elastic", "num_steps": 4, "reset": "symmetric", **TRANSFORM},
@@ -56,6 +58,8 @@ def recipe(neuron: str, num_steps: int | None = None, overrides: dict | None = N
         else:
             fields["num_steps"] = num_steps
     fields.update(overrides or {})
+    if fields.get("gif_group_range") == "token" and "gif_group_size" not in (overrides or {}):
+        fields["gif_group_size"] = 0  # whole-token ranges have no channel groups to cut
     return fields
 
 

@@ -131,6 +131,12 @@ def spikify(
         from .rotation import attach_online_down_proj_rotation
 
         attach_online_down_proj_rotation(model, seed=config.rotation_seed + 1, kind="hadamard")
+    if config.smoothing_alpha is not None:  # exact too; after the rotation, which would undo it
+        if calibration is None:
+            raise ValueError("smoothing_alpha needs calibration token ids: its per-channel factors come from them")
+        from .smoothing import input_absmax, smooth_model
+
+        smooth_model(model, input_absmax(model, calibration), alpha=config.smoothing_alpha)
     attach(model, config)
     model.config.quantization_config = config
     model.hf_quantizer = SpikeLMQuantizer(config, pre_quantized=True)

@@ -35,7 +35,8 @@ the same counter, from the placement (``spikelm.conversion.placement``) instead 
   spike is one AC, a GIF spike of level k is k ACs: the sum of a channel's levels over the steps is its integer
   code); MACs: elastic, one alpha multiply per output and step; GIF, per token and output one multiply per scale
   (2 with saliency and per-group ranges, else 1) and one zero-point multiply-accumulate per channel group (2 with
-  saliency, else 1; the weights' row sums are constants);
+  saliency, else 1; the weights' row sums are constants); with ranges per G channels (``gif_group_size``), one
+  scale multiply and one zero-point term per range group: ``ceil(salient / G) + ceil(others / G)`` of each;
 * Q K^T and P V with spiking K / V: ACs = sum of the key's (value's) levels x fan-out (the real queries attending
   that key, times the query heads sharing its key/value head); MACs: elastic, one alpha per score (Q K^T) or per
   context output (P V) and step; GIF, per score (Q K^T) and per query-key pair and head (P V, where P is first
@@ -202,10 +203,17 @@ def _spike_levels(neuron: nn.Module, x: torch.Tensor, output: torch.Tensor) -> t
     return spikes, (spikes > 0).long()
 
 
-def _gif_terms(neuron: nn.Module) -> tuple[int, int]:
-    """(scale multiplies, zero-point terms) per token and output of a GIF neuron's reader."""
+def _gif_terms(neuron: nn.Module) -> torch.Tensor:
+    """Scale multiplies plus zero-point terms per token and output of a GIF neuron's reader, per row of its channel
+    shape (one entry for a linear input, one per K/V head): one scale multiply per range (2 with saliency and
+    per-group ranges, else 1) and one zero-point term per channel group (2 with saliency, else 1); with
+    ``group_size`` G, one of each per range group, ``ceil(salient / G) + ceil(others / G)`` of them."""
+    if getattr(neuron, "group_size", 0):
+        return 2 * neuron.range_group_counts()
     salient = neuron.has_saliency()
-    return (2 if salient and neuron.group_range == "group" else 1), (2 if salient else 1)
+    terms = (2 if salient and neuron.group_range == "group" else 1) + (2 if salient else 1)
+    rows = neuron.salient.numel() // neuron.salient.shape[-1]
+    return torch.full((rows,), terms, dtype=torch.int64)
 
 
 def _slots(neuron: nn.Module, steps: int, rows: int, width: int) -> torch.Tensor:
@@ -226,7 +234,7 @@ def _output_macs(neuron: nn.Module, steps: int, outputs: int) -> torch.Tensor:
         if neuron.use_amplitude:
             macs[:] = outputs
     else:
-        macs[0] = outputs * sum(_gif_terms(neuron))
+        macs[0] = outputs * int(_gif_terms(neuron).sum())
     return macs
 
 
@@ -674,9 +682,9 @@ class OperationCounter:
                 per_step = heads * pairs if suffix == "scores" else heads * head_dim * queries
                 macs = torch.full((steps,), per_step if neuron.use_amplitude else 0, dtype=torch.int64)
             else:
-                scales, groups = _gif_terms(neuron)
+                terms = _gif_terms(neuron)  # per K/V head, read by the heads // kv_heads query heads sharing it
                 macs = torch.zeros(steps, dtype=torch.int64)
-                macs[0] = heads * pairs * (scales + groups)
+                macs[0] = pairs * (heads // terms.numel()) * int(terms.sum())
                 if suffix == "scores":  # the zero-point term needs each query's row sums: head_dim adds per head
                     acs[0] += queries * heads * head_dim
             product.add(acs=acs, macs=macs, steps=steps)

@@ -35,6 +35,11 @@ The neuron spikes the real-valued input ``x`` (..., C) of a linear layer (or the
      as in step 1, the coarse step exactly ``2^a * scale`` (``= (x_max - x_min) / (2^n - 1)``), coarse zero
      ``round(-x_min / (2^a * scale))``; ``zero`` (..., 2).
 
+   * ``group_size`` G > 0 (with ``"group"``): finer still, each set's channels (in channel order) are cut into
+     runs of G, the last run taking what is left, and each run has its own per-token scale and zero point
+     (:func:`range_groups`, :func:`quantize_per_group`); ``scale`` and ``zero`` are (..., F + K), F fine and K coarse
+     runs. A linear layer then has one integer accumulator, zero-point term and scale multiply per run.
+
    Perplexity 57.6 with per-group ranges, 467 with whole-token ones, 35.5 real-valued (n=4, a=1, top 10 %, every
    linear input but lm_head), measured on SmolLM2-135M by the lead.
    A neuron without salient channels ("without saliency") has every channel on the coarse grid: the per-token
@@ -78,7 +83,12 @@ GROUP_RANGES = ("group", "token")  # where each channel group's per-token min/ma
 
 
 def check_gif_options(
-    bits: int, extra_bits: int, saliency_fraction: float, group_range: str = "group", clip_ratio: float = 1.0
+    bits: int,
+    extra_bits: int,
+    saliency_fraction: float,
+    group_range: str = "group",
+    clip_ratio: float = 1.0,
+    group_size: int | None = None,
 ) -> None:
     """Raise ``ValueError`` naming the bad argument if a GIF option is out of range."""
     if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 15:
@@ -99,6 +109,7 @@ def check_gif_options(
         raise ValueError(f"saliency_fraction must be a number in [0, 1], got {saliency_fraction!r}")
     _check_group_range(group_range)
     _check_clip_ratio(clip_ratio)
+    _check_group_size(group_size, group_range)
 
 
 def max_code(bits: int, extra_bits: int) -> int:
@@ -168,6 +179,106 @@ def _check_group_range(group_range: str) -> None:
         raise ValueError(f"group_range must be one of {GROUP_RANGES}, got {group_range!r}")
 
 
+def _check_group_size(group_size: int | None, group_range: str = "group") -> None:
+    if group_size is None:
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
+        raise ValueError(
+            f"group_size must be 0 or None (one range per channel set) or a positive integer (channels per range "
+            f"group), got {group_size!r}"
+        )
+    if group_size and group_range != "group":
+        raise ValueError(f"group_size {group_size} needs group_range='group' (per-group ranges), got {group_range!r}")
+
+
+def range_groups(
+    salient: torch.Tensor | None, channel_shape: Sequence[int], group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(group, top_is_fine)`` for ranges per ``group_size`` channels inside each channel set (module docstring).
+
+    ``group``: int64 of ``channel_shape``, each channel's range group. Within one row of the channel shape (e.g.
+    one K/V head), the salient channels in channel order are cut into groups of ``group_size`` consecutive members
+    (the last one may be smaller), then the other channels likewise. Groups ``0 .. F - 1`` are the fine (salient)
+    ones, ``F .. F + K - 1`` the coarse ones, ``F`` / ``K`` the most any row needs (a row with fewer leaves its
+    last groups empty). ``top_is_fine``: bool (F + K,), True for the fine groups. ``salient=None``: no saliency,
+    every channel in the coarse set.
+    """
+    shape = tuple(channel_shape)
+    if salient is None:
+        salient = torch.zeros(shape, dtype=torch.bool)
+    salient = torch.broadcast_to(salient.to(torch.bool), shape)
+    rank_f = salient.long().cumsum(-1) - 1
+    rank_c = (~salient).long().cumsum(-1) - 1
+    count_f = int(salient.sum(-1).max()) if salient.numel() else 0
+    count_c = int((~salient).sum(-1).max()) if salient.numel() else 0
+    fine_groups = -(-count_f // group_size)
+    coarse_groups = -(-count_c // group_size)
+    group = torch.where(salient, rank_f // group_size, fine_groups + rank_c // group_size)
+    top_is_fine = torch.arange(fine_groups + coarse_groups, device=salient.device) < fine_groups
+    return group, top_is_fine
+
+
+def per_range_group_grid(
+    x: torch.Tensor, group: torch.Tensor, top: torch.Tensor, clip_ratio: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, zero)``, each (..., G) in the compute dtype: :func:`per_token_grid` over each range group's channels.
+
+    ``group``: int64 per channel (broadcastable to ``x``) in ``0 .. G - 1``, ``top``: the top code of each group
+    (G,). A group with no channel gets ``min = max = 0``: scale ``SCALE_FLOOR``, zero 0 (unused).
+    """
+    xc = x.detach().to(_compute_dtype(x.dtype))
+    index = torch.broadcast_to(group.to(device=xc.device, dtype=torch.int64), xc.shape)
+    width = top.shape[0]
+    out_shape = (*xc.shape[:-1], width)
+    x_min = xc.new_full(out_shape, float("inf")).scatter_reduce(-1, index, xc, "amin")
+    x_max = xc.new_full(out_shape, float("-inf")).scatter_reduce(-1, index, xc, "amax")
+    present = torch.isfinite(x_min)
+    x_min = torch.where(present, x_min, 0.0) * clip_ratio
+    x_max = torch.where(present, x_max, 0.0) * clip_ratio
+    scale = ((x_max - x_min) / top.to(device=xc.device, dtype=xc.dtype)).clamp_min(SCALE_FLOOR)
+    zero = torch.round(-x_min / scale)
+    return scale, zero
+
+
+def quantize_per_group(
+    x: torch.Tensor,
+    bits: int,
+    extra_bits: int,
+    salient: torch.Tensor | None,
+    group_size: int,
+    clip_ratio: float = 1.0,
+    channel_shape: Sequence[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one-shot quantiser with a range per ``group_size`` channels of each set: ``(code, scale, zero, group)``.
+
+    ``code`` int32 on each channel's grid (fine ``[0, 2^a (2^n - 1)]`` for salient channels, ``[0, 2^n - 1]`` for
+    the others), ``scale`` / ``zero`` (..., G) per range group, ``group`` int64 (``channel_shape``, default
+    ``(C,)``) from :func:`range_groups`: :func:`dequantize` takes it as ``group=``. With ``group_size`` at least
+    the size of each set, this is :func:`quantize_per_token` with ``group_range="group"`` (one range per set).
+    """
+    _check_clip_ratio(clip_ratio)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer here, got {group_size!r}")
+    if salient is not None and extra_bits == 0:
+        raise ValueError("salient channels need extra_bits > 0; pass salient=None for the plain n-bit quantiser")
+    shape = tuple(channel_shape) if channel_shape is not None else (x.shape[-1],)
+    group, top_is_fine = range_groups(salient.cpu() if salient is not None else None, shape, group_size)
+    group, top_is_fine = group.to(x.device), top_is_fine.to(x.device)
+    code, scale, zero = _quantize_on_range_groups(x, bits, extra_bits, group, top_is_fine, clip_ratio)
+    return code, scale, zero, group
+
+
+def _quantize_on_range_groups(x, bits, extra_bits, group, top_is_fine, clip_ratio):
+    """``(code, scale, zero)`` for the range groups ``group`` (int64 per channel) whose tops are fine or coarse."""
+    top = torch.where(top_is_fine, max_code(bits, extra_bits), (1 << bits) - 1)
+    xc = x.detach().to(_compute_dtype(x.dtype))
+    scale, zero = per_range_group_grid(xc, group, top, clip_ratio)
+    index = torch.broadcast_to(group, xc.shape)
+    code = torch.round(xc / scale.gather(-1, index)) + zero.gather(-1, index)
+    channel_top = top[group].to(code.dtype)  # each channel's top code, the channel shape
+    return torch.minimum(code, channel_top).clamp_(min=0).to(torch.int32), scale, zero
+
+
 def quantize_per_token(
     x: torch.Tensor,
     bits: int,
@@ -234,14 +345,22 @@ def _fine_channels(gain: torch.Tensor | None) -> torch.Tensor:
 
 
 def dequantize(
-    code: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gain: torch.Tensor | None = None
+    code: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    gain: torch.Tensor | None = None,
+    group: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The real values of :func:`quantize_per_token`'s output (or summed spikes), in ``scale``'s dtype.
 
     ``gain`` from :func:`channel_gain` (None: 1). ``scale`` (..., 2) (``group_range="group"``):
     ``x_hat = (code - zero_g) * scale_g`` with g the channel's group (gain 1: fine); ``scale`` (..., 1):
-    ``x_hat = (gain * code - gain * zero_g) * scale``.
+    ``x_hat = (gain * code - gain * zero_g) * scale``. ``group`` (from :func:`quantize_per_group`, ranges per
+    ``group_size`` channels): ``x_hat = (code - zero[group]) * scale[group]``, ``gain`` unused.
     """
+    if group is not None:
+        index = torch.broadcast_to(group.to(code.device), code.shape)
+        return (code - zero.gather(-1, index)) * scale.gather(-1, index)
     if scale.shape[-1] == 2:
         fine = _fine_channels(gain).to(code.device)
         step = torch.where(fine, scale[..., :1], scale[..., 1:])
@@ -256,7 +375,8 @@ def pack_grid(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_grid(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(scale, zero)`` from :func:`pack_grid`: widths 2, 3, 4 are (1 + 1), (1 + 2), (2 + 2) entries."""
+    """``(scale, zero)`` from :func:`pack_grid`: widths 2, 3, 4 are (1 + 1), (1 + 2), (2 + 2) entries; with ranges
+    per ``group_size`` channels, 2G is (G + G)."""
     width = grid.shape[-1] // 2
     return grid[..., :width], grid[..., width:]
 
@@ -329,6 +449,7 @@ def gif_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     gain: torch.Tensor | None = None,
+    group: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A linear layer on GIF spikes, summed path.
 
@@ -339,9 +460,15 @@ def gif_linear(
     (``"group"``): ``(sum_t s_t W_f^T - zero_f W_f.sum(1)) * scale_f + (sum_t s_t W_c^T - zero_c W_c.sum(1)) *
     scale_c + bias`` (``W_f`` / ``W_c``: the salient / other columns). The integer sums are exact, so this equals
     :func:`reference_gif_linear` up to float summation order. Computes in float32 (float64 stays float64);
-    returns ``weight``'s dtype.
+    returns ``weight``'s dtype. ``group`` (ranges per ``group_size`` channels, :func:`quantize_per_group`): one
+    integer accumulator, zero-point term and scale multiply per range group g, ``sum_g (sum_t s_t W_g^T -
+    zero_g W_g.sum(1)) * scale_g + bias``; the summed path computes it as ``dequantize(sum_t s_t) W^T + bias``.
     """
     dtype = _compute_dtype(weight.dtype)
+    if group is not None:
+        x_hat = dequantize(spikes.to(torch.int32).sum(0).to(dtype), scale.to(dtype), zero.to(dtype), group=group)
+        y = x_hat @ weight.to(dtype).t()
+        return (y if bias is None else y + bias.to(dtype)).to(weight.dtype)
     if scale.shape[-1] == 2:
         w_f, w_c = _group_weights(weight, gain, dtype)
         total = spikes.to(torch.int32).sum(0).to(dtype)
@@ -357,10 +484,13 @@ def reference_gif_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     gain: torch.Tensor | None = None,
+    group: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`gif_linear` as the spiking hardware runs it: one matrix product per step (per channel group with two
-    scales), accumulated over T."""
+    scales; per range group with ``group``), accumulated over T."""
     dtype = _compute_dtype(weight.dtype)
+    if group is not None:
+        return _reference_range_group_linear(spikes, scale, zero, weight, bias, group, dtype)
     if scale.shape[-1] == 2:
         w_f, w_c = _group_weights(weight, gain, dtype)
         acc_f = acc_c = None
@@ -377,6 +507,28 @@ def reference_gif_linear(
         step = levels.to(dtype) @ w  # integer levels: additions only (a coarse spike's 2^a is a shift)
         acc = step if acc is None else acc + step
     return _linear_out(acc, scale, zero, weight, bias, gain, dtype)
+
+
+def _reference_range_group_linear(spikes, scale, zero, weight, bias, group, dtype):
+    """Per step and range group g, the integer levels of g's channels times ``W_g``, accumulated over T; then per
+    group ``(acc_g - zero_g * W_g.sum(1)) * scale_g``, summed over the groups, plus the bias."""
+    if group.dim() != 1:
+        raise ValueError(f"a linear layer reads one channel dimension; got range groups of shape {tuple(group.shape)}")
+    groups = scale.shape[-1]
+    member = torch.nn.functional.one_hot(group.to(weight.device), groups).to(dtype)  # (C, G)
+    w = weight.to(dtype)
+    w_groups = w.t().unsqueeze(0) * member.t().unsqueeze(-1)  # (G, C, O): W_g^T, the other columns zeroed
+    acc = None
+    for s_t in spikes:
+        levels = s_t.to(torch.int32).to(dtype)  # integer levels: additions only
+        step = torch.einsum("...c,gco->...go", levels, w_groups)
+        acc = step if acc is None else acc + step
+    rows = (w @ member).t()  # (G, O): each group's row sums of W
+    scale, zero = scale.to(dtype).unsqueeze(-1), zero.to(dtype).unsqueeze(-1)
+    y = ((acc - zero * rows) * scale).sum(-2)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(weight.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -460,17 +612,20 @@ class GIFSpikes(NamedTuple):
     saliency and ``group_range="group"``: fine step, coarse step; else (..., 1): the fine step), the integer zero
     points ``zero`` ((..., 2): salient group, other group; (..., 1) without saliency) and the per-channel ``gain``
     (int32: 1 on salient channels, 2^a on the one-step ones; it tells the groups apart, and with one scale it is
-    the fine steps per level of a one-step channel)."""
+    the fine steps per level of a one-step channel). With ranges per ``group_size`` channels, ``scale`` and
+    ``zero`` are (..., G), one per range group, and ``group`` (int64, the channel shape) is each channel's range
+    group (:func:`range_groups`); else ``group`` is None."""
 
     spikes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     gain: torch.Tensor
+    group: torch.Tensor | None = None
 
     def linear(self, weight: torch.Tensor, bias: torch.Tensor | None = None, per_step: bool = False) -> torch.Tensor:
         """A linear layer on these spikes: :func:`gif_linear` (or, ``per_step``, :func:`reference_gif_linear`)."""
         fn = reference_gif_linear if per_step else gif_linear
-        return fn(self.spikes, self.scale, self.zero, weight, bias, self.gain)
+        return fn(self.spikes, self.scale, self.zero, weight, bias, self.gain, self.group)
 
 
 class GIFStats:
@@ -537,6 +692,10 @@ class GIFNeuron(nn.Module):
             docstring). No difference without saliency. Not in the state dict: the conversion config carries it.
         clip_ratio: each per-token range is ``clip_ratio`` times the min/max (1: no clipping); values beyond it
             take the end codes. Not in the state dict either.
+        group_size: 0 or None (default): one range per channel set (salient, other) and token; G > 0: one range
+            (scale and zero point) per G consecutive channels of each set (in channel order; a set's last group may
+            be smaller), per token (group-wise activation quantisation; needs ``group_range="group"``). Without
+            saliency, one range per G consecutive channels. Not in the state dict (the conversion config carries it).
 
     ``salient`` is a bool buffer of shape ``channels`` saved in the state dict.
     """
@@ -550,9 +709,11 @@ class GIFNeuron(nn.Module):
         backend: str = "fused",
         group_range: str = "group",
         clip_ratio: float = 1.0,
+        group_size: int | None = None,
     ):
         super().__init__()
-        check_gif_options(bits, extra_bits, saliency_fraction, group_range, clip_ratio)
+        check_gif_options(bits, extra_bits, saliency_fraction, group_range, clip_ratio, group_size)
+        self.group_size = group_size or 0
         self.channel_shape = (channels,) if isinstance(channels, int) else tuple(channels)
         self.bits = bits
         self.extra_bits = extra_bits
@@ -564,6 +725,7 @@ class GIFNeuron(nn.Module):
         self.record_stats = False
         self.stats: GIFStats | None = None
         self._has_salient: bool | None = None  # cache of salient.any(): no host sync per call
+        self._range_groups: tuple[torch.Tensor, torch.Tensor] | None = None  # cache of range_groups()
 
     @property
     def backend(self) -> str:
@@ -588,7 +750,7 @@ class GIFNeuron(nn.Module):
         return (
             f"channels={self.channel_shape}, bits={self.bits}, extra_bits={self.extra_bits}, "
             f"saliency_fraction={self.saliency_fraction}, group_range={self.group_range!r}, "
-            f"clip_ratio={self.clip_ratio}"
+            f"clip_ratio={self.clip_ratio}" + (f", group_size={self.group_size}" if self.group_size else "")
         )
 
     def has_saliency(self) -> bool:
@@ -598,7 +760,31 @@ class GIFNeuron(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._has_salient = None
+        self._range_groups = None
         super()._load_from_state_dict(*args, **kwargs)
+
+    def range_groups(self, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(group, top_is_fine)`` of :func:`range_groups` for this neuron's mask (None when ``group_size`` is 0)."""
+        if not self.group_size:
+            return None
+        if self._range_groups is None:
+            salient = self.salient.cpu() if self.has_saliency() else None
+            self._range_groups = range_groups(salient, self.channel_shape, self.group_size)
+        group, fine = self._range_groups
+        return (group.to(device), fine.to(device)) if device is not None else (group, fine)
+
+    def range_group_counts(self) -> torch.Tensor:
+        """int64 per row of the channel shape (one entry for a linear input, one per K/V head): the range groups
+        (scale and zero point pairs) of one token, counting only groups with channels: 2 with saliency (1
+        without) and ``group_size`` 0 or None; else ``ceil(salient / G) + ceil(others / G)`` in that row."""
+        salient = self.salient if self.has_saliency() else torch.zeros_like(self.salient)
+        rows = salient.reshape(-1, salient.shape[-1])
+        if not self.group_size:
+            return torch.full((rows.shape[0],), 2 if self.has_saliency() else 1, dtype=torch.int64)
+        fine = rows.sum(-1).long()
+        coarse = rows.shape[-1] - fine
+        size = self.group_size
+        return (fine + size - 1) // size + (coarse + size - 1) // size
 
     def reset_stats(self) -> None:
         self.stats = None
@@ -610,6 +796,7 @@ class GIFNeuron(nn.Module):
             raise ValueError(f"salient mask must have shape {self.channel_shape}, got {tuple(mask.shape)}")
         self.salient.copy_(mask.to(torch.bool))
         self._has_salient = None
+        self._range_groups = None
 
     @torch.no_grad()
     def calibrate(
@@ -650,9 +837,22 @@ class GIFNeuron(nn.Module):
         return self.salient.to(x.device)
 
     def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The one-shot quantiser: ``(code, scale, zero)``, see :func:`quantize_per_token`."""
+        """The one-shot quantiser: ``(code, scale, zero)``, see :func:`quantize_per_token` (with ``group_size``:
+        :func:`quantize_per_group`, ``scale``/``zero`` (..., G) per range group, see :meth:`range_groups`)."""
         self._check_input(x)
+        if self.group_size:
+            return self._quantize_groups(x)
         return quantize_per_token(x, self.bits, self.extra_bits, self._mask(x), self.group_range, self.clip_ratio)
+
+    def _quantize_groups(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        group, top_is_fine = self.range_groups(x.device)
+        return _quantize_on_range_groups(x, self.bits, self.extra_bits, group, top_is_fine, self.clip_ratio)
+
+    def dequantize(self, code: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """The real values of :meth:`quantize`'s codes (or of summed spikes): :func:`dequantize` with this neuron's
+        channel gain and range groups."""
+        groups = self.range_groups(code.device)
+        return dequantize(code, scale, zero, self.gain(code.device), groups[0] if groups is not None else None)
 
     def gain(self, device=None) -> torch.Tensor:
         """The int32 channel gain (1 salient, 2^a one-step channels; scalar 1 without saliency), see
@@ -667,21 +867,21 @@ class GIFNeuron(nn.Module):
         spikes = make(code, self.bits, self.num_steps)  # the membrane starts at the code
         if self.record_stats:
             self._record(spikes, x)
-        return GIFSpikes(spikes, scale, zero, self.gain(x.device))
+        groups = self.range_groups(x.device)
+        return GIFSpikes(spikes, scale, zero, self.gain(x.device), groups[0] if groups is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The dequantised input (x's shape and dtype): hooking this onto a linear layer's input is
         :func:`gif_linear` on :meth:`spike`. Straight-through gradient (identity) to ``x``."""
         with torch.no_grad():
             if self.backend == "reference":
-                spikes, scale, zero, gain = self.spike(x)
+                spikes, scale, zero, _, _ = self.spike(x)
                 code = spikes.to(torch.int32).sum(0)
             else:
                 code, scale, zero = self.quantize(x)
-                gain = self.gain(x.device)
                 if self.record_stats:
                     self._record(gif_spikes(code, self.bits, self.num_steps), x)
-            out = dequantize(code, scale, zero, gain).to(x.dtype)
+            out = self.dequantize(code, scale, zero).to(x.dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             out = out + (x - x.detach())  # value exactly `out`, gradient the identity
         return out
@@ -696,4 +896,7 @@ class GIFNeuron(nn.Module):
         salient_slots = int(torch.broadcast_to(mask, x.shape).sum()) if mask is not None else 0
         slots = torch.tensor([channel_slots] + [salient_slots] * (steps - 1), dtype=torch.int64)
         groups = 2 if mask is not None else 1
-        self.stats.add(spikes, slots, per_token, groups, groups if self.group_range == "group" else 1)
+        scales = groups if self.group_range == "group" else 1
+        if self.group_size:
+            groups = scales = int(self.range_group_counts().max())
+        self.stats.add(spikes, slots, per_token, groups, scales)
