@@ -133,3 +133,84 @@ def test_the_command_line_wrapper_defaults_to_the_spikelm_model(tiny_llama, tmp_
     assert result["n-samples"]["spikelm_hyperbaton"]["effective"] == 3
     assert 0 <= result["results"]["spikelm_hyperbaton"]["acc,none"] <= 1
     assert "spikelm_hyperbaton" in capsys.readouterr().out
+
+
+GOALS = ["buy a red ball", "paint the big house", "walk the small dog home", "cook rice", "fix an old red bike"]
+
+
+def fake_goal_inference(n=12):
+    """Cloze examples like BIG-bench goal_inference: steps and goals of different lengths, 3 to 5 goals each."""
+    examples = []
+    for i in range(n):
+        goals = GOALS[: 3 + i % 3]
+        step = " ".join(["take", "the", *["big"] * (i % 4), "ball"])
+        examples.append(
+            {
+                "input": f"The most reasonable goal of '{step} {i}' is",
+                "target_scores": {g: int(j == i % len(goals)) for j, g in enumerate(goals)},
+            }
+        )
+    return {"name": "goal_inference", "examples": examples}
+
+
+def test_a_spiking_checkpoint_is_scored_by_its_own_log_likelihoods(tmp_path, monkeypatch):
+    """A GIF conversion saved with save_pretrained (as `spikelm spikify` does) goes through lm-eval's `spikelm`
+    model type: the harness loads it spiking, and each choice's log-likelihood (batched, right-padded by lm-eval)
+    equals the spiking model's own, computed here one sequence at a time without lm-eval; acc follows from those."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from conftest import save_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    import spikelm
+    from spikelm.conversion import is_spiking
+    from spikelm.evaluation import lm_eval_adapter
+
+    words = sorted(
+        {w for g in GOALS for w in g.split()} | {"The", "most", "reasonable", "goal", "of", "'", "is", "take"}
+    )
+    tokenizer = save_tiny_llama(tmp_path / "real", words, hidden_size=32, intermediate_size=64, initializer_range=0.2)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "real", dtype=torch.float32)
+    torch.manual_seed(1)
+    spikelm.spikify(model, neuron="gif", calibration=torch.randint(3, len(tokenizer), (2, 24)))
+    model.save_pretrained(tmp_path / "gif")
+    # lm-eval pads its batches; without a pad token it would add one past the vocabulary
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(tmp_path / "gif")
+
+    monkeypatch.setattr(sources, "bigbench_task", lambda task: fake_goal_inference())
+    lm = lm_eval_adapter.SpikeLMEvalModel(pretrained=str(tmp_path / "gif"), device="cpu", dtype="float32", batch_size=8)
+    assert is_spiking(lm.model)
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["spikelm_goal_inference"],
+        task_manager=lm_eval_adapter.task_manager(include_defaults=False),
+        random_seed=0,
+        log_samples=True,
+    )
+
+    def log_likelihoods(reference, context, choices):
+        start = tokenizer(context)["input_ids"]  # this tokenizer adds no BOS token, and lm-eval adds none either
+        out = []
+        for choice in choices:
+            ids = start + tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = reference(torch.tensor([ids])).logits[0].log_softmax(-1)
+            out.append(sum(logp[i - 1, ids[i]].item() for i in range(len(start), len(ids))))
+        return out
+
+    spiking_model = AutoModelForCausalLM.from_pretrained(tmp_path / "gif", dtype=torch.float32).eval()
+    real_model = AutoModelForCausalLM.from_pretrained(tmp_path / "real", dtype=torch.float32).eval()
+    assert is_spiking(spiking_model) and not is_spiking(real_model)
+    samples = results["samples"]["spikelm_goal_inference"]
+    assert len(samples) == 12 and {len(s["doc"]["choices"]) for s in samples} == {3, 4, 5}
+    correct, gap_to_real = 0, 0.0
+    for sample in samples:
+        doc = sample["doc"]
+        harness = [resp[0][0] for resp in sample["resps"]]
+        spiking = log_likelihoods(spiking_model, doc["prompt"], doc["choices"])
+        real = log_likelihoods(real_model, doc["prompt"], doc["choices"])
+        assert harness == pytest.approx(spiking, abs=1e-4)
+        gap_to_real = max(gap_to_real, max(abs(h - r) for h, r in zip(harness, real, strict=True)))
+        correct += max(range(len(spiking)), key=spiking.__getitem__) == doc["label"]
+    assert gap_to_real > 0.1  # the harness scored the spiking model, not its real-valued source
+    assert results["results"]["spikelm_goal_inference"]["acc,none"] == pytest.approx(correct / len(samples))
