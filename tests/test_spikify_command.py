@@ -65,7 +65,13 @@ def test_spikify_saves_a_model_that_from_pretrained_loads_spiking(
     assert config["model_type"] == "llama"  # the original architecture, plus the spiking section
     assert config["quantization_config"]["quant_method"] == "spikelm"
     assert config["quantization_config"]["neuron"] == neuron
-    assert (out / "README.md").is_file() and "cal.txt" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "cal.txt" in card
+    # the card's recipe is the config as applied (e.g. untied by the rotation), without the other neuron's fields
+    recipe = json.loads(card.split("```json\n", 1)[1].split("```", 1)[0])
+    saved = config["quantization_config"]
+    assert recipe == {k: v for k, v in saved.items() if k in recipe} and len(recipe) >= 10
+    assert ("num_steps" in recipe) == (neuron == "elastic") and ("gif_bits" in recipe) == (neuron == "gif")
     # a fresh process: `import spikelm` alone is enough for from_pretrained to restore the spiking model
     script = (
         "import sys, torch, spikelm\n"

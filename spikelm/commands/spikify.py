@@ -198,8 +198,13 @@ def run(args) -> int:
     with new_files_follow_umask(out_dir):  # safetensors writes 0600
         model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    conversion.write_model_card(
-        out_dir, config, source=str(args.model), calibration=calibration, perplexity=perplexity, evaluation=evaluation
+    conversion.write_model_card(  # the config as applied (spikify works on a copy: e.g. untied embeddings)
+        out_dir,
+        model.config.quantization_config,
+        source=str(args.model),
+        calibration=calibration,
+        perplexity=perplexity,
+        evaluation=evaluation,
     )
     summary = {
         "model": str(args.model),

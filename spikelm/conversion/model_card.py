@@ -16,6 +16,17 @@ def _ranges(config: SpikeLMConversionConfig) -> str:
     return "per channel group (salient, other)"
 
 
+# fields of the other neuron, left out of the card's recipe (config.json keeps every field)
+_ELASTIC_ONLY = ("num_steps", "spike_levels", "use_amplitude", "alpha_init", "learn_alpha", "reset")
+_GIF_ONLY = ("gif_bits", "gif_extra_bits", "saliency_fraction", "gif_group_range", "gif_group_size", "gif_clip_ratio")
+
+
+def recipe_fields(config: SpikeLMConversionConfig) -> dict:
+    """The config's fields that apply to its neuron (GIF runs T = 2^a steps: the elastic ``num_steps`` is unused)."""
+    unused = _ELASTIC_ONLY if config.neuron == "gif" else _GIF_ONLY
+    return {k: v for k, v in config.to_dict().items() if k not in unused}
+
+
 def _recipe(config: SpikeLMConversionConfig) -> str:
     if config.neuron == "gif":
         return (
@@ -75,8 +86,11 @@ def write_model_card(
         "## Recipe",
         "",
         "```json",
-        json.dumps(config.to_dict(), indent=2),
+        json.dumps(recipe_fields(config), indent=2),
         "```",
+        "",
+        f"(The {'elastic' if config.neuron == 'gif' else 'GIF'} neuron's fields, unused here, are left out; "
+        "`config.json` holds them all.)",
         "",
         "## Calibration data",
         "",
