@@ -60,6 +60,29 @@ def word_tokenizer(words, pad: bool = False):
     return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>", **extra)
 
 
+def tiny_llama_model(cls=None, config_cls=None, seed: int = 0, **overrides):
+    """A tiny random LLaMA-family causal LM (``cls``/``config_cls``: default LlamaForCausalLM / LlamaConfig) in eval
+    mode, built with the public transformers API: vocabulary 64, hidden 32, 2 layers, 4 heads, 2 KV heads.
+    ``overrides``: config fields."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    return (cls or LlamaForCausalLM)((config_cls or LlamaConfig)(**fields)).eval()
+
+
 def save_tiny_llama(directory, words, seed: int = 0, **overrides):
     """A tiny random ``LlamaForCausalLM`` and a word-level tokenizer over ``words``, saved in ``directory`` with the
     public transformers API (as a user would). ``overrides``: LlamaConfig fields. Returns the tokenizer."""

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_config, tiny_llama_model
 
 from spikelm import SpikeLMCache, SpikeLMForCausalLM
 from spikelm.conversion import spike_code_cache, spikify
@@ -162,20 +161,7 @@ def test_native_packed_cache_bytes_per_token():
 
 
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=40,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()  # head_dim 10: 5 per byte fits, 4 per byte pads
+    return tiny_llama_model(seed=seed, hidden_size=40)  # head_dim 10: 5 per byte fits, 4 per byte pads
 
 
 def calibration():

@@ -9,8 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_config, tiny_llama_model
 
 from spikelm import SpikeLMForCausalLM
 from spikelm.conversion import spikify
@@ -212,20 +211,7 @@ def compare_decoding(model, ids, capsys):
 
 
 def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=256,
-        intermediate_size=704,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama_model(hidden_size=256, intermediate_size=704)
 
 
 @needs_kernel

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_llama_model
 from safetensors import safe_open
 from torch import nn
 from transformers import (
@@ -39,21 +40,7 @@ VOCAB = 64
 
 
 def tiny_llama(cls=LlamaForCausalLM, config_cls=LlamaConfig, seed=0, **extra):
-    torch.manual_seed(seed)
-    config = config_cls(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-        **extra,
-    )
-    return cls(config).eval()
+    return tiny_llama_model(cls, config_cls, seed, vocab_size=VOCAB, **extra)
 
 
 def tiny_gpt2(seed=0):
