@@ -21,6 +21,15 @@ from pathlib import Path
 
 from spikelm.errors import UserError
 
+
+def cache_dir() -> Path:
+    """spikelm's cache: ``$SPIKELM_CACHE``, else ``$XDG_CACHE_HOME/spikelm``, else ``~/.cache/spikelm``."""
+    if os.environ.get("SPIKELM_CACHE"):
+        return Path(os.environ["SPIKELM_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "spikelm"
+
+
 MARKER = "spikelm_run.json"
 LOCK_FILE = ".spikelm.lock"
 PID_FILE = ".spikelm.lock.pid"

@@ -21,21 +21,13 @@ import zipfile
 from pathlib import Path
 
 from spikelm.errors import UserError
-from spikelm.outputs import follow_umask
+from spikelm.outputs import cache_dir, follow_umask
 
 
 class FetchError(UserError):
     """A package could not be fetched or did not match its pinned checksum (the message says what to do).
 
     A ValueError, like every input error here, so the command line prints it as one line."""
-
-
-def cache_dir() -> Path:
-    """``$SPIKELM_CACHE``, else ``$XDG_CACHE_HOME/spikelm``, else ``~/.cache/spikelm``."""
-    if os.environ.get("SPIKELM_CACHE"):
-        return Path(os.environ["SPIKELM_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "spikelm"
 
 
 def sha256_of(path: Path) -> str:

@@ -38,12 +38,12 @@ import os
 import platform
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..outputs import cache_dir
 
 ENV_VAR = "SPIKELM_SPARSE_LINEAR"
 ROWS_ENV_VAR = "SPIKELM_SPARSE_LINEAR_MAX_ROWS"  # overrides MAX_ROWS (for measuring the threshold)
@@ -202,14 +202,6 @@ def max_rows() -> int:
     return rows
 
 
-def _cache_root() -> Path:
-    # the rule of spikelm.data.fetch.cache_dir (nn sits below data, so it is restated here)
-    if os.environ.get("SPIKELM_CACHE"):
-        return Path(os.environ["SPIKELM_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME")
-    return (Path(base) if base else Path.home() / ".cache") / "spikelm"
-
-
 def _cpu_signature() -> str:
     """The CPU's model and flags (the build uses -march=native: a cache shared by another CPU must not reuse it)."""
     text = platform.machine()
@@ -248,7 +240,7 @@ def _build():
     except ImportError:
         pass
     name = build_name()
-    directory = _cache_root() / "extensions" / name
+    directory = cache_dir() / "extensions" / name
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob(f"{name}*.so")):
         print(f"spikelm: building the sparse-input linear kernel once (about a minute) in {directory}", file=sys.stderr)
