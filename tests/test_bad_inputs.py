@@ -543,11 +543,11 @@ def test_an_internal_bug_keeps_its_traceback(monkeypatch):
         main(["data", "prepare-brown", "--output-dir", "/tmp/never-used-by-this-test"])
 
 
-def test_a_bad_sparse_linear_switch_is_one_line_before_any_work(paths, capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("SPIKELM_SPARSE_LINEAR", "maybe")
+def test_a_bad_cpu_kernels_switch_is_one_line_before_any_work(paths, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPIKELM_CPU_KERNELS", "maybe")
     out = tmp_path / "bench"
     status = main(["benchmark", "--generation", "--model", paths["model"], "--output-dir", str(out)])
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert status == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("spikelm benchmark: error: SPIKELM_SPARSE_LINEAR='maybe'"), lines[0]
+    assert lines[0].startswith("spikelm benchmark: error: SPIKELM_CPU_KERNELS='maybe'"), lines[0]
     assert not out.exists()

@@ -9,7 +9,7 @@ from conftest import tiny_config, tiny_llama_model
 
 from spikelm import SpikeLMCache, SpikeLMForCausalLM
 from spikelm.conversion import spike_code_cache, spikify
-from spikelm.nn import sparse_linear
+from spikelm.nn import cpu_kernels
 from spikelm.nn.packing import (
     pack_bits,
     pack_ternary,
@@ -217,21 +217,26 @@ def test_converted_gif_packed_cache_gives_the_unpacked_cache_logits_and_stores_5
     assert torch.equal(p.codes("keys"), u.keys) and torch.equal(p.codes("values"), u.values)
 
 
-@pytest.mark.skipif(sparse_linear.kernel() is None, reason="the sparse-input kernel cannot be built here")
-def test_packed_cache_equals_unpacked_with_the_sparse_input_kernel_taken(monkeypatch):
-    monkeypatch.delenv(sparse_linear.ENV_VAR, raising=False)
-    calls = []
-    real = sparse_linear.sparse_input_linear
-    monkeypatch.setattr(sparse_linear, "sparse_input_linear", lambda *a: calls.append(1) or real(*a))
+@pytest.mark.skipif(cpu_kernels.kernel() is None, reason="the C++ decoding kernels cannot be built here")
+def test_packed_cache_equals_unpacked_with_the_cpu_kernels_taken(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
+    calls = {}
+    for name in ("few_rows_linear", "elastic_spikes", "spike_pack5", "unpack5_steps_into_batch"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(
+            cpu_kernels, name, lambda *a, _n=name, _f=real: calls.setdefault(_n, []).append(1) or _f(*a)
+        )
     converted = spikify(tiny_llama(), neuron="elastic", num_steps=4, calibration=calibration())
     ids, mask = prompts(), torch.ones(2, 9, dtype=torch.long)
     unpacked = generate(converted, ids, spike_code_cache(converted, packing=None), attention_mask=mask)
-    assert calls  # decoding steps of 2 x 4 rows took the kernel
+    assert calls.get("few_rows_linear") and calls.get("elastic_spikes")  # decoding steps of 2 x 4 rows
+    assert "spike_pack5" not in calls  # the unpacked cache keeps the PyTorch path
     for packing in (4, 5):
         assert_same_generation(generate(converted, ids, spike_code_cache(converted, packing=packing)), unpacked)
+    assert calls.get("spike_pack5") and calls.get("unpack5_steps_into_batch")  # 5 per byte: K/V in C++
     calls.clear()
     model = native(4)
     ids = torch.randint(1, 97, (2, 7))
     unpacked = generate(model, ids, SpikeLMCache(model.config, packing=None))
-    assert calls
+    assert calls.get("few_rows_linear") and calls.get("elastic_spikes")
     assert_same_generation(generate(model, ids, SpikeLMCache(model.config)), unpacked)

@@ -75,9 +75,9 @@ def register(sub) -> None:
         help="also time the spiking model with an unpacked (one code per byte) cache, interleaved",
     )
     g.add_argument(
-        "--compare-gemm",
+        "--compare-pytorch",
         action="store_true",
-        help="also time the spiking model with the sparse-input linear kernel off (GEMM only), interleaved",
+        help="also time the spiking model with the C++ decoding kernels off (PyTorch and MKL only), interleaved",
     )
     add_output_dir(p, required=False)
     p.set_defaults(func=run, output_dir="runs/benchmark")
@@ -170,10 +170,10 @@ def run_converted(args) -> int:
     max_length = max(args.prompt_lengths) + args.new_tokens
     import torch
 
-    from spikelm.nn import sparse_linear
+    from spikelm.nn import cpu_kernels
 
-    kernel_on = sparse_linear.enabled()  # a bad $SPIKELM_SPARSE_LINEAR(_MAX_ROWS): one line, before any work
-    kernel_rows = sparse_linear.max_rows()
+    kernel_on = cpu_kernels.enabled()  # a bad $SPIKELM_CPU_KERNELS(_MAX_ROWS): one line, before any work
+    kernel_rows = cpu_kernels.max_rows()
     from transformers import AutoConfig, AutoTokenizer
 
     from spikelm.conversion.recipes import calibration_batches, recipe
@@ -221,8 +221,8 @@ def run_converted(args) -> int:
     }
     print(
         f"both models: float32, {torch.get_num_threads()} threads, attention {report['attn_implementation']}, "
-        f"no torch.compile of the model; spike cache: {report['cache_packing']}; sparse-input linear kernel "
-        f"{'on' if kernel_on else 'off'} (at most {kernel_rows} rows)",
+        f"no torch.compile of the model; spike cache: {report['cache_packing']}; C++ decoding kernels "
+        f"{'on' if kernel_on else 'off'} (linears of at most {kernel_rows} rows)",
         flush=True,
     )
     report["generation"] = measure_pair(
@@ -233,20 +233,16 @@ def run_converted(args) -> int:
         args.new_tokens,
         args.repeats or 3,
         compare_unpacked=args.compare_unpacked,
-        compare_gemm=args.compare_gemm,
+        compare_pytorch=args.compare_pytorch,
     )
-    report["sparse_input_kernel"] = {
+    report["cpu_kernels"] = {
         "enabled": kernel_on,
-        "built": kernel_on and sparse_linear.kernel() is not None,
+        "built": kernel_on and cpu_kernels.kernel() is not None,
         "max_rows": kernel_rows,
-        "transposed_weight_bytes": sparse_linear.transposed_bytes(),
     }
     write_json_atomic(out / "benchmark.json", report)
     print(format_pair_table(report["generation"]))
-    print(
-        f"sparse-input linear kernel: {'on' if report['sparse_input_kernel']['built'] else 'off'}; its transposed "
-        f"weights hold {report['sparse_input_kernel']['transposed_weight_bytes'] / 2**20:.1f} MiB"
-    )
+    print(f"C++ decoding kernels: {'on' if report['cpu_kernels']['built'] else 'off'}")
     print(f"wrote {out / 'benchmark.json'}")
     first = report["generation"]["cases"][0]
     summary = {k: first[k] for k in ("batch_size", "prompt_length", "decode_ratio", "prefill_ratio_vs_T")}

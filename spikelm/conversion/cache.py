@@ -25,6 +25,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..models.modeling_spikelm_causal import DEFAULT_PACKING, SpikeKVCacheLayer
+from ..nn import cpu_kernels
 from ..nn._constants import ALPHA_FLOOR
 from ..nn.neuron import ElasticBiSpikingNeuron
 from ..nn.packing import pack_bits, unpack_bits
@@ -83,8 +84,39 @@ class SpikeCodeLayer(SpikeKVCacheLayer):
         super().__init__(packing)
         self.key_neuron, self.value_neuron, self.steps = key_neuron, value_neuron, steps
 
+    def _fast_append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        """Whether a decoding step may spike, pack and decode K/V in the C++ kernels (CPU float32, 5 codes per
+        byte, plain elastic K/V neurons without membrane, statistics or hooks; the same codes and values)."""
+        if self.packing != 5:
+            return False
+        for neuron in (self.key_neuron, self.value_neuron):
+            if (
+                type(neuron) is not ElasticBiSpikingNeuron
+                or neuron.membrane
+                or neuron.backend != "auto"
+                or neuron.record_stats
+                or not neuron.is_initialized()
+                or neuron._forward_hooks
+                or neuron._forward_pre_hooks
+            ):
+                return False
+        return cpu_kernels.usable(key_states, value_states, what="spike-cache updates")
+
+    def _append_packed(self, name: str, neuron: ElasticBiSpikingNeuron, states: torch.Tensor) -> torch.Tensor:
+        low = -1 if neuron.spike_levels == "ternary" else 0
+        codes = cpu_kernels.spike_pack5(states, neuron.alpha.detach().clamp_min(ALPHA_FLOOR), low)
+        setattr(self, name, torch.cat([getattr(self, name), codes], -2))
+        return cpu_kernels.unpack5_steps_into_batch(getattr(self, name), spike_scale(neuron), self.width)
+
     def update(self, key_states, value_states, *args, **kwargs):
         steps = self.steps
+        if self.is_initialized and self._decode_after_append(key_states, value_states):
+            if self._fast_append(key_states, value_states):
+                self.key_scale, self.value_scale = spike_scale(self.key_neuron), spike_scale(self.value_neuron)
+                return (
+                    self._append_packed("keys", self.key_neuron, key_states),
+                    self._append_packed("values", self.value_neuron, value_states),
+                )
         keys = spike_per_step(self.key_neuron, key_states, steps)
         values = spike_per_step(self.value_neuron, value_states, steps)
         if self.is_initialized and self._decode_after_append(keys, values):

@@ -34,8 +34,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import UserError
+from ..nn.cpu_kernels import spike_linear
 from ..nn.neuron import ElasticBiSpikingNeuron
-from ..nn.sparse_linear import spike_linear
 from .cache import SpikeCodeCache, TransientSpikeKV, into_spike_cache, is_spike_cache
 from .config import QUANT_METHOD, SpikeLMConversionConfig
 
@@ -231,28 +231,28 @@ def _spike_input(module, args, kwargs, steps):
     raise RuntimeError(f"spikelm: could not find the input of {type(module).__name__} to spike")
 
 
-def _sparse_input_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.forward`` of a linear that reads an elastic neuron's spikes: the sparse-input kernel for a few
-    rows on CPU (a decoding step), else ``F.linear`` (:func:`spikelm.nn.sparse_linear.spike_linear`)."""
+def _spike_reader_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    """``nn.Linear.forward`` of a linear that reads an elastic neuron's spikes: the few-row kernel for a few
+    rows on CPU (a decoding step), else ``F.linear`` (:func:`spikelm.nn.cpu_kernels.spike_linear`)."""
     return spike_linear(input, module.weight, module.bias)
 
 
-class _SparseInputReader:
-    """The handle of a reader linear whose ``forward`` was set to :func:`_sparse_input_forward`: ``remove()``."""
+class _SpikeReader:
+    """The handle of a reader linear whose ``forward`` was set to :func:`_spike_reader_forward`: ``remove()``."""
 
     def __init__(self, linear: nn.Linear):
         self.linear = linear
-        linear.forward = partial(_sparse_input_forward, linear)
+        linear.forward = partial(_spike_reader_forward, linear)
 
     def remove(self) -> None:
         if "forward" in vars(self.linear):
             del self.linear.forward
 
 
-def _read_sparse(readers: list[nn.Module]) -> list[_SparseInputReader]:
-    """Route the plain ``nn.Linear`` readers of an elastic neuron through the sparse-input dispatch (others, e.g.
+def _read_spikes(readers: list[nn.Module]) -> list[_SpikeReader]:
+    """Route the plain ``nn.Linear`` readers of an elastic neuron through the spike-linear dispatch (others, e.g.
     GPT-2's Conv1D or a module whose forward is already replaced by another library's hook, keep their own)."""
-    return [_SparseInputReader(r) for r in readers if type(r) is nn.Linear and "forward" not in vars(r)]
+    return [_SpikeReader(r) for r in readers if type(r) is nn.Linear and "forward" not in vars(r)]
 
 
 def _spike_kv_on_update(module, args, kwargs, steps):
@@ -402,7 +402,7 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
             sites.append(PlacedNeuron(f"{block}.{site.host}.input_neuron", site.kind, tuple(names)))
             handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
             if isinstance(host.input_neuron, ElasticBiSpikingNeuron):  # GIF's inputs are dense: the GEMM
-                handles += _read_sparse(readers)
+                handles += _read_spikes(readers)
         attention = _get(layer, family.attention)
         if _skipped(f"{layers_path}.{index}.{family.attention}", skip):
             raise UserError(  # a conversion setting the user chose (spikify --set modules_to_not_convert=...)

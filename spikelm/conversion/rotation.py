@@ -210,8 +210,14 @@ class OnlineHadamard(nn.Module):
             return (y @ mats[0]).to(x.dtype)
         lead = y.shape[:-1]
         y = (y * signs).reshape(*lead, *(m.shape[0] for m in mats))
+        last = y.dim() - 1
         for axis, mat in enumerate(mats, start=len(lead)):
-            y = (y.movedim(axis, -1) @ mat).movedim(-1, axis)
+            if axis == last:
+                y = y @ mat
+            elif axis == last - 1:  # the same products without moving the axis (a decoding step's time)
+                y = torch.matmul(mat.t(), y)
+            else:
+                y = (y.movedim(axis, -1) @ mat).movedim(-1, axis)
         return y.reshape(*lead, self.size).to(x.dtype)
 
 

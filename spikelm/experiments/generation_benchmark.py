@@ -36,7 +36,7 @@ import time
 import torch
 
 from spikelm.errors import UserError
-from spikelm.nn import sparse_linear
+from spikelm.nn import cpu_kernels
 
 DEFAULT_BATCH_SIZES = (1, 16)
 DEFAULT_PROMPT_LENGTHS = (128, 1024)
@@ -183,13 +183,13 @@ def measure_pair(
     seed: int = 0,
     log=print,
     compare_unpacked: bool = False,
-    compare_gemm: bool = False,
+    compare_pytorch: bool = False,
 ) -> dict:
     """Prefill and decode speed, peak memory and cache bytes of both models at every (batch, prompt length).
 
     ``compare_unpacked``: also time the spiking model with its cache unpacked (one code per byte), as
-    ``spiking_unpacked``, interleaved with the others; ``compare_gemm``: also time the spiking model with the
-    sparse-input linear kernel off, as ``spiking_gemm``."""
+    ``spiking_unpacked``, interleaved with the others; ``compare_pytorch``: also time the spiking model with the
+    C++ decoding kernels off (PyTorch operations and MKL's GEMM only), as ``spiking_pytorch``."""
     if new_tokens < 2:
         raise UserError(f"--new-tokens must be at least 2 (decode speed needs a second token), got {new_tokens}")
     models = {"real": real, "spiking": spiking}
@@ -200,9 +200,9 @@ def measure_pair(
         models["spiking_unpacked"] = spiking
         caches["spiking_unpacked"] = lambda: spike_code_cache(spiking, packing=None)
     switches = {}
-    if compare_gemm:
-        models["spiking_gemm"] = spiking
-        switches["spiking_gemm"] = False
+    if compare_pytorch:
+        models["spiking_pytorch"] = spiking
+        switches["spiking_pytorch"] = False
     names = list(models)
     steps = spiking._spikelm.steps
     vocab = real.config.vocab_size
@@ -215,7 +215,7 @@ def measure_pair(
             prompt = torch.randint(min(100, vocab - 1), vocab, (batch, length), generator=generator)
             log(f"  batch {batch}, prompt {length}, {new_tokens} new tokens: warming up...")
             for name, model in models.items():  # allocator, caches, the neurons' compiled loop
-                with sparse_linear.forced(switches.get(name)):
+                with cpu_kernels.forced(switches.get(name)):
                     _generate_seconds(model, prompt, 2, make_cache=caches.get(name))
             times = {name: {"first": [], "full": []} for name in names}
             peak = {name: [] for name in names}
@@ -223,7 +223,7 @@ def measure_pair(
             for repeat in range(repeats):
                 for name, model in models.items():
                     make = caches.get(name)
-                    with sparse_linear.forced(switches.get(name)):
+                    with cpu_kernels.forced(switches.get(name)):
                         times[name]["first"].append(_generate_seconds(model, prompt, 1, make_cache=make)[0])
                         memory = PeakRSS()
                         seconds, cache = _generate_seconds(model, prompt, new_tokens, memory, make_cache=make)

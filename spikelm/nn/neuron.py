@@ -27,8 +27,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from ._constants import ALPHA_FLOOR, LEAK, OUTSIDE
-from .sparse_linear import spike_linear
+from .cpu_kernels import spike_linear
 
 SPIKE_LEVELS = ("ternary", "binary")
 RESETS = ("official", "symmetric")
@@ -747,13 +748,17 @@ class ElasticBiSpikingNeuron(nn.Module):
                 out, counts = MultiStepSpike.apply(x, alpha, *options, self.record_stats, self.backend)
         else:  # no backward: nothing to save
             kernel = choose_kernel(x, self.backend)
-            if kernel == "fused":
+            if self.backend == "auto" and _takes_cpu_kernel(x):  # one C++ pass (same spikes, bit for bit)
+                low = _levels_low(self.spike_levels)
+                official = self.spike_levels == "ternary" and self.reset == "official"
+                out = cpu_kernels.elastic_spikes(x, alpha.detach(), low, official, self.use_amplitude, self.membrane)
+            elif kernel == "fused":
                 out = spike_steps_inference(x.detach(), alpha.detach(), *options)
             else:
                 out, _, _ = fused_spike_forward(x, alpha, *options, False, False, kernel)
             if self.record_stats:
                 counts = count_spikes(out)
-            if linear:  # the sparse-input kernel for a few rows of spikes on CPU (decoding), else the GEMM
+            if linear:  # the few-row kernel for a few rows of spikes on CPU (decoding), else the GEMM
                 out = spike_linear(out, weight, bias)
         if self.record_stats:
             self._record(counts, x)
@@ -763,6 +768,12 @@ class ElasticBiSpikingNeuron(nn.Module):
         if self.stats is None:
             self.stats = SpikeStats(self.num_steps, device=x.device)
         self.stats.add(counts, x[0].numel())
+
+
+def _takes_cpu_kernel(x: torch.Tensor) -> bool:
+    """Whether the neuron's no-gradient path runs the C++ kernel (:func:`spikelm.nn.cpu_kernels.elastic_spikes`):
+    CPU float32 inputs with the kernels switched on and built (other dtypes keep the PyTorch loop by design)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.usable(x, what="neurons")
 
 
 def named_neurons(model: nn.Module) -> list[tuple[str, ElasticBiSpikingNeuron]]:

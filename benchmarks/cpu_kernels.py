@@ -1,12 +1,14 @@
-"""The sparse-input linear kernel against MKL's GEMM on SmolLM2-135M's linear shapes (CPU, float32).
+"""The few-row linear kernel against MKL's GEMM on SmolLM2-135M's linear shapes (CPU, float32).
 
 For each (in, out) shape and row count M, interleaved (1-row GEMM, M-row GEMM, M-row kernel, repeated), medians of
 --rounds rounds of --calls calls each:
 
 * ``gemm_1``: ``F.linear`` of one row (the real-valued model's decoding step at batch 1);
 * ``gemm_M``: ``F.linear`` of the M rows of spikes (the spiking model's step without the kernel);
-* ``kernel_M``: :func:`spikelm.nn.sparse_linear.sparse_input_linear` of the same M rows (transposed weight built
-  before timing).
+* ``kernel_M``: :func:`spikelm.nn.cpu_kernels.few_rows_linear` of the same M rows.
+
+With ``--model-weights`` each call runs the shape's linear of all 30 blocks in turn (30 different weights, 14-106 MB:
+read from DRAM, as in a decoding step) instead of one weight (which a repeated call reads from the L3 cache).
 
 The M rows are spikes of the elastic neuron (ternary, T=4, alphas from the batch itself) on heavy-tailed currents
 (Student t with 3 degrees of freedom, per-channel scales from a log-normal), M/4 tokens x 4 steps, so the rows of
@@ -14,7 +16,7 @@ one token are correlated in time as in the model; the firing rate they have is p
 median and the ratios (``kernel_M / gemm_M``: below 1 the kernel wins; ``kernel_M / gemm_1``: the cost of the M rows
 in single-row products):
 
-    OMP_NUM_THREADS=2 python -m benchmarks.sparse_linear --threads 2 --output benchmarks/results/sparse_linear_cpu.json
+    python -m benchmarks.cpu_kernels --threads 2 --model-weights --output benchmarks/results/cpu_kernels_dram.json
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from spikelm.nn import sparse_linear
+from spikelm.nn import cpu_kernels
 from spikelm.nn.neuron import ElasticBiSpikingNeuron
 
 # SmolLM2-135M: hidden 576, 9 query heads / 3 K-V heads of 64, MLP 1536 (q/o, k/v, gate/up, down)
@@ -58,14 +60,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", help="JSON file to write the figures to")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--model-weights", action="store_true", help="cycle through 30 weights per shape (DRAM)")
+    parser.add_argument("--blocks", type=int, default=30, help="weights per shape with --model-weights")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--calls", type=int, default=50)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    sparse_linear.kernel()
+    cpu_kernels.kernel()
     results = []
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}, {platform.processor() or platform.machine()}")
     print(
@@ -73,16 +77,15 @@ def main() -> None:
         f"{'kern/gemmM':>10} {'gemmM/gemm1':>11} {'kern/gemm1':>10}"
     )
     for k, n in SHAPES:
-        weight = torch.randn(n, k) / k**0.5
-        sparse_linear.transposed_weight(weight)
+        weights = [torch.randn(n, k) / k**0.5 for _ in range(args.blocks if args.model_weights else 1)]
         one = spikes(4, k, generator)[:1]
         for m in args.rows:
             x = spikes(m, k, generator)
             rate = float((x != 0).float().mean())
             variants = {
-                "gemm_1": lambda one=one, w=weight: F.linear(one, w),
-                "gemm_M": lambda x=x, w=weight: F.linear(x, w),
-                "kernel_M": lambda x=x, w=weight: sparse_linear.sparse_input_linear(x, w),
+                "gemm_1": lambda one=one, ws=weights: [F.linear(one, w) for w in ws],
+                "gemm_M": lambda x=x, ws=weights: [F.linear(x, w) for w in ws],
+                "kernel_M": lambda x=x, ws=weights: [cpu_kernels.few_rows_linear(x, w) for w in ws],
             }
             for fn in variants.values():
                 timed(fn, 5)
@@ -113,6 +116,7 @@ def main() -> None:
             json.dump(
                 {
                     "threads": args.threads,
+                    "weights_per_call": len(weights),
                     "torch": torch.__version__,
                     "rounds": args.rounds,
                     "calls": args.calls,

@@ -1,0 +1,455 @@
+"""The C++ decoding kernels (spikelm/nn/cpu_kernels.py): the few-row linear against F.linear (close on random
+inputs, equal where float sums are exact), the neuron and the packed K/V cache kernels against the PyTorch paths (bit
+for bit), their dispatch and switch, the fallback notices, and decoding with them on vs off (native SpikeLM and a
+converted tiny LLaMA: bit-identical with the linear left to MKL; with it, logits close, spikes and tokens counted)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tiny_config, tiny_llama_model
+
+from spikelm import SpikeLMForCausalLM
+from spikelm.conversion import spikify
+from spikelm.errors import UserError
+from spikelm.nn import cpu_kernels
+from spikelm.nn.neuron import ElasticBiSpikingNeuron, reference_multistep_spike, spike_steps_inference
+
+needs_kernel = pytest.mark.skipif(cpu_kernels.kernel() is None, reason="the extension cannot be built here")
+
+
+@pytest.fixture(autouse=True)
+def _switch_follows_environment(monkeypatch):
+    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
+    monkeypatch.delenv(cpu_kernels.ROWS_ENV_VAR, raising=False)
+    cpu_kernels.set_enabled(None)
+    yield
+    cpu_kernels.set_enabled(None)
+
+
+def sparse_rows(rows, features, density=0.3, zero_rows=(), zero_cols=(), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, features, generator=g) * (torch.rand(rows, features, generator=g) < density)
+    for r in zero_rows:
+        x[r] = 0
+    for c in zero_cols:
+        x[:, c] = 0
+    return x
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize(("k", "n"), [(37, 29), (576, 193), (130, 1031)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_kernel_is_close_to_f_linear_on_sparse_inputs(rows, k, n, bias):
+    g = torch.Generator().manual_seed(rows * 1000 + k)
+    weight = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    x = sparse_rows(rows, k, zero_rows=[0] if rows > 1 else [], zero_cols=range(0, k, 3), seed=rows)
+    y = cpu_kernels.few_rows_linear(x, weight, b)
+    expected = F.linear(x.double(), weight.double(), None if b is None else b.double())  # float64 reference
+    assert y.shape == (rows, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-4)
+    if rows > 1:  # an all-zero row is the bias (or 0) exactly
+        assert torch.equal(y[0], b if bias else torch.zeros(n))
+
+
+@needs_kernel
+def test_kernel_splits_the_outputs_across_threads_with_the_same_result():
+    weight, bias = torch.randn(1531, 300), torch.randn(1531)
+    x = sparse_rows(4, 300, zero_cols=range(0, 300, 2))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.few_rows_linear(x, weight, bias)
+        torch.set_num_threads(3)
+        three = cpu_kernels.few_rows_linear(x, weight, bias)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, three)  # each output's sum runs in the same order whatever thread computes it
+    torch.testing.assert_close(three, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_kernel_equals_f_linear_where_float_sums_are_exact():
+    # small integers: every partial sum is an integer below 2**24, so any order of the sums gives the same float
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randint(-8, 9, (211, 97), generator=g).float()
+    bias = torch.randint(-8, 9, (211,), generator=g).float()
+    x = torch.randint(-1, 2, (4, 97), generator=g).float() * 3.0  # ternary spikes times alpha = 3
+    assert torch.equal(cpu_kernels.few_rows_linear(x, weight, bias), F.linear(x, weight, bias))
+    hand = [sum(x[0, k].item() * weight[5, k].item() for k in range(97)) + bias[5].item()]
+    assert cpu_kernels.few_rows_linear(x, weight, bias)[0, 5].item() == hand[0]
+
+
+@needs_kernel
+def test_kernel_keeps_leading_dimensions_and_follows_in_place_weight_changes():
+    weight = torch.randn(24, 16)
+    x = sparse_rows(6, 16).view(2, 3, 16)
+    torch.testing.assert_close(cpu_kernels.few_rows_linear(x, weight), F.linear(x, weight))
+    with torch.no_grad():
+        weight.mul_(-2.0)  # nothing derived from the weight is kept between calls
+    torch.testing.assert_close(cpu_kernels.few_rows_linear(x, weight), F.linear(x, weight))
+    t = torch.randn(16, 24).t()  # a transposed (non-contiguous) weight
+    torch.testing.assert_close(cpu_kernels.few_rows_linear(x, t), F.linear(x, t))
+
+
+@needs_kernel
+def test_more_than_eight_rows_are_refused_by_the_kernel_itself():
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        cpu_kernels.few_rows_linear(torch.randn(9, 4), torch.randn(3, 4))
+
+
+@needs_kernel
+def test_dispatch_takes_the_kernel_for_few_rows_only_and_not_under_autograd_or_when_off(monkeypatch):
+    calls = []
+    real = cpu_kernels.few_rows_linear
+    monkeypatch.setattr(cpu_kernels, "few_rows_linear", lambda *a: calls.append(1) or real(*a))
+    weight, bias = torch.randn(10, 8), torch.randn(10)
+    few = sparse_rows(cpu_kernels.MAX_ROWS, 8)
+    many = sparse_rows(cpu_kernels.MAX_ROWS + 1, 8)
+    torch.testing.assert_close(cpu_kernels.spike_linear(few, weight, bias), F.linear(few, weight, bias))
+    assert len(calls) == 1
+    assert torch.equal(cpu_kernels.spike_linear(many, weight, bias), F.linear(many, weight, bias))
+    w = weight.clone().requires_grad_()
+    assert cpu_kernels.spike_linear(few, w, bias).requires_grad  # autograd: the GEMM, differentiable
+    with torch.no_grad():
+        cpu_kernels.spike_linear(few, w, bias)
+    assert len(calls) == 2
+    cpu_kernels.set_enabled(False)
+    assert torch.equal(cpu_kernels.spike_linear(few, weight, bias), F.linear(few, weight, bias))
+    cpu_kernels.set_enabled(None)
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, "0")
+    assert torch.equal(cpu_kernels.spike_linear(few, weight, bias), F.linear(few, weight, bias))
+    assert len(calls) == 2
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, "1")
+    monkeypatch.setenv(cpu_kernels.ROWS_ENV_VAR, "2")  # the threshold moved
+    two, three = sparse_rows(2, 8), sparse_rows(3, 8)
+    torch.testing.assert_close(cpu_kernels.spike_linear(two, weight, bias), F.linear(two, weight, bias))
+    assert len(calls) == 3
+    assert torch.equal(cpu_kernels.spike_linear(three, weight, bias), F.linear(three, weight, bias))
+    assert len(calls) == 3
+
+
+def test_a_bad_switch_value_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, "maybe")
+    with pytest.raises(UserError, match="SPIKELM_CPU_KERNELS"):
+        cpu_kernels.enabled()
+    for bad in ("-3", "9", "two"):
+        monkeypatch.setenv(cpu_kernels.ROWS_ENV_VAR, bad)
+        with pytest.raises(UserError, match=f"SPIKELM_CPU_KERNELS_MAX_ROWS='{bad}'.* 0 to 8"):
+            cpu_kernels.max_rows()
+    with pytest.raises(TypeError):
+        cpu_kernels.set_enabled("yes")
+
+
+def test_kernels_that_cannot_be_built_fall_back_to_pytorch_with_one_notice(monkeypatch):
+    def broken():
+        raise OSError("no compiler here")
+
+    monkeypatch.setattr(cpu_kernels, "_build", broken)
+    monkeypatch.setattr(cpu_kernels, "_module", [])
+    monkeypatch.setattr(cpu_kernels, "_build_error", [])
+    monkeypatch.setattr(cpu_kernels, "_warned", set())
+    weight, x = torch.randn(5, 7), sparse_rows(4, 7)
+    with pytest.warns(RuntimeWarning, match="could not be built .*no compiler here.* PyTorch path"):
+        y = cpu_kernels.spike_linear(x, weight)
+    assert torch.equal(y, F.linear(x, weight))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process, not on every call
+        assert torch.equal(cpu_kernels.spike_linear(x, weight), F.linear(x, weight))
+
+
+def test_other_dtypes_take_the_gemm_with_one_notice(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_warned", set())
+    weight, x = torch.randn(5, 7, dtype=torch.float64), sparse_rows(4, 7).double()
+    with pytest.warns(RuntimeWarning, match="float32-only"):
+        y = cpu_kernels.spike_linear(x, weight)
+    assert torch.equal(y, F.linear(x, weight))
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoding with the kernels on vs off
+# ----------------------------------------------------------------------------------------------
+
+
+def record_spikes(model):
+    """Forward hooks on every elastic neuron called as a module (all of a converted model's; a native SpikeLinear's
+    neuron runs inside the layer, without hooks): the spikes of each call, in order."""
+    seen, handles = [], []
+    for module in model.modules():
+        if isinstance(module, ElasticBiSpikingNeuron):
+            handles.append(module.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone())))
+    return seen, handles
+
+
+def greedy(model, ids, on, new_tokens=24):
+    cpu_kernels.set_enabled(on)
+    seen, handles = record_spikes(model)
+    try:
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    return out, seen
+
+
+def compare_decoding(model, ids, capsys):
+    on, spikes_on = greedy(model, ids, True)
+    off, spikes_off = greedy(model, ids, False)
+    agree = int((on.sequences == off.sequences).all(0).sum()) - ids.shape[1]
+    flips = sum(int((a != b).sum()) for a, b in zip(spikes_on, spikes_off, strict=False))
+    total = sum(a.numel() for a in spikes_on)
+    diff = max(float((a - b).abs().max()) for a, b in zip(on.logits, off.logits, strict=True))
+    with capsys.disabled():
+        print(
+            f"\n  kernel on vs off: {agree}/{len(on.logits)} greedy tokens agree, {flips} of {total} spikes differ, "
+            f"max |logit difference| {diff:.2e}"
+        )
+    return agree, flips, total, diff, on, off
+
+
+def tiny_llama():
+    return tiny_llama_model(hidden_size=256, intermediate_size=704)
+
+
+@needs_kernel
+def test_converted_decoding_with_the_kernel_is_close_to_the_gemm(monkeypatch, capsys):
+    calls = []
+    real = cpu_kernels.few_rows_linear
+    monkeypatch.setattr(cpu_kernels, "few_rows_linear", lambda *a: calls.append(1) or real(*a))
+    calibration = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(5))
+    model = spikify(tiny_llama(), neuron="elastic", num_steps=4, calibration=calibration)
+    ids = torch.randint(3, 64, (1, 9), generator=torch.Generator().manual_seed(1))
+    agree, flips, total, diff, on, off = compare_decoding(model, ids, capsys)
+    # 2 layers x 7 linears (q, k, v, o, gate, up, down) per decoding step take the kernel (4 rows each)
+    assert len(calls) == 2 * 7 * (len(on.logits) - 1)
+    assert agree == len(on.logits)
+    assert flips <= total // 1000
+    if flips == 0:  # the same spikes: only the sums' order differs
+        assert diff < 1e-4
+    # detach (dequantize) removes the kernel's forward from the linears
+    from spikelm.conversion import detach
+
+    detach(model)
+    assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+@needs_kernel
+def test_a_converted_checkpoint_loaded_with_from_pretrained_takes_the_kernel(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    calibration = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(5))
+    spikify(tiny_llama(), neuron="elastic", num_steps=4, calibration=calibration).save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    calls = []
+    real = cpu_kernels.few_rows_linear
+    monkeypatch.setattr(cpu_kernels, "few_rows_linear", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(1))
+    loaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert len(calls) == 2 * 7 * 2  # two decoding steps after the prompt's forward pass
+
+
+@needs_kernel
+def test_gif_readers_keep_the_gemm():
+    calibration = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(5))
+    model = spikify(tiny_llama(), neuron="gif", calibration=calibration)
+    assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+@needs_kernel
+def test_native_decoding_with_the_kernel_is_close_to_the_gemm(monkeypatch, capsys):
+    calls = []
+    real = cpu_kernels.few_rows_linear
+    monkeypatch.setattr(cpu_kernels, "few_rows_linear", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    config = tiny_config(
+        num_steps=4,
+        hidden_size=256,
+        intermediate_size=704,
+        num_attention_heads=4,
+        max_position_embeddings=48,
+        position_embedding_type="rotary",
+    )
+    model = SpikeLMForCausalLM(config).eval()
+    with torch.no_grad():
+        model(torch.randint(0, config.vocab_size, (4, 24)))  # alphas from a batch
+    ids = torch.randint(1, 97, (1, 7), generator=torch.Generator().manual_seed(2))
+    agree, flips, total, diff, on, off = compare_decoding(model, ids, capsys)
+    assert calls
+    assert agree == len(on.logits)
+    assert flips <= total // 1000
+    if flips == 0:
+        assert diff < 1e-4
+
+
+def test_tensors_off_the_cpu_take_the_gemm_with_one_notice(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_warned", set())
+    weight, x = torch.randn(5, 7, device="meta"), torch.randn(4, 7, device="meta")  # any non-CPU device
+    with pytest.warns(RuntimeWarning, match="CPU-only; spiking linears on meta use PyTorch"):
+        y = cpu_kernels.spike_linear(x, weight)
+    assert y.device.type == "meta" and y.shape == (4, 5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The neuron and the packed K/V cache kernels: bit for bit the PyTorch paths
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_kernel
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("levels", ["ternary", "binary"])
+@pytest.mark.parametrize("reset", ["official", "symmetric"])
+@pytest.mark.parametrize("amplitude", [True, False])
+@pytest.mark.parametrize("membrane", [True, False])
+def test_neuron_kernel_gives_the_pytorch_loops_spikes_bit_for_bit(steps, levels, reset, amplitude, membrane):
+    g = torch.Generator().manual_seed(steps * 7 + membrane)
+    x = torch.randn(steps, 3, 1, 577, generator=g) * 2
+    x[..., :81] = (torch.arange(-40, 41) * 0.125).float()  # exact ties of u / alpha (alpha a power of two below)
+    alpha = torch.rand(steps, generator=g) + 0.1
+    alpha[0] = 0.25
+    readable = reference_multistep_spike(x, alpha, levels, reset, amplitude, membrane)  # the autograd definition
+    loop = spike_steps_inference(x, alpha, levels, reset, amplitude, membrane)
+    low, official = (-1 if levels == "ternary" else 0), levels == "ternary" and reset == "official"
+    kernel = cpu_kernels.elastic_spikes(x, alpha, low, official, amplitude, membrane)
+    assert kernel.shape == x.shape and kernel.dtype == torch.float32
+    assert torch.equal(kernel, readable) and torch.equal(kernel, loop)
+    assert torch.equal(torch.signbit(kernel), torch.signbit(loop))  # even the sign of a zero
+    threads = torch.get_num_threads()
+    big = torch.randn(steps, 40000, generator=g)  # split across threads
+    try:
+        torch.set_num_threads(2)
+        assert torch.equal(
+            cpu_kernels.elastic_spikes(big, alpha, low, official, amplitude, membrane),
+            spike_steps_inference(big, alpha, levels, reset, amplitude, membrane),
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_the_neuron_module_takes_the_kernel_only_without_gradients_on_cpu_float32(monkeypatch):
+    calls = []
+    real = cpu_kernels.elastic_spikes
+    monkeypatch.setattr(cpu_kernels, "elastic_spikes", lambda *a: calls.append(1) or real(*a))
+    neuron = ElasticBiSpikingNeuron(4)
+    x = torch.randn(4, 2, 33)
+    with torch.no_grad():
+        fast = neuron(x)
+    assert calls == [1]
+    neuron.backend = "fused"  # an explicit backend is honoured
+    with torch.no_grad():
+        assert torch.equal(neuron(x), fast)
+    neuron.backend = "auto"
+    assert torch.equal(neuron(x.clone().requires_grad_()).detach(), fast)  # training: the autograd function
+    with torch.no_grad():
+        neuron(x.double())  # float64: the PyTorch loop by design
+        cpu_kernels.set_enabled(False)
+        assert torch.equal(neuron(x), fast)
+    assert calls == [1]
+
+
+def pytorch_codes(states, alpha, steps, low):
+    from spikelm.conversion.cache import fold_steps_into_heads
+    from spikelm.nn.packing import pack_ternary
+
+    t_b, heads, length, width = states.shape
+    q = torch.div(states.reshape(steps, t_b // steps, heads, length, width), alpha.view(-1, 1, 1, 1, 1))
+    q = q.round_().clamp_(low, 1).view(t_b, heads, length, width)
+    return pack_ternary(fold_steps_into_heads(q, steps).to(torch.int8), 5)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("steps", "batch", "heads", "length", "width"),
+    [(4, 1, 3, 1, 64), (4, 2, 3, 5, 64), (2, 3, 2, 4, 7), (1, 1, 1, 1, 1), (3, 2, 2, 3, 11)],
+)
+@pytest.mark.parametrize("low", [-1, 0])
+def test_cache_kernels_give_the_packing_modules_codes_and_values(steps, batch, heads, length, width, low):
+    from spikelm.nn.packing import ternary_table, unpack_ternary, unpack_ternary_codes
+
+    g = torch.Generator().manual_seed(steps * 100 + width)
+    states = torch.randn(steps * batch, length, heads, width, generator=g).transpose(1, 2)  # V's strided layout
+    alpha = torch.rand(steps, generator=g) + 0.2
+    codes = cpu_kernels.spike_pack5(states, alpha, low)
+    assert codes.dtype == torch.uint8 and codes.shape == (batch, steps * heads, length, -(-width // 5))
+    assert torch.equal(codes, pytorch_codes(states, alpha, steps, low))
+    # the codes hold the neuron's levels: q = clamp(round(x / alpha_t)) counted by hand for one element
+    element = states[steps * batch - 1, heads - 1, length - 1, width - 1].item()
+    hand = max(low, min(1, round(element / alpha[steps - 1].item())))
+    assert unpack_ternary_codes(codes, width, 5)[batch - 1, steps * heads - 1, length - 1, width - 1] == hand
+    values = cpu_kernels.unpack5_steps_into_batch(codes, alpha, width)
+    expected = unpack_ternary(codes, ternary_table(alpha, 5, torch.float32, torch.float32), steps, width, True)
+    assert values.shape == (steps * batch, heads, length, width)
+    assert torch.equal(values, expected) and torch.equal(torch.signbit(values), torch.signbit(expected))
+
+
+def tiny_converted(**overrides):
+    calibration = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(5))
+    return spikify(tiny_llama(), neuron="elastic", num_steps=4, calibration=calibration, **overrides)
+
+
+@needs_kernel
+def test_neuron_and_cache_kernels_leave_converted_decoding_bit_identical(monkeypatch):
+    """With the linear left to MKL (max rows 0), the neuron and cache kernels on vs every kernel off: the same
+    logits, bit for bit, at every decoding step (greedy, batch 2 with left padding)."""
+    calls = {}
+    for name in ("elastic_spikes", "spike_pack5", "unpack5_steps_into_batch", "few_rows_linear"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(
+            cpu_kernels, name, lambda *a, _n=name, _f=real: calls.setdefault(_n, []).append(1) or _f(*a)
+        )
+    model = tiny_converted()
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    monkeypatch.setenv(cpu_kernels.ROWS_ENV_VAR, "0")
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=0,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
+    on = model.generate(ids, **kwargs)
+    assert calls.get("elastic_spikes") and calls.get("spike_pack5") and calls.get("unpack5_steps_into_batch")
+    assert "few_rows_linear" not in calls
+    with cpu_kernels.forced(False):
+        off = model.generate(ids, **kwargs)
+    assert torch.equal(on.sequences, off.sequences)
+    for a, b in zip(on.logits, off.logits, strict=True):
+        assert torch.equal(a, b)
+
+
+@needs_kernel
+def test_the_cache_kernels_step_aside_for_statistics_and_hooks(monkeypatch):
+    calls = []
+    real = cpu_kernels.spike_pack5
+    monkeypatch.setattr(cpu_kernels, "spike_pack5", lambda *a: calls.append(1) or real(*a))
+    model = tiny_converted()
+    ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    plain = model.generate(ids, **kwargs)
+    assert len(calls) == 2 * 2 * 2  # 2 layers x K and V x 2 decoding steps
+    seen = []
+    key_neuron = model.model.layers[0].self_attn.key_neuron
+    handle = key_neuron.register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    calls.clear()
+    hooked = model.generate(ids, **kwargs)
+    handle.remove()
+    assert torch.equal(hooked, plain)
+    assert len(seen) == 3  # the prompt and both decoding steps called the (hooked) neuron module
+    assert len(calls) == 2 * 2  # layer 1 only: layer 0's K/V went through the PyTorch path
