@@ -21,8 +21,8 @@ from the medians, which the table prints in milliseconds:
 Cache bytes per token are measured from the tensors of the cache each model's last ``generate(n)`` returned
 (L + n - 1 tokens per row, all layers; for the spiking model the packed codes, per-token grids (GIF) and per-step
 magnitudes), and compared with a float16 cache of the real-valued model (2 bytes per element of its K/V cache).
-Peak memory is the growth of the process's resident set during the timed ``generate(n)`` calls (Linux ``/proc``,
-sampled every 2 ms, freed heap returned to the OS before each).
+Peak memory is the growth of the resident set during one more, untimed ``generate(n)`` per model (Linux ``/proc``,
+sampled every 2 ms, freed heap returned to the OS before it; the sampler thread would take a core from a timed run).
 """
 
 from __future__ import annotations
@@ -225,19 +225,24 @@ def measure_pair(
                     make = caches.get(name)
                     with cpu_kernels.forced(switches.get(name)):
                         times[name]["first"].append(_generate_seconds(model, prompt, 1, make_cache=make)[0])
-                        memory = PeakRSS()
-                        seconds, cache = _generate_seconds(model, prompt, new_tokens, memory, make_cache=make)
+                        seconds, cache = _generate_seconds(model, prompt, new_tokens, make_cache=make)
                     times[name]["full"].append(seconds)
                     cached_tokens = batch * cache.get_seq_length()  # L + n - 1 per row
                     cache_bytes[name] = cache_tensor_bytes(cache) / cached_tokens
                     cache_fp16[name] = cache_fp16_bytes(cache) / cached_tokens
                     del cache
-                    if memory.growth is not None:
-                        peak[name].append(memory.growth)
                 log(
                     f"    repeat {repeat + 1}/{repeats}: "
                     + ", ".join(f"{n} {times[n]['first'][-1]:.2f} s + {times[n]['full'][-1]:.2f} s" for n in names)
                 )
+            # peak memory in one more generate(n) per model, not timed: the sampler thread (waking every 2 ms)
+            # would take a core from the timed runs on a small machine
+            for name, model in models.items():
+                memory = PeakRSS()
+                with cpu_kernels.forced(switches.get(name)):
+                    _generate_seconds(model, prompt, new_tokens, memory, make_cache=caches.get(name))
+                if memory.growth is not None:
+                    peak[name].append(memory.growth)
             case = {"batch_size": batch, "prompt_length": length, "new_tokens": new_tokens, "repeats": repeats}
             for name in names:
                 first = statistics.median(times[name]["first"])
