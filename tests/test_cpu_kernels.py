@@ -263,10 +263,17 @@ def test_a_converted_checkpoint_loaded_with_from_pretrained_takes_the_kernel(tmp
 
 
 @needs_kernel
-def test_gif_readers_keep_the_gemm():
+def test_gif_readers_take_the_kernel_at_decoding_steps(monkeypatch, capsys):
+    calls = []
+    real = cpu_kernels.few_rows_linear
+    monkeypatch.setattr(cpu_kernels, "few_rows_linear", lambda *a: calls.append(1) or real(*a))
     calibration = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(5))
     model = spikify(tiny_llama(), neuron="gif", calibration=calibration)
-    assert not any("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert sum("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear)) == 2 * 7
+    ids = torch.randint(3, 64, (1, 9), generator=torch.Generator().manual_seed(1))
+    agree, flips, total, diff, on, off = compare_decoding(model, ids, capsys)
+    assert len(calls) == 2 * 7 * (len(on.logits) - 1)  # one row per decoding step (GIF has no T copies)
+    assert agree == len(on.logits)
 
 
 @needs_kernel

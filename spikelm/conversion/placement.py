@@ -232,7 +232,7 @@ def _spike_input(module, args, kwargs, steps):
 
 
 def _spike_reader_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.forward`` of a linear that reads an elastic neuron's spikes: the few-row kernel for a few
+    """``nn.Linear.forward`` of a linear that reads a neuron's spikes: the few-row kernel for a few
     rows on CPU (a decoding step), else ``F.linear`` (:func:`spikelm.nn.cpu_kernels.spike_linear`)."""
     return spike_linear(input, module.weight, module.bias)
 
@@ -250,7 +250,7 @@ class _SpikeReader:
 
 
 def _read_spikes(readers: list[nn.Module]) -> list[_SpikeReader]:
-    """Route the plain ``nn.Linear`` readers of an elastic neuron through the spike-linear dispatch (others, e.g.
+    """Route the plain ``nn.Linear`` readers of a neuron through the spike-linear dispatch (others, e.g.
     GPT-2's Conv1D or a module whose forward is already replaced by another library's hook, keep their own)."""
     return [_SpikeReader(r) for r in readers if type(r) is nn.Linear and "forward" not in vars(r)]
 
@@ -401,8 +401,7 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
             host.input_neuron = make_neuron(site.kind, config, width, [reader_weight(r) for r in readers])
             sites.append(PlacedNeuron(f"{block}.{site.host}.input_neuron", site.kind, tuple(names)))
             handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
-            if isinstance(host.input_neuron, ElasticBiSpikingNeuron):  # GIF's inputs are dense: the GEMM
-                handles += _read_spikes(readers)
+            handles += _read_spikes(readers)  # the few-row kernel at decoding steps (GIF: one row per token)
         attention = _get(layer, family.attention)
         if _skipped(f"{layers_path}.{index}.{family.attention}", skip):
             raise UserError(  # a conversion setting the user chose (spikify --set modules_to_not_convert=...)
