@@ -51,7 +51,7 @@ ENV_VAR = "SPIKELM_CPU_KERNELS"
 ROWS_ENV_VAR = "SPIKELM_CPU_KERNELS_MAX_ROWS"  # overrides MAX_ROWS (for measuring the threshold)
 # At most this many rows take the few-row linear (its C++ template covers 1 to 8; batch 1 and 2 at T = 4).
 MAX_ROWS = 8
-VERSION = 3  # bump when the C++ source changes (part of the build's name)
+VERSION = 4  # bump when the C++ source changes (part of the build's name)
 FUNCTIONS = ["few_rows_linear", "elastic_spikes", "spike_pack5", "unpack5_steps_into_batch"]
 
 _SOURCE = r"""
@@ -188,25 +188,26 @@ torch::Tensor elastic_spikes(torch::Tensor x, torch::Tensor alpha, int64_t low, 
   const float* ap = ac.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const float lo = static_cast<float>(low);
+  constexpr int64_t BLOCK = 1024;  // the membrane and carry of a block stay in L1 across the T steps
   at::parallel_for(0, R, 16384, [&](int64_t r0, int64_t r1) {
-    const int64_t n = r1 - r0;
-    std::vector<float> u(n), carry(n);
-    for (int64_t t = 0; t < T; ++t) {  // the steps outside, the elements inside: one vector loop per step
-      const float a = ap[t];
-      const float* __restrict__ xt = xp + t * R + r0;
-      float* __restrict__ ot = op + t * R + r0;
-      float* __restrict__ up = u.data();
-      float* __restrict__ cp = carry.data();
-      if (membrane && t > 0) {
-        for (int64_t i = 0; i < n; ++i) up[i] = (up[i] * 0.25f) * cp[i] + xt[i];
-      } else {
-        for (int64_t i = 0; i < n; ++i) up[i] = xt[i];
-      }
-      for (int64_t i = 0; i < n; ++i) {
-        const float q = spike_level(up[i], a, lo);
-        const float sp = q * a;
-        ot[i] = amplitude ? sp : q;
-        cp[i] = official ? a - sp : 1.0f - std::fabs(q);
+    float u[BLOCK], carry[BLOCK];
+    for (int64_t b0 = r0; b0 < r1; b0 += BLOCK) {
+      const int64_t n = std::min(BLOCK, r1 - b0);
+      for (int64_t t = 0; t < T; ++t) {  // the steps outside, the elements inside: one vector loop per step
+        const float a = ap[t];
+        const float* __restrict__ xt = xp + t * R + b0;
+        float* __restrict__ ot = op + t * R + b0;
+        if (membrane && t > 0) {
+          for (int64_t i = 0; i < n; ++i) u[i] = (u[i] * 0.25f) * carry[i] + xt[i];
+        } else {
+          for (int64_t i = 0; i < n; ++i) u[i] = xt[i];
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const float q = spike_level(u[i], a, lo);
+          const float sp = q * a;
+          ot[i] = amplitude ? sp : q;
+          carry[i] = official ? a - sp : 1.0f - std::fabs(q);
+        }
       }
     }
   });
