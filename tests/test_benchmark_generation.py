@@ -126,3 +126,27 @@ def test_converted_generation_benchmark_prints_ratios_computed_from_its_timings(
             grid = 2 * 2 * 2 * 4 * 4  # K and V, 2 layers, 2 heads, a scale and a zero point for each of 2 groups
             expected = 2 * 2 * 2 * 5 * 2 + grid
         assert s["cache_bytes_per_token"] == pytest.approx(expected)
+
+
+def test_an_unresolved_decode_is_printed_as_such_not_as_a_negative_speed():
+    from spikelm.experiments.generation_benchmark import format_pair_table, ratios
+
+    def row(prefill, decode_ms):
+        return {
+            "prefill_s": prefill,
+            "decode_ms_per_step": decode_ms,
+            "prefill_tokens_per_s": 16 * 1024 / prefill,
+            "decode_tokens_per_s": None if decode_ms is None else 16e3 / decode_ms,
+            "peak_rss_growth_bytes": None,
+            "cache_bytes_per_token": 9360.0,
+        }
+
+    case = {"batch_size": 16, "prompt_length": 1024, "real": row(66.0, 1570.0), "spiking": row(336.0, None)}
+    case["real_fp16_cache_bytes_per_token"] = 23040.0
+    case.update(ratios(case, 4))
+    assert case["decode_ratio"] is None
+    assert case["prefill_ratio_vs_T"] == pytest.approx(336.0 / (4 * 66.0))
+    text = format_pair_table({"num_steps": 4, "cases": [case]})
+    assert "decode spiking/real not resolved" in text
+    spiking_line = next(line for line in text.splitlines() if " spiking " in line)
+    assert spiking_line.split()[4] == "-" and spiking_line.split()[6] == "-"  # decode ms/step and tokens/s

@@ -460,3 +460,16 @@ def test_the_cache_kernels_step_aside_for_statistics_and_hooks(monkeypatch):
     assert torch.equal(hooked, plain)
     assert len(seen) == 3  # the prompt and both decoding steps called the (hooked) neuron module
     assert len(calls) == 2 * 2  # layer 1 only: layer 0's K/V went through the PyTorch path
+
+
+@needs_kernel
+def test_a_float64_alpha_with_float32_input_gives_the_pytorch_loops_spikes():
+    neuron = ElasticBiSpikingNeuron(4).double()  # alpha float64, input float32: the loop computes in float32
+    x = torch.randn(4, 3, 50, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        neuron(x.double())  # alphas from a first batch
+        fast = neuron(x)
+        with cpu_kernels.forced(False):
+            loop = neuron(x)
+    assert neuron.alpha.dtype == torch.float64 and fast.dtype == torch.float32
+    assert torch.equal(fast, loop)

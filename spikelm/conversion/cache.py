@@ -104,9 +104,9 @@ class SpikeCodeLayer(SpikeKVCacheLayer):
 
     def _append_packed(self, name: str, neuron: ElasticBiSpikingNeuron, states: torch.Tensor) -> torch.Tensor:
         low = -1 if neuron.spike_levels == "ternary" else 0
-        codes = cpu_kernels.spike_pack5(states, neuron.alpha.detach().clamp_min(ALPHA_FLOOR), low)
+        codes = cpu_kernels.spike_pack5(states, neuron.alpha.detach().clamp_min(ALPHA_FLOOR).float(), low)
         setattr(self, name, torch.cat([getattr(self, name), codes], -2))
-        return cpu_kernels.unpack5_steps_into_batch(getattr(self, name), spike_scale(neuron), self.width)
+        return cpu_kernels.unpack5_steps_into_batch(getattr(self, name), spike_scale(neuron).float(), self.width)
 
     def update(self, key_states, value_states, *args, **kwargs):
         steps = self.steps

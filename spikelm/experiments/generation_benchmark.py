@@ -247,12 +247,18 @@ def measure_pair(
             for name in names:
                 first = statistics.median(times[name]["first"])
                 full = statistics.median(times[name]["full"])
+                resolved = full > first  # else the prefill's spread hides the decoding steps: no decode figure
+                if not resolved:
+                    log(
+                        f"    notice: {name}: generate({new_tokens}) took no longer than generate(1) in the medians "
+                        f"({full:.2f} s vs {first:.2f} s): decode speed not resolved (more --new-tokens or --repeats)"
+                    )
                 case[name] = {
                     "prefill_s": first,
                     "generate_s": full,
-                    "decode_ms_per_step": 1e3 * (full - first) / (new_tokens - 1),
+                    "decode_ms_per_step": 1e3 * (full - first) / (new_tokens - 1) if resolved else None,
                     "prefill_tokens_per_s": batch * length / first,
-                    "decode_tokens_per_s": batch * (new_tokens - 1) / (full - first),
+                    "decode_tokens_per_s": batch * (new_tokens - 1) / (full - first) if resolved else None,
                     "peak_rss_growth_bytes": max(peak[name]) if peak[name] else None,
                     "cache_bytes_per_token": cache_bytes[name],
                     "times_s": times[name],
@@ -267,7 +273,9 @@ def ratios(case: dict, steps: int) -> dict:
     """The headline ratios of one case, from its median times (what the table prints)."""
     real, spiking = case["real"], case["spiking"]
     return {
-        "decode_ratio": real["decode_ms_per_step"] / spiking["decode_ms_per_step"],
+        "decode_ratio": None
+        if real["decode_ms_per_step"] is None or spiking["decode_ms_per_step"] is None
+        else real["decode_ms_per_step"] / spiking["decode_ms_per_step"],
         "prefill_ratio_vs_T": spiking["prefill_s"] / (steps * real["prefill_s"]),
         "cache_ratio_vs_fp16": spiking["cache_bytes_per_token"] / case["real_fp16_cache_bytes_per_token"],
     }
@@ -284,13 +292,16 @@ def format_pair_table(report: dict) -> str:
         for name in [n for n in case if isinstance(case[n], dict) and "prefill_s" in case[n]]:
             r = case[name]
             peak = "-" if r["peak_rss_growth_bytes"] is None else f"{r['peak_rss_growth_bytes'] / 2**20:.0f}"
+            step = "-" if r["decode_ms_per_step"] is None else f"{r['decode_ms_per_step']:.3f}"
+            speed = "-" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.2f}"
             lines.append(
                 f"{case['batch_size']:>5} {case['prompt_length']:>6} {name:<16} {1e3 * r['prefill_s']:>11.2f} "
-                f"{r['decode_ms_per_step']:>15.3f} {r['prefill_tokens_per_s']:>14.1f} "
-                f"{r['decode_tokens_per_s']:>13.2f} {peak:>8} {r['cache_bytes_per_token']:>12.1f}"
+                f"{step:>15} {r['prefill_tokens_per_s']:>14.1f} "
+                f"{speed:>13} {peak:>8} {r['cache_bytes_per_token']:>12.1f}"
             )
+        decode = "not resolved" if case["decode_ratio"] is None else f"{case['decode_ratio']:.3f}"
         lines.append(
-            f"{'':>5} {'':>6} ratios: decode spiking/real {case['decode_ratio']:.3f} "
+            f"{'':>5} {'':>6} ratios: decode spiking/real {decode} "
             f"(= real ms/step / spiking ms/step); prefill spiking / (T={steps} x real) "
             f"{case['prefill_ratio_vs_T']:.3f}; cache spiking / real fp16 "
             f"({case['real_fp16_cache_bytes_per_token']:.0f} B/tok) {case['cache_ratio_vs_fp16']:.3f}"

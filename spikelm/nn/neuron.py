@@ -751,7 +751,8 @@ class ElasticBiSpikingNeuron(nn.Module):
             if self.backend == "auto" and _takes_cpu_kernel(x):  # one C++ pass (same spikes, bit for bit)
                 low = _levels_low(self.spike_levels)
                 official = self.spike_levels == "ternary" and self.reset == "official"
-                out = cpu_kernels.elastic_spikes(x, alpha.detach(), low, official, self.use_amplitude, self.membrane)
+                a = alpha.detach().float()  # the PyTorch loop computes float32 input in float32, whatever alpha's dtype
+                out = cpu_kernels.elastic_spikes(x, a, low, official, self.use_amplitude, self.membrane)
             elif kernel == "fused":
                 out = spike_steps_inference(x.detach(), alpha.detach(), *options)
             else:
