@@ -31,6 +31,7 @@ def main() -> None:
     import transformers.models.llama.modeling_llama as llama
 
     import spikelm.conversion.cache as cache_module
+    from benchmarks.profile_decode import decode_steps
     from spikelm.conversion.recipes import recipe
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.experiments.generation_benchmark import load_pair
@@ -69,32 +70,13 @@ def main() -> None:
         f"{args.model} ({args.recipe}), prompt {args.prompt_length} + 8 tokens, {args.steps} steps, "
         f"{args.threads} threads"
     )
+
+    def reset():
+        seconds.clear()
+        calls.clear()
+
     for name, model in (("real", real), ("spiking", spiking)):
-        with torch.inference_mode():
-            out = model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=8,
-                min_new_tokens=8,
-                do_sample=False,
-                pad_token_id=0,
-                return_dict_in_generate=True,
-            )
-            cache, ids = out.past_key_values, out.sequences
-
-            def step(model=model):
-                nonlocal cache, ids
-                logits = model(ids[:, -1:], attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True)
-                cache = logits.past_key_values
-                ids = torch.cat([ids, logits.logits[:, -1:].argmax(-1)], 1)
-
-            step()
-            seconds.clear()
-            calls.clear()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            total = (time.perf_counter() - start) / args.steps
+        total, _ = decode_steps(model, prompt, 8, args.steps, profile=False, before_timing=reset)
         print(f"== {name}: {1e3 * total:.1f} ms per step")
         for label, value in sorted(seconds.items(), key=lambda kv: -kv[1]):
             print(f"  {label:<38} {1e3 * value / args.steps:8.2f} ms  {calls[label] // args.steps:4d} calls per step")

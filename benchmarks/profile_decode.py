@@ -16,7 +16,9 @@ import time
 import torch
 
 
-def decode_steps(model, prompt, warmup: int, steps: int, profile: bool):
+def decode_steps(model, prompt, warmup: int, steps: int, profile: bool, before_timing=None):
+    """Seconds per decoding step of ``steps`` single-token passes after ``generate`` of ``warmup`` tokens and one
+    untimed step (``before_timing()``, if given, is called just before the timed ones), and the profile or None."""
     with torch.inference_mode():
         out = model.generate(
             prompt,
@@ -38,6 +40,8 @@ def decode_steps(model, prompt, warmup: int, steps: int, profile: bool):
             mask = torch.ones_like(ids)
 
         step()
+        if before_timing is not None:
+            before_timing()
         if not profile:
             start = time.perf_counter()
             for _ in range(steps):

@@ -1,3 +1,4 @@
+import collections
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,20 @@ def save_tiny_llama(directory, words, seed: int = 0, **overrides):
     LlamaForCausalLM(LlamaConfig(**fields)).save_pretrained(directory)
     tok.save_pretrained(directory)
     return tok
+
+
+def count_calls(monkeypatch, module, *names):
+    """Wrap ``module.<name>`` for each name so that its calls are counted; returns the Counter (name -> calls so far),
+    filled as the calls happen. The wrapped functions still run."""
+    counts = collections.Counter()
+
+    def counting(name, function):
+        def counted(*args):
+            counts[name] += 1
+            return function(*args)
+
+        return counted
+
+    for name in names:
+        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+    return counts

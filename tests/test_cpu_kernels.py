@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config, tiny_llama_model
+from conftest import count_calls, tiny_config, tiny_llama_model
 
 from spikelm import SpikeLMForCausalLM
 from spikelm.conversion import spikify
@@ -105,33 +105,31 @@ def test_more_than_eight_rows_are_refused_by_the_kernel_itself():
 
 @needs_kernel
 def test_dispatch_takes_the_kernel_for_few_rows_only_and_not_under_autograd_or_when_off(monkeypatch):
-    calls = []
-    real = cpu_kernels.few_rows_linear
-    monkeypatch.setattr(cpu_kernels, "few_rows_linear", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, cpu_kernels, "few_rows_linear")
     weight, bias = torch.randn(10, 8), torch.randn(10)
     few = sparse_rows(cpu_kernels.MAX_ROWS, 8)
     many = sparse_rows(cpu_kernels.MAX_ROWS + 1, 8)
     torch.testing.assert_close(cpu_kernels.spike_linear(few, weight, bias), F.linear(few, weight, bias))
-    assert len(calls) == 1
+    assert calls["few_rows_linear"] == 1
     assert torch.equal(cpu_kernels.spike_linear(many, weight, bias), F.linear(many, weight, bias))
     w = weight.clone().requires_grad_()
     assert cpu_kernels.spike_linear(few, w, bias).requires_grad  # autograd: the GEMM, differentiable
     with torch.no_grad():
         cpu_kernels.spike_linear(few, w, bias)
-    assert len(calls) == 2
+    assert calls["few_rows_linear"] == 2
     cpu_kernels.set_enabled(False)
     assert torch.equal(cpu_kernels.spike_linear(few, weight, bias), F.linear(few, weight, bias))
     cpu_kernels.set_enabled(None)
     monkeypatch.setenv(cpu_kernels.ENV_VAR, "0")
     assert torch.equal(cpu_kernels.spike_linear(few, weight, bias), F.linear(few, weight, bias))
-    assert len(calls) == 2
+    assert calls["few_rows_linear"] == 2
     monkeypatch.setenv(cpu_kernels.ENV_VAR, "1")
     monkeypatch.setenv(cpu_kernels.ROWS_ENV_VAR, "2")  # the threshold moved
     two, three = sparse_rows(2, 8), sparse_rows(3, 8)
     torch.testing.assert_close(cpu_kernels.spike_linear(two, weight, bias), F.linear(two, weight, bias))
-    assert len(calls) == 3
+    assert calls["few_rows_linear"] == 3
     assert torch.equal(cpu_kernels.spike_linear(three, weight, bias), F.linear(three, weight, bias))
-    assert len(calls) == 3
+    assert calls["few_rows_linear"] == 3
 
 
 def test_a_bad_switch_value_is_one_clear_error(monkeypatch):
@@ -227,15 +225,13 @@ def tiny_llama():
 
 @needs_kernel
 def test_converted_decoding_with_the_kernel_is_close_to_the_gemm(monkeypatch, capsys):
-    calls = []
-    real = cpu_kernels.few_rows_linear
-    monkeypatch.setattr(cpu_kernels, "few_rows_linear", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, cpu_kernels, "few_rows_linear")
     calibration = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(5))
     model = spikify(tiny_llama(), neuron="elastic", num_steps=4, calibration=calibration)
     ids = torch.randint(3, 64, (1, 9), generator=torch.Generator().manual_seed(1))
     agree, flips, total, diff, on, off = compare_decoding(model, ids, capsys)
     # 2 layers x 7 linears (q, k, v, o, gate, up, down) per decoding step take the kernel (4 rows each)
-    assert len(calls) == 2 * 7 * (len(on.logits) - 1)
+    assert calls["few_rows_linear"] == 2 * 7 * (len(on.logits) - 1)
     assert agree == len(on.logits)
     assert flips <= total // 1000
     if flips == 0:  # the same spikes: only the sums' order differs
@@ -254,33 +250,27 @@ def test_a_converted_checkpoint_loaded_with_from_pretrained_takes_the_kernel(tmp
     calibration = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(5))
     spikify(tiny_llama(), neuron="elastic", num_steps=4, calibration=calibration).save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    calls = []
-    real = cpu_kernels.few_rows_linear
-    monkeypatch.setattr(cpu_kernels, "few_rows_linear", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, cpu_kernels, "few_rows_linear")
     ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(1))
     loaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert len(calls) == 2 * 7 * 2  # two decoding steps after the prompt's forward pass
+    assert calls["few_rows_linear"] == 2 * 7 * 2  # two decoding steps after the prompt's forward pass
 
 
 @needs_kernel
 def test_gif_readers_take_the_kernel_at_decoding_steps(monkeypatch, capsys):
-    calls = []
-    real = cpu_kernels.few_rows_linear
-    monkeypatch.setattr(cpu_kernels, "few_rows_linear", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, cpu_kernels, "few_rows_linear")
     calibration = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(5))
     model = spikify(tiny_llama(), neuron="gif", calibration=calibration)
     assert sum("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear)) == 2 * 7
     ids = torch.randint(3, 64, (1, 9), generator=torch.Generator().manual_seed(1))
     agree, flips, total, diff, on, off = compare_decoding(model, ids, capsys)
-    assert len(calls) == 2 * 7 * (len(on.logits) - 1)  # one row per decoding step (GIF has no T copies)
+    assert calls["few_rows_linear"] == 2 * 7 * (len(on.logits) - 1)  # one row per decoding step (GIF has no T copies)
     assert agree == len(on.logits)
 
 
 @needs_kernel
 def test_native_decoding_with_the_kernel_is_close_to_the_gemm(monkeypatch, capsys):
-    calls = []
-    real = cpu_kernels.few_rows_linear
-    monkeypatch.setattr(cpu_kernels, "few_rows_linear", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, cpu_kernels, "few_rows_linear")
     torch.manual_seed(0)
     config = tiny_config(
         num_steps=4,
@@ -295,7 +285,7 @@ def test_native_decoding_with_the_kernel_is_close_to_the_gemm(monkeypatch, capsy
         model(torch.randint(0, config.vocab_size, (4, 24)))  # alphas from a batch
     ids = torch.randint(1, 97, (1, 7), generator=torch.Generator().manual_seed(2))
     agree, flips, total, diff, on, off = compare_decoding(model, ids, capsys)
-    assert calls
+    assert calls["few_rows_linear"]
     assert agree == len(on.logits)
     assert flips <= total // 1000
     if flips == 0:
@@ -348,14 +338,12 @@ def test_neuron_kernel_gives_the_pytorch_loops_spikes_bit_for_bit(steps, levels,
 
 @needs_kernel
 def test_the_neuron_module_takes_the_kernel_only_without_gradients_on_cpu_float32(monkeypatch):
-    calls = []
-    real = cpu_kernels.elastic_spikes
-    monkeypatch.setattr(cpu_kernels, "elastic_spikes", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, cpu_kernels, "elastic_spikes")
     neuron = ElasticBiSpikingNeuron(4)
     x = torch.randn(4, 2, 33)
     with torch.no_grad():
         fast = neuron(x)
-    assert calls == [1]
+    assert calls["elastic_spikes"] == 1
     neuron.backend = "fused"  # an explicit backend is honoured
     with torch.no_grad():
         assert torch.equal(neuron(x), fast)
@@ -365,7 +353,7 @@ def test_the_neuron_module_takes_the_kernel_only_without_gradients_on_cpu_float3
         neuron(x.double())  # float64: the PyTorch loop by design
         cpu_kernels.set_enabled(False)
         assert torch.equal(neuron(x), fast)
-    assert calls == [1]
+    assert calls["elastic_spikes"] == 1
 
 
 def pytorch_codes(states, alpha, steps, low):
@@ -412,12 +400,9 @@ def tiny_converted(**overrides):
 def test_neuron_and_cache_kernels_leave_converted_decoding_bit_identical(monkeypatch):
     """With the linear left to MKL (max rows 0), the neuron and cache kernels on vs every kernel off: the same
     logits, bit for bit, at every decoding step (greedy, batch 2 with left padding)."""
-    calls = {}
-    for name in ("elastic_spikes", "spike_pack5", "unpack5_steps_into_batch", "few_rows_linear"):
-        real = getattr(cpu_kernels, name)
-        monkeypatch.setattr(
-            cpu_kernels, name, lambda *a, _n=name, _f=real: calls.setdefault(_n, []).append(1) or _f(*a)
-        )
+    calls = count_calls(
+        monkeypatch, cpu_kernels, "elastic_spikes", "spike_pack5", "unpack5_steps_into_batch", "few_rows_linear"
+    )
     model = tiny_converted()
     ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
@@ -443,14 +428,12 @@ def test_neuron_and_cache_kernels_leave_converted_decoding_bit_identical(monkeyp
 
 @needs_kernel
 def test_the_cache_kernels_step_aside_for_statistics_and_hooks(monkeypatch):
-    calls = []
-    real = cpu_kernels.spike_pack5
-    monkeypatch.setattr(cpu_kernels, "spike_pack5", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, cpu_kernels, "spike_pack5")
     model = tiny_converted()
     ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(1))
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
     plain = model.generate(ids, **kwargs)
-    assert len(calls) == 2 * 2 * 2  # 2 layers x K and V x 2 decoding steps
+    assert calls["spike_pack5"] == 2 * 2 * 2  # 2 layers x K and V x 2 decoding steps
     seen = []
     key_neuron = model.model.layers[0].self_attn.key_neuron
     handle = key_neuron.register_forward_hook(lambda m, a, out: seen.append(out.shape))
@@ -459,7 +442,7 @@ def test_the_cache_kernels_step_aside_for_statistics_and_hooks(monkeypatch):
     handle.remove()
     assert torch.equal(hooked, plain)
     assert len(seen) == 3  # the prompt and both decoding steps called the (hooked) neuron module
-    assert len(calls) == 2 * 2  # layer 1 only: layer 0's K/V went through the PyTorch path
+    assert calls["spike_pack5"] == 2 * 2  # layer 1 only: layer 0's K/V went through the PyTorch path
 
 
 @needs_kernel

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_llama_model
+from conftest import count_calls, tiny_config, tiny_llama_model
 
 from spikelm import SpikeLMCache, SpikeLMForCausalLM
 from spikelm.conversion import spike_code_cache, spikify
@@ -220,12 +220,9 @@ def test_converted_gif_packed_cache_gives_the_unpacked_cache_logits_and_stores_5
 @pytest.mark.skipif(cpu_kernels.kernel() is None, reason="the C++ decoding kernels cannot be built here")
 def test_packed_cache_equals_unpacked_with_the_cpu_kernels_taken(monkeypatch):
     monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
-    calls = {}
-    for name in ("few_rows_linear", "elastic_spikes", "spike_pack5", "unpack5_steps_into_batch"):
-        real = getattr(cpu_kernels, name)
-        monkeypatch.setattr(
-            cpu_kernels, name, lambda *a, _n=name, _f=real: calls.setdefault(_n, []).append(1) or _f(*a)
-        )
+    calls = count_calls(
+        monkeypatch, cpu_kernels, "few_rows_linear", "elastic_spikes", "spike_pack5", "unpack5_steps_into_batch"
+    )
     converted = spikify(tiny_llama(), neuron="elastic", num_steps=4, calibration=calibration())
     ids, mask = prompts(), torch.ones(2, 9, dtype=torch.long)
     unpacked = generate(converted, ids, spike_code_cache(converted, packing=None), attention_mask=mask)

@@ -103,20 +103,25 @@ class SpikeCodeLayer(SpikeKVCacheLayer):
         return cpu_kernels.usable(key_states, value_states, what="spike-cache updates")
 
     def _append_packed(self, name: str, neuron: ElasticBiSpikingNeuron, states: torch.Tensor) -> torch.Tensor:
+        """Spike and pack ``states`` onto the stored codes ``name``; the decoded cache, in the model's layout."""
         low = -1 if neuron.spike_levels == "ternary" else 0
+        scale = spike_scale(neuron)
+        setattr(self, {"keys": "key_scale", "values": "value_scale"}[name], scale)
         codes = cpu_kernels.spike_pack5(states, neuron.alpha.detach().clamp_min(ALPHA_FLOOR).float(), low)
         setattr(self, name, torch.cat([getattr(self, name), codes], -2))
-        return cpu_kernels.unpack5_steps_into_batch(getattr(self, name), spike_scale(neuron).float(), self.width)
+        return cpu_kernels.unpack5_steps_into_batch(getattr(self, name), scale.float(), self.width)
 
     def update(self, key_states, value_states, *args, **kwargs):
         steps = self.steps
-        if self.is_initialized and self._decode_after_append(key_states, value_states):
-            if self._fast_append(key_states, value_states):
-                self.key_scale, self.value_scale = spike_scale(self.key_neuron), spike_scale(self.value_neuron)
-                return (
-                    self._append_packed("keys", self.key_neuron, key_states),
-                    self._append_packed("values", self.value_neuron, value_states),
-                )
+        if (
+            self.is_initialized
+            and self._decode_after_append(key_states, value_states)
+            and self._fast_append(key_states, value_states)
+        ):
+            return (
+                self._append_packed("keys", self.key_neuron, key_states),
+                self._append_packed("values", self.value_neuron, value_states),
+            )
         keys = spike_per_step(self.key_neuron, key_states, steps)
         values = spike_per_step(self.value_neuron, value_states, steps)
         if self.is_initialized and self._decode_after_append(keys, values):
