@@ -155,9 +155,9 @@ class GIFCodeLayer(DynamicLayer):
     ``keys`` / ``values`` hold the codes: packed to their bit width b (``packed=True``, the default: b bit planes
     of ceil(d / 8) bytes per token and head, :func:`~spikelm.nn.packing.pack_bits`, (B, H, L, b * ceil(d / 8))
     uint8), or one integer per value (uint8 for n + a <= 8); ``key_grid`` / ``value_grid`` (B, H, L, w)
-    each token's float32 scale(s) and zero point(s) (:func:`~spikelm.nn.gif.pack_grid`: one of each, or one per
-    channel group with saliency). Decoding is
-    the neuron's own :func:`~spikelm.nn.gif.dequantize`, so cached tokens equal what a full forward pass computes.
+    each token's scale(s) and zero point(s) in the quantiser's dtype (:func:`~spikelm.nn.gif.pack_grid`: one of
+    each, or one per channel group with saliency). Decoding is the neuron's own :func:`~spikelm.nn.gif.dequantize`,
+    so cached tokens equal what a full forward pass computes.
     """
 
     def __init__(self, key_neuron: nn.Module, value_neuron: nn.Module, packed: bool = DEFAULT_PACKING is not None):

@@ -17,6 +17,10 @@ What happens to a model (SPEC section 3, and section 8 for a LLaMA-family block)
   ``value_neuron`` where the attention hands them to its cache (see :mod:`spikelm.conversion.cache`); a causal model
   creates its spike-code cache itself, so ``generate()`` needs no extra argument.
 * Norms, rotary embeddings, softmax, activations and residual adds are untouched (real-valued).
+* One model whatever the path: in inference the linear layers reading a neuron and the attention accumulate in
+  float64 and round once (:mod:`spikelm.nn.exact`; the attention through :mod:`spikelm.conversion.attention`, set as
+  the model's attention implementation), so a token gets the same codes in a prefill, a decoding step, a longer
+  prompt, with the C++ kernels or without.
 
 Hooks are not saved with a model: :func:`attach` (called by ``spikify`` and, on ``from_pretrained``, by the
 quantizer before the weights load) adds neurons and hooks from the config alone.
@@ -36,6 +40,7 @@ from transformers import PreTrainedModel
 from ..errors import UserError
 from ..nn.cpu_kernels import spike_linear
 from ..nn.neuron import ElasticBiSpikingNeuron
+from .attention import NAME as SPIKING_ATTENTION
 from .cache import SpikeCodeCache, TransientSpikeKV, into_spike_cache, is_spike_cache
 from .config import QUANT_METHOD, SpikeLMConversionConfig
 
@@ -369,6 +374,7 @@ class SpikingState:
     ):
         self.family, self.config, self.handles, self.sites = family, config, handles, sites
         self.steps = config.model_steps
+        self.attention_implementation = model.config._attn_implementation  # restored by detach()
         self._attentions = [_get(layer, family.attention) for layer in _get(model.base_model, family.layers)]
 
     def attentions(self) -> list[nn.Module]:
@@ -414,11 +420,25 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
         sites += [PlacedNeuron(f"{block}.{family.attention}.{kind}_neuron", kind[0], ()) for kind in ("key", "value")]
         handles.append(attention.register_forward_pre_hook(partial(_spike_kv_on_update, steps=steps), with_kwargs=True))
     state = SpikingState(model, family, config, handles, sites)
+    _set_attention(model, SPIKING_ATTENTION)
     handles.append(base.register_forward_pre_hook(partial(_enter_copies, state=state), with_kwargs=True))
     handles.append(_get(base, family.average_after).register_forward_hook(partial(_average_output, steps=steps)))
     handles.append(base.register_forward_hook(partial(_leave_copies, steps=steps)))
     model._spikelm = state
     return model
+
+
+def _set_attention(model: PreTrainedModel, name: str | None) -> None:
+    """Set the model's attention implementation (every family spikify supports calls transformers'
+    ``AttentionInterface``; see :mod:`spikelm.conversion.attention`)."""
+    if name is None or model.config._attn_implementation == name:
+        return
+    if not model._can_set_attn_implementation():
+        raise ValueError(
+            f"spikify needs {type(model).__name__} to call transformers' AttentionInterface (its attention must be "
+            "replaceable so that every path computes the same codes)"
+        )
+    model.set_attn_implementation(name)
 
 
 def placement(model: PreTrainedModel) -> list[PlacedNeuron]:
@@ -441,6 +461,7 @@ def detach(model: PreTrainedModel) -> PreTrainedModel:
         raise ValueError(f"this {type(model).__name__} was not converted by spikify")
     for handle in state.handles:
         handle.remove()
+    _set_attention(model, state.attention_implementation)
     for name, _ in neurons(model):
         parent, _, attr = name.rpartition(".")
         delattr(model.get_submodule(parent) if parent else model, attr)

@@ -185,7 +185,9 @@ class OnlineHadamard(nn.Module):
     The randomised Hadamard ``diag(signs) (H_1 ⊗ ... ⊗ H_k) / sqrt(size)`` is applied factor by factor on a
     (..., f_1, ..., f_k) view. It holds no parameters or buffers: the operands are rebuilt from
     ``(size, seed, kind)`` (and shared between layers), so a saved model only needs those three numbers.
-    Computes in float32 (float64 stays float64) and returns ``x``'s dtype.
+    Computes in float64 and rounds once to ``x``'s dtype: its output is a neuron's input, and float32 factor products
+    summed in an order that depends on the number of rows gave a token other bits in a prefill than in a decoding
+    step (see :mod:`spikelm.nn.exact`).
     """
 
     def __init__(self, size: int, seed: int = 0, kind: str = "hadamard"):
@@ -203,7 +205,7 @@ class OnlineHadamard(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.size:
             raise ValueError(f"OnlineHadamard of size {self.size} got an input with {x.shape[-1]} features")
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        dtype = torch.float64
         signs, mats = _online_operands(self.kind, self.size, self.seed, x.device, dtype)
         y = x.to(dtype)
         if signs is None:

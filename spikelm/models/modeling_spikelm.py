@@ -23,6 +23,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import MaskedLMOutput, SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
+from spikelm.nn.exact import spiking_sdpa
 from spikelm.nn.layers import SpikeLinear
 from spikelm.nn.neuron import ElasticBiSpikingNeuron, named_neurons
 
@@ -126,7 +127,7 @@ class SpikeLMSelfAttention(nn.Module):
             context = torch.matmul(F.dropout(probs, dropout, self.training), value)
             probs = probs.reshape(steps, batch, self.num_heads, length, length)
         else:
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
+            context = spiking_sdpa(query, key, value, attn_mask=attention_mask, dropout_p=dropout)
         context = context.transpose(1, 2).reshape(steps, batch, length, width)
         return context, probs
 

@@ -20,13 +20,13 @@ codes with one magnitude per step.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from spikelm.nn.exact import spiking_sdpa
 from spikelm.nn.neuron import ALPHA_FLOOR
 from spikelm.nn.packing import (
     PER_BYTE,
@@ -252,7 +252,7 @@ class SpikeLMCausalSelfAttention(nn.Module):
         query, key, value = (self._fold_steps_into_heads(x) for x in (query, key, value))
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx, **self._cache_scales())
-        context = F.scaled_dot_product_attention(
+        context = spiking_sdpa(
             query, key, value, attn_mask=attention_mask, dropout_p=self.attention_dropout if self.training else 0.0
         )
         context = context.view(batch, steps, self.num_heads, length, self.head_dim)

@@ -5,12 +5,13 @@ B tokens) and does ~30 tiny PyTorch operations per neuron; the real-valued model
 per linear and no neurons. On a CPU the step is bound by reading the weights and by the per-operation dispatch, not
 by arithmetic. Four operations of one C++ extension (built on first use) take those costs out:
 
-* :func:`few_rows_linear` -- ``F.linear(x, W, b)`` for 1 to :data:`MAX_ROWS` rows: each weight row is read once, in
-  order, for all M rows (the threads take contiguous blocks of outputs, so each streams one piece of the weight in
-  ``nn.Linear``'s own layout; no copy), the M dot products in 8-wide vector lanes. MKL's GEMM of 4 rows costs
-  about two single-row products on this project's CPU; this costs about one. Its sums run in another order than
-  MKL's, so results differ from ``F.linear`` in the last bits (tested close, not equal); in a spiking model that can
-  move a spike sitting exactly at a threshold downstream.
+* :func:`few_rows_linear` -- :func:`spikelm.nn.exact.exact_linear` (``F.linear(x, W, b)`` accumulated in float64,
+  rounded once to float32) for 1 to :data:`MAX_ROWS` rows: each weight row is read once, in order, for all M rows
+  (the threads take contiguous blocks of outputs, so each streams one piece of the weight in ``nn.Linear``'s own
+  layout; no copy), the M dot products in 4-wide float64 lanes. MKL's GEMM of 4 rows costs about two single-row
+  products on this project's CPU; this costs about one. Its sums run in another order than the float64 GEMM's, but
+  both round the (nearly) exact sum once, so they agree bit for bit but for values within ~1e-13 of a float32
+  rounding midpoint (see :mod:`spikelm.nn.exact`).
 * :func:`elastic_spikes` -- the elastic neuron's T steps in one pass (the arithmetic of
   :func:`spikelm.nn.neuron.spike_steps_inference`, operation for operation, compiled without fused multiply-adds):
   the same spikes, bit for bit.
@@ -46,12 +47,13 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..outputs import cache_dir
+from .exact import exact_linear
 
 ENV_VAR = "SPIKELM_CPU_KERNELS"
 ROWS_ENV_VAR = "SPIKELM_CPU_KERNELS_MAX_ROWS"  # overrides MAX_ROWS (for measuring the threshold)
 # At most this many rows take the few-row linear (its C++ template covers 1 to 8; batch 1 and 2 at T = 4).
 MAX_ROWS = 8
-VERSION = 4  # bump when the C++ source changes (part of the build's name)
+VERSION = 5  # bump when the C++ source changes (part of the build's name)
 FUNCTIONS = ["few_rows_linear", "elastic_spikes", "spike_pack5", "unpack5_steps_into_batch"]
 
 _SOURCE = r"""
@@ -63,49 +65,57 @@ _SOURCE = r"""
 #include <vector>
 
 // ---------------------------------------------------------------------------------------------------------------
-// Dense multi-row linear for a few rows: y (M, N) = x (M, K) @ w (N, K)^T + bias, w in nn.Linear's own layout.
-// Each weight row n is read once, in order, for all M input rows (the threads take contiguous blocks of outputs,
-// so each streams one contiguous piece of the weight); the M dot products run in 8-wide vector lanes. At batch 1 a
-// decoding step is bound by reading the weights, so M = T rows cost about one.
+// Dense multi-row linear for a few rows: y (M, N) = x (M, K) @ w (N, K)^T + bias, w in nn.Linear's own layout,
+// accumulated in float64 and rounded once to float32 (spikelm.nn.exact: every path of a spiking model computes the
+// same bits whatever its summation order). Each weight row n is read once, in order, for all M input rows (the
+// threads take contiguous blocks of outputs, so each streams one contiguous piece of the weight); the M dot products
+// run in 4-wide float64 lanes (a float32 product is exact in float64). At batch 1 a decoding step is bound by
+// reading the weights, so M = T rows cost about one.
 // ---------------------------------------------------------------------------------------------------------------
-typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+typedef double v4d __attribute__((vector_size(32)));
 
-static inline v8f load8(const float* p) {
-  v8f v;
+static inline v4d load4d(const float* p) {
+  v4f v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return __builtin_convertvector(v, v4d);
+}
+
+static inline v4d load4dd(const double* p) {
+  v4d v;
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
 
-static inline float hsum8(v8f v) {
-  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
+static inline double hsum4(v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
 
 template <int M, int NB>
-static void rows_block(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+static void rows_block(const double* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
                        float* __restrict__ y, int64_t K, int64_t N, int64_t n) {
-  v8f acc[M][NB];
+  v4d acc[M][NB];
   for (int m = 0; m < M; ++m)
-    for (int j = 0; j < NB; ++j) acc[m][j] = v8f{0, 0, 0, 0, 0, 0, 0, 0};
-  const int64_t K8 = K / 8 * 8;
-  for (int64_t k = 0; k < K8; k += 8) {
-    v8f wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = load8(w + (n + j) * K + k);
+    for (int j = 0; j < NB; ++j) acc[m][j] = v4d{0, 0, 0, 0};
+  const int64_t K4 = K / 4 * 4;
+  for (int64_t k = 0; k < K4; k += 4) {
+    v4d wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = load4d(w + (n + j) * K + k);
     for (int m = 0; m < M; ++m) {
-      const v8f xv = load8(x + m * K + k);
+      const v4d xv = load4dd(x + m * K + k);
       for (int j = 0; j < NB; ++j) acc[m][j] += xv * wv[j];
     }
   }
   for (int m = 0; m < M; ++m) {
     for (int j = 0; j < NB; ++j) {
-      float s = hsum8(acc[m][j]);
-      for (int64_t k = K8; k < K; ++k) s += x[m * K + k] * w[(n + j) * K + k];
-      y[m * N + n + j] = bias ? s + bias[n + j] : s;
+      double s = hsum4(acc[m][j]);
+      for (int64_t k = K4; k < K; ++k) s += x[m * K + k] * static_cast<double>(w[(n + j) * K + k]);
+      if (bias) s += static_cast<double>(bias[n + j]);
+      y[m * N + n + j] = static_cast<float>(s);
     }
   }
 }
 
 template <int M>
-static void rows_range(const float* x, const float* w, const float* bias, float* y, int64_t K, int64_t N,
+static void rows_range(const double* x, const float* w, const float* bias, float* y, int64_t K, int64_t N,
                        int64_t n0, int64_t n1) {
   constexpr int NB = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
   int64_t n = n0;
@@ -121,8 +131,8 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, c10::optional<to
   TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   TORCH_CHECK(M >= 1 && M <= 8, "1 to 8 rows");
-  auto xc = x.contiguous();
-  auto y = torch::empty({M, N}, xc.options());
+  auto xc = x.to(at::kDouble).contiguous();  // the rows once in float64 (M * K is small)
+  auto y = torch::empty({M, N}, x.options().dtype(at::kFloat));
   torch::Tensor bc;
   const float* bp = nullptr;
   if (bias.has_value() && bias->defined()) {
@@ -130,7 +140,7 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, c10::optional<to
     TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == N, "bias must be float32 of N elements");
     bp = bc.data_ptr<float>();
   }
-  const float* xp = xc.data_ptr<float>();
+  const double* xp = xc.data_ptr<double>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   // blocks of 16 outputs; a thread's grain is at least 64 KB of weight
@@ -492,11 +502,17 @@ def takes_linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def spike_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a spiking input: the few-row kernel where it pays (CPU, float32, no
-    autograd, at most :func:`max_rows` rows: a decoding step), else the GEMM."""
+    """``F.linear(x, weight, bias)`` for a spiking input. Inference: :func:`spikelm.nn.exact.exact_linear` (float64
+    accumulation, one rounding: the same bits on every path), by the few-row kernel where it pays (CPU, float32, at
+    most :func:`max_rows` rows: a decoding step), else the float64 GEMM. Training (autograd recording): ``F.linear``
+    in the input's dtype."""
+    if torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        return F.linear(x, weight, bias)
     if takes_linear_kernel(x, weight, bias):
         return few_rows_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+    return exact_linear(x, weight, bias)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -370,8 +370,9 @@ def dequantize(
 
 
 def pack_grid(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """One float32 tensor (..., 2), (..., 3) or (..., 4) holding a token's scale(s) and zero point(s) (a cache)."""
-    return torch.cat([scale, zero], dim=-1).to(torch.float32)
+    """One tensor (..., 2), (..., 3) or (..., 4) holding a token's scale(s) and zero point(s) (a cache), in the
+    quantiser's compute dtype (float32; float64 for float64 inputs), so cached tokens decode as the neuron does."""
+    return torch.cat([scale, zero], dim=-1)
 
 
 def unpack_grid(grid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,125 @@
+"""Exact accumulation: the products that feed a spiking neuron, computed so that every code path gives the same bits.
+
+A neuron turns its input into integer codes by rounding (GIF: ``round(x / scale) + zero``; elastic: a threshold on a
+membrane). Rounding is discontinuous: two implementations of the same linear layer that sum in another order (a GEMM
+for many rows, a matrix-vector product for one, the C++ few-row kernel, the same token in a prefill of 7 or of 9)
+differ in the last bits, and where a value sits at a rounding boundary the code flips. Boundaries are not rare: a
+token whose attention falls on one cached token re-quantises that token's dequantised V, whose values lie exactly on
+a grid, so exact ties occur and the last bit decides them. One flip perturbs the next layers, which flips more, and a
+converted SmolLM2-135M gave logits 4-13 apart between paths (docs/CONVERSION.md, "One model whatever the path").
+
+The cure is to make every path compute the same numbers, whatever its summation order: in inference (no autograd)
+the dot products of a spiking model's linear layers and of its attention are accumulated in float64 and rounded
+once to the model's dtype. A float32 x float32 product is exact in float64, and a sum of a few thousand of them is
+within ~1e-13 (relative) of the exact sum in any order, so the rounded result is the correctly rounded exact value
+except when that lies within ~1e-13 of a float32 rounding midpoint: the paths then agree bit for bit except with a
+probability of about 1e-5 per value, and a differing value must also sit at a code boundary to flip a code (the
+tests count flips on real-sized models: none). The readable path (PyTorch float64), the C++ few-row kernel (float64
+lanes) and the cached decoding all follow this one definition.
+
+Training (autograd recording) keeps the model's dtype and the fast kernels: the gradient does not need these bits.
+Cost: float64 matrix products run at about half the float32 rate on a CPU (prefill and evaluation); a decoding step
+reads the same float32 weights and is bound by that, not by the arithmetic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACCUMULATE = torch.float64
+# the float64 scores of one attention chunk stay under this many elements (queries are cut into chunks; rows are
+# independent, so chunking changes no bit)
+ATTENTION_CHUNK_ELEMENTS = 1 << 23
+
+
+def exact_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` accumulated in float64 and rounded once to ``x``'s dtype (see the module
+    docstring): the readable definition every fast linear of a spiking model is tested against."""
+    out = F.linear(x.to(ACCUMULATE), weight.to(ACCUMULATE), None if bias is None else bias.to(ACCUMULATE))
+    return out.to(x.dtype)
+
+
+def _mask_view(mask: torch.Tensor, kv_heads: int, groups: int) -> torch.Tensor:
+    """A (B|1, H|1, q, L) mask as (B|1, Hkv|1, g|1, q, L) to broadcast against grouped scores."""
+    if mask.dim() != 4:
+        raise ValueError(f"attention mask must be 4-D (batch, heads, queries, keys), got shape {tuple(mask.shape)}")
+    batch, heads = mask.shape[:2]
+    if heads == 1:
+        return mask.view(batch, 1, 1, *mask.shape[2:])
+    return mask.view(batch, kv_heads, groups, *mask.shape[2:])
+
+
+def exact_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    scaling: float | None = None,
+    is_causal: bool = False,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Softmax attention in float64, rounded once to ``query``'s dtype: ``softmax(q k^T * scaling [+ mask]) v``.
+
+    ``query`` (B, H, q, d), ``key`` / ``value`` (B, Hkv, L, d) with H a multiple of Hkv (grouped-query attention:
+    head h reads K/V head ``h // (H / Hkv)``). ``attention_mask``: bool (True = attend) or additive float,
+    broadcastable as (B|1, H|1, q, L). ``is_causal`` (with no mask): query i attends keys 0..i (upper-left, as
+    ``F.scaled_dot_product_attention``; longer keys are cut to the queries, as transformers does for an empty static
+    cache). ``softcap``: scores -> ``softcap * tanh(scores / softcap)`` before the mask. A query with no key to attend
+    (a padding row) gets zeros, not NaN. Returns (B, H, q, d_v).
+    """
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads cannot share {kv_heads} key/value heads")
+    groups = heads // kv_heads
+    scale = head_dim**-0.5 if scaling is None else scaling
+    if is_causal and attention_mask is None and key.shape[2] > q_len:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    kv_len = key.shape[2]
+    k = key.to(ACCUMULATE).unsqueeze(2)  # (B, Hkv, 1, L, d)
+    v = value.to(ACCUMULATE).unsqueeze(2)
+    q = query.to(ACCUMULATE).view(batch, kv_heads, groups, q_len, head_dim)
+    mask = None if attention_mask is None else _mask_view(attention_mask, kv_heads, groups)
+    chunk = max(1, ATTENTION_CHUNK_ELEMENTS // max(1, batch * heads * kv_len))
+    out = torch.empty(batch, kv_heads, groups, q_len, value.shape[-1], dtype=ACCUMULATE, device=query.device)
+    for start in range(0, q_len, chunk):
+        stop = min(q_len, start + chunk)
+        scores = (q[:, :, :, start:stop] @ k.transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        if mask is not None:
+            part = mask[..., start:stop, :] if mask.shape[-2] == q_len else mask
+            if part.dtype == torch.bool:
+                scores = scores.masked_fill(~part, float("-inf"))
+            else:
+                scores = scores + part.to(ACCUMULATE)
+        elif is_causal:
+            rows = torch.arange(start, stop, device=query.device).view(-1, 1)
+            scores = scores.masked_fill(torch.arange(kv_len, device=query.device) > rows, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row with every key masked: zeros
+        out[:, :, :, start:stop] = probs @ v
+    return out.view(batch, heads, q_len, -1).to(query.dtype)
+
+
+def _recording(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def spiking_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``'s signature for a spiking model's attention: in inference
+    :func:`exact_attention` (the same bits whether a token comes in a prefill, a decoding step or a longer batch);
+    while autograd records (training) or with dropout, PyTorch's own kernel."""
+    if dropout_p > 0 or _recording(query, key, value):
+        return F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+        )
+    return exact_attention(query, key, value, attn_mask, scale, is_causal)
