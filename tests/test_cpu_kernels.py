@@ -21,6 +21,12 @@ from spikelm.nn.neuron import ElasticBiSpikingNeuron, reference_multistep_spike,
 needs_kernel = pytest.mark.skipif(cpu_kernels.kernel() is None, reason="the extension cannot be built here")
 
 
+def f64_linear(x, weight, bias=None):
+    """The exact-accumulation definition, written here independently: float64 products and sums, one rounding."""
+    out = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    return out.to(x.dtype)
+
+
 @pytest.fixture(autouse=True)
 def _switch_follows_environment(monkeypatch):
     monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
@@ -109,26 +115,26 @@ def test_dispatch_takes_the_kernel_for_few_rows_only_and_not_under_autograd_or_w
     weight, bias = torch.randn(10, 8), torch.randn(10)
     few = sparse_rows(cpu_kernels.MAX_ROWS, 8)
     many = sparse_rows(cpu_kernels.MAX_ROWS + 1, 8)
-    torch.testing.assert_close(cpu_kernels.spike_linear(few, weight, bias), F.linear(few, weight, bias))
+    torch.testing.assert_close(cpu_kernels.spike_linear(few, weight, bias), f64_linear(few, weight, bias))
     assert calls["few_rows_linear"] == 1
-    assert torch.equal(cpu_kernels.spike_linear(many, weight, bias), F.linear(many, weight, bias))
+    assert torch.equal(cpu_kernels.spike_linear(many, weight, bias), f64_linear(many, weight, bias))
     w = weight.clone().requires_grad_()
-    assert cpu_kernels.spike_linear(few, w, bias).requires_grad  # autograd: the GEMM, differentiable
+    assert cpu_kernels.spike_linear(few, w, bias).requires_grad  # autograd: differentiable, not the kernel
     with torch.no_grad():
         cpu_kernels.spike_linear(few, w, bias)
     assert calls["few_rows_linear"] == 2
     cpu_kernels.set_enabled(False)
-    assert torch.equal(cpu_kernels.spike_linear(few, weight, bias), F.linear(few, weight, bias))
+    assert torch.equal(cpu_kernels.spike_linear(few, weight, bias), f64_linear(few, weight, bias))
     cpu_kernels.set_enabled(None)
     monkeypatch.setenv(cpu_kernels.ENV_VAR, "0")
-    assert torch.equal(cpu_kernels.spike_linear(few, weight, bias), F.linear(few, weight, bias))
+    assert torch.equal(cpu_kernels.spike_linear(few, weight, bias), f64_linear(few, weight, bias))
     assert calls["few_rows_linear"] == 2
     monkeypatch.setenv(cpu_kernels.ENV_VAR, "1")
     monkeypatch.setenv(cpu_kernels.ROWS_ENV_VAR, "2")  # the threshold moved
     two, three = sparse_rows(2, 8), sparse_rows(3, 8)
-    torch.testing.assert_close(cpu_kernels.spike_linear(two, weight, bias), F.linear(two, weight, bias))
+    torch.testing.assert_close(cpu_kernels.spike_linear(two, weight, bias), f64_linear(two, weight, bias))
     assert calls["few_rows_linear"] == 3
-    assert torch.equal(cpu_kernels.spike_linear(three, weight, bias), F.linear(three, weight, bias))
+    assert torch.equal(cpu_kernels.spike_linear(three, weight, bias), f64_linear(three, weight, bias))
     assert calls["few_rows_linear"] == 3
 
 
@@ -155,10 +161,10 @@ def test_kernels_that_cannot_be_built_fall_back_to_pytorch_with_one_notice(monke
     weight, x = torch.randn(5, 7), sparse_rows(4, 7)
     with pytest.warns(RuntimeWarning, match="could not be built .*no compiler here.* PyTorch path"):
         y = cpu_kernels.spike_linear(x, weight)
-    assert torch.equal(y, F.linear(x, weight))
+    assert torch.equal(y, f64_linear(x, weight))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process, not on every call
-        assert torch.equal(cpu_kernels.spike_linear(x, weight), F.linear(x, weight))
+        assert torch.equal(cpu_kernels.spike_linear(x, weight), f64_linear(x, weight))
 
 
 def test_other_dtypes_take_the_gemm_with_one_notice(monkeypatch):
@@ -456,3 +462,22 @@ def test_a_float64_alpha_with_float32_input_gives_the_pytorch_loops_spikes():
             loop = neuron(x)
     assert neuron.alpha.dtype == torch.float64 and fast.dtype == torch.float32
     assert torch.equal(fast, loop)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", range(1, 9))
+def test_few_rows_kernel_equals_the_float64_definition_bit_for_bit_on_real_sizes(rows):
+    """SmolLM2-135M's shapes (576 -> 576/192/1536, 1536 -> 576): the kernel's float64 lanes and a float64 GEMM
+    round the same sums: every output equal (a value within ~1e-13 of a float32 midpoint could differ; none here)."""
+    gen = torch.Generator().manual_seed(rows)
+    for k, n in ((576, 576), (576, 192), (576, 1536), (1536, 576), (37, 13)):
+        x = torch.randn(rows, k, generator=gen)
+        weight = torch.randn(n, k, generator=gen) / k**0.5
+        bias = torch.randn(n, generator=gen)
+        assert torch.equal(cpu_kernels.few_rows_linear(x, weight, bias), f64_linear(x, weight, bias)), (k, n)
+        assert torch.equal(cpu_kernels.few_rows_linear(x, weight), f64_linear(x, weight)), (k, n)
+        # the rows of a longer call: the same bits as each row alone (no dependence on the row count)
+        for m in range(rows):
+            assert torch.equal(
+                cpu_kernels.few_rows_linear(x[m : m + 1], weight, bias)[0], f64_linear(x, weight, bias)[m]
+            )

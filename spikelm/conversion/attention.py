@@ -6,8 +6,9 @@ cache.TransientSpikeKV`) and its output is the input of o_proj's neuron, which r
 decoding step, a longer prompt), so the same token got different bits, and the o_proj codes flipped at ties (a token
 attending one cached token re-quantises that token's dequantised V, whose values lie on a grid). :func:`attach`
 (placement) therefore sets the model's attention implementation to :data:`NAME`, registered here with transformers'
-``AttentionInterface`` and ``AttentionMaskInterface`` (its masks are sdpa's): in inference the attention runs in
-float64 and rounds once (:func:`spikelm.nn.exact.exact_attention`), in training it is transformers' sdpa function.
+``AttentionInterface`` and ``AttentionMaskInterface`` (its masks are sdpa's): the attention runs in
+float64 and rounds once (:func:`spikelm.nn.exact.exact_attention`, differentiable); with dropout (training) it is
+transformers' sdpa function.
 """
 
 from __future__ import annotations
@@ -39,8 +40,7 @@ def spiking_attention(
 ) -> tuple[torch.Tensor, None]:
     """An ``AttentionInterface`` function: (B, H, q, d) queries, (B, Hkv, L, d) spiked keys and values -> the
     (B, q, H, d) output, as transformers' sdpa function lays it out (sliding windows come in the mask)."""
-    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if dropout > 0 or recording:
+    if dropout > 0:  # training with dropout: transformers' sdpa function
         if softcap is not None:
             kwargs["softcap"] = softcap
         return sdpa_attention_forward(

@@ -43,7 +43,6 @@ import sys
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import UserError
 from ..outputs import cache_dir
@@ -502,14 +501,9 @@ def takes_linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
 
 def spike_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a spiking input. Inference: :func:`spikelm.nn.exact.exact_linear` (float64
-    accumulation, one rounding: the same bits on every path), by the few-row kernel where it pays (CPU, float32, at
-    most :func:`max_rows` rows: a decoding step), else the float64 GEMM. Training (autograd recording): ``F.linear``
-    in the input's dtype."""
-    if torch.is_grad_enabled() and (
-        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        return F.linear(x, weight, bias)
+    """``F.linear(x, weight, bias)`` for a spiking input: :func:`spikelm.nn.exact.exact_linear` (float64
+    accumulation, one rounding: the same bits on every path), by the few-row kernel where it pays (CPU, float32, no
+    autograd, at most :func:`max_rows` rows: a decoding step), else the float64 GEMM."""
     if takes_linear_kernel(x, weight, bias):
         return few_rows_linear(x, weight, bias)
     return exact_linear(x, weight, bias)

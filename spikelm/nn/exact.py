@@ -17,9 +17,10 @@ probability of about 1e-5 per value, and a differing value must also sit at a co
 tests count flips on real-sized models: none). The readable path (PyTorch float64), the C++ few-row kernel (float64
 lanes) and the cached decoding all follow this one definition.
 
-Training (autograd recording) keeps the model's dtype and the fast kernels: the gradient does not need these bits.
-Cost: float64 matrix products run at about half the float32 rate on a CPU (prefill and evaluation); a decoding step
-reads the same float32 weights and is bound by that, not by the arithmetic.
+The forward value is the same with autograd recording or not (the gradient of a linear is computed in the model's
+dtype: it needs no exact bits); attention with dropout (training) is PyTorch's kernel. Cost: float64 matrix
+products run at about half the float32 rate on a CPU (prefill and evaluation); a decoding step reads the same
+float32 weights and is bound by that, not by the arithmetic.
 """
 
 from __future__ import annotations
@@ -33,11 +34,42 @@ ACCUMULATE = torch.float64
 ATTENTION_CHUNK_ELEMENTS = 1 << 23
 
 
-def exact_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` accumulated in float64 and rounded once to ``x``'s dtype (see the module
-    docstring): the readable definition every fast linear of a spiking model is tested against."""
+def _exact_linear_value(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     out = F.linear(x.to(ACCUMULATE), weight.to(ACCUMULATE), None if bias is None else bias.to(ACCUMULATE))
     return out.to(x.dtype)
+
+
+class _ExactLinear(torch.autograd.Function):
+    """The exact forward value; the gradient of ``F.linear`` in the input's dtype (training needs no exact bits)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _exact_linear_value(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(weight.to(grad.dtype))
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.reshape(-1, grad.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1]).to(grad.dtype))
+            grad_w = grad_w.to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def exact_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` accumulated in float64 and rounded once to ``x``'s dtype (see the module
+    docstring): the readable definition every fast linear of a spiking model is tested against. Differentiable
+    (the gradient is ``F.linear``'s, in the input's dtype), so a forward pass gives the same values with autograd
+    recording or not."""
+    if _recording(x, weight, bias):
+        return _ExactLinear.apply(x, weight, bias)
+    return _exact_linear_value(x, weight, bias)
 
 
 def _mask_view(mask: torch.Tensor, kv_heads: int, groups: int) -> torch.Tensor:
@@ -82,7 +114,7 @@ def exact_attention(
     q = query.to(ACCUMULATE).view(batch, kv_heads, groups, q_len, head_dim)
     mask = None if attention_mask is None else _mask_view(attention_mask, kv_heads, groups)
     chunk = max(1, ATTENTION_CHUNK_ELEMENTS // max(1, batch * heads * kv_len))
-    out = torch.empty(batch, kv_heads, groups, q_len, value.shape[-1], dtype=ACCUMULATE, device=query.device)
+    parts = []
     for start in range(0, q_len, chunk):
         stop = min(q_len, start + chunk)
         scores = (q[:, :, :, start:stop] @ k.transpose(-1, -2)) * scale
@@ -97,9 +129,10 @@ def exact_attention(
         elif is_causal:
             rows = torch.arange(start, stop, device=query.device).view(-1, 1)
             scores = scores.masked_fill(torch.arange(kv_len, device=query.device) > rows, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row with every key masked: zeros
-        out[:, :, :, start:stop] = probs @ v
-    return out.view(batch, heads, q_len, -1).to(query.dtype)
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with every key masked: zeros
+        parts.append(probs @ v)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
+    return out.reshape(batch, heads, q_len, -1).to(query.dtype)
 
 
 def _recording(*tensors: torch.Tensor | None) -> bool:
@@ -115,10 +148,10 @@ def spiking_sdpa(
     is_causal: bool = False,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``'s signature for a spiking model's attention: in inference
-    :func:`exact_attention` (the same bits whether a token comes in a prefill, a decoding step or a longer batch);
-    while autograd records (training) or with dropout, PyTorch's own kernel."""
-    if dropout_p > 0 or _recording(query, key, value):
+    """``F.scaled_dot_product_attention``'s signature for a spiking model's attention: :func:`exact_attention` (the
+    same bits whether a token comes in a prefill, a decoding step or a longer batch, with autograd recording or
+    not); with dropout (training), PyTorch's own kernel."""
+    if dropout_p > 0:
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
         )

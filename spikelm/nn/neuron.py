@@ -24,12 +24,12 @@ from numbers import Real
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
 from ._constants import ALPHA_FLOOR, LEAK, OUTSIDE
 from .cpu_kernels import spike_linear
+from .exact import exact_linear
 
 SPIKE_LEVELS = ("ternary", "binary")
 RESETS = ("official", "symmetric")
@@ -478,7 +478,7 @@ class SpikeLinearFunction(torch.autograd.Function):
         spikes, codes, ratio = fused_spike_forward(
             x, alpha, spike_levels, reset, use_amplitude, membrane, True, alpha.requires_grad, kernel
         )
-        y = F.linear(spikes, weight, bias)
+        y = exact_linear(spikes, weight, bias)  # the inference value (spikelm.nn.exact); backward below
         ctx.save_for_backward(codes, alpha, ratio, weight)
         ctx.options = (spike_levels, reset, use_amplitude, membrane)
         ctx.kernel = kernel
@@ -719,10 +719,11 @@ class ElasticBiSpikingNeuron(nn.Module):
         return self._run(x)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """``F.linear(self(x), weight, bias)``; on the fused backends in one autograd node that saves int8 codes
-        (not the spikes). On ``"reference"`` it is exactly that: the module is called, so its hooks see the spikes."""
+        """``exact_linear(self(x), weight, bias)`` (:mod:`spikelm.nn.exact`: float64 accumulation, one rounding); on
+        the fused backends in one autograd node that saves int8 codes (not the spikes). On ``"reference"`` it is
+        exactly that: the module is called, so its hooks see the spikes."""
         if self.backend == "reference":
-            return F.linear(self(x), weight, bias)
+            return exact_linear(self(x), weight, bias)
         return self._run(x, weight, bias)
 
     def _run(self, x, weight=None, bias=None):
