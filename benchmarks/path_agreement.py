@@ -41,9 +41,9 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def measure(directory: str, new_tokens: int) -> dict:
-    import spikelm  # noqa: F401  (registers the spiking quantizer)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import spikelm  # noqa: F401  (registers the spiking quantizer)
     from spikelm.nn import cpu_kernels
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
