@@ -551,3 +551,244 @@ def test_a_bad_cpu_kernels_switch_is_one_line_before_any_work(paths, capsys, tmp
     assert status == 2 and len(lines) == 1, lines
     assert lines[0].startswith("spikelm benchmark: error: SPIKELM_CPU_KERNELS='maybe'"), lines[0]
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model directories that are readable but wrong: one loader (spikelm.evaluation.loading.load_pretrained) refuses
+# every load failure, and every disagreement between the config and the tensors, in one line naming the directory
+# ----------------------------------------------------------------------------------------------
+
+LLAMA_WORDS = sorted(set("the quick brown fox jumps over the lazy dog .".split()))
+ALPHA = "model.layers.0.mlp.input_neuron.alpha"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny LLaMA saved with save_pretrained, and its spikify conversions (elastic and GIF neurons)."""
+    from conftest import save_tiny_llama
+
+    root = tmp_path_factory.mktemp("converted")
+    save_tiny_llama(root / "llama", LLAMA_WORDS, max_position_embeddings=64)
+    (root / "cal.txt").write_text(
+        "".join("the quick brown fox jumps over the lazy dog . " * i + "\n\n" for i in range(1, 30))
+    )
+    for neuron in ("elastic", "gif"):
+        argv = ["spikify", "--model", str(root / "llama"), "--neuron", neuron, "--calibration-text"]
+        argv += [str(root / "cal.txt"), "--calibration-sequences", "2", "--calibration-length", "16"]
+        assert main([*argv, "--eval-tokens", "0", "--output-dir", str(root / neuron)]) == 0
+    return root
+
+
+def _tampered(source: Path, target: Path, config=None, tensors=None, files=None) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    if config is not None:
+        fields = json.loads((target / "config.json").read_text())
+        config(fields)
+        (target / "config.json").write_text(json.dumps(fields))
+    if tensors is not None:
+        state = load_file(str(target / "model.safetensors"))
+        tensors(state)
+        save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    if files is not None:
+        files(target)
+    return target
+
+
+def _quant(field, value):
+    return lambda c: c["quantization_config"].__setitem__(field, value)
+
+
+def _set(key, make):
+    return lambda t: t.__setitem__(key, make(t[key]))
+
+
+def _no_weights(d):
+    (d / "model.safetensors").unlink()
+
+
+def _weights_a_directory(d):
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").mkdir()
+
+
+# (source, config edit, tensor edit, file edit, expected in the line)
+UNLOADABLE = {
+    "num_steps edited": ("elastic", _quant("num_steps", 8), None, None, "do not match its config.json"),
+    "num_steps not a number": ("elastic", _quant("num_steps", "four"), None, None, "num_steps"),
+    "num_steps negative": ("elastic", _quant("num_steps", -2), None, None, "num_steps"),
+    "quantization_config a number": ("elastic", lambda c: c.update(quantization_config=5), None, None, "JSON object"),
+    "quantization_config a list": ("gif", lambda c: c.update(quantization_config=[1]), None, None, "JSON object"),
+    "gif_bits out of range": ("gif", _quant("gif_bits", 99), None, None, "bits must be"),
+    "format_version 0": ("gif", _quant("format_version", 0), None, None, "format_version 0"),
+    "format_version 99": ("elastic", _quant("format_version", 99), None, None, "format_version 99"),
+    "format_version text": ("elastic", _quant("format_version", "1"), None, None, "format_version"),
+    "alpha of another shape": ("elastic", None, _set(ALPHA, lambda a: torch.ones(7)), None, ALPHA),
+    "embedding of another shape": (
+        "elastic",
+        None,
+        _set("model.embed_tokens.weight", lambda w: w[:5]),
+        None,
+        "model.embed_tokens.weight",
+    ),
+    "saliency mask of another shape": (
+        "gif",
+        None,
+        _set("model.layers.0.mlp.input_neuron.salient", lambda m: m[:3]),
+        None,
+        "salient",
+    ),
+    "vocab_size edited": (
+        "llama",
+        lambda c: c.update(vocab_size=7),
+        None,
+        None,
+        ("embed_tokens", "vocab_size is 7", "the student over 7"),
+    ),
+    "no weights file": ("elastic", None, None, _no_weights, "cannot be loaded"),
+    "model.safetensors a directory": ("llama", None, None, _weights_a_directory, "cannot be loaded"),
+    "architectures unknown": ("llama", lambda c: c.update(architectures=["NoSuchModel"]), None, None, "NoSuchModel"),
+    "architectures of another family": (
+        "llama",
+        lambda c: c.update(architectures=["GPT2LMHeadModel"]),
+        None,
+        None,
+        "GPT2LMHeadModel",
+    ),
+    "architectures not a model": (
+        "elastic",
+        lambda c: c.update(architectures=["LlamaTokenizer"]),
+        None,
+        None,
+        "LlamaTokenizer",
+    ),
+    # tampered but loadable state: the config and the tensors must agree, every value be possible
+    "alpha NaN": ("elastic", None, _set(ALPHA, lambda a: a * float("nan")), None, "NaN or infinite"),
+    "alpha infinite": ("elastic", None, _set(ALPHA, lambda a: a * float("inf")), None, "NaN or infinite"),
+    "alpha zero": ("elastic", None, _set(ALPHA, lambda a: a * 0), None, "not positive"),
+    "alpha negative": ("elastic", None, _set(ALPHA, lambda a: -a), None, "not positive"),
+    "alpha missing": ("elastic", None, lambda t: t.pop(ALPHA), None, "missing"),
+    "initialized cleared": (
+        "elastic",
+        None,
+        _set("model.layers.1.self_attn.key_neuron.initialized", torch.zeros_like),
+        None,
+        "not calibrated",
+    ),
+    "neuron edited gif": ("elastic", _quant("neuron", "gif"), None, None, "do not match its config.json"),
+    "neuron edited elastic": ("gif", _quant("neuron", "elastic"), None, None, "do not match its config.json"),
+    "embedding NaN": (
+        "gif",
+        None,
+        _set("model.embed_tokens.weight", lambda w: w.index_fill(0, torch.tensor([3]), float("nan"))),
+        None,
+        "NaN or infinite",
+    ),
+    "weight infinite (real-valued)": (
+        "llama",
+        None,
+        _set("model.layers.0.mlp.up_proj.weight", lambda w: w.index_fill(1, torch.tensor([0]), float("inf"))),
+        None,
+        "NaN or infinite",
+    ),
+}
+
+
+def _argv(command, model: str, tmp_path: Path, converted: Path) -> list[str]:
+    text = str(converted / "cal.txt")
+    return {
+        "generate": ["generate", "--model", model, "--prompt", "the quick", "--max-new-tokens", "2"],
+        "perplexity": ["perplexity", "--model", model, "--text-file", text, "--max-length", "16"],
+        "energy": ["energy", "--model", model, "--text-file", text, "--max-length", "16"],
+        "distill": [
+            *("distill", "--teacher", str(converted / "llama"), "--student", model, "--text-file", text),
+            *("--set", "max_length=16", "--no-progress"),
+        ],
+    }[command] + ["--output-dir", str(tmp_path / "out")]
+
+
+@pytest.mark.parametrize("case", sorted(UNLOADABLE))
+@pytest.mark.parametrize("command", ["generate", "perplexity", "energy", "distill"])
+def test_a_model_directory_that_cannot_load_as_saved_is_one_line(converted, tmp_path, capsys, command, case):
+    source, config, tensors, files, expected = UNLOADABLE[case]
+    if command == "distill" and source == "llama" and case.startswith("architectures"):
+        pytest.skip("distill names the student's family from its architectures (covered by the other commands)")
+    model = _tampered(converted / source, tmp_path / "model", config, tensors, files)
+    before = {p.name: p.stat().st_mtime_ns for p in model.iterdir()}
+    try:
+        status = main(_argv(command, str(model), tmp_path, converted))
+    except SystemExit as exit:
+        status = exit.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert status == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith(f"spikelm {command}: error: "), lines[0]
+    assert str(model) in lines[0] and any(
+        e in lines[0] for e in ([expected] if isinstance(expected, str) else expected)
+    )
+    assert not (tmp_path / "out").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in model.iterdir()} == before
+
+
+# ----------------------------------------------------------------------------------------------
+# the environment and the output directory's own files
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"RANK": "abc"}, "RANK='abc'"),
+        ({"RANK": "-1"}, "RANK='-1'"),
+        ({"RANK": "1"}, "RANK=1 without a WORLD_SIZE"),  # a stray RANK would skip the output lock
+        ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK=3 without a WORLD_SIZE above it (2)"),
+        ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
+        ({"SPIKELM_CACHE": "/proc/no/cache"}, "SPIKELM_CACHE"),
+        ({"SPIKELM_CACHE": FILE}, "SPIKELM_CACHE"),
+    ],
+)
+@pytest.mark.parametrize("command", ["generate", "pretrain"])
+def test_a_bad_environment_is_one_line(paths, tmp_path, capsys, monkeypatch, env, expected, command):
+    for name, value in env.items():
+        monkeypatch.setenv(name, _fill([value], paths)[0])
+    out = tmp_path / "out"
+    argv = {
+        "generate": ["generate", "--model", "smollm2-135m", "--prompt", "hello"],
+        "pretrain": ["pretrain", "--corpus", "pypi", "--max-steps", "1"],
+    }[command]
+    status = main([*argv, "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"spikelm {command}: error: ") and expected in lines[0], lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("marker", ["[1, 2]", '"pretrain"', "5", "null", "{not json", '{"command": 5}'])
+def test_a_run_marker_that_is_not_a_json_object_is_someone_elses_directory(paths, tmp_path, capsys, marker):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "spikelm_run.json").write_text(marker)
+    (out / "notes.txt").write_text("keep")
+    status = main(["data", "train-tokenizer", "--text-file", paths["file"], "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "not empty" in lines[0] and "--overwrite" in lines[0], lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "spikelm_run.json"]
+
+
+@pytest.mark.parametrize("flag_form", ["~/runs/tok", "~"])
+def test_output_dir_tilde_is_the_home_directory_not_a_folder_named_tilde(paths, tmp_path, monkeypatch, flag_form):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "docs.txt"
+    text.write_text("".join(f"document {i} has some words in it .\n\n" for i in range(20)))
+    argv = ["data", "train-tokenizer", "--text-file", str(text), "--vocab-size", "60", "--output-dir", flag_form]
+    assert main([*argv, "--overwrite"]) == 0
+    target = home / flag_form[2:] if flag_form != "~" else home
+    assert (target / "tokenizer.json").is_file()
+    assert not (tmp_path / "~").exists()

@@ -47,6 +47,11 @@ def check_utf8(path: Path) -> None:
         _fail(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})")
 
 
+def output_path(text: str) -> str:
+    """An output directory's path, ``~`` expanded (the directory itself is checked when it is prepared)."""
+    return str(_path(text))
+
+
 def existing_file(text: str) -> Path:
     """A file that exists (not a directory) and can be read."""
     path = _path(text)
@@ -104,6 +109,9 @@ def model_dir(text: str) -> str:
         _fail(f"{config} is not valid JSON ({err})")
     if not isinstance(parsed, dict):
         _fail(f"{config} must hold a JSON object (a model configuration)")
+    for field in ("quantization_config", "auto_map"):  # read as objects by transformers, before any check of ours
+        if field in parsed and not isinstance(parsed[field], (dict, type(None))):
+            _fail(f"{config}: {field} must be a JSON object, got {type(parsed[field]).__name__}")
     return str(path)
 
 

@@ -181,7 +181,7 @@ def run(args) -> int:
             raise UserError("--data-dir and --split go with --task, not --text-file")
         features, source = text_features(Path(args.text_file), tokenizer, args.max_length)
     features = features[: args.max_sequences]
-    out = prepare_output_dir(args.output_dir, "energy", args.overwrite)
+    out = prepare_output_dir(args.output_dir, "energy", args.overwrite, inputs={"--model": spec.path})
     model = load_model(spec, device)
 
     batches = list(padded_batches(features, tokenizer, args.batch_size))

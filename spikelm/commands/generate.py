@@ -91,7 +91,11 @@ def run(args) -> int:
                 f"--prompt number {i} ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
                 f"maximum length {max_length}; lower --max-new-tokens to at most {max_length - len(ids)}"
             )
-    out_dir = prepare_output_dir(args.output_dir, "generate", args.overwrite) if args.output_dir else None
+    out_dir = (
+        prepare_output_dir(args.output_dir, "generate", args.overwrite, inputs={"--model": spec.path})
+        if args.output_dir
+        else None
+    )
     model = load_model(spec)
 
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)

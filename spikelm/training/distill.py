@@ -61,7 +61,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError, weights_refused_in_one_line
+from ..errors import UserError, loading_in_one_line
+from ..evaluation.loading import load_pretrained
 from ..outputs import new_files_follow_umask, write_json_atomic
 from .presets import ConfigError, _coerce, _number, check_optimisation_fields, load_config_file, parse_value
 from .pretrain import (
@@ -257,10 +258,8 @@ def causal_lm_config(path: Path, role: str):
     import spikelm.models  # noqa: F401  (registers model_type "spikelm"; the "spikelm" quantization method is known
     # to transformers from `import spikelm` on)
 
-    try:
+    with loading_in_one_line(path, f"--{role}"):
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise DistillError(f"--{role} {path}: cannot read its config.json ({err})") from err
     architectures = config.architectures or []
     causal = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and (
         not architectures or any(a.endswith(CAUSAL_SUFFIXES) for a in architectures)
@@ -279,8 +278,8 @@ def check_shared_vocabulary(teacher_config, student_config, tokenizer, student_d
     if teacher_config.vocab_size != student_config.vocab_size:
         raise DistillError(
             f"teacher and student do not share a vocabulary: the teacher predicts over "
-            f"{teacher_config.vocab_size} tokens, the student over {student_config.vocab_size}; "
-            "distil into a student converted from the teacher (or one with its tokenizer)"
+            f"{teacher_config.vocab_size} tokens, the student over {student_config.vocab_size} "
+            f"(--student {student_dir}); distil into a student converted from the teacher (or one with its tokenizer)"
         )
     if len(tokenizer) > teacher_config.vocab_size:
         raise DistillError(
@@ -338,12 +337,10 @@ def _load_models(teacher_dir: Path, student_dir: Path, config: DistillConfig, mi
         "bfloat16": torch.bfloat16,
         "auto": torch.bfloat16 if mixed == "bf16" else torch.float32,
     }[config.teacher_dtype]
-    with weights_refused_in_one_line(teacher_dir, "--teacher"):
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=teacher_dtype).eval()
+    teacher = load_pretrained(AutoModelForCausalLM, teacher_dir, "--teacher", dtype=teacher_dtype).eval()
     teacher.requires_grad_(False)
     torch.manual_seed(config.seed)  # weights the checkpoint lacks (if any) are the same on every process
-    with weights_refused_in_one_line(student_dir, "--student"):
-        student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    student = load_pretrained(AutoModelForCausalLM, student_dir, "--student", dtype=torch.float32)
     return teacher, student
 
 
@@ -550,6 +547,10 @@ def run_distillation(
 
     teacher_dir = resolve_source(config.teacher, "teacher", resolver)
     student_dir = resolve_source(config.student, "student", resolver)
+    if Path(teacher_dir).resolve() == Path(student_dir).resolve():
+        raise DistillError(
+            f"--teacher and --student are the same model ({student_dir}); distil toward another (real-valued) model"
+        )
     teacher_config = causal_lm_config(teacher_dir, "teacher")
     student_config = causal_lm_config(student_dir, "student")
     for role, model_config in (("teacher", teacher_config), ("student", student_config)):
@@ -598,7 +599,14 @@ def run_distillation(
     if accelerator.is_main_process:
         identity = {"teacher": str(config.teacher), "student": str(config.student), "seed": config.seed}
         _prepare_output(
-            output_dir, config, overwrite, resume, command=COMMAND, identity=identity, outputs=(CURVE_FILE,)
+            output_dir,
+            config,
+            overwrite,
+            resume,
+            command=COMMAND,
+            identity=identity,
+            outputs=(CURVE_FILE,),
+            inputs={"--teacher": teacher_dir, "--student": student_dir},
         )
     accelerator.wait_for_everyone()
     student.to(accelerator.device).train()

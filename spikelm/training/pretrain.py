@@ -408,8 +408,25 @@ def run_identity(config: PretrainConfig) -> dict:
 
 def _check_output(output_dir: Path, config: PretrainConfig, overwrite: bool, resume: bool | str | None) -> None:
     """The refusals of :func:`_prepare_output`, read-only: run before the tokenizer and corpus are loaded."""
-    check_output_dir(output_dir, COMMAND, overwrite, identity=json.loads(json.dumps(run_identity(config))))
+    identity = json.loads(json.dumps(run_identity(config)))
+    check_output_dir(output_dir, COMMAND, overwrite, identity=identity, replaces=_replaced(overwrite, resume))
     _refuse_started_run(output_dir, overwrite, resume)
+
+
+def _replaced(overwrite: bool, resume, outputs: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """What ``--overwrite`` (not resuming) removes first: a previous run's own outputs (prepare_output_dir
+    refuses, deleting nothing, in a directory the command did not write)."""
+    if not overwrite or resume:
+        return ()
+    return (
+        "checkpoints",
+        "tensorboard",
+        "train_log.jsonl",
+        "metrics.json",
+        "model.safetensors",
+        TOKEN_COUNTS_FILE,
+        *outputs,
+    )
 
 
 def _refuse_started_run(output_dir: Path, overwrite: bool, resume) -> None:
@@ -429,19 +446,22 @@ def _prepare_output(
     command: str = COMMAND,
     identity: dict | None = None,
     outputs: tuple[str, ...] = (),
+    inputs: dict | None = None,
 ) -> None:
     """Refuse to touch a directory that holds something else, or a finished/started run without --resume.
 
     ``command``/``identity`` name another command's run (default: this one's); ``outputs``: more files that
-    ``--overwrite`` removes."""
+    ``--overwrite`` removes; ``inputs``: flag -> path the run reads (an output overlapping one is refused)."""
     identity = run_identity(config) if identity is None else identity
-    prepare_output_dir(output_dir, command, overwrite, identity=json.loads(json.dumps(identity)))
     _refuse_started_run(output_dir, overwrite, resume)
-    if overwrite and not resume:
-        for name in ("checkpoints", "tensorboard"):
-            shutil.rmtree(output_dir / name, ignore_errors=True)
-        for name in ("train_log.jsonl", "metrics.json", "model.safetensors", TOKEN_COUNTS_FILE, *outputs):
-            (output_dir / name).unlink(missing_ok=True)
+    prepare_output_dir(
+        output_dir,
+        command,
+        overwrite,
+        identity=json.loads(json.dumps(identity)),
+        inputs=inputs,
+        replaces=_replaced(overwrite, resume, outputs),
+    )
 
 
 def _peak_rss_mb() -> float:
