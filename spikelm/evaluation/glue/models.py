@@ -215,13 +215,6 @@ def _from_spikelm(name: str, task: GlueTask, changes: dict, eval_only: bool):
         model, info = SpikeLMForSequenceClassification.from_pretrained(
             name, config=config, ignore_mismatched_sizes=True, output_loading_info=True
         )
-    heads = ("classifier.", "bert.pooler.")  # a head for another task, or none (an MLM): replaced, see below
-    body = [k for k in [*info["missing_keys"], *(m[0] for m in info["mismatched_keys"])] if not k.startswith(heads)]
-    if body:
-        raise UserError(
-            f"--model {name}: its weights do not match its config.json ({body[0]} is missing or of another shape)"
-        )
-    check_model_state(model, f"--model {name}")
     warnings = []
     if not fits:
         with torch.no_grad():  # a head of the right shape but for another task is not kept either
@@ -243,11 +236,14 @@ def _from_spikelm(name: str, task: GlueTask, changes: dict, eval_only: bool):
             warnings.append(f"{what}: weights kept, every alpha re-initialises from the first training batch")
     encoder_problems = [
         k
-        for k in [*info["missing_keys"], *info["unexpected_keys"]]
+        for k in [*info["missing_keys"], *info["unexpected_keys"], *(m[0] for m in info["mismatched_keys"])]
         if k.startswith("bert.") and not k.startswith("bert.pooler.") and not k.endswith((".alpha", ".initialized"))
     ]
     if encoder_problems:
-        raise UserError(f"--model {name}: encoder weights missing or unexpected: {encoder_problems[:5]}")
+        raise UserError(
+            f"--model {name}: encoder weights missing, unexpected or of another shape: {encoder_problems[:5]}"
+        )
+    check_model_state(model, f"--model {name}")  # after the resets above: what the run will start from
     return model, f"SpikeLM checkpoint {name} ({saved_head})", warnings
 
 
