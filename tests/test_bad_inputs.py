@@ -792,3 +792,233 @@ def test_output_dir_tilde_is_the_home_directory_not_a_folder_named_tilde(paths, 
     target = home / flag_form[2:] if flag_form != "~" else home
     assert (target / "tokenizer.json").is_file()
     assert not (tmp_path / "~").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# numbers: one bounds table (spikelm.commands.argtypes.FLAG_BOUNDS), read before any fetch or allocation
+# ----------------------------------------------------------------------------------------------
+
+HUGE = str(2**70)  # beyond 64 bits
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["generate", "--model", "smollm2-135m", "--prompt", "hi", "--seed", HUGE], "--seed"),
+        (["generate", "--model", "smollm2-135m", "--prompt", "hi", "--seed", str(2**32)], "--seed"),
+        (["generate", "--model", "smollm2-135m", "--prompt", "hi", "--num-beams", "100000"], "--num-beams"),
+        (["generate", "--model", "smollm2-135m", "--prompt", "hi", "--max-new-tokens", HUGE], "--max-new-tokens"),
+        (["generate", "--model", "smollm2-135m", "--prompt", "hi", "--top-k", HUGE, "--do-sample"], "--top-k"),
+        (["perplexity", "--model", "smollm2-135m", "--text-file", FILE, "--batch-size", "10000000"], "--batch-size"),
+        (["perplexity", "--model", "smollm2-135m", "--text-file", FILE, "--max-length", HUGE], "--max-length"),
+        (["perplexity", "--model", "smollm2-135m", "--text-file", FILE, "--stride", HUGE], "--stride"),
+        (["benchmark", "--generation", "--model", "smollm2-135m", "--threads", "100000"], "--threads"),
+        (["benchmark", "--generation", "--model", "smollm2-135m", "--batch-sizes", "1", HUGE], "--batch-sizes"),
+        (["benchmark", "--generation", "--model", "smollm2-135m", "--prompt-lengths", HUGE], "--prompt-lengths"),
+        (["benchmark", "--repeats", HUGE], "--repeats"),
+        (["spikify", "--model", "smollm2-135m", "--num-steps", "1024"], "--num-steps"),
+        (["spikify", "--model", "smollm2-135m", "--eval-tokens", "500000000"], "--eval-tokens"),
+        (["spikify", "--model", "smollm2-135m", "--calibration-sequences", HUGE], "--calibration-sequences"),
+        (["spikify", "--model", "smollm2-135m", "--calibration-length", HUGE], "--calibration-length"),
+        (["demo", "--eval-tokens", "500000000"], "--eval-tokens"),
+        (["demo", "--finetune-epochs", HUGE], "--finetune-epochs"),
+        (["finetune", "--model", "minilm", "--task", "sst2", "--seed", HUGE], "--seed"),
+        (["finetune", "--model", "minilm", "--task", "sst2", "--num-steps", "100000"], "--num-steps"),
+        (["finetune", "--model", "minilm", "--task", "sst2", "--epochs", HUGE], "--epochs"),
+        (["pretrain", "--max-steps", HUGE], "--max-steps"),
+        (["reproduce", "--suite", SUITE, "--seeds", f"0,{HUGE}"], "--seeds"),
+        (["reproduce", "--pretrain-steps", HUGE], "--pretrain-steps"),
+        (["energy", "--model", "smollm2-135m", "--text-file", FILE, "--max-sequences", HUGE], "--max-sequences"),
+    ],
+)
+def test_a_number_beyond_its_bound_is_refused_before_any_fetch(paths, tmp_path, capsys, monkeypatch, argv, flag):
+    from spikelm.data import fetch
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError("fetched before the bound was checked")
+
+    monkeypatch.setattr(fetch, "_run", no_fetch)
+    monkeypatch.setenv("SPIKELM_CACHE", str(tmp_path / "empty_cache"))
+    out = tmp_path / "out"
+    try:
+        status = main([*_fill(argv, paths), "--output-dir", str(out)])
+    except SystemExit as exit:
+        status = exit.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert flag in lines[0] and ("must be between" in lines[0] or "must be at most" in lines[0]), lines[0]
+    assert not out.exists() and not (tmp_path / "empty_cache" / "packages").exists()
+
+
+@pytest.mark.parametrize("steps", [65, 1000, 10**6])
+def test_num_steps_in_a_config_has_an_upper_bound(steps):
+    """The configs' one check (a saved config.json or --set num_steps) refuses what would allocate T copies."""
+    from spikelm import SpikeLMConfig
+    from spikelm.conversion import SpikeLMConversionConfig
+
+    with pytest.raises(ValueError, match=r"num_steps must be an integer in \[1, 64\]"):
+        SpikeLMConfig(num_steps=steps)
+    with pytest.raises(ValueError, match=r"num_steps must be an integer in \[1, 64\]"):
+        SpikeLMConversionConfig(neuron="elastic", num_steps=steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# text inputs: the whole file is UTF-8 (one check, argtypes.check_utf8), a regular file, offsets of the file
+# ----------------------------------------------------------------------------------------------
+
+BLOCK = 1 << 20  # check_utf8 reads in blocks of this size
+
+
+def _text_with_bad_byte(path: Path, where: int) -> Path:
+    """Valid text with one byte that is not UTF-8 at offset ``where`` (-1: a character cut short at the end)."""
+    line = b"plain words on a line\n"
+    size = max(where + 100, 4096)
+    data = bytearray((line * (size // len(line) + 1))[:size])
+    if where == -1:
+        data += "é".encode()[:1]  # the first byte of a two-byte character, then the end
+    else:
+        data[where] = 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+TEXT_FLAGS = {  # command -> argv, with {text} where the text file goes
+    "pretrain": ["pretrain", "--text-file", "{text}"],
+    "perplexity": ["perplexity", "--model", "smollm2-135m", "--text-file", "{text}"],
+    "spikify": ["spikify", "--model", "smollm2-135m", "--calibration-text", "{text}"],
+    "demo": ["demo", "--text-file", "{text}"],
+    "benchmark": ["benchmark", "--generation", "--model", "smollm2-135m", "--calibration-text", "{text}"],
+    "data prepare-corpus": ["data", "prepare-corpus", "--text-file", "{text}"],
+    "energy": ["energy", "--model", "smollm2-135m", "--text-file", "{text}"],
+}
+
+
+def _one_line(argv, capsys, command) -> str:
+    try:
+        status = main(argv)
+    except SystemExit as exit:
+        status = exit.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"spikelm {command}: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", [0, 70_000, BLOCK - 1, BLOCK + 5, -1])
+@pytest.mark.parametrize("command", sorted(TEXT_FLAGS))
+def test_a_bad_byte_anywhere_in_a_text_input_is_refused_at_its_offset(tmp_path, capsys, command, where):
+    text = _text_with_bad_byte(tmp_path / "text.txt", where)
+    offset = text.stat().st_size - 1 if where == -1 else where
+    argv = [a.replace("{text}", str(text)) for a in TEXT_FLAGS[command]]
+    line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, command)
+    assert f"{text} is not UTF-8 text" in line and f"at byte {offset}" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_character_split_across_read_blocks_is_valid_text():
+    import tempfile
+
+    from spikelm.commands.argtypes import text_file
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "text.txt"
+        path.write_bytes(b"a" * (BLOCK - 1) + "é".encode() + b"\n")  # its two bytes straddle the first block
+        assert text_file(str(path)) == str(path)
+
+
+@pytest.mark.parametrize("command", ["pretrain", "perplexity", "demo", "data prepare-corpus"])
+def test_a_pipe_as_a_text_file_is_refused_without_waiting(tmp_path, capsys, command):
+    import os
+    import signal
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    argv = [a.replace("{text}", str(fifo)) for a in TEXT_FLAGS[command]]
+    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("the argument check waited on a pipe"))
+    signal.alarm(30)
+    try:
+        line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, command)
+    finally:
+        signal.alarm(0)
+    assert "not a regular file" in line and str(fifo) in line, line
+
+
+def test_a_tsv_with_a_bad_byte_names_its_offset_in_the_file(paths, tmp_path, capsys):
+    data = tmp_path / "sst"
+    data.mkdir()
+    header, row = b"sentence\tlabel\n", b"a good film\t1\n"
+    body = header + row * 10_000  # 140 kB: past any read buffer
+    bad = len(body) - 5
+    (data / "train.tsv").write_bytes(body[:bad] + b"\xff" + body[bad + 1 :])
+    (data / "dev.tsv").write_bytes(header + row * 4)
+    argv = ["finetune", "--model", paths["clf"], "--task", "sst2", "--data-dir", str(data), "--max-length", "32"]
+    line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, "finetune")
+    assert "train.tsv is not UTF-8" in line and f"at byte {bad}" in line, line
+
+
+@pytest.mark.parametrize("prompt", ["caf\udce9", "\udcff", "ok then \udc80"])
+def test_a_prompt_that_is_not_utf8_is_one_line(paths, tmp_path, capsys, prompt):
+    argv = ["generate", "--model", paths["gpt2"], "--prompt", "fine", "--prompt", prompt]
+    line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, "generate")
+    assert "--prompt" in line and "not UTF-8" in line, line
+
+
+# ----------------------------------------------------------------------------------------------
+# vocabulary and positions: one check (spikelm.data.tokenization.check_fits)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["generate", "perplexity"])
+@pytest.mark.parametrize("model", ["llama", "elastic", "gif"])
+def test_a_tokenizer_larger_than_the_embedding_is_refused(converted, paths, tmp_path, capsys, command, model):
+    text = str(converted / "cal.txt")
+    argv = {
+        "generate": ["generate", "--prompt", "the quick"],
+        "perplexity": ["perplexity", "--text-file", text, "--max-length", "16"],
+    }[command]
+    argv += ["--model", str(converted / model), "--tokenizer", paths["clf"]]  # bert-base-uncased: 30,522 tokens
+    line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, command)
+    assert f"--tokenizer {paths['clf']} has 30522 tokens" in line and "vocab_size 12" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("vocab_size", [10, 1000, 30521])
+def test_set_vocab_size_smaller_than_the_tokenizer_is_refused(paths, tmp_path, capsys, vocab_size):
+    argv = ["pretrain", "--text-file", paths["file"], "--max-steps", "1", "--set", f"vocab_size={vocab_size}"]
+    line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, "pretrain")
+    assert "--set vocab_size" in line and f"vocab_size {vocab_size}" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("length", [None, "65", "4096"])  # None: the default 512
+def test_a_calibration_length_beyond_the_positions_is_refused(converted, tmp_path, capsys, length):
+    argv = ["spikify", "--model", str(converted / "llama"), "--calibration-text", str(converted / "cal.txt")]
+    argv += ["--eval-tokens", "0"] + (["--calibration-length", length] if length else [])
+    line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, "spikify")
+    assert f"--calibration-length {length or 512} exceeds" in line and "64 positions" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        (torch.tensor([[1, 2, 12]]), r"ids 1\.\.12"),
+        (torch.tensor([[-1, 2, 3]]), r"ids -1\.\.3"),
+        (torch.tensor([[0, 10**9]]), r"in \[0, 12\)"),
+        (torch.ones(1, 65, dtype=torch.long), "calibration length 65 exceeds"),
+    ],
+)
+def test_spikify_from_python_refuses_ids_the_model_does_not_have(converted, ids, message):
+    from transformers import AutoModelForCausalLM
+
+    import spikelm
+
+    model = AutoModelForCausalLM.from_pretrained(converted / "llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        spikelm.spikify(model, calibration=ids)
+    with pytest.raises(ValueError, match=message):
+        spikelm.spikify(model, calibration=[torch.tensor([[1, 2]]), ids])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any change

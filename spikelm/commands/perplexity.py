@@ -59,7 +59,7 @@ def run(args) -> int:
 
     text = read_text(args.text_file)
     spec = inspect_model(args.model, need_causal=True)
-    tokenizer = load_tokenizer(spec.path, args.tokenizer)
+    tokenizer = load_tokenizer(spec.path, args.tokenizer, spec.config)
     unigram = load_unigram_log_probs(spec.path, spec.config.vocab_size)
     limit = spec.config.max_position_embeddings
     window = limit if args.max_length is None else args.max_length

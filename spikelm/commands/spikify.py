@@ -149,6 +149,7 @@ def run(args) -> int:
     from spikelm.conversion.placement import family_of
     from spikelm.conversion.recipes import calibration_batches, recipe
     from spikelm.data.pretrained import resolve_model_source
+    from spikelm.data.tokenization import check_fits
     from spikelm.outputs import new_files_follow_umask, write_json_atomic
 
     _check_args(args)
@@ -169,6 +170,8 @@ def run(args) -> int:
         family_of(model)
     except ValueError as err:
         raise UserError(f"--model {args.model}: {err}") from None
+    what = f"--model {args.model}"
+    check_fits(model.config, tokenizer, args.calibration_length, what=what, length_flag="--calibration-length")
     config = _fit_transform(config, model, set(_overrides(args.set)))
     batches, calibration = calibration_batches(
         tokenizer, args.calibration_text, args.calibration_sequences, args.calibration_length

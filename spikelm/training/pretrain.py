@@ -118,11 +118,15 @@ def model_config(config: PretrainConfig, tokenizer) -> SpikeLMConfig:
 def build_model(config: PretrainConfig, tokenizer):
     """A randomly initialised ``SpikeLMForCausalLM`` (clm), ``SpikeLMForPreTraining`` (mlm-nsp) or
     ``SpikeLMForMaskedLM`` (mlm)."""
+    from spikelm.data.tokenization import check_fits
     from spikelm.models.modeling_spikelm import SpikeLMForMaskedLM, SpikeLMForPreTraining
     from spikelm.models.modeling_spikelm_causal import SpikeLMForCausalLM
 
     classes = {"clm": SpikeLMForCausalLM, "mlm-nsp": SpikeLMForPreTraining, "mlm": SpikeLMForMaskedLM}
-    return classes[config.objective](model_config(config, tokenizer))
+    shape = model_config(config, tokenizer)
+    what = "the model (--set vocab_size)" if "vocab_size" in config.model else "the model"
+    check_fits(shape, tokenizer, what=what, tokenizer_flag=f"the tokenizer ({config.tokenizer or 'the default'})")
+    return classes[config.objective](shape)
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
