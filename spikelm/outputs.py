@@ -240,6 +240,14 @@ def _lock(path: Path, command: str, created: bool) -> None:
     _HELD[key] = (lock, created)
 
 
+def lock_existing_output_dir(path: str | Path, command: str) -> None:
+    """Take ``path``'s output lock now, before reading what is in it (``--resume`` reads checkpoints that a job still
+    running there would be writing): the same lock :func:`prepare_output_dir` takes later, held once."""
+    path = _output_path(path)
+    if path.is_dir() and is_main_process():
+        _lock(path, command, created=False)
+
+
 def _forget(path: Path, created: bool) -> None:
     if created:
         shutil.rmtree(path, ignore_errors=True)

@@ -63,7 +63,8 @@ import torch.nn.functional as F
 
 from ..errors import UserError, loading_in_one_line
 from ..evaluation.loading import load_pretrained
-from ..outputs import new_files_follow_umask, write_json_atomic
+from ..outputs import lock_existing_output_dir, new_files_follow_umask, write_json_atomic
+from .checkpoints import INPUTS_FILE, check_inputs
 from .presets import ConfigError, _coerce, _number, check_optimisation_fields, load_config_file, parse_value
 from .pretrain import (
     PretrainingData,
@@ -71,8 +72,7 @@ from .pretrain import (
     _peak_rss_mb,
     _prepare_output,
     _truncate_log,
-    checkpoint_root,
-    latest_checkpoint,
+    find_resume_checkpoint,
     linear_schedule,
     load_checkpoint,
     parameter_groups,
@@ -562,10 +562,11 @@ def run_distillation(
             )
     resume_path = None
     if resume:
-        resume_path = latest_checkpoint(output_dir) if resume is True else Path(resume)
-        if resume_path is None or not (resume_path / "trainer_state.json").is_file():
-            raise DistillError(f"--resume: no checkpoint found ({resume_path or checkpoint_root(output_dir)})")
+        lock_existing_output_dir(output_dir, COMMAND)  # before reading checkpoints a running job may be writing
+        resume_path = find_resume_checkpoint(output_dir, resume)
         _check_checkpoint(resume_path, student_config)
+    data_files = {"--teacher": teacher_dir, "--text-file": config.text_file, "eval_text": config.eval_text}
+    inputs = check_inputs(output_dir, data_files, bool(resume))
     try:
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     except (OSError, ValueError) as err:
@@ -594,6 +595,8 @@ def run_distillation(
         )
 
     teacher, student = _load_models(teacher_dir, student_dir, config, mixed)
+    if resume_path is not None:
+        resume_path = find_resume_checkpoint(output_dir, resume, student)  # its weights must be this student's
     set_trainable(student, config)
     # every input is checked: only now is the output directory touched
     if accelerator.is_main_process:
@@ -650,6 +653,7 @@ def run_distillation(
 
         writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=state.step + 1 if state.step else None)
         write_json_atomic(output_dir / CONFIG_FILE, config.to_dict())
+        write_json_atomic(output_dir / INPUTS_FILE, inputs)
         _truncate_log(log_path, state.step)
         if state.step == 0:
             log_path.unlink(missing_ok=True)

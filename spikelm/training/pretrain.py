@@ -19,6 +19,7 @@ dropout draws from the torch RNG, whose state every process saves and restores.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from spikelm.evaluation.perplexity import TOKEN_COUNTS_FILE, unigram_log_probs
 from spikelm.models.configuration_spikelm import SpikeLMConfig
 from spikelm.outputs import (
     check_output_dir,
+    lock_existing_output_dir,
     new_files_follow_umask,
     prepare_output_dir,
     write_json_atomic,
@@ -49,6 +51,8 @@ from spikelm.outputs import (
 )
 
 from .checkpoints import (
+    INPUTS_FILE,
+    check_inputs,
     check_resume_settings,
     first_complete_checkpoint,
     load_tensors,
@@ -481,14 +485,18 @@ def _truncate_log(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def find_resume_checkpoint(output_dir: Path, resume: bool | str) -> Path:
+def find_resume_checkpoint(output_dir: Path, resume: bool | str, model=None) -> Path:
     """The checkpoint ``resume`` names (True: the newest complete one in ``output_dir``, falling back past a
-    damaged latest one with a warning)."""
+    damaged latest one with a warning). ``model``: the model being resumed, whose weights a checkpoint must hold."""
+    verify = functools.partial(verify_checkpoint, model=model)
     if resume is True:
         root = checkpoint_root(output_dir)
         pointer = root / "latest"
-        latest = root / pointer.read_text().strip() if pointer.is_file() else None
-        path = first_complete_checkpoint(resumable_checkpoints(root, latest))
+        try:
+            latest = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+        except (OSError, UnicodeDecodeError):
+            latest = None  # a damaged pointer: the newest complete checkpoint is found without it
+        path = first_complete_checkpoint(resumable_checkpoints(root, latest), verify)
         if path is None:
             raise PretrainError(f"--resume: no checkpoint found in {root}")
         return path
@@ -496,7 +504,7 @@ def find_resume_checkpoint(output_dir: Path, resume: bool | str) -> Path:
     if not (path / "trainer_state.json").is_file():
         raise PretrainError(f"--resume {path}: not a checkpoint directory (no trainer_state.json)")
     try:
-        verify_checkpoint(path)
+        verify(path)
     except Exception as err:
         if isinstance(err, UserError):
             raise
@@ -553,8 +561,10 @@ def run_pretraining(
     output_dir = Path(output_dir)
     resume_path = None
     if resume:
+        lock_existing_output_dir(output_dir, COMMAND)  # before reading checkpoints a running job may be writing
         resume_path = find_resume_checkpoint(output_dir, resume)
         check_resumed_config(config, output_dir, resume_path)
+    inputs = check_inputs(output_dir, {"--text-file": config.text_file}, bool(resume))
     if accelerator.is_main_process:  # a directory that will be refused is refused before any long step
         _check_output(output_dir, config, overwrite, resume)
 
@@ -567,6 +577,7 @@ def run_pretraining(
     model = build_model(config, tokenizer)
     if resume_path is not None:
         check_checkpoint_shape(resume_path, model.config)
+        resume_path = find_resume_checkpoint(output_dir, resume, model)  # its weights must be this model's
     # every input is checked: only now is the output directory touched
     if accelerator.is_main_process:
         _prepare_output(output_dir, config, overwrite, resume)
@@ -604,6 +615,7 @@ def run_pretraining(
 
         writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=state.step + 1 if state.step else None)
         write_json_atomic(output_dir / "pretrain_config.json", config.to_dict())
+        write_json_atomic(output_dir / INPUTS_FILE, inputs)
         _truncate_log(log_path, state.step)
         if state.step == 0:
             log_path.unlink(missing_ok=True)
