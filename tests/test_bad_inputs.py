@@ -1022,3 +1022,203 @@ def test_spikify_from_python_refuses_ids_the_model_does_not_have(converted, ids,
     with pytest.raises(ValueError, match=message):
         spikelm.spikify(model, calibration=[torch.tensor([[1, 2]]), ids])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any change
+
+
+# ----------------------------------------------------------------------------------------------
+# resume: a checkpoint is checked for what it holds (training.checkpoints.verify_checkpoint), a damaged latest one
+# falls back to the previous good one; the lock is taken before checkpoints are read; inputs are the same content
+# ----------------------------------------------------------------------------------------------
+
+RESUME_MICRO = [
+    a
+    for s in (
+        "hidden_size=32",
+        "num_hidden_layers=1",
+        "num_attention_heads=2",
+        "intermediate_size=64",
+        "max_length=32",
+        "batch_size=4",
+        "eval_examples=8",
+        "log_every=1",
+        "save_every=2",
+    )
+    for a in ("--set", s)
+]
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+    """A micro pretraining run of 4 steps (checkpoints at steps 2 and 4) on a text file of the user's."""
+    from spikelm.data.tokenization import sample_text_path
+
+    root = tmp_path_factory.mktemp("resumable")
+    text = root / "text.txt"
+    text.write_text(Path(sample_text_path()).read_text())
+    argv = ["pretrain", "--text-file", str(text), "--no-progress", "--max-steps", "4", *RESUME_MICRO]
+    assert main([*argv, "--output-dir", str(root / "run")]) == 0
+    return root
+
+
+@pytest.fixture
+def resumable(pretrained_run, tmp_path):
+    shutil.copytree(pretrained_run, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def _resume(root: Path, *flags):
+    return main(
+        ["pretrain", "--output-dir", str(root / "run"), "--resume", "--no-progress", "--max-steps", "5", *flags]
+    )
+
+
+def _edit_json(content):
+    return lambda path: path.write_text(json.dumps(content) if not isinstance(content, str) else content)
+
+
+def _edit_state(change):
+    def edit(path):
+        state = json.loads(path.read_text())
+        change(state)
+        path.write_text(json.dumps(state))
+
+    return edit
+
+
+def _edit_weights(change):
+    def edit(path):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(path))
+        change(tensors)
+        save_file(tensors, str(path))
+
+    return edit
+
+
+def _first_key(tensors):
+    return sorted(tensors)[0]
+
+
+DAMAGED = {  # file of the latest checkpoint -> an edit that leaves it readable but wrong
+    "trainer state {}": ("trainer_state.json", _edit_json({})),
+    "trainer state a list": ("trainer_state.json", _edit_json([1, 2])),
+    "trainer state negative step": ("trainer_state.json", _edit_state(lambda s: s.update(step=-3))),
+    "trainer state step text": ("trainer_state.json", _edit_state(lambda s: s.update(step="4"))),
+    "trainer state unknown field": ("trainer_state.json", _edit_state(lambda s: s.update(rogue=1))),
+    "no config": ("config.json", lambda path: path.unlink()),
+    "config a list": ("config.json", _edit_json("[1]")),
+    "optimizer a plain tensor": ("optimizer.pt", lambda path: torch.save(torch.zeros(3), path)),
+    "optimizer without scheduler": ("optimizer.pt", lambda path: torch.save({"optimizer": {}}, path)),
+    "rng a plain tensor": ("rng-0.pt", lambda path: torch.save(torch.zeros(3), path)),
+    "foreign weight": ("model.safetensors", _edit_weights(lambda t: t.update(rogue=torch.zeros(2)))),
+    "weight missing": ("model.safetensors", _edit_weights(lambda t: t.pop(_first_key(t)))),
+    "weight of another shape": (
+        "model.safetensors",
+        _edit_weights(lambda t: t.update({_first_key(t): torch.zeros(3)})),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_a_readable_but_wrong_latest_checkpoint_falls_back_to_the_previous_good_one(resumable, capsys, case):
+    from spikelm.training.checkpoints import read_jsonl
+
+    name, edit = DAMAGED[case]
+    edit(resumable / "run" / "checkpoints" / "step-00000004" / name)
+    with pytest.warns(UserWarning, match=r"step-00000004 \(.*\) is damaged: resuming from the previous complete"):
+        assert _resume(resumable) == 0, capsys.readouterr().err
+    assert "resumed from" in capsys.readouterr().out
+    assert [r["step"] for r in read_jsonl(resumable / "run" / "train_log.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_every_checkpoint_damaged_is_one_line(resumable, capsys):
+    for step in ("step-00000002", "step-00000004"):
+        (resumable / "run" / "checkpoints" / step / "trainer_state.json").write_text("{}")
+    line = _one_line(["pretrain", "--output-dir", str(resumable / "run"), "--resume"], capsys, "pretrain")
+    assert "every checkpoint is damaged" in line and "trainer_state.json" in line, line
+
+
+def test_resume_takes_the_lock_before_reading_checkpoints(resumable, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    from spikelm.training import checkpoints
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom spikelm.outputs import lock_existing_output_dir\n"
+            "lock_existing_output_dir(sys.argv[1], 'pretrain')\nprint('locked', flush=True)\ntime.sleep(60)",
+            str(resumable / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(checkpoints, "verify_checkpoint", lambda *a, **k: pytest.fail("read a checkpoint"))
+        line = _one_line(["pretrain", "--output-dir", str(resumable / "run"), "--resume"], capsys, "pretrain")
+        assert "in use by another spikelm process" in line and f"pid {holder.pid}" in line, line
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("change", ["appended", "replaced", "one byte"])
+def test_resume_refuses_a_text_file_whose_content_changed(tmp_path, capsys, change):
+    from spikelm.data.tokenization import sample_text_path
+
+    text = tmp_path / "text.txt"
+    original = Path(sample_text_path()).read_text()
+    text.write_text(original)
+    argv = ["pretrain", "--text-file", str(text), "--no-progress", "--max-steps", "2", *RESUME_MICRO]
+    assert main([*argv, "--output-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "run" / "input_hashes.json").read_text())["--text-file"]["path"] == str(text)
+    edited = {"appended": original + "\n\nmore words", "replaced": original.upper(), "one byte": "X" + original[1:]}
+    text.write_text(edited[change])  # the same path, new content
+    argv = ["pretrain", "--output-dir", str(tmp_path / "run"), "--resume", "--max-steps", "3"]
+    line = _one_line(argv, capsys, "pretrain")
+    assert f"--text-file {text} is not what the run started with" in line, line
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache: an unpacked (or converted) tree is checked against what was recorded at unpacking, on every use
+# ----------------------------------------------------------------------------------------------
+
+
+def _edit_file(root: Path):
+    (root / "pkg" / "data" / "model.bin").write_bytes(b"tampered")
+
+
+def _add_file(root: Path):
+    (root / "pkg" / "evil.py").write_text("print('injected')")
+
+
+def _remove_file(root: Path):
+    (root / "pkg" / "__init__.py").unlink()
+
+
+def _old_marker(root: Path):
+    (root / ".complete").write_text("pkg-1.0-py3-none-any.whl\n")  # what an older spikelm wrote: no file hashes
+
+
+@pytest.mark.parametrize("tamper", [_edit_file, _add_file, _remove_file, _old_marker], ids=lambda f: f.__name__)
+def test_an_unpacked_tree_edited_after_unpacking_is_unpacked_again(tmp_path, tamper):
+    import zipfile
+
+    from spikelm.data.fetch import tree_intact, unpack
+
+    archive = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("pkg/data/model.bin", b"weights")
+        z.writestr("pkg/__init__.py", "")
+    root = unpack(archive)
+    assert tree_intact(root)
+    tamper(root)
+    assert not tree_intact(root)
+    assert unpack(archive) == root and tree_intact(root)
+    assert (root / "pkg" / "data" / "model.bin").read_bytes() == b"weights"
+    assert not (root / "pkg" / "evil.py").exists() and (root / "pkg" / "__init__.py").is_file()
