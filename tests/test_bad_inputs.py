@@ -644,7 +644,7 @@ UNLOADABLE = {
         lambda c: c.update(vocab_size=7),
         None,
         None,
-        ("embed_tokens", "vocab_size is 7", "the student over 7"),
+        ("embed_tokens", "vocab_size 7", "the student over 7"),
     ),
     "no weights file": ("elastic", None, None, _no_weights, "cannot be loaded"),
     "model.safetensors a directory": ("llama", None, None, _weights_a_directory, "cannot be loaded"),
@@ -1222,3 +1222,70 @@ def test_an_unpacked_tree_edited_after_unpacking_is_unpacked_again(tmp_path, tam
     assert unpack(archive) == root and tree_intact(root)
     assert (root / "pkg" / "data" / "model.bin").read_bytes() == b"weights"
     assert not (root / "pkg" / "evil.py").exists() and (root / "pkg" / "__init__.py").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# teachers: finetune --teacher must be a sequence classifier; distill's teacher is not the student itself
+# ----------------------------------------------------------------------------------------------
+
+
+def _save_teacher(kind: str, directory: Path) -> Path:
+    from transformers import BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel
+
+    from spikelm import SpikeLMConfig, SpikeLMForCausalLM
+
+    vocab = 30522  # the student's (bert-base-uncased)
+    small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    model = {
+        "causal LM": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=16, n_layer=1, n_head=2)),
+        "masked LM": lambda: BertForMaskedLM(BertConfig(vocab_size=vocab, **small)),
+        "encoder without a head": lambda: BertModel(BertConfig(vocab_size=vocab, **small)),
+        "causal SpikeLM": lambda: SpikeLMForCausalLM(SpikeLMConfig(vocab_size=vocab, num_steps=2, **small)),
+    }[kind]()
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["causal LM", "masked LM", "encoder without a head", "causal SpikeLM"])
+def test_finetune_teacher_that_is_not_a_classifier_is_refused(paths, tmp_path, capsys, kind):
+    teacher = _save_teacher(kind, tmp_path / "teacher")
+    capsys.readouterr()  # save_pretrained's progress bar
+    argv = ["finetune", "--model", paths["clf"], "--task", "sst2", "--data-dir", paths["sst"], "--max-length", "32"]
+    line = _one_line([*argv, "--teacher", str(teacher), "--output-dir", str(tmp_path / "out")], capsys, "finetune")
+    assert f"--teacher {teacher}" in line and "not a sequence classifier" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spelling", ["same", "trailing slash", "dot segments", "a link to it"])
+def test_distill_with_the_student_as_its_own_teacher_is_refused(converted, tmp_path, capsys, spelling):
+    model = converted / "llama"
+    if spelling == "a link to it":
+        (tmp_path / "link").symlink_to(model)
+    student = {
+        "same": str(model),
+        "trailing slash": f"{model}/",
+        "dot segments": f"{model}/../{model.name}",
+        "a link to it": str(tmp_path / "link"),
+    }[spelling]
+    argv = ["distill", "--teacher", str(model), "--student", student, "--text-file", str(converted / "cal.txt")]
+    line = _one_line([*argv, "--set", "max_length=16", "--output-dir", str(tmp_path / "out")], capsys, "distill")
+    assert "--teacher and --student are the same model" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_resume_refuses_a_teacher_whose_weights_changed(converted, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(converted / "llama", teacher)
+    student = converted / "elastic"
+    argv = ["distill", "--teacher", str(teacher), "--student", str(student), "--text-file", str(converted / "cal.txt")]
+    argv += ["--no-progress", "--set", "max_length=16", "--set", "batch_size=2", "--set", "save_every=1"]
+    argv += ["--set", "eval_examples=2", "--output-dir", str(tmp_path / "out")]
+    assert main([*argv, "--max-steps", "1"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    weights = load_file(str(teacher / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 2
+    save_file(weights, str(teacher / "model.safetensors"), metadata={"format": "pt"})  # same path, new teacher
+    line = _one_line([*argv, "--max-steps", "2", "--resume"], capsys, "distill")
+    assert f"--teacher {teacher} is not what the run started with" in line, line
