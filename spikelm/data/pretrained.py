@@ -167,7 +167,6 @@ def gguf_to_safetensors(gguf_file: Path, output_dir: Path, source: dict) -> None
         "dtype": "float32",
         "check": f"reloaded logits on {CHECK_PROMPT!r} identical to the GGUF-loaded model's",
     }
-    info["files"] = tree_manifest(output_dir, SOURCE_FILE)  # checked on every use (tree_intact)
     (output_dir / SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
 
@@ -200,6 +199,9 @@ def smollm2_dir() -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{SMOLLM2_NAME}-") as tmp:
             staging = Path(tmp) / "model"
             gguf_to_safetensors(gguf_file, staging, source)
+            info = json.loads((staging / SOURCE_FILE).read_text())
+            info["files"] = tree_manifest(staging, SOURCE_FILE)  # checked on every use (tree_intact)
+            (staging / SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
             if target.exists():  # an incomplete or edited directory (or one an older spikelm wrote)
                 shutil.rmtree(target)
             os.replace(staging, target)
