@@ -1289,3 +1289,25 @@ def test_distill_resume_refuses_a_teacher_whose_weights_changed(converted, tmp_p
     save_file(weights, str(teacher / "model.safetensors"), metadata={"format": "pt"})  # same path, new teacher
     line = _one_line([*argv, "--max-steps", "2", "--resume"], capsys, "distill")
     assert f"--teacher {teacher} is not what the run started with" in line, line
+
+
+@pytest.mark.parametrize("layout", ["one file", "a directory of files"])
+@pytest.mark.parametrize("command", ["pretrain", "perplexity", "data prepare-corpus"])
+def test_a_text_input_too_large_to_read_whole_is_refused_before_reading(tmp_path, capsys, command, layout):
+    from spikelm.commands.argtypes import MAX_TEXT_BYTES
+
+    if layout == "one file":
+        text = tmp_path / "huge.txt"
+        with open(text, "wb") as f:  # sparse: no disk used, and never read
+            f.truncate(MAX_TEXT_BYTES + 1)
+    else:
+        text = tmp_path / "texts"
+        text.mkdir()
+        for i in range(3):
+            with open(text / f"part{i}.txt", "wb") as f:
+                f.truncate(MAX_TEXT_BYTES // 2)
+        if command != "perplexity":
+            pytest.skip("only perplexity's --text-file takes a directory")
+    argv = [a.replace("{text}", str(text)) for a in TEXT_FLAGS[command]]
+    line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, command)
+    assert str(text) in line and "GiB" in line and "read whole" in line, line
