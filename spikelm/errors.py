@@ -32,10 +32,12 @@ class MissingInputError(UserError, FileNotFoundError):
 
 
 @contextmanager
-def weights_refused_in_one_line(directory, flag: str = "--model"):
-    """Around a ``from_pretrained`` of a user's directory, weights that cannot be read become one line naming the
-    file: a ``.bin``/``.pt`` file that ``torch.load(weights_only=True)`` refuses (it holds Python objects; torch's
-    own message would suggest ``weights_only=False``) or a damaged ``.safetensors`` file (e.g. truncated)."""
+def loading_in_one_line(directory, flag: str = "--model"):
+    """Around a ``from_pretrained`` of a user's directory, every failure becomes one line naming the directory (or
+    the file) and the reason: a ``.bin``/``.pt`` file that ``torch.load(weights_only=True)`` refuses (it holds
+    Python objects; torch's own message would suggest ``weights_only=False``), a damaged ``.safetensors`` file
+    (e.g. truncated), and anything else ``from_pretrained`` raises on what it reads (a config field out of range
+    or of the wrong type, an unknown format version, tensors of the wrong shape, no weights file)."""
     path = Path(str(directory))
 
     def files(*suffixes) -> str:
@@ -48,10 +50,13 @@ def weights_refused_in_one_line(directory, flag: str = "--model"):
             yield
     except pickle.UnpicklingError:
         raise RefusedPickleError(f"{flag} {refused_pickle(files('.bin', '.pt', '.pth'))}") from None
+    except UserError:
+        raise
     except Exception as err:
-        if type(err).__name__ != "SafetensorError":  # safetensors' own type, not imported here
-            raise
-        raise UserError(
-            f"{flag} {files('.safetensors')} cannot be read ({' '.join(str(err).split())}): a damaged or truncated "
-            "safetensors file; save the model again"
-        ) from None
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        if type(err).__name__ == "SafetensorError":  # safetensors' own type, not imported here
+            raise UserError(
+                f"{flag} {files('.safetensors')} cannot be read ({reason}): a damaged or truncated safetensors file; "
+                "save the model again"
+            ) from None
+        raise UserError(f"{flag} {path} cannot be loaded: {reason}") from None

@@ -23,11 +23,22 @@ from spikelm.errors import UserError
 
 
 def cache_dir() -> Path:
-    """spikelm's cache: ``$SPIKELM_CACHE``, else ``$XDG_CACHE_HOME/spikelm``, else ``~/.cache/spikelm``."""
+    """spikelm's cache: ``$SPIKELM_CACHE``, else ``$XDG_CACHE_HOME/spikelm``, else ``~/.cache/spikelm``; created
+    if missing. A location that cannot hold it is one line naming the variable."""
     if os.environ.get("SPIKELM_CACHE"):
-        return Path(os.environ["SPIKELM_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "spikelm"
+        path, name = Path(os.environ["SPIKELM_CACHE"]).expanduser(), "SPIKELM_CACHE"
+    else:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        path, name = Path(base).expanduser() / "spikelm", "the default cache"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        usable = path.is_dir() and os.access(path, os.R_OK | os.W_OK | os.X_OK)
+        reason = "is not a writable directory"
+    except OSError as err:
+        usable, reason = False, f"cannot be created ({err.strerror or err})"
+    if not usable:
+        raise UserError(f"the spikelm cache {path} ({name}) {reason}; set SPIKELM_CACHE to a writable directory")
+    return path
 
 
 MARKER = "spikelm_run.json"
@@ -43,18 +54,26 @@ class OutputDirError(UserError):
     """An output directory that cannot be used as asked (the message says why and what to do)."""
 
 
-def prepare_output_dir(path: str | Path, command: str, overwrite: bool = False, identity: dict | None = None) -> Path:
+def prepare_output_dir(
+    path: str | Path,
+    command: str,
+    overwrite: bool = False,
+    identity: dict | None = None,
+    inputs: dict | None = None,
+    replaces: tuple[str, ...] = (),
+) -> Path:
     """Create ``path`` for the output of ``command``, refusing a directory that holds something else.
 
     A non-empty directory is accepted only if it was written by the same command (and, when
     ``identity`` is given, the same run: e.g. the same model shape), or with ``overwrite=True``.
-    Files already there are not deleted; the caller's writes replace its own files.
+    Files already there are not deleted; the caller's writes replace its own files. The rules every writer
+    shares: a directory holding a symbolic link is refused (a write would go through it, outside the directory);
+    ``inputs`` (flag -> path the command reads) may not overlap it (equal, inside or containing it: an
+    ``--overwrite`` would replace the input); ``replaces``: entries of a previous run of the same command that
+    are removed first, refused (never deleted) when the directory was not written by ``command``.
     """
-    if not str(path).strip():
-        raise OutputDirError("--output-dir is empty; give a directory")
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputDirError(f"--output-dir {path} exists and is not a directory")
+    path = _output_path(path)
+    check_no_overlap(path, inputs)
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -65,9 +84,14 @@ def prepare_output_dir(path: str | Path, command: str, overwrite: bool = False, 
         raise OutputDirError(f"--output-dir {path} is not writable")
     try:
         if not created:  # refuse someone else's directory before leaving so much as a lock file in it
-            _check_contents(path, command, overwrite, identity)
+            _check_contents(path, command, overwrite, identity, replaces)
         _lock(path, command, created)
-        _check_contents(path, command, overwrite, identity)  # again, under the lock
+        _check_contents(path, command, overwrite, identity, replaces)  # again, under the lock
+        for entry in _present(path, replaces):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
     except BaseException:
         _release(path, failed=True)
         raise
@@ -75,25 +99,82 @@ def prepare_output_dir(path: str | Path, command: str, overwrite: bool = False, 
     return path
 
 
-def check_output_dir(path: str | Path, command: str, overwrite: bool = False, identity: dict | None = None) -> None:
+def check_output_dir(
+    path: str | Path,
+    command: str,
+    overwrite: bool = False,
+    identity: dict | None = None,
+    inputs: dict | None = None,
+    replaces: tuple[str, ...] = (),
+) -> None:
     """:func:`prepare_output_dir`'s refusals, read-only (nothing created or locked): a command calls it before a
     long step so that a directory it will refuse is refused first."""
-    path = Path(path)
+    path = _output_path(path)
+    check_no_overlap(path, inputs)
     if path.exists() and not path.is_dir():
         raise OutputDirError(f"--output-dir {path} exists and is not a directory")
     if path.is_dir():
-        _check_contents(path, command, overwrite, identity)
+        _check_contents(path, command, overwrite, identity, replaces)
 
 
-def _check_contents(path: Path, command: str, overwrite: bool, identity: dict | None) -> None:
+def _output_path(path: str | Path) -> Path:
+    if not str(path).strip():
+        raise OutputDirError("--output-dir is empty; give a directory")
+    if "\x00" in str(path):
+        raise OutputDirError(f"--output-dir {str(path)!r} is not a path")
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"--output-dir {path} exists and is not a directory")
+    return path
+
+
+def check_no_overlap(path: str | Path, inputs: dict | None) -> None:
+    """Refuse an output directory equal to, inside, or containing an input (``inputs``: flag -> path): written
+    into, or replaced with ``--overwrite``, it would destroy what the command reads."""
+    out = Path(path).expanduser().resolve()
+    for flag, source in (inputs or {}).items():
+        if source is None or not Path(source).expanduser().exists():
+            continue
+        src = Path(source).expanduser().resolve()
+        if out == src or src in out.parents or out in src.parents:
+            how = "is" if out == src else "is inside" if src in out.parents else "contains"
+            raise OutputDirError(
+                f"--output-dir {path} {how} the input {flag} {source}; choose an output directory outside the "
+                "inputs (spikelm never writes over what it reads)"
+            )
+
+
+def _links(path: Path) -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(path):  # does not descend into linked directories
+        found += [Path(root) / name for name in (*dirs, *files) if os.path.islink(os.path.join(root, name))]
+    return found
+
+
+def _previous_run(path: Path) -> dict | None:
+    """The marker a previous spikelm run left in ``path`` (None if none, or not a JSON object)."""
+    try:
+        previous = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return previous if isinstance(previous, dict) else None
+
+
+def _present(path: Path, names: tuple[str, ...]) -> list[Path]:
+    return [path / n for n in names if (path / n).exists() or (path / n).is_symlink()]
+
+
+def _check_contents(
+    path: Path, command: str, overwrite: bool, identity: dict | None, replaces: tuple[str, ...] = ()
+) -> None:
+    links = _links(path)
+    if links:
+        raise OutputDirError(
+            f"--output-dir {path} holds a symbolic link ({links[0]} -> {os.readlink(links[0])}); spikelm never "
+            "writes through links: remove it or choose another directory"
+        )
     if any(p.name not in _BOOKKEEPING for p in path.iterdir()) and not overwrite:
-        marker = path / MARKER
-        previous = None
-        if marker.is_file():
-            try:
-                previous = json.loads(marker.read_text())
-            except json.JSONDecodeError:
-                previous = None
+        previous = _previous_run(path)
         if previous is None or previous.get("command") != command:
             what = (
                 f"the output of `spikelm {previous['command']}`"
@@ -108,10 +189,31 @@ def _check_contents(path: Path, command: str, overwrite: bool, identity: dict | 
                 f"--output-dir {path} holds a different `spikelm {command}` run ({previous.get('identity')}); "
                 "choose another directory or pass --overwrite"
             )
+    present = _present(path, replaces)  # removed by the caller: only a previous run's own, never someone else's
+    previous = _previous_run(path)
+    if present and (previous is None or previous.get("command") != command):
+        raise OutputDirError(
+            f"--output-dir {path} holds {', '.join(p.name for p in present)} that `spikelm {command}` did not write; "
+            "--overwrite replaces only a previous run's own files: move them away or choose another directory"
+        )
 
 
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0") or 0) == 0
+def is_main_process() -> bool:
+    """RANK 0, or no launcher. ``RANK`` counts only with a ``WORLD_SIZE`` above it (as torchrun sets them): a
+    stray or malformed value is refused rather than taken as "another process holds the lock"."""
+    rank, world = os.environ.get("RANK", "").strip(), os.environ.get("WORLD_SIZE", "").strip()
+    if not rank:
+        return True
+    if not rank.isdigit() or (world and not world.isdigit()):
+        raise OutputDirError(
+            f"RANK={rank!r} WORLD_SIZE={world!r}: expected non-negative integers (set by torchrun / accelerate launch)"
+        )
+    if (int(rank) > 0 and not world) or (world and int(rank) >= int(world)):
+        raise OutputDirError(
+            f"RANK={rank} without a WORLD_SIZE above it ({world or 'unset'}): only a launcher's worker processes may "
+            "skip the output lock; unset RANK"
+        )
+    return int(rank) == 0
 
 
 def _lock(path: Path, command: str, created: bool) -> None:
@@ -119,7 +221,7 @@ def _lock(path: Path, command: str, created: bool) -> None:
     if key in _HELD:  # prepared twice by one process (e.g. a library call inside a command): one lock
         return
     lock = None
-    if _is_main_process():
+    if is_main_process():
         from filelock import FileLock, Timeout
 
         lock = FileLock(str(path / LOCK_FILE), timeout=0)
@@ -136,6 +238,14 @@ def _lock(path: Path, command: str, created: bool) -> None:
             ) from None
         write_text_atomic(path / PID_FILE, f"{os.getpid()}\n")
     _HELD[key] = (lock, created)
+
+
+def lock_existing_output_dir(path: str | Path, command: str) -> None:
+    """Take ``path``'s output lock now, before reading what is in it (``--resume`` reads checkpoints that a job still
+    running there would be writing): the same lock :func:`prepare_output_dir` takes later, held once."""
+    path = _output_path(path)
+    if path.is_dir() and is_main_process():
+        _lock(path, command, created=False)
 
 
 def _forget(path: Path, created: bool) -> None:

@@ -551,3 +551,763 @@ def test_a_bad_cpu_kernels_switch_is_one_line_before_any_work(paths, capsys, tmp
     assert status == 2 and len(lines) == 1, lines
     assert lines[0].startswith("spikelm benchmark: error: SPIKELM_CPU_KERNELS='maybe'"), lines[0]
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Model directories that are readable but wrong: one loader (spikelm.evaluation.loading.load_pretrained) refuses
+# every load failure, and every disagreement between the config and the tensors, in one line naming the directory
+# ----------------------------------------------------------------------------------------------
+
+LLAMA_WORDS = sorted(set("the quick brown fox jumps over the lazy dog .".split()))
+ALPHA = "model.layers.0.mlp.input_neuron.alpha"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny LLaMA saved with save_pretrained, and its spikify conversions (elastic and GIF neurons)."""
+    from conftest import save_tiny_llama
+
+    root = tmp_path_factory.mktemp("converted")
+    save_tiny_llama(root / "llama", LLAMA_WORDS, max_position_embeddings=64)
+    (root / "cal.txt").write_text(
+        "".join("the quick brown fox jumps over the lazy dog . " * i + "\n\n" for i in range(1, 30))
+    )
+    for neuron in ("elastic", "gif"):
+        argv = ["spikify", "--model", str(root / "llama"), "--neuron", neuron, "--calibration-text"]
+        argv += [str(root / "cal.txt"), "--calibration-sequences", "2", "--calibration-length", "16"]
+        assert main([*argv, "--eval-tokens", "0", "--output-dir", str(root / neuron)]) == 0
+    return root
+
+
+def _tampered(source: Path, target: Path, config=None, tensors=None, files=None) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    if config is not None:
+        fields = json.loads((target / "config.json").read_text())
+        config(fields)
+        (target / "config.json").write_text(json.dumps(fields))
+    if tensors is not None:
+        state = load_file(str(target / "model.safetensors"))
+        tensors(state)
+        save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    if files is not None:
+        files(target)
+    return target
+
+
+def _quant(field, value):
+    return lambda c: c["quantization_config"].__setitem__(field, value)
+
+
+def _set(key, make):
+    return lambda t: t.__setitem__(key, make(t[key]))
+
+
+def _no_weights(d):
+    (d / "model.safetensors").unlink()
+
+
+def _weights_a_directory(d):
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").mkdir()
+
+
+# (source, config edit, tensor edit, file edit, expected in the line)
+UNLOADABLE = {
+    "num_steps edited": ("elastic", _quant("num_steps", 8), None, None, "do not match its config.json"),
+    "num_steps not a number": ("elastic", _quant("num_steps", "four"), None, None, "num_steps"),
+    "num_steps negative": ("elastic", _quant("num_steps", -2), None, None, "num_steps"),
+    "quantization_config a number": ("elastic", lambda c: c.update(quantization_config=5), None, None, "JSON object"),
+    "quantization_config a list": ("gif", lambda c: c.update(quantization_config=[1]), None, None, "JSON object"),
+    "gif_bits out of range": ("gif", _quant("gif_bits", 99), None, None, "bits must be"),
+    "format_version 0": ("gif", _quant("format_version", 0), None, None, "format_version 0"),
+    "format_version 99": ("elastic", _quant("format_version", 99), None, None, "format_version 99"),
+    "format_version text": ("elastic", _quant("format_version", "1"), None, None, "format_version"),
+    "alpha of another shape": ("elastic", None, _set(ALPHA, lambda a: torch.ones(7)), None, ALPHA),
+    "embedding of another shape": (
+        "elastic",
+        None,
+        _set("model.embed_tokens.weight", lambda w: w[:5]),
+        None,
+        "model.embed_tokens.weight",
+    ),
+    "saliency mask of another shape": (
+        "gif",
+        None,
+        _set("model.layers.0.mlp.input_neuron.salient", lambda m: m[:3]),
+        None,
+        "salient",
+    ),
+    "vocab_size edited": (
+        "llama",
+        lambda c: c.update(vocab_size=7),
+        None,
+        None,
+        ("embed_tokens", "vocab_size 7", "the student over 7"),
+    ),
+    "no weights file": ("elastic", None, None, _no_weights, "cannot be loaded"),
+    "model.safetensors a directory": ("llama", None, None, _weights_a_directory, "cannot be loaded"),
+    "architectures unknown": ("llama", lambda c: c.update(architectures=["NoSuchModel"]), None, None, "NoSuchModel"),
+    "architectures of another family": (
+        "llama",
+        lambda c: c.update(architectures=["GPT2LMHeadModel"]),
+        None,
+        None,
+        "GPT2LMHeadModel",
+    ),
+    "architectures not a model": (
+        "elastic",
+        lambda c: c.update(architectures=["LlamaTokenizer"]),
+        None,
+        None,
+        "LlamaTokenizer",
+    ),
+    # tampered but loadable state: the config and the tensors must agree, every value be possible
+    "alpha NaN": ("elastic", None, _set(ALPHA, lambda a: a * float("nan")), None, "NaN or infinite"),
+    "alpha infinite": ("elastic", None, _set(ALPHA, lambda a: a * float("inf")), None, "NaN or infinite"),
+    "alpha zero": ("elastic", None, _set(ALPHA, lambda a: a * 0), None, "not positive"),
+    "alpha negative": ("elastic", None, _set(ALPHA, lambda a: -a), None, "not positive"),
+    "alpha missing": ("elastic", None, lambda t: t.pop(ALPHA), None, "missing"),
+    "initialized cleared": (
+        "elastic",
+        None,
+        _set("model.layers.1.self_attn.key_neuron.initialized", torch.zeros_like),
+        None,
+        "not calibrated",
+    ),
+    "neuron edited gif": ("elastic", _quant("neuron", "gif"), None, None, "do not match its config.json"),
+    "neuron edited elastic": ("gif", _quant("neuron", "elastic"), None, None, "do not match its config.json"),
+    "embedding NaN": (
+        "gif",
+        None,
+        _set("model.embed_tokens.weight", lambda w: w.index_fill(0, torch.tensor([3]), float("nan"))),
+        None,
+        "NaN or infinite",
+    ),
+    "weight infinite (real-valued)": (
+        "llama",
+        None,
+        _set("model.layers.0.mlp.up_proj.weight", lambda w: w.index_fill(1, torch.tensor([0]), float("inf"))),
+        None,
+        "NaN or infinite",
+    ),
+}
+
+
+def _argv(command, model: str, tmp_path: Path, converted: Path) -> list[str]:
+    text = str(converted / "cal.txt")
+    return {
+        "generate": ["generate", "--model", model, "--prompt", "the quick", "--max-new-tokens", "2"],
+        "perplexity": ["perplexity", "--model", model, "--text-file", text, "--max-length", "16"],
+        "energy": ["energy", "--model", model, "--text-file", text, "--max-length", "16"],
+        "distill": [
+            *("distill", "--teacher", str(converted / "llama"), "--student", model, "--text-file", text),
+            *("--set", "max_length=16", "--no-progress"),
+        ],
+    }[command] + ["--output-dir", str(tmp_path / "out")]
+
+
+@pytest.mark.parametrize("case", sorted(UNLOADABLE))
+@pytest.mark.parametrize("command", ["generate", "perplexity", "energy", "distill"])
+def test_a_model_directory_that_cannot_load_as_saved_is_one_line(converted, tmp_path, capsys, command, case):
+    source, config, tensors, files, expected = UNLOADABLE[case]
+    if command == "distill" and source == "llama" and case.startswith("architectures"):
+        pytest.skip("distill names the student's family from its architectures (covered by the other commands)")
+    model = _tampered(converted / source, tmp_path / "model", config, tensors, files)
+    before = {p.name: p.stat().st_mtime_ns for p in model.iterdir()}
+    try:
+        status = main(_argv(command, str(model), tmp_path, converted))
+    except SystemExit as exit:
+        status = exit.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert status == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith(f"spikelm {command}: error: "), lines[0]
+    assert str(model) in lines[0] and any(
+        e in lines[0] for e in ([expected] if isinstance(expected, str) else expected)
+    )
+    assert not (tmp_path / "out").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in model.iterdir()} == before
+
+
+# ----------------------------------------------------------------------------------------------
+# the environment and the output directory's own files
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({"RANK": "abc"}, "RANK='abc'"),
+        ({"RANK": "-1"}, "RANK='-1'"),
+        ({"RANK": "1"}, "RANK=1 without a WORLD_SIZE"),  # a stray RANK would skip the output lock
+        ({"RANK": "3", "WORLD_SIZE": "2"}, "RANK=3 without a WORLD_SIZE above it (2)"),
+        ({"RANK": "0", "WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
+        ({"SPIKELM_CACHE": "/proc/no/cache"}, "SPIKELM_CACHE"),
+        ({"SPIKELM_CACHE": FILE}, "SPIKELM_CACHE"),
+    ],
+)
+@pytest.mark.parametrize("command", ["generate", "pretrain"])
+def test_a_bad_environment_is_one_line(paths, tmp_path, capsys, monkeypatch, env, expected, command):
+    for name, value in env.items():
+        monkeypatch.setenv(name, _fill([value], paths)[0])
+    out = tmp_path / "out"
+    argv = {
+        "generate": ["generate", "--model", "smollm2-135m", "--prompt", "hello"],
+        "pretrain": ["pretrain", "--corpus", "pypi", "--max-steps", "1"],
+    }[command]
+    status = main([*argv, "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"spikelm {command}: error: ") and expected in lines[0], lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("marker", ["[1, 2]", '"pretrain"', "5", "null", "{not json", '{"command": 5}'])
+def test_a_run_marker_that_is_not_a_json_object_is_someone_elses_directory(paths, tmp_path, capsys, marker):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "spikelm_run.json").write_text(marker)
+    (out / "notes.txt").write_text("keep")
+    status = main(["data", "train-tokenizer", "--text-file", paths["file"], "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert "not empty" in lines[0] and "--overwrite" in lines[0], lines[0]
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "spikelm_run.json"]
+
+
+@pytest.mark.parametrize("flag_form", ["~/runs/tok", "~"])
+def test_output_dir_tilde_is_the_home_directory_not_a_folder_named_tilde(paths, tmp_path, monkeypatch, flag_form):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    text = tmp_path / "docs.txt"
+    text.write_text("".join(f"document {i} has some words in it .\n\n" for i in range(20)))
+    argv = ["data", "train-tokenizer", "--text-file", str(text), "--vocab-size", "60", "--output-dir", flag_form]
+    assert main([*argv, "--overwrite"]) == 0
+    target = home / flag_form[2:] if flag_form != "~" else home
+    assert (target / "tokenizer.json").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# numbers: one bounds table (spikelm.commands.argtypes.FLAG_BOUNDS), read before any fetch or allocation
+# ----------------------------------------------------------------------------------------------
+
+HUGE = str(2**70)  # beyond 64 bits
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["generate", "--model", "smollm2-135m", "--prompt", "hi", "--seed", HUGE], "--seed"),
+        (["generate", "--model", "smollm2-135m", "--prompt", "hi", "--seed", str(2**32)], "--seed"),
+        (["generate", "--model", "smollm2-135m", "--prompt", "hi", "--num-beams", "100000"], "--num-beams"),
+        (["generate", "--model", "smollm2-135m", "--prompt", "hi", "--max-new-tokens", HUGE], "--max-new-tokens"),
+        (["generate", "--model", "smollm2-135m", "--prompt", "hi", "--top-k", HUGE, "--do-sample"], "--top-k"),
+        (["perplexity", "--model", "smollm2-135m", "--text-file", FILE, "--batch-size", "10000000"], "--batch-size"),
+        (["perplexity", "--model", "smollm2-135m", "--text-file", FILE, "--max-length", HUGE], "--max-length"),
+        (["perplexity", "--model", "smollm2-135m", "--text-file", FILE, "--stride", HUGE], "--stride"),
+        (["benchmark", "--generation", "--model", "smollm2-135m", "--threads", "100000"], "--threads"),
+        (["benchmark", "--generation", "--model", "smollm2-135m", "--batch-sizes", "1", HUGE], "--batch-sizes"),
+        (["benchmark", "--generation", "--model", "smollm2-135m", "--prompt-lengths", HUGE], "--prompt-lengths"),
+        (["benchmark", "--repeats", HUGE], "--repeats"),
+        (["spikify", "--model", "smollm2-135m", "--num-steps", "1024"], "--num-steps"),
+        (["spikify", "--model", "smollm2-135m", "--eval-tokens", "500000000"], "--eval-tokens"),
+        (["spikify", "--model", "smollm2-135m", "--calibration-sequences", HUGE], "--calibration-sequences"),
+        (["spikify", "--model", "smollm2-135m", "--calibration-length", HUGE], "--calibration-length"),
+        (["demo", "--eval-tokens", "500000000"], "--eval-tokens"),
+        (["demo", "--finetune-epochs", HUGE], "--finetune-epochs"),
+        (["finetune", "--model", "minilm", "--task", "sst2", "--seed", HUGE], "--seed"),
+        (["finetune", "--model", "minilm", "--task", "sst2", "--num-steps", "100000"], "--num-steps"),
+        (["finetune", "--model", "minilm", "--task", "sst2", "--epochs", HUGE], "--epochs"),
+        (["pretrain", "--max-steps", HUGE], "--max-steps"),
+        (["reproduce", "--suite", SUITE, "--seeds", f"0,{HUGE}"], "--seeds"),
+        (["reproduce", "--pretrain-steps", HUGE], "--pretrain-steps"),
+        (["energy", "--model", "smollm2-135m", "--text-file", FILE, "--max-sequences", HUGE], "--max-sequences"),
+    ],
+)
+def test_a_number_beyond_its_bound_is_refused_before_any_fetch(paths, tmp_path, capsys, monkeypatch, argv, flag):
+    from spikelm.data import fetch
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError("fetched before the bound was checked")
+
+    monkeypatch.setattr(fetch, "_run", no_fetch)
+    monkeypatch.setenv("SPIKELM_CACHE", str(tmp_path / "empty_cache"))
+    out = tmp_path / "out"
+    try:
+        status = main([*_fill(argv, paths), "--output-dir", str(out)])
+    except SystemExit as exit:
+        status = exit.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert flag in lines[0] and ("must be between" in lines[0] or "must be at most" in lines[0]), lines[0]
+    assert not out.exists() and not (tmp_path / "empty_cache" / "packages").exists()
+
+
+@pytest.mark.parametrize("steps", [65, 1000, 10**6])
+def test_num_steps_in_a_config_has_an_upper_bound(steps):
+    """The configs' one check (a saved config.json or --set num_steps) refuses what would allocate T copies."""
+    from spikelm import SpikeLMConfig
+    from spikelm.conversion import SpikeLMConversionConfig
+
+    with pytest.raises(ValueError, match=r"num_steps must be an integer in \[1, 64\]"):
+        SpikeLMConfig(num_steps=steps)
+    with pytest.raises(ValueError, match=r"num_steps must be an integer in \[1, 64\]"):
+        SpikeLMConversionConfig(neuron="elastic", num_steps=steps)
+
+
+# ----------------------------------------------------------------------------------------------
+# text inputs: the whole file is UTF-8 (one check, argtypes.check_utf8), a regular file, offsets of the file
+# ----------------------------------------------------------------------------------------------
+
+BLOCK = 1 << 20  # check_utf8 reads in blocks of this size
+
+
+def _text_with_bad_byte(path: Path, where: int) -> Path:
+    """Valid text with one byte that is not UTF-8 at offset ``where`` (-1: a character cut short at the end)."""
+    line = b"plain words on a line\n"
+    size = max(where + 100, 4096)
+    data = bytearray((line * (size // len(line) + 1))[:size])
+    if where == -1:
+        data += "é".encode()[:1]  # the first byte of a two-byte character, then the end
+    else:
+        data[where] = 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
+TEXT_FLAGS = {  # command -> argv, with {text} where the text file goes
+    "pretrain": ["pretrain", "--text-file", "{text}"],
+    "perplexity": ["perplexity", "--model", "smollm2-135m", "--text-file", "{text}"],
+    "spikify": ["spikify", "--model", "smollm2-135m", "--calibration-text", "{text}"],
+    "demo": ["demo", "--text-file", "{text}"],
+    "benchmark": ["benchmark", "--generation", "--model", "smollm2-135m", "--calibration-text", "{text}"],
+    "data prepare-corpus": ["data", "prepare-corpus", "--text-file", "{text}"],
+    "energy": ["energy", "--model", "smollm2-135m", "--text-file", "{text}"],
+}
+
+
+def _one_line(argv, capsys, command) -> str:
+    try:
+        status = main(argv)
+    except SystemExit as exit:
+        status = exit.code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"spikelm {command}: error: "), lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("where", [0, 70_000, BLOCK - 1, BLOCK + 5, -1])
+@pytest.mark.parametrize("command", sorted(TEXT_FLAGS))
+def test_a_bad_byte_anywhere_in_a_text_input_is_refused_at_its_offset(tmp_path, capsys, command, where):
+    text = _text_with_bad_byte(tmp_path / "text.txt", where)
+    offset = text.stat().st_size - 1 if where == -1 else where
+    argv = [a.replace("{text}", str(text)) for a in TEXT_FLAGS[command]]
+    line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, command)
+    assert f"{text} is not UTF-8 text" in line and f"at byte {offset}" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_character_split_across_read_blocks_is_valid_text():
+    import tempfile
+
+    from spikelm.commands.argtypes import text_file
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "text.txt"
+        path.write_bytes(b"a" * (BLOCK - 1) + "é".encode() + b"\n")  # its two bytes straddle the first block
+        assert text_file(str(path)) == str(path)
+
+
+@pytest.mark.parametrize("command", ["pretrain", "perplexity", "demo", "data prepare-corpus"])
+def test_a_pipe_as_a_text_file_is_refused_without_waiting(tmp_path, capsys, command):
+    import os
+    import signal
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    argv = [a.replace("{text}", str(fifo)) for a in TEXT_FLAGS[command]]
+    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("the argument check waited on a pipe"))
+    signal.alarm(30)
+    try:
+        line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, command)
+    finally:
+        signal.alarm(0)
+    assert "not a regular file" in line and str(fifo) in line, line
+
+
+def test_a_tsv_with_a_bad_byte_names_its_offset_in_the_file(paths, tmp_path, capsys):
+    data = tmp_path / "sst"
+    data.mkdir()
+    header, row = b"sentence\tlabel\n", b"a good film\t1\n"
+    body = header + row * 10_000  # 140 kB: past any read buffer
+    bad = len(body) - 5
+    (data / "train.tsv").write_bytes(body[:bad] + b"\xff" + body[bad + 1 :])
+    (data / "dev.tsv").write_bytes(header + row * 4)
+    argv = ["finetune", "--model", paths["clf"], "--task", "sst2", "--data-dir", str(data), "--max-length", "32"]
+    line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, "finetune")
+    assert "train.tsv is not UTF-8" in line and f"at byte {bad}" in line, line
+
+
+@pytest.mark.parametrize("prompt", ["caf\udce9", "\udcff", "ok then \udc80"])
+def test_a_prompt_that_is_not_utf8_is_one_line(paths, tmp_path, capsys, prompt):
+    argv = ["generate", "--model", paths["gpt2"], "--prompt", "fine", "--prompt", prompt]
+    line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, "generate")
+    assert "--prompt" in line and "not UTF-8" in line, line
+
+
+# ----------------------------------------------------------------------------------------------
+# vocabulary and positions: one check (spikelm.data.tokenization.check_fits)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["generate", "perplexity"])
+@pytest.mark.parametrize("model", ["llama", "elastic", "gif"])
+def test_a_tokenizer_larger_than_the_embedding_is_refused(converted, paths, tmp_path, capsys, command, model):
+    text = str(converted / "cal.txt")
+    argv = {
+        "generate": ["generate", "--prompt", "the quick"],
+        "perplexity": ["perplexity", "--text-file", text, "--max-length", "16"],
+    }[command]
+    argv += ["--model", str(converted / model), "--tokenizer", paths["clf"]]  # bert-base-uncased: 30,522 tokens
+    line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, command)
+    assert f"--tokenizer {paths['clf']} has 30522 tokens" in line and "vocab_size 12" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("vocab_size", [10, 1000, 30521])
+def test_set_vocab_size_smaller_than_the_tokenizer_is_refused(paths, tmp_path, capsys, vocab_size):
+    argv = ["pretrain", "--text-file", paths["file"], "--max-steps", "1", "--set", f"vocab_size={vocab_size}"]
+    line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, "pretrain")
+    assert "--set vocab_size" in line and f"vocab_size {vocab_size}" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("length", [None, "65", "4096"])  # None: the default 512
+def test_a_calibration_length_beyond_the_positions_is_refused(converted, tmp_path, capsys, length):
+    argv = ["spikify", "--model", str(converted / "llama"), "--calibration-text", str(converted / "cal.txt")]
+    argv += ["--eval-tokens", "0"] + (["--calibration-length", length] if length else [])
+    line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, "spikify")
+    assert f"--calibration-length {length or 512} exceeds" in line and "64 positions" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "ids, message",
+    [
+        (torch.tensor([[1, 2, 12]]), r"ids 1\.\.12"),
+        (torch.tensor([[-1, 2, 3]]), r"ids -1\.\.3"),
+        (torch.tensor([[0, 10**9]]), r"in \[0, 12\)"),
+        (torch.ones(1, 65, dtype=torch.long), "calibration length 65 exceeds"),
+    ],
+)
+def test_spikify_from_python_refuses_ids_the_model_does_not_have(converted, ids, message):
+    from transformers import AutoModelForCausalLM
+
+    import spikelm
+
+    model = AutoModelForCausalLM.from_pretrained(converted / "llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        spikelm.spikify(model, calibration=ids)
+    with pytest.raises(ValueError, match=message):
+        spikelm.spikify(model, calibration=[torch.tensor([[1, 2]]), ids])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # refused before any change
+
+
+# ----------------------------------------------------------------------------------------------
+# resume: a checkpoint is checked for what it holds (training.checkpoints.verify_checkpoint), a damaged latest one
+# falls back to the previous good one; the lock is taken before checkpoints are read; inputs are the same content
+# ----------------------------------------------------------------------------------------------
+
+RESUME_MICRO = [
+    a
+    for s in (
+        "hidden_size=32",
+        "num_hidden_layers=1",
+        "num_attention_heads=2",
+        "intermediate_size=64",
+        "max_length=32",
+        "batch_size=4",
+        "eval_examples=8",
+        "log_every=1",
+        "save_every=2",
+    )
+    for a in ("--set", s)
+]
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+    """A micro pretraining run of 4 steps (checkpoints at steps 2 and 4) on a text file of the user's."""
+    from spikelm.data.tokenization import sample_text_path
+
+    root = tmp_path_factory.mktemp("resumable")
+    text = root / "text.txt"
+    text.write_text(Path(sample_text_path()).read_text())
+    argv = ["pretrain", "--text-file", str(text), "--no-progress", "--max-steps", "4", *RESUME_MICRO]
+    assert main([*argv, "--output-dir", str(root / "run")]) == 0
+    return root
+
+
+@pytest.fixture
+def resumable(pretrained_run, tmp_path):
+    shutil.copytree(pretrained_run, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def _resume(root: Path, *flags):
+    return main(
+        ["pretrain", "--output-dir", str(root / "run"), "--resume", "--no-progress", "--max-steps", "5", *flags]
+    )
+
+
+def _edit_json(content):
+    return lambda path: path.write_text(json.dumps(content) if not isinstance(content, str) else content)
+
+
+def _edit_state(change):
+    def edit(path):
+        state = json.loads(path.read_text())
+        change(state)
+        path.write_text(json.dumps(state))
+
+    return edit
+
+
+def _edit_weights(change):
+    def edit(path):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(path))
+        change(tensors)
+        save_file(tensors, str(path))
+
+    return edit
+
+
+def _first_key(tensors):
+    return sorted(tensors)[0]
+
+
+DAMAGED = {  # file of the latest checkpoint -> an edit that leaves it readable but wrong
+    "trainer state {}": ("trainer_state.json", _edit_json({})),
+    "trainer state a list": ("trainer_state.json", _edit_json([1, 2])),
+    "trainer state negative step": ("trainer_state.json", _edit_state(lambda s: s.update(step=-3))),
+    "trainer state step text": ("trainer_state.json", _edit_state(lambda s: s.update(step="4"))),
+    "trainer state unknown field": ("trainer_state.json", _edit_state(lambda s: s.update(rogue=1))),
+    "no config": ("config.json", lambda path: path.unlink()),
+    "config a list": ("config.json", _edit_json("[1]")),
+    "optimizer a plain tensor": ("optimizer.pt", lambda path: torch.save(torch.zeros(3), path)),
+    "optimizer without scheduler": ("optimizer.pt", lambda path: torch.save({"optimizer": {}}, path)),
+    "rng a plain tensor": ("rng-0.pt", lambda path: torch.save(torch.zeros(3), path)),
+    "foreign weight": ("model.safetensors", _edit_weights(lambda t: t.update(rogue=torch.zeros(2)))),
+    "weight missing": ("model.safetensors", _edit_weights(lambda t: t.pop(_first_key(t)))),
+    "weight of another shape": (
+        "model.safetensors",
+        _edit_weights(lambda t: t.update({_first_key(t): torch.zeros(3)})),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED))
+def test_a_readable_but_wrong_latest_checkpoint_falls_back_to_the_previous_good_one(resumable, capsys, case):
+    from spikelm.training.checkpoints import read_jsonl
+
+    name, edit = DAMAGED[case]
+    edit(resumable / "run" / "checkpoints" / "step-00000004" / name)
+    with pytest.warns(UserWarning, match=r"step-00000004 \(.*\) is damaged: resuming from the previous complete"):
+        assert _resume(resumable) == 0, capsys.readouterr().err
+    assert "resumed from" in capsys.readouterr().out
+    assert [r["step"] for r in read_jsonl(resumable / "run" / "train_log.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_every_checkpoint_damaged_is_one_line(resumable, capsys):
+    for step in ("step-00000002", "step-00000004"):
+        (resumable / "run" / "checkpoints" / step / "trainer_state.json").write_text("{}")
+    line = _one_line(["pretrain", "--output-dir", str(resumable / "run"), "--resume"], capsys, "pretrain")
+    assert "every checkpoint is damaged" in line and "trainer_state.json" in line, line
+
+
+def test_resume_takes_the_lock_before_reading_checkpoints(resumable, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    from spikelm.training import checkpoints
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom spikelm.outputs import lock_existing_output_dir\n"
+            "lock_existing_output_dir(sys.argv[1], 'pretrain')\nprint('locked', flush=True)\ntime.sleep(60)",
+            str(resumable / "run"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(checkpoints, "verify_checkpoint", lambda *a, **k: pytest.fail("read a checkpoint"))
+        line = _one_line(["pretrain", "--output-dir", str(resumable / "run"), "--resume"], capsys, "pretrain")
+        assert "in use by another spikelm process" in line and f"pid {holder.pid}" in line, line
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("change", ["appended", "replaced", "one byte"])
+def test_resume_refuses_a_text_file_whose_content_changed(tmp_path, capsys, change):
+    from spikelm.data.tokenization import sample_text_path
+
+    text = tmp_path / "text.txt"
+    original = Path(sample_text_path()).read_text()
+    text.write_text(original)
+    argv = ["pretrain", "--text-file", str(text), "--no-progress", "--max-steps", "2", *RESUME_MICRO]
+    assert main([*argv, "--output-dir", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "run" / "input_hashes.json").read_text())["--text-file"]["path"] == str(text)
+    edited = {"appended": original + "\n\nmore words", "replaced": original.upper(), "one byte": "X" + original[1:]}
+    text.write_text(edited[change])  # the same path, new content
+    argv = ["pretrain", "--output-dir", str(tmp_path / "run"), "--resume", "--max-steps", "3"]
+    line = _one_line(argv, capsys, "pretrain")
+    assert f"--text-file {text} is not what the run started with" in line, line
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache: an unpacked (or converted) tree is checked against what was recorded at unpacking, on every use
+# ----------------------------------------------------------------------------------------------
+
+
+def _edit_file(root: Path):
+    (root / "pkg" / "data" / "model.bin").write_bytes(b"tampered")
+
+
+def _add_file(root: Path):
+    (root / "pkg" / "evil.py").write_text("print('injected')")
+
+
+def _remove_file(root: Path):
+    (root / "pkg" / "__init__.py").unlink()
+
+
+def _old_marker(root: Path):
+    (root / ".complete").write_text("pkg-1.0-py3-none-any.whl\n")  # what an older spikelm wrote: no file hashes
+
+
+@pytest.mark.parametrize("tamper", [_edit_file, _add_file, _remove_file, _old_marker], ids=lambda f: f.__name__)
+def test_an_unpacked_tree_edited_after_unpacking_is_unpacked_again(tmp_path, tamper):
+    import zipfile
+
+    from spikelm.data.fetch import tree_intact, unpack
+
+    archive = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("pkg/data/model.bin", b"weights")
+        z.writestr("pkg/__init__.py", "")
+    root = unpack(archive)
+    assert tree_intact(root)
+    tamper(root)
+    assert not tree_intact(root)
+    assert unpack(archive) == root and tree_intact(root)
+    assert (root / "pkg" / "data" / "model.bin").read_bytes() == b"weights"
+    assert not (root / "pkg" / "evil.py").exists() and (root / "pkg" / "__init__.py").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# teachers: finetune --teacher must be a sequence classifier; distill's teacher is not the student itself
+# ----------------------------------------------------------------------------------------------
+
+
+def _save_teacher(kind: str, directory: Path) -> Path:
+    from transformers import BertConfig, BertForMaskedLM, BertModel, GPT2Config, GPT2LMHeadModel
+
+    from spikelm import SpikeLMConfig, SpikeLMForCausalLM
+
+    vocab = 30522  # the student's (bert-base-uncased)
+    small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    model = {
+        "causal LM": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=16, n_layer=1, n_head=2)),
+        "masked LM": lambda: BertForMaskedLM(BertConfig(vocab_size=vocab, **small)),
+        "encoder without a head": lambda: BertModel(BertConfig(vocab_size=vocab, **small)),
+        "causal SpikeLM": lambda: SpikeLMForCausalLM(SpikeLMConfig(vocab_size=vocab, num_steps=2, **small)),
+    }[kind]()
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["causal LM", "masked LM", "encoder without a head", "causal SpikeLM"])
+def test_finetune_teacher_that_is_not_a_classifier_is_refused(paths, tmp_path, capsys, kind):
+    teacher = _save_teacher(kind, tmp_path / "teacher")
+    capsys.readouterr()  # save_pretrained's progress bar
+    argv = ["finetune", "--model", paths["clf"], "--task", "sst2", "--data-dir", paths["sst"], "--max-length", "32"]
+    line = _one_line([*argv, "--teacher", str(teacher), "--output-dir", str(tmp_path / "out")], capsys, "finetune")
+    assert f"--teacher {teacher}" in line and "not a sequence classifier" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("spelling", ["same", "trailing slash", "dot segments", "a link to it"])
+def test_distill_with_the_student_as_its_own_teacher_is_refused(converted, tmp_path, capsys, spelling):
+    model = converted / "llama"
+    if spelling == "a link to it":
+        (tmp_path / "link").symlink_to(model)
+    student = {
+        "same": str(model),
+        "trailing slash": f"{model}/",
+        "dot segments": f"{model}/../{model.name}",
+        "a link to it": str(tmp_path / "link"),
+    }[spelling]
+    argv = ["distill", "--teacher", str(model), "--student", student, "--text-file", str(converted / "cal.txt")]
+    line = _one_line([*argv, "--set", "max_length=16", "--output-dir", str(tmp_path / "out")], capsys, "distill")
+    assert "--teacher and --student are the same model" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_distill_resume_refuses_a_teacher_whose_weights_changed(converted, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(converted / "llama", teacher)
+    student = converted / "elastic"
+    argv = ["distill", "--teacher", str(teacher), "--student", str(student), "--text-file", str(converted / "cal.txt")]
+    argv += ["--no-progress", "--set", "max_length=16", "--set", "batch_size=2", "--set", "save_every=1"]
+    argv += ["--set", "eval_examples=2", "--output-dir", str(tmp_path / "out")]
+    assert main([*argv, "--max-steps", "1"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    weights = load_file(str(teacher / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 2
+    save_file(weights, str(teacher / "model.safetensors"), metadata={"format": "pt"})  # same path, new teacher
+    line = _one_line([*argv, "--max-steps", "2", "--resume"], capsys, "distill")
+    assert f"--teacher {teacher} is not what the run started with" in line, line
+
+
+@pytest.mark.parametrize("layout", ["one file", "a directory of files"])
+@pytest.mark.parametrize("command", ["pretrain", "perplexity", "data prepare-corpus"])
+def test_a_text_input_too_large_to_read_whole_is_refused_before_reading(tmp_path, capsys, command, layout):
+    from spikelm.commands.argtypes import MAX_TEXT_BYTES
+
+    if layout == "one file":
+        text = tmp_path / "huge.txt"
+        with open(text, "wb") as f:  # sparse: no disk used, and never read
+            f.truncate(MAX_TEXT_BYTES + 1)
+    else:
+        text = tmp_path / "texts"
+        text.mkdir()
+        for i in range(3):
+            with open(text / f"part{i}.txt", "wb") as f:
+                f.truncate(MAX_TEXT_BYTES // 2)
+        if command != "perplexity":
+            pytest.skip("only perplexity's --text-file takes a directory")
+    argv = [a.replace("{text}", str(text)) for a in TEXT_FLAGS[command]]
+    line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, command)
+    assert str(text) in line and "GiB" in line and "read whole" in line, line

@@ -293,7 +293,7 @@ def test_energy_command_non_spiking_model(model_dirs, tmp_path, capsys):
         ("  \n\n ", [], "is empty"),
         ("a few words only", [], "fewer than one full window"),
         (None, [], "no such file"),
-        ("plenty of text " * 50, ["--max-length", "64"], "longer than the model's positions"),
+        ("plenty of text " * 50, ["--max-length", "64"], "--max-length 64 exceeds"),
         ("plenty of text " * 50, ["--max-length", "0"], "argument --max-length: must be at least 2"),
     ],
 )

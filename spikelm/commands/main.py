@@ -8,7 +8,7 @@ import sys
 
 from spikelm.errors import UserError
 
-from .argtypes import Parser
+from .argtypes import Parser, output_path
 
 # modules under spikelm.commands, each adding one or more subcommands
 COMMANDS = (
@@ -29,7 +29,9 @@ COMMANDS = (
 
 
 def add_output_dir(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument("--output-dir", required=required, help="directory to write into (created if missing)")
+    parser.add_argument(
+        "--output-dir", type=output_path, required=required, help="directory to write into (created if missing)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="write into --output-dir even if it holds other files")
 
 
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     points raise it) is one line ``spikelm CMD: error: ...`` and exit status 2; anything else is a bug and keeps
     its traceback. Output directories the command prepared are released at the end, and removed if it failed
     before writing anything into a directory it created."""
-    from spikelm.outputs import release_output_dirs
+    from spikelm.outputs import is_main_process, release_output_dirs
 
     parser = build_parser()
     try:  # argparse's refusals (one line, see argtypes.Parser) are a status, as the command's own errors
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return exit.code if isinstance(exit.code, int) else 2
     failed = True
     try:
+        is_main_process()  # a malformed RANK / WORLD_SIZE is refused before any launcher reads it
         status = int(args.func(args) or 0)
         failed = status != 0
         return status

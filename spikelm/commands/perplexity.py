@@ -59,7 +59,7 @@ def run(args) -> int:
 
     text = read_text(args.text_file)
     spec = inspect_model(args.model, need_causal=True)
-    tokenizer = load_tokenizer(spec.path, args.tokenizer)
+    tokenizer = load_tokenizer(spec.path, args.tokenizer, spec.config)
     unigram = load_unigram_log_probs(spec.path, spec.config.vocab_size)
     limit = spec.config.max_position_embeddings
     window = limit if args.max_length is None else args.max_length
@@ -69,7 +69,11 @@ def run(args) -> int:
     ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
     if ids.numel() < 2:
         raise UserError(f"--text-file {args.text_file} holds {ids.numel()} token(s); perplexity needs at least 2")
-    out_dir = prepare_output_dir(args.output_dir, "perplexity", args.overwrite) if args.output_dir else None
+    out_dir = (
+        prepare_output_dir(args.output_dir, "perplexity", args.overwrite, inputs={"--model": spec.path})
+        if args.output_dir
+        else None
+    )
     model = load_model(spec)
 
     start = time.perf_counter()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from argparse import ArgumentTypeError
+
 from spikelm.errors import UserError
 
-from .argtypes import integer, positive_int, positive_number
+from .argtypes import check_bounds, integer, positive_int, positive_number
 from .main import add_output_dir
 
 
@@ -15,6 +17,11 @@ def _ints(text: str, flag: str) -> list[int]:
         raise UserError(f"{flag} expects comma-separated non-negative integers, got {text!r}") from None
     if any(v < 0 for v in values):
         raise UserError(f"{flag} expects comma-separated non-negative integers, got {text!r}")
+    for value in values:
+        try:
+            check_bounds(flag, value)
+        except ArgumentTypeError as err:
+            raise UserError(f"{flag} {err}") from None
     return values
 
 

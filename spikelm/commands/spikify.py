@@ -3,7 +3,7 @@ encoder, or a named source such as ``smollm2-135m``) into a spiking one, calibra
 
 from __future__ import annotations
 
-from spikelm.errors import UserError, weights_refused_in_one_line
+from spikelm.errors import UserError
 
 from .argtypes import integer, model_ref, text_file
 from .main import add_output_dir
@@ -91,10 +91,11 @@ def _load(source, output_dir, overwrite):
     from transformers import AutoConfig
 
     from spikelm.conversion.placement import FAMILIES
+    from spikelm.evaluation.loading import load_pretrained, model_class
 
     try:
         config = AutoConfig.from_pretrained(source)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"--model {source}: cannot read its config.json ({first})") from None
     quant = getattr(config, "quantization_config", None)
@@ -110,7 +111,7 @@ def _load(source, output_dir, overwrite):
             "(the LLaMA family, GPT-2, BERT-family encoders)"
         )
     names = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, names[0], None) if names else None
+    cls = model_class(config, "--model", source)
     if cls is None:
         cls = (
             transformers.AutoModelForCausalLM
@@ -119,9 +120,8 @@ def _load(source, output_dir, overwrite):
         )
     from spikelm.outputs import prepare_output_dir
 
-    out_dir = prepare_output_dir(output_dir, "spikify", overwrite)
-    with weights_refused_in_one_line(source):
-        return cls.from_pretrained(source, dtype=torch.float32).eval(), out_dir
+    out_dir = prepare_output_dir(output_dir, "spikify", overwrite, inputs={"--model": source})
+    return load_pretrained(cls, source, dtype=torch.float32).eval(), out_dir
 
 
 def _fit_transform(config, model, user_fields: set):
@@ -149,6 +149,7 @@ def run(args) -> int:
     from spikelm.conversion.placement import family_of
     from spikelm.conversion.recipes import calibration_batches, recipe
     from spikelm.data.pretrained import resolve_model_source
+    from spikelm.data.tokenization import check_fits
     from spikelm.outputs import new_files_follow_umask, write_json_atomic
 
     _check_args(args)
@@ -169,6 +170,8 @@ def run(args) -> int:
         family_of(model)
     except ValueError as err:
         raise UserError(f"--model {args.model}: {err}") from None
+    what = f"--model {args.model}"
+    check_fits(model.config, tokenizer, args.calibration_length, what=what, length_flag="--calibration-length")
     config = _fit_transform(config, model, set(_overrides(args.set)))
     batches, calibration = calibration_batches(
         tokenizer, args.calibration_text, args.calibration_sequences, args.calibration_length

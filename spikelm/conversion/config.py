@@ -158,9 +158,11 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         if self.quant_method != QUANT_METHOD:
             raise ValueError(f"quant_method must be {QUANT_METHOD!r}, got {self.quant_method!r}")
         if not isinstance(self.format_version, int) or not 1 <= self.format_version <= FORMAT_VERSION:
+            newer = isinstance(self.format_version, int) and self.format_version > FORMAT_VERSION
             raise ValueError(
                 f"format_version {self.format_version!r}: this spikelm reads spiking conversions of format versions "
-                f"1..{FORMAT_VERSION}; a newer spikelm wrote this model, upgrade spikelm to load it"
+                f"1..{FORMAT_VERSION}; "
+                + ("a newer spikelm wrote this model, upgrade spikelm to load it" if newer else "no spikelm writes it")
             )
         if self.neuron not in NEURONS:
             raise ValueError(f"neuron must be one of {NEURONS}, got {self.neuron!r}")

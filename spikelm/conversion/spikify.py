@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..data.tokenization import check_fits
 from ..nn.neuron import ElasticBiSpikingNeuron
 from .config import QUANT_METHOD, SpikeLMConversionConfig
 from .placement import attach, family_of, is_spiking, neurons, placement, reader_weight
@@ -53,14 +54,8 @@ class _SaliencyRecorder:
 
 
 @torch.no_grad()
-def calibrate(model: PreTrainedModel, calibration) -> None:
-    """Run calibration token ids through the model (eval mode, no grad) to initialise the neurons.
-
-    ``calibration``: a LongTensor (N, L) (one batch) or a list of them. Elastic neurons set their alphas from the
-    first batch (alpha_t = 2 mean|u_t|, SPEC section 2; later batches change nothing and are skipped). GIF neurons
-    mark their salient channels from every batch (the top ``saliency_fraction`` by SpikeLLM's score, on the
-    real-valued activations: each GIF neuron passes its input through while calibrating).
-    """
+def _calibration_batches(model: PreTrainedModel, calibration) -> list[torch.Tensor]:
+    """``calibration`` as a list of LongTensors (N, L) whose ids and length the model has (else ``ValueError``)."""
     batches = [calibration] if isinstance(calibration, torch.Tensor) else list(calibration)
     if not batches:
         raise ValueError("calibration is empty: pass a LongTensor of token ids (N, L) or a list of them")
@@ -70,6 +65,19 @@ def calibrate(model: PreTrainedModel, calibration) -> None:
                 "calibration must be a LongTensor of token ids of shape (N, L), or a list of them; got "
                 f"{type(ids).__name__}{tuple(ids.shape) if isinstance(ids, torch.Tensor) else ''}"
             )
+        check_fits(model.config, ids=ids, length=ids.shape[1], what="the model", length_flag="calibration length")
+    return batches
+
+
+def calibrate(model: PreTrainedModel, calibration) -> None:
+    """Run calibration token ids through the model (eval mode, no grad) to initialise the neurons.
+
+    ``calibration``: a LongTensor (N, L) (one batch) or a list of them. Elastic neurons set their alphas from the
+    first batch (alpha_t = 2 mean|u_t|, SPEC section 2; later batches change nothing and are skipped). GIF neurons
+    mark their salient channels from every batch (the top ``saliency_fraction`` by SpikeLLM's score, on the
+    real-valued activations: each GIF neuron passes its input through while calibrating).
+    """
+    batches = _calibration_batches(model, calibration)
     readers = {site.name: [model.get_submodule(r) for r in site.readers] for site in placement(model)}
     recorders = [
         _SaliencyRecorder(n, readers.get(name))
@@ -114,6 +122,8 @@ def spikify(
     else:
         raise TypeError(f"config must be a SpikeLMConversionConfig, a dict or None; got {type(config).__name__}")
     family_of(model)  # unsupported architectures first: the clearest message
+    if calibration is not None:  # ids beyond the vocabulary or the positions, before the model is changed
+        calibration = _calibration_batches(model, calibration)
     if is_spiking(model):
         raise ValueError(f"this {type(model).__name__} is already spiking; spikify the real-valued source model")
     if config.rotation != "none":  # exact: the real-valued model computes the same function afterwards

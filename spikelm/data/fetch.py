@@ -11,6 +11,7 @@ second run downloads nothing.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -117,7 +118,7 @@ def fetch_deb(package: str) -> Path:
     keys; it claims no more than that.
     """
     root = cache_dir() / "packages" / "deb" / package
-    if (root / ".complete").is_file():
+    if tree_intact(root):
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root.parent) as tmp:
@@ -127,17 +128,42 @@ def fetch_deb(package: str) -> Path:
             raise FetchError(f"apt-get download {package} gave {len(debs)} .deb files, expected 1")
         unpacked = Path(tmp) / "root"
         _run(["dpkg", "-x", str(debs[0]), str(unpacked)], Path(tmp), f"Debian package {package}")
-        (unpacked / ".complete").write_text(debs[0].name + "\n")
+        manifest = {"archive": debs[0].name, "files": tree_manifest(unpacked)}
+        (unpacked / COMPLETE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         if root.exists():
             shutil.rmtree(root)
         os.replace(unpacked, root)
     return root
 
 
+COMPLETE = ".complete"  # in an unpacked tree: the SHA-256 of every file it was unpacked with (JSON)
+
+
+def tree_manifest(root: Path, marker: str = COMPLETE) -> dict[str, str]:
+    """The SHA-256 of every file under ``root`` (a link: its target) but the ``marker`` file that records it."""
+    return {
+        p.relative_to(root).as_posix(): ("-> " + os.readlink(p)) if p.is_symlink() else sha256_of(p)
+        for p in sorted(root.rglob("*"))
+        if (p.is_file() or p.is_symlink()) and p.relative_to(root).as_posix() != marker
+    }
+
+
+def tree_intact(root: Path, marker: str = COMPLETE) -> bool:
+    """A cached tree is used only while its files are the ones recorded in its ``marker`` (JSON, ``files``): none
+    edited, added or removed. An archive's hash is checked on every use; what was unpacked or converted from it
+    is checked too, or it would be trusted forever."""
+    try:
+        recorded = json.loads((root / marker).read_text(encoding="utf-8"))
+        return isinstance(recorded, dict) and recorded.get("files") == tree_manifest(root, marker)
+    except (OSError, ValueError):
+        return False
+
+
 def unpack(archive: Path) -> Path:
-    """Unpack a wheel (.whl) or tarball (.tar.gz/.tgz) next to it, once; returns the directory."""
+    """Unpack a wheel (.whl) or tarball (.tar.gz/.tgz) next to it; returns the directory. Unpacked again when the
+    tree no longer holds exactly the files it was unpacked with."""
     target = archive.with_name(archive.name + ".d")
-    if (target / ".complete").is_file():
+    if tree_intact(target):
         return target
     with tempfile.TemporaryDirectory(dir=archive.parent) as tmp:
         if archive.suffix == ".whl":
@@ -146,7 +172,8 @@ def unpack(archive: Path) -> Path:
         else:
             with tarfile.open(archive) as t:
                 t.extractall(tmp, filter="data")
-        Path(tmp, ".complete").write_text(archive.name + "\n")
+        manifest = {"archive": archive.name, "files": tree_manifest(Path(tmp))}
+        Path(tmp, COMPLETE).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         follow_umask(tmp)  # TemporaryDirectory made it 0700
         if target.exists():
             shutil.rmtree(target)

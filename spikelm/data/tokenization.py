@@ -100,3 +100,33 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, lowercase: bool = Tru
 def sample_text_path() -> Path:
     """A small public-domain text shipped with the package (Shakespeare's Sonnets)."""
     return RESOURCES / "text" / "sonnets.txt"
+
+
+def check_fits(
+    model_config,
+    tokenizer=None,
+    length: int | None = None,
+    ids=None,
+    what: str = "the model",
+    tokenizer_flag: str = "the tokenizer",
+    length_flag: str = "--max-length",
+) -> None:
+    """The one check that inputs fit a model's vocabulary and positions (``UserError`` naming the flag otherwise):
+    a ``tokenizer`` with more tokens than ``vocab_size`` (its last ids have no embedding row), a sequence
+    ``length`` beyond ``max_position_embeddings``, token ``ids`` (a tensor) outside ``[0, vocab_size)``."""
+    vocab = getattr(model_config, "vocab_size", None)
+    if tokenizer is not None and isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise UserError(
+            f"{tokenizer_flag} has {len(tokenizer)} tokens, more than {what}'s vocab_size {vocab} (ids beyond it "
+            "have no embedding); use the tokenizer the model was trained with"
+        )
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if length is not None and isinstance(positions, int) and length > positions:
+        raise UserError(
+            f"{length_flag} {length} exceeds {what}'s {positions} positions (max_position_embeddings); use "
+            f"{positions} or less"
+        )
+    if ids is not None and ids.numel() and isinstance(vocab, int):
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            raise UserError(f"token ids must lie in [0, {vocab}) ({what}'s vocab_size), got ids {low}..{high}")

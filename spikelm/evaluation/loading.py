@@ -15,10 +15,11 @@ weight is read); :func:`load_model` then loads it. Anything else is one :class:`
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from spikelm.errors import MissingInputError, UserError, weights_refused_in_one_line
+from spikelm.errors import MissingInputError, UserError, loading_in_one_line
 
 NATIVE, CONVERTED, SOURCE = "native", "converted", "source"
 KIND_NAMES = {
@@ -84,7 +85,7 @@ def inspect_model(name_or_path: str | Path, need_causal: bool = False, flag: str
 
     try:
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError, TypeError) as err:  # not JSON, an unknown model_type, a bad field
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, unknown model_type, bad field
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{flag} {name}: cannot read its config.json ({first})") from None
     architectures = list(getattr(config, "architectures", None) or [])
@@ -119,6 +120,7 @@ def inspect_model(name_or_path: str | Path, need_causal: bool = False, flag: str
     is_bert = model_type == "bert"
     if architectures:
         architecture = architectures[0]
+        model_class(config, flag, name)
     else:
         architecture = "BertModel" if is_bert else "AutoModelForCausalLM"
     causal = not is_bert and (architecture.endswith(CAUSAL_SUFFIXES) or architecture == "AutoModelForCausalLM")
@@ -128,6 +130,103 @@ def inspect_model(name_or_path: str | Path, need_causal: bool = False, flag: str
             "not a causal language model; perplexity and generation need a causal LM"
         )
     return ModelSpec(name, path, CONVERTED if method == "spikelm" else SOURCE, config, architecture, causal)
+
+
+def model_class(config, flag: str = "--model", name=None):
+    """The transformers class ``config.architectures[0]`` names, or None when the config names none; refused in one
+    line unless it is a model class of the config's own model_type (an edited ``architectures`` would otherwise load
+    the weights into another family's model, every tensor newly initialised)."""
+    import transformers
+
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not architectures:
+        return None
+    architecture = str(architectures[0])
+    cls = getattr(transformers, architecture, None)
+    config_class = getattr(cls, "config_class", None)
+    if (
+        cls is None
+        or not hasattr(cls, "from_pretrained")
+        or getattr(config_class, "model_type", None) != getattr(config, "model_type", None)
+    ):
+        raise UserError(
+            f"{flag} {name}: config.json's architectures names {architecture!r}, which is not a transformers model "
+            f"class of model_type {getattr(config, 'model_type', None)!r}; restore the architectures it was saved with"
+        )
+    return cls
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' warnings and progress bars off (its load report would add lines to a one-line refusal)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained(cls, path, flag: str = "--model", strict: bool = True, **kwargs):
+    """``cls.from_pretrained(path, **kwargs)`` of a user's directory: the one way spikelm loads a model it is given.
+
+    Every failure is one line naming ``flag``, the directory and the reason (``errors.loading_in_one_line``); with
+    ``strict``, a tensor of the wrong shape, missing from the file or not used by the model is refused (the
+    config and the weights disagree: e.g. an edited ``num_steps``, neuron type or ``vocab_size``). The loaded
+    state is then checked (:func:`check_model_state`)."""
+    with quiet_transformers(), loading_in_one_line(path, flag):
+        model, info = cls.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=strict, **kwargs)
+    if strict:
+        problems = [
+            f"{key} has shape {tuple(saved)} in the file but {tuple(wanted)} in the model"
+            for key, saved, wanted in info.get("mismatched_keys") or []
+        ]
+        problems += [f"{key} is missing from the weights" for key in sorted(info.get("missing_keys") or [])]
+        problems += [
+            f"{key} is in the weights but not in the model" for key in sorted(info.get("unexpected_keys") or [])
+        ]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise UserError(
+                f"{flag} {path}: its weights do not match its config.json: {problems[0]}{more}; the directory was "
+                "edited or mixed from two models: save it again"
+            )
+    check_model_state(model, f"{flag} {path}")
+    return model
+
+
+def check_model_state(model, what: str) -> None:
+    """Refuse, in one line naming ``what``, a loaded model whose state cannot be what spikelm saved: a tensor holding
+    NaN or infinity, a calibrated spike amplitude (alpha) that is not positive, or neurons of which only some are
+    calibrated (``initialized`` flags cleared by hand: their alphas would be re-set from the first input)."""
+    import torch
+
+    from spikelm.nn.neuron import ElasticBiSpikingNeuron
+
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{what}: tensor {name} holds NaN or infinite values; the model is damaged")
+    flags = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ElasticBiSpikingNeuron):
+            flags[name] = bool(module.initialized)
+            if flags[name] and not bool((module.alpha > 0).all()):
+                alpha = [round(a, 4) for a in module.alpha.detach().tolist()]
+                raise UserError(
+                    f"{what}: {name}.alpha {alpha} is not positive; a calibrated spike "
+                    "amplitude is > 0 (the model was edited)"
+                )
+    if len(set(flags.values())) > 1:
+        cleared = next(name for name, done in flags.items() if not done)
+        raise UserError(
+            f"{what}: {cleared} is not calibrated (its initialized flag is False) while other neurons are; the "
+            "model was edited: save it again"
+        )
 
 
 def load_model(spec: ModelSpec, device=None):
@@ -143,14 +242,12 @@ def load_model(spec: ModelSpec, device=None):
         import spikelm
 
         cls = getattr(spikelm, spec.architecture, None) or spikelm.SpikeLMModel
-        with weights_refused_in_one_line(spec.path):
-            model = cls.from_pretrained(spec.path, config=spec.config)
+        model = load_pretrained(cls, spec.path, config=spec.config)
     else:
         cls = getattr(transformers, spec.architecture, None)
         if cls is None or not hasattr(cls, "from_pretrained"):
             cls = transformers.AutoModelForCausalLM if spec.causal else transformers.AutoModel
-        with weights_refused_in_one_line(spec.path):
-            model = cls.from_pretrained(spec.path, dtype=torch.float32)
+        model = load_pretrained(cls, spec.path, dtype=torch.float32)
     model = model.eval()
     return model.to(device) if device is not None else model
 

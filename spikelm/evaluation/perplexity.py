@@ -25,9 +25,12 @@ def load_causal_lm(model_dir: str | Path):
     return load_any_causal_lm(model_dir)[0]
 
 
-def load_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None):
-    """The tokenizer saved beside the model, or the one at ``tokenizer`` (a directory or hub name)."""
+def load_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None, model_config=None):
+    """The tokenizer saved beside the model, or the one at ``tokenizer`` (a directory or hub name); with
+    ``model_config``, refused unless the model's vocabulary holds every one of its ids."""
     from transformers import AutoTokenizer
+
+    from spikelm.data.tokenization import check_fits
 
     source = tokenizer if tokenizer is not None else model_dir
     if tokenizer is None and not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
@@ -35,9 +38,13 @@ def load_tokenizer(model_dir: str | Path, tokenizer: str | Path | None = None):
             f"no tokenizer files ({' or '.join(TOKENIZER_FILES)}) in --model {model_dir}; pass --tokenizer DIR"
         )
     try:
-        return AutoTokenizer.from_pretrained(str(source))
+        loaded = AutoTokenizer.from_pretrained(str(source))
     except (OSError, ValueError) as err:
         raise UserError(f"could not load a tokenizer from {source}: {err}") from err
+    if model_config is not None:
+        flag = f"--tokenizer {tokenizer}" if tokenizer is not None else f"the tokenizer saved in --model {model_dir}"
+        check_fits(model_config, loaded, what=f"--model {model_dir}", tokenizer_flag=flag)
+    return loaded
 
 
 def read_text(path: str | Path) -> str:

@@ -50,9 +50,10 @@ def load_pair(source: str, fields: dict, calibration, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     import spikelm.conversion as conversion
+    from spikelm.evaluation.loading import load_pretrained
 
-    real = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
-    spiking = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()
+    real = load_pretrained(AutoModelForCausalLM, source, dtype=dtype).eval()
+    spiking = load_pretrained(AutoModelForCausalLM, source, dtype=dtype).eval()
     try:
         config = conversion.SpikeLMConversionConfig(**fields)
         conversion.spikify(spiking, config, calibration=calibration)

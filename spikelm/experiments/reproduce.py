@@ -326,7 +326,7 @@ def dev_energy(model_dir: Path, layout: str, data_dir: Path, budget: Budget, dev
     from transformers import AutoTokenizer
 
     from spikelm.evaluation.energy_report import padded_batches
-    from spikelm.evaluation.glue.models import quiet_transformers
+    from spikelm.evaluation.loading import quiet_transformers
     from spikelm.models.modeling_spikelm import SpikeLMForSequenceClassification
     from spikelm.training.finetune import CustomColumns, encode, load_task_data
 
@@ -352,10 +352,19 @@ def dev_energy(model_dir: Path, layout: str, data_dir: Path, budget: Budget, dev
     }
 
 
+def _recorded_budget(summary: Path):
+    """The budget a previous run recorded in ``data/summary.json`` (None if none or unreadable)."""
+    try:
+        recorded = json.loads(summary.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return recorded.get("budget") if isinstance(recorded, dict) else None
+
+
 def run_row(budget: Budget, variant: Variant, seed: int, out: Path, data_dir: Path, state, log) -> dict:
     """Pretrain, fine-tune on every task, count energy; returns the row's record (main process)."""
     from spikelm.data.tokenization import load_tokenizer
-    from spikelm.evaluation.glue.models import quiet_transformers
+    from spikelm.evaluation.loading import quiet_transformers
     from spikelm.models.modeling_spikelm import SpikeLMForPreTraining
 
     started = time.perf_counter()
@@ -449,12 +458,13 @@ def run_experiment(
     out = Path(output_dir)
     data_dir = out / "data"
     if state.is_main_process:
-        prepare_output_dir(out, COMMAND, overwrite, identity=budget.identity())
         summary = data_dir / "summary.json"
-        previous = json.loads(summary.read_text())["budget"] if summary.is_file() else None
-        if previous not in (None, budget.identity()):  # another budget, kept only with --overwrite: start afresh
-            for name in ("runs", "rows", "data", "report"):
-                shutil.rmtree(out / name, ignore_errors=True)
+        previous = _recorded_budget(summary)
+        # another budget, kept only with --overwrite: start afresh (a previous reproduce run's own folders only)
+        stale = previous not in (None, budget.identity())
+        replaces = ("runs", "rows", "data", "report") if stale else ()
+        prepare_output_dir(out, COMMAND, overwrite, identity=budget.identity(), replaces=replaces)
+        if stale:
             previous = None
         if previous is None:
             sizes = prepare_task_data(Path(suite), data_dir, budget)

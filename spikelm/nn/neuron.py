@@ -36,6 +36,9 @@ RESETS = ("official", "symmetric")
 BACKENDS = ("auto", "fused", "compiled", "triton", "reference")
 
 
+MAX_NUM_STEPS = 64  # T copies of every activation are held: beyond this, memory runs out long before any benefit
+
+
 def check_neuron_options(
     num_steps: int,
     spike_levels: str = "ternary",
@@ -45,8 +48,10 @@ def check_neuron_options(
     reset: str = "official",
 ) -> None:
     """Raise ``ValueError`` naming the bad argument if a neuron option is out of range."""
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer (the number of time steps T), got {num_steps!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= MAX_NUM_STEPS:
+        raise ValueError(
+            f"num_steps must be an integer in [1, {MAX_NUM_STEPS}] (the number of time steps T), got {num_steps!r}"
+        )
     if spike_levels not in SPIKE_LEVELS:
         raise ValueError(f"spike_levels must be one of {SPIKE_LEVELS}, got {spike_levels!r}")
     if reset not in RESETS:

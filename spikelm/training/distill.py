@@ -61,8 +61,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError, weights_refused_in_one_line
-from ..outputs import new_files_follow_umask, write_json_atomic
+from ..errors import UserError, loading_in_one_line
+from ..evaluation.loading import load_pretrained
+from ..outputs import lock_existing_output_dir, new_files_follow_umask, write_json_atomic
+from .checkpoints import INPUTS_FILE, check_inputs
 from .presets import ConfigError, _coerce, _number, check_optimisation_fields, load_config_file, parse_value
 from .pretrain import (
     PretrainingData,
@@ -70,8 +72,7 @@ from .pretrain import (
     _peak_rss_mb,
     _prepare_output,
     _truncate_log,
-    checkpoint_root,
-    latest_checkpoint,
+    find_resume_checkpoint,
     linear_schedule,
     load_checkpoint,
     parameter_groups,
@@ -257,10 +258,8 @@ def causal_lm_config(path: Path, role: str):
     import spikelm.models  # noqa: F401  (registers model_type "spikelm"; the "spikelm" quantization method is known
     # to transformers from `import spikelm` on)
 
-    try:
+    with loading_in_one_line(path, f"--{role}"):
         config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as err:
-        raise DistillError(f"--{role} {path}: cannot read its config.json ({err})") from err
     architectures = config.architectures or []
     causal = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and (
         not architectures or any(a.endswith(CAUSAL_SUFFIXES) for a in architectures)
@@ -279,8 +278,8 @@ def check_shared_vocabulary(teacher_config, student_config, tokenizer, student_d
     if teacher_config.vocab_size != student_config.vocab_size:
         raise DistillError(
             f"teacher and student do not share a vocabulary: the teacher predicts over "
-            f"{teacher_config.vocab_size} tokens, the student over {student_config.vocab_size}; "
-            "distil into a student converted from the teacher (or one with its tokenizer)"
+            f"{teacher_config.vocab_size} tokens, the student over {student_config.vocab_size} "
+            f"(--student {student_dir}); distil into a student converted from the teacher (or one with its tokenizer)"
         )
     if len(tokenizer) > teacher_config.vocab_size:
         raise DistillError(
@@ -338,12 +337,10 @@ def _load_models(teacher_dir: Path, student_dir: Path, config: DistillConfig, mi
         "bfloat16": torch.bfloat16,
         "auto": torch.bfloat16 if mixed == "bf16" else torch.float32,
     }[config.teacher_dtype]
-    with weights_refused_in_one_line(teacher_dir, "--teacher"):
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=teacher_dtype).eval()
+    teacher = load_pretrained(AutoModelForCausalLM, teacher_dir, "--teacher", dtype=teacher_dtype).eval()
     teacher.requires_grad_(False)
     torch.manual_seed(config.seed)  # weights the checkpoint lacks (if any) are the same on every process
-    with weights_refused_in_one_line(student_dir, "--student"):
-        student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    student = load_pretrained(AutoModelForCausalLM, student_dir, "--student", dtype=torch.float32)
     return teacher, student
 
 
@@ -550,6 +547,10 @@ def run_distillation(
 
     teacher_dir = resolve_source(config.teacher, "teacher", resolver)
     student_dir = resolve_source(config.student, "student", resolver)
+    if Path(teacher_dir).resolve() == Path(student_dir).resolve():
+        raise DistillError(
+            f"--teacher and --student are the same model ({student_dir}); distil toward another (real-valued) model"
+        )
     teacher_config = causal_lm_config(teacher_dir, "teacher")
     student_config = causal_lm_config(student_dir, "student")
     for role, model_config in (("teacher", teacher_config), ("student", student_config)):
@@ -561,10 +562,11 @@ def run_distillation(
             )
     resume_path = None
     if resume:
-        resume_path = latest_checkpoint(output_dir) if resume is True else Path(resume)
-        if resume_path is None or not (resume_path / "trainer_state.json").is_file():
-            raise DistillError(f"--resume: no checkpoint found ({resume_path or checkpoint_root(output_dir)})")
+        lock_existing_output_dir(output_dir, COMMAND)  # before reading checkpoints a running job may be writing
+        resume_path = find_resume_checkpoint(output_dir, resume)
         _check_checkpoint(resume_path, student_config)
+    data_files = {"--teacher": teacher_dir, "--text-file": config.text_file, "eval_text": config.eval_text}
+    inputs = check_inputs(output_dir, data_files, bool(resume))
     try:
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     except (OSError, ValueError) as err:
@@ -593,12 +595,21 @@ def run_distillation(
         )
 
     teacher, student = _load_models(teacher_dir, student_dir, config, mixed)
+    if resume_path is not None:
+        resume_path = find_resume_checkpoint(output_dir, resume, student)  # its weights must be this student's
     set_trainable(student, config)
     # every input is checked: only now is the output directory touched
     if accelerator.is_main_process:
         identity = {"teacher": str(config.teacher), "student": str(config.student), "seed": config.seed}
         _prepare_output(
-            output_dir, config, overwrite, resume, command=COMMAND, identity=identity, outputs=(CURVE_FILE,)
+            output_dir,
+            config,
+            overwrite,
+            resume,
+            command=COMMAND,
+            identity=identity,
+            outputs=(CURVE_FILE,),
+            inputs={"--teacher": teacher_dir, "--student": student_dir},
         )
     accelerator.wait_for_everyone()
     student.to(accelerator.device).train()
@@ -642,6 +653,7 @@ def run_distillation(
 
         writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=state.step + 1 if state.step else None)
         write_json_atomic(output_dir / CONFIG_FILE, config.to_dict())
+        write_json_atomic(output_dir / INPUTS_FILE, inputs)
         _truncate_log(log_path, state.step)
         if state.step == 0:
             log_path.unlink(missing_ok=True)

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spikelm.errors import UserError, weights_refused_in_one_line
+from spikelm.errors import UserError, loading_in_one_line
 from spikelm.evaluation.glue.metrics import compute_metrics, selection_value
-from spikelm.evaluation.glue.models import load_starting_point, quiet_transformers
+from spikelm.evaluation.glue.models import load_starting_point
 from spikelm.evaluation.glue.tasks import (
     Examples,
     GlueTask,
@@ -41,6 +41,7 @@ from spikelm.evaluation.glue.tasks import (
     load_glue_folder,
     load_glue_hub,
 )
+from spikelm.evaluation.loading import load_pretrained, quiet_transformers
 from spikelm.outputs import new_files_follow_umask, prepare_output_dir, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -260,7 +261,14 @@ def load_teacher(path: str, task: GlueTask, student_config):
             f"--teacher {path}: no config.json there (expected a fine-tuned classifier written by "
             "save_pretrained, e.g. by `spikelm finetune --spiking false`)"
         )
-    config = AutoConfig.from_pretrained(path)
+    with loading_in_one_line(path, "--teacher"):
+        config = AutoConfig.from_pretrained(path)
+    heads = list(getattr(config, "architectures", None) or [])
+    if not any(str(name).endswith("ForSequenceClassification") for name in heads):
+        raise UserError(
+            f"--teacher {path} is a {', '.join(map(str, heads)) or 'model with no architectures in its config.json'}, "
+            "not a sequence classifier; the teacher must be a ...ForSequenceClassification fine-tuned for the task"
+        )
     if config.num_labels != task.num_labels:
         what = "a regression (1 output)" if task.is_regression else f"{task.num_labels} labels"
         raise UserError(
@@ -280,8 +288,7 @@ def load_teacher(path: str, task: GlueTask, student_config):
         and names != list(task.label_names)
     ):
         raise UserError(f"--teacher {path} has labels {names}, task {task.name} {list(task.label_names)}")
-    with weights_refused_in_one_line(path, "--teacher"):
-        teacher = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    teacher = load_pretrained(AutoModelForSequenceClassification, path, "--teacher").eval()
     teacher.requires_grad_(False)
     return teacher
 
@@ -360,7 +367,13 @@ def finetune(
     if teacher is not None and eval_only:
         raise UserError("--teacher has no use with --eval-only (it only adds a training loss)")
     teacher_model = load_teacher(teacher, task, start.model.config) if teacher is not None else None
-    out = prepare_output_dir(output_dir, "finetune", overwrite, identity={"task": task.name})
+    out = prepare_output_dir(
+        output_dir,
+        "finetune",
+        overwrite,
+        identity={"task": task.name},
+        inputs={"--model": model_name, "--teacher": teacher},
+    )
     accelerator = Accelerator()
     if log is None:
         log = logger.info

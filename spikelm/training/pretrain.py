@@ -19,6 +19,7 @@ dropout draws from the torch RNG, whose state every process saves and restores.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -42,6 +43,7 @@ from spikelm.evaluation.perplexity import TOKEN_COUNTS_FILE, unigram_log_probs
 from spikelm.models.configuration_spikelm import SpikeLMConfig
 from spikelm.outputs import (
     check_output_dir,
+    lock_existing_output_dir,
     new_files_follow_umask,
     prepare_output_dir,
     write_json_atomic,
@@ -49,6 +51,8 @@ from spikelm.outputs import (
 )
 
 from .checkpoints import (
+    INPUTS_FILE,
+    check_inputs,
     check_resume_settings,
     first_complete_checkpoint,
     load_tensors,
@@ -118,11 +122,15 @@ def model_config(config: PretrainConfig, tokenizer) -> SpikeLMConfig:
 def build_model(config: PretrainConfig, tokenizer):
     """A randomly initialised ``SpikeLMForCausalLM`` (clm), ``SpikeLMForPreTraining`` (mlm-nsp) or
     ``SpikeLMForMaskedLM`` (mlm)."""
+    from spikelm.data.tokenization import check_fits
     from spikelm.models.modeling_spikelm import SpikeLMForMaskedLM, SpikeLMForPreTraining
     from spikelm.models.modeling_spikelm_causal import SpikeLMForCausalLM
 
     classes = {"clm": SpikeLMForCausalLM, "mlm-nsp": SpikeLMForPreTraining, "mlm": SpikeLMForMaskedLM}
-    return classes[config.objective](model_config(config, tokenizer))
+    shape = model_config(config, tokenizer)
+    what = "the model (--set vocab_size)" if "vocab_size" in config.model else "the model"
+    check_fits(shape, tokenizer, what=what, tokenizer_flag=f"the tokenizer ({config.tokenizer or 'the default'})")
+    return classes[config.objective](shape)
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
@@ -408,8 +416,25 @@ def run_identity(config: PretrainConfig) -> dict:
 
 def _check_output(output_dir: Path, config: PretrainConfig, overwrite: bool, resume: bool | str | None) -> None:
     """The refusals of :func:`_prepare_output`, read-only: run before the tokenizer and corpus are loaded."""
-    check_output_dir(output_dir, COMMAND, overwrite, identity=json.loads(json.dumps(run_identity(config))))
+    identity = json.loads(json.dumps(run_identity(config)))
+    check_output_dir(output_dir, COMMAND, overwrite, identity=identity, replaces=_replaced(overwrite, resume))
     _refuse_started_run(output_dir, overwrite, resume)
+
+
+def _replaced(overwrite: bool, resume, outputs: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """What ``--overwrite`` (not resuming) removes first: a previous run's own outputs (prepare_output_dir
+    refuses, deleting nothing, in a directory the command did not write)."""
+    if not overwrite or resume:
+        return ()
+    return (
+        "checkpoints",
+        "tensorboard",
+        "train_log.jsonl",
+        "metrics.json",
+        "model.safetensors",
+        TOKEN_COUNTS_FILE,
+        *outputs,
+    )
 
 
 def _refuse_started_run(output_dir: Path, overwrite: bool, resume) -> None:
@@ -429,19 +454,22 @@ def _prepare_output(
     command: str = COMMAND,
     identity: dict | None = None,
     outputs: tuple[str, ...] = (),
+    inputs: dict | None = None,
 ) -> None:
     """Refuse to touch a directory that holds something else, or a finished/started run without --resume.
 
     ``command``/``identity`` name another command's run (default: this one's); ``outputs``: more files that
-    ``--overwrite`` removes."""
+    ``--overwrite`` removes; ``inputs``: flag -> path the run reads (an output overlapping one is refused)."""
     identity = run_identity(config) if identity is None else identity
-    prepare_output_dir(output_dir, command, overwrite, identity=json.loads(json.dumps(identity)))
     _refuse_started_run(output_dir, overwrite, resume)
-    if overwrite and not resume:
-        for name in ("checkpoints", "tensorboard"):
-            shutil.rmtree(output_dir / name, ignore_errors=True)
-        for name in ("train_log.jsonl", "metrics.json", "model.safetensors", TOKEN_COUNTS_FILE, *outputs):
-            (output_dir / name).unlink(missing_ok=True)
+    prepare_output_dir(
+        output_dir,
+        command,
+        overwrite,
+        identity=json.loads(json.dumps(identity)),
+        inputs=inputs,
+        replaces=_replaced(overwrite, resume, outputs),
+    )
 
 
 def _peak_rss_mb() -> float:
@@ -457,14 +485,18 @@ def _truncate_log(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def find_resume_checkpoint(output_dir: Path, resume: bool | str) -> Path:
+def find_resume_checkpoint(output_dir: Path, resume: bool | str, model=None) -> Path:
     """The checkpoint ``resume`` names (True: the newest complete one in ``output_dir``, falling back past a
-    damaged latest one with a warning)."""
+    damaged latest one with a warning). ``model``: the model being resumed, whose weights a checkpoint must hold."""
+    verify = functools.partial(verify_checkpoint, model=model)
     if resume is True:
         root = checkpoint_root(output_dir)
         pointer = root / "latest"
-        latest = root / pointer.read_text().strip() if pointer.is_file() else None
-        path = first_complete_checkpoint(resumable_checkpoints(root, latest))
+        try:
+            latest = root / pointer.read_text(encoding="utf-8").strip() if pointer.is_file() else None
+        except (OSError, UnicodeDecodeError):
+            latest = None  # a damaged pointer: the newest complete checkpoint is found without it
+        path = first_complete_checkpoint(resumable_checkpoints(root, latest), verify)
         if path is None:
             raise PretrainError(f"--resume: no checkpoint found in {root}")
         return path
@@ -472,7 +504,7 @@ def find_resume_checkpoint(output_dir: Path, resume: bool | str) -> Path:
     if not (path / "trainer_state.json").is_file():
         raise PretrainError(f"--resume {path}: not a checkpoint directory (no trainer_state.json)")
     try:
-        verify_checkpoint(path)
+        verify(path)
     except Exception as err:
         if isinstance(err, UserError):
             raise
@@ -529,8 +561,10 @@ def run_pretraining(
     output_dir = Path(output_dir)
     resume_path = None
     if resume:
+        lock_existing_output_dir(output_dir, COMMAND)  # before reading checkpoints a running job may be writing
         resume_path = find_resume_checkpoint(output_dir, resume)
         check_resumed_config(config, output_dir, resume_path)
+    inputs = check_inputs(output_dir, {"--text-file": config.text_file}, bool(resume))
     if accelerator.is_main_process:  # a directory that will be refused is refused before any long step
         _check_output(output_dir, config, overwrite, resume)
 
@@ -543,6 +577,7 @@ def run_pretraining(
     model = build_model(config, tokenizer)
     if resume_path is not None:
         check_checkpoint_shape(resume_path, model.config)
+        resume_path = find_resume_checkpoint(output_dir, resume, model)  # its weights must be this model's
     # every input is checked: only now is the output directory touched
     if accelerator.is_main_process:
         _prepare_output(output_dir, config, overwrite, resume)
@@ -580,6 +615,7 @@ def run_pretraining(
 
         writer = SummaryWriter(str(output_dir / "tensorboard"), purge_step=state.step + 1 if state.step else None)
         write_json_atomic(output_dir / "pretrain_config.json", config.to_dict())
+        write_json_atomic(output_dir / INPUTS_FILE, inputs)
         _truncate_log(log_path, state.step)
         if state.step == 0:
             log_path.unlink(missing_ok=True)

@@ -13,13 +13,13 @@ shape). Each such change is announced with a warning.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spikelm.errors import UserError, weights_refused_in_one_line
+from spikelm.errors import UserError, loading_in_one_line
+from spikelm.evaluation.loading import check_model_state, load_pretrained, quiet_transformers
 
 from .tasks import GlueTask
 
@@ -48,21 +48,6 @@ class StartingPoint:
     description: str  # where the weights came from
     tokenizer_source: str
     warnings: list[str] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def _model_type(name: str) -> tuple[str, str]:
@@ -168,8 +153,7 @@ def _from_bert(path: str, task: GlueTask, changes: dict) -> tuple[SpikeLMForSequ
     from spikelm.conversion.official import bert_to_spikelm_state_dict
     from spikelm.models.modeling_spikelm import SpikeLMForSequenceClassification
 
-    with quiet_transformers(), weights_refused_in_one_line(path):
-        bert = BertModel.from_pretrained(path)
+    bert = load_pretrained(BertModel, path, strict=False)  # a BertFor... checkpoint: its head keys are unused
     config = spikelm_config_from_bert(bert.config, **changes)
     _set_task(config, task)
     model = SpikeLMForSequenceClassification(config)
@@ -226,7 +210,7 @@ def _from_spikelm(name: str, task: GlueTask, changes: dict, eval_only: bool):
     _set_task(config, task)
     with (
         quiet_transformers(),
-        weights_refused_in_one_line(name),
+        loading_in_one_line(name),
     ):  # its load report lists the head keys (see the warnings)
         model, info = SpikeLMForSequenceClassification.from_pretrained(
             name, config=config, ignore_mismatched_sizes=True, output_loading_info=True
@@ -252,11 +236,14 @@ def _from_spikelm(name: str, task: GlueTask, changes: dict, eval_only: bool):
             warnings.append(f"{what}: weights kept, every alpha re-initialises from the first training batch")
     encoder_problems = [
         k
-        for k in [*info["missing_keys"], *info["unexpected_keys"]]
+        for k in [*info["missing_keys"], *info["unexpected_keys"], *(m[0] for m in info["mismatched_keys"])]
         if k.startswith("bert.") and not k.startswith("bert.pooler.") and not k.endswith((".alpha", ".initialized"))
     ]
     if encoder_problems:
-        raise UserError(f"--model {name}: encoder weights missing or unexpected: {encoder_problems[:5]}")
+        raise UserError(
+            f"--model {name}: encoder weights missing, unexpected or of another shape: {encoder_problems[:5]}"
+        )
+    check_model_state(model, f"--model {name}")  # after the resets above: what the run will start from
     return model, f"SpikeLM checkpoint {name} ({saved_head})", warnings
 
 

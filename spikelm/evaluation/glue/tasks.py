@@ -8,7 +8,9 @@ same ids.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -203,11 +205,13 @@ class TaskData:
 def _read_rows(path: Path, delimiter: str = "\t", quoting: int = csv.QUOTE_NONE) -> list[list[str]]:
     # GLUE TSVs hold unescaped quotes: read them with QUOTE_NONE. MRPC's files start with a BOM.
     csv.field_size_limit(sys.maxsize)
-    try:
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            return [row for row in csv.reader(f, delimiter=delimiter, quoting=quoting) if row]
+    data = path.read_bytes()
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:  # decoded whole, so that a bad byte's offset is the file's (not a read buffer's)
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+        raise UserError(f"{path} is not UTF-8 text ({err.reason} at byte {bom + err.start})") from None
+    return [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting) if row]
 
 
 def _column(header: list[str], name, path: Path, what: str) -> int:
