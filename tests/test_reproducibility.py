@@ -60,7 +60,12 @@ def jsonl(path: Path) -> list:
 
 
 @pytest.mark.slow
-def test_finetune_twice_gives_the_same_metrics_and_weights(tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [[], ["--padding", "longest", "--group-by-length"]],  # the second: the demo's batches (grouped by length)
+    ids=["default", "grouped-by-length"],
+)
+def test_finetune_twice_gives_the_same_metrics_and_weights(tmp_path, options):
     # a pretraining checkpoint: finetune gives it a new classification head (the draw that came before the seed)
     torch.manual_seed(0)
     from spikelm import SpikeLMForPreTraining
@@ -72,7 +77,7 @@ def test_finetune_twice_gives_the_same_metrics_and_weights(tmp_path):
     a, b = run_twice(
         tmp_path,
         *("finetune", "--model", str(tmp_path / "pretrained"), "--task", "sst2", "--data-dir", str(SST2)),
-        *("--max-length", "32", "--batch-size", "8", "--learning-rate", "1e-3", "--epochs", "1"),
+        *("--max-length", "32", "--batch-size", "8", "--learning-rate", "1e-3", "--epochs", "1", *options),
     )
     assert_same_weights(a, b)
     assert jsonl(a / "train_log.jsonl") == jsonl(b / "train_log.jsonl")

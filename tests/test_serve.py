@@ -193,7 +193,7 @@ def chat(client, name, prompt, **options):
     )
 
 
-def test_a_completion_is_generates_greedy_continuation_on_the_spike_code_cache(served, monkeypatch):
+def test_a_completion_equals_generates_greedy_continuation_on_the_spike_code_cache(served, monkeypatch):
     kind, name, server, client = served
     tok = server.servable.tokenizer
     expected = greedy(Path(name), PROMPTS[0])
