@@ -268,6 +268,18 @@ def test_models_lists_the_served_model(served):
     assert [m.id for m in client.models.list()] == [name]
 
 
+@pytest.mark.parametrize("kind", ["converted", "native"])
+def test_the_guard_fails_a_forward_call_off_the_spike_code_cache(models, kind):
+    from spikelm.evaluation.serving import prepare
+
+    model = prepare(str(models[kind])).model
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        model(ids, use_cache=True)  # on the spike-code cache: passes
+        with pytest.raises(RuntimeError, match="without its spike-code cache"):
+            model(ids, use_cache=False)
+
+
 # ----------------------------------------------------------------------------------------------
 # the command
 # ----------------------------------------------------------------------------------------------
