@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make demo` (the default job) and `make test` (the test suite).
 # Each creates the virtual environment $(VENV) and installs the pinned versions on first use (with the
-# `convert` extra: the demo's smollm2-135m source is read from a GGUF file).
+# `convert` extra: the demo's smollm2-135m source is read from a GGUF file; and `serve`: `spikelm serve` and its tests).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c requirements/constraints.txt torch
-	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test,convert]"
+	$(PY) -m pip install --quiet -c requirements/constraints.txt -e ".[test,convert,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -2,6 +2,7 @@ import json
 import statistics
 
 import pytest
+import torch
 from conftest import save_tiny_llama
 
 from spikelm.commands.main import main
@@ -79,8 +80,16 @@ def test_converted_generation_benchmark_prints_ratios_computed_from_its_timings(
     args += ["--calibration-text", str(llama_dir / "cal.txt"), "--calibration-sequences", "2"]
     args += ["--calibration-length", "16", "--output-dir", str(out)]
     args += ["--compare-unpacked", "--compare-pytorch"] if recipe == "elastic" else []
-    assert main(args) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(args) == 0
+        # --threads 1 held for the run, and the process got its own thread count back (later runs' sums depend on it)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     printed = capsys.readouterr().out
+    assert "float32, 1 threads" in printed
     report = json.loads((out / "benchmark.json").read_text())
     assert report["attn_implementation"] == "sdpa"
     cases = report["generation"]["cases"]

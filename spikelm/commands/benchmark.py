@@ -162,7 +162,19 @@ def run(args) -> int:
 
 
 def run_converted(args) -> int:
-    """``--generation --model SRC``: the converted model against its source (see generation_benchmark)."""
+    """``--generation --model SRC``: the converted model against its source (see generation_benchmark). ``--threads``
+    holds for this run only: the thread count is restored after it (a caller that runs the command in its own process,
+    e.g. a test, keeps its own; float sums depend on it)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _run_converted(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_converted(args) -> int:
     if not args.generation:
         raise UserError("--model is for the generation benchmark of a converted model: add --generation")
     if args.device == "cuda":

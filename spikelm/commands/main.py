@@ -24,6 +24,7 @@ COMMANDS = (
     "perplexity",
     "pretrain",
     "reproduce",
+    "serve",
     "spikify",
 )
 

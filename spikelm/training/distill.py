@@ -525,8 +525,17 @@ def run_distillation(
     ``resume``: True (the latest checkpoint in ``output_dir``) or a checkpoint directory. ``resolver``: maps a
     model name or path to a directory (default: ``spikelm.data.pretrained.resolve_model_source`` where it exists).
     Every input is checked before ``output_dir`` is touched. Returns the student and the metrics. Progress: a bar
-    (``progress``) and lines to ``log`` (default: this module's logger), on the main process only.
+    (``progress``) and lines to ``log`` (default: this module's logger), on the main process only. The same seed,
+    thread count and inputs give the same student bit for bit (:mod:`spikelm.training.reproducibility`).
     """
+    from .reproducibility import reproducible
+
+    config.check()
+    with reproducible(config.seed):
+        return _run_distillation(config, output_dir, overwrite, resume, progress, resolver, log)
+
+
+def _run_distillation(config, output_dir, overwrite, resume, progress, resolver, log) -> DistillResult:
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
     from tqdm.auto import tqdm

@@ -347,12 +347,49 @@ def finetune(
     """Fine-tune (or, with ``eval_only``, evaluate) ``model_name`` on a task; returns ``eval_results``.
 
     ``teacher``: a classifier fine-tuned for the task whose logits are distilled into the model (see above).
-    Progress lines go to ``log`` (default: this module's logger; the command passes ``print``)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    Progress lines go to ``log`` (default: this module's logger; the command passes ``print``).
+
+    The same seed, thread count and inputs give the same weights and metrics bit for bit: everything is seeded
+    before the model (and its new head) is created, with torch's deterministic algorithms
+    (:mod:`spikelm.training.reproducibility`)."""
+    from .reproducibility import reproducible
 
     settings = settings or Settings()
     settings.check()
+    with reproducible(settings.seed):
+        return _finetune(
+            model_name,
+            task_name,
+            output_dir,
+            data_dir,
+            settings,
+            changes,
+            tokenizer,
+            custom,
+            eval_only,
+            overwrite,
+            log,
+            teacher,
+        )
+
+
+def _finetune(
+    model_name,
+    task_name,
+    output_dir,
+    data_dir,
+    settings,
+    changes,
+    tokenizer,
+    custom,
+    eval_only,
+    overwrite,
+    log,
+    teacher,
+) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
     data = load_task_data(task_name, data_dir, need_train=not eval_only, custom=custom, model_name=model_name)
     task = data.task
     for split in task.dev_splits:
@@ -382,7 +419,7 @@ def finetune(
     for warning in start.warnings:
         log(f"warning: {warning}")
     log(f"{task.name}: {start.description}; tokenizer {start.tokenizer_source}")
-    set_seed(settings.seed)
+    set_seed(settings.seed)  # training's randomness (order, dropout) whatever the starting point drew
 
     model, tokenizer_obj = start.model, start.tokenizer
     collate = Collator(tokenizer_obj, settings.padding, settings.max_length, task.is_regression)
@@ -512,6 +549,7 @@ def finetune(
             "warnings": start.warnings,
             "device": str(accelerator.device),
             "num_processes": accelerator.num_processes,
+            "threads": torch.get_num_threads(),  # float sums depend on it (spikelm.training.reproducibility)
             "seconds_per_epoch": (
                 round(sum(h["train_seconds"] for h in history) / len(history), 2) if history else None
             ),
