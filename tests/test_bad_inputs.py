@@ -696,6 +696,18 @@ UNLOADABLE = {
         "not calibrated",
     ),
     "neuron edited gif": ("elastic", _quant("neuron", "gif"), None, None, "do not match its config.json"),
+    # recipe fields with no trace in the tensors: refused against the settings saved in the weights' metadata
+    "online rotation edited": (
+        "gif",
+        _quant("online_down_proj_rotation", False),
+        None,
+        None,
+        "online_down_proj_rotation",
+    ),
+    "rotation edited": ("elastic", _quant("rotation", "none"), None, None, "rotation"),
+    "rotation seed edited": ("gif", _quant("rotation_seed", 7), None, None, "rotation_seed"),
+    "gif clip ratio edited": ("gif", _quant("gif_clip_ratio", 0.5), None, None, "gif_clip_ratio"),
+    "gif bits edited": ("gif", _quant("gif_bits", 3), None, None, "gif_bits"),
     "neuron edited elastic": ("gif", _quant("neuron", "elastic"), None, None, "do not match its config.json"),
     "embedding NaN": (
         "gif",
@@ -1330,3 +1342,22 @@ def test_a_text_input_too_large_to_read_whole_is_refused_before_reading(tmp_path
     argv = [a.replace("{text}", str(text)) for a in TEXT_FLAGS[command]]
     line = _one_line([*argv, "--output-dir", str(tmp_path / "out")], capsys, command)
     assert str(text) in line and "GiB" in line and "read whole" in line, line
+
+
+def test_a_rotation_recipe_with_unfolded_norm_gains_is_refused():
+    """Models saved before the recipe metadata: a config saying the residual stream is rotated while a norm gain is
+    not folded (all ones) was edited."""
+    from conftest import tiny_llama_model
+
+    from spikelm.conversion import spikify
+    from spikelm.errors import UserError
+    from spikelm.evaluation.loading import check_model_state
+
+    model = spikify(tiny_llama_model(), rotation="none", neuron="gif")
+    check_model_state(model, "--model m")  # unit gains, no rotation: fine
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight.mul_(2)
+    check_model_state(model, "--model m")  # a real gain, no rotation claimed: fine
+    model.config.quantization_config.rotation = "hadamard"
+    with pytest.raises(UserError, match="rotation='hadamard'.*input_layernorm.weight is not folded"):
+        check_model_state(model, "--model m")

@@ -12,6 +12,8 @@ without calibration leaves it.
 
 from __future__ import annotations
 
+import json
+
 import torch
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
@@ -20,6 +22,31 @@ from .config import QUANT_METHOD, SpikeLMConversionConfig
 from .placement import attach, detach, neurons
 
 NEURON_KEYS = r"\.(input|key|value)_neuron\."  # the state-dict keys spikify adds
+RECIPE_METADATA = "spikelm_recipe"  # safetensors metadata key: the settings below, as saved
+# recipe fields with no trace in the tensors (a rotation folded into the weights, an online rotation rebuilt from its
+# seed, the quantiser's grid): an edit of one of them in config.json would load silently as another model
+TRACELESS_FIELDS = (
+    "neuron",
+    "num_steps",
+    "spike_levels",
+    "use_amplitude",
+    "reset",
+    "gif_bits",
+    "gif_extra_bits",
+    "gif_group_range",
+    "gif_clip_ratio",
+    "gif_group_size",
+    "rotation",
+    "rotation_seed",
+    "online_down_proj_rotation",
+    "smoothing_alpha",
+)
+
+
+def traceless_fields(config: SpikeLMConversionConfig) -> dict:
+    """The recipe's :data:`TRACELESS_FIELDS` with their values."""
+    fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {name: fields.get(name) for name in TRACELESS_FIELDS}
 
 
 class SpikeLMQuantizer(HfQuantizer):
@@ -53,6 +80,11 @@ class SpikeLMQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         """``model.dequantize()``: the real-valued model again (neurons and hooks removed, weights kept)."""
         return detach(model)
+
+    def get_state_dict_and_metadata(self, model):
+        """The weights as they are, and the recipe's settings that leave no trace in the tensors, in the safetensors
+        metadata (:data:`RECIPE_METADATA`): a ``config.json`` edited after saving no longer matches them."""
+        return None, {RECIPE_METADATA: json.dumps(traceless_fields(self.quantization_config), sort_keys=True)}
 
     def is_serializable(self, *args, **kwargs) -> bool:
         return True

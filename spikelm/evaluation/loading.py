@@ -197,7 +197,42 @@ def load_pretrained(cls, path, flag: str = "--model", strict: bool = True, **kwa
                 "edited or mixed from two models: save it again"
             )
     check_model_state(model, f"{flag} {path}")
+    check_recipe_metadata(model, path, f"{flag} {path}")
     return model
+
+
+def check_recipe_metadata(model, path, what: str) -> None:
+    """A converted model's ``config.json`` recipe against the settings saved in its weights' safetensors metadata
+    (``spikelm.conversion.quantizer.RECIPE_METADATA``: the fields that leave no trace in the tensors): refused in
+    one line naming the first field that differs. Models saved before the metadata existed are not checked."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from spikelm.conversion.quantizer import RECIPE_METADATA, traceless_fields
+
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None or getattr(config, "quant_method", None) != "spikelm":
+        return
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else []
+    if not files:
+        return
+    with safe_open(str(files[0]), framework="pt") as f:
+        saved = (f.metadata() or {}).get(RECIPE_METADATA)
+    if saved is None:
+        return
+    try:
+        saved = json.loads(saved)
+    except ValueError:
+        raise UserError(f"{what}: the recipe recorded in {files[0].name} is not JSON; the file was edited") from None
+    current = traceless_fields(config)
+    for name, value in saved.items():
+        if current.get(name) != value:
+            raise UserError(
+                f"{what}: config.json's quantization_config says {name}={current.get(name)!r}, but the weights were "
+                f"saved with {name}={value!r}; the config was edited after conversion: save the model again"
+            )
 
 
 def check_model_state(model, what: str) -> None:
@@ -221,12 +256,31 @@ def check_model_state(model, what: str) -> None:
                     f"{what}: {name}.alpha {alpha} is not positive; a calibrated spike "
                     "amplitude is > 0 (the model was edited)"
                 )
+    _check_rotation_fold(model, what)
     if len(set(flags.values())) > 1:
         cleared = next(name for name, done in flags.items() if not done)
         raise UserError(
             f"{what}: {cleared} is not calibrated (its initialized flag is False) while other neurons are; the "
             "model was edited: save it again"
         )
+
+
+def _check_rotation_fold(model, what: str) -> None:
+    """A converted model whose recipe says its residual stream is rotated has every RMSNorm gain folded into the
+    layers that read it (all ones): a gain that is not is a config edited after conversion. (The reverse edit, and
+    ``online_down_proj_rotation``, leave no trace in the tensors: they cannot be checked.)"""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    rotation = config.get("rotation") if isinstance(config, dict) else getattr(config, "rotation", None)
+    if rotation in (None, "none"):
+        return
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if type(module).__name__.endswith("RMSNorm") and weight is not None and weight.device.type != "meta":
+            if not bool((weight == 1).all()):
+                raise UserError(
+                    f"{what}: quantization_config says rotation={rotation!r}, but {name}.weight is not folded (all "
+                    "ones after a rotation); the config was edited after conversion"
+                )
 
 
 def load_model(spec: ModelSpec, device=None):
