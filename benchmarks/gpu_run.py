@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_payload  # noqa: E402  (this folder: numpy and the standard library only)
 
 SECTIONS = ("correctness", "speed", "distill", "cuda_tests")
-# share of the budget (after loading and converting) each section may use; the rest is slack
+# each section's share of the time left after setup (the last one run takes all that is left)
 SHARES = {"correctness": 0.15, "speed": 0.35, "distill": 0.35, "cuda_tests": 0.12}
 GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_gif.py", "tests/test_monitor.py", "tests/test_rotation.py")
 RESULTS = "gpu_run.json"
@@ -846,9 +846,24 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=1e-4, help="distillation peak learning rate")
     parser.add_argument("--warmup-fraction", type=float, default=0.05)
     parser.add_argument("--distill-batch", type=int, default=None)
+    parser.add_argument(
+        "--shares",
+        default=",".join(f"{k}={v}" for k, v in SHARES.items()),
+        help="each section's share of the time left after setup, NAME=FRACTION,... (default %(default)s)",
+    )
     parser.add_argument("--test-files", nargs="*", default=list(GPU_TEST_FILES))
     parser.add_argument("--work-dir", default=None, help="where the model directories go (default: a temp dir)")
     args = parser.parse_args(argv)
+    try:
+        shares = dict(SHARES)
+        for item in filter(None, args.shares.split(",")):
+            name, _, value = item.partition("=")
+            if name not in SHARES or not float(value) > 0:
+                raise ValueError(item)
+            shares[name] = float(value)
+        args.shares = shares
+    except ValueError as err:
+        parser.error(f"--shares: expected NAME=FRACTION (NAME one of {', '.join(SECTIONS)}, FRACTION > 0), got {err}")
     if not args.out:
         parser.error("--out is required where $OUT is not set")
     if not args.tiny and not args.payload:
@@ -944,7 +959,7 @@ def main(argv=None) -> int:
             if missing:
                 section.update(status=f"not run: no {', '.join(missing)} model (see setup)")
                 continue
-            share = SHARES[name] / sum(SHARES[n] for n in todo[i:])
+            share = args.shares[name] / (sum(args.shares[n] for n in todo[i:]))
             seconds = clock.left() * share
             section["time_given_s"] = seconds
             log(clock, f"section {name}: {seconds:.0f} s")
