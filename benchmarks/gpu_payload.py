@@ -304,6 +304,11 @@ def write_payload(
     # chunks of one stream in order of their names
     index["chunks"].sort(key=lambda c: (c["stream"], c["file"]))
     if out.exists():
+        others = [p.name for p in out.iterdir() if not (p.name.startswith("part") or p.name == "sizes.json")]
+        if others:  # never remove a folder that is not an earlier payload
+            raise ValueError(
+                f"{out} holds other files than a payload ({', '.join(sorted(others)[:3])}); not replacing it"
+            )
         shutil.rmtree(out)
     for p, part in enumerate(parts):
         folder = out / f"part{p + 1}"
@@ -314,9 +319,17 @@ def write_payload(
     return index
 
 
+def expand_dirs(dirs) -> list[Path]:
+    """Part folders: a folder holding ``index.json`` as it is, else the ``part*`` folders inside it."""
+    found = []
+    for d in map(Path, dirs):
+        found.extend([d] if (d / INDEX).is_file() else sorted(p for p in d.glob("part*") if p.is_dir()))
+    return found
+
+
 def read_streams(dirs: list[Path]) -> tuple[dict, dict[str, bytes]]:
     """The index and every stream's bytes from the part directories ``dirs`` (checked against their sha256)."""
-    dirs = [Path(d) for d in dirs]
+    dirs = expand_dirs(dirs)
     index = None
     for d in dirs:
         if (d / INDEX).is_file():

@@ -828,7 +828,9 @@ def run_cuda_tests(ctx, section: dict):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--payload", nargs="*", default=[], help="payload part folders (gpu_payload.py)")
+    parser.add_argument(
+        "--payload", nargs="*", default=[], help="payload part folders, or folders holding them (gpu_payload.py)"
+    )
     parser.add_argument("--out", default=os.environ.get("OUT"), help="results folder (default $OUT)")
     parser.add_argument("--budget-seconds", type=float, default=480.0)
     parser.add_argument(
@@ -876,7 +878,7 @@ def setup(ctx, work: Path):
 
     args, clock, results = ctx["args"], ctx["clock"], ctx["results"]
     setup_info = results.data.setdefault("setup", {})
-    dirs = [Path(p) for p in args.payload]
+    dirs = gpu_payload.expand_dirs(args.payload)
     if args.tiny:
         dirs = tiny_payload(work / "tiny_payload")
     t0 = time.perf_counter()

@@ -59,6 +59,7 @@ def test_payload_round_trip_is_bit_identical(tmp_path, monkeypatch):
     assert all(sum(f.stat().st_size for f in p.iterdir()) <= 1.004 * 2**20 for p in parts)
     # any order, any folders
     assert gpu_payload.check_round_trip(state, parts[::-1]) == len(state)
+    assert gpu_payload.check_round_trip(state, [out]) == len(state)  # the folder above the parts
     got, index, raw = gpu_payload.unpack_state_dict(parts)
     for name, a in state.items():
         assert got[name].dtype == a.dtype and got[name].tobytes() == a.tobytes(), name
