@@ -10,8 +10,8 @@ exact in float32 (an 11-bit mantissa times a 4- or 8-bit integer), so the one ro
 bits wherever it runs (with or without a fused multiply-add). Each tensor is packed only if its rebuild is bit for
 bit the original (checked at packing); any other tensor (the norms) is stored as it is.
 
-The entropy of the 4-bit codes is about 3.9 bits and of the 8-bit ones about 7.5 (measured on SmolLM2), so no
-lossless coding brings the weights much under ~85 MB: the payload is cut into parts of at most ``--part-mib``
+The codes' order-0 entropy is 3.855 bits per 4-bit code and 7.464 per 8-bit code (measured over all of SmolLM2's):
+77.6 MB before any scale, so no lossless coding fits the weights in one 64 MiB call: the payload is cut into parts of at most ``--part-mib``
 (default 56) MiB, each carried by one device call (see docs/BENCHMARKS.md, "GPU run: prepared, not yet run").
 
 Layout: ``<out>/part1``, ``<out>/part2``, ...; every part holds ``index.json`` (the same file) and some of the
