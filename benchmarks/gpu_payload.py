@@ -11,8 +11,9 @@ bits wherever it runs (with or without a fused multiply-add). Each tensor is pac
 bit the original (checked at packing); any other tensor (the norms) is stored as it is.
 
 The codes' order-0 entropy is 3.855 bits per 4-bit code and 7.464 per 8-bit code (measured over all of SmolLM2's):
-77.6 MB before any scale, so no lossless coding fits the weights in one 64 MiB call: the payload is cut into parts of at most ``--part-mib``
-(default 56) MiB, each carried by one device call (see docs/BENCHMARKS.md, "GPU run: prepared, not yet run").
+77.6 MB before any scale, so no lossless coding fits the weights in one 64 MiB call: the payload is cut into parts
+of at most ``--part-mib`` (default 56) MiB, each carried by one device call (see docs/BENCHMARKS.md, "GPU run:
+prepared, not yet run").
 
 Layout: ``<out>/part1``, ``<out>/part2``, ...; every part holds ``index.json`` (the same file) and some of the
 chunk files it names (``sha256`` of each). :func:`unpack_model` takes the part directories (any order, on any

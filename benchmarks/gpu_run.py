@@ -132,7 +132,10 @@ class Results:
 
     def _loop(self):
         while not self._stop.wait(30):
-            self.save()
+            try:
+                self.save()
+            except (RuntimeError, ValueError, OSError):  # a dict changed under it: the next save will do
+                pass
 
     def section(self, name: str) -> dict:
         with self.lock:
@@ -551,6 +554,9 @@ def run_speed(ctx, section: dict):
                 case = measure_case(models, batch, length, s["new_tokens"], s["repeats"], device, vocab)
             except Exception as err:  # noqa: BLE001
                 case = {"batch_size": batch, "prompt_length": length, "error": error_line(err)}
+                gc.collect()
+                if device.startswith("cuda"):
+                    torch.cuda.empty_cache()
             cases.append(case)
             ctx["results"].save()
             log(ctx["clock"], "speed " + json.dumps({k: v for k, v in case.items() if not isinstance(v, dict)}))
@@ -672,12 +678,27 @@ def plot_curve(curve: list[dict], path: Path) -> str | None:
     return None
 
 
+def _train_step(teacher, student, optimizer, ids, amp):
+    import torch
+
+    with torch.no_grad(), torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
+        t_logits = teacher(input_ids=ids, use_cache=False).logits
+    with torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
+        s_logits = student(input_ids=ids, use_cache=False).logits
+    loss = _kl(s_logits[:, :-1], t_logits[:, :-1])
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def run_distill(ctx, section: dict):
     import torch
 
     args, s, device, clock = ctx["args"], ctx["settings"], ctx["device"], ctx["clock"]
     length, batch = s["distill_length"], args.distill_batch or s["distill_batch"]
-    seconds = clock.left() - 5
+    seconds = clock.left()
     train = ctx["tokens"]["pypi_train"]
     val = ctx["tokens"]["pypi_validation"]
     blocks = _tokens(val, min(s["eval_blocks"], len(val) // length), length)
@@ -698,7 +719,7 @@ def run_distill(ctx, section: dict):
         "train_tokens_available": int(len(train)),
         "heldout": f"{len(blocks)} blocks x {length} tokens of the pypi validation split",
         "brown": f"{brown.numel()} tokens in {len(brown)} disjoint windows of {window}",
-        "seconds": seconds,
+        "section_seconds": seconds,
     }
     gc.collect()  # the speed section's models
     if amp:
@@ -719,7 +740,6 @@ def run_distill(ctx, section: dict):
     starts = rng.permutation(len(train) // length) * length
     tokens_seen = steps = 0
     train_seconds = 0.0
-    eval_every = seconds / max(1, s["distill_evals"])
     eval_cost = 0.0
 
     def evaluate():
@@ -748,9 +768,12 @@ def run_distill(ctx, section: dict):
         )
 
     evaluate()
+    # the schedule runs over what is left of the section once the models are loaded and the first point taken
     t_start = time.perf_counter()
+    end = t_start + clock.left() - 2 * eval_cost - 3
+    eval_every = (end - t_start) / max(1, s["distill_evals"])
     next_eval = t_start + eval_every
-    end = t_start + seconds - 2 * eval_cost - 2
+    section["train_window_s"] = end - t_start
     position = 0
     while time.perf_counter() < end:
         frac = (time.perf_counter() - t_start) / max(1e-9, end - t_start)
@@ -768,15 +791,20 @@ def run_distill(ctx, section: dict):
         ids = torch.stack([torch.from_numpy(train[r : r + length].astype(np.int64)) for r in rows]).to(device)
         _sync(device)
         t0 = time.perf_counter()
-        with torch.no_grad(), torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
-            t_logits = teacher(input_ids=ids, use_cache=False).logits
-        with torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
-            s_logits = student(input_ids=ids, use_cache=False).logits
-        loss = _kl(s_logits[:, :-1], t_logits[:, :-1])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        try:
+            loss = _train_step(teacher, student, optimizer, ids, amp)
+        except torch.cuda.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            loss = None
+        if loss is None:  # out of memory: half the batch, the step not taken
+            gc.collect()
+            torch.cuda.empty_cache()
+            if batch == 1:
+                raise RuntimeError("out of GPU memory at batch 1")
+            batch //= 2
+            section.setdefault("notes", []).append(f"out of memory at step {steps + 1}: batch now {batch}")
+            section["batch_size_used"] = batch
+            continue
         _sync(device)
         train_seconds += time.perf_counter() - t0
         steps += 1
