@@ -228,11 +228,13 @@ def _run_converted(args) -> int:
         "calibration": calibration,
         "dtype": "float32",
         "attn_implementation": real.config._attn_implementation,
+        "spiking_attn_implementation": spiking.config._attn_implementation,
         "torch_compile_of_the_model": False,
         "cache_packing": _packing_name(spiking),
     }
     print(
-        f"both models: float32, {torch.get_num_threads()} threads, attention {report['attn_implementation']}, "
+        f"both models: float32, {torch.get_num_threads()} threads, attention {report['attn_implementation']} "
+        f"(spiking: {report['spiking_attn_implementation']}, float64 accumulation), "
         f"no torch.compile of the model; spike cache: {report['cache_packing']}; C++ decoding kernels "
         f"{'on' if kernel_on else 'off'} (linears of at most {kernel_rows} rows)",
         flush=True,

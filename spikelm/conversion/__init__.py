@@ -5,6 +5,7 @@ Importing this package registers the ``"spikelm"`` quantization method with tran
 ``from_pretrained`` restores a saved conversion.
 """
 
+from .attention import NAME as SPIKING_ATTENTION
 from .cache import GIFCodeLayer, SpikeCodeCache, SpikeCodeLayer, TransientSpikeKV, spike_code_cache
 from .config import FORMAT_VERSION, SpikeLMConversionConfig
 from .model_card import write_model_card
@@ -18,6 +19,7 @@ __all__ = [
     "GIFCodeLayer",
     "PlacedNeuron",
     "SITE_KINDS",
+    "SPIKING_ATTENTION",
     "SpikeCodeCache",
     "SpikeCodeLayer",
     "SpikeLMConversionConfig",
