@@ -91,7 +91,8 @@ def calibrate(model: PreTrainedModel, calibration) -> None:
         for ids in batches:
             if not recorders and not _needs_data(model):
                 break
-            model.base_model(input_ids=ids.to(device), use_cache=False)
+            with torch.no_grad():  # as documented: nothing to differentiate (autograd kept every activation)
+                model.base_model(input_ids=ids.to(device), use_cache=False)
     finally:
         model.train(was_training)
         for recorder in recorders:

@@ -82,6 +82,28 @@ def _mask_view(mask: torch.Tensor, kv_heads: int, groups: int) -> torch.Tensor:
     return mask.view(batch, kv_heads, groups, *mask.shape[2:])
 
 
+class _ExactAttention(torch.autograd.Function):
+    """The exact forward value, saving nothing in float64; the gradient by recomputing the same attention in the
+    inputs' dtype (training needs no exact bits, and float64 probabilities of every layer would not fit)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attention_mask, scaling, is_causal, softcap):
+        ctx.save_for_backward(query, key, value)
+        ctx.options = (attention_mask, scaling, is_causal, softcap)
+        return _attention(query, key, value, attention_mask, scaling, is_causal, softcap, ACCUMULATE)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = [
+            t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad[:3], strict=True)
+        ]
+        with torch.enable_grad():
+            out = _attention(*inputs, *ctx.options, inputs[0].dtype)
+        wanted = [t for t in inputs if t.requires_grad]
+        found = iter(torch.autograd.grad(out, wanted, grad))
+        return (*(next(found) if t.requires_grad else None for t in inputs), None, None, None, None)
+
+
 def exact_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -98,8 +120,16 @@ def exact_attention(
     broadcastable as (B|1, H|1, q, L). ``is_causal`` (with no mask): query i attends keys 0..i (upper-left, as
     ``F.scaled_dot_product_attention``; longer keys are cut to the queries, as transformers does for an empty static
     cache). ``softcap``: scores -> ``softcap * tanh(scores / softcap)`` before the mask. A query with no key to attend
-    (a padding row) gets zeros, not NaN. Returns (B, H, q, d_v).
+    (a padding row) gets zeros, not NaN. Returns (B, H, q, d_v). Differentiable: the same forward value with
+    autograd recording, the gradient of the same attention computed in the inputs' dtype.
     """
+    if _recording(query, key, value):
+        return _ExactAttention.apply(query, key, value, attention_mask, scaling, is_causal, softcap)
+    return _attention(query, key, value, attention_mask, scaling, is_causal, softcap, ACCUMULATE)
+
+
+def _attention(query, key, value, attention_mask, scaling, is_causal, softcap, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`exact_attention`'s arithmetic, accumulating in ``dtype``."""
     batch, heads, q_len, head_dim = query.shape
     kv_heads = key.shape[1]
     if heads % kv_heads:
@@ -109,9 +139,9 @@ def exact_attention(
     if is_causal and attention_mask is None and key.shape[2] > q_len:
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     kv_len = key.shape[2]
-    k = key.to(ACCUMULATE).unsqueeze(2)  # (B, Hkv, 1, L, d)
-    v = value.to(ACCUMULATE).unsqueeze(2)
-    q = query.to(ACCUMULATE).view(batch, kv_heads, groups, q_len, head_dim)
+    k = key.to(dtype).unsqueeze(2)  # (B, Hkv, 1, L, d)
+    v = value.to(dtype).unsqueeze(2)
+    q = query.to(dtype).view(batch, kv_heads, groups, q_len, head_dim)
     mask = None if attention_mask is None else _mask_view(attention_mask, kv_heads, groups)
     chunk = max(1, ATTENTION_CHUNK_ELEMENTS // max(1, batch * heads * kv_len))
     parts = []
@@ -125,7 +155,7 @@ def exact_attention(
             if part.dtype == torch.bool:
                 scores = scores.masked_fill(~part, float("-inf"))
             else:
-                scores = scores + part.to(ACCUMULATE)
+                scores = scores + part.to(dtype)
         elif is_causal:
             rows = torch.arange(start, stop, device=query.device).view(-1, 1)
             scores = scores.masked_fill(torch.arange(kv_len, device=query.device) > rows, float("-inf"))
