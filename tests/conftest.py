@@ -107,6 +107,27 @@ def save_tiny_llama(directory, words, seed: int = 0, **overrides):
     return tok
 
 
+def save_tiny_spikelm_classifier(directory):
+    """A tiny random ``SpikeLMForSequenceClassification`` (T=2, BERT's WordPiece tokenizer) saved in ``directory``
+    with the public API, as a user would. Returns the tokenizer."""
+    from spikelm import SpikeLMConfig, SpikeLMForSequenceClassification
+    from spikelm.data.tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer("bert-base-uncased")
+    config = SpikeLMConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        num_steps=2,
+    )
+    SpikeLMForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return tokenizer
+
+
 def count_calls(monkeypatch, module, *names):
     """Wrap ``module.<name>`` for each name so that its calls are counted; returns the Counter (name -> calls so far),
     filled as the calls happen. The wrapped functions still run."""

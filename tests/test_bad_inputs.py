@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_spikelm_classifier
 
 from spikelm.commands.main import build_parser, main
 
@@ -50,22 +51,9 @@ class Evil:
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """Inputs users make themselves, built once (outside each test's tmp_path)."""
-    from spikelm import SpikeLMConfig, SpikeLMForSequenceClassification
-    from spikelm.data.tokenization import load_tokenizer
 
     root = tmp_path_factory.mktemp("shared")
-    tokenizer = load_tokenizer("bert-base-uncased")
-    config = SpikeLMConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_steps=2,
-    )
-    SpikeLMForSequenceClassification(config).save_pretrained(root / "clf")
-    tokenizer.save_pretrained(root / "clf")
+    tokenizer = save_tiny_spikelm_classifier(root / "clf")
     sst = root / "sst"
     sst.mkdir()
     rows = "sentence\tlabel\n" + "".join(f"good film {i}\t1\nbad film {i}\t0\n" for i in range(4))

@@ -41,7 +41,6 @@ LOGIT_TOLERANCE = 1e-4  # float32 summation noise of the real-valued LM head (it
 
 @pytest.fixture(scope="module", params=list(RECIPES))
 def converted(request):
-    torch.manual_seed(0)
     model = tiny_llama_model(seed=1, **REAL_SIZES)
     with torch.no_grad():  # weights of a trained model's scale: logits of a few units
         for name, param in model.named_parameters():

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import save_tiny_llama
+from conftest import save_tiny_llama, save_tiny_spikelm_classifier
 
 from spikelm.commands.main import main
 from spikelm.outputs import MARKER, OutputDirError, prepare_output_dir, release_output_dirs
@@ -31,25 +31,11 @@ def inputs(tmp_path_factory):
     folder, and a text file: everything a user makes with the public API."""
     from transformers import BertTokenizerFast
 
-    from spikelm import SpikeLMConfig, SpikeLMForSequenceClassification
-    from spikelm.data.tokenization import load_tokenizer
-
     root = tmp_path_factory.mktemp("inputs")
     save_tiny_llama(root / "llama", sorted(set(TEXT.split())), max_position_embeddings=64)
     shutil.copytree(root / "llama", root / "student")
-    tokenizer = load_tokenizer("bert-base-uncased")
+    tokenizer = save_tiny_spikelm_classifier(root / "clf")
     assert isinstance(tokenizer, BertTokenizerFast)
-    config = SpikeLMConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-        num_steps=2,
-    )
-    SpikeLMForSequenceClassification(config).save_pretrained(root / "clf")
-    tokenizer.save_pretrained(root / "clf")
     (root / "sst").mkdir()
     rows = "sentence\tlabel\n" + "".join(f"good film {i}\t1\nbad film {i}\t0\n" for i in range(4))
     for split in ("train", "dev"):

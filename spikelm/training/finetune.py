@@ -350,7 +350,7 @@ def finetune(
     Progress lines go to ``log`` (default: this module's logger; the command passes ``print``).
 
     The same seed, thread count and inputs give the same weights and metrics bit for bit: everything is seeded
-    before the model (and its new head) is created, with torch's deterministic algorithms
+    before the model (and its new head) is created; on CUDA also with torch's deterministic algorithms
     (:mod:`spikelm.training.reproducibility`)."""
     from .reproducibility import reproducible
 
