@@ -406,6 +406,10 @@ def _save_energy(summary: dict, out: Path, part: str) -> dict:
     plots = [p for p in write_energy_report(summary, folder) if Path(p).suffix == ".png"]
     return {
         **{key: summary[key] for key in ("snn_mJ_per_sequence", "ann_mJ_per_sequence", "ratio", "mean_firing_rate")},
+        "snn_over_ann": {  # both models at the same precision, per token: compute, and with every weight read
+            name: {scope: p[scope]["snn_over_ann"] for scope in ("blocks", "whole_model", "whole_model_with_memory")}
+            for name, p in summary["precisions"].items()
+        },
         "energy_json": str((folder / "energy.json").relative_to(out)),
         "plots": [str(Path(p).relative_to(out)) for p in plots],
     }
