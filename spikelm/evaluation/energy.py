@@ -46,7 +46,19 @@ the same counter, from the placement (``spikelm.conversion.placement``) instead 
   Hadamard on down_proj's input (size x sum of its factor sizes per row), norms, softmax and activations (one MAC
   per element, in the whole-model total only).
 
-``whole_model`` adds the heads and the element-wise operations (as MACs) to the headline. A decode step (one new
+``whole_model`` adds the heads and the element-wise operations (as MACs) to the headline, spike generation included
+(one operation per channel-step slot a neuron runs: the code's multiply, the membrane's subtract).
+
+Beside these figures at ``constants`` (the headline's, default 32-bit float), every summary carries:
+
+* ``precisions``: both models at the same weight precision, fp32, bf16 and int8 (Horowitz's 45 nm add and
+  multiply-add, :data:`~spikelm.evaluation.energy_constants.PRECISIONS`; an AC of the spiking model adds a weight of
+  the precision the real-valued model multiplies), per token, blocks and whole model, compute only and with memory;
+* ``memory``: the weights read per token (batch-1 decoding, no reuse across tokens): every weight of a linear layer
+  in the real-valued model; in the spiking model a linear fed by spikes reads only the rows of the input channels that
+  fire at some step of that token (plus its bias, and a GIF reader the row sums of W its zero-point terms need);
+  embedding rows and norm gains in the whole model (the same in both); priced at ``memory_pJ_per_bit`` x the
+  precision's bits (docs/CONVERSION.md, Energy). A decode step (one new
 token attending a filled cache, :func:`measure_decode_energy`) counts the spikes of every cached key and value, as
 they are read again by the new query.
 """
