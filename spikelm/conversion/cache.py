@@ -27,7 +27,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 from ..models.modeling_spikelm_causal import DEFAULT_PACKING, SpikeKVCacheLayer
 from ..nn import cpu_kernels
 from ..nn._constants import ALPHA_FLOOR
-from ..nn.neuron import ElasticBiSpikingNeuron
+from ..nn.neurons.elastic import ElasticBiSpikingNeuron
 from ..nn.packing import pack_bits, unpack_bits
 
 
@@ -166,7 +166,7 @@ class GIFCodeLayer(DynamicLayer):
         self.key_grid = self.value_grid = None
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        from ..nn.gif import max_code
+        from ..nn.neurons.gif import max_code
 
         self.dtype, self.device = key_states.dtype, key_states.device
         top = max_code(self.key_neuron.bits, self.key_neuron.extra_bits)
@@ -190,7 +190,7 @@ class GIFCodeLayer(DynamicLayer):
         return unpack_bits(stored.unflatten(-1, (self.bits, -1)), self.width, self.code_dtype)
 
     def _decode(self, name: str, neuron: nn.Module, grid: torch.Tensor | None) -> torch.Tensor:
-        from ..nn.gif import unpack_grid
+        from ..nn.neurons.gif import unpack_grid
 
         if grid is None:  # nothing cached yet: (B, H, 0, d)
             stored = getattr(self, name)
@@ -204,7 +204,7 @@ class GIFCodeLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         out = []
         for name, neuron, states in (("key", self.key_neuron, key_states), ("value", self.value_neuron, value_states)):
-            from ..nn.gif import pack_grid
+            from ..nn.neurons.gif import pack_grid
 
             codes_name, grid_name = f"{name}s", f"{name}_grid"
             codes, grid = getattr(self, codes_name), getattr(self, grid_name)

@@ -15,8 +15,8 @@ from transformers.quantizers.auto import (
 )
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..nn.gif import check_gif_options
-from ..nn.neuron import check_neuron_options
+from ..nn.neurons.elastic import check_neuron_options
+from ..nn.neurons.gif import check_gif_options
 
 QUANT_METHOD = "spikelm"
 FORMAT_VERSION = 1  # bump when a saved model of the previous version would load differently

@@ -39,7 +39,7 @@ from transformers import PreTrainedModel
 
 from ..errors import UserError
 from ..nn.cpu_kernels import spike_linear
-from ..nn.neuron import ElasticBiSpikingNeuron
+from ..nn.neurons.elastic import ElasticBiSpikingNeuron
 from .attention import NAME as SPIKING_ATTENTION
 from .cache import SpikeCodeCache, TransientSpikeKV, into_spike_cache, is_spike_cache
 from .config import QUANT_METHOD, SpikeLMConversionConfig
@@ -194,7 +194,7 @@ def make_neuron(
     if kind not in SITE_KINDS:
         raise ValueError(f"unknown placement site {kind!r}; expected one of {SITE_KINDS}")
     if config.neuron == "gif":
-        from ..nn.gif import GIFNeuron
+        from ..nn.neurons.gif import GIFNeuron
 
         return GIFNeuron(
             channels,

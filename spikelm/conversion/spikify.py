@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..data.tokenization import check_fits
-from ..nn.neuron import ElasticBiSpikingNeuron
+from ..nn.neurons.elastic import ElasticBiSpikingNeuron
 from .config import QUANT_METHOD, SpikeLMConversionConfig
 from .placement import attach, family_of, is_spiking, neurons, placement, reader_weight
 from .quantizer import SpikeLMQuantizer
@@ -34,7 +34,7 @@ class _SaliencyRecorder:
         ]
 
     def _record(self, module, args):
-        from ..nn.gif import saliency_scores
+        from ..nn.neurons.gif import saliency_scores
 
         x = args[0]
         shape = module.channel_shape
@@ -44,7 +44,7 @@ class _SaliencyRecorder:
         self.count += tokens
 
     def finish(self) -> None:
-        from ..nn.gif import top_fraction_mask
+        from ..nn.neurons.gif import top_fraction_mask
 
         for handle in self.handles:
             handle.remove()

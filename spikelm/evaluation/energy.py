@@ -73,7 +73,7 @@ import torch
 from torch import nn
 
 from spikelm.nn.layers import SpikeLinear
-from spikelm.nn.neuron import ElasticBiSpikingNeuron, named_neurons
+from spikelm.nn.neurons.elastic import ElasticBiSpikingNeuron, named_neurons
 
 from .energy_constants import DEFAULT_CONSTANTS, MEMORY_PJ_PER_BIT, MEMORY_SOURCE, PRECISIONS, EnergyConstants
 
@@ -248,7 +248,7 @@ def _spike_levels(neuron: nn.Module, x: torch.Tensor, output: torch.Tensor) -> t
     if isinstance(neuron, ElasticBiSpikingNeuron):
         fired = (output.detach() != 0).long()
         return fired, fired
-    from spikelm.nn.gif import gif_spikes
+    from spikelm.nn.neurons.gif import gif_spikes
 
     with torch.no_grad():
         code = neuron.quantize(x)[0]

@@ -241,7 +241,7 @@ def check_model_state(model, what: str) -> None:
     calibrated (``initialized`` flags cleared by hand: their alphas would be re-set from the first input)."""
     import torch
 
-    from spikelm.nn.neuron import ElasticBiSpikingNeuron
+    from spikelm.nn.neurons.elastic import ElasticBiSpikingNeuron
 
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):

@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 
 from spikelm.nn.exact import spiking_sdpa
 from spikelm.nn.layers import SpikeLinear
-from spikelm.nn.neuron import ElasticBiSpikingNeuron, named_neurons
+from spikelm.nn.neurons.elastic import ElasticBiSpikingNeuron, named_neurons
 
 from .configuration_spikelm import SpikeLMConfig
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .neuron import ElasticBiSpikingNeuron, SpikeLinearFunction
+from .neurons.elastic import ElasticBiSpikingNeuron, SpikeLinearFunction
 
 __all__ = ["SpikeLinear", "SpikeLinearFunction"]
 
