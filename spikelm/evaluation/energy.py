@@ -279,7 +279,11 @@ def _gif_terms(neuron: nn.Module) -> torch.Tensor:
 def _row_sum_reads(neuron: nn.Module) -> int:
     """Constants a linear layer fed by ``neuron`` reads per token and output besides its weights: a GIF reader's
     zero-point terms ``zero_g x rowsum_g(W)`` need the row sums of W over each zero-point group (one per group);
-    an elastic reader none (its alpha_t are a handful of numbers per layer, not counted)."""
+    an elastic reader none (its alpha_t are a handful of numbers per layer, not counted). A neuron plug-in that
+    defines ``reader_weight_reads()`` says it itself (a signed code: none, it has no zero point)."""
+    own = getattr(neuron, "reader_weight_reads", None)
+    if own is not None:
+        return int(own())
     if isinstance(neuron, ElasticBiSpikingNeuron):
         return 0
     return int(_gif_scales_and_zeros(neuron)[1][0])
