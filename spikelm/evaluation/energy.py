@@ -733,7 +733,7 @@ class OperationCounter:
         self.neurons.setdefault(name, NeuronCount(name)).add(event_sum, torch.zeros_like(event_sum), slots, level_sum)
         self.elementwise[self._region(name)]["spike_generation"] += int(slots.sum())
         # memory: a reader skips the weight rows of the channels that fire nothing at any step of a token
-        fired = (levels.reshape(steps, -1, width).sum(0) > 0).sum(-1)  # (rows,): channels fired at any step
+        fired = (levels.reshape(steps, -1, width) != 0).any(0).sum(-1)  # (rows,): channels fired at any step
         fired_channels = int((fired * weight).sum())
         constants = _row_sum_reads(neuron)
         for reader, linear in readers:
