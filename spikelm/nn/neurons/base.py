@@ -29,6 +29,8 @@ class SpikingNeuron(nn.Module):
     **Class attributes** (the plug-in's description, read without building a neuron):
 
     * ``name`` (str): the registry key and the conversion config's ``neuron`` value, e.g. ``"elastic"``.
+    * ``display_name`` (str): the neuron's name in prose (the model card's "the GIF neuron's fields"); default
+      ``name``.
     * ``config_fields`` (dict, field -> default): the conversion-config fields this neuron owns, under the names
       saved configs use (so ``config.json`` files from before load unchanged). Every registered neuron's fields are
       fields of :class:`~spikelm.conversion.config.SpikeLMConversionConfig`, in registry order.
@@ -47,7 +49,8 @@ class SpikingNeuron(nn.Module):
     * :meth:`check_config` -> None: raise ``ValueError`` naming the first of this neuron's fields out of range
       (called for every registered neuron, whichever is chosen).
     * :meth:`model_steps` -> int: how many copies of the network run (folded into the batch axis).
-    * :meth:`recipe` -> dict: the named recipe's fields, with ``--num-steps`` (if given) mapped onto them.
+    * :meth:`recipe` -> dict: the named recipe's fields, with ``--num-steps`` (if given) mapped onto them;
+      :meth:`finish_recipe` -> dict: the fields once the user's overrides are in.
     * :meth:`from_config` -> SpikingNeuron: the neuron of one placement site.
     * :meth:`describe` -> str: the model card's sentence on the neuron (after "Converted ... with spikify: ").
     * :meth:`summary` -> str: a few words for a command's report (``spikelm energy``).
@@ -63,7 +66,8 @@ class SpikingNeuron(nn.Module):
       |spike level| and 1 where a spike fired.
     * :meth:`linear` -> Tensor: a linear layer reading the neuron's spikes of ``x``, on the neuron's one-shot code.
 
-    **Calibration and state**: :meth:`is_initialized` (bool: data-dependent parameters are set),
+    **Calibration and state**: :meth:`initialize_parameters` (a fresh model's parameters, through the given init
+    functions), :meth:`is_initialized` (bool: data-dependent parameters are set),
     :meth:`calibration_flag` (the saved flag, or None when the neuron has none), :meth:`state_problem` (a loaded
     state that spikelm cannot have saved, in words, or None), :meth:`calibration_recorder` (an object whose
     ``finish()`` ends calibration, or None when the neuron calibrates on its first input).
@@ -78,6 +82,7 @@ class SpikingNeuron(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""
     config_fields: ClassVar[dict[str, Any]] = {}
     recipe_defaults: ClassVar[dict[str, Any]] = {}
     cache_layout: ClassVar[str] = ""
@@ -112,6 +117,12 @@ class SpikingNeuron(nn.Module):
         fields = dict(cls.recipe_defaults)
         if num_steps is not None:
             raise ValueError(f"--num-steps does not apply to --neuron {cls.name}")
+        return fields
+
+    @classmethod
+    def finish_recipe(cls, fields: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+        """The recipe's fields after the user's ``overrides`` were applied (``spikify --set``): a chance to drop a
+        default that no longer applies. Returns the fields."""
         return fields
 
     @classmethod
@@ -156,6 +167,10 @@ class SpikingNeuron(nn.Module):
     def is_initialized(self) -> bool:
         """Whether the neuron's data-dependent parameters are set (False: its next input sets them)."""
         return True
+
+    def initialize_parameters(self, init) -> None:
+        """Set the parameters a fresh model starts from, with ``init``'s functions (``transformers.initialization``,
+        which leaves loaded tensors alone, or ``torch.nn.init``): a model's ``_init_weights`` calls it."""
 
     def calibration_flag(self) -> bool | None:
         """The saved "calibrated" flag (read from the state, not a cache), or None when the neuron has none."""

@@ -846,6 +846,13 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
             return self(x.reshape(steps, -1, *x.shape[1:])).view(x.shape)
         return self(x.reshape(steps, -1, x.shape[-1])).view(x.shape)
 
+    def initialize_parameters(self, init) -> None:
+        """Not yet initialised (alpha == 1, the authors' marker) unless ``alpha_init`` is a number."""
+        numeric = not isinstance(self.alpha_init, str)
+        init.constant_(self.alpha, float(self.alpha_init) if numeric else 1.0)
+        init.constant_(self.initialized, numeric)
+        self._known_initialized = False
+
     def step_spikes(self, x: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Input and output time-major, on the reference backend: level 1 wherever the output is nonzero."""
         fired = (output.detach() != 0).long()
