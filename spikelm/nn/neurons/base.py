@@ -73,7 +73,8 @@ class SpikingNeuron(nn.Module):
     ``finish()`` ends calibration, or None when the neuron calibrates on its first input).
 
     **Statistics**: ``record_stats`` (bool attribute), :meth:`reset_stats`, :meth:`spike_stats` -> dict or None
-    (``firing_rate`` per step, ``spikes`` per step, ``slots`` per step, plus the neuron's own entries).
+    (``firing_rate`` per step, ``spikes`` per step, ``slots`` per step, plus the neuron's own entries),
+    :meth:`step_counts` -> int64 (3, S) tensor or None (spikes of each sign and slots per step, on the device).
 
     **Energy** (int64 tensors of length ``steps``, summed by :mod:`spikelm.evaluation.energy`):
     :meth:`slots`, :meth:`reader_macs`, :meth:`attention_ops`.
@@ -201,6 +202,16 @@ class SpikingNeuron(nn.Module):
         ``firing_rate`` (per step), ``spikes`` (per step), ``slots`` (per step), and the neuron's own entries."""
         stats = getattr(self, "stats", None)
         return None if stats is None else stats.as_dict()
+
+    def step_counts(self) -> torch.Tensor | None:
+        """int64 (3, S): the positive spikes, negative spikes and slots per step recorded so far (None if nothing
+        was recorded), left on the neuron's device (no host sync: the firing-rate monitor batches them). By default
+        from :meth:`spike_stats` (every spike counted positive)."""
+        stats = self.spike_stats()
+        if stats is None:
+            return None
+        spikes = torch.tensor(stats["spikes"], dtype=torch.int64)
+        return torch.stack([spikes, torch.zeros_like(spikes), torch.tensor(stats["slots"], dtype=torch.int64)])
 
     # -- energy -------------------------------------------------------------------------------------------------
 

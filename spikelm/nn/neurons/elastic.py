@@ -833,11 +833,7 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
 
     @classmethod
     def summary(cls, fields) -> str:
-        return f"elastic neuron T={fields.get('num_steps')}, {fields.get('spike_levels')} spikes"
-
-    @classmethod
-    def steps_summary(cls, fields) -> str:
-        return f"{fields.get('num_steps')} time steps"
+        return f"elastic neuron T={cls.field(fields, 'num_steps')}, {cls.field(fields, 'spike_levels')} spikes"
 
     def spike_folded(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         """Time-major over the copies: a linear input (T*B, ..., C) runs as (T, rows, C); K/V (T*B, H, L, d) as
@@ -874,6 +870,11 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
         entry = self.stats.as_dict()
         entry["alpha"] = self.alpha.detach().float().cpu().tolist()
         return entry
+
+    def step_counts(self) -> torch.Tensor | None:
+        if self.stats is None:
+            return None
+        return torch.stack([self.stats.positive, self.stats.negative, self.stats.slots])
 
     def reader_macs(self, steps: int, outputs: int) -> torch.Tensor:
         """One alpha multiply per output and step (none without amplitude: the spikes are then +-1)."""

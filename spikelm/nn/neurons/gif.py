@@ -1021,15 +1021,13 @@ class GIFNeuron(SpikingNeuron):
 
     @classmethod
     def summary(cls, fields) -> str:
-        extra = fields.get("gif_extra_bits", 0)
-        saliency = fields.get("saliency_fraction")
-        return f"GIF neuron n={fields.get('gif_bits')}, a={extra} (T={2**extra}), saliency {saliency}"
+        extra, saliency = cls.field(fields, "gif_extra_bits"), cls.field(fields, "saliency_fraction")
+        return f"GIF neuron n={cls.field(fields, 'gif_bits')}, a={extra} (T={2**extra}), saliency {saliency}"
 
     @classmethod
     def steps_summary(cls, fields) -> str:
-        return (
-            f"GIF neuron, T = {2 ** fields.get('gif_extra_bits', 0)} steps, {fields.get('gif_bits')}-bit spike levels"
-        )
+        extra = cls.field(fields, "gif_extra_bits")
+        return f"GIF neuron, T = {2**extra} steps, {cls.field(fields, 'gif_bits')}-bit spike levels"
 
     def step_spikes(self, x: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The spikes of the neuron's own quantiser on ``x`` (its output is their dequantised sum), levels
@@ -1038,6 +1036,13 @@ class GIFNeuron(SpikingNeuron):
             code = self.quantize(x)[0]
             spikes = gif_spikes(code, self.bits, self.num_steps).long()
         return spikes, (spikes > 0).long()
+
+    def step_counts(self) -> torch.Tensor | None:
+        """Spikes (levels >= 0: all counted positive) and slots per step."""
+        if self.stats is None:
+            return None
+        events = self.stats.events
+        return torch.stack([events, torch.zeros_like(events), self.stats.slots.to(events.device)])
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """:func:`gif_linear` on :meth:`spike`: the integer spikes accumulated once, a zero-point term and a scale
