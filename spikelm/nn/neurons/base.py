@@ -29,6 +29,8 @@ class SpikingNeuron(nn.Module):
     **Class attributes** (the plug-in's description, read without building a neuron):
 
     * ``name`` (str): the registry key and the conversion config's ``neuron`` value, e.g. ``"elastic"``.
+    * ``display_name`` (str): the neuron's name in prose (the model card's "the GIF neuron's fields"); default
+      ``name``.
     * ``config_fields`` (dict, field -> default): the conversion-config fields this neuron owns, under the names
       saved configs use (so ``config.json`` files from before load unchanged). Every registered neuron's fields are
       fields of :class:`~spikelm.conversion.config.SpikeLMConversionConfig`, in registry order.
@@ -47,7 +49,8 @@ class SpikingNeuron(nn.Module):
     * :meth:`check_config` -> None: raise ``ValueError`` naming the first of this neuron's fields out of range
       (called for every registered neuron, whichever is chosen).
     * :meth:`model_steps` -> int: how many copies of the network run (folded into the batch axis).
-    * :meth:`recipe` -> dict: the named recipe's fields, with ``--num-steps`` (if given) mapped onto them.
+    * :meth:`recipe` -> dict: the named recipe's fields, with ``--num-steps`` (if given) mapped onto them;
+      :meth:`finish_recipe` -> dict: the fields once the user's overrides are in.
     * :meth:`from_config` -> SpikingNeuron: the neuron of one placement site.
     * :meth:`describe` -> str: the model card's sentence on the neuron (after "Converted ... with spikify: ").
     * :meth:`summary` -> str: a few words for a command's report (``spikelm energy``).
@@ -63,21 +66,24 @@ class SpikingNeuron(nn.Module):
       |spike level| and 1 where a spike fired.
     * :meth:`linear` -> Tensor: a linear layer reading the neuron's spikes of ``x``, on the neuron's one-shot code.
 
-    **Calibration and state**: :meth:`is_initialized` (bool: data-dependent parameters are set),
+    **Calibration and state**: :meth:`initialize_parameters` (a fresh model's parameters, through the given init
+    functions), :meth:`is_initialized` (bool: data-dependent parameters are set),
     :meth:`calibration_flag` (the saved flag, or None when the neuron has none), :meth:`state_problem` (a loaded
     state that spikelm cannot have saved, in words, or None), :meth:`calibration_recorder` (an object whose
     ``finish()`` ends calibration, or None when the neuron calibrates on its first input).
 
     **Statistics**: ``record_stats`` (bool attribute), :meth:`reset_stats`, :meth:`spike_stats` -> dict or None
-    (``firing_rate`` per step, ``spikes`` per step, ``slots`` per step, plus the neuron's own entries).
+    (``firing_rate`` per step, ``spikes`` per step, ``slots`` per step, plus the neuron's own entries),
+    :meth:`step_counts` -> int64 (3, S) tensor or None (spikes of each sign and slots per step, on the device).
 
     **Energy** (int64 tensors of length ``steps``, summed by :mod:`spikelm.evaluation.energy`):
-    :meth:`slots`, :meth:`reader_macs`, :meth:`attention_ops`.
+    :meth:`slots`, :meth:`reader_macs`, :meth:`reader_weight_reads`, :meth:`attention_ops`.
 
     **Kernels**: :meth:`packs_kv_on_cpu` (bool: a decoding step may spike and pack K/V in the C++ kernel).
     """
 
     name: ClassVar[str] = ""
+    display_name: ClassVar[str] = ""
     config_fields: ClassVar[dict[str, Any]] = {}
     recipe_defaults: ClassVar[dict[str, Any]] = {}
     cache_layout: ClassVar[str] = ""
@@ -112,6 +118,12 @@ class SpikingNeuron(nn.Module):
         fields = dict(cls.recipe_defaults)
         if num_steps is not None:
             raise ValueError(f"--num-steps does not apply to --neuron {cls.name}")
+        return fields
+
+    @classmethod
+    def finish_recipe(cls, fields: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+        """The recipe's fields after the user's ``overrides`` were applied (``spikify --set``): a chance to drop a
+        default that no longer applies. Returns the fields."""
         return fields
 
     @classmethod
@@ -157,6 +169,10 @@ class SpikingNeuron(nn.Module):
         """Whether the neuron's data-dependent parameters are set (False: its next input sets them)."""
         return True
 
+    def initialize_parameters(self, init) -> None:
+        """Set the parameters a fresh model starts from, with ``init``'s functions (``transformers.initialization``,
+        which leaves loaded tensors alone, or ``torch.nn.init``): a model's ``_init_weights`` calls it."""
+
     def calibration_flag(self) -> bool | None:
         """The saved "calibrated" flag (read from the state, not a cache), or None when the neuron has none."""
         return None
@@ -187,6 +203,16 @@ class SpikingNeuron(nn.Module):
         stats = getattr(self, "stats", None)
         return None if stats is None else stats.as_dict()
 
+    def step_counts(self) -> torch.Tensor | None:
+        """int64 (3, S): the positive spikes, negative spikes and slots per step recorded so far (None if nothing
+        was recorded), left on the neuron's device (no host sync: the firing-rate monitor batches them). By default
+        from :meth:`spike_stats` (every spike counted positive)."""
+        stats = self.spike_stats()
+        if stats is None:
+            return None
+        spikes = torch.tensor(stats["spikes"], dtype=torch.int64)
+        return torch.stack([spikes, torch.zeros_like(spikes), torch.tensor(stats["slots"], dtype=torch.int64)])
+
     # -- energy -------------------------------------------------------------------------------------------------
 
     def slots(self, steps: int, rows: int, width: int) -> torch.Tensor:
@@ -197,6 +223,12 @@ class SpikingNeuron(nn.Module):
         """int64 (steps,): the multiplies a linear layer reading these spikes adds to its accumulates, for
         ``outputs`` (= rows x out_features) outputs (e.g. one amplitude multiply per output and step)."""
         raise NotImplementedError
+
+    def reader_weight_reads(self) -> int:
+        """Numbers a linear layer reading these spikes reads per output and token besides its weight rows and bias
+        (the memory-inclusive energy figure, docs/CONVERSION.md, Energy): e.g. the row sums of W a zero-point term
+        needs, one per zero-point group. None by default."""
+        return 0
 
     def attention_ops(
         self, product: str, steps: int, pairs: int, heads: int, head_dim: int, queries: int

@@ -833,11 +833,7 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
 
     @classmethod
     def summary(cls, fields) -> str:
-        return f"elastic neuron T={fields.get('num_steps')}, {fields.get('spike_levels')} spikes"
-
-    @classmethod
-    def steps_summary(cls, fields) -> str:
-        return f"{fields.get('num_steps')} time steps"
+        return f"elastic neuron T={cls.field(fields, 'num_steps')}, {cls.field(fields, 'spike_levels')} spikes"
 
     def spike_folded(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         """Time-major over the copies: a linear input (T*B, ..., C) runs as (T, rows, C); K/V (T*B, H, L, d) as
@@ -845,6 +841,13 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
         if x.dim() > 3:
             return self(x.reshape(steps, -1, *x.shape[1:])).view(x.shape)
         return self(x.reshape(steps, -1, x.shape[-1])).view(x.shape)
+
+    def initialize_parameters(self, init) -> None:
+        """Not yet initialised (alpha == 1, the authors' marker) unless ``alpha_init`` is a number."""
+        numeric = not isinstance(self.alpha_init, str)
+        init.constant_(self.alpha, float(self.alpha_init) if numeric else 1.0)
+        init.constant_(self.initialized, numeric)
+        self._known_initialized = False
 
     def step_spikes(self, x: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Input and output time-major, on the reference backend: level 1 wherever the output is nonzero."""
@@ -867,6 +870,11 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
         entry = self.stats.as_dict()
         entry["alpha"] = self.alpha.detach().float().cpu().tolist()
         return entry
+
+    def step_counts(self) -> torch.Tensor | None:
+        if self.stats is None:
+            return None
+        return torch.stack([self.stats.positive, self.stats.negative, self.stats.slots])
 
     def reader_macs(self, steps: int, outputs: int) -> torch.Tensor:
         """One alpha multiply per output and step (none without amplitude: the spikes are then +-1)."""
