@@ -20,6 +20,7 @@ from spikelm.conversion import neurons
 from spikelm.evaluation.energy import OperationCounter, measure_decode_energy, measure_energy
 from spikelm.evaluation.energy_constants import MEMORY_PJ_PER_BIT, PRECISIONS
 from spikelm.nn.gif import reference_gif_spikes
+from spikelm.nn.neurons import SpikingNeuron
 
 H, HKV, D, HIDDEN, INTER, VOCAB = 4, 2, 8, 32, 48, 40
 OUT = {"q_proj": H * D, "k_proj": HKV * D, "v_proj": HKV * D, "o_proj": HIDDEN, "gate_proj": INTER,
@@ -289,3 +290,87 @@ def test_the_command_writes_and_prints_every_figure(tmp_path, capsys):
         assert f"`{key}`" in report
     assert main([*args, "--memory-pj-per-bit", "-1", "--output-dir", str(tmp_path / "bad")]) == 2
     assert "--memory-pj-per-bit" in capsys.readouterr().err
+
+
+# -- signed multi-level spikes, through the plug-in interface ----------------------------------------------------
+
+
+class SignedLevelsNeuron(SpikingNeuron):
+    """Signed codes -3..3 per token (scale max|x| / 3), a dead zone (|x| below that fraction of max|x| fires
+    nothing), spikes over two
+    steps of at most 2 levels (soft reset): a code of 3 fires 2 then 1. A reader multiplies each output by the
+    token's scale once; no zero point."""
+
+    name = "signed_levels_test"
+    config_fields = {"signed_levels_test_dead_zone": 0.0}
+    recipe_defaults = {"neuron": "signed_levels_test", "signed_levels_test_dead_zone": 0.0}
+    cache_layout = "token_codes"
+
+    def __init__(self, channels, dead_zone: float = 0.0):
+        super().__init__()
+        self.channel_shape, self.dead_zone = channels, dead_zone
+
+    @classmethod
+    def from_config(cls, fields, channels, per_step: bool):
+        return cls(channels, cls.field(fields, "signed_levels_test_dead_zone"))
+
+    def code(self, x):
+        top = x.abs().amax(-1, keepdim=True).clamp_min(1e-8)
+        code = torch.clamp(torch.round(x / (top / 3)), -3, 3)
+        return torch.where(x.abs() < self.dead_zone * top, torch.zeros_like(code), code), top / 3
+
+    def forward(self, x):
+        with torch.no_grad():
+            code, scale = self.code(x)
+            out = (code * scale).to(x.dtype)
+        return out + (x - x.detach()) if x.requires_grad else out
+
+    def step_spikes(self, x, output):
+        code = self.code(x)[0].long()
+        first = code.sign() * code.abs().clamp(max=2)
+        levels = torch.stack([first.abs(), (code - first).abs()])
+        return levels, (levels > 0).long()
+
+    def reader_macs(self, steps, outputs):
+        return torch.tensor([outputs] + [0] * (steps - 1))
+
+    def attention_ops(self, product, steps, pairs, heads, head_dim, queries):
+        return torch.tensor([pairs * heads] + [0] * (steps - 1)), torch.zeros(steps, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("dead_zone", [0.0, 0.3])
+def test_signed_levels_cost_one_ac_per_level_and_fan_out_and_silent_channels_skip_their_rows(monkeypatch, dead_zone):
+    from spikelm.conversion.recipes import recipe
+    from spikelm.nn.neurons import base
+
+    monkeypatch.setitem(base._REGISTRY, SignedLevelsNeuron.name, SignedLevelsNeuron)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(_config()).eval()
+    model.config.use_cache = False  # full passes: the energy counted here needs no cache layer
+    fields = {"rotation": "none", "online_down_proj_rotation": False, "signed_levels_test_dead_zone": dead_zone}
+    spikelm.spikify(model, recipe(SignedLevelsNeuron.name, None, fields))
+    ids = torch.randint(0, VOCAB, (1, 6))
+    summary, seen = _run(model, ids)
+    layer = {e["group"]: e for e in summary["per_layer"]}
+    silent = 0
+    for proj, out in OUT.items():
+        name = f"model.layers.0.{SITE[proj]}.input_neuron"
+        neuron = model.get_submodule(name)
+        x = seen[name][0][0]
+        code = neuron.code(x)[0]  # (1, 6, C)
+        levels, _ = neuron.step_spikes(x, None)
+        assert torch.equal(levels.sum(0), code.abs().long())  # a code of 3 fires 2 + 1 levels
+        assert int((code.abs() == 3).sum()) > 0
+        # a signed spike of level k into a linear of fan-out `out` costs k x out additions
+        assert layer[f"{GROUP[proj]}.{proj}"]["acs"] == int(code.abs().sum()) * out, proj
+        assert layer[f"{GROUP[proj]}.{proj}"]["macs"] == 6 * out, proj  # one scale multiply per output
+        nonzero = int((code != 0).sum())
+        silent += 6 * IN[proj] - nonzero
+        assert layer[f"{GROUP[proj]}.{proj}"]["weight_reads"] == nonzero * out, proj  # no zero point, no row sums
+    if dead_zone:
+        assert silent > 0  # the dead zone silences channels: their rows are skipped
+    for kind, suffix in (("key", "scores"), ("value", "context")):
+        name = f"model.layers.0.self_attn.{kind}_neuron"
+        per_key = model.get_submodule(name).code(seen[name][0][0])[0].abs().sum(dim=(1, 3))  # (B, L)
+        hand = sum(int(per_key[0, j]) * (6 - j) * (H // HKV) for j in range(6))
+        assert layer[f"self_attn.{suffix}"]["acs"] == hand, suffix
