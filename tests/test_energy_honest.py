@@ -285,7 +285,7 @@ def test_the_command_writes_and_prints_every_figure(tmp_path, capsys):
         assert f"  {name} (add " in printed
         assert summary["per_generated_token"]["precisions"][name]["whole_model_with_memory"]["snn_mJ_per_token"] > 0
     report = (out / "report.md").read_text()
-    assert "## Both models at the same weight precision" in report and "**Not counted**" in report
+    assert "## Both models at the same weight precision" in report and "**Not counted anywhere**" in report
     for key in summary["figures"]:
         assert f"`{key}`" in report
     assert main([*args, "--memory-pj-per-bit", "-1", "--output-dir", str(tmp_path / "bad")]) == 2

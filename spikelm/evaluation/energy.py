@@ -111,7 +111,7 @@ FIGURES = {
     "per_generated_token": "the same figures for one decode step after the window's other tokens are cached",
 }
 NOT_COUNTED = (
-    "not counted anywhere: reads and writes of activations, spike codes and the KV cache (the memory figure is "
+    "reads and writes of activations, spike codes and the KV cache (the memory figure is "
     "weights only); bias and residual additions; the exponentials, divisions and square roots inside softmax and "
     "norms beyond one MAC per element; the per-token range (max/min) the quantising neurons take; an int8 model's "
     "(re)quantisation multiplies, in either model; wider accumulators than the weight precision"

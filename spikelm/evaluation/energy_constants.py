@@ -57,8 +57,8 @@ PRECISIONS = (
         1.1,
         16,
         "16-bit float: add 0.4 pJ, multiply 1.1 pJ, multiply-add 1.5 pJ (Horowitz's fp16 row: the source has no "
-        "bfloat16 row, and bfloat16's 8-bit mantissa multiplier is smaller than fp16's 11-bit one, so this favours "
-        "neither model)",
+        "bfloat16 row; bfloat16's 8-bit mantissa multiplier is smaller than fp16's 11-bit one, so a real bf16 multiply "
+        "costs less than this, which would favour the real-valued model, the one that multiplies more)",
     ),
     Precision("int8", 0.03, 0.2, 8, "8-bit integer: add 0.03 pJ, multiply 0.2 pJ, multiply-add 0.23 pJ"),
 )

@@ -318,7 +318,7 @@ def precision_section(summary: dict) -> list[str]:
     reads = memory["reads_per_token"]
     count = lambda v: "-" if v is None else _count(v)  # noqa: E731
     lines += [
-        f"**Weights read per token** ({memory['convention']}):",
+        f"**Weights read per token** (convention: {memory['convention']}):",
         "",
         "| part | SNN | ANN |",
         "|---|---|---|",
@@ -333,7 +333,7 @@ def precision_section(summary: dict) -> list[str]:
         ]
     lines += ["**Which figure is which**:", ""]
     lines += [f"- `{key}`: {text}" for key, text in summary["figures"].items()]
-    lines += ["", f"**Not counted**: {summary['not_counted']}.", ""]
+    lines += ["", f"**Not counted anywhere**: {summary['not_counted']}.", ""]
     return lines
 
 
