@@ -159,8 +159,9 @@ class SpikingNeuron(nn.Module):
         raise NotImplementedError
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """A linear layer reading this neuron's spikes of ``x``: ``exact_linear(self(x), weight, bias)``'s value
-        computed from the neuron's one-shot code (:mod:`spikelm.nn.exact`)."""
+        """A linear layer reading this neuron's spikes of ``x``, computed from the neuron's one-shot code: the value
+        of ``exact_linear(self(x), weight, bias)`` (:mod:`spikelm.nn.exact`) up to the rounding of that arithmetic
+        (the elastic neuron: bit for bit; GIF: within float32 rounding, the integer codes accumulated apart)."""
         raise NotImplementedError
 
     # -- calibration and state ----------------------------------------------------------------------------------
