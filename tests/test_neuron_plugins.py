@@ -252,3 +252,47 @@ def test_a_neuron_added_as_one_class_converts_saves_loads_counts_and_describes_i
     card = write_model_card(tmp_path, model.config.quantization_config, "tiny").read_text()
     assert "a one-step neuron of 4-bit integer spikes" in card
     assert "The elastic and GIF neuron's fields, unused here, are left out" in card
+
+
+# -- every registered neuron keeps the interface's contract ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", neuron_names())
+def test_every_registered_neuron_keeps_the_interface(name):
+    from spikelm.conversion.config import SpikeLMConversionConfig
+    from spikelm.nn.exact import exact_linear
+
+    cls = neuron_class(name)
+    fields = SpikeLMConversionConfig(**cls.recipe()).to_dict()
+    steps = cls.model_steps(fields)
+    torch.manual_seed(0)
+    width, weight, bias = 16, torch.randn(8, 16), torch.randn(8)
+    x = torch.randn(steps * 3, 5, width)  # the copies of the network folded into the batch axis
+    neuron = cls.from_config(fields, width, per_step=False)
+    recorder = neuron.calibration_recorder([weight])
+    if recorder is not None:  # calibrates on the real-valued input, which passes through meanwhile
+        assert torch.equal(neuron(x), x)
+        recorder.finish()
+    neuron.record_stats = True
+    out = neuron.spike_folded(x, steps)
+    assert out.shape == x.shape and out.dtype == x.dtype and not torch.equal(out, x)
+    assert neuron.is_initialized()
+    levels, fired = neuron.step_spikes(x, out)
+    assert levels.dtype == fired.dtype == torch.int64 and (levels >= 0).all()
+    assert torch.equal(fired, (levels > 0).long())
+    counted = levels.shape[0]
+    stats = neuron.spike_stats()
+    assert {"firing_rate", "spikes", "slots"} <= set(stats)
+    assert len(stats["spikes"]) == len(stats["slots"]) == len(stats["firing_rate"]) == neuron.step_counts().shape[1]
+    assert neuron.step_counts().shape[0] == 3
+    for counts in (neuron.slots(counted, 15, width), neuron.reader_macs(counted, 40)):
+        assert counts.dtype == torch.int64 and counts.shape == (counted,) and (counts >= 0).all()
+    for product in ("scores", "context"):
+        macs, extra = neuron.attention_ops(product, counted, pairs=10, heads=2, head_dim=8, queries=4)
+        assert macs.shape == extra.shape == (counted,) and macs.dtype == extra.dtype == torch.int64
+    time_major = neuron.spike_folded(x, steps)
+    fast = neuron.linear(x.view(steps, -1, width) if steps > 1 else x, weight, bias)
+    reference = exact_linear(time_major.view(fast.shape[:-1] + (width,)), weight, bias)
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+    assert isinstance(cls.describe(fields), str) and isinstance(cls.summary(fields), str)
+    cls.check_config(fields)

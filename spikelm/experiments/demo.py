@@ -318,6 +318,7 @@ def run_llm(settings: DemoSettings, out: Path, log, context: dict) -> dict:
     from spikelm.conversion.recipes import DEFAULT_RECIPE, RECIPES
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.evaluation.brown_perplexity import perplexity
+    from spikelm.nn.neurons import neuron_class
 
     source = resolve_model_source(settings.llm_source)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -349,7 +350,7 @@ def run_llm(settings: DemoSettings, out: Path, log, context: dict) -> dict:
     spiking_text = greedy(model, tokenizer, settings.prompts, settings.new_tokens)
     figures.update(
         recipe={k: v for k, v in config.to_dict().items() if k in fields},
-        time_steps=2**config.gif_extra_bits,
+        time_steps=neuron_class(config.neuron).time_steps(config.to_dict()),
         conversion_seconds=round(convert_seconds, 1),
         perplexity={
             "real": real["perplexity"],

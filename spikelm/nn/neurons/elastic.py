@@ -624,6 +624,7 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
     # the named recipe: T = 4, symmetric reset (far better than the official reset on a pretrained LLM)
     recipe_defaults = {"neuron": "elastic", "num_steps": 4, "reset": "symmetric"}
     cache_layout = "step_codes"
+    traceless_fields = ("num_steps", "spike_levels", "use_amplitude", "reset")
     counting_backend = "reference"  # the per-step path returns the spikes to the energy counter's hooks
 
     def __init__(
@@ -853,6 +854,12 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
         """Input and output time-major, on the reference backend: level 1 wherever the output is nonzero."""
         fired = (output.detach() != 0).long()
         return fired, fired
+
+    def reset_calibration(self) -> None:
+        self.reset_alpha()
+
+    def state_loaded(self) -> None:
+        self._known_initialized = False  # re-read the loaded `initialized` flag on first use
 
     def calibration_flag(self) -> bool:
         return bool(self.initialized)

@@ -744,6 +744,7 @@ class GIFNeuron(SpikingNeuron):
         "gif_group_size": 64,
     }
     cache_layout = "token_codes"
+    traceless_fields = ("gif_bits", "gif_extra_bits", "gif_group_range", "gif_clip_ratio", "gif_group_size")
 
     def __init__(
         self,
@@ -975,6 +976,11 @@ class GIFNeuron(SpikingNeuron):
         )
 
     @classmethod
+    def time_steps(cls, fields) -> int:
+        """T = 2^a (the salient channels' steps)."""
+        return 2 ** cls.field(fields, "gif_extra_bits")
+
+    @classmethod
     def recipe(cls, num_steps: int | None = None) -> dict:
         """``num_steps`` T = 2^a (a power of two) sets ``gif_extra_bits``."""
         fields = dict(cls.recipe_defaults)
@@ -1048,6 +1054,9 @@ class GIFNeuron(SpikingNeuron):
         """:func:`gif_linear` on :meth:`spike`: the integer spikes accumulated once, a zero-point term and a scale
         multiply per range group."""
         return self.spike(x).linear(weight, bias)
+
+    def reset_calibration(self) -> None:
+        self.set_salient(torch.zeros_like(self.salient))
 
     def calibration_recorder(self, reader_weights):
         """A :class:`SaliencyRecorder`: the neuron passes its input through while calibrating, and its salient
