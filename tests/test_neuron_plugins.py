@@ -287,6 +287,8 @@ def test_every_registered_neuron_keeps_the_interface(name):
     assert neuron.step_counts().shape[0] == 3
     for counts in (neuron.slots(counted, 15, width), neuron.reader_macs(counted, 40)):
         assert counts.dtype == torch.int64 and counts.shape == (counted,) and (counts >= 0).all()
+    reads = neuron.reader_weight_reads()  # constants a reader reads per output and token (the memory figure)
+    assert isinstance(reads, int) and reads >= 0
     for product in ("scores", "context"):
         macs, extra = neuron.attention_ops(product, counted, pairs=10, heads=2, head_dim=8, queries=4)
         assert macs.shape == extra.shape == (counted,) and macs.dtype == extra.dtype == torch.int64
