@@ -18,7 +18,7 @@ def _figures():
             "source": "SmolLM2-135M",
             "time_steps": 2,
             "perplexity": {"real": 40.0, "spiking": 50.0, "ratio": 1.25, "tokens_scored": 1000},
-            "recipe": {"neuron": "gif"},
+            "recipe": {"neuron": "gif", "gif_bits": 4},
             "parameters": 135e6,
             "calibration": "text",
             "conversion_seconds": 10.0,
@@ -49,6 +49,7 @@ def test_the_llm_energy_panel_prints_the_perplexity_ratio_beside_the_spiking_bar
     assert energy["labels"] == ["real-valued", "spiking"] and energy["values"] == [300.0, 200.0]
     assert "perplexity 1.25x" in energy["note"] and "energy 0.67x" in energy["note"]  # 50 / 40; 200 / 300
     assert "note" not in panels[0]  # the perplexity panel itself
+    assert panels[0]["labels"] == ["real-valued", "spiking\nGIF T=2"]  # the recipe's neuron
     path = tmp_path / "summary.png"
     assert plot_summary(figures, path)
     with Image.open(path) as image:

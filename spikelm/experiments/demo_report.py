@@ -31,10 +31,11 @@ def summary_panels(figures: dict) -> list[dict]:
         )
     if "llm" in figures:
         p = figures["llm"]["perplexity"]
+        neuron = str(figures["llm"].get("recipe", {}).get("neuron", "")).upper()  # the recipe's neuron, e.g. GIF
         panels.append(
             {
                 "title": f"{figures['llm']['source']} perplexity",
-                "labels": ["real-valued", f"spiking\nGIF T={figures['llm']['time_steps']}"],
+                "labels": ["real-valued", f"spiking\n{neuron} T={figures['llm']['time_steps']}".replace("\n ", "\n")],
                 "values": [p["real"], p["spiking"]],
                 "fmt": "{:.1f}",
             }
