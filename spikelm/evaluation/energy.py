@@ -58,9 +58,10 @@ Beside these figures at ``constants`` (the headline's, default 32-bit float), ev
   in the real-valued model; in the spiking model a linear fed by spikes reads only the rows of the input channels that
   fire at some step of that token (plus its bias, and a GIF reader the row sums of W its zero-point terms need);
   embedding rows and norm gains in the whole model (the same in both); priced at ``memory_pJ_per_bit`` x the
-  precision's bits (docs/CONVERSION.md, Energy). A decode step (one new
-token attending a filled cache, :func:`measure_decode_energy`) counts the spikes of every cached key and value, as
-they are read again by the new query.
+  precision's bits (docs/CONVERSION.md, Energy).
+
+A decode step (one new token attending a filled cache, :func:`measure_decode_energy`) counts the spikes of every
+cached key and value, as they are read again by the new query.
 """
 
 from __future__ import annotations
