@@ -90,7 +90,7 @@ def _load(source, output_dir, overwrite):
     import transformers
     from transformers import AutoConfig
 
-    from spikelm.conversion.placement import FAMILIES
+    from spikelm.conversion.architectures import supported_model_types
     from spikelm.evaluation.loading import load_pretrained, model_class
 
     try:
@@ -104,11 +104,10 @@ def _load(source, output_dir, overwrite):
         and (quant.get("quant_method") if isinstance(quant, dict) else quant.quant_method) == "spikelm"
     ):
         raise UserError(f"--model {source} is already spiking; spikify its real-valued source model")
-    supported = sorted({t for family in FAMILIES for t in family.model_types})
+    supported = supported_model_types()
     if config.model_type not in supported:
         raise UserError(
-            f"--model {source}: model_type {config.model_type!r} is not supported; supported: {', '.join(supported)} "
-            "(the LLaMA family, GPT-2, BERT-family encoders)"
+            f"--model {source}: model_type {config.model_type!r} is not supported; supported: {', '.join(supported)}"
         )
     names = getattr(config, "architectures", None) or []
     cls = model_class(config, "--model", source)

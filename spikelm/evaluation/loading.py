@@ -51,7 +51,7 @@ class ModelSpec:
 
 
 def _supported_model_types() -> list[str]:
-    from spikelm.conversion.placement import supported_model_types
+    from spikelm.conversion.architectures import supported_model_types
 
     return supported_model_types()
 
