@@ -201,6 +201,7 @@ def run(args) -> int:
         calibration=calibration,
         perplexity=perplexity,
         evaluation=evaluation,
+        model_type=model.config.model_type,
     )
     summary = {
         "model": str(args.model),

@@ -149,6 +149,20 @@ class Architecture:
         """``(norm, site)`` for every site whose input is a pre norm's output (in block order)."""
         return [(self.norm(s.norm), s) for s in self.sites if s.norm is not None]
 
+    def folded_norms(self, model: nn.Module) -> list[tuple[str, nn.Module, Norm]]:
+        """``(name in model.named_modules(), module, Norm)`` of every norm a residual-stream rotation folds into its
+        readers (each block's pre norms, then the final norm): after the fold each stores :attr:`Norm.identity`."""
+        base = model.base_model
+        prefix = f"{model.base_model_prefix}." if base is not model else ""
+        out = []
+        for index, layer in enumerate(base.get_submodule(self.layers)):
+            for norm, _ in self.pre_norm_sites():
+                out.append((f"{prefix}{self.layers}.{index}.{norm.path}", layer.get_submodule(norm.path), norm))
+        if self.final_norm is not None:
+            final = self.final_norm
+            out.append((f"{prefix}{final.path}", base.get_submodule(final.path), final))
+        return out
+
     def rotation_blocker(self) -> str | None:
         """Why a rotation of the residual stream cannot be folded exactly into this architecture, or None."""
         if self.rotation_notice:
