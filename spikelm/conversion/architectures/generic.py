@@ -1,0 +1,294 @@
+"""The generic path: where to spike a decoder-only model whose ``model_type`` has no description of its own.
+
+What spikify needs from an architecture (docs/CONVERSION.md, "Any other decoder-only model") is found from the model
+itself, by one traced forward pass of a skeleton of the model built from its config on the meta device (no weights,
+no arithmetic; the same skeleton at ``spikify`` and at ``from_pretrained``, so the result is deterministic):
+
+* the decoder blocks: the ``nn.ModuleList`` of the base model with one entry per hidden layer;
+* the linear inputs to spike: forward pre-hooks on every ``nn.Linear`` (and transformers' GPT-2-style ``Conv1D``)
+  inside the blocks record the tensor each one reads; the linears that read the *same* tensor share one neuron (q, k
+  and v; gate and up; in a parallel block such as Phi's or Cohere's, q/k/v and the MLP's first linear). The neuron
+  lives on the readers' closest common module and is applied in the readers' own pre-hooks, once per tensor;
+* K and V: the attention module is the module that receives the cache (``past_key_values``) and inside whose forward
+  the cache's ``update(key, value, layer_idx)`` is called, once per block; its attention must go through
+  transformers' ``AttentionInterface`` (spikelm's exact attention, :mod:`spikelm.conversion.attention`, replaces it);
+* the LM head, the embeddings and anything outside the blocks stay real; the T copies are averaged on the base
+  model's output. No rotation or smoothing (they need a family's norms described).
+
+A model this cannot describe is refused with one ``ValueError`` line naming its ``model_type`` and why: an
+encoder-decoder or cross-attention, mixture-of-experts blocks, no linear projections in the blocks, a model that
+does not take ``past_key_values`` or whose layers do not hand K and V to the cache's ``update`` (Mamba, RWKV,
+RecurrentGemma, linear-attention hybrids), attention that does not go through ``AttentionInterface``, blocks that
+differ from one another.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, DynamicCache, PreTrainedModel
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.pytorch_utils import Conv1D
+
+from ..attention import spiking_attention
+
+TRACE_ATTENTION = "spikelm_trace"  # the attention implementation of the traced skeleton: spikelm's, counted
+TRACE_TOKENS = 4
+# config fields that announce routed experts (a router is a linear that must stay real; experts are not nn.Linear)
+EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+LINEAR_TYPES = (nn.Linear, Conv1D)
+
+
+@dataclass(frozen=True)
+class GenericSite:
+    """One neuron: its ``kind`` (placement's site kinds), the module it lives on (``host``, relative to a block; ""
+    is the block itself) and the linears that read the input it spikes (relative to a block, in forward order)."""
+
+    kind: str
+    host: str
+    readers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GenericDescription:
+    """What the traced forward found: the same in every block."""
+
+    model_type: str
+    layers: str  # the ModuleList of blocks, relative to the base model
+    attention: str  # relative to a block: receives the cache and calls its update(key, value, layer_idx)
+    cache_argument: str  # the keyword under which the attention receives the cache (past_key_values, layer_past)
+    sites: tuple[GenericSite, ...]
+    kv_channels: tuple[int, int, int]  # (H_kv, 1, d) of K and V as the attention hands them to the cache
+
+
+def _refuse(model_type, why: str) -> ValueError:
+    return ValueError(f"spikify cannot convert model_type {model_type!r} through the generic path: {why}")
+
+
+def describe(model: nn.Module) -> GenericDescription:
+    """The generic description of ``model`` (a transformers decoder-only model), or ``ValueError`` saying why not."""
+    if not isinstance(model, PreTrainedModel):
+        raise ValueError(  # noqa: TRY004  (an unsupported model like any other: ValueError)
+            f"spikify expects a loaded transformers model (a PreTrainedModel); got a {type(model).__name__}"
+        )
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
+        raise _refuse(model_type, "it is an encoder-decoder model (decoder-only models only)")
+    if getattr(text, "add_cross_attention", False):
+        raise _refuse(model_type, "its blocks have cross-attention (decoder-only models only)")
+    experts = [f for f in EXPERT_FIELDS if (getattr(text, f, None) or 0) > 1]
+    if experts:
+        raise _refuse(model_type, f"it has mixture-of-experts blocks ({experts[0]}={getattr(text, experts[0])})")
+    if "past_key_values" not in inspect.signature(model.base_model.forward).parameters:
+        raise _refuse(
+            model_type, "it takes no past_key_values (a custom or recurrent cache: K and V are never handed to a cache)"
+        )
+    if not model._can_set_attn_implementation():
+        raise _refuse(model_type, "its attention does not go through transformers' AttentionInterface")
+    return _trace(model, model_type, text)
+
+
+def _skeleton(model: PreTrainedModel) -> PreTrainedModel:
+    """A weightless copy of ``model`` from its config (the meta device), with the tracing attention."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        skeleton = type(model)(config)
+    skeleton.set_attn_implementation(TRACE_ATTENTION)
+    return skeleton.eval()
+
+
+def _blocks(base: nn.Module, layers: int) -> tuple[str, nn.ModuleList]:
+    for name, module in base.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == layers and layers > 0:
+            if any(isinstance(m, LINEAR_TYPES) for m in module.modules()):
+                return name, module
+    return "", None
+
+
+class _TraceCache(DynamicCache):
+    """A ``DynamicCache`` that notes each ``update``: the layer index, K and V's shapes, and the innermost module
+    running at the time that received this cache."""
+
+    def __init__(self, tracer, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tracer = tracer
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.tracer.updates.append(
+            (layer_idx, tuple(key_states.shape), tuple(value_states.shape), self.tracer.receiver(), self.tracer.calls)
+        )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+class _Tracer:
+    """The hooks of one traced forward."""
+
+    def __init__(self, skeleton: PreTrainedModel, block_path: str, blocks: nn.ModuleList):
+        self.names = {m: n for n, m in blocks.named_modules()}  # "i.rest" relative to the ModuleList
+        self.reads = []  # (name, input tensor, call number)
+        self.calls = 0
+        self.stack = []  # (name, received the cache)
+        self.updates = []
+        self.attention_modules = []
+        self.cache = None
+        self.handles = []
+        for module in blocks.modules():
+            self.handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(self._leave, always_call=True))
+            if isinstance(module, LINEAR_TYPES):
+                self.handles.append(module.register_forward_pre_hook(self._read, with_kwargs=True))
+
+    def _enter(self, module, args, kwargs):
+        keyword = next((k for k, v in kwargs.items() if v is self.cache and v is not None), None)
+        received = keyword is not None or any(a is self.cache for a in args)
+        self.stack.append((self.names[module], received, keyword))
+
+    def _leave(self, module, args, output):
+        self.stack.pop()
+
+    def _read(self, module, args, kwargs):
+        x = args[0] if args else next(iter(kwargs.values()))
+        self.reads.append((self.names[module], x, self.calls))
+        self.calls += 1
+
+    def receiver(self):
+        for name, received, keyword in reversed(self.stack):
+            if received:
+                return name, keyword
+        return None, None
+
+    def attention_call(self, module) -> None:
+        self.attention_modules.append(self.names.get(module))
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+_ACTIVE: list[_Tracer] = []
+
+
+def _traced_attention(module, query, key, value, attention_mask, **kwargs):
+    if _ACTIVE:
+        _ACTIVE[-1].attention_call(module)
+    return spiking_attention(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(TRACE_ATTENTION, _traced_attention)
+AttentionMaskInterface.register(TRACE_ATTENTION, sdpa_mask)
+
+
+def _common(names: list[str]) -> str:
+    """The closest common module of ``names`` (dotted paths relative to a block; "" for the block)."""
+    parts = [n.split(".")[:-1] for n in names]
+    common = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _relative(name: str) -> tuple[int, str]:
+    index, _, rest = name.partition(".")
+    return int(index), rest
+
+
+def _trace(model: PreTrainedModel, model_type, text) -> GenericDescription:
+    layers = getattr(text, "num_hidden_layers", None)
+    skeleton = _skeleton(model)
+    base = skeleton.base_model
+    block_path, blocks = _blocks(base, layers or 0)
+    if blocks is None:
+        raise _refuse(model_type, f"no list of {layers} decoder blocks holding nn.Linear projections was found")
+    tracer = _Tracer(skeleton, block_path, blocks)
+    cache = _TraceCache(tracer, config=skeleton.config)
+    tracer.cache = cache
+    ids = torch.zeros(1, TRACE_TOKENS, dtype=torch.long, device="meta")
+    _ACTIVE.append(tracer)
+    try:
+        base(input_ids=ids, past_key_values=cache, use_cache=True)
+    except NotImplementedError as err:
+        raise _refuse(model_type, f"its attention needs what spikelm's does not compute ({err})") from None
+    except Exception as err:  # noqa: BLE001  (any failure of the traced forward: refused in one line)
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise _refuse(model_type, f"its traced forward failed ({type(err).__name__}: {first[:200]})") from None
+    finally:
+        _ACTIVE.pop()
+        tracer.remove()
+    return _analyse(model_type, block_path, layers, tracer)
+
+
+def _analyse(model_type, block_path: str, layers: int, tracer: _Tracer) -> GenericDescription:
+    reads = [(name, x, call) for name, x, call in tracer.reads if "." in name]
+    if not reads:
+        raise _refuse(model_type, "its decoder blocks have no nn.Linear projections to spike")
+    # K and V: one cache update per block, from the same module of every block
+    if len(tracer.updates) != layers:
+        raise _refuse(
+            model_type,
+            f"its {layers} blocks handed K and V to the cache's update {len(tracer.updates)} times (a custom or "
+            "recurrent cache, or layers sharing K/V; one update per block is needed)",
+        )
+    attention, argument, updates_at, kv_shapes = None, None, {}, set()
+    for _layer_idx, key_shape, value_shape, (receiver, keyword), call in tracer.updates:
+        if receiver is None or "." not in receiver or keyword is None:
+            raise _refuse(model_type, "its cache update is not called from a module given the cache by keyword")
+        index, rel = _relative(receiver)
+        if attention not in (None, rel) or argument not in (None, keyword) or index in updates_at:
+            raise _refuse(model_type, "its blocks hand K and V to the cache from different modules")
+        attention, argument, updates_at[index] = rel, keyword, call
+        if key_shape != value_shape:
+            raise _refuse(model_type, f"its K and V differ in shape ({key_shape} and {value_shape})")
+        kv_shapes.add(key_shape)
+    if len(kv_shapes) != 1:
+        raise _refuse(model_type, f"its layers hand K and V of different shapes to the cache ({sorted(kv_shapes)})")
+    ((_, kv_heads, _, head_dim),) = kv_shapes
+    seen = [name for name in tracer.attention_modules if name is not None]
+    if len(seen) != layers or any(_relative(name)[1] != attention for name in seen):
+        raise _refuse(model_type, "its attention does not go through transformers' AttentionInterface in every block")
+    # the linear inputs: readers of one tensor share one neuron
+    per_block: dict[int, list] = {i: [] for i in range(layers)}
+    for name, x, call in reads:
+        index, rel = _relative(name)
+        groups = per_block[index]
+        for group in groups:
+            if group[0] is x:
+                group[1].append(rel)
+                break
+        else:
+            groups.append([x, [rel], call])
+    structures = set()
+    for index, groups in per_block.items():
+        names = [r for _, readers, _ in groups for r in readers]
+        if len(names) != len(set(names)):
+            raise _refuse(model_type, "a linear layer of its blocks runs more than once per forward pass")
+        structures.add(tuple((tuple(readers), call < updates_at[index]) for _, readers, call in groups))
+    if len(structures) != 1:
+        raise _refuse(model_type, "its decoder blocks differ in their linear layers (one description fits them all)")
+    structure = next(iter(structures))
+    sites, hosts, mlp_seen = [], set(), False
+    inside = attention + "."
+    for readers, before_update in structure:
+        in_attention = [r.startswith(inside) for r in readers]
+        if any(in_attention) and before_update:
+            kind = "qkv_input"  # (with the MLP's first linear too in a parallel block such as Phi's)
+        elif all(in_attention):
+            kind = "o_input"
+        else:
+            kind = "down_input" if mlp_seen else "gate_up_input"
+        mlp_seen = mlp_seen or not all(in_attention)
+        host = _common(list(readers)) if len(readers) > 1 else readers[0]
+        if host in hosts:  # two inputs meet in one module: the neuron lives on the first reader instead
+            host = readers[0]
+        hosts.add(host)
+        sites.append(GenericSite(kind, host, tuple(readers)))
+    return GenericDescription(model_type, block_path, attention, argument, tuple(sites), (kv_heads, 1, head_dim))
