@@ -56,6 +56,9 @@ class Site:
     kind: str
     host: str
     readers: tuple[str, ...]
+    # False: the host's forward pre-hook spikes its input (the host receives exactly the tensor the readers read);
+    # True: the readers' own pre-hooks spike it with the host's neuron, once per tensor (the generic path)
+    on_readers: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,11 @@ class Family:
     layers: str  # the ModuleList of blocks
     attention: str  # the self-attention module of a block (it calls cache.update with K after rotary, and V)
     sites: tuple[Site, ...]
-    average_after: str  # the T copies are averaged on this module's output
+    average_after: str  # the T copies are averaged on this module's output ("": the base model's)
     causal: bool  # builds a spike-code cache for decoding
+    kv_channels: tuple[int, int, int] | None = None  # (H_kv, 1, d) of K and V; None: from the config
+    cache_argument: str = "past_key_values"  # the keyword under which the attention receives the cache
+    generic: bool = False  # found by a traced forward (:mod:`spikelm.conversion.architectures.generic`)
 
 
 FAMILIES = (
@@ -148,15 +154,58 @@ def family_of(model: nn.Module) -> Family:
         if model_type in family.model_types:
             break
     else:
-        raise ValueError(
-            f"spikify does not support {type(model).__name__} (model_type {model_type!r}); supported model types: "
-            f"{', '.join(supported_model_types())} (the LLaMA family, GPT-2, BERT-family encoders)"
-        )
+        return generic_family(model)
     if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
         raise ValueError(f"spikify does not support cross-attention ({type(model).__name__} has add_cross_attention)")
     if family.name == "bert" and getattr(config, "is_decoder", False):
         raise ValueError("spikify supports BERT-family models as encoders only (this config has is_decoder=True)")
     return family
+
+
+def generic_family(model: PreTrainedModel) -> Family:
+    """The family of a decoder-only model whose ``model_type`` has none in :data:`FAMILIES`, found from the model
+    itself by one traced forward (:mod:`spikelm.conversion.architectures.generic`); ``ValueError`` saying why if it
+    cannot be converted that way. Kept on the model (the trace is deterministic: the same on a loaded model)."""
+    family = vars(model).get("_spikelm_generic_family")
+    if family is not None:
+        return family
+    from .architectures.generic import describe
+
+    found = describe(model)
+    family = Family(
+        "generic",
+        (found.model_type,),
+        found.layers,
+        found.attention,
+        tuple(Site(s.kind, s.host, s.readers, on_readers=True) for s in found.sites),
+        "",
+        True,
+        kv_channels=found.kv_channels,
+        cache_argument=found.cache_argument,
+        generic=True,
+    )
+    model._spikelm_generic_family = family
+    return family
+
+
+def check_generic_recipe(family: Family, config: SpikeLMConversionConfig) -> None:
+    """A model converted through the generic path gets no weight transform: ``ValueError`` naming the field."""
+    if not family.generic:
+        return
+    asked = [
+        f"{name}={value!r}"
+        for name, value, off in (
+            ("rotation", config.rotation, "none"),
+            ("online_down_proj_rotation", config.online_down_proj_rotation, False),
+            ("smoothing_alpha", config.smoothing_alpha, None),
+        )
+        if value != off
+    ]
+    if asked:
+        raise ValueError(
+            f"{asked[0]}: model_type {family.model_types[0]!r} converts through the generic path, which has no "
+            "rotation or smoothing (they need the family's norms described); set it off"
+        )
 
 
 def _skipped(name: str, skip: list[str]) -> bool:
@@ -260,10 +309,38 @@ def _read_spikes(readers: list[nn.Module]) -> list[_SpikeReader]:
     return [_SpikeReader(r) for r in readers if type(r) is nn.Linear and "forward" not in vars(r)]
 
 
-def _spike_kv_on_update(module, args, kwargs, steps):
-    cache = kwargs.get("past_key_values")
+class _SharedSpikes:
+    """The readers' pre-hook of a neuron whose input several linears read (the generic path): the first reader to
+    see a tensor spikes it with the host's neuron, the others get the same spikes (kept until each has read them)."""
+
+    def __init__(self, host: nn.Module, readers: int, steps: int):
+        self.host, self.readers, self.steps = host, readers, steps
+        self.clear()
+
+    def clear(self, *_) -> None:
+        self.input = self.output = None
+        self.served = 0
+
+    def __call__(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        if x is None:
+            raise RuntimeError(f"spikelm: could not find the input of {type(module).__name__} to spike")
+        if x is not self.input:
+            self.input, self.served = x, 0
+            self.output = apply_input_neuron(self.host.input_neuron, x, self.steps)
+        spikes = self.output
+        self.served += 1
+        if self.served >= self.readers:  # every reader has it: keep no activation alive
+            self.clear()
+        if args:
+            return (spikes, *args[1:]), kwargs
+        return args, {**kwargs, "input": spikes}
+
+
+def _spike_kv_on_update(module, args, kwargs, steps, argument="past_key_values"):
+    cache = kwargs.get(argument)
     if cache is None:
-        kwargs["past_key_values"] = TransientSpikeKV(module.key_neuron, module.value_neuron, steps)
+        kwargs[argument] = TransientSpikeKV(module.key_neuron, module.value_neuron, steps)
     elif not is_spike_cache(cache):
         raise RuntimeError(
             f"spikelm: {type(module).__name__} received a {type(cache).__name__} that does not spike K and V; a "
@@ -384,6 +461,7 @@ class SpikingState:
 def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTrainedModel:
     """Add the neurons (as submodules) and the hooks that run them; the model's weights are not touched."""
     family = family_of(model)
+    check_generic_recipe(family, config)
     base = model.base_model
     steps = config.model_steps
     prefix = f"{model.base_model_prefix}." if base is not model else ""
@@ -405,8 +483,14 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
             readers = [_get(layer, r) for r in site.readers]
             width = reader_weight(readers[0]).shape[1]
             host.input_neuron = make_neuron(site.kind, config, width, [reader_weight(r) for r in readers])
-            sites.append(PlacedNeuron(f"{block}.{site.host}.input_neuron", site.kind, tuple(names)))
-            handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
+            host_name = ".".join(p for p in (block, site.host) if p)
+            sites.append(PlacedNeuron(f"{host_name}.input_neuron", site.kind, tuple(names)))
+            if site.on_readers and len(readers) > 1:
+                shared = _SharedSpikes(host, len(readers), steps)
+                handles += [r.register_forward_pre_hook(shared, with_kwargs=True) for r in readers]
+                handles.append(base.register_forward_hook(shared.clear, always_call=True))  # a reader skipped
+            else:
+                handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
             handles += _read_spikes(readers)  # the few-row kernel at decoding steps (GIF: one row per token)
         attention = _get(layer, family.attention)
         if _skipped(f"{layers_path}.{index}.{family.attention}", skip):
@@ -414,11 +498,12 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
                 f"modules_to_not_convert names the attention module {family.attention!r}: K and V of a converted "
                 "model are always spiked (the spike-code cache depends on it); skip its linear layers instead"
             )
-        kv_channels = (_kv_heads(model.config), 1, _head_dim(model.config))
+        kv_channels = family.kv_channels or (_kv_heads(model.config), 1, _head_dim(model.config))
         attention.key_neuron = make_neuron("k", config, kv_channels, [])
         attention.value_neuron = make_neuron("v", config, kv_channels, [])
         sites += [PlacedNeuron(f"{block}.{family.attention}.{kind}_neuron", kind[0], ()) for kind in ("key", "value")]
-        handles.append(attention.register_forward_pre_hook(partial(_spike_kv_on_update, steps=steps), with_kwargs=True))
+        on_update = partial(_spike_kv_on_update, steps=steps, argument=family.cache_argument)
+        handles.append(attention.register_forward_pre_hook(on_update, with_kwargs=True))
     state = SpikingState(model, family, config, handles, sites)
     _set_attention(model, SPIKING_ATTENTION)
     handles.append(base.register_forward_pre_hook(partial(_enter_copies, state=state), with_kwargs=True))

@@ -6,6 +6,8 @@ restores a saved conversion is :mod:`spikelm.conversion.quantizer`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -13,8 +15,13 @@ from transformers import PreTrainedModel
 from ..data.tokenization import check_fits
 from ..nn.neuron import ElasticBiSpikingNeuron
 from .config import QUANT_METHOD, SpikeLMConversionConfig
-from .placement import attach, family_of, is_spiking, neurons, placement, reader_weight
+from .placement import attach, check_generic_recipe, family_of, is_spiking, neurons, placement, reader_weight
 from .quantizer import SpikeLMQuantizer
+
+GENERIC_NOTICE = (
+    "spikelm: model_type {model_type!r} has no architecture description: converted through the generic path "
+    "(the linear inputs found by a traced forward), with no rotation"
+)
 
 
 def _needs_data(model: nn.Module) -> bool:
@@ -122,7 +129,8 @@ def spikify(
         config = SpikeLMConversionConfig(**{**(config or {}), **overrides})
     else:
         raise TypeError(f"config must be a SpikeLMConversionConfig, a dict or None; got {type(config).__name__}")
-    family_of(model)  # unsupported architectures first: the clearest message
+    family = family_of(model)  # unsupported architectures first: the clearest message
+    check_generic_recipe(family, config)
     if calibration is not None:  # ids beyond the vocabulary or the positions, before the model is changed
         calibration = _calibration_batches(model, calibration)
     if is_spiking(model):
@@ -148,6 +156,8 @@ def spikify(
         from .smoothing import input_absmax, smooth_model
 
         smooth_model(model, input_absmax(model, calibration), alpha=config.smoothing_alpha)
+    if family.generic:
+        warnings.warn(GENERIC_NOTICE.format(model_type=family.model_types[0]), UserWarning, stacklevel=2)
     attach(model, config)
     model.config.quantization_config = config
     model.hf_quantizer = SpikeLMQuantizer(config, pre_quantized=True)
