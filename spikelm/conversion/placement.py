@@ -74,6 +74,7 @@ class Family:
     causal: bool  # builds a spike-code cache for decoding
     kv_channels: tuple[int, int, int] | None = None  # (H_kv, 1, d) of K and V; None: from the config
     cache_argument: str = "past_key_values"  # the keyword under which the attention receives the cache
+    entry: str = ""  # the module the T copies enter and leave by (relative to the base model; "": the base)
     generic: bool = False  # found by a traced forward (:mod:`spikelm.conversion.architectures.generic`)
 
 
@@ -178,10 +179,11 @@ def generic_family(model: PreTrainedModel) -> Family:
         found.layers,
         found.attention,
         tuple(Site(s.kind, s.host, s.readers, on_readers=True) for s in found.sites),
-        "",
+        found.entry,
         True,
         kv_channels=found.kv_channels,
         cache_argument=found.cache_argument,
+        entry=found.entry,
         generic=True,
     )
     model._spikelm_generic_family = family
@@ -463,6 +465,7 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
     family = family_of(model)
     check_generic_recipe(family, config)
     base = model.base_model
+    entry = _get(base, family.entry)
     steps = config.model_steps
     prefix = f"{model.base_model_prefix}." if base is not model else ""
     layers_path = f"{prefix}{family.layers}"
@@ -488,7 +491,7 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
             if site.on_readers and len(readers) > 1:
                 shared = _SharedSpikes(host, len(readers), steps)
                 handles += [r.register_forward_pre_hook(shared, with_kwargs=True) for r in readers]
-                handles.append(base.register_forward_hook(shared.clear, always_call=True))  # a reader skipped
+                handles.append(entry.register_forward_hook(shared.clear, always_call=True))  # a reader skipped
             else:
                 handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
             handles += _read_spikes(readers)  # the few-row kernel at decoding steps (GIF: one row per token)
@@ -506,9 +509,9 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
         handles.append(attention.register_forward_pre_hook(on_update, with_kwargs=True))
     state = SpikingState(model, family, config, handles, sites)
     _set_attention(model, SPIKING_ATTENTION)
-    handles.append(base.register_forward_pre_hook(partial(_enter_copies, state=state), with_kwargs=True))
+    handles.append(entry.register_forward_pre_hook(partial(_enter_copies, state=state), with_kwargs=True))
     handles.append(_get(base, family.average_after).register_forward_hook(partial(_average_output, steps=steps)))
-    handles.append(base.register_forward_hook(partial(_leave_copies, steps=steps)))
+    handles.append(entry.register_forward_hook(partial(_leave_copies, steps=steps)))
     model._spikelm = state
     return model
 

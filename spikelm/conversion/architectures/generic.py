@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import inspect
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -58,6 +59,7 @@ class GenericDescription:
     """What the traced forward found: the same in every block."""
 
     model_type: str
+    entry: str  # relative to the base model: the module that runs the blocks, given the input ids ("": the base)
     layers: str  # the ModuleList of blocks, relative to the base model
     attention: str  # relative to a block: receives the cache and calls its update(key, value, layer_idx)
     cache_argument: str  # the keyword under which the attention receives the cache (past_key_values, layer_past)
@@ -131,8 +133,9 @@ class _TraceCache(DynamicCache):
 class _Tracer:
     """The hooks of one traced forward."""
 
-    def __init__(self, skeleton: PreTrainedModel, block_path: str, blocks: nn.ModuleList):
+    def __init__(self, base: nn.Module, block_path: str, blocks: nn.ModuleList):
         self.names = {m: n for n, m in blocks.named_modules()}  # "i.rest" relative to the ModuleList
+        self.entries = []  # the blocks' ancestors (from the base model) run with the input ids, in call order
         self.reads = []  # (name, input tensor, call number)
         self.calls = 0
         self.stack = []  # (name, received the cache)
@@ -145,6 +148,17 @@ class _Tracer:
             self.handles.append(module.register_forward_hook(self._leave, always_call=True))
             if isinstance(module, LINEAR_TYPES):
                 self.handles.append(module.register_forward_pre_hook(self._read, with_kwargs=True))
+        parts = block_path.split(".")
+        for depth in range(len(parts)):
+            path = ".".join(parts[:depth])
+            hook = partial(self._entered, path)
+            self.handles.append(base.get_submodule(path).register_forward_pre_hook(hook, with_kwargs=True))
+
+    def _entered(self, path, module, args, kwargs):
+        keywords = _positional_names(module.forward)
+        given = {**dict(zip(keywords, args, strict=False)), **kwargs}
+        if given.get("input_ids") is not None or given.get("inputs_embeds") is not None:
+            self.entries.append(path)
 
     def _enter(self, module, args, kwargs):
         keyword = next((k for k, v in kwargs.items() if v is self.cache and v is not None), None)
@@ -209,13 +223,13 @@ def _trace(model: PreTrainedModel, model_type, text) -> GenericDescription:
     block_path, blocks = _blocks(base, layers or 0)
     if blocks is None:
         raise _refuse(model_type, f"no list of {layers} decoder blocks holding nn.Linear projections was found")
-    tracer = _Tracer(skeleton, block_path, blocks)
+    tracer = _Tracer(base, block_path, blocks)
     cache = _TraceCache(tracer, config=skeleton.config)
     tracer.cache = cache
     ids = torch.zeros(1, TRACE_TOKENS, dtype=torch.long, device="meta")
     _ACTIVE.append(tracer)
     try:
-        base(input_ids=ids, past_key_values=cache, use_cache=True)
+        skeleton(input_ids=ids, past_key_values=cache, use_cache=True)  # as a user calls it (OPT skips its base)
     except NotImplementedError as err:
         raise _refuse(model_type, f"its attention needs what spikelm's does not compute ({err})") from None
     except Exception as err:  # noqa: BLE001  (any failure of the traced forward: refused in one line)
@@ -227,7 +241,15 @@ def _trace(model: PreTrainedModel, model_type, text) -> GenericDescription:
     return _analyse(model_type, block_path, layers, tracer)
 
 
+def _positional_names(forward) -> tuple[str, ...]:
+    parameters = inspect.signature(forward).parameters.values()
+    return tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
 def _analyse(model_type, block_path: str, layers: int, tracer: _Tracer) -> GenericDescription:
+    if not tracer.entries:
+        raise _refuse(model_type, "no module of its base model runs the decoder blocks with the input ids")
+    entry = max(tracer.entries, key=len)  # the innermost: where the T copies enter and are averaged
     reads = [(name, x, call) for name, x, call in tracer.reads if "." in name]
     if not reads:
         raise _refuse(model_type, "its decoder blocks have no nn.Linear projections to spike")
@@ -291,4 +313,4 @@ def _analyse(model_type, block_path: str, layers: int, tracer: _Tracer) -> Gener
             host = readers[0]
         hosts.add(host)
         sites.append(GenericSite(kind, host, tuple(readers)))
-    return GenericDescription(model_type, block_path, attention, argument, tuple(sites), (kv_heads, 1, head_dim))
+    return GenericDescription(model_type, entry, block_path, attention, argument, tuple(sites), (kv_heads, 1, head_dim))
