@@ -107,12 +107,15 @@ def _skeleton(model: PreTrainedModel) -> PreTrainedModel:
     return skeleton.eval()
 
 
-def _blocks(base: nn.Module, layers: int) -> tuple[str, nn.ModuleList]:
-    for name, module in base.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == layers and layers > 0:
-            if any(isinstance(m, LINEAR_TYPES) for m in module.modules()):
-                return name, module
-    return "", None
+def _blocks(base: nn.Module, layers: int, model_type) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of ``layers`` blocks holding linear layers (the first in module order)."""
+    found = [(n, m) for n, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) == layers > 0]
+    for name, module in found:
+        if any(isinstance(m, LINEAR_TYPES) for m in module.modules()):
+            return name, module
+    if found:
+        raise _refuse(model_type, "its decoder blocks have no nn.Linear projections to spike")
+    raise _refuse(model_type, f"no list of its {layers} decoder blocks was found in the base model")
 
 
 class _TraceCache(DynamicCache):
@@ -220,9 +223,7 @@ def _trace(model: PreTrainedModel, model_type, text) -> GenericDescription:
     layers = getattr(text, "num_hidden_layers", None)
     skeleton = _skeleton(model)
     base = skeleton.base_model
-    block_path, blocks = _blocks(base, layers or 0)
-    if blocks is None:
-        raise _refuse(model_type, f"no list of {layers} decoder blocks holding nn.Linear projections was found")
+    block_path, blocks = _blocks(base, layers or 0, model_type)
     tracer = _Tracer(base, block_path, blocks)
     cache = _TraceCache(tracer, config=skeleton.config)
     tracer.cache = cache
@@ -257,8 +258,8 @@ def _analyse(model_type, block_path: str, layers: int, tracer: _Tracer) -> Gener
     if len(tracer.updates) != layers:
         raise _refuse(
             model_type,
-            f"its {layers} blocks handed K and V to the cache's update {len(tracer.updates)} times (a custom or "
-            "recurrent cache, or layers sharing K/V; one update per block is needed)",
+            f"{len(tracer.updates)} of its {layers} blocks hand K and V to the cache's update (recurrent or "
+            "linear-attention layers, a custom cache or layers sharing K/V; every block must, once)",
         )
     attention, argument, updates_at, kv_shapes = None, None, {}, set()
     for _layer_idx, key_shape, value_shape, (receiver, keyword), call in tracer.updates:
