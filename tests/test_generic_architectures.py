@@ -20,7 +20,7 @@ from torch import nn
 import spikelm
 from spikelm.conversion import neurons, placement, spikify
 
-placement_module = importlib.import_module("spikelm.conversion.placement")  # (the package exports a function so named)
+architectures_base = importlib.import_module("spikelm.conversion.architectures.base")
 
 VOCAB = 64
 COMMON = dict(
@@ -204,7 +204,7 @@ def test_llama_through_the_generic_path_equals_its_family(monkeypatch):
     """A LLaMA model converted with its table family removed goes the generic way: the same neurons (same names and
     readers) and bit-identical logits as through the llama family (which test_spikify checks by hand)."""
     table = spikify(tiny_llama_model(vocab_size=VOCAB), num_steps=2, calibration=token_ids(4, 16, seed=5))
-    monkeypatch.setattr(placement_module, "FAMILIES", tuple(f for f in placement_module.FAMILIES if f.name != "llama"))
+    monkeypatch.delitem(architectures_base._REGISTRY, "llama")
     with pytest.warns(UserWarning, match="model_type 'llama' has no architecture description"):
         generic = spikify(tiny_llama_model(vocab_size=VOCAB), num_steps=2, calibration=token_ids(4, 16, seed=5))
     assert generic._spikelm.family.generic and not table._spikelm.family.generic
@@ -401,9 +401,19 @@ def test_unconvertible_models_are_refused_in_one_line(model_type):
     assert not any(True for _ in neurons(model))  # refused before anything was changed
 
 
-def test_transforms_are_refused_on_the_generic_path():
-    for field, value in (("rotation", "hadamard"), ("smoothing_alpha", 0.5), ("online_down_proj_rotation", True)):
-        model = ARCHITECTURES["phi"][0]()
-        with pytest.raises(ValueError, match=f"{field}=.*model_type 'phi' converts through the generic path"):
-            spikify(model, num_steps=2, calibration=token_ids(4, 16), **{field: value})
-        assert not neurons(model)
+@pytest.mark.parametrize("field,value", [("rotation", "hadamard"), ("online_down_proj_rotation", True)])
+def test_rotations_are_dropped_on_the_generic_path_in_the_one_line(field, value):
+    source = ARCHITECTURES["phi"][0]()
+    weights = {k: v.clone() for k, v in source.state_dict().items()}
+    model, notices = convert("phi", **{field: value})
+    assert len(notices) == 1 and "no rotation" in notices[0]
+    config = model.config.quantization_config
+    assert config.rotation == "none" and config.online_down_proj_rotation is False
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items() if k in weights)  # nothing folded
+
+
+def test_smoothing_is_refused_on_the_generic_path():
+    model = ARCHITECTURES["phi"][0]()
+    with pytest.raises(ValueError, match="smoothing_alpha=0.5: model_type 'phi' converts through the generic path"):
+        spikify(model, num_steps=2, calibration=token_ids(4, 16), smoothing_alpha=0.5)
+    assert not neurons(model)

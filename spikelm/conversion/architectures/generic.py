@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -36,6 +35,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.pytorch_utils import Conv1D
 
 from ..attention import spiking_attention
+from .base import Architecture, InputSite
 
 TRACE_ATTENTION = "spikelm_trace"  # the attention implementation of the traced skeleton: spikelm's, counted
 TRACE_TOKENS = 4
@@ -44,35 +44,30 @@ EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_nu
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
-@dataclass(frozen=True)
-class GenericSite:
-    """One neuron: its ``kind`` (placement's site kinds), the module it lives on (``host``, relative to a block; ""
-    is the block itself) and the linears that read the input it spikes (relative to a block, in forward order)."""
-
-    kind: str
-    host: str
-    readers: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class GenericDescription:
-    """What the traced forward found: the same in every block."""
-
-    model_type: str
-    entry: str  # relative to the base model: the module that runs the blocks, given the input ids ("": the base)
-    layers: str  # the ModuleList of blocks, relative to the base model
-    attention: str  # relative to a block: receives the cache and calls its update(key, value, layer_idx)
-    cache_argument: str  # the keyword under which the attention receives the cache (past_key_values, layer_past)
-    sites: tuple[GenericSite, ...]
-    kv_channels: tuple[int, int, int]  # (H_kv, 1, d) of K and V as the attention hands them to the cache
+DESCRIPTION = "decoder without a description of its own, traced by the generic path"
+ROTATION_NOTICE = "it converts through the generic path: its norms are not described"
 
 
 def _refuse(model_type, why: str) -> ValueError:
     return ValueError(f"spikify cannot convert model_type {model_type!r} through the generic path: {why}")
 
 
-def describe(model: nn.Module) -> GenericDescription:
-    """The generic description of ``model`` (a transformers decoder-only model), or ``ValueError`` saying why not."""
+def describe(model: nn.Module) -> Architecture:
+    """The generic description of ``model`` (a transformers decoder-only model), or ``ValueError`` saying why not.
+
+    Every site is spiked in its readers' pre-hooks (``InputSite.on_readers``); the ``entry`` module repeats the
+    inputs T times and its output is averaged; K and V are spiked where ``attention`` receives the cache (under the
+    keyword ``cache_argument``), with the (H_kv, 1, d) channels the trace saw. Kept on the model after the first call.
+    """
+    known = vars(model).get("_spikelm_architecture")
+    if isinstance(known, Architecture):
+        return known
+    architecture = _describe(model)
+    model._spikelm_architecture = architecture
+    return architecture
+
+
+def _describe(model: nn.Module) -> Architecture:
     if not isinstance(model, PreTrainedModel):
         raise ValueError(  # noqa: TRY004  (an unsupported model like any other: ValueError)
             f"spikify expects a loaded transformers model (a PreTrainedModel); got a {type(model).__name__}"
@@ -219,7 +214,7 @@ def _relative(name: str) -> tuple[int, str]:
     return int(index), rest
 
 
-def _trace(model: PreTrainedModel, model_type, text) -> GenericDescription:
+def _trace(model: PreTrainedModel, model_type, text) -> Architecture:
     layers = getattr(text, "num_hidden_layers", None)
     skeleton = _skeleton(model)
     base = skeleton.base_model
@@ -247,7 +242,7 @@ def _positional_names(forward) -> tuple[str, ...]:
     return tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
 
 
-def _analyse(model_type, block_path: str, layers: int, tracer: _Tracer) -> GenericDescription:
+def _analyse(model_type, block_path: str, layers: int, tracer: _Tracer) -> Architecture:
     if not tracer.entries:
         raise _refuse(model_type, "no module of its base model runs the decoder blocks with the input ids")
     entry = max(tracer.entries, key=len)  # the innermost: where the T copies enter and are averaged
@@ -313,5 +308,20 @@ def _analyse(model_type, block_path: str, layers: int, tracer: _Tracer) -> Gener
         if host in hosts:  # two inputs meet in one module: the neuron lives on the first reader instead
             host = readers[0]
         hosts.add(host)
-        sites.append(GenericSite(kind, host, tuple(readers)))
-    return GenericDescription(model_type, entry, block_path, attention, argument, tuple(sites), (kv_heads, 1, head_dim))
+        sites.append(InputSite(kind, host, tuple(readers), on_readers=True))
+    return Architecture(
+        model_type,
+        block_path,
+        attention,
+        tuple(sites),
+        average_after=entry,
+        causal=True,
+        embeddings="",
+        online_rotation=False,
+        rotation_notice=ROTATION_NOTICE,
+        description=DESCRIPTION,
+        entry=entry,
+        cache_argument=argument,
+        kv_channels=(kv_heads, 1, head_dim),
+        generic=True,
+    )
