@@ -74,14 +74,8 @@ def _describe(model: nn.Module) -> Architecture:
         )
     config = model.config
     model_type = getattr(config, "model_type", None)
+    check_config(config)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
-        raise _refuse(model_type, "it is an encoder-decoder model (decoder-only models only)")
-    if getattr(text, "add_cross_attention", False):
-        raise _refuse(model_type, "its blocks have cross-attention (decoder-only models only)")
-    experts = [f for f in EXPERT_FIELDS if (getattr(text, f, None) or 0) > 1]
-    if experts:
-        raise _refuse(model_type, f"it has mixture-of-experts blocks ({experts[0]}={getattr(text, experts[0])})")
     if "past_key_values" not in inspect.signature(model.base_model.forward).parameters:
         raise _refuse(
             model_type, "it takes no past_key_values (a custom or recurrent cache: K and V are never handed to a cache)"
@@ -89,6 +83,19 @@ def _describe(model: nn.Module) -> Architecture:
     if not model._can_set_attn_implementation():
         raise _refuse(model_type, "its attention does not go through transformers' AttentionInterface")
     return _trace(model, model_type, text)
+
+
+def check_config(config) -> None:
+    """What the config alone rules out (before any weight loads): ``ValueError`` naming the model_type and why."""
+    model_type = getattr(config, "model_type", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
+        raise _refuse(model_type, "it is an encoder-decoder model (decoder-only models only)")
+    if getattr(text, "add_cross_attention", False):
+        raise _refuse(model_type, "its blocks have cross-attention (decoder-only models only)")
+    experts = [f for f in EXPERT_FIELDS if isinstance(getattr(text, f, None), int) and getattr(text, f) > 1]
+    if experts:
+        raise _refuse(model_type, f"it has mixture-of-experts blocks ({experts[0]}={getattr(text, experts[0])})")
 
 
 def _skeleton(model: PreTrainedModel) -> PreTrainedModel:
