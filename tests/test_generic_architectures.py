@@ -417,3 +417,32 @@ def test_smoothing_is_refused_on_the_generic_path():
     with pytest.raises(ValueError, match="smoothing_alpha=0.5: model_type 'phi' converts through the generic path"):
         spikify(model, num_steps=2, calibration=token_ids(4, 16), smoothing_alpha=0.5)
     assert not neurons(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
+
+
+def test_spikify_command_converts_through_the_generic_path(tmp_path, capsys):
+    from conftest import word_tokenizer
+
+    from spikelm.commands.main import main
+
+    text = "The quick brown fox jumps over the lazy dog. " * 50
+    (tmp_path / "cal.txt").write_text(text)
+    tokenizer = word_tokenizer(sorted(set(text.replace(".", " .").split())))
+    fields = {**COMMON, "vocab_size": len(tokenizer.get_vocab()), "bos_token_id": 1, "eos_token_id": 2}
+    ARCHITECTURES["phi"][0](**fields).save_pretrained(tmp_path / "phi")
+    tokenizer.save_pretrained(tmp_path / "phi")
+    args = ["--calibration-sequences", "2", "--calibration-length", "16", "--eval-tokens", "0"]
+    code = main(
+        ["spikify", "--model", str(tmp_path / "phi"), "--calibration-text", str(tmp_path / "cal.txt"), *args]
+        + ["--output-dir", str(tmp_path / "out")]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    said = [line for line in (captured.out + captured.err).splitlines() if "generic path" in line]
+    assert len(said) == 1 and "model_type 'phi'" in said[0] and "no rotation" in said[0]
+    assert main(["generate", "--model", str(tmp_path / "out"), "--prompt", "the quick", "--max-new-tokens", "3"]) == 0
+    assert "converted spiking model" in capsys.readouterr().out
