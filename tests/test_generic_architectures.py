@@ -85,17 +85,23 @@ ARCHITECTURES = {
             ("mlp.dense_4h_to_h",),
         ],
     ),
-    # Starcoder2DecoderLayer: q/k/v -> o_proj; Starcoder2MLP c_fc -> c_proj; grouped-query attention and a sliding
-    # window (4, shorter than the test sequences)
-    "starcoder2": (
-        _build(tf.Starcoder2Config, tf.Starcoder2ForCausalLM, **COMMON, num_key_value_heads=2, sliding_window=4),
+    # Cohere2DecoderLayer: as Cohere's (one input_layernorm, self_attn and mlp in parallel), with grouped-query
+    # attention; layer_types given: layer 0 attends through a window of 4 (shorter than the test sequences)
+    "cohere2": (
+        _build(
+            tf.Cohere2Config,
+            tf.Cohere2ForCausalLM,
+            **COMMON,
+            num_key_value_heads=2,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
         "model.layers",
         "self_attn",
         [
-            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+            ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"),
             ("self_attn.o_proj",),
-            ("mlp.c_fc",),
-            ("mlp.c_proj",),
+            ("mlp.down_proj",),
         ],
     ),
     # OPTForCausalLM runs model.decoder directly (not its base model); OPTDecoderLayer: self_attn q/k/v -> out_proj,
@@ -161,6 +167,7 @@ def uncached_greedy(model, ids, new_tokens=8, eos=2, pad=0):
 
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_generic_placement_matches_the_architecture(model_type):
+    assert architectures_base.lookup(model_type) is None, f"{model_type} is now described: test another one here"
     model, notices = convert(model_type)
     assert model.config.model_type == model_type
     assert len(notices) == 1 and "\n" not in notices[0]
@@ -252,10 +259,10 @@ def test_generic_gif_cached_decoding_equals_full_forward():
 
 
 def test_sliding_window_reaches_the_spiking_attention():
-    """Starcoder2 with a window of 4: the first 4 positions see the same keys with or without the window, later ones
-    do not (the same weights and neurons)."""
-    windowed, _ = convert("starcoder2")
-    full, _ = convert("starcoder2", fields={"sliding_window": None})
+    """Cohere2's layer 0 with a window of 4, and with a window longer than the text (the same weights and neurons):
+    the first 4 positions see the same keys, later ones do not."""
+    windowed, _ = convert("cohere2")
+    full, _ = convert("cohere2", fields={"sliding_window": 64})
     full.load_state_dict(windowed.state_dict())
     ids = token_ids(2, 10)
     a, b = windowed(ids, use_cache=False).logits, full(ids, use_cache=False).logits
