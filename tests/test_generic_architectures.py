@@ -207,6 +207,15 @@ def test_a_shared_input_is_spiked_once_per_forward():
     assert layer.input_neuron is not None and layer.get_submodule("self_attn.q_proj")._forward_pre_hooks
 
 
+def test_dequantize_gives_the_real_valued_model_back():
+    ids = token_ids()
+    expected = ARCHITECTURES["phi"][0]()(ids).logits
+    model, _ = convert("phi")
+    assert not torch.equal(model(ids).logits, expected)
+    real = model.dequantize()
+    assert not neurons(real) and torch.equal(real(ids).logits, expected)
+
+
 def test_llama_through_the_generic_path_equals_its_family(monkeypatch):
     """A LLaMA model converted with its table family removed goes the generic way: the same neurons (same names and
     readers) and bit-identical logits as through the llama family (which test_spikify checks by hand)."""
@@ -394,6 +403,26 @@ REFUSED = {
         "AttentionInterface",
     ),
 }
+
+
+def test_experts_are_refused_from_the_modules_too():
+    """A mixture-of-experts model whose config does not say so (the count edited away) is refused by its modules."""
+    model = REFUSED["mixtral"][0]()
+    model.config.num_local_experts = model.config.num_experts_per_tok = 1
+    with pytest.raises(ValueError, match="model_type 'mixtral'.*mixture-of-experts blocks \\(MixtralSparseMoeBlock\\)"):
+        spikify(model, num_steps=2)
+
+
+def test_composite_models_are_refused():
+    config = tf.LlavaConfig(
+        text_config=tf.LlamaConfig(**{k: v for k, v in COMMON.items()}, num_key_value_heads=2),
+        vision_config=tf.CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=8, patch_size=4
+        ),
+    )
+    model = tf.LlavaForConditionalGeneration(config)
+    with pytest.raises(ValueError, match="model_type 'llava'.*composite.*'llama'"):
+        spikify(model, num_steps=2)
 
 
 @pytest.mark.parametrize("model_type", sorted(REFUSED))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 from functools import partial
 
 import torch
@@ -41,6 +42,8 @@ TRACE_ATTENTION = "spikelm_trace"  # the attention implementation of the traced 
 TRACE_TOKENS = 4
 # config fields that announce routed experts (a router is a linear that must stay real; experts are not nn.Linear)
 EXPERT_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_experts_per_tok")
+# module classes of routed experts (transformers' names: MixtralSparseMoeBlock, Qwen2MoeExperts, GptOssRouter, ...)
+EXPERT_CLASSES = re.compile(r"Expert|MoE|Moe|Router")
 LINEAR_TYPES = (nn.Linear, Conv1D)
 
 
@@ -91,6 +94,11 @@ def check_config(config) -> None:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
         raise _refuse(model_type, "it is an encoder-decoder model (decoder-only models only)")
+    if text is not config:
+        raise _refuse(
+            model_type,
+            f"it is a composite (e.g. multimodal) model; convert its language model ({text.model_type!r}) on its own",
+        )
     if getattr(text, "add_cross_attention", False):
         raise _refuse(model_type, "its blocks have cross-attention (decoder-only models only)")
     experts = [f for f in EXPERT_FIELDS if isinstance(getattr(text, f, None), int) and getattr(text, f) > 1]
@@ -226,6 +234,9 @@ def _trace(model: PreTrainedModel, model_type, text) -> Architecture:
     skeleton = _skeleton(model)
     base = skeleton.base_model
     block_path, blocks = _blocks(base, layers or 0, model_type)
+    routed = next((m for m in blocks.modules() if EXPERT_CLASSES.search(type(m).__name__)), None)
+    if routed is not None:
+        raise _refuse(model_type, f"it has mixture-of-experts blocks ({type(routed).__name__})")
     tracer = _Tracer(base, block_path, blocks)
     cache = _TraceCache(tracer, config=skeleton.config)
     tracer.cache = cache
