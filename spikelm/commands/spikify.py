@@ -107,6 +107,11 @@ def _load(source, output_dir, overwrite):
         and (quant.get("quant_method") if isinstance(quant, dict) else quant.quant_method) == "spikelm"
     ):
         raise UserError(f"--model {source} is already spiking; spikify its real-valued source model")
+    if config.model_type == "spikelm":
+        raise UserError(
+            f"--model {source}: model_type 'spikelm' is not supported (a native SpikeLM spikes already); supported: "
+            f"{', '.join(supported_model_types())} and other decoder-only transformers models"
+        )
     if config.model_type not in supported_model_types():  # the generic path: what the config rules out, now
         from spikelm.conversion.architectures.generic import check_config
 

@@ -91,6 +91,8 @@ def _describe(model: nn.Module) -> Architecture:
 def check_config(config) -> None:
     """What the config alone rules out (before any weight loads): ``ValueError`` naming the model_type and why."""
     model_type = getattr(config, "model_type", None)
+    if model_type == "spikelm":
+        raise _refuse(model_type, "it is a native SpikeLM, spiking already")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     if getattr(config, "is_encoder_decoder", False) or getattr(text, "is_encoder_decoder", False):
         raise _refuse(model_type, "it is an encoder-decoder model (decoder-only models only)")
