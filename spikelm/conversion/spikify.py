@@ -15,8 +15,13 @@ from transformers import PreTrainedModel
 from ..data.tokenization import check_fits
 from ..nn.neuron import ElasticBiSpikingNeuron
 from .config import QUANT_METHOD, SpikeLMConversionConfig
-from .placement import attach, family_of, is_spiking, neurons, placement, reader_weight
+from .placement import attach, check_generic_recipe, family_of, is_spiking, neurons, placement, reader_weight
 from .quantizer import SpikeLMQuantizer
+
+GENERIC_NOTICE = (
+    "model_type {model_type!r} has no architecture description: converted through the generic path (the linear "
+    "inputs found by a traced forward), with no rotation"
+)
 
 
 def _needs_data(model: nn.Module) -> bool:
@@ -145,11 +150,14 @@ def spikify(
     else:
         raise TypeError(f"config must be a SpikeLMConversionConfig, a dict or None; got {type(config).__name__}")
     architecture = family_of(model)  # unsupported architectures first: the clearest message
+    check_generic_recipe(architecture, config)
     if calibration is not None:  # ids beyond the vocabulary or the positions, before the model is changed
         calibration = _calibration_batches(model, calibration)
     if is_spiking(model):
         raise ValueError(f"this {type(model).__name__} is already spiking; spikify the real-valued source model")
     notice = fit_transform(architecture, config)
+    if architecture.generic:  # one line whether a rotation was asked for (and dropped) or not
+        notice = GENERIC_NOTICE.format(model_type=architecture.model_type)
     if notice is not None:
         warnings.warn(f"spikify: {notice}", UserWarning, stacklevel=2)
     if config.rotation != "none":  # exact: the real-valued model computes the same function afterwards

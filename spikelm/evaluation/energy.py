@@ -164,6 +164,8 @@ def _hf_layout(model: nn.Module) -> _HFLayout | None:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if family.kv_channels is not None:  # what the generic path's trace saw K and V handed to the cache as
+        kv_heads, _, head_dim = family.kv_channels
     return _HFLayout(
         layers=layers,
         attentions=[layer.get_submodule(family.attention) for layer in layers],

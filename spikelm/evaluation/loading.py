@@ -56,6 +56,18 @@ def _supported_model_types() -> list[str]:
     return supported_model_types()
 
 
+def _generic_refusal(config) -> str | None:
+    """Why the generic path refuses ``config`` from the config alone (an encoder-decoder, mixture of experts...), or
+    None (:func:`spikelm.conversion.architectures.generic.check_config`)."""
+    from spikelm.conversion.architectures.generic import check_config
+
+    try:
+        check_config(config)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _quant_method(config) -> str | None:
     quant = getattr(config, "quantization_config", None)
     if quant is None:
@@ -103,15 +115,18 @@ def inspect_model(name_or_path: str | Path, need_causal: bool = False, flag: str
         return spec
     supported = _supported_model_types()
     method = _quant_method(config)
-    if model_type not in supported:
+    if model_type not in supported and _generic_refusal(config) is None:
+        pass  # a decoder-only model of another type: the generic path describes it once loaded
+    elif model_type not in supported:
         what = (
             f"{', '.join(architectures)} model (model_type {model_type!r})"
             if architectures
             else f"model_type {model_type!r} model"
         )
         raise UserError(
-            f"{flag} {name} holds a {what}, which spikelm does not run: expected a SpikeLM, a converted "
-            f"model or a real-valued transformers model of model_type {', '.join(supported)}"
+            f"{flag} {name} holds a {what}, which spikelm does not run ({_generic_refusal(config)}): expected a "
+            f"SpikeLM, a converted model, a real-valued transformers model of model_type {', '.join(supported)} or "
+            "another decoder-only transformers model"
         )
     if method not in (None, "spikelm"):
         raise UserError(
