@@ -315,9 +315,10 @@ def run_llm(settings: DemoSettings, out: Path, log, context: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spikelm.conversion import SpikeLMConversionConfig, spikify
-    from spikelm.conversion.recipes import RECIPES
+    from spikelm.conversion.recipes import DEFAULT_RECIPE, RECIPES
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.evaluation.brown_perplexity import perplexity
+    from spikelm.nn.neurons import neuron_class
 
     source = resolve_model_source(settings.llm_source)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -338,7 +339,7 @@ def run_llm(settings: DemoSettings, out: Path, log, context: dict) -> dict:
     log(f"real-valued perplexity {real['perplexity']:.2f} ({real['seconds']:.0f} s)")
     real_text = greedy(model, tokenizer, settings.prompts, settings.new_tokens)
     context["llm_energy_tokens"] = tokens[: max(settings.window, settings.energy_tokens)]
-    fields = dict(RECIPES["gif"])
+    fields = dict(RECIPES[DEFAULT_RECIPE])
     config = SpikeLMConversionConfig(**fields)
     log(f"converting with the default recipe (GIF neuron, T=2, Hadamard rotation), calibrating on {calibration_text}")
     converted = time.perf_counter()
@@ -349,7 +350,7 @@ def run_llm(settings: DemoSettings, out: Path, log, context: dict) -> dict:
     spiking_text = greedy(model, tokenizer, settings.prompts, settings.new_tokens)
     figures.update(
         recipe={k: v for k, v in config.to_dict().items() if k in fields},
-        time_steps=2**config.gif_extra_bits,
+        time_steps=neuron_class(config.neuron).time_steps(config.to_dict()),
         conversion_seconds=round(convert_seconds, 1),
         perplexity={
             "real": real["perplexity"],
