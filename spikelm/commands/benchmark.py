@@ -6,8 +6,7 @@ import json
 
 from spikelm.errors import UserError
 
-from .argtypes import device, integer, model_ref, positive_int, text_file
-from .main import add_output_dir
+from .argtypes import add_output_dir, device, integer, model_ref, positive_int, text_file
 
 
 def register(sub) -> None:
