@@ -25,7 +25,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..models.modeling_spikelm_causal import DEFAULT_PACKING, SpikeKVCacheLayer
-from ..nn import cpu_kernels
+from ..nn import cpu_kernels, kernels
 from ..nn._constants import ALPHA_FLOOR
 from ..nn.neuron import ElasticBiSpikingNeuron
 from ..nn.packing import pack_bits, unpack_bits
@@ -100,7 +100,7 @@ class SpikeCodeLayer(SpikeKVCacheLayer):
                 or neuron._forward_pre_hooks
             ):
                 return False
-        return cpu_kernels.usable(key_states, value_states, what="spike-cache updates")
+        return kernels.kv_append_kernel(key_states, value_states) == kernels.CPP  # spikelm.nn.kernels decides
 
     def _append_packed(self, name: str, neuron: ElasticBiSpikingNeuron, states: torch.Tensor) -> torch.Tensor:
         """Spike and pack ``states`` onto the stored codes ``name``; the decoded cache, in the model's layout."""
