@@ -8,8 +8,7 @@ import warnings
 
 from spikelm.errors import UserError
 
-from .argtypes import integer, model_ref, text_file
-from .main import add_output_dir
+from .argtypes import add_output_dir, integer, model_ref, text_file
 
 DEFAULT_EVAL_TOKENS = 2048
 

@@ -1,18 +1,15 @@
 """The conversion recipe: every setting of ``spikify`` as a field of one quantization config.
 
-``SpikeLMConversionConfig`` is registered with transformers as the quantization method ``"spikelm"``. A converted
-model carries it as ``model.config.quantization_config``; ``save_pretrained`` writes it into ``config.json`` next to
-the original architecture's fields, and ``from_pretrained`` (after ``import spikelm``) rebuilds the spiking model
-from it before the weights and alphas load.
+``SpikeLMConversionConfig`` is the quantization method ``"spikelm"`` of transformers (registered by ``import
+spikelm``, see ``spikelm/__init__.py``). A converted model carries it as ``model.config.quantization_config``;
+``save_pretrained`` writes it into ``config.json`` next to the original architecture's fields, and
+``from_pretrained`` (after ``import spikelm``) rebuilds the spiking model from it before the weights and alphas load.
 """
 
 from __future__ import annotations
 
 import copy
 
-from transformers.quantizers.auto import (
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..nn.neurons import neuron_class, neuron_classes, neuron_names
@@ -154,8 +151,3 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict:
         return copy.deepcopy({name: getattr(self, name) for name in ("quant_method", *self.field_names())})
-
-
-# set, not register_*(): `import spikelm` puts a stand-in there first (see spikelm/__init__.py), and a reload
-# must not fail on the registry's "already registered" check
-AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = SpikeLMConversionConfig

@@ -36,7 +36,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import UserError
-from ..nn.cpu_kernels import spike_linear
+from ..nn.kernels import spike_linear
 from ..nn.neurons import SpikingNeuron, neuron_class
 from .architectures import SITE_KINDS, Architecture, describe, registered
 from .attention import NAME as SPIKING_ATTENTION
@@ -147,7 +147,7 @@ def _spike_input(module, args, kwargs, steps):
 
 def _spike_reader_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward`` of a linear that reads a neuron's spikes: the few-row kernel for a few
-    rows on CPU (a decoding step), else ``F.linear`` (:func:`spikelm.nn.cpu_kernels.spike_linear`)."""
+    rows on CPU (a decoding step), else ``F.linear`` (:func:`spikelm.nn.kernels.spike_linear`)."""
     return spike_linear(input, module.weight, module.bias)
 
 
