@@ -6,8 +6,7 @@ import json
 
 from spikelm.errors import UserError
 
-from .argtypes import device, integer, model_ref, positive_int, text_file
-from .main import add_output_dir
+from .argtypes import add_output_dir, device, integer, model_ref, positive_int, text_file
 
 
 def register(sub) -> None:
@@ -186,10 +185,10 @@ def _run_converted(args) -> int:
     max_length = max(args.prompt_lengths) + args.new_tokens
     import torch
 
-    from spikelm.nn import cpu_kernels
+    from spikelm.nn import kernels
 
-    kernel_on = cpu_kernels.enabled()  # a bad $SPIKELM_CPU_KERNELS(_MAX_ROWS): one line, before any work
-    kernel_rows = cpu_kernels.max_rows()
+    kernel_on = kernels.enabled()  # a bad $SPIKELM_(CPU_)KERNELS(_MAX_ROWS): one line, before any work
+    kernel_rows = kernels.max_rows()
     from transformers import AutoConfig, AutoTokenizer
 
     from spikelm.conversion.recipes import calibration_batches, recipe, recipe_names
@@ -257,7 +256,7 @@ def _run_converted(args) -> int:
     )
     report["cpu_kernels"] = {
         "enabled": kernel_on,
-        "built": kernel_on and cpu_kernels.kernel() is not None,
+        "built": kernel_on and kernels.cpp_built(),
         "max_rows": kernel_rows,
     }
     write_json_atomic(out / "benchmark.json", report)

@@ -7,8 +7,16 @@ from pathlib import Path
 
 from spikelm.errors import UserError
 
-from .argtypes import device, existing_dir, integer, model_source, nonnegative_number, positive_int, text_file
-from .main import add_output_dir
+from .argtypes import (
+    add_output_dir,
+    device,
+    existing_dir,
+    integer,
+    model_source,
+    nonnegative_number,
+    positive_int,
+    text_file,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from spikelm.errors import UserError
 
-from .argtypes import model_source, nonnegative_int, number, positive_int, positive_number, utf8_text
-from .main import add_output_dir
+from .argtypes import add_output_dir, model_source, nonnegative_int, number, positive_int, positive_number, utf8_text
 
 
 def register(sub) -> None:

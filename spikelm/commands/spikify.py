@@ -1,12 +1,14 @@
-"""``spikelm spikify``: convert a pretrained Hugging Face model (a LLaMA-family or GPT-2 causal LM, a BERT-family
-encoder, or a named source such as ``smollm2-135m``) into a spiking one, calibrate it, measure it and save it."""
+"""``spikelm spikify``: convert a pretrained Hugging Face model (a causal LM or BERT-family encoder of a described
+architecture, :mod:`spikelm.conversion.architectures`, any other decoder-only model through the generic path, or a
+named source such as ``smollm2-135m``) into a spiking one, calibrate it, measure it and save it."""
 
 from __future__ import annotations
 
+import warnings
+
 from spikelm.errors import UserError
 
-from .argtypes import integer, model_ref, text_file
-from .main import add_output_dir
+from .argtypes import add_output_dir, integer, model_ref, text_file
 
 DEFAULT_EVAL_TOKENS = 2048
 
@@ -14,7 +16,7 @@ DEFAULT_EVAL_TOKENS = 2048
 def register(sub) -> None:
     p = sub.add_parser(
         "spikify",
-        help="convert a pretrained Hugging Face model (LLaMA family, GPT-2, BERT) into a spiking one",
+        help="convert a pretrained Hugging Face model (LLaMA, Gemma, Phi-3, GPT-2, BERT, ...) into a spiking one",
         description=(
             "Load a pretrained model (a directory written by save_pretrained, or a named source: smollm2-135m, "
             "minilm), place spiking neurons by SpikeLM's rules (every linear input but the LM head, K and V), "
@@ -24,7 +26,7 @@ def register(sub) -> None:
             "Default recipe (the best training-free one measured on SmolLM2-135M): SpikeLLM's GIF neuron at its T=2 "
             "setting (n=4 base bits, a=1: the top 10%% of channels by saliency spike over 2 steps), per-token ranges "
             "per 64 consecutive channels of each channel group (salient, other) clipped to 0.9, after a Hadamard "
-            "rotation of the residual stream and an online Hadamard on down_proj's input. --neuron elastic: "
+            "rotation of the residual stream and an online Hadamard on the FFN's last linear input. --neuron elastic: "
             "SpikeLM's ternary neuron, T=4, symmetric reset, same rotations. Turn parts off with --set: "
             "rotation=none, online_down_proj_rotation=false, saliency_fraction=0, gif_group_size=0 (one range per "
             "channel group), gif_group_range=token, gif_clip_ratio=1."
@@ -94,7 +96,7 @@ def _load(source, output_dir, overwrite):
     import transformers
     from transformers import AutoConfig
 
-    from spikelm.conversion.placement import FAMILIES
+    from spikelm.conversion.architectures import supported_model_types
     from spikelm.evaluation.loading import load_pretrained, model_class
 
     try:
@@ -108,12 +110,18 @@ def _load(source, output_dir, overwrite):
         and (quant.get("quant_method") if isinstance(quant, dict) else quant.quant_method) == "spikelm"
     ):
         raise UserError(f"--model {source} is already spiking; spikify its real-valued source model")
-    supported = sorted({t for family in FAMILIES for t in family.model_types})
-    if config.model_type not in supported:
+    if config.model_type == "spikelm":
         raise UserError(
-            f"--model {source}: model_type {config.model_type!r} is not supported; supported: {', '.join(supported)} "
-            "(the LLaMA family, GPT-2, BERT-family encoders)"
+            f"--model {source}: model_type 'spikelm' is not supported (a native SpikeLM spikes already); supported: "
+            f"{', '.join(supported_model_types())} and other decoder-only transformers models"
         )
+    if config.model_type not in supported_model_types():  # the generic path: what the config rules out, now
+        from spikelm.conversion.architectures.generic import check_config
+
+        try:
+            check_config(config)
+        except ValueError as err:
+            raise UserError(f"--model {source}: {err}") from None
     names = getattr(config, "architectures", None) or []
     cls = model_class(config, "--model", source)
     if cls is None:
@@ -128,22 +136,19 @@ def _load(source, output_dir, overwrite):
     return load_pretrained(cls, source, dtype=torch.float32).eval(), out_dir
 
 
-def _fit_transform(config, model, user_fields: set):
-    """The recipe's rotations apply to the LLaMA family (RMSNorm); elsewhere they are dropped, saying so, unless the
-    user asked for them by --set (then spikify's own error says why they cannot apply)."""
-    from spikelm.conversion import SpikeLMConversionConfig
-    from spikelm.conversion.rotation import SUPPORTED_MODEL_TYPES
+def _fit_transform(config, model):
+    """The recipe's rotations, restricted to what the architecture folds exactly; what is dropped is said in one
+    line (:func:`spikelm.conversion.spikify.fit_transform`)."""
+    from spikelm.conversion.placement import family_of
+    from spikelm.conversion.spikify import GENERIC_NOTICE, fit_transform
 
-    wanted = config.rotation != "none" or config.online_down_proj_rotation
-    asked = {"rotation", "online_down_proj_rotation"} & user_fields
-    if not wanted or asked or model.config.model_type in SUPPORTED_MODEL_TYPES:
-        return config
-    print(
-        f"spikelm spikify: no residual-stream rotation for model_type {model.config.model_type!r} (LLaMA family "
-        f"only: {', '.join(SUPPORTED_MODEL_TYPES)}); converting without it",
-        flush=True,
-    )
-    return SpikeLMConversionConfig(**{**config.to_dict(), "rotation": "none", "online_down_proj_rotation": False})
+    architecture = family_of(model)
+    notice = fit_transform(architecture, config)
+    if architecture.generic:  # the generic path's one line (spikify's warning of it is not repeated, see run)
+        notice = GENERIC_NOTICE.format(model_type=architecture.model_type)
+    if notice is not None:
+        print(f"spikelm spikify: {notice}", flush=True)
+    return config
 
 
 def run(args) -> int:
@@ -176,7 +181,7 @@ def run(args) -> int:
         raise UserError(f"--model {args.model}: {err}") from None
     what = f"--model {args.model}"
     check_fits(model.config, tokenizer, args.calibration_length, what=what, length_flag="--calibration-length")
-    config = _fit_transform(config, model, set(_overrides(args.set)))
+    config = _fit_transform(config, model)
     batches, calibration = calibration_batches(
         tokenizer, args.calibration_text, args.calibration_sequences, args.calibration_length
     )
@@ -194,7 +199,9 @@ def run(args) -> int:
         perplexity["source (real-valued)"] = score(model, tokens)["perplexity"]
     started = time.perf_counter()
     print(f"spikelm spikify: converting ({config.neuron}) and calibrating on {calibration}", flush=True)
-    conversion.spikify(model, config, calibration=batches)
+    with warnings.catch_warnings():  # the generic path's notice was printed above, in one line
+        warnings.filterwarnings("ignore", message=".*converted through the generic path", category=UserWarning)
+        conversion.spikify(model, config, calibration=batches)
     seconds = time.perf_counter() - started
     if tokens is not None:
         perplexity["this model (spiking)"] = score(model, tokens)["perplexity"]
@@ -212,6 +219,7 @@ def run(args) -> int:
         calibration=calibration,
         perplexity=perplexity,
         evaluation=evaluation,
+        model_type=model.config.model_type,
     )
     summary = {
         "model": str(args.model),

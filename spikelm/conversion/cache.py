@@ -25,7 +25,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..models.modeling_spikelm_causal import DEFAULT_PACKING, SpikeKVCacheLayer
-from ..nn import cpu_kernels
+from ..nn import cpu_kernels, kernels
 from ..nn._constants import ALPHA_FLOOR
 from ..nn.neurons import SpikingNeuron
 from ..nn.neurons.gif import max_code, pack_grid, unpack_grid
@@ -98,7 +98,7 @@ class SpikeCodeLayer(SpikeKVCacheLayer):
             return False
         if not (self.key_neuron.packs_kv_on_cpu() and self.value_neuron.packs_kv_on_cpu()):
             return False
-        return cpu_kernels.usable(key_states, value_states, what="spike-cache updates")
+        return kernels.kv_append_kernel(key_states, value_states) == kernels.CPP  # spikelm.nn.kernels decides
 
     def _append_packed(self, name: str, neuron: SpikingNeuron, states: torch.Tensor) -> torch.Tensor:
         """Spike and pack ``states`` onto the stored codes ``name``; the decoded cache, in the model's layout."""

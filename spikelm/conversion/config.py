@@ -1,18 +1,15 @@
 """The conversion recipe: every setting of ``spikify`` as a field of one quantization config.
 
-``SpikeLMConversionConfig`` is registered with transformers as the quantization method ``"spikelm"``. A converted
-model carries it as ``model.config.quantization_config``; ``save_pretrained`` writes it into ``config.json`` next to
-the original architecture's fields, and ``from_pretrained`` (after ``import spikelm``) rebuilds the spiking model
-from it before the weights and alphas load.
+``SpikeLMConversionConfig`` is the quantization method ``"spikelm"`` of transformers (registered by ``import
+spikelm``, see ``spikelm/__init__.py``). A converted model carries it as ``model.config.quantization_config``;
+``save_pretrained`` writes it into ``config.json`` next to the original architecture's fields, and
+``from_pretrained`` (after ``import spikelm``) rebuilds the spiking model from it before the weights and alphas load.
 """
 
 from __future__ import annotations
 
 import copy
 
-from transformers.quantizers.auto import (
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..nn.neurons import neuron_class, neuron_classes, neuron_names
@@ -38,13 +35,14 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
 
     Outlier handling (equivalence transforms folded into the weights before spiking):
         rotation (str): ``"none"``, ``"hadamard"`` or ``"random"``: an orthogonal rotation of the residual stream
-            (LLaMA family; RMSNorm gains folded in first, see :mod:`spikelm.conversion.rotation`).
+            (architectures with pre RMSNorms only; their gains folded in first, see :mod:`spikelm.conversion.rotation`;
+            elsewhere spikify drops it, saying why).
         rotation_seed (int): seed of the rotation's random signs (or matrix); the online rotation uses seed + 1.
-        online_down_proj_rotation (bool): also rotate down_proj's input at run time (a Hadamard rebuilt from its
-            size and seed on load, so nothing extra is saved).
+        online_down_proj_rotation (bool): also rotate the FFN's last linear input at run time (a Hadamard rebuilt
+            from its size and seed on load, so nothing extra is saved). The name is kept from saved configs.
         smoothing_alpha (float or None): None (default): off; a number in [0, 1]: SmoothQuant per-channel factors
             ``max|X_c|^alpha / max|W_c|^(1 - alpha)`` from the calibration text, folded into every block's RMSNorm
-            gains and q/k/v, gate/up weights after the rotation (LLaMA family; needs calibration; exact for the
+            gains and the weights reading them after the rotation (needs pre RMSNorms and calibration; exact for the
             real-valued model, see :mod:`spikelm.conversion.smoothing`). The saved weights carry it.
         untied_embeddings (bool): the LM head was untied from the input embeddings (a transform needed it).
 
@@ -153,8 +151,3 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
 
     def to_dict(self) -> dict:
         return copy.deepcopy({name: getattr(self, name) for name in ("quant_method", *self.field_names())})
-
-
-# set, not register_*(): `import spikelm` puts a stand-in there first (see spikelm/__init__.py), and a reload
-# must not fail on the registry's "already registered" check
-AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = SpikeLMConversionConfig

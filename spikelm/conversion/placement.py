@@ -1,6 +1,6 @@
 """Where the neurons go and the hooks that run them (the module surgery behind ``spikify``).
 
-What happens to a model (SPEC section 3, and section 8 for a LLaMA-family block):
+What happens to a model (docs/CONVERSION.md, "How it works"):
 
 * The T copies of the network run folded into the batch axis, time-major ((T*B, L, D): copy t is rows t*B..t*B+B-1).
   A forward pre-hook on the base model repeats ``input_ids`` / ``inputs_embeds``, ``attention_mask``,
@@ -8,11 +8,9 @@ What happens to a model (SPEC section 3, and section 8 for a LLaMA-family block)
   hook averages the T copies after the final norm (after the encoder for BERT, whose blocks end in a norm), so the
   heads (LM head, pooler, classifier) see (B, L, D) and stay real-valued.
 * Every linear layer's input is spiked by a neuron, one per shared input: a forward pre-hook on the module that
-  receives the input spikes it with that module's ``input_neuron`` (a registered submodule, so its alphas are in the
-  state dict, e.g. ``model.layers.0.self_attn.input_neuron.alpha``). LLaMA family: ``self_attn`` (q/k/v),
-  ``self_attn.o_proj``, ``mlp`` (gate/up), ``mlp.down_proj``. GPT-2: ``attn`` (c_attn), ``attn.c_proj``,
-  ``mlp`` (c_fc), ``mlp.c_proj``. BERT: ``attention.self`` (query/key/value), ``attention.output.dense``,
-  ``intermediate.dense``, ``output.dense``.
+  receives the input (the *host* of an input site) spikes it with that module's ``input_neuron`` (a registered
+  submodule, so its alphas are in the state dict, e.g. ``model.layers.0.self_attn.input_neuron.alpha``). Where the
+  hosts and their reading linears are is the architecture's description (:mod:`spikelm.conversion.architectures`).
 * K (after the rotary embedding) and V are spiked per step by the attention module's ``key_neuron`` and
   ``value_neuron`` where the attention hands them to its cache (see :mod:`spikelm.conversion.cache`); a causal model
   creates its spike-code cache itself, so ``generate()`` needs no extra argument.
@@ -38,87 +36,16 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import UserError
-from ..nn.cpu_kernels import spike_linear
+from ..nn.kernels import spike_linear
 from ..nn.neurons import SpikingNeuron, neuron_class
+from .architectures import SITE_KINDS, Architecture, describe, registered
 from .attention import NAME as SPIKING_ATTENTION
 from .cache import SpikeCodeCache, TransientSpikeKV, into_spike_cache, is_spike_cache
 from .config import QUANT_METHOD, SpikeLMConversionConfig
 
-SITE_KINDS = ("qkv_input", "o_input", "gate_up_input", "down_input", "k", "v")
 # the inputs that are repeated T times on entry (those whose first axis is the batch)
 BATCHED_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
-
-
-@dataclass(frozen=True)
-class Site:
-    """One spiking neuron: ``kind``, the module (inside a block) whose input it spikes, the linears reading it."""
-
-    kind: str
-    host: str
-    readers: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where things are in one architecture family (paths relative to the base model and to a block)."""
-
-    name: str
-    model_types: tuple[str, ...]
-    layers: str  # the ModuleList of blocks
-    attention: str  # the self-attention module of a block (it calls cache.update with K after rotary, and V)
-    sites: tuple[Site, ...]
-    average_after: str  # the T copies are averaged on this module's output
-    causal: bool  # builds a spike-code cache for decoding
-
-
-FAMILIES = (
-    Family(
-        "llama",
-        ("llama", "mistral", "qwen2", "qwen3"),
-        "layers",
-        "self_attn",
-        (
-            Site("qkv_input", "self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            Site("o_input", "self_attn.o_proj", ("self_attn.o_proj",)),
-            Site("gate_up_input", "mlp", ("mlp.gate_proj", "mlp.up_proj")),
-            Site("down_input", "mlp.down_proj", ("mlp.down_proj",)),
-        ),
-        "norm",
-        True,
-    ),
-    Family(
-        "gpt2",
-        ("gpt2",),
-        "h",
-        "attn",
-        (
-            Site("qkv_input", "attn", ("attn.c_attn",)),
-            Site("o_input", "attn.c_proj", ("attn.c_proj",)),
-            Site("gate_up_input", "mlp", ("mlp.c_fc",)),
-            Site("down_input", "mlp.c_proj", ("mlp.c_proj",)),
-        ),
-        "ln_f",
-        True,
-    ),
-    Family(
-        "bert",
-        ("bert",),
-        "encoder.layer",
-        "attention.self",
-        (
-            Site("qkv_input", "attention.self", ("attention.self.query", "attention.self.key", "attention.self.value")),
-            Site("o_input", "attention.output.dense", ("attention.output.dense",)),
-            Site("gate_up_input", "intermediate.dense", ("intermediate.dense",)),
-            Site("down_input", "output.dense", ("output.dense",)),
-        ),
-        "encoder",
-        False,
-    ),
-)
-
-
-def supported_model_types() -> list[str]:
-    return sorted(t for family in FAMILIES for t in family.model_types)
+FAMILIES = registered()  # every described architecture (one per model type)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,27 +63,20 @@ def is_spiking(model: nn.Module) -> bool:
     return any(isinstance(m, SpikingNeuron) or hasattr(m, "input_neuron") for m in model.modules())
 
 
-def family_of(model: nn.Module) -> Family:
-    """The placement family of ``model``; ``ValueError`` naming the problem if it has none."""
-    if not isinstance(model, PreTrainedModel):  # an unsupported architecture like any other: ValueError
-        raise ValueError(  # noqa: TRY004
-            f"spikify expects a loaded transformers model (a PreTrainedModel); got a {type(model).__name__}"
-        )
-    config = model.config
-    model_type = getattr(config, "model_type", None)
-    for family in FAMILIES:
-        if model_type in family.model_types:
-            break
-    else:
+def family_of(model: nn.Module) -> Architecture:
+    """The description of ``model``'s architecture (:func:`spikelm.conversion.architectures.describe`);
+    ``ValueError`` naming the problem if it has none."""
+    return describe(model)
+
+
+def check_generic_recipe(family: Architecture, config: SpikeLMConversionConfig) -> None:
+    """A model converted through the generic path gets no smoothing (its norms are not described; a rotation is
+    dropped with the path's notice, :func:`spikelm.conversion.spikify.spikify`): ``ValueError`` naming the field."""
+    if family.generic and config.smoothing_alpha is not None:
         raise ValueError(
-            f"spikify does not support {type(model).__name__} (model_type {model_type!r}); supported model types: "
-            f"{', '.join(supported_model_types())} (the LLaMA family, GPT-2, BERT-family encoders)"
+            f"smoothing_alpha={config.smoothing_alpha!r}: model_type {family.model_type!r} converts through the "
+            "generic path, which has no smoothing (it needs the family's norms described); set it to None"
         )
-    if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
-        raise ValueError(f"spikify does not support cross-attention ({type(model).__name__} has add_cross_attention)")
-    if family.name == "bert" and getattr(config, "is_decoder", False):
-        raise ValueError("spikify supports BERT-family models as encoders only (this config has is_decoder=True)")
-    return family
 
 
 def _skipped(name: str, skip: list[str]) -> bool:
@@ -178,9 +98,10 @@ def make_neuron(
     """The neuron for one placement site.
 
     Args:
-        kind: one of :data:`SITE_KINDS`: the shared input of q/k/v (``"qkv_input"``), o_proj's input, the shared
-            input of the FFN's first linear(s) (gate/up, GPT-2's c_fc, BERT's intermediate), the FFN's last linear's
-            input (``"down_input"``), or K / V per step (``"k"``, ``"v"``).
+        kind: one of :data:`SITE_KINDS`: the shared input of the query/key/value projections (``"qkv_input"``),
+            the attention output projection's input (``"o_input"``), the shared input of the FFN's first linear(s)
+            (``"gate_up_input"``), the FFN's last linear's input (``"down_input"``), or K / V per step (``"k"``,
+            ``"v"``).
         config: the conversion recipe.
         channels: the width C of the input (…, C); for K/V the channel shape ``(H_kv, 1, d)`` of their
             (B, H_kv, L, d) layout.
@@ -226,7 +147,7 @@ def _spike_input(module, args, kwargs, steps):
 
 def _spike_reader_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward`` of a linear that reads a neuron's spikes: the few-row kernel for a few
-    rows on CPU (a decoding step), else ``F.linear`` (:func:`spikelm.nn.cpu_kernels.spike_linear`)."""
+    rows on CPU (a decoding step), else ``F.linear`` (:func:`spikelm.nn.kernels.spike_linear`)."""
     return spike_linear(input, module.weight, module.bias)
 
 
@@ -248,10 +169,39 @@ def _read_spikes(readers: list[nn.Module]) -> list[_SpikeReader]:
     return [_SpikeReader(r) for r in readers if type(r) is nn.Linear and "forward" not in vars(r)]
 
 
-def _spike_kv_on_update(module, args, kwargs, steps):
-    cache = kwargs.get("past_key_values")
+class _SharedSpikes:
+    """The readers' pre-hook of a neuron whose input several linears read and no host module receives alone (the
+    generic path, :class:`~spikelm.conversion.architectures.InputSite` ``on_readers``): the first reader to see a
+    tensor spikes it with the host's neuron, the others get the same spikes (kept until each has read them)."""
+
+    def __init__(self, host: nn.Module, readers: int, steps: int):
+        self.host, self.readers, self.steps = host, readers, steps
+        self.clear()
+
+    def clear(self, *_) -> None:
+        self.input = self.output = None
+        self.served = 0
+
+    def __call__(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        if x is None:
+            raise RuntimeError(f"spikelm: could not find the input of {type(module).__name__} to spike")
+        if x is not self.input:
+            self.input, self.served = x, 0
+            self.output = apply_input_neuron(self.host.input_neuron, x, self.steps)
+        spikes = self.output
+        self.served += 1
+        if self.served >= self.readers:  # every reader has it: keep no activation alive
+            self.clear()
+        if args:
+            return (spikes, *args[1:]), kwargs
+        return args, {**kwargs, "input": spikes}
+
+
+def _spike_kv_on_update(module, args, kwargs, steps, argument="past_key_values"):
+    cache = kwargs.get(argument)
     if cache is None:
-        kwargs["past_key_values"] = TransientSpikeKV(module.key_neuron, module.value_neuron, steps)
+        kwargs[argument] = TransientSpikeKV(module.key_neuron, module.value_neuron, steps)
     elif not is_spike_cache(cache):
         raise RuntimeError(
             f"spikelm: {type(module).__name__} received a {type(cache).__name__} that does not spike K and V; a "
@@ -355,7 +305,7 @@ class SpikingState:
     def __init__(
         self,
         model: PreTrainedModel,
-        family: Family,
+        family: Architecture,
         config: SpikeLMConversionConfig,
         handles: list,
         sites: list[PlacedNeuron],
@@ -372,7 +322,9 @@ class SpikingState:
 def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTrainedModel:
     """Add the neurons (as submodules) and the hooks that run them; the model's weights are not touched."""
     family = family_of(model)
+    check_generic_recipe(family, config)
     base = model.base_model
+    entry = _get(base, family.entry)  # where the T copies enter and leave (the base model but for OPT-like models)
     steps = config.model_steps
     prefix = f"{model.base_model_prefix}." if base is not model else ""
     layers_path = f"{prefix}{family.layers}"
@@ -393,8 +345,14 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
             readers = [_get(layer, r) for r in site.readers]
             width = reader_weight(readers[0]).shape[1]
             host.input_neuron = make_neuron(site.kind, config, width, [reader_weight(r) for r in readers])
-            sites.append(PlacedNeuron(f"{block}.{site.host}.input_neuron", site.kind, tuple(names)))
-            handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
+            host_name = ".".join(p for p in (block, site.host) if p)
+            sites.append(PlacedNeuron(f"{host_name}.input_neuron", site.kind, tuple(names)))
+            if site.on_readers and len(readers) > 1:
+                shared = _SharedSpikes(host, len(readers), steps)
+                handles += [r.register_forward_pre_hook(shared, with_kwargs=True) for r in readers]
+                handles.append(entry.register_forward_hook(shared.clear, always_call=True))  # a reader skipped
+            else:
+                handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
             handles += _read_spikes(readers)  # the few-row kernel at decoding steps (GIF: one row per token)
         attention = _get(layer, family.attention)
         if _skipped(f"{layers_path}.{index}.{family.attention}", skip):
@@ -402,16 +360,17 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
                 f"modules_to_not_convert names the attention module {family.attention!r}: K and V of a converted "
                 "model are always spiked (the spike-code cache depends on it); skip its linear layers instead"
             )
-        kv_channels = (_kv_heads(model.config), 1, _head_dim(model.config))
+        kv_channels = family.kv_channels or (_kv_heads(model.config), 1, _head_dim(model.config))
         attention.key_neuron = make_neuron("k", config, kv_channels, [])
         attention.value_neuron = make_neuron("v", config, kv_channels, [])
         sites += [PlacedNeuron(f"{block}.{family.attention}.{kind}_neuron", kind[0], ()) for kind in ("key", "value")]
-        handles.append(attention.register_forward_pre_hook(partial(_spike_kv_on_update, steps=steps), with_kwargs=True))
+        on_update = partial(_spike_kv_on_update, steps=steps, argument=family.cache_argument)
+        handles.append(attention.register_forward_pre_hook(on_update, with_kwargs=True))
     state = SpikingState(model, family, config, handles, sites)
     _set_attention(model, SPIKING_ATTENTION)
-    handles.append(base.register_forward_pre_hook(partial(_enter_copies, state=state), with_kwargs=True))
+    handles.append(entry.register_forward_pre_hook(partial(_enter_copies, state=state), with_kwargs=True))
     handles.append(_get(base, family.average_after).register_forward_hook(partial(_average_output, steps=steps)))
-    handles.append(base.register_forward_hook(partial(_leave_copies, steps=steps)))
+    handles.append(entry.register_forward_hook(partial(_leave_copies, steps=steps)))
     model._spikelm = state
     return model
 
@@ -441,8 +400,9 @@ def placement(model: PreTrainedModel) -> list[PlacedNeuron]:
 def detach(model: PreTrainedModel) -> PreTrainedModel:
     """Undo :func:`attach`: remove the hooks and the neurons; the weights stay as they are.
 
-    A rotation folded into the weights (and its online part on down_proj's input) stays: it is exact, so the model
-    computes its real-valued function again. ``model.dequantize()`` calls this and drops the quantization config.
+    A rotation folded into the weights (and its online part on the FFN's last linear input) stays: it is exact, so
+    the model computes its real-valued function again. ``model.dequantize()`` calls this and drops the quantization
+    config.
     """
     state = getattr(model, "_spikelm", None)
     if state is None:

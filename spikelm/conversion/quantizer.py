@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 
-from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
 
 from ..nn.neurons import neuron_classes
-from .config import QUANT_METHOD, SpikeLMConversionConfig
+from .config import SpikeLMConversionConfig
 from .placement import attach, detach, neurons
 
 NEURON_KEYS = r"\.(input|key|value)_neuron\."  # the state-dict keys spikify adds
@@ -86,8 +85,3 @@ class SpikeLMQuantizer(HfQuantizer):
     @property
     def is_qat_trainable(self) -> bool:
         return True
-
-
-# set, not register_*(): `import spikelm` puts a stand-in there first (see spikelm/__init__.py), and a reload
-# must not fail on the registry's "already registered" check
-AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = SpikeLMQuantizer

@@ -5,8 +5,8 @@
 * a native SpikeLM directory (``model_type`` "spikelm", e.g. written by ``spikelm pretrain``);
 * a converted model (``spikelm spikify`` or ``spikify(...)`` + ``save_pretrained``: the source architecture with a
   ``quantization_config`` whose ``quant_method`` is "spikelm"), restored spiking by ``from_pretrained``;
-* a real-valued transformers model of a family ``spikify`` converts (LLaMA, Mistral, Qwen2, Qwen3, GPT-2, BERT):
-  the source, run as it is (the ANN figure);
+* a real-valued transformers model of a family ``spikify`` converts (described in
+  :mod:`spikelm.conversion.architectures`): the source, run as it is (the ANN figure);
 * a named source (``smollm2-135m``, ``minilm``: :mod:`spikelm.data.pretrained`), fetched on first use.
 
 :func:`inspect_model` reads only the config (so a wrong model is refused before any output is written or any
@@ -51,9 +51,21 @@ class ModelSpec:
 
 
 def _supported_model_types() -> list[str]:
-    from spikelm.conversion.placement import supported_model_types
+    from spikelm.conversion.architectures import supported_model_types
 
     return supported_model_types()
+
+
+def _generic_refusal(config) -> str | None:
+    """Why the generic path refuses ``config`` from the config alone (an encoder-decoder, mixture of experts...), or
+    None (:func:`spikelm.conversion.architectures.generic.check_config`)."""
+    from spikelm.conversion.architectures.generic import check_config
+
+    try:
+        check_config(config)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def _quant_method(config) -> str | None:
@@ -103,15 +115,18 @@ def inspect_model(name_or_path: str | Path, need_causal: bool = False, flag: str
         return spec
     supported = _supported_model_types()
     method = _quant_method(config)
-    if model_type not in supported:
+    if model_type not in supported and _generic_refusal(config) is None:
+        pass  # a decoder-only model of another type: the generic path describes it once loaded
+    elif model_type not in supported:
         what = (
             f"{', '.join(architectures)} model (model_type {model_type!r})"
             if architectures
             else f"model_type {model_type!r} model"
         )
         raise UserError(
-            f"{flag} {name} holds a {what}, which spikelm does not run: expected a SpikeLM, a converted "
-            f"model or a real-valued transformers model of model_type {', '.join(supported)}"
+            f"{flag} {name} holds a {what}, which spikelm does not run ({_generic_refusal(config)}): expected a "
+            f"SpikeLM, a converted model, a real-valued transformers model of model_type {', '.join(supported)} or "
+            "another decoder-only transformers model"
         )
     if method not in (None, "spikelm"):
         raise UserError(
@@ -264,21 +279,23 @@ def check_model_state(model, what: str) -> None:
 
 
 def _check_rotation_fold(model, what: str) -> None:
-    """A converted model whose recipe says its residual stream is rotated has every RMSNorm gain folded into the
-    layers that read it (all ones): a gain that is not is a config edited after conversion. (The reverse edit, and
-    ``online_down_proj_rotation``, leave no trace in the tensors: they cannot be checked.)"""
+    """A converted model whose recipe says its residual stream is rotated has every norm gain the rotation folds
+    (its architecture's description says which) at the identity (stored 1, or 0 for a ``1 + w`` gain): a gain that
+    is not is a config edited after conversion. (The reverse edit, and ``online_down_proj_rotation``, leave no trace
+    in the tensors: they cannot be checked.)"""
+    from spikelm.conversion.architectures import describe
+
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     rotation = config.get("rotation") if isinstance(config, dict) else getattr(config, "rotation", None)
     if rotation in (None, "none"):
         return
-    for name, module in model.named_modules():
+    for name, module, norm in describe(model).folded_norms(model):
         weight = getattr(module, "weight", None)
-        if type(module).__name__.endswith("RMSNorm") and weight is not None and weight.device.type != "meta":
-            if not bool((weight == 1).all()):
-                raise UserError(
-                    f"{what}: quantization_config says rotation={rotation!r}, but {name}.weight is not folded (all "
-                    "ones after a rotation); the config was edited after conversion"
-                )
+        if weight is not None and weight.device.type != "meta" and not bool((weight == norm.identity).all()):
+            raise UserError(
+                f"{what}: quantization_config says rotation={rotation!r}, but {name}.weight is not folded (all "
+                f"{norm.identity:g}s after a rotation); the config was edited after conversion"
+            )
 
 
 def load_model(spec: ModelSpec, device=None):

@@ -19,17 +19,16 @@ over the steps, with the statistic summed across processes under data parallelis
 from __future__ import annotations
 
 import math
-import warnings
 from numbers import Real
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .. import cpu_kernels
+from .. import cpu_kernels, kernels
 from .._constants import ALPHA_FLOOR, LEAK, OUTSIDE
-from ..cpu_kernels import spike_linear
 from ..exact import exact_linear
+from ..kernels import choose_kernel, run_compiled, spike_linear
 from .base import SpikingNeuron, named_neurons, register_neuron  # noqa: F401  (named_neurons: the old import path)
 
 SPIKE_LEVELS = ("ternary", "binary")
@@ -270,83 +269,6 @@ def spike_steps_inference(x, alpha, spike_levels, reset, use_amplitude, membrane
     return out if dtype == x.dtype else out.to(x.dtype)
 
 
-# Below this many elements per call torch.compile's guards and first-call compilation cost more
-# than the plain loop; above it the compiled pass is several times faster.
-COMPILE_MIN_ELEMENTS = 1 << 16
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the PyTorch kernels
-_compiled: dict = {}
-_compile_failed = False
-_triton_error: list = []  # [None] once triton imported, [the ImportError] once it failed
-_warned: set = set()  # the fallbacks already announced (each warns once per process)
-
-
-def _triton_available() -> bool:
-    if not _triton_error:
-        try:
-            from .. import kernels_triton  # noqa: F401  (imports triton)
-        except ImportError as err:
-            _triton_error.append(err)
-        else:
-            _triton_error.append(None)
-    return _triton_error[0] is None
-
-
-def _warn_once(key: str, message: str) -> None:
-    """A fast path that falls back says so, once per process (never silently, never on every call)."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def choose_kernel(x: torch.Tensor, backend: str) -> str:
-    """The kernel a fused ``backend`` runs ``x`` on: "fused" (plain PyTorch loop), "compiled" or "triton".
-
-    ``"auto"`` on CUDA without an importable triton falls back to "fused" with one warning."""
-    if backend == "auto":
-        if x.is_cuda:
-            if x.dtype not in TRITON_DTYPES:  # float64: the PyTorch loop by design, not a fallback
-                return "fused"
-            if _triton_available():
-                return "triton"
-            _warn_once(
-                "triton",
-                f"spikelm: the Triton neuron kernel is unavailable ({type(_triton_error[0]).__name__}: "
-                f"{_triton_error[0]}); CUDA neurons run the plain PyTorch loop (slower). Install triton for the "
-                "fused kernel.",
-            )
-            return "fused"
-        if x.numel() >= COMPILE_MIN_ELEMENTS and not _compile_failed:
-            return "compiled"
-        return "fused"
-    if backend == "triton" and not (x.is_cuda and x.dtype in TRITON_DTYPES and _triton_available()):
-        raise RuntimeError(
-            f"backend='triton' needs a CUDA float32/bfloat16/float16 tensor and the triton package; got a "
-            f"{x.device.type} {x.dtype} tensor{'' if _triton_available() else ' and triton is not importable'}. "
-            "Use backend='auto'."
-        )
-    return backend
-
-
-def _run_compiled(fn, *args):
-    """``fn(*args)`` through torch.compile; the plain loop (with one warning) if compilation fails."""
-    global _compile_failed
-    if not _compile_failed:
-        try:
-            if fn not in _compiled:
-                _compiled[fn] = torch.compile(fn)
-            # each option set, dtype and layout is a separate specialisation: allow more than dynamo's default 8
-            with torch._dynamo.config.patch(recompile_limit=64):
-                return _compiled[fn](*args)
-        except Exception as err:  # no torch.compile here, a missing or broken C++ compiler, an unsupported platform
-            _compile_failed = True
-            _warn_once(
-                "compile",
-                f"spikelm: torch.compile of the neuron failed ({type(err).__name__}: {err}); "
-                "using the uncompiled fused loop from now on",
-            )
-    return fn(*args)
-
-
 def _as_steps_rows_cols(x: torch.Tensor) -> torch.Tensor:
     """A (T, rows, cols) view of ``x`` (T, ..., D) without copying where its strides allow."""
     if x.dim() == 2:
@@ -369,7 +291,7 @@ def fused_spike_forward(
 
         out = triton_spike_forward(*args)
     elif kernel == "compiled":
-        out = _run_compiled(spike_steps, *args)
+        out = run_compiled(spike_steps, *args)
     else:
         out = spike_steps(*args)
     return tuple(t.view(shape) if t is not None else None for t in out)
@@ -404,7 +326,7 @@ def fused_spike_backward(
 
         grad_x, spikes = triton_spike_backward(*args)
     elif kernel == "compiled":
-        grad_x, spikes = _run_compiled(spike_steps_backward, *args)
+        grad_x, spikes = run_compiled(spike_steps_backward, *args)
     else:
         grad_x, spikes = spike_steps_backward(*args)
     grad_alpha = None
@@ -602,7 +524,8 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
             codes: ``"fused"`` (a plain PyTorch loop), ``"compiled"`` (the same loop through
             torch.compile: one vectorised pass), ``"triton"`` (a Triton kernel, CUDA only) and
             ``"auto"`` (default: Triton on CUDA, compiled on CPU for inputs of at least
-            :data:`COMPILE_MIN_ELEMENTS` elements, else fused).
+            :data:`spikelm.nn.kernels.COMPILE_MIN_ELEMENTS` elements, else fused; :mod:`spikelm.nn.kernels` decides,
+            with its switch).
 
     ``alpha`` is an ``nn.Parameter`` of shape (T,) (``requires_grad=learn_alpha``);
     ``initialized`` a bool buffer saved with it. An alpha that has not been initialised is set
@@ -773,8 +696,8 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
             else:
                 out, counts = MultiStepSpike.apply(x, alpha, *options, self.record_stats, self.backend)
         else:  # no backward: nothing to save
-            kernel = choose_kernel(x, self.backend)
-            if self.backend == "auto" and _takes_cpu_kernel(x):  # one C++ pass (same spikes, bit for bit)
+            kernel = kernels.neuron_kernel(x, self.backend)  # spikelm.nn.kernels decides
+            if kernel == kernels.CPP:  # one C++ pass (same spikes, bit for bit)
                 low = _levels_low(self.spike_levels)
                 official = self.spike_levels == "ternary" and self.reset == "official"
                 a = alpha.detach().float()  # the PyTorch loop computes float32 input in float32, whatever alpha's dtype
@@ -909,9 +832,3 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
             and not self._forward_hooks
             and not self._forward_pre_hooks
         )
-
-
-def _takes_cpu_kernel(x: torch.Tensor) -> bool:
-    """Whether the neuron's no-gradient path runs the C++ kernel (:func:`spikelm.nn.cpu_kernels.elastic_spikes`):
-    CPU float32 inputs with the kernels switched on and built (other dtypes keep the PyTorch loop by design)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.usable(x, what="neurons")
