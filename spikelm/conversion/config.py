@@ -17,10 +17,12 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..nn.gif import check_gif_options
 from ..nn.neuron import check_neuron_options
+from ..nn.signed import check_signed_options
 
 QUANT_METHOD = "spikelm"
 FORMAT_VERSION = 1  # bump when a saved model of the previous version would load differently
-NEURONS = ("elastic", "gif")
+NEURONS = ("elastic", "gif", "signed")
+SITE_KINDS = ("qkv_input", "o_input", "gate_up_input", "down_input", "k", "v")  # as placement.SITE_KINDS
 ROTATIONS = ("none", "hadamard", "random")
 
 
@@ -30,7 +32,8 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
     Neuron:
         neuron (str): ``"elastic"``: SpikeLM's elastic bi-spiking neuron, the network runs as T copies (T folded into
             the batch axis); ``"gif"``: SpikeLLM's GIF neuron, whose steps are internal to the neuron (the network
-            runs once; ``num_steps`` is then not used).
+            runs once; ``num_steps`` is then not used); ``"signed"``: the signed multi-level neuron
+            (:mod:`spikelm.nn.signed`; steps internal too).
         num_steps (int): T for ``"elastic"``: the time steps every neuron runs over.
         spike_levels, use_amplitude, alpha_init, learn_alpha, reset: the elastic neuron's options, as in
             :class:`~spikelm.SpikeLMConfig`.
@@ -49,6 +52,18 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
             range (scale and zero point) per G consecutive channels inside each group (group-wise activation
             quantisation, as Atom/QuaRot's group variants; a group's last range may cover fewer than G channels).
             Needs ``gif_group_range="group"``.
+
+    Signed neuron (``neuron="signed"``, docs/CONVERSION.md, "Signed spikes and energy"):
+        signed_bits (int): bits of a code, sign included: codes -Q..Q, Q = 2^(bits-1) - 1 (4 bits: -7..7).
+        signed_steps (int): T; one spike carries at most ceil(Q / T) levels (the spikes change, not the code).
+        signed_group_size (int): channels per per-token range (scale) inside each channel set; 0: one per set.
+        signed_clip_ratio (float): each range is this fraction of the group's max |x|.
+        signed_dead_zone (float): inputs below this many quantisation steps in magnitude fire nothing.
+        signed_salient_bits (int or None): bits of the salient channels' codes (the top ``saliency_fraction`` by
+            calibration saliency); None: no saliency.
+        signed_site_bits (dict or None): bits per placement site kind (``qkv_input``, ``o_input``,
+            ``gate_up_input``, ``down_input``, ``k``, ``v``), overriding ``signed_bits`` there.
+        signed_learn_scale (bool): a learnable scale factor per channel set (for distillation).
 
     Outlier handling (equivalence transforms folded into the weights before spiking):
         rotation (str): ``"none"``, ``"hadamard"`` or ``"random"``: an orthogonal rotation of the residual stream
@@ -85,6 +100,14 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         gif_group_range: str = "group",
         gif_clip_ratio: float = 1.0,
         gif_group_size: int | None = 0,
+        signed_bits: int = 4,
+        signed_steps: int = 1,
+        signed_group_size: int = 64,
+        signed_clip_ratio: float = 1.0,
+        signed_dead_zone: float = 0.0,
+        signed_salient_bits: int | None = None,
+        signed_site_bits: dict | None = None,
+        signed_learn_scale: bool = False,
         rotation: str = "none",
         rotation_seed: int = 0,
         online_down_proj_rotation: bool = False,
@@ -114,6 +137,14 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         self.gif_group_range = gif_group_range
         self.gif_clip_ratio = gif_clip_ratio
         self.gif_group_size = 0 if gif_group_size is None else gif_group_size
+        self.signed_bits = signed_bits
+        self.signed_steps = signed_steps
+        self.signed_group_size = signed_group_size
+        self.signed_clip_ratio = signed_clip_ratio
+        self.signed_dead_zone = signed_dead_zone
+        self.signed_salient_bits = signed_salient_bits
+        self.signed_site_bits = dict(signed_site_bits) if isinstance(signed_site_bits, dict) else signed_site_bits
+        self.signed_learn_scale = signed_learn_scale
         self.rotation = rotation
         self.rotation_seed = rotation_seed
         self.online_down_proj_rotation = online_down_proj_rotation
@@ -144,6 +175,14 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
             "gif_group_range",
             "gif_clip_ratio",
             "gif_group_size",
+            "signed_bits",
+            "signed_steps",
+            "signed_group_size",
+            "signed_clip_ratio",
+            "signed_dead_zone",
+            "signed_salient_bits",
+            "signed_site_bits",
+            "signed_learn_scale",
             "rotation",
             "rotation_seed",
             "online_down_proj_rotation",
@@ -186,6 +225,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
             self.gif_clip_ratio,
             self.gif_group_size,
         )
+        self._check_signed()
         if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int):
             raise ValueError(f"rotation_seed must be an integer, got {self.rotation_seed!r}")  # noqa: TRY004
         alpha = self.smoothing_alpha
@@ -205,10 +245,51 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
                 f"modules_to_not_convert must be a list of module names, got {self.modules_to_not_convert!r}"
             )
 
+    def _check_signed(self) -> None:
+        sites = self.signed_site_bits
+        if sites is not None and (
+            not isinstance(sites, dict)
+            or any(k not in SITE_KINDS for k in sites)
+            or any(isinstance(b, bool) or not isinstance(b, int) for b in sites.values())
+        ):
+            raise ValueError(
+                f"signed_site_bits must be None or a dict of site kind ({', '.join(SITE_KINDS)}) to integer bits, "
+                f"got {sites!r}"
+            )
+        if not isinstance(self.signed_learn_scale, bool):
+            raise ValueError(f"signed_learn_scale must be True or False, got {self.signed_learn_scale!r}")  # noqa: TRY004
+        for bits in [self.signed_bits, *(sites or {}).values()]:
+            salient = self.signed_salient_bits
+            check_signed_options(
+                bits,
+                self.signed_steps,
+                self.signed_group_size,
+                self.signed_clip_ratio,
+                self.signed_dead_zone,
+                None if salient is None else max(salient, bits) if isinstance(salient, int) else salient,
+                self.saliency_fraction,
+            )
+
+    def signed_options(self, kind: str) -> dict:
+        """The signed neuron's keyword arguments at a placement site of ``kind`` (its bits from ``signed_site_bits``;
+        salient channels never get fewer bits than the site's others)."""
+        bits = (self.signed_site_bits or {}).get(kind, self.signed_bits)
+        salient = self.signed_salient_bits
+        return {
+            "bits": bits,
+            "num_steps": self.signed_steps,
+            "group_size": self.signed_group_size,
+            "clip_ratio": self.signed_clip_ratio,
+            "dead_zone": self.signed_dead_zone,
+            "salient_bits": None if salient is None else max(salient, bits),
+            "saliency_fraction": self.saliency_fraction if salient is not None else 0.0,
+            "learn_scale": self.signed_learn_scale,
+        }
+
     @property
     def model_steps(self) -> int:
         """How many copies of the network run: T for the elastic neuron, 1 for GIF (its steps are internal)."""
-        return self.num_steps if self.neuron == "elastic" else 1
+        return self.num_steps if self.neuron == "elastic" else 1  # GIF and signed: steps internal to the neuron
 
     def neuron_options(self) -> dict:
         """The elastic neuron's keyword arguments."""

@@ -188,7 +188,7 @@ def make_neuron(
             SpikeLLM's saliency); empty for K/V. They may be on the meta device while a saved model loads: compute
             anything from them at calibration (:func:`calibrate`), not here.
 
-    An elastic neuron sees time-major input (T, …, C). A GIF neuron sees the (…, C) input of the single copy of the
+    An elastic neuron sees time-major input (T, …, C). A GIF or signed neuron sees the (…, C) input of the single copy of the
     network and returns its dequantised spike sum, same shape.
     """
     if kind not in SITE_KINDS:
@@ -205,6 +205,10 @@ def make_neuron(
             clip_ratio=config.gif_clip_ratio,
             group_size=config.gif_group_size,
         )
+    if config.neuron == "signed":
+        from ..nn.signed import SignedNeuron
+
+        return SignedNeuron(channels, **config.signed_options(kind))
     neuron = ElasticBiSpikingNeuron(config.num_steps, membrane=kind not in ("k", "v"), **config.neuron_options())
     return neuron.float()  # alphas stay float32 in a bfloat16 model (and load as such): the membrane is float32
 

@@ -36,6 +36,14 @@ RECIPES = {
         **TRANSFORM,
     },
     "elastic": {"neuron": "elastic", "num_steps": 4, "reset": "symmetric", **TRANSFORM},
+    "signed": {
+        "neuron": "signed",
+        "signed_bits": 4,
+        "signed_steps": 1,
+        "signed_group_size": 64,
+        "signed_clip_ratio": 0.9,
+        **TRANSFORM,
+    },
 }
 CALIBRATION_SEQUENCES = 32
 CALIBRATION_LENGTH = 512
@@ -55,6 +63,8 @@ def recipe(neuron: str, num_steps: int | None = None, overrides: dict | None = N
             if 2**extra != num_steps:
                 raise UserError(f"--num-steps with --neuron gif must be a power of two (T = 2^a), got {num_steps}")
             fields["gif_extra_bits"] = extra
+        elif neuron == "signed":
+            fields["signed_steps"] = num_steps
         else:
             fields["num_steps"] = num_steps
     fields.update(overrides or {})

@@ -41,7 +41,9 @@ the same counter, from the placement (``spikelm.conversion.placement``) instead 
   that key, times the query heads sharing its key/value head); MACs: elastic, one alpha per score (Q K^T) or per
   context output (P V) and step; GIF, per score (Q K^T) and per query-key pair and head (P V, where P is first
   scaled by each key's scale) one multiply per scale and one per zero point, and the zero-point term of Q K^T needs
-  the row sums of Q (head_dim ACs per query and head);
+  the row sums of Q (head_dim ACs per query and head); signed neurons (:mod:`spikelm.nn.signed`): ACs = sum over the
+  steps of |level| per fan-out, MACs one scale multiply per output (score, context pair) and range group, no zero
+  point;
 * everything real-valued as MACs: linear layers not fed by a neuron (the LM head, any skipped layer), the online
   Hadamard on down_proj's input (size x sum of its factor sizes per row), norms, softmax and activations (one MAC
   per element, in the whole-model total only).
@@ -62,6 +64,7 @@ from torch import nn
 
 from spikelm.nn.layers import SpikeLinear
 from spikelm.nn.neuron import ElasticBiSpikingNeuron, named_neurons
+from spikelm.nn.signed import SignedNeuron
 
 from .energy_constants import DEFAULT_CONSTANTS, EnergyConstants
 
@@ -195,6 +198,9 @@ def _spike_levels(neuron: nn.Module, x: torch.Tensor, output: torch.Tensor) -> t
     if isinstance(neuron, ElasticBiSpikingNeuron):
         fired = (output.detach() != 0).long()
         return fired, fired
+    if isinstance(neuron, SignedNeuron):  # signed levels: |s_t| accumulates per fan-out, either sign
+        levels = neuron.step_levels(x)
+        return levels, (levels > 0).long()
     from spikelm.nn.gif import gif_spikes
 
     with torch.no_grad():
@@ -207,7 +213,10 @@ def _gif_terms(neuron: nn.Module) -> torch.Tensor:
     """Scale multiplies plus zero-point terms per token and output of a GIF neuron's reader, per row of its channel
     shape (one entry for a linear input, one per K/V head): one scale multiply per range (2 with saliency and
     per-group ranges, else 1) and one zero-point term per channel group (2 with saliency, else 1); with
-    ``group_size`` G, one of each per range group, ``ceil(salient / G) + ceil(others / G)`` of them."""
+    ``group_size`` G, one of each per range group, ``ceil(salient / G) + ceil(others / G)`` of them. A signed
+    neuron has no zero point: one scale multiply per range group."""
+    if isinstance(neuron, SignedNeuron):
+        return neuron.range_group_counts()
     if getattr(neuron, "group_size", 0):
         return 2 * neuron.range_group_counts()
     salient = neuron.has_saliency()
@@ -219,6 +228,8 @@ def _gif_terms(neuron: nn.Module) -> torch.Tensor:
 def _slots(neuron: nn.Module, steps: int, rows: int, width: int) -> torch.Tensor:
     """Channel-steps that could fire: every channel at every step (elastic); GIF, every channel at step 0 and the
     salient ones after (the others' codes fit one spike)."""
+    if isinstance(neuron, SignedNeuron):  # a channel is silent after the steps its widest code needs
+        return neuron.step_slots()[:steps] * rows
     slots = torch.full((steps,), rows * width, dtype=torch.int64)
     if not isinstance(neuron, ElasticBiSpikingNeuron) and steps > 1:
         salient = int(neuron.salient.sum()) if neuron.has_saliency() else 0
@@ -685,7 +696,9 @@ class OperationCounter:
                 terms = _gif_terms(neuron)  # per K/V head, read by the heads // kv_heads query heads sharing it
                 macs = torch.zeros(steps, dtype=torch.int64)
                 macs[0] = pairs * (heads // terms.numel()) * int(terms.sum())
-                if suffix == "scores":  # the zero-point term needs each query's row sums: head_dim adds per head
+                if suffix == "scores" and not isinstance(
+                    neuron, SignedNeuron
+                ):  # the zero-point term needs each query's row sums: head_dim adds per head
                     acs[0] += queries * heads * head_dim
             product.add(acs=acs, macs=macs, steps=steps)
         region = self._region(name)
