@@ -188,8 +188,8 @@ def make_neuron(
             SpikeLLM's saliency); empty for K/V. They may be on the meta device while a saved model loads: compute
             anything from them at calibration (:func:`calibrate`), not here.
 
-    An elastic neuron sees time-major input (T, …, C). A GIF or signed neuron sees the (…, C) input of the single copy of the
-    network and returns its dequantised spike sum, same shape.
+    An elastic neuron sees time-major input (T, …, C). A GIF or signed neuron sees the (…, C) input of the single
+    copy of the network and returns its dequantised spike sum, same shape.
     """
     if kind not in SITE_KINDS:
         raise ValueError(f"unknown placement site {kind!r}; expected one of {SITE_KINDS}")
