@@ -270,6 +270,6 @@ def _packing_name(model) -> str:
 
     if DEFAULT_PACKING is None:
         return "int8 codes"
-    if model._spikelm.config.neuron == "gif":
-        return "GIF codes packed to their bit width"
+    if model._spikelm.config.neuron in ("gif", "signed"):
+        return f"{model._spikelm.config.neuron} codes packed to their bit width"
     return f"ternary codes packed {DEFAULT_PACKING} per byte"

@@ -274,6 +274,8 @@ def _spiking_words(spec) -> str:
         return "real-valued"
     quant = config.quantization_config
     quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant.get("neuron") == "signed":
+        return f"signed neuron, {quant.get('signed_bits')}-bit codes, T={quant.get('signed_steps')}"
     if quant.get("neuron") == "gif":
         extra = quant.get("gif_extra_bits", 0)
         return (

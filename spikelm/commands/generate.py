@@ -160,6 +160,8 @@ def _steps(spec) -> str:
     if quant is None:
         return "real-valued"
     quant = quant if isinstance(quant, dict) else quant.to_dict()
+    if quant.get("neuron") == "signed":
+        return f"signed neuron, {quant.get('signed_bits')}-bit codes, T = {quant.get('signed_steps')}"
     if quant.get("neuron") == "gif":
         return f"GIF neuron, T = {2 ** quant.get('gif_extra_bits', 0)} steps, {quant.get('gif_bits')}-bit spike levels"
     return f"{quant.get('num_steps')} time steps"

@@ -25,7 +25,9 @@ def register(sub) -> None:
             "setting (n=4 base bits, a=1: the top 10%% of channels by saliency spike over 2 steps), per-token ranges "
             "per 64 consecutive channels of each channel group (salient, other) clipped to 0.9, after a Hadamard "
             "rotation of the residual stream and an online Hadamard on down_proj's input. --neuron elastic: "
-            "SpikeLM's ternary neuron, T=4, symmetric reset, same rotations. Turn parts off with --set: "
+            "SpikeLM's ternary neuron, T=4, symmetric reset, same rotations. --neuron signed: signed multi-level "
+            "spikes (codes -7..7 per token and 64 channels, clip 0.9, same rotations; signed_* fields, "
+            "docs/CONVERSION.md). Turn parts off with --set: "
             "rotation=none, online_down_proj_rotation=false, saliency_fraction=0, gif_group_size=0 (one range per "
             "channel group), gif_group_range=token, gif_clip_ratio=1."
         ),
@@ -33,11 +35,12 @@ def register(sub) -> None:
     p.add_argument(
         "--model", type=model_ref, required=True, help="model directory or named source (smollm2-135m, minilm)"
     )
-    p.add_argument("--neuron", choices=("gif", "elastic"), default="gif", help="neuron family (default gif)")
+    p.add_argument("--neuron", choices=("gif", "elastic", "signed"), default="gif", help="neuron family (default gif)")
     p.add_argument(
         "--num-steps",
         type=integer(1),
-        help="time steps T (elastic: default 4; gif: T = 2^a, a power of two, default 2)",
+        help="time steps T (elastic: default 4; gif: T = 2^a, a power of two, default 2; signed: at most ceil(Q / T) "
+        "levels per spike, default 1)",
     )
     p.add_argument(
         "--set",

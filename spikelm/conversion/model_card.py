@@ -19,15 +19,38 @@ def _ranges(config: SpikeLMConversionConfig) -> str:
 # fields of the other neuron, left out of the card's recipe (config.json keeps every field)
 _ELASTIC_ONLY = ("num_steps", "spike_levels", "use_amplitude", "alpha_init", "learn_alpha", "reset")
 _GIF_ONLY = ("gif_bits", "gif_extra_bits", "saliency_fraction", "gif_group_range", "gif_group_size", "gif_clip_ratio")
+_SIGNED_ONLY = tuple(name for name in SpikeLMConversionConfig.field_names() if name.startswith("signed_"))
 
 
 def recipe_fields(config: SpikeLMConversionConfig) -> dict:
     """The config's fields that apply to its neuron (GIF runs T = 2^a steps: the elastic ``num_steps`` is unused)."""
-    unused = _ELASTIC_ONLY if config.neuron == "gif" else _GIF_ONLY
+    unused = {
+        "gif": _ELASTIC_ONLY + _SIGNED_ONLY,
+        "signed": _ELASTIC_ONLY + tuple(f for f in _GIF_ONLY if f != "saliency_fraction"),
+    }.get(config.neuron, _GIF_ONLY + _SIGNED_ONLY)
     return {k: v for k, v in config.to_dict().items() if k not in unused}
 
 
+def _other_neurons(config: SpikeLMConversionConfig) -> str:
+    others = {"gif": ("elastic", "signed"), "signed": ("elastic", "GIF"), "elastic": ("GIF", "signed")}
+    return " and ".join(f"{name} neuron's" for name in others.get(config.neuron, ("GIF", "signed")))
+
+
 def _recipe(config: SpikeLMConversionConfig) -> str:
+    if config.neuron == "signed":
+        salient = (
+            f"; the top {config.saliency_fraction:.0%} of channels by calibration saliency at "
+            f"{config.signed_salient_bits} bits"
+            if config.signed_salient_bits is not None and config.saliency_fraction > 0
+            else ""
+        )
+        return (
+            f"signed multi-level neuron: {config.signed_bits}-bit signed codes per token and "
+            f"{config.signed_group_size or 'channel-set'} channels (clip {config.signed_clip_ratio:g}, dead zone "
+            f"{config.signed_dead_zone:g} steps), T = {config.signed_steps}"
+            + (f", per-site bits {config.signed_site_bits}" if config.signed_site_bits else "")
+            + salient
+        )
     if config.neuron == "gif":
         return (
             f"SpikeLLM's GIF neuron: n = {config.gif_bits} base bits, a = {config.gif_extra_bits} extra bits "
@@ -89,7 +112,7 @@ def write_model_card(
         json.dumps(recipe_fields(config), indent=2),
         "```",
         "",
-        f"(The {'elastic' if config.neuron == 'gif' else 'GIF'} neuron's fields, unused here, are left out; "
+        f"(The {_other_neurons(config)} fields, unused here, are left out; "
         "`config.json` holds them all.)",
         "",
         "## Calibration data",
