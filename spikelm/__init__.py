@@ -22,10 +22,10 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "ElasticBiSpikingNeuron": "spikelm.nn.neuron",
-    "MultiStepSpike": "spikelm.nn.neuron",
-    "SpikeStats": "spikelm.nn.neuron",
-    "reference_multistep_spike": "spikelm.nn.neuron",
+    "ElasticBiSpikingNeuron": "spikelm.nn.neurons.elastic",
+    "MultiStepSpike": "spikelm.nn.neurons.elastic",
+    "SpikeStats": "spikelm.nn.neurons.elastic",
+    "reference_multistep_spike": "spikelm.nn.neurons.elastic",
     "SpikeLinear": "spikelm.nn.layers",
     "SpikeLinearFunction": "spikelm.nn.layers",
     "collect_spike_stats": "spikelm.nn.stats",

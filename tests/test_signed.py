@@ -4,7 +4,7 @@ code, linear layers on the spikes equal linear layers on the dequantised input, 
 import pytest
 import torch
 
-from spikelm.nn.signed import (
+from spikelm.nn.neurons.signed import (
     SCALE_FLOOR,
     SignedNeuron,
     check_signed_options,

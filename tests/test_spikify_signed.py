@@ -21,7 +21,7 @@ from spikelm.conversion.cache import SignedCodeLayer, is_spike_cache
 from spikelm.conversion.config import SpikeLMConversionConfig
 from spikelm.conversion.recipes import recipe
 from spikelm.errors import UserError
-from spikelm.nn.signed import SignedNeuron
+from spikelm.nn.neurons.signed import SignedNeuron
 
 OPTIONS = {
     "plain": {},

@@ -273,12 +273,7 @@ def _spiking_words(spec) -> str:
     if spec.kind == "source":
         return "real-valued"
     quant = config.quantization_config
+    from spikelm.nn.neurons import neuron_class
+
     quant = quant if isinstance(quant, dict) else quant.to_dict()
-    if quant.get("neuron") == "signed":
-        return f"signed neuron, {quant.get('signed_bits')}-bit codes, T={quant.get('signed_steps')}"
-    if quant.get("neuron") == "gif":
-        extra = quant.get("gif_extra_bits", 0)
-        return (
-            f"GIF neuron n={quant.get('gif_bits')}, a={extra} (T={2**extra}), saliency {quant.get('saliency_fraction')}"
-        )
-    return f"elastic neuron T={quant.get('num_steps')}, {quant.get('spike_levels')} spikes"
+    return neuron_class(quant.get("neuron", "elastic")).summary(quant)

@@ -159,9 +159,7 @@ def _steps(spec) -> str:
     quant = getattr(config, "quantization_config", None)
     if quant is None:
         return "real-valued"
+    from spikelm.nn.neurons import neuron_class
+
     quant = quant if isinstance(quant, dict) else quant.to_dict()
-    if quant.get("neuron") == "signed":
-        return f"signed neuron, {quant.get('signed_bits')}-bit codes, T = {quant.get('signed_steps')}"
-    if quant.get("neuron") == "gif":
-        return f"GIF neuron, T = {2 ** quant.get('gif_extra_bits', 0)} steps, {quant.get('gif_bits')}-bit spike levels"
-    return f"{quant.get('num_steps')} time steps"
+    return neuron_class(quant.get("neuron", "elastic")).steps_summary(quant)

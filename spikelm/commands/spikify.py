@@ -35,7 +35,12 @@ def register(sub) -> None:
     p.add_argument(
         "--model", type=model_ref, required=True, help="model directory or named source (smollm2-135m, minilm)"
     )
-    p.add_argument("--neuron", choices=("gif", "elastic", "signed"), default="gif", help="neuron family (default gif)")
+    p.add_argument(
+        "--neuron",
+        default=None,
+        help="neuron family: a registered neuron (spikelm.nn.neurons: gif, elastic, signed; default gif, the default "
+        "recipe)",
+    )
     p.add_argument(
         "--num-steps",
         type=integer(1),
@@ -150,14 +155,14 @@ def run(args) -> int:
 
     import spikelm.conversion as conversion
     from spikelm.conversion.placement import family_of
-    from spikelm.conversion.recipes import calibration_batches, recipe
+    from spikelm.conversion.recipes import DEFAULT_RECIPE, calibration_batches, recipe
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.data.tokenization import check_fits
     from spikelm.outputs import new_files_follow_umask, write_json_atomic
 
     _check_args(args)
     try:
-        fields = recipe(args.neuron, args.num_steps, _overrides(args.set))
+        fields = recipe(args.neuron or DEFAULT_RECIPE, args.num_steps, _overrides(args.set))
         config = conversion.SpikeLMConversionConfig(**fields)
     except (TypeError, ValueError) as err:
         raise UserError(str(err)) from None

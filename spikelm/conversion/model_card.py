@@ -5,64 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..nn.neurons import neuron_class, neuron_classes
 from .config import SpikeLMConversionConfig
 
 
-def _ranges(config: SpikeLMConversionConfig) -> str:
-    if config.gif_group_range == "token":
-        return "over the whole token (SpikeLLM's code)"
-    if config.gif_group_size:
-        return f"per {config.gif_group_size} consecutive channels of each channel group (salient, other)"
-    return "per channel group (salient, other)"
-
-
-# fields of the other neuron, left out of the card's recipe (config.json keeps every field)
-_ELASTIC_ONLY = ("num_steps", "spike_levels", "use_amplitude", "alpha_init", "learn_alpha", "reset")
-_GIF_ONLY = ("gif_bits", "gif_extra_bits", "saliency_fraction", "gif_group_range", "gif_group_size", "gif_clip_ratio")
-_SIGNED_ONLY = tuple(name for name in SpikeLMConversionConfig.field_names() if name.startswith("signed_"))
-
-
 def recipe_fields(config: SpikeLMConversionConfig) -> dict:
-    """The config's fields that apply to its neuron (GIF runs T = 2^a steps: the elastic ``num_steps`` is unused)."""
-    unused = {
-        "gif": _ELASTIC_ONLY + _SIGNED_ONLY,
-        "signed": _ELASTIC_ONLY + tuple(f for f in _GIF_ONLY if f != "saliency_fraction"),
-    }.get(config.neuron, _GIF_ONLY + _SIGNED_ONLY)
+    """The config's fields that apply to its neuron: the other registered neurons' fields are left out (e.g. GIF runs
+    T = 2^a steps: the elastic ``num_steps`` is unused)."""
+    unused = {name for cls in neuron_classes() if cls.name != config.neuron for name in cls.config_fields}
     return {k: v for k, v in config.to_dict().items() if k not in unused}
 
 
-def _other_neurons(config: SpikeLMConversionConfig) -> str:
-    others = {"gif": ("elastic", "signed"), "signed": ("elastic", "GIF"), "elastic": ("GIF", "signed")}
-    return " and ".join(f"{name} neuron's" for name in others.get(config.neuron, ("GIF", "signed")))
-
-
 def _recipe(config: SpikeLMConversionConfig) -> str:
-    if config.neuron == "signed":
-        salient = (
-            f"; the top {config.saliency_fraction:.0%} of channels by calibration saliency at "
-            f"{config.signed_salient_bits} bits"
-            if config.signed_salient_bits is not None and config.saliency_fraction > 0
-            else ""
-        )
-        return (
-            f"signed multi-level neuron: {config.signed_bits}-bit signed codes per token and "
-            f"{config.signed_group_size or 'channel-set'} channels (clip {config.signed_clip_ratio:g}, dead zone "
-            f"{config.signed_dead_zone:g} steps), T = {config.signed_steps}"
-            + (f", per-site bits {config.signed_site_bits}" if config.signed_site_bits else "")
-            + salient
-        )
-    if config.neuron == "gif":
-        return (
-            f"SpikeLLM's GIF neuron: n = {config.gif_bits} base bits, a = {config.gif_extra_bits} extra bits "
-            f"(T = {2**config.gif_extra_bits} steps) for the top {config.saliency_fraction:.0%} of channels by "
-            f"calibration saliency; per-token ranges {_ranges(config)}, clipped to {config.gif_clip_ratio:g} of the "
-            "min/max"
-        )
-    return (
-        f"SpikeLM's elastic bi-spiking neuron ({config.spike_levels} spikes, T = {config.num_steps}, "
-        f"{config.reset} reset, amplitude {'on' if config.use_amplitude else 'off'}, alpha "
-        f"{'learned' if config.learn_alpha else 'frozen'} after initialisation from data)"
-    )
+    return neuron_class(config.neuron).describe(config.to_dict())
+
+
+def _others(config: SpikeLMConversionConfig) -> str:
+    """The other neurons, as the card names them: "the GIF neuron's fields", "the elastic neuron's fields"."""
+    names = [cls.display_name or cls.name for cls in neuron_classes() if cls.name != config.neuron]
+    return " and ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def write_model_card(
@@ -112,8 +73,7 @@ def write_model_card(
         json.dumps(recipe_fields(config), indent=2),
         "```",
         "",
-        f"(The {_other_neurons(config)} fields, unused here, are left out; "
-        "`config.json` holds them all.)",
+        f"(The {_others(config)} neuron's fields, unused here, are left out; `config.json` holds them all.)",
         "",
         "## Calibration data",
         "",

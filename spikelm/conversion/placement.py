@@ -39,7 +39,7 @@ from transformers import PreTrainedModel
 
 from ..errors import UserError
 from ..nn.cpu_kernels import spike_linear
-from ..nn.neuron import ElasticBiSpikingNeuron
+from ..nn.neurons import SpikingNeuron, neuron_class
 from .attention import NAME as SPIKING_ATTENTION
 from .cache import SpikeCodeCache, TransientSpikeKV, into_spike_cache, is_spike_cache
 from .config import QUANT_METHOD, SpikeLMConversionConfig
@@ -133,7 +133,7 @@ def is_spiking(model: nn.Module) -> bool:
         return True
     if getattr(getattr(model, "config", None), "model_type", None) == "spikelm":
         return True
-    return any(isinstance(m, ElasticBiSpikingNeuron) or hasattr(m, "input_neuron") for m in model.modules())
+    return any(isinstance(m, SpikingNeuron) or hasattr(m, "input_neuron") for m in model.modules())
 
 
 def family_of(model: nn.Module) -> Family:
@@ -188,29 +188,14 @@ def make_neuron(
             SpikeLLM's saliency); empty for K/V. They may be on the meta device while a saved model loads: compute
             anything from them at calibration (:func:`calibrate`), not here.
 
-    An elastic neuron sees time-major input (T, …, C). A GIF or signed neuron sees the (…, C) input of the single
-    copy of the network and returns its dequantised spike sum, same shape.
+    The neuron is the config's registered neuron (:mod:`spikelm.nn.neurons`), built by its ``from_config``: an
+    elastic neuron sees time-major input (T, …, C); a GIF neuron sees the (…, C) input of the single copy of the
+    network and returns its dequantised spike sum, same shape.
     """
     if kind not in SITE_KINDS:
         raise ValueError(f"unknown placement site {kind!r}; expected one of {SITE_KINDS}")
-    if config.neuron == "gif":
-        from ..nn.gif import GIFNeuron
-
-        return GIFNeuron(
-            channels,
-            bits=config.gif_bits,
-            extra_bits=config.gif_extra_bits,
-            saliency_fraction=config.saliency_fraction,
-            group_range=config.gif_group_range,
-            clip_ratio=config.gif_clip_ratio,
-            group_size=config.gif_group_size,
-        )
-    if config.neuron == "signed":
-        from ..nn.signed import SignedNeuron
-
-        return SignedNeuron(channels, **config.signed_options(kind))
-    neuron = ElasticBiSpikingNeuron(config.num_steps, membrane=kind not in ("k", "v"), **config.neuron_options())
-    return neuron.float()  # alphas stay float32 in a bfloat16 model (and load as such): the membrane is float32
+    cls = neuron_class(config.neuron)
+    return cls.from_config(cls.site_fields(config.to_dict(), kind), channels, per_step=kind in ("k", "v"))
 
 
 def reader_weight(linear: nn.Module) -> torch.Tensor:
@@ -224,10 +209,10 @@ def reader_weight(linear: nn.Module) -> torch.Tensor:
 
 
 def apply_input_neuron(neuron: nn.Module, x: torch.Tensor, steps: int) -> torch.Tensor:
-    """Spike ``x`` (T*B, …, C) with ``neuron``: over the T steps (time-major) for an elastic neuron."""
-    if isinstance(neuron, ElasticBiSpikingNeuron):
-        return neuron(x.reshape(steps, -1, x.shape[-1])).view(x.shape)
-    return neuron(x)
+    """Spike ``x`` (T*B, …, C), whose T network copies are folded into the batch axis, with ``neuron``
+    (:meth:`~spikelm.nn.neurons.base.SpikingNeuron.spike_folded`: over the T steps, time-major, for an elastic
+    neuron)."""
+    return neuron.spike_folded(x, steps)
 
 
 def _spike_input(module, args, kwargs, steps):

@@ -41,9 +41,7 @@ the same counter, from the placement (``spikelm.conversion.placement``) instead 
   that key, times the query heads sharing its key/value head); MACs: elastic, one alpha per score (Q K^T) or per
   context output (P V) and step; GIF, per score (Q K^T) and per query-key pair and head (P V, where P is first
   scaled by each key's scale) one multiply per scale and one per zero point, and the zero-point term of Q K^T needs
-  the row sums of Q (head_dim ACs per query and head); signed neurons (:mod:`spikelm.nn.signed`): ACs = sum over the
-  steps of |level| per fan-out, MACs one scale multiply per output (score, context pair) and range group, no zero
-  point;
+  the row sums of Q (head_dim ACs per query and head);
 * everything real-valued as MACs: linear layers not fed by a neuron (the LM head, any skipped layer), the online
   Hadamard on down_proj's input (size x sum of its factor sizes per row), norms, softmax and activations (one MAC
   per element, in the whole-model total only).
@@ -63,8 +61,7 @@ import torch
 from torch import nn
 
 from spikelm.nn.layers import SpikeLinear
-from spikelm.nn.neuron import ElasticBiSpikingNeuron, named_neurons
-from spikelm.nn.signed import SignedNeuron
+from spikelm.nn.neurons import SpikingNeuron, named_neurons
 
 from .energy_constants import DEFAULT_CONSTANTS, EnergyConstants
 
@@ -189,64 +186,24 @@ def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
-def _spike_levels(neuron: nn.Module, x: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(|level|, fired)``, int64 (S, ...): the spikes a placed neuron emitted on input ``x``, per step.
-
-    Elastic (input and output time-major, on the reference backend): level 1 wherever the output is nonzero.
-    GIF: the spikes of the neuron's own quantiser (its output is their dequantised sum), levels 0..2^n - 1.
-    """
-    if isinstance(neuron, ElasticBiSpikingNeuron):
-        fired = (output.detach() != 0).long()
-        return fired, fired
-    if isinstance(neuron, SignedNeuron):  # signed levels: |s_t| accumulates per fan-out, either sign
-        levels = neuron.step_levels(x)
-        return levels, (levels > 0).long()
-    from spikelm.nn.gif import gif_spikes
-
-    with torch.no_grad():
-        code = neuron.quantize(x)[0]
-        spikes = gif_spikes(code, neuron.bits, neuron.num_steps).long()
-    return spikes, (spikes > 0).long()
+def _spike_levels(neuron: SpikingNeuron, x: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(|level|, fired)``, int64 (S, ...): the spikes a placed neuron emitted on input ``x``, per step (the
+    neuron's :meth:`~spikelm.nn.neurons.base.SpikingNeuron.step_spikes`: elastic, level 1 wherever the output is
+    nonzero; GIF, the spikes of its own quantiser, levels 0..2^n - 1)."""
+    return neuron.step_spikes(x, output)
 
 
-def _gif_terms(neuron: nn.Module) -> torch.Tensor:
-    """Scale multiplies plus zero-point terms per token and output of a GIF neuron's reader, per row of its channel
-    shape (one entry for a linear input, one per K/V head): one scale multiply per range (2 with saliency and
-    per-group ranges, else 1) and one zero-point term per channel group (2 with saliency, else 1); with
-    ``group_size`` G, one of each per range group, ``ceil(salient / G) + ceil(others / G)`` of them. A signed
-    neuron has no zero point: one scale multiply per range group."""
-    if isinstance(neuron, SignedNeuron):
-        return neuron.range_group_counts()
-    if getattr(neuron, "group_size", 0):
-        return 2 * neuron.range_group_counts()
-    salient = neuron.has_saliency()
-    terms = (2 if salient and neuron.group_range == "group" else 1) + (2 if salient else 1)
-    rows = neuron.salient.numel() // neuron.salient.shape[-1]
-    return torch.full((rows,), terms, dtype=torch.int64)
+def _slots(neuron: SpikingNeuron, steps: int, rows: int, width: int) -> torch.Tensor:
+    """Channel-steps that could fire (the neuron's ``slots``: elastic, every channel at every step; GIF, every
+    channel at step 0 and the salient ones after)."""
+    return neuron.slots(steps, rows, width)
 
 
-def _slots(neuron: nn.Module, steps: int, rows: int, width: int) -> torch.Tensor:
-    """Channel-steps that could fire: every channel at every step (elastic); GIF, every channel at step 0 and the
-    salient ones after (the others' codes fit one spike)."""
-    if isinstance(neuron, SignedNeuron):  # a channel is silent after the steps its widest code needs
-        return neuron.step_slots()[:steps] * rows
-    slots = torch.full((steps,), rows * width, dtype=torch.int64)
-    if not isinstance(neuron, ElasticBiSpikingNeuron) and steps > 1:
-        salient = int(neuron.salient.sum()) if neuron.has_saliency() else 0
-        slots[1:] = rows * salient
-    return slots
-
-
-def _output_macs(neuron: nn.Module, steps: int, outputs: int) -> torch.Tensor:
-    """MACs per step of a linear layer's ``outputs`` (rows x out) fed by ``neuron``: one alpha multiply per output
-    and step (elastic with amplitude); GIF, per output one multiply per scale and one per zero point, once."""
-    macs = torch.zeros(steps, dtype=torch.int64)
-    if isinstance(neuron, ElasticBiSpikingNeuron):
-        if neuron.use_amplitude:
-            macs[:] = outputs
-    else:
-        macs[0] = outputs * int(_gif_terms(neuron).sum())
-    return macs
+def _output_macs(neuron: SpikingNeuron, steps: int, outputs: int) -> torch.Tensor:
+    """MACs per step of a linear layer's ``outputs`` (rows x out) fed by ``neuron`` (the neuron's ``reader_macs``:
+    elastic, one alpha multiply per output and step with amplitude; GIF, per output one multiply per scale and one
+    per zero point, once)."""
+    return neuron.reader_macs(steps, outputs)
 
 
 @dataclass
@@ -377,9 +334,9 @@ class OperationCounter:
             self._enter_hf()
             return self
         for module, name in self._names.items():
-            if isinstance(module, ElasticBiSpikingNeuron):
+            if isinstance(module, SpikingNeuron) and module.counting_backend is not None:
                 self._backends[module] = module.backend
-                module.backend = "reference"  # the per-step path returns the spikes to the hook
+                module.backend = module.counting_backend  # the per-step path returns the spikes to the hook
                 self._hook(module, self._on_spikes, name)
             if isinstance(module, nn.Linear):
                 self._plan_linear(name, module)
@@ -611,10 +568,10 @@ class OperationCounter:
             elif isinstance(module, _ACTIVATIONS) or type(module).__module__ == "transformers.activations":
                 self._hook(module, self._on_hf_elementwise, name, "activation")
 
-    def _use_reference(self, neuron: nn.Module) -> None:
-        if isinstance(neuron, ElasticBiSpikingNeuron):
+    def _use_reference(self, neuron: SpikingNeuron) -> None:
+        if neuron.counting_backend is not None:
             self._backends[neuron] = neuron.backend
-            neuron.backend = "reference"
+            neuron.backend = neuron.counting_backend
 
     def _hf_rows(self, rows_shape) -> tuple[int, int]:
         """(real rows, copies of the network) of a tensor whose row dimensions end in (copies * B, L)."""
@@ -689,18 +646,8 @@ class OperationCounter:
                 )
             steps = levels.shape[0]
             acs = (levels * fan_out.cpu().long()).sum(dim=(1, 2)) * group
-            if isinstance(neuron, ElasticBiSpikingNeuron):
-                per_step = heads * pairs if suffix == "scores" else heads * head_dim * queries
-                macs = torch.full((steps,), per_step if neuron.use_amplitude else 0, dtype=torch.int64)
-            else:
-                terms = _gif_terms(neuron)  # per K/V head, read by the heads // kv_heads query heads sharing it
-                macs = torch.zeros(steps, dtype=torch.int64)
-                macs[0] = pairs * (heads // terms.numel()) * int(terms.sum())
-                if suffix == "scores" and not isinstance(
-                    neuron, SignedNeuron
-                ):  # the zero-point term needs each query's row sums: head_dim adds per head
-                    acs[0] += queries * heads * head_dim
-            product.add(acs=acs, macs=macs, steps=steps)
+            macs, extra_acs = neuron.attention_ops(suffix, steps, pairs, heads, head_dim, queries)
+            product.add(acs=acs + extra_acs, macs=macs, steps=steps)
         region = self._region(name)
         for op in ("softmax", "score_scaling"):
             self.elementwise[region][op] += hf.copies * heads * pairs

@@ -241,21 +241,19 @@ def check_model_state(model, what: str) -> None:
     calibrated (``initialized`` flags cleared by hand: their alphas would be re-set from the first input)."""
     import torch
 
-    from spikelm.nn.neuron import ElasticBiSpikingNeuron
+    from spikelm.nn.neurons import named_neurons
 
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
             raise UserError(f"{what}: tensor {name} holds NaN or infinite values; the model is damaged")
     flags = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ElasticBiSpikingNeuron):
-            flags[name] = bool(module.initialized)
-            if flags[name] and not bool((module.alpha > 0).all()):
-                alpha = [round(a, 4) for a in module.alpha.detach().tolist()]
-                raise UserError(
-                    f"{what}: {name}.alpha {alpha} is not positive; a calibrated spike "
-                    "amplitude is > 0 (the model was edited)"
-                )
+    for name, module in named_neurons(model):
+        flag = module.calibration_flag()
+        if flag is not None:
+            flags[name] = flag
+        problem = module.state_problem()
+        if problem is not None:
+            raise UserError(f"{what}: {name}{problem}")
     _check_rotation_fold(model, what)
     if len(set(flags.values())) > 1:
         cleared = next(name for name, done in flags.items() if not done)

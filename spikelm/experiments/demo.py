@@ -315,7 +315,7 @@ def run_llm(settings: DemoSettings, out: Path, log, context: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spikelm.conversion import SpikeLMConversionConfig, spikify
-    from spikelm.conversion.recipes import RECIPES
+    from spikelm.conversion.recipes import DEFAULT_RECIPE, RECIPES
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.evaluation.brown_perplexity import perplexity
 
@@ -338,7 +338,7 @@ def run_llm(settings: DemoSettings, out: Path, log, context: dict) -> dict:
     log(f"real-valued perplexity {real['perplexity']:.2f} ({real['seconds']:.0f} s)")
     real_text = greedy(model, tokenizer, settings.prompts, settings.new_tokens)
     context["llm_energy_tokens"] = tokens[: max(settings.window, settings.energy_tokens)]
-    fields = dict(RECIPES["gif"])
+    fields = dict(RECIPES[DEFAULT_RECIPE])
     config = SpikeLMConversionConfig(**fields)
     log(f"converting with the default recipe (GIF neuron, T=2, Hadamard rotation), calibrating on {calibration_text}")
     converted = time.perf_counter()

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from spikelm.nn.neuron import named_neurons
+from spikelm.nn.neurons import named_neurons
 from spikelm.nn.stats import record_spike_stats
 
 

@@ -51,9 +51,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .gif import SCALE_FLOOR, range_groups, saliency_scores, top_fraction_mask
+from .base import SpikingNeuron, register_neuron
+from .gif import SCALE_FLOOR, SaliencyRecorder, range_groups, saliency_scores, top_fraction_mask
 
 SIGNED_BACKENDS = ("fused", "reference")
+SITE_KINDS = ("qkv_input", "o_input", "gate_up_input", "down_input", "k", "v")  # placement.SITE_KINDS
 
 
 def _number(value) -> bool:
@@ -243,7 +245,8 @@ class SignedStats:
         }
 
 
-class SignedNeuron(nn.Module):
+@register_neuron
+class SignedNeuron(SpikingNeuron):
     """The signed multi-level neuron on a real-valued input (..., C); see the module docstring for the maths.
 
     Args:
@@ -260,7 +263,43 @@ class SignedNeuron(nn.Module):
         backend: ``"fused"`` (one-shot code) or ``"reference"`` (runs the spikes and sums them); not saved.
 
     ``salient`` is a bool buffer of shape ``channels`` in the state dict, as GIF's.
+
+    As a plug-in (:class:`~spikelm.nn.neurons.base.SpikingNeuron`), ``neuron="signed"``: the network runs once (the
+    steps are internal to the neuron). Its conversion-config fields:
+
+    * ``signed_bits`` (int): bits of a code, sign included: codes -Q..Q, Q = 2^(bits-1) - 1 (4 bits: -7..7).
+    * ``signed_steps`` (int): T; one spike carries at most ceil(Q / T) levels (the spikes change, not the code).
+    * ``signed_group_size`` (int): channels per per-token range (scale) inside each channel set; 0: one per set.
+    * ``signed_clip_ratio`` (float): each range is this fraction of the group's max |x|.
+    * ``signed_dead_zone`` (float): inputs below this many quantisation steps in magnitude fire nothing.
+    * ``signed_salient_bits`` (int or None): bits of the salient channels' codes (the top ``saliency_fraction``,
+      GIF's field, by calibration saliency); None: no saliency.
+    * ``signed_site_bits`` (dict or None): bits per placement site kind (``qkv_input``, ``o_input``,
+      ``gate_up_input``, ``down_input``, ``k``, ``v``), overriding ``signed_bits`` there.
+    * ``signed_learn_scale`` (bool): a learnable scale factor per channel set (for distillation).
     """
+
+    name = "signed"
+    display_name = "signed"
+    config_fields = {
+        "signed_bits": 4,
+        "signed_steps": 1,
+        "signed_group_size": 64,
+        "signed_clip_ratio": 1.0,
+        "signed_dead_zone": 0.0,
+        "signed_salient_bits": None,
+        "signed_site_bits": None,
+        "signed_learn_scale": False,
+    }
+    # the named recipe (spikify --neuron signed): 4-bit codes (-7..7) per token and 64 channels, clipped to 0.9
+    recipe_defaults = {
+        "neuron": "signed",
+        "signed_bits": 4,
+        "signed_steps": 1,
+        "signed_group_size": 64,
+        "signed_clip_ratio": 0.9,
+    }
+    cache_layout = "signed_codes"
 
     def __init__(
         self,
@@ -436,3 +475,143 @@ class SignedNeuron(nn.Module):
         tokens = spikes[0].numel() // max(1, torch.Size(self.channel_shape).numel())
         slots = self.step_slots()[: spikes.shape[0]] * tokens
         self.stats.add(spikes, slots, tokens, int(self.range_group_counts().max()))
+
+    # -- the plug-in interface (spikelm.nn.neurons.base.SpikingNeuron) ----------------------------------------------
+
+    @classmethod
+    def config_values(cls, given: dict) -> dict:
+        values = super().config_values(given)
+        if isinstance(values["signed_site_bits"], dict):
+            values["signed_site_bits"] = dict(values["signed_site_bits"])
+        return values
+
+    @classmethod
+    def check_config(cls, fields) -> None:
+        sites = cls.field(fields, "signed_site_bits")
+        if sites is not None and (
+            not isinstance(sites, dict)
+            or any(k not in SITE_KINDS for k in sites)
+            or any(not _integer(b) for b in sites.values())
+        ):
+            raise ValueError(
+                f"signed_site_bits must be None or a dict of site kind ({', '.join(SITE_KINDS)}) to integer bits, "
+                f"got {sites!r}"
+            )
+        if not isinstance(cls.field(fields, "signed_learn_scale"), bool):
+            raise ValueError(
+                f"signed_learn_scale must be True or False, got {cls.field(fields, 'signed_learn_scale')!r}"
+            )
+        salient = cls.field(fields, "signed_salient_bits")
+        if salient is not None and not _integer(salient):
+            raise ValueError(f"signed_salient_bits must be None or an integer, got {salient!r}")
+        for kind in (None, *(sites or {})):
+            options = cls._options(fields, kind)
+            options.pop("learn_scale")
+            try:
+                check_signed_options(**options)
+            except ValueError as err:
+                raise ValueError(f"signed_{err}") from None
+
+    @classmethod
+    def _options(cls, fields, kind: str | None) -> dict:
+        bits = (cls.field(fields, "signed_site_bits") or {}).get(kind, cls.field(fields, "signed_bits"))
+        salient = cls.field(fields, "signed_salient_bits")
+        if salient is not None and _integer(salient) and _integer(bits):
+            salient = max(salient, bits)  # salient channels never get fewer bits than the site's others
+        return {
+            "bits": bits,
+            "num_steps": cls.field(fields, "signed_steps"),
+            "group_size": cls.field(fields, "signed_group_size"),
+            "clip_ratio": cls.field(fields, "signed_clip_ratio"),
+            "dead_zone": cls.field(fields, "signed_dead_zone"),
+            "salient_bits": salient,
+            "saliency_fraction": fields.get("saliency_fraction", 0.0) if salient is not None else 0.0,
+            "learn_scale": cls.field(fields, "signed_learn_scale"),
+        }
+
+    @classmethod
+    def recipe(cls, num_steps: int | None = None) -> dict:
+        """``num_steps`` sets ``signed_steps`` (T: at most ceil(Q / T) levels per spike)."""
+        fields = dict(cls.recipe_defaults)
+        if num_steps is not None:
+            fields["signed_steps"] = num_steps
+        return fields
+
+    @classmethod
+    def site_fields(cls, fields, kind: str) -> dict:
+        """``signed_site_bits[kind]``, if given, becomes the site's ``signed_bits``."""
+        sites = cls.field(fields, "signed_site_bits") or {}
+        return {**fields, "signed_bits": sites[kind]} if kind in sites else dict(fields)
+
+    @classmethod
+    def from_config(cls, fields, channels, per_step: bool) -> SignedNeuron:
+        return cls(channels, **cls._options(fields, None))
+
+    @classmethod
+    def describe(cls, fields) -> str:
+        f = {name: cls.field(fields, name) for name in cls.config_fields}
+        salient = (
+            f"; the top {fields.get('saliency_fraction', 0):.0%} of channels by calibration saliency at "
+            f"{f['signed_salient_bits']} bits"
+            if f["signed_salient_bits"] is not None
+            else ""
+        )
+        return (
+            f"the signed multi-level neuron: {f['signed_bits']}-bit signed codes (sign included) per token and "
+            f"{f['signed_group_size'] or 'channel-set'} channels, clipped to {f['signed_clip_ratio']:g} of the max |x|, "
+            f"dead zone {f['signed_dead_zone']:g} steps, T = {f['signed_steps']}"
+            + (f", per-site bits {f['signed_site_bits']}" if f["signed_site_bits"] else "")
+            + salient
+        )
+
+    @classmethod
+    def summary(cls, fields) -> str:
+        return f"signed neuron, {fields.get('signed_bits')}-bit codes, T={fields.get('signed_steps')}"
+
+    @classmethod
+    def steps_summary(cls, fields) -> str:
+        return f"signed neuron, {fields.get('signed_bits')}-bit codes over T = {fields.get('signed_steps')} steps"
+
+    def step_spikes(self, x: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """|s_t| of the neuron's own spikes on ``x`` (its output is their dequantised sum), and 1 where one fired
+        (either sign)."""
+        levels = self.step_levels(x)
+        return levels, (levels > 0).long()
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """:func:`signed_linear` on :meth:`spike`: the integer spikes accumulated, one scale multiply per group."""
+        return self.spike(x).linear(weight, bias)
+
+    def calibration_recorder(self, reader_weights):
+        """GIF's saliency recorder: the neuron passes its input through while calibrating; ``finish()`` marks the
+        top ``saliency_fraction`` salient (nothing without ``salient_bits`` above ``bits``)."""
+        return SaliencyRecorder(self, reader_weights)
+
+    def spike_stats(self) -> dict | None:
+        if self.stats is None:
+            return None
+        out = self.stats.as_dict()
+        out["spikes"] = self.stats.events.tolist()
+        return out
+
+    def slots(self, steps: int, rows: int, width: int) -> torch.Tensor:
+        """A channel can fire while its top code is not drained: every channel for ceil(Q / L) steps, the salient
+        ones after."""
+        return self.step_slots()[:steps] * rows
+
+    def reader_macs(self, steps: int, outputs: int) -> torch.Tensor:
+        """One scale multiply per output and range group, once (no zero point)."""
+        macs = torch.zeros(steps, dtype=torch.int64)
+        macs[0] = outputs * int(self.range_group_counts().max())
+        return macs
+
+    def attention_ops(
+        self, product: str, steps: int, pairs: int, heads: int, head_dim: int, queries: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per score (Q K^T: sum over the key's groups of scale_g * (q_g . code_g)) and per query-key pair and head
+        (P V, P scaled by each key's scale per group) one multiply per range group of the K/V head (read by the
+        ``heads // kv_heads`` query heads sharing it); no zero-point term."""
+        groups = self.range_group_counts()
+        macs = torch.zeros(steps, dtype=torch.int64)
+        macs[0] = pairs * (heads // groups.numel()) * int(groups.sum())
+        return macs, torch.zeros(steps, dtype=torch.int64)

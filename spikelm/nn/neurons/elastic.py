@@ -26,10 +26,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import cpu_kernels
-from ._constants import ALPHA_FLOOR, LEAK, OUTSIDE
-from .cpu_kernels import spike_linear
-from .exact import exact_linear
+from .. import cpu_kernels
+from .._constants import ALPHA_FLOOR, LEAK, OUTSIDE
+from ..cpu_kernels import spike_linear
+from ..exact import exact_linear
+from .base import SpikingNeuron, named_neurons, register_neuron  # noqa: F401  (named_neurons: the old import path)
 
 SPIKE_LEVELS = ("ternary", "binary")
 RESETS = ("official", "symmetric")
@@ -282,7 +283,7 @@ _warned: set = set()  # the fallbacks already announced (each warns once per pro
 def _triton_available() -> bool:
     if not _triton_error:
         try:
-            from . import kernels_triton  # noqa: F401  (imports triton)
+            from .. import kernels_triton  # noqa: F401  (imports triton)
         except ImportError as err:
             _triton_error.append(err)
         else:
@@ -364,7 +365,7 @@ def fused_spike_forward(
     x3 = _as_steps_rows_cols(x.detach())
     args = (x3, alpha.detach(), spike_levels, reset, use_amplitude, membrane, keep_codes, keep_ratio)
     if kernel == "triton":
-        from .kernels_triton import triton_spike_forward
+        from ..kernels_triton import triton_spike_forward
 
         out = triton_spike_forward(*args)
     elif kernel == "compiled":
@@ -399,7 +400,7 @@ def fused_spike_backward(
     c3 = _as_steps_rows_cols(codes)
     args = (g3, c3, alpha.detach(), spike_levels, reset, use_amplitude, membrane, grad_dtype, spike_dtype)
     if kernel == "triton":
-        from .kernels_triton import triton_spike_backward
+        from ..kernels_triton import triton_spike_backward
 
         grad_x, spikes = triton_spike_backward(*args)
     elif kernel == "compiled":
@@ -581,7 +582,8 @@ def _data_parallel() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class ElasticBiSpikingNeuron(nn.Module):
+@register_neuron
+class ElasticBiSpikingNeuron(SpikingNeuron):
     """SpikeLM's multi-step neuron. Input and output are time-major: ``(T, ..., D)``.
 
     Args:
@@ -605,7 +607,24 @@ class ElasticBiSpikingNeuron(nn.Module):
     ``alpha`` is an ``nn.Parameter`` of shape (T,) (``requires_grad=learn_alpha``);
     ``initialized`` a bool buffer saved with it. An alpha that has not been initialised is set
     from the first input, sequentially over steps, on every call mode (train or eval).
+
+    As a plug-in (:class:`~spikelm.nn.neurons.base.SpikingNeuron`), ``neuron="elastic"``: the network runs as T
+    copies folded into the batch axis, the conversion-config fields are ``num_steps`` and the options above.
     """
+
+    name = "elastic"
+    config_fields = {
+        "num_steps": 4,
+        "spike_levels": "ternary",
+        "use_amplitude": True,
+        "alpha_init": "mean_abs",
+        "learn_alpha": False,
+        "reset": "official",
+    }
+    # the named recipe: T = 4, symmetric reset (far better than the official reset on a pretrained LLM)
+    recipe_defaults = {"neuron": "elastic", "num_steps": 4, "reset": "symmetric"}
+    cache_layout = "step_codes"
+    counting_backend = "reference"  # the per-step path returns the spikes to the energy counter's hooks
 
     def __init__(
         self,
@@ -776,17 +795,115 @@ class ElasticBiSpikingNeuron(nn.Module):
             self.stats = SpikeStats(self.num_steps, device=x.device)
         self.stats.add(counts, x[0].numel())
 
+    # -- the plug-in interface (spikelm.nn.neurons.base.SpikingNeuron) ----------------------------------------------
+
+    @classmethod
+    def options(cls, fields) -> dict:
+        """The neuron's keyword arguments (all but ``num_steps``) from conversion-config ``fields``."""
+        return {name: cls.field(fields, name) for name in cls.config_fields if name != "num_steps"}
+
+    @classmethod
+    def check_config(cls, fields) -> None:
+        check_neuron_options(cls.field(fields, "num_steps"), **cls.options(fields))
+
+    @classmethod
+    def model_steps(cls, fields) -> int:
+        return cls.field(fields, "num_steps")
+
+    @classmethod
+    def recipe(cls, num_steps: int | None = None) -> dict:
+        fields = dict(cls.recipe_defaults)
+        if num_steps is not None:
+            fields["num_steps"] = num_steps
+        return fields
+
+    @classmethod
+    def from_config(cls, fields, channels, per_step: bool) -> ElasticBiSpikingNeuron:
+        neuron = cls(cls.field(fields, "num_steps"), membrane=not per_step, **cls.options(fields))
+        return neuron.float()  # alphas stay float32 in a bfloat16 model (and load as such): the membrane is float32
+
+    @classmethod
+    def describe(cls, fields) -> str:
+        f = {name: cls.field(fields, name) for name in cls.config_fields}
+        return (
+            f"SpikeLM's elastic bi-spiking neuron ({f['spike_levels']} spikes, T = {f['num_steps']}, "
+            f"{f['reset']} reset, amplitude {'on' if f['use_amplitude'] else 'off'}, alpha "
+            f"{'learned' if f['learn_alpha'] else 'frozen'} after initialisation from data)"
+        )
+
+    @classmethod
+    def summary(cls, fields) -> str:
+        return f"elastic neuron T={fields.get('num_steps')}, {fields.get('spike_levels')} spikes"
+
+    @classmethod
+    def steps_summary(cls, fields) -> str:
+        return f"{fields.get('num_steps')} time steps"
+
+    def spike_folded(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+        """Time-major over the copies: a linear input (T*B, ..., C) runs as (T, rows, C); K/V (T*B, H, L, d) as
+        (T, B, H, L, d)."""
+        if x.dim() > 3:
+            return self(x.reshape(steps, -1, *x.shape[1:])).view(x.shape)
+        return self(x.reshape(steps, -1, x.shape[-1])).view(x.shape)
+
+    def initialize_parameters(self, init) -> None:
+        """Not yet initialised (alpha == 1, the authors' marker) unless ``alpha_init`` is a number."""
+        numeric = not isinstance(self.alpha_init, str)
+        init.constant_(self.alpha, float(self.alpha_init) if numeric else 1.0)
+        init.constant_(self.initialized, numeric)
+        self._known_initialized = False
+
+    def step_spikes(self, x: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and output time-major, on the reference backend: level 1 wherever the output is nonzero."""
+        fired = (output.detach() != 0).long()
+        return fired, fired
+
+    def calibration_flag(self) -> bool:
+        return bool(self.initialized)
+
+    def state_problem(self) -> str | None:
+        if bool(self.initialized) and not bool((self.alpha > 0).all()):
+            alpha = [round(a, 4) for a in self.alpha.detach().tolist()]
+            return f".alpha {alpha} is not positive; a calibrated spike amplitude is > 0 (the model was edited)"
+        return None
+
+    def spike_stats(self) -> dict | None:
+        """:class:`SpikeStats` as a dict, plus ``alpha`` (per step)."""
+        if self.stats is None:
+            return None
+        entry = self.stats.as_dict()
+        entry["alpha"] = self.alpha.detach().float().cpu().tolist()
+        return entry
+
+    def reader_macs(self, steps: int, outputs: int) -> torch.Tensor:
+        """One alpha multiply per output and step (none without amplitude: the spikes are then +-1)."""
+        macs = torch.zeros(steps, dtype=torch.int64)
+        if self.use_amplitude:
+            macs[:] = outputs
+        return macs
+
+    def attention_ops(
+        self, product: str, steps: int, pairs: int, heads: int, head_dim: int, queries: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One alpha multiply per score (Q K^T) or per context output (P V) and step; no extra accumulates."""
+        per_step = heads * pairs if product == "scores" else heads * head_dim * queries
+        macs = torch.full((steps,), per_step if self.use_amplitude else 0, dtype=torch.int64)
+        return macs, torch.zeros(steps, dtype=torch.int64)
+
+    def packs_kv_on_cpu(self) -> bool:
+        """Plain elastic K/V neurons without membrane, statistics or hooks, on ``"auto"``, calibrated."""
+        return (
+            type(self) is ElasticBiSpikingNeuron
+            and not self.membrane
+            and self.backend == "auto"
+            and not self.record_stats
+            and self.is_initialized()
+            and not self._forward_hooks
+            and not self._forward_pre_hooks
+        )
+
 
 def _takes_cpu_kernel(x: torch.Tensor) -> bool:
     """Whether the neuron's no-gradient path runs the C++ kernel (:func:`spikelm.nn.cpu_kernels.elastic_spikes`):
     CPU float32 inputs with the kernels switched on and built (other dtypes keep the PyTorch loop by design)."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.usable(x, what="neurons")
-
-
-def named_neurons(model: nn.Module) -> list[tuple[str, ElasticBiSpikingNeuron]]:
-    """``(name, neuron)`` for every spiking neuron of ``model``, in module (forward) order.
-
-    The one way to list neurons: a SpikeLM model's ``neurons()``, the spike statistics, the firing-rate
-    monitor and the energy counter use it.
-    """
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, ElasticBiSpikingNeuron)]
