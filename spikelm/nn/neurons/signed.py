@@ -558,7 +558,8 @@ class SignedNeuron(SpikingNeuron):
         )
         return (
             f"the signed multi-level neuron: {f['signed_bits']}-bit signed codes (sign included) per token and "
-            f"{f['signed_group_size'] or 'channel-set'} channels, clipped to {f['signed_clip_ratio']:g} of the max |x|, "
+            f"{f['signed_group_size'] or 'channel-set'} channels, clipped to {f['signed_clip_ratio']:g} of the "
+            "max |x|, "
             f"dead zone {f['signed_dead_zone']:g} steps, T = {f['signed_steps']}"
             + (f", per-site bits {f['signed_site_bits']}" if f["signed_site_bits"] else "")
             + salient
