@@ -600,6 +600,11 @@ class SignedNeuron(SpikingNeuron):
         ones after."""
         return self.step_slots()[:steps] * rows
 
+    def reader_weight_reads(self) -> int:
+        """Numbers a reader reads per output and token besides its weight rows: none (no zero point, so no row
+        sums of W; the energy report's memory-inclusive figure)."""
+        return 0
+
     def reader_macs(self, steps: int, outputs: int) -> torch.Tensor:
         """One scale multiply per output and range group, once (no zero point)."""
         macs = torch.zeros(steps, dtype=torch.int64)
