@@ -54,6 +54,9 @@ ROWS = {
     "s4-g64-sal8-2": signed(4, signed_salient_bits=8, saliency_fraction=0.02),
     "s4-g32-sal6-5": signed(4, signed_group_size=32, signed_salient_bits=6, saliency_fraction=0.05),
     "s4-g64-kv5": signed(4, signed_site_bits={"k": 5, "v": 5}),
+    "s4-g32-sal5-10": signed(4, signed_group_size=32, signed_salient_bits=5, saliency_fraction=0.1),
+    "s4-g64-sal5-10-dz0.75": signed(4, signed_salient_bits=5, saliency_fraction=0.1, signed_dead_zone=0.75),
+    "s4-g64-sal5-10-kv5": signed(4, signed_salient_bits=5, saliency_fraction=0.1, signed_site_bits={"k": 5, "v": 5}),
     "s4-g64-down5": signed(4, signed_site_bits={"down_input": 5}),
     "s4-g64-qkv5": signed(4, signed_site_bits={"qkv_input": 5}),
     "s5-g64-dz0.75": signed(5, signed_dead_zone=0.75),
@@ -63,6 +66,15 @@ ROWS = {
     "ternary-t4": LADDER["ternary-t4-rot-sym"],
 }
 INT8_ANN = 0.23 / 4.6  # an int8 MAC against an fp32 one (Horowitz, 45 nm)
+
+
+def needs_calibration(config: dict | None) -> bool:
+    """A signed neuron without saliency has no data-dependent state (its scales are per token): no calibration pass.
+    GIF (saliency) and elastic (alphas) need one; so does smoothing."""
+    if config is None:
+        return False
+    salient = config.get("signed_salient_bits") is not None and config.get("saliency_fraction", 0) > 0
+    return config.get("neuron") != "signed" or salient or config.get("smoothing_alpha") is not None
 
 
 def energy_of(model, tokens: torch.Tensor, windows: int) -> dict:
@@ -111,8 +123,9 @@ def run(args) -> None:
         config = ROWS[row]
         started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        calibrated = needs_calibration(config)
         if config is not None:
-            spikelm.spikify(model, dict(config), calibration=list(calibration.split(4)))
+            spikelm.spikify(model, dict(config), calibration=list(calibration.split(4)) if calibrated else None)
         convert_s = time.perf_counter() - started
         result = perplexity(model, tokens, window=512, stride=512, batch_size=4)
         started = time.perf_counter()
@@ -124,7 +137,9 @@ def run(args) -> None:
             "tokens": int(tokens.numel()),
             "window": 512,
             "stride": 512,
-            "calibration": f"{args.calibration_sequences} x 512 pypi tokens",
+            "calibration": f"{args.calibration_sequences} x 512 pypi tokens"
+            if calibrated
+            else "none (a signed neuron without saliency has nothing to calibrate)",
             **energy,
             "convert_seconds": round(convert_s, 1),
             "eval_seconds": round(result["seconds"], 1),
