@@ -162,6 +162,22 @@ def test_energy_counter_against_a_hand_count_from_the_neurons_own_spikes(options
             assert layers[reader]["macs"] * sequences == tokens * out_features * groups, reader  # scale multiplies
             checked += 1
     assert checked == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 blocks
+    # Q K^T and P V read every key's / value's levels once per query attending it (causal: L - j queries for key
+    # j), times the query heads sharing its K/V head; one scale multiply per range group per score (pair and head)
+    batch, length = ids.shape
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    fan_out = torch.arange(length, 0, -1)  # queries at or after key j
+    pairs = batch * length * (length + 1) // 2
+    for name, xs in inputs.items():
+        if "input_neuron" in name:
+            continue
+        neuron = by_name[name]
+        code = neuron.quantize(xs[0])[0]  # (B, H_kv, L, d)
+        product = name.rsplit(".", 1)[0] + (".scores" if name.endswith("key_neuron") else ".context")
+        acs = int((code.abs().sum(dim=(0, 1, 3)) * fan_out).sum()) * group
+        assert layers[product]["acs"] * sequences == acs, product
+        macs = pairs * group * int(neuron.range_group_counts().sum())
+        assert layers[product]["macs"] * sequences == macs, product
     assert summary["mean_firing_rate"] is not None
 
 
