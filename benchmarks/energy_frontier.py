@@ -56,6 +56,9 @@ ROWS = {
     "s4-g64-kv5": signed(4, signed_site_bits={"k": 5, "v": 5}),
     "s4-g32-sal5-10": signed(4, signed_group_size=32, signed_salient_bits=5, saliency_fraction=0.1),
     "s4-g64-sal5-10-dz0.75": signed(4, signed_salient_bits=5, saliency_fraction=0.1, signed_dead_zone=0.75),
+    "s4-g64-sal5-10-o5-kv3": signed(  # the o_proj input at 5 bits (a sensitive, small site), K/V at 3 (cheap in ppl)
+        4, signed_salient_bits=5, saliency_fraction=0.1, signed_site_bits={"o_input": 5, "k": 3, "v": 3}
+    ),
     "s4-g64-sal5-10-kv5": signed(4, signed_salient_bits=5, saliency_fraction=0.1, signed_site_bits={"k": 5, "v": 5}),
     "s4-g64-down5": signed(4, signed_site_bits={"down_input": 5}),
     "s4-g64-qkv5": signed(4, signed_site_bits={"qkv_input": 5}),
@@ -173,8 +176,11 @@ def plot(path: str, figure: str, title: str) -> None:
         if ratio > 3:
             ax.annotate(f"{r['row']} ({ratio:.0f}x)", (r["energy_ratio"], 3), fontsize=7, rotation=90, va="top")
             continue
-        color = "tab:green" if r["row"].startswith("s") else "tab:red" if r["row"].startswith("gif") else "tab:purple"
-        ax.scatter(r["energy_ratio"], ratio, color=color, s=18)
+        name = r["row"]
+        color = {"s": "tab:green", "g": "tab:red", "r": "black"}.get(name[0], "tab:purple")
+        ax.scatter(
+            r["energy_ratio"], ratio, color=color, s=40 if name == "real" else 18, marker="*" if name == "real" else "o"
+        )
         ax.annotate(r["row"], (r["energy_ratio"], ratio), fontsize=7, xytext=(3, 2), textcoords="offset points")
     ax.axvline(1.0, color="black", lw=1, label="fp32 ANN (the source)")
     ax.axvline(INT8_ANN, color="gray", lw=1, ls="--", label="int8 ANN (0.23 / 4.6 pJ per MAC)")
