@@ -193,3 +193,21 @@ def test_recipe_and_config_checks():
     with pytest.raises(UserError, match="--neuron"):
         recipe("signet")
     assert spikify(tiny_llama(), neuron="signed") is not None  # no calibration: no saliency, works on first call
+
+
+def test_learnable_scale_factors_train_save_and_load(tmp_path):
+    model = signed_model(signed_learn_scale=True)
+    factors = [n.scale_factor for _, n in neurons(model)]
+    assert factors and all(f.requires_grad for f in factors)
+    ids = token_ids()
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert any(float(f.grad.abs().sum()) > 0 for f in factors)  # the loss reaches the scale factors
+    with torch.no_grad():
+        factors[0].fill_(1.25)
+    model.eval()
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert float(next(n for _, n in neurons(loaded)).scale_factor[0].detach()) == 1.25
+    assert torch.equal(loaded(ids).logits, expected)
