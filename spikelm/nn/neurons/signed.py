@@ -291,13 +291,17 @@ class SignedNeuron(SpikingNeuron):
         "signed_site_bits": None,
         "signed_learn_scale": False,
     }
-    # the named recipe (spikify --neuron signed): 4-bit codes (-7..7) per token and 64 channels, clipped to 0.9
+    # the named recipe (spikify --neuron signed), the best point of the perplexity-energy frontier below 0.7x the
+    # source's energy (docs/CONVERSION.md, "Signed spikes and energy"): 4-bit codes (-7..7) per token and 64
+    # channels, clipped to 0.9, the top 10 % of channels by saliency at 5 bits (-15..15, 3 spikes at T = 1)
     recipe_defaults = {
         "neuron": "signed",
         "signed_bits": 4,
         "signed_steps": 1,
         "signed_group_size": 64,
         "signed_clip_ratio": 0.9,
+        "signed_salient_bits": 5,
+        "saliency_fraction": 0.1,
     }
     cache_layout = "signed_codes"
 
