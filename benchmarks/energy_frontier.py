@@ -110,6 +110,7 @@ def run(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import spikelm
+    import spikelm.evaluation.energy  # noqa: F401  (every module loaded before the first row: a long run reads one tree)
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.evaluation.brown_perplexity import brown_eval_tokens, perplexity
 
