@@ -26,6 +26,8 @@ _EXPORTS = {
     "MultiStepSpike": "spikelm.nn.neurons.elastic",
     "SpikeStats": "spikelm.nn.neurons.elastic",
     "reference_multistep_spike": "spikelm.nn.neurons.elastic",
+    "SpikingNeuron": "spikelm.nn.neurons",
+    "register_neuron": "spikelm.nn.neurons",
     "SpikeLinear": "spikelm.nn.layers",
     "SpikeLinearFunction": "spikelm.nn.layers",
     "collect_spike_stats": "spikelm.nn.stats",

@@ -192,14 +192,14 @@ def _run_converted(args) -> int:
     kernel_rows = cpu_kernels.max_rows()
     from transformers import AutoConfig, AutoTokenizer
 
-    from spikelm.conversion.recipes import RECIPES, calibration_batches, recipe
+    from spikelm.conversion.recipes import calibration_batches, recipe, recipe_names
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.experiments.benchmark import machine_info
     from spikelm.experiments.generation_benchmark import format_pair_table, load_pair, measure_pair
     from spikelm.outputs import prepare_output_dir, write_json_atomic
 
-    if args.recipe not in RECIPES:
-        raise UserError(f"--recipe must be one of {', '.join(sorted(RECIPES))}, got {args.recipe!r}")
+    if args.recipe not in recipe_names():
+        raise UserError(f"--recipe must be one of {', '.join(recipe_names())}, got {args.recipe!r}")
     source = resolve_model_source(args.model)
     try:
         config = AutoConfig.from_pretrained(source)

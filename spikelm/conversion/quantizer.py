@@ -14,46 +14,32 @@ from __future__ import annotations
 
 import json
 
-import torch
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
 
+from ..nn.neurons import neuron_classes
 from .config import QUANT_METHOD, SpikeLMConversionConfig
 from .placement import attach, detach, neurons
 
 NEURON_KEYS = r"\.(input|key|value)_neuron\."  # the state-dict keys spikify adds
 RECIPE_METADATA = "spikelm_recipe"  # safetensors metadata key: the settings below, as saved
-# recipe fields with no trace in the tensors (a rotation folded into the weights, an online rotation rebuilt from its
-# seed, the quantiser's grid): an edit of one of them in config.json would load silently as another model
-TRACELESS_FIELDS = (
-    "neuron",
-    "num_steps",
-    "spike_levels",
-    "use_amplitude",
-    "reset",
-    "gif_bits",
-    "gif_extra_bits",
-    "gif_group_range",
-    "gif_clip_ratio",
-    "gif_group_size",
-    "signed_bits",
-    "signed_steps",
-    "signed_group_size",
-    "signed_clip_ratio",
-    "signed_dead_zone",
-    "signed_salient_bits",
-    "signed_site_bits",
-    "rotation",
-    "rotation_seed",
-    "online_down_proj_rotation",
-    "smoothing_alpha",
-)
+
+
+def _traceless_names() -> tuple[str, ...]:
+    """Recipe fields with no trace in the tensors (a rotation folded into the weights, an online rotation rebuilt
+    from its seed, the neurons' ``traceless_fields``, e.g. the quantiser's grid): an edit of one of them in
+    config.json would load silently as another model."""
+    neuron_fields = [name for cls in neuron_classes() for name in cls.traceless_fields]
+    return ("neuron", *neuron_fields, "rotation", "rotation_seed", "online_down_proj_rotation", "smoothing_alpha")
+
+
+TRACELESS_FIELDS = _traceless_names()  # as of this import (traceless_fields() asks the registry each time)
 
 
 def traceless_fields(config: SpikeLMConversionConfig) -> dict:
-    """The recipe's :data:`TRACELESS_FIELDS` with their values."""
+    """The recipe's traceless fields (:func:`_traceless_names`) with their values."""
     fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {name: fields.get(name) for name in TRACELESS_FIELDS}
+    return {name: fields.get(name) for name in _traceless_names()}
 
 
 class SpikeLMQuantizer(HfQuantizer):
@@ -76,12 +62,9 @@ class SpikeLMQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         for _, neuron in neurons(model):
             if not self.pre_quantized:  # nothing was loaded into it: not initialised (alphas come from data)
-                if hasattr(neuron, "reset_alpha"):
-                    neuron.reset_alpha()
-                else:
-                    neuron.set_salient(torch.zeros_like(neuron.salient))
-            elif hasattr(neuron, "_known_initialized"):  # re-read the loaded `initialized` flag on first use
-                neuron._known_initialized = False
+                neuron.reset_calibration()
+            else:
+                neuron.state_loaded()
         return model
 
     def _dequantize(self, model, dtype=None):

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..nn.neurons import DEFAULT_NEURON, neuron_class, neuron_classes
+from ..nn.neurons import DEFAULT_NEURON, neuron_class, neuron_classes, neuron_names
 
 TRANSFORM = {"rotation": "hadamard", "online_down_proj_rotation": True}
 DEFAULT_RECIPE = DEFAULT_NEURON
-# one named recipe per registered neuron (spikelm.nn.neurons), the default first: its recipe_defaults, then the
-# rotations every recipe shares
+# the named recipes of the neurons registered at import, the default first: each neuron's recipe_defaults, then the
+# rotations every recipe shares (recipe() reads the registry itself, so a neuron registered later has one too)
 RECIPES = {
     cls.name: {**cls.recipe_defaults, **TRANSFORM}
     for cls in sorted(neuron_classes(), key=lambda cls: cls.name != DEFAULT_RECIPE)
@@ -39,12 +39,18 @@ CALIBRATION_SEQUENCES = 32
 CALIBRATION_LENGTH = 512
 
 
+def recipe_names() -> tuple[str, ...]:
+    """The named recipes: one per neuron registered now (:mod:`spikelm.nn.neurons`), the default first."""
+    return tuple(sorted(neuron_names(), key=lambda name: name != DEFAULT_RECIPE))
+
+
 def recipe(neuron: str, num_steps: int | None = None, overrides: dict | None = None) -> dict:
     """The config fields of a recipe: the neuron's defaults, ``num_steps`` (mapped onto the neuron's fields by the
     neuron, e.g. GIF: T = 2^a, a power of two), then ``overrides``. Raises :class:`~spikelm.errors.UserError` naming
     the bad value."""
-    if neuron not in RECIPES:
-        raise UserError(f"--neuron must be one of {', '.join(RECIPES)}, got {neuron!r}")
+    names = recipe_names()
+    if neuron not in names:
+        raise UserError(f"--neuron must be one of {', '.join(names)}, got {neuron!r}")
     if num_steps is not None and num_steps < 1:
         raise UserError(f"--num-steps must be at least 1, got {num_steps}")
     cls = neuron_class(neuron)

@@ -39,6 +39,8 @@ class SpikingNeuron(nn.Module):
     * ``cache_layout`` (str): how a converted model's K/V cache stores this neuron's spikes; the conversion wing
       maps it to a cache layer class (:data:`spikelm.conversion.cache.CACHE_LAYERS`: ``"step_codes"``, per-step
       integer codes with per-step scales; ``"token_codes"``, one integer code per value with a per-token grid).
+    * ``traceless_fields`` (tuple of str): this neuron's config fields that leave no trace in the saved tensors (a
+      saved model records their values in its safetensors metadata, so an edited ``config.json`` is refused).
     * ``counting_backend`` (str or None): the backend the energy counter switches the neuron to while counting, so
       that its forward output shows its spikes (None: the neuron is left as it is).
 
@@ -49,6 +51,7 @@ class SpikingNeuron(nn.Module):
     * :meth:`check_config` -> None: raise ``ValueError`` naming the first of this neuron's fields out of range
       (called for every registered neuron, whichever is chosen).
     * :meth:`model_steps` -> int: how many copies of the network run (folded into the batch axis).
+    * :meth:`time_steps` -> int: T, the time steps the spikes run over.
     * :meth:`recipe` -> dict: the named recipe's fields, with ``--num-steps`` (if given) mapped onto them;
       :meth:`finish_recipe` -> dict: the fields once the user's overrides are in.
     * :meth:`site_fields` -> dict: the fields for one kind of placement site (per-site settings);
@@ -68,16 +71,18 @@ class SpikingNeuron(nn.Module):
     * :meth:`linear` -> Tensor: a linear layer reading the neuron's spikes of ``x``, on the neuron's one-shot code.
 
     **Calibration and state**: :meth:`initialize_parameters` (a fresh model's parameters, through the given init
-    functions), :meth:`is_initialized` (bool: data-dependent parameters are set),
-    :meth:`calibration_flag` (the saved flag, or None when the neuron has none), :meth:`state_problem` (a loaded
-    state that spikelm cannot have saved, in words, or None), :meth:`calibration_recorder` (an object whose
-    ``finish()`` ends calibration, or None when the neuron calibrates on its first input).
+    functions), :meth:`reset_calibration` (forget calibration), :meth:`state_loaded` (a saved state was loaded),
+    :meth:`is_initialized` (bool: data-dependent parameters are set), :meth:`calibration_flag` (the saved flag, or
+    None when the neuron has none), :meth:`state_problem` (a loaded state that spikelm cannot have saved, in words,
+    or None), :meth:`calibration_recorder` (an object whose ``finish()`` ends calibration, or None when the neuron
+    calibrates on its first input).
 
     **Statistics**: ``record_stats`` (bool attribute), :meth:`reset_stats`, :meth:`spike_stats` -> dict or None
-    (``firing_rate`` per step, ``spikes`` per step, ``slots`` per step, plus the neuron's own entries).
+    (``firing_rate`` per step, ``spikes`` per step, ``slots`` per step, plus the neuron's own entries),
+    :meth:`step_counts` -> int64 (3, S) tensor or None (spikes of each sign and slots per step, on the device).
 
     **Energy** (int64 tensors of length ``steps``, summed by :mod:`spikelm.evaluation.energy`):
-    :meth:`slots`, :meth:`reader_macs`, :meth:`attention_ops`.
+    :meth:`slots`, :meth:`reader_macs`, :meth:`reader_weight_reads`, :meth:`attention_ops`.
 
     **Kernels**: :meth:`packs_kv_on_cpu` (bool: a decoding step may spike and pack K/V in the C++ kernel).
     """
@@ -87,6 +92,7 @@ class SpikingNeuron(nn.Module):
     config_fields: ClassVar[dict[str, Any]] = {}
     recipe_defaults: ClassVar[dict[str, Any]] = {}
     cache_layout: ClassVar[str] = ""
+    traceless_fields: ClassVar[tuple[str, ...]] = ()
     counting_backend: ClassVar[str | None] = None
 
     # -- configuration ------------------------------------------------------------------------------------------
@@ -109,6 +115,11 @@ class SpikingNeuron(nn.Module):
     def model_steps(cls, fields: Mapping[str, Any]) -> int:
         """How many copies of the network run, folded into the batch axis (1: the network runs once)."""
         return 1
+
+    @classmethod
+    def time_steps(cls, fields: Mapping[str, Any]) -> int:
+        """T, the time steps the spikes run over (at most: e.g. GIF's non-salient channels fire in one)."""
+        return cls.model_steps(fields)
 
     @classmethod
     def recipe(cls, num_steps: int | None = None) -> dict[str, Any]:
@@ -165,8 +176,9 @@ class SpikingNeuron(nn.Module):
         raise NotImplementedError
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """A linear layer reading this neuron's spikes of ``x``: ``exact_linear(self(x), weight, bias)``'s value
-        computed from the neuron's one-shot code (:mod:`spikelm.nn.exact`)."""
+        """A linear layer reading this neuron's spikes of ``x``, computed from the neuron's one-shot code: the value
+        of ``exact_linear(self(x), weight, bias)`` (:mod:`spikelm.nn.exact`) up to the rounding of that arithmetic
+        (the elastic neuron: bit for bit; GIF: within float32 rounding, the integer codes accumulated apart)."""
         raise NotImplementedError
 
     # -- calibration and state ----------------------------------------------------------------------------------
@@ -178,6 +190,13 @@ class SpikingNeuron(nn.Module):
     def initialize_parameters(self, init) -> None:
         """Set the parameters a fresh model starts from, with ``init``'s functions (``transformers.initialization``,
         which leaves loaded tensors alone, or ``torch.nn.init``): a model's ``_init_weights`` calls it."""
+
+    def reset_calibration(self) -> None:
+        """Forget what calibration set (a real-valued checkpoint was loaded into a new spiking model: nothing was
+        loaded into the neuron, its data-dependent state comes from data)."""
+
+    def state_loaded(self) -> None:
+        """A saved state was just loaded into the neuron (drop caches of it)."""
 
     def calibration_flag(self) -> bool | None:
         """The saved "calibrated" flag (read from the state, not a cache), or None when the neuron has none."""
@@ -209,6 +228,16 @@ class SpikingNeuron(nn.Module):
         stats = getattr(self, "stats", None)
         return None if stats is None else stats.as_dict()
 
+    def step_counts(self) -> torch.Tensor | None:
+        """int64 (3, S): the positive spikes, negative spikes and slots per step recorded so far (None if nothing
+        was recorded), left on the neuron's device (no host sync: the firing-rate monitor batches them). By default
+        from :meth:`spike_stats` (every spike counted positive)."""
+        stats = self.spike_stats()
+        if stats is None:
+            return None
+        spikes = torch.tensor(stats["spikes"], dtype=torch.int64)
+        return torch.stack([spikes, torch.zeros_like(spikes), torch.tensor(stats["slots"], dtype=torch.int64)])
+
     # -- energy -------------------------------------------------------------------------------------------------
 
     def slots(self, steps: int, rows: int, width: int) -> torch.Tensor:
@@ -219,6 +248,12 @@ class SpikingNeuron(nn.Module):
         """int64 (steps,): the multiplies a linear layer reading these spikes adds to its accumulates, for
         ``outputs`` (= rows x out_features) outputs (e.g. one amplitude multiply per output and step)."""
         raise NotImplementedError
+
+    def reader_weight_reads(self) -> int:
+        """Numbers a linear layer reading these spikes reads per output and token besides its weight rows and bias
+        (the memory-inclusive energy figure, docs/CONVERSION.md, Energy): e.g. the row sums of W a zero-point term
+        needs, one per zero-point group. None by default."""
+        return 0
 
     def attention_ops(
         self, product: str, steps: int, pairs: int, heads: int, head_dim: int, queries: int

@@ -624,6 +624,7 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
     # the named recipe: T = 4, symmetric reset (far better than the official reset on a pretrained LLM)
     recipe_defaults = {"neuron": "elastic", "num_steps": 4, "reset": "symmetric"}
     cache_layout = "step_codes"
+    traceless_fields = ("num_steps", "spike_levels", "use_amplitude", "reset")
     counting_backend = "reference"  # the per-step path returns the spikes to the energy counter's hooks
 
     def __init__(
@@ -833,11 +834,7 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
 
     @classmethod
     def summary(cls, fields) -> str:
-        return f"elastic neuron T={fields.get('num_steps')}, {fields.get('spike_levels')} spikes"
-
-    @classmethod
-    def steps_summary(cls, fields) -> str:
-        return f"{fields.get('num_steps')} time steps"
+        return f"elastic neuron T={cls.field(fields, 'num_steps')}, {cls.field(fields, 'spike_levels')} spikes"
 
     def spike_folded(self, x: torch.Tensor, steps: int) -> torch.Tensor:
         """Time-major over the copies: a linear input (T*B, ..., C) runs as (T, rows, C); K/V (T*B, H, L, d) as
@@ -858,6 +855,12 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
         fired = (output.detach() != 0).long()
         return fired, fired
 
+    def reset_calibration(self) -> None:
+        self.reset_alpha()
+
+    def state_loaded(self) -> None:
+        self._known_initialized = False  # re-read the loaded `initialized` flag on first use
+
     def calibration_flag(self) -> bool:
         return bool(self.initialized)
 
@@ -874,6 +877,11 @@ class ElasticBiSpikingNeuron(SpikingNeuron):
         entry = self.stats.as_dict()
         entry["alpha"] = self.alpha.detach().float().cpu().tolist()
         return entry
+
+    def step_counts(self) -> torch.Tensor | None:
+        if self.stats is None:
+            return None
+        return torch.stack([self.stats.positive, self.stats.negative, self.stats.slots])
 
     def reader_macs(self, steps: int, outputs: int) -> torch.Tensor:
         """One alpha multiply per output and step (none without amplitude: the spikes are then +-1)."""

@@ -744,6 +744,7 @@ class GIFNeuron(SpikingNeuron):
         "gif_group_size": 64,
     }
     cache_layout = "token_codes"
+    traceless_fields = ("gif_bits", "gif_extra_bits", "gif_group_range", "gif_clip_ratio", "gif_group_size")
 
     def __init__(
         self,
@@ -975,6 +976,11 @@ class GIFNeuron(SpikingNeuron):
         )
 
     @classmethod
+    def time_steps(cls, fields) -> int:
+        """T = 2^a (the salient channels' steps)."""
+        return 2 ** cls.field(fields, "gif_extra_bits")
+
+    @classmethod
     def recipe(cls, num_steps: int | None = None) -> dict:
         """``num_steps`` T = 2^a (a power of two) sets ``gif_extra_bits``."""
         fields = dict(cls.recipe_defaults)
@@ -1021,15 +1027,13 @@ class GIFNeuron(SpikingNeuron):
 
     @classmethod
     def summary(cls, fields) -> str:
-        extra = fields.get("gif_extra_bits", 0)
-        saliency = fields.get("saliency_fraction")
-        return f"GIF neuron n={fields.get('gif_bits')}, a={extra} (T={2**extra}), saliency {saliency}"
+        extra, saliency = cls.field(fields, "gif_extra_bits"), cls.field(fields, "saliency_fraction")
+        return f"GIF neuron n={cls.field(fields, 'gif_bits')}, a={extra} (T={2**extra}), saliency {saliency}"
 
     @classmethod
     def steps_summary(cls, fields) -> str:
-        return (
-            f"GIF neuron, T = {2 ** fields.get('gif_extra_bits', 0)} steps, {fields.get('gif_bits')}-bit spike levels"
-        )
+        extra = cls.field(fields, "gif_extra_bits")
+        return f"GIF neuron, T = {2**extra} steps, {cls.field(fields, 'gif_bits')}-bit spike levels"
 
     def step_spikes(self, x: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The spikes of the neuron's own quantiser on ``x`` (its output is their dequantised sum), levels
@@ -1039,10 +1043,20 @@ class GIFNeuron(SpikingNeuron):
             spikes = gif_spikes(code, self.bits, self.num_steps).long()
         return spikes, (spikes > 0).long()
 
+    def step_counts(self) -> torch.Tensor | None:
+        """Spikes (levels >= 0: all counted positive) and slots per step."""
+        if self.stats is None:
+            return None
+        events = self.stats.events
+        return torch.stack([events, torch.zeros_like(events), self.stats.slots.to(events.device)])
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """:func:`gif_linear` on :meth:`spike`: the integer spikes accumulated once, a zero-point term and a scale
         multiply per range group."""
         return self.spike(x).linear(weight, bias)
+
+    def reset_calibration(self) -> None:
+        self.set_salient(torch.zeros_like(self.salient))
 
     def calibration_recorder(self, reader_weights):
         """A :class:`SaliencyRecorder`: the neuron passes its input through while calibrating, and its salient
@@ -1060,6 +1074,13 @@ class GIFNeuron(SpikingNeuron):
         terms = (2 if salient and self.group_range == "group" else 1) + (2 if salient else 1)
         rows = self.salient.numel() // self.salient.shape[-1]
         return torch.full((rows,), terms, dtype=torch.int64)
+
+    def reader_weight_reads(self) -> int:
+        """The row sums of W the zero-point terms ``zero_g x rowsum_g(W)`` need, one per zero-point group and output:
+        2 with saliency, else 1; with ``group_size`` G, one per range group of a linear input's channels."""
+        if getattr(self, "group_size", 0):
+            return int(self.range_group_counts()[0])
+        return 2 if self.has_saliency() else 1
 
     def slots(self, steps: int, rows: int, width: int) -> torch.Tensor:
         """Every channel at step 0, the salient ones after (the others' codes fit one spike)."""

@@ -304,6 +304,16 @@ class SignedNeuron(SpikingNeuron):
         "saliency_fraction": 0.1,
     }
     cache_layout = "signed_codes"
+    # settings with no trace in the saved tensors (the quantiser's grid): recorded with the weights on save
+    traceless_fields = (
+        "signed_bits",
+        "signed_steps",
+        "signed_group_size",
+        "signed_clip_ratio",
+        "signed_dead_zone",
+        "signed_salient_bits",
+        "signed_site_bits",
+    )
 
     def __init__(
         self,
