@@ -587,6 +587,23 @@ class SignedNeuron(SpikingNeuron):
     def steps_summary(cls, fields) -> str:
         return f"signed neuron, {fields.get('signed_bits')}-bit codes over T = {fields.get('signed_steps')} steps"
 
+    @classmethod
+    def time_steps(cls, fields) -> int:
+        """T (the salient channels' wider codes may need more steps at the same per-spike cap)."""
+        return cls.field(fields, "signed_steps")
+
+    def reset_calibration(self) -> None:
+        self.set_salient(torch.zeros_like(self.salient))
+
+    def state_loaded(self) -> None:
+        self._groups = None
+
+    def step_counts(self) -> torch.Tensor | None:
+        """Positive spikes, negative spikes and slots per step (signed levels: both signs counted)."""
+        if self.stats is None:
+            return None
+        return torch.stack([self.stats.positive, self.stats.negative, self.stats.slots.to(self.stats.positive.device)])
+
     def step_spikes(self, x: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """|s_t| of the neuron's own spikes on ``x`` (its output is their dequantised sum), and 1 where one fired
         (either sign)."""
