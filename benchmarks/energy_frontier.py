@@ -102,6 +102,11 @@ def energy_of(model, tokens: torch.Tensor, windows: int) -> dict:
         "levels_per_sequence": levels,
         "slots": slots,
         "energy_tokens": windows * 512,
+        # the energy report's same-weight-precision and memory-inclusive ratios (spiking / real-valued), when present
+        "precision_ratios": {
+            name: {scope: p[scope].get("snn_over_ann") for scope in p if isinstance(p[scope], dict)}
+            for name, p in summary.get("precisions", {}).items()
+        },
     }
 
 
