@@ -251,7 +251,7 @@ def test_a_neuron_added_as_one_class_converts_saves_loads_counts_and_describes_i
     assert energy["acs"] > 0 and energy["spiking"]
     card = write_model_card(tmp_path, model.config.quantization_config, "tiny").read_text()
     assert "a one-step neuron of 4-bit integer spikes" in card
-    assert "The elastic and GIF neuron's fields, unused here, are left out" in card
+    assert "The elastic, GIF and signed neuron's fields, unused here, are left out" in card
 
 
 # -- every registered neuron keeps the interface's contract ------------------------------------------------------------

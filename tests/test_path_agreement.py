@@ -36,6 +36,17 @@ RECIPES = {
     "gif-token-ranges": recipe("gif", overrides={"gif_group_range": "token"}),
     "gif-no-saliency": recipe("gif", overrides={"saliency_fraction": 0.0}),
     "elastic": recipe("elastic"),  # ternary T=4, symmetric reset, same rotations
+    "signed": recipe("signed"),  # signed 4-bit codes, ranges per 64 channels, clip 0.9, same rotations
+    "signed-options": recipe(  # saliency (more levels, more steps), a dead zone, per-site bits, T=2
+        "signed",
+        num_steps=2,
+        overrides={
+            "signed_salient_bits": 6,
+            "saliency_fraction": 0.05,
+            "signed_dead_zone": 0.75,
+            "signed_site_bits": {"down_input": 5, "k": 5},
+        },
+    ),
 }
 LOGIT_TOLERANCE = 1e-4  # float32 summation noise of the real-valued LM head (its input bits are equal)
 

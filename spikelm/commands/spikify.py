@@ -24,10 +24,15 @@ def register(sub) -> None:
             "'spikelm' quantization_config), model.safetensors (weights + alphas / saliency masks), the tokenizer and "
             "a model card. After `import spikelm`, AutoModelForCausalLM.from_pretrained(DIR) loads it spiking. "
             "Default recipe (the best training-free one measured on SmolLM2-135M): SpikeLLM's GIF neuron at its T=2 "
-            "setting (n=4 base bits, a=1: the top 10%% of channels by saliency spike over 2 steps), per-token ranges "
+            "setting (n=4 base bits, a=1: the top 10% of channels by saliency spike over 2 steps), per-token ranges "
             "per 64 consecutive channels of each channel group (salient, other) clipped to 0.9, after a Hadamard "
             "rotation of the residual stream and an online Hadamard on the FFN's last linear input. --neuron elastic: "
-            "SpikeLM's ternary neuron, T=4, symmetric reset, same rotations. Turn parts off with --set: "
+            "SpikeLM's ternary neuron, T=4, symmetric reset, same rotations. --neuron signed: signed multi-level "
+            "spikes (codes -7..7 per token and 64 channels, clip 0.9, the top 10% of channels by saliency at 5 bits, "
+            "same rotations; signed_* fields, docs/CONVERSION.md): about 0.64x the source's compute energy, where GIF "
+            "costs 1.7x, at a slightly worse perplexity. The default stays the recipe with the lowest perplexity "
+            "unless a signed one meets both targets (at most 1.38x the real-valued perplexity and 0.6x its compute "
+            "energy inside the blocks on SmolLM2-135M); none did. Turn parts off with --set: "
             "rotation=none, online_down_proj_rotation=false, saliency_fraction=0, gif_group_size=0 (one range per "
             "channel group), gif_group_range=token, gif_clip_ratio=1."
         ),
@@ -38,12 +43,14 @@ def register(sub) -> None:
     p.add_argument(
         "--neuron",
         default=None,
-        help="neuron family: a registered neuron (spikelm.nn.neurons: gif, elastic; default gif, the default recipe)",
+        help="neuron family: a registered neuron (spikelm.nn.neurons: gif, elastic, signed; default gif, the default "
+        "recipe)",
     )
     p.add_argument(
         "--num-steps",
         type=integer(1),
-        help="time steps T (elastic: default 4; gif: T = 2^a, a power of two, default 2)",
+        help="time steps T (elastic: default 4; gif: T = 2^a, a power of two, default 2; signed: at most ceil(Q / T) "
+        "levels per spike, default 1)",
     )
     p.add_argument(
         "--set",

@@ -240,6 +240,58 @@ class GIFCodeLayer(DynamicLayer):
         self._apply(lambda t: t[indices, ...])
 
 
+class SignedCodeLayer(GIFCodeLayer):
+    """One attention layer's cache for signed K/V neurons (:mod:`spikelm.nn.neurons.signed`, cache layout
+    ``"signed_codes"``): each token's signed codes -Q..Q stored offset by Q (0..2Q), packed to their bit width
+    (``packed=True``: :func:`~spikelm.nn.packing.pack_bits`, b = bit length of 2Q, (B, H, L, b * ceil(d / 8)) uint8)
+    or one integer per value; ``key_grid`` / ``value_grid`` (B, H, L, G) each token's per-group scales in the
+    quantiser's dtype (no zero point). Decoding is the neuron's own ``dequantize``, so cached tokens equal what a
+    full forward pass computes."""
+
+    @staticmethod
+    def describe_packing(packing: int | None) -> str:
+        return "int8 codes" if packing is None else "signed codes packed to their bit width"
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.offset = max(int(n.groups()[1].max()) for n in (self.key_neuron, self.value_neuron))
+        top = 2 * self.offset
+        self.code_dtype, self.bits, self.width = _code_dtype(top), top.bit_length(), key_states.shape[3]
+        stored = (torch.uint8, self.bits * -(-self.width // 8)) if self.packed else (self.code_dtype, self.width)
+        for name, states in (("keys", key_states), ("values", value_states)):
+            setattr(self, name, torch.empty((*states.shape[:2], 0, stored[1]), dtype=stored[0], device=self.device))
+        self.is_initialized = True
+
+    def _encode(self, code: torch.Tensor) -> torch.Tensor:
+        return super()._encode(code + self.offset)
+
+    def codes(self, name: str = "keys") -> torch.Tensor:
+        """The stored signed codes of ``"keys"`` or ``"values"`` (B, H, L, d), int32."""
+        return super().codes(name).to(torch.int32) - self.offset
+
+    def _decode(self, name: str, neuron: nn.Module, grid: torch.Tensor | None) -> torch.Tensor:
+        if grid is None:
+            stored = getattr(self, name)
+            return torch.empty((*stored.shape[:3], self.width), dtype=self.dtype, device=stored.device)
+        return neuron.dequantize(self.codes(name), grid).to(self.dtype)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        out = []
+        for name, neuron, states in (("key", self.key_neuron, key_states), ("value", self.value_neuron, value_states)):
+            codes_name, grid_name = f"{name}s", f"{name}_grid"
+            codes, grid = getattr(self, codes_name), getattr(self, grid_name)
+            past = self._decode(codes_name, neuron, grid)
+            spiked = neuron(states)  # the dequantised spike sum, straight-through gradient
+            with torch.no_grad():
+                code, scale = neuron.quantize(states)
+            setattr(self, codes_name, torch.cat([codes, self._encode(code)], dim=-2))
+            setattr(self, grid_name, scale if grid is None else torch.cat([grid, scale], dim=-2))
+            out.append(torch.cat([past, spiked], dim=-2))
+        return out[0], out[1]
+
+
 class TransientSpikeKV:
     """Stands in for the cache when there is none (``use_cache=False``): spikes K and V, stores nothing."""
 
@@ -261,6 +313,7 @@ class TransientSpikeKV:
 CACHE_LAYERS: dict[str, type[DynamicLayer]] = {
     "step_codes": SpikeCodeLayer,  # per-step ternary codes, alpha_t per step (the elastic neuron)
     "token_codes": GIFCodeLayer,  # one integer code per value, a per-token grid (GIF)
+    "signed_codes": SignedCodeLayer,  # one signed code per value, per-token scales per group (the signed neuron)
 }
 
 

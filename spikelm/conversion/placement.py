@@ -115,7 +115,8 @@ def make_neuron(
     """
     if kind not in SITE_KINDS:
         raise ValueError(f"unknown placement site {kind!r}; expected one of {SITE_KINDS}")
-    return neuron_class(config.neuron).from_config(config.to_dict(), channels, per_step=kind in ("k", "v"))
+    cls = neuron_class(config.neuron)
+    return cls.from_config(cls.site_fields(config.to_dict(), kind), channels, per_step=kind in ("k", "v"))
 
 
 def reader_weight(linear: nn.Module) -> torch.Tensor:

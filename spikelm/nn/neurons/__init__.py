@@ -2,7 +2,8 @@
 their registry by the conversion config's ``neuron`` name (docs/CONVERSION.md, "Adding a neuron").
 
 * :mod:`.elastic`: SpikeLM's elastic bi-spiking neuron (``"elastic"``) and its kernels' dispatch;
-* :mod:`.gif`: SpikeLLM's generalized integrate-and-fire neuron with saliency-based extra steps.
+* :mod:`.gif`: SpikeLLM's generalized integrate-and-fire neuron with saliency-based extra steps;
+* :mod:`.signed`: the signed multi-level neuron (SpikeLM's bi-directional spikes with L levels per sign).
 
 A new neuron is one module here (a :class:`SpikingNeuron` subclass decorated with :func:`register_neuron`) imported
 below, plus its tests. ``spikelm.nn.neuron`` and ``spikelm.nn.gif``, the modules' old paths, stay importable: they
@@ -11,7 +12,7 @@ are the same module objects (:mod:`spikelm.nn`).
 
 from __future__ import annotations
 
-from . import elastic, gif
+from . import elastic, gif, signed
 from .base import (
     SpikingNeuron,
     named_neurons,
@@ -30,6 +31,7 @@ __all__ = [
     "elastic",
     "gif",
     "named_neurons",
+    "signed",
     "neuron_class",
     "neuron_classes",
     "neuron_names",

@@ -54,7 +54,8 @@ class SpikingNeuron(nn.Module):
     * :meth:`time_steps` -> int: T, the time steps the spikes run over.
     * :meth:`recipe` -> dict: the named recipe's fields, with ``--num-steps`` (if given) mapped onto them;
       :meth:`finish_recipe` -> dict: the fields once the user's overrides are in.
-    * :meth:`from_config` -> SpikingNeuron: the neuron of one placement site.
+    * :meth:`site_fields` -> dict: the fields for one kind of placement site (per-site settings);
+      :meth:`from_config` -> SpikingNeuron: the neuron of one placement site.
     * :meth:`describe` -> str: the model card's sentence on the neuron (after "Converted ... with spikify: ").
     * :meth:`summary` -> str: a few words for a command's report (``spikelm energy``).
     * :meth:`steps_summary` -> str: the time steps in words (``spikelm generate``).
@@ -135,6 +136,12 @@ class SpikingNeuron(nn.Module):
         """The recipe's fields after the user's ``overrides`` were applied (``spikify --set``): a chance to drop a
         default that no longer applies. Returns the fields."""
         return fields
+
+    @classmethod
+    def site_fields(cls, fields: Mapping[str, Any], kind: str) -> dict[str, Any]:
+        """The fields for a placement site of ``kind`` (``qkv_input``, ``o_input``, ``gate_up_input``,
+        ``down_input``, ``k``, ``v``): a neuron whose settings differ per site maps them here (default: as given)."""
+        return dict(fields)
 
     @classmethod
     def from_config(cls, fields: Mapping[str, Any], channels: int | tuple[int, ...], per_step: bool) -> SpikingNeuron:
