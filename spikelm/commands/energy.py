@@ -27,9 +27,9 @@ def register(sub) -> None:
             "sequences, against the same shape run real-valued (ANN). Writes energy.json, report.md and PNG plots. "
             "--model: a SpikeLM directory, a converted model (spikelm spikify: a GIF spike of level k is k "
             "accumulates per fan-out, zero-point and scale terms are MACs), a real-valued transformers model of a "
-            "family spikify converts (its ANN figure), or a named source (smollm2-135m, minilm). Causal converted "
-            "and source models also get the energy per generated token: one decode step (a new token attending a "
-            "filled cache of the window's other tokens)."
+            "family spikify converts (its ANN figure), or a named source (smollm2-135m, gemma3-270m, minilm). "
+            "Causal converted and source models also get the energy per generated token: one decode step (a new "
+            "token attending a filled cache of the window's other tokens)."
         ),
     )
     p.add_argument(
@@ -37,7 +37,7 @@ def register(sub) -> None:
         type=model_source,
         required=True,
         help="a model directory written by save_pretrained (SpikeLM, converted, or real-valued), or smollm2-135m / "
-        "minilm",
+        "gemma3-270m / minilm",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(

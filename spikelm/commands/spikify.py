@@ -14,10 +14,11 @@ DEFAULT_EVAL_TOKENS = 2048
 def register(sub) -> None:
     p = sub.add_parser(
         "spikify",
-        help="convert a pretrained Hugging Face model (LLaMA family, GPT-2, BERT) into a spiking one",
+        help="convert a pretrained Hugging Face model (LLaMA family, Gemma-3, GPT-2, BERT) into a spiking one",
         description=(
             "Load a pretrained model (a directory written by save_pretrained, or a named source: smollm2-135m, "
-            "minilm), place spiking neurons by SpikeLM's rules (every linear input but the LM head, K and V), "
+            "gemma3-270m, minilm), place spiking neurons by SpikeLM's rules (every linear input but the LM head, K "
+            "and V), "
             "calibrate them on text, and save the spiking model: config.json (the original architecture + a "
             "'spikelm' quantization_config), model.safetensors (weights + alphas / saliency masks), the tokenizer and "
             "a model card. After `import spikelm`, AutoModelForCausalLM.from_pretrained(DIR) loads it spiking. "
@@ -31,7 +32,10 @@ def register(sub) -> None:
         ),
     )
     p.add_argument(
-        "--model", type=model_ref, required=True, help="model directory or named source (smollm2-135m, minilm)"
+        "--model",
+        type=model_ref,
+        required=True,
+        help="model directory or named source (smollm2-135m, gemma3-270m, minilm)",
     )
     p.add_argument("--neuron", choices=("gif", "elastic"), default="gif", help="neuron family (default gif)")
     p.add_argument(
@@ -128,12 +132,21 @@ def _fit_transform(config, model, user_fields: set):
     """The recipe's rotations apply to the LLaMA family (RMSNorm); elsewhere they are dropped, saying so, unless the
     user asked for them by --set (then spikify's own error says why they cannot apply)."""
     from spikelm.conversion import SpikeLMConversionConfig
-    from spikelm.conversion.rotation import SUPPORTED_MODEL_TYPES
+    from spikelm.conversion.rotation import ONLINE_ONLY_MODEL_TYPES, RESIDUAL_BLOCKERS, SUPPORTED_MODEL_TYPES
 
     wanted = config.rotation != "none" or config.online_down_proj_rotation
     asked = {"rotation", "online_down_proj_rotation"} & user_fields
     if not wanted or asked or model.config.model_type in SUPPORTED_MODEL_TYPES:
         return config
+    if model.config.model_type in ONLINE_ONLY_MODEL_TYPES:
+        if config.rotation == "none":
+            return config
+        print(
+            f"spikelm spikify: no residual-stream rotation for model_type {model.config.model_type!r} "
+            f"({RESIDUAL_BLOCKERS[model.config.model_type]}); keeping the online rotation of down_proj's input",
+            flush=True,
+        )
+        return SpikeLMConversionConfig(**{**config.to_dict(), "rotation": "none"})
     print(
         f"spikelm spikify: no residual-stream rotation for model_type {model.config.model_type!r} (LLaMA family "
         f"only: {', '.join(SUPPORTED_MODEL_TYPES)}); converting without it",

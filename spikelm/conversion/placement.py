@@ -86,6 +86,22 @@ FAMILIES = (
         "norm",
         True,
     ),
+    # Gemma-3 (text): LLaMA's attribute paths; its RMSNorms compute x * (1 + w) and sandwich each branch (a post
+    # norm before the residual add), so only the rotations that do not cross a norm apply (docs/CONVERSION.md)
+    Family(
+        "gemma3_text",
+        ("gemma3_text",),
+        "layers",
+        "self_attn",
+        (
+            Site("qkv_input", "self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            Site("o_input", "self_attn.o_proj", ("self_attn.o_proj",)),
+            Site("gate_up_input", "mlp", ("mlp.gate_proj", "mlp.up_proj")),
+            Site("down_input", "mlp.down_proj", ("mlp.down_proj",)),
+        ),
+        "norm",
+        True,
+    ),
     Family(
         "gpt2",
         ("gpt2",),

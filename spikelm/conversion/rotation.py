@@ -31,6 +31,13 @@ import torch
 from torch import nn
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# the online rotation of down_proj's input only (its input is not in the residual stream): Gemma-3's sandwich norms
+# (a post norm with gain 1 + w after each branch, before the residual add) keep the residual rotation from folding
+ONLINE_ONLY_MODEL_TYPES = ("gemma3_text",)
+RESIDUAL_BLOCKERS = {
+    "gemma3_text": "Gemma-3 normalises each branch's output (post_attention_layernorm, post_feedforward_layernorm, "
+    "gain 1 + w) before the residual add: a rotation of the residual stream cannot be folded through those gains",
+}
 ROTATION_KINDS = ("hadamard", "random")
 SYLVESTER_CHUNK = 256  # the largest power-of-two factor applied as one dense matrix (kron of Sylvesters is Sylvester)
 
@@ -228,9 +235,17 @@ class OnlineHadamard(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_supported(model: nn.Module) -> None:
+def _check_supported(model: nn.Module, online: bool = False) -> None:
+    """``ValueError`` unless ``model`` takes the residual-stream rotation (``online``: only down_proj's online one)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if online and model_type in ONLINE_ONLY_MODEL_TYPES:
+        pass
+    elif model_type in RESIDUAL_BLOCKERS:
+        raise ValueError(
+            f"no residual-stream rotation for model_type {model_type!r}: {RESIDUAL_BLOCKERS[model_type]} (use "
+            "rotation='none'; online_down_proj_rotation applies)"
+        )
+    elif model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"rotation supports the LLaMA family {SUPPORTED_MODEL_TYPES} (a CausalLM with "
             f"model.layers and lm_head); got model_type={model_type!r}"
@@ -371,7 +386,7 @@ def attach_online_down_proj_rotation(
     ``fold=False`` and the saved ``seed`` and ``kind``. Returns ``{"kind", "requested_kind", "seed", "size",
     "fallback", "layers_attached"}``.
     """
-    _check_supported(model)
+    _check_supported(model, online=True)
     attached = 0
     size = model.model.layers[0].mlp.down_proj.in_features
     rotation = OnlineHadamard(size, seed, kind)
