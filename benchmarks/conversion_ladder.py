@@ -27,6 +27,9 @@ GIF_T4 = dict(neuron="gif", gif_bits=4, gif_extra_bits=2, saliency_fraction=0.05
 ROWS = {
     "real": None,
     "default": "gif",  # the named recipe spikify uses by default (spikelm.conversion.recipes.RECIPES)
+    # the default recipe + an online Hadamard on the q/k/v, o_proj and gate/up inputs (folded into their readers):
+    # exact where the residual-stream rotation is not (Gemma-3's post norms); an experiment, not a saved recipe
+    "default-online-inputs": "gif+online-inputs",
     "gif-t2": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9},  # the default before range groups (gif_group_size=0)
     "gif-t2-nosal": {**GIF_T2, **TRANSFORM, "gif_clip_ratio": 0.9, "saliency_fraction": 0.0},
     "gif-t4": {**GIF_T4, **TRANSFORM, "gif_clip_ratio": 0.9},
@@ -94,8 +97,39 @@ def row_config(row: str) -> dict | None:
     if isinstance(config, str):
         from spikelm.conversion.recipes import RECIPES
 
-        return dict(RECIPES[config])
+        return dict(RECIPES[config.split("+")[0]])
     return None if config is None else dict(config)
+
+
+def _rotate_site_input(host, args, kwargs):
+    if args:
+        return (host.site_rotation(args[0]), *args[1:]), kwargs
+    kwargs["hidden_states"] = host.site_rotation(kwargs["hidden_states"])
+    return args, kwargs
+
+
+@torch.no_grad()
+def attach_online_input_rotations(model, seed: int = 2, kinds=("qkv_input", "o_input", "gate_up_input")) -> int:
+    """Rotate the input of each listed site online (``x <- x Q``, an ``OnlineHadamard`` pre-hook on the site's host,
+    placed first) and fold ``Q`` into the linears reading it (``W <- W Q``): the real-valued function is unchanged.
+    Call before ``spikify``, so that the neurons (hooked after) and their calibration see the rotated input."""
+    from spikelm.conversion.placement import family_of
+    from spikelm.conversion.rotation import OnlineHadamard, rotation_matrix
+
+    family, count = family_of(model), 0
+    for layer in model.base_model.get_submodule(family.layers):
+        for site in family.sites:
+            if site.kind not in kinds:
+                continue
+            host, readers = layer.get_submodule(site.host), [layer.get_submodule(r) for r in site.readers]
+            size = readers[0].in_features
+            q = rotation_matrix(size, "hadamard", seed)[0].to(readers[0].weight.device)
+            for reader in readers:
+                reader.weight.copy_((reader.weight.double() @ q).to(reader.weight.dtype))
+            host.site_rotation = OnlineHadamard(size, seed)
+            host.register_forward_pre_hook(_rotate_site_input, with_kwargs=True, prepend=True)
+            count += 1
+    return count
 
 
 def main() -> None:
@@ -136,6 +170,8 @@ def main() -> None:
             if model.config.model_type in ONLINE_ONLY_MODEL_TYPES:  # as `spikelm spikify` does, saying so
                 print(f"{row}: no residual-stream rotation for {model.config.model_type} (post norms)", flush=True)
                 config["rotation"] = "none"
+        if isinstance(ROWS[row], str) and ROWS[row].endswith("+online-inputs"):
+            attach_online_input_rotations(model)
         if config is not None:
             if calibration is None:
                 calibration = calibration_ids(tokenizer, args.calibration_sequences)
