@@ -164,12 +164,6 @@ def main() -> None:
         started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
         config = row_config(row)
-        if config is not None and config.get("rotation", "none") != "none":
-            from spikelm.conversion.rotation import ONLINE_ONLY_MODEL_TYPES
-
-            if model.config.model_type in ONLINE_ONLY_MODEL_TYPES:  # as `spikelm spikify` does, saying so
-                print(f"{row}: no residual-stream rotation for {model.config.model_type} (post norms)", flush=True)
-                config["rotation"] = "none"
         if isinstance(ROWS[row], str) and ROWS[row].endswith("+online-inputs"):
             attach_online_input_rotations(model)
         if config is not None:

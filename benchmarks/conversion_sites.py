@@ -6,7 +6,7 @@ each time.
 
 One JSON line per row (``"bypass"``: the site kind left real-valued, ``none`` for the full conversion, ``all`` for
 every site: the real-valued model). Calibration as ``conversion_ladder.py`` (the default ``pypi`` corpus); where
-the architecture refuses the residual-stream rotation (Gemma-3), the recipe runs without it, as ``spikelm spikify``.
+the architecture cannot fold the residual-stream rotation (Gemma-3), spikify drops it, saying so.
 ``--bos``: windows of ``<bos>`` + 511 tokens (``conversion_ladder.bos_windows``).
 """
 
@@ -51,12 +51,7 @@ def main() -> None:
         tokens = bos_windows(tokens, tokenizer.bos_token_id)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     calibration = calibration_ids(tokenizer, args.calibration_sequences)
-    config = dict(RECIPES[args.recipe])
-    from spikelm.conversion.rotation import ONLINE_ONLY_MODEL_TYPES
-
-    if model.config.model_type in ONLINE_ONLY_MODEL_TYPES:
-        config["rotation"] = "none"
-    spikelm.spikify(model, config, calibration=list(calibration.split(4)))
+    spikelm.spikify(model, dict(RECIPES[args.recipe]), calibration=list(calibration.split(4)))
     sites = placement(model)
     modules = dict(model.named_modules())
     output = Path(args.output)

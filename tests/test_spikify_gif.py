@@ -123,9 +123,17 @@ def test_rotation_round_trip_untied_and_said_so(tmp_path):
     assert torch.equal(greedy(loaded, ids), greedy(model, ids))
 
 
-def test_rotation_needs_the_llama_family():
-    with pytest.raises(ValueError, match="LLaMA family"):
-        spikify(CAUSAL["gpt2"](), rotation="hadamard")
+def test_a_rotation_gpt2_cannot_fold_is_dropped_with_a_notice():
+    """GPT-2's LayerNorms subtract the mean: no rotation commutes with them. spikify says so in one line and converts
+    without it (the saved config records rotation none), as if none had been asked."""
+    with pytest.warns(UserWarning, match="'gpt2': no residual-stream rotation .*LayerNorm") as caught:
+        model = spikify(CAUSAL["gpt2"](), rotation="hadamard", online_down_proj_rotation=True)
+    assert len([w for w in caught if "spikify" in str(w.message)]) == 1
+    config = model.config.quantization_config
+    assert config.rotation == "none" and not config.online_down_proj_rotation
+    plain = spikify(CAUSAL["gpt2"]())
+    ids = token_ids()
+    assert torch.equal(model(ids).logits, plain(ids).logits)
 
 
 def test_gif_range_groups_round_trip_and_cached_decoding(tmp_path):

@@ -14,7 +14,7 @@ DEFAULT_EVAL_TOKENS = 2048
 def register(sub) -> None:
     p = sub.add_parser(
         "spikify",
-        help="convert a pretrained Hugging Face model (LLaMA family, Gemma-3, GPT-2, BERT) into a spiking one",
+        help="convert a pretrained Hugging Face model (LLaMA family, GPT-2, BERT) into a spiking one",
         description=(
             "Load a pretrained model (a directory written by save_pretrained, or a named source: smollm2-135m, "
             "gemma3-270m, minilm), place spiking neurons by SpikeLM's rules (every linear input but the LM head, K "
@@ -25,7 +25,7 @@ def register(sub) -> None:
             "Default recipe (the best training-free one measured on SmolLM2-135M): SpikeLLM's GIF neuron at its T=2 "
             "setting (n=4 base bits, a=1: the top 10%% of channels by saliency spike over 2 steps), per-token ranges "
             "per 64 consecutive channels of each channel group (salient, other) clipped to 0.9, after a Hadamard "
-            "rotation of the residual stream and an online Hadamard on down_proj's input. --neuron elastic: "
+            "rotation of the residual stream and an online Hadamard on the FFN's last linear input. --neuron elastic: "
             "SpikeLM's ternary neuron, T=4, symmetric reset, same rotations. Turn parts off with --set: "
             "rotation=none, online_down_proj_rotation=false, saliency_fraction=0, gif_group_size=0 (one range per "
             "channel group), gif_group_range=token, gif_clip_ratio=1."
@@ -94,7 +94,7 @@ def _load(source, output_dir, overwrite):
     import transformers
     from transformers import AutoConfig
 
-    from spikelm.conversion.placement import FAMILIES
+    from spikelm.conversion.architectures import supported_model_types
     from spikelm.evaluation.loading import load_pretrained, model_class
 
     try:
@@ -108,11 +108,10 @@ def _load(source, output_dir, overwrite):
         and (quant.get("quant_method") if isinstance(quant, dict) else quant.quant_method) == "spikelm"
     ):
         raise UserError(f"--model {source} is already spiking; spikify its real-valued source model")
-    supported = sorted({t for family in FAMILIES for t in family.model_types})
+    supported = supported_model_types()
     if config.model_type not in supported:
         raise UserError(
-            f"--model {source}: model_type {config.model_type!r} is not supported; supported: {', '.join(supported)} "
-            "(the LLaMA family, GPT-2, BERT-family encoders)"
+            f"--model {source}: model_type {config.model_type!r} is not supported; supported: {', '.join(supported)}"
         )
     names = getattr(config, "architectures", None) or []
     cls = model_class(config, "--model", source)
@@ -128,31 +127,16 @@ def _load(source, output_dir, overwrite):
     return load_pretrained(cls, source, dtype=torch.float32).eval(), out_dir
 
 
-def _fit_transform(config, model, user_fields: set):
-    """The recipe's rotations apply to the LLaMA family (RMSNorm); elsewhere they are dropped, saying so, unless the
-    user asked for them by --set (then spikify's own error says why they cannot apply)."""
-    from spikelm.conversion import SpikeLMConversionConfig
-    from spikelm.conversion.rotation import ONLINE_ONLY_MODEL_TYPES, RESIDUAL_BLOCKERS, SUPPORTED_MODEL_TYPES
+def _fit_transform(config, model):
+    """The recipe's rotations, restricted to what the architecture folds exactly; what is dropped is said in one
+    line (:func:`spikelm.conversion.spikify.fit_transform`)."""
+    from spikelm.conversion.placement import family_of
+    from spikelm.conversion.spikify import fit_transform
 
-    wanted = config.rotation != "none" or config.online_down_proj_rotation
-    asked = {"rotation", "online_down_proj_rotation"} & user_fields
-    if not wanted or asked or model.config.model_type in SUPPORTED_MODEL_TYPES:
-        return config
-    if model.config.model_type in ONLINE_ONLY_MODEL_TYPES:
-        if config.rotation == "none":
-            return config
-        print(
-            f"spikelm spikify: no residual-stream rotation for model_type {model.config.model_type!r} "
-            f"({RESIDUAL_BLOCKERS[model.config.model_type]}); keeping the online rotation of down_proj's input",
-            flush=True,
-        )
-        return SpikeLMConversionConfig(**{**config.to_dict(), "rotation": "none"})
-    print(
-        f"spikelm spikify: no residual-stream rotation for model_type {model.config.model_type!r} (LLaMA family "
-        f"only: {', '.join(SUPPORTED_MODEL_TYPES)}); converting without it",
-        flush=True,
-    )
-    return SpikeLMConversionConfig(**{**config.to_dict(), "rotation": "none", "online_down_proj_rotation": False})
+    notice = fit_transform(family_of(model), config)
+    if notice is not None:
+        print(f"spikelm spikify: {notice}", flush=True)
+    return config
 
 
 def run(args) -> int:
@@ -185,7 +169,7 @@ def run(args) -> int:
         raise UserError(f"--model {args.model}: {err}") from None
     what = f"--model {args.model}"
     check_fits(model.config, tokenizer, args.calibration_length, what=what, length_flag="--calibration-length")
-    config = _fit_transform(config, model, set(_overrides(args.set)))
+    config = _fit_transform(config, model)
     batches, calibration = calibration_batches(
         tokenizer, args.calibration_text, args.calibration_sequences, args.calibration_length
     )
@@ -221,6 +205,7 @@ def run(args) -> int:
         calibration=calibration,
         perplexity=perplexity,
         evaluation=evaluation,
+        model_type=model.config.model_type,
     )
     summary = {
         "model": str(args.model),

@@ -1,10 +1,11 @@
 """The attention of a converted model: transformers' attention interface, computed as :mod:`spikelm.nn.exact` says.
 
 A converted model's attention reads the spiked K and V (from the spike-code cache or :class:`~spikelm.conversion.
-cache.TransientSpikeKV`) and its output is the input of o_proj's neuron, which rounds it to codes. PyTorch's
-``scaled_dot_product_attention`` sums in an order that depends on the number of queries and keys (a prefill, a
-decoding step, a longer prompt), so the same token got different bits, and the o_proj codes flipped at ties (a token
-attending one cached token re-quantises that token's dequantised V, whose values lie on a grid). :func:`attach`
+cache.TransientSpikeKV`) and its output is the input of the output projection's neuron, which rounds it to codes.
+PyTorch's ``scaled_dot_product_attention`` sums in an order that depends on the number of queries and keys (a
+prefill, a decoding step, a longer prompt), so the same token got different bits, and the output projection's codes
+flipped at ties (a token attending one cached token re-quantises that token's dequantised V, whose values lie on a
+grid). :func:`attach`
 (placement) therefore sets the model's attention implementation to :data:`NAME`, registered here with transformers'
 ``AttentionInterface`` and ``AttentionMaskInterface`` (its masks are sdpa's): the attention runs in
 float64 and rounds once (:func:`spikelm.nn.exact.exact_attention`, differentiable); with dropout (training) it is

@@ -52,13 +52,14 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
 
     Outlier handling (equivalence transforms folded into the weights before spiking):
         rotation (str): ``"none"``, ``"hadamard"`` or ``"random"``: an orthogonal rotation of the residual stream
-            (LLaMA family; RMSNorm gains folded in first, see :mod:`spikelm.conversion.rotation`).
+            (architectures with pre RMSNorms only; their gains folded in first, see :mod:`spikelm.conversion.rotation`;
+            elsewhere spikify drops it, saying why).
         rotation_seed (int): seed of the rotation's random signs (or matrix); the online rotation uses seed + 1.
-        online_down_proj_rotation (bool): also rotate down_proj's input at run time (a Hadamard rebuilt from its
-            size and seed on load, so nothing extra is saved).
+        online_down_proj_rotation (bool): also rotate the FFN's last linear input at run time (a Hadamard rebuilt
+            from its size and seed on load, so nothing extra is saved). The name is kept from saved configs.
         smoothing_alpha (float or None): None (default): off; a number in [0, 1]: SmoothQuant per-channel factors
             ``max|X_c|^alpha / max|W_c|^(1 - alpha)`` from the calibration text, folded into every block's RMSNorm
-            gains and q/k/v, gate/up weights after the rotation (LLaMA family; needs calibration; exact for the
+            gains and the weights reading them after the rotation (needs pre RMSNorms and calibration; exact for the
             real-valued model, see :mod:`spikelm.conversion.smoothing`). The saved weights carry it.
         untied_embeddings (bool): the LM head was untied from the input embeddings (a transform needed it).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .architectures import lookup
 from .config import SpikeLMConversionConfig
 
 
@@ -50,6 +51,7 @@ def write_model_card(
     perplexity: dict[str, float] | None = None,
     evaluation: str | None = None,
     notes: list[str] | None = None,
+    model_type: str | None = None,
 ) -> Path:
     """Write ``directory/README.md`` for a saved conversion and return its path.
 
@@ -61,9 +63,13 @@ def write_model_card(
         perplexity: measured perplexities by row name, e.g. ``{"source (real-valued)": 15.1, "this model": 65.4}``.
         evaluation: the text and settings the perplexities were measured on (window, stride, token count).
         notes: further lines (e.g. training after conversion).
+        model_type: the source's ``model_type``; its architecture's description names where the T copies are
+            averaged and which rotation parts apply (:mod:`spikelm.conversion.architectures`).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    architecture = lookup(model_type)
+    averaged = f"`{architecture.average_after}`" if architecture is not None else "the final norm"
     lines = [
         "---",
         "library_name: transformers",
@@ -77,7 +83,12 @@ def write_model_card(
             "Every linear layer's input is spiked (one neuron where several layers share an input) except "
             f"{', '.join(f'`{m}`' for m in config.modules_to_not_convert) or 'none'}; K (after the rotary embedding) "
             "and V are spiked per step; norms, softmax, activations and residual adds stay real-valued; the T "
-            "copies are averaged after the final norm."
+            f"copies are averaged after {averaged}."
+        ),
+        *(
+            [f"Source architecture: {architecture.description} (`model_type` {architecture.model_type!r})."]
+            if architecture is not None
+            else []
         ),
         "",
         "Load it with `import spikelm` and the usual `AutoModelForCausalLM.from_pretrained(...)` (or `AutoModel...`):",
@@ -97,12 +108,14 @@ def write_model_card(
         calibration or "None: the alphas were initialised from the first batch the model saw.",
         "",
     ]
+    if architecture is not None and architecture.rotation_blocker() is not None:
+        lines += [f"No residual-stream rotation for this architecture: {architecture.rotation_blocker()}.", ""]
     if config.rotation != "none" or config.online_down_proj_rotation:
         lines += [
             "## Transforms",
             "",
             (
-                f"Residual-stream rotation: {config.rotation}; online rotation of down_proj's input: "
+                f"Residual-stream rotation: {config.rotation}; online rotation of the FFN's last linear input: "
                 f"{'yes' if config.online_down_proj_rotation else 'no'}. The real-valued model's function is "
                 "unchanged by them (they are folded into the weights)."
             ),

@@ -8,11 +8,9 @@ What happens to a model (SPEC section 3, and section 8 for a LLaMA-family block)
   hook averages the T copies after the final norm (after the encoder for BERT, whose blocks end in a norm), so the
   heads (LM head, pooler, classifier) see (B, L, D) and stay real-valued.
 * Every linear layer's input is spiked by a neuron, one per shared input: a forward pre-hook on the module that
-  receives the input spikes it with that module's ``input_neuron`` (a registered submodule, so its alphas are in the
-  state dict, e.g. ``model.layers.0.self_attn.input_neuron.alpha``). LLaMA family: ``self_attn`` (q/k/v),
-  ``self_attn.o_proj``, ``mlp`` (gate/up), ``mlp.down_proj``. GPT-2: ``attn`` (c_attn), ``attn.c_proj``,
-  ``mlp`` (c_fc), ``mlp.c_proj``. BERT: ``attention.self`` (query/key/value), ``attention.output.dense``,
-  ``intermediate.dense``, ``output.dense``.
+  receives the input (the *host* of an input site) spikes it with that module's ``input_neuron`` (a registered
+  submodule, so its alphas are in the state dict, e.g. ``model.layers.0.self_attn.input_neuron.alpha``). Where the
+  hosts and their reading linears are is the architecture's description (:mod:`spikelm.conversion.architectures`).
 * K (after the rotary embedding) and V are spiked per step by the attention module's ``key_neuron`` and
   ``value_neuron`` where the attention hands them to its cache (see :mod:`spikelm.conversion.cache`); a causal model
   creates its spike-code cache itself, so ``generate()`` needs no extra argument.
@@ -40,101 +38,14 @@ from transformers import PreTrainedModel
 from ..errors import UserError
 from ..nn.cpu_kernels import spike_linear
 from ..nn.neuron import ElasticBiSpikingNeuron
+from .architectures import SITE_KINDS, Architecture, describe, registered
 from .attention import NAME as SPIKING_ATTENTION
 from .cache import SpikeCodeCache, TransientSpikeKV, into_spike_cache, is_spike_cache
 from .config import QUANT_METHOD, SpikeLMConversionConfig
 
-SITE_KINDS = ("qkv_input", "o_input", "gate_up_input", "down_input", "k", "v")
 # the inputs that are repeated T times on entry (those whose first axis is the batch)
 BATCHED_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
-
-
-@dataclass(frozen=True)
-class Site:
-    """One spiking neuron: ``kind``, the module (inside a block) whose input it spikes, the linears reading it."""
-
-    kind: str
-    host: str
-    readers: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Family:
-    """Where things are in one architecture family (paths relative to the base model and to a block)."""
-
-    name: str
-    model_types: tuple[str, ...]
-    layers: str  # the ModuleList of blocks
-    attention: str  # the self-attention module of a block (it calls cache.update with K after rotary, and V)
-    sites: tuple[Site, ...]
-    average_after: str  # the T copies are averaged on this module's output
-    causal: bool  # builds a spike-code cache for decoding
-
-
-FAMILIES = (
-    Family(
-        "llama",
-        ("llama", "mistral", "qwen2", "qwen3"),
-        "layers",
-        "self_attn",
-        (
-            Site("qkv_input", "self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            Site("o_input", "self_attn.o_proj", ("self_attn.o_proj",)),
-            Site("gate_up_input", "mlp", ("mlp.gate_proj", "mlp.up_proj")),
-            Site("down_input", "mlp.down_proj", ("mlp.down_proj",)),
-        ),
-        "norm",
-        True,
-    ),
-    # Gemma-3 (text): LLaMA's attribute paths; its RMSNorms compute x * (1 + w) and sandwich each branch (a post
-    # norm before the residual add), so only the rotations that do not cross a norm apply (docs/CONVERSION.md)
-    Family(
-        "gemma3_text",
-        ("gemma3_text",),
-        "layers",
-        "self_attn",
-        (
-            Site("qkv_input", "self_attn", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            Site("o_input", "self_attn.o_proj", ("self_attn.o_proj",)),
-            Site("gate_up_input", "mlp", ("mlp.gate_proj", "mlp.up_proj")),
-            Site("down_input", "mlp.down_proj", ("mlp.down_proj",)),
-        ),
-        "norm",
-        True,
-    ),
-    Family(
-        "gpt2",
-        ("gpt2",),
-        "h",
-        "attn",
-        (
-            Site("qkv_input", "attn", ("attn.c_attn",)),
-            Site("o_input", "attn.c_proj", ("attn.c_proj",)),
-            Site("gate_up_input", "mlp", ("mlp.c_fc",)),
-            Site("down_input", "mlp.c_proj", ("mlp.c_proj",)),
-        ),
-        "ln_f",
-        True,
-    ),
-    Family(
-        "bert",
-        ("bert",),
-        "encoder.layer",
-        "attention.self",
-        (
-            Site("qkv_input", "attention.self", ("attention.self.query", "attention.self.key", "attention.self.value")),
-            Site("o_input", "attention.output.dense", ("attention.output.dense",)),
-            Site("gate_up_input", "intermediate.dense", ("intermediate.dense",)),
-            Site("down_input", "output.dense", ("output.dense",)),
-        ),
-        "encoder",
-        False,
-    ),
-)
-
-
-def supported_model_types() -> list[str]:
-    return sorted(t for family in FAMILIES for t in family.model_types)
+FAMILIES = registered()  # every described architecture (one per model type)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,27 +63,10 @@ def is_spiking(model: nn.Module) -> bool:
     return any(isinstance(m, ElasticBiSpikingNeuron) or hasattr(m, "input_neuron") for m in model.modules())
 
 
-def family_of(model: nn.Module) -> Family:
-    """The placement family of ``model``; ``ValueError`` naming the problem if it has none."""
-    if not isinstance(model, PreTrainedModel):  # an unsupported architecture like any other: ValueError
-        raise ValueError(  # noqa: TRY004
-            f"spikify expects a loaded transformers model (a PreTrainedModel); got a {type(model).__name__}"
-        )
-    config = model.config
-    model_type = getattr(config, "model_type", None)
-    for family in FAMILIES:
-        if model_type in family.model_types:
-            break
-    else:
-        raise ValueError(
-            f"spikify does not support {type(model).__name__} (model_type {model_type!r}); supported model types: "
-            f"{', '.join(supported_model_types())} (the LLaMA family, GPT-2, BERT-family encoders)"
-        )
-    if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
-        raise ValueError(f"spikify does not support cross-attention ({type(model).__name__} has add_cross_attention)")
-    if family.name == "bert" and getattr(config, "is_decoder", False):
-        raise ValueError("spikify supports BERT-family models as encoders only (this config has is_decoder=True)")
-    return family
+def family_of(model: nn.Module) -> Architecture:
+    """The description of ``model``'s architecture (:func:`spikelm.conversion.architectures.describe`);
+    ``ValueError`` naming the problem if it has none."""
+    return describe(model)
 
 
 def _skipped(name: str, skip: list[str]) -> bool:
@@ -194,9 +88,10 @@ def make_neuron(
     """The neuron for one placement site.
 
     Args:
-        kind: one of :data:`SITE_KINDS`: the shared input of q/k/v (``"qkv_input"``), o_proj's input, the shared
-            input of the FFN's first linear(s) (gate/up, GPT-2's c_fc, BERT's intermediate), the FFN's last linear's
-            input (``"down_input"``), or K / V per step (``"k"``, ``"v"``).
+        kind: one of :data:`SITE_KINDS`: the shared input of the query/key/value projections (``"qkv_input"``),
+            the attention output projection's input (``"o_input"``), the shared input of the FFN's first linear(s)
+            (``"gate_up_input"``), the FFN's last linear's input (``"down_input"``), or K / V per step (``"k"``,
+            ``"v"``).
         config: the conversion recipe.
         channels: the width C of the input (…, C); for K/V the channel shape ``(H_kv, 1, d)`` of their
             (B, H_kv, L, d) layout.
@@ -383,7 +278,7 @@ class SpikingState:
     def __init__(
         self,
         model: PreTrainedModel,
-        family: Family,
+        family: Architecture,
         config: SpikeLMConversionConfig,
         handles: list,
         sites: list[PlacedNeuron],
@@ -469,8 +364,9 @@ def placement(model: PreTrainedModel) -> list[PlacedNeuron]:
 def detach(model: PreTrainedModel) -> PreTrainedModel:
     """Undo :func:`attach`: remove the hooks and the neurons; the weights stay as they are.
 
-    A rotation folded into the weights (and its online part on down_proj's input) stays: it is exact, so the model
-    computes its real-valued function again. ``model.dequantize()`` calls this and drops the quantization config.
+    A rotation folded into the weights (and its online part on the FFN's last linear input) stays: it is exact, so
+    the model computes its real-valued function again. ``model.dequantize()`` calls this and drops the quantization
+    config.
     """
     state = getattr(model, "_spikelm", None)
     if state is None:

@@ -5,7 +5,7 @@ The defaults are the best training-free recipe measured on SmolLM2-135M (docs/CO
 * ``gif`` (the default): SpikeLLM's GIF neuron at its T=2 setting (n = 4 base bits, a = 1 extra bit: the top
   10 % of channels by saliency spike over 2 steps), per-token ranges per 64 consecutive channels of each channel
   group (salient, other), clipped to 0.9 of the min/max, after a Hadamard rotation of the residual stream and an
-  online Hadamard on down_proj's input (both exact: the real-valued model computes the same function).
+  online Hadamard on the FFN's last linear input (both exact: the real-valued model computes the same function).
 * ``elastic``: SpikeLM's ternary neuron, T = 4, symmetric reset (far better than the authors' official reset on a
   pretrained LLM), after the same rotations. Without distillation this stays far from the source model.
 

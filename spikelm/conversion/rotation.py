@@ -1,24 +1,34 @@
-"""Exact equivalence transforms folded into the weights of a LLaMA-family model (QuaRot-style), before spiking.
+"""Exact equivalence transforms folded into the weights of a causal LM (QuaRot-style), before spiking.
 
 Rotating the residual stream by an orthogonal ``Q`` spreads activation outliers over all channels, which is what a
 per-token few-bit neuron (GIF, ternary) needs, and changes nothing in the real-valued model:
 
-1. Each RMSNorm's gain is folded into the layers that read its output (q/k/v after ``input_layernorm``, gate/up
-   after ``post_attention_layernorm``, the LM head after the final norm), and the gains are set to 1. A gain-free
-   RMSNorm commutes with any orthogonal ``Q`` (``rms(h Q) == rms(h)``).
-2. With row vectors (``y = x W^T``, as ``nn.Linear``): ``E <- E Q`` for the token embeddings; every layer writing
-   the residual (o_proj, down_proj) ``W <- Q^T W`` and its bias ``b <- b Q``; every layer reading it (q/k/v,
-   gate/up, lm_head) ``W <- W Q``, its bias unchanged (Qwen2's q/k/v biases). Tied embeddings are untied first:
-   the LM head's weight becomes ``W diag(g) Q`` while the embedding becomes ``E Q``.
+Where the norms, the readers and the writers of the residual stream are is the architecture's description
+(:mod:`spikelm.conversion.architectures`):
+
+1. Each pre norm's gain (``w``, or ``1 + w`` for Gemma) is folded into the linears that read its output (the
+   attention's input projections, the FFN's first linears, the LM head after the final norm), and the gains are set
+   to 1 (the stored weight to 1, or to 0 for ``1 + w``). A gain-free RMSNorm commutes with any orthogonal ``Q``
+   (``rms(h Q) == rms(h)``).
+2. With row vectors (``y = x W^T``, as ``nn.Linear``): ``E <- E Q`` for the token embeddings; every linear writing
+   the residual ``W <- Q^T W`` and its bias ``b <- b Q``; every linear reading it (through a folded norm) and the
+   LM head ``W <- W Q``, its bias unchanged (Qwen2's q/k/v biases). Tied embeddings are untied first: the LM head's
+   weight becomes ``W diag(g) Q`` while the embedding becomes ``E Q``.
+
+A description whose norms do not allow it (a LayerNorm, which subtracts the mean; a norm after a branch's output,
+before the residual add, as Gemma-2/3's sandwich norms and OLMo-2's) is refused with the reason
+(:meth:`~spikelm.conversion.architectures.Architecture.rotation_blocker`); ``spikify`` then says so in one line and
+applies only the online rotation below, which is exact for any of them.
 
 ``Q`` is a randomised Hadamard matrix, ``diag(±1) H / sqrt(n)`` with ``H`` a Kronecker product of Sylvester (2^k)
 and Paley (I: q + 1 for a prime q = 3 mod 4, e.g. 12, 20, 24; II: 2 (q + 1) for a prime q = 1 mod 4, e.g. 12, 28,
 36) matrices; 576 = 12 * 12 * 4 and 1536 = 12 * 128 (SmolLM2) are covered. Where no construction exists for a
 size, a random orthogonal matrix (QR of a seeded Gaussian) replaces it and the summary says so.
 
-Optionally, down_proj's input is rotated online as well (its input is not in the residual stream, so nothing can
-absorb the rotation): ``W_down <- W_down H`` once and ``x <- x H`` at run time by an :class:`OnlineHadamard`
-pre-hook, with ``H`` of the FFN size, rebuilt from ``(size, seed, kind)`` so that nothing needs saving.
+Optionally, the input of the FFN's last linear (the description's ``down_input`` site) is rotated online as well (it
+is not in the residual stream, so nothing can absorb the rotation): ``W_down <- W_down H`` once and ``x <- x H`` at
+run time by an :class:`OnlineHadamard` pre-hook, with ``H`` of the FFN size, rebuilt from ``(size, seed, kind)`` so
+that nothing needs saving.
 
 The transforms compute in float64 and cast back to each weight's dtype.
 """
@@ -30,14 +40,8 @@ from functools import cache
 import torch
 from torch import nn
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-# the online rotation of down_proj's input only (its input is not in the residual stream): Gemma-3's sandwich norms
-# (a post norm with gain 1 + w after each branch, before the residual add) keep the residual rotation from folding
-ONLINE_ONLY_MODEL_TYPES = ("gemma3_text",)
-RESIDUAL_BLOCKERS = {
-    "gemma3_text": "Gemma-3 normalises each branch's output (post_attention_layernorm, post_feedforward_layernorm, "
-    "gain 1 + w) before the residual add: a rotation of the residual stream cannot be folded through those gains",
-}
+from .architectures import Architecture, describe
+
 ROTATION_KINDS = ("hadamard", "random")
 SYLVESTER_CHUNK = 256  # the largest power-of-two factor applied as one dense matrix (kron of Sylvesters is Sylvester)
 
@@ -167,7 +171,7 @@ def rotation_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> tuple[torc
 
 
 # ----------------------------------------------------------------------------------------------
-# Online rotation (down_proj's input).
+# Online rotation (the FFN's last linear input).
 # ----------------------------------------------------------------------------------------------
 
 # (kind, size, seed, device, dtype) -> (signs, [factor matrices]) or (None, [dense Q]): shared by every layer
@@ -235,25 +239,26 @@ class OnlineHadamard(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_supported(model: nn.Module, online: bool = False) -> None:
-    """``ValueError`` unless ``model`` takes the residual-stream rotation (``online``: only down_proj's online one)."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if online and model_type in ONLINE_ONLY_MODEL_TYPES:
-        pass
-    elif model_type in RESIDUAL_BLOCKERS:
-        raise ValueError(
-            f"no residual-stream rotation for model_type {model_type!r}: {RESIDUAL_BLOCKERS[model_type]} (use "
-            "rotation='none'; online_down_proj_rotation applies)"
-        )
-    elif model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"rotation supports the LLaMA family {SUPPORTED_MODEL_TYPES} (a CausalLM with "
-            f"model.layers and lm_head); got model_type={model_type!r}"
-        )
-    if not hasattr(model, "lm_head") or not hasattr(getattr(model, "model", None), "layers"):
-        raise ValueError(
-            f"expected a {model_type} causal LM (model.model.layers and model.lm_head), got {type(model).__name__}"
-        )
+def _blocks(model: nn.Module, architecture: Architecture) -> nn.ModuleList:
+    return model.base_model.get_submodule(architecture.layers)
+
+
+def _rotatable(model: nn.Module) -> Architecture:
+    """The description of a causal LM whose residual stream can be rotated exactly; ``ValueError`` saying why not."""
+    architecture = _described(model)
+    reason = architecture.rotation_blocker()
+    if reason is not None:
+        raise ValueError(f"no residual-stream rotation for model_type {architecture.model_type!r}: {reason}")
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"expected a {architecture.model_type} causal LM with an LM head, got {type(model).__name__}")
+    return architecture
+
+
+def _described(model: nn.Module) -> Architecture:
+    try:
+        return describe(model)
+    except ValueError as err:
+        raise ValueError(f"rotation needs a described architecture (a transformers causal LM): {err}") from None
 
 
 @torch.no_grad()
@@ -261,36 +266,37 @@ def _set(param: torch.Tensor, value: torch.Tensor) -> None:
     param.copy_(value.to(param.dtype))
 
 
-def _readers(layer) -> list[tuple[nn.Module, list[nn.Linear]]]:
-    attn, mlp = layer.self_attn, layer.mlp
-    return [
-        (layer.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
-        (layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
-    ]
+def _norm_readers(model: nn.Module, architecture: Architecture) -> list[tuple[nn.Module, object, list[nn.Module]]]:
+    """``(norm module, Norm, readers)`` for every pre norm of every block, then the final norm and the LM head."""
+    pairs = []
+    for layer in _blocks(model, architecture):
+        for norm, site in architecture.pre_norm_sites():
+            pairs.append((layer.get_submodule(norm.path), norm, [layer.get_submodule(r) for r in site.readers]))
+    final = architecture.final_norm
+    pairs.append((model.base_model.get_submodule(final.path), final, [model.get_output_embeddings()]))
+    return pairs
 
 
 @torch.no_grad()
 def fold_rmsnorm_gains(model: nn.Module) -> int:
-    """Fold every RMSNorm gain into the linear layers reading the norm's output (``W <- W diag(g)``), set the
-    gains to 1. Untie the embeddings first if they are tied (the LM head's weight changes). Returns the count."""
-    _check_supported(model)
+    """Fold every pre norm's gain (``w`` or ``1 + w``) into the linear layers reading the norm's output
+    (``W <- W diag(g)``), set the gains to 1. Untie the embeddings first if they are tied (the LM head's weight
+    changes). Returns the count."""
+    architecture = _rotatable(model)
     if lm_head_is_tied(model):
         raise ValueError("the LM head is tied to the token embeddings: call untie_word_embeddings(model) first")
-    pairs = [pair for layer in model.model.layers for pair in _readers(layer)]
-    pairs.append((model.model.norm, [model.lm_head]))
-    for norm, readers in pairs:
-        gain = norm.weight.double()
+    pairs = _norm_readers(model, architecture)
+    for module, norm, readers in pairs:
+        gain = norm.effective_gain(module)
         for linear in readers:
             _set(linear.weight, linear.weight.double() * gain.view(1, -1))
-        norm.weight.fill_(1.0)
+        module.weight.fill_(norm.identity)
     return len(pairs)
 
 
 def lm_head_is_tied(model: nn.Module) -> bool:
-    return (
-        model.lm_head.weight is model.model.embed_tokens.weight
-        or model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    )
+    head, embeddings = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    return head is embeddings or head.data_ptr() == embeddings.data_ptr()
 
 
 @torch.no_grad()
@@ -299,8 +305,9 @@ def untie_word_embeddings(model: nn.Module) -> bool:
     (saved with the model, so it reloads untied). Returns True if the weights were tied."""
     if not lm_head_is_tied(model):
         return False
-    model.lm_head.weight = nn.Parameter(
-        model.model.embed_tokens.weight.detach().clone(), requires_grad=model.lm_head.weight.requires_grad
+    head = model.get_output_embeddings()
+    head.weight = nn.Parameter(
+        model.get_input_embeddings().weight.detach().clone(), requires_grad=head.weight.requires_grad
     )
     model.config.tie_word_embeddings = False
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -318,20 +325,21 @@ def rotate_residual_stream(
     online_down_proj: bool = False,
     online_seed: int | None = None,
 ) -> dict:
-    """Untie, fold the RMSNorm gains, and rotate the residual stream of a LLaMA-family causal LM in place.
+    """Untie, fold the norm gains, and rotate the residual stream of a causal LM in place (its description must
+    allow it: :meth:`~spikelm.conversion.architectures.Architecture.rotation_blocker`, else ``ValueError``).
 
     ``kind``: ``"hadamard"`` (randomised Hadamard, random fallback where no construction exists) or ``"random"``.
-    ``online_down_proj``: also rotate down_proj's input (see :func:`attach_online_down_proj_rotation`) with
+    ``online_down_proj``: also rotate the FFN's last linear input (see :func:`attach_online_down_proj_rotation`) with
     ``online_seed`` (default ``seed + 1``). The real-valued model computes the same function afterwards.
 
     Returns a summary (JSON-serialisable, for the saved config and model card): ``kind`` (used), ``requested_kind``,
     ``seed``, ``hidden_size``, ``fallback`` (None, or why the random matrix replaced Hadamard),
     ``untied_embeddings``, ``folded_norms`` and ``online_down_proj`` (None or that function's summary).
     """
-    _check_supported(model)
+    architecture = _rotatable(model)
     untied = untie_word_embeddings(model)
     folded = fold_rmsnorm_gains(model)
-    embed = model.model.embed_tokens.weight
+    embed = model.get_input_embeddings().weight
     hidden = embed.shape[1]
     q, used = rotation_matrix(hidden, kind, seed)
     q = q.to(embed.device)
@@ -345,13 +353,13 @@ def rotate_residual_stream(
             _set(linear.bias, linear.bias.double() @ q)
 
     _set(embed, embed.double() @ q)
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            read(linear)
-        write(attn.o_proj)
-        write(mlp.down_proj)
-    read(model.lm_head)
+    for layer in _blocks(model, architecture):
+        for _, site in architecture.pre_norm_sites():
+            for reader in site.readers:
+                read(layer.get_submodule(reader))
+        for writer in architecture.writers:
+            write(layer.get_submodule(writer))
+    read(model.get_output_embeddings())
     summary = {
         "kind": used,
         "requested_kind": kind,
@@ -377,22 +385,28 @@ def _rotate_input_pre_hook(module: nn.Module, args: tuple) -> tuple:
 def attach_online_down_proj_rotation(
     model: nn.Module, seed: int = 1, kind: str = "hadamard", fold: bool = True
 ) -> dict:
-    """Rotate every ``mlp.down_proj`` input online: ``x <- x H`` by an :class:`OnlineHadamard` submodule
-    (``down_proj.online_rotation``) run as a forward pre-hook placed before any other pre-hook (so a spiking
-    neuron hooked on the same input sees the rotated ``x``), and, with ``fold``, ``W_down <- W_down H``.
+    """Rotate the input of every block's FFN last linear (the description's ``down_input`` site) online:
+    ``x <- x H`` by an :class:`OnlineHadamard` submodule (``<linear>.online_rotation``) run as a forward pre-hook
+    placed before any other pre-hook (so a spiking neuron hooked on the same input sees the rotated ``x``), and,
+    with ``fold``, ``W_down <- W_down H``. ``ValueError`` for an architecture that does not offer it.
 
     Idempotent: a layer that already carries the same rotation is left as it is (no second fold, no second hook);
     a different one raises ``ValueError``. On loading a saved model whose weights already hold ``H``, call it with
     ``fold=False`` and the saved ``seed`` and ``kind``. Returns ``{"kind", "requested_kind", "seed", "size",
     "fallback", "layers_attached"}``.
     """
-    _check_supported(model, online=True)
+    architecture = _described(model)
+    site = architecture.site("down_input")
+    if not architecture.online_rotation or site is None:
+        raise ValueError(f"the online rotation is not offered for model_type {architecture.model_type!r}")
+    linears = [layer.get_submodule(site.host) for layer in _blocks(model, architecture)]
+    if any(type(linear) is not nn.Linear for linear in linears):
+        raise ValueError(f"the online rotation needs nn.Linear layers at {site.host!r} ({architecture.model_type})")
     attached = 0
-    size = model.model.layers[0].mlp.down_proj.in_features
+    size = linears[0].in_features
     rotation = OnlineHadamard(size, seed, kind)
     dense = None
-    for layer in model.model.layers:
-        linear = layer.mlp.down_proj
+    for linear in linears:
         existing = getattr(linear, "online_rotation", None)
         if existing is not None:
             same = isinstance(existing, OnlineHadamard) and (existing.size, existing.seed, existing.kind) == (

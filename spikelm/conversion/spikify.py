@@ -6,6 +6,8 @@ restores a saved conversion is :mod:`spikelm.conversion.quantizer`.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -99,18 +101,38 @@ def calibrate(model: PreTrainedModel, calibration) -> None:
             recorder.finish()
 
 
+def fit_transform(architecture, config: SpikeLMConversionConfig) -> str | None:
+    """Restrict the recipe's rotations, in ``config``, to what ``architecture`` can fold exactly (never a wrong
+    fold), and return one line saying what was dropped and why (None if nothing): the residual-stream rotation needs
+    pre RMSNorms only (:meth:`~spikelm.conversion.architectures.Architecture.rotation_blocker`); the online rotation
+    of the FFN's last linear input needs the description to offer it."""
+    dropped = []
+    reason = architecture.rotation_blocker() if config.rotation != "none" else None
+    if reason is not None:
+        dropped.append(f"no residual-stream rotation ({reason})")
+        config.rotation = "none"
+    if config.online_down_proj_rotation and not architecture.online_rotation:
+        dropped.append("no online rotation of the FFN's last linear input (not offered for this architecture)")
+        config.online_down_proj_rotation = False
+    if not dropped:
+        return None
+    kept = "; the online rotation of the FFN's last linear input is kept" if config.online_down_proj_rotation else ""
+    return f"model_type {architecture.model_type!r}: {'; '.join(dropped)}{kept}"
+
+
 def spikify(
     model: PreTrainedModel, config: SpikeLMConversionConfig | dict | None = None, calibration=None, **overrides
 ) -> PreTrainedModel:
     """Make ``model`` spike, in place, and return it (same object, same class).
 
     Args:
-        model: a loaded transformers model of the LLaMA family (LLaMA, SmolLM2, Mistral, Qwen2), GPT-2 or a
-            BERT-family encoder, any head.
+        model: a loaded transformers model of a described architecture
+            (:func:`spikelm.conversion.architectures.supported_model_types`), any head.
         config: a :class:`SpikeLMConversionConfig`, a dict of its fields, or None (defaults).
         calibration: token ids (LongTensor (N, L), or a list of them) run through the model before it is returned,
             to initialise the alphas; without it, alphas initialise on the first forward pass.
-        **overrides: config fields, e.g. ``num_steps=2, reset="symmetric"``.
+        **overrides: config fields, e.g. ``num_steps=2, reset="symmetric"``. A rotation the architecture cannot
+            fold exactly is dropped with a one-line warning naming the reason, and the saved config says so.
 
     The model then carries the config as ``model.config.quantization_config`` and a quantizer as
     ``model.hf_quantizer``: ``save_pretrained`` writes the spiking section and the alphas, and
@@ -122,11 +144,14 @@ def spikify(
         config = SpikeLMConversionConfig(**{**(config or {}), **overrides})
     else:
         raise TypeError(f"config must be a SpikeLMConversionConfig, a dict or None; got {type(config).__name__}")
-    family_of(model)  # unsupported architectures first: the clearest message
+    architecture = family_of(model)  # unsupported architectures first: the clearest message
     if calibration is not None:  # ids beyond the vocabulary or the positions, before the model is changed
         calibration = _calibration_batches(model, calibration)
     if is_spiking(model):
         raise ValueError(f"this {type(model).__name__} is already spiking; spikify the real-valued source model")
+    notice = fit_transform(architecture, config)
+    if notice is not None:
+        warnings.warn(f"spikify: {notice}", UserWarning, stacklevel=2)
     if config.rotation != "none":  # exact: the real-valued model computes the same function afterwards
         from .rotation import rotate_residual_stream
 

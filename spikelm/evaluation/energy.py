@@ -28,8 +28,9 @@ LayerNorm, activation functions and the 1/sqrt(d) score scaling are reported as 
 outside the total; bias and residual additions are not counted. The ANN figure is the same products
 run once on real-valued inputs (independent of T).
 
-Converted models (``spikelm.spikify``) and their real-valued sources (the LLaMA family, GPT-2, BERT) are counted by
-the same counter, from the placement (``spikelm.conversion.placement``) instead of SpikeLM's own layer types:
+Converted models (``spikelm.spikify``) and their real-valued sources (every architecture described in
+``spikelm.conversion.architectures``) are counted by the same counter, from the description and the placement
+(``spikelm.conversion.placement``) instead of SpikeLM's own layer types:
 
 * every linear layer fed by a placed neuron: ACs = sum over the steps of |spike level| x out_features (a ternary
   spike is one AC, a GIF spike of level k is k ACs: the sum of a channel's levels over the steps is its integer
@@ -43,8 +44,8 @@ the same counter, from the placement (``spikelm.conversion.placement``) instead 
   scaled by each key's scale) one multiply per scale and one per zero point, and the zero-point term of Q K^T needs
   the row sums of Q (head_dim ACs per query and head);
 * everything real-valued as MACs: linear layers not fed by a neuron (the LM head, any skipped layer), the online
-  Hadamard on down_proj's input (size x sum of its factor sizes per row), norms, softmax and activations (one MAC
-  per element, in the whole-model total only).
+  Hadamard on the FFN's last linear input (size x sum of its factor sizes per row), norms, softmax and activations
+  (one MAC per element, in the whole-model total only).
 
 ``whole_model`` adds the heads and the element-wise operations (as MACs) to the headline. A decode step (one new
 token attending a filled cache, :func:`measure_decode_energy`) counts the spikes of every cached key and value, as
@@ -151,10 +152,12 @@ def _hf_layout(model: nn.Module) -> _HFLayout | None:
     model_type = getattr(config, "model_type", None)
     if model_type is None or model_type == "spikelm" or not hasattr(model, "base_model"):
         return None
-    from spikelm.conversion.placement import FAMILIES, placement
+    from spikelm.conversion.architectures import describe
+    from spikelm.conversion.placement import placement
 
-    family = next((f for f in FAMILIES if model_type in f.model_types), None)
-    if family is None:
+    try:
+        family = describe(model)
+    except ValueError:
         return None
     layers = model.base_model.get_submodule(family.layers)
     state = getattr(model, "_spikelm", None)

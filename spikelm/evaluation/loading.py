@@ -51,7 +51,7 @@ class ModelSpec:
 
 
 def _supported_model_types() -> list[str]:
-    from spikelm.conversion.placement import supported_model_types
+    from spikelm.conversion.architectures import supported_model_types
 
     return supported_model_types()
 
@@ -266,21 +266,23 @@ def check_model_state(model, what: str) -> None:
 
 
 def _check_rotation_fold(model, what: str) -> None:
-    """A converted model whose recipe says its residual stream is rotated has every RMSNorm gain folded into the
-    layers that read it (all ones): a gain that is not is a config edited after conversion. (The reverse edit, and
-    ``online_down_proj_rotation``, leave no trace in the tensors: they cannot be checked.)"""
+    """A converted model whose recipe says its residual stream is rotated has every norm gain the rotation folds
+    (its architecture's description says which) at the identity (stored 1, or 0 for a ``1 + w`` gain): a gain that
+    is not is a config edited after conversion. (The reverse edit, and ``online_down_proj_rotation``, leave no trace
+    in the tensors: they cannot be checked.)"""
+    from spikelm.conversion.architectures import describe
+
     config = getattr(getattr(model, "config", None), "quantization_config", None)
     rotation = config.get("rotation") if isinstance(config, dict) else getattr(config, "rotation", None)
     if rotation in (None, "none"):
         return
-    for name, module in model.named_modules():
+    for name, module, norm in describe(model).folded_norms(model):
         weight = getattr(module, "weight", None)
-        if type(module).__name__.endswith("RMSNorm") and weight is not None and weight.device.type != "meta":
-            if not bool((weight == 1).all()):
-                raise UserError(
-                    f"{what}: quantization_config says rotation={rotation!r}, but {name}.weight is not folded (all "
-                    "ones after a rotation); the config was edited after conversion"
-                )
+        if weight is not None and weight.device.type != "meta" and not bool((weight == norm.identity).all()):
+            raise UserError(
+                f"{what}: quantization_config says rotation={rotation!r}, but {name}.weight is not folded (all "
+                f"{norm.identity:g}s after a rotation); the config was edited after conversion"
+            )
 
 
 def load_model(spec: ModelSpec, device=None):

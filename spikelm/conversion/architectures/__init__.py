@@ -1,0 +1,30 @@
+"""Source architectures as descriptions (one module per family; the description and the registry in
+:mod:`.base`). Adding a family is one module here that registers an :class:`Architecture`, and its tests
+(docs/CONVERSION.md, "Adding an architecture")."""
+
+from . import bert, gemma, gpt2, llama, olmo2, phi3  # noqa: F401  (each registers its model types)
+from .base import (
+    SITE_KINDS,
+    Architecture,
+    InputSite,
+    Norm,
+    describe,
+    lookup,
+    register,
+    registered,
+    sliding_layers_from_config,
+    supported_model_types,
+)
+
+__all__ = [
+    "SITE_KINDS",
+    "Architecture",
+    "InputSite",
+    "Norm",
+    "describe",
+    "lookup",
+    "register",
+    "registered",
+    "sliding_layers_from_config",
+    "supported_model_types",
+]
