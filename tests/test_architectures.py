@@ -62,12 +62,14 @@ CAUSAL = {
     ),
     "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {}),
     "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, {}),
+    "starcoder2": (tf.Starcoder2Config, tf.Starcoder2ForCausalLM, {"sliding_window": WINDOW}),
 }
 # families whose norms cannot carry a residual-stream rotation, and the word the notice must name
 NOT_ROTATABLE = {
     "gemma2": "post_attention_layernorm",
     "gemma3_text": "post_attention_layernorm",
     "olmo2": "post_attention_layernorm",
+    "starcoder2": "LayerNorm",
     "gpt2": "LayerNorm",
     "bert": "LayerNorm",
 }

@@ -1,5 +1,6 @@
-"""``spikelm spikify``: convert a pretrained Hugging Face model (a LLaMA-family or GPT-2 causal LM, a BERT-family
-encoder, or a named source such as ``smollm2-135m``) into a spiking one, calibrate it, measure it and save it."""
+"""``spikelm spikify``: convert a pretrained Hugging Face model (a causal LM or BERT-family encoder of a described
+architecture, :mod:`spikelm.conversion.architectures`, or a named source such as ``smollm2-135m``) into a spiking
+one, calibrate it, measure it and save it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ DEFAULT_EVAL_TOKENS = 2048
 def register(sub) -> None:
     p = sub.add_parser(
         "spikify",
-        help="convert a pretrained Hugging Face model (LLaMA family, GPT-2, BERT) into a spiking one",
+        help="convert a pretrained Hugging Face model (LLaMA, Gemma, Phi-3, GPT-2, BERT, ...) into a spiking one",
         description=(
             "Load a pretrained model (a directory written by save_pretrained, or a named source: smollm2-135m, "
             "gemma3-270m, minilm), place spiking neurons by SpikeLM's rules (every linear input but the LM head, K "

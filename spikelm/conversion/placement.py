@@ -1,6 +1,6 @@
 """Where the neurons go and the hooks that run them (the module surgery behind ``spikify``).
 
-What happens to a model (SPEC section 3, and section 8 for a LLaMA-family block):
+What happens to a model (docs/CONVERSION.md, "How it works"):
 
 * The T copies of the network run folded into the batch axis, time-major ((T*B, L, D): copy t is rows t*B..t*B+B-1).
   A forward pre-hook on the base model repeats ``input_ids`` / ``inputs_embeds``, ``attention_mask``,

@@ -5,8 +5,8 @@
 * a native SpikeLM directory (``model_type`` "spikelm", e.g. written by ``spikelm pretrain``);
 * a converted model (``spikelm spikify`` or ``spikify(...)`` + ``save_pretrained``: the source architecture with a
   ``quantization_config`` whose ``quant_method`` is "spikelm"), restored spiking by ``from_pretrained``;
-* a real-valued transformers model of a family ``spikify`` converts (LLaMA, Mistral, Qwen2, Qwen3, GPT-2, BERT):
-  the source, run as it is (the ANN figure);
+* a real-valued transformers model of a family ``spikify`` converts (described in
+  :mod:`spikelm.conversion.architectures`): the source, run as it is (the ANN figure);
 * a named source (``smollm2-135m``, ``gemma3-270m``, ``minilm``: :mod:`spikelm.data.pretrained`), fetched on first use.
 
 :func:`inspect_model` reads only the config (so a wrong model is refused before any output is written or any

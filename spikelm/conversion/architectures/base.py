@@ -61,6 +61,13 @@ class Norm:
             raise ValueError(f"bad Norm {self}: gain in {GAINS}, kind in {NORM_KINDS}, position in {POSITIONS}")
 
     @property
+    def folds_a_rotation(self) -> bool:
+        """A rotation of the residual stream can be folded through this norm: an RMSNorm (gain-free, it commutes
+        with any rotation) that reads the residual stream (pre, final). A q/k norm is not on the residual stream
+        (it neither allows nor blocks it); a post norm or a LayerNorm blocks it."""
+        return self.kind == "rms" and self.position in ("pre", "final")
+
+    @property
     def identity(self) -> float:
         """The stored weight value that makes the gain 1 (what a folded norm holds)."""
         return 0.0 if self.gain == "1+w" else 1.0
@@ -168,7 +175,7 @@ class Architecture:
         if self.rotation_notice:
             return self.rotation_notice
         for norm in (*self.norms, *([self.final_norm] if self.final_norm else [])):
-            if norm.position == "qk":
+            if norm.position == "qk" or norm.folds_a_rotation:
                 continue
             if norm.kind != "rms":
                 return f"its {norm.path} is a LayerNorm, which subtracts the mean: a rotation does not commute with it"
