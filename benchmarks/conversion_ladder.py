@@ -163,13 +163,15 @@ def main() -> None:
             continue
         started = time.perf_counter()
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-        config = row_config(row)
+        config, extra_config = row_config(row), {}
         if isinstance(ROWS[row], str) and ROWS[row].endswith("+online-inputs"):
             attach_online_input_rotations(model)
         if config is not None:
             if calibration is None:
                 calibration = calibration_ids(tokenizer, args.calibration_sequences)
             spikelm.spikify(model, dict(config), calibration=list(calibration.split(4)))
+            applied = model.config.quantization_config  # spikify drops a rotation the architecture cannot fold
+            extra_config = {k: getattr(applied, k) for k in ("rotation", "online_down_proj_rotation")}
         convert_s = time.perf_counter() - started
         result = perplexity(model, tokens, window=512, stride=512, batch_size=4)
         extra = {}
@@ -183,6 +185,7 @@ def main() -> None:
             "row": row,
             "model": args.model,
             "config": config,
+            **({"applied": extra_config} if extra_config else {}),
             "perplexity": result["perplexity"],
             **extra,
             "tokens": int(tokens.numel()),
