@@ -126,3 +126,26 @@ def test_spikify_command_drops_only_the_residual_rotation_saying_why(capsys):
     assert fitted.rotation == "none" and fitted.online_down_proj_rotation
     notice = capsys.readouterr().out.strip()
     assert len(notice.splitlines()) == 1 and "gemma3_text" in notice and "post_attention_layernorm" in notice
+
+
+def test_the_benchmarks_online_input_rotations_keep_the_real_valued_logits():
+    """conversion_ladder's default-online-inputs row: an online Hadamard on the q/k/v, o_proj and gate/up inputs,
+    folded into their readers, is exact through Gemma-3's post norms (and the bos windows score what they say)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from conversion_ladder import attach_online_input_rotations, bos_windows
+
+    model, ids = tiny_gemma3(), token_ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        assert attach_online_input_rotations(model) == 3 * 3
+        after = model(ids).logits
+    assert (after - before).norm() / before.norm() <= 1e-4
+    assert not torch.equal(
+        model.model.layers[0].self_attn.q_proj.weight, tiny_gemma3().model.layers[0].self_attn.q_proj.weight
+    )
+
+    windows = bos_windows(torch.arange(10, 20), bos=2, window=4)  # chunks of 3 after <bos>; the last one dropped
+    assert windows.tolist() == [2, 10, 11, 12, 2, 13, 14, 15, 2, 16, 17, 18]
