@@ -24,7 +24,7 @@ def real_linears_through_kernel(model):
     if model is None:
         yield
         return
-    from spikelm.nn.cpu_kernels import spike_linear
+    from spikelm.nn.kernels import spike_linear
 
     linears = [m for m in model.model.layers.modules() if type(m) is torch.nn.Linear]
     for m in linears:
@@ -51,7 +51,7 @@ def main() -> None:
     from spikelm.conversion.recipes import recipe
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.experiments.generation_benchmark import _generate_seconds, load_pair
-    from spikelm.nn import cpu_kernels
+    from spikelm.nn import kernels
 
     calibration = torch.randint(100, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
     real, spiking = load_pair(resolve_model_source(args.model), recipe("elastic"), [calibration])
@@ -61,7 +61,7 @@ def main() -> None:
         variants["real_kernel"] = (real, True)
 
     def run(name, model, flag, tokens):
-        with cpu_kernels.forced(flag), real_linears_through_kernel(model if name == "real_kernel" else None):
+        with kernels.forced(flag), real_linears_through_kernel(model if name == "real_kernel" else None):
             return _generate_seconds(model, prompt, tokens)[0]
 
     for name, (model, flag) in variants.items():

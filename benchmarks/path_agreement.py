@@ -44,7 +44,7 @@ def measure(directory: str, new_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import spikelm  # noqa: F401  (registers the spiking quantizer)
-    from spikelm.nn import cpu_kernels
+    from spikelm.nn import kernels as dispatcher
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
@@ -59,7 +59,7 @@ def measure(directory: str, new_tokens: int) -> dict:
         row = {"prompt_tokens": length}
         full = {}
         for kernels in (True, False):
-            cpu_kernels.set_enabled(kernels)
+            dispatcher.set_enabled(kernels)
             full[kernels] = model(prompt, use_cache=False).logits
             cached = model.generate(prompt, use_cache=True, return_dict_in_generate=True, output_logits=True, **gen)
             sequence = cached.sequences
@@ -72,7 +72,7 @@ def measure(directory: str, new_tokens: int) -> dict:
             row[f"greedy_agree_{name}"] = sum(same)
             row[f"greedy_first_difference_{name}"] = same.index(False) if not all(same) else None
             row[f"continuation_{name}"] = tokenizer.decode(sequence[0, length:])
-        cpu_kernels.set_enabled(None)
+        dispatcher.set_enabled(None)
         row["kernels_on_vs_off"] = _max_diff(full[True], full[False])
         report["prompts"].append(row)
         print(

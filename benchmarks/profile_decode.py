@@ -72,7 +72,7 @@ def main() -> None:
     from spikelm.conversion.recipes import recipe
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.experiments.generation_benchmark import load_pair
-    from spikelm.nn import cpu_kernels
+    from spikelm.nn import kernels
 
     source = resolve_model_source(args.model)
     vocab_calibration = torch.randint(100, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
@@ -81,7 +81,7 @@ def main() -> None:
     lines = [
         f"{args.model} ({args.recipe}), batch {args.batch_size}, prompt {args.prompt_length} + {args.warmup} tokens, "
         f"{args.steps} profiled decoding steps, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-        f"C++ decoding kernels {'on' if cpu_kernels.enabled() and cpu_kernels.kernel() is not None else 'off'}"
+        f"C++ decoding kernels {'on' if kernels.enabled() and kernels.cpp_built() else 'off'}"
     ]
     for name, model in (("real", real), ("spiking", spiking)):
         unprofiled, _ = decode_steps(model, prompt, args.warmup, args.steps, profile=False)

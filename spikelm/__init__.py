@@ -5,15 +5,19 @@ The public names below are imported on first use, so that ``import spikelm`` (an
 model name, or importing :mod:`spikelm.models`, registers model_type ``"spikelm"`` with the transformers
 Auto classes.
 
-``import spikelm`` also makes the ``"spikelm"`` quantization method known to transformers (a spiking conversion
-saved by :func:`spikify`), without importing transformers: when transformers' quantizer registry is first
-imported, stand-ins for the method are put in it, and their first use imports :mod:`spikelm.conversion`, which
-registers the real config and quantizer. So ``import spikelm`` then ``AutoModelForCausalLM.from_pretrained`` of a
-converted directory gives the spiking model.
+``import spikelm`` also registers the ``"spikelm"`` quantization method (a spiking conversion saved by
+:func:`spikify`) with transformers, through its public ``register_quantization_config`` / ``register_quantizer``,
+without importing transformers: at once if transformers' quantizer registry is already imported, else right after
+it is (whichever is imported first). What is registered are two delegates that import :mod:`spikelm.conversion` on
+first use and hand over to :class:`SpikeLMConversionConfig` and :class:`~spikelm.conversion.SpikeLMQuantizer`. So
+``import spikelm`` then ``AutoModelForCausalLM.from_pretrained`` of a converted directory gives the spiking model;
+without ``import spikelm`` transformers loads the directory as it would any unknown quantization method (its
+warning, the real-valued architecture).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.abc
 import sys
@@ -22,10 +26,12 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "ElasticBiSpikingNeuron": "spikelm.nn.neuron",
-    "MultiStepSpike": "spikelm.nn.neuron",
-    "SpikeStats": "spikelm.nn.neuron",
-    "reference_multistep_spike": "spikelm.nn.neuron",
+    "ElasticBiSpikingNeuron": "spikelm.nn.neurons.elastic",
+    "MultiStepSpike": "spikelm.nn.neurons.elastic",
+    "SpikeStats": "spikelm.nn.neurons.elastic",
+    "reference_multistep_spike": "spikelm.nn.neurons.elastic",
+    "SpikingNeuron": "spikelm.nn.neurons",
+    "register_neuron": "spikelm.nn.neurons",
     "SpikeLinear": "spikelm.nn.layers",
     "SpikeLinearFunction": "spikelm.nn.layers",
     "collect_spike_stats": "spikelm.nn.stats",
@@ -63,43 +69,54 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-# --- the "spikelm" quantization method, known to transformers from `import spikelm` on -----------------------------
+# --- the "spikelm" quantization method, registered with transformers' public API from `import spikelm` on -----------
 
 _QUANT_METHOD = "spikelm"  # spikelm.conversion.config.QUANT_METHOD
-_QUANTIZER_REGISTRY = "transformers.quantizers.auto"
-
-
-class _LazyConversionConfig:
-    """Stands in for SpikeLMConversionConfig in transformers' registry until spikelm.conversion is imported."""
-
-    @staticmethod
-    def from_dict(config_dict, **kwargs):
-        from spikelm.conversion import SpikeLMConversionConfig
-
-        return SpikeLMConversionConfig.from_dict(config_dict, **kwargs)
-
-
-def _lazy_quantizer(quantization_config, **kwargs):
-    """Stands in for SpikeLMQuantizer in transformers' registry until spikelm.conversion is imported."""
-    from spikelm.conversion import SpikeLMQuantizer
-
-    return SpikeLMQuantizer(quantization_config, **kwargs)
+_QUANTIZER_REGISTRY = "transformers.quantizers.auto"  # where register_quantization_config / register_quantizer live
 
 
 def _register_quantization_method(registry) -> None:
-    # setdefault: the real classes, once spikelm.conversion has registered them, stay
-    registry.AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(_QUANT_METHOD, _LazyConversionConfig)
-    registry.AUTO_QUANTIZER_MAPPING.setdefault(_QUANT_METHOD, _lazy_quantizer)
+    """Register ``"spikelm"`` through ``registry.register_quantization_config`` and ``registry.register_quantizer``.
+
+    The registered classes delegate: importing spikelm.conversion here (models, placement, transformers' modeling
+    code) could run while transformers is still importing itself, and would make ``import spikelm`` slow."""
+    from transformers.quantizers.base import HfQuantizer  # (imported by the registry itself)
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+
+    class SpikeLMConversionConfigDelegate(QuantizationConfigMixin):
+        """``from_dict`` gives a :class:`spikelm.conversion.SpikeLMConversionConfig`."""
+
+        @classmethod
+        def from_dict(cls, config_dict, **kwargs):
+            from spikelm.conversion import SpikeLMConversionConfig
+
+            return SpikeLMConversionConfig.from_dict(config_dict, **kwargs)
+
+    class SpikeLMQuantizerDelegate(HfQuantizer):
+        """Constructing it gives a :class:`spikelm.conversion.SpikeLMQuantizer`."""
+
+        def __new__(cls, quantization_config, **kwargs):
+            from spikelm.conversion import SpikeLMQuantizer
+
+            return SpikeLMQuantizer(quantization_config, **kwargs)
+
+    # once per process (a reload of spikelm must not meet the registry's "already registered" refusal)
+    if _QUANT_METHOD not in registry.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        registry.register_quantization_config(_QUANT_METHOD)(SpikeLMConversionConfigDelegate)
+    if _QUANT_METHOD not in registry.AUTO_QUANTIZER_MAPPING:
+        registry.register_quantizer(_QUANT_METHOD)(SpikeLMQuantizerDelegate)
 
 
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Registers the quantization method right after transformers imports its quantizer registry."""
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Calls :func:`_register_quantization_method` right after transformers has imported its quantizer registry (the
+    import itself is left to the other finders), then leaves ``sys.meta_path``. Python has no other way to act after
+    a module's import; importing transformers here instead would cost seconds on every ``import spikelm``."""
 
     def find_spec(self, fullname, path, target=None):
         if fullname != _QUANTIZER_REGISTRY:
             return None
         for finder in sys.meta_path:
-            if finder is self or isinstance(finder, _RegisterOnImport) or not hasattr(finder, "find_spec"):
+            if finder is self or isinstance(finder, _RegisterAfterImport) or not hasattr(finder, "find_spec"):
                 continue
             spec = finder.find_spec(fullname, path, target)
             if spec is not None:
@@ -112,6 +129,8 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
 
         def exec_and_register(module):
             exec_module(module)
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(self)
             _register_quantization_method(module)
 
         spec.loader.exec_module = exec_and_register
@@ -120,5 +139,5 @@ class _RegisterOnImport(importlib.abc.MetaPathFinder):
 
 if _QUANTIZER_REGISTRY in sys.modules:
     _register_quantization_method(sys.modules[_QUANTIZER_REGISTRY])
-elif not any(type(finder).__name__ == "_RegisterOnImport" for finder in sys.meta_path):
-    sys.meta_path.insert(0, _RegisterOnImport())
+elif not any(type(finder).__name__ == "_RegisterAfterImport" for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterImport())

@@ -63,6 +63,7 @@ CAUSAL = {
     "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {}),
     "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, {}),
     "starcoder2": (tf.Starcoder2Config, tf.Starcoder2ForCausalLM, {"sliding_window": WINDOW}),
+    "olmo": (tf.OlmoConfig, tf.OlmoForCausalLM, {}),
 }
 # families whose norms cannot carry a residual-stream rotation, and the word the notice must name
 NOT_ROTATABLE = {
@@ -70,6 +71,7 @@ NOT_ROTATABLE = {
     "gemma3_text": "post_attention_layernorm",
     "olmo2": "post_attention_layernorm",
     "starcoder2": "LayerNorm",
+    "olmo": "LayerNorm",
     "gpt2": "LayerNorm",
     "bert": "LayerNorm",
 }

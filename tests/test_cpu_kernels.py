@@ -1,7 +1,8 @@
-"""The C++ decoding kernels (spikelm/nn/cpu_kernels.py): the few-row linear against F.linear (close on random
-inputs, equal where float sums are exact), the neuron and the packed K/V cache kernels against the PyTorch paths (bit
-for bit), their dispatch and switch, the fallback notices, and decoding with them on vs off (native SpikeLM and a
-converted tiny LLaMA: bit-identical with the linear left to MKL; with it, logits close, spikes and tokens counted)."""
+"""The C++ decoding kernels (spikelm/nn/cpu_kernels.py, source cpu_kernels.cpp) and their dispatch
+(spikelm/nn/kernels.py): the few-row linear against F.linear (close on random inputs, equal where float sums are
+exact), the neuron and the packed K/V cache kernels against the PyTorch paths (bit for bit), their dispatch and switch,
+the fallback notices, and decoding with them on vs off (native SpikeLM and a converted tiny LLaMA: bit-identical with
+the linear left to MKL; with it, logits close, spikes and tokens counted)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from conftest import count_calls, tiny_config, tiny_llama_model
 from spikelm import SpikeLMForCausalLM
 from spikelm.conversion import spikify
 from spikelm.errors import UserError
-from spikelm.nn import cpu_kernels
+from spikelm.nn import cpu_kernels, kernels
 from spikelm.nn.neuron import ElasticBiSpikingNeuron, reference_multistep_spike, spike_steps_inference
 
 needs_kernel = pytest.mark.skipif(cpu_kernels.kernel() is None, reason="the extension cannot be built here")
@@ -29,11 +30,11 @@ def f64_linear(x, weight, bias=None):
 
 @pytest.fixture(autouse=True)
 def _switch_follows_environment(monkeypatch):
-    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
-    monkeypatch.delenv(cpu_kernels.ROWS_ENV_VAR, raising=False)
-    cpu_kernels.set_enabled(None)
+    for name in (kernels.ENV_VAR, kernels.CPU_ENV_VAR, kernels.ROWS_ENV_VAR):
+        monkeypatch.delenv(name, raising=False)
+    kernels.set_enabled(None)
     yield
-    cpu_kernels.set_enabled(None)
+    kernels.set_enabled(None)
 
 
 def sparse_rows(rows, features, density=0.3, zero_rows=(), zero_cols=(), seed=0):
@@ -113,41 +114,41 @@ def test_more_than_eight_rows_are_refused_by_the_kernel_itself():
 def test_dispatch_takes_the_kernel_for_few_rows_only_and_not_under_autograd_or_when_off(monkeypatch):
     calls = count_calls(monkeypatch, cpu_kernels, "few_rows_linear")
     weight, bias = torch.randn(10, 8), torch.randn(10)
-    few = sparse_rows(cpu_kernels.MAX_ROWS, 8)
-    many = sparse_rows(cpu_kernels.MAX_ROWS + 1, 8)
-    torch.testing.assert_close(cpu_kernels.spike_linear(few, weight, bias), f64_linear(few, weight, bias))
+    few = sparse_rows(kernels.MAX_ROWS, 8)
+    many = sparse_rows(kernels.MAX_ROWS + 1, 8)
+    torch.testing.assert_close(kernels.spike_linear(few, weight, bias), f64_linear(few, weight, bias))
     assert calls["few_rows_linear"] == 1
-    assert torch.equal(cpu_kernels.spike_linear(many, weight, bias), f64_linear(many, weight, bias))
+    assert torch.equal(kernels.spike_linear(many, weight, bias), f64_linear(many, weight, bias))
     w = weight.clone().requires_grad_()
-    assert cpu_kernels.spike_linear(few, w, bias).requires_grad  # autograd: differentiable, not the kernel
+    assert kernels.spike_linear(few, w, bias).requires_grad  # autograd: differentiable, not the kernel
     with torch.no_grad():
-        cpu_kernels.spike_linear(few, w, bias)
+        kernels.spike_linear(few, w, bias)
     assert calls["few_rows_linear"] == 2
-    cpu_kernels.set_enabled(False)
-    assert torch.equal(cpu_kernels.spike_linear(few, weight, bias), f64_linear(few, weight, bias))
-    cpu_kernels.set_enabled(None)
-    monkeypatch.setenv(cpu_kernels.ENV_VAR, "0")
-    assert torch.equal(cpu_kernels.spike_linear(few, weight, bias), f64_linear(few, weight, bias))
+    kernels.set_enabled(False)
+    assert torch.equal(kernels.spike_linear(few, weight, bias), f64_linear(few, weight, bias))
+    kernels.set_enabled(None)
+    monkeypatch.setenv(kernels.CPU_ENV_VAR, "0")
+    assert torch.equal(kernels.spike_linear(few, weight, bias), f64_linear(few, weight, bias))
     assert calls["few_rows_linear"] == 2
-    monkeypatch.setenv(cpu_kernels.ENV_VAR, "1")
-    monkeypatch.setenv(cpu_kernels.ROWS_ENV_VAR, "2")  # the threshold moved
+    monkeypatch.setenv(kernels.CPU_ENV_VAR, "1")
+    monkeypatch.setenv(kernels.ROWS_ENV_VAR, "2")  # the threshold moved
     two, three = sparse_rows(2, 8), sparse_rows(3, 8)
-    torch.testing.assert_close(cpu_kernels.spike_linear(two, weight, bias), f64_linear(two, weight, bias))
+    torch.testing.assert_close(kernels.spike_linear(two, weight, bias), f64_linear(two, weight, bias))
     assert calls["few_rows_linear"] == 3
-    assert torch.equal(cpu_kernels.spike_linear(three, weight, bias), f64_linear(three, weight, bias))
+    assert torch.equal(kernels.spike_linear(three, weight, bias), f64_linear(three, weight, bias))
     assert calls["few_rows_linear"] == 3
 
 
 def test_a_bad_switch_value_is_one_clear_error(monkeypatch):
-    monkeypatch.setenv(cpu_kernels.ENV_VAR, "maybe")
+    monkeypatch.setenv(kernels.CPU_ENV_VAR, "maybe")
     with pytest.raises(UserError, match="SPIKELM_CPU_KERNELS"):
-        cpu_kernels.enabled()
+        kernels.enabled()
     for bad in ("-3", "9", "two"):
-        monkeypatch.setenv(cpu_kernels.ROWS_ENV_VAR, bad)
+        monkeypatch.setenv(kernels.ROWS_ENV_VAR, bad)
         with pytest.raises(UserError, match=f"SPIKELM_CPU_KERNELS_MAX_ROWS='{bad}'.* 0 to 8"):
-            cpu_kernels.max_rows()
+            kernels.max_rows()
     with pytest.raises(TypeError):
-        cpu_kernels.set_enabled("yes")
+        kernels.set_enabled("yes")
 
 
 def test_kernels_that_cannot_be_built_fall_back_to_pytorch_with_one_notice(monkeypatch):
@@ -157,21 +158,102 @@ def test_kernels_that_cannot_be_built_fall_back_to_pytorch_with_one_notice(monke
     monkeypatch.setattr(cpu_kernels, "_build", broken)
     monkeypatch.setattr(cpu_kernels, "_module", [])
     monkeypatch.setattr(cpu_kernels, "_build_error", [])
-    monkeypatch.setattr(cpu_kernels, "_warned", set())
+    monkeypatch.setattr(kernels, "_warned", set())
     weight, x = torch.randn(5, 7), sparse_rows(4, 7)
     with pytest.warns(RuntimeWarning, match="could not be built .*no compiler here.* PyTorch path"):
-        y = cpu_kernels.spike_linear(x, weight)
+        y = kernels.spike_linear(x, weight)
     assert torch.equal(y, f64_linear(x, weight))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per process, not on every call
-        assert torch.equal(cpu_kernels.spike_linear(x, weight), f64_linear(x, weight))
+        assert torch.equal(kernels.spike_linear(x, weight), f64_linear(x, weight))
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("environment", "expected"),
+    [
+        ({}, True),
+        ({"SPIKELM_KERNELS": "0"}, False),
+        ({"SPIKELM_CPU_KERNELS": "0"}, False),  # the earlier switch keeps working
+        ({"SPIKELM_KERNELS": "1", "SPIKELM_CPU_KERNELS": "0"}, False),  # either one turns them off
+        ({"SPIKELM_KERNELS": "off", "SPIKELM_CPU_KERNELS": "1"}, False),
+    ],
+)
+def test_one_switch_turns_every_cpu_kernel_off(monkeypatch, environment, expected):
+    """Each operation the dispatcher serves asks the same switch: the few-row linear, the neuron, the K/V append."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    x, weight = sparse_rows(4, 8), torch.randn(5, 8)
+    kv = torch.randn(4, 2, 1, 8)
+    want = kernels.CPP if expected else kernels.PYTORCH
+    with torch.no_grad():
+        assert kernels.linear_kernel(x, weight, None) == want
+        assert kernels.kv_append_kernel(kv, kv) == want
+        assert kernels.neuron_kernel(torch.randn(4, 2, 8), "auto") == (kernels.CPP if expected else kernels.FUSED)
+        assert kernels.neuron_kernel(torch.randn(4, 2, 8), "fused") == kernels.FUSED  # explicit: honoured
+    with kernels.forced(not expected), torch.no_grad():  # the function beats the environment
+        assert kernels.linear_kernel(x, weight, None) == (kernels.PYTORCH if expected else kernels.CPP)
+    assert kernels.linear_kernel(x, weight, None) == want  # and the block puts it back
+
+
+def test_a_bad_value_of_the_new_switch_names_it(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, "sometimes")
+    with pytest.raises(UserError, match="SPIKELM_KERNELS='sometimes': expected 1 .* or 0"):
+        kernels.enabled()
+
+
+def test_the_fallback_notice_is_one_line_once(monkeypatch):
+    def broken():
+        raise OSError("no compiler here\nsecond line of the compiler's output")
+
+    monkeypatch.setattr(cpu_kernels, "_build", broken)
+    monkeypatch.setattr(cpu_kernels, "_module", [])
+    monkeypatch.setattr(cpu_kernels, "_build_error", [])
+    monkeypatch.setattr(kernels, "_warned", set())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            kernels.neuron_kernel(torch.randn(4, 2, 8), "auto")
+            kernels.spike_linear(sparse_rows(4, 7), torch.randn(5, 7))
+            kernels.kv_append_kernel(torch.randn(4, 2, 1, 8), torch.randn(4, 2, 1, 8))
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages  # one notice for the three operations
+    assert "\n" not in messages[0] and "OSError: no compiler here" in messages[0], messages[0]
+    assert messages[0].startswith("spikelm: the C++ decoding kernels: could not be built"), messages[0]
+
+
+def test_the_cpp_source_is_package_data_and_names_the_build():
+    from importlib import resources
+
+    shipped = resources.files("spikelm.nn").joinpath("cpu_kernels.cpp")
+    assert shipped.is_file() and shipped.read_text() == cpu_kernels.source()
+    text = cpu_kernels.source()
+    assert all(f"torch::Tensor {name}(" in text for name in cpu_kernels.FUNCTIONS)
+    # the build's name hashes the source's text: an edited source never reuses a cached build
+    assert cpu_kernels.build_name(text) == cpu_kernels.build_name()
+    assert cpu_kernels.build_name(text + "\n// edited\n") != cpu_kernels.build_name(text)
+
+
+def test_only_the_dispatcher_reads_the_switch():
+    """One place decides: the switch's variables are read in spikelm/nn/kernels.py and nowhere else in the package."""
+    from pathlib import Path
+
+    import spikelm
+
+    root = Path(spikelm.__file__).parent
+    readers = sorted(
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if any(name in path.read_text() for name in ('"SPIKELM_KERNELS"', '"SPIKELM_CPU_KERNELS"', '_MAX_ROWS"'))
+    )
+    assert readers == ["nn/kernels.py"], readers
 
 
 def test_other_dtypes_take_the_gemm_with_one_notice(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "_warned", set())
+    monkeypatch.setattr(kernels, "_warned", set())
     weight, x = torch.randn(5, 7, dtype=torch.float64), sparse_rows(4, 7).double()
     with pytest.warns(RuntimeWarning, match="float32-only"):
-        y = cpu_kernels.spike_linear(x, weight)
+        y = kernels.spike_linear(x, weight)
     assert torch.equal(y, F.linear(x, weight))
 
 
@@ -191,7 +273,7 @@ def record_spikes(model):
 
 
 def greedy(model, ids, on, new_tokens=24):
-    cpu_kernels.set_enabled(on)
+    kernels.set_enabled(on)
     seen, handles = record_spikes(model)
     try:
         out = model.generate(
@@ -299,10 +381,10 @@ def test_native_decoding_with_the_kernel_is_close_to_the_gemm(monkeypatch, capsy
 
 
 def test_tensors_off_the_cpu_take_the_gemm_with_one_notice(monkeypatch):
-    monkeypatch.setattr(cpu_kernels, "_warned", set())
+    monkeypatch.setattr(kernels, "_warned", set())
     weight, x = torch.randn(5, 7, device="meta"), torch.randn(4, 7, device="meta")  # any non-CPU device
-    with pytest.warns(RuntimeWarning, match="CPU-only; spiking linears on meta use PyTorch"):
-        y = cpu_kernels.spike_linear(x, weight)
+    with pytest.warns(RuntimeWarning, match="CPU-only; spiking linears on meta run on the PyTorch path"):
+        y = kernels.spike_linear(x, weight)
     assert y.device.type == "meta" and y.shape == (4, 5)
 
 
@@ -357,7 +439,7 @@ def test_the_neuron_module_takes_the_kernel_only_without_gradients_on_cpu_float3
     assert torch.equal(neuron(x.clone().requires_grad_()).detach(), fast)  # training: the autograd function
     with torch.no_grad():
         neuron(x.double())  # float64: the PyTorch loop by design
-        cpu_kernels.set_enabled(False)
+        kernels.set_enabled(False)
         assert torch.equal(neuron(x), fast)
     assert calls["elastic_spikes"] == 1
 
@@ -413,7 +495,7 @@ def test_neuron_and_cache_kernels_leave_converted_decoding_bit_identical(monkeyp
     ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    monkeypatch.setenv(cpu_kernels.ROWS_ENV_VAR, "0")
+    monkeypatch.setenv(kernels.ROWS_ENV_VAR, "0")
     kwargs = dict(
         attention_mask=mask,
         max_new_tokens=12,
@@ -425,7 +507,7 @@ def test_neuron_and_cache_kernels_leave_converted_decoding_bit_identical(monkeyp
     on = model.generate(ids, **kwargs)
     assert calls.get("elastic_spikes") and calls.get("spike_pack5") and calls.get("unpack5_steps_into_batch")
     assert "few_rows_linear" not in calls
-    with cpu_kernels.forced(False):
+    with kernels.forced(False):
         off = model.generate(ids, **kwargs)
     assert torch.equal(on.sequences, off.sequences)
     for a, b in zip(on.logits, off.logits, strict=True):
@@ -458,7 +540,7 @@ def test_a_float64_alpha_with_float32_input_gives_the_pytorch_loops_spikes():
     with torch.no_grad():
         neuron(x.double())  # alphas from a first batch
         fast = neuron(x)
-        with cpu_kernels.forced(False):
+        with kernels.forced(False):
             loop = neuron(x)
     assert neuron.alpha.dtype == torch.float64 and fast.dtype == torch.float32
     assert torch.equal(fast, loop)

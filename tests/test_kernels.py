@@ -8,8 +8,8 @@ from conftest import random_batch, tiny_config
 
 from spikelm import ElasticBiSpikingNeuron, SpikeLinear, SpikeLMModel
 from spikelm.experiments.benchmark import Case, _saved_bytes, measure_case
-from spikelm.nn import neuron as neuron_module
-from spikelm.nn.neuron import COMPILE_MIN_ELEMENTS, choose_kernel
+from spikelm.nn import kernels as dispatcher
+from spikelm.nn.kernels import COMPILE_MIN_ELEMENTS, choose_kernel
 
 
 def _triton_importable() -> bool:
@@ -153,13 +153,13 @@ def test_compile_failure_falls_back_to_the_plain_loop(monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(neuron_module, "_compiled", {})
-    monkeypatch.setattr(neuron_module, "_compile_failed", False)
-    monkeypatch.setattr(neuron_module, "_warned", set())
+    monkeypatch.setattr(dispatcher, "_compiled", {})
+    monkeypatch.setattr(dispatcher, "_compile_failed", False)
+    monkeypatch.setattr(dispatcher, "_warned", set())
     x = torch.randn(4, 5, 16)
     with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
         _check_neuron(x, "compiled", "cpu")
-    assert neuron_module._compile_failed
+    assert dispatcher._compile_failed
     assert choose_kernel(torch.empty(4, COMPILE_MIN_ELEMENTS), "auto") == "fused"
 
 
@@ -172,9 +172,9 @@ def test_unavailable_torch_compile_warns_once_and_gives_the_plain_loops_spikes(m
         raise RuntimeError("torch.compile is not supported on this Python")
 
     monkeypatch.setattr(torch, "compile", no_compile)
-    monkeypatch.setattr(neuron_module, "_compiled", {})
-    monkeypatch.setattr(neuron_module, "_compile_failed", False)
-    monkeypatch.setattr(neuron_module, "_warned", set())
+    monkeypatch.setattr(dispatcher, "_compiled", {})
+    monkeypatch.setattr(dispatcher, "_compile_failed", False)
+    monkeypatch.setattr(dispatcher, "_warned", set())
     x = torch.randn(4, 3, 16)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -190,8 +190,8 @@ def test_auto_on_cuda_without_triton_warns_once_and_runs_the_plain_loop(monkeypa
     import types
     import warnings
 
-    monkeypatch.setattr(neuron_module, "_triton_error", [ImportError("No module named 'triton'")])
-    monkeypatch.setattr(neuron_module, "_warned", set())
+    monkeypatch.setattr(dispatcher, "_triton_error", [ImportError("No module named 'triton'")])
+    monkeypatch.setattr(dispatcher, "_warned", set())
 
     def cuda_like(dtype):
         return types.SimpleNamespace(is_cuda=True, dtype=dtype, numel=lambda: COMPILE_MIN_ELEMENTS)
@@ -263,3 +263,29 @@ def test_benchmark_case_reports_ratios_and_memory():
         result["saved_bytes"]["fused"] / result["saved_bytes"]["reference"]
     )
     assert result["mem_ratio_vs_reference"] < 0.5
+
+
+def test_the_switch_turns_triton_off_under_auto_and_the_earlier_cpu_switch_does_not(monkeypatch):
+    """``SPIKELM_KERNELS=0`` (or kernels.forced(False)): CUDA neurons under backend 'auto' run the PyTorch loop, with
+    no fallback notice (it was asked for); ``SPIKELM_CPU_KERNELS=0`` keeps its scope, the C++ kernels only. An
+    explicit backend is honoured whatever the switch."""
+    import types
+    import warnings
+
+    monkeypatch.setattr(dispatcher, "_triton_error", [None])  # as if triton imported
+    monkeypatch.delenv(dispatcher.ENV_VAR, raising=False)
+    cuda_like = types.SimpleNamespace(is_cuda=True, dtype=torch.float32, numel=lambda: 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert choose_kernel(cuda_like, "auto") == "triton"
+        monkeypatch.setenv(dispatcher.CPU_ENV_VAR, "0")
+        assert choose_kernel(cuda_like, "auto") == "triton"
+        monkeypatch.setenv(dispatcher.ENV_VAR, "0")
+        assert choose_kernel(cuda_like, "auto") == "fused"
+        assert choose_kernel(cuda_like, "triton") == "triton"
+        monkeypatch.delenv(dispatcher.ENV_VAR)
+        with dispatcher.forced(False):
+            assert choose_kernel(cuda_like, "auto") == "fused"
+        # torch.compile is PyTorch's own compiler of the PyTorch loop: not switched
+        with dispatcher.forced(False):
+            assert choose_kernel(torch.empty(4, COMPILE_MIN_ELEMENTS // 4), "auto") == "compiled"

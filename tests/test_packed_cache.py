@@ -9,7 +9,7 @@ from conftest import count_calls, tiny_config, tiny_llama_model
 
 from spikelm import SpikeLMCache, SpikeLMForCausalLM
 from spikelm.conversion import spike_code_cache, spikify
-from spikelm.nn import cpu_kernels
+from spikelm.nn import cpu_kernels, kernels
 from spikelm.nn.packing import (
     pack_bits,
     pack_ternary,
@@ -219,7 +219,8 @@ def test_converted_gif_packed_cache_gives_the_unpacked_cache_logits_and_stores_5
 
 @pytest.mark.skipif(cpu_kernels.kernel() is None, reason="the C++ decoding kernels cannot be built here")
 def test_packed_cache_equals_unpacked_with_the_cpu_kernels_taken(monkeypatch):
-    monkeypatch.delenv(cpu_kernels.ENV_VAR, raising=False)
+    for name in (kernels.ENV_VAR, kernels.CPU_ENV_VAR):
+        monkeypatch.delenv(name, raising=False)
     calls = count_calls(
         monkeypatch, cpu_kernels, "few_rows_linear", "elastic_spikes", "spike_pack5", "unpack5_steps_into_batch"
     )

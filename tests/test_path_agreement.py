@@ -19,6 +19,7 @@ from torch import nn
 from spikelm.conversion import spikify
 from spikelm.conversion.recipes import recipe
 from spikelm.nn import cpu_kernels
+from spikelm.nn import kernels as dispatcher
 
 REAL_SIZES = dict(
     vocab_size=256,
@@ -118,9 +119,9 @@ def test_kernels_on_and_off_compute_the_same_codes_and_logits(converted, batch):
         pytest.skip("the C++ kernels cannot be built here")
     for length in LENGTHS:
         ids = prompt(batch, length)
-        with cpu_kernels.forced(True):
+        with dispatcher.forced(True):
             on, codes_on = full_forward(converted, ids)
-        with cpu_kernels.forced(False):
+        with dispatcher.forced(False):
             off, codes_off = full_forward(converted, ids)
         assert count_flips(codes_on, codes_off) == 0, length
         assert float((on - off).abs().max()) <= LOGIT_TOLERANCE, length
@@ -154,7 +155,7 @@ def test_cached_generation_equals_the_full_forward_logit_by_logit_and_uncached_g
     ids = prompt(2, 5)
     settings = dict(do_sample=False, max_new_tokens=10, pad_token_id=0)
     for kernels in (True, False):
-        with cpu_kernels.forced(kernels), torch.no_grad():
+        with dispatcher.forced(kernels), torch.no_grad():
             out = converted.generate(ids, return_dict_in_generate=True, output_logits=True, **settings)
             full = converted(out.sequences, use_cache=False).logits[:, ids.shape[1] - 1 : -1]
             assert float((torch.stack(out.logits, 1) - full).abs().max()) <= LOGIT_TOLERANCE

@@ -134,6 +134,16 @@ def output_path(text: str) -> str:
     return str(_path(text))
 
 
+def add_output_dir(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """``--output-dir`` (an :func:`output_path`) and ``--overwrite``, the same two options on every subcommand that
+    writes a directory. (Here, below :mod:`spikelm.commands.main`: a subcommand never imports the module that
+    imports it.)"""
+    parser.add_argument(
+        "--output-dir", type=output_path, required=required, help="directory to write into (created if missing)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="write into --output-dir even if it holds other files")
+
+
 def existing_file(text: str) -> Path:
     """A file that exists (not a directory) and can be read."""
     path = _path(text)

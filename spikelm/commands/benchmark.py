@@ -6,8 +6,7 @@ import json
 
 from spikelm.errors import UserError
 
-from .argtypes import device, integer, model_ref, positive_int, text_file
-from .main import add_output_dir
+from .argtypes import add_output_dir, device, integer, model_ref, positive_int, text_file
 
 
 def register(sub) -> None:
@@ -59,7 +58,11 @@ def register(sub) -> None:
         help="only generation: of the converted --model and its source if given, else of the native causal SpikeLM",
     )
     g.add_argument("--model", type=model_ref, default=None, help="source model: a directory or a named source")
-    g.add_argument("--recipe", choices=("elastic", "gif"), default="elastic", help="conversion recipe (elastic)")
+    g.add_argument(
+        "--recipe",
+        default="elastic",
+        help="conversion recipe: a registered neuron's (spikelm.nn.neurons: elastic, gif; default elastic)",
+    )
     g.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16], help="default: 1 16")
     g.add_argument("--prompt-lengths", type=positive_int, nargs="+", default=[128, 1024], help="default: 128 1024")
     g.add_argument("--new-tokens", type=integer(2), default=128, help="greedy tokens generated (default 128)")
@@ -182,18 +185,20 @@ def _run_converted(args) -> int:
     max_length = max(args.prompt_lengths) + args.new_tokens
     import torch
 
-    from spikelm.nn import cpu_kernels
+    from spikelm.nn import kernels
 
-    kernel_on = cpu_kernels.enabled()  # a bad $SPIKELM_CPU_KERNELS(_MAX_ROWS): one line, before any work
-    kernel_rows = cpu_kernels.max_rows()
+    kernel_on = kernels.enabled()  # a bad $SPIKELM_(CPU_)KERNELS(_MAX_ROWS): one line, before any work
+    kernel_rows = kernels.max_rows()
     from transformers import AutoConfig, AutoTokenizer
 
-    from spikelm.conversion.recipes import calibration_batches, recipe
+    from spikelm.conversion.recipes import calibration_batches, recipe, recipe_names
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.experiments.benchmark import machine_info
     from spikelm.experiments.generation_benchmark import format_pair_table, load_pair, measure_pair
     from spikelm.outputs import prepare_output_dir, write_json_atomic
 
+    if args.recipe not in recipe_names():
+        raise UserError(f"--recipe must be one of {', '.join(recipe_names())}, got {args.recipe!r}")
     source = resolve_model_source(args.model)
     try:
         config = AutoConfig.from_pretrained(source)
@@ -251,7 +256,7 @@ def _run_converted(args) -> int:
     )
     report["cpu_kernels"] = {
         "enabled": kernel_on,
-        "built": kernel_on and cpu_kernels.kernel() is not None,
+        "built": kernel_on and kernels.cpp_built(),
         "max_rows": kernel_rows,
     }
     write_json_atomic(out / "benchmark.json", report)
@@ -266,10 +271,8 @@ def _run_converted(args) -> int:
 
 
 def _packing_name(model) -> str:
+    from spikelm.conversion.cache import cache_layer_class
     from spikelm.models.modeling_spikelm_causal import DEFAULT_PACKING
+    from spikelm.nn.neurons import neuron_class
 
-    if DEFAULT_PACKING is None:
-        return "int8 codes"
-    if model._spikelm.config.neuron == "gif":
-        return "GIF codes packed to their bit width"
-    return f"ternary codes packed {DEFAULT_PACKING} per byte"
+    return cache_layer_class(neuron_class(model._spikelm.config.neuron)).describe_packing(DEFAULT_PACKING)

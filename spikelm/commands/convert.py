@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from .argtypes import existing_file, text_file
-from .main import add_output_dir
+from .argtypes import add_output_dir, existing_file, text_file
 
 
 def register(sub) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .main import add_output_dir
+from .argtypes import add_output_dir
 
 
 def register_data(sub) -> None:

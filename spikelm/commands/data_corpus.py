@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .argtypes import integer, text_file
-from .main import add_output_dir
+from .argtypes import add_output_dir, integer, text_file
 
 
 def register_data(sub) -> None:

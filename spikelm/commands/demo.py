@@ -7,8 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .argtypes import integer, positive_number, text_file
-from .main import add_output_dir
+from .argtypes import add_output_dir, integer, positive_number, text_file
 
 PARTS = ("classifier", "llm", "energy")  # spikelm.experiments.demo.PARTS (not imported: it would load torch)
 

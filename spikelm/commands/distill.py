@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-from .argtypes import integer, model_dir_not_named, model_ref, text_file, text_path
-from .main import add_output_dir
+from .argtypes import add_output_dir, integer, model_dir_not_named, model_ref, text_file, text_path
 
 
 def register(sub) -> None:

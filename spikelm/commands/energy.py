@@ -7,14 +7,22 @@ from pathlib import Path
 
 from spikelm.errors import UserError
 
-from .argtypes import device, existing_dir, integer, model_source, nonnegative_number, positive_int, text_file
-from .main import add_output_dir
+from .argtypes import (
+    add_output_dir,
+    device,
+    existing_dir,
+    integer,
+    model_source,
+    nonnegative_number,
+    positive_int,
+    text_file,
+)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
 
 
 def register(sub) -> None:
-    from spikelm.evaluation.energy_constants import E_AC_PJ, E_MAC_PJ
+    from spikelm.evaluation.energy_constants import E_AC_PJ, E_MAC_PJ, MEMORY_PJ_PER_BIT
 
     p = sub.add_parser(
         "energy",
@@ -27,9 +35,12 @@ def register(sub) -> None:
             "sequences, against the same shape run real-valued (ANN). Writes energy.json, report.md and PNG plots. "
             "--model: a SpikeLM directory, a converted model (spikelm spikify: a GIF spike of level k is k "
             "accumulates per fan-out, zero-point and scale terms are MACs), a real-valued transformers model of a "
-            "family spikify converts (its ANN figure), or a named source (smollm2-135m, gemma3-270m, minilm). "
-            "Causal converted and source models also get the energy per generated token: one decode step (a new "
-            "token attending a filled cache of the window's other tokens)."
+            "family spikify converts (its ANN figure), or a named source (smollm2-135m, minilm). Causal converted "
+            "and source models also get the energy per generated token: one decode step (a new token attending a "
+            "filled cache of the window's other tokens). Beside the headline, energy.json and report.md give both "
+            "models at the same weight precision (fp32, bf16, int8: Horowitz's 45 nm add and multiply-add energies) "
+            "and a memory-inclusive figure: every weight read per token at --memory-pj-per-bit, a spiking linear "
+            "skipping the weight rows of the channels that fire nothing at any step (docs/CONVERSION.md, Energy)."
         ),
     )
     p.add_argument(
@@ -71,6 +82,13 @@ def register(sub) -> None:
         type=nonnegative_number,
         default=E_MAC_PJ,
         help=f"energy of one multiply-accumulate in pJ (default {E_MAC_PJ})",
+    )
+    p.add_argument(
+        "--memory-pj-per-bit",
+        type=nonnegative_number,
+        default=MEMORY_PJ_PER_BIT,
+        help=f"energy of reading one weight bit in pJ for the memory-inclusive figure (default {MEMORY_PJ_PER_BIT}: "
+        "Horowitz's 45 nm DRAM read, 1.3 nJ per 64 bits; SRAM is 10-100 pJ per 64 bits)",
     )
     p.add_argument(
         "--device", type=device, help="where to run the model, e.g. cpu or cuda (default: cuda if available, else cpu)"
@@ -149,7 +167,11 @@ def run(args) -> int:
     ):
         if value is not None and value < 1:
             raise UserError(f"{flag} must be a positive integer, got {value}")
-    for flag, value in (("--ac-pj", args.ac_pj), ("--mac-pj", args.mac_pj)):
+    for flag, value in (
+        ("--ac-pj", args.ac_pj),
+        ("--mac-pj", args.mac_pj),
+        ("--memory-pj-per-bit", args.memory_pj_per_bit),
+    ):
         if not value >= 0:
             raise UserError(f"{flag} must be a non-negative energy in picojoules, got {value}")
 
@@ -180,7 +202,11 @@ def run(args) -> int:
     batches = list(padded_batches(features, tokenizer, args.batch_size))
     constants = EnergyConstants(args.ac_pj, args.mac_pj)
     summary = measure_energy(
-        model, batches, constants, progress=lambda b: tqdm(b, desc="energy", unit="batch", disable=None)
+        model,
+        batches,
+        constants,
+        progress=lambda b: tqdm(b, desc="energy", unit="batch", disable=None),
+        memory_pJ_per_bit=args.memory_pj_per_bit,
     )
     spiking = summary["spiking"]
     summary.update(
@@ -198,7 +224,11 @@ def run(args) -> int:
         from spikelm.evaluation.energy import measure_decode_energy
 
         decode = measure_decode_energy(
-            model, batches, constants, progress=lambda b: tqdm(b, desc="decode step", unit="batch", disable=None)
+            model,
+            batches,
+            constants,
+            progress=lambda b: tqdm(b, desc="decode step", unit="batch", disable=None),
+            memory_pJ_per_bit=args.memory_pj_per_bit,
         )
         summary["per_generated_token"] = {
             key: decode[key]
@@ -215,6 +245,8 @@ def run(args) -> int:
                 "whole_model",
                 "per_layer",
                 "heads",
+                "precisions",
+                "memory",
             )
         }
     write_json_atomic(out / "energy.json", summary)
@@ -260,6 +292,8 @@ def run(args) -> int:
             + (f"SNN {generated['snn_mJ_per_sequence'] * 1e3:.2f} uJ, " if spiking else "")
             + f"ANN {generated['ann_mJ_per_sequence'] * 1e3:.2f} uJ"
         )
+    for line in precision_lines(summary):
+        print(line)
     print(f"wrote {out / 'energy.json'}, {out / 'report.md'} and plots")
     return 0
 
@@ -273,10 +307,34 @@ def _spiking_words(spec) -> str:
     if spec.kind == "source":
         return "real-valued"
     quant = config.quantization_config
+    from spikelm.nn.neurons import neuron_class
+
     quant = quant if isinstance(quant, dict) else quant.to_dict()
-    if quant.get("neuron") == "gif":
-        extra = quant.get("gif_extra_bits", 0)
-        return (
-            f"GIF neuron n={quant.get('gif_bits')}, a={extra} (T={2**extra}), saliency {quant.get('saliency_fraction')}"
+    return neuron_class(quant.get("neuron", "elastic")).summary(quant)
+
+
+def precision_lines(summary: dict) -> list[str]:
+    """One line per precision: the blocks and the whole model per token, compute only and with weight reads."""
+    spiking = summary["spiking"]
+    memory = summary["memory"]
+    lines = [
+        f"same weight precision, per token (uJ; SNN / ANN{' = ratio' if spiking else ''}); memory-inclusive adds every "
+        f"weight read at {memory['pJ_per_bit']:.4g} pJ per bit"
+        + (
+            f" (the spiking model skips {memory['whole_model']['skipped_fraction']:.1%} of the reads)"
+            if spiking
+            else ""
         )
-    return f"elastic neuron T={quant.get('num_steps')}, {quant.get('spike_levels')} spikes"
+        + ":"
+    ]
+    for name, p in summary["precisions"].items():
+        cells = []
+        for scope in ("blocks", "whole_model", "blocks_with_memory", "whole_model_with_memory"):
+            e = p[scope]
+            ann = f"{e['ann_mJ_per_token'] * 1e3:.4g}"
+            cells.append(
+                f"{scope} "
+                + (f"{e['snn_mJ_per_token'] * 1e3:.4g} / {ann} = {e['snn_over_ann']:.3f}" if spiking else ann)
+            )
+        lines.append(f"  {name} (add {p['add_pJ']} pJ, MAC {p['mac_pJ']:.3g} pJ): " + "; ".join(cells))
+    return lines

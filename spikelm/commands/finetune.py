@@ -6,8 +6,16 @@ import argparse
 
 from spikelm.errors import UserError
 
-from .argtypes import existing_dir, integer, model_ref, nonnegative_int, number, positive_int, positive_number
-from .main import add_output_dir
+from .argtypes import (
+    add_output_dir,
+    existing_dir,
+    integer,
+    model_ref,
+    nonnegative_int,
+    number,
+    positive_int,
+    positive_number,
+)
 
 TASK_HELP = (
     "GLUE layouts read from --data-dir (train.tsv, dev.tsv, optional test.tsv, headers as in the GLUE "

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from spikelm.errors import UserError
 
-from .argtypes import model_source, nonnegative_int, number, positive_int, positive_number, utf8_text
-from .main import add_output_dir
+from .argtypes import add_output_dir, model_source, nonnegative_int, number, positive_int, positive_number, utf8_text
 
 
 def register(sub) -> None:
@@ -159,7 +158,7 @@ def _steps(spec) -> str:
     quant = getattr(config, "quantization_config", None)
     if quant is None:
         return "real-valued"
+    from spikelm.nn.neurons import neuron_class
+
     quant = quant if isinstance(quant, dict) else quant.to_dict()
-    if quant.get("neuron") == "gif":
-        return f"GIF neuron, T = {2 ** quant.get('gif_extra_bits', 0)} steps, {quant.get('gif_bits')}-bit spike levels"
-    return f"{quant.get('num_steps')} time steps"
+    return neuron_class(quant.get("neuron", "elastic")).steps_summary(quant)

@@ -6,9 +6,8 @@ from pathlib import Path
 
 from spikelm.errors import UserError
 
-from .argtypes import dir_or_name, existing_dir
+from .argtypes import add_output_dir, dir_or_name, existing_dir
 from .finetune import add_recipe_arguments, settings_from_args
-from .main import add_output_dir
 
 
 def register(sub) -> None:

@@ -8,7 +8,7 @@ import sys
 
 from spikelm.errors import UserError
 
-from .argtypes import Parser, output_path
+from .argtypes import Parser
 
 # modules under spikelm.commands, each adding one or more subcommands
 COMMANDS = (
@@ -27,13 +27,6 @@ COMMANDS = (
     "serve",
     "spikify",
 )
-
-
-def add_output_dir(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    parser.add_argument(
-        "--output-dir", type=output_path, required=required, help="directory to write into (created if missing)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="write into --output-dir even if it holds other files")
 
 
 def build_parser() -> argparse.ArgumentParser:

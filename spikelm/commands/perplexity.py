@@ -3,8 +3,7 @@ real-valued source or a named source) on a text file or directory."""
 
 from __future__ import annotations
 
-from .argtypes import integer, model_source, positive_int, text_path
-from .main import add_output_dir
+from .argtypes import add_output_dir, integer, model_source, positive_int, text_path
 
 
 def register(sub) -> None:

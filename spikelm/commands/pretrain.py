@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from .argtypes import positive_int, text_file
-from .main import add_output_dir
+from .argtypes import add_output_dir, positive_int, text_file
 
 
 def register(sub) -> None:

@@ -6,8 +6,7 @@ from argparse import ArgumentTypeError
 
 from spikelm.errors import UserError
 
-from .argtypes import check_bounds, integer, positive_int, positive_number
-from .main import add_output_dir
+from .argtypes import add_output_dir, check_bounds, integer, positive_int, positive_number
 
 
 def _ints(text: str, flag: str) -> list[int]:

@@ -1,13 +1,14 @@
 """``spikelm spikify``: convert a pretrained Hugging Face model (a causal LM or BERT-family encoder of a described
-architecture, :mod:`spikelm.conversion.architectures`, or a named source such as ``smollm2-135m``) into a spiking
-one, calibrate it, measure it and save it."""
+architecture, :mod:`spikelm.conversion.architectures`, any other decoder-only model through the generic path, or a
+named source such as ``smollm2-135m``) into a spiking one, calibrate it, measure it and save it."""
 
 from __future__ import annotations
 
+import warnings
+
 from spikelm.errors import UserError
 
-from .argtypes import integer, model_ref, text_file
-from .main import add_output_dir
+from .argtypes import add_output_dir, integer, model_ref, text_file
 
 DEFAULT_EVAL_TOKENS = 2048
 
@@ -38,7 +39,11 @@ def register(sub) -> None:
         required=True,
         help="model directory or named source (smollm2-135m, gemma3-270m, minilm)",
     )
-    p.add_argument("--neuron", choices=("gif", "elastic"), default="gif", help="neuron family (default gif)")
+    p.add_argument(
+        "--neuron",
+        default=None,
+        help="neuron family: a registered neuron (spikelm.nn.neurons: gif, elastic; default gif, the default recipe)",
+    )
     p.add_argument(
         "--num-steps",
         type=integer(1),
@@ -109,11 +114,18 @@ def _load(source, output_dir, overwrite):
         and (quant.get("quant_method") if isinstance(quant, dict) else quant.quant_method) == "spikelm"
     ):
         raise UserError(f"--model {source} is already spiking; spikify its real-valued source model")
-    supported = supported_model_types()
-    if config.model_type not in supported:
+    if config.model_type == "spikelm":
         raise UserError(
-            f"--model {source}: model_type {config.model_type!r} is not supported; supported: {', '.join(supported)}"
+            f"--model {source}: model_type 'spikelm' is not supported (a native SpikeLM spikes already); supported: "
+            f"{', '.join(supported_model_types())} and other decoder-only transformers models"
         )
+    if config.model_type not in supported_model_types():  # the generic path: what the config rules out, now
+        from spikelm.conversion.architectures.generic import check_config
+
+        try:
+            check_config(config)
+        except ValueError as err:
+            raise UserError(f"--model {source}: {err}") from None
     names = getattr(config, "architectures", None) or []
     cls = model_class(config, "--model", source)
     if cls is None:
@@ -132,9 +144,12 @@ def _fit_transform(config, model):
     """The recipe's rotations, restricted to what the architecture folds exactly; what is dropped is said in one
     line (:func:`spikelm.conversion.spikify.fit_transform`)."""
     from spikelm.conversion.placement import family_of
-    from spikelm.conversion.spikify import fit_transform
+    from spikelm.conversion.spikify import GENERIC_NOTICE, fit_transform
 
-    notice = fit_transform(family_of(model), config)
+    architecture = family_of(model)
+    notice = fit_transform(architecture, config)
+    if architecture.generic:  # the generic path's one line (spikify's warning of it is not repeated, see run)
+        notice = GENERIC_NOTICE.format(model_type=architecture.model_type)
     if notice is not None:
         print(f"spikelm spikify: {notice}", flush=True)
     return config
@@ -145,14 +160,14 @@ def run(args) -> int:
 
     import spikelm.conversion as conversion
     from spikelm.conversion.placement import family_of
-    from spikelm.conversion.recipes import calibration_batches, recipe
+    from spikelm.conversion.recipes import DEFAULT_RECIPE, calibration_batches, recipe
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.data.tokenization import check_fits
     from spikelm.outputs import new_files_follow_umask, write_json_atomic
 
     _check_args(args)
     try:
-        fields = recipe(args.neuron, args.num_steps, _overrides(args.set))
+        fields = recipe(args.neuron or DEFAULT_RECIPE, args.num_steps, _overrides(args.set))
         config = conversion.SpikeLMConversionConfig(**fields)
     except (TypeError, ValueError) as err:
         raise UserError(str(err)) from None
@@ -188,7 +203,9 @@ def run(args) -> int:
         perplexity["source (real-valued)"] = score(model, tokens)["perplexity"]
     started = time.perf_counter()
     print(f"spikelm spikify: converting ({config.neuron}) and calibrating on {calibration}", flush=True)
-    conversion.spikify(model, config, calibration=batches)
+    with warnings.catch_warnings():  # the generic path's notice was printed above, in one line
+        warnings.filterwarnings("ignore", message=".*converted through the generic path", category=UserWarning)
+        conversion.spikify(model, config, calibration=batches)
     seconds = time.perf_counter() - started
     if tokens is not None:
         perplexity["this model (spiking)"] = score(model, tokens)["perplexity"]

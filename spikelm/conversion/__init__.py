@@ -1,8 +1,9 @@
 """Checkpoints from elsewhere turned into spiking models: the authors' released checkpoints (``official``), and the
 spiking conversion of pretrained transformers models (issue 13): ``spikify``, exact weight transforms, calibration.
 
-Importing this package registers the ``"spikelm"`` quantization method with transformers, so that
-``from_pretrained`` restores a saved conversion.
+``import spikelm`` registers the ``"spikelm"`` quantization method with transformers (through its public
+``register_quantization_config`` / ``register_quantizer``; see ``spikelm/__init__.py``), so that ``from_pretrained``
+restores a saved conversion with :class:`SpikeLMConversionConfig` and :class:`SpikeLMQuantizer`.
 """
 
 from .attention import NAME as SPIKING_ATTENTION

@@ -25,17 +25,16 @@ from torch import nn
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from ..models.modeling_spikelm_causal import DEFAULT_PACKING, SpikeKVCacheLayer
-from ..nn import cpu_kernels
+from ..nn import cpu_kernels, kernels
 from ..nn._constants import ALPHA_FLOOR
-from ..nn.neuron import ElasticBiSpikingNeuron
+from ..nn.neurons import SpikingNeuron
+from ..nn.neurons.gif import max_code, pack_grid, unpack_grid
 from ..nn.packing import pack_bits, unpack_bits
 
 
-def spike_per_step(neuron: nn.Module, states: torch.Tensor, steps: int) -> torch.Tensor:
+def spike_per_step(neuron: SpikingNeuron, states: torch.Tensor, steps: int) -> torch.Tensor:
     """K or V (T*B, H, L, d), time-major in the batch axis, through its per-step neuron."""
-    if isinstance(neuron, ElasticBiSpikingNeuron):
-        return neuron(states.reshape(steps, -1, *states.shape[1:])).view(states.shape)
-    return neuron(states)
+    return neuron.spike_folded(states, steps)
 
 
 def fold_steps_into_heads(states: torch.Tensor, steps: int) -> torch.Tensor:
@@ -60,7 +59,7 @@ def unfold_steps_from_heads(states: torch.Tensor, steps: int) -> torch.Tensor:
     )
 
 
-def spike_scale(neuron: ElasticBiSpikingNeuron) -> torch.Tensor:
+def spike_scale(neuron: SpikingNeuron) -> torch.Tensor:
     """The per-step magnitude a spike code decodes with: alpha_t (floored as the neuron uses it), or 1."""
     alpha = neuron.alpha.detach()
     return alpha.clamp_min(ALPHA_FLOOR) if neuron.use_amplitude else torch.ones_like(alpha)
@@ -76,33 +75,32 @@ class SpikeCodeLayer(SpikeKVCacheLayer):
 
     def __init__(
         self,
-        key_neuron: ElasticBiSpikingNeuron,
-        value_neuron: ElasticBiSpikingNeuron,
+        key_neuron: SpikingNeuron,
+        value_neuron: SpikingNeuron,
         steps: int,
         packing: int | None = DEFAULT_PACKING,
     ):
         super().__init__(packing)
         self.key_neuron, self.value_neuron, self.steps = key_neuron, value_neuron, steps
 
+    @classmethod
+    def for_neurons(cls, key_neuron, value_neuron, steps: int, packing: int | None = DEFAULT_PACKING):
+        return cls(key_neuron, value_neuron, steps, packing)
+
+    @staticmethod
+    def describe_packing(packing: int | None) -> str:
+        return "int8 codes" if packing is None else f"ternary codes packed {packing} per byte"
+
     def _fast_append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
         """Whether a decoding step may spike, pack and decode K/V in the C++ kernels (CPU float32, 5 codes per
         byte, plain elastic K/V neurons without membrane, statistics or hooks; the same codes and values)."""
         if self.packing != 5:
             return False
-        for neuron in (self.key_neuron, self.value_neuron):
-            if (
-                type(neuron) is not ElasticBiSpikingNeuron
-                or neuron.membrane
-                or neuron.backend != "auto"
-                or neuron.record_stats
-                or not neuron.is_initialized()
-                or neuron._forward_hooks
-                or neuron._forward_pre_hooks
-            ):
-                return False
-        return cpu_kernels.usable(key_states, value_states, what="spike-cache updates")
+        if not (self.key_neuron.packs_kv_on_cpu() and self.value_neuron.packs_kv_on_cpu()):
+            return False
+        return kernels.kv_append_kernel(key_states, value_states) == kernels.CPP  # spikelm.nn.kernels decides
 
-    def _append_packed(self, name: str, neuron: ElasticBiSpikingNeuron, states: torch.Tensor) -> torch.Tensor:
+    def _append_packed(self, name: str, neuron: SpikingNeuron, states: torch.Tensor) -> torch.Tensor:
         """Spike and pack ``states`` onto the stored codes ``name``; the decoded cache, in the model's layout."""
         low = -1 if neuron.spike_levels == "ternary" else 0
         scale = spike_scale(neuron)
@@ -165,9 +163,15 @@ class GIFCodeLayer(DynamicLayer):
         self.key_neuron, self.value_neuron, self.packed = key_neuron, value_neuron, packed
         self.key_grid = self.value_grid = None
 
-    def lazy_initialization(self, key_states, value_states) -> None:
-        from ..nn.gif import max_code
+    @classmethod
+    def for_neurons(cls, key_neuron, value_neuron, steps: int, packing: int | None = DEFAULT_PACKING):
+        return cls(key_neuron, value_neuron, packed=packing is not None)
 
+    @staticmethod
+    def describe_packing(packing: int | None) -> str:
+        return "int8 codes" if packing is None else "GIF codes packed to their bit width"
+
+    def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         top = max_code(self.key_neuron.bits, self.key_neuron.extra_bits)
         self.code_dtype, self.bits, self.width = _code_dtype(top), top.bit_length(), key_states.shape[3]
@@ -190,8 +194,6 @@ class GIFCodeLayer(DynamicLayer):
         return unpack_bits(stored.unflatten(-1, (self.bits, -1)), self.width, self.code_dtype)
 
     def _decode(self, name: str, neuron: nn.Module, grid: torch.Tensor | None) -> torch.Tensor:
-        from ..nn.gif import unpack_grid
-
         if grid is None:  # nothing cached yet: (B, H, 0, d)
             stored = getattr(self, name)
             return torch.empty((*stored.shape[:3], self.width), dtype=self.dtype, device=stored.device)
@@ -204,8 +206,6 @@ class GIFCodeLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         out = []
         for name, neuron, states in (("key", self.key_neuron, key_states), ("value", self.value_neuron, value_states)):
-            from ..nn.gif import pack_grid
-
             codes_name, grid_name = f"{name}s", f"{name}_grid"
             codes, grid = getattr(self, codes_name), getattr(self, grid_name)
             past = self._decode(codes_name, neuron, grid)
@@ -256,25 +256,39 @@ class TransientSpikeKV:
         return 0
 
 
+# how a converted model's K/V cache stores each neuron's spikes, by the neuron's ``cache_layout``
+# (spikelm.nn.neurons.base.SpikingNeuron): a layer class made by ``layer(key_neuron, value_neuron, steps, packing)``
+CACHE_LAYERS: dict[str, type[DynamicLayer]] = {
+    "step_codes": SpikeCodeLayer,  # per-step ternary codes, alpha_t per step (the elastic neuron)
+    "token_codes": GIFCodeLayer,  # one integer code per value, a per-token grid (GIF)
+}
+
+
+def cache_layer_class(neuron: SpikingNeuron | type[SpikingNeuron]) -> type[DynamicLayer]:
+    """The cache layer class for K/V spiked by ``neuron`` (an instance or a class), after its ``cache_layout``."""
+    layout = neuron.cache_layout
+    if layout not in CACHE_LAYERS:
+        raise ValueError(f"no spike-code cache layer for the cache layout {layout!r}; known: {sorted(CACHE_LAYERS)}")
+    return CACHE_LAYERS[layout]
+
+
 def is_spike_cache(cache) -> bool:
     return (
         isinstance(cache, DynamicCache)
         and len(cache.layers) > 0
-        and all(isinstance(layer, (SpikeCodeLayer, GIFCodeLayer)) for layer in cache.layers)
+        and all(isinstance(layer, tuple(CACHE_LAYERS.values())) for layer in cache.layers)
     )
 
 
 def make_spike_layers(
     attentions: list[nn.Module], steps: int, packing: int | None = DEFAULT_PACKING
 ) -> list[DynamicLayer]:
-    """One spike-code layer per attention module, in layer order (elastic or GIF, after its K neuron).
+    """One spike-code layer per attention module, in layer order (:func:`cache_layer_class` of its K neuron).
 
     ``packing``: ternary codes per byte (5 or 4; GIF codes then packed to their bit width), or None (one code per
     byte)."""
     return [
-        SpikeCodeLayer(attn.key_neuron, attn.value_neuron, steps, packing)
-        if isinstance(attn.key_neuron, ElasticBiSpikingNeuron)
-        else GIFCodeLayer(attn.key_neuron, attn.value_neuron, packed=packing is not None)
+        cache_layer_class(attn.key_neuron).for_neurons(attn.key_neuron, attn.value_neuron, steps, packing)
         for attn in attentions
     ]
 

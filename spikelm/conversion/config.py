@@ -1,26 +1,22 @@
 """The conversion recipe: every setting of ``spikify`` as a field of one quantization config.
 
-``SpikeLMConversionConfig`` is registered with transformers as the quantization method ``"spikelm"``. A converted
-model carries it as ``model.config.quantization_config``; ``save_pretrained`` writes it into ``config.json`` next to
-the original architecture's fields, and ``from_pretrained`` (after ``import spikelm``) rebuilds the spiking model
-from it before the weights and alphas load.
+``SpikeLMConversionConfig`` is the quantization method ``"spikelm"`` of transformers (registered by ``import
+spikelm``, see ``spikelm/__init__.py``). A converted model carries it as ``model.config.quantization_config``;
+``save_pretrained`` writes it into ``config.json`` next to the original architecture's fields, and
+``from_pretrained`` (after ``import spikelm``) rebuilds the spiking model from it before the weights and alphas load.
 """
 
 from __future__ import annotations
 
 import copy
 
-from transformers.quantizers.auto import (
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-)
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..nn.gif import check_gif_options
-from ..nn.neuron import check_neuron_options
+from ..nn.neurons import neuron_class, neuron_classes, neuron_names
 
 QUANT_METHOD = "spikelm"
 FORMAT_VERSION = 1  # bump when a saved model of the previous version would load differently
-NEURONS = ("elastic", "gif")
+NEURONS = neuron_names()  # the registered neurons (spikelm.nn.neurons), as of this import
 ROTATIONS = ("none", "hadamard", "random")
 
 
@@ -28,27 +24,14 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
     r"""How a pretrained model is made to spike (SPEC sections 2, 3 and 8).
 
     Neuron:
-        neuron (str): ``"elastic"``: SpikeLM's elastic bi-spiking neuron, the network runs as T copies (T folded into
-            the batch axis); ``"gif"``: SpikeLLM's GIF neuron, whose steps are internal to the neuron (the network
-            runs once; ``num_steps`` is then not used).
-        num_steps (int): T for ``"elastic"``: the time steps every neuron runs over.
-        spike_levels, use_amplitude, alpha_init, learn_alpha, reset: the elastic neuron's options, as in
-            :class:`~spikelm.SpikeLMConfig`.
-
-    GIF neuron (``neuron="gif"``):
-        gif_bits (int): n, the base bit-width: one multi-level spike carries at most 2^n - 1.
-        gif_extra_bits (int): a, the extra bits of the salient channels: they run over T = 2^a steps.
-        saliency_fraction (float): the fraction of input channels (by calibration saliency) that get the extra
-            steps; 0 gives every channel n bits in one step.
-        gif_group_range (str): ``"group"``: each channel group (salient, other) takes its per-token scale and zero
-            point from its own channels' min/max, so outlier channels do not stretch the others' grid (the default:
-            far better on real LLMs); ``"token"``: both groups over the whole token's range, as SpikeLLM's code.
-        gif_clip_ratio (float): each per-token range is this fraction of the min/max (1: no clipping; 0.9 is
-            QuaRot's activation clip ratio); values beyond it take the end codes.
-        gif_group_size (int): 0 (default): one per-token range per channel group (salient, other); G > 0: one
-            range (scale and zero point) per G consecutive channels inside each group (group-wise activation
-            quantisation, as Atom/QuaRot's group variants; a group's last range may cover fewer than G channels).
-            Needs ``gif_group_range="group"``.
+        neuron (str): the registered neuron (:mod:`spikelm.nn.neurons`) that spikes every linear input and K/V:
+            ``"elastic"``, SpikeLM's elastic bi-spiking neuron (the network runs as T copies folded into the batch
+            axis), or SpikeLLM's GIF neuron, whose steps are internal to the neuron (the network runs once).
+        Every registered neuron's own fields (its ``config_fields``, documented on its class) are fields of this
+        config, whichever neuron is chosen (a saved config holds them all; only the chosen neuron's are used):
+        the elastic neuron's ``num_steps`` (T), ``spike_levels``, ``use_amplitude``, ``alpha_init``,
+        ``learn_alpha``, ``reset`` (as in :class:`~spikelm.SpikeLMConfig`); the GIF neuron's ``gif_bits``,
+        ``gif_extra_bits``, ``saliency_fraction``, ``gif_group_range``, ``gif_clip_ratio``, ``gif_group_size``.
 
     Outlier handling (equivalence transforms folded into the weights before spiking):
         rotation (str): ``"none"``, ``"hadamard"`` or ``"random"``: an orthogonal rotation of the residual stream
@@ -74,18 +57,6 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
     def __init__(
         self,
         neuron: str = "elastic",
-        num_steps: int = 4,
-        spike_levels: str = "ternary",
-        use_amplitude: bool = True,
-        alpha_init: str | float = "mean_abs",
-        learn_alpha: bool = False,
-        reset: str = "official",
-        gif_bits: int = 4,
-        gif_extra_bits: int = 1,
-        saliency_fraction: float = 0.1,
-        gif_group_range: str = "group",
-        gif_clip_ratio: float = 1.0,
-        gif_group_size: int | None = 0,
         rotation: str = "none",
         rotation_seed: int = 0,
         online_down_proj_rotation: bool = False,
@@ -94,27 +65,22 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         modules_to_not_convert: list[str] | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
-        **unknown,
+        **neuron_fields,
     ):
-        if unknown:
+        """``neuron_fields``: the fields of the registered neurons (each neuron's ``config_fields``)."""
+        values = {}
+        for cls in neuron_classes():
+            values.update(cls.config_values(neuron_fields))
+        if neuron_fields:
             raise ValueError(
-                f"unknown spikelm conversion field(s) {sorted(unknown)}; the fields are {sorted(self.field_names())}"
+                f"unknown spikelm conversion field(s) {sorted(neuron_fields)}; the fields are "
+                f"{sorted(self.field_names())}"
             )
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.neuron = neuron
-        self.num_steps = num_steps
-        self.spike_levels = spike_levels
-        self.use_amplitude = use_amplitude
-        self.alpha_init = alpha_init
-        self.learn_alpha = learn_alpha
-        self.reset = reset
-        self.gif_bits = gif_bits
-        self.gif_extra_bits = gif_extra_bits
-        self.saliency_fraction = saliency_fraction
-        self.gif_group_range = gif_group_range
-        self.gif_clip_ratio = gif_clip_ratio
-        self.gif_group_size = 0 if gif_group_size is None else gif_group_size
+        for name, value in values.items():
+            setattr(self, name, value)
         self.rotation = rotation
         self.rotation_seed = rotation_seed
         self.online_down_proj_rotation = online_down_proj_rotation
@@ -131,20 +97,10 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
 
     @staticmethod
     def field_names() -> tuple[str, ...]:
+        neuron_fields = [name for cls in neuron_classes() for name in cls.config_fields]
         return (
             "neuron",
-            "num_steps",
-            "spike_levels",
-            "use_amplitude",
-            "alpha_init",
-            "learn_alpha",
-            "reset",
-            "gif_bits",
-            "gif_extra_bits",
-            "saliency_fraction",
-            "gif_group_range",
-            "gif_clip_ratio",
-            "gif_group_size",
+            *neuron_fields,
             "rotation",
             "rotation_seed",
             "online_down_proj_rotation",
@@ -165,28 +121,10 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
                 f"1..{FORMAT_VERSION}; "
                 + ("a newer spikelm wrote this model, upgrade spikelm to load it" if newer else "no spikelm writes it")
             )
-        if self.neuron not in NEURONS:
-            raise ValueError(f"neuron must be one of {NEURONS}, got {self.neuron!r}")
-        check_neuron_options(
-            self.num_steps, self.spike_levels, self.use_amplitude, self.alpha_init, self.learn_alpha, self.reset
-        )
-        if isinstance(self.gif_group_size, bool) or not isinstance(self.gif_group_size, int) or self.gif_group_size < 0:
-            raise ValueError(
-                "gif_group_size must be 0 (one range per channel group) or a positive integer (channels per range), "
-                f"got {self.gif_group_size!r}"
-            )
-        if self.gif_group_size and self.gif_group_range != "group":
-            raise ValueError(
-                f"gif_group_size={self.gif_group_size} needs gif_group_range='group', got {self.gif_group_range!r}"
-            )
-        check_gif_options(
-            self.gif_bits,
-            self.gif_extra_bits,
-            self.saliency_fraction,
-            self.gif_group_range,
-            self.gif_clip_ratio,
-            self.gif_group_size,
-        )
+        neuron_class(self.neuron)  # ValueError naming the registered neurons
+        fields = self.to_dict()
+        for cls in neuron_classes():  # every neuron's fields, whichever is chosen
+            cls.check_config(fields)
         if isinstance(self.rotation_seed, bool) or not isinstance(self.rotation_seed, int):
             raise ValueError(f"rotation_seed must be an integer, got {self.rotation_seed!r}")  # noqa: TRY004
         alpha = self.smoothing_alpha
@@ -209,22 +147,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
     @property
     def model_steps(self) -> int:
         """How many copies of the network run: T for the elastic neuron, 1 for GIF (its steps are internal)."""
-        return self.num_steps if self.neuron == "elastic" else 1
-
-    def neuron_options(self) -> dict:
-        """The elastic neuron's keyword arguments."""
-        return {
-            "spike_levels": self.spike_levels,
-            "use_amplitude": self.use_amplitude,
-            "alpha_init": self.alpha_init,
-            "learn_alpha": self.learn_alpha,
-            "reset": self.reset,
-        }
+        return neuron_class(self.neuron).model_steps(self.to_dict())
 
     def to_dict(self) -> dict:
         return copy.deepcopy({name: getattr(self, name) for name in ("quant_method", *self.field_names())})
-
-
-# set, not register_*(): `import spikelm` puts a stand-in there first (see spikelm/__init__.py), and a reload
-# must not fail on the registry's "already registered" check
-AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = SpikeLMConversionConfig

@@ -5,42 +5,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..nn.neurons import neuron_class, neuron_classes
 from .architectures import lookup
 from .config import SpikeLMConversionConfig
 
 
-def _ranges(config: SpikeLMConversionConfig) -> str:
-    if config.gif_group_range == "token":
-        return "over the whole token (SpikeLLM's code)"
-    if config.gif_group_size:
-        return f"per {config.gif_group_size} consecutive channels of each channel group (salient, other)"
-    return "per channel group (salient, other)"
-
-
-# fields of the other neuron, left out of the card's recipe (config.json keeps every field)
-_ELASTIC_ONLY = ("num_steps", "spike_levels", "use_amplitude", "alpha_init", "learn_alpha", "reset")
-_GIF_ONLY = ("gif_bits", "gif_extra_bits", "saliency_fraction", "gif_group_range", "gif_group_size", "gif_clip_ratio")
-
-
 def recipe_fields(config: SpikeLMConversionConfig) -> dict:
-    """The config's fields that apply to its neuron (GIF runs T = 2^a steps: the elastic ``num_steps`` is unused)."""
-    unused = _ELASTIC_ONLY if config.neuron == "gif" else _GIF_ONLY
+    """The config's fields that apply to its neuron: the other registered neurons' fields are left out (e.g. GIF runs
+    T = 2^a steps: the elastic ``num_steps`` is unused)."""
+    unused = {name for cls in neuron_classes() if cls.name != config.neuron for name in cls.config_fields}
     return {k: v for k, v in config.to_dict().items() if k not in unused}
 
 
 def _recipe(config: SpikeLMConversionConfig) -> str:
-    if config.neuron == "gif":
-        return (
-            f"SpikeLLM's GIF neuron: n = {config.gif_bits} base bits, a = {config.gif_extra_bits} extra bits "
-            f"(T = {2**config.gif_extra_bits} steps) for the top {config.saliency_fraction:.0%} of channels by "
-            f"calibration saliency; per-token ranges {_ranges(config)}, clipped to {config.gif_clip_ratio:g} of the "
-            "min/max"
-        )
-    return (
-        f"SpikeLM's elastic bi-spiking neuron ({config.spike_levels} spikes, T = {config.num_steps}, "
-        f"{config.reset} reset, amplitude {'on' if config.use_amplitude else 'off'}, alpha "
-        f"{'learned' if config.learn_alpha else 'frozen'} after initialisation from data)"
-    )
+    return neuron_class(config.neuron).describe(config.to_dict())
+
+
+def _others(config: SpikeLMConversionConfig) -> str:
+    """The other neurons, as the card names them: "the GIF neuron's fields", "the elastic neuron's fields"."""
+    names = [cls.display_name or cls.name for cls in neuron_classes() if cls.name != config.neuron]
+    return " and ".join(names) if len(names) < 3 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def write_model_card(
@@ -100,8 +84,7 @@ def write_model_card(
         json.dumps(recipe_fields(config), indent=2),
         "```",
         "",
-        f"(The {'elastic' if config.neuron == 'gif' else 'GIF'} neuron's fields, unused here, are left out; "
-        "`config.json` holds them all.)",
+        f"(The {_others(config)} neuron's fields, unused here, are left out; `config.json` holds them all.)",
         "",
         "## Calibration data",
         "",

@@ -36,8 +36,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import UserError
-from ..nn.cpu_kernels import spike_linear
-from ..nn.neuron import ElasticBiSpikingNeuron
+from ..nn.kernels import spike_linear
+from ..nn.neurons import SpikingNeuron, neuron_class
 from .architectures import SITE_KINDS, Architecture, describe, registered
 from .attention import NAME as SPIKING_ATTENTION
 from .cache import SpikeCodeCache, TransientSpikeKV, into_spike_cache, is_spike_cache
@@ -60,13 +60,23 @@ def is_spiking(model: nn.Module) -> bool:
         return True
     if getattr(getattr(model, "config", None), "model_type", None) == "spikelm":
         return True
-    return any(isinstance(m, ElasticBiSpikingNeuron) or hasattr(m, "input_neuron") for m in model.modules())
+    return any(isinstance(m, SpikingNeuron) or hasattr(m, "input_neuron") for m in model.modules())
 
 
 def family_of(model: nn.Module) -> Architecture:
     """The description of ``model``'s architecture (:func:`spikelm.conversion.architectures.describe`);
     ``ValueError`` naming the problem if it has none."""
     return describe(model)
+
+
+def check_generic_recipe(family: Architecture, config: SpikeLMConversionConfig) -> None:
+    """A model converted through the generic path gets no smoothing (its norms are not described; a rotation is
+    dropped with the path's notice, :func:`spikelm.conversion.spikify.spikify`): ``ValueError`` naming the field."""
+    if family.generic and config.smoothing_alpha is not None:
+        raise ValueError(
+            f"smoothing_alpha={config.smoothing_alpha!r}: model_type {family.model_type!r} converts through the "
+            "generic path, which has no smoothing (it needs the family's norms described); set it to None"
+        )
 
 
 def _skipped(name: str, skip: list[str]) -> bool:
@@ -99,25 +109,13 @@ def make_neuron(
             SpikeLLM's saliency); empty for K/V. They may be on the meta device while a saved model loads: compute
             anything from them at calibration (:func:`calibrate`), not here.
 
-    An elastic neuron sees time-major input (T, …, C). A GIF neuron sees the (…, C) input of the single copy of the
+    The neuron is the config's registered neuron (:mod:`spikelm.nn.neurons`), built by its ``from_config``: an
+    elastic neuron sees time-major input (T, …, C); a GIF neuron sees the (…, C) input of the single copy of the
     network and returns its dequantised spike sum, same shape.
     """
     if kind not in SITE_KINDS:
         raise ValueError(f"unknown placement site {kind!r}; expected one of {SITE_KINDS}")
-    if config.neuron == "gif":
-        from ..nn.gif import GIFNeuron
-
-        return GIFNeuron(
-            channels,
-            bits=config.gif_bits,
-            extra_bits=config.gif_extra_bits,
-            saliency_fraction=config.saliency_fraction,
-            group_range=config.gif_group_range,
-            clip_ratio=config.gif_clip_ratio,
-            group_size=config.gif_group_size,
-        )
-    neuron = ElasticBiSpikingNeuron(config.num_steps, membrane=kind not in ("k", "v"), **config.neuron_options())
-    return neuron.float()  # alphas stay float32 in a bfloat16 model (and load as such): the membrane is float32
+    return neuron_class(config.neuron).from_config(config.to_dict(), channels, per_step=kind in ("k", "v"))
 
 
 def reader_weight(linear: nn.Module) -> torch.Tensor:
@@ -131,10 +129,10 @@ def reader_weight(linear: nn.Module) -> torch.Tensor:
 
 
 def apply_input_neuron(neuron: nn.Module, x: torch.Tensor, steps: int) -> torch.Tensor:
-    """Spike ``x`` (T*B, …, C) with ``neuron``: over the T steps (time-major) for an elastic neuron."""
-    if isinstance(neuron, ElasticBiSpikingNeuron):
-        return neuron(x.reshape(steps, -1, x.shape[-1])).view(x.shape)
-    return neuron(x)
+    """Spike ``x`` (T*B, …, C), whose T network copies are folded into the batch axis, with ``neuron``
+    (:meth:`~spikelm.nn.neurons.base.SpikingNeuron.spike_folded`: over the T steps, time-major, for an elastic
+    neuron)."""
+    return neuron.spike_folded(x, steps)
 
 
 def _spike_input(module, args, kwargs, steps):
@@ -149,7 +147,7 @@ def _spike_input(module, args, kwargs, steps):
 
 def _spike_reader_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward`` of a linear that reads a neuron's spikes: the few-row kernel for a few
-    rows on CPU (a decoding step), else ``F.linear`` (:func:`spikelm.nn.cpu_kernels.spike_linear`)."""
+    rows on CPU (a decoding step), else ``F.linear`` (:func:`spikelm.nn.kernels.spike_linear`)."""
     return spike_linear(input, module.weight, module.bias)
 
 
@@ -171,10 +169,39 @@ def _read_spikes(readers: list[nn.Module]) -> list[_SpikeReader]:
     return [_SpikeReader(r) for r in readers if type(r) is nn.Linear and "forward" not in vars(r)]
 
 
-def _spike_kv_on_update(module, args, kwargs, steps):
-    cache = kwargs.get("past_key_values")
+class _SharedSpikes:
+    """The readers' pre-hook of a neuron whose input several linears read and no host module receives alone (the
+    generic path, :class:`~spikelm.conversion.architectures.InputSite` ``on_readers``): the first reader to see a
+    tensor spikes it with the host's neuron, the others get the same spikes (kept until each has read them)."""
+
+    def __init__(self, host: nn.Module, readers: int, steps: int):
+        self.host, self.readers, self.steps = host, readers, steps
+        self.clear()
+
+    def clear(self, *_) -> None:
+        self.input = self.output = None
+        self.served = 0
+
+    def __call__(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        if x is None:
+            raise RuntimeError(f"spikelm: could not find the input of {type(module).__name__} to spike")
+        if x is not self.input:
+            self.input, self.served = x, 0
+            self.output = apply_input_neuron(self.host.input_neuron, x, self.steps)
+        spikes = self.output
+        self.served += 1
+        if self.served >= self.readers:  # every reader has it: keep no activation alive
+            self.clear()
+        if args:
+            return (spikes, *args[1:]), kwargs
+        return args, {**kwargs, "input": spikes}
+
+
+def _spike_kv_on_update(module, args, kwargs, steps, argument="past_key_values"):
+    cache = kwargs.get(argument)
     if cache is None:
-        kwargs["past_key_values"] = TransientSpikeKV(module.key_neuron, module.value_neuron, steps)
+        kwargs[argument] = TransientSpikeKV(module.key_neuron, module.value_neuron, steps)
     elif not is_spike_cache(cache):
         raise RuntimeError(
             f"spikelm: {type(module).__name__} received a {type(cache).__name__} that does not spike K and V; a "
@@ -295,7 +322,9 @@ class SpikingState:
 def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTrainedModel:
     """Add the neurons (as submodules) and the hooks that run them; the model's weights are not touched."""
     family = family_of(model)
+    check_generic_recipe(family, config)
     base = model.base_model
+    entry = _get(base, family.entry)  # where the T copies enter and leave (the base model but for OPT-like models)
     steps = config.model_steps
     prefix = f"{model.base_model_prefix}." if base is not model else ""
     layers_path = f"{prefix}{family.layers}"
@@ -316,8 +345,14 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
             readers = [_get(layer, r) for r in site.readers]
             width = reader_weight(readers[0]).shape[1]
             host.input_neuron = make_neuron(site.kind, config, width, [reader_weight(r) for r in readers])
-            sites.append(PlacedNeuron(f"{block}.{site.host}.input_neuron", site.kind, tuple(names)))
-            handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
+            host_name = ".".join(p for p in (block, site.host) if p)
+            sites.append(PlacedNeuron(f"{host_name}.input_neuron", site.kind, tuple(names)))
+            if site.on_readers and len(readers) > 1:
+                shared = _SharedSpikes(host, len(readers), steps)
+                handles += [r.register_forward_pre_hook(shared, with_kwargs=True) for r in readers]
+                handles.append(entry.register_forward_hook(shared.clear, always_call=True))  # a reader skipped
+            else:
+                handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
             handles += _read_spikes(readers)  # the few-row kernel at decoding steps (GIF: one row per token)
         attention = _get(layer, family.attention)
         if _skipped(f"{layers_path}.{index}.{family.attention}", skip):
@@ -325,16 +360,17 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
                 f"modules_to_not_convert names the attention module {family.attention!r}: K and V of a converted "
                 "model are always spiked (the spike-code cache depends on it); skip its linear layers instead"
             )
-        kv_channels = (_kv_heads(model.config), 1, _head_dim(model.config))
+        kv_channels = family.kv_channels or (_kv_heads(model.config), 1, _head_dim(model.config))
         attention.key_neuron = make_neuron("k", config, kv_channels, [])
         attention.value_neuron = make_neuron("v", config, kv_channels, [])
         sites += [PlacedNeuron(f"{block}.{family.attention}.{kind}_neuron", kind[0], ()) for kind in ("key", "value")]
-        handles.append(attention.register_forward_pre_hook(partial(_spike_kv_on_update, steps=steps), with_kwargs=True))
+        on_update = partial(_spike_kv_on_update, steps=steps, argument=family.cache_argument)
+        handles.append(attention.register_forward_pre_hook(on_update, with_kwargs=True))
     state = SpikingState(model, family, config, handles, sites)
     _set_attention(model, SPIKING_ATTENTION)
-    handles.append(base.register_forward_pre_hook(partial(_enter_copies, state=state), with_kwargs=True))
+    handles.append(entry.register_forward_pre_hook(partial(_enter_copies, state=state), with_kwargs=True))
     handles.append(_get(base, family.average_after).register_forward_hook(partial(_average_output, steps=steps)))
-    handles.append(base.register_forward_hook(partial(_leave_copies, steps=steps)))
+    handles.append(entry.register_forward_hook(partial(_leave_copies, steps=steps)))
     model._spikelm = state
     return model
 

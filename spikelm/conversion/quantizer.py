@@ -14,39 +14,31 @@ from __future__ import annotations
 
 import json
 
-import torch
-from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
 
-from .config import QUANT_METHOD, SpikeLMConversionConfig
+from ..nn.neurons import neuron_classes
+from .config import SpikeLMConversionConfig
 from .placement import attach, detach, neurons
 
 NEURON_KEYS = r"\.(input|key|value)_neuron\."  # the state-dict keys spikify adds
 RECIPE_METADATA = "spikelm_recipe"  # safetensors metadata key: the settings below, as saved
-# recipe fields with no trace in the tensors (a rotation folded into the weights, an online rotation rebuilt from its
-# seed, the quantiser's grid): an edit of one of them in config.json would load silently as another model
-TRACELESS_FIELDS = (
-    "neuron",
-    "num_steps",
-    "spike_levels",
-    "use_amplitude",
-    "reset",
-    "gif_bits",
-    "gif_extra_bits",
-    "gif_group_range",
-    "gif_clip_ratio",
-    "gif_group_size",
-    "rotation",
-    "rotation_seed",
-    "online_down_proj_rotation",
-    "smoothing_alpha",
-)
+
+
+def _traceless_names() -> tuple[str, ...]:
+    """Recipe fields with no trace in the tensors (a rotation folded into the weights, an online rotation rebuilt
+    from its seed, the neurons' ``traceless_fields``, e.g. the quantiser's grid): an edit of one of them in
+    config.json would load silently as another model."""
+    neuron_fields = [name for cls in neuron_classes() for name in cls.traceless_fields]
+    return ("neuron", *neuron_fields, "rotation", "rotation_seed", "online_down_proj_rotation", "smoothing_alpha")
+
+
+TRACELESS_FIELDS = _traceless_names()  # as of this import (traceless_fields() asks the registry each time)
 
 
 def traceless_fields(config: SpikeLMConversionConfig) -> dict:
-    """The recipe's :data:`TRACELESS_FIELDS` with their values."""
+    """The recipe's traceless fields (:func:`_traceless_names`) with their values."""
     fields = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    return {name: fields.get(name) for name in TRACELESS_FIELDS}
+    return {name: fields.get(name) for name in _traceless_names()}
 
 
 class SpikeLMQuantizer(HfQuantizer):
@@ -69,12 +61,9 @@ class SpikeLMQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         for _, neuron in neurons(model):
             if not self.pre_quantized:  # nothing was loaded into it: not initialised (alphas come from data)
-                if hasattr(neuron, "reset_alpha"):
-                    neuron.reset_alpha()
-                else:
-                    neuron.set_salient(torch.zeros_like(neuron.salient))
-            elif hasattr(neuron, "_known_initialized"):  # re-read the loaded `initialized` flag on first use
-                neuron._known_initialized = False
+                neuron.reset_calibration()
+            else:
+                neuron.state_loaded()
         return model
 
     def _dequantize(self, model, dtype=None):
@@ -96,8 +85,3 @@ class SpikeLMQuantizer(HfQuantizer):
     @property
     def is_qat_trainable(self) -> bool:
         return True
-
-
-# set, not register_*(): `import spikelm` puts a stand-in there first (see spikelm/__init__.py), and a reload
-# must not fail on the registry's "already registered" check
-AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = SpikeLMQuantizer

@@ -16,51 +16,46 @@ Every field can be changed (``--set FIELD=VALUE``), so each part can be turned o
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from ..errors import UserError
+from ..nn.neurons import DEFAULT_NEURON, neuron_class, neuron_classes, neuron_names
 
 TRANSFORM = {"rotation": "hadamard", "online_down_proj_rotation": True}
+DEFAULT_RECIPE = DEFAULT_NEURON
+# the named recipes of the neurons registered at import, the default first: each neuron's recipe_defaults, then the
+# rotations every recipe shares (recipe() reads the registry itself, so a neuron registered later has one too)
 RECIPES = {
-    "gif": {
-        "neuron": "gif",
-        "gif_bits": 4,
-        "gif_extra_bits": 1,
-        "saliency_fraction": 0.1,
-        "gif_group_range": "group",
-        "gif_clip_ratio": 0.9,
-        "gif_group_size": 64,
-        **TRANSFORM,
-    },
-    "elastic": {"neuron": "elastic", "num_steps": 4, "reset": "symmetric", **TRANSFORM},
+    cls.name: {**cls.recipe_defaults, **TRANSFORM}
+    for cls in sorted(neuron_classes(), key=lambda cls: cls.name != DEFAULT_RECIPE)
 }
 CALIBRATION_SEQUENCES = 32
 CALIBRATION_LENGTH = 512
 
 
+def recipe_names() -> tuple[str, ...]:
+    """The named recipes: one per neuron registered now (:mod:`spikelm.nn.neurons`), the default first."""
+    return tuple(sorted(neuron_names(), key=lambda name: name != DEFAULT_RECIPE))
+
+
 def recipe(neuron: str, num_steps: int | None = None, overrides: dict | None = None) -> dict:
-    """The config fields of a recipe: the neuron's defaults, ``num_steps`` (for GIF: T = 2^a, a power of two),
-    then ``overrides``. Raises :class:`~spikelm.errors.UserError` naming the bad value."""
-    if neuron not in RECIPES:
-        raise UserError(f"--neuron must be one of {', '.join(RECIPES)}, got {neuron!r}")
-    fields = dict(RECIPES[neuron])
-    if num_steps is not None:
-        if num_steps < 1:
-            raise UserError(f"--num-steps must be at least 1, got {num_steps}")
-        if neuron == "gif":
-            extra = int(math.log2(num_steps))
-            if 2**extra != num_steps:
-                raise UserError(f"--num-steps with --neuron gif must be a power of two (T = 2^a), got {num_steps}")
-            fields["gif_extra_bits"] = extra
-        else:
-            fields["num_steps"] = num_steps
+    """The config fields of a recipe: the neuron's defaults, ``num_steps`` (mapped onto the neuron's fields by the
+    neuron, e.g. GIF: T = 2^a, a power of two), then ``overrides``. Raises :class:`~spikelm.errors.UserError` naming
+    the bad value."""
+    names = recipe_names()
+    if neuron not in names:
+        raise UserError(f"--neuron must be one of {', '.join(names)}, got {neuron!r}")
+    if num_steps is not None and num_steps < 1:
+        raise UserError(f"--num-steps must be at least 1, got {num_steps}")
+    cls = neuron_class(neuron)
+    try:
+        fields = {**cls.recipe(num_steps), **TRANSFORM}
+    except ValueError as err:
+        raise UserError(str(err)) from None
     fields.update(overrides or {})
-    if fields.get("gif_group_range") == "token" and "gif_group_size" not in (overrides or {}):
-        fields["gif_group_size"] = 0  # whole-token ranges have no channel groups to cut
-    return fields
+    return cls.finish_recipe(fields, overrides or {})
 
 
 def calibration_batches(

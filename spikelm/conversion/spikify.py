@@ -13,46 +13,18 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..data.tokenization import check_fits
-from ..nn.neuron import ElasticBiSpikingNeuron
 from .config import QUANT_METHOD, SpikeLMConversionConfig
-from .placement import attach, family_of, is_spiking, neurons, placement, reader_weight
+from .placement import attach, check_generic_recipe, family_of, is_spiking, neurons, placement, reader_weight
 from .quantizer import SpikeLMQuantizer
+
+GENERIC_NOTICE = (
+    "model_type {model_type!r} has no architecture description: converted through the generic path (the linear "
+    "inputs found by a traced forward), with no rotation"
+)
 
 
 def _needs_data(model: nn.Module) -> bool:
-    return any(isinstance(n, ElasticBiSpikingNeuron) and not n.is_initialized() for _, n in neurons(model))
-
-
-class _SaliencyRecorder:
-    """While calibrating, a GIF neuron passes its input through unchanged and its saliency statistic is summed
-    (SpikeLLM's score, :func:`spikelm.nn.gif.saliency_scores`, a per-token mean: batches combine by token count)."""
-
-    def __init__(self, neuron: nn.Module, readers: list[nn.Module] | None):
-        self.neuron, self.total, self.count = neuron, None, 0
-        self.weights = [reader_weight(r) for r in readers] if readers else None
-        self.handles = [
-            neuron.register_forward_pre_hook(self._record),
-            neuron.register_forward_hook(lambda module, args, output: args[0]),
-        ]
-
-    def _record(self, module, args):
-        from ..nn.gif import saliency_scores
-
-        x = args[0]
-        shape = module.channel_shape
-        scores = saliency_scores(x, self.weights, None if self.weights else shape)
-        tokens = x.numel() // (shape[-1] if self.weights else max(1, torch.Size(shape).numel()))
-        self.total = scores * tokens if self.total is None else self.total + scores * tokens
-        self.count += tokens
-
-    def finish(self) -> None:
-        from ..nn.gif import top_fraction_mask
-
-        for handle in self.handles:
-            handle.remove()
-        if self.total is not None:
-            fraction = self.neuron.saliency_fraction if self.neuron.extra_bits > 0 else 0.0
-            self.neuron.set_salient(top_fraction_mask(self.total / self.count, fraction).to(self.neuron.salient.device))
+    return any(not n.is_initialized() for _, n in neurons(model))
 
 
 @torch.no_grad()
@@ -74,18 +46,20 @@ def _calibration_batches(model: PreTrainedModel, calibration) -> list[torch.Tens
 def calibrate(model: PreTrainedModel, calibration) -> None:
     """Run calibration token ids through the model (eval mode, no grad) to initialise the neurons.
 
-    ``calibration``: a LongTensor (N, L) (one batch) or a list of them. Elastic neurons set their alphas from the
+    ``calibration``: a LongTensor (N, L) (one batch) or a list of them. Each neuron calibrates as its plug-in says
+    (:meth:`~spikelm.nn.neurons.base.SpikingNeuron.calibration_recorder`). Elastic neurons set their alphas from the
     first batch (alpha_t = 2 mean|u_t|, SPEC section 2; later batches change nothing and are skipped). GIF neurons
     mark their salient channels from every batch (the top ``saliency_fraction`` by SpikeLLM's score, on the
     real-valued activations: each GIF neuron passes its input through while calibrating).
     """
     batches = _calibration_batches(model, calibration)
     readers = {site.name: [model.get_submodule(r) for r in site.readers] for site in placement(model)}
-    recorders = [
-        _SaliencyRecorder(n, readers.get(name))
-        for name, n in neurons(model)
-        if not isinstance(n, ElasticBiSpikingNeuron)
-    ]
+    recorders = []
+    for name, n in neurons(model):  # neurons that calibrate on every batch (None: on their first input)
+        weights = [reader_weight(r) for r in readers[name]] if readers.get(name) else None
+        recorder = n.calibration_recorder(weights)
+        if recorder is not None:
+            recorders.append(recorder)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -145,11 +119,14 @@ def spikify(
     else:
         raise TypeError(f"config must be a SpikeLMConversionConfig, a dict or None; got {type(config).__name__}")
     architecture = family_of(model)  # unsupported architectures first: the clearest message
+    check_generic_recipe(architecture, config)
     if calibration is not None:  # ids beyond the vocabulary or the positions, before the model is changed
         calibration = _calibration_batches(model, calibration)
     if is_spiking(model):
         raise ValueError(f"this {type(model).__name__} is already spiking; spikify the real-valued source model")
     notice = fit_transform(architecture, config)
+    if architecture.generic:  # one line whether a rotation was asked for (and dropped) or not
+        notice = GENERIC_NOTICE.format(model_type=architecture.model_type)
     if notice is not None:
         warnings.warn(f"spikify: {notice}", UserWarning, stacklevel=2)
     if config.rotation != "none":  # exact: the real-valued model computes the same function afterwards

@@ -47,9 +47,22 @@ Converted models (``spikelm.spikify``) and their real-valued sources (every arch
   Hadamard on the FFN's last linear input (size x sum of its factor sizes per row), norms, softmax and activations
   (one MAC per element, in the whole-model total only).
 
-``whole_model`` adds the heads and the element-wise operations (as MACs) to the headline. A decode step (one new
-token attending a filled cache, :func:`measure_decode_energy`) counts the spikes of every cached key and value, as
-they are read again by the new query.
+``whole_model`` adds the heads and the element-wise operations (as MACs) to the headline, spike generation included
+(one operation per channel-step slot a neuron runs: the code's multiply, the membrane's subtract).
+
+Beside these figures at ``constants`` (the headline's, default 32-bit float), every summary carries:
+
+* ``precisions``: both models at the same weight precision, fp32, bf16 and int8 (Horowitz's 45 nm add and
+  multiply-add, :data:`~spikelm.evaluation.energy_constants.PRECISIONS`; an AC of the spiking model adds a weight of
+  the precision the real-valued model multiplies), per token, blocks and whole model, compute only and with memory;
+* ``memory``: the weights read per token (batch-1 decoding, no reuse across tokens): every weight of a linear layer
+  in the real-valued model; in the spiking model a linear fed by spikes reads only the rows of the input channels that
+  fire at some step of that token (plus its bias, and a GIF reader the row sums of W its zero-point terms need);
+  embedding rows and norm gains in the whole model (the same in both); priced at ``memory_pJ_per_bit`` x the
+  precision's bits (docs/CONVERSION.md, Energy).
+
+A decode step (one new token attending a filled cache, :func:`measure_decode_energy`) counts the spikes of every
+cached key and value, as they are read again by the new query.
 """
 
 from __future__ import annotations
@@ -62,9 +75,9 @@ import torch
 from torch import nn
 
 from spikelm.nn.layers import SpikeLinear
-from spikelm.nn.neuron import ElasticBiSpikingNeuron, named_neurons
+from spikelm.nn.neurons import SpikingNeuron, named_neurons
 
-from .energy_constants import DEFAULT_CONSTANTS, EnergyConstants
+from .energy_constants import DEFAULT_CONSTANTS, MEMORY_PJ_PER_BIT, MEMORY_SOURCE, PRECISIONS, EnergyConstants
 
 FORMULA = "E = E_AC x ACs + E_MAC x MACs"
 CONVENTION = (
@@ -74,7 +87,8 @@ CONVENTION = (
     "pooler and heads reported separately; softmax, LayerNorm, activations and the 1/sqrt(d) score scaling "
     "reported as element counts outside the total; bias and residual additions not counted"
 )
-ELEMENTWISE_OPS = ("softmax", "score_scaling", "layernorm", "activation")
+ELEMENTWISE_OPS = ("softmax", "score_scaling", "layernorm", "activation", "spike_generation")
+READ_KINDS = ("embedding", "norm")
 CONVERTED_CONVENTION = (
     "; a transformers model (converted or its real-valued source): the operands come from the placed neurons, a "
     "spike of level k counts k ACs per fan-out (GIF; ternary: 1), a GIF reader adds per output one MAC per scale and "
@@ -83,7 +97,33 @@ CONVERTED_CONVENTION = (
 )
 WHOLE_MODEL = (
     "whole model = headline + the products outside the blocks (LM head, pooler, classifier) + every element-wise "
-    "operation (norms, softmax, score scaling, activations) counted as one MAC per element"
+    "operation (norms, softmax, score scaling, activations, spike generation: one per channel and step a neuron "
+    "runs) counted as one MAC per element"
+)
+FIGURES = {
+    "snn_mJ_per_sequence / ann_mJ_per_sequence (the headline)": "compute energy of the matrix products inside the "
+    "Transformer blocks (every linear layer, Q K^T, P V), per sequence, at --ac-pj / --mac-pj (default 32-bit float)",
+    "whole_model": "the headline plus the products outside the blocks (LM head, pooler, classifier) and every "
+    "element-wise operation (norms, softmax, score scaling, activations, spike generation) as one MAC per element",
+    "precisions": "both models at the same weight precision (fp32, bf16, int8; Horowitz's add and multiply-add "
+    "energies for each), per token: blocks and whole_model (compute only, as above) and *_with_memory (plus every "
+    "weight read, see memory)",
+    "memory": "weights read per token (batch-1 decoding: no reuse across tokens) at pJ_per_bit x the precision's "
+    "bits; a spiking linear skips the weight rows of the input channels that fire nothing at any step",
+    "per_generated_token": "the same figures for one decode step after the window's other tokens are cached",
+}
+NOT_COUNTED = (
+    "reads and writes of activations, spike codes and the KV cache (the memory figure is "
+    "weights only); bias and residual additions; the exponentials, divisions and square roots inside softmax and "
+    "norms beyond one MAC per element; the per-token range (max/min) the quantising neurons take; an int8 model's "
+    "(re)quantisation multiplies, in either model; wider accumulators than the weight precision"
+)
+MEMORY_CONVENTION = (
+    "weight reads per token: every weight of a linear layer (and its bias) once per token in the real-valued "
+    "model; a linear layer fed by spikes reads the rows of the input channels that fire at some step (a channel that "
+    "fires nothing at every step skips its row of out_features weights), its bias, and a GIF reader the row sums "
+    "of W its zero-point terms need (one per zero-point group and output); embedding rows (one per token) and norm "
+    "gains in the whole model, the same in both models; the online Hadamard is computed, not stored"
 )
 _ACTIVATIONS = (nn.GELU, nn.ReLU, nn.Tanh, nn.SiLU, nn.Sigmoid, nn.Softmax)
 
@@ -164,6 +204,8 @@ def _hf_layout(model: nn.Module) -> _HFLayout | None:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    if family.kv_channels is not None:  # what the generic path's trace saw K and V handed to the cache as
+        kv_heads, _, head_dim = family.kv_channels
     return _HFLayout(
         layers=layers,
         attentions=[layer.get_submodule(family.attention) for layer in layers],
@@ -185,60 +227,49 @@ def _linear_dims(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _bias_size(module: nn.Module) -> int:
+    bias = getattr(module, "bias", None)
+    return 0 if bias is None else bias.numel()
+
+
+def _weight_size(module: nn.Module) -> int:
+    """Numbers a linear layer reads per token: its weight matrix and its bias."""
+    return module.weight.numel() + _bias_size(module)
+
+
+def _parameter_size(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("RMSNorm", "LayerNorm"))
 
 
-def _spike_levels(neuron: nn.Module, x: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(|level|, fired)``, int64 (S, ...): the spikes a placed neuron emitted on input ``x``, per step.
-
-    Elastic (input and output time-major, on the reference backend): level 1 wherever the output is nonzero.
-    GIF: the spikes of the neuron's own quantiser (its output is their dequantised sum), levels 0..2^n - 1.
-    """
-    if isinstance(neuron, ElasticBiSpikingNeuron):
-        fired = (output.detach() != 0).long()
-        return fired, fired
-    from spikelm.nn.gif import gif_spikes
-
-    with torch.no_grad():
-        code = neuron.quantize(x)[0]
-        spikes = gif_spikes(code, neuron.bits, neuron.num_steps).long()
-    return spikes, (spikes > 0).long()
+def _spike_levels(neuron: SpikingNeuron, x: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(|level|, fired)``, int64 (S, ...): the spikes a placed neuron emitted on input ``x``, per step (the
+    neuron's :meth:`~spikelm.nn.neurons.base.SpikingNeuron.step_spikes`: elastic, level 1 wherever the output is
+    nonzero; GIF, the spikes of its own quantiser, levels 0..2^n - 1)."""
+    return neuron.step_spikes(x, output)
 
 
-def _gif_terms(neuron: nn.Module) -> torch.Tensor:
-    """Scale multiplies plus zero-point terms per token and output of a GIF neuron's reader, per row of its channel
-    shape (one entry for a linear input, one per K/V head): one scale multiply per range (2 with saliency and
-    per-group ranges, else 1) and one zero-point term per channel group (2 with saliency, else 1); with
-    ``group_size`` G, one of each per range group, ``ceil(salient / G) + ceil(others / G)`` of them."""
-    if getattr(neuron, "group_size", 0):
-        return 2 * neuron.range_group_counts()
-    salient = neuron.has_saliency()
-    terms = (2 if salient and neuron.group_range == "group" else 1) + (2 if salient else 1)
-    rows = neuron.salient.numel() // neuron.salient.shape[-1]
-    return torch.full((rows,), terms, dtype=torch.int64)
+def _slots(neuron: SpikingNeuron, steps: int, rows: int, width: int) -> torch.Tensor:
+    """Channel-steps that could fire (the neuron's ``slots``: elastic, every channel at every step; GIF, every
+    channel at step 0 and the salient ones after)."""
+    return neuron.slots(steps, rows, width)
 
 
-def _slots(neuron: nn.Module, steps: int, rows: int, width: int) -> torch.Tensor:
-    """Channel-steps that could fire: every channel at every step (elastic); GIF, every channel at step 0 and the
-    salient ones after (the others' codes fit one spike)."""
-    slots = torch.full((steps,), rows * width, dtype=torch.int64)
-    if not isinstance(neuron, ElasticBiSpikingNeuron) and steps > 1:
-        salient = int(neuron.salient.sum()) if neuron.has_saliency() else 0
-        slots[1:] = rows * salient
-    return slots
+def _row_sum_reads(neuron: SpikingNeuron) -> int:
+    """Constants a linear layer fed by ``neuron`` reads per token and output besides its weight rows and bias (the
+    neuron's ``reader_weight_reads``: a GIF reader's zero-point terms ``zero_g x rowsum_g(W)`` need the row sums of
+    W over each zero-point group; elastic none)."""
+    return int(neuron.reader_weight_reads())
 
 
-def _output_macs(neuron: nn.Module, steps: int, outputs: int) -> torch.Tensor:
-    """MACs per step of a linear layer's ``outputs`` (rows x out) fed by ``neuron``: one alpha multiply per output
-    and step (elastic with amplitude); GIF, per output one multiply per scale and one per zero point, once."""
-    macs = torch.zeros(steps, dtype=torch.int64)
-    if isinstance(neuron, ElasticBiSpikingNeuron):
-        if neuron.use_amplitude:
-            macs[:] = outputs
-    else:
-        macs[0] = outputs * int(_gif_terms(neuron).sum())
-    return macs
+def _output_macs(neuron: SpikingNeuron, steps: int, outputs: int) -> torch.Tensor:
+    """MACs per step of a linear layer's ``outputs`` (rows x out) fed by ``neuron`` (the neuron's ``reader_macs``:
+    elastic, one alpha multiply per output and step with amplitude; GIF, per output one multiply per scale and one
+    per zero point, once)."""
+    return neuron.reader_macs(steps, outputs)
 
 
 @dataclass
@@ -257,6 +288,8 @@ class ProductCount:
     acs: torch.Tensor | None = None
     macs: torch.Tensor | None = None
     ann_macs: int = 0
+    weight_reads: int = 0  # weights (and constants: bias, GIF row sums) read, summed over the tokens counted
+    ann_weight_reads: int = 0  # the same in the real-valued model: every weight, once per token
 
     def add(self, acs: torch.Tensor | None = None, macs: torch.Tensor | None = None, steps: int = 1) -> None:
         for attr, value in (("acs", acs), ("macs", macs)):
@@ -329,6 +362,8 @@ class OperationCounter:
         self.neurons: dict[str, NeuronCount] = {}
         self.elementwise = {region: {op: 0 for op in ELEMENTWISE_OPS} for region in ("blocks", "outside_blocks")}
         self.elementwise_ann = {region: {op: 0 for op in ELEMENTWISE_OPS} for region in ("blocks", "outside_blocks")}
+        # weights read outside the matrix products (the same in both models): embedding rows, norm gains
+        self.other_reads = {region: {kind: 0 for kind in READ_KINDS} for region in ("blocks", "outside_blocks")}
         self.num_sequences = 0
         self.num_tokens = 0
         self.alpha_was_initialized = all(m.is_initialized() for _, m in named_neurons(model))
@@ -369,9 +404,9 @@ class OperationCounter:
             self._enter_hf()
             return self
         for module, name in self._names.items():
-            if isinstance(module, ElasticBiSpikingNeuron):
+            if isinstance(module, SpikingNeuron) and module.counting_backend is not None:
                 self._backends[module] = module.backend
-                module.backend = "reference"  # the per-step path returns the spikes to the hook
+                module.backend = module.counting_backend  # the per-step path returns the spikes to the hook
                 self._hook(module, self._on_spikes, name)
             if isinstance(module, nn.Linear):
                 self._plan_linear(name, module)
@@ -381,6 +416,8 @@ class OperationCounter:
                 self._hook(module, self._on_elementwise, name, "layernorm")
             elif isinstance(module, _ACTIVATIONS) or type(module).__module__ == "transformers.activations":
                 self._hook(module, self._on_elementwise, name, "activation")
+            elif isinstance(module, nn.Embedding):
+                self._hook(module, self._on_embedding, name)
         return self
 
     def __exit__(self, *exc):
@@ -493,6 +530,7 @@ class OperationCounter:
         real_rows = int(weight.sum())
         slots = torch.full((steps,), real_rows * width, dtype=torch.int64)
         self.neurons.setdefault(name, NeuronCount(name)).add(per_step(positive), per_step(negative), slots)
+        self.elementwise[self._region(name)]["spike_generation"] += int(slots.sum())
 
         consumer = self._consumers.get(neuron)
         if consumer is None:
@@ -502,6 +540,9 @@ class OperationCounter:
             self._neuron_called[neuron] = True
             acs = per_step(nonzero) * consumer.out_features
             outputs = real_rows * consumer.out_features
+            # memory: the weight rows of the channels that fire at some step, once per token
+            fired = (spikes != 0).any(0).sum(-1)  # (*rows): channels that fired at any step
+            self._product(consumer.product).weight_reads += int((fired * weight).sum()) * consumer.out_features
         else:
             if mask is None:
                 raise ValueError(
@@ -529,11 +570,14 @@ class OperationCounter:
                 )
             steps = x.shape[0]
             product.ann_macs += rows // steps * linear.in_features * linear.out_features
+            product.weight_reads += rows // steps * _bias_size(linear)  # the rows were counted with the spikes
         else:
             steps = self._time_steps(x.shape)
             macs = rows * linear.in_features * linear.out_features
             product.add(macs=torch.full((steps,), macs // steps, dtype=torch.int64), steps=steps)
             product.ann_macs += macs // steps
+            product.weight_reads += rows // steps * _weight_size(linear)
+        product.ann_weight_reads += rows // steps * _weight_size(linear)
 
     def _on_attention(self, attention, args, kwargs, output, name):
         mask = self._require_mask(name)
@@ -564,6 +608,18 @@ class OperationCounter:
         region = self._region(name)
         self.elementwise[region][op] += elements
         self.elementwise_ann[region][op] += elements // self._time_steps(x.shape)
+        if op == "layernorm":  # its gain and bias, read once per token
+            tokens = self._real_rows(x.shape[:-1]) // self._time_steps(x.shape)
+            self.other_reads[region]["norm"] += tokens * _parameter_size(module)
+
+    def _on_embedding(self, module, args, output, name):
+        """One row of the table per token (a lookup: no arithmetic)."""
+        if not self._counting:
+            return
+        mask = self._require_mask(name)
+        rows_shape = output.shape[:-1]
+        tokens = int(mask.sum()) if len(rows_shape) >= 1 and rows_shape[-1] == mask.shape[1] else math.prod(rows_shape)
+        self.other_reads[self._region(name)]["embedding"] += tokens * module.embedding_dim
 
     # -- converted models and their transformers sources -------------------------------------------
 
@@ -600,13 +656,15 @@ class OperationCounter:
                 self._hook(module, self._on_rotation, name)
             elif _is_norm(module):
                 self._hook(module, self._on_hf_elementwise, name, "layernorm")
+            elif isinstance(module, nn.Embedding):
+                self._hook(module, self._on_embedding, name)
             elif isinstance(module, _ACTIVATIONS) or type(module).__module__ == "transformers.activations":
                 self._hook(module, self._on_hf_elementwise, name, "activation")
 
-    def _use_reference(self, neuron: nn.Module) -> None:
-        if isinstance(neuron, ElasticBiSpikingNeuron):
+    def _use_reference(self, neuron: SpikingNeuron) -> None:
+        if neuron.counting_backend is not None:
             self._backends[neuron] = neuron.backend
-            neuron.backend = "reference"
+            neuron.backend = neuron.counting_backend
 
     def _hf_rows(self, rows_shape) -> tuple[int, int]:
         """(real rows, copies of the network) of a tensor whose row dimensions end in (copies * B, L)."""
@@ -632,13 +690,19 @@ class OperationCounter:
         level_sum = (per_row * weight).sum(1).cpu()
         event_sum = (events.reshape(steps, -1, width).sum(-1) * weight).sum(1).cpu()
         real = int(weight.sum())
-        self.neurons.setdefault(name, NeuronCount(name)).add(
-            event_sum, torch.zeros_like(event_sum), _slots(neuron, steps, real, width), level_sum
-        )
+        slots = _slots(neuron, steps, real, width)
+        self.neurons.setdefault(name, NeuronCount(name)).add(event_sum, torch.zeros_like(event_sum), slots, level_sum)
+        self.elementwise[self._region(name)]["spike_generation"] += int(slots.sum())
+        # memory: a reader skips the weight rows of the channels that fire nothing at any step of a token
+        fired = (levels.reshape(steps, -1, width) != 0).any(0).sum(-1)  # (rows,): channels fired at any step
+        fired_channels = int((fired * weight).sum())
+        constants = _row_sum_reads(neuron)
         for reader, linear in readers:
             out_features = _linear_dims(linear)[1]
             macs = _output_macs(neuron, steps, real * out_features)
-            self._product(reader).add(acs=level_sum * out_features, macs=macs, steps=steps)
+            product = self._product(reader)
+            product.add(acs=level_sum * out_features, macs=macs, steps=steps)
+            product.weight_reads += (fired_channels + real * constants) * out_features
 
     def _on_kv_spikes(self, neuron, args, output, name):
         levels, events = _spike_levels(neuron, args[0], output)  # (S, B, H_kv, L_new, d)
@@ -653,9 +717,9 @@ class OperationCounter:
         level_sum = (levels.sum(dim=(2, 4)) * weight).sum(dim=(1, 2)).cpu()
         event_sum = (events.sum(dim=(2, 4)) * weight).sum(dim=(1, 2)).cpu()
         real = int(weight.sum())
-        self.neurons.setdefault(name, NeuronCount(name)).add(
-            event_sum, torch.zeros_like(event_sum), _slots(neuron, steps, real, heads * head_dim), level_sum
-        )
+        slots = _slots(neuron, steps, real, heads * head_dim)
+        self.neurons.setdefault(name, NeuronCount(name)).add(event_sum, torch.zeros_like(event_sum), slots, level_sum)
+        self.elementwise[self._region(name)]["spike_generation"] += int(slots.sum())
 
     def _on_hf_attention(self, attention, args, output, name, key_neuron, value_neuron):
         rows = self._require_mask(name)
@@ -681,16 +745,8 @@ class OperationCounter:
                 )
             steps = levels.shape[0]
             acs = (levels * fan_out.cpu().long()).sum(dim=(1, 2)) * group
-            if isinstance(neuron, ElasticBiSpikingNeuron):
-                per_step = heads * pairs if suffix == "scores" else heads * head_dim * queries
-                macs = torch.full((steps,), per_step if neuron.use_amplitude else 0, dtype=torch.int64)
-            else:
-                terms = _gif_terms(neuron)  # per K/V head, read by the heads // kv_heads query heads sharing it
-                macs = torch.zeros(steps, dtype=torch.int64)
-                macs[0] = pairs * (heads // terms.numel()) * int(terms.sum())
-                if suffix == "scores":  # the zero-point term needs each query's row sums: head_dim adds per head
-                    acs[0] += queries * heads * head_dim
-            product.add(acs=acs, macs=macs, steps=steps)
+            macs, extra_acs = neuron.attention_ops(suffix, steps, pairs, heads, head_dim, queries)
+            product.add(acs=acs + extra_acs, macs=macs, steps=steps)
         region = self._region(name)
         for op in ("softmax", "score_scaling"):
             self.elementwise[region][op] += hf.copies * heads * pairs
@@ -703,10 +759,15 @@ class OperationCounter:
         in_features, out_features = _linear_dims(linear)
         rows, copies = self._hf_rows(args[0].shape[:-1])
         product = self._product(name)
-        product.ann_macs += rows // copies * in_features * out_features
+        tokens = rows // copies
+        product.ann_macs += tokens * in_features * out_features
+        product.ann_weight_reads += tokens * _weight_size(linear)
         if not fed_by_neuron:  # the neuron's hook counted the spiking product
-            macs = rows // copies * in_features * out_features
+            macs = tokens * in_features * out_features
             product.add(macs=torch.full((copies,), macs, dtype=torch.int64), steps=copies)
+            product.weight_reads += tokens * _weight_size(linear)
+        else:  # the weight rows were counted with the spikes; the bias is read whatever fired
+            product.weight_reads += tokens * _bias_size(linear)
 
     def _on_rotation(self, module, args, output, name):
         if not self._counting:
@@ -729,12 +790,14 @@ class OperationCounter:
         region = self._region(name)
         self.elementwise[region][op] += rows * x.shape[-1]
         self.elementwise_ann[region][op] += rows // copies * x.shape[-1]
+        if op == "layernorm":  # its gain (and bias), read once per token
+            self.other_reads[region]["norm"] += rows // copies * _parameter_size(module)
 
     # -- results --------------------------------------------------------------------------------
 
-    def summary(self, constants: EnergyConstants = DEFAULT_CONSTANTS) -> dict:
+    def summary(self, constants: EnergyConstants = DEFAULT_CONSTANTS, memory_pJ_per_bit: float = MEMORY_PJ_PER_BIT):
         """Per-sequence figures (means over the sequences counted), ready for JSON; see :func:`summarize`."""
-        return summarize(self, constants)
+        return summarize(self, constants, memory_pJ_per_bit)
 
 
 def _rates(neuron: NeuronCount) -> dict:
@@ -750,7 +813,11 @@ def _total(values: torch.Tensor | None) -> int:
     return 0 if values is None else int(values.sum())
 
 
-def summarize(counter: OperationCounter, constants: EnergyConstants = DEFAULT_CONSTANTS) -> dict:
+def summarize(
+    counter: OperationCounter,
+    constants: EnergyConstants = DEFAULT_CONSTANTS,
+    memory_pJ_per_bit: float = MEMORY_PJ_PER_BIT,
+) -> dict:
     """The energy summary of everything ``counter`` counted, per sequence (``num_sequences`` averaged).
 
     Keys: ``spiking``, ``snn_mJ_per_sequence``, ``ann_mJ_per_sequence``, ``ratio`` (ANN / SNN), ``acs``
@@ -778,6 +845,8 @@ def summarize(counter: OperationCounter, constants: EnergyConstants = DEFAULT_CO
             "acs_per_step": [] if product.acs is None else (product.acs.double() / n).tolist(),
             "macs_per_step": [] if product.macs is None else (product.macs.double() / n).tolist(),
             "ann_macs": product.ann_macs / n,
+            "weight_reads": product.weight_reads / n,
+            "ann_weight_reads": product.ann_weight_reads / n,
             "snn_mJ": constants.millijoules(acs, macs),
             "ann_mJ": constants.millijoules(0, product.ann_macs / n),
             "firing_rate": [],
@@ -832,7 +901,21 @@ def summarize(counter: OperationCounter, constants: EnergyConstants = DEFAULT_CO
         "ann_mJ_per_token": whole_ann / tokens,
         "ratio": whole_ann / whole_snn if spiking and whole_snn > 0 else None,
     }
+    reads = {
+        "blocks": (sum(e["weight_reads"] for e in per_layer), sum(e["ann_weight_reads"] for e in per_layer)),
+        "heads": (sum(e["weight_reads"] for e in heads), sum(e["ann_weight_reads"] for e in heads)),
+    }
+    for kind in READ_KINDS:
+        count = sum(counter.other_reads[region][kind] for region in counter.other_reads) / n
+        reads[kind] = (count, count)
+    memory = memory_figures(reads, tokens, spiking, memory_pJ_per_bit)
+    compute = {
+        "blocks": (acs, macs, ann_macs),
+        "whole_model": (acs, macs + heads_macs + ew_snn, ann_macs + heads_ann + ew_ann),
+    }
     return {
+        "figures": FIGURES,
+        "not_counted": NOT_COUNTED,
         "spiking": spiking,
         "num_sequences": n,
         "tokens_per_sequence": tokens,
@@ -856,6 +939,8 @@ def summarize(counter: OperationCounter, constants: EnergyConstants = DEFAULT_CO
         "per_layer": per_layer,
         "heads": {"macs": heads_macs, "mJ": constants.millijoules(0, heads_macs), "layers": heads},
         "whole_model": whole_model,
+        "precisions": precision_figures(compute, memory, tokens, spiking),
+        "memory": memory,
         "neurons": {c.name: {**_rates(c), "levels_per_step": (c.levels.double() / n).tolist()} for c in neurons},
         "elementwise": {
             "snn": per_sequence(counter.elementwise) if spiking else None,
@@ -866,7 +951,77 @@ def summarize(counter: OperationCounter, constants: EnergyConstants = DEFAULT_CO
     }
 
 
-def measure_energy(model: nn.Module, batches, constants: EnergyConstants = DEFAULT_CONSTANTS, progress=None) -> dict:
+def _ratio(snn: float | None, ann: float) -> float | None:
+    return snn / ann if snn is not None and ann > 0 else None
+
+
+def memory_figures(reads: dict, tokens: float, spiking: bool, pJ_per_bit: float) -> dict:
+    """The weight reads per token (``reads``: part -> (spiking model, real-valued model), per sequence), the blocks'
+    and the whole model's, and their energy per token at each precision of :data:`PRECISIONS` (``pJ_per_bit``)."""
+    per_token = {part: (snn / tokens, ann / tokens) for part, (snn, ann) in reads.items()}
+    parts = {"blocks": ("blocks",), "whole_model": tuple(per_token)}
+    out = {
+        "pJ_per_bit": pJ_per_bit,
+        "source": MEMORY_SOURCE,
+        "convention": MEMORY_CONVENTION,
+        "reads_per_token": {
+            part: {"snn": snn if spiking else None, "ann": ann} for part, (snn, ann) in per_token.items()
+        },
+    }
+    for scope, names in parts.items():
+        snn = sum(per_token[p][0] for p in names)
+        ann = sum(per_token[p][1] for p in names)
+        out[scope] = {
+            "snn_weight_reads_per_token": snn if spiking else None,
+            "ann_weight_reads_per_token": ann,
+            "skipped_fraction": 1 - snn / ann if spiking and ann > 0 else None,
+            "mJ_per_token": {
+                p.name: {
+                    "snn": snn * p.weight_bits * pJ_per_bit * 1e-9 if spiking else None,
+                    "ann": ann * p.weight_bits * pJ_per_bit * 1e-9,
+                }
+                for p in PRECISIONS
+            },
+        }
+    return out
+
+
+def precision_figures(compute: dict, memory: dict, tokens: float, spiking: bool) -> dict:
+    """Both models at the same precision (:data:`PRECISIONS`): per token, the blocks (the headline's products) and
+    the whole model, compute only and with the weight reads of :func:`memory_figures`. ``compute``: scope ->
+    (ACs, MACs, ANN MACs) per sequence."""
+    out = {}
+    for p in PRECISIONS:
+        entry = {
+            "add_pJ": p.add_pJ,
+            "multiply_pJ": p.multiply_pJ,
+            "mac_pJ": p.mac_pJ,
+            "weight_bits": p.weight_bits,
+            "note": p.note,
+        }
+        for scope, (acs, macs, ann_macs) in compute.items():
+            snn = p.millijoules(acs, macs) / tokens if spiking else None
+            ann = p.millijoules(0, ann_macs) / tokens
+            mem = memory[scope]["mJ_per_token"][p.name]
+            snn_mem = snn + mem["snn"] if spiking else None
+            ann_mem = ann + mem["ann"]
+            entry[scope] = {"snn_mJ_per_token": snn, "ann_mJ_per_token": ann, "snn_over_ann": _ratio(snn, ann)}
+            entry[f"{scope}_with_memory"] = {
+                "snn_mJ_per_token": snn_mem,
+                "ann_mJ_per_token": ann_mem,
+                "snn_over_ann": _ratio(snn_mem, ann_mem),
+            }
+        out[p.name] = entry
+    return out
+
+
+def measure_energy(
+    model: nn.Module,
+    batches,
+    constants: EnergyConstants = DEFAULT_CONSTANTS,
+    progress=None,
+    memory_pJ_per_bit: float = MEMORY_PJ_PER_BIT,
+) -> dict:
     """Run ``model`` (in eval mode, no gradients) on ``batches`` and return :func:`summarize`'s dict.
 
     Each batch is a dict of model input tensors with ``input_ids`` (B, L) and, for padded batches,
@@ -889,7 +1044,7 @@ def measure_energy(model: nn.Module, batches, constants: EnergyConstants = DEFAU
                     model(**batch)
     finally:
         model.train(was_training)
-    return counter.summary(constants)
+    return counter.summary(constants, memory_pJ_per_bit)
 
 
 def _accepted_inputs(model: nn.Module) -> set[str] | None:
@@ -902,7 +1057,11 @@ def _accepted_inputs(model: nn.Module) -> set[str] | None:
 
 
 def measure_decode_energy(
-    model: nn.Module, batches, constants: EnergyConstants = DEFAULT_CONSTANTS, progress=None
+    model: nn.Module,
+    batches,
+    constants: EnergyConstants = DEFAULT_CONSTANTS,
+    progress=None,
+    memory_pJ_per_bit: float = MEMORY_PJ_PER_BIT,
 ) -> dict:
     """The energy of one generated token: per sequence of each batch, the first L - 1 tokens fill the cache
     (a prefill, not counted: it only records the spikes of the keys and values it caches), then the decode step
@@ -939,6 +1098,6 @@ def measure_decode_energy(
         model.train(was_training)
     if not contexts:
         raise ValueError("no unpadded sequence of at least 2 tokens to count a decode step on")
-    summary = counter.summary(constants)
+    summary = counter.summary(constants, memory_pJ_per_bit)
     summary["context_tokens"] = sum(contexts) / len(contexts)
     return summary

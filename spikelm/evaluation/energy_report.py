@@ -232,6 +232,7 @@ def markdown_report(summary: dict, plots: list[str]) -> str:
                 f"{uj(g_whole['ann_mJ_per_sequence'])} |",
             ]
         lines.append("")
+    lines += precision_section(summary)
     lines += [
         "## By layer type (summed over the blocks)",
         "",
@@ -284,6 +285,56 @@ def markdown_report(summary: dict, plots: list[str]) -> str:
                 f"{_count(e['acs'])} | {_count(e['macs'])} | {e['snn_mJ']:.4g} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def precision_section(summary: dict) -> list[str]:
+    """Markdown: both models at the same weight precision, compute only and memory-inclusive, and which figure is
+    which (absent from summaries written before these fields existed)."""
+    if "precisions" not in summary:
+        return []
+    spiking = summary["spiking"]
+    memory = summary["memory"]
+    uj = lambda v: "-" if v is None else f"{v * 1e3:.4g}"  # noqa: E731
+    ratio = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [
+        "## Both models at the same weight precision (per token)",
+        "",
+        "A spiking model's accumulates add weights of the precision the real-valued model multiplies, so each row "
+        "prices both models with the same precision's add (an AC) and multiply-add (a MAC), 45 nm (Horowitz, ISSCC "
+        "2014). *with memory* adds every weight read per token at "
+        f"{memory['pJ_per_bit']:.4g} pJ per bit x the weight bits ({memory['source']}).",
+        "",
+        "| precision | add / MAC pJ | scope | SNN uJ | ANN uJ | SNN / ANN |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, p in summary["precisions"].items():
+        for scope in ("blocks", "whole_model", "blocks_with_memory", "whole_model_with_memory"):
+            e = p[scope]
+            lines.append(
+                f"| {name} | {p['add_pJ']} / {p['mac_pJ']:.3g} | {scope.replace('_', ' ')} | "
+                f"{uj(e['snn_mJ_per_token'])} | {uj(e['ann_mJ_per_token'])} | {ratio(e['snn_over_ann'])} |"
+            )
+    lines += ["", "Precision notes: " + "; ".join(f"{n}: {p['note']}" for n, p in summary["precisions"].items()), ""]
+    reads = memory["reads_per_token"]
+    count = lambda v: "-" if v is None else _count(v)  # noqa: E731
+    lines += [
+        f"**Weights read per token** (convention: {memory['convention']}):",
+        "",
+        "| part | SNN | ANN |",
+        "|---|---|---|",
+        *(f"| {part} | {count(r['snn'])} | {count(r['ann'])} |" for part, r in reads.items()),
+        "",
+    ]
+    if spiking:
+        lines += [
+            f"The spiking model skips {memory['blocks']['skipped_fraction']:.2%} of the blocks' weight reads and "
+            f"{memory['whole_model']['skipped_fraction']:.2%} of the whole model's.",
+            "",
+        ]
+    lines += ["**Which figure is which**:", ""]
+    lines += [f"- `{key}`: {text}" for key, text in summary["figures"].items()]
+    lines += ["", f"**Not counted anywhere**: {summary['not_counted']}.", ""]
+    return lines
 
 
 def write_energy_report(summary: dict, out_dir: str | Path) -> list[Path]:

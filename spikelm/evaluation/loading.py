@@ -56,6 +56,18 @@ def _supported_model_types() -> list[str]:
     return supported_model_types()
 
 
+def _generic_refusal(config) -> str | None:
+    """Why the generic path refuses ``config`` from the config alone (an encoder-decoder, mixture of experts...), or
+    None (:func:`spikelm.conversion.architectures.generic.check_config`)."""
+    from spikelm.conversion.architectures.generic import check_config
+
+    try:
+        check_config(config)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _quant_method(config) -> str | None:
     quant = getattr(config, "quantization_config", None)
     if quant is None:
@@ -103,15 +115,18 @@ def inspect_model(name_or_path: str | Path, need_causal: bool = False, flag: str
         return spec
     supported = _supported_model_types()
     method = _quant_method(config)
-    if model_type not in supported:
+    if model_type not in supported and _generic_refusal(config) is None:
+        pass  # a decoder-only model of another type: the generic path describes it once loaded
+    elif model_type not in supported:
         what = (
             f"{', '.join(architectures)} model (model_type {model_type!r})"
             if architectures
             else f"model_type {model_type!r} model"
         )
         raise UserError(
-            f"{flag} {name} holds a {what}, which spikelm does not run: expected a SpikeLM, a converted "
-            f"model or a real-valued transformers model of model_type {', '.join(supported)}"
+            f"{flag} {name} holds a {what}, which spikelm does not run ({_generic_refusal(config)}): expected a "
+            f"SpikeLM, a converted model, a real-valued transformers model of model_type {', '.join(supported)} or "
+            "another decoder-only transformers model"
         )
     if method not in (None, "spikelm"):
         raise UserError(
@@ -241,21 +256,19 @@ def check_model_state(model, what: str) -> None:
     calibrated (``initialized`` flags cleared by hand: their alphas would be re-set from the first input)."""
     import torch
 
-    from spikelm.nn.neuron import ElasticBiSpikingNeuron
+    from spikelm.nn.neurons import named_neurons
 
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(torch.isfinite(tensor).all()):
             raise UserError(f"{what}: tensor {name} holds NaN or infinite values; the model is damaged")
     flags = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ElasticBiSpikingNeuron):
-            flags[name] = bool(module.initialized)
-            if flags[name] and not bool((module.alpha > 0).all()):
-                alpha = [round(a, 4) for a in module.alpha.detach().tolist()]
-                raise UserError(
-                    f"{what}: {name}.alpha {alpha} is not positive; a calibrated spike "
-                    "amplitude is > 0 (the model was edited)"
-                )
+    for name, module in named_neurons(model):
+        flag = module.calibration_flag()
+        if flag is not None:
+            flags[name] = flag
+        problem = module.state_problem()
+        if problem is not None:
+            raise UserError(f"{what}: {name}{problem}")
     _check_rotation_fold(model, what)
     if len(set(flags.values())) > 1:
         cleared = next(name for name, done in flags.items() if not done)

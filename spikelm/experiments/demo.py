@@ -315,9 +315,10 @@ def run_llm(settings: DemoSettings, out: Path, log, context: dict) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from spikelm.conversion import SpikeLMConversionConfig, spikify
-    from spikelm.conversion.recipes import RECIPES
+    from spikelm.conversion.recipes import DEFAULT_RECIPE, RECIPES
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.evaluation.brown_perplexity import perplexity
+    from spikelm.nn.neurons import neuron_class
 
     source = resolve_model_source(settings.llm_source)
     tokenizer = AutoTokenizer.from_pretrained(source)
@@ -338,7 +339,7 @@ def run_llm(settings: DemoSettings, out: Path, log, context: dict) -> dict:
     log(f"real-valued perplexity {real['perplexity']:.2f} ({real['seconds']:.0f} s)")
     real_text = greedy(model, tokenizer, settings.prompts, settings.new_tokens)
     context["llm_energy_tokens"] = tokens[: max(settings.window, settings.energy_tokens)]
-    fields = dict(RECIPES["gif"])
+    fields = dict(RECIPES[DEFAULT_RECIPE])
     config = SpikeLMConversionConfig(**fields)
     log(f"converting with the default recipe (GIF neuron, T=2, Hadamard rotation), calibrating on {calibration_text}")
     converted = time.perf_counter()
@@ -349,7 +350,7 @@ def run_llm(settings: DemoSettings, out: Path, log, context: dict) -> dict:
     spiking_text = greedy(model, tokenizer, settings.prompts, settings.new_tokens)
     figures.update(
         recipe={k: v for k, v in config.to_dict().items() if k in fields},
-        time_steps=2**config.gif_extra_bits,
+        time_steps=neuron_class(config.neuron).time_steps(config.to_dict()),
         conversion_seconds=round(convert_seconds, 1),
         perplexity={
             "real": real["perplexity"],
@@ -406,6 +407,10 @@ def _save_energy(summary: dict, out: Path, part: str) -> dict:
     plots = [p for p in write_energy_report(summary, folder) if Path(p).suffix == ".png"]
     return {
         **{key: summary[key] for key in ("snn_mJ_per_sequence", "ann_mJ_per_sequence", "ratio", "mean_firing_rate")},
+        "snn_over_ann": {  # both models at the same precision, per token: compute, and with every weight read
+            name: {scope: p[scope]["snn_over_ann"] for scope in ("blocks", "whole_model", "whole_model_with_memory")}
+            for name, p in summary["precisions"].items()
+        },
         "energy_json": str((folder / "energy.json").relative_to(out)),
         "plots": [str(Path(p).relative_to(out)) for p in plots],
     }

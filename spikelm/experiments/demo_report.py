@@ -10,6 +10,54 @@ from spikelm.outputs import write_text_atomic
 SUMMARY_PLOT = "summary.png"
 
 
+def summary_panels(figures: dict) -> list[dict]:
+    """The summary plot's bar charts, one per part that ran: ``title``, ``labels``, ``values``, ``fmt`` and a
+    ``note`` printed beside the last bar (the LLM's energy panel: its perplexity ratio, so the two are read
+    together)."""
+    panels = []
+    if "classifier" in figures:
+        c = figures["classifier"]
+        panels.append(
+            {
+                "title": f"{c['task']} test accuracy",
+                "labels": ["majority\nclass", "real-valued\nteacher", f"spiking\nT={c['student']['num_steps']}"],
+                "values": [
+                    c["majority_class"]["test_accuracy"],
+                    c["teacher"]["test_accuracy"],
+                    c["student"]["test_accuracy"],
+                ],
+                "fmt": "{:.3f}",
+            }
+        )
+    if "llm" in figures:
+        p = figures["llm"]["perplexity"]
+        neuron = str(figures["llm"].get("recipe", {}).get("neuron", "")).upper()  # the recipe's neuron, e.g. GIF
+        panels.append(
+            {
+                "title": f"{figures['llm']['source']} perplexity",
+                "labels": ["real-valued", f"spiking\n{neuron} T={figures['llm']['time_steps']}".replace("\n ", "\n")],
+                "values": [p["real"], p["spiking"]],
+                "fmt": "{:.1f}",
+            }
+        )
+    for name, e in figures.get("energy", {}).items():
+        unit = "sentence" if name == "classifier" else f"{figures['settings']['window']}-token window"
+        panel = {
+            "title": f"{name}: mJ per {unit}",
+            "labels": ["real-valued", "spiking"],
+            "values": [e["ann_mJ_per_sequence"], e["snn_mJ_per_sequence"]],
+            "fmt": "{:.3g}",
+        }
+        if name == "llm" and "llm" in figures:
+            ratio = figures["llm"]["perplexity"]["ratio"]
+            panel["title"] = f"LLM energy: mJ per {unit}\n(compute, blocks, 32-bit float)"
+            panel["note"] = (
+                f"energy {e['snn_mJ_per_sequence'] / e['ann_mJ_per_sequence']:.2f}x\nperplexity {ratio:.2f}x"
+            )
+        panels.append(panel)
+    return panels
+
+
 def plot_summary(figures: dict, path: Path) -> bool:
     """One row of bar charts for the parts that ran; False (nothing written) when there is nothing to plot."""
     import matplotlib
@@ -17,45 +65,27 @@ def plot_summary(figures: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = []
-    if "classifier" in figures:
-        c = figures["classifier"]
-        panels.append(
-            (
-                f"{c['task']} test accuracy",
-                ["majority\nclass", "real-valued\nteacher", f"spiking\nT={c['student']['num_steps']}"],
-                [c["majority_class"]["test_accuracy"], c["teacher"]["test_accuracy"], c["student"]["test_accuracy"]],
-                "{:.3f}",
-            )
-        )
-    if "llm" in figures:
-        p = figures["llm"]["perplexity"]
-        panels.append(
-            (
-                f"{figures['llm']['source']} perplexity",
-                ["real-valued", f"spiking\nGIF T={figures['llm']['time_steps']}"],
-                [p["real"], p["spiking"]],
-                "{:.1f}",
-            )
-        )
-    for name, e in figures.get("energy", {}).items():
-        unit = "sentence" if name == "classifier" else f"{figures['settings']['window']}-token window"
-        panels.append(
-            (
-                f"{name}: mJ per {unit}",
-                ["real-valued", "spiking"],
-                [e["ann_mJ_per_sequence"], e["snn_mJ_per_sequence"]],
-                "{:.3g}",
-            )
-        )
+    panels = summary_panels(figures)
     if not panels:
         return False
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
-    for ax, (title, labels, values, fmt) in zip(axes[0], panels, strict=True):
-        bars = ax.bar(labels, values, color=["#999999", "#4477aa", "#ee6677"][-len(values) :])
-        ax.bar_label(bars, [fmt.format(v) for v in values])
-        ax.set_title(title, fontsize=10)
+    for ax, panel in zip(axes[0], panels, strict=True):
+        values = panel["values"]
+        bars = ax.bar(panel["labels"], values, color=["#999999", "#4477aa", "#ee6677"][-len(values) :])
+        ax.bar_label(bars, [panel["fmt"].format(v) for v in values])
+        ax.set_title(panel["title"], fontsize=10)
         ax.margins(y=0.15)
+        if "note" in panel:  # beside the last (spiking) bar, in axis coordinates so it stays inside the panel
+            ax.set_xlim(-0.6, len(values) - 0.4 + 0.9)
+            last = bars[-1]
+            ax.annotate(
+                panel["note"],
+                (last.get_x() + last.get_width(), last.get_height() / 2),
+                xytext=(6, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=9,
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -161,6 +191,23 @@ def markdown(figures: dict, plot: str | None) -> str:
                 f"{e['ratio']:.2f}x | {e['mean_firing_rate']:.3f} | [{folder}/report.md]({folder}/report.md) |"
             )
         lines.append("")
+        same = {name: e["snn_over_ann"] for name, e in figures["energy"].items() if "snn_over_ann" in e}
+        if same:
+            lines += [
+                "Spiking / real-valued energy per token with both models at the same weight precision (Horowitz's "
+                "45 nm add and multiply-add for each); *memory-inclusive* adds every weight read (DRAM, "
+                "docs/CONVERSION.md, Energy), a spiking layer skipping the rows of channels that fire nothing:",
+                "",
+                "| model | precision | blocks | whole model | whole model, memory-inclusive |",
+                "|---|---|---|---|---|",
+            ]
+            for name, ratios in same.items():
+                for precision, r in ratios.items():
+                    lines.append(
+                        f"| {name} | {precision} | {r['blocks']:.3f} | {r['whole_model']:.3f} | "
+                        f"{r['whole_model_with_memory']:.3f} |"
+                    )
+            lines.append("")
         if figures["energy"].get("llm", {}).get("ratio", 1) < 1:
             lines += [
                 "The converted LLM costs more than its source under this accounting: a GIF spike of level k is k "

@@ -36,7 +36,7 @@ import time
 import torch
 
 from spikelm.errors import UserError
-from spikelm.nn import cpu_kernels
+from spikelm.nn import kernels
 
 DEFAULT_BATCH_SIZES = (1, 16)
 DEFAULT_PROMPT_LENGTHS = (128, 1024)
@@ -218,7 +218,7 @@ def measure_pair(
             prompt = torch.randint(min(100, vocab - 1), vocab, (batch, length), generator=generator)
             log(f"  batch {batch}, prompt {length}, {new_tokens} new tokens: warming up...")
             for name, model in models.items():  # allocator, caches, the neurons' compiled loop
-                with cpu_kernels.forced(switches.get(name)):
+                with kernels.forced(switches.get(name)):
                     _generate_seconds(model, prompt, 2, make_cache=caches.get(name))
             times = {name: {"first": [], "full": []} for name in names}
             peak = {name: [] for name in names}
@@ -226,7 +226,7 @@ def measure_pair(
             for repeat in range(repeats):
                 for name, model in models.items():
                     make = caches.get(name)
-                    with cpu_kernels.forced(switches.get(name)):
+                    with kernels.forced(switches.get(name)):
                         times[name]["first"].append(_generate_seconds(model, prompt, 1, make_cache=make)[0])
                         seconds, cache = _generate_seconds(model, prompt, new_tokens, make_cache=make)
                     times[name]["full"].append(seconds)
@@ -242,7 +242,7 @@ def measure_pair(
             # would take a core from the timed runs on a small machine
             for name, model in models.items():
                 memory = PeakRSS()
-                with cpu_kernels.forced(switches.get(name)):
+                with kernels.forced(switches.get(name)):
                     _generate_seconds(model, prompt, new_tokens, memory, make_cache=caches.get(name))
                 if memory.growth is not None:
                     peak[name].append(memory.growth)

@@ -6,7 +6,7 @@ import math
 
 from transformers import PretrainedConfig
 
-from spikelm.nn.neuron import check_neuron_options
+from spikelm.nn.neurons.elastic import check_neuron_options
 
 POSITION_EMBEDDING_TYPES = ("absolute", "rotary")
 

@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 
 from spikelm.nn.exact import spiking_sdpa
 from spikelm.nn.layers import SpikeLinear
-from spikelm.nn.neuron import ElasticBiSpikingNeuron, named_neurons
+from spikelm.nn.neurons import SpikingNeuron, named_neurons, neuron_class
 
 from .configuration_spikelm import SpikeLMConfig
 
@@ -42,11 +42,14 @@ def make_linear(config: SpikeLMConfig, in_features: int, out_features: int) -> n
     return nn.Linear(in_features, out_features)
 
 
-def make_respike(config: SpikeLMConfig) -> ElasticBiSpikingNeuron | None:
-    """The per-step (no membrane) neuron that spikes the projected K or V; None if not spiking."""
+SPIKELM_NEURON = "elastic"  # the registered neuron (spikelm.nn.neurons) a native SpikeLM is built of
+
+
+def make_respike(config: SpikeLMConfig) -> SpikingNeuron | None:
+    """The per-step (no membrane) elastic neuron that spikes the projected K or V; None if not spiking."""
     if not config.spiking:
         return None
-    return ElasticBiSpikingNeuron(config.num_steps, membrane=False, **config.neuron_options())
+    return neuron_class(SPIKELM_NEURON)(config.num_steps, membrane=False, **config.neuron_options())
 
 
 def additive_attention_mask(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -344,12 +347,8 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, SpikeLMLMPredictionHead):
             init.zeros_(module.bias)
-        elif isinstance(module, ElasticBiSpikingNeuron):
-            # not yet initialised (alpha == 1, the authors' marker) unless alpha_init is a number
-            numeric = not isinstance(module.alpha_init, str)
-            init.constant_(module.alpha, float(module.alpha_init) if numeric else 1.0)
-            init.constant_(module.initialized, numeric)
-            module._known_initialized = False
+        elif isinstance(module, SpikingNeuron):
+            module.initialize_parameters(init)
 
     def neurons(self):
         """``(name, neuron)`` for every spiking neuron of the model, in forward order."""

@@ -27,7 +27,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from spikelm.nn.exact import spiking_sdpa
-from spikelm.nn.neuron import ALPHA_FLOOR
+from spikelm.nn.neurons.elastic import ALPHA_FLOOR
 from spikelm.nn.packing import (
     PER_BYTE,
     pack_ternary,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .neuron import ElasticBiSpikingNeuron, SpikeLinearFunction
+from .neurons import neuron_class
+from .neurons.elastic import SpikeLinearFunction
 
 __all__ = ["SpikeLinear", "SpikeLinearFunction"]
 
@@ -14,9 +15,9 @@ class SpikeLinear(nn.Linear):
     """``nn.Linear`` whose input is spiked first: ``y_t = W (alpha_t q_t) + b``.
 
     Input shape ``(T, ..., in_features)`` with T = ``num_steps``; output ``(T, ..., out_features)``.
-    The neuron is ``self.neuron`` (an :class:`ElasticBiSpikingNeuron`; ``neuron_options`` are
-    passed to it). With every multiplication by a spike being ``+-alpha`` or 0, ``W s_t`` needs only
-    additions, plus one multiplication by alpha per output.
+    The neuron is ``self.neuron`` (an elastic bi-spiking neuron, :mod:`spikelm.nn.neurons.elastic`;
+    ``neuron_options`` are passed to it). With every multiplication by a spike being ``+-alpha`` or 0, ``W s_t``
+    needs only additions, plus one multiplication by alpha per output.
     """
 
     def __init__(
@@ -30,7 +31,7 @@ class SpikeLinear(nn.Linear):
         **neuron_options,
     ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.neuron = ElasticBiSpikingNeuron(num_steps, **neuron_options)
+        self.neuron = neuron_class("elastic")(num_steps, **neuron_options)
 
     @property
     def num_steps(self) -> int:

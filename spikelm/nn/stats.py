@@ -6,7 +6,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from .neuron import named_neurons
+from .neurons import named_neurons
 
 
 @contextmanager
@@ -28,16 +28,17 @@ def record_spike_stats(model: nn.Module):
 
 
 def collect_spike_stats(model: nn.Module) -> dict[str, dict]:
-    """``{neuron name: {"firing_rate": [per step], "positive_rate", "negative_rate", "spikes", "slots", "alpha"}}``.
+    """``{neuron name: the neuron's spike_stats()}`` for every neuron that recorded something
+    (:meth:`~spikelm.nn.neurons.base.SpikingNeuron.spike_stats`): ``"firing_rate"``, ``"spikes"`` and ``"slots"``
+    per step for every neuron, and each neuron's own entries (the elastic neuron: ``"positive_rate"``,
+    ``"negative_rate"``, ``"alpha"``; GIF: ``"levels"``, ``"tokens"``, ``"groups"``, ``"scales"``).
 
     Neuron names are module paths (e.g. ``bert.encoder.layer.0.attention.self.qkv.neuron``); the
     K/V re-spiking neurons are ``...attention.self.key_spike`` / ``value_spike``.
     """
     out = {}
     for name, neuron in named_neurons(model):
-        if neuron.stats is None:
-            continue
-        entry = neuron.stats.as_dict()
-        entry["alpha"] = neuron.alpha.detach().float().cpu().tolist()
-        out[name] = entry
+        entry = neuron.spike_stats()
+        if entry is not None:
+            out[name] = entry
     return out

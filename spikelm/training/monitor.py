@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from spikelm.nn.neuron import named_neurons
+from spikelm.nn.neurons import named_neurons
 from spikelm.nn.stats import record_spike_stats
 
 
@@ -62,10 +62,10 @@ class FiringRateMonitor:
         self.flush(wait=False)
 
     def _snapshot(self, step: int) -> None:
-        counted = [(name, n.stats) for name, n in self.neurons if n.stats is not None]
+        counted = [(name, c) for name, n in self.neurons if (c := n.step_counts()) is not None]
         if not counted:
             return
-        counts = torch.stack([torch.stack([s.positive, s.negative, s.slots]) for _, s in counted])
+        counts = torch.stack([c for _, c in counted])
         event = None
         if counts.is_cuda:
             host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)

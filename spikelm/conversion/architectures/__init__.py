@@ -2,7 +2,7 @@
 :mod:`.base`). Adding a family is one module here that registers an :class:`Architecture`, and its tests
 (docs/CONVERSION.md, "Adding an architecture")."""
 
-from . import bert, gemma, gpt2, llama, olmo2, phi3, starcoder2  # noqa: F401  (each registers its model types)
+from . import bert, gemma, gpt2, llama, olmo, olmo2, phi3, starcoder2  # noqa: F401  (each registers its model types)
 from .base import (
     SITE_KINDS,
     Architecture,

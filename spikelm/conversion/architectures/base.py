@@ -92,6 +92,9 @@ class InputSite:
     host: str
     readers: tuple[str, ...]
     norm: str | None = None
+    # True: the readers' own pre-hooks spike the input with the host's neuron, once per tensor (the generic path:
+    # the host is where the neuron lives, e.g. the block of a parallel attention + MLP, not a module receiving it)
+    on_readers: bool = False
 
 
 def sliding_layers_from_config(config) -> tuple[int, ...]:
@@ -132,6 +135,12 @@ class Architecture:
     rotation_notice: str | None = None
     sliding_layers: Callable = field(default=sliding_layers_from_config, compare=False)
     description: str = ""  # one line for messages and the model card, e.g. "LLaMA-style decoder"
+    # where the T copies enter (inputs repeated) and leave (hidden states averaged), relative to the base model:
+    # "" the base model itself; OPT runs its decoder without its base model's forward
+    entry: str = ""
+    cache_argument: str = "past_key_values"  # the keyword under which the attention receives the cache
+    kv_channels: tuple[int, int, int] | None = None  # (H_kv, 1, d) of K and V; None: from the config
+    generic: bool = False  # built by the generic module from a traced forward, not from the table
 
     def __post_init__(self):
         for site in self.sites:

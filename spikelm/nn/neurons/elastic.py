@@ -19,17 +19,17 @@ over the steps, with the statistic summed across processes under data parallelis
 from __future__ import annotations
 
 import math
-import warnings
 from numbers import Real
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import cpu_kernels
-from ._constants import ALPHA_FLOOR, LEAK, OUTSIDE
-from .cpu_kernels import spike_linear
-from .exact import exact_linear
+from .. import cpu_kernels, kernels
+from .._constants import ALPHA_FLOOR, LEAK, OUTSIDE
+from ..exact import exact_linear
+from ..kernels import choose_kernel, run_compiled, spike_linear
+from .base import SpikingNeuron, named_neurons, register_neuron  # noqa: F401  (named_neurons: the old import path)
 
 SPIKE_LEVELS = ("ternary", "binary")
 RESETS = ("official", "symmetric")
@@ -269,83 +269,6 @@ def spike_steps_inference(x, alpha, spike_levels, reset, use_amplitude, membrane
     return out if dtype == x.dtype else out.to(x.dtype)
 
 
-# Below this many elements per call torch.compile's guards and first-call compilation cost more
-# than the plain loop; above it the compiled pass is several times faster.
-COMPILE_MIN_ELEMENTS = 1 << 16
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the PyTorch kernels
-_compiled: dict = {}
-_compile_failed = False
-_triton_error: list = []  # [None] once triton imported, [the ImportError] once it failed
-_warned: set = set()  # the fallbacks already announced (each warns once per process)
-
-
-def _triton_available() -> bool:
-    if not _triton_error:
-        try:
-            from . import kernels_triton  # noqa: F401  (imports triton)
-        except ImportError as err:
-            _triton_error.append(err)
-        else:
-            _triton_error.append(None)
-    return _triton_error[0] is None
-
-
-def _warn_once(key: str, message: str) -> None:
-    """A fast path that falls back says so, once per process (never silently, never on every call)."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def choose_kernel(x: torch.Tensor, backend: str) -> str:
-    """The kernel a fused ``backend`` runs ``x`` on: "fused" (plain PyTorch loop), "compiled" or "triton".
-
-    ``"auto"`` on CUDA without an importable triton falls back to "fused" with one warning."""
-    if backend == "auto":
-        if x.is_cuda:
-            if x.dtype not in TRITON_DTYPES:  # float64: the PyTorch loop by design, not a fallback
-                return "fused"
-            if _triton_available():
-                return "triton"
-            _warn_once(
-                "triton",
-                f"spikelm: the Triton neuron kernel is unavailable ({type(_triton_error[0]).__name__}: "
-                f"{_triton_error[0]}); CUDA neurons run the plain PyTorch loop (slower). Install triton for the "
-                "fused kernel.",
-            )
-            return "fused"
-        if x.numel() >= COMPILE_MIN_ELEMENTS and not _compile_failed:
-            return "compiled"
-        return "fused"
-    if backend == "triton" and not (x.is_cuda and x.dtype in TRITON_DTYPES and _triton_available()):
-        raise RuntimeError(
-            f"backend='triton' needs a CUDA float32/bfloat16/float16 tensor and the triton package; got a "
-            f"{x.device.type} {x.dtype} tensor{'' if _triton_available() else ' and triton is not importable'}. "
-            "Use backend='auto'."
-        )
-    return backend
-
-
-def _run_compiled(fn, *args):
-    """``fn(*args)`` through torch.compile; the plain loop (with one warning) if compilation fails."""
-    global _compile_failed
-    if not _compile_failed:
-        try:
-            if fn not in _compiled:
-                _compiled[fn] = torch.compile(fn)
-            # each option set, dtype and layout is a separate specialisation: allow more than dynamo's default 8
-            with torch._dynamo.config.patch(recompile_limit=64):
-                return _compiled[fn](*args)
-        except Exception as err:  # no torch.compile here, a missing or broken C++ compiler, an unsupported platform
-            _compile_failed = True
-            _warn_once(
-                "compile",
-                f"spikelm: torch.compile of the neuron failed ({type(err).__name__}: {err}); "
-                "using the uncompiled fused loop from now on",
-            )
-    return fn(*args)
-
-
 def _as_steps_rows_cols(x: torch.Tensor) -> torch.Tensor:
     """A (T, rows, cols) view of ``x`` (T, ..., D) without copying where its strides allow."""
     if x.dim() == 2:
@@ -364,11 +287,11 @@ def fused_spike_forward(
     x3 = _as_steps_rows_cols(x.detach())
     args = (x3, alpha.detach(), spike_levels, reset, use_amplitude, membrane, keep_codes, keep_ratio)
     if kernel == "triton":
-        from .kernels_triton import triton_spike_forward
+        from ..kernels_triton import triton_spike_forward
 
         out = triton_spike_forward(*args)
     elif kernel == "compiled":
-        out = _run_compiled(spike_steps, *args)
+        out = run_compiled(spike_steps, *args)
     else:
         out = spike_steps(*args)
     return tuple(t.view(shape) if t is not None else None for t in out)
@@ -399,11 +322,11 @@ def fused_spike_backward(
     c3 = _as_steps_rows_cols(codes)
     args = (g3, c3, alpha.detach(), spike_levels, reset, use_amplitude, membrane, grad_dtype, spike_dtype)
     if kernel == "triton":
-        from .kernels_triton import triton_spike_backward
+        from ..kernels_triton import triton_spike_backward
 
         grad_x, spikes = triton_spike_backward(*args)
     elif kernel == "compiled":
-        grad_x, spikes = _run_compiled(spike_steps_backward, *args)
+        grad_x, spikes = run_compiled(spike_steps_backward, *args)
     else:
         grad_x, spikes = spike_steps_backward(*args)
     grad_alpha = None
@@ -581,7 +504,8 @@ def _data_parallel() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-class ElasticBiSpikingNeuron(nn.Module):
+@register_neuron
+class ElasticBiSpikingNeuron(SpikingNeuron):
     """SpikeLM's multi-step neuron. Input and output are time-major: ``(T, ..., D)``.
 
     Args:
@@ -600,12 +524,31 @@ class ElasticBiSpikingNeuron(nn.Module):
             codes: ``"fused"`` (a plain PyTorch loop), ``"compiled"`` (the same loop through
             torch.compile: one vectorised pass), ``"triton"`` (a Triton kernel, CUDA only) and
             ``"auto"`` (default: Triton on CUDA, compiled on CPU for inputs of at least
-            :data:`COMPILE_MIN_ELEMENTS` elements, else fused).
+            :data:`spikelm.nn.kernels.COMPILE_MIN_ELEMENTS` elements, else fused; :mod:`spikelm.nn.kernels` decides,
+            with its switch).
 
     ``alpha`` is an ``nn.Parameter`` of shape (T,) (``requires_grad=learn_alpha``);
     ``initialized`` a bool buffer saved with it. An alpha that has not been initialised is set
     from the first input, sequentially over steps, on every call mode (train or eval).
+
+    As a plug-in (:class:`~spikelm.nn.neurons.base.SpikingNeuron`), ``neuron="elastic"``: the network runs as T
+    copies folded into the batch axis, the conversion-config fields are ``num_steps`` and the options above.
     """
+
+    name = "elastic"
+    config_fields = {
+        "num_steps": 4,
+        "spike_levels": "ternary",
+        "use_amplitude": True,
+        "alpha_init": "mean_abs",
+        "learn_alpha": False,
+        "reset": "official",
+    }
+    # the named recipe: T = 4, symmetric reset (far better than the official reset on a pretrained LLM)
+    recipe_defaults = {"neuron": "elastic", "num_steps": 4, "reset": "symmetric"}
+    cache_layout = "step_codes"
+    traceless_fields = ("num_steps", "spike_levels", "use_amplitude", "reset")
+    counting_backend = "reference"  # the per-step path returns the spikes to the energy counter's hooks
 
     def __init__(
         self,
@@ -753,8 +696,8 @@ class ElasticBiSpikingNeuron(nn.Module):
             else:
                 out, counts = MultiStepSpike.apply(x, alpha, *options, self.record_stats, self.backend)
         else:  # no backward: nothing to save
-            kernel = choose_kernel(x, self.backend)
-            if self.backend == "auto" and _takes_cpu_kernel(x):  # one C++ pass (same spikes, bit for bit)
+            kernel = kernels.neuron_kernel(x, self.backend)  # spikelm.nn.kernels decides
+            if kernel == kernels.CPP:  # one C++ pass (same spikes, bit for bit)
                 low = _levels_low(self.spike_levels)
                 official = self.spike_levels == "ternary" and self.reset == "official"
                 a = alpha.detach().float()  # the PyTorch loop computes float32 input in float32, whatever alpha's dtype
@@ -776,17 +719,116 @@ class ElasticBiSpikingNeuron(nn.Module):
             self.stats = SpikeStats(self.num_steps, device=x.device)
         self.stats.add(counts, x[0].numel())
 
+    # -- the plug-in interface (spikelm.nn.neurons.base.SpikingNeuron) ----------------------------------------------
 
-def _takes_cpu_kernel(x: torch.Tensor) -> bool:
-    """Whether the neuron's no-gradient path runs the C++ kernel (:func:`spikelm.nn.cpu_kernels.elastic_spikes`):
-    CPU float32 inputs with the kernels switched on and built (other dtypes keep the PyTorch loop by design)."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and cpu_kernels.usable(x, what="neurons")
+    @classmethod
+    def options(cls, fields) -> dict:
+        """The neuron's keyword arguments (all but ``num_steps``) from conversion-config ``fields``."""
+        return {name: cls.field(fields, name) for name in cls.config_fields if name != "num_steps"}
 
+    @classmethod
+    def check_config(cls, fields) -> None:
+        check_neuron_options(cls.field(fields, "num_steps"), **cls.options(fields))
 
-def named_neurons(model: nn.Module) -> list[tuple[str, ElasticBiSpikingNeuron]]:
-    """``(name, neuron)`` for every spiking neuron of ``model``, in module (forward) order.
+    @classmethod
+    def model_steps(cls, fields) -> int:
+        return cls.field(fields, "num_steps")
 
-    The one way to list neurons: a SpikeLM model's ``neurons()``, the spike statistics, the firing-rate
-    monitor and the energy counter use it.
-    """
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, ElasticBiSpikingNeuron)]
+    @classmethod
+    def recipe(cls, num_steps: int | None = None) -> dict:
+        fields = dict(cls.recipe_defaults)
+        if num_steps is not None:
+            fields["num_steps"] = num_steps
+        return fields
+
+    @classmethod
+    def from_config(cls, fields, channels, per_step: bool) -> ElasticBiSpikingNeuron:
+        neuron = cls(cls.field(fields, "num_steps"), membrane=not per_step, **cls.options(fields))
+        return neuron.float()  # alphas stay float32 in a bfloat16 model (and load as such): the membrane is float32
+
+    @classmethod
+    def describe(cls, fields) -> str:
+        f = {name: cls.field(fields, name) for name in cls.config_fields}
+        return (
+            f"SpikeLM's elastic bi-spiking neuron ({f['spike_levels']} spikes, T = {f['num_steps']}, "
+            f"{f['reset']} reset, amplitude {'on' if f['use_amplitude'] else 'off'}, alpha "
+            f"{'learned' if f['learn_alpha'] else 'frozen'} after initialisation from data)"
+        )
+
+    @classmethod
+    def summary(cls, fields) -> str:
+        return f"elastic neuron T={cls.field(fields, 'num_steps')}, {cls.field(fields, 'spike_levels')} spikes"
+
+    def spike_folded(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+        """Time-major over the copies: a linear input (T*B, ..., C) runs as (T, rows, C); K/V (T*B, H, L, d) as
+        (T, B, H, L, d)."""
+        if x.dim() > 3:
+            return self(x.reshape(steps, -1, *x.shape[1:])).view(x.shape)
+        return self(x.reshape(steps, -1, x.shape[-1])).view(x.shape)
+
+    def initialize_parameters(self, init) -> None:
+        """Not yet initialised (alpha == 1, the authors' marker) unless ``alpha_init`` is a number."""
+        numeric = not isinstance(self.alpha_init, str)
+        init.constant_(self.alpha, float(self.alpha_init) if numeric else 1.0)
+        init.constant_(self.initialized, numeric)
+        self._known_initialized = False
+
+    def step_spikes(self, x: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input and output time-major, on the reference backend: level 1 wherever the output is nonzero."""
+        fired = (output.detach() != 0).long()
+        return fired, fired
+
+    def reset_calibration(self) -> None:
+        self.reset_alpha()
+
+    def state_loaded(self) -> None:
+        self._known_initialized = False  # re-read the loaded `initialized` flag on first use
+
+    def calibration_flag(self) -> bool:
+        return bool(self.initialized)
+
+    def state_problem(self) -> str | None:
+        if bool(self.initialized) and not bool((self.alpha > 0).all()):
+            alpha = [round(a, 4) for a in self.alpha.detach().tolist()]
+            return f".alpha {alpha} is not positive; a calibrated spike amplitude is > 0 (the model was edited)"
+        return None
+
+    def spike_stats(self) -> dict | None:
+        """:class:`SpikeStats` as a dict, plus ``alpha`` (per step)."""
+        if self.stats is None:
+            return None
+        entry = self.stats.as_dict()
+        entry["alpha"] = self.alpha.detach().float().cpu().tolist()
+        return entry
+
+    def step_counts(self) -> torch.Tensor | None:
+        if self.stats is None:
+            return None
+        return torch.stack([self.stats.positive, self.stats.negative, self.stats.slots])
+
+    def reader_macs(self, steps: int, outputs: int) -> torch.Tensor:
+        """One alpha multiply per output and step (none without amplitude: the spikes are then +-1)."""
+        macs = torch.zeros(steps, dtype=torch.int64)
+        if self.use_amplitude:
+            macs[:] = outputs
+        return macs
+
+    def attention_ops(
+        self, product: str, steps: int, pairs: int, heads: int, head_dim: int, queries: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One alpha multiply per score (Q K^T) or per context output (P V) and step; no extra accumulates."""
+        per_step = heads * pairs if product == "scores" else heads * head_dim * queries
+        macs = torch.full((steps,), per_step if self.use_amplitude else 0, dtype=torch.int64)
+        return macs, torch.zeros(steps, dtype=torch.int64)
+
+    def packs_kv_on_cpu(self) -> bool:
+        """Plain elastic K/V neurons without membrane, statistics or hooks, on ``"auto"``, calibrated."""
+        return (
+            type(self) is ElasticBiSpikingNeuron
+            and not self.membrane
+            and self.backend == "auto"
+            and not self.record_stats
+            and self.is_initialized()
+            and not self._forward_hooks
+            and not self._forward_pre_hooks
+        )

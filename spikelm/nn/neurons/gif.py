@@ -71,11 +71,14 @@ the clipped extremes (kept simple: the extremes are few). Scales are dynamic (pe
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import nn
+
+from .base import SpikingNeuron, register_neuron
 
 SCALE_FLOOR = 1e-5  # a constant token (x_max == x_min) would divide by zero; OmniQuant's floor
 GIF_BACKENDS = ("fused", "reference")
@@ -675,7 +678,8 @@ class GIFStats:
         }
 
 
-class GIFNeuron(nn.Module):
+@register_neuron
+class GIFNeuron(SpikingNeuron):
     """SpikeLLM's GIF neuron on a real-valued input (..., C); see the module docstring for the maths.
 
     Args:
@@ -699,7 +703,48 @@ class GIFNeuron(nn.Module):
             saliency, one range per G consecutive channels. Not in the state dict (the conversion config carries it).
 
     ``salient`` is a bool buffer of shape ``channels`` saved in the state dict.
+
+    As a plug-in (:class:`~spikelm.nn.neurons.base.SpikingNeuron`), ``neuron="gif"``: the network runs once (the
+    steps are internal to the neuron). Its conversion-config fields:
+
+    * ``gif_bits`` (int): n, the base bit-width: one multi-level spike carries at most 2^n - 1.
+    * ``gif_extra_bits`` (int): a, the extra bits of the salient channels: they run over T = 2^a steps.
+    * ``saliency_fraction`` (float): the fraction of input channels (by calibration saliency) that get the extra
+      steps; 0 gives every channel n bits in one step.
+    * ``gif_group_range`` (str): ``"group"``: each channel group (salient, other) takes its per-token scale and zero
+      point from its own channels' min/max, so outlier channels do not stretch the others' grid (the default: far
+      better on real LLMs); ``"token"``: both groups over the whole token's range, as SpikeLLM's code.
+    * ``gif_clip_ratio`` (float): each per-token range is this fraction of the min/max (1: no clipping; 0.9 is
+      QuaRot's activation clip ratio); values beyond it take the end codes.
+    * ``gif_group_size`` (int): 0 (default): one per-token range per channel group (salient, other); G > 0: one
+      range (scale and zero point) per G consecutive channels inside each group (group-wise activation
+      quantisation, as Atom/QuaRot's group variants; a group's last range may cover fewer than G channels). Needs
+      ``gif_group_range="group"``.
     """
+
+    name = "gif"
+    display_name = "GIF"
+    config_fields = {
+        "gif_bits": 4,
+        "gif_extra_bits": 1,
+        "saliency_fraction": 0.1,
+        "gif_group_range": "group",
+        "gif_clip_ratio": 1.0,
+        "gif_group_size": 0,
+    }
+    # the named recipe (the default of spikify): T = 2 (n = 4, a = 1, the top 10 % of channels), per-token ranges per
+    # 64 consecutive channels of each channel group, clipped to 0.9 of the min/max (docs/CONVERSION.md, the ladder)
+    recipe_defaults = {
+        "neuron": "gif",
+        "gif_bits": 4,
+        "gif_extra_bits": 1,
+        "saliency_fraction": 0.1,
+        "gif_group_range": "group",
+        "gif_clip_ratio": 0.9,
+        "gif_group_size": 64,
+    }
+    cache_layout = "token_codes"
+    traceless_fields = ("gif_bits", "gif_extra_bits", "gif_group_range", "gif_clip_ratio", "gif_group_size")
 
     def __init__(
         self,
@@ -901,3 +946,195 @@ class GIFNeuron(nn.Module):
         if self.group_size:
             groups = scales = int(self.range_group_counts().max())
         self.stats.add(spikes, slots, per_token, groups, scales)
+
+    # -- the plug-in interface (spikelm.nn.neurons.base.SpikingNeuron) ----------------------------------------------
+
+    @classmethod
+    def config_values(cls, given: dict) -> dict:
+        values = super().config_values(given)
+        if values["gif_group_size"] is None:
+            values["gif_group_size"] = 0
+        return values
+
+    @classmethod
+    def check_config(cls, fields) -> None:
+        size, group_range = cls.field(fields, "gif_group_size"), cls.field(fields, "gif_group_range")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(
+                f"gif_group_size must be 0 (one range per channel group) or a positive integer (channels per range), "
+                f"got {size!r}"
+            )
+        if size and group_range != "group":
+            raise ValueError(f"gif_group_size={size} needs gif_group_range='group', got {group_range!r}")
+        check_gif_options(
+            cls.field(fields, "gif_bits"),
+            cls.field(fields, "gif_extra_bits"),
+            cls.field(fields, "saliency_fraction"),
+            group_range,
+            cls.field(fields, "gif_clip_ratio"),
+            size,
+        )
+
+    @classmethod
+    def time_steps(cls, fields) -> int:
+        """T = 2^a (the salient channels' steps)."""
+        return 2 ** cls.field(fields, "gif_extra_bits")
+
+    @classmethod
+    def recipe(cls, num_steps: int | None = None) -> dict:
+        """``num_steps`` T = 2^a (a power of two) sets ``gif_extra_bits``."""
+        fields = dict(cls.recipe_defaults)
+        if num_steps is not None:
+            extra = int(math.log2(num_steps))
+            if 2**extra != num_steps:
+                raise ValueError(f"--num-steps with --neuron gif must be a power of two (T = 2^a), got {num_steps}")
+            fields["gif_extra_bits"] = extra
+        return fields
+
+    @classmethod
+    def finish_recipe(cls, fields: dict, overrides: dict) -> dict:
+        """Whole-token ranges have no channel groups to cut: the recipe's group size is dropped (unless given)."""
+        if fields.get("gif_group_range") == "token" and "gif_group_size" not in overrides:
+            fields["gif_group_size"] = 0
+        return fields
+
+    @classmethod
+    def from_config(cls, fields, channels, per_step: bool) -> GIFNeuron:
+        return cls(
+            channels,
+            bits=cls.field(fields, "gif_bits"),
+            extra_bits=cls.field(fields, "gif_extra_bits"),
+            saliency_fraction=cls.field(fields, "saliency_fraction"),
+            group_range=cls.field(fields, "gif_group_range"),
+            clip_ratio=cls.field(fields, "gif_clip_ratio"),
+            group_size=cls.field(fields, "gif_group_size"),
+        )
+
+    @classmethod
+    def describe(cls, fields) -> str:
+        f = {name: cls.field(fields, name) for name in cls.config_fields}
+        if f["gif_group_range"] == "token":
+            ranges = "over the whole token (SpikeLLM's code)"
+        elif f["gif_group_size"]:
+            ranges = f"per {f['gif_group_size']} consecutive channels of each channel group (salient, other)"
+        else:
+            ranges = "per channel group (salient, other)"
+        return (
+            f"SpikeLLM's GIF neuron: n = {f['gif_bits']} base bits, a = {f['gif_extra_bits']} extra bits "
+            f"(T = {2 ** f['gif_extra_bits']} steps) for the top {f['saliency_fraction']:.0%} of channels by "
+            f"calibration saliency; per-token ranges {ranges}, clipped to {f['gif_clip_ratio']:g} of the min/max"
+        )
+
+    @classmethod
+    def summary(cls, fields) -> str:
+        extra, saliency = cls.field(fields, "gif_extra_bits"), cls.field(fields, "saliency_fraction")
+        return f"GIF neuron n={cls.field(fields, 'gif_bits')}, a={extra} (T={2**extra}), saliency {saliency}"
+
+    @classmethod
+    def steps_summary(cls, fields) -> str:
+        extra = cls.field(fields, "gif_extra_bits")
+        return f"GIF neuron, T = {2**extra} steps, {cls.field(fields, 'gif_bits')}-bit spike levels"
+
+    def step_spikes(self, x: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The spikes of the neuron's own quantiser on ``x`` (its output is their dequantised sum), levels
+        0..2^n - 1."""
+        with torch.no_grad():
+            code = self.quantize(x)[0]
+            spikes = gif_spikes(code, self.bits, self.num_steps).long()
+        return spikes, (spikes > 0).long()
+
+    def step_counts(self) -> torch.Tensor | None:
+        """Spikes (levels >= 0: all counted positive) and slots per step."""
+        if self.stats is None:
+            return None
+        events = self.stats.events
+        return torch.stack([events, torch.zeros_like(events), self.stats.slots.to(events.device)])
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """:func:`gif_linear` on :meth:`spike`: the integer spikes accumulated once, a zero-point term and a scale
+        multiply per range group."""
+        return self.spike(x).linear(weight, bias)
+
+    def reset_calibration(self) -> None:
+        self.set_salient(torch.zeros_like(self.salient))
+
+    def calibration_recorder(self, reader_weights):
+        """A :class:`SaliencyRecorder`: the neuron passes its input through while calibrating, and its salient
+        channels are set from every batch by ``finish()``."""
+        return SaliencyRecorder(self, reader_weights)
+
+    def reader_terms(self) -> torch.Tensor:
+        """Scale multiplies plus zero-point terms per token and output of this neuron's reader, per row of its channel
+        shape (one entry for a linear input, one per K/V head): one scale multiply per range (2 with saliency and
+        per-group ranges, else 1) and one zero-point term per channel group (2 with saliency, else 1); with
+        ``group_size`` G, one of each per range group, ``ceil(salient / G) + ceil(others / G)`` of them."""
+        if getattr(self, "group_size", 0):
+            return 2 * self.range_group_counts()
+        salient = self.has_saliency()
+        terms = (2 if salient and self.group_range == "group" else 1) + (2 if salient else 1)
+        rows = self.salient.numel() // self.salient.shape[-1]
+        return torch.full((rows,), terms, dtype=torch.int64)
+
+    def reader_weight_reads(self) -> int:
+        """The row sums of W the zero-point terms ``zero_g x rowsum_g(W)`` need, one per zero-point group and output:
+        2 with saliency, else 1; with ``group_size`` G, one per range group of a linear input's channels."""
+        if getattr(self, "group_size", 0):
+            return int(self.range_group_counts()[0])
+        return 2 if self.has_saliency() else 1
+
+    def slots(self, steps: int, rows: int, width: int) -> torch.Tensor:
+        """Every channel at step 0, the salient ones after (the others' codes fit one spike)."""
+        slots = torch.full((steps,), rows * width, dtype=torch.int64)
+        if steps > 1:
+            salient = int(self.salient.sum()) if self.has_saliency() else 0
+            slots[1:] = rows * salient
+        return slots
+
+    def reader_macs(self, steps: int, outputs: int) -> torch.Tensor:
+        """Per output one multiply per scale and one per zero point (:meth:`reader_terms`), once."""
+        macs = torch.zeros(steps, dtype=torch.int64)
+        macs[0] = outputs * int(self.reader_terms().sum())
+        return macs
+
+    def attention_ops(
+        self, product: str, steps: int, pairs: int, heads: int, head_dim: int, queries: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per score (Q K^T) and per query-key pair and head (P V, where P is first scaled by each key's scale) one
+        multiply per scale and one per zero point of the K/V head (read by the ``heads // kv_heads`` query heads
+        sharing it); the zero-point term of Q K^T needs each query's row sums: ``head_dim`` accumulates per head."""
+        terms = self.reader_terms()
+        macs = torch.zeros(steps, dtype=torch.int64)
+        macs[0] = pairs * (heads // terms.numel()) * int(terms.sum())
+        extra = torch.zeros(steps, dtype=torch.int64)
+        if product == "scores":
+            extra[0] = queries * heads * head_dim
+        return macs, extra
+
+
+class SaliencyRecorder:
+    """While calibrating, a GIF neuron passes its input through unchanged and its saliency statistic is summed
+    (SpikeLLM's score, :func:`saliency_scores`, a per-token mean: batches combine by token count); ``finish()``
+    marks the top ``saliency_fraction`` salient and removes the hooks."""
+
+    def __init__(self, neuron: GIFNeuron, weights: Sequence[torch.Tensor] | None):
+        self.neuron, self.total, self.count = neuron, None, 0
+        self.weights = list(weights) if weights else None
+        self.handles = [
+            neuron.register_forward_pre_hook(self._record),
+            neuron.register_forward_hook(lambda module, args, output: args[0]),
+        ]
+
+    def _record(self, module, args):
+        x = args[0]
+        shape = module.channel_shape
+        scores = saliency_scores(x, self.weights, None if self.weights else shape)
+        tokens = x.numel() // (shape[-1] if self.weights else max(1, torch.Size(shape).numel()))
+        self.total = scores * tokens if self.total is None else self.total + scores * tokens
+        self.count += tokens
+
+    def finish(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        if self.total is not None:
+            fraction = self.neuron.saliency_fraction if self.neuron.extra_bits > 0 else 0.0
+            self.neuron.set_salient(top_fraction_mask(self.total / self.count, fraction).to(self.neuron.salient.device))

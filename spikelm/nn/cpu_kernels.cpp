@@ -1,0 +1,251 @@
+// The C++ kernels of spikelm's decoding steps on CPU (spikelm/nn/cpu_kernels.py builds this file on first use with
+// torch.utils.cpp_extension.load_inline; spikelm/nn/kernels.py decides where each one runs). Each computes what its
+// PyTorch path computes (tests/test_cpu_kernels.py: the neuron and cache kernels bit for bit, the few-row linear
+// against the float64 definition of spikelm/nn/exact.py).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+// ---------------------------------------------------------------------------------------------------------------
+// Dense multi-row linear for a few rows: y (M, N) = x (M, K) @ w (N, K)^T + bias, w in nn.Linear's own layout,
+// accumulated in float64 and rounded once to float32 (spikelm.nn.exact: every path of a spiking model computes the
+// same bits whatever its summation order). Each weight row n is read once, in order, for all M input rows (the
+// threads take contiguous blocks of outputs, so each streams one contiguous piece of the weight); the M dot products
+// run in 4-wide float64 lanes (a float32 product is exact in float64). At batch 1 a decoding step is bound by
+// reading the weights, so M = T rows cost about one.
+// ---------------------------------------------------------------------------------------------------------------
+typedef float v4f __attribute__((vector_size(16)));
+typedef double v4d __attribute__((vector_size(32)));
+
+static inline v4d load4d(const float* p) {
+  v4f v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return __builtin_convertvector(v, v4d);
+}
+
+static inline v4d load4dd(const double* p) {
+  v4d v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+static inline double hsum4(v4d v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+
+template <int M, int NB>
+static void rows_block(const double* __restrict__ x, const float* __restrict__ w, const float* __restrict__ bias,
+                       float* __restrict__ y, int64_t K, int64_t N, int64_t n) {
+  v4d acc[M][NB];
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j] = v4d{0, 0, 0, 0};
+  const int64_t K4 = K / 4 * 4;
+  for (int64_t k = 0; k < K4; k += 4) {
+    v4d wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = load4d(w + (n + j) * K + k);
+    for (int m = 0; m < M; ++m) {
+      const v4d xv = load4dd(x + m * K + k);
+      for (int j = 0; j < NB; ++j) acc[m][j] += xv * wv[j];
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    for (int j = 0; j < NB; ++j) {
+      double s = hsum4(acc[m][j]);
+      for (int64_t k = K4; k < K; ++k) s += x[m * K + k] * static_cast<double>(w[(n + j) * K + k]);
+      if (bias) s += static_cast<double>(bias[n + j]);
+      y[m * N + n + j] = static_cast<float>(s);
+    }
+  }
+}
+
+template <int M>
+static void rows_range(const double* x, const float* w, const float* bias, float* y, int64_t K, int64_t N,
+                       int64_t n0, int64_t n1) {
+  constexpr int NB = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) rows_block<M, NB>(x, w, bias, y, K, N, n);
+  for (; n < n1; ++n) rows_block<M, 1>(x, w, bias, y, K, N, n);
+}
+
+torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "x must be (M, K) and w (N, K)");
+  TORCH_CHECK(x.size(1) == w.size(1), "x's columns must equal w's columns");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(M >= 1 && M <= 8, "1 to 8 rows");
+  auto xc = x.to(at::kDouble).contiguous();  // the rows once in float64 (M * K is small)
+  auto y = torch::empty({M, N}, x.options().dtype(at::kFloat));
+  torch::Tensor bc;
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    bc = bias->contiguous();
+    TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == N, "bias must be float32 of N elements");
+    bp = bc.data_ptr<float>();
+  }
+  const double* xp = xc.data_ptr<double>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // blocks of 16 outputs; a thread's grain is at least 64 KB of weight
+  constexpr int64_t UNIT = 16;
+  const int64_t units = (N + UNIT - 1) / UNIT;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K * UNIT, 1));
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
+    const int64_t n0 = u0 * UNIT, n1 = std::min(N, u1 * UNIT);
+    switch (M) {
+      case 1: rows_range<1>(xp, wp, bp, yp, K, N, n0, n1); break;
+      case 2: rows_range<2>(xp, wp, bp, yp, K, N, n0, n1); break;
+      case 3: rows_range<3>(xp, wp, bp, yp, K, N, n0, n1); break;
+      case 4: rows_range<4>(xp, wp, bp, yp, K, N, n0, n1); break;
+      case 5: rows_range<5>(xp, wp, bp, yp, K, N, n0, n1); break;
+      case 6: rows_range<6>(xp, wp, bp, yp, K, N, n0, n1); break;
+      case 7: rows_range<7>(xp, wp, bp, yp, K, N, n0, n1); break;
+      default: rows_range<8>(xp, wp, bp, yp, K, N, n0, n1); break;
+    }
+  });
+  return y;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The elastic neuron for inference, all T steps in one pass over the elements (the arithmetic of
+// spike_steps_inference, operation for operation, in float32; compiled with -ffp-contract=off so that no multiply
+// and add fuse): u_0 = x_0, u_t = (0.25 * u_{t-1}) * carry + x_t (membrane) or x_t (no membrane),
+// q = clamp(round_half_even(u / alpha_t), low, 1), spike = q * alpha_t (or q), carry = alpha_t - spike (official
+// ternary reset) or 1 - |q|.
+// ---------------------------------------------------------------------------------------------------------------
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_roundevenf)
+#define SPIKELM_ROUND_EVEN(x) __builtin_roundevenf(x)
+#endif
+#endif
+#ifndef SPIKELM_ROUND_EVEN
+#define SPIKELM_ROUND_EVEN(x) std::nearbyint(x)  // round half to even in the default rounding mode
+#endif
+
+static inline float spike_level(float u, float a, float low) {
+  float q = SPIKELM_ROUND_EVEN(u / a);
+  q = q > 1.0f ? 1.0f : q;
+  return q < low ? low : q;
+}
+
+torch::Tensor elastic_spikes(torch::Tensor x, torch::Tensor alpha, int64_t low, bool official, bool amplitude,
+                             bool membrane) {
+  TORCH_CHECK(x.dim() >= 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be float32 (T, ...)");
+  TORCH_CHECK(alpha.dim() == 1 && alpha.size(0) == x.size(0) && alpha.scalar_type() == at::kFloat,
+              "alpha must be float32 (T,)");
+  auto xc = x.contiguous();
+  auto ac = alpha.contiguous();
+  const int64_t T = xc.size(0), R = xc.numel() / T;
+  auto out = torch::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  const float* ap = ac.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float lo = static_cast<float>(low);
+  constexpr int64_t BLOCK = 1024;  // the membrane and carry of a block stay in L1 across the T steps
+  at::parallel_for(0, R, 16384, [&](int64_t r0, int64_t r1) {
+    float u[BLOCK], carry[BLOCK];
+    for (int64_t b0 = r0; b0 < r1; b0 += BLOCK) {
+      const int64_t n = std::min(BLOCK, r1 - b0);
+      for (int64_t t = 0; t < T; ++t) {  // the steps outside, the elements inside: one vector loop per step
+        const float a = ap[t];
+        const float* __restrict__ xt = xp + t * R + b0;
+        float* __restrict__ ot = op + t * R + b0;
+        if (membrane && t > 0) {
+          for (int64_t i = 0; i < n; ++i) u[i] = (u[i] * 0.25f) * carry[i] + xt[i];
+        } else {
+          for (int64_t i = 0; i < n; ++i) u[i] = xt[i];
+        }
+        for (int64_t i = 0; i < n; ++i) {
+          const float q = spike_level(u[i], a, lo);
+          const float sp = q * a;
+          ot[i] = amplitude ? sp : q;
+          carry[i] = official ? a - sp : 1.0f - std::fabs(q);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// K / V of a converted model at a decoding step, into the packed spike cache: states (S*B, H, L, d) float32
+// (S steps time-major in the batch axis) -> codes q = clamp(round(x / alpha_t), low, 1) packed 5 per byte in
+// base 3 (digit q + 1, value i of a group of 5 times 3^i, the last group padded with q = 0), laid out (B, S*H, L,
+// ceil(d / 5)) (steps folded into the heads, step-major): pack_ternary(fold_steps_into_heads(codes), 5).
+// ---------------------------------------------------------------------------------------------------------------
+torch::Tensor spike_pack5(torch::Tensor states, torch::Tensor alpha, int64_t low) {
+  TORCH_CHECK(states.dim() == 4 && states.scalar_type() == at::kFloat && states.device().is_cpu(),
+              "states must be float32 (S*B, H, L, d)");
+  const int64_t S = alpha.size(0);
+  TORCH_CHECK(alpha.dim() == 1 && alpha.scalar_type() == at::kFloat && states.size(0) % S == 0,
+              "alpha must be float32 (S,) with S dividing the first axis");
+  auto xc = states.contiguous();
+  auto ac = alpha.contiguous();
+  const int64_t B = xc.size(0) / S, H = xc.size(1), L = xc.size(2), d = xc.size(3), nb = (d + 4) / 5;
+  auto out = torch::empty({B, S * H, L, nb}, xc.options().dtype(at::kByte));
+  const float* xp = xc.data_ptr<float>();
+  const float* ap = ac.data_ptr<float>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  const float lo = static_cast<float>(low);
+  at::parallel_for(0, S * B * H * L, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {  // i = ((t * B + b) * H + h) * L + l
+      const int64_t l = i % L, h = (i / L) % H, b = (i / (L * H)) % B, t = i / (L * H * B);
+      const float a = ap[t];
+      const float* row = xp + i * d;
+      uint8_t* dst = op + (((b * S + t) * H + h) * L + l) * nb;
+      for (int64_t g = 0; g < nb; ++g) {
+        int value = 0, weight = 1;
+        for (int64_t j = 0; j < 5; ++j, weight *= 3) {
+          const int64_t c = g * 5 + j;
+          const int digit = c < d ? static_cast<int>(spike_level(row[c], a, lo)) + 1 : 1;
+          value += digit * weight;
+        }
+        dst[g] = static_cast<uint8_t>(value);
+      }
+    }
+  });
+  return out;
+}
+
+// packed (B, S*H, L, nb) codes 5 per byte -> (S*B, H, L, width) float32 spikes q * scale_t (steps into the batch
+// axis): the values of ternary_table / unpack_ternary(..., steps_into_batch=True), bit for bit.
+torch::Tensor unpack5_steps_into_batch(torch::Tensor packed, torch::Tensor scale, int64_t width) {
+  TORCH_CHECK(packed.dim() == 4 && packed.scalar_type() == at::kByte && packed.device().is_cpu(),
+              "packed must be uint8 (B, S*H, L, nb)");
+  const int64_t S = scale.size(0);
+  TORCH_CHECK(scale.dim() == 1 && scale.scalar_type() == at::kFloat && packed.size(1) % S == 0,
+              "scale must be float32 (S,) with S dividing the head axis");
+  auto pc = packed.contiguous();
+  auto sc = scale.contiguous();
+  const int64_t B = pc.size(0), H = pc.size(1) / S, L = pc.size(2), nb = pc.size(3);
+  TORCH_CHECK(width <= nb * 5 && width > (nb - 1) * 5, "width does not match the packed bytes");
+  std::vector<float> table(S * 256 * 5);
+  for (int64_t t = 0; t < S; ++t) {
+    const float a = sc.data_ptr<float>()[t];
+    for (int byte = 0; byte < 256; ++byte) {
+      int rest = byte;
+      for (int j = 0; j < 5; ++j, rest /= 3) table[(t * 256 + byte) * 5 + j] = static_cast<float>(rest % 3 - 1) * a;
+    }
+  }
+  auto out = torch::empty({S * B, H, L, width}, pc.options().dtype(at::kFloat));
+  const uint8_t* pp = pc.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const float* tp = table.data();
+  at::parallel_for(0, S * B * H * L, 256, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {  // output row i = ((t * B + b) * H + h) * L + l
+      const int64_t l = i % L, h = (i / L) % H, b = (i / (L * H)) % B, t = i / (L * H * B);
+      const uint8_t* src = pp + (((b * S + t) * H + h) * L + l) * nb;
+      const float* tt = tp + t * 256 * 5;
+      float* dst = op + i * width;
+      const int64_t full = width / 5;
+      for (int64_t g = 0; g < full; ++g) {
+        const float* v = tt + src[g] * 5;
+        dst[g * 5] = v[0]; dst[g * 5 + 1] = v[1]; dst[g * 5 + 2] = v[2]; dst[g * 5 + 3] = v[3]; dst[g * 5 + 4] = v[4];
+      }
+      for (int64_t c = full * 5; c < width; ++c) dst[c] = tt[src[c / 5] * 5 + c % 5];
+    }
+  });
+  return out;
+}

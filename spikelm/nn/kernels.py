@@ -1,0 +1,286 @@
+"""The one kernel dispatcher: which implementation runs each operation of a spiking layer.
+
+Each operation has a readable PyTorch path and may have fast kernels that compute the same bits (tested:
+tests/test_cpu_kernels.py, tests/test_kernels.py, tests/test_path_agreement.py). This module alone decides which one
+runs; the layers (:mod:`spikelm.nn.neuron`, :mod:`spikelm.conversion.placement`, :mod:`spikelm.conversion.cache`)
+ask it and run the answer. The kernels themselves live in :mod:`spikelm.nn.cpu_kernels` (C++, source in
+``cpu_kernels.cpp``) and :mod:`spikelm.nn.kernels_triton` (Triton).
+
+========================================  ===========================================  ===============================
+operation (asked through)                 fast kernel, where it is taken               otherwise (the PyTorch path)
+========================================  ===========================================  ===============================
+spike linear (:func:`spike_linear`)       C++ ``few_rows_linear``: CPU float32, no     ``exact_linear`` (float64 GEMM)
+                                          autograd, at most :func:`max_rows` rows
+neuron without autograd                   C++ ``elastic_spikes``: CPU float32,         as with autograd, below
+(:func:`neuron_kernel`)                   ``backend="auto"``
+neuron with autograd                      Triton: CUDA float32/bf16/fp16;              the fused loop in PyTorch ops
+(:func:`choose_kernel`)                   torch.compile: CPU, >= COMPILE_MIN_ELEMENTS  (``"fused"``)
+K/V append of a converted model's         C++ ``spike_pack5`` and                      :mod:`spikelm.nn.packing`
+packed cache (:func:`kv_append_kernel`)   ``unpack5_steps_into_batch``: CPU float32
+                                          (the cache checks its neurons are plain)
+========================================  ===========================================  ===============================
+
+**The switch**, one for all of them: ``SPIKELM_KERNELS=0`` in the environment, :func:`set_enabled` (``False`` /
+``True``; ``None`` goes back to the environment) or the block :func:`forced` turns the C++ and Triton kernels off
+wherever the choice is automatic (a neuron's ``backend="auto"``): every operation then runs its PyTorch path, with
+the same results. A neuron's explicit ``backend`` is honoured whatever the switch; torch.compile (PyTorch's own
+compiler of the PyTorch loop) is not switched. ``SPIKELM_CPU_KERNELS=0``, the earlier switch, still turns the C++
+kernels off (only them). ``SPIKELM_CPU_KERNELS_MAX_ROWS=N`` (0 to 8) moves the few-row linear's threshold.
+
+**The fallback notice**: where a fast kernel would be taken but cannot be (no C++ compiler, triton not importable,
+torch.compile failing, a CUDA tensor or another dtype for a CPU float32 kernel) the PyTorch path runs and
+:func:`fallback` says so in one line, once per process and cause (a warning), never silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+
+from ..errors import UserError
+from . import cpu_kernels
+from .exact import exact_linear
+
+ENV_VAR = "SPIKELM_KERNELS"  # the switch
+CPU_ENV_VAR = "SPIKELM_CPU_KERNELS"  # the earlier switch: the C++ kernels only
+ROWS_ENV_VAR = "SPIKELM_CPU_KERNELS_MAX_ROWS"  # overrides MAX_ROWS (for measuring the threshold)
+# At most this many rows take the few-row linear (its C++ template covers 1 to 8; batch 1 and 2 at T = 4).
+MAX_ROWS = 8
+# Below this many elements per call torch.compile's guards and first-call compilation cost more than the plain
+# loop; above it the compiled pass is several times faster.
+COMPILE_MIN_ELEMENTS = 1 << 16
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # float64 stays on the PyTorch loop
+
+# the implementations an operation can run on
+CPP = "cpp"  # spikelm.nn.cpu_kernels
+TRITON = "triton"  # spikelm.nn.kernels_triton
+COMPILED = "compiled"  # the PyTorch loop through torch.compile
+FUSED = "fused"  # the neuron's PyTorch loop, as written
+PYTORCH = "pytorch"  # an operation's PyTorch path (the linear's float64 GEMM, the cache's packing module)
+
+_override: list = [None]
+_warned: set = set()  # the fallbacks already announced
+_triton_error: list = []  # [None] once triton imported, [the ImportError] once it failed
+_compiled: dict = {}
+_compile_failed = False
+_ON, _OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
+
+
+# ----------------------------------------------------------------------------------------------
+# The switch and the notice
+# ----------------------------------------------------------------------------------------------
+
+
+def set_enabled(flag: bool | None) -> None:
+    """Turn the fast kernels on or off for this process; ``None``: follow the environment (on unless
+    ``$SPIKELM_KERNELS`` is "0"; ``$SPIKELM_CPU_KERNELS=0`` turns the C++ kernels off)."""
+    if flag is not None and not isinstance(flag, bool):
+        raise TypeError(f"set_enabled expects True, False or None, got {flag!r}")
+    _override[0] = flag
+
+
+@contextlib.contextmanager
+def forced(flag: bool | None):
+    """The fast kernels switched on (True) or off (False) inside the block; None leaves the switch as it is."""
+    if flag is None:
+        yield
+        return
+    before = _override[0]
+    set_enabled(flag)
+    try:
+        yield
+    finally:
+        set_enabled(before)
+
+
+def _environment_switch(name: str) -> bool:
+    value = os.environ.get(name, "1").strip().lower()
+    if value in _ON:
+        return True
+    if value in _OFF:
+        return False
+    raise UserError(f"{name}={os.environ[name]!r}: expected 1 (on, the default) or 0 (off)")
+
+
+def enabled(family: str = CPP) -> bool:
+    """Whether the ``family`` of kernels (:data:`CPP` or :data:`TRITON`) may be taken: the switch, not whether they
+    build. A bad value in the environment is a :class:`UserError` naming the variable."""
+    if _override[0] is not None:
+        return _override[0]
+    on = _environment_switch(ENV_VAR)
+    cpu_on = _environment_switch(CPU_ENV_VAR)  # read (and checked) whatever the family
+    return on and (cpu_on or family != CPP)
+
+
+def max_rows() -> int:
+    """The most rows that take the few-row linear: :data:`MAX_ROWS`, or ``$SPIKELM_CPU_KERNELS_MAX_ROWS`` (0 to 8)."""
+    value = os.environ.get(ROWS_ENV_VAR)
+    if value is None:
+        return MAX_ROWS
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = -1
+    if not 0 <= rows <= 8:
+        raise UserError(f"{ROWS_ENV_VAR}={value!r}: expected a whole number of rows from 0 to 8")
+    return rows
+
+
+def fallback(key: str, kernel: str, reason: str, what: str, hint: str = "") -> None:
+    """The one fallback notice: ``kernel`` cannot run ``what`` (``reason``), which runs on the PyTorch path instead.
+    One line, once per process for each ``key``."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    reason = reason.strip().splitlines()[0] if reason.strip() else reason
+    message = f"spikelm: {kernel}: {reason}; {what} run on the PyTorch path" + (f" ({hint})" if hint else "")
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _error_text(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# The C++ kernels: CPU, float32, no autograd, switched on and built
+# ----------------------------------------------------------------------------------------------
+
+
+def cpp_built() -> bool:
+    """Whether the C++ extension is built (building it on first call); if it cannot be, says so once."""
+    if cpu_kernels.kernel() is not None:
+        return True
+    fallback(
+        "cpp-build",
+        "the C++ decoding kernels",
+        f"could not be built ({_error_text(cpu_kernels.build_error())})",
+        "spiking layers",
+        f"set {ENV_VAR}=0 to skip the attempt",
+    )
+    return False
+
+
+def _cpp_usable(*tensors: torch.Tensor | None, what: str) -> bool:
+    """Whether the C++ kernels may run on ``tensors``: switched on, built, CPU, float32, no gradient to record. A CUDA
+    tensor or another dtype is announced, never skipped silently. (Called for every spiking layer of a decoding
+    step: plain loops, no generators.)"""
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if grad and t.requires_grad:
+            return False
+        if t.dtype is not torch.float32 or t.device.type != "cpu":
+            if enabled(CPP):
+                _announce_platform(tensors, what)
+            return False
+    return enabled(CPP) and cpp_built()
+
+
+def _announce_platform(tensors, what: str) -> None:
+    present = [t for t in tensors if t is not None]
+    device = next((t.device.type for t in present if t.device.type != "cpu"), None)
+    if device is not None:
+        fallback(f"cpp-device-{device}", "the C++ decoding kernels", "CPU-only", f"{what} on {device}")
+        return
+    dtype = next(t.dtype for t in present if t.dtype != torch.float32)
+    fallback(f"cpp-dtype-{dtype}", "the C++ decoding kernels", "float32-only", f"{dtype} {what}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The operations
+# ----------------------------------------------------------------------------------------------
+
+
+def linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> str:
+    """Where :func:`spike_linear` runs: :data:`CPP` (the few-row kernel) or :data:`PYTORCH` (the float64 GEMM)."""
+    if x.dim() < 1 or x.numel() == 0 or x.numel() // x.shape[-1] > max_rows():
+        return PYTORCH
+    return CPP if _cpp_usable(x, weight, bias, what="spiking linears") else PYTORCH
+
+
+def spike_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a spiking input: :func:`spikelm.nn.exact.exact_linear` (float64
+    accumulation, one rounding: the same bits on every path), by the few-row kernel where it pays (CPU, float32, no
+    autograd, at most :func:`max_rows` rows: a decoding step), else the float64 GEMM."""
+    if linear_kernel(x, weight, bias) == CPP:
+        return cpu_kernels.few_rows_linear(x, weight, bias)
+    return exact_linear(x, weight, bias)
+
+
+def kv_append_kernel(key_states: torch.Tensor, value_states: torch.Tensor) -> str:
+    """Where a converted model's packed cache spikes, appends and decodes K/V at a decoding step whose neurons are
+    plain (the cache checks that): :data:`CPP` or :data:`PYTORCH`."""
+    return CPP if _cpp_usable(key_states, value_states, what="spike-cache updates") else PYTORCH
+
+
+def _triton_available() -> bool:
+    if not _triton_error:
+        try:
+            from . import kernels_triton  # noqa: F401  (imports triton)
+        except ImportError as err:
+            _triton_error.append(err)
+        else:
+            _triton_error.append(None)
+    return _triton_error[0] is None
+
+
+def choose_kernel(x: torch.Tensor, backend: str) -> str:
+    """The kernel a neuron's fused ``backend`` runs ``x`` on: :data:`FUSED` (the PyTorch loop), :data:`COMPILED` or
+    :data:`TRITON`. An explicit backend is honoured (``"triton"`` where it cannot run is an error); ``"auto"``:
+    Triton on CUDA (switched on, importable; without it the PyTorch loop, announced once), torch.compile for CPU
+    inputs of at least :data:`COMPILE_MIN_ELEMENTS` elements, else the PyTorch loop."""
+    if backend == "auto":
+        if x.is_cuda:
+            if x.dtype not in TRITON_DTYPES or not enabled(TRITON):  # float64: the PyTorch loop by design
+                return FUSED
+            if _triton_available():
+                return TRITON
+            fallback(
+                "triton",
+                "the Triton neuron kernel",
+                f"not importable ({_error_text(_triton_error[0])})",
+                "CUDA neurons",
+                "slower; install triton for the fused kernel",
+            )
+            return FUSED
+        if x.numel() >= COMPILE_MIN_ELEMENTS and not _compile_failed:
+            return COMPILED
+        return FUSED
+    if backend == TRITON and not (x.is_cuda and x.dtype in TRITON_DTYPES and _triton_available()):
+        raise RuntimeError(
+            f"backend='triton' needs a CUDA float32/bfloat16/float16 tensor and the triton package; got a "
+            f"{x.device.type} {x.dtype} tensor{'' if _triton_available() else ' and triton is not importable'}. "
+            "Use backend='auto'."
+        )
+    return backend
+
+
+def neuron_kernel(x: torch.Tensor, backend: str) -> str:
+    """The kernel of a neuron's pass without autograd: :data:`CPP` (the elastic neuron's T steps in one C++ pass) for
+    CPU float32 input under ``backend="auto"`` (other dtypes keep the PyTorch loop by design), else
+    :func:`choose_kernel`'s."""
+    if backend == "auto" and x.device.type == "cpu" and x.dtype == torch.float32 and _cpp_usable(x, what="neurons"):
+        return CPP
+    return choose_kernel(x, backend)
+
+
+def run_compiled(fn, *args):
+    """``fn(*args)`` through torch.compile; the plain loop (with the one notice) if compilation fails, and from then
+    on :func:`choose_kernel` no longer picks :data:`COMPILED`."""
+    global _compile_failed
+    if not _compile_failed:
+        try:
+            if fn not in _compiled:
+                _compiled[fn] = torch.compile(fn)
+            # each option set, dtype and layout is a separate specialisation: allow more than dynamo's default 8
+            with torch._dynamo.config.patch(recompile_limit=64):
+                return _compiled[fn](*args)
+        except Exception as err:  # no torch.compile here, a missing or broken C++ compiler, an unsupported platform
+            _compile_failed = True
+            fallback("compile", "torch.compile of the neuron", f"failed ({_error_text(err)})", "neurons", "uncompiled")
+    return fn(*args)
