@@ -1,10 +1,13 @@
-"""Where the perplexity of a spiking conversion goes: convert SmolLM2-135M once with a recipe, then let one kind of
-neuron site at a time pass its input through unspiked, and score the same Brown tokens each time.
+"""Where the perplexity of a spiking conversion goes: convert SmolLM2-135M (or another ``--model``) once with a
+recipe, then let one kind of neuron site at a time pass its input through unspiked, and score the same Brown tokens
+each time.
 
-    python benchmarks/conversion_sites.py --output runs/sites.jsonl [--recipe gif] [--tokens 2048]
+    python benchmarks/conversion_sites.py --output runs/sites.jsonl [--recipe gif] [--tokens 2048] [--model NAME]
 
 One JSON line per row (``"bypass"``: the site kind left real-valued, ``none`` for the full conversion, ``all`` for
-every site: the real-valued model). Calibration as ``conversion_ladder.py`` (the default ``pypi`` corpus).
+every site: the real-valued model). Calibration as ``conversion_ladder.py`` (the default ``pypi`` corpus); where
+the architecture cannot fold the residual-stream rotation (Gemma-3), spikify drops it, saying so.
+``--bos``: windows of ``<bos>`` + 511 tokens (``conversion_ladder.bos_windows``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--calibration-sequences", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", default="smollm2-135m", help="a named source or a model directory")
+    parser.add_argument("--bos", action="store_true", help="score <bos>-prefixed windows")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -37,11 +42,13 @@ def main() -> None:
     from spikelm.evaluation.brown_perplexity import brown_eval_tokens, perplexity
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from conversion_ladder import calibration_ids
+    from conversion_ladder import bos_windows, calibration_ids
 
-    source = resolve_model_source("smollm2-135m")
+    source = resolve_model_source(args.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokens = brown_eval_tokens(tokenizer, args.tokens)
+    if args.bos:
+        tokens = bos_windows(tokens, tokenizer.bos_token_id)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     calibration = calibration_ids(tokenizer, args.calibration_sequences)
     spikelm.spikify(model, dict(RECIPES[args.recipe]), calibration=list(calibration.split(4)))
@@ -54,7 +61,9 @@ def main() -> None:
         started = time.perf_counter()
         result = perplexity(model, tokens, window=512, stride=512, batch_size=4)
         record = {
+            "model": args.model,
             "recipe": args.recipe,
+            "bos": args.bos,
             "bypass": label,
             "perplexity": result["perplexity"],
             "tokens": int(tokens.numel()),

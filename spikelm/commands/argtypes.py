@@ -221,7 +221,7 @@ def model_dir(text: str) -> str:
 
 def model_source(text: str) -> str:
     """A model directory (``config.json`` UTF-8) or a named source of :mod:`spikelm.data.pretrained`
-    (``smollm2-135m``, ``minilm``; fetched later, when the command runs)."""
+    (``smollm2-135m``, ``gemma3-270m``, ``minilm``; fetched later, when the command runs)."""
     from spikelm.data.pretrained import NAMED_SOURCES
 
     if text in NAMED_SOURCES:

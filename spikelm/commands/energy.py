@@ -48,7 +48,7 @@ def register(sub) -> None:
         type=model_source,
         required=True,
         help="a model directory written by save_pretrained (SpikeLM, converted, or real-valued), or smollm2-135m / "
-        "minilm",
+        "gemma3-270m / minilm",
     )
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument(

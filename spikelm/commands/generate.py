@@ -17,14 +17,14 @@ def register(sub) -> None:
             "by default, sampling with --do-sample, beam search with --num-beams. Several prompts run as one "
             "left-padded batch. --model: a SpikeLMForCausalLM directory, a converted model (spikelm spikify; its "
             "KV cache holds spike codes), a real-valued transformers causal LM of a family spikify converts, or "
-            "smollm2-135m."
+            "smollm2-135m or gemma3-270m."
         ),
     )
     p.add_argument(
         "--model",
         type=model_source,
         required=True,
-        help="a causal LM directory (SpikeLMForCausalLM, converted, or real-valued) or smollm2-135m",
+        help="a causal LM directory (SpikeLMForCausalLM, converted, or real-valued), smollm2-135m or gemma3-270m",
     )
     p.add_argument(
         "--prompt", type=utf8_text, required=True, action="append", help="text to continue (repeat for a batch)"

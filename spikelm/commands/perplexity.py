@@ -16,14 +16,15 @@ def register(sub) -> None:
             "window moves --stride tokens on and scores only those, so every token but the first is counted once. "
             "A model trained with `spikelm pretrain` also gets the unigram baseline of its training data on the "
             "same tokens. --model: a causal SpikeLM directory, a converted model (spikelm spikify), a real-valued "
-            "transformers causal LM of a family spikify converts (LLaMA, Mistral, Qwen2/3, GPT-2), or smollm2-135m."
+            "transformers causal LM of a family spikify converts (LLaMA, Mistral, Qwen2/3, Gemma-3, GPT-2), "
+            "or smollm2-135m / gemma3-270m."
         ),
     )
     p.add_argument(
         "--model",
         type=model_source,
         required=True,
-        help="a causal LM directory (SpikeLMForCausalLM, converted, or real-valued) or smollm2-135m",
+        help="a causal LM directory (SpikeLMForCausalLM, converted, or real-valued), smollm2-135m or gemma3-270m",
     )
     p.add_argument(
         "--text-file", type=text_path, required=True, help="UTF-8 text file, or a directory of plain-text files"

@@ -15,12 +15,15 @@ def register(sub) -> None:
             "Start transformers' server (the one `transformers serve` runs: /v1/chat/completions with streaming, "
             "/v1/completions, /v1/responses, /v1/models, /health) in this process with spikelm registered, pinned to "
             "MODEL: a SpikeLMForCausalLM directory, a converted model (spikelm spikify; it decodes on its spike-code "
-            "cache, checked on every request), a real-valued transformers causal LM or smollm2-135m. The model's "
+            "cache, checked on every request), a real-valued transformers causal LM, smollm2-135m or "
+            "gemma3-270m. The model's "
             "tokenizer must have a chat template. Requests name the model as given here. Ctrl-C stops the server. "
             "Needs the `serve` extra: pip install -e '.[serve]'."
         ),
     )
-    p.add_argument("model", type=model_source, metavar="MODEL", help="a causal LM directory or smollm2-135m")
+    p.add_argument(
+        "model", type=model_source, metavar="MODEL", help="a causal LM directory, smollm2-135m or gemma3-270m"
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=integer(0, 65535), default=8000, help="port to listen on (default 8000)")
     p.add_argument(

@@ -19,7 +19,8 @@ def register(sub) -> None:
         help="convert a pretrained Hugging Face model (LLaMA, Gemma, Phi-3, GPT-2, BERT, ...) into a spiking one",
         description=(
             "Load a pretrained model (a directory written by save_pretrained, or a named source: smollm2-135m, "
-            "minilm), place spiking neurons by SpikeLM's rules (every linear input but the LM head, K and V), "
+            "gemma3-270m, minilm), place spiking neurons by SpikeLM's rules (every linear input but the LM head, K "
+            "and V), "
             "calibrate them on text, and save the spiking model: config.json (the original architecture + a "
             "'spikelm' quantization_config), model.safetensors (weights + alphas / saliency masks), the tokenizer and "
             "a model card. After `import spikelm`, AutoModelForCausalLM.from_pretrained(DIR) loads it spiking. "
@@ -38,7 +39,10 @@ def register(sub) -> None:
         ),
     )
     p.add_argument(
-        "--model", type=model_ref, required=True, help="model directory or named source (smollm2-135m, minilm)"
+        "--model",
+        type=model_ref,
+        required=True,
+        help="model directory or named source (smollm2-135m, gemma3-270m, minilm)",
     )
     p.add_argument(
         "--neuron",

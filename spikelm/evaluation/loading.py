@@ -7,7 +7,7 @@
   ``quantization_config`` whose ``quant_method`` is "spikelm"), restored spiking by ``from_pretrained``;
 * a real-valued transformers model of a family ``spikify`` converts (described in
   :mod:`spikelm.conversion.architectures`): the source, run as it is (the ANN figure);
-* a named source (``smollm2-135m``, ``minilm``: :mod:`spikelm.data.pretrained`), fetched on first use.
+* a named source (``smollm2-135m``, ``gemma3-270m``, ``minilm``: :mod:`spikelm.data.pretrained`), fetched on first use.
 
 :func:`inspect_model` reads only the config (so a wrong model is refused before any output is written or any
 weight is read); :func:`load_model` then loads it. Anything else is one :class:`~spikelm.errors.UserError` line.
