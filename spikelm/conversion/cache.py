@@ -211,12 +211,17 @@ class GIFCodeLayer(DynamicLayer):
             past = self._decode(codes_name, neuron, grid)
             spiked = neuron(states)  # the dequantised spike sum, straight-through gradient
             with torch.no_grad():
-                code, scale, zero = neuron.quantize(states)
-            new_grid = pack_grid(scale, zero)
+                code, new_grid = self._quantize(neuron, states)
             setattr(self, codes_name, torch.cat([codes, self._encode(code)], dim=-2))
             setattr(self, grid_name, new_grid if grid is None else torch.cat([grid, new_grid], dim=-2))
             out.append(torch.cat([past, spiked], dim=-2))
         return out[0], out[1]
+
+    @staticmethod
+    def _quantize(neuron: nn.Module, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's codes and its grid as stored (scale and zero point packed together)."""
+        code, scale, zero = neuron.quantize(states)
+        return code, pack_grid(scale, zero)
 
     def _apply(self, fn) -> None:
         if self.is_initialized and self.key_grid is not None:
@@ -275,21 +280,10 @@ class SignedCodeLayer(GIFCodeLayer):
             return torch.empty((*stored.shape[:3], self.width), dtype=self.dtype, device=stored.device)
         return neuron.dequantize(self.codes(name), grid).to(self.dtype)
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        out = []
-        for name, neuron, states in (("key", self.key_neuron, key_states), ("value", self.value_neuron, value_states)):
-            codes_name, grid_name = f"{name}s", f"{name}_grid"
-            codes, grid = getattr(self, codes_name), getattr(self, grid_name)
-            past = self._decode(codes_name, neuron, grid)
-            spiked = neuron(states)  # the dequantised spike sum, straight-through gradient
-            with torch.no_grad():
-                code, scale = neuron.quantize(states)
-            setattr(self, codes_name, torch.cat([codes, self._encode(code)], dim=-2))
-            setattr(self, grid_name, scale if grid is None else torch.cat([grid, scale], dim=-2))
-            out.append(torch.cat([past, spiked], dim=-2))
-        return out[0], out[1]
+    @staticmethod
+    def _quantize(neuron: nn.Module, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each token's signed codes and its per-group scales (no zero point)."""
+        return neuron.quantize(states)
 
 
 class TransientSpikeKV:
