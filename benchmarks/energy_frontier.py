@@ -51,6 +51,8 @@ ROWS = {
     "s4-g64-t2": signed(4, signed_steps=2),  # same codes as s4-g64, spikes of at most 4 levels
     "s4-g64-sal6-5": signed(4, signed_salient_bits=6, saliency_fraction=0.05),
     "s4-g64-sal5-10": signed(4, signed_salient_bits=5, saliency_fraction=0.1),
+    "s4-g64-sal5-10-clip1": signed(4, signed_salient_bits=5, saliency_fraction=0.1, signed_clip_ratio=1.0),
+    "s4-g64-sal5-10-clip0.95": signed(4, signed_salient_bits=5, saliency_fraction=0.1, signed_clip_ratio=0.95),
     "s4-g64-sal8-2": signed(4, signed_salient_bits=8, saliency_fraction=0.02),
     "s4-g32-sal6-5": signed(4, signed_group_size=32, signed_salient_bits=6, saliency_fraction=0.05),
     "s4-g64-kv5": signed(4, signed_site_bits={"k": 5, "v": 5}),

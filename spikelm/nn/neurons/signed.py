@@ -293,13 +293,13 @@ class SignedNeuron(SpikingNeuron):
     }
     # the named recipe (spikify --neuron signed), the best point of the perplexity-energy frontier below 0.7x the
     # source's energy (docs/CONVERSION.md, "Signed spikes and energy"): 4-bit codes (-7..7) per token and 64
-    # channels, clipped to 0.9, the top 10 % of channels by saliency at 5 bits (-15..15, 3 spikes at T = 1)
+    # channels, unclipped (1.0), the top 10 % of channels by saliency at 5 bits (-15..15, 3 spikes at T = 1)
     recipe_defaults = {
         "neuron": "signed",
         "signed_bits": 4,
         "signed_steps": 1,
         "signed_group_size": 64,
-        "signed_clip_ratio": 0.9,
+        "signed_clip_ratio": 1.0,
         "signed_salient_bits": 5,
         "saliency_fraction": 0.1,
     }
