@@ -36,7 +36,8 @@ def register(sub) -> None:
             "unless a signed one meets both targets (at most 1.38x the real-valued perplexity and 0.6x its compute "
             "energy inside the blocks on SmolLM2-135M); none did. Turn parts off with --set: "
             "rotation=none, online_down_proj_rotation=false, saliency_fraction=0, gif_group_size=0 (one range per "
-            "channel group), gif_group_range=token, gif_clip_ratio=1."
+            "channel group), gif_group_range=token, gif_clip_ratio=1; or on: value_rotation=true (a per-head "
+            "Hadamard on the attention's values and output, folded into the weights; off in every recipe)."
         ),
     )
     p.add_argument(
@@ -155,7 +156,7 @@ def _fit_transform(config, model):
     from spikelm.conversion.spikify import GENERIC_NOTICE, fit_transform
 
     architecture = family_of(model)
-    notice = fit_transform(architecture, config)
+    notice = fit_transform(architecture, config, model)
     if architecture.generic:  # the generic path's one line (spikify's warning of it is not repeated, see run)
         notice = GENERIC_NOTICE.format(model_type=architecture.model_type)
     if notice is not None:

@@ -40,6 +40,12 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         rotation_seed (int): seed of the rotation's random signs (or matrix); the online rotation uses seed + 1.
         online_down_proj_rotation (bool): also rotate the FFN's last linear input at run time (a Hadamard rebuilt
             from its size and seed on load, so nothing extra is saved). The name is kept from saved configs.
+        value_rotation (bool): rotate the attention's values and output per head by a randomised Hadamard of order
+            ``head_dim`` (seed ``rotation_seed + 2``; QuaRot's V-O rotation), folded into the linears that make V
+            and read the attention output, so V's codes and the output projection's input codes see no raw
+            outliers; exact for the real-valued model, whatever the norms (:mod:`spikelm.conversion.rotation`;
+            where the description does not offer it, spikify drops it, saying why). The saved weights hold it:
+            nothing is re-applied on load. Default False (configs saved before it load as before).
         smoothing_alpha (float or None): None (default): off; a number in [0, 1]: SmoothQuant per-channel factors
             ``max|X_c|^alpha / max|W_c|^(1 - alpha)`` from the calibration text, folded into every block's RMSNorm
             gains and the weights reading them after the rotation (needs pre RMSNorms and calibration; exact for the
@@ -60,6 +66,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         rotation: str = "none",
         rotation_seed: int = 0,
         online_down_proj_rotation: bool = False,
+        value_rotation: bool = False,
         smoothing_alpha: float | None = None,
         untied_embeddings: bool = False,
         modules_to_not_convert: list[str] | None = None,
@@ -84,6 +91,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
         self.rotation = rotation
         self.rotation_seed = rotation_seed
         self.online_down_proj_rotation = online_down_proj_rotation
+        self.value_rotation = value_rotation
         self.smoothing_alpha = smoothing_alpha
         self.untied_embeddings = untied_embeddings
         self.modules_to_not_convert = (
@@ -104,6 +112,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
             "rotation",
             "rotation_seed",
             "online_down_proj_rotation",
+            "value_rotation",
             "smoothing_alpha",
             "untied_embeddings",
             "modules_to_not_convert",
@@ -134,7 +143,7 @@ class SpikeLMConversionConfig(QuantizationConfigMixin):
             raise ValueError(f"smoothing_alpha must be None (off) or a number in [0, 1], got {alpha!r}")
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {self.rotation!r}")
-        for name in ("online_down_proj_rotation", "untied_embeddings"):
+        for name in ("online_down_proj_rotation", "value_rotation", "untied_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")  # noqa: TRY004  (a field out of range)
         if not isinstance(self.modules_to_not_convert, list) or not all(

@@ -93,14 +93,15 @@ def write_model_card(
     ]
     if architecture is not None and architecture.rotation_blocker() is not None:
         lines += [f"No residual-stream rotation for this architecture: {architecture.rotation_blocker()}.", ""]
-    if config.rotation != "none" or config.online_down_proj_rotation:
+    if config.rotation != "none" or config.online_down_proj_rotation or config.value_rotation:
         lines += [
             "## Transforms",
             "",
             (
                 f"Residual-stream rotation: {config.rotation}; online rotation of the FFN's last linear input: "
-                f"{'yes' if config.online_down_proj_rotation else 'no'}. The real-valued model's function is "
-                "unchanged by them (they are folded into the weights)."
+                f"{'yes' if config.online_down_proj_rotation else 'no'}"
+                + ("; per-head rotation of the attention's values and output: yes" if config.value_rotation else "")
+                + ". The real-valued model's function is unchanged by them (they are folded into the weights)."
             ),
             "",
         ]

@@ -29,7 +29,15 @@ def _traceless_names() -> tuple[str, ...]:
     from its seed, the neurons' ``traceless_fields``, e.g. the quantiser's grid): an edit of one of them in
     config.json would load silently as another model."""
     neuron_fields = [name for cls in neuron_classes() for name in cls.traceless_fields]
-    return ("neuron", *neuron_fields, "rotation", "rotation_seed", "online_down_proj_rotation", "smoothing_alpha")
+    return (
+        "neuron",
+        *neuron_fields,
+        "rotation",
+        "rotation_seed",
+        "online_down_proj_rotation",
+        "value_rotation",
+        "smoothing_alpha",
+    )
 
 
 TRACELESS_FIELDS = _traceless_names()  # as of this import (traceless_fields() asks the registry each time)

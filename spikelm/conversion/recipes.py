@@ -15,7 +15,8 @@ The defaults are the best training-free recipe measured on SmolLM2-135M (docs/CO
 
 Every field can be changed (``--set FIELD=VALUE``), so each part can be turned off: ``rotation=none``,
 ``online_down_proj_rotation=false``, ``saliency_fraction=0``, ``gif_group_size=0`` (one range per channel group),
-``gif_group_range=token`` (whole-token ranges; the recipe's group size is then dropped), ``gif_clip_ratio=1``.
+``gif_group_range=token`` (whole-token ranges; the recipe's group size is then dropped), ``gif_clip_ratio=1``; and
+parts turned on: ``value_rotation=true`` (the attention's values and output rotated per head, off in every recipe).
 """
 
 from __future__ import annotations

@@ -30,6 +30,15 @@ is not in the residual stream, so nothing can absorb the rotation): ``W_down <- 
 run time by an :class:`OnlineHadamard` pre-hook, with ``H`` of the FFN size, rebuilt from ``(size, seed, kind)`` so
 that nothing needs saving.
 
+Optionally too, the attention's values and output are rotated per head (QuaRot's V-O rotation, SpinQuant's R2;
+:func:`rotate_values`): with ``H`` an orthogonal randomised Hadamard of order ``head_dim``, each K/V head's rows of the
+value projection (and its bias) become ``H W_v[g]`` (``H b_v[g]``) and each query head's input columns of the output
+projection ``W_o[:, h] H^T``. Attention mixes the value rows of a head linearly (V is not position-rotated), so each
+head's output turns by ``H`` and the output projection turns it back: exact in any family whose description names
+the two linears (:class:`~spikelm.conversion.architectures.ValueOutput`) and puts nothing elementwise on V, whatever
+its norms. Under grouped-query attention every query head reads its K/V head's values, all turned by the same ``H``.
+Nothing runs online, so nothing is rebuilt on load: the saved weights hold it.
+
 The transforms compute in float64 and cast back to each weight's dtype.
 """
 
@@ -435,4 +444,107 @@ def attach_online_down_proj_rotation(
         "size": size,
         "fallback": None if rotation.kind == kind else f"no Hadamard construction for size {size}: random orthogonal",
         "layers_attached": attached,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-head value/output rotation.
+# ----------------------------------------------------------------------------------------------
+
+
+def _head_dim(attention: nn.Module, config) -> int | None:
+    """The attention's head size: its own ``head_dim`` (every described family's attention has one), else the
+    config's ``head_dim``, else hidden size / heads."""
+    size = getattr(attention, "head_dim", None) or getattr(config, "head_dim", None)
+    if size is None and getattr(config, "num_attention_heads", None):
+        size = config.hidden_size // config.num_attention_heads
+    return int(size) if size else None
+
+
+def _value_heads(model: nn.Module, architecture: Architecture):
+    """``(head_dim, [(value linear, first V row, K/V heads, output linear, query heads)] per block)``, the head
+    counts from the linears' shapes; ``ValueError`` naming what does not fit."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    where = architecture.value_output
+    blocks, head_dim = [], None
+    for index, layer in enumerate(_blocks(model, architecture)):
+        value, output = layer.get_submodule(where.value), layer.get_submodule(where.output)
+        if type(value) is not nn.Linear or type(output) is not nn.Linear:
+            raise ValueError(f"value_rotation needs nn.Linear layers at {where.value!r} and {where.output!r}")
+        size = _head_dim(layer.get_submodule(architecture.attention), config)
+        if head_dim not in (None, size):
+            raise ValueError(f"value_rotation needs one head size in every block; block {index} has {size}")
+        head_dim = size
+        if not size or output.in_features % size:
+            raise ValueError(
+                f"value_rotation: block {index}'s attention output ({output.in_features}) is not whole heads of {size}"
+            )
+        query_heads = output.in_features // size
+        rows = value.out_features - output.in_features if where.fused else value.out_features
+        if rows <= 0 or rows % (2 * size if where.fused else size):
+            raise ValueError(f"value_rotation: block {index}'s value rows ({rows}) are not whole heads of {size}")
+        kv_heads = rows // (2 * size) if where.fused else rows // size
+        if query_heads % kv_heads:
+            raise ValueError(
+                f"value_rotation: block {index} has {query_heads} query heads for {kv_heads} K/V heads (not a multiple)"
+            )
+        first = value.out_features - kv_heads * size  # V is the last rows of a fused projection
+        blocks.append((value, first, kv_heads, output, query_heads))
+    return head_dim, blocks
+
+
+def value_rotation_blocker(model: nn.Module, architecture: Architecture | None = None) -> str | None:
+    """Why the per-head value/output rotation cannot be folded exactly into ``model``, or None: its description
+    (:meth:`~spikelm.conversion.architectures.Architecture.value_rotation_blocker`), its linears' shapes, or a head
+    size with no Hadamard construction here (:func:`hadamard_factors`). ``architecture``: its description, if known
+    already."""
+    if architecture is None:
+        try:
+            architecture = describe(model)
+        except ValueError as err:
+            return str(err)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    reason = architecture.value_rotation_blocker(config)
+    if reason is not None:
+        return reason
+    try:
+        head_dim, _ = _value_heads(model, architecture)
+    except ValueError as err:
+        return str(err)
+    if hadamard_factors(head_dim) is None:
+        return f"no Hadamard matrix of order {head_dim} (its head_dim) is known here (Sylvester x Paley I/II)"
+    return None
+
+
+@torch.no_grad()
+def rotate_values(model: nn.Module, seed: int = 2) -> dict:
+    """Rotate every block's attention values and output per head, in place (module docstring): ``H`` the randomised
+    Hadamard ``rotation_matrix(head_dim, "hadamard", seed)``, the same for every head and block; each K/V head's
+    value rows ``W <- H W``, ``b <- H b``; each query head's output columns ``W <- W H^T``. The real-valued model
+    computes the same function afterwards. ``ValueError`` with the reason where it cannot be folded exactly
+    (:func:`value_rotation_blocker`). Returns ``{"kind", "seed", "head_dim", "layers", "kv_heads",
+    "query_heads"}``."""
+    architecture = _described(model)
+    reason = value_rotation_blocker(model, architecture)
+    if reason is not None:
+        raise ValueError(f"no per-head value/output rotation for this model: {reason}")
+    head_dim, blocks = _value_heads(model, architecture)
+    h, _ = rotation_matrix(head_dim, "hadamard", seed)
+    for value, first, kv_heads, output, query_heads in blocks:
+        q = h.to(value.weight.device)
+        rows = value.weight[first:].double().view(kv_heads, head_dim, -1)
+        _set(value.weight[first:], (q @ rows).reshape(kv_heads * head_dim, -1))  # H W_v[g]
+        if value.bias is not None:
+            bias = value.bias[first:].double().view(kv_heads, head_dim, 1)
+            _set(value.bias[first:], (q @ bias).reshape(-1))  # H b_v[g]
+        q = h.to(output.weight.device)
+        columns = output.weight.double().view(output.out_features, query_heads, head_dim)
+        _set(output.weight, (columns @ q.t()).reshape(output.out_features, -1))  # W_o[:, h] H^T
+    return {
+        "kind": "hadamard",
+        "seed": seed,
+        "head_dim": head_dim,
+        "layers": len(blocks),
+        "kv_heads": blocks[0][2],
+        "query_heads": blocks[0][4],
     }

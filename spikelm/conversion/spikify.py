@@ -75,11 +75,13 @@ def calibrate(model: PreTrainedModel, calibration) -> None:
             recorder.finish()
 
 
-def fit_transform(architecture, config: SpikeLMConversionConfig) -> str | None:
+def fit_transform(architecture, config: SpikeLMConversionConfig, model: nn.Module | None = None) -> str | None:
     """Restrict the recipe's rotations, in ``config``, to what ``architecture`` can fold exactly (never a wrong
     fold), and return one line saying what was dropped and why (None if nothing): the residual-stream rotation needs
     pre RMSNorms only (:meth:`~spikelm.conversion.architectures.Architecture.rotation_blocker`); the online rotation
-    of the FFN's last linear input needs the description to offer it."""
+    of the FFN's last linear input needs the description to offer it; the per-head value/output rotation needs the
+    description to name its linears, and ``model`` (when given) a head size with a Hadamard matrix and no clamp of V
+    (:func:`spikelm.conversion.rotation.value_rotation_blocker`)."""
     dropped = []
     reason = architecture.rotation_blocker() if config.rotation != "none" else None
     if reason is not None:
@@ -88,9 +90,27 @@ def fit_transform(architecture, config: SpikeLMConversionConfig) -> str | None:
     if config.online_down_proj_rotation and not architecture.online_rotation:
         dropped.append("no online rotation of the FFN's last linear input (not offered for this architecture)")
         config.online_down_proj_rotation = False
+    if config.value_rotation:
+        if model is not None:
+            from .rotation import value_rotation_blocker
+
+            value_reason = value_rotation_blocker(model, architecture)
+        else:
+            value_reason = architecture.value_rotation_blocker()
+        if value_reason is not None:
+            dropped.append(f"no per-head value/output rotation ({value_reason})")
+            config.value_rotation = False
     if not dropped:
         return None
-    kept = "; the online rotation of the FFN's last linear input is kept" if config.online_down_proj_rotation else ""
+    kept = [
+        what
+        for what, on in (
+            ("the online rotation of the FFN's last linear input", config.online_down_proj_rotation),
+            ("the per-head value/output rotation", config.value_rotation),
+        )
+        if on
+    ]
+    kept = f"; {' and '.join(kept)} {'is' if len(kept) == 1 else 'are'} kept" if kept else ""
     return f"model_type {architecture.model_type!r}: {'; '.join(dropped)}{kept}"
 
 
@@ -124,7 +144,7 @@ def spikify(
         calibration = _calibration_batches(model, calibration)
     if is_spiking(model):
         raise ValueError(f"this {type(model).__name__} is already spiking; spikify the real-valued source model")
-    notice = fit_transform(architecture, config)
+    notice = fit_transform(architecture, config, model)
     if architecture.generic:  # one line whether a rotation was asked for (and dropped) or not
         notice = GENERIC_NOTICE.format(model_type=architecture.model_type)
     if notice is not None:
@@ -144,6 +164,10 @@ def spikify(
         from .rotation import attach_online_down_proj_rotation
 
         attach_online_down_proj_rotation(model, seed=config.rotation_seed + 1, kind="hadamard")
+    if config.value_rotation:  # exact too, and independent of the residual stream's rotation (within attention)
+        from .rotation import rotate_values
+
+        rotate_values(model, seed=config.rotation_seed + 2)
     if config.smoothing_alpha is not None:  # exact too; after the rotation, which would undo it
         if calibration is None:
             raise ValueError("smoothing_alpha needs calibration token ids: its per-channel factors come from them")

@@ -15,12 +15,15 @@ weight map, only a description: an :class:`Architecture` saying
   branch's output before the residual add, as in Gemma-2/3's sandwich and OLMo-2; a *qk* norm acts on queries and
   keys after their projections; the *final* norm before the head);
 * the attention module of a block, which hands K (after the rotary embedding) and V to the cache, where they are
-  spiked (:mod:`spikelm.conversion.cache`), and which layers attend through a sliding window.
+  spiked (:mod:`spikelm.conversion.cache`), and which layers attend through a sliding window;
+* where the attention's values are made and read (:class:`ValueOutput`: the linear whose output rows hold V, per
+  K/V head, and the linear reading the attention output, per query head), for the per-head value/output rotation.
 
 From the description follow whether the residual-stream rotation can be folded exactly
-(:meth:`Architecture.rotation_blocker`) and whether the online rotation of the FFN's last linear input can be
-(``online_rotation``). Placement, rotation, smoothing, energy counting and the model card read only this; no module
-outside this package names a projection (tests/test_layout.py).
+(:meth:`Architecture.rotation_blocker`), whether the online rotation of the FFN's last linear input can be
+(``online_rotation``) and whether the per-head value/output rotation can be
+(:meth:`Architecture.value_rotation_blocker`). Placement, rotation, smoothing, energy counting and the model card
+read only this; no module outside this package names a projection (tests/test_layout.py).
 
 The registry is keyed by ``model_type``; :func:`describe` returns the entry for a model, and is the one hook point
 for model types not in the table (a ``generic`` module in this package, when present, builds a description from the
@@ -97,6 +100,23 @@ class InputSite:
     on_readers: bool = False
 
 
+@dataclass(frozen=True)
+class ValueOutput:
+    """Where a block's attention makes its values and reads its output (paths relative to the block), for the
+    per-head value/output rotation (:func:`spikelm.conversion.rotation.rotate_values`; docs/CONVERSION.md).
+
+    ``value``: the linear whose output holds V, ``head_dim`` rows per K/V head (its last rows when ``fused``: a
+    fused q/k/v projection whose output is Q, then K, then V, each head after the other). ``output``: the linear
+    reading the attention output, ``head_dim`` input columns per query head. ``clamp``: a config field that, when
+    set, clamps V elementwise (OLMo's ``clip_qkv``), which no rotation commutes with.
+    """
+
+    value: str
+    output: str
+    fused: bool = False
+    clamp: str | None = None
+
+
 def sliding_layers_from_config(config) -> tuple[int, ...]:
     """The layers that attend through a sliding window, from transformers' own config fields: ``layer_types``
     (``"sliding_attention"``) where the config has it, else every layer when ``sliding_window`` is set (and
@@ -141,6 +161,8 @@ class Architecture:
     cache_argument: str = "past_key_values"  # the keyword under which the attention receives the cache
     kv_channels: tuple[int, int, int] | None = None  # (H_kv, 1, d) of K and V; None: from the config
     generic: bool = False  # built by the generic module from a traced forward, not from the table
+    # the per-head value/output rotation: where V is made and the attention output read; None: not offered
+    value_output: ValueOutput | None = None
 
     def __post_init__(self):
         for site in self.sites:
@@ -195,6 +217,18 @@ class Architecture:
                 )
         if self.final_norm is None:
             return "it has no final norm before the head to fold the rotation into"
+        return None
+
+    def value_rotation_blocker(self, config=None) -> str | None:
+        """Why the per-head value/output rotation cannot be folded exactly into this architecture (with ``config``,
+        the model's text config: a clamp of V set in it), or None."""
+        if self.value_output is None:
+            if self.generic:
+                return "the generic path does not know which linears make the values and read the attention output"
+            return "its description names no per-head value and output linears"
+        clamp = self.value_output.clamp
+        if clamp is not None and config is not None and getattr(config, clamp, None) is not None:
+            return f"its config's {clamp}={getattr(config, clamp)!r} clamps V elementwise, which a rotation changes"
         return None
 
     def check_config(self, config) -> None:

@@ -1,6 +1,7 @@
 """BERT-family encoders: blocks in ``encoder.layer``, separate query/key/value under ``attention.self``; post-norm
 blocks (each LayerNorm after its residual add), so the T copies are averaged after the encoder. Not causal: no
-spike-code cache. No rotation: post LayerNorms subtract the mean and sit after the residual adds."""
+spike-code cache. No rotation: post LayerNorms subtract the mean and sit after the residual adds; the per-head
+value/output rotation is not offered either (the description names no value and output linears)."""
 
 from __future__ import annotations
 

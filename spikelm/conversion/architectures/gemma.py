@@ -7,11 +7,14 @@
   input applies. Sliding-window layers alternate with global ones (``config.layer_types``); Gemma-3 normalises
   q and k per head after their projections. Embeddings are scaled by sqrt(hidden) and the logits soft-capped:
   scalars and an elementwise function of the head's output, untouched by the conversion.
+
+No norm acts on V (Gemma-3's q/k norms touch Q and K only), so the per-head value/output rotation is exact for all
+three.
 """
 
 from __future__ import annotations
 
-from .base import Architecture, InputSite, Norm, register
+from .base import Architecture, InputSite, Norm, ValueOutput, register
 
 
 def _sites(mlp_norm: str) -> tuple[InputSite, ...]:
@@ -47,6 +50,7 @@ def _gemma(model_type: str, sandwich: bool, qk_norm: bool) -> Architecture:
         writers=("self_attn.o_proj", "mlp.down_proj"),
         norms=tuple(norms),
         final_norm=Norm("norm", "final", "1+w"),
+        value_output=ValueOutput("self_attn.v_proj", "self_attn.o_proj"),
         description="Gemma decoder (RMSNorm gain 1 + w" + (", sandwich norms)" if sandwich else ")"),
     )
 

@@ -1,7 +1,8 @@
 """GPT-2: blocks in ``h``, fused ``c_attn`` (q/k/v) and ``c_fc`` as Conv1D layers (weights stored (in, out)),
 ``c_proj`` after attention and after the MLP; pre-LayerNorms ``ln_1``, ``ln_2`` and the final ``ln_f``. A LayerNorm
 subtracts the mean, so the residual stream is not rotated; the online rotation is not offered for its Conv1D layers
-(conversions stay as they were)."""
+(conversions stay as they were), nor the per-head value/output rotation (its
+description names no value and output linears)."""
 
 from __future__ import annotations
 

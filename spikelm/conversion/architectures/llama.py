@@ -3,12 +3,13 @@ the MLP, gain ``w``), separate q/k/v and gate/up projections, ``model.norm`` bef
 
 Mistral (sliding window), Qwen2 (q/k/v biases, sliding window from a layer on) and Qwen3 (per-head RMSNorm on q
 and k after their projections) keep the same attribute paths; Granite's scalar multipliers (embedding, residual,
-attention, logits) commute with a rotation, so it is this layout too.
+attention, logits) commute with a rotation, so it is this layout too. None of them touches V between its
+projection and the attention (the q/k norms act on Q and K only), so the per-head value/output rotation is exact.
 """
 
 from __future__ import annotations
 
-from .base import Architecture, InputSite, Norm, register
+from .base import Architecture, InputSite, Norm, ValueOutput, register
 
 SITES = (
     InputSite(
@@ -20,6 +21,7 @@ SITES = (
 )
 WRITERS = ("self_attn.o_proj", "mlp.down_proj")
 NORMS = (Norm("input_layernorm"), Norm("post_attention_layernorm"))
+VALUE_OUTPUT = ValueOutput("self_attn.v_proj", "self_attn.o_proj")
 QK_NORMS = (Norm("self_attn.q_norm", "qk"), Norm("self_attn.k_norm", "qk"))
 
 
@@ -35,6 +37,7 @@ def llama_layout(model_type: str, norms=NORMS, description: str = "LLaMA-style d
         writers=WRITERS,
         norms=norms,
         final_norm=Norm("norm", "final"),
+        value_output=VALUE_OUTPUT,
         description=description,
     )
 

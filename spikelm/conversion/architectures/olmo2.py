@@ -1,11 +1,11 @@
 """OLMo-2: norms *after* the attention and MLP outputs (``post_attention_layernorm``, ``post_feedforward_layernorm``,
 before the residual add), none before them: q/k/v and gate/up read the residual stream itself; RMSNorm on the whole
 q and k projections. A rotation of the residual stream cannot be folded through the post norms' gains, so only the
-online rotation of down_proj's input applies."""
+online rotation of down_proj's input applies, and the per-head value/output rotation (no norm acts on V)."""
 
 from __future__ import annotations
 
-from .base import Architecture, InputSite, Norm, register
+from .base import Architecture, InputSite, Norm, ValueOutput, register
 
 OLMO2 = register(
     Architecture(
@@ -28,6 +28,7 @@ OLMO2 = register(
             Norm("self_attn.k_norm", "qk"),
         ),
         final_norm=Norm("norm", "final"),
+        value_output=ValueOutput("self_attn.v_proj", "self_attn.o_proj"),
         description="OLMo-2 decoder (norms after the attention and MLP outputs)",
     )
 )

@@ -1,10 +1,11 @@
 """StarCoder2: the LLaMA attribute paths for attention (q/k/v/o with biases), a two-linear MLP (``c_fc`` then
 ``c_proj``), pre-LayerNorms with biases and a sliding window. A LayerNorm subtracts the mean, so the residual stream
-is not rotated; the online rotation of ``c_proj``'s input applies."""
+is not rotated; the online rotation of ``c_proj``'s input applies, and the per-head value/output rotation (v_proj's
+bias turns with its rows, o_proj's bias is in the output space)."""
 
 from __future__ import annotations
 
-from .base import Architecture, InputSite, Norm, register
+from .base import Architecture, InputSite, Norm, ValueOutput, register
 
 STARCODER2 = register(
     Architecture(
@@ -27,6 +28,7 @@ STARCODER2 = register(
         writers=("self_attn.o_proj", "mlp.c_proj"),
         norms=(Norm("input_layernorm", kind="layer"), Norm("post_attention_layernorm", kind="layer")),
         final_norm=Norm("norm", "final", kind="layer"),
+        value_output=ValueOutput("self_attn.v_proj", "self_attn.o_proj"),
         description="StarCoder2 decoder (LayerNorm, two-linear MLP)",
     )
 )
