@@ -693,6 +693,7 @@ UNLOADABLE = {
         "online_down_proj_rotation",
     ),
     "rotation edited": ("elastic", _quant("rotation", "none"), None, None, "rotation"),
+    "value rotation edited": ("gif", _quant("value_rotation", True), None, None, "value_rotation"),
     "rotation seed edited": ("gif", _quant("rotation_seed", 7), None, None, "rotation_seed"),
     "gif clip ratio edited": ("gif", _quant("gif_clip_ratio", 0.5), None, None, "gif_clip_ratio"),
     "gif bits edited": ("gif", _quant("gif_bits", 3), None, None, "gif_bits"),
