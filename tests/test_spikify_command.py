@@ -122,6 +122,33 @@ def test_spikify_defaults_are_the_gif_recipe_and_set_turns_parts_off(llama_dir, 
     assert torch.equal(source.model.layers[0].mlp.down_proj.weight, spiking.model.layers[0].mlp.down_proj.weight)
 
 
+def test_spikify_set_value_rotation_turns_the_values_and_keeps_the_real_valued_model(
+    llama_dir, calibration_file, tmp_path, capsys
+):
+    """``--set value_rotation=true`` (off in every recipe): saved in config.json, the value rows turned (nothing
+    else rotated here), and the saved model with its neurons detached computes the source's logits."""
+    from spikelm.conversion import detach
+
+    out = tmp_path / "out"
+    args = ["--model", str(llama_dir), "--calibration-text", str(calibration_file), "--calibration-sequences", "1"]
+    args += ["--calibration-length", "16", "--eval-tokens", "0", "--neuron", "signed", "--set", "rotation=none"]
+    args += ["--set", "online_down_proj_rotation=false", "--set", "value_rotation=true", "--output-dir", str(out)]
+    code, _, err = _spikify(args, capsys)
+    assert code == 0, err
+    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert quant["value_rotation"] is True and quant["rotation"] == "none"
+    source = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    spiking = AutoModelForCausalLM.from_pretrained(out).eval()
+    first, loaded = source.model.layers[0].self_attn, spiking.model.layers[0].self_attn
+    assert not torch.allclose(first.v_proj.weight, loaded.v_proj.weight)
+    assert torch.equal(first.q_proj.weight, loaded.q_proj.weight)
+    detach(spiking)
+    ids = torch.randint(3, source.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = source(ids).logits.double(), spiking(ids).logits.double()
+    assert float((got - expected).norm() / expected.norm()) <= 1e-4
+
+
 def _bad(args, capsys, tmp_path):
     out = tmp_path / "never"
     code, _, err = _spikify([*args, "--output-dir", str(out)], capsys)
