@@ -57,6 +57,9 @@ ROWS = {
         4, signed_salient_bits=5, saliency_fraction=0.1, signed_clip_ratio=1.0, value_rotation=True
     ),
     "s4-g64-clip1-vo": signed(4, signed_clip_ratio=1.0, value_rotation=True),  # the same without saliency
+    "s4-g64-sal5-10-clip0.95-vo": signed(
+        4, signed_salient_bits=5, saliency_fraction=0.1, signed_clip_ratio=0.95, value_rotation=True
+    ),
     "s4-g64-sal5-10-clip0.95": signed(4, signed_salient_bits=5, saliency_fraction=0.1, signed_clip_ratio=0.95),
     "s4-g64-sal8-2": signed(4, signed_salient_bits=8, saliency_fraction=0.02),
     "s4-g32-sal6-5": signed(4, signed_group_size=32, signed_salient_bits=6, saliency_fraction=0.05),
