@@ -57,6 +57,27 @@ ROWS = {
         4, signed_salient_bits=5, saliency_fraction=0.1, signed_clip_ratio=1.0, value_rotation=True
     ),
     "s4-g64-clip1-vo": signed(4, signed_clip_ratio=1.0, value_rotation=True),  # the same without saliency
+    # + outlier tokens: a token whose max |x| at a linear input exceeds 4 (8) x the calibration median passes
+    # real-valued there (signed_outlier_ratio; docs/CONVERSION.md, "Outlier tokens")
+    "s4-g64-sal5-10-clip1-vo-out4": signed(
+        4,
+        signed_salient_bits=5,
+        saliency_fraction=0.1,
+        signed_clip_ratio=1.0,
+        value_rotation=True,
+        signed_outlier_ratio=4.0,
+    ),
+    "s4-g64-sal5-10-clip1-vo-out8": signed(
+        4,
+        signed_salient_bits=5,
+        saliency_fraction=0.1,
+        signed_clip_ratio=1.0,
+        value_rotation=True,
+        signed_outlier_ratio=8.0,
+    ),
+    "s4-g64-sal5-10-clip1-out4": signed(
+        4, signed_salient_bits=5, saliency_fraction=0.1, signed_clip_ratio=1.0, signed_outlier_ratio=4.0
+    ),
     "s4-g64-sal5-10-clip0.95-vo": signed(
         4, signed_salient_bits=5, saliency_fraction=0.1, signed_clip_ratio=0.95, value_rotation=True
     ),

@@ -93,7 +93,8 @@ CONVERTED_CONVENTION = (
     "; a transformers model (converted or its real-valued source): the operands come from the placed neurons, a "
     "spike of level k counts k ACs per fan-out (GIF; ternary: 1), a GIF reader adds per output one MAC per scale and "
     "per zero point, K/V spikes are read by every query attending them (x the query heads per K/V head), the online "
-    "Hadamard counts as MACs (docs/CONVERSION.md, Energy)"
+    "Hadamard counts as MACs, a token a neuron passes real-valued (signed outlier tokens) costs its readers fan-in x "
+    "fan-out MACs (docs/CONVERSION.md, Energy)"
 )
 WHOLE_MODEL = (
     "whole model = headline + the products outside the blocks (LM head, pooler, classifier) + every element-wise "
@@ -690,6 +691,8 @@ class OperationCounter:
         level_sum = (per_row * weight).sum(1).cpu()
         event_sum = (events.reshape(steps, -1, width).sum(-1) * weight).sum(1).cpu()
         real = int(weight.sum())
+        passing = neuron.real_rows(args[0])  # rows passed real-valued (outlier tokens): multiplied, not spiked
+        multiplied = 0 if passing is None else int((passing.reshape(-1).to(weight.device).long() * weight).sum())
         slots = _slots(neuron, steps, real, width)
         self.neurons.setdefault(name, NeuronCount(name)).add(event_sum, torch.zeros_like(event_sum), slots, level_sum)
         self.elementwise[self._region(name)]["spike_generation"] += int(slots.sum())
@@ -700,9 +703,10 @@ class OperationCounter:
         for reader, linear in readers:
             out_features = _linear_dims(linear)[1]
             macs = _output_macs(neuron, steps, real * out_features)
+            macs[0] += multiplied * width * out_features
             product = self._product(reader)
             product.add(acs=level_sum * out_features, macs=macs, steps=steps)
-            product.weight_reads += (fired_channels + real * constants) * out_features
+            product.weight_reads += (fired_channels + multiplied * width + real * constants) * out_features
 
     def _on_kv_spikes(self, neuron, args, output, name):
         levels, events = _spike_levels(neuron, args[0], output)  # (S, B, H_kv, L_new, d)

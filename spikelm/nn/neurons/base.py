@@ -82,7 +82,8 @@ class SpikingNeuron(nn.Module):
     :meth:`step_counts` -> int64 (3, S) tensor or None (spikes of each sign and slots per step, on the device).
 
     **Energy** (int64 tensors of length ``steps``, summed by :mod:`spikelm.evaluation.energy`):
-    :meth:`slots`, :meth:`reader_macs`, :meth:`reader_weight_reads`, :meth:`attention_ops`.
+    :meth:`slots`, :meth:`reader_macs`, :meth:`reader_weight_reads`, :meth:`attention_ops`, and
+    :meth:`real_rows` (the rows that pass real-valued, if any).
 
     **Kernels**: :meth:`packs_kv_on_cpu` (bool: a decoding step may spike and pack K/V in the C++ kernel).
     """
@@ -243,6 +244,12 @@ class SpikingNeuron(nn.Module):
     def slots(self, steps: int, rows: int, width: int) -> torch.Tensor:
         """int64 (steps,): the channel-steps that could fire over ``rows`` inputs of ``width`` channels."""
         return torch.full((steps,), rows * width, dtype=torch.int64)
+
+    def real_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The rows of input ``x`` (bool, ``x.shape[:-1]``) that pass real-valued instead of spiking (a neuron's
+        outlier tokens: their readers multiply, fan-in x fan-out MACs each, and :meth:`step_spikes` gives them no
+        spikes); None when every row spikes (the default)."""
+        return None
 
     def reader_macs(self, steps: int, outputs: int) -> torch.Tensor:
         """int64 (steps,): the multiplies a linear layer reading these spikes adds to its accumulates, for

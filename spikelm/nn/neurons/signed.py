@@ -74,6 +74,7 @@ def check_signed_options(
     dead_zone: float = 0.0,
     salient_bits: int | None = None,
     saliency_fraction: float = 0.0,
+    outlier_ratio: float = 0.0,
 ) -> None:
     """Raise ``ValueError`` naming the bad argument if a signed-neuron option is out of range."""
     if not _integer(bits) or not 2 <= bits <= 16:
@@ -90,6 +91,11 @@ def check_signed_options(
         raise ValueError(f"salient_bits must be None or an integer in [bits={bits}, 16], got {salient_bits!r}")
     if not _number(saliency_fraction) or not 0 <= saliency_fraction <= 1:
         raise ValueError(f"saliency_fraction must be a number in [0, 1], got {saliency_fraction!r}")
+    if not _number(outlier_ratio) or not 0 <= outlier_ratio < math.inf:
+        raise ValueError(
+            f"outlier_ratio must be 0 (off) or a positive number (x the calibration median of a token's max |x|), "
+            f"got {outlier_ratio!r}"
+        )
 
 
 def top_code(bits: int) -> int:
@@ -260,6 +266,10 @@ class SignedNeuron(SpikingNeuron):
         salient_bits: bits of the salient channels' codes (None: ``bits``, no saliency).
         saliency_fraction: the share of channels :meth:`calibrate` (or spikify's calibration) marks salient.
         learn_scale: a learnable scale factor per channel set (in the state dict as ``scale_factor``).
+        outlier_ratio: 0 (off), or outlier tokens: a token (a row of the input) whose max |x| exceeds the
+            ``outlier_threshold`` buffer passes real-valued (its reader multiplies, and the energy counter counts
+            fan-in x fan-out MACs for it); calibration sets the threshold to ``outlier_ratio`` x the median over
+            the calibration tokens of a token's max |x|. Uncalibrated (threshold 0): no token passes.
         backend: ``"fused"`` (one-shot code) or ``"reference"`` (runs the spikes and sums them); not saved.
 
     ``salient`` is a bool buffer of shape ``channels`` in the state dict, as GIF's.
@@ -277,6 +287,9 @@ class SignedNeuron(SpikingNeuron):
     * ``signed_site_bits`` (dict or None): bits per placement site kind (``qkv_input``, ``o_input``,
       ``gate_up_input``, ``down_input``, ``k``, ``v``), overriding ``signed_bits`` there.
     * ``signed_learn_scale`` (bool): a learnable scale factor per channel set (for distillation).
+    * ``signed_outlier_ratio`` (float): 0 (off), or the outlier-token rule of the linear inputs (not K/V): a token
+      whose max |x| at a site exceeds this multiple of the site's calibration median passes real-valued there
+      (docs/CONVERSION.md, "Outlier tokens").
     """
 
     name = "signed"
@@ -290,6 +303,7 @@ class SignedNeuron(SpikingNeuron):
         "signed_salient_bits": None,
         "signed_site_bits": None,
         "signed_learn_scale": False,
+        "signed_outlier_ratio": 0.0,
     }
     # the named recipe (spikify --neuron signed), the best point of the perplexity-energy frontier below 0.7x the
     # source's energy (docs/CONVERSION.md, "Signed spikes and energy"): 4-bit codes (-7..7) per token and 64
@@ -313,6 +327,7 @@ class SignedNeuron(SpikingNeuron):
         "signed_dead_zone",
         "signed_salient_bits",
         "signed_site_bits",
+        "signed_outlier_ratio",
     )
 
     def __init__(
@@ -326,10 +341,13 @@ class SignedNeuron(SpikingNeuron):
         salient_bits: int | None = None,
         saliency_fraction: float = 0.0,
         learn_scale: bool = False,
+        outlier_ratio: float = 0.0,
         backend: str = "fused",
     ):
         super().__init__()
-        check_signed_options(bits, num_steps, group_size, clip_ratio, dead_zone, salient_bits, saliency_fraction)
+        check_signed_options(
+            bits, num_steps, group_size, clip_ratio, dead_zone, salient_bits, saliency_fraction, outlier_ratio
+        )
         self.channel_shape = (channels,) if isinstance(channels, int) else tuple(channels)
         self.bits, self.steps_per_code, self.group_size = bits, num_steps, group_size
         self.clip_ratio, self.dead_zone = float(clip_ratio), float(dead_zone)
@@ -339,6 +357,9 @@ class SignedNeuron(SpikingNeuron):
         self.level = level_cap(bits, num_steps)
         self.register_buffer("salient", torch.zeros(self.channel_shape, dtype=torch.bool))
         self.scale_factor = nn.Parameter(torch.ones(2)) if learn_scale else None
+        self.outlier_ratio = float(outlier_ratio)
+        if self.outlier_ratio > 0:  # in the state dict only where the rule is on (older saved models load as before)
+            self.register_buffer("outlier_threshold", torch.zeros((), dtype=torch.float32))
         self.record_stats = False
         self.stats: SignedStats | None = None
         self._groups: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -372,6 +393,7 @@ class SignedNeuron(SpikingNeuron):
             f"channels={self.channel_shape}, bits={self.bits}, num_steps={self.steps_per_code}, level={self.level}, "
             f"group_size={self.group_size}, clip_ratio={self.clip_ratio}, dead_zone={self.dead_zone}, "
             f"salient_bits={self.salient_bits}, saliency_fraction={self.saliency_fraction}"
+            + (f", outlier_ratio={self.outlier_ratio}" if self.outlier_ratio > 0 else "")
         )
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -451,7 +473,27 @@ class SignedNeuron(SpikingNeuron):
         """|s_t| per step (T, ..., C), int64: the accumulates per fan-out each input channel costs at each step."""
         with torch.no_grad():
             code, _ = self.quantize(x)
+            passing = self.real_rows(x)
+            if passing is not None:
+                code = code.masked_fill(passing.unsqueeze(-1), 0)  # an outlier token fires nothing: it is multiplied
             return signed_spikes(code, self.level, self.num_steps).to(torch.int64).abs()
+
+    def real_rows(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The outlier tokens of ``x`` (bool, ``x.shape[:-1]``): rows whose max |x| exceeds the calibrated
+        ``outlier_threshold`` and so pass real-valued; None when the rule is off or uncalibrated. A token's own
+        values decide (a max and a comparison: exact), so every path agrees."""
+        if self.outlier_ratio <= 0:
+            return None
+        threshold = float(self.outlier_threshold)
+        if threshold <= 0:
+            return None
+        return x.detach().abs().amax(-1) > threshold
+
+    def _pass_outliers(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        passing = self.real_rows(x)
+        if passing is None or not bool(passing.any()):
+            return out
+        return torch.where(passing.unsqueeze(-1), x.detach().to(out.dtype), out)
 
     def step_slots(self) -> torch.Tensor:
         """Channel-steps that could fire per token (T,): a channel whose top code fits t spikes is silent after."""
@@ -472,8 +514,10 @@ class SignedNeuron(SpikingNeuron):
                 code, scale = self.quantize(x)
                 group = self.groups(x.device)[0]
                 if self.record_stats:
-                    self._record(signed_spikes(code, self.level, self.num_steps))
-            out = dequantize_signed(code, scale, group).to(x.dtype)
+                    passing = self.real_rows(x)
+                    counted = code if passing is None else code.masked_fill(passing.unsqueeze(-1), 0)
+                    self._record(signed_spikes(counted, self.level, self.num_steps))
+            out = self._pass_outliers(x, dequantize_signed(code, scale, group).to(x.dtype))
         if torch.is_grad_enabled() and self.scale_factor is not None and self.scale_factor.requires_grad:
             _, top = self.groups(x.device)
             factor = self._factor(top).to(device=x.device, dtype=out.dtype)
@@ -541,6 +585,7 @@ class SignedNeuron(SpikingNeuron):
             "salient_bits": salient,
             "saliency_fraction": fields.get("saliency_fraction", 0.0) if salient is not None else 0.0,
             "learn_scale": cls.field(fields, "signed_learn_scale"),
+            "outlier_ratio": cls.field(fields, "signed_outlier_ratio"),
         }
 
     @classmethod
@@ -559,7 +604,10 @@ class SignedNeuron(SpikingNeuron):
 
     @classmethod
     def from_config(cls, fields, channels, per_step: bool) -> SignedNeuron:
-        return cls(channels, **cls._options(fields, None))
+        options = cls._options(fields, None)
+        if per_step:  # K and V: the outlier-token rule is for the linear inputs (a cached token stays codes)
+            options["outlier_ratio"] = 0.0
+        return cls(channels, **options)
 
     @classmethod
     def describe(cls, fields) -> str:
@@ -577,6 +625,12 @@ class SignedNeuron(SpikingNeuron):
             f"dead zone {f['signed_dead_zone']:g} steps, T = {f['signed_steps']}"
             + (f", per-site bits {f['signed_site_bits']}" if f["signed_site_bits"] else "")
             + salient
+            + (
+                f"; outlier tokens (max |x| above {f['signed_outlier_ratio']:g} x the calibration median at a linear "
+                "input) pass real-valued"
+                if f["signed_outlier_ratio"]
+                else ""
+            )
         )
 
     @classmethod
@@ -594,6 +648,15 @@ class SignedNeuron(SpikingNeuron):
 
     def reset_calibration(self) -> None:
         self.set_salient(torch.zeros_like(self.salient))
+        if self.outlier_ratio > 0:
+            self.outlier_threshold.zero_()
+
+    def state_problem(self) -> str | None:
+        if self.outlier_ratio > 0:
+            threshold = float(self.outlier_threshold)
+            if not math.isfinite(threshold) or threshold < 0:
+                return f"has outlier_threshold {threshold} (expected a finite number >= 0)"
+        return None
 
     def state_loaded(self) -> None:
         self._groups = None
@@ -616,7 +679,10 @@ class SignedNeuron(SpikingNeuron):
 
     def calibration_recorder(self, reader_weights):
         """GIF's saliency recorder: the neuron passes its input through while calibrating; ``finish()`` marks the
-        top ``saliency_fraction`` salient (nothing without ``salient_bits`` above ``bits``)."""
+        top ``saliency_fraction`` salient (nothing without ``salient_bits`` above ``bits``) and, with the
+        outlier-token rule, sets ``outlier_threshold`` (:class:`OutlierRecorder`)."""
+        if self.outlier_ratio > 0:
+            return OutlierRecorder(self, reader_weights)
         return SaliencyRecorder(self, reader_weights)
 
     def spike_stats(self) -> dict | None:
@@ -652,3 +718,23 @@ class SignedNeuron(SpikingNeuron):
         macs = torch.zeros(steps, dtype=torch.int64)
         macs[0] = pairs * (heads // groups.numel()) * int(groups.sum())
         return macs, torch.zeros(steps, dtype=torch.int64)
+
+
+class OutlierRecorder(SaliencyRecorder):
+    """The saliency recorder plus each calibration token's max |x|: ``finish()`` also sets the neuron's
+    ``outlier_threshold`` to ``outlier_ratio`` x their median (``torch.median``: the lower of the two middle values
+    for an even count)."""
+
+    def __init__(self, neuron: SignedNeuron, weights):
+        super().__init__(neuron, weights)
+        self.maxima: list[torch.Tensor] = []
+        self.handles.append(neuron.register_forward_pre_hook(self._record_max))
+
+    def _record_max(self, module, args):
+        self.maxima.append(args[0].detach().abs().amax(-1).reshape(-1).float().cpu())
+
+    def finish(self) -> None:
+        super().finish()
+        if self.maxima:
+            median = torch.cat(self.maxima).median()
+            self.neuron.outlier_threshold.fill_(float(median) * self.neuron.outlier_ratio)
