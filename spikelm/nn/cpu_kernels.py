@@ -41,7 +41,14 @@ from ..outputs import cache_dir
 
 SOURCE_FILE = Path(__file__).with_name("cpu_kernels.cpp")  # shipped as package data (pyproject.toml)
 VERSION = 5  # bump when the build changes in a way the source's text does not show (part of the build's name)
-FUNCTIONS = ["few_rows_linear", "elastic_spikes", "spike_pack5", "unpack5_steps_into_batch"]
+FUNCTIONS = [
+    "few_rows_linear",
+    "elastic_spikes",
+    "spike_pack5",
+    "unpack5_steps_into_batch",
+    "token_codes",
+    "has_avx512",
+]
 
 _module: list = []  # [the built extension] or [None] once building failed
 _build_error: list = []  # [the exception] once building failed
@@ -150,6 +157,66 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     w = weight if weight.is_contiguous() else weight.contiguous()
     out = _call("few_rows_linear", rows, w, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def has_avx512() -> bool:
+    """Whether the build uses the AVX-512 loop of the one-row linear (else the portable 4-lane loop: slower, same
+    definition)."""
+    return bool(_call("has_avx512"))
+
+
+def code_rows(channel_shape: tuple[int, ...], shape: torch.Size) -> tuple[int, int] | None:
+    """``(Rg, inner)`` for :func:`token_codes`: a neuron of ``channel_shape`` on an input of ``shape`` reads row
+    ``(r / inner) % Rg`` of its channel groups for row r of the input's (..., C) rows; None where that layout is not
+    one of the two the kernel knows (one channel row, or a K/V neuron's (H, 1, d) on (B, H, L, d) states)."""
+    if len(channel_shape) == 1 or all(c == 1 for c in channel_shape[:-1]):
+        return 1, 1
+    if len(channel_shape) == 3 and channel_shape[1] == 1 and len(shape) == 4 and shape[1] == channel_shape[0]:
+        return channel_shape[0], shape[2]
+    return None
+
+
+def token_codes(
+    x: torch.Tensor,
+    group: torch.Tensor,
+    top: torch.Tensor,
+    inner: int,
+    clip_ratio: float,
+    *,
+    signed: bool = False,
+    dead_zone: float = 0.0,
+    floor: float,
+    factor: torch.Tensor | None = None,
+    want_code: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """A per-token code neuron's pass in one call (``cpu_kernels.cpp``, ``token_codes``): float32 ``x`` (..., C),
+    ``group`` int32 (Rg, C) each channel's range group per group row, ``top`` float32 (G,) each group's top code,
+    ``inner`` (see :func:`code_rows`). Returns ``(x_hat, code, scale, zero)`` shaped ``x``, ``x`` (int32; None unless
+    ``want_code``), (..., G), (..., G) (GIF; None for ``signed``): the GIF quantiser of
+    :func:`spikelm.nn.neurons.gif.quantize_per_group` and its dequantised value, or the signed one of
+    :func:`spikelm.nn.neurons.signed.quantize_signed`, bit for bit."""
+    rows = x.reshape(-1, x.shape[-1])
+    xhat, code, scale, zero = _call(
+        "token_codes",
+        rows,
+        group,
+        top,
+        int(inner),
+        float(clip_ratio),
+        float(dead_zone),
+        float(floor),
+        factor,
+        bool(signed),
+        bool(want_code),
+    )
+    lead = x.shape[:-1]
+    width = top.shape[0]
+    return (
+        xhat.view(x.shape),
+        code.view(x.shape) if want_code else None,
+        scale.view(*lead, width),
+        None if signed else zero.view(*lead, width),
+    )
 
 
 def elastic_spikes(

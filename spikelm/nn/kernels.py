@@ -18,6 +18,8 @@ neuron with autograd                      Triton: CUDA float32/bf16/fp16;       
 K/V append of a converted model's         C++ ``spike_pack5`` and                      :mod:`spikelm.nn.packing`
 packed cache (:func:`kv_append_kernel`)   ``unpack5_steps_into_batch``: CPU float32
                                           (the cache checks its neurons are plain)
+per-token code neuron (GIF, signed)       C++ ``token_codes``: CPU float32, no         the neuron's quantiser
+(:func:`token_code_kernel`)               autograd (the neuron checks its layout)
 ========================================  ===========================================  ===============================
 
 **The switch**, one for all of them: ``SPIKELM_KERNELS=0`` in the environment, :func:`set_enabled` (``False`` /
@@ -151,8 +153,19 @@ def _error_text(err: BaseException) -> str:
 
 
 def cpp_built() -> bool:
-    """Whether the C++ extension is built (building it on first call); if it cannot be, says so once."""
+    """Whether the C++ extension is built (building it on first call); if it cannot be, says so once. A build
+    without AVX-512 (another CPU or compiler) is announced once too: its one-row linear runs the portable 4-lane
+    loop (the same definition, slower)."""
     if cpu_kernels.kernel() is not None:
+        if "cpp-avx512" not in _warned:
+            _warned.add("cpp-avx512")
+            if not cpu_kernels.has_avx512():
+                warnings.warn(
+                    "spikelm: the C++ one-row linear: no AVX-512 on this CPU or compiler; its portable 4-lane loop "
+                    "runs (the same results, slower)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         return True
     fallback(
         "cpp-build",
@@ -210,6 +223,15 @@ def spike_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if linear_kernel(x, weight, bias) == CPP:
         return cpu_kernels.few_rows_linear(x, weight, bias)
     return exact_linear(x, weight, bias)
+
+
+def token_code_kernel(x: torch.Tensor) -> str:
+    """Where a per-token code neuron (GIF, signed) codes and dequantises ``x`` outside autograd: :data:`CPP` (the
+    C++ ``token_codes``, one pass per token) for a CPU float32 input, else :data:`PYTORCH` (the neuron's own
+    quantiser; other dtypes and devices keep it by design, as the elastic neuron's loop does)."""
+    if x.device.type != "cpu" or x.dtype is not torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
+        return PYTORCH
+    return CPP if _cpp_usable(x, what="per-token code neurons") else PYTORCH
 
 
 def kv_append_kernel(key_states: torch.Tensor, value_states: torch.Tensor) -> str:
