@@ -191,6 +191,12 @@ class GIFCodeLayer(DynamicLayer):
         planes = pack_bits(code, self.bits)  # (B, H, L, bits, w)
         return planes.flatten(-2)
 
+    def _fast_encode(self, code: torch.Tensor) -> torch.Tensor:
+        """:meth:`_encode` of int32 codes (in :meth:`_encode`'s range) in one C++ call (the same bytes)."""
+        if not self.packed:
+            return code.to(self.code_dtype)
+        return cpu_kernels.pack_bit_planes(code, self.bits)
+
     def codes(self, name: str = "keys") -> torch.Tensor:
         """The stored codes of ``"keys"`` or ``"values"``, one integer per value (B, H, L, d), whatever the layout."""
         stored = getattr(self, name)
@@ -262,10 +268,10 @@ class GIFCodeLayer(DynamicLayer):
                 self._decode("keys", self.key_neuron, self.key_grid),
                 self._decode("values", self.value_neuron, self.value_grid),
             )
-        for name, (xhat, code, scale, zero) in (("key", fast_k), ("value", fast_v)):
+        for name, (_, code, scale, zero) in (("key", fast_k), ("value", fast_v)):
             codes_name, grid_name = f"{name}s", f"{name}_grid"
             grid, new_grid = getattr(self, grid_name), self._fast_grid(scale, zero)
-            setattr(self, codes_name, torch.cat([getattr(self, codes_name), self._encode(code)], dim=-2))
+            setattr(self, codes_name, torch.cat([getattr(self, codes_name), self._fast_encode(code)], dim=-2))
             setattr(self, grid_name, new_grid if grid is None else torch.cat([grid, new_grid], dim=-2))
         if self.decoded_keys is None:
             self._start_decoded(fast_k[0], fast_v[0])
@@ -355,6 +361,9 @@ class SignedCodeLayer(GIFCodeLayer):
 
     def _encode(self, code: torch.Tensor) -> torch.Tensor:
         return super()._encode(code + self.offset)
+
+    def _fast_encode(self, code: torch.Tensor) -> torch.Tensor:
+        return super()._fast_encode(code + self.offset)
 
     def codes(self, name: str = "keys") -> torch.Tensor:
         """The stored signed codes of ``"keys"`` or ``"values"`` (B, H, L, d), int32."""

@@ -409,3 +409,28 @@ std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, tor
   });
   return {xhat, code, scale, zero};
 }
+
+// Integer codes (R, d) int32 in [0, 2^bits) -> (R, bits * ceil(d / 8)) uint8 bit planes: plane k of a row holds bit
+// k of each code, code c at bit c % 8 of byte c / 8 (the last byte padded with zeros): spikelm.nn.packing.pack_bits
+// flattened over its last two axes, bit for bit.
+torch::Tensor pack_bit_planes(torch::Tensor codes, int64_t bits) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kInt && codes.device().is_cpu(),
+              "codes must be int32 (R, d)");
+  TORCH_CHECK(bits >= 1 && bits <= 31, "bits must be 1 to 31");
+  auto cc = codes.contiguous();
+  const int64_t R = cc.size(0), d = cc.size(1), nb = (d + 7) / 8;
+  auto out = torch::zeros({R, bits * nb}, cc.options().dtype(at::kByte));
+  const int32_t* cp = cc.data_ptr<int32_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, R, 1024, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int32_t* row = cp + r * d;
+      uint8_t* dst = op + r * bits * nb;
+      for (int64_t c = 0; c < d; ++c) {
+        const uint32_t v = static_cast<uint32_t>(row[c]);
+        for (int64_t k = 0; k < bits; ++k) dst[k * nb + c / 8] |= static_cast<uint8_t>(((v >> k) & 1u) << (c % 8));
+      }
+    }
+  });
+  return out;
+}

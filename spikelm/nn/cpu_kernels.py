@@ -48,6 +48,7 @@ FUNCTIONS = [
     "unpack5_steps_into_batch",
     "token_codes",
     "has_avx512",
+    "pack_bit_planes",
 ]
 
 _module: list = []  # [the built extension] or [None] once building failed
@@ -84,7 +85,7 @@ def _flags() -> list[str]:
 def build_name(text: str | None = None) -> str:
     """The extension's name: a hash of everything that makes one build differ from another."""
     text = source() if text is None else text
-    key = f"{VERSION}|{text}|{_flags()}|{torch.__version__}|{sys.version_info[:2]}|{_cpu_signature()}"
+    key = f"{VERSION}|{text}|{FUNCTIONS}|{_flags()}|{torch.__version__}|{sys.version_info[:2]}|{_cpu_signature()}"
     return f"spikelm_cpu_kernels_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -217,6 +218,14 @@ def token_codes(
         scale.view(*lead, width),
         None if signed else zero.view(*lead, width),
     )
+
+
+def pack_bit_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 codes (..., d) in [0, 2^bits) -> (..., bits * ceil(d / 8)) uint8:
+    ``spikelm.nn.packing.pack_bits(codes, bits).flatten(-2)``, bit for bit."""
+    rows = codes.reshape(-1, codes.shape[-1])
+    out = _call("pack_bit_planes", rows, int(bits))
+    return out.view(*codes.shape[:-1], out.shape[-1])
 
 
 def elastic_spikes(

@@ -122,6 +122,16 @@ def max_rows() -> int:
     value = os.environ.get(ROWS_ENV_VAR)
     if value is None:
         return MAX_ROWS
+    if value == _rows_seen[0]:
+        return _rows_seen[1]
+    _rows_seen[:] = [value, _parse_rows(value)]
+    return _rows_seen[1]
+
+
+_rows_seen: list = [None, MAX_ROWS]  # (the environment's value, its parse): asked at every spiking linear
+
+
+def _parse_rows(value: str) -> int:
     try:
         rows = int(value)
     except ValueError:
@@ -191,7 +201,20 @@ def _cpp_usable(*tensors: torch.Tensor | None, what: str) -> bool:
             if enabled(CPP):
                 _announce_platform(tensors, what)
             return False
-    return enabled(CPP) and cpp_built()
+    return _cpp_on()
+
+
+_cpp_seen: list = [None, False]  # (the switch's state, whether the C++ kernels run): asked at every spiking layer
+
+
+def _cpp_on() -> bool:
+    """``enabled(CPP) and cpp_built()``, recomputed only when the switch or its environment variables change."""
+    built = cpu_kernels._module  # the extension's holder (a new, empty one means not built yet)
+    key = (_override[0], os.environ.get(ENV_VAR), os.environ.get(CPU_ENV_VAR), id(built), len(built))
+    if key != _cpp_seen[0]:
+        on = enabled(CPP) and cpp_built()  # a bad value raises here, each time it is asked
+        _cpp_seen[:] = [key, on]
+    return _cpp_seen[1]
 
 
 def _announce_platform(tensors, what: str) -> None:
