@@ -21,7 +21,8 @@ from the medians, which the table prints in milliseconds:
 Cache bytes per token are measured from the tensors of the cache each model's last ``generate(n)`` returned
 (L + n - 1 tokens per row, all layers; for the spiking model the packed codes, per-token grids (GIF, signed) and
 per-step magnitudes, and, on a CPU float32 run of a per-token code recipe, the float64 decoded copy its cache keeps
-at its allocated capacity, reported apart as ``cache_decoded_bytes_per_token``), and compared with a float16 cache of the real-valued model (2 bytes per element of its K/V cache).
+at its allocated capacity, reported apart as ``cache_decoded_bytes_per_token``), and compared with a float16 cache
+of the real-valued model (2 bytes per element of its K/V cache).
 Peak memory is the growth of the resident set during one more, untimed ``generate(n)`` per model (Linux ``/proc``,
 sampled every 2 ms, freed heap returned to the OS before it; the sampler thread would take a core from a timed run).
 """
