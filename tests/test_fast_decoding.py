@@ -129,6 +129,18 @@ def test_pack_bit_planes_equals_pack_bits(bits):
     assert torch.equal(cpu_kernels.pack_bit_planes(codes, bits), pack_bits(codes, bits).flatten(-2))
 
 
+@pytest.mark.parametrize("offset", [0, 15])
+def test_token_codes_packs_the_codes_as_pack_bits_does(offset):
+    neuron = GIFNeuron((3, 1, 64), 4, 1, 0.1, clip_ratio=0.9, group_size=64)
+    neuron.set_salient(salient_mask((3, 1, 64), 0.1, 12))
+    x = tie_heavy((2, 3, 5, 64), seed=13)
+    with dispatcher.forced(True), torch.no_grad():
+        plain = neuron.fused_codes(x, want_code=True)
+        packed = neuron.fused_codes(x, want_code=True, pack_bits=6, code_offset=offset)
+    assert torch.equal(packed.code, pack_bits(plain.code + offset, 6).flatten(-2))
+    assert torch.equal(packed.x_hat, plain.x_hat) and torch.equal(packed.grid, plain.grid)
+
+
 @pytest.mark.parametrize("neuron_name", ["gif", "signed"])
 def test_the_kept_decoded_cache_equals_decoding_every_stored_code(neuron_name):
     from spikelm.conversion.cache import GIFCodeLayer, SignedCodeLayer

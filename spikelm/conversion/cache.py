@@ -191,12 +191,6 @@ class GIFCodeLayer(DynamicLayer):
         planes = pack_bits(code, self.bits)  # (B, H, L, bits, w)
         return planes.flatten(-2)
 
-    def _fast_encode(self, code: torch.Tensor) -> torch.Tensor:
-        """:meth:`_encode` of int32 codes (in :meth:`_encode`'s range) in one C++ call (the same bytes)."""
-        if not self.packed:
-            return code.to(self.code_dtype)
-        return cpu_kernels.pack_bit_planes(code, self.bits)
-
     def codes(self, name: str = "keys") -> torch.Tensor:
         """The stored codes of ``"keys"`` or ``"values"``, one integer per value (B, H, L, d), whatever the layout."""
         stored = getattr(self, name)
@@ -239,10 +233,9 @@ class GIFCodeLayer(DynamicLayer):
         code, scale, zero = neuron.quantize(states)
         return code, pack_grid(scale, zero)
 
-    @staticmethod
-    def _fast_grid(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-        """The stored grid of :meth:`_quantize`, from the C++ pass's scale and zero point."""
-        return pack_grid(scale, zero)
+    def _code_offset(self) -> int:
+        """What a stored code adds to the neuron's code (0; the signed layer stores -Q..Q offset by Q)."""
+        return 0
 
     @staticmethod
     def _plain(neuron: nn.Module) -> bool:
@@ -259,8 +252,9 @@ class GIFCodeLayer(DynamicLayer):
         numbers as on the PyTorch path. None where the fast step does not run (the PyTorch path then does)."""
         if not (self._plain(self.key_neuron) and self._plain(self.value_neuron)):
             return None
-        fast_k = self.key_neuron.fused_codes(key_states, want_code=True)
-        fast_v = None if fast_k is None else self.value_neuron.fused_codes(value_states, want_code=True)
+        pack = dict(want_code=True, pack_bits=self.bits if self.packed else 0, code_offset=self._code_offset())
+        fast_k = self.key_neuron.fused_codes(key_states, **pack)
+        fast_v = None if fast_k is None else self.value_neuron.fused_codes(value_states, **pack)
         if fast_v is None:
             return None
         if self.decoded_keys is None and self.key_grid is not None:  # tokens cached by the PyTorch path
@@ -268,11 +262,13 @@ class GIFCodeLayer(DynamicLayer):
                 self._decode("keys", self.key_neuron, self.key_grid),
                 self._decode("values", self.value_neuron, self.value_grid),
             )
-        for name, (_, code, scale, zero) in (("key", fast_k), ("value", fast_v)):
+        for name, fast in (("key", fast_k), ("value", fast_v)):
             codes_name, grid_name = f"{name}s", f"{name}_grid"
-            grid, new_grid = getattr(self, grid_name), self._fast_grid(scale, zero)
-            setattr(self, codes_name, torch.cat([getattr(self, codes_name), self._fast_encode(code)], dim=-2))
-            setattr(self, grid_name, new_grid if grid is None else torch.cat([grid, new_grid], dim=-2))
+            grid, code = getattr(self, grid_name), fast.code
+            if not self.packed:
+                code = (code + self._code_offset()).to(self.code_dtype)
+            setattr(self, codes_name, torch.cat([getattr(self, codes_name), code], dim=-2))
+            setattr(self, grid_name, fast.grid if grid is None else torch.cat([grid, fast.grid], dim=-2))
         if self.decoded_keys is None:
             self._start_decoded(fast_k[0], fast_v[0])
         else:
@@ -362,8 +358,8 @@ class SignedCodeLayer(GIFCodeLayer):
     def _encode(self, code: torch.Tensor) -> torch.Tensor:
         return super()._encode(code + self.offset)
 
-    def _fast_encode(self, code: torch.Tensor) -> torch.Tensor:
-        return super()._fast_encode(code + self.offset)
+    def _code_offset(self) -> int:
+        return self.offset
 
     def codes(self, name: str = "keys") -> torch.Tensor:
         """The stored signed codes of ``"keys"`` or ``"values"`` (B, H, L, d), int32."""
@@ -379,10 +375,6 @@ class SignedCodeLayer(GIFCodeLayer):
     def _quantize(neuron: nn.Module, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's signed codes and its per-group scales (no zero point)."""
         return neuron.quantize(states)
-
-    @staticmethod
-    def _fast_grid(scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
-        return scale
 
 
 class TransientSpikeKV:

@@ -77,7 +77,10 @@ static inline void one_row_block512(const double* __restrict__ x, const float* _
     const __m512d x0 = _mm512_loadu_pd(x + k), x1 = _mm512_loadu_pd(x + k + 8);
     for (int j = 0; j < NB; ++j) {
       const float* row = w + (n + j) * K + k;
-      _mm_prefetch(reinterpret_cast<const char*>(row + 256), _MM_HINT_T0);
+      // the same columns of the next two blocks' rows (read next): more loads in flight than the hardware
+      // prefetcher keeps for NB interleaved streams (a prefetch past the weight's end is harmless)
+      _mm_prefetch(reinterpret_cast<const char*>(row + NB * K), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + 2 * NB * K), _MM_HINT_T1);
       acc0[j] = _mm512_fmadd_pd(x0, _mm512_cvtps_pd(_mm256_loadu_ps(row)), acc0[j]);
       acc1[j] = _mm512_fmadd_pd(x1, _mm512_cvtps_pd(_mm256_loadu_ps(row + 8)), acc1[j]);
     }
@@ -310,21 +313,25 @@ torch::Tensor unpack5_steps_into_batch(torch::Tensor packed, torch::Tensor scale
 //     code = max(min(round(x / scale) + zero, top), 0); x_hat = (code - zero) * scale.
 //   signed: scale = max(max(0, max |x|) * clip / top, floor) (times factor[g] if given); u = x / scale;
 //     code = min(max(round(u), -top), top), 0 where |u| < dead_zone (if dead_zone > 0); x_hat = code * scale.
-// Returns {x_hat (R, C) float32, code (R, C) int32 (empty unless want_code), scale (R, G), zero (R, G) (GIF; else
-// empty)}.
+// Returns {x_hat (R, C) float32, code, grid}: code (R, C) int32 (empty unless want_code), or with pack_bits > 0 the
+// codes plus code_offset as bit planes (R, pack_bits * ceil(C / 8)) uint8 (pack_bit_planes' layout); grid (R, 2G)
+// each token's scales then zero points (GIF: spikelm.nn.neurons.gif.pack_grid's layout) or (R, G) its scales
+// (signed).
 // ---------------------------------------------------------------------------------------------------------------
 std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, torch::Tensor top, int64_t inner,
                                        double clip, double dead_zone, double floor_value,
-                                       c10::optional<torch::Tensor> factor, bool is_signed, bool want_code) {
+                                       c10::optional<torch::Tensor> factor, bool is_signed, bool want_code,
+                                       int64_t pack_bits, int64_t code_offset) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be float32 (R, C)");
   TORCH_CHECK(group.dim() == 2 && group.scalar_type() == at::kInt && group.size(1) == x.size(1),
               "group must be int32 (Rg, C)");
   TORCH_CHECK(top.dim() == 1 && top.scalar_type() == at::kFloat, "top must be float32 (G,)");
   TORCH_CHECK(inner >= 1, "inner must be positive");
+  TORCH_CHECK(pack_bits >= 0 && pack_bits <= 31, "pack_bits must be 0 to 31");
   auto xc = x.contiguous();
   auto gc = group.contiguous();
   auto tc = top.contiguous();
-  const int64_t R = xc.size(0), C = xc.size(1), Rg = gc.size(0), G = tc.size(0);
+  const int64_t R = xc.size(0), C = xc.size(1), Rg = gc.size(0), G = tc.size(0), nb = (C + 7) / 8;
   torch::Tensor fc;
   const float* fp = nullptr;
   if (factor.has_value() && factor->defined()) {
@@ -332,17 +339,20 @@ std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, tor
     TORCH_CHECK(fc.scalar_type() == at::kFloat && fc.numel() == G, "factor must be float32 (G,)");
     fp = fc.data_ptr<float>();
   }
+  const bool packing = want_code && pack_bits > 0;
   auto xhat = torch::empty({R, C}, xc.options());
-  auto code = want_code ? torch::empty({R, C}, xc.options().dtype(at::kInt)) : torch::Tensor();
-  auto scale = torch::empty({R, G}, xc.options());
-  auto zero = is_signed ? torch::Tensor() : torch::empty({R, G}, xc.options());
+  auto code = !want_code ? torch::Tensor()
+              : packing  ? torch::zeros({R, pack_bits * nb}, xc.options().dtype(at::kByte))
+                         : torch::empty({R, C}, xc.options().dtype(at::kInt));
+  const int64_t width = is_signed ? G : 2 * G;
+  auto grid = torch::empty({R, width}, xc.options());
   const float* xp = xc.data_ptr<float>();
   const int32_t* gp = gc.data_ptr<int32_t>();
   const float* tp = tc.data_ptr<float>();
   float* hp = xhat.data_ptr<float>();
-  int32_t* cp = want_code ? code.data_ptr<int32_t>() : nullptr;
-  float* sp = scale.data_ptr<float>();
-  float* zp = is_signed ? nullptr : zero.data_ptr<float>();
+  int32_t* cp = want_code && !packing ? code.data_ptr<int32_t>() : nullptr;
+  uint8_t* bp = packing ? code.data_ptr<uint8_t>() : nullptr;
+  float* gridp = grid.data_ptr<float>();
   const float clip_f = static_cast<float>(clip), dead_f = static_cast<float>(dead_zone);
   const float floor_f = static_cast<float>(floor_value);
   const bool dead = dead_zone > 0;
@@ -353,9 +363,10 @@ std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, tor
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = xp + r * C;
       const int32_t* g = gp + ((r / inner) % Rg) * C;
-      float* s = sp + r * G;
+      float* s = gridp + r * width;
       float* out = hp + r * C;
       int32_t* co = cp ? cp + r * C : nullptr;
+      uint8_t* bo = bp ? bp + r * pack_bits * nb : nullptr;
       if (is_signed) {
         for (int64_t j = 0; j < G; ++j) hi[j] = 0.0f;
         for (int64_t c = 0; c < C; ++c) {
@@ -376,10 +387,14 @@ std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, tor
           if (dead && std::fabs(u) < dead_f) q = 0.0f;
           const int32_t qi = static_cast<int32_t>(q);
           if (co) co[c] = qi;
+          if (bo) {
+            const uint32_t v = static_cast<uint32_t>(qi + code_offset);
+            for (int64_t k = 0; k < pack_bits; ++k) bo[k * nb + c / 8] |= static_cast<uint8_t>(((v >> k) & 1u) << (c % 8));
+          }
           out[c] = static_cast<float>(qi) * s[g[c]];
         }
       } else {
-        float* z = zp + r * G;
+        float* z = s + G;
         for (int64_t j = 0; j < G; ++j) lo[j] = inf, hi[j] = -inf;
         for (int64_t c = 0; c < C; ++c) {
           const float v = row[c];
@@ -402,12 +417,16 @@ std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, tor
           q = q < 0.0f ? 0.0f : q;
           const int32_t qi = static_cast<int32_t>(q);
           if (co) co[c] = qi;
+          if (bo) {
+            const uint32_t v = static_cast<uint32_t>(qi + code_offset);
+            for (int64_t k = 0; k < pack_bits; ++k) bo[k * nb + c / 8] |= static_cast<uint8_t>(((v >> k) & 1u) << (c % 8));
+          }
           out[c] = (static_cast<float>(qi) - z[j]) * s[j];
         }
       }
     }
   });
-  return {xhat, code, scale, zero};
+  return {xhat, code, grid};
 }
 
 // Integer codes (R, d) int32 in [0, 2^bits) -> (R, bits * ceil(d / 8)) uint8 bit planes: plane k of a row holds bit

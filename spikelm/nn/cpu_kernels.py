@@ -34,6 +34,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -177,6 +178,19 @@ def code_rows(channel_shape: tuple[int, ...], shape: torch.Size) -> tuple[int, i
     return None
 
 
+class TokenCodes(NamedTuple):
+    """What :func:`token_codes` returns: ``x_hat`` shaped ``x``; ``code`` shaped ``x`` int32 (or, packed, the bit
+    planes (..., bits * ceil(C / 8)) uint8; None unless asked for); ``grid`` (..., 2G) each token's scales then zero
+    points (GIF, :func:`spikelm.nn.neurons.gif.pack_grid`'s layout) or (..., G) its scales (signed); ``scale`` and
+    ``zero`` views of it (``zero`` None for signed)."""
+
+    x_hat: torch.Tensor
+    code: torch.Tensor | None
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    grid: torch.Tensor
+
+
 def token_codes(
     x: torch.Tensor,
     group: torch.Tensor,
@@ -189,15 +203,17 @@ def token_codes(
     floor: float,
     factor: torch.Tensor | None = None,
     want_code: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    pack_bits: int = 0,
+    code_offset: int = 0,
+) -> TokenCodes:
     """A per-token code neuron's pass in one call (``cpu_kernels.cpp``, ``token_codes``): float32 ``x`` (..., C),
     ``group`` int32 (Rg, C) each channel's range group per group row, ``top`` float32 (G,) each group's top code,
-    ``inner`` (see :func:`code_rows`). Returns ``(x_hat, code, scale, zero)`` shaped ``x``, ``x`` (int32; None unless
-    ``want_code``), (..., G), (..., G) (GIF; None for ``signed``): the GIF quantiser of
-    :func:`spikelm.nn.neurons.gif.quantize_per_group` and its dequantised value, or the signed one of
-    :func:`spikelm.nn.neurons.signed.quantize_signed`, bit for bit."""
+    ``inner`` (see :func:`code_rows`). The GIF quantiser of :func:`spikelm.nn.neurons.gif.quantize_per_group` and its
+    dequantised value, or the signed one of :func:`spikelm.nn.neurons.signed.quantize_signed`, bit for bit; with
+    ``want_code`` and ``pack_bits`` > 0 the codes plus ``code_offset`` come as :func:`pack_bit_planes` would pack them.
+    See :class:`TokenCodes`."""
     rows = x.reshape(-1, x.shape[-1])
-    xhat, code, scale, zero = _call(
+    xhat, code, grid = _call(
         "token_codes",
         rows,
         group,
@@ -209,14 +225,20 @@ def token_codes(
         factor,
         bool(signed),
         bool(want_code),
+        int(pack_bits),
+        int(code_offset),
     )
     lead = x.shape[:-1]
     width = top.shape[0]
-    return (
+    grid = grid.view(*lead, grid.shape[-1])
+    if want_code:
+        code = code.view(*lead, code.shape[-1])
+    return TokenCodes(
         xhat.view(x.shape),
-        code.view(x.shape) if want_code else None,
-        scale.view(*lead, width),
-        None if signed else zero.view(*lead, width),
+        code if want_code else None,
+        grid if signed else grid[..., :width],
+        None if signed else grid[..., width:],
+        grid,
     )
 
 

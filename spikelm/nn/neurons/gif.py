@@ -943,11 +943,12 @@ class GIFNeuron(SpikingNeuron):
             self._code_plan = (plan,)
         return self._code_plan[0]
 
-    def fused_codes(self, x: torch.Tensor, want_code: bool = False):
-        """``(x_hat, code, scale, zero)`` of ``x`` in one C++ pass where the dispatcher takes it
-        (:func:`spikelm.nn.kernels.token_code_kernel`: CPU float32 outside autograd) and the layout is one it knows;
-        else None. ``x_hat`` is :meth:`forward`'s value, ``code`` / ``scale`` / ``zero`` :meth:`quantize`'s (``code``
-        None unless ``want_code``), bit for bit."""
+    def fused_codes(self, x: torch.Tensor, want_code: bool = False, pack_bits: int = 0, code_offset: int = 0):
+        """:class:`~spikelm.nn.cpu_kernels.TokenCodes` ``(x_hat, code, scale, zero, grid)`` of ``x`` in one C++ pass
+        where the dispatcher takes it (:func:`spikelm.nn.kernels.token_code_kernel`: CPU float32 outside autograd)
+        and the layout is one it knows; else None. ``x_hat`` is :meth:`forward`'s value, ``code`` / ``scale`` /
+        ``zero`` :meth:`quantize`'s (``code`` None unless ``want_code``; with ``pack_bits``, the codes plus
+        ``code_offset`` as bit planes), ``grid`` :func:`pack_grid` of them, bit for bit."""
         if self.backend != "fused" or kernels.token_code_kernel(x) != kernels.CPP:
             return None
         plan = self.code_plan()
@@ -955,7 +956,17 @@ class GIFNeuron(SpikingNeuron):
         if plan is None or rows is None or x.shape[-1] != self.channel_shape[-1]:
             return None
         group, top = plan
-        return cpu_kernels.token_codes(x, group, top, rows[1], self.clip_ratio, floor=SCALE_FLOOR, want_code=want_code)
+        return cpu_kernels.token_codes(
+            x,
+            group,
+            top,
+            rows[1],
+            self.clip_ratio,
+            floor=SCALE_FLOOR,
+            want_code=want_code,
+            pack_bits=pack_bits,
+            code_offset=code_offset,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The dequantised input (x's shape and dtype): hooking this onto a linear layer's input is

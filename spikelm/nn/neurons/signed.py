@@ -473,11 +473,12 @@ class SignedNeuron(SpikingNeuron):
             self._plan = (groups, plan)
         return self._plan[1]
 
-    def fused_codes(self, x: torch.Tensor, want_code: bool = False):
-        """``(x_hat, code, scale, None)`` of ``x`` in one C++ pass where the dispatcher takes it
-        (:func:`spikelm.nn.kernels.token_code_kernel`: CPU float32 outside autograd) and the layout is one it knows;
-        else None. ``x_hat`` is :meth:`forward`'s value, ``code`` / ``scale`` :meth:`quantize`'s (``code`` None unless
-        ``want_code``), bit for bit."""
+    def fused_codes(self, x: torch.Tensor, want_code: bool = False, pack_bits: int = 0, code_offset: int = 0):
+        """:class:`~spikelm.nn.cpu_kernels.TokenCodes` ``(x_hat, code, scale, None, grid)`` of ``x`` in one C++ pass
+        where the dispatcher takes it (:func:`spikelm.nn.kernels.token_code_kernel`: CPU float32 outside autograd)
+        and the layout is one it knows; else None. ``x_hat`` is :meth:`forward`'s value, ``code`` / ``scale``
+        :meth:`quantize`'s (``code`` None unless ``want_code``; with ``pack_bits``, the codes plus ``code_offset`` as
+        bit planes), ``grid`` the scales again, bit for bit."""
         if self.backend != "fused" or kernels.token_code_kernel(x) != kernels.CPP:
             return None
         factor = None
@@ -502,6 +503,8 @@ class SignedNeuron(SpikingNeuron):
             floor=SCALE_FLOOR,
             factor=factor,
             want_code=want_code,
+            pack_bits=pack_bits,
+            code_offset=code_offset,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
