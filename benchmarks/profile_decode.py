@@ -1,5 +1,6 @@
 """Where a decoding step's time goes: torch.profiler over a few greedy decoding steps of a converted causal LM
-(SmolLM2-135M by default, spikify's default recipe, GIF) and of its real-valued source, the same prompt and cache length.
+(SmolLM2-135M by default, spikify's default recipe, GIF) and of its real-valued source, the same prompt and cache
+length.
 
 Each model first runs the prompt (``--prompt-length`` random tokens, batch ``--batch-size``) through ``generate`` with
 ``--warmup`` new tokens, then the profiler records ``--steps`` more single-token forward passes on the returned cache.

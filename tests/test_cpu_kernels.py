@@ -7,7 +7,6 @@ the linear left to MKL; with it, logits close, spikes and tokens counted)."""
 from __future__ import annotations
 
 import re
-
 import warnings
 
 import pytest
