@@ -156,7 +156,7 @@ def test_the_kept_decoded_cache_equals_decoding_every_stored_code(neuron_name):
     value_neuron.set_salient(salient_mask((3, 1, 64), 0.1, 11))
     fast, slow = layer_class(key_neuron, value_neuron), layer_class(key_neuron, value_neuron)
     with torch.no_grad():
-        for step, length in enumerate((9, 1, 1, 3, 1) * 14):  # past the first capacities (64, 128)
+        for step, length in enumerate((9, 1, 1, 3, 1) * 14):  # past the first capacities (64, 96, 144)
             k, v = tie_heavy((1, 3, length, 64), seed=20 + step), tie_heavy((1, 3, length, 64), seed=90 + step)
             with dispatcher.forced(True):
                 keys, values = fast.update(k, v)

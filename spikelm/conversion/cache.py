@@ -283,10 +283,10 @@ class GIFCodeLayer(DynamicLayer):
 
     def _append_decoded(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Append (B, H, n, d) values to the decoded copy, growing its capacity geometrically (no per-step copy of
-        the whole cache)."""
+        the whole cache; it grows by half its length)."""
         length, new = self.decoded_length, keys.shape[-2]
         if self.decoded_keys is None or length + new > self.decoded_keys.shape[-2]:
-            capacity = max(2 * length, length + new, 64)
+            capacity = max(length + length // 2, length + new, 64)  # amortised O(1) per token, at most 1.5x
             grown = []
             for old, states in ((self.decoded_keys, keys), (self.decoded_values, values)):
                 buffer = states.new_empty((*states.shape[:2], capacity, states.shape[-1]), dtype=torch.float64)
