@@ -232,3 +232,12 @@ def test_real_smollm2_cached_greedy_equals_uncached_greedy(real_converted):
         cached = real_converted.generate(ids, **settings)
         uncached = real_converted.generate(ids, use_cache=False, **settings)
     assert torch.equal(cached, uncached)
+
+
+def test_a_build_without_avx512_is_announced_once(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "has_avx512", lambda: False)
+    monkeypatch.setattr(dispatcher, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="no AVX-512 on this CPU or compiler") as caught:
+        assert dispatcher.cpp_built()
+        assert dispatcher.cpp_built()
+    assert len([w for w in caught if "AVX-512" in str(w.message)]) == 1
