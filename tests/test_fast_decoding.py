@@ -234,6 +234,23 @@ def test_real_smollm2_cached_greedy_equals_uncached_greedy(real_converted):
     assert torch.equal(cached, uncached)
 
 
+def test_a_cache_filled_under_inference_mode_keeps_decoding_outside_it():
+    from spikelm.conversion.cache import GIFCodeLayer
+
+    neurons = [GIFNeuron((3, 1, 64), 4, 1, 0.1, clip_ratio=0.9, group_size=64) for _ in range(2)]
+    fast, slow = GIFCodeLayer(*neurons), GIFCodeLayer(*neurons)
+    prompt, step = tie_heavy((1, 3, 5, 64), seed=30), tie_heavy((1, 3, 1, 64), seed=31)
+    with dispatcher.forced(True):
+        with torch.inference_mode():
+            fast.update(prompt, prompt)
+        with torch.no_grad():
+            keys, _ = fast.update(step, step)
+    with dispatcher.forced(False), torch.no_grad():
+        slow.update(prompt, prompt)
+        slow_keys, _ = slow.update(step, step)
+    assert torch.equal(keys, slow_keys.double())
+
+
 def test_a_build_without_avx512_is_announced_once(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "has_avx512", lambda: False)
     monkeypatch.setattr(dispatcher, "_warned", set())

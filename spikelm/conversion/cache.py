@@ -285,7 +285,11 @@ class GIFCodeLayer(DynamicLayer):
         """Append (B, H, n, d) values to the decoded copy, growing its capacity geometrically (no per-step copy of
         the whole cache; it grows by half its length)."""
         length, new = self.decoded_length, keys.shape[-2]
-        if self.decoded_keys is None or length + new > self.decoded_keys.shape[-2]:
+        # a copy made under torch.inference_mode cannot be written outside it: copied into a new buffer
+        stale = (
+            self.decoded_keys is not None and self.decoded_keys.is_inference() and not torch.is_inference_mode_enabled()
+        )
+        if self.decoded_keys is None or length + new > self.decoded_keys.shape[-2] or stale:
             capacity = max(length + length // 2, length + new, 64)  # amortised O(1) per token, at most 1.5x
             grown = []
             for old, states in ((self.decoded_keys, keys), (self.decoded_values, values)):
