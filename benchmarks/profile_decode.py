@@ -1,5 +1,6 @@
 """Where a decoding step's time goes: torch.profiler over a few greedy decoding steps of a converted causal LM
-(SmolLM2-135M by default, the ternary elastic recipe) and of its real-valued source, the same prompt and cache length.
+(SmolLM2-135M by default, spikify's default recipe, GIF) and of its real-valued source, the same prompt and cache
+length.
 
 Each model first runs the prompt (``--prompt-length`` random tokens, batch ``--batch-size``) through ``generate`` with
 ``--warmup`` new tokens, then the profiler records ``--steps`` more single-token forward passes on the returned cache.
@@ -58,7 +59,7 @@ def decode_steps(model, prompt, warmup: int, steps: int, profile: bool, before_t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--recipe", default="elastic")
+    parser.add_argument("--recipe", default="gif", help="conversion recipe (default: spikify's default, gif)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prompt-length", type=int, default=128)

@@ -131,9 +131,14 @@ def test_converted_generation_benchmark_prints_ratios_computed_from_its_timings(
         assert case["real_fp16_cache_bytes_per_token"] == 2 * 2 * 2 * 12 * 2
         if recipe == "elastic":  # T=4 steps, PACKED bytes per head row, plus one float32 magnitude per step, K and V
             expected = (2 * 2 * 4 * 2 * PACKED * tokens + 2 * 2 * 4 * 4) / tokens
+            assert s["cache_decoded_bytes_per_token"] == 0
         else:  # 5 bit planes of ceil(12 / 8) = 2 bytes, and per token a grid of float32 scales and zero points
             grid = 2 * 2 * 2 * 4 * 4  # K and V, 2 layers, 2 heads, a scale and a zero point for each of 2 groups
             expected = 2 * 2 * 2 * 5 * 2 + grid
+            # and the float64 decoded copy of K and V the CPU path keeps: its first capacity, 64 tokens per row
+            decoded = 2 * 2 * case["batch_size"] * 2 * 64 * 12 * 8 / tokens
+            assert s["cache_decoded_bytes_per_token"] == pytest.approx(decoded)
+            expected += decoded
         assert s["cache_bytes_per_token"] == pytest.approx(expected)
 
 

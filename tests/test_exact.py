@@ -77,3 +77,32 @@ def test_exact_attention_gradients_are_sdpas():
     want = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), grad)
     for g, r in zip(got, want, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive", "softcap"])
+def test_one_query_attention_gives_each_query_the_bits_of_the_full_attention(mask_kind):
+    """A decoding step's attention (one query per head: the grouped query heads as rows, K and V read in place)
+    against the same query inside a prefill of many, at SmolLM2-135M's shapes (9 query heads on 3 K/V heads of 64),
+    bit for bit in float32; and against PyTorch's sdpa in float64."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 9, 12, 64, generator=gen)
+    k, v = torch.randn(2, 3, 40, 64, generator=gen), torch.randn(2, 3, 40, 64, generator=gen)
+    mask, softcap = None, None
+    if mask_kind == "bool":
+        mask = torch.rand(2, 1, 12, 40, generator=gen) > 0.3
+        mask[1, 0, 5] = False  # a padding row: zeros
+    elif mask_kind == "additive":
+        mask = torch.randn(2, 9, 12, 40, generator=gen)
+    elif mask_kind == "softcap":
+        softcap = 2.0
+    whole = exact_attention(q, k, v, mask, 0.125, softcap=softcap)
+    for i in range(12):
+        row_mask = None if mask is None else mask[..., i : i + 1, :]
+        alone = exact_attention(q[:, :, i : i + 1], k, v, row_mask, 0.125, softcap=softcap)
+        assert torch.equal(alone, whole[:, :, i : i + 1]), i
+    if softcap is None:
+        q64, k64, v64 = q[:, :, :1].double(), k.double(), v.double()
+        m64 = None if mask is None else mask[..., :1, :] if mask.dtype == torch.bool else mask[..., :1, :].double()
+        got = exact_attention(q64, k64, v64, m64, 0.125)
+        want = _grouped_reference(q64, k64, v64, m64, 0.125, False).nan_to_num(0.0)
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

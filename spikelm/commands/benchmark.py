@@ -60,8 +60,9 @@ def register(sub) -> None:
     g.add_argument("--model", type=model_ref, default=None, help="source model: a directory or a named source")
     g.add_argument(
         "--recipe",
-        default="elastic",
-        help="conversion recipe: a registered neuron's (spikelm.nn.neurons: elastic, gif; default elastic)",
+        default=None,
+        help="conversion recipe: a registered neuron's (spikelm.nn.neurons: gif, elastic, signed; default: spikify's "
+        "default, gif)",
     )
     g.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16], help="default: 1 16")
     g.add_argument("--prompt-lengths", type=positive_int, nargs="+", default=[128, 1024], help="default: 128 1024")
@@ -197,6 +198,8 @@ def _run_converted(args) -> int:
     from spikelm.experiments.generation_benchmark import format_pair_table, load_pair, measure_pair
     from spikelm.outputs import prepare_output_dir, write_json_atomic
 
+    if args.recipe is None:
+        args.recipe = recipe_names()[0]  # spikify's default recipe (the default neuron's)
     if args.recipe not in recipe_names():
         raise UserError(f"--recipe must be one of {', '.join(recipe_names())}, got {args.recipe!r}")
     source = resolve_model_source(args.model)

@@ -162,6 +162,11 @@ class GIFCodeLayer(DynamicLayer):
         super().__init__()
         self.key_neuron, self.value_neuron, self.packed = key_neuron, value_neuron, packed
         self.key_grid = self.value_grid = None
+        # inference on CPU float32 (the C++ token_codes pass): the cached tokens' values decoded once, as they came,
+        # in float64 (the attention's accumulation type, so a step converts nothing), (B, H, capacity, d) each with
+        # the first ``decoded_length`` tokens in use; None until a fast step builds them (from the codes if any)
+        self.decoded_keys = self.decoded_values = None
+        self.decoded_length = 0
 
     @classmethod
     def for_neurons(cls, key_neuron, value_neuron, steps: int, packing: int | None = DEFAULT_PACKING):
@@ -204,6 +209,11 @@ class GIFCodeLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        fast = self._fast_update(key_states, value_states)
+        if fast is not None:
+            return fast
+        self.decoded_keys = self.decoded_values = None  # the PyTorch path keeps no decoded copy
+        self.decoded_length = 0
         out = []
         for name, neuron, states in (("key", self.key_neuron, key_states), ("value", self.value_neuron, value_states)):
             codes_name, grid_name = f"{name}s", f"{name}_grid"
@@ -223,7 +233,89 @@ class GIFCodeLayer(DynamicLayer):
         code, scale, zero = neuron.quantize(states)
         return code, pack_grid(scale, zero)
 
+    def _code_offset(self) -> int:
+        """What a stored code adds to the neuron's code (0; the signed layer stores -Q..Q offset by Q)."""
+        return 0
+
+    @staticmethod
+    def _plain(neuron: nn.Module) -> bool:
+        """A neuron the fast step may bypass: no statistics to record, no hooks to run."""
+        return (
+            not getattr(neuron, "record_stats", False) and not neuron._forward_hooks and not neuron._forward_pre_hooks
+        )
+
+    def _fast_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """The update outside autograd on CPU float32 (where :func:`spikelm.nn.kernels.token_code_kernel` takes the
+        C++ pass): each new token coded once (codes, grid and dequantised value in one call), its codes appended to
+        the stored ones and its values to the decoded copy, which is returned (float64 views of every cached token).
+        The values are those :meth:`_decode` gives (dequantisation is per token), so the attention sees the same
+        numbers as on the PyTorch path. None where the fast step does not run (the PyTorch path then does)."""
+        if not (self._plain(self.key_neuron) and self._plain(self.value_neuron)):
+            return None
+        pack = dict(want_code=True, pack_bits=self.bits if self.packed else 0, code_offset=self._code_offset())
+        fast_k = self.key_neuron.fused_codes(key_states, **pack)
+        fast_v = None if fast_k is None else self.value_neuron.fused_codes(value_states, **pack)
+        if fast_v is None:
+            return None
+        if self.decoded_keys is None and self.key_grid is not None:  # tokens cached by the PyTorch path
+            self._start_decoded(
+                self._decode("keys", self.key_neuron, self.key_grid),
+                self._decode("values", self.value_neuron, self.value_grid),
+            )
+        for name, fast in (("key", fast_k), ("value", fast_v)):
+            codes_name, grid_name = f"{name}s", f"{name}_grid"
+            grid, code = getattr(self, grid_name), fast.code
+            if not self.packed:
+                code = (code + self._code_offset()).to(self.code_dtype)
+            setattr(self, codes_name, torch.cat([getattr(self, codes_name), code], dim=-2))
+            setattr(self, grid_name, fast.grid if grid is None else torch.cat([grid, fast.grid], dim=-2))
+        if self.decoded_keys is None:
+            self._start_decoded(fast_k[0], fast_v[0])
+        else:
+            self._append_decoded(fast_k[0], fast_v[0])
+        length = self.decoded_length
+        return self.decoded_keys[:, :, :length], self.decoded_values[:, :, :length]
+
+    def _start_decoded(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.decoded_keys = self.decoded_values = None
+        self.decoded_length = 0
+        self._append_decoded(keys, values)
+
+    def _append_decoded(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append (B, H, n, d) values to the decoded copy, growing its capacity geometrically (no per-step copy of
+        the whole cache; it grows by half its length)."""
+        length, new = self.decoded_length, keys.shape[-2]
+        # a copy made under torch.inference_mode cannot be written outside it: copied into a new buffer
+        stale = (
+            self.decoded_keys is not None and self.decoded_keys.is_inference() and not torch.is_inference_mode_enabled()
+        )
+        if self.decoded_keys is None or length + new > self.decoded_keys.shape[-2] or stale:
+            capacity = max(length + length // 2, length + new, 64)  # amortised O(1) per token, at most 1.5x
+            grown = []
+            for old, states in ((self.decoded_keys, keys), (self.decoded_values, values)):
+                buffer = states.new_empty((*states.shape[:2], capacity, states.shape[-1]), dtype=torch.float64)
+                if old is not None:
+                    buffer[:, :, :length] = old[:, :, :length]
+                grown.append(buffer)
+            self.decoded_keys, self.decoded_values = grown
+        self.decoded_keys[:, :, length : length + new] = keys
+        self.decoded_values[:, :, length : length + new] = values
+        self.decoded_length = length + new
+
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this layer holds: ``"codes"`` (the packed codes and the grids) and ``"decoded"`` (the decoded copy
+        a fast CPU step keeps, its whole capacity; 0 on the PyTorch path)."""
+        codes = sum(
+            t.numel() * t.element_size()
+            for t in (self.keys, self.values, self.key_grid, self.value_grid)
+            if isinstance(t, torch.Tensor)
+        )
+        decoded = sum(t.numel() * t.element_size() for t in (self.decoded_keys, self.decoded_values) if t is not None)
+        return {"codes": codes, "decoded": decoded}
+
     def _apply(self, fn) -> None:
+        self.decoded_keys = self.decoded_values = None  # rebuilt from the codes by the next fast step
+        self.decoded_length = 0
         if self.is_initialized and self.key_grid is not None:
             self.keys, self.values, self.key_grid, self.value_grid = (
                 fn(t) for t in (self.keys, self.values, self.key_grid, self.value_grid)
@@ -269,6 +361,9 @@ class SignedCodeLayer(GIFCodeLayer):
 
     def _encode(self, code: torch.Tensor) -> torch.Tensor:
         return super()._encode(code + self.offset)
+
+    def _code_offset(self) -> int:
+        return self.offset
 
     def codes(self, name: str = "keys") -> torch.Tensor:
         """The stored signed codes of ``"keys"`` or ``"values"`` (B, H, L, d), int32."""

@@ -19,8 +19,10 @@ from the medians, which the table prints in milliseconds:
 * ``prefill_ratio_vs_T`` = t1(spiking) / (T x t1(real)), T the number of network copies (1 for GIF).
 
 Cache bytes per token are measured from the tensors of the cache each model's last ``generate(n)`` returned
-(L + n - 1 tokens per row, all layers; for the spiking model the packed codes, per-token grids (GIF) and per-step
-magnitudes), and compared with a float16 cache of the real-valued model (2 bytes per element of its K/V cache).
+(L + n - 1 tokens per row, all layers; for the spiking model the packed codes, per-token grids (GIF, signed) and
+per-step magnitudes, and, on a CPU float32 run of a per-token code recipe, the float64 decoded copy its cache keeps
+at its allocated capacity, reported apart as ``cache_decoded_bytes_per_token``), and compared with a float16 cache
+of the real-valued model (2 bytes per element of its K/V cache).
 Peak memory is the growth of the resident set during one more, untimed ``generate(n)`` per model (Linux ``/proc``,
 sampled every 2 ms, freed heap returned to the OS before it; the sampler thread would take a core from a timed run).
 """
@@ -141,6 +143,12 @@ def cache_tensor_bytes(cache) -> int:
     return total
 
 
+def cache_decoded_bytes(cache) -> int:
+    """Of :func:`cache_tensor_bytes`, the bytes of the decoded copies a per-token code cache keeps for fast CPU decoding
+    (float64, their whole allocated capacity; 0 for other caches): the rest are the codes and their grids."""
+    return sum(layer.held_bytes()["decoded"] for layer in cache.layers if hasattr(layer, "held_bytes"))
+
+
 def cache_fp16_bytes(cache) -> int:
     """What a float16 cache of the same K/V elements would hold (2 bytes per element)."""
     return sum(2 * (layer.keys.numel() + layer.values.numel()) for layer in cache.layers)
@@ -222,7 +230,7 @@ def measure_pair(
                     _generate_seconds(model, prompt, 2, make_cache=caches.get(name))
             times = {name: {"first": [], "full": []} for name in names}
             peak = {name: [] for name in names}
-            cache_bytes, cache_fp16 = {}, {}
+            cache_bytes, cache_fp16, cache_decoded = {}, {}, {}
             for repeat in range(repeats):
                 for name, model in models.items():
                     make = caches.get(name)
@@ -233,6 +241,7 @@ def measure_pair(
                     cached_tokens = batch * cache.get_seq_length()  # L + n - 1 per row
                     cache_bytes[name] = cache_tensor_bytes(cache) / cached_tokens
                     cache_fp16[name] = cache_fp16_bytes(cache) / cached_tokens
+                    cache_decoded[name] = cache_decoded_bytes(cache) / cached_tokens
                     del cache
                 log(
                     f"    repeat {repeat + 1}/{repeats}: "
@@ -264,6 +273,7 @@ def measure_pair(
                     "decode_tokens_per_s": batch * (new_tokens - 1) / (full - first) if resolved else None,
                     "peak_rss_growth_bytes": max(peak[name]) if peak[name] else None,
                     "cache_bytes_per_token": cache_bytes[name],
+                    "cache_decoded_bytes_per_token": cache_decoded[name],  # of the above: the kept decoded copy
                     "times_s": times[name],
                 }
             case["real_fp16_cache_bytes_per_token"] = cache_fp16["real"]

@@ -7,7 +7,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 // ---------------------------------------------------------------------------------------------------------------
 // Dense multi-row linear for a few rows: y (M, N) = x (M, K) @ w (N, K)^T + bias, w in nn.Linear's own layout,
@@ -59,13 +63,60 @@ static void rows_block(const double* __restrict__ x, const float* __restrict__ w
   }
 }
 
+#if defined(__AVX512F__)
+// One input row (a decoding step at batch 1) with AVX-512: NB weight rows at a time, 16 floats of each per
+// iteration widened to two 8-lane float64 vectors (vcvtps2pd) and fused-multiply-added into two accumulators per
+// row (a float32 x float32 product is exact in float64, so a fused multiply-add rounds as the separate add does).
+template <int NB>
+static inline void one_row_block512(const double* __restrict__ x, const float* __restrict__ w,
+                                    const float* __restrict__ bias, float* __restrict__ y, int64_t K, int64_t n) {
+  __m512d acc0[NB], acc1[NB];
+  for (int j = 0; j < NB; ++j) acc0[j] = acc1[j] = _mm512_setzero_pd();
+  const int64_t K16 = K / 16 * 16;
+  for (int64_t k = 0; k < K16; k += 16) {
+    const __m512d x0 = _mm512_loadu_pd(x + k), x1 = _mm512_loadu_pd(x + k + 8);
+    for (int j = 0; j < NB; ++j) {
+      const float* row = w + (n + j) * K + k;
+      // the same columns of the next two blocks' rows (read next): more loads in flight than the hardware
+      // prefetcher keeps for NB interleaved streams (a prefetch past the weight's end is harmless)
+      _mm_prefetch(reinterpret_cast<const char*>(row + NB * K), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + 2 * NB * K), _MM_HINT_T1);
+      acc0[j] = _mm512_fmadd_pd(x0, _mm512_cvtps_pd(_mm256_loadu_ps(row)), acc0[j]);
+      acc1[j] = _mm512_fmadd_pd(x1, _mm512_cvtps_pd(_mm256_loadu_ps(row + 8)), acc1[j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    double s = _mm512_reduce_add_pd(_mm512_add_pd(acc0[j], acc1[j]));
+    for (int64_t k = K16; k < K; ++k) s += x[k] * static_cast<double>(w[(n + j) * K + k]);
+    if (bias) s += static_cast<double>(bias[n + j]);
+    y[n + j] = static_cast<float>(s);
+  }
+}
+#endif
+
 template <int M>
 static void rows_range(const double* x, const float* w, const float* bias, float* y, int64_t K, int64_t N,
                        int64_t n0, int64_t n1) {
+#if defined(__AVX512F__)
+  if (M == 1) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) one_row_block512<4>(x, w, bias, y, K, n);
+    for (; n < n1; ++n) one_row_block512<1>(x, w, bias, y, K, n);
+    return;
+  }
+#endif
   constexpr int NB = M <= 2 ? 4 : (M <= 4 ? 2 : 1);
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) rows_block<M, NB>(x, w, bias, y, K, N, n);
   for (; n < n1; ++n) rows_block<M, 1>(x, w, bias, y, K, N, n);
+}
+
+bool has_avx512() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
 }
 
 torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
@@ -245,6 +296,159 @@ torch::Tensor unpack5_steps_into_batch(torch::Tensor packed, torch::Tensor scale
         dst[g * 5] = v[0]; dst[g * 5 + 1] = v[1]; dst[g * 5 + 2] = v[2]; dst[g * 5 + 3] = v[3]; dst[g * 5 + 4] = v[4];
       }
       for (int64_t c = full * 5; c < width; ++c) dst[c] = tt[src[c / 5] * 5 + c % 5];
+    }
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The per-token code of a GIF or signed neuron (spikelm/nn/neurons/gif.py, signed.py) in one pass per token: the
+// ranges per range group, the rounding, the clamping (the saliency split is the groups: each channel's group has
+// its own top code) and the dequantised value, each operation in float32 as the PyTorch path does it (compiled
+// with -ffp-contract=off; the options come in as float32, as PyTorch casts a Python scalar against a float32
+// tensor). x (R, C) float32; group (Rg, C) int32 in 0..G-1, row r of x reading group row (r / inner) % Rg (a K/V
+// neuron's channel shape (H, 1, d) on (B, H, L, d) states: Rg = H, inner = L); top (G,) float32.
+//   GIF (is_signed false): per token and group the min and max over its channels (a group without channels: 0, 0)
+//     times clip; scale = max((max - min) / top, floor); zero = round(-min / scale);
+//     code = max(min(round(x / scale) + zero, top), 0); x_hat = (code - zero) * scale.
+//   signed: scale = max(max(0, max |x|) * clip / top, floor) (times factor[g] if given); u = x / scale;
+//     code = min(max(round(u), -top), top), 0 where |u| < dead_zone (if dead_zone > 0); x_hat = code * scale.
+// Returns {x_hat (R, C) float32, code, grid}: code (R, C) int32 (empty unless want_code), or with pack_bits > 0 the
+// codes plus code_offset as bit planes (R, pack_bits * ceil(C / 8)) uint8 (pack_bit_planes' layout); grid (R, 2G)
+// each token's scales then zero points (GIF: spikelm.nn.neurons.gif.pack_grid's layout) or (R, G) its scales
+// (signed).
+// ---------------------------------------------------------------------------------------------------------------
+std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, torch::Tensor top, int64_t inner,
+                                       double clip, double dead_zone, double floor_value,
+                                       c10::optional<torch::Tensor> factor, bool is_signed, bool want_code,
+                                       int64_t pack_bits, int64_t code_offset) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be float32 (R, C)");
+  TORCH_CHECK(group.dim() == 2 && group.scalar_type() == at::kInt && group.size(1) == x.size(1),
+              "group must be int32 (Rg, C)");
+  TORCH_CHECK(top.dim() == 1 && top.scalar_type() == at::kFloat, "top must be float32 (G,)");
+  TORCH_CHECK(inner >= 1, "inner must be positive");
+  TORCH_CHECK(pack_bits >= 0 && pack_bits <= 31, "pack_bits must be 0 to 31");
+  auto xc = x.contiguous();
+  auto gc = group.contiguous();
+  auto tc = top.contiguous();
+  const int64_t R = xc.size(0), C = xc.size(1), Rg = gc.size(0), G = tc.size(0), nb = (C + 7) / 8;
+  torch::Tensor fc;
+  const float* fp = nullptr;
+  if (factor.has_value() && factor->defined()) {
+    fc = factor->contiguous();
+    TORCH_CHECK(fc.scalar_type() == at::kFloat && fc.numel() == G, "factor must be float32 (G,)");
+    fp = fc.data_ptr<float>();
+  }
+  const bool packing = want_code && pack_bits > 0;
+  auto xhat = torch::empty({R, C}, xc.options());
+  auto code = !want_code ? torch::Tensor()
+              : packing  ? torch::zeros({R, pack_bits * nb}, xc.options().dtype(at::kByte))
+                         : torch::empty({R, C}, xc.options().dtype(at::kInt));
+  const int64_t width = is_signed ? G : 2 * G;
+  auto grid = torch::empty({R, width}, xc.options());
+  const float* xp = xc.data_ptr<float>();
+  const int32_t* gp = gc.data_ptr<int32_t>();
+  const float* tp = tc.data_ptr<float>();
+  float* hp = xhat.data_ptr<float>();
+  int32_t* cp = want_code && !packing ? code.data_ptr<int32_t>() : nullptr;
+  uint8_t* bp = packing ? code.data_ptr<uint8_t>() : nullptr;
+  float* gridp = grid.data_ptr<float>();
+  const float clip_f = static_cast<float>(clip), dead_f = static_cast<float>(dead_zone);
+  const float floor_f = static_cast<float>(floor_value);
+  const bool dead = dead_zone > 0;
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < Rg * C; ++i) TORCH_CHECK(gp[i] >= 0 && gp[i] < G, "group index out of range");
+  at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> lo(G), hi(G);
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = xp + r * C;
+      const int32_t* g = gp + ((r / inner) % Rg) * C;
+      float* s = gridp + r * width;
+      float* out = hp + r * C;
+      int32_t* co = cp ? cp + r * C : nullptr;
+      uint8_t* bo = bp ? bp + r * pack_bits * nb : nullptr;
+      if (is_signed) {
+        for (int64_t j = 0; j < G; ++j) hi[j] = 0.0f;
+        for (int64_t c = 0; c < C; ++c) {
+          const float a = std::fabs(row[c]);
+          if (a > hi[g[c]]) hi[g[c]] = a;
+        }
+        for (int64_t j = 0; j < G; ++j) {
+          float v = (hi[j] * clip_f) / tp[j];
+          v = v < floor_f ? floor_f : v;
+          s[j] = fp ? v * fp[j] : v;
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const float t = tp[g[c]];
+          const float u = row[c] / s[g[c]];
+          float q = SPIKELM_ROUND_EVEN(u);
+          q = q < -t ? -t : q;
+          q = q > t ? t : q;
+          if (dead && std::fabs(u) < dead_f) q = 0.0f;
+          const int32_t qi = static_cast<int32_t>(q);
+          if (co) co[c] = qi;
+          if (bo) {
+            const uint32_t v = static_cast<uint32_t>(qi + code_offset);
+            for (int64_t k = 0; k < pack_bits; ++k) bo[k * nb + c / 8] |= static_cast<uint8_t>(((v >> k) & 1u) << (c % 8));
+          }
+          out[c] = static_cast<float>(qi) * s[g[c]];
+        }
+      } else {
+        float* z = s + G;
+        for (int64_t j = 0; j < G; ++j) lo[j] = inf, hi[j] = -inf;
+        for (int64_t c = 0; c < C; ++c) {
+          const float v = row[c];
+          const int32_t j = g[c];
+          if (v < lo[j]) lo[j] = v;
+          if (v > hi[j]) hi[j] = v;
+        }
+        for (int64_t j = 0; j < G; ++j) {
+          const bool present = lo[j] != inf;  // a group with a channel (inputs are finite)
+          const float mn = (present ? lo[j] : 0.0f) * clip_f, mx = (present ? hi[j] : 0.0f) * clip_f;
+          float v = (mx - mn) / tp[j];
+          v = v < floor_f ? floor_f : v;
+          s[j] = v;
+          z[j] = SPIKELM_ROUND_EVEN(-mn / v);
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const int32_t j = g[c];
+          float q = SPIKELM_ROUND_EVEN(row[c] / s[j]) + z[j];
+          q = q < tp[j] ? q : tp[j];
+          q = q < 0.0f ? 0.0f : q;
+          const int32_t qi = static_cast<int32_t>(q);
+          if (co) co[c] = qi;
+          if (bo) {
+            const uint32_t v = static_cast<uint32_t>(qi + code_offset);
+            for (int64_t k = 0; k < pack_bits; ++k) bo[k * nb + c / 8] |= static_cast<uint8_t>(((v >> k) & 1u) << (c % 8));
+          }
+          out[c] = (static_cast<float>(qi) - z[j]) * s[j];
+        }
+      }
+    }
+  });
+  return {xhat, code, grid};
+}
+
+// Integer codes (R, d) int32 in [0, 2^bits) -> (R, bits * ceil(d / 8)) uint8 bit planes: plane k of a row holds bit
+// k of each code, code c at bit c % 8 of byte c / 8 (the last byte padded with zeros): spikelm.nn.packing.pack_bits
+// flattened over its last two axes, bit for bit.
+torch::Tensor pack_bit_planes(torch::Tensor codes, int64_t bits) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kInt && codes.device().is_cpu(),
+              "codes must be int32 (R, d)");
+  TORCH_CHECK(bits >= 1 && bits <= 31, "bits must be 1 to 31");
+  auto cc = codes.contiguous();
+  const int64_t R = cc.size(0), d = cc.size(1), nb = (d + 7) / 8;
+  auto out = torch::zeros({R, bits * nb}, cc.options().dtype(at::kByte));
+  const int32_t* cp = cc.data_ptr<int32_t>();
+  uint8_t* op = out.data_ptr<uint8_t>();
+  at::parallel_for(0, R, 1024, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int32_t* row = cp + r * d;
+      uint8_t* dst = op + r * bits * nb;
+      for (int64_t c = 0; c < d; ++c) {
+        const uint32_t v = static_cast<uint32_t>(row[c]);
+        for (int64_t k = 0; k < bits; ++k) dst[k * nb + c / 8] |= static_cast<uint8_t>(((v >> k) & 1u) << (c % 8));
+      }
     }
   });
   return out;

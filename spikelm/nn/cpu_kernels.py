@@ -34,6 +34,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -41,7 +42,15 @@ from ..outputs import cache_dir
 
 SOURCE_FILE = Path(__file__).with_name("cpu_kernels.cpp")  # shipped as package data (pyproject.toml)
 VERSION = 5  # bump when the build changes in a way the source's text does not show (part of the build's name)
-FUNCTIONS = ["few_rows_linear", "elastic_spikes", "spike_pack5", "unpack5_steps_into_batch"]
+FUNCTIONS = [
+    "few_rows_linear",
+    "elastic_spikes",
+    "spike_pack5",
+    "unpack5_steps_into_batch",
+    "token_codes",
+    "has_avx512",
+    "pack_bit_planes",
+]
 
 _module: list = []  # [the built extension] or [None] once building failed
 _build_error: list = []  # [the exception] once building failed
@@ -77,7 +86,7 @@ def _flags() -> list[str]:
 def build_name(text: str | None = None) -> str:
     """The extension's name: a hash of everything that makes one build differ from another."""
     text = source() if text is None else text
-    key = f"{VERSION}|{text}|{_flags()}|{torch.__version__}|{sys.version_info[:2]}|{_cpu_signature()}"
+    key = f"{VERSION}|{text}|{FUNCTIONS}|{_flags()}|{torch.__version__}|{sys.version_info[:2]}|{_cpu_signature()}"
     return f"spikelm_cpu_kernels_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -150,6 +159,95 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     w = weight if weight.is_contiguous() else weight.contiguous()
     out = _call("few_rows_linear", rows, w, bias)
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def has_avx512() -> bool:
+    """Whether the build uses the AVX-512 loop of the one-row linear (else the portable 4-lane loop: slower, same
+    definition)."""
+    return bool(_call("has_avx512"))
+
+
+def code_rows(channel_shape: tuple[int, ...], shape: torch.Size) -> tuple[int, int] | None:
+    """``(Rg, inner)`` for :func:`token_codes`: a neuron of ``channel_shape`` on an input of ``shape`` reads row
+    ``(r / inner) % Rg`` of its channel groups for row r of the input's (..., C) rows; None where that layout is not
+    one of the two the kernel knows (one channel row, or a K/V neuron's (H, 1, d) on (B, H, L, d) states)."""
+    if len(channel_shape) == 1 or all(c == 1 for c in channel_shape[:-1]):
+        return 1, 1
+    if len(channel_shape) == 3 and channel_shape[1] == 1 and len(shape) == 4 and shape[1] == channel_shape[0]:
+        return channel_shape[0], shape[2]
+    return None
+
+
+class TokenCodes(NamedTuple):
+    """What :func:`token_codes` returns: ``x_hat`` shaped ``x``; ``code`` shaped ``x`` int32 (or, packed, the bit
+    planes (..., bits * ceil(C / 8)) uint8; None unless asked for); ``grid`` (..., 2G) each token's scales then zero
+    points (GIF, :func:`spikelm.nn.neurons.gif.pack_grid`'s layout) or (..., G) its scales (signed); ``scale`` and
+    ``zero`` views of it (``zero`` None for signed)."""
+
+    x_hat: torch.Tensor
+    code: torch.Tensor | None
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    grid: torch.Tensor
+
+
+def token_codes(
+    x: torch.Tensor,
+    group: torch.Tensor,
+    top: torch.Tensor,
+    inner: int,
+    clip_ratio: float,
+    *,
+    signed: bool = False,
+    dead_zone: float = 0.0,
+    floor: float,
+    factor: torch.Tensor | None = None,
+    want_code: bool = False,
+    pack_bits: int = 0,
+    code_offset: int = 0,
+) -> TokenCodes:
+    """A per-token code neuron's pass in one call (``cpu_kernels.cpp``, ``token_codes``): float32 ``x`` (..., C),
+    ``group`` int32 (Rg, C) each channel's range group per group row, ``top`` float32 (G,) each group's top code,
+    ``inner`` (see :func:`code_rows`). The GIF quantiser of :func:`spikelm.nn.neurons.gif.quantize_per_group` and its
+    dequantised value, or the signed one of :func:`spikelm.nn.neurons.signed.quantize_signed`, bit for bit; with
+    ``want_code`` and ``pack_bits`` > 0 the codes plus ``code_offset`` come as :func:`pack_bit_planes` would pack them.
+    See :class:`TokenCodes`."""
+    rows = x.reshape(-1, x.shape[-1])
+    xhat, code, grid = _call(
+        "token_codes",
+        rows,
+        group,
+        top,
+        int(inner),
+        float(clip_ratio),
+        float(dead_zone),
+        float(floor),
+        factor,
+        bool(signed),
+        bool(want_code),
+        int(pack_bits),
+        int(code_offset),
+    )
+    lead = x.shape[:-1]
+    width = top.shape[0]
+    grid = grid.view(*lead, grid.shape[-1])
+    if want_code:
+        code = code.view(*lead, code.shape[-1])
+    return TokenCodes(
+        xhat.view(x.shape),
+        code if want_code else None,
+        grid if signed else grid[..., :width],
+        None if signed else grid[..., width:],
+        grid,
+    )
+
+
+def pack_bit_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 codes (..., d) in [0, 2^bits) -> (..., bits * ceil(d / 8)) uint8:
+    ``spikelm.nn.packing.pack_bits(codes, bits).flatten(-2)``, bit for bit."""
+    rows = codes.reshape(-1, codes.shape[-1])
+    out = _call("pack_bit_planes", rows, int(bits))
+    return out.view(*codes.shape[:-1], out.shape[-1])
 
 
 def elastic_spikes(

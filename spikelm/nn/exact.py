@@ -140,6 +140,8 @@ def _attention(query, key, value, attention_mask, scaling, is_causal, softcap, d
     if is_causal and attention_mask is None and key.shape[2] > q_len:
         key, value = key[:, :, :q_len], value[:, :, :q_len]
     kv_len = key.shape[2]
+    if q_len == 1:  # a decoding step: the g query heads of a K/V head as g rows, K and V read in place
+        return _one_query_attention(query, key, value, attention_mask, scale, is_causal, softcap, dtype)
     k = key.to(dtype).unsqueeze(2)  # (B, Hkv, 1, L, d)
     v = value.to(dtype).unsqueeze(2)
     q = query.to(dtype).view(batch, kv_heads, groups, q_len, head_dim)
@@ -164,6 +166,29 @@ def _attention(query, key, value, attention_mask, scaling, is_causal, softcap, d
         parts.append(probs @ v)
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
     return out.reshape(batch, heads, q_len, -1).to(query.dtype)
+
+
+def _one_query_attention(query, key, value, attention_mask, scale, is_causal, softcap, dtype) -> torch.Tensor:
+    """:func:`_attention` for one query per head: the same operations on (B, Hkv, g, L) scores (the grouped query
+    heads as rows of one product per K/V head, so K and V are not broadcast to every query head)."""
+    batch, heads, _, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    q = query.to(dtype).view(batch, kv_heads, groups, head_dim)
+    scores = (q @ key.to(dtype).transpose(-1, -2)) * scale  # (B, Hkv, g, L)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        mask = _mask_view(attention_mask, kv_heads, groups).squeeze(-2)  # (B|1, Hkv|1, g|1, L)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.to(dtype)
+    elif is_causal:
+        scores = scores.masked_fill(torch.arange(kv_len, device=query.device) > 0, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with every key masked: zeros
+    out = probs @ value.to(dtype)  # (B, Hkv, g, d)
+    return out.reshape(batch, heads, 1, -1).to(query.dtype)
 
 
 def _recording(*tensors: torch.Tensor | None) -> bool:

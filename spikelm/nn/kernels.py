@@ -18,6 +18,8 @@ neuron with autograd                      Triton: CUDA float32/bf16/fp16;       
 K/V append of a converted model's         C++ ``spike_pack5`` and                      :mod:`spikelm.nn.packing`
 packed cache (:func:`kv_append_kernel`)   ``unpack5_steps_into_batch``: CPU float32
                                           (the cache checks its neurons are plain)
+per-token code neuron (GIF, signed)       C++ ``token_codes``: CPU float32, no         the neuron's quantiser
+(:func:`token_code_kernel`)               autograd (the neuron checks its layout)
 ========================================  ===========================================  ===============================
 
 **The switch**, one for all of them: ``SPIKELM_KERNELS=0`` in the environment, :func:`set_enabled` (``False`` /
@@ -120,6 +122,16 @@ def max_rows() -> int:
     value = os.environ.get(ROWS_ENV_VAR)
     if value is None:
         return MAX_ROWS
+    if value == _rows_seen[0]:
+        return _rows_seen[1]
+    _rows_seen[:] = [value, _parse_rows(value)]
+    return _rows_seen[1]
+
+
+_rows_seen: list = [None, MAX_ROWS]  # (the environment's value, its parse): asked at every spiking linear
+
+
+def _parse_rows(value: str) -> int:
     try:
         rows = int(value)
     except ValueError:
@@ -151,8 +163,19 @@ def _error_text(err: BaseException) -> str:
 
 
 def cpp_built() -> bool:
-    """Whether the C++ extension is built (building it on first call); if it cannot be, says so once."""
+    """Whether the C++ extension is built (building it on first call); if it cannot be, says so once. A build
+    without AVX-512 (another CPU or compiler) is announced once too: its one-row linear runs the portable 4-lane
+    loop (the same definition, slower)."""
     if cpu_kernels.kernel() is not None:
+        if "cpp-avx512" not in _warned:
+            _warned.add("cpp-avx512")
+            if not cpu_kernels.has_avx512():
+                warnings.warn(
+                    "spikelm: the C++ one-row linear: no AVX-512 on this CPU or compiler; its portable 4-lane loop "
+                    "runs (the same results, slower)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         return True
     fallback(
         "cpp-build",
@@ -178,7 +201,20 @@ def _cpp_usable(*tensors: torch.Tensor | None, what: str) -> bool:
             if enabled(CPP):
                 _announce_platform(tensors, what)
             return False
-    return enabled(CPP) and cpp_built()
+    return _cpp_on()
+
+
+_cpp_seen: list = [None, False]  # (the switch's state, whether the C++ kernels run): asked at every spiking layer
+
+
+def _cpp_on() -> bool:
+    """``enabled(CPP) and cpp_built()``, recomputed only when the switch or its environment variables change."""
+    built = cpu_kernels._module  # the extension's holder (a new, empty one means not built yet)
+    key = (_override[0], os.environ.get(ENV_VAR), os.environ.get(CPU_ENV_VAR), id(built), len(built))
+    if key != _cpp_seen[0]:
+        on = enabled(CPP) and cpp_built()  # a bad value raises here, each time it is asked
+        _cpp_seen[:] = [key, on]
+    return _cpp_seen[1]
 
 
 def _announce_platform(tensors, what: str) -> None:
@@ -210,6 +246,15 @@ def spike_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if linear_kernel(x, weight, bias) == CPP:
         return cpu_kernels.few_rows_linear(x, weight, bias)
     return exact_linear(x, weight, bias)
+
+
+def token_code_kernel(x: torch.Tensor) -> str:
+    """Where a per-token code neuron (GIF, signed) codes and dequantises ``x`` outside autograd: :data:`CPP` (the
+    C++ ``token_codes``, one pass per token) for a CPU float32 input, else :data:`PYTORCH` (the neuron's own
+    quantiser; other dtypes and devices keep it by design, as the elastic neuron's loop does)."""
+    if x.device.type != "cpu" or x.dtype is not torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
+        return PYTORCH
+    return CPP if _cpp_usable(x, what="per-token code neurons") else PYTORCH
 
 
 def kv_append_kernel(key_states: torch.Tensor, value_states: torch.Tensor) -> str:

@@ -78,6 +78,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .. import cpu_kernels, kernels
 from .base import SpikingNeuron, register_neuron
 
 SCALE_FLOOR = 1e-5  # a constant token (x_max == x_min) would divide by zero; OmniQuant's floor
@@ -772,6 +773,7 @@ class GIFNeuron(SpikingNeuron):
         self.stats: GIFStats | None = None
         self._has_salient: bool | None = None  # cache of salient.any(): no host sync per call
         self._range_groups: tuple[torch.Tensor, torch.Tensor] | None = None  # cache of range_groups()
+        self._code_plan: tuple | None = None  # cache of code_plan()
 
     @property
     def backend(self) -> str:
@@ -807,6 +809,7 @@ class GIFNeuron(SpikingNeuron):
     def _load_from_state_dict(self, *args, **kwargs):
         self._has_salient = None
         self._range_groups = None
+        self._code_plan = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def range_groups(self, device=None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -843,6 +846,7 @@ class GIFNeuron(SpikingNeuron):
         self.salient.copy_(mask.to(torch.bool))
         self._has_salient = None
         self._range_groups = None
+        self._code_plan = None
 
     @torch.no_grad()
     def calibrate(
@@ -916,9 +920,61 @@ class GIFNeuron(SpikingNeuron):
         groups = self.range_groups(x.device)
         return GIFSpikes(spikes, scale, zero, self.gain(x.device), groups[0] if groups is not None else None)
 
+    def code_plan(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(group, top)`` for the C++ pass (:func:`spikelm.nn.cpu_kernels.token_codes`): each channel's range group
+        (int32, (rows of the channel shape, C)) and each group's top code (float32 (G,)), the quantiser of
+        :meth:`quantize` written as range groups: ranges per ``group_size`` channels (:func:`range_groups`), or one
+        per channel set (salient, other: the same min, max, scale and zero as :func:`per_group_grid`), or one per
+        token without saliency (:func:`per_token_grid`). None for whole-token ranges with saliency (another
+        formula: the PyTorch path)."""
+        if self._code_plan is None:
+            level, fine_top = self.max_level, max_code(self.bits, self.extra_bits)
+            plan = None
+            if self.group_size:
+                group, fine = self.range_groups()
+                plan = group, torch.where(fine, fine_top, level)
+            elif not self.has_saliency():
+                plan = torch.zeros(self.channel_shape, dtype=torch.int64), torch.tensor([level])
+            elif self.group_range == "group":
+                plan = torch.where(self.salient.cpu(), 0, 1), torch.tensor([fine_top, level])
+            if plan is not None:
+                group, top = plan
+                plan = group.reshape(-1, group.shape[-1]).to(torch.int32).contiguous(), top.to(torch.float32)
+            self._code_plan = (plan,)
+        return self._code_plan[0]
+
+    def fused_codes(self, x: torch.Tensor, want_code: bool = False, pack_bits: int = 0, code_offset: int = 0):
+        """:class:`~spikelm.nn.cpu_kernels.TokenCodes` ``(x_hat, code, scale, zero, grid)`` of ``x`` in one C++ pass
+        where the dispatcher takes it (:func:`spikelm.nn.kernels.token_code_kernel`: CPU float32 outside autograd)
+        and the layout is one it knows; else None. ``x_hat`` is :meth:`forward`'s value, ``code`` / ``scale`` /
+        ``zero`` :meth:`quantize`'s (``code`` None unless ``want_code``; with ``pack_bits``, the codes plus
+        ``code_offset`` as bit planes), ``grid`` :func:`pack_grid` of them, bit for bit."""
+        if self.backend != "fused" or kernels.token_code_kernel(x) != kernels.CPP:
+            return None
+        plan = self.code_plan()
+        rows = cpu_kernels.code_rows(self.channel_shape, x.shape)
+        if plan is None or rows is None or x.shape[-1] != self.channel_shape[-1]:
+            return None
+        group, top = plan
+        return cpu_kernels.token_codes(
+            x,
+            group,
+            top,
+            rows[1],
+            self.clip_ratio,
+            floor=SCALE_FLOOR,
+            want_code=want_code,
+            pack_bits=pack_bits,
+            code_offset=code_offset,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The dequantised input (x's shape and dtype): hooking this onto a linear layer's input is
         :func:`gif_linear` on :meth:`spike`. Straight-through gradient (identity) to ``x``."""
+        if not self.record_stats:
+            fast = self.fused_codes(x)  # the C++ pass where it runs (CPU float32 outside autograd): the same bits
+            if fast is not None:
+                return fast[0]
         with torch.no_grad():
             if self.backend == "reference":
                 spikes, scale, zero, _, _ = self.spike(x)

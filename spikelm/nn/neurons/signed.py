@@ -51,6 +51,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .. import cpu_kernels, kernels
 from .base import SpikingNeuron, register_neuron
 from .gif import SCALE_FLOOR, SaliencyRecorder, range_groups, saliency_scores, top_fraction_mask
 
@@ -363,6 +364,7 @@ class SignedNeuron(SpikingNeuron):
         self.record_stats = False
         self.stats: SignedStats | None = None
         self._groups: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._plan: tuple | None = None  # (the groups() it was made from, code_plan())
 
     @property
     def backend(self) -> str:
@@ -503,9 +505,57 @@ class SignedNeuron(SpikingNeuron):
         steps = torch.arange(self.num_steps).view(-1, 1)
         return (channel_top.view(1, -1) > steps * self.level).sum(1).to(torch.int64)
 
+    def code_plan(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(group, top)`` for the C++ pass (:func:`spikelm.nn.cpu_kernels.token_codes`): :meth:`groups` as int32
+        (rows of the channel shape, C) and float32 (G,)."""
+        groups = self.groups()
+        if self._plan is None or self._plan[0] is not groups:
+            group, top = groups
+            plan = group.reshape(-1, group.shape[-1]).to(torch.int32).contiguous(), top.to(torch.float32)
+            self._plan = (groups, plan)
+        return self._plan[1]
+
+    def fused_codes(self, x: torch.Tensor, want_code: bool = False, pack_bits: int = 0, code_offset: int = 0):
+        """:class:`~spikelm.nn.cpu_kernels.TokenCodes` ``(x_hat, code, scale, None, grid)`` of ``x`` in one C++ pass
+        where the dispatcher takes it (:func:`spikelm.nn.kernels.token_code_kernel`: CPU float32 outside autograd)
+        and the layout is one it knows; else None. ``x_hat`` is :meth:`forward`'s value, ``code`` / ``scale``
+        :meth:`quantize`'s (``code`` None unless ``want_code``; with ``pack_bits``, the codes plus ``code_offset`` as
+        bit planes), ``grid`` the scales again, bit for bit."""
+        if self.backend != "fused" or kernels.token_code_kernel(x) != kernels.CPP:
+            return None
+        factor = None
+        if self.scale_factor is not None:
+            if torch.is_grad_enabled() and self.scale_factor.requires_grad:
+                return None  # the scale factors' gradient: the PyTorch path
+            factor = self._factor(self.groups()[1]).detach()
+            if factor.dtype is not torch.float32 or factor.device.type != "cpu":
+                return None
+        rows = cpu_kernels.code_rows(self.channel_shape, x.shape)
+        if rows is None or x.shape[-1] != self.channel_shape[-1]:
+            return None
+        group, top = self.code_plan()
+        return cpu_kernels.token_codes(
+            x,
+            group,
+            top,
+            rows[1],
+            self.clip_ratio,
+            signed=True,
+            dead_zone=self.dead_zone,
+            floor=SCALE_FLOOR,
+            factor=factor,
+            want_code=want_code,
+            pack_bits=pack_bits,
+            code_offset=code_offset,
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The dequantised input (x's shape and dtype); straight-through gradient to ``x`` (and, with
         ``learn_scale``, to the scale factors)."""
+        if not self.record_stats:
+            fast = self.fused_codes(x)  # the C++ pass where it runs (CPU float32 outside autograd): the same bits
+            if fast is not None:
+                return fast[0]
         with torch.no_grad():
             if self.backend == "reference":
                 spikes, scale, group = self.spike(x)
