@@ -24,20 +24,22 @@ def register(sub) -> None:
             "calibrate them on text, and save the spiking model: config.json (the original architecture + a "
             "'spikelm' quantization_config), model.safetensors (weights + alphas / saliency masks), the tokenizer and "
             "a model card. After `import spikelm`, AutoModelForCausalLM.from_pretrained(DIR) loads it spiking. "
-            "Default recipe (the best training-free one measured on SmolLM2-135M): SpikeLLM's GIF neuron at its T=2 "
-            "setting (n=4 base bits, a=1: the top 10% of channels by saliency spike over 2 steps), per-token ranges "
-            "per 64 consecutive channels of each channel group (salient, other) clipped to 0.9, after a Hadamard "
-            "rotation of the residual stream and an online Hadamard on the FFN's last linear input. --neuron elastic: "
-            "SpikeLM's ternary neuron, T=4, symmetric reset, same rotations. --neuron signed: signed multi-level "
-            "spikes (codes -7..7 per token and 64 channels, unclipped, the top 10% of channels by saliency at 5 bits, "
-            "same rotations; signed_* fields, docs/CONVERSION.md): about 0.59x the source's compute energy, where GIF "
-            "costs 1.7x, at a slightly worse perplexity (1.43x against 1.41x on 4,096 Brown tokens). The default "
-            "stays the recipe with the lowest perplexity "
-            "unless a signed one meets both targets (at most 1.38x the real-valued perplexity and 0.6x its compute "
-            "energy inside the blocks on SmolLM2-135M); none did. Turn parts off with --set: "
-            "rotation=none, online_down_proj_rotation=false, saliency_fraction=0, gif_group_size=0 (one range per "
-            "channel group), gif_group_range=token, gif_clip_ratio=1; or on: value_rotation=true (a per-head "
-            "Hadamard on the attention's values and output, folded into the weights; off in every recipe)."
+            "Default recipe (--neuron signed): the perplexity-energy frontier's best point that meets both targets, "
+            "at most 1.38x the real model's perplexity and at most 0.6x its compute energy inside the blocks "
+            "(SmolLM2-135M, Brown, first 32,768 tokens); where no point meets both, the lowest-perplexity point "
+            "within the energy target (a spiking model cheaper than its source); the frontier is in "
+            "docs/CONVERSION.md ('Signed spikes and energy'). It is: signed multi-level spikes, 4-bit codes (-7..7) "
+            "per token and 64 channels, unclipped, the top 10% of channels by saliency at 5 bits (signed_* fields), "
+            "after a Hadamard rotation of the residual stream, an online Hadamard on the FFN's last linear input and "
+            "a per-head Hadamard on the attention's values and output (value_rotation), all folded exactly. "
+            "--neuron gif: SpikeLLM's GIF neuron at its T=2 setting (n=4 base bits, a=1: the top 10% of channels by "
+            "saliency spike over 2 steps), per-token ranges per 64 consecutive channels of each channel group "
+            "clipped to 0.9, the two residual-stream rotations (the default before the signed recipe). --neuron "
+            "elastic: SpikeLM's ternary neuron, T=4, symmetric reset, the two residual-stream rotations. A rotation "
+            "the architecture cannot fold exactly (e.g. GPT-2, BERT, the generic path) is dropped with one line. "
+            "Turn parts off with --set: rotation=none, online_down_proj_rotation=false, value_rotation=false, "
+            "saliency_fraction=0, gif_group_size=0 (one range per channel group), gif_group_range=token, "
+            "gif_clip_ratio=1; or on: value_rotation=true (in the gif and elastic recipes)."
         ),
     )
     p.add_argument(
@@ -49,8 +51,8 @@ def register(sub) -> None:
     p.add_argument(
         "--neuron",
         default=None,
-        help="neuron family: a registered neuron (spikelm.nn.neurons: gif, elastic, signed; default gif, the default "
-        "recipe)",
+        help="neuron family: a registered neuron (spikelm.nn.neurons: signed, gif, elastic; default signed, the "
+        "default recipe)",
     )
     p.add_argument(
         "--num-steps",

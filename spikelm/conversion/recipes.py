@@ -1,22 +1,29 @@
 """The named conversion recipes of ``spikelm spikify`` and the calibration text.
 
-The defaults are the best training-free recipe measured on SmolLM2-135M (docs/CONVERSION.md, the ladder):
+The default is the best point of the perplexity-energy frontier on SmolLM2-135M (Brown, first 32,768 tokens) that
+meets both targets: at most 1.38x the real-valued model's perplexity and at most 0.6x its compute energy inside the
+blocks; where no point meets both, the lowest-perplexity point within the energy target (the project's point is a
+spiking model cheaper than its source). docs/CONVERSION.md, "Signed spikes and energy", has the frontier.
 
-* ``gif`` (the default): SpikeLLM's GIF neuron at its T=2 setting (n = 4 base bits, a = 1 extra bit: the top
-  10 % of channels by saliency spike over 2 steps), per-token ranges per 64 consecutive channels of each channel
-  group (salient, other), clipped to 0.9 of the min/max, after a Hadamard rotation of the residual stream and an
-  online Hadamard on the FFN's last linear input (both exact: the real-valued model computes the same function).
+* ``signed`` (the default): the signed multi-level neuron, 4-bit codes (-7..7) per token and 64 channels (ranges
+  unclipped), the top 10 % of channels by saliency at 5 bits, after a Hadamard rotation of the residual stream, an
+  online Hadamard on the FFN's last linear input and a per-head Hadamard on the attention's values and output
+  (``value_rotation``; all three exact: the real-valued model computes the same function).
+* ``gif``: SpikeLLM's GIF neuron at its T=2 setting (n = 4 base bits, a = 1 extra bit: the top 10 % of channels by
+  saliency spike over 2 steps), per-token ranges per 64 consecutive channels of each channel group (salient,
+  other), clipped to 0.9 of the min/max, after the two residual-stream rotations (no value rotation). The default
+  before the signed recipe; both are on the frontier (docs/CONVERSION.md).
 * ``elastic``: SpikeLM's ternary neuron, T = 4, symmetric reset (far better than the authors' official reset on a
-  pretrained LLM), after the same rotations. Without distillation this stays far from the source model.
-* ``signed``: the signed multi-level neuron, 4-bit codes (-7..7) per token and 64 channels (ranges unclipped), the
-  top 10 % of channels by saliency at 5 bits, after the same rotations: 1.43x the real-valued perplexity at 0.59x
-  its compute energy inside the blocks on 4,096 Brown tokens, where GIF is 1.41x at 1.70x (docs/CONVERSION.md,
-  "Signed spikes and energy"). Not the default: it misses the perplexity target (at most 1.38x) there.
+  pretrained LLM), after the two residual-stream rotations. Without distillation this stays far from the source
+  model.
+
+A rotation the architecture cannot fold exactly is dropped by spikify with one line naming it (e.g. GPT-2 and BERT:
+LayerNorms and no per-head value/output linears described; the generic path: no rotation at all).
 
 Every field can be changed (``--set FIELD=VALUE``), so each part can be turned off: ``rotation=none``,
-``online_down_proj_rotation=false``, ``saliency_fraction=0``, ``gif_group_size=0`` (one range per channel group),
-``gif_group_range=token`` (whole-token ranges; the recipe's group size is then dropped), ``gif_clip_ratio=1``; and
-parts turned on: ``value_rotation=true`` (the attention's values and output rotated per head, off in every recipe).
+``online_down_proj_rotation=false``, ``value_rotation=false``, ``saliency_fraction=0``, ``gif_group_size=0`` (one
+range per channel group), ``gif_group_range=token`` (whole-token ranges; the recipe's group size is then dropped),
+``gif_clip_ratio=1``; and parts turned on: ``value_rotation=true`` in the recipes without it.
 """
 
 from __future__ import annotations
@@ -28,12 +35,16 @@ import torch
 from ..errors import UserError
 from ..nn.neurons import DEFAULT_NEURON, neuron_class, neuron_classes, neuron_names
 
+# the rotations every recipe shares (exact folds: the real-valued model computes the same function)
 TRANSFORM = {"rotation": "hadamard", "online_down_proj_rotation": True}
+# the rotations only some recipes add, by recipe name: the per-head value/output rotation, measured with the signed
+# neuron (docs/CONVERSION.md, "Signed spikes and energy"); the other recipes stay as they were (bit-identical)
+RECIPE_TRANSFORM = {"signed": {"value_rotation": True}}
 DEFAULT_RECIPE = DEFAULT_NEURON
 # the named recipes of the neurons registered at import, the default first: each neuron's recipe_defaults, then the
-# rotations every recipe shares (recipe() reads the registry itself, so a neuron registered later has one too)
+# rotations (recipe() reads the registry itself, so a neuron registered later has one too)
 RECIPES = {
-    cls.name: {**cls.recipe_defaults, **TRANSFORM}
+    cls.name: {**cls.recipe_defaults, **TRANSFORM, **RECIPE_TRANSFORM.get(cls.name, {})}
     for cls in sorted(neuron_classes(), key=lambda cls: cls.name != DEFAULT_RECIPE)
 }
 CALIBRATION_SEQUENCES = 32
@@ -56,7 +67,7 @@ def recipe(neuron: str, num_steps: int | None = None, overrides: dict | None = N
         raise UserError(f"--num-steps must be at least 1, got {num_steps}")
     cls = neuron_class(neuron)
     try:
-        fields = {**cls.recipe(num_steps), **TRANSFORM}
+        fields = {**cls.recipe(num_steps), **TRANSFORM, **RECIPE_TRANSFORM.get(neuron, {})}
     except ValueError as err:
         raise UserError(str(err)) from None
     fields.update(overrides or {})

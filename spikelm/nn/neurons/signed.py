@@ -306,9 +306,10 @@ class SignedNeuron(SpikingNeuron):
         "signed_learn_scale": False,
         "signed_outlier_ratio": 0.0,
     }
-    # the named recipe (spikify --neuron signed), the best point of the perplexity-energy frontier below 0.7x the
-    # source's energy (docs/CONVERSION.md, "Signed spikes and energy"): 4-bit codes (-7..7) per token and 64
-    # channels, unclipped (1.0), the top 10 % of channels by saliency at 5 bits (-15..15, 3 spikes at T = 1)
+    # the named recipe (spikify --neuron signed, the default recipe), the perplexity-energy frontier's best point
+    # within the targets (docs/CONVERSION.md, "Signed spikes and energy"): 4-bit codes (-7..7) per token and 64
+    # channels, unclipped (1.0), the top 10 % of channels by saliency at 5 bits (-15..15, 3 spikes at T = 1); the
+    # recipe's rotations, the per-head value/output one included, are spikelm.conversion.recipes' (not neuron fields)
     recipe_defaults = {
         "neuron": "signed",
         "signed_bits": 4,
