@@ -10,11 +10,13 @@ Three parts, each optional (:data:`PARTS`):
     from ``test_labels.tsv`` beside it), beside the majority class of the training split.
 ``llm``
     SmolLM2-135M (``smollm2-135m``) made to spike by :func:`spikelm.conversion.spikify` with the default recipe
-    (:data:`spikelm.conversion.recipes.RECIPES` ``gif``), calibrated on a few sequences; perplexity of the real-valued
-    and the spiking model on the same tokens, and both models' greedy continuations of fixed prompts with tokens/s.
+    (:data:`spikelm.conversion.recipes.DEFAULT_RECIPE`, described by its neuron plug-in), calibrated on a few
+    sequences; perplexity of the real-valued and the spiking model on the same tokens, and both models' greedy
+    continuations of fixed prompts with tokens/s.
 ``energy``
     :func:`spikelm.evaluation.energy.measure_energy` of the spiking models made by the other parts, against their
-    real-valued sources, with the energy report and plots of :mod:`spikelm.evaluation.energy_report`.
+    real-valued sources, with the energy report and plots of :mod:`spikelm.evaluation.energy_report` (the LLM's:
+    the model the ``llm`` part converted with the default recipe, its perplexity ratio printed beside its energy).
 
 Everything goes under one output directory; ``figures.json`` holds every figure and ``report.md`` shows them
 (:mod:`spikelm.experiments.demo_report`).
@@ -341,16 +343,17 @@ def run_llm(settings: DemoSettings, out: Path, log, context: dict) -> dict:
     context["llm_energy_tokens"] = tokens[: max(settings.window, settings.energy_tokens)]
     fields = dict(RECIPES[DEFAULT_RECIPE])
     config = SpikeLMConversionConfig(**fields)
-    log(f"converting with the default recipe (GIF neuron, T=2, Hadamard rotation), calibrating on {calibration_text}")
+    log(f"converting with the default recipe ({recipe_summary(fields)}), calibrating on {calibration_text}")
     converted = time.perf_counter()
     spikify(model, config, calibration=calibration)
     convert_seconds = time.perf_counter() - converted
     spiking = perplexity(model, tokens, window=settings.window, stride=settings.window, progress=True)
     log(f"spiking perplexity {spiking['perplexity']:.2f} ({spiking['seconds']:.0f} s)")
     spiking_text = greedy(model, tokenizer, settings.prompts, settings.new_tokens)
+    applied = model.config.quantization_config.to_dict()  # as applied (a rotation the model cannot fold is dropped)
     figures.update(
-        recipe={k: v for k, v in config.to_dict().items() if k in fields},
-        time_steps=neuron_class(config.neuron).time_steps(config.to_dict()),
+        recipe={k: v for k, v in applied.items() if k in fields},
+        time_steps=neuron_class(config.neuron).time_steps(applied),
         conversion_seconds=round(convert_seconds, 1),
         perplexity={
             "real": real["perplexity"],
@@ -367,11 +370,29 @@ def run_llm(settings: DemoSettings, out: Path, log, context: dict) -> dict:
     return figures
 
 
+def recipe_summary(recipe: dict) -> str:
+    """The recipe in a few words, from its neuron plug-in (:meth:`~spikelm.nn.neurons.base.SpikingNeuron.summary`),
+    with the rotations it asks for (the value/output one only where asked)."""
+    from spikelm.nn.neurons import neuron_class
+
+    words = neuron_class(recipe["neuron"]).summary(recipe)
+    rotations = [
+        what
+        for what, on in (
+            ("residual-stream rotation", recipe.get("rotation", "none") != "none"),
+            ("online FFN rotation", recipe.get("online_down_proj_rotation", False)),
+            ("value/output rotation", recipe.get("value_rotation", False)),
+        )
+        if on
+    ]
+    return f"{words}; {', '.join(rotations)}" if rotations else words
+
+
 def llm_summary_lines(figures: dict) -> list[str]:
     p = figures["perplexity"]
     lines = [
         f"{figures['source']} perplexity on {figures['evaluation']}: real-valued {p['real']:.2f}, spiking "
-        f"(GIF, T={figures['time_steps']}) {p['spiking']:.2f} (ratio {p['ratio']:.2f})",
+        f"({recipe_summary(figures['recipe'])}) {p['spiking']:.2f} (ratio {p['ratio']:.2f})",
     ]
     for g in figures["generations"]:
         lines.append(f'  "{g["prompt"]}"')
@@ -466,8 +487,9 @@ def run_energy(settings: DemoSettings, out: Path, log, context: dict, figures: d
         }
         log(
             f"LLM energy per {settings.window}-token window: spiking {spiking['snn_mJ_per_sequence']:.3f} mJ vs "
-            f"real-valued {spiking['ann_mJ_per_sequence']:.3f} mJ (ratio {spiking['ratio']:.2f}x); "
-            f"mean firing rate {spiking['mean_firing_rate']:.3f}"
+            f"real-valued {spiking['ann_mJ_per_sequence']:.3f} mJ (spiking / real-valued "
+            f"{spiking['snn_mJ_per_sequence'] / spiking['ann_mJ_per_sequence']:.2f}x, perplexity "
+            f"{figures['llm']['perplexity']['ratio']:.2f}x); mean firing rate {spiking['mean_firing_rate']:.3f}"
         )
     return result
 

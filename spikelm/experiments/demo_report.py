@@ -10,6 +10,17 @@ from spikelm.outputs import write_text_atomic
 SUMMARY_PLOT = "summary.png"
 
 
+def _neuron_name(recipe: dict) -> str:
+    """The recipe's neuron in prose (its plug-in's ``display_name``, e.g. GIF, signed); empty if none is named."""
+    from spikelm.nn.neurons import neuron_class, neuron_names
+
+    name = recipe.get("neuron")
+    if name not in neuron_names():
+        return str(name or "")
+    cls = neuron_class(name)
+    return cls.display_name or cls.name
+
+
 def summary_panels(figures: dict) -> list[dict]:
     """The summary plot's bar charts, one per part that ran: ``title``, ``labels``, ``values``, ``fmt`` and a
     ``note`` printed beside the last bar (the LLM's energy panel: its perplexity ratio, so the two are read
@@ -31,7 +42,7 @@ def summary_panels(figures: dict) -> list[dict]:
         )
     if "llm" in figures:
         p = figures["llm"]["perplexity"]
-        neuron = str(figures["llm"].get("recipe", {}).get("neuron", "")).upper()  # the recipe's neuron, e.g. GIF
+        neuron = _neuron_name(figures["llm"].get("recipe", {}))  # the recipe's neuron, by its plug-in
         panels.append(
             {
                 "title": f"{figures['llm']['source']} perplexity",
@@ -56,6 +67,14 @@ def summary_panels(figures: dict) -> list[dict]:
             )
         panels.append(panel)
     return panels
+
+
+def _describe(recipe: dict) -> str:
+    """The recipe's neuron and settings in a sentence, by its plug-in (the model card's words)."""
+    from spikelm.nn.neurons import neuron_class, neuron_names
+
+    name = recipe.get("neuron")
+    return neuron_class(name).describe(recipe) if name in neuron_names() else f"neuron {name}"
 
 
 def plot_summary(figures: dict, path: Path) -> bool:
@@ -146,7 +165,8 @@ def markdown(figures: dict, plot: str | None) -> str:
             "## A spiking LLM from a pretrained LLM",
             "",
             f"{g['source']} ({g['parameters'] / 1e6:.1f} M parameters) converted without training by "
-            f"`spikelm.spikify` with the default recipe ({recipe}; T={g['time_steps']}), calibrated on "
+            f"`spikelm.spikify` with the default recipe ({recipe}; T={g['time_steps']}; {_describe(g['recipe'])}), "
+            "calibrated on "
             f"{g['calibration']} ({g['conversion_seconds']:.0f} s). Perplexity on {g['evaluation']}, disjoint "
             f"windows of {g['window']} ({p['tokens_scored']:,} tokens scored):",
             "",
@@ -210,10 +230,10 @@ def markdown(figures: dict, plot: str | None) -> str:
             lines.append("")
         if figures["energy"].get("llm", {}).get("ratio", 1) < 1:
             lines += [
-                "The converted LLM costs more than its source under this accounting: a GIF spike of level k is k "
-                "accumulates, and the per-token code puts real zero mid-range, so an input channel fires several "
-                "levels on average (docs/CONVERSION.md, Energy). The native SpikeLM classifier's ternary spikes are "
-                "one accumulate each.",
+                "The converted LLM costs more than its source under this accounting: a spike of level k is k "
+                "accumulates, so an input channel that fires several levels on average costs more than the one "
+                "multiply-add it replaces (docs/CONVERSION.md, Energy). The native SpikeLM classifier's ternary "
+                "spikes are one accumulate each.",
                 "",
             ]
         for name, e in figures["energy"].items():

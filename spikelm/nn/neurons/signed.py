@@ -686,11 +686,25 @@ class SignedNeuron(SpikingNeuron):
 
     @classmethod
     def summary(cls, fields) -> str:
-        return f"signed neuron, {fields.get('signed_bits')}-bit codes, T={fields.get('signed_steps')}"
+        salient = cls.field(fields, "signed_salient_bits")
+        salient = (
+            f", the top {fields['saliency_fraction']:.0%} salient at {salient} bits"
+            if salient is not None and fields.get("saliency_fraction", 0)
+            else ""
+        )
+        group = cls.field(fields, "signed_group_size")
+        group = f"{group} channels" if group else "channel set"
+        return (
+            f"signed neuron, {cls.field(fields, 'signed_bits')}-bit codes per {group}{salient}, "
+            f"T={cls.field(fields, 'signed_steps')}"
+        )
 
     @classmethod
     def steps_summary(cls, fields) -> str:
-        return f"signed neuron, {fields.get('signed_bits')}-bit codes over T = {fields.get('signed_steps')} steps"
+        return (
+            f"signed neuron, {cls.field(fields, 'signed_bits')}-bit codes over T = {cls.field(fields, 'signed_steps')} "
+            "steps"
+        )
 
     @classmethod
     def time_steps(cls, fields) -> int:
