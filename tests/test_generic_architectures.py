@@ -437,14 +437,16 @@ def test_unconvertible_models_are_refused_in_one_line(model_type):
     assert not any(True for _ in neurons(model))  # refused before anything was changed
 
 
-@pytest.mark.parametrize("field,value", [("rotation", "hadamard"), ("online_down_proj_rotation", True)])
+@pytest.mark.parametrize(
+    "field,value", [("rotation", "hadamard"), ("online_down_proj_rotation", True), ("value_rotation", True)]
+)
 def test_rotations_are_dropped_on_the_generic_path_in_the_one_line(field, value):
     source = ARCHITECTURES["phi"][0]()
     weights = {k: v.clone() for k, v in source.state_dict().items()}
     model, notices = convert("phi", **{field: value})
     assert len(notices) == 1 and "no rotation" in notices[0]
     config = model.config.quantization_config
-    assert config.rotation == "none" and config.online_down_proj_rotation is False
+    assert config.rotation == "none" and config.online_down_proj_rotation is False and config.value_rotation is False
     assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items() if k in weights)  # nothing folded
 
 

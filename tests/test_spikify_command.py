@@ -84,49 +84,105 @@ def test_spikify_saves_a_model_that_from_pretrained_loads_spiking(
     assert result.stdout.strip().splitlines()[-1] == "True"
 
 
-def test_spikify_defaults_are_the_gif_recipe_and_set_turns_parts_off(llama_dir, calibration_file, tmp_path, capsys):
-    out = tmp_path / "out"
-    code, _, err = _spikify(
-        [
-            "--model",
-            str(llama_dir),
-            "--calibration-text",
-            str(calibration_file),
-            "--calibration-sequences",
-            "1",
-            "--calibration-length",
-            "16",
-            "--eval-tokens",
-            "0",
-            "--set",
-            "rotation=none",
-            "--set",
-            "online_down_proj_rotation=false",
-            "--set",
-            "saliency_fraction=0",
-            "--set",
-            "gif_group_size=0",
-            "--output-dir",
-            str(out),
-        ],
-        capsys,
+def _convert_tiny(llama_dir, calibration_file, out, capsys, *extra):
+    args = ["--model", str(llama_dir), "--calibration-text", str(calibration_file), "--calibration-sequences", "1"]
+    code, stdout, err = _spikify(
+        [*args, "--calibration-length", "16", "--eval-tokens", "0", *extra, "--output-dir", str(out)], capsys
     )
     assert code == 0, err
-    quant = json.loads((out / "config.json").read_text())["quantization_config"]
+    return json.loads((out / "config.json").read_text())["quantization_config"], stdout
+
+
+def test_spikify_defaults_are_the_signed_recipe_with_the_value_rotation(llama_dir, calibration_file, tmp_path, capsys):
+    """No --neuron: the signed recipe (docs/CONVERSION.md): 4-bit codes per 64 channels, unclipped, the top 10 % of
+    channels at 5 bits, both residual-stream rotations and the per-head value/output rotation, all applied to a
+    LLaMA (nothing dropped, so no notice line); the saved neurons are signed ones with those settings."""
+    from spikelm.conversion import neurons
+    from spikelm.nn.neurons.signed import SignedNeuron
+
+    quant, stdout = _convert_tiny(llama_dir, calibration_file, tmp_path / "out", capsys)
+    assert quant["neuron"] == "signed"
+    assert (quant["signed_bits"], quant["signed_group_size"], quant["signed_clip_ratio"]) == (4, 64, 1.0)
+    assert (quant["signed_salient_bits"], quant["saliency_fraction"], quant["signed_steps"]) == (5, 0.1, 1)
+    assert quant["rotation"] == "hadamard" and quant["online_down_proj_rotation"] is True
+    assert quant["value_rotation"] is True
+    assert "dropped" not in stdout and "no per-head" not in stdout
+    source = AutoModelForCausalLM.from_pretrained(llama_dir)
+    spiking = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    placed = [n for _, n in neurons(spiking)]
+    assert placed and all(isinstance(n, SignedNeuron) for n in placed)
+    assert not torch.allclose(
+        source.model.layers[0].self_attn.v_proj.weight, spiking.model.layers[0].self_attn.v_proj.weight
+    )
+
+
+def test_set_turns_the_default_recipes_parts_off(llama_dir, calibration_file, tmp_path, capsys):
+    sets = ["rotation=none", "online_down_proj_rotation=false", "value_rotation=false", "saliency_fraction=0"]
+    sets += ["signed_group_size=0"]
+    quant, _ = _convert_tiny(
+        llama_dir, calibration_file, tmp_path / "out", capsys, *(a for s in sets for a in ("--set", s))
+    )
+    assert (quant["neuron"], quant["signed_bits"]) == ("signed", 4)
+    assert quant["rotation"] == "none" and quant["online_down_proj_rotation"] is False
+    assert quant["value_rotation"] is False
+    assert quant["saliency_fraction"] == 0 and quant["signed_group_size"] == 0
+    # without any rotation the weights are the source's, untouched
+    source = AutoModelForCausalLM.from_pretrained(llama_dir)
+    spiking = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    for name in ("mlp.down_proj", "self_attn.v_proj", "self_attn.o_proj"):
+        assert torch.equal(
+            source.model.layers[0].get_submodule(name).weight, spiking.model.layers[0].get_submodule(name).weight
+        ), name
+
+
+def test_neuron_gif_is_the_gif_recipe_and_set_turns_parts_off(llama_dir, calibration_file, tmp_path, capsys):
+    sets = ["rotation=none", "online_down_proj_rotation=false", "saliency_fraction=0", "gif_group_size=0"]
+    quant, _ = _convert_tiny(
+        llama_dir,
+        calibration_file,
+        tmp_path / "out",
+        capsys,
+        "--neuron",
+        "gif",
+        *(a for s in sets for a in ("--set", s)),
+    )
     assert (quant["neuron"], quant["gif_bits"], quant["gif_extra_bits"]) == ("gif", 4, 1)
     assert quant["rotation"] == "none" and quant["online_down_proj_rotation"] is False
+    assert quant["value_rotation"] is False  # the GIF recipe has no value rotation
     assert quant["saliency_fraction"] == 0 and quant["gif_group_size"] == 0
     # without the rotation the weights are the source's, untouched
     source = AutoModelForCausalLM.from_pretrained(llama_dir)
-    spiking = AutoModelForCausalLM.from_pretrained(out)
+    spiking = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert torch.equal(source.model.layers[0].mlp.down_proj.weight, spiking.model.layers[0].mlp.down_proj.weight)
+
+
+def test_spikify_help_states_the_default_rule(capsys):
+    """``spikify --help`` names the default (signed) and the rule that picked it: the frontier's best point meeting
+    both targets (1.38x perplexity, 0.6x compute energy inside the blocks, SmolLM2-135M, 32,768 Brown tokens), else
+    the lowest-perplexity point within the energy target, with the pointer to docs/CONVERSION.md."""
+    assert main(["spikify", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for phrase in (
+        "Default recipe (--neuron signed)",
+        "best point that meets both targets",
+        "at most 1.38x the real model's perplexity",
+        "at most 0.6x its compute energy inside the blocks",
+        "SmolLM2-135M, Brown, first 32,768 tokens",
+        "where no point meets both, the lowest-perplexity point within the energy target",
+        "docs/CONVERSION.md",
+        "value_rotation",
+        "--neuron gif",
+    ):
+        assert phrase in text, phrase
+    assert "default signed" in text  # --neuron's own help
 
 
 def test_spikify_set_value_rotation_turns_the_values_and_keeps_the_real_valued_model(
     llama_dir, calibration_file, tmp_path, capsys
 ):
-    """``--set value_rotation=true`` (off in every recipe): saved in config.json, the value rows turned (nothing
-    else rotated here), and the saved model with its neurons detached computes the source's logits."""
+    """``--set value_rotation=true`` (in the signed recipe already; here with the residual rotations off): saved in
+    config.json, the value rows turned (nothing else rotated here), and the saved model with its neurons detached
+    computes the source's logits."""
     from spikelm.conversion import detach
 
     out = tmp_path / "out"
@@ -166,7 +222,7 @@ def test_bad_inputs_get_one_clear_line_before_any_output(llama_dir, calibration_
     assert "--num-steps" in _bad(
         ["--model", str(llama_dir), "--neuron", "elastic", "--num-steps", "0"], capsys, tmp_path
     )
-    assert "power of two" in _bad(["--model", str(llama_dir), "--num-steps", "3"], capsys, tmp_path)
+    assert "power of two" in _bad(["--model", str(llama_dir), "--neuron", "gif", "--num-steps", "3"], capsys, tmp_path)
     assert "unknown_field" in _bad(["--model", str(llama_dir), "--set", "unknown_field=1"], capsys, tmp_path)
     assert "nope" in _bad(["--model", str(tmp_path / "nope")], capsys, tmp_path)
     t5 = tmp_path / "t5"
@@ -251,7 +307,8 @@ def test_gpt2_converts_too(calibration_file, tmp_path, capsys, llama_dir):
 def test_set_gif_group_size_reaches_the_saved_model_and_its_card(llama_dir, calibration_file, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--model", str(llama_dir), "--calibration-text", str(calibration_file), "--calibration-sequences", "1"]
-    args += ["--calibration-length", "16", "--eval-tokens", "0", "--set", "gif_group_size=4", "--output-dir", str(out)]
+    args += ["--calibration-length", "16", "--eval-tokens", "0", "--neuron", "gif", "--set", "gif_group_size=4"]
+    args += ["--output-dir", str(out)]
     code, _, err = _spikify(args, capsys)
     assert code == 0, err
     assert json.loads((out / "config.json").read_text())["quantization_config"]["gif_group_size"] == 4

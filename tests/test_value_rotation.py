@@ -242,17 +242,48 @@ def test_where_the_fold_is_not_exact_spikify_drops_it_in_one_line(make, word):
             assert torch.equal(p, weights[name]), name
 
 
-def test_off_by_default_and_a_config_without_the_field_loads_with_it_off():
+def test_on_in_the_signed_recipe_only_and_a_config_without_the_field_loads_with_it_off():
+    """The signed recipe (the default) turns it on; the GIF and elastic recipes stay as they were (off); a config
+    written before the field existed loads with it off."""
     from spikelm.conversion import SpikeLMConversionConfig
+    from spikelm.conversion.recipes import DEFAULT_RECIPE, RECIPES
 
-    for name in ("gif", "elastic", "signed"):
+    assert DEFAULT_RECIPE == "signed"
+    assert recipe("signed")["value_rotation"] is True and RECIPES["signed"]["value_rotation"] is True
+    assert SpikeLMConversionConfig(**recipe("signed")).value_rotation is True
+    assert recipe("signed", None, {"value_rotation": False})["value_rotation"] is False  # --set turns it off
+    for name in ("gif", "elastic"):
         assert recipe(name).get("value_rotation", False) is False
+        assert RECIPES[name].get("value_rotation", False) is False
         assert SpikeLMConversionConfig(**recipe(name)).value_rotation is False
     saved = SpikeLMConversionConfig(**recipe("signed")).to_dict()
     saved.pop("value_rotation")  # a config.json written before the field existed
     assert SpikeLMConversionConfig(**saved).value_rotation is False
     with pytest.raises(ValueError, match="value_rotation must be True or False"):
         SpikeLMConversionConfig(value_rotation="yes")
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bert"])
+def test_the_default_recipe_converts_families_it_cannot_rotate_with_one_line(model_type):
+    """GPT-2 and BERT (LayerNorms, no per-head value/output linears described) take the default recipe: every
+    rotation it asks for is dropped in the one line spikify gives anyway for the residual-stream rotation, the
+    weights stay the source's, and the neurons are the recipe's (signed)."""
+    from spikelm.conversion import neurons
+    from spikelm.conversion.recipes import DEFAULT_RECIPE
+    from spikelm.nn.neurons.signed import SignedNeuron
+
+    model = build(model_type)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model, notices = convert(model, recipe(DEFAULT_RECIPE))
+    assert len(notices) == 1 and "\n" not in notices[0], notices
+    assert "no residual-stream rotation" in notices[0] and "no per-head value/output rotation" in notices[0]
+    config = model.config.quantization_config
+    assert config.value_rotation is False and config.rotation == "none" and not config.online_down_proj_rotation
+    for name, p in model.named_parameters():
+        if name in weights:
+            assert torch.equal(p, weights[name]), name
+    placed = [n for _, n in neurons(model)]
+    assert placed and all(isinstance(n, SignedNeuron) for n in placed)
 
 
 def test_the_model_card_says_the_values_are_rotated(tmp_path):
