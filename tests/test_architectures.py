@@ -116,7 +116,8 @@ ALL = sorted([*CAUSAL, "gpt2", "bert"])
 
 
 def convert(model, **fields):
-    """spikify with the default recipe (GIF, with the transform) and ``fields``; returns (model, spikify notices)."""
+    """spikify with the GIF recipe (with the transform) and ``fields``; returns (model, spikify notices). The
+    default (signed) recipe on every family: tests/test_value_rotation.py."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         spikify(model, recipe("gif", None, fields), calibration=[token_ids(4, 16, seed=3), token_ids(4, 16, seed=4)])
@@ -131,7 +132,7 @@ def test_every_family_is_described():
 
 @pytest.fixture(scope="module")
 def round_trip(tmp_path_factory):
-    """Every family converted with the default recipe and saved; one fresh process loads them all through
+    """Every family converted with the GIF recipe and saved; one fresh process loads them all through
     ``from_pretrained`` and writes its logits. Returns {model_type: (logits here, logits there)}."""
     root = tmp_path_factory.mktemp("families")
     ids = token_ids(2, 10, seed=7)

@@ -141,6 +141,9 @@ def test_demo_end_to_end_figures_match_the_files_it_wrote(sources, tmp_path, mon
     assert g["perplexity"]["ratio"] == pytest.approx(g["perplexity"]["spiking"] / g["perplexity"]["real"])
     assert g["perplexity"]["spiking"] != pytest.approx(g["perplexity"]["real"], rel=1e-6)  # it does spike
     assert f"{g['perplexity']['ratio']:.2f}" in report
+    from spikelm.conversion.recipes import DEFAULT_RECIPE, RECIPES
+
+    assert g["recipe"] == RECIPES[DEFAULT_RECIPE]  # the default recipe, all of it applied (value rotation included)
     for gen in g["generations"]:
         prompt = torch.tensor([tok(gen["prompt"], add_special_tokens=False).input_ids])
         with torch.no_grad():
@@ -166,6 +169,11 @@ def test_demo_end_to_end_figures_match_the_files_it_wrote(sources, tmp_path, mon
         assert 0 < e["mean_firing_rate"] < 1 and e["snn_mJ_per_sequence"] > 0
         assert f"{e['ratio']:.2f}x" in report
     assert figures["energy"]["llm"]["sequences"] == 2  # 1,024 perplexity tokens in windows of 512
+    # the printed LLM energy line: the spiking / real-valued energy with the perplexity ratio beside it
+    e = figures["energy"]["llm"]
+    line = next(line for line in printed.splitlines() if line.startswith("LLM energy"))
+    assert f"spiking / real-valued {e['snn_mJ_per_sequence'] / e['ann_mJ_per_sequence']:.2f}x" in line
+    assert f"perplexity {g['perplexity']['ratio']:.2f}x" in line
     assert figures["peak_rss_mb"] > 0 and figures["seconds"]["total"] > 0
 
     # a second run reuses its own directory; a directory holding something else is refused

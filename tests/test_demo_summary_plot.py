@@ -63,3 +63,27 @@ def test_figures_from_before_the_same_precision_fields_still_report(tmp_path):
     del figures["energy"]["llm"]["snn_over_ann"]
     assert "same weight precision" not in markdown(figures, None)
     assert plot_summary(figures, tmp_path / "summary.png")
+
+
+def test_the_recipe_is_described_by_its_neuron_plug_in_not_a_fixed_name():
+    """The default recipe (signed, value rotation): the perplexity panel, the printed summary line and the report
+    name it through the neuron plug-in (display_name, summary, describe); nothing says GIF."""
+    from spikelm.conversion.recipes import DEFAULT_RECIPE, RECIPES
+    from spikelm.experiments.demo import llm_summary_lines, recipe_summary
+    from spikelm.nn.neurons import neuron_class
+
+    figures = _figures()
+    recipe = dict(RECIPES[DEFAULT_RECIPE])
+    figures["llm"].update(recipe=recipe, time_steps=1)
+    figures["energy"]["llm"]["ratio"] = 0.5  # the spiking model costing more: the explanation must not say GIF
+    cls = neuron_class(recipe["neuron"])
+    panels = summary_panels(figures)
+    assert panels[0]["labels"] == ["real-valued", f"spiking\n{cls.display_name} T=1"]
+    line = llm_summary_lines(figures["llm"])[0]
+    assert cls.summary(recipe) in line and "value/output rotation" in line and "(ratio 1.25)" in line
+    assert recipe_summary(recipe).startswith(cls.summary(recipe))
+    report = markdown(figures, None)
+    assert cls.describe(recipe) in report and "value_rotation=True" in report
+    assert "GIF" not in report + line + " ".join(panels[0]["labels"])
+    gif = RECIPES["gif"]  # and the GIF recipe is named by its own plug-in, without a value rotation
+    assert recipe_summary(gif) == f"{neuron_class('gif').summary(gif)}; residual-stream rotation, online FFN rotation"

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
 
 from spikelm.conversion import neurons, placement, spikify
-from spikelm.conversion.recipes import RECIPES
+from spikelm.conversion.recipes import DEFAULT_RECIPE, RECIPES
 from spikelm.conversion.rotation import attach_online_down_proj_rotation, rotate_residual_stream
 
 VOCAB = 96
@@ -118,12 +118,14 @@ def test_the_conversion_spikes_and_stays_close_to_the_source():
     assert 0 < error < 0.5
 
 
-def test_spikify_command_drops_only_the_residual_rotation_saying_why(capsys):
+@pytest.mark.parametrize("neuron", ["gif", DEFAULT_RECIPE])
+def test_spikify_command_drops_only_the_residual_rotation_saying_why(capsys, neuron):
     from spikelm.commands.spikify import _fit_transform
     from spikelm.conversion import SpikeLMConversionConfig
 
-    fitted = _fit_transform(SpikeLMConversionConfig(**RECIPES["gif"]), tiny_gemma3())
+    fitted = _fit_transform(SpikeLMConversionConfig(**RECIPES[neuron]), tiny_gemma3())
     assert fitted.rotation == "none" and fitted.online_down_proj_rotation
+    assert fitted.value_rotation == RECIPES[neuron].get("value_rotation", False)  # kept where asked (exact here)
     notice = capsys.readouterr().out.strip()
     assert len(notice.splitlines()) == 1 and "gemma3_text" in notice and "post_attention_layernorm" in notice
 

@@ -32,11 +32,13 @@ REAL_SIZES = dict(
     rms_norm_eps=1e-5,
 )
 RECIPES = {
-    "gif": recipe("gif"),  # the default: GIF T=2, ranges per 64 channels, clip 0.9, both Hadamard rotations
+    "gif": recipe("gif"),  # GIF T=2, ranges per 64 channels, clip 0.9, both Hadamard rotations
     "gif-token-ranges": recipe("gif", overrides={"gif_group_range": "token"}),
     "gif-no-saliency": recipe("gif", overrides={"saliency_fraction": 0.0}),
     "elastic": recipe("elastic"),  # ternary T=4, symmetric reset, same rotations
-    "signed": recipe("signed"),  # signed 4-bit codes, ranges per 64 channels, clip 0.9, same rotations
+    # the default: signed 4-bit codes per 64 channels, unclipped, the top 10 % at 5 bits, both Hadamard rotations
+    # and the per-head value/output rotation
+    "signed": recipe("signed"),
     "signed-options": recipe(  # saliency (more levels, more steps), a dead zone, per-site bits, T=2
         "signed",
         num_steps=2,
