@@ -35,16 +35,15 @@ import torch
 from ..errors import UserError
 from ..nn.neurons import DEFAULT_NEURON, neuron_class, neuron_classes, neuron_names
 
-# the rotations every recipe shares (exact folds: the real-valued model computes the same function)
+# the rotations every recipe shares (exact folds: the real-valued model computes the same function); a rotation only
+# one recipe asks for is in its neuron's recipe_defaults (the signed one's value_rotation=True: the other recipes stay
+# as they were, bit for bit)
 TRANSFORM = {"rotation": "hadamard", "online_down_proj_rotation": True}
-# the rotations only some recipes add, by recipe name: the per-head value/output rotation, measured with the signed
-# neuron (docs/CONVERSION.md, "Signed spikes and energy"); the other recipes stay as they were (bit-identical)
-RECIPE_TRANSFORM = {"signed": {"value_rotation": True}}
 DEFAULT_RECIPE = DEFAULT_NEURON
 # the named recipes of the neurons registered at import, the default first: each neuron's recipe_defaults, then the
-# rotations (recipe() reads the registry itself, so a neuron registered later has one too)
+# shared rotations (recipe() reads the registry itself, so a neuron registered later has one too)
 RECIPES = {
-    cls.name: {**cls.recipe_defaults, **TRANSFORM, **RECIPE_TRANSFORM.get(cls.name, {})}
+    cls.name: {**cls.recipe_defaults, **TRANSFORM}
     for cls in sorted(neuron_classes(), key=lambda cls: cls.name != DEFAULT_RECIPE)
 }
 CALIBRATION_SEQUENCES = 32
@@ -67,7 +66,7 @@ def recipe(neuron: str, num_steps: int | None = None, overrides: dict | None = N
         raise UserError(f"--num-steps must be at least 1, got {num_steps}")
     cls = neuron_class(neuron)
     try:
-        fields = {**cls.recipe(num_steps), **TRANSFORM, **RECIPE_TRANSFORM.get(neuron, {})}
+        fields = {**cls.recipe(num_steps), **TRANSFORM}
     except ValueError as err:
         raise UserError(str(err)) from None
     fields.update(overrides or {})

@@ -34,8 +34,9 @@ class SpikingNeuron(nn.Module):
     * ``config_fields`` (dict, field -> default): the conversion-config fields this neuron owns, under the names
       saved configs use (so ``config.json`` files from before load unchanged). Every registered neuron's fields are
       fields of :class:`~spikelm.conversion.config.SpikeLMConversionConfig`, in registry order.
-    * ``recipe_defaults`` (dict): the fields of the named recipe ``spikify --neuron NAME`` (besides the rotations,
-      which spikelm.conversion.recipes adds), ``"neuron"`` included.
+    * ``recipe_defaults`` (dict): the fields of the named recipe ``spikify --neuron NAME`` (besides the rotations
+      every recipe shares, which spikelm.conversion.recipes adds; a rotation only this recipe asks for, such as
+      ``value_rotation``, is here), ``"neuron"`` included.
     * ``cache_layout`` (str): how a converted model's K/V cache stores this neuron's spikes; the conversion wing
       maps it to a cache layer class (:data:`spikelm.conversion.cache.CACHE_LAYERS`: ``"step_codes"``, per-step
       integer codes with per-step scales; ``"token_codes"``, one integer code per value with a per-token grid).

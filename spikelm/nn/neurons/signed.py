@@ -308,8 +308,9 @@ class SignedNeuron(SpikingNeuron):
     }
     # the named recipe (spikify --neuron signed, the default recipe), the perplexity-energy frontier's best point
     # within the targets (docs/CONVERSION.md, "Signed spikes and energy"): 4-bit codes (-7..7) per token and 64
-    # channels, unclipped (1.0), the top 10 % of channels by saliency at 5 bits (-15..15, 3 spikes at T = 1); the
-    # recipe's rotations, the per-head value/output one included, are spikelm.conversion.recipes' (not neuron fields)
+    # channels, unclipped (1.0), the top 10 % of channels by saliency at 5 bits (-15..15, 3 spikes at T = 1), and
+    # the per-head value/output rotation (a conversion field, not the neuron's: this recipe's only, where the shared
+    # residual-stream rotations come from spikelm.conversion.recipes; spikify drops it where the fold is not exact)
     recipe_defaults = {
         "neuron": "signed",
         "signed_bits": 4,
@@ -318,6 +319,7 @@ class SignedNeuron(SpikingNeuron):
         "signed_clip_ratio": 1.0,
         "signed_salient_bits": 5,
         "saliency_fraction": 0.1,
+        "value_rotation": True,
     }
     cache_layout = "signed_codes"
     # settings with no trace in the saved tensors (the quantiser's grid): recorded with the weights on save
