@@ -387,7 +387,7 @@ CASES = {
         (["--model", MODEL, "--calibration-text", BAD_UTF8, *_o()], "not UTF-8"),
         (["--model", MODEL, "--calibration-text", DIR, *_o()], "--calibration-text"),
         (["--model", MODEL, "--num-steps", "0", *_o()], "--num-steps"),
-        (["--model", MODEL, "--num-steps", "3", *_o()], "power of two"),
+        (["--model", MODEL, "--neuron", "gif", "--num-steps", "3", *_o()], "power of two"),
         (["--model", MODEL, "--neuron", "lif", *_o()], "--neuron"),
         (["--model", MODEL, "--set", "no_such_field=1", *_o()], "no_such_field"),
         (["--model", MODEL, "--set", "gif_clip_ratio=2", *_o()], "clip_ratio"),
