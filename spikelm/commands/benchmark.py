@@ -62,7 +62,7 @@ def register(sub) -> None:
         "--recipe",
         default=None,
         help="conversion recipe: a registered neuron's (spikelm.nn.neurons: gif, elastic, signed; default: spikify's "
-        "default, gif)",
+        "default recipe, signed)",
     )
     g.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16], help="default: 1 16")
     g.add_argument("--prompt-lengths", type=positive_int, nargs="+", default=[128, 1024], help="default: 128 1024")
