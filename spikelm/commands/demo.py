@@ -44,11 +44,12 @@ def register(sub) -> None:
             "A short tour of what spikelm is for, on the CPU, with nothing but pip (models and data are fetched once "
             "and cached). classifier: MiniLM-L6 fine-tuned on multiemo-sst2 sentiment as a real-valued teacher, "
             "then as SpikeLM (ternary spikes, T=4) from the same weights distilling the teacher; test accuracy of "
-            "both beside the majority class. llm: SmolLM2-135M made to spike without training (spikify, the default "
-            "GIF recipe), perplexity beside the real-valued model's, and greedy continuations of fixed prompts with "
-            "tokens/s. energy: the spiking models' energy and firing rates against their real-valued sources. "
-            "Writes report.md, figures.json, summary.png and the models under --output-dir. Pretraining from "
-            "scratch is `spikelm pretrain` / `spikelm reproduce` (the paper's recipe, which needs GPUs)."
+            "both beside the majority class. llm: SmolLM2-135M made to spike without training (spikify's default "
+            "recipe, signed spikes: spikelm spikify --help), perplexity beside the real-valued model's, and greedy "
+            "continuations of fixed prompts with tokens/s. energy: the spiking models' energy and firing rates "
+            "against their real-valued sources (the LLM's with its perplexity ratio beside it). Writes report.md, "
+            "figures.json, summary.png and the models under --output-dir. Pretraining from scratch is `spikelm "
+            "pretrain` / `spikelm reproduce` (the paper's recipe, which needs GPUs)."
         ),
     )
     p.add_argument(

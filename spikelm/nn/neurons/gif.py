@@ -733,8 +733,9 @@ class GIFNeuron(SpikingNeuron):
         "gif_clip_ratio": 1.0,
         "gif_group_size": 0,
     }
-    # the named recipe (the default of spikify): T = 2 (n = 4, a = 1, the top 10 % of channels), per-token ranges per
-    # 64 consecutive channels of each channel group, clipped to 0.9 of the min/max (docs/CONVERSION.md, the ladder)
+    # the named recipe (spikify --neuron gif; the default before the signed recipe): T = 2 (n = 4, a = 1, the top
+    # 10 % of channels), per-token ranges per 64 consecutive channels of each channel group, clipped to 0.9 of the
+    # min/max (docs/CONVERSION.md, the ladder)
     recipe_defaults = {
         "neuron": "gif",
         "gif_bits": 4,
