@@ -304,6 +304,28 @@ def test_gpt2_converts_too(calibration_file, tmp_path, capsys, llama_dir):
     assert code == 0, err
 
 
+def test_gpt2_takes_the_default_recipe_saying_what_it_drops_in_one_line(calibration_file, tmp_path, capsys, llama_dir):
+    """GPT-2 (LayerNorms, no per-head value/output linears described) with no recipe flag: one printed line names
+    every rotation of the default it drops, nothing else is said about them (no warning on stderr), and the saved
+    config records them off with the signed neuron kept."""
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(d)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (llama_dir / name).is_file():
+            (d / name).write_text((llama_dir / name).read_text())
+    capsys.readouterr()
+    args = ["--model", str(d), "--calibration-text", str(calibration_file), "--calibration-sequences", "1"]
+    args += ["--calibration-length", "16", "--eval-tokens", "0", "--output-dir", str(tmp_path / "out")]
+    code, stdout, err = _spikify(args, capsys)
+    assert code == 0, err
+    said = [line for line in (stdout + err).splitlines() if "rotation" in line]
+    assert len(said) == 1 and said[0].startswith("spikelm spikify: model_type 'gpt2'"), said
+    assert "no residual-stream rotation" in said[0] and "no per-head value/output rotation" in said[0]
+    assert "Warning" not in err
+    quant = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert quant["neuron"] == "signed" and quant["value_rotation"] is False and quant["rotation"] == "none"
+
+
 def test_set_gif_group_size_reaches_the_saved_model_and_its_card(llama_dir, calibration_file, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["--model", str(llama_dir), "--calibration-text", str(calibration_file), "--calibration-sequences", "1"]
