@@ -1,5 +1,5 @@
-"""The default recipe's per-token code and its linear, written from the recipe's definition in float64 (not through
-the model's modules), against the readable path, on SmolLM2-135M's shapes.
+"""The GIF recipe's (the default before the signed one) per-token code and its linear, written from the recipe's
+definition in float64 (not through the model's modules), against the readable path, on SmolLM2-135M's shapes.
 
 The recipe (docs/METHOD.md, docs/CONVERSION.md): n = 4 bits, a = 1 extra bit; the top 10 % of channels by saliency
 are salient (codes 0..30 on the fine grid), the others 0..15; inside each set, in channel order, runs of 64 channels
