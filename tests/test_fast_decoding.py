@@ -43,7 +43,7 @@ def salient_mask(shape, fraction: float, seed: int) -> torch.Tensor:
 
 
 GIF_CASES = [
-    dict(group_size=64, clip_ratio=0.9, fraction=0.1),  # the default recipe
+    dict(group_size=64, clip_ratio=0.9, fraction=0.1),  # the GIF recipe
     dict(group_size=8, clip_ratio=1.0, fraction=0.3),
     dict(group_size=0, clip_ratio=0.9, fraction=0.1),  # one range per channel set
     dict(group_size=0, clip_ratio=1.0, fraction=0.0),  # no saliency: one range per token
