@@ -105,12 +105,14 @@ def test_spikify_defaults_are_the_signed_recipe_with_the_value_rotation(llama_di
     assert (quant["signed_bits"], quant["signed_group_size"], quant["signed_clip_ratio"]) == (4, 64, 1.0)
     assert (quant["signed_salient_bits"], quant["saliency_fraction"], quant["signed_steps"]) == (5, 0.1, 1)
     assert quant["rotation"] == "hadamard" and quant["online_down_proj_rotation"] is True
-    assert quant["value_rotation"] is True
+    assert quant["value_rotation"] is True and quant["signed_outlier_ratio"] == 4.0
     assert "dropped" not in stdout and "no per-head" not in stdout
     source = AutoModelForCausalLM.from_pretrained(llama_dir)
     spiking = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     placed = [n for _, n in neurons(spiking)]
     assert placed and all(isinstance(n, SignedNeuron) for n in placed)
+    inputs = [n for name, n in neurons(spiking) if name.endswith("input_neuron")]
+    assert inputs and all(float(n.outlier_threshold) > 0 for n in inputs)  # calibrated outlier-token thresholds
     assert not torch.allclose(
         source.model.layers[0].self_attn.v_proj.weight, spiking.model.layers[0].self_attn.v_proj.weight
     )
