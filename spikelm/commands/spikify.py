@@ -40,8 +40,8 @@ def register(sub) -> None:
             "elastic: SpikeLM's ternary neuron, T=4, symmetric reset, the two residual-stream rotations. A rotation "
             "the architecture cannot fold exactly (e.g. GPT-2, BERT, the generic path) is dropped with one line. "
             "Turn parts off with --set: rotation=none, online_down_proj_rotation=false, value_rotation=false, "
-            "saliency_fraction=0, signed_outlier_ratio=0, gif_group_size=0 (one range per channel group), gif_group_range=token, "
-            "gif_clip_ratio=1; or on: value_rotation=true (in the gif and elastic recipes)."
+            "saliency_fraction=0, signed_outlier_ratio=0, gif_group_size=0 (one range per channel group), "
+            "gif_group_range=token, gif_clip_ratio=1; or on: value_rotation=true (in the gif and elastic recipes)."
         ),
     )
     p.add_argument(
