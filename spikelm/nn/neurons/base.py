@@ -273,6 +273,11 @@ class SpikingNeuron(nn.Module):
 
     # -- kernels ------------------------------------------------------------------------------------------------
 
+    def fused_codes(self, x: torch.Tensor, want_code: bool = False, pack_bits: int = 0, code_offset: int = 0):
+        """A per-token code neuron's one-pass C++ code of ``x`` (:class:`~spikelm.nn.cpu_kernels.TokenCodes`, bit for
+        bit its readable path) where it has one; None (the default) makes the caller take the readable path."""
+        return None
+
     def packs_kv_on_cpu(self) -> bool:
         """Whether a decoding step may spike and pack this K/V neuron's input in the C++ kernel (same codes)."""
         return False
