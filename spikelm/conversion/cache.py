@@ -176,9 +176,13 @@ class GIFCodeLayer(DynamicLayer):
     def describe_packing(packing: int | None) -> str:
         return "int8 codes" if packing is None else "GIF codes packed to their bit width"
 
+    def _top_code(self) -> int:
+        """The largest stored code (its bit width sets the packing)."""
+        return max_code(self.key_neuron.bits, self.key_neuron.extra_bits)
+
     def lazy_initialization(self, key_states, value_states) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
-        top = max_code(self.key_neuron.bits, self.key_neuron.extra_bits)
+        top = self._top_code()
         self.code_dtype, self.bits, self.width = _code_dtype(top), top.bit_length(), key_states.shape[3]
         stored = (torch.uint8, self.bits * -(-self.width // 8)) if self.packed else (self.code_dtype, self.width)
         for name, states in (("keys", key_states), ("values", value_states)):
@@ -350,14 +354,12 @@ class SignedCodeLayer(GIFCodeLayer):
         return "int8 codes" if packing is None else "signed codes packed to their bit width"
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
         self.offset = max(int(n.groups()[1].max()) for n in (self.key_neuron, self.value_neuron))
-        top = 2 * self.offset
-        self.code_dtype, self.bits, self.width = _code_dtype(top), top.bit_length(), key_states.shape[3]
-        stored = (torch.uint8, self.bits * -(-self.width // 8)) if self.packed else (self.code_dtype, self.width)
-        for name, states in (("keys", key_states), ("values", value_states)):
-            setattr(self, name, torch.empty((*states.shape[:2], 0, stored[1]), dtype=stored[0], device=self.device))
-        self.is_initialized = True
+        super().lazy_initialization(key_states, value_states)
+
+    def _top_code(self) -> int:
+        """Codes -Q..Q are stored offset by Q: 0..2Q."""
+        return 2 * self.offset
 
     def _encode(self, code: torch.Tensor) -> torch.Tensor:
         return super()._encode(code + self.offset)
