@@ -71,8 +71,24 @@ def recipe(neuron: str, num_steps: int | None = None, overrides: dict | None = N
         fields = {**cls.recipe(num_steps), **TRANSFORM}
     except ValueError as err:
         raise UserError(str(err)) from None
+    _check_owned(cls, overrides or {})
     fields.update(overrides or {})
     return cls.finish_recipe(fields, overrides or {})
+
+
+def _check_owned(cls, overrides: dict) -> None:
+    """Refuse an override of another neuron's field that ``cls`` does not read (it would be accepted and do
+    nothing): one line naming the field, its neuron and the chosen neuron's own fields."""
+    reads = set(cls.config_fields) | set(cls.shared_fields)
+    for name in overrides:
+        if name in reads:
+            continue
+        owner = next((other.name for other in neuron_classes() if name in other.config_fields), None)
+        if owner is not None:
+            raise UserError(
+                f"--set {name}: a field of the {owner} neuron, which --neuron {cls.name} does not read (its fields: "
+                f"{', '.join(sorted(reads))})"
+            )
 
 
 def calibration_batches(

@@ -34,6 +34,8 @@ class SpikingNeuron(nn.Module):
     * ``config_fields`` (dict, field -> default): the conversion-config fields this neuron owns, under the names
       saved configs use (so ``config.json`` files from before load unchanged). Every registered neuron's fields are
       fields of :class:`~spikelm.conversion.config.SpikeLMConversionConfig`, in registry order.
+    * ``shared_fields`` (tuple of str): other neurons' fields this neuron reads too (the signed neuron reads GIF's
+      ``saliency_fraction``); a field of another neuron outside it is refused by ``spikify --set`` for this neuron.
     * ``recipe_defaults`` (dict): the fields of the named recipe ``spikify --neuron NAME`` (besides the rotations
       every recipe shares, which spikelm.conversion.recipes adds; a rotation only this recipe asks for, such as
       ``value_rotation``, is here), ``"neuron"`` included.
@@ -93,6 +95,7 @@ class SpikingNeuron(nn.Module):
     display_name: ClassVar[str] = ""
     config_fields: ClassVar[dict[str, Any]] = {}
     recipe_defaults: ClassVar[dict[str, Any]] = {}
+    shared_fields: ClassVar[tuple[str, ...]] = ()
     cache_layout: ClassVar[str] = ""
     traceless_fields: ClassVar[tuple[str, ...]] = ()
     counting_backend: ClassVar[str | None] = None

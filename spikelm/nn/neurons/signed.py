@@ -324,6 +324,7 @@ class SignedNeuron(SpikingNeuron):
         "value_rotation": True,
         "signed_outlier_ratio": 4.0,
     }
+    shared_fields = ("saliency_fraction",)  # the GIF neuron's field: the share of salient channels
     cache_layout = "signed_codes"
     # settings with no trace in the saved tensors (the quantiser's grid): recorded with the weights on save
     traceless_fields = (
