@@ -399,7 +399,17 @@ CASES = {
         (["--model", MODEL, "--neuron", "elastic", "--set", "saliency_fraction=0.2", *_o()], "saliency_fraction"),
         (["--model", MODEL, "--neuron", "gif", "--set", "gif_group_size=2.5", *_o()], "gif_group_size"),
         (
-            ["--model", MODEL, "--neuron", "gif", "--set", "gif_group_size=64", "--set", "gif_group_range=token", *_o()],
+            [
+                "--model",
+                MODEL,
+                "--neuron",
+                "gif",
+                "--set",
+                "gif_group_size=64",
+                "--set",
+                "gif_group_range=token",
+                *_o(),
+            ],
             "gif_group_size",
         ),
         (["--model", MODEL, "--set", "modules_to_not_convert=5", *_o()], "modules_to_not_convert"),
