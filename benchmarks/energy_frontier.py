@@ -75,6 +75,23 @@ ROWS = {
         value_rotation=True,
         signed_outlier_ratio=8.0,
     ),
+    # lower thresholds: more tokens real-valued (the share of tokens flagged, and their multiplies, grow)
+    "s4-g64-sal5-10-clip1-vo-out2.5": signed(
+        4,
+        signed_salient_bits=5,
+        saliency_fraction=0.1,
+        signed_clip_ratio=1.0,
+        value_rotation=True,
+        signed_outlier_ratio=2.5,
+    ),
+    "s4-g64-sal5-10-clip1-vo-out2": signed(
+        4,
+        signed_salient_bits=5,
+        saliency_fraction=0.1,
+        signed_clip_ratio=1.0,
+        value_rotation=True,
+        signed_outlier_ratio=2.0,
+    ),
     "s4-g64-sal5-10-clip1-out4": signed(
         4, signed_salient_bits=5, saliency_fraction=0.1, signed_clip_ratio=1.0, signed_outlier_ratio=4.0
     ),
