@@ -105,7 +105,7 @@ def test_spikify_defaults_are_the_signed_recipe_with_the_value_rotation(llama_di
     assert (quant["signed_bits"], quant["signed_group_size"], quant["signed_clip_ratio"]) == (4, 64, 1.0)
     assert (quant["signed_salient_bits"], quant["saliency_fraction"], quant["signed_steps"]) == (5, 0.1, 1)
     assert quant["rotation"] == "hadamard" and quant["online_down_proj_rotation"] is True
-    assert quant["value_rotation"] is True and quant["signed_outlier_ratio"] == 4.0
+    assert quant["value_rotation"] is True and quant["signed_outlier_ratio"] == 2.0
     assert "dropped" not in stdout and "no per-head" not in stdout
     source = AutoModelForCausalLM.from_pretrained(llama_dir)
     spiking = AutoModelForCausalLM.from_pretrained(tmp_path / "out")

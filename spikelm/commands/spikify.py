@@ -32,16 +32,17 @@ def register(sub) -> None:
             "per token and 64 channels, unclipped, the top 10% of channels by saliency at 5 bits (signed_* fields), "
             "after a Hadamard rotation of the residual stream, an online Hadamard on the FFN's last linear input and "
             "a per-head Hadamard on the attention's values and output (value_rotation), all folded exactly; "
-            "a token whose max |x| at a linear input exceeds 4x the calibration median passes real-valued there "
-            "(signed_outlier_ratio=4, counted as multiplies). "
+            "a token whose max |x| at a linear input exceeds 2x the calibration median passes real-valued there "
+            "(signed_outlier_ratio=2, counted as multiplies). "
             "--neuron gif: SpikeLLM's GIF neuron at its T=2 setting (n=4 base bits, a=1: the top 10% of channels by "
             "saliency spike over 2 steps), per-token ranges per 64 consecutive channels of each channel group "
             "clipped to 0.9, the two residual-stream rotations (the default before the signed recipe). --neuron "
             "elastic: SpikeLM's ternary neuron, T=4, symmetric reset, the two residual-stream rotations. A rotation "
             "the architecture cannot fold exactly (e.g. GPT-2, BERT, the generic path) is dropped with one line. "
             "Turn parts off with --set: rotation=none, online_down_proj_rotation=false, value_rotation=false, "
-            "saliency_fraction=0, signed_outlier_ratio=0, gif_group_size=0 (one range per channel group), "
-            "gif_group_range=token, gif_clip_ratio=1; or on: value_rotation=true (in the gif and elastic recipes)."
+            "saliency_fraction=0, signed_outlier_ratio=0; with --neuron gif: gif_group_size=0 (one range per channel "
+            "group), gif_group_range=token, gif_clip_ratio=1; or on: value_rotation=true (in the gif and elastic "
+            "recipes). A field of another neuron than the chosen one is refused."
         ),
     )
     p.add_argument(

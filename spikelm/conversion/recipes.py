@@ -9,7 +9,7 @@ spiking model cheaper than its source). docs/CONVERSION.md, "Signed spikes and e
   unclipped), the top 10 % of channels by saliency at 5 bits, after a Hadamard rotation of the residual stream, an
   online Hadamard on the FFN's last linear input and a per-head Hadamard on the attention's values and output
   (``value_rotation``; all three exact: the real-valued model computes the same function); a token whose max |x|
-  at a linear input exceeds 4x the calibration median passes real-valued there (``signed_outlier_ratio``: the
+  at a linear input exceeds 2x the calibration median passes real-valued there (``signed_outlier_ratio``: the
   attention sink's massive activations), its products counted as multiplies.
 * ``gif``: SpikeLLM's GIF neuron at its T=2 setting (n = 4 base bits, a = 1 extra bit: the top 10 % of channels by
   saliency spike over 2 steps), per-token ranges per 64 consecutive channels of each channel group (salient,
