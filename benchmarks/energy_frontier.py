@@ -223,6 +223,13 @@ def plot(path: str, figure: str, title: str) -> None:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     real = next(r for r in rows if r["row"] == "real")
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    # the rows near the targets' corner crowd one spot: drawn again, labelled, in a zoomed inset
+    zoom_x, zoom_y = (0.575, 0.615), (1.35, 1.43)
+
+    def near(energy: float, ratio: float) -> bool:
+        return zoom_x[0] <= energy <= zoom_x[1] and zoom_y[0] <= ratio <= zoom_y[1]
+
+    crowded = []
     for r in rows:
         if r["energy_ratio"] is None:
             continue
@@ -235,7 +242,27 @@ def plot(path: str, figure: str, title: str) -> None:
         ax.scatter(
             r["energy_ratio"], ratio, color=color, s=40 if name == "real" else 18, marker="*" if name == "real" else "o"
         )
-        ax.annotate(r["row"], (r["energy_ratio"], ratio), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        if near(r["energy_ratio"], ratio):
+            crowded.append((r["energy_ratio"], ratio, name, color))
+        else:
+            ax.annotate(name, (r["energy_ratio"], ratio), fontsize=7, xytext=(3, 2), textcoords="offset points")
+    if len(crowded) > 1:
+        inset = ax.inset_axes([0.42, 0.42, 0.4, 0.36])
+        inset.add_patch(plt.Rectangle((0, 1), 0.6, 0.38, color="tab:green", alpha=0.12))
+        previous = None
+        for energy, ratio, name, color in sorted(crowded, key=lambda c: (c[1], c[0])):
+            inset.scatter(energy, ratio, color=color, s=14)
+            # points at (nearly) the same perplexity: labels stacked, not drawn over each other
+            shift = 0 if previous is None or ratio - previous[0] > 0.004 else previous[1] + 8
+            previous = (ratio, shift)
+            inset.annotate(name, (energy, ratio), fontsize=6, xytext=(3, 1 + shift), textcoords="offset points")
+        inset.set_xlim(*zoom_x)
+        inset.set_ylim(*zoom_y)
+        inset.tick_params(labelsize=6)
+        ax.indicate_inset_zoom(inset, edgecolor="gray")
+    elif crowded:
+        energy, ratio, name, _ = crowded[0]
+        ax.annotate(name, (energy, ratio), fontsize=7, xytext=(3, 2), textcoords="offset points")
     ax.axvline(1.0, color="black", lw=1, label="fp32 ANN (the source)")
     ax.axvline(INT8_ANN, color="gray", lw=1, ls="--", label="int8 ANN (0.23 / 4.6 pJ per MAC)")
     ax.axhline(1.0, color="black", lw=0.5)
