@@ -115,6 +115,88 @@ def test_signed_cpp_pass_equals_the_neurons_quantiser(dead_zone, learn_scale, ch
     assert int(code.abs().max()) <= int(top.max())
 
 
+@pytest.mark.parametrize("channels", [(576,), (8,)])
+def test_signed_cpp_pass_lets_outlier_tokens_through_as_the_readable_path(channels):
+    """The outlier-token rule (a token whose max |x| exceeds the calibrated threshold passes real-valued) runs in
+    the same C++ pass: the neuron's value equals the PyTorch path's, and the rows that pass are the input's own."""
+    width = channels[0]
+    neuron = SignedNeuron(channels, 4, 1, 64, 1.0, 0.0, 5, 0.1, outlier_ratio=4.0)
+    neuron.set_salient(salient_mask(channels, 0.1, 3))
+    x = tie_heavy((3, 6, width), seed=12)
+    peaks = x.abs().amax(-1)
+    threshold = float(peaks.median())  # about half the tokens pass
+    x.view(-1, width)[4, 2] = threshold  # max |x| == threshold: not above it, the token is coded
+    x.view(-1, width)[4].clamp_(-threshold, threshold)
+    neuron.outlier_threshold.fill_(threshold)
+    expected, _ = pytorch_path(neuron, x)
+    with dispatcher.forced(True), torch.no_grad():
+        out = neuron(x)
+        coded = neuron.fused_codes(x)[0]  # without the rule: every token coded
+    assert torch.equal(out, expected)
+    passing = x.abs().amax(-1) > torch.tensor(threshold, dtype=torch.float32)  # a hand comparison, not the neuron's
+    assert 0 < int(passing.sum()) < passing.numel() and not bool(passing.view(-1)[4])
+    assert torch.equal(out[passing], x[passing]) and torch.equal(out[~passing], coded[~passing])
+    neuron.outlier_threshold.fill_(2 * float(peaks.max()))  # a new calibration is read at the next call
+    with dispatcher.forced(True), torch.no_grad():
+        assert torch.equal(neuron(x), coded)
+
+
+@pytest.mark.parametrize("size", [1536, 1024, 64, 12, 40])
+def test_the_cpp_online_hadamard_equals_its_float64_products(size):
+    """The C++ online Hadamard of a decoding step's rows (its ATen operations called from C++) equals the PyTorch
+    path bit for bit on the same rows (values on a grid included, where float64 sums cancel), and is the rotation
+    (against the dense matrix of rotation_matrix, an independent product, within float32 rounding)."""
+    from spikelm.conversion.rotation import OnlineHadamard, rotation_matrix
+
+    rotation = OnlineHadamard(size, seed=3)
+    assert rotation.kind == "hadamard"
+    dense, _ = rotation_matrix(size, "hadamard", 3)
+    g = torch.Generator().manual_seed(size)
+    x = torch.randn(64, 1, size, generator=g) * torch.rand(64, 1, 1, generator=g) * 20
+    x[::5] = torch.round(x[::5] * 4) / 4
+    with torch.no_grad():
+        with dispatcher.forced(True):
+            assert dispatcher.rotation_kernel(x[:16]) == dispatcher.CPP
+            assert dispatcher.rotation_kernel(x) == dispatcher.PYTORCH  # a prefill's many rows: MKL's products
+            fast = [rotation(x[i : i + 4]) for i in range(0, 64, 4)] + [rotation(x[5:6, 0])]
+        with dispatcher.forced(False):
+            slow = [rotation(x[i : i + 4]) for i in range(0, 64, 4)] + [rotation(x[5:6, 0])]
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(torch.cat(fast[:-1]), (x.double() @ dense).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_the_cpp_decoding_step_attention_equals_exact_attention():
+    """One query per head against the cache's float64 K/V (views of a larger buffer, as the cache returns them),
+    with no mask, a bool mask, an additive mask and a softcap: the C++ call equals exact_attention bit for bit."""
+    from spikelm.conversion.attention import spiking_attention
+    from spikelm.nn.exact import exact_attention
+
+    g = torch.Generator().manual_seed(4)
+    for case in range(12):
+        batch, heads, kv_heads, dim = (1, 9, 3, 64) if case % 2 else (2, 4, 2, 16)
+        length = [1, 5, 64, 200][case % 4]
+        buffer = (torch.randn(2, batch, kv_heads, length + 9, dim, generator=g) * 2).float().double()
+        key, value = buffer[0, :, :, :length], buffer[1, :, :, :length]
+        value[..., ::3, :] = torch.round(value[..., ::3, :] * 8) / 8
+        query = torch.randn(batch, heads, 1, dim, generator=g)
+        mask = [None, torch.rand(batch, 1, 1, length, generator=g) > 0.3, None][case % 3]
+        if case % 3 == 2:
+            mask = (torch.randn(batch, heads, 1, length, generator=g) * 3).clamp_max(0.0)
+        if case == 4:
+            mask = torch.zeros(batch, 1, 1, length, dtype=torch.bool)  # every key masked: zeros
+        softcap = 20.0 if case % 5 == 0 else None
+        expected = exact_attention(query, key, value, mask, None, False, softcap).transpose(1, 2)
+        with dispatcher.forced(True), torch.no_grad():
+            assert dispatcher.attention_kernel(query, key, value) == dispatcher.CPP
+            assert dispatcher.attention_kernel(query, key.float(), value.float()) == dispatcher.PYTORCH
+            module = torch.nn.Module()
+            out, _ = spiking_attention(module, query, key, value, mask, softcap=softcap)
+        assert torch.equal(out, expected)
+        if case == 4:
+            assert not bool(out.any())
+
+
 def test_the_kernels_switch_turns_the_cpp_pass_off():
     neuron = GIFNeuron(64, 4, 1, 0.2, group_size=16)
     x = tie_heavy((4, 64), seed=9)

@@ -20,6 +20,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..nn import cpu_kernels, kernels
 from ..nn.exact import exact_attention
 
 NAME = "spikelm"
@@ -50,6 +51,9 @@ def spiking_attention(
     given = [name for name in UNSUPPORTED if kwargs.get(name) is not None]
     if given:
         raise NotImplementedError(f"spikelm's attention does not implement {', '.join(given)}")
+    if kernels.attention_kernel(query, key, value) == kernels.CPP:  # a fast decoding step on the decoded cache
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return cpu_kernels.one_query_attention(query, key, value, attention_mask, scale, softcap), None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
     out = exact_attention(query, key, value, attention_mask, scaling, causal, softcap)

@@ -49,6 +49,7 @@ from functools import cache
 import torch
 from torch import nn
 
+from ..nn import cpu_kernels, kernels
 from .architectures import Architecture, describe
 
 ROTATION_KINDS = ("hadamard", "random")
@@ -207,7 +208,8 @@ class OnlineHadamard(nn.Module):
     ``(size, seed, kind)`` (and shared between layers), so a saved model only needs those three numbers.
     Computes in float64 and rounds once to ``x``'s dtype: its output is a neuron's input, and float32 factor products
     summed in an order that depends on the number of rows gave a token other bits in a prefill than in a decoding
-    step (see :mod:`spikelm.nn.exact`).
+    step (see :mod:`spikelm.nn.exact`). A decoding step's few rows (CPU float32, no autograd: the dispatcher's
+    :func:`~spikelm.nn.kernels.rotation_kernel`) take one C++ call running the same operations.
     """
 
     def __init__(self, size: int, seed: int = 0, kind: str = "hadamard"):
@@ -227,6 +229,8 @@ class OnlineHadamard(nn.Module):
             raise ValueError(f"OnlineHadamard of size {self.size} got an input with {x.shape[-1]} features")
         dtype = torch.float64
         signs, mats = _online_operands(self.kind, self.size, self.seed, x.device, dtype)
+        if signs is not None and kernels.rotation_kernel(x) == kernels.CPP:  # a decoding step: one C++ call
+            return cpu_kernels.online_hadamard(x, signs, mats)
         y = x.to(dtype)
         if signs is None:
             return (y @ mats[0]).to(x.dtype)

@@ -312,7 +312,8 @@ torch::Tensor unpack5_steps_into_batch(torch::Tensor packed, torch::Tensor scale
 //     times clip; scale = max((max - min) / top, floor); zero = round(-min / scale);
 //     code = max(min(round(x / scale) + zero, top), 0); x_hat = (code - zero) * scale.
 //   signed: scale = max(max(0, max |x|) * clip / top, floor) (times factor[g] if given); u = x / scale;
-//     code = min(max(round(u), -top), top), 0 where |u| < dead_zone (if dead_zone > 0); x_hat = code * scale.
+//     code = min(max(round(u), -top), top), 0 where |u| < dead_zone (if dead_zone > 0); x_hat = code * scale;
+//     with outlier_threshold > 0, a row whose max |x| exceeds it has x_hat = x (SignedNeuron's outlier tokens).
 // Returns {x_hat (R, C) float32, code, grid}: code (R, C) int32 (empty unless want_code), or with pack_bits > 0 the
 // codes plus code_offset as bit planes (R, pack_bits * ceil(C / 8)) uint8 (pack_bit_planes' layout); grid (R, 2G)
 // each token's scales then zero points (GIF: spikelm.nn.neurons.gif.pack_grid's layout) or (R, G) its scales
@@ -321,7 +322,7 @@ torch::Tensor unpack5_steps_into_batch(torch::Tensor packed, torch::Tensor scale
 std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, torch::Tensor top, int64_t inner,
                                        double clip, double dead_zone, double floor_value,
                                        c10::optional<torch::Tensor> factor, bool is_signed, bool want_code,
-                                       int64_t pack_bits, int64_t code_offset) {
+                                       int64_t pack_bits, int64_t code_offset, double outlier_threshold) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be float32 (R, C)");
   TORCH_CHECK(group.dim() == 2 && group.scalar_type() == at::kInt && group.size(1) == x.size(1),
               "group must be int32 (Rg, C)");
@@ -356,6 +357,10 @@ std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, tor
   const float clip_f = static_cast<float>(clip), dead_f = static_cast<float>(dead_zone);
   const float floor_f = static_cast<float>(floor_value);
   const bool dead = dead_zone > 0;
+  // the signed neuron's outlier tokens: a row whose max |x| exceeds the threshold (compared in float32, as PyTorch
+  // compares a float32 tensor with a Python number) passes real-valued (x_hat = x); its codes and grid are kept
+  const bool outliers = is_signed && outlier_threshold > 0;
+  const float outlier_f = static_cast<float>(outlier_threshold);
   const float inf = std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < Rg * C; ++i) TORCH_CHECK(gp[i] >= 0 && gp[i] < G, "group index out of range");
   at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
@@ -392,6 +397,16 @@ std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, tor
             for (int64_t k = 0; k < pack_bits; ++k) bo[k * nb + c / 8] |= static_cast<uint8_t>(((v >> k) & 1u) << (c % 8));
           }
           out[c] = static_cast<float>(qi) * s[g[c]];
+        }
+        if (outliers) {
+          float top_abs = 0.0f;
+          bool nan = false;
+          for (int64_t c = 0; c < C; ++c) {
+            const float a = std::fabs(row[c]);
+            nan |= a != a;
+            top_abs = a > top_abs ? a : top_abs;
+          }
+          if (!nan && top_abs > outlier_f) std::copy(row, row + C, out);
         }
       } else {
         float* z = s + G;
@@ -452,4 +467,71 @@ torch::Tensor pack_bit_planes(torch::Tensor codes, int64_t bits) {
     }
   });
   return out;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The online randomised Hadamard (spikelm/conversion/rotation.py, OnlineHadamard.forward for the Hadamard kind): the
+// same ATen operations on the same tensors, called from here instead of from Python (so the same bits: each runs
+// the same kernel on the same shapes and strides; float64 products whose rounding depends on MKL's summation order
+// cannot be rewritten without changing bits where a sum cancels). x (..., n) in any float dtype; signs (n,) and the
+// factor matrices (f, f) float64, n = f_1 * ... * f_K. Returns x's shape and dtype.
+// ---------------------------------------------------------------------------------------------------------------
+torch::Tensor online_hadamard(torch::Tensor x, torch::Tensor signs, std::vector<torch::Tensor> factors) {
+  TORCH_CHECK(x.dim() >= 1 && !factors.empty(), "x (..., n) and at least one factor");
+  std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
+  std::vector<int64_t> split(lead);
+  int64_t product = 1;
+  for (auto& f : factors) {
+    split.push_back(f.size(0));
+    product *= f.size(0);
+  }
+  TORCH_CHECK(product == x.size(-1), "the factors' orders must multiply to n");
+  auto y = (x.to(at::kDouble) * signs).reshape(split);
+  const int64_t last = y.dim() - 1;
+  int64_t axis = static_cast<int64_t>(lead.size());
+  for (auto& mat : factors) {
+    if (axis == last)
+      y = at::matmul(y, mat);
+    else if (axis == last - 1)  // the same products without moving the axis
+      y = at::matmul(mat.t(), y);
+    else
+      y = at::matmul(y.movedim(axis, -1), mat).movedim(-1, axis);
+    ++axis;
+  }
+  std::vector<int64_t> shape(lead);
+  shape.push_back(product);
+  return y.reshape(shape).to(x.scalar_type());
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The attention of a decoding step (spikelm/nn/exact.py, _one_query_attention): the same ATen operations on the
+// same tensors, called from here instead of from Python (so the same bits: each operation runs the same kernel on
+// the same shapes and strides; what goes is Python's per-operation cost). q (B, H, 1, d) float32; k, v (B, Hkv, L,
+// d) float64 (the cache's decoded copy); mask: none, or bool (True = attend) / additive, (B|1, H|1, 1, L).
+// Returns (B, 1, H, d) float32 (the layout transformers' attention functions return).
+// ---------------------------------------------------------------------------------------------------------------
+torch::Tensor one_query_attention(torch::Tensor query, torch::Tensor key, torch::Tensor value,
+                                  c10::optional<torch::Tensor> mask, double scale, double softcap) {
+  TORCH_CHECK(query.dim() == 4 && query.size(2) == 1 && key.dim() == 4 && value.dim() == 4,
+              "query (B, H, 1, d), key and value (B, Hkv, L, d)");
+  const int64_t B = query.size(0), H = query.size(1), d = query.size(3), Hkv = key.size(1);
+  TORCH_CHECK(H % Hkv == 0, "the query heads must be a multiple of the key/value heads");
+  const int64_t g = H / Hkv;
+  auto q = query.to(at::kDouble).view({B, Hkv, g, d});
+  auto scores = at::matmul(q, key.to(at::kDouble).transpose(-1, -2)) * scale;  // (B, Hkv, g, L)
+  if (softcap > 0) scores = at::tanh(scores / softcap) * softcap;
+  if (mask.has_value() && mask->defined()) {
+    const auto& m = *mask;
+    TORCH_CHECK(m.dim() == 4, "attention mask must be 4-D (batch, heads, queries, keys)");
+    const int64_t mb = m.size(0), mh = m.size(1);
+    auto mv = (mh == 1 ? m.view({mb, 1, 1, m.size(2), m.size(3)}) : m.view({mb, Hkv, g, m.size(2), m.size(3)}))
+                  .squeeze(-2);
+    if (mv.scalar_type() == at::kBool)
+      scores = scores.masked_fill(mv.logical_not(), -std::numeric_limits<double>::infinity());
+    else
+      scores = scores + mv.to(at::kDouble);
+  }
+  auto probs = at::softmax(scores, -1).nan_to_num(0.0);  // a row with every key masked: zeros
+  auto out = at::matmul(probs, value.to(at::kDouble));  // (B, Hkv, g, d)
+  return out.reshape({B, H, 1, d}).to(query.scalar_type()).transpose(1, 2).contiguous();
 }

@@ -50,6 +50,8 @@ FUNCTIONS = [
     "token_codes",
     "has_avx512",
     "pack_bit_planes",
+    "online_hadamard",
+    "one_query_attention",
 ]
 
 _module: list = []  # [the built extension] or [None] once building failed
@@ -137,7 +139,7 @@ def build_error() -> BaseException | None:
 
 def _call(name: str, *args):
     """``kernel().<name>(*args)``, named in torch.profiler's tables (an extension call is not an aten op)."""
-    module = kernel()
+    module = _module[0] if _module else kernel()
     if module is None:
         raise RuntimeError(f"the CPU decoding kernels are unavailable: {_build_error[0]}")
     if torch.autograd._profiler_enabled():
@@ -155,10 +157,10 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """``exact_linear(x, weight, bias)`` for float32 CPU tensors with 1 to 8 rows (any leading shape).
 
     Raises ``RuntimeError`` if the extension cannot be built (:func:`spikelm.nn.kernels.spike_linear` dispatches)."""
-    rows = x.reshape(-1, x.shape[-1])
+    shape = x.shape
     w = weight if weight.is_contiguous() else weight.contiguous()
-    out = _call("few_rows_linear", rows, w, bias)
-    return out.view(*x.shape[:-1], weight.shape[0])
+    out = _call("few_rows_linear", x.reshape(-1, shape[-1]), w, bias)
+    return out.view(*shape[:-1], weight.shape[0])
 
 
 def has_avx512() -> bool:
@@ -205,12 +207,15 @@ def token_codes(
     want_code: bool = False,
     pack_bits: int = 0,
     code_offset: int = 0,
+    outlier_threshold: float = 0.0,
 ) -> TokenCodes:
     """A per-token code neuron's pass in one call (``cpu_kernels.cpp``, ``token_codes``): float32 ``x`` (..., C),
     ``group`` int32 (Rg, C) each channel's range group per group row, ``top`` float32 (G,) each group's top code,
     ``inner`` (see :func:`code_rows`). The GIF quantiser of :func:`spikelm.nn.neurons.gif.quantize_per_group` and its
     dequantised value, or the signed one of :func:`spikelm.nn.neurons.signed.quantize_signed`, bit for bit; with
     ``want_code`` and ``pack_bits`` > 0 the codes plus ``code_offset`` come as :func:`pack_bit_planes` would pack them.
+    ``outlier_threshold`` > 0 (signed only): a row whose max |x| exceeds it (in float32) passes real-valued, ``x_hat``
+    equal to ``x`` (:meth:`spikelm.nn.neurons.signed.SignedNeuron.real_rows`); its codes and grid are still given.
     See :class:`TokenCodes`."""
     rows = x.reshape(-1, x.shape[-1])
     xhat, code, grid = _call(
@@ -227,6 +232,7 @@ def token_codes(
         bool(want_code),
         int(pack_bits),
         int(code_offset),
+        float(outlier_threshold),
     )
     lead = x.shape[:-1]
     width = top.shape[0]
@@ -240,6 +246,65 @@ def token_codes(
         None if signed else grid[..., width:],
         grid,
     )
+
+
+def online_hadamard(x: torch.Tensor, signs: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """:class:`spikelm.conversion.rotation.OnlineHadamard`'s randomised Hadamard of ``x`` (..., n): float64 ``signs``
+    (n,) and factor matrices (f, f) whose orders multiply to n. The same ATen operations as its Python forward,
+    called from C++ (``cpu_kernels.cpp``, ``online_hadamard``): the same bits without Python's cost per
+    operation."""
+    return _call("online_hadamard", x, signs, factors)
+
+
+def one_query_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """:func:`spikelm.nn.exact.exact_attention` of one query per head (a decoding step), transposed as transformers'
+    attention functions return it: ``query`` (B, H, 1, d), ``key`` / ``value`` (B, Hkv, L, d), ``attention_mask``
+    None, bool (True = attend) or additive, (B|1, H|1, 1, L) -> (B, 1, H, d) in the query's dtype. The same ATen
+    operations as the Python function, called from C++ (``cpu_kernels.cpp``, ``one_query_attention``): the same
+    bits without Python's cost per operation."""
+    return _call(
+        "one_query_attention", query, key, value, attention_mask, float(scaling), 0.0 if softcap is None else softcap
+    )
+
+
+def token_values(
+    x: torch.Tensor,
+    group: torch.Tensor,
+    top: torch.Tensor,
+    inner: int,
+    clip_ratio: float,
+    dead_zone: float,
+    floor: float,
+    signed: bool,
+    outlier_threshold: float = 0.0,
+) -> torch.Tensor:
+    """:func:`token_codes`' ``x_hat`` alone (no codes, no scale factors; the Python numbers already ``float`` /
+    ``int``): a neuron's forward value at a decoding step, with the fewest Python steps."""
+    shape = x.shape
+    out = _call(
+        "token_codes",
+        x.reshape(-1, shape[-1]),
+        group,
+        top,
+        inner,
+        clip_ratio,
+        dead_zone,
+        floor,
+        None,
+        signed,
+        False,
+        0,
+        0,
+        outlier_threshold,
+    )
+    return out[0].view(shape)
 
 
 def pack_bit_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:

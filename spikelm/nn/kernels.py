@@ -20,6 +20,12 @@ packed cache (:func:`kv_append_kernel`)   ``unpack5_steps_into_batch``: CPU floa
                                           (the cache checks its neurons are plain)
 per-token code neuron (GIF, signed)       C++ ``token_codes``: CPU float32, no         the neuron's quantiser
 (:func:`token_code_kernel`)               autograd (the neuron checks its layout)
+online Hadamard of a decoding step        C++ ``online_hadamard`` (its ATen operations  the same operations from
+(:func:`rotation_kernel`)                 from C++): CPU float32, no autograd, at most  Python
+                                          :data:`ROTATION_MAX_ROWS` rows
+attention of a decoding step              C++ ``one_query_attention`` (the same ATen   ``exact_attention``'s float64
+(:func:`attention_kernel`)                operations from C++): one float32 query on   PyTorch operations
+                                          the cache's float64 K/V, no autograd
 ========================================  ===========================================  ===============================
 
 **The switch**, one for all of them: ``SPIKELM_KERNELS=0`` in the environment, :func:`set_enabled` (``False`` /
@@ -51,6 +57,9 @@ CPU_ENV_VAR = "SPIKELM_CPU_KERNELS"  # the earlier switch: the C++ kernels only
 ROWS_ENV_VAR = "SPIKELM_CPU_KERNELS_MAX_ROWS"  # overrides MAX_ROWS (for measuring the threshold)
 # At most this many rows take the few-row linear (its C++ template covers 1 to 8; batch 1 and 2 at T = 4).
 MAX_ROWS = 8
+# At most this many rows take the C++ online Hadamard (a decoding step up to batch 16; for a prefill's many rows
+# Python's cost per operation does not matter)
+ROTATION_MAX_ROWS = 16
 # Below this many elements per call torch.compile's guards and first-call compilation cost more than the plain
 # loop; above it the compiled pass is several times faster.
 COMPILE_MIN_ELEMENTS = 1 << 16
@@ -119,12 +128,12 @@ def enabled(family: str = CPP) -> bool:
 
 def max_rows() -> int:
     """The most rows that take the few-row linear: :data:`MAX_ROWS`, or ``$SPIKELM_CPU_KERNELS_MAX_ROWS`` (0 to 8)."""
-    value = os.environ.get(ROWS_ENV_VAR)
-    if value is None:
+    raw = _raw_environment(ROWS_ENV_VAR)
+    if raw is None:
         return MAX_ROWS
-    if value == _rows_seen[0]:
+    if raw == _rows_seen[0]:
         return _rows_seen[1]
-    _rows_seen[:] = [value, _parse_rows(value)]
+    _rows_seen[:] = [raw, _parse_rows(os.environ[ROWS_ENV_VAR])]
     return _rows_seen[1]
 
 
@@ -207,10 +216,24 @@ def _cpp_usable(*tensors: torch.Tensor | None, what: str) -> bool:
 _cpp_seen: list = [None, False]  # (the switch's state, whether the C++ kernels run): asked at every spiking layer
 
 
+def _environment_reader():
+    """A fast ``os.environ.get`` for the switches asked at every spiking layer: the environment's own mapping looked
+    up with pre-encoded keys (``os.environ.get`` encodes the key on each call); ``os.environ.get`` where that
+    mapping is not there."""
+    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    if not isinstance(data, dict) or encode is None:
+        return lambda name: os.environ.get(name)
+    keys = {name: encode(name) for name in (ENV_VAR, CPU_ENV_VAR, ROWS_ENV_VAR)}
+    return lambda name: data.get(keys[name])  # the raw (encoded) value: compared, never parsed, here
+
+
+_raw_environment = _environment_reader()
+
+
 def _cpp_on() -> bool:
     """``enabled(CPP) and cpp_built()``, recomputed only when the switch or its environment variables change."""
     built = cpu_kernels._module  # the extension's holder (a new, empty one means not built yet)
-    key = (_override[0], os.environ.get(ENV_VAR), os.environ.get(CPU_ENV_VAR), id(built), len(built))
+    key = (_override[0], _raw_environment(ENV_VAR), _raw_environment(CPU_ENV_VAR), id(built), len(built))
     if key != _cpp_seen[0]:
         on = enabled(CPP) and cpp_built()  # a bad value raises here, each time it is asked
         _cpp_seen[:] = [key, on]
@@ -236,7 +259,22 @@ def linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """Where :func:`spike_linear` runs: :data:`CPP` (the few-row kernel) or :data:`PYTORCH` (the float64 GEMM)."""
     if x.dim() < 1 or x.numel() == 0 or x.numel() // x.shape[-1] > max_rows():
         return PYTORCH
+    if (  # the common case of a decoding step, asked at every spiking linear: the checks of _cpp_usable inline
+        x.dtype is _FLOAT32
+        and weight.dtype is _FLOAT32
+        and x.is_cpu
+        and weight.is_cpu
+        and (bias is None or (bias.dtype is _FLOAT32 and bias.is_cpu))
+        and not (
+            torch.is_grad_enabled()
+            and (x.requires_grad or weight.requires_grad or bias is not None and bias.requires_grad)
+        )
+    ):
+        return CPP if _cpp_on() else PYTORCH
     return CPP if _cpp_usable(x, weight, bias, what="spiking linears") else PYTORCH
+
+
+_FLOAT32 = torch.float32
 
 
 def spike_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -252,9 +290,33 @@ def token_code_kernel(x: torch.Tensor) -> str:
     """Where a per-token code neuron (GIF, signed) codes and dequantises ``x`` outside autograd: :data:`CPP` (the
     C++ ``token_codes``, one pass per token) for a CPU float32 input, else :data:`PYTORCH` (the neuron's own
     quantiser; other dtypes and devices keep it by design, as the elastic neuron's loop does)."""
+    if not x.is_cpu or x.dtype is not _FLOAT32 or (torch.is_grad_enabled() and x.requires_grad):
+        return PYTORCH
+    return CPP if _cpp_on() else PYTORCH  # _cpp_usable(x)'s remaining check
+
+
+def rotation_kernel(x: torch.Tensor) -> str:
+    """Where the online Hadamard (:class:`spikelm.conversion.rotation.OnlineHadamard`) rotates ``x`` outside
+    autograd: :data:`CPP` (``online_hadamard``: its float64 operations called from C++) for a CPU float32 input of
+    at most :data:`ROTATION_MAX_ROWS` rows, else :data:`PYTORCH` (the same operations from Python)."""
     if x.device.type != "cpu" or x.dtype is not torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
         return PYTORCH
-    return CPP if _cpp_usable(x, what="per-token code neurons") else PYTORCH
+    if x.dim() < 1 or x.numel() == 0 or x.numel() // x.shape[-1] > ROTATION_MAX_ROWS:
+        return PYTORCH
+    return CPP if _cpp_usable(x, what="online rotations") else PYTORCH
+
+
+def attention_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
+    """Where a converted model's attention runs (:mod:`spikelm.conversion.attention`) outside autograd: :data:`CPP`
+    (``one_query_attention``) for one float32 query per head on CPU against float64 K/V (the spike-code cache's
+    decoded copy, a fast decoding step), else :data:`PYTORCH` (:func:`spikelm.nn.exact.exact_attention`)."""
+    if query.dim() != 4 or query.shape[2] != 1 or key.dtype is not torch.float64 or value.dtype is not torch.float64:
+        return PYTORCH
+    if key.device.type != "cpu" or value.device.type != "cpu" or key.stride(-1) != 1 or value.stride(-1) != 1:
+        return PYTORCH
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return PYTORCH
+    return CPP if _cpp_usable(query, what="decoding-step attention") else PYTORCH
 
 
 def kv_append_kernel(key_states: torch.Tensor, value_states: torch.Tensor) -> str:

@@ -372,6 +372,7 @@ class SignedNeuron(SpikingNeuron):
         self.stats: SignedStats | None = None
         self._groups: tuple[torch.Tensor, torch.Tensor] | None = None
         self._plan: tuple | None = None  # (the groups() it was made from, code_plan())
+        self._threshold_seen: tuple = (None, -1, 0.0)  # (outlier_threshold, its version, its value) last read
 
     @property
     def backend(self) -> str:
@@ -515,19 +516,29 @@ class SignedNeuron(SpikingNeuron):
     def code_plan(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(group, top)`` for the C++ pass (:func:`spikelm.nn.cpu_kernels.token_codes`): :meth:`groups` as int32
         (rows of the channel shape, C) and float32 (G,)."""
-        groups = self.groups()
-        if self._plan is None or self._plan[0] is not groups:
+        self.groups()
+        groups = self._groups  # the cached pair itself (groups() returns a new tuple each call)
+        plan = self._plan
+        if plan is None or plan[0] is not groups:
             group, top = groups
-            plan = group.reshape(-1, group.shape[-1]).to(torch.int32).contiguous(), top.to(torch.float32)
-            self._plan = (groups, plan)
-        return self._plan[1]
+            plan = (groups, (group.reshape(-1, group.shape[-1]).to(torch.int32).contiguous(), top.to(torch.float32)))
+            self._plan = plan
+        return plan[1]
 
-    def fused_codes(self, x: torch.Tensor, want_code: bool = False, pack_bits: int = 0, code_offset: int = 0):
+    def fused_codes(
+        self,
+        x: torch.Tensor,
+        want_code: bool = False,
+        pack_bits: int = 0,
+        code_offset: int = 0,
+        outliers: bool = False,
+    ):
         """:class:`~spikelm.nn.cpu_kernels.TokenCodes` ``(x_hat, code, scale, None, grid)`` of ``x`` in one C++ pass
         where the dispatcher takes it (:func:`spikelm.nn.kernels.token_code_kernel`: CPU float32 outside autograd)
-        and the layout is one it knows; else None. ``x_hat`` is :meth:`forward`'s value, ``code`` / ``scale``
-        :meth:`quantize`'s (``code`` None unless ``want_code``; with ``pack_bits``, the codes plus ``code_offset`` as
-        bit planes), ``grid`` the scales again, bit for bit."""
+        and the layout is one it knows; else None. ``x_hat`` is the dequantised code (with ``outliers``, the outlier
+        tokens of :meth:`real_rows` passed real-valued in the same pass: :meth:`forward`'s value), ``code`` /
+        ``scale`` :meth:`quantize`'s (``code`` None unless ``want_code``; with ``pack_bits``, the codes plus
+        ``code_offset`` as bit planes), ``grid`` the scales again, bit for bit."""
         if self.backend != "fused" or kernels.token_code_kernel(x) != kernels.CPP:
             return None
         factor = None
@@ -554,15 +565,41 @@ class SignedNeuron(SpikingNeuron):
             want_code=want_code,
             pack_bits=pack_bits,
             code_offset=code_offset,
+            outlier_threshold=self._threshold() if outliers else 0.0,
         )
+
+    def _threshold(self) -> float:
+        """``float(outlier_threshold)`` (0.0 where the rule is off), read again only when the buffer changes (a
+        decoding step asks at every linear input)."""
+        if self.outlier_ratio <= 0:
+            return 0.0
+        buffer = self.outlier_threshold
+        if buffer.is_inference():  # an inference tensor keeps no version counter: read it each time
+            return float(buffer)
+        seen = self._threshold_seen  # (the buffer itself, held so its id is not reused; its version; its value)
+        if seen[0] is not buffer or seen[1] != buffer._version:
+            self._threshold_seen = seen = (buffer, buffer._version, float(buffer))
+        return seen[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The dequantised input (x's shape and dtype); straight-through gradient to ``x`` (and, with
         ``learn_scale``, to the scale factors)."""
         if not self.record_stats:
-            fast = self.fused_codes(x)  # the C++ pass where it runs (CPU float32 outside autograd): the same bits
+            # the C++ pass where it runs (CPU float32 outside autograd), outlier tokens included: the same bits
+            if (
+                self.scale_factor is None
+                and self._backend == "fused"
+                and len(self.channel_shape) == 1
+                and x.shape[-1] == self.channel_shape[0]
+                and kernels.token_code_kernel(x) == kernels.CPP
+            ):  # a linear input without scale factors (a decoding step's common case): fused_codes' value, leaner
+                group, top = self.code_plan()
+                return cpu_kernels.token_values(
+                    x, group, top, 1, self.clip_ratio, self.dead_zone, SCALE_FLOOR, True, self._threshold()
+                )
+            fast = self.fused_codes(x, outliers=True)
             if fast is not None:
-                return self._pass_outliers(x, fast[0])
+                return fast[0]
         with torch.no_grad():
             if self.backend == "reference":
                 spikes, scale, group = self.spike(x)
