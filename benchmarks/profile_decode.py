@@ -1,5 +1,5 @@
 """Where a decoding step's time goes: torch.profiler over a few greedy decoding steps of a converted causal LM
-(SmolLM2-135M by default, spikify's default recipe, GIF) and of its real-valued source, the same prompt and cache
+(SmolLM2-135M by default, spikify's default recipe, signed) and of its real-valued source, the same prompt and cache
 length.
 
 Each model first runs the prompt (``--prompt-length`` random tokens, batch ``--batch-size``) through ``generate`` with
@@ -59,7 +59,7 @@ def decode_steps(model, prompt, warmup: int, steps: int, profile: bool, before_t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--recipe", default="gif", help="conversion recipe (default: spikify's default, gif)")
+    parser.add_argument("--recipe", default=None, help="conversion recipe (default: spikify's default, signed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prompt-length", type=int, default=128)
@@ -70,10 +70,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from spikelm.conversion.recipes import recipe
+    from spikelm.conversion.recipes import DEFAULT_RECIPE, recipe
     from spikelm.data.pretrained import resolve_model_source
     from spikelm.experiments.generation_benchmark import load_pair
     from spikelm.nn import kernels
+
+    args.recipe = args.recipe or DEFAULT_RECIPE
 
     source = resolve_model_source(args.model)
     vocab_calibration = torch.randint(100, 1000, (2, 64), generator=torch.Generator().manual_seed(0))

@@ -167,6 +167,7 @@ class GIFCodeLayer(DynamicLayer):
         # the first ``decoded_length`` tokens in use; None until a fast step builds them (from the codes if any)
         self.decoded_keys = self.decoded_values = None
         self.decoded_length = 0
+        self._code_buffers: dict = {}  # the fast path's growing buffers of the stored codes (see _append_codes)
 
     @classmethod
     def for_neurons(cls, key_neuron, value_neuron, steps: int, packing: int | None = DEFAULT_PACKING):
@@ -267,18 +268,47 @@ class GIFCodeLayer(DynamicLayer):
                 self._decode("values", self.value_neuron, self.value_grid),
             )
         for name, fast in (("key", fast_k), ("value", fast_v)):
-            codes_name, grid_name = f"{name}s", f"{name}_grid"
-            grid, code = getattr(self, grid_name), fast.code
+            code = fast.code
             if not self.packed:
                 code = (code + self._code_offset()).to(self.code_dtype)
-            setattr(self, codes_name, torch.cat([getattr(self, codes_name), code], dim=-2))
-            setattr(self, grid_name, fast.grid if grid is None else torch.cat([grid, fast.grid], dim=-2))
+            self._append_codes(f"{name}s", f"{name}_grid", code, fast.grid)
         if self.decoded_keys is None:
             self._start_decoded(fast_k[0], fast_v[0])
         else:
             self._append_decoded(fast_k[0], fast_v[0])
         length = self.decoded_length
         return self.decoded_keys[:, :, :length], self.decoded_values[:, :, :length]
+
+    def _append_codes(self, codes_name: str, grid_name: str, code: torch.Tensor, grid: torch.Tensor) -> None:
+        """Append (B, H, n, w) stored codes and their grid on the fast path: written into buffers grown by half
+        their length (``keys`` / ``key_grid`` ... are views of them, exactly the stored tokens), so a step copies
+        only the new token, not the whole cache as ``torch.cat`` does. Where the stored tensors are not the views
+        last set (the PyTorch path, a reorder, a crop) or the buffer was made under ``torch.inference_mode`` and is
+        written outside it, a new buffer starts from them."""
+        stored, old_grid = getattr(self, codes_name), getattr(self, grid_name)
+        length, new = stored.shape[-2], code.shape[-2]
+        buffers = self._code_buffers.get(codes_name)  # (codes buffer, grid buffer, the views set last)
+        if (
+            buffers is None
+            or buffers[2][0] is not stored
+            or buffers[2][1] is not old_grid
+            or length + new > buffers[0].shape[-2]
+            or (buffers[0].is_inference() and not torch.is_inference_mode_enabled())
+        ):
+            capacity = max(length + length // 2, length + new, 64)
+            code_buffer = code.new_empty((*code.shape[:2], capacity, code.shape[-1]))
+            grid_buffer = grid.new_empty((*grid.shape[:2], capacity, grid.shape[-1]))
+            if length:
+                code_buffer[:, :, :length] = stored
+                grid_buffer[:, :, :length] = old_grid
+            buffers = (code_buffer, grid_buffer, None)
+        code_buffer, grid_buffer = buffers[0], buffers[1]
+        code_buffer[:, :, length : length + new] = code
+        grid_buffer[:, :, length : length + new] = grid
+        views = (code_buffer[:, :, : length + new], grid_buffer[:, :, : length + new])
+        setattr(self, codes_name, views[0])
+        setattr(self, grid_name, views[1])
+        self._code_buffers[codes_name] = (code_buffer, grid_buffer, views)
 
     def _start_decoded(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.decoded_keys = self.decoded_values = None
@@ -307,19 +337,24 @@ class GIFCodeLayer(DynamicLayer):
         self.decoded_length = length + new
 
     def held_bytes(self) -> dict[str, int]:
-        """Bytes this layer holds: ``"codes"`` (the packed codes and the grids) and ``"decoded"`` (the decoded copy
-        a fast CPU step keeps, its whole capacity; 0 on the PyTorch path)."""
-        codes = sum(
-            t.numel() * t.element_size()
-            for t in (self.keys, self.values, self.key_grid, self.value_grid)
-            if isinstance(t, torch.Tensor)
-        )
+        """Bytes this layer holds: ``"codes"`` (the packed codes and the grids; on the fast path their buffers'
+        whole capacity) and ``"decoded"`` (the decoded copy a fast CPU step keeps, its whole capacity; 0 on the
+        PyTorch path)."""
+        held = []
+        for name, grid_name in (("keys", "key_grid"), ("values", "value_grid")):
+            stored, grid = getattr(self, name, None), getattr(self, grid_name)
+            buffers = self._code_buffers.get(name)
+            if buffers is not None and buffers[2][0] is stored and buffers[2][1] is grid:
+                stored, grid = buffers[0], buffers[1]  # the fast path's buffers, whole
+            held += [stored, grid]
+        codes = sum(t.numel() * t.element_size() for t in held if isinstance(t, torch.Tensor))
         decoded = sum(t.numel() * t.element_size() for t in (self.decoded_keys, self.decoded_values) if t is not None)
         return {"codes": codes, "decoded": decoded}
 
     def _apply(self, fn) -> None:
         self.decoded_keys = self.decoded_values = None  # rebuilt from the codes by the next fast step
         self.decoded_length = 0
+        self._code_buffers = {}
         if self.is_initialized and self.key_grid is not None:
             self.keys, self.values, self.key_grid, self.value_grid = (
                 fn(t) for t in (self.keys, self.values, self.key_grid, self.value_grid)
@@ -417,11 +452,20 @@ def cache_layer_class(neuron: SpikingNeuron | type[SpikingNeuron]) -> type[Dynam
 
 
 def is_spike_cache(cache) -> bool:
-    return (
-        isinstance(cache, DynamicCache)
-        and len(cache.layers) > 0
-        and all(isinstance(layer, tuple(CACHE_LAYERS.values())) for layer in cache.layers)
-    )
+    """Whether ``cache`` is a ``DynamicCache`` whose layers are all spike-code layers. Asked by every attention
+    layer at every step: the answer for a cache's layer list (the same list object, the same length) is kept on the
+    cache (``into_spike_cache`` sets a new list)."""
+    if not isinstance(cache, DynamicCache):
+        return False
+    layers = cache.layers
+    seen = cache.__dict__.get("_spikelm_checked")
+    if seen is not None and seen[0] is layers and seen[1] == len(layers):
+        return True
+    kinds = tuple(CACHE_LAYERS.values())
+    if len(layers) > 0 and all(isinstance(layer, kinds) for layer in layers):
+        cache.__dict__["_spikelm_checked"] = (layers, len(layers))
+        return True
+    return False
 
 
 def make_spike_layers(
