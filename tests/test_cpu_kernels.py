@@ -82,6 +82,28 @@ def test_kernel_splits_the_outputs_across_threads_with_the_same_result():
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_readers_of_one_input_in_one_call_equal_each_alone(rows):
+    """few_rows_linears (q, k, v of one spiked input at a decoding step) gives each weight's few_rows_linear bit for
+    bit, whatever the threads, biases or not; and is the linear (against F.linear in float64)."""
+    g = torch.Generator().manual_seed(rows)
+    weights = [torch.randn(n, 96, generator=g) for n in (96, 33, 33)]
+    biases = [None, torch.randn(33, generator=g), None]
+    x = torch.randn(1, rows, 96, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        together = cpu_kernels.few_rows_linears(x, weights, biases)
+    finally:
+        torch.set_num_threads(threads)
+    for out, w, b in zip(together, weights, biases, strict=True):
+        assert out.shape == (1, rows, w.shape[0])
+        assert torch.equal(out, cpu_kernels.few_rows_linear(x, w, b))
+        expected = F.linear(x.double(), w.double(), None if b is None else b.double())
+        torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-5)
+
+
+@needs_kernel
 def test_kernel_equals_f_linear_where_float_sums_are_exact():
     # small integers: every partial sum is an integer below 2**24, so any order of the sums gives the same float
     g = torch.Generator().manual_seed(3)
@@ -315,13 +337,15 @@ def tiny_llama():
 
 @needs_kernel
 def test_converted_decoding_with_the_kernel_is_close_to_the_gemm(monkeypatch, capsys):
-    calls = count_calls(monkeypatch, cpu_kernels, "few_rows_linear")
+    calls = count_calls(monkeypatch, cpu_kernels, "few_rows_linear", "few_rows_linears")
     calibration = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(5))
     model = spikify(tiny_llama(), neuron="elastic", num_steps=4, calibration=calibration)
     ids = torch.randint(3, 64, (1, 9), generator=torch.Generator().manual_seed(1))
     agree, flips, total, diff, on, off = compare_decoding(model, ids, capsys)
-    # 2 layers x 7 linears (q, k, v, o, gate, up, down) per decoding step take the kernel (4 rows each)
-    assert calls["few_rows_linear"] == 2 * 7 * (len(on.logits) - 1)
+    # 2 layers x 7 linears per decoding step take the kernel (4 rows each): o and down alone, q/k/v and gate/up
+    # each in one call (the readers of one neuron, computed ahead)
+    assert calls["few_rows_linear"] == 2 * 2 * (len(on.logits) - 1)
+    assert calls["few_rows_linears"] == 2 * 2 * (len(on.logits) - 1)
     assert agree == len(on.logits)
     assert flips <= total // 1000
     if flips == 0:  # the same spikes: only the sums' order differs
@@ -340,21 +364,24 @@ def test_a_converted_checkpoint_loaded_with_from_pretrained_takes_the_kernel(tmp
     calibration = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(5))
     spikify(tiny_llama(), neuron="elastic", num_steps=4, calibration=calibration).save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    calls = count_calls(monkeypatch, cpu_kernels, "few_rows_linear")
+    calls = count_calls(monkeypatch, cpu_kernels, "few_rows_linear", "few_rows_linears")
     ids = torch.randint(3, 64, (1, 5), generator=torch.Generator().manual_seed(1))
     loaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False, pad_token_id=0)
-    assert calls["few_rows_linear"] == 2 * 7 * 2  # two decoding steps after the prompt's forward pass
+    # two decoding steps after the prompt's forward pass: o, down alone; q/k/v and gate/up in one call each
+    assert calls["few_rows_linear"] == 2 * 2 * 2 and calls["few_rows_linears"] == 2 * 2 * 2
 
 
 @needs_kernel
 def test_gif_readers_take_the_kernel_at_decoding_steps(monkeypatch, capsys):
-    calls = count_calls(monkeypatch, cpu_kernels, "few_rows_linear")
+    calls = count_calls(monkeypatch, cpu_kernels, "few_rows_linear", "few_rows_linears")
     calibration = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(5))
     model = spikify(tiny_llama(), neuron="gif", calibration=calibration)
     assert sum("forward" in vars(m) for m in model.modules() if isinstance(m, torch.nn.Linear)) == 2 * 7
     ids = torch.randint(3, 64, (1, 9), generator=torch.Generator().manual_seed(1))
     agree, flips, total, diff, on, off = compare_decoding(model, ids, capsys)
-    assert calls["few_rows_linear"] == 2 * 7 * (len(on.logits) - 1)  # one row per decoding step (GIF has no T copies)
+    # one row per decoding step (GIF has no T copies): o, down alone; q/k/v and gate/up in one call each
+    assert calls["few_rows_linear"] == 2 * 2 * (len(on.logits) - 1)
+    assert calls["few_rows_linears"] == 2 * 2 * (len(on.logits) - 1)
     assert agree == len(on.logits)
 
 

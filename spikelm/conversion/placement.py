@@ -36,7 +36,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import UserError
-from ..nn.kernels import spike_linear
+from ..nn import cpu_kernels
+from ..nn.kernels import CPP, linears_kernel, spike_linear
 from ..nn.neurons import SpikingNeuron, neuron_class
 from .architectures import SITE_KINDS, Architecture, describe, registered
 from .attention import NAME as SPIKING_ATTENTION
@@ -138,17 +139,44 @@ def apply_input_neuron(neuron: nn.Module, x: torch.Tensor, steps: int) -> torch.
 
 def _spike_input(module, args, kwargs, steps):
     if args:
-        return (apply_input_neuron(module.input_neuron, args[0], steps), *args[1:]), kwargs
+        spikes = apply_input_neuron(module.input_neuron, args[0], steps)
+        _read_ahead(module, spikes)
+        return (spikes, *args[1:]), kwargs
     for name in ("hidden_states", "x", "input"):
         if name in kwargs:
-            kwargs[name] = apply_input_neuron(module.input_neuron, kwargs[name], steps)
+            kwargs[name] = spikes = apply_input_neuron(module.input_neuron, kwargs[name], steps)
+            _read_ahead(module, spikes)
             return args, kwargs
     raise RuntimeError(f"spikelm: could not find the input of {type(module).__name__} to spike")
 
 
+READ_AHEAD = "_spikelm_read_ahead"  # a host's readers computed together (a list of linears, in its __dict__)
+AHEAD = "_spikelm_ahead"  # a reader's output computed ahead: (the input it is for, the output), in its __dict__
+
+
+def _read_ahead(host: nn.Module, spikes: torch.Tensor) -> None:
+    """At a decoding step, the linears that read ``host``'s spikes (two or more: q, k, v; gate, up) computed in one
+    C++ call (:func:`spikelm.nn.cpu_kernels.few_rows_linears`: the bits each would compute alone) and left with each
+    reader for the call that passes it these very spikes (:func:`_spike_reader_forward`)."""
+    readers = host.__dict__.get(READ_AHEAD)
+    if not readers:
+        return
+    weights, biases = [r.weight for r in readers], [r.bias for r in readers]
+    if linears_kernel(spikes, weights, biases) != CPP:
+        return
+    for reader, out in zip(readers, cpu_kernels.few_rows_linears(spikes, weights, biases), strict=True):
+        reader.__dict__[AHEAD] = (spikes, out)
+
+
 def _spike_reader_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
-    """``nn.Linear.forward`` of a linear that reads a neuron's spikes: the few-row kernel for a few
-    rows on CPU (a decoding step), else ``F.linear`` (:func:`spikelm.nn.kernels.spike_linear`)."""
+    """``nn.Linear.forward`` of a linear that reads a neuron's spikes: its output computed ahead with the other
+    readers of the same spikes (:func:`_read_ahead`) if ``input`` is those spikes, else the few-row kernel for a
+    few rows on CPU (a decoding step), else ``F.linear`` (:func:`spikelm.nn.kernels.spike_linear`)."""
+    ahead = module.__dict__.get(AHEAD)
+    if ahead is not None:
+        module.__dict__[AHEAD] = None  # read once: keep no activation alive
+        if ahead[0] is input:
+            return ahead[1]
     return spike_linear(input, module.weight, module.bias)
 
 
@@ -162,6 +190,18 @@ class _SpikeReader:
     def remove(self) -> None:
         if "forward" in vars(self.linear):
             del self.linear.forward
+        vars(self.linear).pop(AHEAD, None)
+
+
+class _ReadAhead:
+    """The handle of a host whose readers run together at a decoding step (:func:`_read_ahead`): ``remove()``."""
+
+    def __init__(self, host: nn.Module, readers: list[nn.Linear]):
+        self.host = host
+        host.__dict__[READ_AHEAD] = readers
+
+    def remove(self) -> None:
+        vars(self.host).pop(READ_AHEAD, None)
 
 
 def _read_spikes(readers: list[nn.Module]) -> list[_SpikeReader]:
@@ -354,7 +394,10 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
                 handles.append(entry.register_forward_hook(shared.clear, always_call=True))  # a reader skipped
             else:
                 handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
-            handles += _read_spikes(readers)  # the few-row kernel at decoding steps (GIF: one row per token)
+            routed = _read_spikes(readers)  # the few-row kernel at decoding steps (GIF: one row per token)
+            handles += routed
+            if not site.on_readers and len(routed) == len(readers) > 1 and host not in readers:
+                handles.append(_ReadAhead(host, readers))  # q, k, v (gate, up) in one call at a decoding step
         attention = _get(layer, family.attention)
         if _skipped(f"{layers_path}.{index}.{family.attention}", skip):
             raise UserError(  # a conversion setting the user chose (spikify --set modules_to_not_convert=...)

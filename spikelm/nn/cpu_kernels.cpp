@@ -159,6 +159,57 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, c10::optional<to
   return y;
 }
 
+// The readers of one input in one call: y_i = x @ w_i^T + bias_i for each weight, exactly as few_rows_linear computes
+// each (every output is one row's dot product, whichever block or thread computes it: the same bits), the rows
+// converted to float64 once and the threads sharing the blocks of all the weights.
+std::vector<torch::Tensor> few_rows_linears(torch::Tensor x, std::vector<torch::Tensor> ws,
+                                            std::vector<c10::optional<torch::Tensor>> biases) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be float32 (M, K)");
+  TORCH_CHECK(!ws.empty() && ws.size() == biases.size(), "one bias (or None) per weight");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M >= 1 && M <= 8, "1 to 8 rows");
+  auto xc = x.to(at::kDouble).contiguous();
+  constexpr int64_t UNIT = 16;
+  std::vector<torch::Tensor> ys, bcs;
+  std::vector<int64_t> first{0};  // the first block of each weight
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const auto& w = ws[i];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == K && w.scalar_type() == at::kFloat && w.device().is_cpu() &&
+                    w.is_contiguous(), "weights: contiguous float32 (N, K)");
+    torch::Tensor bc;
+    if (biases[i].has_value() && biases[i]->defined()) {
+      bc = biases[i]->contiguous();
+      TORCH_CHECK(bc.scalar_type() == at::kFloat && bc.numel() == w.size(0), "bias must be float32 of N elements");
+    }
+    bcs.push_back(bc);
+    ys.push_back(torch::empty({M, w.size(0)}, x.options()));
+    first.push_back(first.back() + (w.size(0) + UNIT - 1) / UNIT);
+  }
+  const double* xp = xc.data_ptr<double>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K * UNIT, 1));
+  at::parallel_for(0, first.back(), grain, [&](int64_t u0, int64_t u1) {
+    for (size_t i = 0; i < ws.size(); ++i) {
+      const int64_t a = std::max(u0, first[i]), b = std::min(u1, first[i + 1]);
+      if (a >= b) continue;
+      const int64_t N = ws[i].size(0), n0 = (a - first[i]) * UNIT, n1 = std::min(N, (b - first[i]) * UNIT);
+      const float* wp = ws[i].data_ptr<float>();
+      const float* bp = bcs[i].defined() ? bcs[i].data_ptr<float>() : nullptr;
+      float* yp = ys[i].data_ptr<float>();
+      switch (M) {
+        case 1: rows_range<1>(xp, wp, bp, yp, K, N, n0, n1); break;
+        case 2: rows_range<2>(xp, wp, bp, yp, K, N, n0, n1); break;
+        case 3: rows_range<3>(xp, wp, bp, yp, K, N, n0, n1); break;
+        case 4: rows_range<4>(xp, wp, bp, yp, K, N, n0, n1); break;
+        case 5: rows_range<5>(xp, wp, bp, yp, K, N, n0, n1); break;
+        case 6: rows_range<6>(xp, wp, bp, yp, K, N, n0, n1); break;
+        case 7: rows_range<7>(xp, wp, bp, yp, K, N, n0, n1); break;
+        default: rows_range<8>(xp, wp, bp, yp, K, N, n0, n1); break;
+      }
+    }
+  });
+  return ys;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // The elastic neuron for inference, all T steps in one pass over the elements (the arithmetic of
 // spike_steps_inference, operation for operation, in float32; compiled with -ffp-contract=off so that no multiply

@@ -44,6 +44,7 @@ SOURCE_FILE = Path(__file__).with_name("cpu_kernels.cpp")  # shipped as package 
 VERSION = 5  # bump when the build changes in a way the source's text does not show (part of the build's name)
 FUNCTIONS = [
     "few_rows_linear",
+    "few_rows_linears",
     "elastic_spikes",
     "spike_pack5",
     "unpack5_steps_into_batch",
@@ -161,6 +162,17 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     w = weight if weight.is_contiguous() else weight.contiguous()
     out = _call("few_rows_linear", x.reshape(-1, shape[-1]), w, bias)
     return out.view(*shape[:-1], weight.shape[0])
+
+
+def few_rows_linears(
+    x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> list[torch.Tensor]:
+    """``[few_rows_linear(x, w, b) for w, b in zip(weights, biases)]`` in one call (the same bits: each output is one
+    row's dot product): the readers of one neuron's output at a decoding step. Contiguous float32 weights."""
+    shape = x.shape
+    outs = _call("few_rows_linears", x.reshape(-1, shape[-1]), weights, biases)
+    lead = shape[:-1]
+    return [out.view(*lead, out.shape[-1]) for out in outs]
 
 
 def has_avx512() -> bool:

@@ -277,6 +277,17 @@ def linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 _FLOAT32 = torch.float32
 
 
+def linears_kernel(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> str:
+    """Where the readers of one spiking input run together (:func:`spikelm.nn.cpu_kernels.few_rows_linears`, one
+    call for all; placement's read-ahead at a decoding step): :data:`CPP` where :func:`linear_kernel` takes the
+    few-row kernel for every reader and the weights are contiguous, else :data:`PYTORCH` (each reader then runs
+    :func:`spike_linear` itself)."""
+    for weight, bias in zip(weights, biases, strict=True):
+        if not weight.is_contiguous() or linear_kernel(x, weight, bias) != CPP:
+            return PYTORCH
+    return CPP
+
+
 def spike_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for a spiking input: :func:`spikelm.nn.exact.exact_linear` (float64
     accumulation, one rounding: the same bits on every path), by the few-row kernel where it pays (CPU, float32, no
