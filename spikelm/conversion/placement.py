@@ -139,38 +139,46 @@ def apply_input_neuron(neuron: nn.Module, x: torch.Tensor, steps: int) -> torch.
 
 def _spike_input(module, args, kwargs, steps):
     if args:
-        spikes = apply_input_neuron(module.input_neuron, args[0], steps)
-        _read_ahead(module, spikes)
-        return (spikes, *args[1:]), kwargs
+        return (_spike_and_read(module, args[0], steps), *args[1:]), kwargs
     for name in ("hidden_states", "x", "input"):
         if name in kwargs:
-            kwargs[name] = spikes = apply_input_neuron(module.input_neuron, kwargs[name], steps)
-            _read_ahead(module, spikes)
+            kwargs[name] = _spike_and_read(module, kwargs[name], steps)
             return args, kwargs
     raise RuntimeError(f"spikelm: could not find the input of {type(module).__name__} to spike")
 
 
-READ_AHEAD = "_spikelm_read_ahead"  # a host's readers computed together (a list of linears, in its __dict__)
+READ_AHEAD = "_spikelm_read_ahead"  # a host's readers computed with its spikes (a list of linears, in its __dict__)
 AHEAD = "_spikelm_ahead"  # a reader's output computed ahead: (the input it is for, the output), in its __dict__
 
 
-def _read_ahead(host: nn.Module, spikes: torch.Tensor) -> None:
-    """At a decoding step, the linears that read ``host``'s spikes (two or more: q, k, v; gate, up) computed in one
-    C++ call (:func:`spikelm.nn.cpu_kernels.few_rows_linears`: the bits each would compute alone) and left with each
-    reader for the call that passes it these very spikes (:func:`_spike_reader_forward`)."""
+def _spike_and_read(host: nn.Module, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """``host``'s neuron on ``x`` and, at a decoding step, the linears that read its spikes computed ahead and left
+    with each reader for the call that passes it these very spikes (:func:`_spike_reader_forward`): where the
+    neuron's value is one C++ pass (:meth:`~spikelm.nn.neurons.base.SpikingNeuron.value_plan`), the pass and all the
+    readers in one call (:func:`spikelm.nn.cpu_kernels.token_values_linears`); else, for two or more readers (q, k,
+    v; gate, up), the neuron called as usual and its readers in one call
+    (:func:`spikelm.nn.cpu_kernels.few_rows_linears`). The same functions as one by one: the same bits."""
+    neuron = host.input_neuron
     readers = host.__dict__.get(READ_AHEAD)
     if not readers:
-        return
+        return apply_input_neuron(neuron, x, steps)
     weights, biases = [r.weight for r in readers], [r.bias for r in readers]
-    if linears_kernel(spikes, weights, biases) != CPP:
-        return
-    for reader, out in zip(readers, cpu_kernels.few_rows_linears(spikes, weights, biases), strict=True):
+    plan = neuron.value_plan(x) if steps == 1 else None
+    if plan is not None and linears_kernel(x, weights, biases) == CPP:
+        spikes, outs = cpu_kernels.token_values_linears(x, plan, weights, biases)
+    else:
+        spikes = apply_input_neuron(neuron, x, steps)
+        if len(readers) < 2 or linears_kernel(spikes, weights, biases) != CPP:
+            return spikes
+        outs = cpu_kernels.few_rows_linears(spikes, weights, biases)
+    for reader, out in zip(readers, outs, strict=True):
         reader.__dict__[AHEAD] = (spikes, out)
+    return spikes
 
 
 def _spike_reader_forward(module: nn.Linear, input: torch.Tensor) -> torch.Tensor:
     """``nn.Linear.forward`` of a linear that reads a neuron's spikes: its output computed ahead with the other
-    readers of the same spikes (:func:`_read_ahead`) if ``input`` is those spikes, else the few-row kernel for a
+    readers of the same spikes (:func:`_spike_and_read`) if ``input`` is those spikes, else the few-row kernel for a
     few rows on CPU (a decoding step), else ``F.linear`` (:func:`spikelm.nn.kernels.spike_linear`)."""
     ahead = module.__dict__.get(AHEAD)
     if ahead is not None:
@@ -194,7 +202,8 @@ class _SpikeReader:
 
 
 class _ReadAhead:
-    """The handle of a host whose readers run together at a decoding step (:func:`_read_ahead`): ``remove()``."""
+    """The handle of a host whose readers run with its neuron at a decoding step (:func:`_spike_and_read`):
+    ``remove()``."""
 
     def __init__(self, host: nn.Module, readers: list[nn.Linear]):
         self.host = host
@@ -396,8 +405,8 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
                 handles.append(host.register_forward_pre_hook(partial(_spike_input, steps=steps), with_kwargs=True))
             routed = _read_spikes(readers)  # the few-row kernel at decoding steps (GIF: one row per token)
             handles += routed
-            if not site.on_readers and len(routed) == len(readers) > 1 and host not in readers:
-                handles.append(_ReadAhead(host, readers))  # q, k, v (gate, up) in one call at a decoding step
+            if not site.on_readers and len(routed) == len(readers):
+                handles.append(_ReadAhead(host, readers))  # the neuron and its readers in one call at a decoding step
         attention = _get(layer, family.attention)
         if _skipped(f"{layers_path}.{index}.{family.attention}", skip):
             raise UserError(  # a conversion setting the user chose (spikify --set modules_to_not_convert=...)

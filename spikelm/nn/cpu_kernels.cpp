@@ -586,3 +586,16 @@ torch::Tensor one_query_attention(torch::Tensor query, torch::Tensor key, torch:
   auto out = at::matmul(probs, value.to(at::kDouble));  // (B, Hkv, g, d)
   return out.reshape({B, H, 1, d}).to(query.scalar_type()).transpose(1, 2).contiguous();
 }
+
+// A linear input's neuron and its readers in one call (a decoding step): x_hat = token_codes(x, ...)'s value, then
+// few_rows_linears(x_hat, ws, biases): the same functions, so the same bits. Returns {x_hat, y_0, y_1, ...}.
+std::vector<torch::Tensor> token_values_linears(torch::Tensor x, torch::Tensor group, torch::Tensor top, int64_t inner,
+                                                double clip, double dead_zone, double floor_value, bool is_signed,
+                                                double outlier_threshold, std::vector<torch::Tensor> ws,
+                                                std::vector<c10::optional<torch::Tensor>> biases) {
+  auto coded = token_codes(x, group, top, inner, clip, dead_zone, floor_value, c10::nullopt, is_signed, false, 0, 0,
+                           outlier_threshold);
+  auto ys = few_rows_linears(coded[0], ws, biases);
+  ys.insert(ys.begin(), coded[0]);
+  return ys;
+}

@@ -53,6 +53,7 @@ FUNCTIONS = [
     "pack_bit_planes",
     "online_hadamard",
     "one_query_attention",
+    "token_values_linears",
 ]
 
 _module: list = []  # [the built extension] or [None] once building failed
@@ -317,6 +318,18 @@ def token_values(
         outlier_threshold,
     )
     return out[0].view(shape)
+
+
+def token_values_linears(
+    x: torch.Tensor, plan: tuple, weights: list[torch.Tensor], biases: list[torch.Tensor | None]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(token_values(x, *plan), few_rows_linears(that, weights, biases))`` in one call (the same functions: the
+    same bits): a linear input's neuron and its readers at a decoding step. ``plan``: a neuron's
+    :meth:`~spikelm.nn.neurons.base.SpikingNeuron.value_plan`."""
+    shape = x.shape
+    outs = _call("token_values_linears", x.reshape(-1, shape[-1]), *plan, weights, biases)
+    lead = shape[:-1]
+    return outs[0].view(shape), [out.view(*lead, out.shape[-1]) for out in outs[1:]]
 
 
 def pack_bit_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:

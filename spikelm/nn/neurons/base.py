@@ -281,6 +281,13 @@ class SpikingNeuron(nn.Module):
         bit its readable path) where it has one; None (the default) makes the caller take the readable path."""
         return None
 
+    def value_plan(self, x: torch.Tensor) -> tuple | None:
+        """The arguments of :func:`spikelm.nn.cpu_kernels.token_values` after ``x`` (``group, top, inner, clip_ratio,
+        dead_zone, floor, signed, outlier_threshold``) where this neuron's forward value of ``x`` is that one C++
+        pass and nothing else runs on the call (no hooks, no statistics): a caller may then run the pass itself,
+        fused with the linears that read it (placement, a decoding step). None (the default): call the neuron."""
+        return None
+
     def packs_kv_on_cpu(self) -> bool:
         """Whether a decoding step may spike and pack this K/V neuron's input in the C++ kernel (same codes)."""
         return False

@@ -59,6 +59,14 @@ SIGNED_BACKENDS = ("fused", "reference")
 SITE_KINDS = ("qkv_input", "o_input", "gate_up_input", "down_input", "k", "v")  # placement.SITE_KINDS
 
 
+def _global_hooks() -> bool:
+    """Whether module hooks registered for every module (``torch.nn.modules.module.register_module_forward_*``)
+    would run on a neuron's call."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
 def _number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
@@ -568,6 +576,27 @@ class SignedNeuron(SpikingNeuron):
             outlier_threshold=self._threshold() if outliers else 0.0,
         )
 
+    def _lean_plan(self, x: torch.Tensor) -> tuple | None:
+        """:func:`~spikelm.nn.cpu_kernels.token_values`' arguments for ``x`` where the forward value is that one pass
+        (fused_codes' value with the outlier rule, fewer Python steps): a linear input (one channel row), no scale
+        factors, the fused backend, the C++ pass taken; else None."""
+        if (
+            self.scale_factor is None
+            and self._backend == "fused"
+            and len(self.channel_shape) == 1
+            and x.shape[-1] == self.channel_shape[0]
+            and kernels.token_code_kernel(x) == kernels.CPP
+        ):
+            group, top = self.code_plan()
+            return group, top, 1, self.clip_ratio, self.dead_zone, SCALE_FLOOR, True, self._threshold()
+        return None
+
+    def value_plan(self, x: torch.Tensor) -> tuple | None:
+        """:meth:`_lean_plan` where calling the neuron would run nothing else (no statistics, no hooks)."""
+        if self.record_stats or self._forward_hooks or self._forward_pre_hooks or _global_hooks():
+            return None
+        return self._lean_plan(x)
+
     def _threshold(self) -> float:
         """``float(outlier_threshold)`` (0.0 where the rule is off), read again only when the buffer changes (a
         decoding step asks at every linear input)."""
@@ -586,17 +615,9 @@ class SignedNeuron(SpikingNeuron):
         ``learn_scale``, to the scale factors)."""
         if not self.record_stats:
             # the C++ pass where it runs (CPU float32 outside autograd), outlier tokens included: the same bits
-            if (
-                self.scale_factor is None
-                and self._backend == "fused"
-                and len(self.channel_shape) == 1
-                and x.shape[-1] == self.channel_shape[0]
-                and kernels.token_code_kernel(x) == kernels.CPP
-            ):  # a linear input without scale factors (a decoding step's common case): fused_codes' value, leaner
-                group, top = self.code_plan()
-                return cpu_kernels.token_values(
-                    x, group, top, 1, self.clip_ratio, self.dead_zone, SCALE_FLOOR, True, self._threshold()
-                )
+            plan = self._lean_plan(x)
+            if plan is not None:  # a linear input without scale factors (a decoding step's common case)
+                return cpu_kernels.token_values(x, *plan)
             fast = self.fused_codes(x, outliers=True)
             if fast is not None:
                 return fast[0]
