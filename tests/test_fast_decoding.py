@@ -224,8 +224,12 @@ def test_token_codes_packs_the_codes_as_pack_bits_does(offset):
 
 
 @pytest.mark.parametrize("neuron_name", ["gif", "signed"])
-def test_the_kept_decoded_cache_equals_decoding_every_stored_code(neuron_name):
+def test_the_kept_decoded_cache_equals_decoding_every_stored_code(neuron_name, monkeypatch):
+    from conftest import count_calls
+
     from spikelm.conversion.cache import GIFCodeLayer, SignedCodeLayer
+
+    calls = count_calls(monkeypatch, cpu_kernels, "kv_codes_append")  # the signed layer's one-call step
 
     if neuron_name == "gif":
         make = lambda: GIFNeuron((3, 1, 64), 4, 1, 0.1, clip_ratio=0.9, group_size=64)  # noqa: E731
@@ -250,6 +254,7 @@ def test_the_kept_decoded_cache_equals_decoding_every_stored_code(neuron_name):
             assert torch.equal(fast.values, slow.values) and torch.equal(fast.value_grid, slow.value_grid)
         held = fast.held_bytes()
         assert held["decoded"] >= 2 * keys.numel() * 8 and held["codes"] < held["decoded"]
+        assert calls["kv_codes_append"] == (70 if neuron_name == "signed" else 0)
         fast.crop(-2)  # the decoded copy is dropped and rebuilt from the codes
         slow.crop(-2)
         k, v = tie_heavy((1, 3, 1, 64), seed=1), tie_heavy((1, 3, 1, 64), seed=2)

@@ -28,7 +28,7 @@ from ..models.modeling_spikelm_causal import DEFAULT_PACKING, SpikeKVCacheLayer
 from ..nn import cpu_kernels, kernels
 from ..nn._constants import ALPHA_FLOOR
 from ..nn.neurons import SpikingNeuron
-from ..nn.neurons.gif import max_code, pack_grid, unpack_grid
+from ..nn.neurons.gif import SCALE_FLOOR, max_code, pack_grid, unpack_grid
 from ..nn.packing import pack_bits, unpack_bits
 
 
@@ -285,8 +285,17 @@ class GIFCodeLayer(DynamicLayer):
         only the new token, not the whole cache as ``torch.cat`` does. Where the stored tensors are not the views
         last set (the PyTorch path, a reorder, a crop) or the buffer was made under ``torch.inference_mode`` and is
         written outside it, a new buffer starts from them."""
+        code_buffer, grid_buffer, length = self._code_room(codes_name, grid_name, code, grid, code.shape[-2])
+        new = code.shape[-2]
+        code_buffer[:, :, length : length + new] = code
+        grid_buffer[:, :, length : length + new] = grid
+        self._set_code_views(codes_name, grid_name, code_buffer, grid_buffer, length + new)
+
+    def _code_room(self, codes_name: str, grid_name: str, like_code, like_grid, new: int):
+        """``(codes buffer, grid buffer, stored length)`` with room for ``new`` more tokens (see :meth:`_append_codes`;
+        ``like_code`` / ``like_grid``: a tensor of the stored codes' / grid's dtype, device, batch, heads, width)."""
         stored, old_grid = getattr(self, codes_name), getattr(self, grid_name)
-        length, new = stored.shape[-2], code.shape[-2]
+        length = stored.shape[-2]
         buffers = self._code_buffers.get(codes_name)  # (codes buffer, grid buffer, the views set last)
         if (
             buffers is None
@@ -296,16 +305,16 @@ class GIFCodeLayer(DynamicLayer):
             or (buffers[0].is_inference() and not torch.is_inference_mode_enabled())
         ):
             capacity = max(length + length // 2, length + new, 64)
-            code_buffer = code.new_empty((*code.shape[:2], capacity, code.shape[-1]))
-            grid_buffer = grid.new_empty((*grid.shape[:2], capacity, grid.shape[-1]))
+            code_buffer = like_code.new_empty((*like_code.shape[:2], capacity, like_code.shape[-1]))
+            grid_buffer = like_grid.new_empty((*like_grid.shape[:2], capacity, like_grid.shape[-1]))
             if length:
                 code_buffer[:, :, :length] = stored
                 grid_buffer[:, :, :length] = old_grid
-            buffers = (code_buffer, grid_buffer, None)
-        code_buffer, grid_buffer = buffers[0], buffers[1]
-        code_buffer[:, :, length : length + new] = code
-        grid_buffer[:, :, length : length + new] = grid
-        views = (code_buffer[:, :, : length + new], grid_buffer[:, :, : length + new])
+            return code_buffer, grid_buffer, length
+        return buffers[0], buffers[1], length
+
+    def _set_code_views(self, codes_name: str, grid_name: str, code_buffer, grid_buffer, length: int) -> None:
+        views = (code_buffer[:, :, :length], grid_buffer[:, :, :length])
         setattr(self, codes_name, views[0])
         setattr(self, grid_name, views[1])
         self._code_buffers[codes_name] = (code_buffer, grid_buffer, views)
@@ -319,6 +328,15 @@ class GIFCodeLayer(DynamicLayer):
         """Append (B, H, n, d) values to the decoded copy, growing its capacity geometrically (no per-step copy of
         the whole cache; it grows by half its length)."""
         length, new = self.decoded_length, keys.shape[-2]
+        self._decoded_room(keys, values, new)
+        self.decoded_keys[:, :, length : length + new] = keys
+        self.decoded_values[:, :, length : length + new] = values
+        self.decoded_length = length + new
+
+    def _decoded_room(self, keys: torch.Tensor, values: torch.Tensor, new: int) -> None:
+        """Grow the decoded copy (if needed) to hold ``new`` more tokens (``keys`` / ``values``: tensors of the
+        batch, heads and width to hold)."""
+        length = self.decoded_length
         # a copy made under torch.inference_mode cannot be written outside it: copied into a new buffer
         stale = (
             self.decoded_keys is not None and self.decoded_keys.is_inference() and not torch.is_inference_mode_enabled()
@@ -332,9 +350,6 @@ class GIFCodeLayer(DynamicLayer):
                     buffer[:, :, :length] = old[:, :, :length]
                 grown.append(buffer)
             self.decoded_keys, self.decoded_values = grown
-        self.decoded_keys[:, :, length : length + new] = keys
-        self.decoded_values[:, :, length : length + new] = values
-        self.decoded_length = length + new
 
     def held_bytes(self) -> dict[str, int]:
         """Bytes this layer holds: ``"codes"`` (the packed codes and the grids; on the fast path their buffers'
@@ -416,6 +431,49 @@ class SignedCodeLayer(GIFCodeLayer):
     def _quantize(neuron: nn.Module, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each token's signed codes and its per-group scales (no zero point)."""
         return neuron.quantize(states)
+
+    def _fast_update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """:meth:`GIFCodeLayer._fast_update` in one C++ call where both neurons give a plan
+        (:meth:`~spikelm.nn.neurons.signed.SignedNeuron.kv_plan`) and the codes are packed: K and V coded
+        (``token_codes``) and their codes, scales and decoded values written into the growing buffers
+        (``kv_codes_append``: the same functions and copies, the same bits)."""
+        if (
+            not self.packed
+            or (self.decoded_keys is None and self.key_grid is not None)  # tokens cached by the PyTorch path
+            or not (self._plain(self.key_neuron) and self._plain(self.value_neuron))
+        ):
+            return super()._fast_update(key_states, value_states)
+        key_plan = self.key_neuron.kv_plan(key_states)
+        value_plan = None if key_plan is None else self.value_neuron.kv_plan(value_states)
+        if value_plan is None or key_states.shape != value_states.shape:
+            return super()._fast_update(key_states, value_states)
+        batch, heads, new, _ = key_states.shape
+        shape = (batch, heads, 1)
+        like_code = key_states.new_empty((*shape, self.bits * -(-self.width // 8)), dtype=torch.uint8)
+        rooms = []
+        for codes_name, grid_name, plan in (("keys", "key_grid", key_plan), ("values", "value_grid", value_plan)):
+            like_grid = key_states.new_empty((*shape, plan[1].shape[0]))
+            rooms.append(self._code_room(codes_name, grid_name, like_code, like_grid, new))
+        decoded_at = self.decoded_length
+        self._decoded_room(key_states, value_states, new)
+        if rooms[0][2] != rooms[1][2]:  # keys and values always hold the same tokens
+            raise RuntimeError(f"spikelm: the cache holds {rooms[0][2]} keys but {rooms[1][2]} values")
+        cpu_kernels.kv_codes_append(
+            key_states,
+            value_states,
+            key_plan,
+            value_plan,
+            SCALE_FLOOR,
+            self.bits,
+            self.offset,
+            [rooms[0][0], rooms[0][1], rooms[1][0], rooms[1][1], self.decoded_keys, self.decoded_values],
+            rooms[0][2],
+            decoded_at,
+        )
+        for (codes_name, grid_name), room in zip((("keys", "key_grid"), ("values", "value_grid")), rooms, strict=True):
+            self._set_code_views(codes_name, grid_name, room[0], room[1], room[2] + new)
+        self.decoded_length = length = decoded_at + new
+        return self.decoded_keys[:, :, :length], self.decoded_values[:, :, :length]
 
 
 class TransientSpikeKV:

@@ -599,3 +599,30 @@ std::vector<torch::Tensor> token_values_linears(torch::Tensor x, torch::Tensor g
   ys.insert(ys.begin(), coded[0]);
   return ys;
 }
+
+// A decoding step of the signed K/V cache (spikelm/conversion/cache.py, SignedCodeLayer._fast_update) in one call:
+// K and V (B, H, n, d) float32 each through token_codes (signed, codes plus offset packed as pack_bits bit planes),
+// then the codes, the scales and the dequantised values copied into the cache's buffers at token code_at (codes,
+// scales: (B, H, capacity, w)) and decoded_at (values, float64 (B, H, capacity, d)): the same functions and copies
+// as the Python path's, so the same bits. Plans: (group, top, inner, clip, dead_zone) each. buffers: key codes, key
+// scales, value codes, value scales, decoded keys, decoded values.
+void kv_codes_append(torch::Tensor k, torch::Tensor v, torch::Tensor kgroup, torch::Tensor ktop, int64_t kinner,
+                     double kclip, double kdead, torch::Tensor vgroup, torch::Tensor vtop, int64_t vinner, double vclip,
+                     double vdead, double floor_value, int64_t pack_bits, int64_t code_offset,
+                     std::vector<torch::Tensor> buffers, int64_t code_at, int64_t decoded_at) {
+  TORCH_CHECK(k.dim() == 4 && k.sizes() == v.sizes(), "k and v must be (B, H, n, d), the same shape");
+  TORCH_CHECK(buffers.size() == 6, "six buffers: key codes, key scales, value codes, value scales, decoded k, v");
+  const int64_t B = k.size(0), H = k.size(1), n = k.size(2), d = k.size(3);
+  const torch::Tensor* states[2] = {&k, &v};
+  const torch::Tensor* groups[2] = {&kgroup, &vgroup};
+  const torch::Tensor* tops[2] = {&ktop, &vtop};
+  const int64_t inners[2] = {kinner, vinner};
+  const double clips[2] = {kclip, vclip}, deads[2] = {kdead, vdead};
+  for (int i = 0; i < 2; ++i) {
+    auto coded = token_codes(states[i]->reshape({-1, d}), *groups[i], *tops[i], inners[i], clips[i], deads[i],
+                             floor_value, c10::nullopt, true, true, pack_bits, code_offset, 0.0);
+    buffers[2 * i].narrow(2, code_at, n).copy_(coded[1].view({B, H, n, coded[1].size(1)}));
+    buffers[2 * i + 1].narrow(2, code_at, n).copy_(coded[2].view({B, H, n, coded[2].size(1)}));
+    buffers[4 + i].narrow(2, decoded_at, n).copy_(coded[0].view({B, H, n, d}));
+  }
+}

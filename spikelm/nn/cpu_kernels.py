@@ -54,6 +54,7 @@ FUNCTIONS = [
     "online_hadamard",
     "one_query_attention",
     "token_values_linears",
+    "kv_codes_append",
 ]
 
 _module: list = []  # [the built extension] or [None] once building failed
@@ -330,6 +331,38 @@ def token_values_linears(
     outs = _call("token_values_linears", x.reshape(-1, shape[-1]), *plan, weights, biases)
     lead = shape[:-1]
     return outs[0].view(shape), [out.view(*lead, out.shape[-1]) for out in outs[1:]]
+
+
+def kv_codes_append(
+    key_states: torch.Tensor,
+    value_states: torch.Tensor,
+    key_plan: tuple,
+    value_plan: tuple,
+    floor: float,
+    pack_bits: int,
+    code_offset: int,
+    buffers: list[torch.Tensor],
+    code_at: int,
+    decoded_at: int,
+) -> None:
+    """The signed K/V cache's decoding step in one call (``cpu_kernels.cpp``, ``kv_codes_append``): K and V
+    (B, H, n, d) through :func:`token_codes` (signed, the codes plus ``code_offset`` packed as ``pack_bits`` bit
+    planes) with the neurons' :meth:`~spikelm.nn.neurons.signed.SignedNeuron.kv_plan`, and the codes, scales and
+    float64 values written into ``buffers`` (key codes, key scales, value codes, value scales: (B, H, capacity, w)
+    at token ``code_at``; decoded keys, values: (B, H, capacity, d) at ``decoded_at``)."""
+    _call(
+        "kv_codes_append",
+        key_states,
+        value_states,
+        *key_plan,
+        *value_plan,
+        float(floor),
+        int(pack_bits),
+        int(code_offset),
+        buffers,
+        int(code_at),
+        int(decoded_at),
+    )
 
 
 def pack_bit_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:

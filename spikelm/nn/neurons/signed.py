@@ -597,6 +597,25 @@ class SignedNeuron(SpikingNeuron):
             return None
         return self._lean_plan(x)
 
+    def kv_plan(self, states: torch.Tensor) -> tuple | None:
+        """``(group, top, inner, clip_ratio, dead_zone)`` for :func:`~spikelm.nn.cpu_kernels.kv_codes_append` (the
+        cache's fused K/V step: :meth:`fused_codes`' pass on ``states``) where that pass runs alone (fused backend,
+        no scale factors, no statistics, no hooks, the C++ pass taken, a layout it knows); else None."""
+        if (
+            self.record_stats
+            or self.scale_factor is not None
+            or self._backend != "fused"
+            or self._forward_hooks
+            or self._forward_pre_hooks
+            or kernels.token_code_kernel(states) != kernels.CPP
+        ):
+            return None
+        rows = cpu_kernels.code_rows(self.channel_shape, states.shape)
+        if rows is None or states.shape[-1] != self.channel_shape[-1]:
+            return None
+        group, top = self.code_plan()
+        return group, top, rows[1], self.clip_ratio, self.dead_zone
+
     def _threshold(self) -> float:
         """``float(outlier_threshold)`` (0.0 where the rule is off), read again only when the buffer changes (a
         decoding step asks at every linear input)."""
