@@ -134,7 +134,8 @@ def test_converted_generation_benchmark_prints_ratios_computed_from_its_timings(
             assert s["cache_decoded_bytes_per_token"] == 0
         else:  # 5 bit planes of ceil(12 / 8) = 2 bytes, and per token a grid of float32 scales and zero points
             grid = 2 * 2 * 2 * 4 * 4  # K and V, 2 layers, 2 heads, a scale and a zero point for each of 2 groups
-            expected = 2 * 2 * 2 * 5 * 2 + grid
+            # held in the CPU path's buffers at their first capacity, 64 tokens per row
+            expected = (2 * 2 * 2 * 5 * 2 + grid) * case["batch_size"] * 64 / tokens
             # and the float64 decoded copy of K and V the CPU path keeps: its first capacity, 64 tokens per row
             decoded = 2 * 2 * case["batch_size"] * 2 * 64 * 12 * 8 / tokens
             assert s["cache_decoded_bytes_per_token"] == pytest.approx(decoded)

@@ -134,9 +134,14 @@ class PeakRSS:
 
 
 def cache_tensor_bytes(cache) -> int:
-    """Bytes of every tensor a cache's layers hold (codes, grids, per-step magnitudes, or float K/V)."""
+    """Bytes of every tensor a cache's layers hold (codes, grids, per-step magnitudes, or float K/V); a per-token code
+    layer's own count (``held_bytes``: its buffers at their allocated capacity)."""
     total = 0
     for layer in cache.layers:
+        if hasattr(layer, "held_bytes"):
+            held = layer.held_bytes()
+            total += held["codes"] + held["decoded"]
+            continue
         for value in vars(layer).values():
             if isinstance(value, torch.Tensor):
                 total += value.numel() * value.element_size()
