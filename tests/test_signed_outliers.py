@@ -57,6 +57,25 @@ def test_an_outlier_token_passes_real_valued_and_fires_nothing():
     assert torch.equal(y.grad, torch.ones_like(x))
 
 
+def test_the_neurons_linear_multiplies_an_outlier_token_as_its_forward_passes_it():
+    neuron = SignedNeuron(8, bits=4, group_size=4, outlier_ratio=2.0)
+    rows = [[1.0, -2.0, 0.5, 0.1, 3.0, -1.0, 0.2, 0.7], [50.0, 1.0, -2.0, 3.0, 0.5, 0.5, 0.5, 0.5]]
+    x = torch.tensor(rows)
+    weight = torch.linspace(-1, 1, 24).view(3, 8)
+    bias = torch.tensor([0.5, -0.25, 0.0])
+    neuron.outlier_threshold.fill_(10.0)
+    out = neuron.linear(x, weight, bias)
+    # row 1 passes real-valued: its own values times the weights (float64, as the hand sum is)
+    hand = [sum(float(w) * v for w, v in zip(weight[j], rows[1], strict=True)) + float(bias[j]) for j in range(3)]
+    torch.testing.assert_close(out[1], torch.tensor(hand), rtol=1e-6, atol=1e-6)
+    # row 0 spikes: the linear of its dequantised codes
+    spiked = torch.tensor(hand_signed(rows[0], 4, 7))
+    hand0 = [
+        sum(float(w) * float(v) for w, v in zip(weight[j], spiked, strict=True)) + float(bias[j]) for j in range(3)
+    ]
+    torch.testing.assert_close(out[0], torch.tensor(hand0), rtol=1e-5, atol=1e-5)
+
+
 def test_calibration_sets_the_threshold_to_ratio_times_the_median_token_max():
     neuron = SignedNeuron(6, bits=4, group_size=3, outlier_ratio=1.5)
     recorder = neuron.calibration_recorder(None)

@@ -822,8 +822,18 @@ class SignedNeuron(SpikingNeuron):
         return levels, (levels > 0).long()
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """:func:`signed_linear` on :meth:`spike`: the integer spikes accumulated, one scale multiply per group."""
-        return self.spike(x).linear(weight, bias)
+        """:func:`signed_linear` on :meth:`spike`: the integer spikes accumulated, one scale multiply per group; an
+        outlier token (:meth:`real_rows`) passes real-valued, as in ``forward``, so its rows are the exact linear of
+        its own values."""
+        out = self.spike(x).linear(weight, bias)
+        passing = self.real_rows(x)
+        if passing is None or not bool(passing.any()):
+            return out
+        from ..exact import exact_linear
+
+        out = out.clone()
+        out[passing] = exact_linear(x[passing], weight, bias).to(out.dtype)
+        return out
 
     def calibration_recorder(self, reader_weights):
         """GIF's saliency recorder: the neuron passes its input through while calibrating; ``finish()`` marks the
