@@ -229,7 +229,7 @@ def plot(path: str, figure: str, title: str) -> None:
     def near(energy: float, ratio: float) -> bool:
         return zoom_x[0] <= energy <= zoom_x[1] and zoom_y[0] <= ratio <= zoom_y[1]
 
-    crowded = []
+    crowded, labelled = [], []
     for r in rows:
         if r["energy_ratio"] is None:
             continue
@@ -244,10 +244,12 @@ def plot(path: str, figure: str, title: str) -> None:
         )
         if near(r["energy_ratio"], ratio):
             crowded.append((r["energy_ratio"], ratio, name, color))
-        else:
-            ax.annotate(name, (r["energy_ratio"], ratio), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        else:  # a label near an earlier one (the same codes at another T, a dead zone's small step) goes below it
+            shift = 9 * sum(abs(e - r["energy_ratio"]) < 0.1 and abs(q - ratio) < 0.03 for e, q in labelled)
+            labelled.append((r["energy_ratio"], ratio))
+            ax.annotate(name, (r["energy_ratio"], ratio), fontsize=7, xytext=(3, 2 - shift), textcoords="offset points")
     if len(crowded) > 1:
-        inset = ax.inset_axes([0.42, 0.42, 0.4, 0.36])
+        inset = ax.inset_axes([0.6, 0.47, 0.36, 0.31])
         inset.add_patch(plt.Rectangle((0, 1), 0.6, 0.38, color="tab:green", alpha=0.12))
         previous = None
         for energy, ratio, name, color in sorted(crowded, key=lambda c: (c[1], c[0])):
