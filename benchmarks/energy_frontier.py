@@ -36,6 +36,19 @@ def signed(bits: int, **more) -> dict:
     return {**SIGNED, "signed_bits": bits, **more}
 
 
+def with_outliers(ratio: float) -> dict:
+    """The value-rotated, salient, unclipped 4-bit row with outlier tokens above ``ratio`` x the calibration median
+    (the default recipe at ratio 2)."""
+    return signed(
+        4,
+        signed_salient_bits=5,
+        saliency_fraction=0.1,
+        signed_clip_ratio=1.0,
+        value_rotation=True,
+        signed_outlier_ratio=ratio,
+    )
+
+
 ROWS = {
     "real": None,
     "gif-default": LADDER["gif-t2-g64"],  # the default recipe before this ladder
@@ -59,39 +72,11 @@ ROWS = {
     "s4-g64-clip1-vo": signed(4, signed_clip_ratio=1.0, value_rotation=True),  # the same without saliency
     # + outlier tokens: a token whose max |x| at a linear input exceeds 4 (8) x the calibration median passes
     # real-valued there (signed_outlier_ratio; docs/CONVERSION.md, "Outlier tokens")
-    "s4-g64-sal5-10-clip1-vo-out4": signed(
-        4,
-        signed_salient_bits=5,
-        saliency_fraction=0.1,
-        signed_clip_ratio=1.0,
-        value_rotation=True,
-        signed_outlier_ratio=4.0,
-    ),
-    "s4-g64-sal5-10-clip1-vo-out8": signed(
-        4,
-        signed_salient_bits=5,
-        saliency_fraction=0.1,
-        signed_clip_ratio=1.0,
-        value_rotation=True,
-        signed_outlier_ratio=8.0,
-    ),
+    "s4-g64-sal5-10-clip1-vo-out4": with_outliers(4.0),
+    "s4-g64-sal5-10-clip1-vo-out8": with_outliers(8.0),
     # lower thresholds: more tokens real-valued (the share of tokens flagged, and their multiplies, grow)
-    "s4-g64-sal5-10-clip1-vo-out2.5": signed(
-        4,
-        signed_salient_bits=5,
-        saliency_fraction=0.1,
-        signed_clip_ratio=1.0,
-        value_rotation=True,
-        signed_outlier_ratio=2.5,
-    ),
-    "s4-g64-sal5-10-clip1-vo-out2": signed(
-        4,
-        signed_salient_bits=5,
-        saliency_fraction=0.1,
-        signed_clip_ratio=1.0,
-        value_rotation=True,
-        signed_outlier_ratio=2.0,
-    ),
+    "s4-g64-sal5-10-clip1-vo-out2.5": with_outliers(2.5),
+    "s4-g64-sal5-10-clip1-vo-out2": with_outliers(2.0),
     "s4-g64-sal5-10-clip1-out4": signed(
         4, signed_salient_bits=5, saliency_fraction=0.1, signed_clip_ratio=1.0, signed_outlier_ratio=4.0
     ),

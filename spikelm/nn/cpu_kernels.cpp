@@ -119,6 +119,21 @@ bool has_avx512() {
 #endif
 }
 
+// rows_range for a runtime row count M in 1..8 (the template's instances)
+static inline void rows_range_of(int64_t M, const double* xp, const float* wp, const float* bp, float* yp, int64_t K,
+                                 int64_t N, int64_t n0, int64_t n1) {
+  switch (M) {
+    case 1: rows_range<1>(xp, wp, bp, yp, K, N, n0, n1); break;
+    case 2: rows_range<2>(xp, wp, bp, yp, K, N, n0, n1); break;
+    case 3: rows_range<3>(xp, wp, bp, yp, K, N, n0, n1); break;
+    case 4: rows_range<4>(xp, wp, bp, yp, K, N, n0, n1); break;
+    case 5: rows_range<5>(xp, wp, bp, yp, K, N, n0, n1); break;
+    case 6: rows_range<6>(xp, wp, bp, yp, K, N, n0, n1); break;
+    case 7: rows_range<7>(xp, wp, bp, yp, K, N, n0, n1); break;
+    default: rows_range<8>(xp, wp, bp, yp, K, N, n0, n1); break;
+  }
+}
+
 torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "x must be (M, K) and w (N, K)");
   TORCH_CHECK(x.size(1) == w.size(1), "x's columns must equal w's columns");
@@ -145,16 +160,7 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, c10::optional<to
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(K * UNIT, 1));
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     const int64_t n0 = u0 * UNIT, n1 = std::min(N, u1 * UNIT);
-    switch (M) {
-      case 1: rows_range<1>(xp, wp, bp, yp, K, N, n0, n1); break;
-      case 2: rows_range<2>(xp, wp, bp, yp, K, N, n0, n1); break;
-      case 3: rows_range<3>(xp, wp, bp, yp, K, N, n0, n1); break;
-      case 4: rows_range<4>(xp, wp, bp, yp, K, N, n0, n1); break;
-      case 5: rows_range<5>(xp, wp, bp, yp, K, N, n0, n1); break;
-      case 6: rows_range<6>(xp, wp, bp, yp, K, N, n0, n1); break;
-      case 7: rows_range<7>(xp, wp, bp, yp, K, N, n0, n1); break;
-      default: rows_range<8>(xp, wp, bp, yp, K, N, n0, n1); break;
-    }
+    rows_range_of(M, xp, wp, bp, yp, K, N, n0, n1);
   });
   return y;
 }
@@ -195,16 +201,7 @@ std::vector<torch::Tensor> few_rows_linears(torch::Tensor x, std::vector<torch::
       const float* wp = ws[i].data_ptr<float>();
       const float* bp = bcs[i].defined() ? bcs[i].data_ptr<float>() : nullptr;
       float* yp = ys[i].data_ptr<float>();
-      switch (M) {
-        case 1: rows_range<1>(xp, wp, bp, yp, K, N, n0, n1); break;
-        case 2: rows_range<2>(xp, wp, bp, yp, K, N, n0, n1); break;
-        case 3: rows_range<3>(xp, wp, bp, yp, K, N, n0, n1); break;
-        case 4: rows_range<4>(xp, wp, bp, yp, K, N, n0, n1); break;
-        case 5: rows_range<5>(xp, wp, bp, yp, K, N, n0, n1); break;
-        case 6: rows_range<6>(xp, wp, bp, yp, K, N, n0, n1); break;
-        case 7: rows_range<7>(xp, wp, bp, yp, K, N, n0, n1); break;
-        default: rows_range<8>(xp, wp, bp, yp, K, N, n0, n1); break;
-      }
+      rows_range_of(M, xp, wp, bp, yp, K, N, n0, n1);
     }
   });
   return ys;
