@@ -345,3 +345,24 @@ def test_a_build_without_avx512_is_announced_once(monkeypatch):
         assert dispatcher.cpp_built()
         assert dispatcher.cpp_built()
     assert len([w for w in caught if "AVX-512" in str(w.message)]) == 1
+
+
+def test_the_fused_paths_step_aside_for_hooks_and_statistics():
+    """A fused path that skips the neuron's call (the K/V cache step, a linear input with its readers) is taken only
+    where the call would run nothing else: a hook of the neuron, a hook registered for every module, or statistics
+    turn it off."""
+    neuron = SignedNeuron(8, bits=4, group_size=4)
+    x = torch.randn(1, 8)
+    states = torch.randn(1, 2, 1, 4)  # (B, heads, L, head_dim) for a K/V neuron of 4 channels
+    kv = SignedNeuron(4, bits=4, group_size=4)
+    assert neuron.value_plan(x) is not None and kv.kv_plan(states) is not None
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        assert neuron.value_plan(x) is None and kv.kv_plan(states) is None
+    finally:
+        handle.remove()
+    own = kv.register_forward_pre_hook(lambda module, args: None)
+    assert kv.kv_plan(states) is None
+    own.remove()
+    kv.record_stats = True
+    assert kv.kv_plan(states) is None

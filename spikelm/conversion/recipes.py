@@ -23,9 +23,10 @@ A rotation the architecture cannot fold exactly is dropped by spikify with one l
 LayerNorms and no per-head value/output linears described; the generic path: no rotation at all).
 
 Every field can be changed (``--set FIELD=VALUE``), so each part can be turned off: ``rotation=none``,
-``online_down_proj_rotation=false``, ``value_rotation=false``, ``saliency_fraction=0``, ``gif_group_size=0`` (one
-range per channel group), ``gif_group_range=token`` (whole-token ranges; the recipe's group size is then dropped),
-``gif_clip_ratio=1``; and parts turned on: ``value_rotation=true`` in the recipes without it.
+``online_down_proj_rotation=false``, ``value_rotation=false``, ``saliency_fraction=0``, ``signed_outlier_ratio=0``;
+with ``--neuron gif``: ``gif_group_size=0`` (one range per channel group), ``gif_group_range=token`` (whole-token
+ranges; the recipe's group size is then dropped), ``gif_clip_ratio=1``; and parts turned on: ``value_rotation=true``
+in the recipes without it. A field of another neuron than the chosen one is refused (:func:`recipe`).
 """
 
 from __future__ import annotations

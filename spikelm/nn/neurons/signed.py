@@ -500,9 +500,7 @@ class SignedNeuron(SpikingNeuron):
         """The outlier tokens of ``x`` (bool, ``x.shape[:-1]``): rows whose max |x| exceeds the calibrated
         ``outlier_threshold`` and so pass real-valued; None when the rule is off or uncalibrated. A token's own
         values decide (a max and a comparison: exact), so every path agrees."""
-        if self.outlier_ratio <= 0:
-            return None
-        threshold = float(self.outlier_threshold)
+        threshold = self._threshold()  # 0.0 where the rule is off
         if threshold <= 0:
             return None
         return x.detach().abs().amax(-1) > threshold
@@ -591,22 +589,24 @@ class SignedNeuron(SpikingNeuron):
             return group, top, 1, self.clip_ratio, self.dead_zone, SCALE_FLOOR, True, self._threshold()
         return None
 
+    def _runs_alone(self) -> bool:
+        """Whether calling the neuron would run its value and nothing else: no statistics, no hooks of its own or
+        registered for every module (a fused path that skips the call must not skip them)."""
+        return not (self.record_stats or self._forward_hooks or self._forward_pre_hooks or _global_hooks())
+
     def value_plan(self, x: torch.Tensor) -> tuple | None:
-        """:meth:`_lean_plan` where calling the neuron would run nothing else (no statistics, no hooks)."""
-        if self.record_stats or self._forward_hooks or self._forward_pre_hooks or _global_hooks():
-            return None
-        return self._lean_plan(x)
+        """:meth:`_lean_plan` where calling the neuron would run nothing else (:meth:`_runs_alone`)."""
+        return self._lean_plan(x) if self._runs_alone() else None
 
     def kv_plan(self, states: torch.Tensor) -> tuple | None:
         """``(group, top, inner, clip_ratio, dead_zone)`` for :func:`~spikelm.nn.cpu_kernels.kv_codes_append` (the
         cache's fused K/V step: :meth:`fused_codes`' pass on ``states``) where that pass runs alone (fused backend,
-        no scale factors, no statistics, no hooks, the C++ pass taken, a layout it knows); else None."""
+        no scale factors, nothing else on the call (:meth:`_runs_alone`), the C++ pass taken, a layout it knows);
+        else None."""
         if (
-            self.record_stats
+            not self._runs_alone()
             or self.scale_factor is not None
             or self._backend != "fused"
-            or self._forward_hooks
-            or self._forward_pre_hooks
             or kernels.token_code_kernel(states) != kernels.CPP
         ):
             return None
