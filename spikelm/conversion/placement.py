@@ -36,13 +36,14 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import UserError
-from ..nn import cpu_kernels
-from ..nn.kernels import CPP, linears_kernel, spike_linear
+from ..nn.kernels import spike_linear
 from ..nn.neurons import SpikingNeuron, neuron_class
 from .architectures import SITE_KINDS, Architecture, describe, registered
 from .attention import NAME as SPIKING_ATTENTION
 from .cache import SpikeCodeCache, TransientSpikeKV, into_spike_cache, is_spike_cache
 from .config import QUANT_METHOD, SpikeLMConversionConfig
+from .decode_step import install as install_decode_step
+from .decode_step import read_site
 
 # the inputs that are repeated T times on entry (those whose first axis is the batch)
 BATCHED_INPUTS = ("input_ids", "inputs_embeds", "attention_mask", "position_ids", "token_type_ids")
@@ -152,27 +153,17 @@ AHEAD = "_spikelm_ahead"  # a reader's output computed ahead: (the input it is f
 
 
 def _spike_and_read(host: nn.Module, x: torch.Tensor, steps: int) -> torch.Tensor:
-    """``host``'s neuron on ``x`` and, at a decoding step, the linears that read its spikes computed ahead and left
-    with each reader for the call that passes it these very spikes (:func:`_spike_reader_forward`): where the
-    neuron's value is one C++ pass (:meth:`~spikelm.nn.neurons.base.SpikingNeuron.value_plan`), the pass and all the
-    readers in one call (:func:`spikelm.nn.cpu_kernels.token_values_linears`); else, for two or more readers (q, k,
-    v; gate, up), the neuron called as usual and its readers in one call
-    (:func:`spikelm.nn.cpu_kernels.few_rows_linears`). The same functions as one by one: the same bits."""
-    neuron = host.input_neuron
+    """``host``'s neuron on ``x`` and, at a decoding step, the linears that read its spikes computed ahead
+    (:func:`spikelm.conversion.decode_step.read_site`: the neuron's pass and its readers in one C++ call where they
+    run there) and left with each reader for the call that passes it these very spikes
+    (:func:`_spike_reader_forward`). The same functions as one by one: the same bits."""
     readers = host.__dict__.get(READ_AHEAD)
     if not readers:
-        return apply_input_neuron(neuron, x, steps)
-    weights, biases = [r.weight for r in readers], [r.bias for r in readers]
-    plan = neuron.value_plan(x) if steps == 1 else None
-    if plan is not None and linears_kernel(x, weights, biases) == CPP:
-        spikes, outs = cpu_kernels.token_values_linears(x, plan, weights, biases)
-    else:
-        spikes = apply_input_neuron(neuron, x, steps)
-        if len(readers) < 2 or linears_kernel(spikes, weights, biases) != CPP:
-            return spikes
-        outs = cpu_kernels.few_rows_linears(spikes, weights, biases)
-    for reader, out in zip(readers, outs, strict=True):
-        reader.__dict__[AHEAD] = (spikes, out)
+        return apply_input_neuron(host.input_neuron, x, steps)
+    spikes, outs = read_site(host.input_neuron, x, steps, [r.weight for r in readers], [r.bias for r in readers])
+    if outs is not None:
+        for reader, out in zip(readers, outs, strict=True):
+            reader.__dict__[AHEAD] = (spikes, out)
     return spikes
 
 
@@ -419,6 +410,7 @@ def attach(model: PreTrainedModel, config: SpikeLMConversionConfig) -> PreTraine
         sites += [PlacedNeuron(f"{block}.{family.attention}.{kind}_neuron", kind[0], ()) for kind in ("key", "value")]
         on_update = partial(_spike_kv_on_update, steps=steps, argument=family.cache_argument)
         handles.append(attention.register_forward_pre_hook(on_update, with_kwargs=True))
+    handles += install_decode_step(_get(base, family.layers), family, steps, handles)
     state = SpikingState(model, family, config, handles, sites)
     _set_attention(model, SPIKING_ATTENTION)
     handles.append(entry.register_forward_pre_hook(partial(_enter_copies, state=state), with_kwargs=True))

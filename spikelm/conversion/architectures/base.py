@@ -163,6 +163,9 @@ class Architecture:
     generic: bool = False  # built by the generic module from a traced forward, not from the table
     # the per-head value/output rotation: where V is made and the attention output read; None: not offered
     value_output: ValueOutput | None = None
+    # the block's forward is the pre-norm block with a gated MLP whose decoding step spikelm.conversion.decode_step
+    # runs in one function (LLaMA's, Mistral's, Qwen2's: the same operations); False: the block's modules run
+    decode_step: bool = False
 
     def __post_init__(self):
         for site in self.sites:

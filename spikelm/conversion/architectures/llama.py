@@ -25,7 +25,9 @@ VALUE_OUTPUT = ValueOutput("self_attn.v_proj", "self_attn.o_proj")
 QK_NORMS = (Norm("self_attn.q_norm", "qk"), Norm("self_attn.k_norm", "qk"))
 
 
-def llama_layout(model_type: str, norms=NORMS, description: str = "LLaMA-style decoder") -> Architecture:
+def llama_layout(
+    model_type: str, norms=NORMS, description: str = "LLaMA-style decoder", decode_step: bool = False
+) -> Architecture:
     """A LLaMA-layout decoder of ``model_type`` (the shared table entry of this module's families)."""
     return Architecture(
         model_type=model_type,
@@ -39,11 +41,14 @@ def llama_layout(model_type: str, norms=NORMS, description: str = "LLaMA-style d
         final_norm=Norm("norm", "final"),
         value_output=VALUE_OUTPUT,
         description=description,
+        decode_step=decode_step,
     )
 
 
-LLAMA = register(llama_layout("llama"))
-MISTRAL = register(llama_layout("mistral"))
-QWEN2 = register(llama_layout("qwen2"))
+# these three blocks compute LLaMA's decoder layer (Mistral and Qwen2 pass their sliding window in the mask, which
+# spikelm's attention reads): spikelm.conversion.decode_step runs their decoding step in one function
+LLAMA = register(llama_layout("llama", decode_step=True))
+MISTRAL = register(llama_layout("mistral", decode_step=True))
+QWEN2 = register(llama_layout("qwen2", decode_step=True))
 QWEN3 = register(llama_layout("qwen3", NORMS + QK_NORMS, "LLaMA-style decoder with q/k norms"))
 GRANITE = register(llama_layout("granite", description="LLaMA-style decoder with scalar multipliers"))

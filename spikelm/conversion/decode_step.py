@@ -1,0 +1,268 @@
+"""A converted decoder block's decoding step as one function: the same operations as the block's modules and hooks,
+without their per-call cost (docs/BENCHMARKS.md, "Fast decoding of the signed default").
+
+At a decoding step (one new token per row) a converted LLaMA-layout block runs ~20 module calls and 7 hooks around
+a few C++ calls (the neurons with their readers, the K/V cache step, the attention, the online Hadamard): on a
+2-core CPU that glue is about a tenth of the step. :func:`install` replaces each block's ``forward`` by
+:func:`block_forward`, which runs :class:`BlockStep` where it computes exactly what the modules would, and the
+block's own forward everywhere else. :class:`BlockStep` calls the same functions in the same order (the norms, the
+activation and the online rotation as the modules themselves; the neurons and their readers through
+:func:`read_site`, which the modules' hooks call too; the rotary embedding, the cache's ``update`` and the attention
+function the attention module calls), so its output is the modules' bit for bit (tests/test_fast_decoding.py).
+
+It runs only where nothing would differ:
+
+* the block's description says its forward is the pre-norm, gated-MLP block this step mirrors (``decode_step`` of
+  :class:`~spikelm.conversion.architectures.Architecture`: LLaMA, Mistral, Qwen2), and spikify's hooks are the
+  only ones on the modules it bypasses (the attention, the MLP, the linears, the hosts; the rotation's pre-hook on
+  the FFN's last linear is run as the hook would), none registered for every module, and the readers' ``forward``
+  is still the one spikify set;
+* a decoding step: one position per row, a spike-code cache, the rotary embedding given, spikelm's attention
+  implementation, not training;
+* the switch is on: ``$SPIKELM_DECODE_STEP`` (1, the default; 0 runs the modules), :func:`forced` in code.
+
+Everything else (a prefill, a hook of the user's, another attention implementation, ``use_cache=False``) runs the
+block's own forward, as it did before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..errors import UserError
+from ..nn import cpu_kernels
+from ..nn.kernels import CPP, linears_kernel, spike_linear
+from .attention import NAME as SPIKING_ATTENTION
+from .cache import is_spike_cache
+from .rotation import _rotate_input_pre_hook
+
+ENV_VAR = "SPIKELM_DECODE_STEP"
+_override: list = [None]
+
+
+def set_enabled(flag: bool | None) -> None:
+    """Turn the blocks' decoding step on or off for this process; ``None``: follow ``$SPIKELM_DECODE_STEP``."""
+    if flag is not None and not isinstance(flag, bool):
+        raise TypeError(f"set_enabled expects True, False or None, got {flag!r}")
+    _override[0] = flag
+
+
+@contextlib.contextmanager
+def forced(flag: bool | None):
+    """The decoding step switched on (True) or off (False) inside the block; None leaves the switch as it is."""
+    before = _override[0]
+    if flag is not None:
+        set_enabled(flag)
+    try:
+        yield
+    finally:
+        _override[0] = before
+
+
+_seen: list = [object(), True]  # (the environment's raw value, whether it says on)
+
+
+def enabled() -> bool:
+    """Whether the decoding step may run (the switch; a bad value of the variable is a :class:`UserError`)."""
+    if _override[0] is not None:
+        return _override[0]
+    raw = os.environ.get(ENV_VAR)
+    if raw is not _seen[0] and raw != _seen[0]:
+        value = "1" if raw is None else raw.strip().lower()
+        if value not in ("1", "true", "yes", "on", "", "0", "false", "no", "off"):
+            raise UserError(f"{ENV_VAR}={raw!r}: expected 1 (on, the default) or 0 (off)")
+        _seen[:] = [raw, value in ("1", "true", "yes", "on", "")]
+    return _seen[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# A neuron and the linears reading its spikes (the hooks' function too)
+# ----------------------------------------------------------------------------------------------
+
+
+def read_site(
+    neuron: nn.Module, x: torch.Tensor, steps: int, weights: list[torch.Tensor], biases: list
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """``(spikes, outputs)``: ``neuron`` on ``x`` and, where they run in one C++ call, the linears (``weights``,
+    ``biases``) reading those spikes: the neuron's pass and all the linears in one call where its value is that one
+    pass (:meth:`~spikelm.nn.neurons.base.SpikingNeuron.value_plan`; ``token_values_linears``), else the neuron
+    called as usual and, for two or more readers, their few-row linears in one call. ``outputs`` None: each reader
+    computes its own (:func:`~spikelm.nn.kernels.spike_linear`). The same functions as one by one: the same bits."""
+    plan = neuron.value_plan(x) if steps == 1 else None
+    if plan is not None and linears_kernel(x, weights, biases) == CPP:
+        return cpu_kernels.token_values_linears(x, plan, weights, biases)
+    spikes = neuron.spike_folded(x, steps)
+    if len(weights) < 2 or linears_kernel(spikes, weights, biases) != CPP:
+        return spikes, None
+    return spikes, cpu_kernels.few_rows_linears(spikes, weights, biases)
+
+
+class _Site:
+    """One input site of a block: its host (whose ``input_neuron`` spikes the input), its readers, and whether the
+    host's pre-hooks rotate the input first (the online Hadamard of the FFN's last linear)."""
+
+    def __init__(self, layer: nn.Module, site, rotated: bool):
+        self.host = layer.get_submodule(site.host)
+        self.readers = [layer.get_submodule(r) for r in site.readers]
+        self.rotated = rotated
+        if not isinstance(self.host.input_neuron, nn.Module) or (rotated and self.host.online_rotation is None):
+            raise TypeError("not a converted site")
+
+    def outputs(self, x: torch.Tensor, steps: int) -> list[torch.Tensor]:
+        host, readers = self.host, self.readers
+        if self.rotated:
+            x = host.online_rotation(x)
+        weights, biases = [r.weight for r in readers], [r.bias for r in readers]
+        spikes, outs = read_site(host.input_neuron, x, steps, weights, biases)
+        if outs is None:
+            outs = [spike_linear(spikes, w, b) for w, b in zip(weights, biases, strict=True)]
+        return outs
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
+class BlockStep:
+    """The decoding step of one pre-norm block with a gated MLP (``h += o(attn(n1(h))); h += down(act(gate(n2(h)))
+    * up(n2(h)))``), as the block's modules compute it; :meth:`runs` says where it may replace them."""
+
+    def __init__(self, layer: nn.Module, family, steps: int, ours: set[int], readers_forward: dict):
+        sites = {s.kind: s for s in family.sites}
+        self.steps = steps
+        self.attention = layer.get_submodule(family.attention)
+        self.norm1 = layer.get_submodule(sites["qkv_input"].norm)
+        self.norm2 = layer.get_submodule(sites["gate_up_input"].norm)
+        self.qkv = _Site(layer, sites["qkv_input"], False)
+        self.o = _Site(layer, sites["o_input"], False)
+        self.gate_up = _Site(layer, sites["gate_up_input"], False)
+        down_host = layer.get_submodule(sites["down_input"].host)
+        self.down = _Site(layer, sites["down_input"], _rotate_input_pre_hook in down_host._forward_pre_hooks.values())
+        self.mlp = self.gate_up.host
+        self.rotary = sys.modules[type(self.attention).__module__].apply_rotary_pos_emb
+        # the modules the step does not call, each with the pre-hooks it may carry (spikify's, the rotation's)
+        bypassed = {id(m): m for m in (self.attention, self.mlp, *self.qkv.readers, *self.o.readers)}
+        bypassed.update({id(m): m for m in (*self.gate_up.readers, *self.down.readers, self.down.host)})
+        self.guard = [
+            (m, tuple(k for k, hook in m._forward_pre_hooks.items() if k in ours or hook is _rotate_input_pre_hook))
+            for m in bypassed.values()
+        ]
+        self.readers_forward = [(r, readers_forward[id(r)]) for s in self.sites() for r in s.readers]
+
+    def sites(self) -> tuple[_Site, ...]:
+        return self.qkv, self.o, self.gate_up, self.down
+
+    def clean(self) -> bool:
+        """Whether the bypassed modules carry exactly the hooks the step runs itself, and the readers the forward
+        spikify set."""
+        for module, pre in self.guard:
+            if module._forward_hooks or tuple(module._forward_pre_hooks) != pre:
+                return False
+        for reader, forward in self.readers_forward:
+            if reader.__dict__.get("forward") is not forward:
+                return False
+        return not _global_hooks()
+
+    def runs(self, layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> bool:
+        cache = kwargs.get("past_key_values")
+        return (
+            hidden_states.dim() == 3
+            and hidden_states.shape[1] == 1
+            and cache is not None
+            and kwargs.get("position_embeddings") is not None
+            and not layer.training
+            and self.attention.config._attn_implementation == SPIKING_ATTENTION
+            and enabled()
+            and is_spike_cache(cache)
+            and self.clean()
+        )
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        attention, steps = self.attention, self.steps
+        lead = hidden_states.shape[:-1]
+        residual = hidden_states
+        q, k, v = self.qkv.outputs(self.norm1(hidden_states), steps)
+        shape = (*lead, -1, attention.head_dim)
+        q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = self.rotary(q, k, cos, sin)
+        k, v = past_key_values.update(k, v, attention.layer_idx)
+        function = ALL_ATTENTION_FUNCTIONS[SPIKING_ATTENTION]
+        out, _ = function(
+            attention,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=0.0,
+            scaling=attention.scaling,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        (o,) = self.o.outputs(out.reshape(*lead, -1).contiguous(), steps)
+        hidden_states = residual + o
+        residual = hidden_states
+        gate, up = self.gate_up.outputs(self.norm2(hidden_states), steps)
+        (down,) = self.down.outputs(self.mlp.act_fn(gate) * up, steps)
+        return residual + down
+
+
+def block_forward(layer: nn.Module, step: BlockStep, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """A converted block's ``forward``: :class:`BlockStep` at a decoding step where it runs, else the block's own."""
+    if not args and step.runs(layer, hidden_states, kwargs):
+        return step(hidden_states, **kwargs)
+    return type(layer).forward(layer, hidden_states, *args, **kwargs)
+
+
+class _Installed:
+    """The handle of a block whose ``forward`` is :func:`block_forward`: ``remove()``."""
+
+    def __init__(self, layer: nn.Module, step: BlockStep):
+        self.layer = layer
+        layer.forward = partial(block_forward, layer, step)
+
+    def remove(self) -> None:
+        if "forward" in vars(self.layer):
+            del self.layer.forward
+
+
+def install(layers, family, steps: int, handles: list) -> list:
+    """Give each block of ``layers`` the decoding step where its description offers it (``family.decode_step``) and
+    spikify routed every reader (``handles``: the hooks and routes just attached); returns the new handles. A block
+    whose ``forward`` another library already replaced (e.g. an offloading hook) keeps it."""
+    if not family.decode_step:
+        return []
+    ours = {h.id for h in handles if isinstance(h, RemovableHandle)}
+    readers_forward = {id(h.linear): vars(h.linear).get("forward") for h in handles if hasattr(h, "linear")}
+    installed = []
+    for layer in layers:
+        if "forward" in vars(layer):
+            continue
+        try:
+            step = BlockStep(layer, family, steps, ours, readers_forward)
+        except (AttributeError, KeyError, TypeError):  # a site not converted (modules_to_not_convert), no act_fn
+            continue
+        if not hasattr(step.mlp, "act_fn"):
+            continue
+        installed.append(_Installed(layer, step))
+    return installed
