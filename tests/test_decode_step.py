@@ -228,3 +228,47 @@ def test_real_smollm2_step_on_and_off_give_the_same_logits_bit_for_bit(monkeypat
     off = generate(model, ids, new=12, step=False)
     assert torch.equal(on[0], off[0])
     assert torch.equal(on[1], off[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The C++ mirrors of LLaMA's RMSNorm and rotary embedding
+# ----------------------------------------------------------------------------------------------
+
+
+def wide(shape, seed: int) -> torch.Tensor:
+    """Values over many binades, exact zeros and negative zeros."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.exp(3 * torch.randn(shape, generator=g))
+    flat = x.view(-1)
+    flat[::7] = 0.0
+    flat[3::11] = -0.0
+    return x
+
+
+@pytest.mark.skipif(cpu_kernels.kernel() is None, reason="the C++ kernels cannot be built here")
+@pytest.mark.parametrize("width", [576, 64, 7])
+def test_the_cpp_rms_norm_equals_llamas(width):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(width, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(wide((width,), 1))
+        for rows in ((1, 1), (3, 1), (2, 5)):
+            x = wide((*rows, width), 2 + rows[0])
+            assert torch.equal(cpu_kernels.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x))
+
+
+@pytest.mark.skipif(cpu_kernels.kernel() is None, reason="the C++ kernels cannot be built here")
+@pytest.mark.parametrize("head_dim", [64, 16, 7])
+@pytest.mark.parametrize("cos_batch", [1, 3])
+def test_the_cpp_rotary_embedding_equals_llamas(head_dim, cos_batch):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    for n in (1, 4):
+        q = wide((3, 1, 9 * n, head_dim), 5).view(3, n, 9, head_dim).transpose(1, 2)  # the projection's layout
+        k = wide((3, 3, n, head_dim), 6)
+        cos, sin = wide((cos_batch, n, head_dim), 7), wide((cos_batch, n, head_dim), 8)
+        q_ref, k_ref = apply_rotary_pos_emb(q, k, cos, sin)
+        q_out, k_out = cpu_kernels.rotary_embedding(q, k, cos, sin)
+        assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+        assert torch.equal(torch.signbit(q_out), torch.signbit(q_ref))  # zeros keep their sign

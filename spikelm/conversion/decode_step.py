@@ -28,6 +28,7 @@ block's own forward, as it did before.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sys
 from functools import partial
@@ -39,7 +40,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..errors import UserError
 from ..nn import cpu_kernels
-from ..nn.kernels import CPP, linears_kernel, spike_linear
+from ..nn.kernels import CPP, linears_kernel, norm_kernel, rotary_kernel, spike_linear
 from .attention import NAME as SPIKING_ATTENTION
 from .cache import is_spike_cache
 from .rotation import _rotate_input_pre_hook
@@ -127,6 +128,21 @@ class _Site:
         return outs
 
 
+def _same_code(function, reference) -> bool:
+    """Whether ``function`` is ``reference`` or a copy of its source (transformers copies LLaMA's norm and rotary
+    embedding into each family's module): the C++ mirrors are taken only for that code."""
+    try:
+        return function is reference or inspect.getsource(function) == inspect.getsource(reference)
+    except (OSError, TypeError):
+        return False
+
+
+def _llama_reference():
+    from transformers.models.llama import modeling_llama
+
+    return modeling_llama
+
+
 def _global_hooks() -> bool:
     from torch.nn.modules import module
 
@@ -149,15 +165,32 @@ class BlockStep:
         down_host = layer.get_submodule(sites["down_input"].host)
         self.down = _Site(layer, sites["down_input"], _rotate_input_pre_hook in down_host._forward_pre_hooks.values())
         self.mlp = self.gate_up.host
-        self.rotary = sys.modules[type(self.attention).__module__].apply_rotary_pos_emb
+        module = sys.modules[type(self.attention).__module__]
+        self.rotary = module.apply_rotary_pos_emb
+        llama = _llama_reference()
+        # the C++ mirrors of LLaMA's RMSNorm and rotary embedding, where the block runs that very code
+        self.mirror_rotary = _same_code(self.rotary, llama.apply_rotary_pos_emb) and _same_code(
+            getattr(module, "rotate_half", None), llama.rotate_half
+        )
+        self.mirror_norms = all(
+            _same_code(type(n).forward, llama.LlamaRMSNorm.forward) and isinstance(n.variance_epsilon, float)
+            for n in (self.norm1, self.norm2)
+        )
         # the modules the step does not call, each with the pre-hooks it may carry (spikify's, the rotation's)
         bypassed = {id(m): m for m in (self.attention, self.mlp, *self.qkv.readers, *self.o.readers)}
+        if self.mirror_norms:  # not called either: their hooks would not run
+            bypassed.update({id(m): m for m in (self.norm1, self.norm2)})
         bypassed.update({id(m): m for m in (*self.gate_up.readers, *self.down.readers, self.down.host)})
         self.guard = [
             (m, tuple(k for k, hook in m._forward_pre_hooks.items() if k in ours or hook is _rotate_input_pre_hook))
             for m in bypassed.values()
         ]
         self.readers_forward = [(r, readers_forward[id(r)]) for s in self.sites() for r in s.readers]
+
+    def norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.mirror_norms and norm_kernel(x, norm.weight) == CPP:
+            return cpu_kernels.rms_norm(x, norm.weight, norm.variance_epsilon)
+        return norm(x)
 
     def sites(self) -> tuple[_Site, ...]:
         return self.qkv, self.o, self.gate_up, self.down
@@ -200,11 +233,14 @@ class BlockStep:
         attention, steps = self.attention, self.steps
         lead = hidden_states.shape[:-1]
         residual = hidden_states
-        q, k, v = self.qkv.outputs(self.norm1(hidden_states), steps)
+        q, k, v = self.qkv.outputs(self.norm(self.norm1, hidden_states), steps)
         shape = (*lead, -1, attention.head_dim)
         q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
         cos, sin = position_embeddings
-        q, k = self.rotary(q, k, cos, sin)
+        if self.mirror_rotary and rotary_kernel(q, k, cos, sin) == CPP:
+            q, k = cpu_kernels.rotary_embedding(q, k, cos, sin)
+        else:
+            q, k = self.rotary(q, k, cos, sin)
         k, v = past_key_values.update(k, v, attention.layer_idx)
         function = ALL_ATTENTION_FUNCTIONS[SPIKING_ATTENTION]
         out, _ = function(
@@ -222,7 +258,7 @@ class BlockStep:
         (o,) = self.o.outputs(out.reshape(*lead, -1).contiguous(), steps)
         hidden_states = residual + o
         residual = hidden_states
-        gate, up = self.gate_up.outputs(self.norm2(hidden_states), steps)
+        gate, up = self.gate_up.outputs(self.norm(self.norm2, hidden_states), steps)
         (down,) = self.down.outputs(self.mlp.act_fn(gate) * up, steps)
         return residual + down
 

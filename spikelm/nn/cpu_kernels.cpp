@@ -623,3 +623,61 @@ void kv_codes_append(torch::Tensor k, torch::Tensor v, torch::Tensor kgroup, tor
     buffers[4 + i].narrow(2, decoded_at, n).copy_(coded[0].view({B, H, n, d}));
   }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Two pieces of a LLaMA-layout block's decoding step (spikelm/conversion/decode_step.py), called from here instead of
+// from Python, the same arithmetic:
+// * rms_norm: transformers' LlamaRMSNorm.forward as its ATen operations (h = x.to(float32); variance =
+//   h.pow(2).mean(-1, keepdim=True); h = h * rsqrt(variance + eps); weight * h.to(x's dtype)): the same kernels on
+//   the same shapes, so the same bits (the mean is a reduction: its order stays ATen's).
+// * rotary_embedding: apply_rotary_pos_emb (q * cos + rotate_half(q) * sin, the same for k; cos and sin (Bc, n, d)
+//   broadcast over the heads, Bc 1 or B; rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2])) as one elementwise loop:
+//   each output is one float32 product of each pair and one sum (compiled without fused multiply-adds), rounded as
+//   PyTorch's separate multiplications and addition round, so the same bits. q (B, H, n, d), k (B, Hk, n, d) any
+//   strides; returns contiguous (B, H, n, d) and (B, Hk, n, d).
+// ---------------------------------------------------------------------------------------------------------------
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  const auto dtype = x.scalar_type();
+  auto h = x.to(at::kFloat);
+  auto variance = h.pow(2).mean(-1, true);
+  h = h * at::rsqrt(variance + eps);
+  return weight * h.to(dtype);
+}
+
+static void rotate_heads(const torch::Tensor& x, const float* cosp, const float* sinp, int64_t cos_batch_stride,
+                         torch::Tensor& out) {
+  const int64_t B = x.size(0), H = x.size(1), n = x.size(2), d = x.size(3), h = d / 2, h2 = d - h;
+  auto xa = x.accessor<float, 4>();
+  float* op = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t hd = 0; hd < H; ++hd)
+      for (int64_t t = 0; t < n; ++t) {
+        const float* c = cosp + b * cos_batch_stride + t * d;
+        const float* s = sinp + b * cos_batch_stride + t * d;
+        auto row = xa[b][hd][t];
+        float* o = op + ((b * H + hd) * n + t) * d;
+        for (int64_t i = 0; i < d; ++i) {
+          const float rotated = i < h2 ? -row[h + i] : row[i - h2];
+          const float a = row[i] * c[i];
+          const float r = rotated * s[i];
+          o[i] = a + r;
+        }
+      }
+}
+
+std::vector<torch::Tensor> rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && cos.dim() == 3 && cos.sizes() == sin.sizes(),
+              "q (B, H, n, d), k (B, Hk, n, d), cos and sin (Bc, n, d)");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat &&
+                  sin.scalar_type() == at::kFloat, "float32 only");
+  const int64_t B = q.size(0), n = q.size(2), d = q.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(2) == n && k.size(3) == d && cos.size(1) == n && cos.size(2) == d &&
+                  (cos.size(0) == 1 || cos.size(0) == B), "shapes do not broadcast as apply_rotary_pos_emb's");
+  auto cc = cos.contiguous(), sc = sin.contiguous();
+  const int64_t stride = cc.size(0) == 1 ? 0 : n * d;
+  auto qo = torch::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  auto ko = torch::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  rotate_heads(q, cc.data_ptr<float>(), sc.data_ptr<float>(), stride, qo);
+  rotate_heads(k, cc.data_ptr<float>(), sc.data_ptr<float>(), stride, ko);
+  return {qo, ko};
+}

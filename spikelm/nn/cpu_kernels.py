@@ -55,6 +55,8 @@ FUNCTIONS = [
     "one_query_attention",
     "token_values_linears",
     "kv_codes_append",
+    "rms_norm",
+    "rotary_embedding",
 ]
 
 _module: list = []  # [the built extension] or [None] once building failed
@@ -363,6 +365,22 @@ def kv_codes_append(
         int(code_at),
         int(decoded_at),
     )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' ``LlamaRMSNorm`` forward of ``x`` with ``weight`` and ``eps``: its ATen operations called from
+    C++ (``cpu_kernels.cpp``, ``rms_norm``): the same bits without Python's cost per operation."""
+    return _call("rms_norm", x, weight, float(eps))
+
+
+def rotary_embedding(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin)`` (LLaMA's) for float32 CPU tensors, q (B, H, n, d), k
+    (B, Hk, n, d), cos / sin (1 or B, n, d): one elementwise pass (``cpu_kernels.cpp``, ``rotary_embedding``) whose
+    products and sums round as PyTorch's do, so the same bits. Contiguous outputs."""
+    out = _call("rotary_embedding", q, k, cos, sin)
+    return out[0], out[1]
 
 
 def pack_bit_planes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -330,6 +330,24 @@ def attention_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return CPP if _cpp_usable(query, what="decoding-step attention") else PYTORCH
 
 
+def norm_kernel(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """Where a LLaMA-layout block's RMSNorm runs at a decoding step (:mod:`spikelm.conversion.decode_step`):
+    :data:`CPP` (``rms_norm``: its ATen operations called from C++) for CPU float32 ``x`` and ``weight`` outside
+    autograd, else :data:`PYTORCH` (the norm module)."""
+    return CPP if _cpp_usable(x, weight, what="decoding-step norms") else PYTORCH
+
+
+def rotary_kernel(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> str:
+    """Where a LLaMA-layout block's rotary embedding runs at a decoding step: :data:`CPP` (``rotary_embedding``, one
+    elementwise pass) for CPU float32 q (B, H, n, d), k (B, Hk, n, d) and cos / sin (1 or B, n, d) outside autograd,
+    else :data:`PYTORCH` (transformers' function)."""
+    if q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or cos.shape != sin.shape:
+        return PYTORCH
+    if cos.shape[1:] != q.shape[2:] or k.shape[2:] != q.shape[2:] or cos.shape[0] not in (1, q.shape[0]):
+        return PYTORCH
+    return CPP if _cpp_usable(q, k, cos, sin, what="decoding-step rotary embeddings") else PYTORCH
+
+
 def kv_append_kernel(key_states: torch.Tensor, value_states: torch.Tensor) -> str:
     """Where a converted model's packed cache spikes, appends and decodes K/V at a decoding step whose neurons are
     plain (the cache checks that): :data:`CPP` or :data:`PYTORCH`."""
