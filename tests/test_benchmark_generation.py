@@ -7,6 +7,7 @@ from conftest import save_tiny_llama
 
 from spikelm.commands.main import main
 from spikelm.models.modeling_spikelm_causal import DEFAULT_PACKING
+from spikelm.nn import kernels
 
 
 def test_generation_benchmark_section(tmp_path, capsys, monkeypatch):
@@ -102,7 +103,7 @@ def test_converted_generation_benchmark_prints_ratios_computed_from_its_timings(
     if recipe == "elastic":  # the unpacked cache's row, and its bytes: one int8 code per value (+ the magnitudes)
         assert [r[2] for r in rows] == ["real", "spiking", "spiking_unpacked", "spiking_pytorch"] * 2
         assert report["cpu_kernels"]["enabled"] is True  # the kernels' row and the PyTorch one, side by side
-        assert report["cpu_kernels"]["max_rows"] == 8
+        assert report["cpu_kernels"]["max_rows"] == kernels.max_rows()  # the threshold the dispatcher used
         for case in cases:
             tokens = case["batch_size"] * (6 + 4 - 1)
             unpacked = case["spiking_unpacked"]["cache_bytes_per_token"]

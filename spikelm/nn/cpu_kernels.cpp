@@ -119,9 +119,16 @@ bool has_avx512() {
 #endif
 }
 
-// rows_range for a runtime row count M in 1..8 (the template's instances)
+// rows_range for a runtime row count M in 1..16 (the template's instances; 9 to 16 rows as 8 and the rest, one after
+// the other on the same block of weight rows, which the second reads from cache: every output is the same one-row
+// dot product whichever pass computes it)
 static inline void rows_range_of(int64_t M, const double* xp, const float* wp, const float* bp, float* yp, int64_t K,
                                  int64_t N, int64_t n0, int64_t n1) {
+  if (M > 8) {
+    rows_range_of(8, xp, wp, bp, yp, K, N, n0, n1);
+    rows_range_of(M - 8, xp + 8 * K, wp, bp, yp + 8 * N, K, N, n0, n1);
+    return;
+  }
   switch (M) {
     case 1: rows_range<1>(xp, wp, bp, yp, K, N, n0, n1); break;
     case 2: rows_range<2>(xp, wp, bp, yp, K, N, n0, n1); break;
@@ -141,7 +148,7 @@ torch::Tensor few_rows_linear(torch::Tensor x, torch::Tensor w, c10::optional<to
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-  TORCH_CHECK(M >= 1 && M <= 8, "1 to 8 rows");
+  TORCH_CHECK(M >= 1 && M <= 16, "1 to 16 rows");
   auto xc = x.to(at::kDouble).contiguous();  // the rows once in float64 (M * K is small)
   auto y = torch::empty({M, N}, x.options().dtype(at::kFloat));
   torch::Tensor bc;
@@ -173,7 +180,7 @@ std::vector<torch::Tensor> few_rows_linears(torch::Tensor x, std::vector<torch::
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be float32 (M, K)");
   TORCH_CHECK(!ws.empty() && ws.size() == biases.size(), "one bias (or None) per weight");
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(M >= 1 && M <= 8, "1 to 8 rows");
+  TORCH_CHECK(M >= 1 && M <= 16, "1 to 16 rows");
   auto xc = x.to(at::kDouble).contiguous();
   constexpr int64_t UNIT = 16;
   std::vector<torch::Tensor> ys, bcs;
@@ -413,6 +420,10 @@ std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, tor
   for (int64_t i = 0; i < Rg * C; ++i) TORCH_CHECK(gp[i] >= 0 && gp[i] < G, "group index out of range");
   at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
     std::vector<float> lo(G), hi(G);
+    // the signed pass per channel: its group's scale (the divisor) and top code, gathered once per row so that the
+    // division, rounding and clamping run as one loop the compiler vectorises (the same operations per element)
+    std::vector<float> divisor(is_signed ? C : 0), channel_top(is_signed ? C : 0);
+    std::vector<int32_t> quant(is_signed ? C : 0);
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = xp + r * C;
       const int32_t* g = gp + ((r / inner) % Rg) * C;
@@ -431,20 +442,30 @@ std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, tor
           v = v < floor_f ? floor_f : v;
           s[j] = fp ? v * fp[j] : v;
         }
+        float* dv = divisor.data();
+        float* tt = channel_top.data();
+        int32_t* qv = quant.data();
         for (int64_t c = 0; c < C; ++c) {
-          const float t = tp[g[c]];
-          const float u = row[c] / s[g[c]];
+          dv[c] = s[g[c]];
+          tt[c] = tp[g[c]];
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          const float t = tt[c];
+          const float u = row[c] / dv[c];
           float q = SPIKELM_ROUND_EVEN(u);
           q = q < -t ? -t : q;
           q = q > t ? t : q;
           if (dead && std::fabs(u) < dead_f) q = 0.0f;
           const int32_t qi = static_cast<int32_t>(q);
-          if (co) co[c] = qi;
-          if (bo) {
-            const uint32_t v = static_cast<uint32_t>(qi + code_offset);
+          qv[c] = qi;
+          out[c] = static_cast<float>(qi) * dv[c];
+        }
+        if (co) std::copy(qv, qv + C, co);
+        if (bo) {
+          for (int64_t c = 0; c < C; ++c) {
+            const uint32_t v = static_cast<uint32_t>(qv[c] + code_offset);
             for (int64_t k = 0; k < pack_bits; ++k) bo[k * nb + c / 8] |= static_cast<uint8_t>(((v >> k) & 1u) << (c % 8));
           }
-          out[c] = static_cast<float>(qi) * s[g[c]];
         }
         if (outliers) {
           float top_abs = 0.0f;

@@ -6,7 +6,7 @@ per linear and no neurons. On a CPU the step is bound by reading the weights and
 by arithmetic. Four operations of one C++ extension (built on first use) take those costs out:
 
 * :func:`few_rows_linear` -- :func:`spikelm.nn.exact.exact_linear` (``F.linear(x, W, b)`` accumulated in float64,
-  rounded once to float32) for 1 to 8 rows: each weight row is read once, in order, for all M rows
+  rounded once to float32) for 1 to 16 rows: each weight row is read once, in order, for all M rows
   (the threads take contiguous blocks of outputs, so each streams one piece of the weight in ``nn.Linear``'s own
   layout; no copy), the M dot products in 4-wide float64 lanes. MKL's GEMM of 4 rows costs about two single-row
   products on this project's CPU; this costs about one. Its sums run in another order than the float64 GEMM's, but
@@ -159,7 +159,7 @@ def _call(name: str, *args):
 
 
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``exact_linear(x, weight, bias)`` for float32 CPU tensors with 1 to 8 rows (any leading shape).
+    """``exact_linear(x, weight, bias)`` for float32 CPU tensors with 1 to 16 rows (any leading shape).
 
     Raises ``RuntimeError`` if the extension cannot be built (:func:`spikelm.nn.kernels.spike_linear` dispatches)."""
     shape = x.shape

@@ -33,7 +33,7 @@ attention of a decoding step              C++ ``one_query_attention`` (the same 
 wherever the choice is automatic (a neuron's ``backend="auto"``): every operation then runs its PyTorch path, with
 the same results. A neuron's explicit ``backend`` is honoured whatever the switch; torch.compile (PyTorch's own
 compiler of the PyTorch loop) is not switched. ``SPIKELM_CPU_KERNELS=0``, the earlier switch, still turns the C++
-kernels off (only them). ``SPIKELM_CPU_KERNELS_MAX_ROWS=N`` (0 to 8) moves the few-row linear's threshold.
+kernels off (only them). ``SPIKELM_CPU_KERNELS_MAX_ROWS=N`` (0 to 16) moves the few-row linear's threshold.
 
 **The fallback notice**: where a fast kernel would be taken but cannot be (no C++ compiler, triton not importable,
 torch.compile failing, a CUDA tensor or another dtype for a CPU float32 kernel) the PyTorch path runs and
@@ -55,8 +55,9 @@ from .exact import exact_linear
 ENV_VAR = "SPIKELM_KERNELS"  # the switch
 CPU_ENV_VAR = "SPIKELM_CPU_KERNELS"  # the earlier switch: the C++ kernels only
 ROWS_ENV_VAR = "SPIKELM_CPU_KERNELS_MAX_ROWS"  # overrides MAX_ROWS (for measuring the threshold)
-# At most this many rows take the few-row linear (its C++ template covers 1 to 8; batch 1 and 2 at T = 4).
-MAX_ROWS = 8
+# At most this many rows take the few-row linear (its C++ template covers 1 to 8 rows, and 9 to 16 as two passes over
+# each block of weight rows; a decoding step up to batch 16, or 4 at T = 4).
+MAX_ROWS = 16
 # At most this many rows take the C++ online Hadamard (a decoding step up to batch 16; for a prefill's many rows
 # Python's cost per operation does not matter)
 ROTATION_MAX_ROWS = 16
@@ -127,7 +128,7 @@ def enabled(family: str = CPP) -> bool:
 
 
 def max_rows() -> int:
-    """The most rows that take the few-row linear: :data:`MAX_ROWS`, or ``$SPIKELM_CPU_KERNELS_MAX_ROWS`` (0 to 8)."""
+    """The most rows that take the few-row linear: :data:`MAX_ROWS`, or ``$SPIKELM_CPU_KERNELS_MAX_ROWS`` (0 to 16)."""
     raw = _raw_environment(ROWS_ENV_VAR)
     if raw is None:
         return MAX_ROWS
@@ -145,8 +146,8 @@ def _parse_rows(value: str) -> int:
         rows = int(value)
     except ValueError:
         rows = -1
-    if not 0 <= rows <= 8:
-        raise UserError(f"{ROWS_ENV_VAR}={value!r}: expected a whole number of rows from 0 to 8")
+    if not 0 <= rows <= 16:
+        raise UserError(f"{ROWS_ENV_VAR}={value!r}: expected a whole number of rows from 0 to 16")
     return rows
 
 
