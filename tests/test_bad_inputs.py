@@ -567,13 +567,14 @@ def test_an_internal_bug_keeps_its_traceback(monkeypatch):
         main(["data", "prepare-brown", "--output-dir", "/tmp/never-used-by-this-test"])
 
 
-def test_a_bad_cpu_kernels_switch_is_one_line_before_any_work(paths, capsys, tmp_path, monkeypatch):
-    monkeypatch.setenv("SPIKELM_CPU_KERNELS", "maybe")
+@pytest.mark.parametrize("variable", ["SPIKELM_CPU_KERNELS", "SPIKELM_DECODE_STEP"])
+def test_a_bad_cpu_kernels_switch_is_one_line_before_any_work(variable, paths, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv(variable, "maybe")
     out = tmp_path / "bench"
     status = main(["benchmark", "--generation", "--model", paths["model"], "--output-dir", str(out)])
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert status == 2 and len(lines) == 1, lines
-    assert lines[0].startswith("spikelm benchmark: error: SPIKELM_CPU_KERNELS='maybe'"), lines[0]
+    assert lines[0].startswith(f"spikelm benchmark: error: {variable}='maybe'"), lines[0]
     assert not out.exists()
 
 
@@ -1367,3 +1368,17 @@ def test_a_rotation_recipe_with_unfolded_norm_gains_is_refused():
     model.config.quantization_config.rotation = "hadamard"
     with pytest.raises(UserError, match="rotation='hadamard'.*input_layernorm.weight is not folded"):
         check_model_state(model, "--model m")
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [("SPIKELM_DECODE_STEP", "2"), ("SPIKELM_KERNELS", "perhaps"), ("SPIKELM_CPU_KERNELS_MAX_ROWS", "99")],
+)
+def test_a_bad_switch_is_one_line_before_generating(variable, value, paths, capsys, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    status = main(["generate", "--model", paths["model"], "--prompt", "the quick", "--max-new-tokens", "2"])
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert status == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"spikelm generate: error: {variable}='{value}'"), lines[0]
+    assert captured.out == ""

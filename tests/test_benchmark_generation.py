@@ -104,6 +104,7 @@ def test_converted_generation_benchmark_prints_ratios_computed_from_its_timings(
         assert [r[2] for r in rows] == ["real", "spiking", "spiking_unpacked", "spiking_pytorch"] * 2
         assert report["cpu_kernels"]["enabled"] is True  # the kernels' row and the PyTorch one, side by side
         assert report["cpu_kernels"]["max_rows"] == kernels.max_rows()  # the threshold the dispatcher used
+        assert report["decode_step"] is True
         for case in cases:
             tokens = case["batch_size"] * (6 + 4 - 1)
             unpacked = case["spiking_unpacked"]["cache_bytes_per_token"]

@@ -186,10 +186,12 @@ def _run_converted(args) -> int:
     max_length = max(args.prompt_lengths) + args.new_tokens
     import torch
 
+    from spikelm.conversion import decode_step
     from spikelm.nn import kernels
 
     kernel_on = kernels.enabled()  # a bad $SPIKELM_(CPU_)KERNELS(_MAX_ROWS): one line, before any work
     kernel_rows = kernels.max_rows()
+    step_on = decode_step.enabled()  # a bad $SPIKELM_DECODE_STEP too
     from transformers import AutoConfig, AutoTokenizer
 
     from spikelm.conversion.recipes import calibration_batches, recipe, recipe_names
@@ -262,9 +264,11 @@ def _run_converted(args) -> int:
         "built": kernel_on and kernels.cpp_built(),
         "max_rows": kernel_rows,
     }
+    report["decode_step"] = step_on  # the converted blocks' decoding step in one function (SPIKELM_DECODE_STEP)
     write_json_atomic(out / "benchmark.json", report)
     print(format_pair_table(report["generation"]))
     print(f"C++ decoding kernels: {'on' if report['cpu_kernels']['built'] else 'off'}")
+    print(f"blocks' decoding step in one function: {'on' if step_on else 'off'}")
     print(f"wrote {out / 'benchmark.json'}")
     first = report["generation"]["cases"][0]
     summary = {k: first[k] for k in ("batch_size", "prompt_length", "decode_ratio", "prefill_ratio_vs_T")}

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = True
     try:
         is_main_process()  # a malformed RANK / WORLD_SIZE is refused before any launcher reads it
+        _check_switches()
         status = int(args.func(args) or 0)
         failed = status != 0
         return status
@@ -64,6 +65,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         release_output_dirs(failed=failed)
+
+
+def _check_switches() -> None:
+    """The environment's kernel and decoding-step switches, where set, read once before any work: a bad value is the
+    command's one line (a :class:`UserError`) rather than an error at the first spiking layer."""
+    import os
+
+    if any(name.startswith("SPIKELM_") and "KERNELS" in name for name in os.environ):  # the dispatcher's switches
+        from spikelm.nn import kernels
+
+        kernels.enabled()
+        kernels.max_rows()
+    if os.environ.get("SPIKELM_DECODE_STEP") is not None:
+        from spikelm.conversion import decode_step
+
+        decode_step.enabled()
 
 
 def _subparser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:
