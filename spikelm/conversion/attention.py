@@ -53,7 +53,12 @@ def spiking_attention(
         raise NotImplementedError(f"spikelm's attention does not implement {', '.join(given)}")
     if kernels.attention_kernel(query, key, value) == kernels.CPP:  # a fast decoding step on the decoded cache
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        return cpu_kernels.one_query_attention(query, key, value, attention_mask, scale, softcap), None
+        found = kernels.attention_order(query, key, value)  # its own loops for the products, or ATen's
+        order, block = (0, None) if found is None else found
+        out = cpu_kernels.one_query_attention(
+            query, key, value, attention_mask, scale, softcap, order=order, block=block
+        )
+        return out, None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
     out = exact_attention(query, key, value, attention_mask, scaling, causal, softcap)

@@ -209,7 +209,9 @@ class OnlineHadamard(nn.Module):
     Computes in float64 and rounds once to ``x``'s dtype: its output is a neuron's input, and float32 factor products
     summed in an order that depends on the number of rows gave a token other bits in a prefill than in a decoding
     step (see :mod:`spikelm.nn.exact`). A decoding step's few rows (CPU float32, no autograd: the dispatcher's
-    :func:`~spikelm.nn.kernels.rotation_kernel`) take one C++ call running the same operations.
+    :func:`~spikelm.nn.kernels.rotation_kernel`) take one C++ call computing the same bits (its own loops summing
+    in the float64 GEMM's order where :func:`~spikelm.nn.kernels.rotation_loops` checked it, else the same
+    operations).
     """
 
     def __init__(self, size: int, seed: int = 0, kind: str = "hadamard"):
@@ -230,7 +232,7 @@ class OnlineHadamard(nn.Module):
         dtype = torch.float64
         signs, mats = _online_operands(self.kind, self.size, self.seed, x.device, dtype)
         if signs is not None and kernels.rotation_kernel(x) == kernels.CPP:  # a decoding step: one C++ call
-            return cpu_kernels.online_hadamard(x, signs, mats)
+            return cpu_kernels.online_hadamard(x, signs, mats, hand=kernels.rotation_loops(x, signs, mats))
         y = x.to(dtype)
         if signs is None:
             return (y @ mats[0]).to(x.dtype)

@@ -539,55 +539,429 @@ torch::Tensor pack_bit_planes(torch::Tensor codes, int64_t bits) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The online randomised Hadamard (spikelm/conversion/rotation.py, OnlineHadamard.forward for the Hadamard kind): the
-// same ATen operations on the same tensors, called from here instead of from Python (so the same bits: each runs
-// the same kernel on the same shapes and strides; float64 products whose rounding depends on MKL's summation order
-// cannot be rewritten without changing bits where a sum cancels). x (..., n) in any float dtype; signs (n,) and the
-// factor matrices (f, f) float64, n = f_1 * ... * f_K. Returns x's shape and dtype.
+// Float64 products summed in the order of this machine's BLAS. The readable paths (OnlineHadamard.forward in
+// spikelm/conversion/rotation.py, _one_query_attention in spikelm/nn/exact.py) multiply in float64 with
+// torch.matmul; its products and partial sums round, so a sum in another order gives other bits wherever the last
+// bit matters. Cache-cold, between the weight-streaming linears of a decoding step, MKL's small float64 products
+// cost several times their arithmetic (packing buffers, waking threads), so the two functions below take `hand`:
+// false runs the ATen operations themselves (the readable path's bits by construction); true runs loops written to
+// sum in the order that MKL (as PyTorch calls it) sums on this project's CPU, as measured on random operands and
+// with +-2^80 pairs that reveal the summation tree:
+//   * each factor of the Hadamard (K = f <= 384, any number of rows): per output one chain of fused multiply-adds
+//     over k in ascending order, from 0;
+//   * q @ K^T of the attention (both operands contiguous along k = d), by the g query rows per K/V head: g = 2, 3
+//     (order 0): 8 lanes, lane r the fused chain over k = r, r + 8, ... from 0, then a_r = l_r + l_{r+4} and
+//     ((a0 + a1) + (a2 + a3)); g >= 4 (order 1): one fused chain over k; g = 1 (order 2, MKL's matrix-vector
+//     product): two accumulators of 8 lanes taking alternate runs of 8 k, b = acc0 + acc1, then
+//     ((b0 + b2) + (b1 + b3)) + ((b4 + b6) + (b5 + b7));
+//   * probs @ V: per output fused chains over l from 0 in MKL's k blocks of `block` (block while at least twice
+//     that remains, then the rest in two, the larger first; 384 for g >= 3 rows, one block for g <= 2), the block
+//     sums added in order;
+//   * a bmm of fewer than 400 multiply-adds per batch item (ATen's own loop, baddbmm_cpu_kernel, both products of
+//     the attention at small L): a plain chain s = s + a * b from 0 (not fused: -ffp-contract=off).
+// spikelm.nn.kernels takes the loops only where a one-time check on random operands of the same shapes finds them
+// equal to the ATen operations bit for bit in float64 (another BLAS or CPU sums otherwise: the ATen operations run
+// there, announced once); tests/test_cpu_kernels.py compares both with the readable paths.
 // ---------------------------------------------------------------------------------------------------------------
-torch::Tensor online_hadamard(torch::Tensor x, torch::Tensor signs, std::vector<torch::Tensor> factors) {
+// a loop over a register tile: unrolled completely before GCC's scalar replacement, so that the accumulators stay in
+// registers (without it GCC may keep the tile's array in memory and store it at every step: twice the time)
+#define UNROLLED _Pragma("GCC unroll 16")
+
+#if defined(__AVX512F__)
+static inline __mmask8 lanes_mask(int64_t n) {
+  return n >= 8 ? static_cast<__mmask8>(0xFF) : (n <= 0 ? static_cast<__mmask8>(0) : static_cast<__mmask8>((1u << n) - 1));
+}
+
+// out[o, j] = sum_k y[o, k] M[k, j] (the last axis) for rows o0 .. o0 + NR - 1, outputs j0 .. j0 + nj - 1 (nj <= 32;
+// 6 rows by 32 outputs: 24 accumulators, each M row loaded once for 6 rows)
+template <int NR>
+static inline void factor_last_tile(const double* __restrict__ y, double* __restrict__ out,
+                                    const double* __restrict__ M, int64_t f, int64_t o0, int64_t j0, int64_t nj) {
+  __m512d acc[NR][4];
+  __mmask8 mk[4];
+  UNROLLED for (int v = 0; v < 4; ++v) mk[v] = lanes_mask(nj - 8 * v);
+  UNROLLED for (int r = 0; r < NR; ++r)
+    UNROLLED for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_pd();
+  for (int64_t k = 0; k < f; ++k) {
+    __m512d m[4];
+    UNROLLED for (int v = 0; v < 4; ++v) m[v] = _mm512_maskz_loadu_pd(mk[v], M + k * f + j0 + 8 * v);
+    UNROLLED for (int r = 0; r < NR; ++r) {
+      const __m512d yb = _mm512_set1_pd(y[(o0 + r) * f + k]);
+      UNROLLED for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_fmadd_pd(yb, m[v], acc[r][v]);
+    }
+  }
+  UNROLLED for (int r = 0; r < NR; ++r)
+    UNROLLED for (int v = 0; v < 4; ++v) _mm512_mask_storeu_pd(out + (o0 + r) * f + j0 + 8 * v, mk[v], acc[r][v]);
+}
+
+// out[o, j, i] = sum_k M[k, j] y[o, k, i] (an inner axis) for j0 .. j0 + NJ - 1, i0 .. i0 + ni - 1 (ni <= 32)
+template <int NJ>
+static inline void factor_inner_tile(const double* __restrict__ y, double* __restrict__ out,
+                                     const double* __restrict__ M, int64_t f, int64_t inner, int64_t o, int64_t j0,
+                                     int64_t i0, int64_t ni) {
+  __m512d acc[NJ][4];
+  __mmask8 mk[4];
+  UNROLLED for (int v = 0; v < 4; ++v) mk[v] = lanes_mask(ni - 8 * v);
+  UNROLLED for (int j = 0; j < NJ; ++j)
+    UNROLLED for (int v = 0; v < 4; ++v) acc[j][v] = _mm512_setzero_pd();
+  const double* base = y + o * f * inner + i0;
+  for (int64_t k = 0; k < f; ++k) {
+    __m512d yv[4];
+    UNROLLED for (int v = 0; v < 4; ++v) yv[v] = _mm512_maskz_loadu_pd(mk[v], base + k * inner + 8 * v);
+    UNROLLED for (int j = 0; j < NJ; ++j) {
+      const __m512d mb = _mm512_set1_pd(M[k * f + j0 + j]);
+      UNROLLED for (int v = 0; v < 4; ++v) acc[j][v] = _mm512_fmadd_pd(mb, yv[v], acc[j][v]);
+    }
+  }
+  UNROLLED for (int j = 0; j < NJ; ++j)
+    UNROLLED for (int v = 0; v < 4; ++v)
+      _mm512_mask_storeu_pd(out + (o * f + j0 + j) * inner + i0 + 8 * v, mk[v], acc[j][v]);
+}
+#endif
+
+// One factor M (f, f) of the Hadamard on the view (outer, f, inner): out[o, j, i] = sum_k M[k, j] y[o, k, i], per
+// output one fused chain over k ascending from 0 (the vector lanes run across outputs, never across k).
+static void hadamard_factor(const double* __restrict__ y, double* __restrict__ out, const double* __restrict__ M,
+                            int64_t outer, int64_t f, int64_t inner) {
+#if defined(__AVX512F__)
+  if (inner == 1) {
+    int64_t o = 0;
+    for (; o + 6 <= outer; o += 6)
+      for (int64_t j0 = 0; j0 < f; j0 += 32) factor_last_tile<6>(y, out, M, f, o, j0, std::min<int64_t>(32, f - j0));
+    for (; o + 3 <= outer; o += 3)
+      for (int64_t j0 = 0; j0 < f; j0 += 32) factor_last_tile<3>(y, out, M, f, o, j0, std::min<int64_t>(32, f - j0));
+    for (; o < outer; ++o)
+      for (int64_t j0 = 0; j0 < f; j0 += 32) factor_last_tile<1>(y, out, M, f, o, j0, std::min<int64_t>(32, f - j0));
+    return;
+  }
+  for (int64_t o = 0; o < outer; ++o) {
+    for (int64_t i0 = 0; i0 < inner; i0 += 32) {
+      const int64_t ni = std::min<int64_t>(32, inner - i0);
+      int64_t j = 0;
+      for (; j + 4 <= f; j += 4) factor_inner_tile<4>(y, out, M, f, inner, o, j, i0, ni);
+      for (; j < f; ++j) factor_inner_tile<1>(y, out, M, f, inner, o, j, i0, ni);
+    }
+  }
+#else
+  for (int64_t o = 0; o < outer; ++o)
+    for (int64_t j = 0; j < f; ++j)
+      for (int64_t i = 0; i < inner; ++i) {
+        double s = 0.0;
+        for (int64_t k = 0; k < f; ++k) s = std::fma(M[k * f + j], y[(o * f + k) * inner + i], s);
+        out[(o * f + j) * inner + i] = s;
+      }
+#endif
+}
+
+// Ask for tensors' bytes into L2 (a hint, no effect on results)
+static void prefetch_l2(const std::vector<torch::Tensor>& tensors) {
+  for (const auto& t : tensors) {
+    const char* p = static_cast<const char*>(t.data_ptr());
+    const int64_t bytes = t.numel() * static_cast<int64_t>(t.element_size());
+    for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 2);
+  }
+}
+
+// The online randomised Hadamard (OnlineHadamard.forward for the Hadamard kind): y = (x in float64) * signs on the
+// view (lead..., f_1, ..., f_K), each factor's product on its axis in turn (the last axis y @ M, the others M^T @ y
+// along theirs), one rounding to x's dtype at the end. x (..., n); signs (n,) and the factors (f, f) float64,
+// n = f_1 * ... * f_K. hand: the loops above (float32 x), else the ATen operations of the readable path.
+// keep_double: return the float64 product before the rounding (for the dispatcher's check). Returns x's shape.
+torch::Tensor online_hadamard(torch::Tensor x, torch::Tensor signs, std::vector<torch::Tensor> factors, bool hand,
+                              bool keep_double) {
   TORCH_CHECK(x.dim() >= 1 && !factors.empty(), "x (..., n) and at least one factor");
   std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
   std::vector<int64_t> split(lead);
-  int64_t product = 1;
+  int64_t product = 1, rows = 1;
   for (auto& f : factors) {
+    TORCH_CHECK(f.dim() == 2 && f.size(0) == f.size(1) && f.scalar_type() == at::kDouble, "factors: float64 (f, f)");
     split.push_back(f.size(0));
     product *= f.size(0);
   }
+  for (auto s : lead) rows *= s;
   TORCH_CHECK(product == x.size(-1), "the factors' orders must multiply to n");
-  auto y = (x.to(at::kDouble) * signs).reshape(split);
-  const int64_t last = y.dim() - 1;
-  int64_t axis = static_cast<int64_t>(lead.size());
-  for (auto& mat : factors) {
-    if (axis == last)
-      y = at::matmul(y, mat);
-    else if (axis == last - 1)  // the same products without moving the axis
-      y = at::matmul(mat.t(), y);
-    else
-      y = at::matmul(y.movedim(axis, -1), mat).movedim(-1, axis);
-    ++axis;
+  const auto dtype = keep_double ? at::kDouble : x.scalar_type();
+  if (!hand) {
+    auto y = (x.to(at::kDouble) * signs).reshape(split);
+    const int64_t last = y.dim() - 1;
+    int64_t axis = static_cast<int64_t>(lead.size());
+    for (auto& mat : factors) {
+      if (axis == last)
+        y = at::matmul(y, mat);
+      else if (axis == last - 1)  // the same products without moving the axis
+        y = at::matmul(mat.t(), y);
+      else
+        y = at::matmul(y.movedim(axis, -1), mat).movedim(-1, axis);
+      ++axis;
+    }
+    return y.reshape(x.sizes()).to(dtype);
   }
-  std::vector<int64_t> shape(lead);
-  shape.push_back(product);
-  return y.reshape(shape).to(x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "the hand-written loops take float32 CPU x");
+  TORCH_CHECK(signs.scalar_type() == at::kDouble && signs.numel() == product, "signs: float64 (n,)");
+  const int64_t n = product;
+  auto xc = x.contiguous();
+  auto sc = signs.contiguous();
+  std::vector<torch::Tensor> mats;
+  int64_t work = 0;  // multiply-adds per row
+  for (auto& f : factors) {
+    mats.push_back(f.contiguous());
+    work += n * f.size(0);
+  }
+  prefetch_l2(mats);  // a decoding step runs this cache-cold: the factors' misses overlapped, not one row at a time
+  auto buffers = torch::empty({2, rows, n}, xc.options().dtype(at::kDouble));
+  auto out = torch::empty(x.sizes(), xc.options().dtype(dtype));
+  const float* xp = xc.data_ptr<float>();
+  const double* sp = sc.data_ptr<double>();
+  double* b0 = buffers.data_ptr<double>();
+  double* b1 = b0 + rows * n;
+  // a thread takes at least ~1M multiply-adds (a few rows of n = 1536): fewer are not worth waking one
+  const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(work, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    double* y = b0 + r0 * n;
+    double* z = b1 + r0 * n;
+    for (int64_t r = 0; r < r1 - r0; ++r)  // (x in float64) * signs: exact
+      for (int64_t i = 0; i < n; ++i) y[r * n + i] = static_cast<double>(xp[(r0 + r) * n + i]) * sp[i];
+    int64_t before = 1, after = n;
+    for (auto& mat : mats) {
+      const int64_t f = mat.size(0);
+      after /= f;
+      hadamard_factor(y, z, mat.data_ptr<double>(), (r1 - r0) * before, f, after);
+      std::swap(y, z);
+      before *= f;
+    }
+    if (keep_double) {
+      std::copy(y, y + (r1 - r0) * n, out.data_ptr<double>() + r0 * n);
+    } else {
+      float* o = out.data_ptr<float>() + r0 * n;
+      for (int64_t i = 0; i < (r1 - r0) * n; ++i) o[i] = static_cast<float>(y[i]);
+    }
+  });
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// The attention of a decoding step (spikelm/nn/exact.py, _one_query_attention): the same ATen operations on the
-// same tensors, called from here instead of from Python (so the same bits: each operation runs the same kernel on
-// the same shapes and strides; what goes is Python's per-operation cost). q (B, H, 1, d) float32; k, v (B, Hkv, L,
-// d) float64 (the cache's decoded copy); mask: none, or bool (True = attend) / additive, (B|1, H|1, 1, L).
-// Returns (B, 1, H, d) float32 (the layout transformers' attention functions return).
+// The attention of a decoding step (spikelm/nn/exact.py, _one_query_attention): scores = (q @ K^T) * scale over
+// (B, Hkv, g, L) (the g query heads of a K/V head as g rows), softcap tanh, mask, softmax, nan_to_num(0),
+// probs @ V, rounded to float32. q (B, H, 1, d) float32; k, v (B, Hkv, L, d) float64 (the cache's decoded copy,
+// contiguous along d); mask: none, or bool (True = attend) / additive, (B|1, H|1, 1, L). block < 0: the ATen
+// operations of the readable path; block >= 0: the products by the loops above (order: the scores' summation
+// order, 0, 1 or 2; block: MKL's k block of probs @ V, 0 for one chain), the softcap, mask and softmax by the same
+// ATen operations. Returns (B, 1, H, d) (the layout transformers' attention functions return) in the query's dtype,
+// or float64 with keep_double.
 // ---------------------------------------------------------------------------------------------------------------
-torch::Tensor one_query_attention(torch::Tensor query, torch::Tensor key, torch::Tensor value,
-                                  c10::optional<torch::Tensor> mask, double scale, double softcap) {
-  TORCH_CHECK(query.dim() == 4 && query.size(2) == 1 && key.dim() == 4 && value.dim() == 4,
-              "query (B, H, 1, d), key and value (B, Hkv, L, d)");
-  const int64_t B = query.size(0), H = query.size(1), d = query.size(3), Hkv = key.size(1);
-  TORCH_CHECK(H % Hkv == 0, "the query heads must be a multiple of the key/value heads");
-  const int64_t g = H / Hkv;
-  auto q = query.to(at::kDouble).view({B, Hkv, g, d});
-  auto scores = at::matmul(q, key.to(at::kDouble).transpose(-1, -2)) * scale;  // (B, Hkv, g, L)
+static inline int64_t k_block(int64_t rest, int64_t block) {  // the next block of MKL's loop over k
+  if (block <= 0 || rest <= block) return rest;
+  return rest >= 2 * block ? block : (rest + 1) / 2;
+}
+
+#if defined(__AVX512F__)
+static inline double lane_tree(__m512d acc) {  // ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7))
+  const __m256d a = _mm256_add_pd(_mm512_castpd512_pd256(acc), _mm512_extractf64x4_pd(acc, 1));
+  const __m128d lo = _mm256_castpd256_pd128(a), hi = _mm256_extractf128_pd(a, 1);
+  const double s01 = _mm_cvtsd_f64(lo) + _mm_cvtsd_f64(_mm_unpackhi_pd(lo, lo));
+  const double s23 = _mm_cvtsd_f64(hi) + _mm_cvtsd_f64(_mm_unpackhi_pd(hi, hi));
+  return s01 + s23;
+}
+
+static inline double half_sum(__m256d x) {  // (x0 + x2) + (x1 + x3)
+  const __m128d t = _mm_add_pd(_mm256_castpd256_pd128(x), _mm256_extractf128_pd(x, 1));
+  return _mm_cvtsd_f64(t) + _mm_cvtsd_f64(_mm_unpackhi_pd(t, t));
+}
+
+static inline double pair_tree(__m512d acc0, __m512d acc1) {  // b = acc0 + acc1; half_sum(b_lo) + half_sum(b_hi)
+  const __m512d b = _mm512_add_pd(acc0, acc1);
+  return half_sum(_mm512_castpd512_pd256(b)) + half_sum(_mm512_extractf64x4_pd(b, 1));
+}
+
+// scores of IB query rows against keys l0 .. l0 + LB - 1. ORDER 0: 8 lanes (d a multiple of 8); 2: two
+// accumulators of 8 lanes taking alternate runs of 8 (d a multiple of 16)
+template <int IB, int LB, int ORDER>
+static inline void scores_tile(const double* __restrict__ q, const double* __restrict__ k, int64_t sl, int64_t d,
+                               int64_t l0, double scale, double* __restrict__ s, int64_t L) {
+  constexpr int NA = ORDER == 2 ? 2 : 1;
+  __m512d acc[NA][IB][LB];
+  UNROLLED for (int a = 0; a < NA; ++a)
+    UNROLLED for (int i = 0; i < IB; ++i)
+      UNROLLED for (int m = 0; m < LB; ++m) acc[a][i][m] = _mm512_setzero_pd();
+  for (int64_t c = 0; c < d; c += 8 * NA) {
+    UNROLLED for (int a = 0; a < NA; ++a) {
+      __m512d qv[IB];
+      UNROLLED for (int i = 0; i < IB; ++i) qv[i] = _mm512_loadu_pd(q + i * d + c + 8 * a);
+      UNROLLED for (int m = 0; m < LB; ++m) {
+        const __m512d kv = _mm512_loadu_pd(k + (l0 + m) * sl + c + 8 * a);
+        UNROLLED for (int i = 0; i < IB; ++i) acc[a][i][m] = _mm512_fmadd_pd(qv[i], kv, acc[a][i][m]);
+      }
+    }
+  }
+  UNROLLED for (int i = 0; i < IB; ++i)
+    UNROLLED for (int m = 0; m < LB; ++m)
+      s[i * L + l0 + m] = (ORDER == 2 ? pair_tree(acc[0][i][m], acc[NA - 1][i][m]) : lane_tree(acc[0][i][m])) * scale;
+}
+
+template <int IB, int ORDER>
+static void scores_rows(const double* q, const double* k, int64_t sl, int64_t d, int64_t L, double scale, double* s) {
+  int64_t l = 0;
+  for (; l + 8 <= L; l += 8) scores_tile<IB, 8, ORDER>(q, k, sl, d, l, scale, s, L);
+  for (; l < L; ++l) scores_tile<IB, 1, ORDER>(q, k, sl, d, l, scale, s, L);
+}
+
+// ORDER 1: per output one fused chain over k (8 keys per vector: their rows transposed through a small buffer)
+static void scores_chain(const double* q, const double* k, int64_t sl, int64_t g, int64_t d, int64_t L, double scale,
+                         double* s) {
+  std::vector<double> kt(d * 8);
+  for (int64_t l0 = 0; l0 < L; l0 += 8) {
+    const int64_t nl = std::min<int64_t>(8, L - l0);
+    for (int64_t m = 0; m < 8; ++m)
+      for (int64_t c = 0; c < d; ++c) kt[c * 8 + m] = m < nl ? k[(l0 + m) * sl + c] : 0.0;
+    const __mmask8 mk = static_cast<__mmask8>(nl >= 8 ? 0xFF : (1u << nl) - 1);
+    for (int64_t i = 0; i < g; ++i) {
+      __m512d acc = _mm512_setzero_pd();
+      for (int64_t c = 0; c < d; ++c) acc = _mm512_fmadd_pd(_mm512_set1_pd(q[i * d + c]), _mm512_loadu_pd(&kt[c * 8]), acc);
+      _mm512_mask_storeu_pd(s + i * L + l0, mk, _mm512_mul_pd(acc, _mm512_set1_pd(scale)));
+    }
+  }
+}
+
+// out[i, j] for IB rows and NV vectors of 8 outputs from j0: blocks of fused chains over l, the block sums added
+template <int IB, int NV>
+static void pv_tile(const double* __restrict__ p, const double* __restrict__ v, int64_t sl, int64_t L,
+                    int64_t block, int64_t j0, double* __restrict__ out, int64_t d) {
+  for (int64_t s0 = 0; s0 < L;) {
+    const int64_t s1 = s0 + k_block(L - s0, block);
+    __m512d acc[IB][NV];
+    UNROLLED for (int i = 0; i < IB; ++i)
+      UNROLLED for (int w = 0; w < NV; ++w) acc[i][w] = _mm512_setzero_pd();
+    for (int64_t l = s0; l < s1; ++l) {
+      __m512d pb[IB];
+      UNROLLED for (int i = 0; i < IB; ++i) {
+        const double pv = p[i * L + l];
+        pb[i] = _mm512_set1_pd(pv != pv ? 0.0 : pv);  // nan_to_num(0): a row with every key masked
+      }
+      UNROLLED for (int w = 0; w < NV; ++w) {
+        const __m512d vv = _mm512_loadu_pd(v + l * sl + j0 + 8 * w);
+        UNROLLED for (int i = 0; i < IB; ++i) acc[i][w] = _mm512_fmadd_pd(pb[i], vv, acc[i][w]);
+      }
+    }
+    UNROLLED for (int i = 0; i < IB; ++i)
+      UNROLLED for (int w = 0; w < NV; ++w) {
+        double* o = out + i * d + j0 + 8 * w;
+        _mm512_storeu_pd(o, s0 == 0 ? acc[i][w] : _mm512_add_pd(_mm512_loadu_pd(o), acc[i][w]));
+      }
+    s0 = s1;
+  }
+}
+
+template <int IB>
+static void pv_rows(const double* p, const double* v, int64_t sl, int64_t L, int64_t block, int64_t d, double* out) {
+  for (int64_t j0 = 0; j0 < d; j0 += 64) {
+    switch (std::min<int64_t>(8, (d - j0) / 8)) {
+      case 1: pv_tile<IB, 1>(p, v, sl, L, block, j0, out, d); break;
+      case 2: pv_tile<IB, 2>(p, v, sl, L, block, j0, out, d); break;
+      case 3: pv_tile<IB, 3>(p, v, sl, L, block, j0, out, d); break;
+      case 4: pv_tile<IB, 4>(p, v, sl, L, block, j0, out, d); break;
+      case 5: pv_tile<IB, 5>(p, v, sl, L, block, j0, out, d); break;
+      case 6: pv_tile<IB, 6>(p, v, sl, L, block, j0, out, d); break;
+      case 7: pv_tile<IB, 7>(p, v, sl, L, block, j0, out, d); break;
+      default: pv_tile<IB, 8>(p, v, sl, L, block, j0, out, d); break;
+    }
+  }
+}
+#endif
+
+// The scores of one K/V head: s (g, L) = (q (g, d) @ K^T) * scale, K rows sl apart, summed in `order` (0: 8 lanes,
+// 1: one chain, 2: two accumulators of 8 lanes; see above)
+static void head_scores(const double* q, const double* k, int64_t sl, int64_t g, int64_t d, int64_t L, double scale,
+                        double* s, bool small, int64_t order) {
+  if (small) {  // ATen's own bmm loop
+    for (int64_t i = 0; i < g; ++i)
+      for (int64_t l = 0; l < L; ++l) {
+        double acc = 0.0;
+        for (int64_t c = 0; c < d; ++c) acc = acc + q[i * d + c] * k[l * sl + c];
+        s[i * L + l] = acc * scale;
+      }
+    return;
+  }
+#if defined(__AVX512F__)
+  if (order == 1) {
+    scores_chain(q, k, sl, g, d, L, scale, s);
+    return;
+  }
+  int64_t i = 0;
+  if (order == 2) {
+    for (; i + 2 <= g; i += 2) scores_rows<2, 2>(q + i * d, k, sl, d, L, scale, s + i * L);
+    if (g - i == 1) scores_rows<1, 2>(q + i * d, k, sl, d, L, scale, s + i * L);
+    return;
+  }
+  for (; i + 3 <= g; i += 3) scores_rows<3, 0>(q + i * d, k, sl, d, L, scale, s + i * L);
+  if (g - i == 2) scores_rows<2, 0>(q + i * d, k, sl, d, L, scale, s + i * L);
+  if (g - i == 1) scores_rows<1, 0>(q + i * d, k, sl, d, L, scale, s + i * L);
+#else
+  const int64_t lanes = order == 2 ? 16 : 8;
+  for (int64_t i = 0; i < g; ++i)
+    for (int64_t l = 0; l < L; ++l) {
+      double lane[16] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+      double chain = 0.0;
+      for (int64_t c = 0; c < d; ++c) {
+        if (order == 1)
+          chain = std::fma(q[i * d + c], k[l * sl + c], chain);
+        else
+          lane[c % lanes] = std::fma(q[i * d + c], k[l * sl + c], lane[c % lanes]);
+      }
+      double total = chain;
+      if (order == 0) {
+        const double a0 = lane[0] + lane[4], a1 = lane[1] + lane[5], a2 = lane[2] + lane[6], a3 = lane[3] + lane[7];
+        total = (a0 + a1) + (a2 + a3);
+      } else if (order == 2) {
+        double b[8];
+        for (int r = 0; r < 8; ++r) b[r] = lane[r] + lane[r + 8];
+        total = ((b[0] + b[2]) + (b[1] + b[3])) + ((b[4] + b[6]) + (b[5] + b[7]));
+      }
+      s[i * L + l] = total * scale;
+    }
+#endif
+}
+
+// The output of one K/V head: out (g, d) = nan_to_num(p (g, L)) @ V, V rows sl apart
+static void head_values(const double* p, const double* v, int64_t sl, int64_t g, int64_t d, int64_t L,
+                        int64_t block, double* out, bool small) {
+  if (small) {  // ATen's own bmm loop
+    for (int64_t i = 0; i < g; ++i)
+      for (int64_t j = 0; j < d; ++j) {
+        double acc = 0.0;
+        for (int64_t l = 0; l < L; ++l) {
+          const double pv = p[i * L + l];
+          acc = acc + (pv != pv ? 0.0 : pv) * v[l * sl + j];
+        }
+        out[i * d + j] = acc;
+      }
+    return;
+  }
+#if defined(__AVX512F__)
+  int64_t i = 0;
+  for (; i + 3 <= g; i += 3) pv_rows<3>(p + i * L, v, sl, L, block, d, out + i * d);
+  if (g - i == 2) pv_rows<2>(p + i * L, v, sl, L, block, d, out + i * d);
+  if (g - i == 1) pv_rows<1>(p + i * L, v, sl, L, block, d, out + i * d);
+#else
+  for (int64_t i = 0; i < g; ++i)
+    for (int64_t j = 0; j < d; ++j) {
+      double total = 0.0;
+      for (int64_t s0 = 0; s0 < L;) {
+        const int64_t s1 = s0 + k_block(L - s0, block);
+        double acc = 0.0;
+        for (int64_t l = s0; l < s1; ++l) {
+          const double pv = p[i * L + l];
+          acc = std::fma(pv != pv ? 0.0 : pv, v[l * sl + j], acc);
+        }
+        total = s0 == 0 ? acc : total + acc;
+        s0 = s1;
+      }
+      out[i * d + j] = total;
+    }
+#endif
+}
+
+static torch::Tensor masked_scores(torch::Tensor scores, const c10::optional<torch::Tensor>& mask, double softcap,
+                                   int64_t Hkv, int64_t g) {
   if (softcap > 0) scores = at::tanh(scores / softcap) * softcap;
   if (mask.has_value() && mask->defined()) {
     const auto& m = *mask;
@@ -600,9 +974,57 @@ torch::Tensor one_query_attention(torch::Tensor query, torch::Tensor key, torch:
     else
       scores = scores + mv.to(at::kDouble);
   }
-  auto probs = at::softmax(scores, -1).nan_to_num(0.0);  // a row with every key masked: zeros
-  auto out = at::matmul(probs, value.to(at::kDouble));  // (B, Hkv, g, d)
-  return out.reshape({B, H, 1, d}).to(query.scalar_type()).transpose(1, 2).contiguous();
+  return scores;
+}
+
+torch::Tensor one_query_attention(torch::Tensor query, torch::Tensor key, torch::Tensor value,
+                                  c10::optional<torch::Tensor> mask, double scale, double softcap, int64_t order,
+                                  int64_t block, bool keep_double) {
+  TORCH_CHECK(query.dim() == 4 && query.size(2) == 1 && key.dim() == 4 && value.dim() == 4,
+              "query (B, H, 1, d), key and value (B, Hkv, L, d)");
+  const int64_t B = query.size(0), H = query.size(1), d = query.size(3), Hkv = key.size(1), L = key.size(2);
+  TORCH_CHECK(H % Hkv == 0, "the query heads must be a multiple of the key/value heads");
+  const int64_t g = H / Hkv;
+  const auto dtype = keep_double ? at::kDouble : query.scalar_type();
+  auto q = query.to(at::kDouble).view({B, Hkv, g, d});
+  if (block < 0) {
+    auto scores = at::matmul(q, key.to(at::kDouble).transpose(-1, -2)) * scale;  // (B, Hkv, g, L)
+    scores = masked_scores(scores, mask, softcap, Hkv, g);
+    auto probs = at::softmax(scores, -1).nan_to_num(0.0);  // a row with every key masked: zeros
+    auto out = at::matmul(probs, value.to(at::kDouble));  // (B, Hkv, g, d)
+    return out.reshape({B, H, 1, d}).to(dtype).transpose(1, 2).contiguous();
+  }
+  TORCH_CHECK(key.scalar_type() == at::kDouble && value.scalar_type() == at::kDouble && key.stride(3) == 1 &&
+                  value.stride(3) == 1 && value.size(3) == d && value.size(2) == L && d % (order == 2 ? 16 : 8) == 0,
+              "the hand-written loops take float64 K/V contiguous along d, d a multiple of 8 (of 16 for order 2)");
+  TORCH_CHECK(order >= 0 && order <= 2, "order: 0, 1 or 2");
+  auto qc = q.contiguous();
+  auto scores = torch::empty({B, Hkv, g, L}, qc.options());
+  const bool small = g * d * L < 400;  // ATen's bmm runs its own loop below this size
+  const double* qp = qc.data_ptr<double>();
+  const double* kp = key.data_ptr<double>();
+  const double* vp = value.data_ptr<double>();
+  double* sp = scores.data_ptr<double>();
+  const int64_t ksb = key.stride(0), ksh = key.stride(1), ksl = key.stride(2);
+  const int64_t vsb = value.stride(0), vsh = value.stride(1), vsl = value.stride(2);
+  const int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(g * d * L, 1));
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t h0, int64_t h1) {
+    for (int64_t bh = h0; bh < h1; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv;
+      head_scores(qp + bh * g * d, kp + b * ksb + h * ksh, ksl, g, d, L, scale, sp + bh * g * L, small, order);
+    }
+  });
+  auto probs = at::softmax(masked_scores(scores, mask, softcap, Hkv, g), -1).contiguous();
+  auto out = torch::empty({B, 1, H, d}, qc.options().dtype(at::kDouble));  // (B, 1, Hkv * g, d): (B, Hkv, g, d)
+  const double* pp = probs.data_ptr<double>();
+  double* op = out.data_ptr<double>();
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t h0, int64_t h1) {
+    for (int64_t bh = h0; bh < h1; ++bh) {
+      const int64_t b = bh / Hkv, h = bh % Hkv;
+      head_values(pp + bh * g * L, vp + b * vsb + h * vsh, vsl, g, d, L, block, op + bh * g * d, small);
+    }
+  });
+  return keep_double ? out : out.to(dtype);
 }
 
 // A linear input's neuron and its readers in one call (a decoding step): x_hat = token_codes(x, ...)'s value, then

@@ -264,12 +264,22 @@ def token_codes(
     )
 
 
-def online_hadamard(x: torch.Tensor, signs: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+def online_hadamard(
+    x: torch.Tensor,
+    signs: torch.Tensor,
+    factors: list[torch.Tensor],
+    *,
+    hand: bool = False,
+    keep_double: bool = False,
+) -> torch.Tensor:
     """:class:`spikelm.conversion.rotation.OnlineHadamard`'s randomised Hadamard of ``x`` (..., n): float64 ``signs``
-    (n,) and factor matrices (f, f) whose orders multiply to n. The same ATen operations as its Python forward,
-    called from C++ (``cpu_kernels.cpp``, ``online_hadamard``): the same bits without Python's cost per
-    operation."""
-    return _call("online_hadamard", x, signs, factors)
+    (n,) and factor matrices (f, f) whose orders multiply to n (``cpu_kernels.cpp``, ``online_hadamard``).
+    ``hand=False``: the ATen operations of its Python forward, called from C++ (its bits by construction);
+    ``hand=True`` (float32 ``x``): loops that sum each factor's products in the order of this machine's float64 GEMM
+    (one fused multiply-add chain per output), without its cost per call -- the same bits only where
+    :func:`spikelm.nn.kernels.rotation_loops` has checked that they are. ``keep_double``: the float64 product before
+    its rounding to ``x``'s dtype."""
+    return _call("online_hadamard", x, signs, factors, bool(hand), bool(keep_double))
 
 
 def one_query_attention(
@@ -279,14 +289,32 @@ def one_query_attention(
     attention_mask: torch.Tensor | None,
     scaling: float,
     softcap: float | None = None,
+    *,
+    order: int = 0,
+    block: int | None = None,
+    keep_double: bool = False,
 ) -> torch.Tensor:
     """:func:`spikelm.nn.exact.exact_attention` of one query per head (a decoding step), transposed as transformers'
     attention functions return it: ``query`` (B, H, 1, d), ``key`` / ``value`` (B, Hkv, L, d), ``attention_mask``
-    None, bool (True = attend) or additive, (B|1, H|1, 1, L) -> (B, 1, H, d) in the query's dtype. The same ATen
-    operations as the Python function, called from C++ (``cpu_kernels.cpp``, ``one_query_attention``): the same
-    bits without Python's cost per operation."""
+    None, bool (True = attend) or additive, (B|1, H|1, 1, L) -> (B, 1, H, d) in the query's dtype
+    (``cpu_kernels.cpp``, ``one_query_attention``). ``block=None``: the ATen operations of the Python function,
+    called from C++ (its bits by construction); an int (float64 K/V contiguous along d, d a multiple of 8, of 16
+    for ``order`` 2): the two products by loops summing in the order of this machine's float64 GEMM (``order``: the
+    scores' summation order, 0 eight lanes, 1 one chain, 2 two accumulators of eight lanes; ``block``: its blocks
+    over the keys in probs @ V, 0 for one chain), the same bits only where
+    :func:`spikelm.nn.kernels.attention_order` has checked that they are. ``keep_double``: the float64 output before
+    its rounding."""
     return _call(
-        "one_query_attention", query, key, value, attention_mask, float(scaling), 0.0 if softcap is None else softcap
+        "one_query_attention",
+        query,
+        key,
+        value,
+        attention_mask,
+        float(scaling),
+        0.0 if softcap is None else softcap,
+        int(order),
+        -1 if block is None else int(block),
+        bool(keep_double),
     )
 
 

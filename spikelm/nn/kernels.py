@@ -20,12 +20,14 @@ packed cache (:func:`kv_append_kernel`)   ``unpack5_steps_into_batch``: CPU floa
                                           (the cache checks its neurons are plain)
 per-token code neuron (GIF, signed)       C++ ``token_codes``: CPU float32, no         the neuron's quantiser
 (:func:`token_code_kernel`)               autograd (the neuron checks its layout)
-online Hadamard of a decoding step        C++ ``online_hadamard`` (its ATen operations  the same operations from
-(:func:`rotation_kernel`)                 from C++): CPU float32, no autograd, at most  Python
-                                          :data:`ROTATION_MAX_ROWS` rows
-attention of a decoding step              C++ ``one_query_attention`` (the same ATen   ``exact_attention``'s float64
-(:func:`attention_kernel`)                operations from C++): one float32 query on   PyTorch operations
-                                          the cache's float64 K/V, no autograd
+online Hadamard of a decoding step        C++ ``online_hadamard``: CPU float32, no      the same operations from
+(:func:`rotation_kernel`,                 autograd, at most :data:`ROTATION_MAX_ROWS`   Python
+:func:`rotation_loops`)                   rows; its own loops where checked (below),
+                                          else its ATen operations from C++
+attention of a decoding step              C++ ``one_query_attention``: one float32      ``exact_attention``'s float64
+(:func:`attention_kernel`,                query on the cache's float64 K/V, no          PyTorch operations
+:func:`attention_order`)                  autograd; its own loops for the products
+                                          where checked (below), else ATen's
 ========================================  ===========================================  ===============================
 
 **The switch**, one for all of them: ``SPIKELM_KERNELS=0`` in the environment, :func:`set_enabled` (``False`` /
@@ -34,6 +36,13 @@ wherever the choice is automatic (a neuron's ``backend="auto"``): every operatio
 the same results. A neuron's explicit ``backend`` is honoured whatever the switch; torch.compile (PyTorch's own
 compiler of the PyTorch loop) is not switched. ``SPIKELM_CPU_KERNELS=0``, the earlier switch, still turns the C++
 kernels off (only them). ``SPIKELM_CPU_KERNELS_MAX_ROWS=N`` (0 to 16) moves the few-row linear's threshold.
+
+**The summation-order check**: the float64 products of the online Hadamard and the decoding-step attention round,
+so their bits depend on the order of the sums. The C++ loops sum in the order this project's CPU's MKL sums (as
+PyTorch calls it; ``cpu_kernels.cpp`` describes it), without its cost per call; they are taken only where a one-time
+check per process and shape (:func:`rotation_loops`, :func:`attention_order`: random operands, float64 results
+before the last rounding compared with the ATen operations bit for bit; another order differs in hundreds of
+places) finds them equal. Elsewhere (another BLAS, another CPU) the C++ call runs the ATen operations, announced.
 
 **The fallback notice**: where a fast kernel would be taken but cannot be (no C++ compiler, triton not importable,
 torch.compile failing, a CUDA tensor or another dtype for a CPU float32 kernel) the PyTorch path runs and
@@ -309,8 +318,9 @@ def token_code_kernel(x: torch.Tensor) -> str:
 
 def rotation_kernel(x: torch.Tensor) -> str:
     """Where the online Hadamard (:class:`spikelm.conversion.rotation.OnlineHadamard`) rotates ``x`` outside
-    autograd: :data:`CPP` (``online_hadamard``: its float64 operations called from C++) for a CPU float32 input of
-    at most :data:`ROTATION_MAX_ROWS` rows, else :data:`PYTORCH` (the same operations from Python)."""
+    autograd: :data:`CPP` (``online_hadamard``: the same float64 products in one C++ call, by its own loops where
+    :func:`rotation_loops` says so) for a CPU float32 input of at most :data:`ROTATION_MAX_ROWS` rows, else
+    :data:`PYTORCH` (the operations from Python)."""
     if x.device.type != "cpu" or x.dtype is not torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
         return PYTORCH
     if x.dim() < 1 or x.numel() == 0 or x.numel() // x.shape[-1] > ROTATION_MAX_ROWS:
@@ -320,8 +330,9 @@ def rotation_kernel(x: torch.Tensor) -> str:
 
 def attention_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
     """Where a converted model's attention runs (:mod:`spikelm.conversion.attention`) outside autograd: :data:`CPP`
-    (``one_query_attention``) for one float32 query per head on CPU against float64 K/V (the spike-code cache's
-    decoded copy, a fast decoding step), else :data:`PYTORCH` (:func:`spikelm.nn.exact.exact_attention`)."""
+    (``one_query_attention``; its products by its own loops where :func:`attention_order` says so) for one
+    float32 query per head on CPU against float64 K/V (the spike-code cache's decoded copy, a fast decoding step),
+    else :data:`PYTORCH` (:func:`spikelm.nn.exact.exact_attention`)."""
     if query.dim() != 4 or query.shape[2] != 1 or key.dtype is not torch.float64 or value.dtype is not torch.float64:
         return PYTORCH
     if key.device.type != "cpu" or value.device.type != "cpu" or key.stride(-1) != 1 or value.stride(-1) != 1:
@@ -347,6 +358,103 @@ def rotary_kernel(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     if cos.shape[1:] != q.shape[2:] or k.shape[2:] != q.shape[2:] or cos.shape[0] not in (1, q.shape[0]):
         return PYTORCH
     return CPP if _cpp_usable(q, k, cos, sin, what="decoding-step rotary embeddings") else PYTORCH
+
+
+# the summation-order checks: {key: the verdict}
+_rotation_orders: dict = {}
+_attention_orders: dict = {}
+# the cache lengths of the attention's check: ATen's own loop (below 400 multiply-adds per K/V head), one chain,
+# MKL's blocks of the keys in probs @ V (split in two, odd, several)
+ATTENTION_CHECK_LENGTHS = (1, 2, 3, 7, 64, 385, 513, 768, 769, 1001, 2051)
+CHECK_OUTPUTS = 4096  # at least this many float64 outputs compared per check
+
+
+def rotation_loops(x: torch.Tensor, signs: torch.Tensor, mats: list[torch.Tensor]) -> bool:
+    """Whether the C++ online Hadamard (:data:`CPP` by :func:`rotation_kernel`) runs its own loops for ``x``'s shape:
+    checked once per process, shape, factor orders and thread count against its ATen operations (random float32
+    rows of that shape, float64 results bit for bit); where they differ, its ATen operations (announced once)."""
+    key = (x.shape, tuple(m.shape[0] for m in mats), torch.get_num_threads())
+    verdict = _rotation_orders.get(key)
+    if verdict is None:
+        verdict = _rotation_orders[key] = _check_rotation(x.shape, signs, mats)
+    return verdict
+
+
+def _check_rotation(shape: torch.Size, signs: torch.Tensor, mats: list[torch.Tensor]) -> bool:
+    g = torch.Generator().manual_seed(0)
+    numel = max(1, int(torch.Size(shape).numel()))
+    with torch.no_grad():
+        for _ in range(max(1, CHECK_OUTPUTS // numel)):
+            probe = (torch.randn(shape, generator=g) * torch.exp(3 * torch.randn(shape, generator=g))).float()
+            want = cpu_kernels.online_hadamard(probe, signs, mats, keep_double=True)
+            got = cpu_kernels.online_hadamard(probe, signs, mats, hand=True, keep_double=True)
+            if not torch.equal(want, got):
+                orders = " x ".join(str(m.shape[0]) for m in mats)
+                fallback(
+                    "cpp-order-rotation",
+                    "the C++ online Hadamard's own loops",
+                    f"they do not sum as this machine's float64 matmul does (factors {orders}, shape {tuple(shape)})",
+                    "its products",
+                    "the same results, slower",
+                )
+                return False
+    return True
+
+
+def attention_order(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[int, int] | None:
+    """How the C++ decoding-step attention (:data:`CPP` by :func:`attention_kernel`) computes its two products:
+    ``(order, block)`` for its own loops (the scores' summation order, probs @ V's blocks over the keys; see
+    :func:`spikelm.nn.cpu_kernels.one_query_attention`), or None for its ATen operations. Checked once per process,
+    (batch, K/V heads, query heads per K/V head, head size) and thread count against the ATen operations at the
+    cache lengths :data:`ATTENTION_CHECK_LENGTHS` (random operands, float64 outputs bit for bit); where no order
+    matches, the ATen operations (announced once)."""
+    batch, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    shape = (batch, kv_heads, heads // kv_heads if heads % kv_heads == 0 else 0, dim, torch.get_num_threads())
+    if shape not in _attention_orders:
+        _attention_orders[shape] = _check_attention(*shape[:4])
+    return _attention_orders[shape]
+
+
+def _attention_candidates(groups: int, dim: int) -> list[tuple[int, int]]:
+    """The (order, block) pairs to try, the one measured on this project's CPU first (cpu_kernels.cpp)."""
+    measured = (2 if groups == 1 else 0 if groups <= 3 else 1, 384 if groups >= 3 else 0)
+    pairs = [(order, block) for order in (0, 1, 2) for block in (384, 0) if order != 2 or dim % 16 == 0]
+    return [measured] + [pair for pair in pairs if pair != measured] if measured in pairs else pairs
+
+
+def _check_attention(batch: int, kv_heads: int, groups: int, dim: int) -> tuple[int, int] | None:
+    candidates = _attention_candidates(groups, dim) if groups > 0 and dim % 8 == 0 else []
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for length in ATTENTION_CHECK_LENGTHS:
+            if not candidates:
+                break
+            buffer = torch.randn(2, batch, kv_heads, length + 7, dim, generator=g, dtype=torch.float64)
+            key, value = buffer[0, :, :, :length], buffer[1, :, :, :length]
+            query = torch.randn(batch, kv_heads * groups, 1, dim, generator=g)
+            want = cpu_kernels.one_query_attention(query, key, value, None, dim**-0.5, keep_double=True)
+            candidates = [
+                (order, block)
+                for order, block in candidates
+                if torch.equal(
+                    want,
+                    cpu_kernels.one_query_attention(
+                        query, key, value, None, dim**-0.5, order=order, block=block, keep_double=True
+                    ),
+                )
+            ]
+    if candidates:
+        return candidates[0]
+    fallback(
+        "cpp-order-attention",
+        "the C++ decoding-step attention's own loops",
+        f"they do not sum as this machine's float64 matmul does (batch {batch}, {kv_heads} K/V heads of "
+        f"{groups} query heads, head size {dim})",
+        "its products",
+        "the same results, slower",
+    )
+    return None
 
 
 def kv_append_kernel(key_states: torch.Tensor, value_states: torch.Tensor) -> str:
