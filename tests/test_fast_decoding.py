@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -195,6 +197,188 @@ def test_the_cpp_decoding_step_attention_equals_exact_attention():
         assert torch.equal(out, expected)
         if case == 4:
             assert not bool(out.any())
+
+
+# The orders the hand-written loops reproduce were measured on this project's machine (an Intel CPU with AVX-512,
+# PyTorch's MKL); elsewhere the dispatcher's check may rightly refuse them (tested below with a forced refusal).
+MEASURED_MACHINE = (
+    torch.backends.mkl.is_available() and cpu_kernels.has_avx512() and "Intel" in cpu_kernels._cpu_signature()
+)
+on_measured_machine = pytest.mark.skipif(not MEASURED_MACHINE, reason="MKL's orders were measured on Intel AVX-512")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit patterns (signed zeros and NaN payloads told apart, which == does not)."""
+    return t.contiguous().view({4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def wide_range(shape, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """randn * exp(3 randn) (values over many binades, where a sum's order shows in its last bit), a quarter of the
+    entries on a grid of 1/4, some exact zeros and one all-zero row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * torch.exp(
+        3 * torch.randn(shape, generator=g, dtype=torch.float64)
+    )
+    flat = x.view(-1, shape[-1])
+    flat[:, ::4] = torch.round(flat[:, ::4] * 4) / 4
+    flat[:, 1::7] = 0.0
+    flat[-1] = 0.0
+    return x.to(dtype)
+
+
+@on_measured_machine
+@pytest.mark.parametrize("size", [1536, 576, 1024, 40, 12])
+@pytest.mark.parametrize("lead", [(1, 1), (2, 1), (4, 1), (16,), (3, 5, 1)])
+def test_the_hand_written_hadamard_equals_the_readable_path_bit_for_bit(size, lead):
+    """The C++ loops (one fused multiply-add chain per output) against OnlineHadamard.forward with the kernels off:
+    the same float32 bits, and the same float64 product before the rounding as the ATen operations (decisive: another
+    summation order differs in hundreds of the float64 outputs)."""
+    from spikelm.conversion.rotation import OnlineHadamard, _online_operands
+
+    rotation = OnlineHadamard(size, seed=5)
+    signs, mats = _online_operands(rotation.kind, size, 5, "cpu", torch.float64)
+    for seed in range(3):
+        x = wide_range((*lead, size), seed=size + seed)
+        with torch.no_grad():
+            with dispatcher.forced(True):
+                assert dispatcher.rotation_kernel(x) == dispatcher.CPP and dispatcher.rotation_loops(x, signs, mats)
+                fast = rotation(x)
+            with dispatcher.forced(False):
+                slow = rotation(x)
+        assert torch.equal(bits(fast), bits(slow))
+        hand = cpu_kernels.online_hadamard(x, signs, mats, hand=True, keep_double=True)
+        aten = cpu_kernels.online_hadamard(x, signs, mats, keep_double=True)
+        assert torch.equal(bits(hand), bits(aten))
+
+
+def _attention_case(batch, kv_heads, groups, dim, length, seed, mask_kind):
+    g = torch.Generator().manual_seed(seed)
+    buffer = wide_range((2, batch, kv_heads, length + 5, dim), seed, torch.float64) * 0.1
+    buffer[1] = torch.randn(buffer[1].shape, generator=g, dtype=torch.float64)
+    buffer[1, ..., ::3, :] = torch.round(buffer[1, ..., ::3, :] * 8) / 8  # values on a grid
+    key, value = buffer[0, :, :, :length], buffer[1, :, :, :length]  # views of a larger buffer, as the cache's
+    query = torch.randn(batch, kv_heads * groups, 1, dim, generator=g)
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(batch, 1, 1, length, generator=g) > 0.3
+        mask[0] = False  # a row with every key masked: zeros
+    elif mask_kind == "additive":
+        mask = (torch.randn(batch, kv_heads * groups, 1, length, generator=g) * 3).clamp_max(0.0)
+    return query, key, value, mask
+
+
+ATTENTION_SETTINGS = [(1, 3, 3, 64), (2, 2, 2, 16), (1, 3, 1, 64), (1, 2, 4, 32)]
+
+
+@on_measured_machine
+@pytest.mark.parametrize("setting", ATTENTION_SETTINGS)
+@pytest.mark.parametrize("length", [1, 2, 3, 7, 64, 255, 384, 385, 512, 513, 1000, 1056, 2048, 4100])
+def test_the_hand_written_attention_equals_exact_attention_bit_for_bit(setting, length):
+    """The C++ loops of a decoding step's attention (the scores and probs @ V in MKL's summation orders, its blocks
+    over the keys included) against exact_attention, the readable path: the same float32 bits, with no mask, a bool
+    mask (a fully masked row), an additive mask and a softcap, grouped query heads, cache lengths across ATen's small
+    loop, one chain and MKL's blocks; and the same float64 output before the rounding as the ATen operations."""
+    from spikelm.conversion.attention import spiking_attention
+    from spikelm.nn.exact import exact_attention
+
+    batch, kv_heads, groups, dim = setting
+    for case, (mask_kind, softcap) in enumerate([(None, None), ("bool", None), ("additive", 30.0)]):
+        query, key, value, mask = _attention_case(batch, kv_heads, groups, dim, length, length + case, mask_kind)
+        expected = exact_attention(query, key, value, mask, None, False, softcap).transpose(1, 2)
+        with dispatcher.forced(True), torch.no_grad():
+            assert dispatcher.attention_kernel(query, key, value) == dispatcher.CPP
+            found = dispatcher.attention_order(query, key, value)
+            assert found is not None
+            out, _ = spiking_attention(torch.nn.Module(), query, key, value, mask, softcap=softcap)
+        assert torch.equal(bits(out), bits(expected))
+        order, block = found
+        scale = dim**-0.5
+        hand = cpu_kernels.one_query_attention(
+            query, key, value, mask, scale, softcap, order=order, block=block, keep_double=True
+        )
+        aten = cpu_kernels.one_query_attention(query, key, value, mask, scale, softcap, keep_double=True)
+        assert torch.equal(bits(hand), bits(aten))
+        if mask_kind == "bool":
+            assert not bool(out[0].any())
+
+
+@on_measured_machine
+@pytest.mark.parametrize("batch", [1, 5, 16])
+def test_the_hand_written_attention_at_batch_sizes(batch):
+    from spikelm.nn.exact import exact_attention
+
+    for length in (3, 200, 769):
+        query, key, value, mask = _attention_case(batch, 3, 3, 64, length, batch + length, "bool")
+        expected = exact_attention(query, key, value, mask).transpose(1, 2)
+        order, block = dispatcher.attention_order(query, key, value)
+        out = cpu_kernels.one_query_attention(query, key, value, mask, 0.125, order=order, block=block)
+        assert torch.equal(bits(out), bits(expected))
+
+
+def test_another_summation_order_is_caught_by_one_probe():
+    """The dispatcher's check is decisive: each order other than the one it found differs from the ATen operations
+    in many float64 outputs of one random probe (of 9 rows x 64 outputs)."""
+    g = torch.Generator().manual_seed(7)
+    key, value = torch.randn(2, 1, 3, 1001, 64, generator=g, dtype=torch.float64)
+    query = torch.randn(1, 9, 1, 64, generator=g)
+    found = dispatcher.attention_order(query, key, value)
+    aten = cpu_kernels.one_query_attention(query, key, value, None, 0.125, keep_double=True)
+    others = [pair for pair in dispatcher._attention_candidates(3, 64) if pair != found]
+    assert len(others) >= 4
+    for order, block in others:
+        hand = cpu_kernels.one_query_attention(
+            query, key, value, None, 0.125, order=order, block=block, keep_double=True
+        )
+        assert int((hand != aten).sum()) > 100, (order, block)
+
+
+def _perturbed(function, flag):
+    """``function`` whose hand-written results are one ulp off (as another BLAS's order would leave them)."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(kwargs.get(flag))
+        out = function(*args, **kwargs)
+        if kwargs.get(flag) is not None and kwargs.get(flag) is not False:  # hand=True, or a block (0 included)
+            out = torch.nextafter(out, torch.full_like(out, float("inf")))
+        return out
+
+    return wrapper, calls
+
+
+def test_a_failed_order_check_runs_the_aten_operations_announced_once(monkeypatch):
+    """Where the loops do not reproduce the BLAS's bits (forced here: their results nudged by one ulp), the check
+    says so in one line, once, and the C++ calls run the ATen operations: still the readable path's bits."""
+    from spikelm.conversion.attention import spiking_attention
+    from spikelm.conversion.rotation import OnlineHadamard
+    from spikelm.nn.exact import exact_attention
+
+    monkeypatch.setattr(dispatcher, "_warned", set())
+    monkeypatch.setattr(dispatcher, "_rotation_orders", {})
+    monkeypatch.setattr(dispatcher, "_attention_orders", {})
+    hadamard, hadamard_calls = _perturbed(cpu_kernels.online_hadamard, "hand")
+    attention, attention_calls = _perturbed(cpu_kernels.one_query_attention, "block")
+    monkeypatch.setattr(cpu_kernels, "online_hadamard", hadamard)
+    monkeypatch.setattr(cpu_kernels, "one_query_attention", attention)
+    rotation = OnlineHadamard(1536, seed=2)
+    x = wide_range((1, 1, 1536), seed=3)
+    query, key, value, mask = _attention_case(1, 3, 3, 64, 300, 4, "bool")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with dispatcher.forced(True), torch.no_grad():
+            fast = [rotation(x), rotation(x)]
+            outs = [spiking_attention(torch.nn.Module(), query, key, value, mask)[0] for _ in range(2)]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2, messages  # one line each, not one per call
+    assert all("\n" not in m and "do not sum as this machine's float64 matmul does" in m for m in messages)
+    assert messages[0].startswith("spikelm: the C++ online Hadamard's own loops")
+    assert messages[1].startswith("spikelm: the C++ decoding-step attention's own loops")
+    assert hadamard_calls[-2:] == [False, False] and attention_calls[-2:] == [None, None]  # the ATen operations
+    with dispatcher.forced(False), torch.no_grad():
+        slow = rotation(x)
+    expected = exact_attention(query, key, value, mask).transpose(1, 2)
+    assert all(torch.equal(bits(f), bits(slow)) for f in fast)
+    assert all(torch.equal(bits(o), bits(expected)) for o in outs)
 
 
 def test_the_kernels_switch_turns_the_cpp_pass_off():
