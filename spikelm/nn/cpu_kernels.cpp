@@ -1007,7 +1007,9 @@ torch::Tensor one_query_attention(torch::Tensor query, torch::Tensor key, torch:
   double* sp = scores.data_ptr<double>();
   const int64_t ksb = key.stride(0), ksh = key.stride(1), ksl = key.stride(2);
   const int64_t vsb = value.stride(0), vsh = value.stride(1), vsl = value.stride(2);
-  const int64_t grain = std::max<int64_t>(1, (1 << 17) / std::max<int64_t>(g * d * L, 1));
+  // a thread per few K/V heads from ~8k multiply-adds a head: a decoding step runs this cache-cold, and two cores
+  // read the cache's K/V from memory faster than one
+  const int64_t grain = std::max<int64_t>(1, (1 << 13) / std::max<int64_t>(g * d * L, 1));
   at::parallel_for(0, B * Hkv, grain, [&](int64_t h0, int64_t h1) {
     for (int64_t bh = h0; bh < h1; ++bh) {
       const int64_t b = bh / Hkv, h = bh % Hkv;
