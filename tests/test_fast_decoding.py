@@ -381,6 +381,19 @@ def test_a_failed_order_check_runs_the_aten_operations_announced_once(monkeypatc
     assert all(torch.equal(bits(o), bits(expected)) for o in outs)
 
 
+def test_a_head_size_the_loops_do_not_cover_runs_the_aten_operations_announced(monkeypatch):
+    from spikelm.conversion.attention import spiking_attention
+    from spikelm.nn.exact import exact_attention
+
+    monkeypatch.setattr(dispatcher, "_warned", set())
+    monkeypatch.setattr(dispatcher, "_attention_orders", {})
+    query, key, value, mask = _attention_case(1, 3, 3, 20, 50, 8, "additive")
+    with pytest.warns(RuntimeWarning, match="multiples of 8, not 20"), dispatcher.forced(True), torch.no_grad():
+        assert dispatcher.attention_order(query, key, value) is None
+        out, _ = spiking_attention(torch.nn.Module(), query, key, value, mask)
+    assert torch.equal(bits(out), bits(exact_attention(query, key, value, mask).transpose(1, 2)))
+
+
 def test_the_kernels_switch_turns_the_cpp_pass_off():
     neuron = GIFNeuron(64, 4, 1, 0.2, group_size=16)
     x = tie_heavy((4, 64), seed=9)

@@ -987,7 +987,7 @@ torch::Tensor one_query_attention(torch::Tensor query, torch::Tensor key, torch:
   const int64_t g = H / Hkv;
   const auto dtype = keep_double ? at::kDouble : query.scalar_type();
   auto q = query.to(at::kDouble).view({B, Hkv, g, d});
-  if (block < 0) {
+  if (block < 0 || L == 0) {
     auto scores = at::matmul(q, key.to(at::kDouble).transpose(-1, -2)) * scale;  // (B, Hkv, g, L)
     scores = masked_scores(scores, mask, softcap, Hkv, g);
     auto probs = at::softmax(scores, -1).nan_to_num(0.0);  // a row with every key masked: zeros

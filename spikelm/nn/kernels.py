@@ -410,7 +410,9 @@ def attention_order(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor)
     matches, the ATen operations (announced once)."""
     batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    shape = (batch, kv_heads, heads // kv_heads if heads % kv_heads == 0 else 0, dim, torch.get_num_threads())
+    if heads % kv_heads:  # not grouped-query attention: the C++ call's ATen operations say so
+        return None
+    shape = (batch, kv_heads, heads // kv_heads, dim, torch.get_num_threads())
     if shape not in _attention_orders:
         _attention_orders[shape] = _check_attention(*shape[:4])
     return _attention_orders[shape]
@@ -424,7 +426,16 @@ def _attention_candidates(groups: int, dim: int) -> list[tuple[int, int]]:
 
 
 def _check_attention(batch: int, kv_heads: int, groups: int, dim: int) -> tuple[int, int] | None:
-    candidates = _attention_candidates(groups, dim) if groups > 0 and dim % 8 == 0 else []
+    if dim % 8:
+        fallback(
+            "cpp-order-attention-dim",
+            "the C++ decoding-step attention's own loops",
+            f"they cover head sizes that are multiples of 8, not {dim}",
+            "its products",
+            "the same results, slower",
+        )
+        return None
+    candidates = _attention_candidates(groups, dim)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for length in ATTENTION_CHECK_LENGTHS:
