@@ -367,6 +367,7 @@ _attention_orders: dict = {}
 # MKL's blocks of the keys in probs @ V (split in two, odd, several)
 ATTENTION_CHECK_LENGTHS = (1, 2, 3, 7, 64, 385, 513, 768, 769, 1001, 2051)
 CHECK_OUTPUTS = 4096  # at least this many float64 outputs compared per check
+CHECK_CACHE_ELEMENTS = 1 << 22  # the attention's check skips lengths whose K (or V) would exceed this (32 MB)
 
 
 def rotation_loops(x: torch.Tensor, signs: torch.Tensor, mats: list[torch.Tensor]) -> bool:
@@ -439,8 +440,8 @@ def _check_attention(batch: int, kv_heads: int, groups: int, dim: int) -> tuple[
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for length in ATTENTION_CHECK_LENGTHS:
-            if not candidates:
-                break
+            if not candidates or (length > 769 and batch * kv_heads * length * dim > CHECK_CACHE_ELEMENTS):
+                break  # (up to 769 every regime of the orders is covered)
             buffer = torch.randn(2, batch, kv_heads, length + 7, dim, generator=g, dtype=torch.float64)
             key, value = buffer[0, :, :, :length], buffer[1, :, :, :length]
             query = torch.randn(batch, kv_heads * groups, 1, dim, generator=g)
