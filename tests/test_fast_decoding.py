@@ -227,10 +227,11 @@ def wide_range(shape, seed: int, dtype=torch.float32) -> torch.Tensor:
 
 
 @on_measured_machine
-@pytest.mark.parametrize("size", [1536, 576, 1024, 40, 12])
+@pytest.mark.parametrize("size", [1536, 576, 1024, 40, 12, 128, 256])
 @pytest.mark.parametrize("lead", [(1, 1), (2, 1), (4, 1), (16,), (3, 5, 1)])
 def test_the_hand_written_hadamard_equals_the_readable_path_bit_for_bit(size, lead):
-    """The C++ loops (one fused multiply-add chain per output) against OnlineHadamard.forward with the kernels off:
+    """The C++ loops (one fused multiply-add chain per output; a single factor of 128 or more on one row, MKL's
+    matrix-vector product, in two halves on two threads) against OnlineHadamard.forward with the kernels off:
     the same float32 bits, and the same float64 product before the rounding as the ATen operations (decisive: another
     summation order differs in hundreds of the float64 outputs)."""
     from spikelm.conversion.rotation import OnlineHadamard, _online_operands
@@ -246,9 +247,35 @@ def test_the_hand_written_hadamard_equals_the_readable_path_bit_for_bit(size, le
             with dispatcher.forced(False):
                 slow = rotation(x)
         assert torch.equal(bits(fast), bits(slow))
-        hand = cpu_kernels.online_hadamard(x, signs, mats, hand=True, keep_double=True)
+        loops = dispatcher.rotation_loops(x, signs, mats)
+        hand = cpu_kernels.online_hadamard(x, signs, mats, hand=loops, keep_double=True)
         aten = cpu_kernels.online_hadamard(x, signs, mats, keep_double=True)
         assert torch.equal(bits(hand), bits(aten))
+
+
+@on_measured_machine
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_one_row_single_factor_hadamard_takes_the_loops_at_each_thread_count(threads):
+    """MKL sums a one-row product by a single factor (128 x 128 here) as a matrix-vector product: one chain on one
+    thread, two halves on two; the check finds the loop that matches at each thread count (never the fallback)."""
+    from spikelm.conversion.rotation import OnlineHadamard, _online_operands
+
+    rotation = OnlineHadamard(128, seed=1)
+    signs, mats = _online_operands(rotation.kind, 128, 1, "cpu", torch.float64)
+    x = wide_range((1, 1, 128), seed=11)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with dispatcher.forced(True):
+                assert dispatcher.rotation_loops(x, signs, mats) == (2 if threads > 1 else 1)
+                fast = rotation(x)
+            with dispatcher.forced(False):
+                slow = rotation(x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(bits(fast), bits(slow))
 
 
 def _attention_case(batch, kv_heads, groups, dim, length, seed, mask_kind):
@@ -339,7 +366,7 @@ def _perturbed(function, flag):
     def wrapper(*args, **kwargs):
         calls.append(kwargs.get(flag))
         out = function(*args, **kwargs)
-        if kwargs.get(flag) is not None and kwargs.get(flag) is not False:  # hand=True, or a block (0 included)
+        if (flag == "hand" and kwargs.get(flag)) or (flag == "block" and kwargs.get(flag) is not None):  # the loops
             out = torch.nextafter(out, torch.full_like(out, float("inf")))
         return out
 

@@ -573,16 +573,17 @@ static inline __mmask8 lanes_mask(int64_t n) {
 }
 
 // out[o, j] = sum_k y[o, k] M[k, j] (the last axis) for rows o0 .. o0 + NR - 1, outputs j0 .. j0 + nj - 1 (nj <= 32;
-// 6 rows by 32 outputs: 24 accumulators, each M row loaded once for 6 rows)
+// 6 rows by 32 outputs: 24 accumulators, each M row loaded once for 6 rows), the chain over k = k0 .. k1 - 1
 template <int NR>
 static inline void factor_last_tile(const double* __restrict__ y, double* __restrict__ out,
-                                    const double* __restrict__ M, int64_t f, int64_t o0, int64_t j0, int64_t nj) {
+                                    const double* __restrict__ M, int64_t f, int64_t o0, int64_t j0, int64_t nj,
+                                    int64_t k0, int64_t k1) {
   __m512d acc[NR][4];
   __mmask8 mk[4];
   UNROLLED for (int v = 0; v < 4; ++v) mk[v] = lanes_mask(nj - 8 * v);
   UNROLLED for (int r = 0; r < NR; ++r)
     UNROLLED for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_pd();
-  for (int64_t k = 0; k < f; ++k) {
+  for (int64_t k = k0; k < k1; ++k) {
     __m512d m[4];
     UNROLLED for (int v = 0; v < 4; ++v) m[v] = _mm512_maskz_loadu_pd(mk[v], M + k * f + j0 + 8 * v);
     UNROLLED for (int r = 0; r < NR; ++r) {
@@ -620,18 +621,31 @@ static inline void factor_inner_tile(const double* __restrict__ y, double* __res
 #endif
 
 // One factor M (f, f) of the Hadamard on the view (outer, f, inner): out[o, j, i] = sum_k M[k, j] y[o, k, i], per
-// output one fused chain over k ascending from 0 (the vector lanes run across outputs, never across k).
+// output one fused chain over k ascending from 0 (the vector lanes run across outputs, never across k). halves: a
+// single row on the last axis (outer = inner = 1, a matrix-vector product for MKL) with f >= 128 sums as MKL's
+// matrix-vector product on two threads does: chains over the first ceil(f / 2) k and over the rest, then added.
 static void hadamard_factor(const double* __restrict__ y, double* __restrict__ out, const double* __restrict__ M,
-                            int64_t outer, int64_t f, int64_t inner) {
+                            int64_t outer, int64_t f, int64_t inner, bool halves) {
+  const bool split = halves && outer == 1 && inner == 1 && f >= 128;
+  const int64_t h = split ? (f + 1) / 2 : f;
 #if defined(__AVX512F__)
   if (inner == 1) {
     int64_t o = 0;
     for (; o + 6 <= outer; o += 6)
-      for (int64_t j0 = 0; j0 < f; j0 += 32) factor_last_tile<6>(y, out, M, f, o, j0, std::min<int64_t>(32, f - j0));
+      for (int64_t j0 = 0; j0 < f; j0 += 32)
+        factor_last_tile<6>(y, out, M, f, o, j0, std::min<int64_t>(32, f - j0), 0, f);
     for (; o + 3 <= outer; o += 3)
-      for (int64_t j0 = 0; j0 < f; j0 += 32) factor_last_tile<3>(y, out, M, f, o, j0, std::min<int64_t>(32, f - j0));
+      for (int64_t j0 = 0; j0 < f; j0 += 32)
+        factor_last_tile<3>(y, out, M, f, o, j0, std::min<int64_t>(32, f - j0), 0, f);
     for (; o < outer; ++o)
-      for (int64_t j0 = 0; j0 < f; j0 += 32) factor_last_tile<1>(y, out, M, f, o, j0, std::min<int64_t>(32, f - j0));
+      for (int64_t j0 = 0; j0 < f; j0 += 32)
+        factor_last_tile<1>(y, out, M, f, o, j0, std::min<int64_t>(32, f - j0), 0, h);
+    if (split) {
+      std::vector<double> rest(f);
+      for (int64_t j0 = 0; j0 < f; j0 += 32)
+        factor_last_tile<1>(y, rest.data(), M, f, 0, j0, std::min<int64_t>(32, f - j0), h, f);
+      for (int64_t j = 0; j < f; ++j) out[j] = out[j] + rest[j];
+    }
     return;
   }
   for (int64_t o = 0; o < outer; ++o) {
@@ -646,9 +660,10 @@ static void hadamard_factor(const double* __restrict__ y, double* __restrict__ o
   for (int64_t o = 0; o < outer; ++o)
     for (int64_t j = 0; j < f; ++j)
       for (int64_t i = 0; i < inner; ++i) {
-        double s = 0.0;
-        for (int64_t k = 0; k < f; ++k) s = std::fma(M[k * f + j], y[(o * f + k) * inner + i], s);
-        out[(o * f + j) * inner + i] = s;
+        double s = 0.0, t = 0.0;
+        for (int64_t k = 0; k < h; ++k) s = std::fma(M[k * f + j], y[(o * f + k) * inner + i], s);
+        for (int64_t k = h; k < f; ++k) t = std::fma(M[k * f + j], y[(o * f + k) * inner + i], t);
+        out[(o * f + j) * inner + i] = split ? s + t : s;
       }
 #endif
 }
@@ -665,9 +680,10 @@ static void prefetch_l2(const std::vector<torch::Tensor>& tensors) {
 // The online randomised Hadamard (OnlineHadamard.forward for the Hadamard kind): y = (x in float64) * signs on the
 // view (lead..., f_1, ..., f_K), each factor's product on its axis in turn (the last axis y @ M, the others M^T @ y
 // along theirs), one rounding to x's dtype at the end. x (..., n); signs (n,) and the factors (f, f) float64,
-// n = f_1 * ... * f_K. hand: the loops above (float32 x), else the ATen operations of the readable path.
+// n = f_1 * ... * f_K. hand: 0 the ATen operations of the readable path; 1 the loops above (float32 x); 2 the loops,
+// a one-row last factor of f >= 128 in two halves (MKL's matrix-vector product on two threads).
 // keep_double: return the float64 product before the rounding (for the dispatcher's check). Returns x's shape.
-torch::Tensor online_hadamard(torch::Tensor x, torch::Tensor signs, std::vector<torch::Tensor> factors, bool hand,
+torch::Tensor online_hadamard(torch::Tensor x, torch::Tensor signs, std::vector<torch::Tensor> factors, int64_t hand,
                               bool keep_double) {
   TORCH_CHECK(x.dim() >= 1 && !factors.empty(), "x (..., n) and at least one factor");
   std::vector<int64_t> lead(x.sizes().begin(), x.sizes().end() - 1);
@@ -725,7 +741,7 @@ torch::Tensor online_hadamard(torch::Tensor x, torch::Tensor signs, std::vector<
     for (auto& mat : mats) {
       const int64_t f = mat.size(0);
       after /= f;
-      hadamard_factor(y, z, mat.data_ptr<double>(), (r1 - r0) * before, f, after);
+      hadamard_factor(y, z, mat.data_ptr<double>(), (r1 - r0) * before, f, after, hand == 2);
       std::swap(y, z);
       before *= f;
     }

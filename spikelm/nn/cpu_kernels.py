@@ -269,17 +269,18 @@ def online_hadamard(
     signs: torch.Tensor,
     factors: list[torch.Tensor],
     *,
-    hand: bool = False,
+    hand: int = 0,
     keep_double: bool = False,
 ) -> torch.Tensor:
     """:class:`spikelm.conversion.rotation.OnlineHadamard`'s randomised Hadamard of ``x`` (..., n): float64 ``signs``
     (n,) and factor matrices (f, f) whose orders multiply to n (``cpu_kernels.cpp``, ``online_hadamard``).
-    ``hand=False``: the ATen operations of its Python forward, called from C++ (its bits by construction);
-    ``hand=True`` (float32 ``x``): loops that sum each factor's products in the order of this machine's float64 GEMM
-    (one fused multiply-add chain per output), without its cost per call -- the same bits only where
+    ``hand=0``: the ATen operations of its Python forward, called from C++ (its bits by construction); ``hand=1``
+    (float32 ``x``): loops that sum each factor's products in the order of this machine's float64 GEMM (one fused
+    multiply-add chain per output), without its cost per call; ``hand=2``: those, a one-row last factor of 128 or
+    more summed in two halves (MKL's matrix-vector product on two threads) -- the same bits only where
     :func:`spikelm.nn.kernels.rotation_loops` has checked that they are. ``keep_double``: the float64 product before
     its rounding to ``x``'s dtype."""
-    return _call("online_hadamard", x, signs, factors, bool(hand), bool(keep_double))
+    return _call("online_hadamard", x, signs, factors, int(hand), bool(keep_double))
 
 
 def one_query_attention(

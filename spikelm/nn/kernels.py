@@ -370,10 +370,12 @@ CHECK_OUTPUTS = 4096  # at least this many float64 outputs compared per check
 CHECK_CACHE_ELEMENTS = 1 << 22  # the attention's check skips lengths whose K (or V) would exceed this (32 MB)
 
 
-def rotation_loops(x: torch.Tensor, signs: torch.Tensor, mats: list[torch.Tensor]) -> bool:
-    """Whether the C++ online Hadamard (:data:`CPP` by :func:`rotation_kernel`) runs its own loops for ``x``'s shape:
-    checked once per process, shape, factor orders and thread count against its ATen operations (random float32
-    rows of that shape, float64 results bit for bit); where they differ, its ATen operations (announced once)."""
+def rotation_loops(x: torch.Tensor, signs: torch.Tensor, mats: list[torch.Tensor]) -> int:
+    """How the C++ online Hadamard (:data:`CPP` by :func:`rotation_kernel`) computes ``x``'s products: its own loops
+    (1, or 2 with a one-row last factor summed in halves; see :func:`spikelm.nn.cpu_kernels.online_hadamard`) or its
+    ATen operations (0). Checked once per process, shape, factor orders and thread count against the ATen operations
+    (random float32 rows of that shape, float64 results bit for bit); where no loop matches, the ATen operations
+    (announced once)."""
     key = (x.shape, tuple(m.shape[0] for m in mats), torch.get_num_threads())
     verdict = _rotation_orders.get(key)
     if verdict is None:
@@ -381,25 +383,32 @@ def rotation_loops(x: torch.Tensor, signs: torch.Tensor, mats: list[torch.Tensor
     return verdict
 
 
-def _check_rotation(shape: torch.Size, signs: torch.Tensor, mats: list[torch.Tensor]) -> bool:
+def _check_rotation(shape: torch.Size, signs: torch.Tensor, mats: list[torch.Tensor]) -> int:
     g = torch.Generator().manual_seed(0)
     numel = max(1, int(torch.Size(shape).numel()))
+    candidates = [1, 2]  # the halves only where MKL's matrix-vector product runs on several threads
+    if numel // shape[-1] == 1 and len(mats) == 1 and torch.get_num_threads() > 1:
+        candidates = [2, 1]
     with torch.no_grad():
         for _ in range(max(1, CHECK_OUTPUTS // numel)):
             probe = (torch.randn(shape, generator=g) * torch.exp(3 * torch.randn(shape, generator=g))).float()
             want = cpu_kernels.online_hadamard(probe, signs, mats, keep_double=True)
-            got = cpu_kernels.online_hadamard(probe, signs, mats, hand=True, keep_double=True)
-            if not torch.equal(want, got):
-                orders = " x ".join(str(m.shape[0]) for m in mats)
-                fallback(
-                    "cpp-order-rotation",
-                    "the C++ online Hadamard's own loops",
-                    f"they do not sum as this machine's float64 matmul does (factors {orders}, shape {tuple(shape)})",
-                    "its products",
-                    "the same results, slower",
-                )
-                return False
-    return True
+            candidates = [
+                hand
+                for hand in candidates
+                if torch.equal(want, cpu_kernels.online_hadamard(probe, signs, mats, hand=hand, keep_double=True))
+            ]
+    if candidates:
+        return candidates[0]
+    orders = " x ".join(str(m.shape[0]) for m in mats)
+    fallback(
+        "cpp-order-rotation",
+        "the C++ online Hadamard's own loops",
+        f"they do not sum as this machine's float64 matmul does (factors {orders}, shape {tuple(shape)})",
+        "its products",
+        "the same results, slower",
+    )
+    return 0
 
 
 def attention_order(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[int, int] | None:
