@@ -436,11 +436,13 @@ def _attention_candidates(groups: int, dim: int) -> list[tuple[int, int]]:
 
 
 def _check_attention(batch: int, kv_heads: int, groups: int, dim: int) -> tuple[int, int] | None:
-    if dim % 8:
+    multiple = 16 if groups == 1 else 8  # one query head per K/V head: MKL's matrix-vector order, runs of 16
+    if dim % multiple:
         fallback(
             "cpp-order-attention-dim",
             "the C++ decoding-step attention's own loops",
-            f"they cover head sizes that are multiples of 8, not {dim}",
+            f"they cover head sizes that are multiples of {multiple}"
+            f"{' with one query head per K/V head' if groups == 1 else ''}, not {dim}",
             "its products",
             "the same results, slower",
         )
