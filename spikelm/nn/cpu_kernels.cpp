@@ -94,6 +94,40 @@ static inline void one_row_block512(const double* __restrict__ x, const float* _
 }
 #endif
 
+#if defined(__AVX512F__)
+// M input rows (2 to 8) with AVX-512: NB weight rows at a time, 8 floats of each per iteration widened to one 8-lane
+// float64 vector and fused-multiply-added into one accumulator per (row, weight row) (the product is exact in
+// float64, as above); each weight block is read once for all M rows.
+template <int M, int NB>
+static inline void rows_block512(const double* __restrict__ x, const float* __restrict__ w,
+                                 const float* __restrict__ bias, float* __restrict__ y, int64_t K, int64_t N,
+                                 int64_t n) {
+  __m512d acc[M][NB];
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_setzero_pd();
+  const int64_t K8 = K / 8 * 8;
+  for (int64_t k = 0; k < K8; k += 8) {
+    __m512d wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      const float* row = w + (n + j) * K + k;
+      _mm_prefetch(reinterpret_cast<const char*>(row + NB * K), _MM_HINT_T0);
+      wv[j] = _mm512_cvtps_pd(_mm256_loadu_ps(row));
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m512d xv = _mm512_loadu_pd(x + m * K + k);
+      for (int j = 0; j < NB; ++j) acc[m][j] = _mm512_fmadd_pd(xv, wv[j], acc[m][j]);
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int j = 0; j < NB; ++j) {
+      double s = _mm512_reduce_add_pd(acc[m][j]);
+      for (int64_t k = K8; k < K; ++k) s += x[m * K + k] * static_cast<double>(w[(n + j) * K + k]);
+      if (bias) s += static_cast<double>(bias[n + j]);
+      y[m * N + n + j] = static_cast<float>(s);
+    }
+}
+#endif
+
 template <int M>
 static void rows_range(const double* x, const float* w, const float* bias, float* y, int64_t K, int64_t N,
                        int64_t n0, int64_t n1) {
@@ -102,6 +136,13 @@ static void rows_range(const double* x, const float* w, const float* bias, float
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) one_row_block512<4>(x, w, bias, y, K, n);
     for (; n < n1; ++n) one_row_block512<1>(x, w, bias, y, K, n);
+    return;
+  }
+  {
+    constexpr int NB512 = M <= 4 ? 4 : 2;
+    int64_t n = n0;
+    for (; n + NB512 <= n1; n += NB512) rows_block512<M, NB512>(x, w, bias, y, K, N, n);
+    for (; n < n1; ++n) rows_block512<M, 1>(x, w, bias, y, K, N, n);
     return;
   }
 #endif
