@@ -26,6 +26,8 @@ float32 weights and is bound by that, not by the arithmetic.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -147,22 +149,28 @@ def _attention(query, key, value, attention_mask, scaling, is_causal, softcap, d
     q = query.to(dtype).view(batch, kv_heads, groups, q_len, head_dim)
     mask = None if attention_mask is None else _mask_view(attention_mask, kv_heads, groups)
     chunk = max(1, ATTENTION_CHUNK_ELEMENTS // max(1, batch * heads * kv_len))
+    inplace = not torch.is_grad_enabled()
     parts = []
     for start in range(0, q_len, chunk):
         stop = min(q_len, start + chunk)
-        scores = (q[:, :, :, start:stop] @ k.transpose(-1, -2)) * scale
+        # outside autograd the elementwise steps run in place (the same operations, the same values; a long
+        # prompt's float64 scores are tens of MB a chunk, whose fresh copies cost more than the arithmetic)
+        scores = q[:, :, :, start:stop] @ k.transpose(-1, -2)
+        scores = scores.mul_(scale) if inplace else scores * scale
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
         if mask is not None:
             part = mask[..., start:stop, :] if mask.shape[-2] == q_len else mask
             if part.dtype == torch.bool:
-                scores = scores.masked_fill(~part, float("-inf"))
+                scores = scores.masked_fill_(~part, -math.inf) if inplace else scores.masked_fill(~part, -math.inf)
             else:
-                scores = scores + part.to(dtype)
+                scores = scores.add_(part.to(dtype)) if inplace else scores + part.to(dtype)
         elif is_causal:
             rows = torch.arange(start, stop, device=query.device).view(-1, 1)
-            scores = scores.masked_fill(torch.arange(kv_len, device=query.device) > rows, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with every key masked: zeros
+            future = torch.arange(kv_len, device=query.device) > rows
+            scores = scores.masked_fill_(future, -math.inf) if inplace else scores.masked_fill(future, -math.inf)
+        probs = torch.softmax(scores, dim=-1)
+        probs = probs.nan_to_num_(0.0) if inplace else probs.nan_to_num(0.0)  # a row with every key masked: zeros
         parts.append(probs @ v)
     out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=3)
     return out.reshape(batch, heads, q_len, -1).to(query.dtype)
