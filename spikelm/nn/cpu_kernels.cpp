@@ -1129,9 +1129,9 @@ void kv_codes_append(torch::Tensor k, torch::Tensor v, torch::Tensor kgroup, tor
 // ---------------------------------------------------------------------------------------------------------------
 // Two pieces of a LLaMA-layout block's decoding step (spikelm/conversion/decode_step.py), called from here instead of
 // from Python, the same arithmetic:
-// * rms_norm: transformers' LlamaRMSNorm.forward as its ATen operations (h = x.to(float32); variance =
-//   h.pow(2).mean(-1, keepdim=True); h = h * rsqrt(variance + eps); weight * h.to(x's dtype)): the same kernels on
-//   the same shapes, so the same bits (the mean is a reduction: its order stays ATen's).
+// * rms_norm: transformers' LlamaRMSNorm.forward on float32 (h = x; variance = h.pow(2).mean(-1, keepdim=True);
+//   h = h * rsqrt(variance + eps); weight * h): the squares and their mean by ATen (a reduction: its order kept),
+//   the elementwise rest in one loop rounding as ATen's float32 kernels do, so the same bits.
 // * rotary_embedding: apply_rotary_pos_emb (q * cos + rotate_half(q) * sin, the same for k; cos and sin (Bc, n, d)
 //   broadcast over the heads, Bc 1 or B; rotate_half(x) = cat(-x[..., d/2:], x[..., :d/2])) as one elementwise loop:
 //   each output is one float32 product of each pair and one sum (compiled without fused multiply-adds), rounded as
@@ -1139,11 +1139,28 @@ void kv_codes_append(torch::Tensor k, torch::Tensor v, torch::Tensor kgroup, tor
 //   strides; returns contiguous (B, H, n, d) and (B, Hk, n, d).
 // ---------------------------------------------------------------------------------------------------------------
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
-  const auto dtype = x.scalar_type();
-  auto h = x.to(at::kFloat);
-  auto variance = h.pow(2).mean(-1, true);
-  h = h * at::rsqrt(variance + eps);
-  return weight * h.to(dtype);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.dim() == 1 &&
+                  weight.size(0) == x.size(-1), "float32 x (..., C) and weight (C,)");
+  auto h = x.contiguous();
+  auto variance = h.pow(2).mean(-1, true).contiguous();  // ATen's reduction, its order kept
+  // the elementwise rest in one loop, each step rounded as ATen's float32 kernels round it: variance + eps (the
+  // Python float cast to float32, as a float32 tensor's add does), rsqrt = 1 / sqrt (ATen's float rsqrt), h * that,
+  // then weight * it
+  auto out = torch::empty_like(h);
+  const int64_t C = h.size(-1), R = h.numel() / std::max<int64_t>(C, 1);
+  const float* hp = h.data_ptr<float>();
+  const float* vp = variance.data_ptr<float>();
+  const float* wp = weight.contiguous().data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  for (int64_t r = 0; r < R; ++r) {
+    const float inv = 1.0f / std::sqrt(vp[r] + e);
+    for (int64_t c = 0; c < C; ++c) {
+      const float scaled = hp[r * C + c] * inv;
+      op[r * C + c] = wp[c] * scaled;
+    }
+  }
+  return out;
 }
 
 static void rotate_heads(const torch::Tensor& x, const float* cosp, const float* sinp, int64_t cos_batch_stride,

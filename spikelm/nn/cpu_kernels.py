@@ -397,8 +397,9 @@ def kv_codes_append(
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' ``LlamaRMSNorm`` forward of ``x`` with ``weight`` and ``eps``: its ATen operations called from
-    C++ (``cpu_kernels.cpp``, ``rms_norm``): the same bits without Python's cost per operation."""
+    """transformers' ``LlamaRMSNorm`` forward of float32 ``x`` with ``weight`` and ``eps`` (``cpu_kernels.cpp``,
+    ``rms_norm``): the squares' mean by ATen (its reduction order), the rest in one loop rounding as ATen's float32
+    kernels do: the same bits without Python's cost per operation."""
     return _call("rms_norm", x, weight, float(eps))
 
 

@@ -344,8 +344,8 @@ def attention_kernel(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 def norm_kernel(x: torch.Tensor, weight: torch.Tensor) -> str:
     """Where a LLaMA-layout block's RMSNorm runs at a decoding step (:mod:`spikelm.conversion.decode_step`):
-    :data:`CPP` (``rms_norm``: its ATen operations called from C++) for CPU float32 ``x`` and ``weight`` outside
-    autograd, else :data:`PYTORCH` (the norm module)."""
+    :data:`CPP` (``rms_norm``: the squares' mean by ATen, the rest in one C++ loop) for CPU float32 ``x`` and
+    ``weight`` outside autograd, else :data:`PYTORCH` (the norm module)."""
     return CPP if _cpp_usable(x, weight, what="decoding-step norms") else PYTORCH
 
 
