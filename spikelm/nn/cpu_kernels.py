@@ -8,10 +8,11 @@ by arithmetic. Four operations of one C++ extension (built on first use) take th
 * :func:`few_rows_linear` -- :func:`spikelm.nn.exact.exact_linear` (``F.linear(x, W, b)`` accumulated in float64,
   rounded once to float32) for 1 to 16 rows: each weight row is read once, in order, for all M rows
   (the threads take contiguous blocks of outputs, so each streams one piece of the weight in ``nn.Linear``'s own
-  layout; no copy), the M dot products in 4-wide float64 lanes. MKL's GEMM of 4 rows costs about two single-row
-  products on this project's CPU; this costs about one. Its sums run in another order than the float64 GEMM's, but
-  both round the (nearly) exact sum once, so they agree bit for bit but for values within ~1e-13 of a float32
-  rounding midpoint (see :mod:`spikelm.nn.exact`).
+  layout; no copy), the M dot products in 8-wide float64 lanes with AVX-512 (9 to 16 rows as 8 and the rest on the
+  same weight block; 4-wide lanes without AVX-512). At 8 rows SmolLM2's linears cost a third of the float64 GEMM
+  and less than MKL's float32 GEMM on this project's CPU (docs/BENCHMARKS.md). Its sums run in another order
+  than the float64 GEMM's, but both round the (nearly) exact sum once, so they agree bit for bit but for values
+  within ~1e-13 of a float32 rounding midpoint (see :mod:`spikelm.nn.exact`).
 * :func:`elastic_spikes` -- the elastic neuron's T steps in one pass (the arithmetic of
   :func:`spikelm.nn.neuron.spike_steps_inference`, operation for operation, compiled without fused multiply-adds):
   the same spikes, bit for bit.
