@@ -38,9 +38,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..errors import UserError
 from ..nn import cpu_kernels
-from ..nn.kernels import CPP, linears_kernel, norm_kernel, rotary_kernel, spike_linear
+from ..nn.kernels import CPP, environment_switch, linears_kernel, norm_kernel, rotary_kernel, spike_linear
+from ..nn.neurons.base import global_hooks
 from .attention import NAME as SPIKING_ATTENTION
 from .cache import is_spike_cache
 from .rotation import _rotate_input_pre_hook
@@ -72,15 +72,13 @@ _seen: list = [object(), True]  # (the environment's raw value, whether it says 
 
 
 def enabled() -> bool:
-    """Whether the decoding step may run (the switch; a bad value of the variable is a :class:`UserError`)."""
+    """Whether the decoding step may run (the switch; a bad value of the variable is a :class:`UserError`, read with
+    the kernel switches' rule: 1 / 0, true / false, yes / no, on / off)."""
     if _override[0] is not None:
         return _override[0]
     raw = os.environ.get(ENV_VAR)
     if raw is not _seen[0] and raw != _seen[0]:
-        value = "1" if raw is None else raw.strip().lower()
-        if value not in ("1", "true", "yes", "on", "", "0", "false", "no", "off"):
-            raise UserError(f"{ENV_VAR}={raw!r}: expected 1 (on, the default) or 0 (off)")
-        _seen[:] = [raw, value in ("1", "true", "yes", "on", "")]
+        _seen[:] = [raw, environment_switch(ENV_VAR)]
     return _seen[1]
 
 
@@ -143,12 +141,6 @@ def _llama_reference():
     return modeling_llama
 
 
-def _global_hooks() -> bool:
-    from torch.nn.modules import module
-
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
-
-
 class BlockStep:
     """The decoding step of one pre-norm block with a gated MLP (``h += o(attn(n1(h))); h += down(act(gate(n2(h)))
     * up(n2(h)))``), as the block's modules compute it; :meth:`runs` says where it may replace them."""
@@ -204,7 +196,7 @@ class BlockStep:
         for reader, forward in self.readers_forward:
             if reader.__dict__.get("forward") is not forward:
                 return False
-        return not _global_hooks()
+        return not global_hooks()
 
     def runs(self, layer: nn.Module, hidden_states: torch.Tensor, kwargs: dict) -> bool:
         cache = kwargs.get("past_key_values")

@@ -613,51 +613,43 @@ static inline __mmask8 lanes_mask(int64_t n) {
   return n >= 8 ? static_cast<__mmask8>(0xFF) : (n <= 0 ? static_cast<__mmask8>(0) : static_cast<__mmask8>((1u << n) - 1));
 }
 
-// out[o, j] = sum_k y[o, k] M[k, j] (the last axis) for rows o0 .. o0 + NR - 1, outputs j0 .. j0 + nj - 1 (nj <= 32;
-// 6 rows by 32 outputs: 24 accumulators, each M row loaded once for 6 rows), the chain over k = k0 .. k1 - 1
+// A register tile of fused chains: out[r * out_row + c] = sum_k a[r * a_row + k * a_k] * b[k * b_k + c] for rows
+// r < NR and columns c < n (n <= 32: 4 vectors of 8 lanes; NR x 4 accumulators, each b row loaded once for the NR
+// rows), per output one fused multiply-add chain over k = k0 .. k1 - 1 from 0 (the lanes run across outputs)
 template <int NR>
-static inline void factor_last_tile(const double* __restrict__ y, double* __restrict__ out,
-                                    const double* __restrict__ M, int64_t f, int64_t o0, int64_t j0, int64_t nj,
-                                    int64_t k0, int64_t k1) {
+static inline void fma_tile(const double* __restrict__ a, int64_t a_row, int64_t a_k, const double* __restrict__ b,
+                            int64_t b_k, double* __restrict__ out, int64_t out_row, int64_t n, int64_t k0,
+                            int64_t k1) {
   __m512d acc[NR][4];
   __mmask8 mk[4];
-  UNROLLED for (int v = 0; v < 4; ++v) mk[v] = lanes_mask(nj - 8 * v);
+  UNROLLED for (int v = 0; v < 4; ++v) mk[v] = lanes_mask(n - 8 * v);
   UNROLLED for (int r = 0; r < NR; ++r)
     UNROLLED for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_setzero_pd();
   for (int64_t k = k0; k < k1; ++k) {
-    __m512d m[4];
-    UNROLLED for (int v = 0; v < 4; ++v) m[v] = _mm512_maskz_loadu_pd(mk[v], M + k * f + j0 + 8 * v);
+    __m512d bv[4];
+    UNROLLED for (int v = 0; v < 4; ++v) bv[v] = _mm512_maskz_loadu_pd(mk[v], b + k * b_k + 8 * v);
     UNROLLED for (int r = 0; r < NR; ++r) {
-      const __m512d yb = _mm512_set1_pd(y[(o0 + r) * f + k]);
-      UNROLLED for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_fmadd_pd(yb, m[v], acc[r][v]);
+      const __m512d ab = _mm512_set1_pd(a[r * a_row + k * a_k]);
+      UNROLLED for (int v = 0; v < 4; ++v) acc[r][v] = _mm512_fmadd_pd(ab, bv[v], acc[r][v]);
     }
   }
   UNROLLED for (int r = 0; r < NR; ++r)
-    UNROLLED for (int v = 0; v < 4; ++v) _mm512_mask_storeu_pd(out + (o0 + r) * f + j0 + 8 * v, mk[v], acc[r][v]);
+    UNROLLED for (int v = 0; v < 4; ++v) _mm512_mask_storeu_pd(out + r * out_row + 8 * v, mk[v], acc[r][v]);
+}
+
+// out[o, j] = sum_k y[o, k] M[k, j] (the last axis) for rows o .. o + NR - 1, outputs j0 .. j0 + 31 (6 rows by 32
+// outputs: 24 accumulators), the chain over k = k0 .. k1 - 1
+template <int NR>
+static inline void factor_last_tile(const double* y, double* out, const double* M, int64_t f, int64_t o, int64_t j0,
+                                    int64_t nj, int64_t k0, int64_t k1) {
+  fma_tile<NR>(y + o * f, f, 1, M + j0, f, out + o * f + j0, f, nj, k0, k1);
 }
 
 // out[o, j, i] = sum_k M[k, j] y[o, k, i] (an inner axis) for j0 .. j0 + NJ - 1, i0 .. i0 + ni - 1 (ni <= 32)
 template <int NJ>
-static inline void factor_inner_tile(const double* __restrict__ y, double* __restrict__ out,
-                                     const double* __restrict__ M, int64_t f, int64_t inner, int64_t o, int64_t j0,
-                                     int64_t i0, int64_t ni) {
-  __m512d acc[NJ][4];
-  __mmask8 mk[4];
-  UNROLLED for (int v = 0; v < 4; ++v) mk[v] = lanes_mask(ni - 8 * v);
-  UNROLLED for (int j = 0; j < NJ; ++j)
-    UNROLLED for (int v = 0; v < 4; ++v) acc[j][v] = _mm512_setzero_pd();
-  const double* base = y + o * f * inner + i0;
-  for (int64_t k = 0; k < f; ++k) {
-    __m512d yv[4];
-    UNROLLED for (int v = 0; v < 4; ++v) yv[v] = _mm512_maskz_loadu_pd(mk[v], base + k * inner + 8 * v);
-    UNROLLED for (int j = 0; j < NJ; ++j) {
-      const __m512d mb = _mm512_set1_pd(M[k * f + j0 + j]);
-      UNROLLED for (int v = 0; v < 4; ++v) acc[j][v] = _mm512_fmadd_pd(mb, yv[v], acc[j][v]);
-    }
-  }
-  UNROLLED for (int j = 0; j < NJ; ++j)
-    UNROLLED for (int v = 0; v < 4; ++v)
-      _mm512_mask_storeu_pd(out + (o * f + j0 + j) * inner + i0 + 8 * v, mk[v], acc[j][v]);
+static inline void factor_inner_tile(const double* y, double* out, const double* M, int64_t f, int64_t inner,
+                                     int64_t o, int64_t j0, int64_t i0, int64_t ni) {
+  fma_tile<NJ>(M + j0, 1, f, y + o * f * inner + i0, inner, out + (o * f + j0) * inner + i0, inner, ni, 0, f);
 }
 #endif
 

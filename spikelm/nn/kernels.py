@@ -117,7 +117,8 @@ def forced(flag: bool | None):
         set_enabled(before)
 
 
-def _environment_switch(name: str) -> bool:
+def environment_switch(name: str) -> bool:
+    """The on/off switch in ``$name`` (on when unset or empty); a bad value is a :class:`UserError` naming it."""
     value = os.environ.get(name, "1").strip().lower()
     if value in _ON:
         return True
@@ -131,8 +132,8 @@ def enabled(family: str = CPP) -> bool:
     build. A bad value in the environment is a :class:`UserError` naming the variable."""
     if _override[0] is not None:
         return _override[0]
-    on = _environment_switch(ENV_VAR)
-    cpu_on = _environment_switch(CPU_ENV_VAR)  # read (and checked) whatever the family
+    on = environment_switch(ENV_VAR)
+    cpu_on = environment_switch(CPU_ENV_VAR)  # read (and checked) whatever the family
     return on and (cpu_on or family != CPP)
 
 

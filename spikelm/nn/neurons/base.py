@@ -296,6 +296,15 @@ class SpikingNeuron(nn.Module):
 _REGISTRY: dict[str, type[SpikingNeuron]] = {}
 
 
+def global_hooks() -> bool:
+    """Whether module hooks registered for every module (``torch.nn.modules.module.register_module_forward_*``)
+    would run on a module's call: a fast path that skips calling modules (a neuron's fused pass, a block's decoding
+    step) must then step aside."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
+
+
 def register_neuron(cls: type[SpikingNeuron]) -> type[SpikingNeuron]:
     """Add a neuron class under its ``name`` (a class decorator); a second class under the same name is refused."""
     if not (isinstance(cls, type) and issubclass(cls, SpikingNeuron)) or not cls.name:

@@ -52,19 +52,11 @@ import torch
 from torch import nn
 
 from .. import cpu_kernels, kernels
-from .base import SpikingNeuron, register_neuron
+from .base import SpikingNeuron, global_hooks, register_neuron
 from .gif import SCALE_FLOOR, SaliencyRecorder, range_groups, saliency_scores, top_fraction_mask
 
 SIGNED_BACKENDS = ("fused", "reference")
 SITE_KINDS = ("qkv_input", "o_input", "gate_up_input", "down_input", "k", "v")  # placement.SITE_KINDS
-
-
-def _global_hooks() -> bool:
-    """Whether module hooks registered for every module (``torch.nn.modules.module.register_module_forward_*``)
-    would run on a neuron's call."""
-    from torch.nn.modules import module
-
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)
 
 
 def _number(value) -> bool:
@@ -592,7 +584,7 @@ class SignedNeuron(SpikingNeuron):
     def _runs_alone(self) -> bool:
         """Whether calling the neuron would run its value and nothing else: no statistics, no hooks of its own or
         registered for every module (a fused path that skips the call must not skip them)."""
-        return not (self.record_stats or self._forward_hooks or self._forward_pre_hooks or _global_hooks())
+        return not (self.record_stats or self._forward_hooks or self._forward_pre_hooks or global_hooks())
 
     def value_plan(self, x: torch.Tensor) -> tuple | None:
         """:meth:`_lean_plan` where calling the neuron would run nothing else (:meth:`_runs_alone`)."""
