@@ -13,6 +13,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _threads():
+    """Each test starts with the suite's thread count and leaves it so: float sums (GEMMs, reductions) depend on it,
+    and a test that compares an in-process run with a subprocess's must not inherit another test's setting."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
