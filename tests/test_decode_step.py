@@ -203,6 +203,150 @@ def test_a_block_with_an_unconverted_site_keeps_its_modules():
 
 
 # ----------------------------------------------------------------------------------------------
+# The planned step: resolved once, kept while what it read holds
+# ----------------------------------------------------------------------------------------------
+
+
+class PlanCounter:
+    """Counts the blocks' plans resolved and their planned steps."""
+
+    def __init__(self, monkeypatch):
+        self.resolved = self.planned = 0
+        resolve, planned = decode_step.BlockStep.resolve, decode_step.BlockStep.planned
+
+        def counted_resolve(step, *args):
+            plan = resolve(step, *args)
+            self.resolved += plan is not None
+            return plan
+
+        def counted_planned(step, *args):
+            self.planned += 1
+            return planned(step, *args)
+
+        monkeypatch.setattr(decode_step.BlockStep, "resolve", counted_resolve)
+        monkeypatch.setattr(decode_step.BlockStep, "planned", counted_planned)
+
+
+class At:
+    """A logits processor that calls ``change(model)`` once, after the ``when``-th decoding step's logits: the
+    steps after it run on the changed model."""
+
+    def __init__(self, model, when: int, change):
+        self.model, self.when, self.change, self.seen = model, when, change, 0
+
+    def __call__(self, input_ids, scores):
+        self.seen += 1
+        if self.seen == self.when:
+            self.change(self.model)
+        return scores
+
+
+def changed_generation(change, step: bool, new: int = 7, batch: int = 1):
+    """Greedy logits of a fresh converted tiny LLaMA, ``change`` applied after the third step's logits."""
+    from transformers import LogitsProcessorList
+
+    model = convert(family_model("llama"))
+    ids, mask = left_padded(batch)
+    settings = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+    processors = LogitsProcessorList([At(model, 3, change)]) if change is not None else None
+    with decode_step.forced(step), torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            logits_processor=processors,
+            return_dict_in_generate=True,
+            output_logits=True,
+            **settings,
+        )
+    return torch.stack(out.logits)
+
+
+needs_kernels = pytest.mark.skipif(cpu_kernels.kernel() is None, reason="the C++ kernels cannot be built here")
+
+
+@needs_kernels
+@pytest.mark.parametrize("batch", [1, 2])
+def test_the_plan_is_resolved_once_per_block_and_its_steps_equal_the_modules(batch, monkeypatch):
+    off = changed_generation(None, step=False, batch=batch)
+    counter = PlanCounter(monkeypatch)
+    on = changed_generation(None, step=True, batch=batch)
+    layers = SIZES["num_hidden_layers"]
+    assert counter.resolved == layers  # once per block, kept over the 6 decoding steps
+    assert counter.planned == 6 * layers
+    assert torch.equal(on, off)
+
+
+def _set_clip(model):
+    model.model.layers[1].mlp.input_neuron.clip_ratio = 0.5
+
+
+def _threshold_in_place(model):
+    neuron = model.model.layers[0].self_attn.o_proj.input_neuron
+    neuron.outlier_threshold.fill_(1e-3)  # every token an outlier: passed real-valued
+
+
+def _new_weight(model):
+    linear = model.model.layers[0].mlp.down_proj
+    linear.weight = torch.nn.Parameter(torch.flip(linear.weight.detach(), [0]))
+
+
+def _salient(model):
+    neuron = model.model.layers[1].self_attn.input_neuron
+    neuron.set_salient(torch.roll(neuron.salient, 5))
+
+
+def _other_rotation_seed(model):
+    model.model.layers[0].mlp.down_proj.online_rotation.seed = 11
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "change", [_set_clip, _threshold_in_place, _new_weight, _salient, _other_rotation_seed], ids=lambda f: f.__name__
+)
+def test_a_change_between_steps_is_followed_as_the_modules_follow_it(change, monkeypatch):
+    unchanged = changed_generation(None, step=True)
+    off = changed_generation(change, step=False)
+    counter = PlanCounter(monkeypatch)
+    on = changed_generation(change, step=True)
+    assert not torch.equal(off[3:], unchanged[3:])  # the change matters from the fourth step
+    assert torch.equal(on, off)
+    assert counter.planned == 6 * SIZES["num_hidden_layers"]  # re-resolved, still planned
+    assert counter.resolved > SIZES["num_hidden_layers"]
+
+
+def _hook_on_neuron(model):
+    model.model.layers[0].mlp.input_neuron.register_forward_hook(lambda m, a, o: o * 1.25)
+
+
+@needs_kernels
+def test_a_hook_on_a_neuron_after_the_plan_runs(monkeypatch):
+    off = changed_generation(_hook_on_neuron, step=False)
+    counter = PlanCounter(monkeypatch)
+    on = changed_generation(_hook_on_neuron, step=True)
+    assert torch.equal(on, off)
+    # steps 1 and 2 planned in both blocks; from step 3 (after the hook) only in block 1
+    assert counter.planned == 2 * SIZES["num_hidden_layers"] + 4
+    assert not torch.equal(on, changed_generation(None, step=True))  # the hook changed the outputs
+
+
+@needs_kernels
+def test_the_threads_and_the_kernel_switch_are_asked_at_every_step(monkeypatch):
+    threads = torch.get_num_threads()
+    counter = PlanCounter(monkeypatch)
+    try:
+        on = changed_generation(lambda model: torch.set_num_threads(1), step=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert counter.resolved == 2 * SIZES["num_hidden_layers"]  # again after the thread count changed
+    counter.resolved = counter.planned = 0
+    switched = changed_generation(lambda model: dispatcher.set_enabled(False), step=True)
+    dispatcher.set_enabled(None)
+    assert counter.planned == 2 * SIZES["num_hidden_layers"]  # the kernels off: the modules' path after
+    assert torch.equal(switched, changed_generation(None, step=False))  # every path: the same bits
+    assert torch.equal(on, switched)
+
+
+# ----------------------------------------------------------------------------------------------
 # The real SmolLM2-135M
 # ----------------------------------------------------------------------------------------------
 
@@ -272,3 +416,15 @@ def test_the_cpp_rotary_embedding_equals_llamas(head_dim, cos_batch):
         q_out, k_out = cpu_kernels.rotary_embedding(q, k, cos, sin)
         assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
         assert torch.equal(torch.signbit(q_out), torch.signbit(q_ref))  # zeros keep their sign
+
+
+@needs_kernels
+def test_under_the_profiler_the_planned_calls_are_named_and_give_the_same_bits():
+    from torch.profiler import ProfilerActivity, profile
+
+    plain = changed_generation(None, step=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        profiled = changed_generation(None, step=True)
+    names = {event.key for event in prof.key_averages()}
+    assert {"spikelm::token_values_linears", "spikelm::rms_norm", "spikelm::rotary_embedding"} <= names
+    assert torch.equal(plain, profiled)

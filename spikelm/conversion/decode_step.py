@@ -39,11 +39,24 @@ from torch.utils.hooks import RemovableHandle
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..nn import cpu_kernels
-from ..nn.kernels import CPP, environment_switch, linears_kernel, norm_kernel, rotary_kernel, spike_linear
-from ..nn.neurons.base import global_hooks
+from ..nn.kernels import (
+    CPP,
+    attention_order,
+    cpp_on,
+    environment_switch,
+    linears_kernel,
+    max_rows,
+    norm_kernel,
+    rotary_kernel,
+    rotation_kernel,
+    rotation_loops,
+    spike_linear,
+)
+from ..nn.neurons.base import global_hooks, state_epoch
 from .attention import NAME as SPIKING_ATTENTION
+from .attention import UNSUPPORTED, spiking_attention
 from .cache import is_spike_cache
-from .rotation import _rotate_input_pre_hook
+from .rotation import OnlineHadamard, _online_operands, _rotate_input_pre_hook
 
 ENV_VAR = "SPIKELM_DECODE_STEP"
 _override: list = [None]
@@ -141,6 +154,67 @@ def _llama_reference():
     return modeling_llama
 
 
+_F32, _F64 = torch.float32, torch.float64
+
+
+class _Plan:
+    """What one block's decoding step calls, resolved once by the dispatchers (:meth:`BlockStep.resolve` asks each
+    the question the modules' path asks at every call) and kept while nothing those answers read has changed
+    (:meth:`holds`): the switches, the grad mode and thread count, the rows, dtype and device of the input and of
+    cos / sin, the weights (the same tensors, float32, on the CPU, contiguous), the neurons (no attribute assigned
+    since, :func:`~spikelm.nn.neurons.base.state_epoch`; the same :meth:`plan_stamp`; no hooks), the rotation."""
+
+    __slots__ = (
+        "epoch",
+        "rows",
+        "threads",
+        "cos_shape",
+        "sites",
+        "params",
+        "tensors",
+        "weights",
+        "neurons",
+        "rotation",
+        "rotation_key",
+        "hadamard",
+        "orders",
+    )
+
+    def holds(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        if self.epoch != state_epoch() or torch.is_grad_enabled() or not cpp_on():
+            return False
+        if hidden_states.shape[0] != self.rows or hidden_states.dtype is not _F32 or not hidden_states.is_cpu:
+            return False
+        if self.rows > max_rows() or torch.get_num_threads() != self.threads:
+            return False
+        if cos.shape != self.cos_shape or sin.shape != self.cos_shape or cos.dtype is not _F32 or sin.dtype is not _F32:
+            return False
+        if not (cos.is_cpu and sin.is_cpu):
+            return False
+        for module, name, tensor in self.params:
+            if module._parameters.get(name) is not tensor:
+                return False
+        for tensor in self.tensors:
+            if tensor.dtype is not _F32 or not tensor.is_cpu:
+                return False
+        for weight in self.weights:
+            if not weight.is_contiguous():
+                return False
+        for host, neuron, stamp in self.neurons:
+            if host._modules.get("input_neuron") is not neuron or neuron._forward_hooks or neuron._forward_pre_hooks:
+                return False
+            if neuron.plan_stamp() != stamp:
+                return False
+        rotation = self.rotation
+        if rotation is not None:
+            host, module = rotation
+            if host._modules.get("online_rotation") is not module or module._forward_hooks or "forward" in vars(module):
+                return False
+            if module._forward_pre_hooks or (module.kind, module.size, module.seed) != self.rotation_key:
+                return False
+        return True
+
+
 class BlockStep:
     """The decoding step of one pre-norm block with a gated MLP (``h += o(attn(n1(h))); h += down(act(gate(n2(h)))
     * up(n2(h)))``), as the block's modules compute it; :meth:`runs` says where it may replace them."""
@@ -178,6 +252,61 @@ class BlockStep:
             for m in bypassed.values()
         ]
         self.readers_forward = [(r, readers_forward[id(r)]) for s in self.sites() for r in s.readers]
+        self.plan: _Plan | None = None  # the step's resolved calls (resolve), kept while they hold
+
+    def __getstate__(self) -> dict:
+        state = dict(vars(self))
+        state["plan"] = None  # a copy resolves its own
+        return state
+
+    def resolve(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> _Plan | None:
+        """The plan of this step for ``hidden_states`` (B, 1, C) and ``cos`` / ``sin``: each dispatcher asked once, on
+        inputs of those shapes, dtypes and device, the question the modules' path asks at every call; None where any
+        piece would not take its C++ kernel (the norms, each neuron with its readers, the rotary embedding, the online
+        Hadamard) or the block's step has more than one time step per token."""
+        if self.steps != 1 or not (self.mirror_norms and self.mirror_rotary) or torch.is_grad_enabled():
+            return None
+        rows, norms = hidden_states.shape[0], (self.norm1, self.norm2)
+        if any(norm_kernel(hidden_states, norm.weight) != CPP for norm in norms):
+            return None
+        plan = _Plan()
+        plan.epoch, plan.rows, plan.threads, plan.cos_shape = state_epoch(), rows, torch.get_num_threads(), cos.shape
+        plan.params = [(norm, "weight", norm.weight) for norm in norms]
+        plan.sites, plan.neurons, plan.rotation, plan.hadamard, plan.orders = [], [], None, None, {}
+        for site in self.sites():
+            host, width = site.host, site.readers[0].weight.shape[1]
+            probe = hidden_states.new_empty((rows, 1, width))
+            if site.rotated:
+                module = host.online_rotation
+                if type(module) is not OnlineHadamard or "forward" in vars(module) or module.size != width:
+                    return None
+                if module._forward_hooks or module._forward_pre_hooks or rotation_kernel(probe) != CPP:
+                    return None
+                signs, mats = _online_operands(module.kind, module.size, module.seed, probe.device, _F64)
+                if signs is None:
+                    return None
+                plan.rotation, plan.rotation_key = (host, module), (module.kind, module.size, module.seed)
+                plan.hadamard = (signs, mats, rotation_loops(probe, signs, mats))
+            neuron = host.input_neuron
+            weights, biases = [r.weight for r in site.readers], [r.bias for r in site.readers]
+            values = neuron.value_plan(probe)
+            if values is None or linears_kernel(probe, weights, biases) != CPP:
+                return None
+            plan.sites.append((values, weights, biases))
+            plan.neurons.append((host, neuron, neuron.plan_stamp()))
+            plan.params += [(r, "weight", r.weight) for r in site.readers]
+            plan.params += [(r, "bias", r.bias) for r in site.readers]
+        plan.tensors = [t for _, _, t in plan.params if t is not None]
+        plan.weights = [t for _, name, t in plan.params if name == "weight"]
+        heads = (
+            plan.sites[0][1][0].shape[0] // self.attention.head_dim,
+            plan.sites[0][1][1].shape[0] // self.attention.head_dim,
+        )
+        probe_q = hidden_states.new_empty((rows, heads[0], 1, self.attention.head_dim))
+        probe_k = hidden_states.new_empty((rows, heads[1], 1, self.attention.head_dim))
+        if rotary_kernel(probe_q, probe_k, cos, sin) != CPP:
+            return None
+        return plan
 
     def norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.mirror_norms and norm_kernel(x, norm.weight) == CPP:
@@ -222,6 +351,14 @@ class BlockStep:
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
+        cos, sin = position_embeddings
+        plan = self.plan
+        if plan is None or not plan.holds(hidden_states, cos, sin):
+            plan = self.plan = self.resolve(hidden_states, cos, sin)
+        if plan is not None:
+            return self.planned(
+                plan, hidden_states, cos, sin, attention_mask, position_ids, past_key_values, use_cache, kwargs
+            )
         attention, steps = self.attention, self.steps
         lead = hidden_states.shape[:-1]
         residual = hidden_states
@@ -253,6 +390,66 @@ class BlockStep:
         gate, up = self.gate_up.outputs(self.norm(self.norm2, hidden_states), steps)
         (down,) = self.down.outputs(self.mlp.act_fn(gate) * up, steps)
         return residual + down
+
+    def planned(
+        self, plan: _Plan, hidden_states, cos, sin, attention_mask, position_ids, past_key_values, use_cache, kwargs
+    ):
+        """The step by the compiled functions themselves, with the arguments :meth:`resolve` found: the calls the
+        dispatchers make on the modules' path (norm, neuron and readers, rotary embedding, the cache's ``update``,
+        the attention, the online Hadamard), in the same order on the same tensors, so the same bits
+        (tests/test_decode_step.py)."""
+        run, attention, rows = cpu_kernels.direct(), self.attention, plan.rows
+        (qkv, o, gate_up, down), dim = plan.sites, attention.head_dim
+        residual = hidden_states
+        x = run.rms_norm(hidden_states, self.norm1.weight, float(self.norm1.variance_epsilon))
+        _, q, k, v = run.token_values_linears(x.view(rows, -1), *qkv[0], qkv[1], qkv[2])
+        q = q.view(rows, 1, -1, dim).transpose(1, 2)
+        k = k.view(rows, 1, -1, dim).transpose(1, 2)
+        v = v.view(rows, 1, -1, dim).transpose(1, 2)
+        q, k = run.rotary_embedding(q, k, cos, sin)
+        k, v = past_key_values.update(k, v, attention.layer_idx)
+        function = ALL_ATTENTION_FUNCTIONS[SPIKING_ATTENTION]
+        if (
+            function is spiking_attention
+            and k.dtype is _F64
+            and v.dtype is _F64
+            and k.stride(-1) == 1
+            and v.stride(-1) == 1
+            and not any(kwargs.get(name) is not None for name in UNSUPPORTED)
+        ):  # spiking_attention's fast step (attention_kernel's other conditions hold by the plan)
+            key = (k.shape[1], torch.get_num_threads())
+            found = plan.orders.get(key, False)
+            if found is False:
+                found = plan.orders[key] = attention_order(q, k, v)
+            order, block = (0, -1) if found is None else found
+            scale = q.shape[-1] ** -0.5 if attention.scaling is None else attention.scaling
+            softcap = kwargs.get("softcap")
+            out = run.one_query_attention(
+                q, k, v, attention_mask, float(scale), 0.0 if softcap is None else softcap, order, block, False
+            )
+        else:
+            out, _ = function(
+                attention,
+                q,
+                k,
+                v,
+                attention_mask,
+                dropout=0.0,
+                scaling=attention.scaling,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        _, out = run.token_values_linears(out.reshape(rows, -1), *o[0], o[1], o[2])
+        hidden_states = residual + out.view(rows, 1, -1)
+        residual = hidden_states
+        x = run.rms_norm(hidden_states, self.norm2.weight, float(self.norm2.variance_epsilon))
+        _, gate, up = run.token_values_linears(x.view(rows, -1), *gate_up[0], gate_up[1], gate_up[2])
+        x = self.mlp.act_fn(gate.view(rows, 1, -1)) * up.view(rows, 1, -1)  # the modules' shapes, (B, 1, C)
+        if plan.hadamard is not None:
+            x = run.online_hadamard(x, *plan.hadamard, False)
+        _, out = run.token_values_linears(x.view(rows, -1), *down[0], down[1], down[2])
+        return residual + out.view(rows, 1, -1)
 
 
 def block_forward(layer: nn.Module, step: BlockStep, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:

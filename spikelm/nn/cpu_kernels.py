@@ -154,6 +154,32 @@ def _call(name: str, *args):
     return getattr(module, name)(*args)
 
 
+class _Named:
+    """The extension's functions, each call named in torch.profiler's tables as :func:`_call` names it."""
+
+    def __init__(self, module):
+        self._module = module
+
+    def __getattr__(self, name: str):
+        function = getattr(self._module, name)
+
+        def call(*args):
+            with torch.profiler.record_function(f"spikelm::{name}"):
+                return function(*args)
+
+        return call
+
+
+def direct():
+    """The compiled functions themselves, for a caller that has already resolved every argument (a block's planned
+    decoding step, :mod:`spikelm.conversion.decode_step`): the extension, or while torch.profiler records, the same
+    functions named in its tables. Positional arguments as the C++ signatures take them."""
+    module = _module[0] if _module else kernel()
+    if module is None:
+        raise RuntimeError(f"the CPU decoding kernels are unavailable: {_build_error[0]}")
+    return _Named(module) if torch.autograd._profiler_enabled() else module
+
+
 # ----------------------------------------------------------------------------------------------
 # The kernels themselves (float32 CPU tensors; spikelm.nn.kernels decides when they run)
 # ----------------------------------------------------------------------------------------------

@@ -251,6 +251,12 @@ def _cpp_on() -> bool:
     return _cpp_seen[1]
 
 
+def cpp_on() -> bool:
+    """Whether the C++ kernels run where the dispatchers would take them: switched on and built (the switch's
+    state and its environment read at each call, the answer kept while they are unchanged)."""
+    return _cpp_on()
+
+
 def _announce_platform(tensors, what: str) -> None:
     present = [t for t in tensors if t is not None]
     device = next((t.device.type for t in present if t.device.type != "cpu"), None)

@@ -288,12 +288,32 @@ class SpikingNeuron(nn.Module):
         fused with the linears that read it (placement, a decoding step). None (the default): call the neuron."""
         return None
 
+    def plan_stamp(self) -> Any:
+        """What :meth:`value_plan`'s result depends on besides the neuron's attributes (whose every assignment moves
+        :func:`state_epoch`) and the input's shape, dtype and device: a caller keeping a plan across calls (a
+        block's decoding step) compares it at each call. Default None (nothing else)."""
+        return None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        _epoch[0] += 1
+
     def packs_kv_on_cpu(self) -> bool:
         """Whether a decoding step may spike and pack this K/V neuron's input in the C++ kernel (same codes)."""
         return False
 
 
 _REGISTRY: dict[str, type[SpikingNeuron]] = {}
+
+
+_epoch = [0]
+
+
+def state_epoch() -> int:
+    """A counter moved by every attribute assignment on any spiking neuron (its settings, its parameters and buffers
+    set anew, its cached groups and plans): a plan resolved from neurons (a block's decoding step keeps one) holds
+    while the counter has not moved and each neuron's :meth:`~SpikingNeuron.plan_stamp` is unchanged."""
+    return _epoch[0]
 
 
 def global_hooks() -> bool:

@@ -608,6 +608,10 @@ class SignedNeuron(SpikingNeuron):
         group, top = self.code_plan()
         return group, top, rows[1], self.clip_ratio, self.dead_zone
 
+    def plan_stamp(self) -> float:
+        """The outlier threshold :meth:`value_plan` passes (its buffer may change in place, not by assignment)."""
+        return self._threshold()
+
     def _threshold(self) -> float:
         """``float(outlier_threshold)`` (0.0 where the rule is off), read again only when the buffer changes (a
         decoding step asks at every linear input)."""
