@@ -28,6 +28,7 @@ from ..models.modeling_spikelm_causal import DEFAULT_PACKING, SpikeKVCacheLayer
 from ..nn import cpu_kernels, kernels
 from ..nn._constants import ALPHA_FLOOR
 from ..nn.neurons import SpikingNeuron
+from ..nn.neurons.base import global_hooks, state_epoch
 from ..nn.neurons.gif import SCALE_FLOOR, max_code, pack_grid, unpack_grid
 from ..nn.packing import pack_bits, unpack_bits
 
@@ -437,6 +438,9 @@ class SignedCodeLayer(GIFCodeLayer):
         (:meth:`~spikelm.nn.neurons.signed.SignedNeuron.kv_plan`) and the codes are packed: K and V coded
         (``token_codes``) and their codes, scales and decoded values written into the growing buffers
         (``kv_codes_append``: the same functions and copies, the same bits)."""
+        planned = self._planned_step(key_states, value_states)
+        if planned is not None:
+            return planned
         if (
             not self.packed
             or (self.decoded_keys is None and self.key_grid is not None)  # tokens cached by the PyTorch path
@@ -447,6 +451,8 @@ class SignedCodeLayer(GIFCodeLayer):
         value_plan = None if key_plan is None else self.value_neuron.kv_plan(value_states)
         if value_plan is None or key_states.shape != value_states.shape:
             return super()._fast_update(key_states, value_states)
+        # kept for the next steps of this shape while no neuron attribute is assigned and nothing else asked changes
+        self._kv_plans = (self._plan_key(key_states, value_states), key_plan, value_plan)
         batch, heads, new, _ = key_states.shape
         shape = (batch, heads, 1)
         like_code = key_states.new_empty((*shape, self.bits * -(-self.width // 8)), dtype=torch.uint8)
@@ -473,6 +479,68 @@ class SignedCodeLayer(GIFCodeLayer):
         for (codes_name, grid_name), room in zip((("keys", "key_grid"), ("values", "value_grid")), rooms, strict=True):
             self._set_code_views(codes_name, grid_name, room[0], room[1], room[2] + new)
         self.decoded_length = length = decoded_at + new
+        return self.decoded_keys[:, :, :length], self.decoded_values[:, :, :length]
+
+    def _plan_key(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple | None:
+        """What the neurons' ``kv_plan`` and ``_plain`` read besides their attributes (state_epoch covers those):
+        None where a kept plan must not be used (gradients recorded, hooks, the C++ kernels off, another dtype or
+        device)."""
+        key_neuron, value_neuron = self.key_neuron, self.value_neuron
+        if (
+            torch.is_grad_enabled()
+            or key_states.dtype is not torch.float32
+            or value_states.dtype is not torch.float32
+            or not (key_states.is_cpu and value_states.is_cpu)
+            or key_neuron._forward_hooks
+            or key_neuron._forward_pre_hooks
+            or value_neuron._forward_hooks
+            or value_neuron._forward_pre_hooks
+            or global_hooks()
+            or not kernels.cpp_on()
+        ):
+            return None
+        return (state_epoch(), key_states.shape, value_states.shape, key_neuron, value_neuron)
+
+    def _planned_step(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """The fast step with the neurons' plans kept from an earlier step of the same shape (:meth:`_plan_key`
+        unchanged), where every buffer has room and is the one the stored views come from (else None: the full
+        path, which grows them): the same call as below, without asking again."""
+        kept = self.__dict__.get("_kv_plans")
+        if kept is None or not self.packed or self.decoded_keys is None:
+            return None
+        key = self._plan_key(key_states, value_states)
+        if key is None or key != kept[0]:
+            return None
+        new, length = key_states.shape[-2], self.decoded_length
+        keys, values = self._code_buffers.get("keys"), self._code_buffers.get("values")
+        if keys is None or values is None or keys[2][0] is not self.keys or keys[2][1] is not self.key_grid:
+            return None
+        if values[2][0] is not self.values or values[2][1] is not self.value_grid:
+            return None
+        stored = self.keys.shape[-2]
+        if stored + new > keys[0].shape[-2] or stored + new > values[0].shape[-2] or stored != values[2][0].shape[-2]:
+            return None
+        if (
+            length + new > self.decoded_keys.shape[-2]
+            or not torch.is_inference_mode_enabled()
+            and (keys[0].is_inference() or values[0].is_inference() or self.decoded_keys.is_inference())
+        ):
+            return None
+        cpu_kernels.kv_codes_append(
+            key_states,
+            value_states,
+            kept[1],
+            kept[2],
+            SCALE_FLOOR,
+            self.bits,
+            self.offset,
+            [keys[0], keys[1], values[0], values[1], self.decoded_keys, self.decoded_values],
+            stored,
+            length,
+        )
+        self._set_code_views("keys", "key_grid", keys[0], keys[1], stored + new)
+        self._set_code_views("values", "value_grid", values[0], values[1], stored + new)
+        self.decoded_length = length = length + new
         return self.decoded_keys[:, :, :length], self.decoded_values[:, :, :length]
 
 

@@ -415,6 +415,61 @@ torch::Tensor unpack5_steps_into_batch(torch::Tensor packed, torch::Tensor scale
 // each token's scales then zero points (GIF: spikelm.nn.neurons.gif.pack_grid's layout) or (R, G) its scales
 // (signed).
 // ---------------------------------------------------------------------------------------------------------------
+// One token of the signed pass below (the same operations in the same order): its group scales into s (G), its
+// dequantised values (float32 products) into out as OutT, its codes into co (if not null) and, with pack_bits > 0,
+// the codes plus code_offset as bit planes into bo (pack_bits * nb bytes, zeroed here). Scratch: hi (G), divisor,
+// channel_top, quant (C).
+struct SignedRule {
+  const int32_t* group;  // the token's group row (C)
+  const float* top;      // each group's top code (G)
+  const float* factor;   // each group's scale factor (G) or null
+  int64_t C, G;
+  float clip, floor_value, dead_zone;
+  bool dead;
+};
+
+template <typename OutT>
+static inline void signed_token(const float* row, const SignedRule& rule, float* s, OutT* out, int32_t* co,
+                                uint8_t* bo, int64_t pack_bits, int64_t nb, int64_t code_offset, float* hi,
+                                float* dv, float* tt, int32_t* qv) {
+  const int32_t* g = rule.group;
+  const int64_t C = rule.C, G = rule.G;
+  for (int64_t j = 0; j < G; ++j) hi[j] = 0.0f;
+  for (int64_t c = 0; c < C; ++c) {
+    const float a = std::fabs(row[c]);
+    if (a > hi[g[c]]) hi[g[c]] = a;
+  }
+  for (int64_t j = 0; j < G; ++j) {
+    float v = (hi[j] * rule.clip) / rule.top[j];
+    v = v < rule.floor_value ? rule.floor_value : v;
+    s[j] = rule.factor ? v * rule.factor[j] : v;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    dv[c] = s[g[c]];
+    tt[c] = rule.top[g[c]];
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const float t = tt[c];
+    const float u = row[c] / dv[c];
+    float q = SPIKELM_ROUND_EVEN(u);
+    q = q < -t ? -t : q;
+    q = q > t ? t : q;
+    if (rule.dead && std::fabs(u) < rule.dead_zone) q = 0.0f;
+    const int32_t qi = static_cast<int32_t>(q);
+    qv[c] = qi;
+    const float value = static_cast<float>(qi) * dv[c];
+    out[c] = static_cast<OutT>(value);
+  }
+  if (co) std::copy(qv, qv + C, co);
+  if (bo && pack_bits > 0) {
+    std::fill(bo, bo + pack_bits * nb, static_cast<uint8_t>(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const uint32_t v = static_cast<uint32_t>(qv[c] + code_offset);
+      for (int64_t k = 0; k < pack_bits; ++k) bo[k * nb + c / 8] |= static_cast<uint8_t>(((v >> k) & 1u) << (c % 8));
+    }
+  }
+}
+
 std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, torch::Tensor top, int64_t inner,
                                        double clip, double dead_zone, double floor_value,
                                        c10::optional<torch::Tensor> factor, bool is_signed, bool want_code,
@@ -473,41 +528,9 @@ std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, tor
       int32_t* co = cp ? cp + r * C : nullptr;
       uint8_t* bo = bp ? bp + r * pack_bits * nb : nullptr;
       if (is_signed) {
-        for (int64_t j = 0; j < G; ++j) hi[j] = 0.0f;
-        for (int64_t c = 0; c < C; ++c) {
-          const float a = std::fabs(row[c]);
-          if (a > hi[g[c]]) hi[g[c]] = a;
-        }
-        for (int64_t j = 0; j < G; ++j) {
-          float v = (hi[j] * clip_f) / tp[j];
-          v = v < floor_f ? floor_f : v;
-          s[j] = fp ? v * fp[j] : v;
-        }
-        float* dv = divisor.data();
-        float* tt = channel_top.data();
-        int32_t* qv = quant.data();
-        for (int64_t c = 0; c < C; ++c) {
-          dv[c] = s[g[c]];
-          tt[c] = tp[g[c]];
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          const float t = tt[c];
-          const float u = row[c] / dv[c];
-          float q = SPIKELM_ROUND_EVEN(u);
-          q = q < -t ? -t : q;
-          q = q > t ? t : q;
-          if (dead && std::fabs(u) < dead_f) q = 0.0f;
-          const int32_t qi = static_cast<int32_t>(q);
-          qv[c] = qi;
-          out[c] = static_cast<float>(qi) * dv[c];
-        }
-        if (co) std::copy(qv, qv + C, co);
-        if (bo) {
-          for (int64_t c = 0; c < C; ++c) {
-            const uint32_t v = static_cast<uint32_t>(qv[c] + code_offset);
-            for (int64_t k = 0; k < pack_bits; ++k) bo[k * nb + c / 8] |= static_cast<uint8_t>(((v >> k) & 1u) << (c % 8));
-          }
-        }
+        const SignedRule rule{g, tp, fp, C, G, clip_f, floor_f, dead_f, dead};
+        signed_token<float>(row, rule, s, out, co, bo, pack_bits, nb, code_offset, hi.data(), divisor.data(),
+                            channel_top.data(), quant.data());
         if (outliers) {
           float top_abs = 0.0f;
           bool nan = false;
@@ -1092,10 +1115,10 @@ std::vector<torch::Tensor> token_values_linears(torch::Tensor x, torch::Tensor g
 }
 
 // A decoding step of the signed K/V cache (spikelm/conversion/cache.py, SignedCodeLayer._fast_update) in one call:
-// K and V (B, H, n, d) float32 each through token_codes (signed, codes plus offset packed as pack_bits bit planes),
-// then the codes, the scales and the dequantised values copied into the cache's buffers at token code_at (codes,
-// scales: (B, H, capacity, w)) and decoded_at (values, float64 (B, H, capacity, d)): the same functions and copies
-// as the Python path's, so the same bits. Plans: (group, top, inner, clip, dead_zone) each. buffers: key codes, key
+// K and V (B, H, n, d) float32 each through token_codes' signed pass (signed_token: codes plus offset packed as
+// pack_bits bit planes), each token's codes, scales and dequantised values written straight into the cache's
+// buffers at token code_at (codes, scales: (B, H, capacity, w)) and decoded_at (values, float64 (B, H, capacity,
+// d)): what token_codes returns, copied in, so the same bits. Plans: (group, top, inner, clip, dead_zone) each. buffers: key codes, key
 // scales, value codes, value scales, decoded keys, decoded values.
 void kv_codes_append(torch::Tensor k, torch::Tensor v, torch::Tensor kgroup, torch::Tensor ktop, int64_t kinner,
                      double kclip, double kdead, torch::Tensor vgroup, torch::Tensor vtop, int64_t vinner, double vclip,
@@ -1109,12 +1132,60 @@ void kv_codes_append(torch::Tensor k, torch::Tensor v, torch::Tensor kgroup, tor
   const torch::Tensor* tops[2] = {&ktop, &vtop};
   const int64_t inners[2] = {kinner, vinner};
   const double clips[2] = {kclip, vclip}, deads[2] = {kdead, vdead};
+  TORCH_CHECK(k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat && k.device().is_cpu() &&
+                  v.device().is_cpu(), "k and v must be float32 CPU tensors");
+  TORCH_CHECK(pack_bits >= 1 && pack_bits <= 31, "pack_bits must be 1 to 31");
+  const int64_t nb = (d + 7) / 8;
+  // each token straight into the buffers (token_codes' signed pass, the same function: the same bits as the
+  // tensors token_codes returns, copied in)
   for (int i = 0; i < 2; ++i) {
-    auto coded = token_codes(states[i]->reshape({-1, d}), *groups[i], *tops[i], inners[i], clips[i], deads[i],
-                             floor_value, c10::nullopt, true, true, pack_bits, code_offset, 0.0);
-    buffers[2 * i].narrow(2, code_at, n).copy_(coded[1].view({B, H, n, coded[1].size(1)}));
-    buffers[2 * i + 1].narrow(2, code_at, n).copy_(coded[2].view({B, H, n, coded[2].size(1)}));
-    buffers[4 + i].narrow(2, decoded_at, n).copy_(coded[0].view({B, H, n, d}));
+    const auto& codes = buffers[2 * i];
+    const auto& scales = buffers[2 * i + 1];
+    const auto& decoded = buffers[4 + i];
+    const auto& group = *groups[i];
+    const auto& top = *tops[i];
+    TORCH_CHECK(group.dim() == 2 && group.scalar_type() == at::kInt && group.size(1) == d && group.is_contiguous(),
+                "group must be contiguous int32 (Rg, d)");
+    TORCH_CHECK(top.dim() == 1 && top.scalar_type() == at::kFloat && top.is_contiguous(), "top must be float32 (G,)");
+    const int64_t G = top.size(0), Rg = group.size(0);
+    TORCH_CHECK(inners[i] >= 1, "inner must be positive");
+    TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 4 && codes.size(3) == pack_bits * nb &&
+                    codes.stride(3) == 1, "code buffers: uint8 (B, H, capacity, pack_bits * ceil(d / 8))");
+    TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 4 && scales.size(3) == G &&
+                    scales.stride(3) == 1, "scale buffers: float32 (B, H, capacity, G)");
+    TORCH_CHECK(decoded.scalar_type() == at::kDouble && decoded.dim() == 4 && decoded.size(3) == d &&
+                    decoded.stride(3) == 1, "decoded buffers: float64 (B, H, capacity, d)");
+    for (const auto* buffer : {&codes, &scales, &decoded})
+      TORCH_CHECK(buffer->size(0) == B && buffer->size(1) == H, "buffers: the states' batch and heads");
+    TORCH_CHECK(code_at >= 0 && code_at + n <= codes.size(2) && code_at + n <= scales.size(2),
+                "no room in the code buffers");
+    TORCH_CHECK(decoded_at >= 0 && decoded_at + n <= decoded.size(2), "no room in the decoded buffers");
+    const int32_t* gp = group.data_ptr<int32_t>();
+    for (int64_t j = 0; j < Rg * d; ++j) TORCH_CHECK(gp[j] >= 0 && gp[j] < G, "group index out of range");
+    auto x = states[i]->reshape({-1, d}).contiguous();
+    const float* xp = x.data_ptr<float>();
+    const float* tp = top.data_ptr<float>();
+    uint8_t* cb = codes.data_ptr<uint8_t>();
+    float* sb = scales.data_ptr<float>();
+    double* db = decoded.data_ptr<double>();
+    const int64_t cs[3] = {codes.stride(0), codes.stride(1), codes.stride(2)};
+    const int64_t ss[3] = {scales.stride(0), scales.stride(1), scales.stride(2)};
+    const int64_t ds[3] = {decoded.stride(0), decoded.stride(1), decoded.stride(2)};
+    const int64_t inner = inners[i];
+    const float clip = static_cast<float>(clips[i]), dead = static_cast<float>(deads[i]);
+    at::parallel_for(0, B * H * n, std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
+      std::vector<float> hi(G), divisor(d), channel_top(d);
+      std::vector<int32_t> quant(d);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / (H * n), h = (r / n) % H, t = r % n;
+        const SignedRule rule{gp + ((r / inner) % Rg) * d, tp, nullptr, d, G, clip, static_cast<float>(floor_value),
+                              dead, deads[i] > 0};
+        signed_token<double>(xp + r * d, rule, sb + b * ss[0] + h * ss[1] + (code_at + t) * ss[2],
+                             db + b * ds[0] + h * ds[1] + (decoded_at + t) * ds[2], nullptr,
+                             cb + b * cs[0] + h * cs[1] + (code_at + t) * cs[2], pack_bits, nb, code_offset, hi.data(),
+                             divisor.data(), channel_top.data(), quant.data());
+      }
+    });
   }
 }
 
