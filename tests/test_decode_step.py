@@ -5,7 +5,10 @@ family, LLaMA / Mistral / Qwen2 blocks, batch 1 and a left-padded batch of 2, ke
 where it should (one call per block and decoding step) and steps aside for what it would skip: a hook of the user's
 on a module it bypasses (the hook then runs), a hook registered for every module, a prefill, another attention
 implementation, the switch off; families whose block is not the one it mirrors keep their modules; ``detach``
-removes it. The real SmolLM2-135M (slow): the step on and off give the same logits bit for bit.
+removes it. The planned step (each dispatcher asked once per block, the answers kept while what they read holds) is
+resolved once and gives the modules' bits, and follows a change made between two steps (a neuron's setting, a
+buffer changed in place, a weight replaced, the saliency, the rotation, a hook, the threads, the switch) as the
+modules do. The real SmolLM2-135M (slow): the step on and off give the same logits bit for bit.
 """
 
 from __future__ import annotations

@@ -23,6 +23,15 @@ It runs only where nothing would differ:
 
 Everything else (a prefill, a hook of the user's, another attention implementation, ``use_cache=False``) runs the
 block's own forward, as it did before.
+
+Asking every dispatcher its questions at every step (each neuron's ``value_plan``, ``linears_kernel`` for each
+weight, the norm, rotary, Hadamard and attention dispatchers) cost as much as the rest of the glue, so the step keeps
+a :class:`_Plan`: the answers, resolved once (:meth:`BlockStep.resolve`, on inputs of the step's shapes, dtypes and
+device) and kept while nothing they read has changed (:meth:`_Plan.holds`: the switches, grad mode, threads, the
+input's rows / dtype / device, the same float32 CPU contiguous weights, no attribute assigned on any spiking neuron
+since (:func:`~spikelm.nn.neurons.base.state_epoch`) and the same ``plan_stamp``, no hooks, the same rotation); then
+:meth:`BlockStep.planned` calls the compiled functions themselves with them. Where a piece would not take its C++
+kernel there is no plan and the step calls the functions as above.
 """
 
 from __future__ import annotations
