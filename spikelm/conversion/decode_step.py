@@ -380,7 +380,19 @@ class BlockStep:
         else:
             q, k = self.rotary(q, k, cos, sin)
         k, v = past_key_values.update(k, v, attention.layer_idx)
-        function = ALL_ATTENTION_FUNCTIONS[SPIKING_ATTENTION]
+        out = self.attend(
+            ALL_ATTENTION_FUNCTIONS[SPIKING_ATTENTION], q, k, v, attention_mask, position_ids, use_cache, kwargs
+        )
+        (o,) = self.o.outputs(out.reshape(*lead, -1).contiguous(), steps)
+        hidden_states = residual + o
+        residual = hidden_states
+        gate, up = self.gate_up.outputs(self.norm(self.norm2, hidden_states), steps)
+        (down,) = self.down.outputs(self.mlp.act_fn(gate) * up, steps)
+        return residual + down
+
+    def attend(self, function, q, k, v, attention_mask, position_ids, use_cache, kwargs) -> torch.Tensor:
+        """The attention function called as the attention module calls it (no dropout at a decoding step)."""
+        attention = self.attention
         out, _ = function(
             attention,
             q,
@@ -393,12 +405,7 @@ class BlockStep:
             use_cache=use_cache,
             **kwargs,
         )
-        (o,) = self.o.outputs(out.reshape(*lead, -1).contiguous(), steps)
-        hidden_states = residual + o
-        residual = hidden_states
-        gate, up = self.gate_up.outputs(self.norm(self.norm2, hidden_states), steps)
-        (down,) = self.down.outputs(self.mlp.act_fn(gate) * up, steps)
-        return residual + down
+        return out
 
     def planned(
         self, plan: _Plan, hidden_states, cos, sin, attention_mask, position_ids, past_key_values, use_cache, kwargs
@@ -437,18 +444,7 @@ class BlockStep:
                 q, k, v, attention_mask, float(scale), 0.0 if softcap is None else softcap, order, block, False
             )
         else:
-            out, _ = function(
-                attention,
-                q,
-                k,
-                v,
-                attention_mask,
-                dropout=0.0,
-                scaling=attention.scaling,
-                position_ids=position_ids,
-                use_cache=use_cache,
-                **kwargs,
-            )
+            out = self.attend(function, q, k, v, attention_mask, position_ids, use_cache, kwargs)
         _, out = run.token_values_linears(out.reshape(rows, -1), *o[0], o[1], o[2])
         hidden_states = residual + out.view(rows, 1, -1)
         residual = hidden_states
