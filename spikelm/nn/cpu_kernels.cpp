@@ -262,14 +262,9 @@ std::vector<torch::Tensor> few_rows_linears(torch::Tensor x, std::vector<torch::
 // q = clamp(round_half_even(u / alpha_t), low, 1), spike = q * alpha_t (or q), carry = alpha_t - spike (official
 // ternary reset) or 1 - |q|.
 // ---------------------------------------------------------------------------------------------------------------
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_roundevenf)
-#define SPIKELM_ROUND_EVEN(x) __builtin_roundevenf(x)
-#endif
-#endif
-#ifndef SPIKELM_ROUND_EVEN
-#define SPIKELM_ROUND_EVEN(x) std::nearbyint(x)  // round half to even in the default rounding mode
-#endif
+// round half to even in the default rounding mode, as PyTorch's round (std::nearbyint) does; a form the compiler
+// vectorises (GCC has no vector form of __builtin_roundevenf, which kept the per-token code loops scalar)
+#define SPIKELM_ROUND_EVEN(x) std::nearbyint(x)
 
 static inline float spike_level(float u, float a, float low) {
   float q = SPIKELM_ROUND_EVEN(u / a);
@@ -417,7 +412,7 @@ torch::Tensor unpack5_steps_into_batch(torch::Tensor packed, torch::Tensor scale
 // ---------------------------------------------------------------------------------------------------------------
 // One token of the signed pass below (the same operations in the same order): its group scales into s (G), its
 // dequantised values (float32 products) into out as OutT, its codes into co (if not null) and, with pack_bits > 0,
-// the codes plus code_offset as bit planes into bo (pack_bits * nb bytes, zeroed here). Scratch: hi (G), divisor,
+// the codes plus code_offset as bit planes into bo (pack_bits * nb bytes, zeroed here). Scratch: hi (4 * G), divisor,
 // channel_top, quant (C).
 struct SignedRule {
   const int32_t* group;  // the token's group row (C)
@@ -429,15 +424,40 @@ struct SignedRule {
 };
 
 template <typename OutT>
-static inline void signed_token(const float* row, const SignedRule& rule, float* s, OutT* out, int32_t* co,
-                                uint8_t* bo, int64_t pack_bits, int64_t nb, int64_t code_offset, float* hi,
-                                float* dv, float* tt, int32_t* qv) {
-  const int32_t* g = rule.group;
+static inline void signed_token(const float* __restrict__ row, const SignedRule& rule, float* __restrict__ s,
+                                OutT* __restrict__ out, int32_t* __restrict__ co, uint8_t* __restrict__ bo,
+                                int64_t pack_bits, int64_t nb, int64_t code_offset, float* __restrict__ hi,
+                                float* __restrict__ dv, float* __restrict__ tt, int32_t* __restrict__ qv) {
+  const int32_t* __restrict__ g = rule.group;
   const int64_t C = rule.C, G = rule.G;
-  for (int64_t j = 0; j < G; ++j) hi[j] = 0.0f;
-  for (int64_t c = 0; c < C; ++c) {
+  // each group's max |x| in four interleaved partial maxima (hi: 4 * G; consecutive channels, mostly of one group, then
+  // update different entries instead of waiting on one another), then merged: a max is exact in any order
+  for (int64_t j = 0; j < 4 * G; ++j) hi[j] = 0.0f;
+  float* h1 = hi + G;
+  float* h2 = hi + 2 * G;
+  float* h3 = hi + 3 * G;
+  int64_t c = 0;
+  for (; c + 4 <= C; c += 4) {
+    const float a0 = std::fabs(row[c]), a1 = std::fabs(row[c + 1]), a2 = std::fabs(row[c + 2]),
+                a3 = std::fabs(row[c + 3]);
+    // a select, not a branch (which mispredicts at every group's new maximum); a NaN never replaces a maximum
+    float* p0 = hi + g[c];
+    float* p1 = h1 + g[c + 1];
+    float* p2 = h2 + g[c + 2];
+    float* p3 = h3 + g[c + 3];
+    *p0 = *p0 < a0 ? a0 : *p0;
+    *p1 = *p1 < a1 ? a1 : *p1;
+    *p2 = *p2 < a2 ? a2 : *p2;
+    *p3 = *p3 < a3 ? a3 : *p3;
+  }
+  for (; c < C; ++c) {
     const float a = std::fabs(row[c]);
     if (a > hi[g[c]]) hi[g[c]] = a;
+  }
+  for (int64_t j = 0; j < G; ++j) {
+    if (h1[j] > hi[j]) hi[j] = h1[j];
+    if (h2[j] > hi[j]) hi[j] = h2[j];
+    if (h3[j] > hi[j]) hi[j] = h3[j];
   }
   for (int64_t j = 0; j < G; ++j) {
     float v = (hi[j] * rule.clip) / rule.top[j];
@@ -448,14 +468,17 @@ static inline void signed_token(const float* row, const SignedRule& rule, float*
     dv[c] = s[g[c]];
     tt[c] = rule.top[g[c]];
   }
+  const bool dead = rule.dead;  // locals: a store through out must not make the loop read them again
+  const float dead_zone = rule.dead_zone;
   for (int64_t c = 0; c < C; ++c) {
     const float t = tt[c];
     const float u = row[c] / dv[c];
     float q = SPIKELM_ROUND_EVEN(u);
     q = q < -t ? -t : q;
     q = q > t ? t : q;
-    if (rule.dead && std::fabs(u) < rule.dead_zone) q = 0.0f;
-    const int32_t qi = static_cast<int32_t>(q);
+    // the dead zone's 0 as a mask on the integer code (a select on q makes GCC branch, and the loop stays scalar)
+    const int32_t keep = -static_cast<int32_t>(!(dead & (std::fabs(u) < dead_zone)));
+    const int32_t qi = static_cast<int32_t>(q) & keep;
     qv[c] = qi;
     const float value = static_cast<float>(qi) * dv[c];
     out[c] = static_cast<OutT>(value);
@@ -515,7 +538,7 @@ std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, tor
   const float inf = std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < Rg * C; ++i) TORCH_CHECK(gp[i] >= 0 && gp[i] < G, "group index out of range");
   at::parallel_for(0, R, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-    std::vector<float> lo(G), hi(G);
+    std::vector<float> lo(G), hi(4 * G);  // hi: signed_token's four partial maxima (GIF: the first G)
     // the signed pass per channel: its group's scale (the divisor) and top code, gathered once per row so that the
     // division, rounding and clamping run as one loop the compiler vectorises (the same operations per element)
     std::vector<float> divisor(is_signed ? C : 0), channel_top(is_signed ? C : 0);
@@ -1174,7 +1197,7 @@ void kv_codes_append(torch::Tensor k, torch::Tensor v, torch::Tensor kgroup, tor
     const int64_t inner = inners[i];
     const float clip = static_cast<float>(clips[i]), dead = static_cast<float>(deads[i]);
     at::parallel_for(0, B * H * n, std::max<int64_t>(1, 32768 / std::max<int64_t>(d, 1)), [&](int64_t r0, int64_t r1) {
-      std::vector<float> hi(G), divisor(d), channel_top(d);
+      std::vector<float> hi(4 * G), divisor(d), channel_top(d);
       std::vector<int32_t> quant(d);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / (H * n), h = (r / n) % H, t = r % n;
