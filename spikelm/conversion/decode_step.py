@@ -61,7 +61,7 @@ from ..nn.kernels import (
     rotation_loops,
     spike_linear,
 )
-from ..nn.neurons.base import global_hooks, state_epoch
+from ..nn.neurons.base import SpikingNeuron, global_hooks, state_epoch
 from .attention import NAME as SPIKING_ATTENTION
 from .attention import UNSUPPORTED, spiking_attention
 from .cache import is_spike_cache
@@ -275,6 +275,9 @@ class BlockStep:
         Hadamard) or the block's step has more than one time step per token."""
         if self.steps != 1 or not (self.mirror_norms and self.mirror_rotary) or torch.is_grad_enabled():
             return None
+        for site in self.sites():  # a neuron without a value plan (GIF, elastic): no plan, asked cheaply first
+            if getattr(type(site.host.input_neuron), "value_plan", None) in (None, SpikingNeuron.value_plan):
+                return None
         rows, norms = hidden_states.shape[0], (self.norm1, self.norm2)
         if any(norm_kernel(hidden_states, norm.weight) != CPP for norm in norms):
             return None
