@@ -435,6 +435,22 @@ def test_pack_bit_planes_equals_pack_bits(bits):
     assert torch.equal(cpu_kernels.pack_bit_planes(codes, bits), pack_bits(codes, bits).flatten(-2))
 
 
+@pytest.mark.parametrize("width", [13, 20, 64])  # the 8-channel masks, a tail, both
+@pytest.mark.parametrize("bits", [3, 5])
+def test_signed_token_codes_pack_the_codes_as_pack_bits_does(width, bits):
+    neuron = SignedNeuron((3, 1, width), bits, 1, 8, 1.0, 0.0, bits + 1, 0.2)
+    neuron.set_salient(salient_mask((3, 1, width), 0.2, 5))
+    offset = int(neuron.code_plan()[1].max())
+    x = tie_heavy((2, 3, 4, width), seed=width)
+    with dispatcher.forced(True), torch.no_grad():
+        plain = neuron.fused_codes(x, want_code=True)
+        packed = neuron.fused_codes(x, want_code=True, pack_bits=(2 * offset).bit_length(), code_offset=offset)
+    assert int(plain.code.min()) < 0 < int(plain.code.max())  # signed codes, stored offset to 0..2Q
+    planes = pack_bits(plain.code + offset, (2 * offset).bit_length()).flatten(-2)
+    assert torch.equal(packed.code, planes)
+    assert torch.equal(packed.x_hat, plain.x_hat) and torch.equal(packed.grid, plain.grid)
+
+
 @pytest.mark.parametrize("offset", [0, 15])
 def test_token_codes_packs_the_codes_as_pack_bits_does(offset):
     neuron = GIFNeuron((3, 1, 64), 4, 1, 0.1, clip_ratio=0.9, group_size=64)
