@@ -342,8 +342,10 @@ def test_the_threads_and_the_kernel_switch_are_asked_at_every_step(monkeypatch):
         torch.set_num_threads(threads)
     assert counter.resolved == 2 * SIZES["num_hidden_layers"]  # again after the thread count changed
     counter.resolved = counter.planned = 0
-    switched = changed_generation(lambda model: dispatcher.set_enabled(False), step=True)
-    dispatcher.set_enabled(None)
+    try:
+        switched = changed_generation(lambda model: dispatcher.set_enabled(False), step=True)
+    finally:
+        dispatcher.set_enabled(None)
     assert counter.planned == 2 * SIZES["num_hidden_layers"]  # the kernels off: the modules' path after
     assert torch.equal(switched, changed_generation(None, step=False))  # every path: the same bits
     assert torch.equal(on, switched)
