@@ -28,6 +28,20 @@ NAME = "spikelm"
 UNSUPPORTED = ("s_aux", "sinks", "position_bias", "cache")
 
 
+def unsupported(kwargs: dict) -> list[str]:
+    """The keyword arguments in ``kwargs`` that this attention does not implement (:data:`UNSUPPORTED`, given)."""
+    return [name for name in UNSUPPORTED if kwargs.get(name) is not None]
+
+
+def decoding_attention(query, key, value, attention_mask, scaling, softcap, order) -> torch.Tensor:
+    """:func:`spiking_attention` where :func:`~spikelm.nn.kernels.attention_kernel` takes the C++ call (one query per
+    head on the cache's decoded float64 K/V): ``order``, :func:`~spikelm.nn.kernels.attention_order`'s answer for
+    these shapes (a caller may keep it: a block's planned decoding step)."""
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    order, block = (0, None) if order is None else order
+    return cpu_kernels.one_query_attention(query, key, value, attention_mask, scale, softcap, order=order, block=block)
+
+
 def spiking_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -48,17 +62,12 @@ def spiking_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
         )
-    given = [name for name in UNSUPPORTED if kwargs.get(name) is not None]
+    given = unsupported(kwargs)
     if given:
         raise NotImplementedError(f"spikelm's attention does not implement {', '.join(given)}")
     if kernels.attention_kernel(query, key, value) == kernels.CPP:  # a fast decoding step on the decoded cache
-        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        found = kernels.attention_order(query, key, value)  # its own loops for the products, or ATen's
-        order, block = (0, None) if found is None else found
-        out = cpu_kernels.one_query_attention(
-            query, key, value, attention_mask, scale, softcap, order=order, block=block
-        )
-        return out, None
+        order = kernels.attention_order(query, key, value)  # its own loops for the products, or ATen's
+        return decoding_attention(query, key, value, attention_mask, scaling, softcap, order), None
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
     out = exact_attention(query, key, value, attention_mask, scaling, causal, softcap)

@@ -286,15 +286,16 @@ class GIFCodeLayer(DynamicLayer):
         only the new token, not the whole cache as ``torch.cat`` does. Where the stored tensors are not the views
         last set (the PyTorch path, a reorder, a crop) or the buffer was made under ``torch.inference_mode`` and is
         written outside it, a new buffer starts from them."""
-        code_buffer, grid_buffer, length = self._code_room(codes_name, grid_name, code, grid, code.shape[-2])
+        code_buffer, grid_buffer, length = self._code_room(codes_name, grid_name, lambda: (code, grid), code.shape[-2])
         new = code.shape[-2]
         code_buffer[:, :, length : length + new] = code
         grid_buffer[:, :, length : length + new] = grid
         self._set_code_views(codes_name, grid_name, code_buffer, grid_buffer, length + new)
 
-    def _code_room(self, codes_name: str, grid_name: str, like_code, like_grid, new: int):
+    def _code_room(self, codes_name: str, grid_name: str, like, new: int):
         """``(codes buffer, grid buffer, stored length)`` with room for ``new`` more tokens (see :meth:`_append_codes`;
-        ``like_code`` / ``like_grid``: a tensor of the stored codes' / grid's dtype, device, batch, heads, width)."""
+        ``like()``: a tensor of the stored codes' and one of the grid's dtype, device, batch, heads and width, asked
+        only where new buffers are made)."""
         stored, old_grid = getattr(self, codes_name), getattr(self, grid_name)
         length = stored.shape[-2]
         buffers = self._code_buffers.get(codes_name)  # (codes buffer, grid buffer, the views set last)
@@ -306,6 +307,7 @@ class GIFCodeLayer(DynamicLayer):
             or (buffers[0].is_inference() and not torch.is_inference_mode_enabled())
         ):
             capacity = max(length + length // 2, length + new, 64)
+            like_code, like_grid = like()
             code_buffer = like_code.new_empty((*like_code.shape[:2], capacity, like_code.shape[-1]))
             grid_buffer = like_grid.new_empty((*like_grid.shape[:2], capacity, like_grid.shape[-1]))
             if length:
@@ -438,28 +440,24 @@ class SignedCodeLayer(GIFCodeLayer):
         (:meth:`~spikelm.nn.neurons.signed.SignedNeuron.kv_plan`) and the codes are packed: K and V coded
         (``token_codes``) and their codes, scales and decoded values written into the growing buffers
         (``kv_codes_append``: the same functions and copies, the same bits)."""
-        planned = self._planned_step(key_states, value_states)
-        if planned is not None:
-            return planned
         if (
             not self.packed
             or (self.decoded_keys is None and self.key_grid is not None)  # tokens cached by the PyTorch path
-            or not (self._plain(self.key_neuron) and self._plain(self.value_neuron))
         ):
             return super()._fast_update(key_states, value_states)
-        key_plan = self.key_neuron.kv_plan(key_states)
-        value_plan = None if key_plan is None else self.value_neuron.kv_plan(value_states)
-        if value_plan is None or key_states.shape != value_states.shape:
+        plans = self._kv_plans_for(key_states, value_states)
+        if plans is None:
             return super()._fast_update(key_states, value_states)
-        # kept for the next steps of this shape while no neuron attribute is assigned and nothing else asked changes
-        self._kv_plans = (self._plan_key(key_states, value_states), key_plan, value_plan)
         batch, heads, new, _ = key_states.shape
-        shape = (batch, heads, 1)
-        like_code = key_states.new_empty((*shape, self.bits * -(-self.width // 8)), dtype=torch.uint8)
         rooms = []
-        for codes_name, grid_name, plan in (("keys", "key_grid", key_plan), ("values", "value_grid", value_plan)):
-            like_grid = key_states.new_empty((*shape, plan[1].shape[0]))
-            rooms.append(self._code_room(codes_name, grid_name, like_code, like_grid, new))
+        for codes_name, grid_name, plan in (("keys", "key_grid", plans[0]), ("values", "value_grid", plans[1])):
+
+            def like(groups=plan[1].shape[0]):
+                planes = self.bits * -(-self.width // 8)
+                code = key_states.new_empty((batch, heads, 1, planes), dtype=torch.uint8)
+                return code, key_states.new_empty((batch, heads, 1, groups))
+
+            rooms.append(self._code_room(codes_name, grid_name, like, new))
         decoded_at = self.decoded_length
         self._decoded_room(key_states, value_states, new)
         if rooms[0][2] != rooms[1][2]:  # keys and values always hold the same tokens
@@ -467,8 +465,8 @@ class SignedCodeLayer(GIFCodeLayer):
         cpu_kernels.kv_codes_append(
             key_states,
             value_states,
-            key_plan,
-            value_plan,
+            plans[0],
+            plans[1],
             SCALE_FLOOR,
             self.bits,
             self.offset,
@@ -481,12 +479,14 @@ class SignedCodeLayer(GIFCodeLayer):
         self.decoded_length = length = decoded_at + new
         return self.decoded_keys[:, :, :length], self.decoded_values[:, :, :length]
 
-    def _plan_key(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple | None:
-        """What the neurons' ``kv_plan`` and ``_plain`` read besides their attributes (state_epoch covers those):
-        None where a kept plan must not be used (gradients recorded, hooks, the C++ kernels off, another dtype or
-        device)."""
+    def _kv_plans_for(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple | None:
+        """``(key plan, value plan)``: the neurons' :meth:`~spikelm.nn.neurons.signed.SignedNeuron.kv_plan` where
+        both give one and the neurons are plain, else None. Kept for the next steps while nothing they read changes
+        (a decoding step asks at every layer): no neuron attribute assigned (``state_epoch``), the same shapes, and
+        still no gradient recorded, no hooks, float32 CPU states, the C++ kernels on."""
         key_neuron, value_neuron = self.key_neuron, self.value_neuron
-        if (
+        key = None
+        if not (
             torch.is_grad_enabled()
             or key_states.dtype is not torch.float32
             or value_states.dtype is not torch.float32
@@ -498,50 +498,18 @@ class SignedCodeLayer(GIFCodeLayer):
             or global_hooks()
             or not kernels.cpp_on()
         ):
+            key = (state_epoch(), key_states.shape, value_states.shape, key_neuron, value_neuron)
+            kept = self.__dict__.get("_kv_plans")
+            if kept is not None and kept[0] == key:
+                return kept[1]
+        if not (self._plain(key_neuron) and self._plain(value_neuron)) or key_states.shape != value_states.shape:
             return None
-        return (state_epoch(), key_states.shape, value_states.shape, key_neuron, value_neuron)
-
-    def _planned_step(self, key_states: torch.Tensor, value_states: torch.Tensor):
-        """The fast step with the neurons' plans kept from an earlier step of the same shape (:meth:`_plan_key`
-        unchanged), where every buffer has room and is the one the stored views come from (else None: the full
-        path, which grows them): the same call as below, without asking again."""
-        kept = self.__dict__.get("_kv_plans")
-        if kept is None or not self.packed or self.decoded_keys is None:
+        key_plan = key_neuron.kv_plan(key_states)
+        value_plan = None if key_plan is None else value_neuron.kv_plan(value_states)
+        if value_plan is None:
             return None
-        key = self._plan_key(key_states, value_states)
-        if key is None or key != kept[0]:
-            return None
-        new, length = key_states.shape[-2], self.decoded_length
-        keys, values = self._code_buffers.get("keys"), self._code_buffers.get("values")
-        if keys is None or values is None or keys[2][0] is not self.keys or keys[2][1] is not self.key_grid:
-            return None
-        if values[2][0] is not self.values or values[2][1] is not self.value_grid:
-            return None
-        stored = self.keys.shape[-2]
-        if stored + new > keys[0].shape[-2] or stored + new > values[0].shape[-2] or stored != values[2][0].shape[-2]:
-            return None
-        if (
-            length + new > self.decoded_keys.shape[-2]
-            or not torch.is_inference_mode_enabled()
-            and (keys[0].is_inference() or values[0].is_inference() or self.decoded_keys.is_inference())
-        ):
-            return None
-        cpu_kernels.kv_codes_append(
-            key_states,
-            value_states,
-            kept[1],
-            kept[2],
-            SCALE_FLOOR,
-            self.bits,
-            self.offset,
-            [keys[0], keys[1], values[0], values[1], self.decoded_keys, self.decoded_values],
-            stored,
-            length,
-        )
-        self._set_code_views("keys", "key_grid", keys[0], keys[1], stored + new)
-        self._set_code_views("values", "value_grid", values[0], values[1], stored + new)
-        self.decoded_length = length = length + new
-        return self.decoded_keys[:, :, :length], self.decoded_values[:, :, :length]
+        self._kv_plans = (key, (key_plan, value_plan))  # key None (not keepable): asked again next time
+        return key_plan, value_plan
 
 
 class TransientSpikeKV:

@@ -50,6 +50,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from ..nn import cpu_kernels
 from ..nn.kernels import (
     CPP,
+    attention_kernel,
     attention_order,
     cpp_on,
     environment_switch,
@@ -63,7 +64,7 @@ from ..nn.kernels import (
 )
 from ..nn.neurons.base import SpikingNeuron, global_hooks, state_epoch
 from .attention import NAME as SPIKING_ATTENTION
-from .attention import UNSUPPORTED, spiking_attention
+from .attention import decoding_attention, spiking_attention, unsupported
 from .cache import is_spike_cache
 from .rotation import OnlineHadamard, _online_operands, _rotate_input_pre_hook
 
@@ -164,6 +165,7 @@ def _llama_reference():
 
 
 _F32, _F64 = torch.float32, torch.float64
+_UNSET = object()  # a plan's attention order not asked yet
 
 
 class _Plan:
@@ -186,7 +188,7 @@ class _Plan:
         "rotation",
         "rotation_key",
         "hadamard",
-        "orders",
+        "order",
     )
 
     def holds(self, hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -284,7 +286,7 @@ class BlockStep:
         plan = _Plan()
         plan.epoch, plan.rows, plan.threads, plan.cos_shape = state_epoch(), rows, torch.get_num_threads(), cos.shape
         plan.params = [(norm, "weight", norm.weight) for norm in norms]
-        plan.sites, plan.neurons, plan.rotation, plan.hadamard, plan.orders = [], [], None, None, {}
+        plan.sites, plan.neurons, plan.rotation, plan.hadamard, plan.order = [], [], None, None, _UNSET
         for site in self.sites():
             host, width = site.host, site.readers[0].weight.shape[1]
             probe = hidden_states.new_empty((rows, 1, width))
@@ -377,7 +379,6 @@ class BlockStep:
         q, k, v = self.qkv.outputs(self.norm(self.norm1, hidden_states), steps)
         shape = (*lead, -1, attention.head_dim)
         q, k, v = q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), v.view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
         if self.mirror_rotary and rotary_kernel(q, k, cos, sin) == CPP:
             q, k = cpu_kernels.rotary_embedding(q, k, cos, sin)
         else:
@@ -428,24 +429,10 @@ class BlockStep:
         q, k = run.rotary_embedding(q, k, cos, sin)
         k, v = past_key_values.update(k, v, attention.layer_idx)
         function = ALL_ATTENTION_FUNCTIONS[SPIKING_ATTENTION]
-        if (
-            function is spiking_attention
-            and k.dtype is _F64
-            and v.dtype is _F64
-            and k.stride(-1) == 1
-            and v.stride(-1) == 1
-            and not any(kwargs.get(name) is not None for name in UNSUPPORTED)
-        ):  # spiking_attention's fast step (attention_kernel's other conditions hold by the plan)
-            key = (k.shape[1], torch.get_num_threads())
-            found = plan.orders.get(key, False)
-            if found is False:
-                found = plan.orders[key] = attention_order(q, k, v)
-            order, block = (0, -1) if found is None else found
-            scale = q.shape[-1] ** -0.5 if attention.scaling is None else attention.scaling
-            softcap = kwargs.get("softcap")
-            out = run.one_query_attention(
-                q, k, v, attention_mask, float(scale), 0.0 if softcap is None else softcap, order, block, False
-            )
+        if function is spiking_attention and not unsupported(kwargs) and attention_kernel(q, k, v) == CPP:
+            if plan.order is _UNSET:  # the same shapes and threads at every step the plan holds
+                plan.order = attention_order(q, k, v)
+            out = decoding_attention(q, k, v, attention_mask, attention.scaling, kwargs.get("softcap"), plan.order)
         else:
             out = self.attend(function, q, k, v, attention_mask, position_ids, use_cache, kwargs)
         _, out = run.token_values_linears(out.reshape(rows, -1), *o[0], o[1], o[2])

@@ -221,7 +221,7 @@ def _cpp_usable(*tensors: torch.Tensor | None, what: str) -> bool:
             if enabled(CPP):
                 _announce_platform(tensors, what)
             return False
-    return _cpp_on()
+    return cpp_on()
 
 
 _cpp_seen: list = [None, False]  # (the switch's state, whether the C++ kernels run): asked at every spiking layer
@@ -241,20 +241,15 @@ def _environment_reader():
 _raw_environment = _environment_reader()
 
 
-def _cpp_on() -> bool:
-    """``enabled(CPP) and cpp_built()``, recomputed only when the switch or its environment variables change."""
+def cpp_on() -> bool:
+    """Whether the C++ kernels run where the dispatchers would take them: ``enabled(CPP) and cpp_built()``,
+    recomputed only when the switch or its environment variables change."""
     built = cpu_kernels._module  # the extension's holder (a new, empty one means not built yet)
     key = (_override[0], _raw_environment(ENV_VAR), _raw_environment(CPU_ENV_VAR), id(built), len(built))
     if key != _cpp_seen[0]:
         on = enabled(CPP) and cpp_built()  # a bad value raises here, each time it is asked
         _cpp_seen[:] = [key, on]
     return _cpp_seen[1]
-
-
-def cpp_on() -> bool:
-    """Whether the C++ kernels run where the dispatchers would take them: switched on and built (the switch's
-    state and its environment read at each call, the answer kept while they are unchanged)."""
-    return _cpp_on()
 
 
 def _announce_platform(tensors, what: str) -> None:
@@ -287,7 +282,7 @@ def linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             and (x.requires_grad or weight.requires_grad or bias is not None and bias.requires_grad)
         )
     ):
-        return CPP if _cpp_on() else PYTORCH
+        return CPP if cpp_on() else PYTORCH
     return CPP if _cpp_usable(x, weight, bias, what="spiking linears") else PYTORCH
 
 
@@ -320,7 +315,7 @@ def token_code_kernel(x: torch.Tensor) -> str:
     quantiser; other dtypes and devices keep it by design, as the elastic neuron's loop does)."""
     if not x.is_cpu or x.dtype is not _FLOAT32 or (torch.is_grad_enabled() and x.requires_grad):
         return PYTORCH
-    return CPP if _cpp_on() else PYTORCH  # _cpp_usable(x)'s remaining check
+    return CPP if cpp_on() else PYTORCH  # _cpp_usable(x)'s remaining check
 
 
 def rotation_kernel(x: torch.Tensor) -> str:
