@@ -410,6 +410,27 @@ torch::Tensor unpack5_steps_into_batch(torch::Tensor packed, torch::Tensor scale
 // each token's scales then zero points (GIF: spikelm.nn.neurons.gif.pack_grid's layout) or (R, G) its scales
 // (signed).
 // ---------------------------------------------------------------------------------------------------------------
+// One row's integer codes (C) plus code_offset as pack_bits bit planes of nb = ceil(C / 8) bytes into bo (zeroed here):
+// plane k holds bit k of each code, code c at bit c % 8 of byte c / 8 (spikelm.nn.packing.pack_bits' layout).
+static inline void pack_planes(const int32_t* __restrict__ qv, int64_t C, int64_t code_offset, int64_t pack_bits,
+                               int64_t nb, uint8_t* __restrict__ bo) {
+  std::fill(bo, bo + pack_bits * nb, static_cast<uint8_t>(0));
+  int64_t c = 0;
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  // eight channels at a time: bit k of each of their codes, tested as one 8-bit mask, is byte c / 8 of plane k
+  const __m256i offset = _mm256_set1_epi32(static_cast<int32_t>(code_offset));
+  for (; c + 8 <= C; c += 8) {
+    const __m256i v = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qv + c)), offset);
+    for (int64_t k = 0; k < pack_bits; ++k)
+      bo[k * nb + c / 8] = static_cast<uint8_t>(_mm256_test_epi32_mask(v, _mm256_set1_epi32(1 << k)));
+  }
+#endif
+  for (; c < C; ++c) {
+    const uint32_t v = static_cast<uint32_t>(qv[c] + code_offset);
+    for (int64_t k = 0; k < pack_bits; ++k) bo[k * nb + c / 8] |= static_cast<uint8_t>(((v >> k) & 1u) << (c % 8));
+  }
+}
+
 // One token of the signed pass below (the same operations in the same order): its group scales into s (G), its
 // dequantised values (float32 products) into out as OutT, its codes into co (if not null) and, with pack_bits > 0,
 // the codes plus code_offset as bit planes into bo (pack_bits * nb bytes, zeroed here). Scratch: hi (4 * G), divisor,
@@ -484,23 +505,7 @@ static inline void signed_token(const float* __restrict__ row, const SignedRule&
     out[c] = static_cast<OutT>(value);
   }
   if (co) std::copy(qv, qv + C, co);
-  if (bo && pack_bits > 0) {
-    std::fill(bo, bo + pack_bits * nb, static_cast<uint8_t>(0));
-    int64_t c = 0;
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-    // eight channels at a time: bit k of each of their codes, tested as one 8-bit mask, is byte c / 8 of plane k
-    const __m256i offset = _mm256_set1_epi32(static_cast<int32_t>(code_offset));
-    for (; c + 8 <= C; c += 8) {
-      const __m256i v = _mm256_add_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qv + c)), offset);
-      for (int64_t k = 0; k < pack_bits; ++k)
-        bo[k * nb + c / 8] = static_cast<uint8_t>(_mm256_test_epi32_mask(v, _mm256_set1_epi32(1 << k)));
-    }
-#endif
-    for (; c < C; ++c) {
-      const uint32_t v = static_cast<uint32_t>(qv[c] + code_offset);
-      for (int64_t k = 0; k < pack_bits; ++k) bo[k * nb + c / 8] |= static_cast<uint8_t>(((v >> k) & 1u) << (c % 8));
-    }
-  }
+  if (bo && pack_bits > 0) pack_planes(qv, C, code_offset, pack_bits, nb, bo);
 }
 
 std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, torch::Tensor top, int64_t inner,
@@ -527,7 +532,7 @@ std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, tor
   const bool packing = want_code && pack_bits > 0;
   auto xhat = torch::empty({R, C}, xc.options());
   auto code = !want_code ? torch::Tensor()
-              : packing  ? torch::zeros({R, pack_bits * nb}, xc.options().dtype(at::kByte))
+              : packing  ? torch::empty({R, pack_bits * nb}, xc.options().dtype(at::kByte))
                          : torch::empty({R, C}, xc.options().dtype(at::kInt));
   const int64_t width = is_signed ? G : 2 * G;
   auto grid = torch::empty({R, width}, xc.options());
@@ -552,7 +557,7 @@ std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, tor
     // the signed pass per channel: its group's scale (the divisor) and top code, gathered once per row so that the
     // division, rounding and clamping run as one loop the compiler vectorises (the same operations per element)
     std::vector<float> divisor(is_signed ? C : 0), channel_top(is_signed ? C : 0);
-    std::vector<int32_t> quant(is_signed ? C : 0);
+    std::vector<int32_t> quant(C);  // a row's codes, copied out and packed after its pass
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = xp + r * C;
       const int32_t* g = gp + ((r / inner) % Rg) * C;
@@ -591,19 +596,18 @@ std::vector<torch::Tensor> token_codes(torch::Tensor x, torch::Tensor group, tor
           s[j] = v;
           z[j] = SPIKELM_ROUND_EVEN(-mn / v);
         }
+        int32_t* qv = quant.data();
         for (int64_t c = 0; c < C; ++c) {
           const int32_t j = g[c];
           float q = SPIKELM_ROUND_EVEN(row[c] / s[j]) + z[j];
           q = q < tp[j] ? q : tp[j];
           q = q < 0.0f ? 0.0f : q;
           const int32_t qi = static_cast<int32_t>(q);
-          if (co) co[c] = qi;
-          if (bo) {
-            const uint32_t v = static_cast<uint32_t>(qi + code_offset);
-            for (int64_t k = 0; k < pack_bits; ++k) bo[k * nb + c / 8] |= static_cast<uint8_t>(((v >> k) & 1u) << (c % 8));
-          }
+          qv[c] = qi;
           out[c] = (static_cast<float>(qi) - z[j]) * s[j];
         }
+        if (co) std::copy(qv, qv + C, co);
+        if (bo) pack_planes(qv, C, code_offset, pack_bits, nb, bo);
       }
     }
   });
@@ -619,17 +623,12 @@ torch::Tensor pack_bit_planes(torch::Tensor codes, int64_t bits) {
   TORCH_CHECK(bits >= 1 && bits <= 31, "bits must be 1 to 31");
   auto cc = codes.contiguous();
   const int64_t R = cc.size(0), d = cc.size(1), nb = (d + 7) / 8;
-  auto out = torch::zeros({R, bits * nb}, cc.options().dtype(at::kByte));
+  auto out = torch::empty({R, bits * nb}, cc.options().dtype(at::kByte));
   const int32_t* cp = cc.data_ptr<int32_t>();
   uint8_t* op = out.data_ptr<uint8_t>();
   at::parallel_for(0, R, 1024, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const int32_t* row = cp + r * d;
-      uint8_t* dst = op + r * bits * nb;
-      for (int64_t c = 0; c < d; ++c) {
-        const uint32_t v = static_cast<uint32_t>(row[c]);
-        for (int64_t k = 0; k < bits; ++k) dst[k * nb + c / 8] |= static_cast<uint8_t>(((v >> k) & 1u) << (c % 8));
-      }
+      pack_planes(cp + r * d, d, 0, bits, nb, op + r * bits * nb);
     }
   });
   return out;
