@@ -74,7 +74,10 @@ def _row(line):
 
 
 @pytest.mark.parametrize("recipe", ["elastic", "gif"])
-def test_converted_generation_benchmark_prints_ratios_computed_from_its_timings(llama_dir, tmp_path, capsys, recipe):
+def test_converted_generation_benchmark_prints_ratios_computed_from_its_timings(
+    llama_dir, tmp_path, capsys, recipe, monkeypatch
+):
+    monkeypatch.delenv(kernels.ROWS_ENV_VAR, raising=False)  # the few-row threshold at its default
     out = tmp_path / "bench"
     args = ["benchmark", "--generation", "--model", str(llama_dir), "--recipe", recipe, "--batch-sizes", "1", "2"]
     args += ["--prompt-lengths", "6", "--new-tokens", "4", "--repeats", "2", "--threads", "1"]
@@ -103,7 +106,7 @@ def test_converted_generation_benchmark_prints_ratios_computed_from_its_timings(
     if recipe == "elastic":  # the unpacked cache's row, and its bytes: one int8 code per value (+ the magnitudes)
         assert [r[2] for r in rows] == ["real", "spiking", "spiking_unpacked", "spiking_pytorch"] * 2
         assert report["cpu_kernels"]["enabled"] is True  # the kernels' row and the PyTorch one, side by side
-        assert report["cpu_kernels"]["max_rows"] == kernels.max_rows()  # the threshold the dispatcher used
+        assert report["cpu_kernels"]["max_rows"] == kernels.MAX_ROWS == 16  # the default threshold, as documented
         assert report["decode_step"] is True
         for case in cases:
             tokens = case["batch_size"] * (6 + 4 - 1)
